@@ -1,0 +1,25 @@
+//! Compiles proto/coffre/v1 with protox (pure Rust, no system protoc) and
+//! generates the tonic services with tonic-prost-build.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/coffre");
+    let fds = protox::compile(["proto/coffre/v1/coffre.proto"], ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Serialized descriptors, for server reflection.
+    std::fs::write(
+        out.join("coffre_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        // Messages carrying clear data keys or plaintexts get a hand-written,
+        // redacted Debug (src/grpc/redact.rs).
+        .skip_debug([
+            "coffre.v1.GenerateDataKeyResponse",
+            "coffre.v1.EncryptRequest",
+            "coffre.v1.DecryptResponse",
+        ])
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The cryptography of wrapped data keys (suite 1 of format v1).
+//!
+//! For each wrap: a fresh 32-byte random salt and 12-byte IV;
+//! `k = HKDF-SHA256(ikm = CMK version material, salt, info = "coffre/v1/wrap" ‖ key_id ‖ version)`;
+//! then AES-256-GCM under `k` with
+//! `AAD = header bytes (0..68) ‖ SHA-256(canonical encryption context)`.
+//!
+//! A fresh derived key per wrap keeps every AES-GCM key far below the 2^32
+//! random-IV limit of NIST SP 800-38D, however many data keys a CMK wraps.
+//! The derived key and the AES key schedule are zeroized when dropped.
+//! Every authentication failure is the same [`AuthenticationFailed`]: no
+//! oracle tells which part of the blob or context was wrong.
+//!
+//! Nothing here is a home-made primitive: HKDF, SHA-256 and the random
+//! generator are ring's, AES-256-GCM is RustCrypto's `aes-gcm` (whose tag
+//! check is constant-time).
+
+use aes_gcm::AeadInOut;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use ring::digest;
+use ring::hkdf;
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+use crate::envelope::{self, Header, IV_LEN, MAX_CIPHERTEXT_LEN, ParsedBlob, SALT_LEN, TAG_LEN};
+use crate::model::{EncryptionContext, KeyId};
+use crate::secret::{CMK_LEN, CmkMaterial, SecretBytes};
+
+/// Length of a context digest (SHA-256).
+pub const CONTEXT_DIGEST_LEN: usize = 32;
+pub type ContextDigest = [u8; CONTEXT_DIGEST_LEN];
+
+const WRAP_INFO_LABEL: &[u8] = b"coffre/v1/wrap";
+
+/// The one error for any failure to authenticate a blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("authentication failed")]
+pub struct AuthenticationFailed;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("plaintext must be 1 to {MAX_CIPHERTEXT_LEN} bytes, got {0}")]
+    PlaintextLength(usize),
+    #[error("the system random generator failed")]
+    Random,
+    #[error("AES-GCM refused the input")]
+    Aead,
+}
+
+/// Canonical encoding of a context: entries sorted by key, each key and value
+/// as a big-endian u32 length followed by its UTF-8 bytes.
+pub fn canonical_context(context: &EncryptionContext) -> Vec<u8> {
+    let entries = context.entries();
+    let size: usize = entries.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+    let mut out = Vec::with_capacity(size);
+    // BTreeMap iterates in key order (byte-wise on UTF-8, which is what
+    // "sorted by key" means here).
+    for (k, v) in entries {
+        push_len_prefixed(&mut out, k.as_bytes());
+        push_len_prefixed(&mut out, v.as_bytes());
+    }
+    out
+}
+
+fn push_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Context strings are bounded far below u32::MAX by EncryptionContext.
+    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// SHA-256 of the canonical context.
+pub fn context_digest(context: &EncryptionContext) -> ContextDigest {
+    let d = digest::digest(&digest::SHA256, &canonical_context(context));
+    let mut out = [0u8; CONTEXT_DIGEST_LEN];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// A cryptographic random generator shared by the wraps of one process.
+#[derive(Debug, Clone)]
+pub struct Rng(SystemRandom);
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self(SystemRandom::new())
+    }
+}
+
+impl Rng {
+    pub fn fill(&self, dest: &mut [u8]) -> Result<(), SealError> {
+        self.0.fill(dest).map_err(|_| SealError::Random)
+    }
+}
+
+struct DerivedKeyLen;
+
+impl hkdf::KeyType for DerivedKeyLen {
+    fn len(&self) -> usize {
+        CMK_LEN
+    }
+}
+
+/// The per-wrap AES-256-GCM key. The cipher (and thus its key schedule)
+/// zeroizes on drop through aes-gcm's `zeroize` feature.
+fn derive_cipher(
+    cmk: &CmkMaterial,
+    key_id: KeyId,
+    key_version: u32,
+    salt: &[u8; SALT_LEN],
+) -> Result<Aes256Gcm, AuthenticationFailed> {
+    let version = key_version.to_be_bytes();
+    let info: [&[u8]; 3] = [WRAP_INFO_LABEL, key_id.as_bytes(), &version];
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(cmk.expose());
+    let okm = prk
+        .expand(&info, DerivedKeyLen)
+        .map_err(|_| AuthenticationFailed)?;
+    let mut key = Zeroizing::new([0u8; CMK_LEN]);
+    okm.fill(&mut key[..]).map_err(|_| AuthenticationFailed)?;
+    Aes256Gcm::new_from_slice(&key[..]).map_err(|_| AuthenticationFailed)
+}
+
+fn aad(
+    header_bytes: &[u8],
+    digest: &ContextDigest,
+) -> [u8; envelope::HEADER_LEN + CONTEXT_DIGEST_LEN] {
+    let mut aad = [0u8; envelope::HEADER_LEN + CONTEXT_DIGEST_LEN];
+    let (h, d) = aad.split_at_mut(envelope::HEADER_LEN);
+    h.copy_from_slice(header_bytes);
+    d.copy_from_slice(digest);
+    aad
+}
+
+/// Wraps `plaintext` (1..=4096 bytes) under CMK version `key_version` of
+/// `key_id`, bound to the context digest. Returns a v1 blob.
+pub fn seal(
+    rng: &Rng,
+    cmk: &CmkMaterial,
+    key_id: KeyId,
+    key_version: u32,
+    digest: &ContextDigest,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    if plaintext.is_empty() || plaintext.len() > MAX_CIPHERTEXT_LEN {
+        return Err(SealError::PlaintextLength(plaintext.len()));
+    }
+    let mut salt = [0u8; SALT_LEN];
+    let mut iv = [0u8; IV_LEN];
+    rng.fill(&mut salt)?;
+    rng.fill(&mut iv)?;
+    let header = Header {
+        key_id,
+        key_version,
+        salt,
+        iv,
+    };
+    seal_with_header(cmk, &header, digest, plaintext)
+}
+
+/// [`seal`] with a caller-chosen salt and IV. Only for known-answer tests and
+/// golden vectors: reusing an IV under the same salt breaks AES-GCM.
+#[doc(hidden)]
+pub fn seal_with_header(
+    cmk: &CmkMaterial,
+    header: &Header,
+    digest: &ContextDigest,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    if plaintext.is_empty() || plaintext.len() > MAX_CIPHERTEXT_LEN {
+        return Err(SealError::PlaintextLength(plaintext.len()));
+    }
+    let cipher = derive_cipher(cmk, header.key_id, header.key_version, &header.salt)
+        .map_err(|_| SealError::Aead)?;
+    let header_bytes = header.to_bytes();
+    let aad = aad(&header_bytes, digest);
+    let mut blob = Vec::with_capacity(envelope::HEADER_LEN + plaintext.len() + TAG_LEN);
+    blob.extend_from_slice(&header_bytes);
+    blob.extend_from_slice(plaintext);
+    let body = blob
+        .get_mut(envelope::HEADER_LEN..)
+        .ok_or(SealError::Aead)?;
+    let tag = cipher
+        .encrypt_inout_detached(&Nonce::from(header.iv), &aad, body.into())
+        .map_err(|_| SealError::Aead)?;
+    blob.extend_from_slice(tag.as_slice());
+    Ok(blob)
+}
+
+/// Unwraps a parsed blob with the CMK version it names. The caller has
+/// already checked that `cmk` is the material of the blob's key and version.
+pub fn open(
+    cmk: &CmkMaterial,
+    blob: &ParsedBlob<'_>,
+    digest: &ContextDigest,
+) -> Result<SecretBytes, AuthenticationFailed> {
+    let cipher = derive_cipher(
+        cmk,
+        blob.header.key_id,
+        blob.header.key_version,
+        &blob.header.salt,
+    )?;
+    let aad = aad(blob.header_bytes, digest);
+    let mut out = SecretBytes::new(blob.ciphertext.to_vec());
+    let tag = Tag::from(*blob.tag);
+    cipher
+        .decrypt_inout_detached(
+            &Nonce::from(blob.header.iv),
+            &aad,
+            out.expose_mut().into(),
+            &tag,
+        )
+        .map_err(|_| AuthenticationFailed)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
+        EncryptionContext::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
+    }
+
+    #[test]
+    fn canonical_context_is_sorted_and_length_prefixed() {
+        let c = ctx(&[("b", "2"), ("a", "xy")]);
+        assert_eq!(
+            canonical_context(&c),
+            [
+                &[0, 0, 0, 1][..],
+                b"a",
+                &[0, 0, 0, 2],
+                b"xy",
+                &[0, 0, 0, 1],
+                b"b",
+                &[0, 0, 0, 1],
+                b"2",
+            ]
+            .concat()
+        );
+        assert!(canonical_context(&EncryptionContext::default()).is_empty());
+    }
+
+    #[test]
+    fn length_prefixes_prevent_ambiguity() {
+        assert_ne!(
+            context_digest(&ctx(&[("ab", "c")])),
+            context_digest(&ctx(&[("a", "bc")]))
+        );
+    }
+
+    #[test]
+    fn seal_then_open() {
+        let rng = Rng::default();
+        let cmk = CmkMaterial::from_slice(&[5; 32]).unwrap();
+        let id = KeyId::new_random();
+        let d = context_digest(&ctx(&[("tenant", "t1")]));
+        let blob = seal(&rng, &cmk, id, 3, &d, b"secret data key").unwrap();
+        let parsed = envelope::parse(&blob).unwrap();
+        assert_eq!(parsed.header.key_id, id);
+        assert_eq!(parsed.header.key_version, 3);
+        assert_eq!(
+            open(&cmk, &parsed, &d).unwrap().expose(),
+            b"secret data key"
+        );
+        let other = context_digest(&ctx(&[("tenant", "t2")]));
+        assert_eq!(
+            open(&cmk, &parsed, &other).unwrap_err(),
+            AuthenticationFailed
+        );
+    }
+
+    #[test]
+    fn seal_refuses_bad_lengths() {
+        let rng = Rng::default();
+        let cmk = CmkMaterial::from_slice(&[5; 32]).unwrap();
+        let d = [0u8; 32];
+        let id = KeyId::new_random();
+        assert_eq!(
+            seal(&rng, &cmk, id, 1, &d, b""),
+            Err(SealError::PlaintextLength(0))
+        );
+        assert_eq!(
+            seal(&rng, &cmk, id, 1, &d, &[0; 4097]),
+            Err(SealError::PlaintextLength(4097))
+        );
+        assert!(seal(&rng, &cmk, id, 1, &d, &[0; 4096]).is_ok());
+    }
+}

@@ -1,0 +1,38 @@
+//! The core's error type. Structured inside; mapped once, at the transport
+//! edge, to a status with a message that is safe to show the caller.
+
+use crate::hsm::HsmError;
+use crate::model::{KeyId, KeyState};
+use crate::store::StoreError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request is malformed. The message names what is wrong and is safe
+    /// to return.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A ciphertext blob failed to parse or authenticate, or the encryption
+    /// context does not match. Deliberately says nothing more.
+    #[error("invalid ciphertext or encryption context")]
+    InvalidCiphertext,
+    #[error("key not found: {0}")]
+    KeyNotFound(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("key {key_id} is {state}")]
+    KeyNotEnabled { key_id: KeyId, state: KeyState },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("HSM error: {0}")]
+    Hsm(#[from] HsmError),
+    #[error("store error: {0}")]
+    Store(#[from] StoreError),
+    /// A bug: an invariant did not hold. Details go to the server log only.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

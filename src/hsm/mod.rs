@@ -1,0 +1,77 @@
+//! The HSM seam: one small trait, [`Hsm`], that every backend implements.
+//!
+//! The HSM holds the root key, which never leaves it. coffre asks it to wrap
+//! and unwrap CMK material and to produce random bytes. Session handling
+//! (login, re-login after an HSM restart) is the backend's business.
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::secret::SecretBytes;
+
+/// Material wrapped by the HSM, with the id of the root key that wrapped it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HsmWrapped {
+    pub blob: Vec<u8>,
+    pub root_key_id: u32,
+}
+
+impl fmt::Debug for HsmWrapped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HsmWrapped")
+            .field("blob_len", &self.blob.len())
+            .field("root_key_id", &self.root_key_id)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HsmError {
+    /// The HSM cannot be reached or refuses service for now (outage, injected
+    /// fault, timeout). Retrying later may succeed.
+    #[error("HSM unavailable: {0}")]
+    Unavailable(String),
+    /// A wrapped blob failed authentication (wrong AAD, corrupted, or wrapped
+    /// under a root key the HSM no longer holds).
+    #[error("HSM could not authenticate the wrapped material")]
+    AuthenticationFailed,
+    /// The HSM lost its root keys (tamper response).
+    #[error("HSM root key material is gone (tamper response)")]
+    Tampered,
+    /// Login refused (wrong PIN).
+    #[error("HSM login refused: {0}")]
+    LoginFailed(String),
+    /// The request was malformed for this HSM (a bug in coffre).
+    #[error("HSM rejected the request: {0}")]
+    Rejected(String),
+}
+
+/// Facts about the HSM that may be shown to operators.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HsmInfo {
+    pub backend: String,
+    pub label: String,
+    pub current_root_key_id: u32,
+    pub root_key_ids: Vec<u32>,
+}
+
+#[async_trait]
+pub trait Hsm: Send + Sync + fmt::Debug {
+    /// `false` for simulators: the server refuses them outside dev mode
+    /// unless the configuration explicitly allows it.
+    fn is_secure(&self) -> bool;
+
+    /// Public information; also a cheap liveness probe.
+    async fn info(&self) -> Result<HsmInfo, HsmError>;
+
+    /// `len` random bytes from the HSM's generator (1..=1024).
+    async fn generate_random(&self, len: usize) -> Result<SecretBytes, HsmError>;
+
+    /// Wraps `plaintext` under the current root key, binding `aad`.
+    async fn wrap(&self, plaintext: &[u8], aad: &[u8]) -> Result<HsmWrapped, HsmError>;
+
+    /// Unwraps a blob produced by [`Hsm::wrap`] with the same `aad`.
+    async fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<SecretBytes, HsmError>;
+}

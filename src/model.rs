@@ -1,0 +1,288 @@
+//! Domain types shared by the service core, the store and the transports.
+//! Nothing here knows about gRPC or sled.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A key's identity: a random UUID, also the 16-byte `key_id` of wrapped blobs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KeyId(Uuid);
+
+impl KeyId {
+    pub fn new_random() -> Self {
+        Self(Uuid::new_v4())
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(Uuid::from_bytes(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::try_parse(s).map(Self)
+    }
+}
+
+/// Milliseconds since the Unix epoch, UTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub fn as_millis(self) -> i64 {
+        self.0
+    }
+
+    /// RFC 3339, to the second, for people.
+    pub fn to_rfc3339(self) -> String {
+        let secs = self.0.div_euclid(1000);
+        let days = secs.div_euclid(86_400);
+        let rem = secs.rem_euclid(86_400);
+        let (y, m, d) = civil_from_days(days);
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+            rem / 3600,
+            (rem % 3600) / 60,
+            rem % 60
+        )
+    }
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// A source of time, injectable so that tests never sleep.
+pub trait Clock: Send + Sync + fmt::Debug {
+    fn now(&self) -> Timestamp;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Timestamp(millis)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum KeyState {
+    Enabled,
+    Disabled,
+    PendingDeletion,
+    Destroyed,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "ENABLED",
+            KeyState::Disabled => "DISABLED",
+            KeyState::PendingDeletion => "PENDING_DELETION",
+            KeyState::Destroyed => "DESTROYED",
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ProtectionLevel {
+    /// HSM-wrapped material, unwrapped into a bounded in-memory cache.
+    Software,
+    /// Every wrap and unwrap inside the HSM (not yet supported by any backend).
+    Hsm,
+}
+
+/// A customer master key: metadata only. Its material lives in
+/// [`VersionRecord`]s, wrapped by the HSM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub alias: Option<String>,
+    pub description: String,
+    pub state: KeyState,
+    pub protection_level: ProtectionLevel,
+    pub created_at: Timestamp,
+    pub created_by: String,
+    /// The version new data keys are wrapped under. Versions are 1, 2, ….
+    pub primary_version: u32,
+    /// Versions below this one no longer decrypt (1: all decrypt).
+    pub min_decryption_version: u32,
+    /// Free-form labels set by operators.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One version of a CMK. `wrapped_material` is the HSM's wrap of the 256-bit
+/// material, with AAD [`cmk_wrap_aad`]; the clear material is never stored.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub key_id: KeyId,
+    pub version: u32,
+    pub created_at: Timestamp,
+    /// Which HSM root key wrapped the material (reported by the HSM).
+    pub hsm_root_key_id: u32,
+    #[serde(with = "hex_bytes")]
+    pub wrapped_material: Vec<u8>,
+}
+
+impl fmt::Debug for VersionRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VersionRecord")
+            .field("key_id", &self.key_id)
+            .field("version", &self.version)
+            .field("created_at", &self.created_at)
+            .field("hsm_root_key_id", &self.hsm_root_key_id)
+            .field("wrapped_material_len", &self.wrapped_material.len())
+            .finish()
+    }
+}
+
+/// The AAD under which the HSM wraps a CMK version's material: binds the
+/// wrapped record to its key and version, so that records cannot be swapped
+/// inside the store.
+pub fn cmk_wrap_aad(key_id: KeyId, version: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(13 + 16 + 4);
+    aad.extend_from_slice(b"coffre/v1/cmk");
+    aad.extend_from_slice(key_id.as_bytes());
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(Timestamp(0).to_rfc3339(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            Timestamp(1_795_000_000_000).to_rfc3339(),
+            "2026-11-18T11:06:40Z"
+        );
+        assert_eq!(
+            Timestamp(951_782_400_000).to_rfc3339(),
+            "2000-02-29T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn key_id_round_trips_through_text() {
+        let id = KeyId::new_random();
+        assert_eq!(id.to_string().parse::<KeyId>().unwrap(), id);
+        assert!("not-a-uuid".parse::<KeyId>().is_err());
+    }
+}
+
+/// Limits on an encryption context, checked once at the edge of the core.
+pub const MAX_CONTEXT_ENTRIES: usize = 64;
+pub const MAX_CONTEXT_KEY_LEN: usize = 256;
+pub const MAX_CONTEXT_VALUE_LEN: usize = 1024;
+
+/// A validated encryption context: string pairs bound to a wrapped key as
+/// AAD. Kept sorted (the canonical order); not stored in blobs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl EncryptionContext {
+    /// Validates entry count and lengths. Keys must be non-empty.
+    pub fn new(entries: impl IntoIterator<Item = (String, String)>) -> Result<Self, ContextError> {
+        let mut map = BTreeMap::new();
+        for (k, v) in entries {
+            if k.is_empty() {
+                return Err(ContextError::EmptyKey);
+            }
+            if k.len() > MAX_CONTEXT_KEY_LEN {
+                return Err(ContextError::KeyTooLong);
+            }
+            if v.len() > MAX_CONTEXT_VALUE_LEN {
+                return Err(ContextError::ValueTooLong);
+            }
+            map.insert(k, v);
+            if map.len() > MAX_CONTEXT_ENTRIES {
+                return Err(ContextError::TooManyEntries);
+            }
+        }
+        Ok(Self(map))
+    }
+
+    pub fn entries(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    #[error("encryption context keys must not be empty")]
+    EmptyKey,
+    #[error("an encryption context key is longer than {MAX_CONTEXT_KEY_LEN} bytes")]
+    KeyTooLong,
+    #[error("an encryption context value is longer than {MAX_CONTEXT_VALUE_LEN} bytes")]
+    ValueTooLong,
+    #[error("the encryption context has more than {MAX_CONTEXT_ENTRIES} entries")]
+    TooManyEntries,
+}

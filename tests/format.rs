@@ -1,0 +1,1 @@
+//! Wrapped-key format v1: golden vectors, Wycheproof, properties, tamper matrix.

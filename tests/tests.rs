@@ -1,0 +1,3 @@
+//! coffre's integration tests: one binary made of modules.
+
+mod format;
