@@ -286,3 +286,69 @@ pub enum ContextError {
     #[error("the encryption context has more than {MAX_CONTEXT_ENTRIES} entries")]
     TooManyEntries,
 }
+
+/// Why a data key is being generated or unwrapped (DESIGN.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AccessReason {
+    Unspecified,
+    CustomerInitiatedAccess,
+    CustomerInitiatedSupport,
+    ProviderInitiatedService,
+    ProviderSystemOperation,
+    ProviderInitiatedReview,
+    ThirdPartyDataRequest,
+}
+
+/// Longest alias accepted.
+pub const MAX_ALIAS_LEN: usize = 256;
+
+/// A reference to a key as callers give it: its UUID or its alias.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum KeyRef {
+    Id(KeyId),
+    Alias(String),
+}
+
+impl KeyRef {
+    /// Parses a caller's `key_id` field: a UUID, else a valid alias.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if raw.is_empty() {
+            return Err("key_id is required".to_string());
+        }
+        if let Ok(id) = raw.parse::<KeyId>() {
+            return Ok(KeyRef::Id(id));
+        }
+        validate_alias(raw)?;
+        Ok(KeyRef::Alias(raw.to_string()))
+    }
+}
+
+impl fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyRef::Id(id) => id.fmt(f),
+            KeyRef::Alias(a) => f.write_str(a),
+        }
+    }
+}
+
+/// An alias is 1 to 256 characters of `[A-Za-z0-9/_-]`, and not a UUID.
+pub fn validate_alias(alias: &str) -> Result<(), String> {
+    if alias.is_empty() || alias.len() > MAX_ALIAS_LEN {
+        return Err(format!("an alias must be 1 to {MAX_ALIAS_LEN} characters"));
+    }
+    if !alias
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "invalid alias {:?}: only letters, digits, '/', '_' and '-' are allowed",
+            alias.chars().take(64).collect::<String>()
+        ));
+    }
+    if alias.parse::<KeyId>().is_ok() {
+        return Err("an alias must not look like a key id (UUID)".to_string());
+    }
+    Ok(())
+}

@@ -1,1 +1,285 @@
-//! (being written)
+//! Certificates: the development PKI of `coffre dev`, and reading the
+//! principal out of a client certificate.
+//!
+//! The dev PKI lives in `DIR/pki/` with the file names DESIGN.md fixes:
+//! `ca.pem`, `server.pem`, `server-key.pem`, and one client pair per role:
+//! `operator.pem`/`operator-key.pem`, `service.pem`/`service-key.pem`,
+//! `auditor.pem`/`auditor-key.pem`. The CA's private key is kept beside them
+//! (`ca-key.pem`) so that more client certificates can be issued later.
+//! Private keys are written with mode 0600. It is a development PKI: in
+//! production the operator's own CA issues the certificates.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// The URI SAN prefix of dev client certificates: `spiffe://coffre.dev/<name>`.
+pub const DEV_URI_PREFIX: &str = "spiffe://coffre.dev/";
+
+/// The client identities of the dev PKI, by file stem.
+pub const DEV_CLIENTS: [&str; 3] = ["operator", "service", "auditor"];
+
+/// Paths of a PKI directory laid out as DESIGN.md fixes.
+#[derive(Clone, Debug)]
+pub struct PkiPaths {
+    pub dir: PathBuf,
+}
+
+impl PkiPaths {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("pki"),
+        }
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server-key.pem")
+    }
+    /// `<name>.pem`, e.g. `operator.pem`.
+    pub fn client_cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pem"))
+    }
+    /// `<name>-key.pem`, e.g. `operator-key.pem`.
+    pub fn client_key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-key.pem"))
+    }
+}
+
+/// The principal a dev client certificate carries.
+pub fn dev_principal(name: &str) -> String {
+    format!("{DEV_URI_PREFIX}{name}")
+}
+
+/// Creates the dev PKI in `DIR/pki/` if it is not there; keeps it if it is.
+/// Returns whether it was created.
+pub fn ensure_dev_pki(data_dir: &Path) -> anyhow::Result<bool> {
+    let paths = PkiPaths::new(data_dir);
+    if paths.ca_cert().exists() {
+        for p in [paths.ca_key(), paths.server_cert(), paths.server_key()] {
+            if !p.exists() {
+                bail!(
+                    "the dev PKI in {} is incomplete: {} is missing (remove the directory to start afresh)",
+                    paths.dir.display(),
+                    p.display()
+                );
+            }
+        }
+        for name in DEV_CLIENTS {
+            if !paths.client_cert(name).exists() {
+                issue_client_cert(&paths, name)?;
+            }
+        }
+        return Ok(false);
+    }
+    fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
+
+    let ca_key = KeyPair::generate().context("generating the CA key")?;
+    let mut ca_params = CertificateParams::default();
+    ca_params.distinguished_name = dn("coffre dev CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    set_validity(&mut ca_params, 3650);
+    let ca_cert = ca_params.self_signed(&ca_key).context("signing the CA")?;
+    write_private(&paths.ca_key(), &ca_key.serialize_pem())?;
+    write_public(&paths.ca_cert(), &ca_cert.pem())?;
+
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().context("generating the server key")?;
+    let mut server_params =
+        CertificateParams::new(vec!["localhost".to_string()]).context("server params")?;
+    server_params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    server_params
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
+    server_params.distinguished_name = dn("coffre dev server");
+    server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    set_validity(&mut server_params, 825);
+    let server_cert = server_params
+        .signed_by(&server_key, &issuer)
+        .context("signing the server certificate")?;
+    write_private(&paths.server_key(), &server_key.serialize_pem())?;
+    write_public(&paths.server_cert(), &server_cert.pem())?;
+
+    for name in DEV_CLIENTS {
+        issue_client_cert(&paths, name)?;
+    }
+    Ok(true)
+}
+
+/// Issues `<name>.pem` and `<name>-key.pem` from the dev CA: subject CN
+/// `<name>` and URI SAN `spiffe://coffre.dev/<name>`.
+pub fn issue_client_cert(paths: &PkiPaths, name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("invalid client name {name:?}");
+    }
+    let ca_key_pem = fs::read_to_string(paths.ca_key())
+        .with_context(|| format!("reading {}", paths.ca_key().display()))?;
+    let ca_cert_pem = fs::read_to_string(paths.ca_cert())
+        .with_context(|| format!("reading {}", paths.ca_cert().display()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing the CA key")?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).context("parsing the CA certificate")?;
+    let key = KeyPair::generate().context("generating a client key")?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(name);
+    params.subject_alt_names = vec![SanType::URI(
+        dev_principal(name).try_into().context("client URI SAN")?,
+    )];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    set_validity(&mut params, 825);
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("signing a client certificate")?;
+    write_private(&paths.client_key(name), &key.serialize_pem())?;
+    write_public(&paths.client_cert(name), &cert.pem())?;
+    Ok(())
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "coffre development");
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn set_validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days);
+}
+
+fn write_public(path: &Path, contents: &str) -> anyhow::Result<()> {
+    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The principal of a client certificate (DER): its first URI SAN, else its
+/// subject CN. `None` when it has neither or does not parse.
+pub fn principal_from_cert(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                return Some((*uri).to_string());
+            }
+        }
+    }
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn dev_pki_has_the_fixed_file_names_and_principals() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(ensure_dev_pki(dir.path()).unwrap());
+        let pki = dir.path().join("pki");
+        for f in [
+            "ca.pem",
+            "server.pem",
+            "server-key.pem",
+            "operator.pem",
+            "operator-key.pem",
+            "service.pem",
+            "service-key.pem",
+            "auditor.pem",
+            "auditor-key.pem",
+        ] {
+            assert!(pki.join(f).is_file(), "{f} missing");
+        }
+        let before = fs::read(pki.join("ca.pem")).unwrap();
+        assert!(!ensure_dev_pki(dir.path()).unwrap());
+        assert_eq!(
+            before,
+            fs::read(pki.join("ca.pem")).unwrap(),
+            "kept on restart"
+        );
+
+        let pem = fs::read_to_string(pki.join("service.pem")).unwrap();
+        let der = pem_to_der(&pem);
+        assert_eq!(
+            principal_from_cert(&der).as_deref(),
+            Some("spiffe://coffre.dev/service")
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(pki.join("service-key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "private keys are not group/world readable");
+        }
+    }
+
+    #[test]
+    fn principal_falls_back_to_common_name() {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn("billing-service");
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            principal_from_cert(cert.der()).as_deref(),
+            Some("billing-service")
+        );
+        assert_eq!(principal_from_cert(b"garbage"), None);
+    }
+
+    fn pem_to_der(pem: &str) -> Vec<u8> {
+        use base64::Engine;
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap()
+    }
+}

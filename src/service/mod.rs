@@ -1,1 +1,201 @@
-//! (being written)
+//! The service core: authorization, key lifecycle and data-key operations.
+//!
+//! It knows the seams ([`Hsm`], [`KeyStore`], [`Authorizer`], [`Clock`]) and
+//! the domain types, never tonic or sled. Every public method takes the
+//! authenticated [`Caller`] and checks it first.
+//!
+//! Hot path: a data-key request whose key record and CMK version are cached
+//! does no storage or HSM I/O, takes only shared locks, and needs no
+//! `spawn_blocking`. A miss loads the record from the store (off the runtime)
+//! and unwraps the version in the HSM, then caches both.
+//!
+//! Consistency: this process is the only writer of its store. Every key
+//! change (create, rotate, disable, enable) is serialized by `write_lock`,
+//! made durable in the store first, and only then published to the cache;
+//! data-key requests that start after the change returns see it.
+
+mod cache;
+mod datakeys;
+mod keys;
+
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+
+pub use cache::BoundedCache;
+pub use datakeys::{
+    DEFAULT_DATA_KEY_BYTES, DataKeyOutput, DecryptOutput, MAX_DATA_KEY_BYTES, MIN_DATA_KEY_BYTES,
+    ReEncryptOutput,
+};
+pub use keys::{CreateKeyInput, KeyPage, KeyView};
+
+use crate::authz::{Authorizer, Caller, Operation, Role};
+use crate::crypto::Rng;
+use crate::error::{Error, Result};
+use crate::hsm::Hsm;
+use crate::model::{Clock, KeyId, KeyRecord, KeyRef, cmk_wrap_aad};
+use crate::secret::CmkMaterial;
+use crate::store::KeyStore;
+
+/// Tunables of the core.
+#[derive(Clone, Debug)]
+pub struct KmsOptions {
+    /// Key records kept in memory.
+    pub key_cache_capacity: usize,
+    /// Unwrapped CMK versions kept in memory.
+    pub material_cache_capacity: usize,
+}
+
+impl Default for KmsOptions {
+    fn default() -> Self {
+        Self {
+            key_cache_capacity: 100_000,
+            material_cache_capacity: 100_000,
+        }
+    }
+}
+
+/// The key management service.
+#[derive(Debug)]
+pub struct Kms {
+    store: Arc<dyn KeyStore>,
+    hsm: Arc<dyn Hsm>,
+    authz: Arc<dyn Authorizer>,
+    clock: Arc<dyn Clock>,
+    rng: Rng,
+    keys: BoundedCache<KeyId, Arc<KeyRecord>>,
+    aliases: BoundedCache<String, KeyId>,
+    materials: BoundedCache<(KeyId, u32), Arc<CmkMaterial>>,
+    write_lock: Mutex<()>,
+}
+
+impl Kms {
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        hsm: Arc<dyn Hsm>,
+        authz: Arc<dyn Authorizer>,
+        clock: Arc<dyn Clock>,
+        options: KmsOptions,
+    ) -> Self {
+        Self {
+            store,
+            hsm,
+            authz,
+            clock,
+            rng: Rng::default(),
+            keys: BoundedCache::new(options.key_cache_capacity),
+            aliases: BoundedCache::new(options.key_cache_capacity),
+            materials: BoundedCache::new(options.material_cache_capacity),
+            write_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn hsm(&self) -> &Arc<dyn Hsm> {
+        &self.hsm
+    }
+
+    /// (hits, misses) of the CMK version cache.
+    pub fn material_cache_stats(&self) -> (u64, u64) {
+        self.materials.stats()
+    }
+
+    /// Readiness: the HSM answers. The store is local and checked on use.
+    pub async fn check_ready(&self) -> Result<()> {
+        self.hsm.info().await?;
+        Ok(())
+    }
+
+    fn authorize(&self, caller: &Caller, op: Operation) -> Result<Role> {
+        self.authz.authorize(caller, op).map_err(|denied| {
+            tracing::warn!(principal = %caller.principal, operation = op.name(), reason = %denied, "request refused");
+            Error::PermissionDenied(denied.0)
+        })
+    }
+
+    /// Runs a blocking store call off the async runtime.
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn KeyStore) -> Result<T> + Send + 'static,
+    {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| Error::Internal(format!("store task failed: {e}")))?
+    }
+
+    /// The key a caller names, from the cache or the store.
+    async fn resolve(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        let id = match key {
+            KeyRef::Id(id) => *id,
+            KeyRef::Alias(alias) => match self.aliases.get(alias) {
+                Some(id) => id,
+                None => {
+                    let lookup = alias.clone();
+                    let found = self
+                        .blocking(move |s| Ok(s.key_id_for_alias(&lookup)?))
+                        .await?;
+                    let id = found.ok_or_else(|| Error::KeyNotFound(key.to_string()))?;
+                    self.aliases.insert(alias.clone(), id);
+                    id
+                }
+            },
+        };
+        self.record(id)
+            .await?
+            .ok_or_else(|| Error::KeyNotFound(key.to_string()))
+    }
+
+    async fn record(&self, id: KeyId) -> Result<Option<Arc<KeyRecord>>> {
+        if let Some(record) = self.keys.get(&id) {
+            return Ok(Some(record));
+        }
+        let Some(record) = self.blocking(move |s| Ok(s.get_key(id)?)).await? else {
+            return Ok(None);
+        };
+        let record = Arc::new(record);
+        self.keys.insert(id, Arc::clone(&record));
+        Ok(Some(record))
+    }
+
+    /// Publishes a record that is durable in the store.
+    fn publish(&self, record: KeyRecord) -> Arc<KeyRecord> {
+        let record = Arc::new(record);
+        if let Some(alias) = &record.alias {
+            self.aliases.insert(alias.clone(), record.id);
+        }
+        self.keys.insert(record.id, Arc::clone(&record));
+        record
+    }
+
+    /// The material of one CMK version: cached, else unwrapped by the HSM.
+    async fn material(&self, id: KeyId, version: u32) -> Result<Arc<CmkMaterial>> {
+        if let Some(m) = self.materials.get(&(id, version)) {
+            return Ok(m);
+        }
+        let record = self
+            .blocking(move |s| Ok(s.get_version(id, version)?))
+            .await?
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "version {version} of key {id} is missing from the store"
+                ))
+            })?;
+        let clear = self
+            .hsm
+            .unwrap(&record.wrapped_material, &cmk_wrap_aad(id, version))
+            .await?;
+        let material = CmkMaterial::from_slice(clear.expose()).ok_or_else(|| {
+            Error::Internal(format!(
+                "version {version} of key {id} unwrapped to {} bytes",
+                clear.len()
+            ))
+        })?;
+        let material = Arc::new(material);
+        self.materials.insert((id, version), Arc::clone(&material));
+        Ok(material)
+    }
+}
+
+#[cfg(test)]
+mod tests;

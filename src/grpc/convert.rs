@@ -1,0 +1,113 @@
+//! Conversions between generated messages and domain values. Raw fields are
+//! validated here, once; the core receives only validated values.
+
+use std::collections::HashMap;
+
+use tonic::Status;
+
+use super::pb;
+use crate::model::{
+    AccessReason, EncryptionContext, KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel,
+    Timestamp, VersionRecord,
+};
+
+pub fn key_ref(field: &str, raw: &str) -> Result<KeyRef, Status> {
+    KeyRef::parse(raw).map_err(|m| {
+        if raw.is_empty() {
+            Status::invalid_argument(format!("{field} is required"))
+        } else {
+            Status::invalid_argument(format!("{field}: {m}"))
+        }
+    })
+}
+
+pub fn optional_key_ref(field: &str, raw: &str) -> Result<Option<KeyRef>, Status> {
+    if raw.is_empty() {
+        Ok(None)
+    } else {
+        key_ref(field, raw).map(Some)
+    }
+}
+
+pub fn context(raw: HashMap<String, String>) -> Result<EncryptionContext, Status> {
+    EncryptionContext::new(raw).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+pub fn access_reason(raw: i32) -> Result<AccessReason, Status> {
+    let reason = pb::AccessReason::try_from(raw)
+        .map_err(|_| Status::invalid_argument(format!("unknown justification {raw}")))?;
+    Ok(match reason {
+        pb::AccessReason::Unspecified => AccessReason::Unspecified,
+        pb::AccessReason::CustomerInitiatedAccess => AccessReason::CustomerInitiatedAccess,
+        pb::AccessReason::CustomerInitiatedSupport => AccessReason::CustomerInitiatedSupport,
+        pb::AccessReason::ProviderInitiatedService => AccessReason::ProviderInitiatedService,
+        pb::AccessReason::ProviderSystemOperation => AccessReason::ProviderSystemOperation,
+        pb::AccessReason::ProviderInitiatedReview => AccessReason::ProviderInitiatedReview,
+        pb::AccessReason::ThirdPartyDataRequest => AccessReason::ThirdPartyDataRequest,
+    })
+}
+
+pub fn protection_level(raw: i32) -> Result<Option<ProtectionLevel>, Status> {
+    match pb::ProtectionLevel::try_from(raw) {
+        Ok(pb::ProtectionLevel::Unspecified) => Ok(None),
+        Ok(pb::ProtectionLevel::Software) => Ok(Some(ProtectionLevel::Software)),
+        Ok(pb::ProtectionLevel::Hsm) => Ok(Some(ProtectionLevel::Hsm)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown protection_level {raw}"
+        ))),
+    }
+}
+
+pub fn page_token(raw: &str) -> Result<Option<KeyId>, Status> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.parse::<KeyId>()
+        .map(Some)
+        .map_err(|_| Status::invalid_argument("invalid page_token"))
+}
+
+fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    let millis = t.as_millis();
+    prost_types::Timestamp {
+        seconds: millis.div_euclid(1000),
+        // 0..=999_000_000: always fits.
+        nanos: i32::try_from(millis.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn state(s: KeyState) -> pb::KeyState {
+    match s {
+        KeyState::Enabled => pb::KeyState::Enabled,
+        KeyState::Disabled => pb::KeyState::Disabled,
+        KeyState::PendingDeletion => pb::KeyState::PendingDeletion,
+        KeyState::Destroyed => pb::KeyState::Destroyed,
+    }
+}
+
+pub fn key_metadata(k: &KeyRecord) -> pb::KeyMetadata {
+    pb::KeyMetadata {
+        key_id: k.id.to_string(),
+        alias: k.alias.clone().unwrap_or_default(),
+        description: k.description.clone(),
+        state: state(k.state).into(),
+        protection_level: match k.protection_level {
+            ProtectionLevel::Software => pb::ProtectionLevel::Software,
+            ProtectionLevel::Hsm => pb::ProtectionLevel::Hsm,
+        }
+        .into(),
+        create_time: Some(timestamp(k.created_at)),
+        created_by: k.created_by.clone(),
+        primary_version: k.primary_version,
+        min_decryption_version: k.min_decryption_version,
+        labels: k.labels.clone().into_iter().collect(),
+    }
+}
+
+pub fn key_version(v: &VersionRecord) -> pb::KeyVersion {
+    pb::KeyVersion {
+        version: v.version,
+        create_time: Some(timestamp(v.created_at)),
+        hsm_root_key_id: v.hsm_root_key_id,
+    }
+}

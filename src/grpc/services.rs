@@ -1,0 +1,276 @@
+//! The tonic service implementations: authenticate, convert, call the core,
+//! map the result.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::auth::{PrincipalCache, principal_of};
+use super::convert::{self, key_ref, optional_key_ref};
+use super::pb::{self, data_key_service_server::DataKeyService, key_service_server::KeyService};
+use super::status;
+use crate::service::{CreateKeyInput, DEFAULT_DATA_KEY_BYTES, Kms};
+
+/// Both coffre services over one core.
+#[derive(Debug, Clone)]
+pub struct Api {
+    kms: Arc<Kms>,
+    principals: Arc<PrincipalCache>,
+}
+
+impl Api {
+    pub fn new(kms: Arc<Kms>) -> Self {
+        Self {
+            kms,
+            principals: Arc::new(PrincipalCache::default()),
+        }
+    }
+}
+
+fn number_of_bytes(raw: u32) -> usize {
+    if raw == 0 {
+        DEFAULT_DATA_KEY_BYTES
+    } else {
+        usize::try_from(raw).unwrap_or(usize::MAX)
+    }
+}
+
+#[tonic::async_trait]
+impl KeyService for Api {
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.into_inner();
+        let input = CreateKeyInput {
+            alias: (!req.alias.is_empty()).then_some(req.alias),
+            description: req.description,
+            protection_level: convert::protection_level(req.protection_level)?,
+            labels: req.labels.into_iter().collect(),
+        };
+        let view = self.kms.create_key(&caller, input).await.map_err(status)?;
+        Ok(Response::new(pb::CreateKeyResponse {
+            key: Some(convert::key_metadata(&view.key)),
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::GetKeyResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let key = key_ref("key_id", &request.get_ref().key_id)?;
+        let view = self.kms.get_key(&caller, &key).await.map_err(status)?;
+        Ok(Response::new(pb::GetKeyResponse {
+            key: Some(convert::key_metadata(&view.key)),
+            versions: view.versions.iter().map(convert::key_version).collect(),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.get_ref();
+        let start_after = convert::page_token(&req.page_token)?;
+        let page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
+        let page = self
+            .kms
+            .list_keys(&caller, start_after, page_size)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: page.keys.iter().map(convert::key_metadata).collect(),
+            next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let key = key_ref("key_id", &request.get_ref().key_id)?;
+        let record = self.kms.rotate_key(&caller, &key).await.map_err(status)?;
+        Ok(Response::new(pb::RotateKeyResponse {
+            key: Some(convert::key_metadata(&record)),
+        }))
+    }
+
+    async fn disable_key(
+        &self,
+        request: Request<pb::DisableKeyRequest>,
+    ) -> Result<Response<pb::DisableKeyResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let key = key_ref("key_id", &request.get_ref().key_id)?;
+        let record = self.kms.disable_key(&caller, &key).await.map_err(status)?;
+        Ok(Response::new(pb::DisableKeyResponse {
+            key: Some(convert::key_metadata(&record)),
+        }))
+    }
+
+    async fn enable_key(
+        &self,
+        request: Request<pb::EnableKeyRequest>,
+    ) -> Result<Response<pb::EnableKeyResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let key = key_ref("key_id", &request.get_ref().key_id)?;
+        let record = self.kms.enable_key(&caller, &key).await.map_err(status)?;
+        Ok(Response::new(pb::EnableKeyResponse {
+            key: Some(convert::key_metadata(&record)),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl DataKeyService for Api {
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.into_inner();
+        let key = key_ref("key_id", &req.key_id)?;
+        let context = convert::context(req.encryption_context)?;
+        let reason = convert::access_reason(req.justification)?;
+        let out = self
+            .kms
+            .generate_data_key(
+                &caller,
+                &key,
+                &context,
+                reason,
+                number_of_bytes(req.number_of_bytes),
+                true,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::GenerateDataKeyResponse {
+            // The response owns a copy until it is encoded; the core's copy
+            // is zeroized when `out` drops.
+            plaintext: out
+                .plaintext
+                .map(|p| p.expose().to_vec())
+                .unwrap_or_default(),
+            ciphertext_blob: out.ciphertext_blob,
+            key_id: out.key_id.to_string(),
+            key_version: out.key_version,
+        }))
+    }
+
+    async fn generate_data_key_without_plaintext(
+        &self,
+        request: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.into_inner();
+        let key = key_ref("key_id", &req.key_id)?;
+        let context = convert::context(req.encryption_context)?;
+        let reason = convert::access_reason(req.justification)?;
+        let out = self
+            .kms
+            .generate_data_key(
+                &caller,
+                &key,
+                &context,
+                reason,
+                number_of_bytes(req.number_of_bytes),
+                false,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::GenerateDataKeyWithoutPlaintextResponse {
+            ciphertext_blob: out.ciphertext_blob,
+            key_id: out.key_id.to_string(),
+            key_version: out.key_version,
+        }))
+    }
+
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let mut req = request.into_inner();
+        let key = key_ref("key_id", &req.key_id)?;
+        let context = convert::context(std::mem::take(&mut req.encryption_context))?;
+        let reason = convert::access_reason(req.justification)?;
+        let plaintext = zeroize::Zeroizing::new(std::mem::take(&mut req.plaintext));
+        let out = self
+            .kms
+            .encrypt(&caller, &key, &plaintext, &context, reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::EncryptResponse {
+            ciphertext_blob: out.ciphertext_blob,
+            key_id: out.key_id.to_string(),
+            key_version: out.key_version,
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.into_inner();
+        let context = convert::context(req.encryption_context)?;
+        let reason = convert::access_reason(req.justification)?;
+        let expected = optional_key_ref("key_id", &req.key_id)?;
+        let out = self
+            .kms
+            .decrypt(
+                &caller,
+                &req.ciphertext_blob,
+                &context,
+                reason,
+                expected.as_ref(),
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DecryptResponse {
+            plaintext: out.plaintext.expose().to_vec(),
+            key_id: out.key_id.to_string(),
+            key_version: out.key_version,
+        }))
+    }
+
+    async fn re_encrypt(
+        &self,
+        request: Request<pb::ReEncryptRequest>,
+    ) -> Result<Response<pb::ReEncryptResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.into_inner();
+        let source_context = convert::context(req.source_encryption_context)?;
+        let destination_context = if req.destination_encryption_context.is_empty() {
+            None
+        } else {
+            Some(convert::context(req.destination_encryption_context)?)
+        };
+        let reason = convert::access_reason(req.justification)?;
+        let source = optional_key_ref("source_key_id", &req.source_key_id)?;
+        let destination = optional_key_ref("destination_key_id", &req.destination_key_id)?;
+        let out = self
+            .kms
+            .re_encrypt(
+                &caller,
+                &req.ciphertext_blob,
+                &source_context,
+                source.as_ref(),
+                destination.as_ref(),
+                destination_context.as_ref(),
+                reason,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ReEncryptResponse {
+            ciphertext_blob: out.ciphertext_blob,
+            source_key_id: out.source_key_id.to_string(),
+            source_key_version: out.source_key_version,
+            key_id: out.key_id.to_string(),
+            key_version: out.key_version,
+        }))
+    }
+}

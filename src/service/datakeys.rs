@@ -1,0 +1,268 @@
+//! Data-key operations: generate, encrypt, decrypt, re-encrypt.
+
+use std::sync::Arc;
+
+use super::Kms;
+use crate::authz::{Caller, Operation};
+use crate::crypto::{self, ContextDigest, SealError};
+use crate::envelope::{self, MAX_CIPHERTEXT_LEN};
+use crate::error::{Error, Result};
+use crate::model::{AccessReason, EncryptionContext, KeyId, KeyRecord, KeyRef, KeyState};
+use crate::secret::SecretBytes;
+
+pub const MIN_DATA_KEY_BYTES: usize = 16;
+pub const MAX_DATA_KEY_BYTES: usize = 64;
+pub const DEFAULT_DATA_KEY_BYTES: usize = 32;
+
+/// A new data key: `plaintext` is `None` for GenerateDataKeyWithoutPlaintext.
+#[derive(Debug)]
+pub struct DataKeyOutput {
+    pub plaintext: Option<SecretBytes>,
+    pub ciphertext_blob: Vec<u8>,
+    pub key_id: KeyId,
+    pub key_version: u32,
+}
+
+#[derive(Debug)]
+pub struct DecryptOutput {
+    pub plaintext: SecretBytes,
+    pub key_id: KeyId,
+    pub key_version: u32,
+}
+
+#[derive(Debug)]
+pub struct ReEncryptOutput {
+    pub ciphertext_blob: Vec<u8>,
+    pub source_key_id: KeyId,
+    pub source_key_version: u32,
+    pub key_id: KeyId,
+    pub key_version: u32,
+}
+
+impl Kms {
+    /// `number_of_bytes`: 16 to 64 (callers map "unset" to 32).
+    pub async fn generate_data_key(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        context: &EncryptionContext,
+        justification: AccessReason,
+        number_of_bytes: usize,
+        with_plaintext: bool,
+    ) -> Result<DataKeyOutput> {
+        let op = if with_plaintext {
+            Operation::GenerateDataKey
+        } else {
+            Operation::GenerateDataKeyWithoutPlaintext
+        };
+        self.authorize(caller, op)?;
+        if !(MIN_DATA_KEY_BYTES..=MAX_DATA_KEY_BYTES).contains(&number_of_bytes) {
+            return Err(Error::InvalidArgument(format!(
+                "number_of_bytes must be {MIN_DATA_KEY_BYTES} to {MAX_DATA_KEY_BYTES}, got {number_of_bytes}"
+            )));
+        }
+        let record = self.usable_key(caller, key, op, justification).await?;
+        let mut data_key = SecretBytes::zeroed(number_of_bytes);
+        self.rng.fill(data_key.expose_mut()).map_err(seal_error)?;
+        let blob = self
+            .seal(&record, &crypto::context_digest(context), data_key.expose())
+            .await?;
+        Ok(DataKeyOutput {
+            plaintext: with_plaintext.then_some(data_key),
+            ciphertext_blob: blob,
+            key_id: record.id,
+            key_version: record.primary_version,
+        })
+    }
+
+    /// Wraps a caller secret of 1 to 4096 bytes.
+    pub async fn encrypt(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+        justification: AccessReason,
+    ) -> Result<DataKeyOutput> {
+        self.authorize(caller, Operation::Encrypt)?;
+        if plaintext.is_empty() || plaintext.len() > MAX_CIPHERTEXT_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "plaintext must be 1 to {MAX_CIPHERTEXT_LEN} bytes, got {}",
+                plaintext.len()
+            )));
+        }
+        let record = self
+            .usable_key(caller, key, Operation::Encrypt, justification)
+            .await?;
+        let blob = self
+            .seal(&record, &crypto::context_digest(context), plaintext)
+            .await?;
+        Ok(DataKeyOutput {
+            plaintext: None,
+            ciphertext_blob: blob,
+            key_id: record.id,
+            key_version: record.primary_version,
+        })
+    }
+
+    pub async fn decrypt(
+        &self,
+        caller: &Caller,
+        blob: &[u8],
+        context: &EncryptionContext,
+        justification: AccessReason,
+        expected_key: Option<&KeyRef>,
+    ) -> Result<DecryptOutput> {
+        self.authorize(caller, Operation::Decrypt)?;
+        self.open(
+            caller,
+            blob,
+            context,
+            justification,
+            expected_key,
+            Operation::Decrypt,
+        )
+        .await
+    }
+
+    /// Unwraps `blob` and wraps its plaintext again under `destination`
+    /// (default: the blob's own key, at its primary version), with
+    /// `destination_context` (default: the source context). The plaintext
+    /// never leaves the server.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn re_encrypt(
+        &self,
+        caller: &Caller,
+        blob: &[u8],
+        source_context: &EncryptionContext,
+        expected_source: Option<&KeyRef>,
+        destination: Option<&KeyRef>,
+        destination_context: Option<&EncryptionContext>,
+        justification: AccessReason,
+    ) -> Result<ReEncryptOutput> {
+        self.authorize(caller, Operation::ReEncrypt)?;
+        let opened = self
+            .open(
+                caller,
+                blob,
+                source_context,
+                justification,
+                expected_source,
+                Operation::ReEncrypt,
+            )
+            .await?;
+        let destination = destination.cloned().unwrap_or(KeyRef::Id(opened.key_id));
+        let record = self
+            .usable_key(caller, &destination, Operation::ReEncrypt, justification)
+            .await?;
+        let digest = crypto::context_digest(destination_context.unwrap_or(source_context));
+        let new_blob = self
+            .seal(&record, &digest, opened.plaintext.expose())
+            .await?;
+        Ok(ReEncryptOutput {
+            ciphertext_blob: new_blob,
+            source_key_id: opened.key_id,
+            source_key_version: opened.key_version,
+            key_id: record.id,
+            key_version: record.primary_version,
+        })
+    }
+
+    /// The key, if it may serve data-key operations now.
+    async fn usable_key(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        op: Operation,
+        _justification: AccessReason,
+    ) -> Result<Arc<KeyRecord>> {
+        let record = self.resolve(key).await?;
+        ensure_enabled(caller, &record, op)?;
+        Ok(record)
+    }
+
+    async fn seal(
+        &self,
+        record: &KeyRecord,
+        digest: &ContextDigest,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        let version = record.primary_version;
+        let material = self.material(record.id, version).await?;
+        crypto::seal(&self.rng, &material, record.id, version, digest, plaintext)
+            .map_err(seal_error)
+    }
+
+    async fn open(
+        &self,
+        caller: &Caller,
+        blob: &[u8],
+        context: &EncryptionContext,
+        _justification: AccessReason,
+        expected_key: Option<&KeyRef>,
+        op: Operation,
+    ) -> Result<DecryptOutput> {
+        let parsed = envelope::parse(blob).map_err(|e| {
+            tracing::debug!(reason = %e, "ciphertext blob refused");
+            Error::InvalidCiphertext
+        })?;
+        let id = parsed.header.key_id;
+        let version = parsed.header.key_version;
+        if let Some(expected) = expected_key {
+            let expected = self.resolve(expected).await?;
+            if expected.id != id {
+                tracing::debug!(blob_key = %id, expected = %expected.id, "blob belongs to another key");
+                return Err(Error::InvalidCiphertext);
+            }
+        }
+        // A well-formed blob naming a key this server does not know cannot be
+        // authenticated: the same generic answer as any other bad blob.
+        let record = self.record(id).await?.ok_or(Error::InvalidCiphertext)?;
+        ensure_enabled(caller, &record, op)?;
+        if version == 0 || version > record.primary_version {
+            return Err(Error::InvalidCiphertext);
+        }
+        if version < record.min_decryption_version {
+            return Err(Error::FailedPrecondition(format!(
+                "version {version} of key {id} is retired (minimum decryption version {})",
+                record.min_decryption_version
+            )));
+        }
+        let material = self.material(id, version).await?;
+        let plaintext = crypto::open(&material, &parsed, &crypto::context_digest(context))
+            .map_err(|_| Error::InvalidCiphertext)?;
+        Ok(DecryptOutput {
+            plaintext,
+            key_id: id,
+            key_version: version,
+        })
+    }
+}
+
+fn ensure_enabled(caller: &Caller, record: &KeyRecord, op: Operation) -> Result<()> {
+    if record.state == KeyState::Enabled {
+        return Ok(());
+    }
+    // An attempted use of a key that is not enabled is a signal the
+    // operator must see (a pending-deletion key still in use, say).
+    tracing::warn!(
+        key_id = %record.id,
+        state = %record.state,
+        principal = %caller.principal,
+        operation = op.name(),
+        "refused use of a key that is not enabled"
+    );
+    Err(Error::KeyNotEnabled {
+        key_id: record.id,
+        state: record.state,
+    })
+}
+
+fn seal_error(e: SealError) -> Error {
+    match e {
+        SealError::PlaintextLength(n) => Error::InvalidArgument(format!(
+            "plaintext must be 1 to {MAX_CIPHERTEXT_LEN} bytes, got {n}"
+        )),
+        SealError::Random | SealError::Aead => Error::Internal(format!("sealing failed: {e}")),
+    }
+}

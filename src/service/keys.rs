@@ -1,0 +1,258 @@
+//! Key management: create, read, list, rotate, disable, enable.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::Kms;
+use crate::authz::{Caller, Operation};
+use crate::error::{Error, Result};
+use crate::model::{
+    KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel, VersionRecord, cmk_wrap_aad,
+    validate_alias,
+};
+use crate::secret::{CMK_LEN, CmkMaterial};
+use crate::store::StoreError;
+
+pub const MAX_DESCRIPTION_LEN: usize = 8192;
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_LEN: usize = 256;
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+#[derive(Clone, Debug, Default)]
+pub struct CreateKeyInput {
+    pub alias: Option<String>,
+    pub description: String,
+    pub protection_level: Option<ProtectionLevel>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A key with its versions (metadata only).
+#[derive(Clone, Debug)]
+pub struct KeyView {
+    pub key: Arc<KeyRecord>,
+    pub versions: Vec<VersionRecord>,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyPage {
+    pub keys: Vec<KeyRecord>,
+    /// The id to pass as `start_after` for the next page; `None` at the end.
+    pub next: Option<KeyId>,
+}
+
+impl Kms {
+    pub async fn create_key(&self, caller: &Caller, input: CreateKeyInput) -> Result<KeyView> {
+        self.authorize(caller, Operation::CreateKey)?;
+        if let Some(alias) = &input.alias {
+            validate_alias(alias).map_err(Error::InvalidArgument)?;
+        }
+        if input.description.len() > MAX_DESCRIPTION_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "description is longer than {MAX_DESCRIPTION_LEN} bytes"
+            )));
+        }
+        validate_labels(&input.labels)?;
+        let protection_level = input.protection_level.unwrap_or(ProtectionLevel::Software);
+        if protection_level == ProtectionLevel::Hsm {
+            return Err(Error::InvalidArgument(
+                "protection level HSM is not supported by this HSM backend; use SOFTWARE"
+                    .to_string(),
+            ));
+        }
+
+        let id = KeyId::new_random();
+        let (version, material) = self.new_version(id, 1).await?;
+        let record = KeyRecord {
+            id,
+            alias: input.alias,
+            description: input.description,
+            state: KeyState::Enabled,
+            protection_level,
+            created_at: version.created_at,
+            created_by: caller.principal.clone(),
+            primary_version: 1,
+            min_decryption_version: 1,
+            labels: input.labels,
+        };
+
+        let _guard = self.write_lock.lock().await;
+        let (stored, first) = (record.clone(), version.clone());
+        self.blocking(move |s| {
+            s.create_key(&stored, &first).map_err(|e| match e {
+                StoreError::AliasTaken(alias) => {
+                    Error::AlreadyExists(format!("the alias {alias:?} is already taken"))
+                }
+                other => Error::Store(other),
+            })
+        })
+        .await?;
+        self.materials.insert((id, 1), Arc::new(material));
+        let key = self.publish(record);
+        tracing::info!(key_id = %id, principal = %caller.principal, "key created");
+        Ok(KeyView {
+            key,
+            versions: vec![version],
+        })
+    }
+
+    /// Fresh material from the HSM's generator, wrapped under its root key.
+    async fn new_version(&self, id: KeyId, version: u32) -> Result<(VersionRecord, CmkMaterial)> {
+        let random = self.hsm.generate_random(CMK_LEN).await?;
+        let material = CmkMaterial::from_slice(random.expose()).ok_or_else(|| {
+            Error::Internal(format!("the HSM returned {} random bytes", random.len()))
+        })?;
+        let wrapped = self
+            .hsm
+            .wrap(material.expose(), &cmk_wrap_aad(id, version))
+            .await?;
+        let record = VersionRecord {
+            key_id: id,
+            version,
+            created_at: self.clock.now(),
+            hsm_root_key_id: wrapped.root_key_id,
+            wrapped_material: wrapped.blob,
+        };
+        Ok((record, material))
+    }
+
+    pub async fn get_key(&self, caller: &Caller, key: &KeyRef) -> Result<KeyView> {
+        self.authorize(caller, Operation::GetKey)?;
+        // Read through to the store: operators see the durable truth.
+        let id = self.resolve(key).await?.id;
+        let (record, versions) = self
+            .blocking(move |s| {
+                let record = s
+                    .get_key(id)?
+                    .ok_or_else(|| Error::KeyNotFound(id.to_string()))?;
+                let versions = s.list_versions(id)?;
+                Ok((record, versions))
+            })
+            .await?;
+        Ok(KeyView {
+            key: self.publish(record),
+            versions,
+        })
+    }
+
+    pub async fn list_keys(
+        &self,
+        caller: &Caller,
+        start_after: Option<KeyId>,
+        page_size: usize,
+    ) -> Result<KeyPage> {
+        self.authorize(caller, Operation::ListKeys)?;
+        let limit = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Error::InvalidArgument(format!(
+                    "page_size must be at most {MAX_PAGE_SIZE}"
+                )));
+            }
+            n => n,
+        };
+        // One more than asked tells whether another page follows.
+        let mut keys = self
+            .blocking(move |s| Ok(s.list_keys(start_after, limit + 1)?))
+            .await?;
+        let next = if keys.len() > limit {
+            keys.truncate(limit);
+            keys.last().map(|k| k.id)
+        } else {
+            None
+        };
+        Ok(KeyPage { keys, next })
+    }
+
+    pub async fn rotate_key(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        self.authorize(caller, Operation::RotateKey)?;
+        let id = self.resolve(key).await?.id;
+        let _guard = self.write_lock.lock().await;
+        let current = self.fresh_record(id).await?;
+        if !matches!(current.state, KeyState::Enabled | KeyState::Disabled) {
+            return Err(Error::FailedPrecondition(format!(
+                "key {id} is {}: it cannot be rotated",
+                current.state
+            )));
+        }
+        let next_version = current.primary_version.checked_add(1).ok_or_else(|| {
+            Error::FailedPrecondition(format!("key {id} has reached its last version"))
+        })?;
+        let (version, material) = self.new_version(id, next_version).await?;
+        let updated = self
+            .blocking(move |s| Ok(s.add_version(&current, &version)?))
+            .await?;
+        self.materials
+            .insert((id, next_version), Arc::new(material));
+        tracing::info!(key_id = %id, version = next_version, principal = %caller.principal, "key rotated");
+        Ok(self.publish(updated))
+    }
+
+    pub async fn disable_key(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        self.authorize(caller, Operation::DisableKey)?;
+        self.change_state(caller, key, KeyState::Disabled).await
+    }
+
+    pub async fn enable_key(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        self.authorize(caller, Operation::EnableKey)?;
+        self.change_state(caller, key, KeyState::Enabled).await
+    }
+
+    /// ENABLED ⇄ DISABLED. Asking for the state a key is already in succeeds
+    /// and changes nothing; any other transition is refused.
+    async fn change_state(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        target: KeyState,
+    ) -> Result<Arc<KeyRecord>> {
+        let id = self.resolve(key).await?.id;
+        let _guard = self.write_lock.lock().await;
+        let current = self.fresh_record(id).await?;
+        if current.state == target {
+            return Ok(self.publish(current));
+        }
+        let legal = matches!(
+            (current.state, target),
+            (KeyState::Enabled, KeyState::Disabled) | (KeyState::Disabled, KeyState::Enabled)
+        );
+        if !legal {
+            return Err(Error::FailedPrecondition(format!(
+                "key {id} is {}: it cannot become {target}",
+                current.state
+            )));
+        }
+        let mut next = current.clone();
+        next.state = target;
+        let stored = next.clone();
+        self.blocking(move |s| Ok(s.compare_and_swap_key(&current, &stored)?))
+            .await?;
+        tracing::info!(key_id = %id, state = %target, principal = %caller.principal, "key state changed");
+        Ok(self.publish(next))
+    }
+
+    /// The stored record, bypassing the cache (under `write_lock`).
+    async fn fresh_record(&self, id: KeyId) -> Result<KeyRecord> {
+        self.blocking(move |s| {
+            s.get_key(id)?
+                .ok_or_else(|| Error::KeyNotFound(id.to_string()))
+        })
+        .await
+    }
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > MAX_LABELS {
+        return Err(Error::InvalidArgument(format!(
+            "at most {MAX_LABELS} labels are allowed"
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "label keys must be 1 to {MAX_LABEL_LEN} bytes and values at most {MAX_LABEL_LEN}"
+            )));
+        }
+    }
+    Ok(())
+}
