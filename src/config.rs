@@ -1,1 +1,313 @@
-//! (being written)
+//! The server configuration of `coffre serve --config FILE` (TOML), parsed
+//! once into validated values.
+//!
+//! ```toml
+//! listen = "0.0.0.0:7443"
+//! data_dir = "/var/lib/coffre"          # sled store in DATA_DIR/store
+//!
+//! [tls]                                  # mTLS is always on
+//! cert = "/etc/coffre/server.pem"
+//! key = "/etc/coffre/server-key.pem"
+//! client_ca = "/etc/coffre/clients-ca.pem"
+//!
+//! [hsm]
+//! backend = "simulator"                  # a separate `hsm-sim serve` process
+//! endpoint = "http://127.0.0.1:7444"
+//! pin_env = "COFFRE_HSM_PIN"             # or pin_file = "/etc/coffre/hsm.pin"
+//! timeout_ms = 2000
+//! allow_insecure_simulator = true        # required to run on a simulator
+//!
+//! [roles]                                # principal → role; deny by default
+//! operator = ["spiffe://operator.example/alice"]
+//! service = ["spiffe://provider.example/storage"]
+//! auditor = ["spiffe://audit.example/bob"]
+//!
+//! [cache]
+//! keys = 100000
+//! versions = 100000
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::authz::Role;
+use crate::service::KmsOptions;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    data_dir: PathBuf,
+    tls: RawTls,
+    hsm: RawHsm,
+    #[serde(default)]
+    roles: RawRoles,
+    #[serde(default)]
+    cache: RawCache,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    backend: String,
+    endpoint: Option<String>,
+    pin_env: Option<String>,
+    pin_file: Option<PathBuf>,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    allow_insecure_simulator: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoles {
+    #[serde(default)]
+    operator: Vec<String>,
+    #[serde(default)]
+    service: Vec<String>,
+    #[serde(default)]
+    auditor: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    keys: Option<usize>,
+    versions: Option<usize>,
+}
+
+/// Where the TLS files are.
+#[derive(Clone, Debug)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl TlsPaths {
+    /// Reads the three PEM files, with a clear error for each.
+    pub fn load(&self) -> anyhow::Result<crate::grpc::ServerTls> {
+        let read = |p: &Path, what: &str| {
+            std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
+        };
+        Ok(crate::grpc::ServerTls {
+            cert_pem: read(&self.cert, "server certificate")?,
+            key_pem: Zeroizing::new(read(&self.key, "server key")?),
+            client_ca_pem: read(&self.client_ca, "client CA certificate")?,
+        })
+    }
+}
+
+/// A PIN, read from an environment variable or a file; never from the
+/// configuration file itself.
+pub struct Pin(pub Zeroizing<String>);
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pin(<redacted>)")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum PinSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl PinSource {
+    pub fn read(&self) -> anyhow::Result<Pin> {
+        let pin =
+            match self {
+                PinSource::Env(var) => Zeroizing::new(std::env::var(var).with_context(|| {
+                    format!("the HSM PIN environment variable {var} is not set")
+                })?),
+                PinSource::File(path) => Zeroizing::new(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading the HSM PIN file {}", path.display()))?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string(),
+                ),
+            };
+        if pin.is_empty() {
+            bail!("the HSM PIN is empty");
+        }
+        Ok(Pin(pin))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum HsmConfig {
+    /// A separate `hsm-sim serve` process.
+    Simulator {
+        endpoint: String,
+        pin: PinSource,
+        timeout: Duration,
+    },
+}
+
+/// A validated server configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsPaths,
+    pub hsm: HsmConfig,
+    pub roles: HashMap<String, Role>,
+    pub options: KmsOptions,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in the configuration {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let raw: RawConfig = toml::from_str(text)?;
+        let listen = raw
+            .listen
+            .as_deref()
+            .unwrap_or(DEFAULT_LISTEN)
+            .parse()
+            .context("listen must be an address such as 127.0.0.1:7443")?;
+
+        let hsm = match raw.hsm.backend.as_str() {
+            "simulator" => {
+                if !raw.hsm.allow_insecure_simulator {
+                    bail!(
+                        "the simulated HSM is not secure: it keeps its root key in a file. \
+                         Set hsm.allow_insecure_simulator = true to use it anyway (tests, demos)"
+                    );
+                }
+                let endpoint = raw
+                    .hsm
+                    .endpoint
+                    .context("hsm.endpoint is required for the simulator backend")?;
+                let pin = match (raw.hsm.pin_env, raw.hsm.pin_file) {
+                    (Some(var), None) => PinSource::Env(var),
+                    (None, Some(file)) => PinSource::File(file),
+                    (None, None) => PinSource::Env("COFFRE_HSM_PIN".to_string()),
+                    (Some(_), Some(_)) => bail!("set hsm.pin_env or hsm.pin_file, not both"),
+                };
+                let timeout = Duration::from_millis(raw.hsm.timeout_ms.unwrap_or(2000));
+                if timeout.is_zero() {
+                    bail!("hsm.timeout_ms must be positive");
+                }
+                HsmConfig::Simulator {
+                    endpoint,
+                    pin,
+                    timeout,
+                }
+            }
+            other => bail!("unknown hsm.backend {other:?} (supported: \"simulator\")"),
+        };
+
+        let mut roles = HashMap::new();
+        for (role, principals) in [
+            (Role::Operator, raw.roles.operator),
+            (Role::Service, raw.roles.service),
+            (Role::Auditor, raw.roles.auditor),
+        ] {
+            for p in principals {
+                if p.is_empty() {
+                    bail!("an empty principal in roles.{role}");
+                }
+                if let Some(previous) = roles.insert(p.clone(), role) {
+                    bail!("principal {p:?} has two roles ({previous} and {role}): give it one");
+                }
+            }
+        }
+
+        let defaults = KmsOptions::default();
+        let options = KmsOptions {
+            key_cache_capacity: raw.cache.keys.unwrap_or(defaults.key_cache_capacity).max(1),
+            material_cache_capacity: raw
+                .cache
+                .versions
+                .unwrap_or(defaults.material_cache_capacity)
+                .max(1),
+        };
+
+        Ok(Config {
+            listen,
+            data_dir: raw.data_dir,
+            tls: TlsPaths {
+                cert: raw.tls.cert,
+                key: raw.tls.key,
+                client_ca: raw.tls.client_ca,
+            },
+            hsm,
+            roles,
+            options,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const GOOD: &str = r#"
+        data_dir = "/tmp/x"
+        [tls]
+        cert = "s.pem"
+        key = "k.pem"
+        client_ca = "ca.pem"
+        [hsm]
+        backend = "simulator"
+        endpoint = "http://127.0.0.1:7444"
+        allow_insecure_simulator = true
+        [roles]
+        operator = ["op"]
+        service = ["svc"]
+    "#;
+
+    #[test]
+    fn parses_a_good_configuration() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.roles.get("op"), Some(&Role::Operator));
+        assert_eq!(c.roles.get("svc"), Some(&Role::Service));
+        assert!(
+            matches!(c.hsm, HsmConfig::Simulator { pin: PinSource::Env(ref v), .. } if v == "COFFRE_HSM_PIN")
+        );
+    }
+
+    #[test]
+    fn refuses_the_simulator_unless_allowed() {
+        let text = GOOD.replace("allow_insecure_simulator = true", "");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("not secure"), "{err}");
+    }
+
+    #[test]
+    fn refuses_two_roles_and_unknown_fields() {
+        let text = GOOD.replace(r#"service = ["svc"]"#, r#"service = ["op"]"#);
+        assert!(
+            Config::parse(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("two roles")
+        );
+        let text = format!("{GOOD}\n[extra]\nx = 1\n");
+        assert!(Config::parse(&text).is_err());
+    }
+}

@@ -1,4 +1,294 @@
-//! (being written)
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The `coffre` command: the server (`dev`, `serve`) and the operator
+//! client (`key`, `datakey`, `encrypt`, `decrypt`), all in one binary.
+//!
+//! Flags are parsed once by clap into the types below; the client commands
+//! talk to the server over gRPC with mTLS, exactly as any other client does.
+
+mod client;
+mod output;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use server::{
+    DEV_HSM_PIN, DEV_HSM_STATE, DEV_STORE_DIR, DevOptions, RunningServer, run_dev, run_serve,
+    start_dev, start_server,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coffre",
+    version,
+    about = "A sovereign key management service: envelope encryption over gRPC, master keys behind an HSM",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything on this machine for a first try: dev PKI, in-process
+    /// simulated HSM, sled store, all under --data-dir.
+    Dev(DevArgs),
+    /// Run the server from a configuration file (production).
+    Serve(ServeArgs),
+    /// Manage customer master keys (operator).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Data keys (service).
+    #[command(subcommand)]
+    Datakey(DatakeyCommand),
+    /// Wrap a small secret (at most 4096 bytes) under a key (service).
+    Encrypt(EncryptArgs),
+    /// Unwrap a ciphertext blob (service).
+    Decrypt(DecryptArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the store, the simulated HSM's state and the dev PKI live.
+    #[arg(long, default_value = "./coffre-data", env = "COFFRE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The TOML configuration (see the crate docs of coffre::config).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// How a client command reaches the server.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// The server, e.g. https://127.0.0.1:7443.
+    #[arg(
+        long,
+        global = true,
+        env = "COFFRE_ENDPOINT",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub endpoint: String,
+    /// The `coffre dev` data directory whose dev PKI (DIR/pki/) to use.
+    #[arg(
+        long,
+        global = true,
+        env = "COFFRE_DATA_DIR",
+        default_value = "./coffre-data"
+    )]
+    pub data_dir: PathBuf,
+    /// Identity to use from the dev PKI (operator, service, auditor, …);
+    /// defaults to the role the command needs.
+    #[arg(long = "as", global = true, value_name = "NAME")]
+    pub identity: Option<String>,
+    /// CA certificate of the server (overrides the dev PKI).
+    #[arg(long, global = true, env = "COFFRE_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (overrides the dev PKI).
+    #[arg(long, global = true, env = "COFFRE_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (overrides the dev PKI).
+    #[arg(long, global = true, env = "COFFRE_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Machine-readable output: one JSON object.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Per-call deadline, in seconds.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a key (ENABLED, version 1).
+    Create {
+        /// Unique alias: letters, digits, '/', '_' and '-'.
+        #[arg(long)]
+        alias: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A label, KEY=VALUE; repeat for more.
+        #[arg(long = "label", value_parser = parse_pair)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List keys, a page at a time.
+    List {
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        /// From the previous page's output.
+        #[arg(long, default_value = "")]
+        page_token: String,
+        /// Follow every page.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Show a key and its versions.
+    Show {
+        /// Key id (UUID) or alias.
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Add a new primary version; older versions keep decrypting.
+    Rotate {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Refuse every data-key operation with this key, from now on.
+    Disable {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Serve data-key operations again.
+    Enable {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatakeyCommand {
+    /// Generate a data key: its plaintext and its wrapped form.
+    Generate {
+        /// Key id (UUID) or alias.
+        #[arg(long)]
+        key: String,
+        /// Bytes of data key, 16 to 64.
+        #[arg(long, default_value_t = 32)]
+        bytes: u32,
+        /// Only the wrapped form.
+        #[arg(long)]
+        without_plaintext: bool,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+/// What every data-key request carries.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// An encryption-context entry, KEY=VALUE; repeat for more.
+    #[arg(long = "context", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+    /// Why the key is used.
+    #[arg(long, value_enum, default_value_t = Justification::CustomerInitiatedAccess)]
+    pub justification: Justification,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Justification {
+    Unspecified,
+    CustomerInitiatedAccess,
+    CustomerInitiatedSupport,
+    ProviderInitiatedService,
+    ProviderSystemOperation,
+    ProviderInitiatedReview,
+    ThirdPartyDataRequest,
+}
+
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    #[arg(long)]
+    pub key: String,
+    /// File holding the secret (1 to 4096 bytes); '-' reads standard input.
+    #[arg(long = "in", value_name = "FILE")]
+    pub input: PathBuf,
+    /// Write the raw blob here instead of printing it in base64.
+    #[arg(long = "out", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// The blob, in base64.
+    #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+    pub blob: Option<String>,
+    /// File holding the raw blob; '-' reads standard input.
+    #[arg(long = "in", value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Write the raw plaintext here instead of printing it in base64.
+    #[arg(long = "out", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Require the blob to belong to this key (UUID or alias).
+    #[arg(long)]
+    pub key: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    if k.is_empty() {
+        return Err(format!("empty key in {s:?}"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Dev(args) => {
+                server::init_logging(args.log_json);
+                run_dev(DevOptions::from(args), std::future::pending()).await
+            }
+            Command::Serve(args) => {
+                server::init_logging(args.log_json);
+                run_serve(&args.config).await
+            }
+            Command::Key(cmd) => client::key(cmd).await,
+            Command::Datakey(cmd) => client::datakey(cmd).await,
+            Command::Encrypt(args) => client::encrypt(args).await,
+            Command::Decrypt(args) => client::decrypt(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -11,6 +11,10 @@ use std::fmt;
 
 use crate::model::{KeyId, KeyRecord, VersionRecord};
 
+pub mod sled_store;
+
+pub use sled_store::SledStore;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {

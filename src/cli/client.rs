@@ -1,0 +1,346 @@
+//! The operator/service client commands: gRPC over mTLS, like any client.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use zeroize::Zeroizing;
+
+use super::output::{self, KeyOut, VersionOut};
+use super::{
+    ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, Justification, KeyCommand,
+};
+use crate::grpc::pb;
+use crate::grpc::pb::data_key_service_client::DataKeyServiceClient;
+use crate::grpc::pb::key_service_client::KeyServiceClient;
+use crate::pki::PkiPaths;
+
+/// Opens an mTLS channel as `default_identity` unless told otherwise.
+pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Result<Channel> {
+    let paths = PkiPaths::new(&args.data_dir);
+    let name = args.identity.as_deref().unwrap_or(default_identity);
+    let ca_path = args.ca.clone().unwrap_or_else(|| paths.ca_cert());
+    let (cert_path, key_path) = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => (paths.client_cert(name), paths.client_key(name)),
+    };
+    let read = |p: &Path, what: &str| -> anyhow::Result<Vec<u8>> {
+        std::fs::read(p).with_context(|| {
+            format!(
+                "cannot read the {what} {} (is `coffre dev` running with --data-dir {}? or pass --ca/--cert/--key)",
+                p.display(),
+                args.data_dir.display()
+            )
+        })
+    };
+    let ca = read(&ca_path, "CA certificate")?;
+    let cert = read(&cert_path, "client certificate")?;
+    let key = Zeroizing::new(read(&key_path, "client key")?);
+
+    let uri: tonic::transport::Uri = args
+        .endpoint
+        .parse()
+        .with_context(|| format!("invalid endpoint {:?}", args.endpoint))?;
+    if uri.scheme_str() != Some("https") {
+        bail!("the endpoint must start with https:// (coffre always uses TLS)");
+    }
+    let host = uri
+        .host()
+        .unwrap_or("localhost")
+        .trim_matches(['[', ']'])
+        .to_string();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, &*key))
+        .domain_name(host);
+    let endpoint = Endpoint::from(uri)
+        .tls_config(tls)
+        .context("configuring TLS")?
+        .timeout(Duration::from_secs(args.timeout.max(1)))
+        .connect_timeout(Duration::from_secs(10));
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {}", args.endpoint))
+}
+
+/// A gRPC error, readable.
+fn rpc_error(status: tonic::Status) -> anyhow::Error {
+    let code = match status.code() {
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::DeadlineExceeded => "deadline exceeded",
+        _ => "error",
+    };
+    let msg = status.message();
+    if msg.is_empty() {
+        anyhow::anyhow!("{code} ({:?})", status.code())
+    } else {
+        anyhow::anyhow!("{code}: {msg}")
+    }
+}
+
+fn context_map(data: &DataArgs) -> HashMap<String, String> {
+    data.context.iter().cloned().collect()
+}
+
+fn justification(j: Justification) -> i32 {
+    (match j {
+        Justification::Unspecified => pb::AccessReason::Unspecified,
+        Justification::CustomerInitiatedAccess => pb::AccessReason::CustomerInitiatedAccess,
+        Justification::CustomerInitiatedSupport => pb::AccessReason::CustomerInitiatedSupport,
+        Justification::ProviderInitiatedService => pb::AccessReason::ProviderInitiatedService,
+        Justification::ProviderSystemOperation => pb::AccessReason::ProviderSystemOperation,
+        Justification::ProviderInitiatedReview => pb::AccessReason::ProviderInitiatedReview,
+        Justification::ThirdPartyDataRequest => pb::AccessReason::ThirdPartyDataRequest,
+    }) as i32
+}
+
+pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Create {
+            alias,
+            description,
+            labels,
+            connect: c,
+        } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .create_key(pb::CreateKeyRequest {
+                    alias: alias.unwrap_or_default(),
+                    description,
+                    protection_level: pb::ProtectionLevel::Software as i32,
+                    labels: labels.into_iter().collect(),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            output::key(&KeyOut::from(&key), &[], c.json)
+        }
+        KeyCommand::List {
+            page_size,
+            page_token,
+            all,
+            connect: c,
+        } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let mut token = page_token;
+            let mut keys = Vec::new();
+            loop {
+                let resp = client
+                    .list_keys(pb::ListKeysRequest {
+                        page_size,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                keys.extend(resp.keys.iter().map(KeyOut::from));
+                token = resp.next_page_token;
+                if !all || token.is_empty() {
+                    break;
+                }
+            }
+            output::key_list(&keys, &token, c.json)
+        }
+        KeyCommand::Show { key, connect: c } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .get_key(pb::GetKeyRequest { key_id: key })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            let versions: Vec<VersionOut> = resp.versions.iter().map(VersionOut::from).collect();
+            output::key(&KeyOut::from(&key), &versions, c.json)
+        }
+        KeyCommand::Rotate { key, connect: c } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .rotate_key(pb::RotateKeyRequest { key_id: key })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            output::key(&KeyOut::from(&key), &[], c.json)
+        }
+        KeyCommand::Disable { key, connect: c } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .disable_key(pb::DisableKeyRequest { key_id: key })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            output::key(&KeyOut::from(&key), &[], c.json)
+        }
+        KeyCommand::Enable { key, connect: c } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .enable_key(pb::EnableKeyRequest { key_id: key })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            output::key(&KeyOut::from(&key), &[], c.json)
+        }
+    }
+}
+
+pub async fn datakey(cmd: DatakeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        DatakeyCommand::Generate {
+            key,
+            bytes,
+            without_plaintext,
+            data,
+            connect: c,
+        } => {
+            let mut client = DataKeyServiceClient::new(connect(&c, "service").await?);
+            if without_plaintext {
+                let resp = client
+                    .generate_data_key_without_plaintext(
+                        pb::GenerateDataKeyWithoutPlaintextRequest {
+                            key_id: key,
+                            encryption_context: context_map(&data),
+                            justification: justification(data.justification),
+                            number_of_bytes: bytes,
+                        },
+                    )
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                output::data_key(
+                    None,
+                    &resp.ciphertext_blob,
+                    &resp.key_id,
+                    resp.key_version,
+                    c.json,
+                )
+            } else {
+                let resp = client
+                    .generate_data_key(pb::GenerateDataKeyRequest {
+                        key_id: key,
+                        encryption_context: context_map(&data),
+                        justification: justification(data.justification),
+                        number_of_bytes: bytes,
+                    })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                let plaintext = Zeroizing::new(resp.plaintext);
+                output::data_key(
+                    Some(&plaintext),
+                    &resp.ciphertext_blob,
+                    &resp.key_id,
+                    resp.key_version,
+                    c.json,
+                )
+            }
+        }
+    }
+}
+
+fn read_input(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let mut buf = Zeroizing::new(Vec::new());
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading standard input")?;
+    } else {
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        f.read_to_end(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(buf)
+}
+
+fn write_output(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if path == Path::new("-") {
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes).context("writing standard output")?;
+        return out.flush().context("writing standard output");
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub async fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
+    let plaintext = read_input(&args.input)?;
+    let mut client = DataKeyServiceClient::new(connect(&args.connect, "service").await?);
+    let resp = client
+        .encrypt(pb::EncryptRequest {
+            key_id: args.key,
+            plaintext: plaintext.to_vec(),
+            encryption_context: context_map(&args.data),
+            justification: justification(args.data.justification),
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    if let Some(path) = &args.output {
+        write_output(path, &resp.ciphertext_blob)?;
+    }
+    output::ciphertext(
+        args.output.is_none().then_some(&resp.ciphertext_blob[..]),
+        &resp.key_id,
+        resp.key_version,
+        args.connect.json,
+    )
+}
+
+pub async fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
+    let blob = match (&args.blob, &args.input) {
+        (Some(b64), _) => B64
+            .decode(b64.trim())
+            .context("--blob is not valid base64")?,
+        (None, Some(path)) => read_input(path)?.to_vec(),
+        (None, None) => bail!("give the blob with --blob or --in"),
+    };
+    let mut client = DataKeyServiceClient::new(connect(&args.connect, "service").await?);
+    let resp = client
+        .decrypt(pb::DecryptRequest {
+            ciphertext_blob: blob,
+            encryption_context: context_map(&args.data),
+            justification: justification(args.data.justification),
+            key_id: args.key.unwrap_or_default(),
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let plaintext = Zeroizing::new(resp.plaintext);
+    if let Some(path) = &args.output {
+        write_output(path, &plaintext)?;
+        if path == Path::new("-") {
+            return Ok(());
+        }
+    }
+    output::plaintext(
+        args.output.is_none().then_some(&plaintext[..]),
+        &resp.key_id,
+        resp.key_version,
+        args.connect.json,
+    )
+}

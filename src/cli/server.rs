@@ -1,0 +1,311 @@
+//! `coffre dev` and `coffre serve`: assembling the server from its parts.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use zeroize::Zeroizing;
+
+use super::DevArgs;
+use crate::authz::{Role, StaticRoles};
+use crate::config::{Config, HsmConfig};
+use crate::grpc;
+use crate::hsm::Hsm;
+use crate::hsm::sim::{LocalSimHsm, RemoteSimHsm};
+use crate::model::SystemClock;
+use crate::pki::{self, PkiPaths};
+use crate::service::{Kms, KmsOptions};
+use crate::store::SledStore;
+
+/// Logs go to standard error; `RUST_LOG` filters them (default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests) is harmless: keep the first.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub options: KmsOptions,
+}
+
+impl From<DevArgs> for DevOptions {
+    fn from(args: DevArgs) -> Self {
+        Self {
+            data_dir: args.data_dir,
+            listen: args.listen,
+            options: KmsOptions::default(),
+        }
+    }
+}
+
+/// File names inside a dev data directory.
+pub const DEV_STORE_DIR: &str = "store";
+pub const DEV_HSM_STATE: &str = "hsm-sim.state";
+pub const DEV_HSM_PIN: &str = "hsm-sim.pin";
+
+/// A running server.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub kms: Arc<Kms>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, drains in-flight requests, and waits.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.await.context("server task")?
+    }
+
+    /// Waits until the server stops by itself (an error) or `signal` fires.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            r = &mut self.task => r.context("server task")?,
+            () = signal => {
+                tracing::info!("shutting down");
+                self.stop().await
+            }
+        }
+    }
+}
+
+/// Starts the dev server: everything under `opts.data_dir`.
+pub async fn start_dev(opts: &DevOptions) -> anyhow::Result<RunningServer> {
+    let dir = &opts.data_dir;
+    create_private_dir(dir)?;
+    let created = pki::ensure_dev_pki(dir)?;
+    if created {
+        tracing::info!(dir = %PkiPaths::new(dir).dir.display(), "created the development PKI");
+    }
+    let pin = dev_pin(&dir.join(DEV_HSM_PIN))?;
+    let hsm_state = dir.join(DEV_HSM_STATE);
+    let hsm = tokio::task::spawn_blocking(move || LocalSimHsm::open(&hsm_state, &pin))
+        .await
+        .context("opening the simulated HSM")?
+        .context("opening the simulated HSM")?;
+    let store_dir = dir.join(DEV_STORE_DIR);
+    let store = tokio::task::spawn_blocking(move || SledStore::open(&store_dir))
+        .await
+        .context("opening the store")?
+        .with_context(|| format!("opening the store in {}", dir.join(DEV_STORE_DIR).display()))?;
+    let roles = StaticRoles::new([
+        (pki::dev_principal("operator"), Role::Operator),
+        (pki::dev_principal("service"), Role::Service),
+        (pki::dev_principal("auditor"), Role::Auditor),
+    ]);
+    let kms = Arc::new(Kms::new(
+        Arc::new(store),
+        Arc::new(hsm),
+        Arc::new(roles),
+        Arc::new(SystemClock),
+        opts.options.clone(),
+    ));
+    let paths = PkiPaths::new(dir);
+    let tls = crate::config::TlsPaths {
+        cert: paths.server_cert(),
+        key: paths.server_key(),
+        client_ca: paths.ca_cert(),
+    }
+    .load()?;
+    start_server(kms, opts.listen, tls).await
+}
+
+pub async fn start_server(
+    kms: Arc<Kms>,
+    listen: SocketAddr,
+    tls: grpc::ServerTls,
+) -> anyhow::Result<RunningServer> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr().context("local address")?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(grpc::serve(Arc::clone(&kms), listener, tls, async move {
+        let _ = rx.await;
+    }));
+    Ok(RunningServer {
+        addr,
+        kms,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+/// `coffre dev`: runs until Ctrl-C / SIGTERM or `extra_shutdown`.
+pub async fn run_dev(
+    opts: DevOptions,
+    extra_shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let server = start_dev(&opts).await?;
+    print_dev_banner(&opts.data_dir, server.addr);
+    server
+        .run_until(async {
+            tokio::select! {
+                () = termination() => {}
+                () = extra_shutdown => {}
+            }
+        })
+        .await
+}
+
+/// `coffre serve --config FILE`.
+pub async fn run_serve(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let hsm: Arc<dyn Hsm> = match &config.hsm {
+        HsmConfig::Simulator {
+            endpoint,
+            pin,
+            timeout,
+        } => {
+            let pin = pin.read()?;
+            let hsm = RemoteSimHsm::connect(endpoint, pin.0.to_string(), *timeout)
+                .await
+                .with_context(|| format!("connecting to the simulated HSM at {endpoint}"))?;
+            tracing::warn!("running on the simulated HSM: not for production");
+            Arc::new(hsm)
+        }
+    };
+    if !hsm.is_secure() {
+        // Config::parse has already required allow_insecure_simulator.
+        tracing::warn!("the HSM backend is not secure (allowed by the configuration)");
+    }
+    let store_dir = config.data_dir.join("store");
+    create_private_dir(&config.data_dir)?;
+    let store = {
+        let dir = store_dir.clone();
+        tokio::task::spawn_blocking(move || SledStore::open(&dir))
+            .await
+            .context("opening the store")?
+            .with_context(|| format!("opening the store in {}", store_dir.display()))?
+    };
+    if config.roles.is_empty() {
+        tracing::warn!("no principal has a role: every request will be refused");
+    }
+    let kms = Arc::new(Kms::new(
+        Arc::new(store),
+        hsm,
+        Arc::new(StaticRoles::new(config.roles.clone())),
+        Arc::new(SystemClock),
+        config.options.clone(),
+    ));
+    let tls = config.tls.load()?;
+    let server = start_server(kms, config.listen, tls).await?;
+    tracing::info!(addr = %server.addr, "coffre serving");
+    println!("coffre listening on {}", server.addr);
+    server.run_until(termination()).await
+}
+
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        if !dir.is_dir() {
+            bail!("{} is not a directory", dir.display());
+        }
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// The dev HSM's PIN: random on first start, kept in a 0600 file.
+fn dev_pin(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    if path.exists() {
+        let pin = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .trim()
+                .to_string(),
+        );
+        if pin.is_empty() {
+            bail!("{} is empty", path.display());
+        }
+        return Ok(pin);
+    }
+    let mut bytes = Zeroizing::new([0u8; 16]);
+    crate::crypto::Rng::default()
+        .fill(&mut bytes[..])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pin = Zeroizing::new(hex::encode(&bytes[..]));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    use std::io::Write;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(pin.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(pin)
+}
+
+fn print_dev_banner(dir: &Path, addr: SocketAddr) {
+    let dir = dir.display();
+    println!(
+        "\
+coffre dev is running on https://{addr}  (mTLS; Ctrl-C stops it)
+
+  data directory   {dir}   (store, simulated HSM state, dev PKI; reused on restart)
+  dev PKI          {dir}/pki/  ca.pem, server.pem, operator.pem, service.pem, auditor.pem (+ -key.pem)
+  HSM              simulated, in-process — for development only
+
+Try it from another terminal:
+  coffre key create --alias demo --data-dir {dir} --endpoint https://{addr}
+  coffre datakey generate --key demo --context tenant=acme --data-dir {dir} --endpoint https://{addr}
+  coffre decrypt --blob <ciphertext_blob> --context tenant=acme --data-dir {dir} --endpoint https://{addr}
+(with cargo: cargo run --release -- key create ...)"
+    );
+}
