@@ -1,3 +1,14 @@
 //! coffre's integration tests: one binary made of modules.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
+mod common;
+
+mod cli;
+mod e2e;
 mod format;
+mod processes;

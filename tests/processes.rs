@@ -1,0 +1,223 @@
+//! coffre and hsm-sim as separate processes, as in production:
+//! `hsm-sim serve` and `coffre serve --config FILE`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coffre::grpc::pb::{self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient};
+use tonic::Code;
+
+use crate::cli::Guard;
+use crate::common::{channel_as, ctx, workspace_binary};
+
+const PIN: &str = "process-test-pin-1234";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts a process and waits for the line starting with `ready_prefix` on
+/// its stdout.
+fn spawn_ready(mut cmd: Command, ready_prefix: &str) -> (Guard, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let guard = Guard(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rest = loop {
+        assert!(Instant::now() < deadline, "process did not become ready");
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("process exited before printing {ready_prefix:?}"))
+            .unwrap();
+        if let Some(rest) = line.strip_prefix(ready_prefix) {
+            break rest.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (guard, rest)
+}
+
+fn start_hsm(state: &Path, port: u16) -> Guard {
+    let mut cmd = Command::new(workspace_binary("hsm-sim"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--state"])
+        .arg(state)
+        .env("HSM_SIM_PIN", PIN)
+        .env("RUST_LOG", "warn");
+    spawn_ready(cmd, "hsm-sim listening on ").0
+}
+
+fn hsm_fault(port: u16, args: &[&str]) {
+    let status = Command::new(workspace_binary("hsm-sim"))
+        .args(["fault", "--endpoint", &format!("http://127.0.0.1:{port}")])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "hsm-sim fault {args:?}");
+}
+
+fn start_coffre(config: &Path) -> (Guard, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coffre"));
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .env("COFFRE_HSM_PIN", PIN)
+        .env("RUST_LOG", "warn");
+    let (guard, addr) = spawn_ready(cmd, "coffre listening on ");
+    (guard, format!("https://{addr}"))
+}
+
+fn write_config(dir: &Path, hsm_port: u16) -> std::path::PathBuf {
+    coffre::pki::ensure_dev_pki(dir).unwrap();
+    let pki = dir.join("pki");
+    let config = format!(
+        r#"
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+
+[tls]
+cert = "{pki}/server.pem"
+key = "{pki}/server-key.pem"
+client_ca = "{pki}/ca.pem"
+
+[hsm]
+backend = "simulator"
+endpoint = "http://127.0.0.1:{hsm_port}"
+pin_env = "COFFRE_HSM_PIN"
+timeout_ms = 2000
+allow_insecure_simulator = true
+
+[roles]
+operator = ["spiffe://coffre.dev/operator"]
+service = ["spiffe://coffre.dev/service"]
+auditor = ["spiffe://coffre.dev/auditor"]
+"#,
+        data = dir.join("data").display(),
+        pki = pki.display(),
+    );
+    let path = dir.join("coffre.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coffre_serve_with_hsm_sim_as_its_own_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm_port = free_port();
+    let hsm_state = dir.path().join("hsm.state");
+    let hsm = start_hsm(&hsm_state, hsm_port);
+    let config = write_config(dir.path(), hsm_port);
+    let (coffre, endpoint) = start_coffre(&config);
+    let pki = dir.path().join("pki");
+
+    let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
+    let mut data = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
+    let key = keys
+        .create_key(pb::CreateKeyRequest {
+            alias: "remote".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let reason = pb::AccessReason::CustomerInitiatedAccess as i32;
+    let dk = data
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_id: "remote".into(),
+            encryption_context: ctx(&[("t", "1")]),
+            justification: reason,
+            number_of_bytes: 32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let decrypt = |blob: Vec<u8>| pb::DecryptRequest {
+        ciphertext_blob: blob,
+        encryption_context: ctx(&[("t", "1")]),
+        justification: reason,
+        key_id: String::new(),
+    };
+
+    // An HSM outage: what needs the HSM fails with UNAVAILABLE and a clear
+    // message; nothing is created.
+    hsm_fault(hsm_port, &["set", "--outage"]);
+    let err = keys
+        .create_key(pb::CreateKeyRequest {
+            alias: "during-outage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("HSM"), "{}", err.message());
+    hsm_fault(hsm_port, &["clear"]);
+    let err = keys
+        .get_key(pb::GetKeyRequest {
+            key_id: "during-outage".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "nothing was created during the outage");
+
+    // hsm-sim restarts (sessions lost): coffre logs in again by itself.
+    drop(hsm);
+    let hsm = start_hsm(&hsm_state, hsm_port);
+    keys.rotate_key(pb::RotateKeyRequest {
+        key_id: key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+
+    // coffre restarts: the CMK versions are unwrapped by the HSM again.
+    drop(coffre);
+    let (_coffre, endpoint) = start_coffre(&config);
+    let mut data = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
+    let out = data
+        .decrypt(decrypt(dk.ciphertext_blob.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.plaintext, dk.plaintext);
+    let dk2 = data
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_id: "remote".into(),
+            encryption_context: ctx(&[("t", "1")]),
+            justification: reason,
+            number_of_bytes: 16,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dk2.key_version, 2);
+    drop(hsm);
+}
+
+#[test]
+fn coffre_serve_refuses_a_simulator_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), free_port());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("allow_insecure_simulator = true", "");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_coffre"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("COFFRE_HSM_PIN", PIN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not secure"), "{stderr}");
+}
