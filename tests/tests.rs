@@ -1,3 +1,11 @@
 //! coffre's integration tests: one binary made of modules.
 
+// Tests may panic on purpose: a failed expectation is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod format;
