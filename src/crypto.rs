@@ -179,11 +179,71 @@ pub fn seal_with_header(
     let body = blob
         .get_mut(envelope::HEADER_LEN..)
         .ok_or(SealError::Aead)?;
-    let tag = cipher
-        .encrypt_inout_detached(&Nonce::from(header.iv), &aad, body.into())
-        .map_err(|_| SealError::Aead)?;
-    blob.extend_from_slice(tag.as_slice());
+    let tag = encrypt_in_place(&cipher, &header.iv, &aad, body)?;
+    blob.extend_from_slice(&tag);
     Ok(blob)
+}
+
+/// AES-256-GCM (96-bit IV, 128-bit tag) encryption in place: the one call
+/// that [`seal_with_header`] and [`aes256gcm_seal`] share.
+fn encrypt_in_place(
+    cipher: &Aes256Gcm,
+    iv: &[u8; IV_LEN],
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Result<[u8; TAG_LEN], SealError> {
+    let tag = cipher
+        .encrypt_inout_detached(&Nonce::from(*iv), aad, buf.into())
+        .map_err(|_| SealError::Aead)?;
+    Ok(tag.into())
+}
+
+/// AES-256-GCM decryption in place, tag checked in constant time: the one
+/// call that [`open`] and [`aes256gcm_open`] share.
+fn decrypt_in_place(
+    cipher: &Aes256Gcm,
+    iv: &[u8; IV_LEN],
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), AuthenticationFailed> {
+    cipher
+        .decrypt_inout_detached(&Nonce::from(*iv), aad, buf.into(), &Tag::from(*tag))
+        .map_err(|_| AuthenticationFailed)
+}
+
+/// Raw AES-256-GCM under an explicit key, through the same code as
+/// [`seal_with_header`]; returns `ciphertext ‖ tag`. Only for known-answer
+/// tests (Wycheproof): coffre never encrypts under a key it did not derive.
+#[doc(hidden)]
+pub fn aes256gcm_seal(
+    key: &[u8; CMK_LEN],
+    iv: &[u8; IV_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| SealError::Aead)?;
+    let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    out.extend_from_slice(plaintext);
+    let tag = encrypt_in_place(&cipher, iv, aad, &mut out)?;
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// Raw AES-256-GCM decryption under an explicit key, through the same code
+/// as [`open`]. Only for known-answer tests (Wycheproof).
+#[doc(hidden)]
+pub fn aes256gcm_open(
+    key: &[u8; CMK_LEN],
+    iv: &[u8; IV_LEN],
+    aad: &[u8],
+    ciphertext: &[u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<SecretBytes, AuthenticationFailed> {
+    let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| AuthenticationFailed)?;
+    let mut out = SecretBytes::new(ciphertext.to_vec());
+    decrypt_in_place(&cipher, iv, aad, out.expose_mut(), tag)?;
+    Ok(out)
 }
 
 /// Unwraps a parsed blob with the CMK version it names. The caller has
@@ -201,15 +261,7 @@ pub fn open(
     )?;
     let aad = aad(blob.header_bytes, digest);
     let mut out = SecretBytes::new(blob.ciphertext.to_vec());
-    let tag = Tag::from(*blob.tag);
-    cipher
-        .decrypt_inout_detached(
-            &Nonce::from(blob.header.iv),
-            &aad,
-            out.expose_mut().into(),
-            &tag,
-        )
-        .map_err(|_| AuthenticationFailed)?;
+    decrypt_in_place(&cipher, &blob.header.iv, &aad, out.expose_mut(), blob.tag)?;
     Ok(out)
 }
 

@@ -1,4 +1,6 @@
 //! coffre's integration tests: one binary made of modules.
+
+// Tests may panic on purpose: a failed expectation is a failed test.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -1,1 +1,0 @@
-//! Wrapped-key format v1: golden vectors, Wycheproof, properties, tamper matrix.
