@@ -56,12 +56,17 @@ pub fn header(root_key_id: u32, iv: &[u8; IV_LEN]) -> [u8; HEADER_LEN] {
 
 /// Splits a blob into its parts. Checks magic, version and lengths only.
 pub fn parse(blob: &[u8]) -> Result<Parsed<'_>, ParseError> {
-    if blob.len() < HEADER_LEN + 1 + TAG_LEN || blob.len() > HEADER_LEN + MAX_PLAINTEXT_LEN + TAG_LEN
+    if blob.len() < HEADER_LEN + 1 + TAG_LEN
+        || blob.len() > HEADER_LEN + MAX_PLAINTEXT_LEN + TAG_LEN
     {
         return Err(ParseError::Length);
     }
-    let (header, rest) = blob.split_first_chunk::<HEADER_LEN>().ok_or(ParseError::Length)?;
-    let (ciphertext, tag) = rest.split_last_chunk::<TAG_LEN>().ok_or(ParseError::Length)?;
+    let (header, rest) = blob
+        .split_first_chunk::<HEADER_LEN>()
+        .ok_or(ParseError::Length)?;
+    let (ciphertext, tag) = rest
+        .split_last_chunk::<TAG_LEN>()
+        .ok_or(ParseError::Length)?;
     let (magic, h) = header.split_first_chunk::<2>().ok_or(ParseError::Length)?;
     if *magic != MAGIC {
         return Err(ParseError::Magic);

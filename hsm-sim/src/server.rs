@@ -226,7 +226,9 @@ impl FaultInjection for FaultService {
 }
 
 /// Both services, ready to add to a tonic server.
-pub fn services(sim: Arc<Simulator>) -> (HsmServer<HsmService>, FaultInjectionServer<FaultService>) {
+pub fn services(
+    sim: Arc<Simulator>,
+) -> (HsmServer<HsmService>, FaultInjectionServer<FaultService>) {
     (
         HsmServer::new(HsmService { sim: sim.clone() }),
         FaultInjectionServer::new(FaultService { sim }),

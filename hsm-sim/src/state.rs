@@ -264,8 +264,8 @@ impl FileKey {
         header.extend_from_slice(&self.salt);
         header.extend_from_slice(&nonce);
         let mut body = token.encode()?;
-        let cipher = Aes256Gcm::new_from_slice(&self.key[..])
-            .map_err(|e| SimError::storage("seal", e))?;
+        let cipher =
+            Aes256Gcm::new_from_slice(&self.key[..]).map_err(|e| SimError::storage("seal", e))?;
         let tag = cipher
             .encrypt_inout_detached(&Nonce::from(nonce), &header, body.as_mut_slice().into())
             .map_err(|e| SimError::storage("seal", e))?;
