@@ -4,6 +4,8 @@
 //! and unwrap CMK material and to produce random bytes. Session handling
 //! (login, re-login after an HSM restart) is the backend's business.
 
+pub mod sim;
+
 use std::fmt;
 
 use async_trait::async_trait;

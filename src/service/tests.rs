@@ -1,1 +1,294 @@
+//! Core tests with the real backends (simulated HSM in-process, sled), wrapped
+//! in counters to check what touches the HSM and the store.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::authz::StaticRoles;
+use crate::hsm::sim::LocalSimHsm;
+use crate::hsm::{HsmError, HsmInfo, HsmWrapped};
+use crate::model::{AccessReason, EncryptionContext, KeyState, SystemClock, VersionRecord};
+use crate::secret::SecretBytes;
+use crate::store::{SledStore, StoreError};
+
+#[derive(Debug)]
+struct CountingHsm {
+    inner: LocalSimHsm,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Hsm for CountingHsm {
+    fn is_secure(&self) -> bool {
+        self.inner.is_secure()
+    }
+    async fn info(&self) -> Result<HsmInfo, HsmError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.info().await
+    }
+    async fn generate_random(&self, len: usize) -> Result<SecretBytes, HsmError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.generate_random(len).await
+    }
+    async fn wrap(&self, plaintext: &[u8], aad: &[u8]) -> Result<HsmWrapped, HsmError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.wrap(plaintext, aad).await
+    }
+    async fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<SecretBytes, HsmError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.unwrap(wrapped, aad).await
+    }
+}
+
+#[derive(Debug)]
+struct CountingStore {
+    inner: SledStore,
+    calls: AtomicUsize,
+}
+
+impl CountingStore {
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl KeyStore for CountingStore {
+    fn create_key(&self, k: &KeyRecord, v: &VersionRecord) -> Result<(), StoreError> {
+        self.count();
+        self.inner.create_key(k, v)
+    }
+    fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.count();
+        self.inner.get_key(id)
+    }
+    fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
+        self.count();
+        self.inner.key_id_for_alias(alias)
+    }
+    fn list_keys(&self, after: Option<KeyId>, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+        self.count();
+        self.inner.list_keys(after, limit)
+    }
+    fn add_version(&self, c: &KeyRecord, v: &VersionRecord) -> Result<KeyRecord, StoreError> {
+        self.count();
+        self.inner.add_version(c, v)
+    }
+    fn get_version(&self, id: KeyId, v: u32) -> Result<Option<VersionRecord>, StoreError> {
+        self.count();
+        self.inner.get_version(id, v)
+    }
+    fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+        self.count();
+        self.inner.list_versions(id)
+    }
+    fn compare_and_swap_key(&self, c: &KeyRecord, n: &KeyRecord) -> Result<(), StoreError> {
+        self.count();
+        self.inner.compare_and_swap_key(c, n)
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    kms: Kms,
+    hsm: Arc<CountingHsm>,
+    store: Arc<CountingStore>,
+}
+
+fn fixture(options: KmsOptions) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm = Arc::new(CountingHsm {
+        inner: LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap(),
+        calls: AtomicUsize::new(0),
+    });
+    let store = Arc::new(CountingStore {
+        inner: SledStore::open(&dir.path().join("store")).unwrap(),
+        calls: AtomicUsize::new(0),
+    });
+    let roles = StaticRoles::new([
+        ("op".to_string(), Role::Operator),
+        ("svc".to_string(), Role::Service),
+    ]);
+    let kms = Kms::new(
+        Arc::clone(&store) as Arc<dyn KeyStore>,
+        Arc::clone(&hsm) as Arc<dyn Hsm>,
+        Arc::new(roles),
+        Arc::new(SystemClock),
+        options,
+    );
+    Fixture {
+        _dir: dir,
+        kms,
+        hsm,
+        store,
+    }
+}
+
+fn op() -> Caller {
+    Caller::new("op")
+}
+fn svc() -> Caller {
+    Caller::new("svc")
+}
+fn context() -> EncryptionContext {
+    EncryptionContext::new([("tenant".to_string(), "t1".to_string())]).unwrap()
+}
+const WHY: AccessReason = AccessReason::CustomerInitiatedAccess;
+
+#[tokio::test]
+async fn a_cached_request_does_no_store_or_hsm_io() {
+    let f = fixture(KmsOptions::default());
+    let key = f
+        .kms
+        .create_key(&op(), CreateKeyInput::default())
+        .await
+        .unwrap();
+    let key_ref = KeyRef::Id(key.key.id);
+    let first = f
+        .kms
+        .generate_data_key(&svc(), &key_ref, &context(), WHY, 32, true)
+        .await
+        .unwrap();
+
+    let (hsm_before, store_before) = (
+        f.hsm.calls.load(Ordering::SeqCst),
+        f.store.calls.load(Ordering::SeqCst),
+    );
+    for _ in 0..20 {
+        let out = f
+            .kms
+            .generate_data_key(&svc(), &key_ref, &context(), WHY, 32, true)
+            .await
+            .unwrap();
+        let opened = f
+            .kms
+            .decrypt(&svc(), &out.ciphertext_blob, &context(), WHY, None)
+            .await
+            .unwrap();
+        assert_eq!(opened.plaintext.expose(), out.plaintext.unwrap().expose());
+    }
+    f.kms
+        .decrypt(&svc(), &first.ciphertext_blob, &context(), WHY, Some(&key_ref))
+        .await
+        .unwrap();
+    assert_eq!(f.hsm.calls.load(Ordering::SeqCst), hsm_before, "no HSM call");
+    assert_eq!(f.store.calls.load(Ordering::SeqCst), store_before, "no store call");
+}
+
+#[tokio::test]
+async fn evicted_versions_are_unwrapped_again_by_the_hsm() {
+    let f = fixture(KmsOptions {
+        key_cache_capacity: 2,
+        material_cache_capacity: 2,
+    });
+    let mut blobs = Vec::new();
+    for _ in 0..5 {
+        let key = f
+            .kms
+            .create_key(&op(), CreateKeyInput::default())
+            .await
+            .unwrap();
+        let out = f
+            .kms
+            .generate_data_key(&svc(), &KeyRef::Id(key.key.id), &context(), WHY, 16, true)
+            .await
+            .unwrap();
+        blobs.push((out.ciphertext_blob, out.plaintext.unwrap()));
+    }
+    assert!(f.kms.materials.len() <= 2 && f.kms.keys.len() <= 2, "bounded");
+    let before = f.hsm.calls.load(Ordering::SeqCst);
+    for (blob, plaintext) in &blobs {
+        let opened = f
+            .kms
+            .decrypt(&svc(), blob, &context(), WHY, None)
+            .await
+            .unwrap();
+        assert_eq!(opened.plaintext.expose(), plaintext.expose());
+    }
+    assert!(
+        f.hsm.calls.load(Ordering::SeqCst) > before,
+        "evicted versions came back through the HSM"
+    );
+}
+
+#[tokio::test]
+async fn disable_takes_effect_on_cached_keys() {
+    let f = fixture(KmsOptions::default());
+    let key = f
+        .kms
+        .create_key(&op(), CreateKeyInput::default())
+        .await
+        .unwrap();
+    let r = KeyRef::Id(key.key.id);
+    let out = f
+        .kms
+        .generate_data_key(&svc(), &r, &context(), WHY, 32, false)
+        .await
+        .unwrap();
+    let disabled = f.kms.disable_key(&op(), &r).await.unwrap();
+    assert_eq!(disabled.state, KeyState::Disabled);
+    let err = f
+        .kms
+        .decrypt(&svc(), &out.ciphertext_blob, &context(), WHY, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyNotEnabled { state: KeyState::Disabled, .. }), "{err:?}");
+    let err = f
+        .kms
+        .generate_data_key(&svc(), &r, &context(), WHY, 32, true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
+    // Idempotent, and the transition back works.
+    assert_eq!(f.kms.disable_key(&op(), &r).await.unwrap().state, KeyState::Disabled);
+    assert_eq!(f.kms.enable_key(&op(), &r).await.unwrap().state, KeyState::Enabled);
+    f.kms
+        .decrypt(&svc(), &out.ciphertext_blob, &context(), WHY, None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rotations_each_add_one_version() {
+    let f = Arc::new(fixture(KmsOptions::default()));
+    let key = f
+        .kms
+        .create_key(&op(), CreateKeyInput::default())
+        .await
+        .unwrap();
+    let id = key.key.id;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let f = Arc::clone(&f);
+            tokio::spawn(async move { f.kms.rotate_key(&op(), &KeyRef::Id(id)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let view = f.kms.get_key(&op(), &KeyRef::Id(id)).await.unwrap();
+    assert_eq!(view.key.primary_version, 9);
+    let versions: Vec<u32> = view.versions.iter().map(|v| v.version).collect();
+    assert_eq!(versions, (1..=9).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn hsm_protection_level_is_refused_and_nothing_is_created() {
+    let f = fixture(KmsOptions::default());
+    let err = f
+        .kms
+        .create_key(
+            &op(),
+            CreateKeyInput {
+                protection_level: Some(crate::model::ProtectionLevel::Hsm),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    let page = f.kms.list_keys(&op(), None, 10).await.unwrap();
+    assert!(page.keys.is_empty());
+}

@@ -1,0 +1,254 @@
+//! The gRPC face of a [`Simulator`]: the `hsm_sim.v1.Hsm` and
+//! `hsm_sim.v1.FaultInjection` services.
+//!
+//! Errors are mapped once, in [`status`]:
+//!
+//! | [`SimError`]                                   | status                                  |
+//! |------------------------------------------------|-----------------------------------------|
+//! | `BadPin`, `NotLoggedIn`                        | `UNAUTHENTICATED`                       |
+//! | `AuthenticationFailed`                         | `INVALID_ARGUMENT` (generic message)    |
+//! | `InvalidInput`                                 | `INVALID_ARGUMENT`                      |
+//! | `UnknownRootKey`                               | `NOT_FOUND`                             |
+//! | `CurrentRootKey`                               | `FAILED_PRECONDITION`                   |
+//! | `Tampered`                                     | `FAILED_PRECONDITION`, message has "tampered" |
+//! | `Unavailable` (injected outage/error)          | `UNAVAILABLE`                           |
+//! | `Storage`, `Random`                            | `INTERNAL` (generic; details logged)    |
+//!
+//! A malformed session handle (not 16 bytes) is `UNAUTHENTICATED`, like an
+//! unknown one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic::{Request, Response, Status};
+
+use crate::proto;
+use crate::proto::fault_injection_server::{FaultInjection, FaultInjectionServer};
+use crate::proto::hsm_server::{Hsm, HsmServer};
+use crate::{Faults, SessionId, SimError, Simulator};
+
+/// Maps a simulator error to the status a client sees.
+pub fn status(err: SimError) -> Status {
+    match err {
+        SimError::BadPin => Status::unauthenticated("wrong PIN"),
+        SimError::NotLoggedIn => Status::unauthenticated("not logged in"),
+        SimError::AuthenticationFailed => {
+            Status::invalid_argument("wrapped material failed authentication")
+        }
+        SimError::InvalidInput(m) => Status::invalid_argument(m),
+        SimError::UnknownRootKey(id) => Status::not_found(format!("unknown root key {id}")),
+        SimError::CurrentRootKey(id) => Status::failed_precondition(format!(
+            "root key {id} is current: rotate before destroying it"
+        )),
+        SimError::Tampered => Status::failed_precondition("token tampered: root keys destroyed"),
+        SimError::Unavailable(m) => Status::unavailable(m),
+        e @ (SimError::Storage(_) | SimError::Random) => {
+            tracing::error!(error = %e, "internal simulator error");
+            Status::internal("internal HSM error")
+        }
+    }
+}
+
+fn session(bytes: &[u8]) -> Result<SessionId, Status> {
+    SessionId::from_bytes(bytes).ok_or_else(|| Status::unauthenticated("not logged in"))
+}
+
+/// The `Hsm` service.
+#[derive(Debug, Clone)]
+pub struct HsmService {
+    sim: Arc<Simulator>,
+}
+
+/// The `FaultInjection` service.
+#[derive(Debug, Clone)]
+pub struct FaultService {
+    sim: Arc<Simulator>,
+}
+
+#[tonic::async_trait]
+impl Hsm for HsmService {
+    async fn login(
+        &self,
+        req: Request<proto::LoginRequest>,
+    ) -> Result<Response<proto::LoginResponse>, Status> {
+        let req = req.into_inner();
+        let pin = zeroize::Zeroizing::new(req.pin);
+        let s = self.sim.login(&pin).await.map_err(status)?;
+        Ok(Response::new(proto::LoginResponse {
+            session: s.as_bytes().to_vec(),
+        }))
+    }
+
+    async fn logout(
+        &self,
+        req: Request<proto::LogoutRequest>,
+    ) -> Result<Response<proto::LogoutResponse>, Status> {
+        let s = session(&req.into_inner().session)?;
+        self.sim.logout(&s).map_err(status)?;
+        Ok(Response::new(proto::LogoutResponse {}))
+    }
+
+    async fn get_info(
+        &self,
+        _req: Request<proto::GetInfoRequest>,
+    ) -> Result<Response<proto::GetInfoResponse>, Status> {
+        let info = self.sim.info().map_err(status)?;
+        Ok(Response::new(proto::GetInfoResponse {
+            root_key_ids: info.root_key_ids,
+            current_root_key_id: info.current_root_key_id,
+            tampered: info.tampered,
+            label: info.label,
+        }))
+    }
+
+    async fn wrap(
+        &self,
+        req: Request<proto::WrapRequest>,
+    ) -> Result<Response<proto::WrapResponse>, Status> {
+        let req = req.into_inner();
+        let s = session(&req.session)?;
+        let plaintext = zeroize::Zeroizing::new(req.plaintext);
+        let (wrapped, root_key_id) = self
+            .sim
+            .wrap(&s, &plaintext, &req.aad)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::WrapResponse {
+            wrapped,
+            root_key_id,
+        }))
+    }
+
+    async fn unwrap(
+        &self,
+        req: Request<proto::UnwrapRequest>,
+    ) -> Result<Response<proto::UnwrapResponse>, Status> {
+        let req = req.into_inner();
+        let s = session(&req.session)?;
+        let plaintext = self
+            .sim
+            .unwrap(&s, &req.wrapped, &req.aad)
+            .await
+            .map_err(status)?;
+        // The encoded response owns a copy from here on; this one is wiped.
+        Ok(Response::new(proto::UnwrapResponse {
+            plaintext: plaintext.to_vec(),
+        }))
+    }
+
+    async fn generate_random(
+        &self,
+        req: Request<proto::GenerateRandomRequest>,
+    ) -> Result<Response<proto::GenerateRandomResponse>, Status> {
+        let req = req.into_inner();
+        let s = session(&req.session)?;
+        let len = usize::try_from(req.length)
+            .map_err(|_| Status::invalid_argument("length out of range"))?;
+        let random = self.sim.generate_random(&s, len).await.map_err(status)?;
+        Ok(Response::new(proto::GenerateRandomResponse {
+            random: random.to_vec(),
+        }))
+    }
+
+    async fn rotate_root_key(
+        &self,
+        req: Request<proto::RotateRootKeyRequest>,
+    ) -> Result<Response<proto::RotateRootKeyResponse>, Status> {
+        let s = session(&req.into_inner().session)?;
+        let root_key_id = self.sim.rotate_root_key(&s).await.map_err(status)?;
+        Ok(Response::new(proto::RotateRootKeyResponse { root_key_id }))
+    }
+
+    async fn destroy_root_key(
+        &self,
+        req: Request<proto::DestroyRootKeyRequest>,
+    ) -> Result<Response<proto::DestroyRootKeyResponse>, Status> {
+        let req = req.into_inner();
+        let s = session(&req.session)?;
+        self.sim
+            .destroy_root_key(&s, req.root_key_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::DestroyRootKeyResponse {}))
+    }
+}
+
+impl FaultService {
+    fn state(&self) -> proto::FaultState {
+        let f = self.sim.faults();
+        proto::FaultState {
+            latency_ms: u32::try_from(f.latency.as_millis()).unwrap_or(u32::MAX),
+            error_rate: f.error_rate,
+            outage: f.outage,
+            tampered: self.sim.is_tampered(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl FaultInjection for FaultService {
+    async fn set_faults(
+        &self,
+        req: Request<proto::SetFaultsRequest>,
+    ) -> Result<Response<proto::FaultState>, Status> {
+        let req = req.into_inner();
+        self.sim
+            .set_faults(Faults {
+                latency: Duration::from_millis(u64::from(req.latency_ms)),
+                error_rate: req.error_rate,
+                outage: req.outage,
+            })
+            .map_err(status)?;
+        tracing::info!(faults = ?self.sim.faults(), "faults set");
+        Ok(Response::new(self.state()))
+    }
+
+    async fn get_faults(
+        &self,
+        _req: Request<proto::GetFaultsRequest>,
+    ) -> Result<Response<proto::FaultState>, Status> {
+        Ok(Response::new(self.state()))
+    }
+
+    async fn tamper(
+        &self,
+        _req: Request<proto::TamperRequest>,
+    ) -> Result<Response<proto::TamperResponse>, Status> {
+        tracing::warn!("tamper response triggered: zeroizing every root key");
+        self.sim.tamper().map_err(status)?;
+        Ok(Response::new(proto::TamperResponse {}))
+    }
+}
+
+/// Both services, ready to add to a tonic server.
+pub fn services(
+    sim: Arc<Simulator>,
+) -> (HsmServer<HsmService>, FaultInjectionServer<FaultService>) {
+    (
+        HsmServer::new(HsmService { sim: sim.clone() }),
+        FaultInjectionServer::new(FaultService { sim }),
+    )
+}
+
+/// A tonic router serving both services.
+pub fn router(sim: Arc<Simulator>) -> Router {
+    let (hsm, faults) = services(sim);
+    Server::builder().add_service(hsm).add_service(faults)
+}
+
+/// Serves `sim` on `listener` until `shutdown` completes, then drains
+/// in-flight calls.
+pub async fn serve(
+    listener: TcpListener,
+    sim: Arc<Simulator>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    router(sim)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,441 @@
+//! The simulated token: sessions, root keys, key operations, faults.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use aes_gcm::{AeadInOut, Nonce, Tag};
+use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::error::SimError;
+use crate::format;
+use crate::state::{self, FileKey, RootKey, Token};
+
+/// Most sessions open at once; logins beyond are refused.
+pub const MAX_SESSIONS: usize = 4096;
+/// Largest `generate_random` request.
+pub const MAX_RANDOM_LEN: usize = 1024;
+
+/// An opaque session handle: 16 random bytes, returned by
+/// [`Simulator::login`]. It is a bearer token, so its `Debug` is redacted.
+pub struct SessionId([u8; 16]);
+
+impl SessionId {
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// Parses a handle received over the wire; `None` if not 16 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Self)
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionId(<redacted>)")
+    }
+}
+
+/// Injected faults. They apply to `login` and every key operation; `info`
+/// only observes the outage.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Faults {
+    /// Added before every operation runs.
+    pub latency: Duration,
+    /// Share of operations failing with [`SimError::Unavailable`], `0.0..=1.0`.
+    pub error_rate: f64,
+    /// Every operation fails with [`SimError::Unavailable`].
+    pub outage: bool,
+}
+
+/// Public facts about the token. Never key material.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimInfo {
+    pub label: String,
+    /// Ids of the root keys the token holds, ascending.
+    pub root_key_ids: Vec<u32>,
+    /// The root key new wraps use; `0` once tampered.
+    pub current_root_key_id: u32,
+    pub tampered: bool,
+}
+
+/// A simulated HSM token backed by one encrypted state file.
+///
+/// `Send + Sync`: share it as `Arc<Simulator>`. Locks are never held across
+/// an `.await`. State-changing operations (rotate, destroy, tamper) write the
+/// state file synchronously before they return: they are rare.
+pub struct Simulator {
+    path: PathBuf,
+    file_key: FileKey,
+    pin_digest: Zeroizing<[u8; 32]>,
+    rng: SystemRandom,
+    token: Mutex<Token>,
+    sessions: Mutex<HashSet<[u8; 16]>>,
+    faults: Mutex<Faults>,
+}
+
+impl fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = lock(&self.token);
+        f.debug_struct("Simulator")
+            .field("path", &self.path)
+            .field("label", &token.label)
+            .field("root_key_ids", &token.keys.keys().collect::<Vec<_>>())
+            .field("current_root_key_id", &token.current)
+            .field("tampered", &token.tampered)
+            .field("sessions", &lock(&self.sessions).len())
+            .field("faults", &*lock(&self.faults))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-operation; every
+/// operation here leaves the data consistent before it can panic, so the
+/// data is still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn pin_digest(pin: &str) -> Zeroizing<[u8; 32]> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(digest::digest(&digest::SHA256, pin.as_bytes()).as_ref());
+    out
+}
+
+impl Simulator {
+    /// Opens the token whose state lives in `state_path`, creating it (root
+    /// key 1, labelled `label`) if the file does not exist. An existing file
+    /// keeps its own label. A PIN that does not open the file is
+    /// [`SimError::BadPin`].
+    pub fn open(state_path: &Path, pin: &str, label: &str) -> Result<Self, SimError> {
+        if pin.is_empty() {
+            return Err(SimError::InvalidInput("empty PIN".into()));
+        }
+        let rng = SystemRandom::new();
+        let (file_key, token) = match std::fs::read(state_path) {
+            Ok(bytes) => FileKey::open(pin, &bytes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let token = Token::init(label, &rng)?;
+                let file_key = FileKey::generate(pin, &rng)?;
+                state::write_atomic(state_path, &file_key.seal(&token, &rng)?)?;
+                (file_key, token)
+            }
+            Err(e) => return Err(SimError::storage("read state file", e)),
+        };
+        Ok(Self {
+            path: state_path.to_path_buf(),
+            file_key,
+            pin_digest: pin_digest(pin),
+            rng,
+            token: Mutex::new(token),
+            sessions: Mutex::new(HashSet::new()),
+            faults: Mutex::new(Faults::default()),
+        })
+    }
+
+    fn persist(&self, token: &Token) -> Result<(), SimError> {
+        let bytes = self.file_key.seal(token, &self.rng)?;
+        state::write_atomic(&self.path, &bytes)
+    }
+
+    fn random_array<const N: usize>(&self) -> Result<[u8; N], SimError> {
+        let mut out = [0u8; N];
+        self.rng.fill(&mut out).map_err(|_| SimError::Random)?;
+        Ok(out)
+    }
+
+    /// A uniform draw in `[0, 1)`.
+    fn draw(&self) -> Result<f64, SimError> {
+        let bits = u64::from_be_bytes(self.random_array()?) >> 11;
+        #[allow(clippy::cast_precision_loss)] // 53 bits: exact in an f64
+        Ok(bits as f64 / (1u64 << 53) as f64)
+    }
+
+    async fn inject_faults(&self) -> Result<(), SimError> {
+        let faults = self.faults();
+        if faults.outage {
+            return Err(SimError::Unavailable("outage (injected)"));
+        }
+        if !faults.latency.is_zero() {
+            tokio::time::sleep(faults.latency).await;
+        }
+        if faults.error_rate > 0.0 && self.draw()? < faults.error_rate {
+            return Err(SimError::Unavailable("random error (injected)"));
+        }
+        Ok(())
+    }
+
+    fn check_session(&self, session: &SessionId) -> Result<(), SimError> {
+        if lock(&self.sessions).contains(&session.0) {
+            Ok(())
+        } else {
+            Err(SimError::NotLoggedIn)
+        }
+    }
+
+    /// Faults, then session: the order a network HSM would see them in.
+    async fn enter(&self, session: &SessionId) -> Result<(), SimError> {
+        self.inject_faults().await?;
+        self.check_session(session)
+    }
+
+    /// Opens a session. The PIN's SHA-256 digest is compared in constant
+    /// time with the token's.
+    pub async fn login(&self, pin: &str) -> Result<SessionId, SimError> {
+        self.inject_faults().await?;
+        let offered = pin_digest(pin);
+        if !bool::from(offered.ct_eq(&*self.pin_digest)) {
+            return Err(SimError::BadPin);
+        }
+        let id = self.random_array::<16>()?;
+        let mut sessions = lock(&self.sessions);
+        if sessions.len() >= MAX_SESSIONS {
+            return Err(SimError::Unavailable("too many open sessions"));
+        }
+        sessions.insert(id);
+        Ok(SessionId(id))
+    }
+
+    /// Closes a session.
+    pub fn logout(&self, session: &SessionId) -> Result<(), SimError> {
+        if lock(&self.sessions).remove(&session.0) {
+            Ok(())
+        } else {
+            Err(SimError::NotLoggedIn)
+        }
+    }
+
+    /// Wraps `plaintext` (1..=1024 bytes) under the current root key, bound
+    /// to `aad`. Returns the blob (see [`crate::format`]) and the root key id.
+    pub async fn wrap(
+        &self,
+        session: &SessionId,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<(Vec<u8>, u32), SimError> {
+        self.enter(session).await?;
+        if plaintext.is_empty() || plaintext.len() > format::MAX_PLAINTEXT_LEN {
+            return Err(SimError::InvalidInput(format!(
+                "plaintext must be 1..={} bytes",
+                format::MAX_PLAINTEXT_LEN
+            )));
+        }
+        let iv = self.random_array::<{ format::IV_LEN }>()?;
+        let token = lock(&self.token);
+        if token.tampered {
+            return Err(SimError::Tampered);
+        }
+        let id = token.current;
+        let cipher = token.keys.get(&id).ok_or(SimError::Tampered)?.cipher()?;
+        drop(token);
+        let header = format::header(id, &iv);
+        let mut full_aad = Vec::with_capacity(format::HEADER_LEN + aad.len());
+        full_aad.extend_from_slice(&header);
+        full_aad.extend_from_slice(aad);
+        let mut blob = Vec::with_capacity(format::HEADER_LEN + plaintext.len() + format::TAG_LEN);
+        blob.extend_from_slice(&header);
+        blob.extend_from_slice(plaintext);
+        let body = blob
+            .get_mut(format::HEADER_LEN..)
+            .ok_or(SimError::AuthenticationFailed)?;
+        let tag = cipher
+            .encrypt_inout_detached(&Nonce::from(iv), &full_aad, body.into())
+            .map_err(|_| SimError::InvalidInput("AES-GCM refused the input".into()))?;
+        blob.extend_from_slice(tag.as_slice());
+        Ok((blob, id))
+    }
+
+    /// Unwraps a blob made by [`Simulator::wrap`] with the same `aad`. Any
+    /// parse or authentication failure, including a blob whose root key was
+    /// destroyed, is [`SimError::AuthenticationFailed`].
+    pub async fn unwrap(
+        &self,
+        session: &SessionId,
+        wrapped: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, SimError> {
+        self.enter(session).await?;
+        let (parsed, cipher) = {
+            let token = lock(&self.token);
+            if token.tampered {
+                return Err(SimError::Tampered);
+            }
+            let parsed = format::parse(wrapped).map_err(|_| SimError::AuthenticationFailed)?;
+            let cipher = token
+                .keys
+                .get(&parsed.root_key_id)
+                .ok_or(SimError::AuthenticationFailed)?
+                .cipher()?;
+            (parsed, cipher)
+        };
+        let mut full_aad = Vec::with_capacity(format::HEADER_LEN + aad.len());
+        full_aad.extend_from_slice(parsed.header);
+        full_aad.extend_from_slice(aad);
+        let mut out = Zeroizing::new(parsed.ciphertext.to_vec());
+        cipher
+            .decrypt_inout_detached(
+                &Nonce::from(parsed.iv),
+                &full_aad,
+                out.as_mut_slice().into(),
+                &Tag::from(parsed.tag),
+            )
+            .map_err(|_| SimError::AuthenticationFailed)?;
+        Ok(out)
+    }
+
+    /// `len` (1..=1024) bytes from the system generator.
+    pub async fn generate_random(
+        &self,
+        session: &SessionId,
+        len: usize,
+    ) -> Result<Zeroizing<Vec<u8>>, SimError> {
+        self.enter(session).await?;
+        if len == 0 || len > MAX_RANDOM_LEN {
+            return Err(SimError::InvalidInput(format!(
+                "length must be 1..={MAX_RANDOM_LEN}"
+            )));
+        }
+        if lock(&self.token).tampered {
+            return Err(SimError::Tampered);
+        }
+        let mut out = Zeroizing::new(vec![0u8; len]);
+        self.rng.fill(&mut out).map_err(|_| SimError::Random)?;
+        Ok(out)
+    }
+
+    /// Creates a root key and makes it current; older ones keep unwrapping.
+    /// Returns the new id. The state file is written before this returns; if
+    /// that fails, nothing changes.
+    pub async fn rotate_root_key(&self, session: &SessionId) -> Result<u32, SimError> {
+        self.enter(session).await?;
+        let key = RootKey::generate(&self.rng)?;
+        let mut token = lock(&self.token);
+        if token.tampered {
+            return Err(SimError::Tampered);
+        }
+        let id = token.next_id;
+        let next = id
+            .checked_add(1)
+            .ok_or_else(|| SimError::InvalidInput("root key ids exhausted".into()))?;
+        let previous = token.current;
+        token.keys.insert(id, key);
+        token.current = id;
+        token.next_id = next;
+        if let Err(e) = self.persist(&token) {
+            token.keys.remove(&id);
+            token.current = previous;
+            token.next_id = id;
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Destroys a root key that is not the current one, for good: blobs it
+    /// wrapped no longer unwrap.
+    pub async fn destroy_root_key(&self, session: &SessionId, id: u32) -> Result<(), SimError> {
+        self.enter(session).await?;
+        let mut token = lock(&self.token);
+        if token.tampered {
+            return Err(SimError::Tampered);
+        }
+        if id == token.current {
+            return Err(SimError::CurrentRootKey(id));
+        }
+        let key = token.keys.remove(&id).ok_or(SimError::UnknownRootKey(id))?;
+        if let Err(e) = self.persist(&token) {
+            token.keys.insert(id, key);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Public facts about the token. Fails only during an injected outage.
+    pub fn info(&self) -> Result<SimInfo, SimError> {
+        if self.faults().outage {
+            return Err(SimError::Unavailable("outage (injected)"));
+        }
+        Ok(self.info_unchecked())
+    }
+
+    fn info_unchecked(&self) -> SimInfo {
+        let token = lock(&self.token);
+        SimInfo {
+            label: token.label.clone(),
+            root_key_ids: token.keys.keys().copied().collect(),
+            current_root_key_id: if token.tampered { 0 } else { token.current },
+            tampered: token.tampered,
+        }
+    }
+
+    /// Whether the tamper response has run.
+    pub fn is_tampered(&self) -> bool {
+        lock(&self.token).tampered
+    }
+
+    /// Replaces the injected faults. `error_rate` must be within `0.0..=1.0`.
+    pub fn set_faults(&self, faults: Faults) -> Result<(), SimError> {
+        if !(0.0..=1.0).contains(&faults.error_rate) {
+            return Err(SimError::InvalidInput(
+                "error_rate must be within 0.0..=1.0".into(),
+            ));
+        }
+        *lock(&self.faults) = faults;
+        Ok(())
+    }
+
+    /// The injected faults in force.
+    pub fn faults(&self) -> Faults {
+        *lock(&self.faults)
+    }
+
+    /// The tamper response: zeroizes every root key in memory and rewrites
+    /// the state file without them. Irreversible: every key operation then
+    /// fails with [`SimError::Tampered`]. The memory is wiped even if the
+    /// file cannot be rewritten (the error is returned).
+    pub fn tamper(&self) -> Result<(), SimError> {
+        let mut token = lock(&self.token);
+        token.keys.clear(); // RootKey zeroizes on drop
+        token.tampered = true;
+        self.persist(&token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simulator_is_send_sync_and_debug_is_redacted() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Simulator>();
+        let dir = tempfile::tempdir().unwrap();
+        let sim = Simulator::open(&dir.path().join("s"), "pin-1234", "lbl").unwrap();
+        let shown = format!("{sim:?}");
+        assert!(shown.contains("lbl"));
+        assert!(!shown.contains("pin-1234"));
+        // Key bytes would show as arrays of numbers.
+        assert!(!shown.contains("RootKey"), "{shown}");
+        assert!(!shown.contains("[0,") && !shown.contains(", 0,"), "{shown}");
+        let token = lock(&sim.token);
+        let key_shown = format!("{:?}", *token);
+        assert!(key_shown.contains("<redacted>"));
+        assert!(!key_shown.contains("key: ["), "{key_shown}");
+    }
+
+    #[tokio::test]
+    async fn draw_is_in_unit_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = Simulator::open(&dir.path().join("s"), "p", "l").unwrap();
+        for _ in 0..1000 {
+            let d = sim.draw().unwrap();
+            assert!((0.0..1.0).contains(&d));
+        }
+        assert_eq!(format!("{:?}", SessionId([7; 16])), "SessionId(<redacted>)");
+    }
+}
