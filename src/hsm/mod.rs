@@ -12,8 +12,6 @@ use async_trait::async_trait;
 
 use crate::secret::SecretBytes;
 
-pub mod sim;
-
 /// Material wrapped by the HSM, with the id of the root key that wrapped it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HsmWrapped {
