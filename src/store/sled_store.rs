@@ -1,1 +1,545 @@
-//! (being written)
+//! [`SledStore`]: the embedded [`KeyStore`], on sled 0.34.7 in one data
+//! directory.
+//!
+//! # Layout
+//!
+//! ```text
+//! tree       key                                   value
+//! ---------  ------------------------------------  ----------------------------
+//! meta       b"schema"                             u32 BE, currently 1
+//! keys       KeyId (16 bytes)                      JSON KeyRecord
+//! versions   KeyId (16 bytes) || version (u32 BE)  JSON VersionRecord
+//! aliases    alias (UTF-8)                         KeyId (16 bytes)
+//! ```
+//!
+//! Big-endian versions make a prefix scan of `versions` ascend by version, and
+//! raw id bytes make `keys` ascend by id. Every decoded record is checked
+//! against the key it was stored under (a record moved to another slot is
+//! reported as [`StoreError::Corrupt`]). The `meta` tree's schema marker is
+//! written when a directory is first opened; a directory with another schema,
+//! or with data but no marker, is refused.
+//!
+//! # Atomicity
+//!
+//! Each mutating call is one sled transaction over `keys`, `versions` and
+//! `aliases`. sled seals a transaction's writes as one batch in its log
+//! (`Tree::transaction` → `pin_log` / `seal_batch`), and recovery replays a
+//! batch entirely or not at all. A check that fails (key exists, alias taken,
+//! stale `current`) aborts the transaction, and nothing is written.
+//!
+//! # Durability
+//!
+//! A mutating call returns `Ok` only once its change is on stable storage.
+//! `Db::flush` is not enough: on Linux sled 0.34.7 writes its log with
+//! `pwrite` and then `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`
+//! (`pagecache/iobuf.rs`), which pushes the data pages to the device but
+//! neither commits the file's metadata (size, block allocation in the
+//! file-system journal) nor flushes the device's volatile write cache. sled
+//! also never syncs `conf` (written at creation) nor the `blobs/*` files
+//! (values too large for a log segment). So after the transaction, each
+//! write:
+//!
+//! 1. calls `Db::flush`, so every log write up to this point has been issued
+//!    and has reached the page cache and the device queue;
+//! 2. `fsync`s (`File::sync_all`) `db`, `conf`, every `snap.*`, every file
+//!    under `blobs/` and the `blobs/` directory;
+//! 3. `fsync`s the data directory, which makes new directory entries (a new
+//!    blob, a renamed snapshot) durable.
+//!
+//! `fsync` of a file whose pages were already written forces the remaining
+//! dirty pages, the inode metadata and a cache flush (FLUSH/FUA) to the
+//! device, so after step 3 the batch survives a power cut, not only a process
+//! crash. The cost is a few `fsync`s per write; writes are rare (key
+//! creation, rotation, state changes), and data-key requests never write.
+//!
+//! # Concurrency
+//!
+//! A [`RwLock`] orders everything. A writer holds it exclusively across
+//! transaction, flush and `fsync`; readers share it. Without this, a reader
+//! could see a change that is not yet durable (sled makes a transaction
+//! visible in memory before the flush), for instance wrap data keys under a
+//! new CMK version that a power cut then erases — those ciphertexts would
+//! become undecryptable. With it, a reader sees only durable states. Reads
+//! wait at most for one write's `fsync`s, and the service caches key
+//! versions, so this is off the hot path.
+//!
+//! If a transaction fails in sled's storage layer, or a flush or an `fsync`
+//! fails, the store marks itself failed and refuses every later call with
+//! [`StoreError::Io`]: after a failed `fsync` the kernel may have dropped
+//! the dirty pages, and the in-memory state may hold changes that are not on
+//! disk. Reopening the directory recovers exactly what was durable. Such an
+//! `Io` error from a mutating call means "outcome unknown": the change may or
+//! may not have been persisted.
+//!
+//! # Errors
+//!
+//! sled I/O errors (including a full or read-only disk) become
+//! [`StoreError::Io`]; sled's own corruption errors and undecodable records
+//! become [`StoreError::Corrupt`]. A request that would write an inconsistent
+//! record (see [`KeyStore`]'s methods) is refused with
+//! [`StoreError::Corrupt`] before anything is written.
+//!
+//! Known limitation of sled 0.34.7: its `Log` calls `sync_all().unwrap()`
+//! when the database is dropped, so a disk that fails exactly at shutdown can
+//! make sled itself panic in `Drop`. This code never panics.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionalTree,
+};
+
+use super::{KeyStore, StoreError};
+use crate::model::{KeyId, KeyRecord, VersionRecord};
+
+/// The on-disk schema this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA_KEY: &[u8] = b"schema";
+const VERSION_KEY_LEN: usize = 16 + 4;
+
+/// The sled-backed [`KeyStore`]. See the module docs for layout, durability
+/// and concurrency.
+pub struct SledStore {
+    dir: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    keys: sled::Tree,
+    versions: sled::Tree,
+    aliases: sled::Tree,
+    /// Exclusive for a write through its `fsync`s, shared for reads.
+    gate: RwLock<()>,
+    /// Set once a write may have left non-durable state in memory.
+    failed: AtomicBool,
+}
+
+impl fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledStore")
+            .field("dir", &self.dir)
+            .field("failed", &self.failed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store in `dir`.
+    ///
+    /// Fails with [`StoreError::Io`] if the directory cannot be used (not a
+    /// directory, read-only, locked by another process) and with
+    /// [`StoreError::Corrupt`] if it holds another schema version.
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| sled_error(&format!("opening {}", dir.display()), e))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| sled_error(&format!("opening tree {name}"), e))
+        };
+        let store = SledStore {
+            dir: dir.to_path_buf(),
+            meta: tree("meta")?,
+            keys: tree("keys")?,
+            versions: tree("versions")?,
+            aliases: tree("aliases")?,
+            db,
+            gate: RwLock::new(()),
+            failed: AtomicBool::new(false),
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let stored = self
+            .meta
+            .get(SCHEMA_KEY)
+            .map_err(|e| sled_error("reading the schema marker", e))?;
+        match stored {
+            Some(bytes) => {
+                let version = <[u8; 4]>::try_from(bytes.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| {
+                        StoreError::Corrupt(format!(
+                            "schema marker in {} is {} bytes, expected 4",
+                            self.dir.display(),
+                            bytes.len()
+                        ))
+                    })?;
+                if version == SCHEMA_VERSION {
+                    Ok(())
+                } else {
+                    Err(StoreError::Corrupt(format!(
+                        "store {} has schema version {version}; this build supports only \
+                         version {SCHEMA_VERSION}",
+                        self.dir.display()
+                    )))
+                }
+            }
+            None => {
+                if !(self.keys.is_empty() && self.versions.is_empty() && self.aliases.is_empty()) {
+                    return Err(StoreError::Corrupt(format!(
+                        "store {} holds data but no schema marker",
+                        self.dir.display()
+                    )));
+                }
+                let _guard = self.write_gate();
+                self.meta
+                    .insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(|e| sled_error("writing the schema marker", e))?;
+                self.make_durable()
+            }
+        }
+    }
+
+    fn read_gate(&self) -> Result<RwLockReadGuard<'_, ()>, StoreError> {
+        // The guarded value is `()`: a poisoned lock protects no broken data.
+        let guard = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        self.check_usable()?;
+        Ok(guard)
+    }
+
+    fn write_gate(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_usable(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            Err(StoreError::Io(format!(
+                "store {} is unusable after a failed write or sync; reopen it to recover \
+                 the durable state",
+                self.dir.display()
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Runs `body` as one transaction over keys, versions and aliases, then
+    /// makes it durable; see the module docs.
+    fn write<T>(
+        &self,
+        body: impl Fn(
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+        ) -> ConflictableTransactionResult<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _guard = self.write_gate();
+        self.check_usable()?;
+        let result = (&self.keys, &self.versions, &self.aliases)
+            .transaction(|(keys, versions, aliases)| body(keys, versions, aliases));
+        let out = match result {
+            Ok(out) => out,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => {
+                self.mark_failed();
+                return Err(sled_error("transaction", e));
+            }
+        };
+        if let Err(e) = self.make_durable() {
+            self.mark_failed();
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// `Db::flush` then `fsync` of sled's files and directories.
+    fn make_durable(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map_err(|e| sled_error("flushing the log", e))?;
+        sync_data_dir(&self.dir)
+            .map_err(|e| StoreError::Io(format!("syncing {}: {e}", self.dir.display())))
+    }
+}
+
+/// `fsync`s every file sled 0.34.7 keeps in `dir`, then the directories.
+fn sync_data_dir(dir: &Path) -> io::Result<()> {
+    // The log: must exist.
+    File::open(dir.join("db"))?.sync_all()?;
+    sync_if_present(&dir.join("conf"))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("snap.") {
+            // sled may delete or rename an old snapshot meanwhile.
+            sync_if_present(&entry.path())?;
+        }
+    }
+    let blobs = dir.join("blobs");
+    if blobs.is_dir() {
+        for entry in std::fs::read_dir(&blobs)? {
+            sync_if_present(&entry?.path())?;
+        }
+        sync_if_present(&blobs)?;
+    }
+    // Directory entries (new blobs, renamed snapshots) live in the directory.
+    File::open(dir)?.sync_all()
+}
+
+fn sync_if_present(path: &Path) -> io::Result<()> {
+    match File::open(path) {
+        Ok(f) => f.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn sled_error(context: &str, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { .. } => StoreError::Corrupt(format!("{context}: {e}")),
+        _ => StoreError::Io(format!("{context}: {e}")),
+    }
+}
+
+fn encode<T: Serialize>(what: &str, record: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(format!("encoding {what}: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("decoding {what}: {e}")))
+}
+
+fn version_key(id: KeyId, version: u32) -> [u8; VERSION_KEY_LEN] {
+    let mut k = [0u8; VERSION_KEY_LEN];
+    let (id_part, version_part) = k.split_at_mut(16);
+    id_part.copy_from_slice(id.as_bytes());
+    version_part.copy_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn key_id_from_slice(what: &str, bytes: &[u8]) -> Result<KeyId, StoreError> {
+    <[u8; 16]>::try_from(bytes)
+        .map(KeyId::from_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, expected 16", bytes.len())))
+}
+
+/// Decodes a key record and checks that it belongs where it was found.
+fn decode_key(id: KeyId, bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+    let record: KeyRecord = decode(&format!("key {id}"), bytes)?;
+    if record.id != id {
+        return Err(StoreError::Corrupt(format!(
+            "key record stored under {id} has id {}",
+            record.id
+        )));
+    }
+    Ok(record)
+}
+
+/// Decodes a version record and checks that it belongs where it was found.
+fn decode_version(id: KeyId, version: u32, bytes: &[u8]) -> Result<VersionRecord, StoreError> {
+    let record: VersionRecord = decode(&format!("version {version} of key {id}"), bytes)?;
+    if record.key_id != id || record.version != version {
+        return Err(StoreError::Corrupt(format!(
+            "version record stored as {id} v{version} claims {} v{}",
+            record.key_id, record.version
+        )));
+    }
+    Ok(record)
+}
+
+fn abort<T>(e: StoreError) -> ConflictableTransactionResult<T, StoreError> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+/// Inside a transaction: the stored record of `current.id` must equal `current`.
+fn check_current(
+    keys: &TransactionalTree,
+    current: &KeyRecord,
+) -> ConflictableTransactionResult<(), StoreError> {
+    let Some(bytes) = keys.get(current.id.as_bytes())? else {
+        return abort(StoreError::NoSuchKey(current.id));
+    };
+    match decode_key(current.id, &bytes) {
+        Ok(stored) if stored == *current => Ok(()),
+        Ok(_) => abort(StoreError::Conflict(current.id)),
+        Err(e) => abort(e),
+    }
+}
+
+impl KeyStore for SledStore {
+    /// Refuses with [`StoreError::Corrupt`], writing nothing, if
+    /// `key.primary_version != first_version.version` or
+    /// `first_version.key_id != key.id`.
+    fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError> {
+        if first_version.key_id != key.id || first_version.version != key.primary_version {
+            return Err(StoreError::Corrupt(format!(
+                "refusing to create key {} (primary version {}) with version {} of key {}",
+                key.id, key.primary_version, first_version.version, first_version.key_id
+            )));
+        }
+        let key_bytes = encode("key record", key)?;
+        let version_bytes = encode("version record", first_version)?;
+        let vkey = version_key(key.id, first_version.version);
+        self.write(|keys, versions, aliases| {
+            if keys.get(key.id.as_bytes())?.is_some() {
+                return abort(StoreError::KeyExists(key.id));
+            }
+            if let Some(alias) = &key.alias
+                && aliases.get(alias.as_bytes())?.is_some()
+            {
+                return abort(StoreError::AliasTaken(alias.clone()));
+            }
+            if versions.get(vkey)?.is_some() {
+                return abort(StoreError::Corrupt(format!(
+                    "version {} of key {} exists without its key",
+                    first_version.version, key.id
+                )));
+            }
+            keys.insert(key.id.as_bytes(), key_bytes.as_slice())?;
+            versions.insert(&vkey, version_bytes.as_slice())?;
+            if let Some(alias) = &key.alias {
+                aliases.insert(alias.as_bytes(), key.id.as_bytes())?;
+            }
+            Ok(())
+        })
+    }
+
+    fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let bytes = self
+            .keys
+            .get(id.as_bytes())
+            .map_err(|e| sled_error("reading a key", e))?;
+        bytes.map(|b| decode_key(id, &b)).transpose()
+    }
+
+    fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
+        let _guard = self.read_gate()?;
+        let bytes = self
+            .aliases
+            .get(alias.as_bytes())
+            .map_err(|e| sled_error("reading an alias", e))?;
+        bytes
+            .map(|b| key_id_from_slice(&format!("the key id of alias {alias:?}"), &b))
+            .transpose()
+    }
+
+    fn list_keys(
+        &self,
+        start_after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let lower = match start_after {
+            Some(id) => Bound::Excluded(id.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for entry in self
+            .keys
+            .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(|e| sled_error("listing keys", e))?;
+            let id = key_id_from_slice("a key id in the keys tree", &k)?;
+            out.push(decode_key(id, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Refuses with [`StoreError::Corrupt`] if `version.key_id != current.id`;
+    /// [`StoreError::Conflict`] if the version number is not the next one or
+    /// the version exists; [`StoreError::NoSuchKey`] if the key is gone.
+    fn add_version(
+        &self,
+        current: &KeyRecord,
+        version: &VersionRecord,
+    ) -> Result<KeyRecord, StoreError> {
+        if version.key_id != current.id {
+            return Err(StoreError::Corrupt(format!(
+                "refusing to add a version of key {} to key {}",
+                version.key_id, current.id
+            )));
+        }
+        if current.primary_version.checked_add(1) != Some(version.version) {
+            return Err(StoreError::Conflict(current.id));
+        }
+        let mut updated = current.clone();
+        updated.primary_version = version.version;
+        let key_bytes = encode("key record", &updated)?;
+        let version_bytes = encode("version record", version)?;
+        let vkey = version_key(current.id, version.version);
+        self.write(|keys, versions, _aliases| {
+            check_current(keys, current)?;
+            if versions.get(vkey)?.is_some() {
+                return abort(StoreError::Conflict(current.id));
+            }
+            versions.insert(&vkey, version_bytes.as_slice())?;
+            keys.insert(current.id.as_bytes(), key_bytes.as_slice())?;
+            Ok(())
+        })?;
+        Ok(updated)
+    }
+
+    fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let bytes = self
+            .versions
+            .get(version_key(id, version))
+            .map_err(|e| sled_error("reading a version", e))?;
+        bytes.map(|b| decode_version(id, version, &b)).transpose()
+    }
+
+    fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let mut out = Vec::new();
+        for entry in self.versions.scan_prefix(id.as_bytes()) {
+            let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
+            let number = k
+                .get(16..)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "a version key of key {id} is {} bytes, expected {VERSION_KEY_LEN}",
+                        k.len()
+                    ))
+                })?;
+            out.push(decode_version(id, number, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Refuses with [`StoreError::Corrupt`] if `new` changes the id, the
+    /// alias or the primary version (rotation goes through
+    /// [`KeyStore::add_version`], so the primary version always exists).
+    fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
+        if new.id != current.id
+            || new.alias != current.alias
+            || new.primary_version != current.primary_version
+        {
+            return Err(StoreError::Corrupt(format!(
+                "refusing to change the id, alias or primary version of key {} by \
+                 compare-and-swap",
+                current.id
+            )));
+        }
+        let key_bytes = encode("key record", new)?;
+        self.write(|keys, _versions, _aliases| {
+            check_current(keys, current)?;
+            keys.insert(current.id.as_bytes(), key_bytes.as_slice())?;
+            Ok(())
+        })
+    }
+}
