@@ -543,3 +543,579 @@ impl KeyStore for SledStore {
         })
     }
 }
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::model::{KeyState, ProtectionLevel, Timestamp};
+
+    /// Ids whose byte order differs from their creation order.
+    fn id(n: u8) -> KeyId {
+        let mut b = [0u8; 16];
+        b[0] = n.wrapping_mul(97);
+        b[15] = n;
+        KeyId::from_bytes(b)
+    }
+
+    fn key(id: KeyId, alias: Option<&str>) -> KeyRecord {
+        KeyRecord {
+            id,
+            alias: alias.map(str::to_owned),
+            description: "test key".to_owned(),
+            state: KeyState::Enabled,
+            protection_level: ProtectionLevel::Software,
+            created_at: Timestamp(1_700_000_000_000),
+            created_by: "tester".to_owned(),
+            primary_version: 1,
+            min_decryption_version: 1,
+            labels: BTreeMap::from([("team".to_owned(), "infra".to_owned())]),
+        }
+    }
+
+    fn version(id: KeyId, n: u32) -> VersionRecord {
+        VersionRecord {
+            key_id: id,
+            version: n,
+            created_at: Timestamp(1_700_000_000_000 + i64::from(n)),
+            hsm_root_key_id: 7,
+            wrapped_material: vec![n as u8; 60],
+        }
+    }
+
+    fn new_store() -> (TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    /// Writes raw bytes into one of the store's trees, behind its back.
+    fn poke(dir: &Path, tree: &str, k: &[u8], v: &[u8]) {
+        let db = sled::open(dir).unwrap();
+        db.open_tree(tree).unwrap().insert(k, v).unwrap();
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn create_get_and_alias() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("alias/payments"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k.clone()));
+        assert_eq!(
+            store.key_id_for_alias("alias/payments").unwrap(),
+            Some(k.id)
+        );
+        assert_eq!(store.key_id_for_alias("alias/other").unwrap(), None);
+        assert_eq!(store.get_key(id(2)).unwrap(), None);
+        assert_eq!(store.get_version(k.id, 1).unwrap(), Some(version(k.id, 1)));
+        assert_eq!(store.get_version(k.id, 2).unwrap(), None);
+        assert_eq!(store.list_versions(k.id).unwrap(), vec![version(k.id, 1)]);
+        assert!(format!("{store:?}").contains("SledStore"));
+    }
+
+    #[test]
+    fn duplicates_are_refused_and_write_nothing() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+
+        // Same id, new alias, different version material.
+        let mut dup = key(id(1), Some("b"));
+        dup.description = "impostor".to_owned();
+        let mut v = version(k.id, 1);
+        v.wrapped_material = vec![0xee; 60];
+        let err = store.create_key(&dup, &v).unwrap_err();
+        assert!(
+            matches!(err, StoreError::KeyExists(i) if i == k.id),
+            "{err:?}"
+        );
+        assert_eq!(store.key_id_for_alias("b").unwrap(), None);
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k.clone()));
+        assert_eq!(store.list_versions(k.id).unwrap(), vec![version(k.id, 1)]);
+
+        // Same alias, new id.
+        let other = key(id(2), Some("a"));
+        let err = store.create_key(&other, &version(other.id, 1)).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AliasTaken(a) if a == "a"),
+            "{err:?}"
+        );
+        assert_eq!(store.get_key(other.id).unwrap(), None);
+        assert_eq!(store.list_versions(other.id).unwrap(), vec![]);
+        assert_eq!(store.key_id_for_alias("a").unwrap(), Some(k.id));
+        assert_eq!(store.list_keys(None, 10).unwrap(), vec![k]);
+    }
+
+    #[test]
+    fn inconsistent_create_is_refused() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        let err = store.create_key(&k, &version(k.id, 2)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        let err = store.create_key(&k, &version(id(2), 1)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        assert_eq!(store.list_keys(None, 10).unwrap(), vec![]);
+        assert_eq!(store.key_id_for_alias("a").unwrap(), None);
+        assert_eq!(store.list_versions(id(2)).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn add_version_and_its_conflicts() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), None);
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+
+        let k2 = store.add_version(&k, &version(k.id, 2)).unwrap();
+        assert_eq!(k2.primary_version, 2);
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k2.clone()));
+        assert_eq!(
+            store.list_versions(k.id).unwrap(),
+            vec![version(k.id, 1), version(k.id, 2)]
+        );
+
+        // Stale `current`.
+        let err = store.add_version(&k, &version(k.id, 2)).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        // Not the next number.
+        for n in [1, 2, 4, u32::MAX] {
+            let err = store.add_version(&k2, &version(k.id, n)).unwrap_err();
+            assert!(matches!(err, StoreError::Conflict(_)), "{n}: {err:?}");
+        }
+        // Another key's version.
+        let err = store.add_version(&k2, &version(id(9), 3)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        // A key that does not exist.
+        let ghost = key(id(9), None);
+        let err = store
+            .add_version(&ghost, &version(ghost.id, 2))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NoSuchKey(_)), "{err:?}");
+
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k2));
+        assert_eq!(store.list_versions(k.id).unwrap().len(), 2);
+        assert_eq!(store.list_versions(ghost.id).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn compare_and_swap() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+
+        let mut disabled = k.clone();
+        disabled.state = KeyState::Disabled;
+        store.compare_and_swap_key(&k, &disabled).unwrap();
+        assert_eq!(store.get_key(k.id).unwrap(), Some(disabled.clone()));
+
+        // Stale `current`.
+        let mut destroyed = k.clone();
+        destroyed.state = KeyState::Destroyed;
+        let err = store.compare_and_swap_key(&k, &destroyed).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+        // Changing the id, alias or primary version is refused.
+        let mut renamed = disabled.clone();
+        renamed.alias = Some("b".to_owned());
+        let mut moved = disabled.clone();
+        moved.id = id(2);
+        let mut rotated = disabled.clone();
+        rotated.primary_version = 2;
+        for bad in [renamed, moved, rotated] {
+            let err = store.compare_and_swap_key(&disabled, &bad).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        }
+        let ghost = key(id(3), None);
+        let err = store.compare_and_swap_key(&ghost, &ghost).unwrap_err();
+        assert!(matches!(err, StoreError::NoSuchKey(_)), "{err:?}");
+
+        assert_eq!(store.get_key(k.id).unwrap(), Some(disabled));
+        assert_eq!(store.key_id_for_alias("b").unwrap(), None);
+        assert_eq!(store.get_key(id(2)).unwrap(), None);
+    }
+
+    #[test]
+    fn list_keys_pages_every_key_once_in_order() {
+        let (_dir, store) = new_store();
+        let mut ids = Vec::new();
+        for n in 0..250u32 {
+            let k = key(KeyId::new_random(), Some(&format!("k{n}")));
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            ids.push(k.id);
+        }
+        ids.sort_by_key(|i| *i.as_bytes());
+
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = store.list_keys(cursor, 100).unwrap();
+            assert!(page.len() <= 100);
+            let Some(last) = page.last() else { break };
+            cursor = Some(last.id);
+            seen.extend(page.iter().map(|k| k.id));
+        }
+        assert_eq!(seen, ids);
+        assert_eq!(store.list_keys(None, 0).unwrap(), vec![]);
+        assert_eq!(store.list_keys(Some(ids[249]), 100).unwrap(), vec![]);
+        let tail = store.list_keys(Some(ids[247]), 100).unwrap();
+        assert_eq!(tail.iter().map(|k| k.id).collect::<Vec<_>>(), ids[248..]);
+    }
+
+    #[test]
+    fn reopen_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k2, disabled) = {
+            let store = SledStore::open(dir.path()).unwrap();
+            let k = key(id(1), Some("a"));
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            let k2 = store.add_version(&k, &version(k.id, 2)).unwrap();
+            let mut disabled = key(id(2), None);
+            store
+                .create_key(&disabled, &version(disabled.id, 1))
+                .unwrap();
+            let before = disabled.clone();
+            disabled.state = KeyState::Disabled;
+            store.compare_and_swap_key(&before, &disabled).unwrap();
+            (k2, disabled)
+        };
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.get_key(k2.id).unwrap(), Some(k2.clone()));
+        assert_eq!(store.get_key(disabled.id).unwrap(), Some(disabled.clone()));
+        assert_eq!(store.key_id_for_alias("a").unwrap(), Some(k2.id));
+        assert_eq!(
+            store.list_versions(k2.id).unwrap(),
+            vec![version(k2.id, 1), version(k2.id, 2)]
+        );
+        let mut all = vec![k2, disabled];
+        all.sort_by_key(|k| *k.id.as_bytes());
+        assert_eq!(store.list_keys(None, 10).unwrap(), all);
+    }
+
+    #[test]
+    fn corrupt_records_are_reported_not_panicked_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(id(1), Some("a"));
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            let other = key(id(2), None);
+            store.create_key(&other, &version(other.id, 1)).unwrap();
+        }
+        poke(dir.path(), "keys", k.id.as_bytes(), b"\x00garbage{");
+        poke(dir.path(), "aliases", b"a", b"short");
+        poke(dir.path(), "versions", &version_key(k.id, 1), b"[1,2");
+        // A valid record in the wrong slot.
+        let moved = serde_json::to_vec(&key(id(3), None)).unwrap();
+        poke(dir.path(), "keys", id(2).as_bytes(), &moved);
+        let wrong = serde_json::to_vec(&version(k.id, 5)).unwrap();
+        poke(dir.path(), "versions", &version_key(id(2), 1), &wrong);
+
+        let store = SledStore::open(dir.path()).unwrap();
+        let is_corrupt = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
+        assert!(is_corrupt(store.get_key(k.id).map(drop)));
+        assert!(is_corrupt(store.get_key(id(2)).map(drop)));
+        assert!(is_corrupt(store.list_keys(None, 10).map(drop)));
+        assert!(is_corrupt(store.key_id_for_alias("a").map(drop)));
+        assert!(is_corrupt(store.get_version(k.id, 1).map(drop)));
+        assert!(is_corrupt(store.list_versions(k.id).map(drop)));
+        assert!(is_corrupt(store.get_version(id(2), 1).map(drop)));
+        // Writes that must read the corrupt record refuse too.
+        assert!(is_corrupt(
+            store.add_version(&k, &version(k.id, 2)).map(drop)
+        ));
+        let mut changed = k.clone();
+        changed.state = KeyState::Disabled;
+        assert!(is_corrupt(store.compare_and_swap_key(&k, &changed)));
+    }
+
+    #[test]
+    fn unknown_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SledStore::open(dir.path()).unwrap());
+        poke(dir.path(), "meta", SCHEMA_KEY, &2u32.to_be_bytes());
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("schema version 2")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn data_without_schema_marker_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        poke(dir.path(), "keys", id(1).as_bytes(), b"{}");
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("no schema")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn unusable_directory_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = SledStore::open(&file).unwrap_err();
+        assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+        let err = SledStore::open(&file.join("below")).unwrap_err();
+        assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+    }
+
+    #[test]
+    fn second_open_of_a_live_store_is_an_io_error() {
+        let (dir, _store) = new_store();
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_failed_store_refuses_everything() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), None);
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        store.mark_failed();
+        let is_io = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Io(_)));
+        assert!(is_io(store.get_key(k.id).map(drop)));
+        assert!(is_io(store.list_keys(None, 1).map(drop)));
+        assert!(is_io(store.key_id_for_alias("a").map(drop)));
+        assert!(is_io(store.list_versions(k.id).map(drop)));
+        assert!(is_io(store.add_version(&k, &version(k.id, 2)).map(drop)));
+        let other = key(id(2), None);
+        assert!(is_io(store.create_key(&other, &version(other.id, 1))));
+    }
+
+    #[test]
+    fn durability_sync_covers_sled_files() {
+        let (dir, store) = new_store();
+        // A value bigger than a quarter segment goes to blobs/.
+        let k = key(id(1), None);
+        let mut v = version(k.id, 1);
+        v.wrapped_material = vec![0x5a; 200 * 1024];
+        store.create_key(&k, &v).unwrap();
+        assert!(dir.path().join("db").is_file());
+        assert!(dir.path().join("conf").is_file());
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert!(blobs > 0, "expected the big value in blobs/");
+        sync_data_dir(dir.path()).unwrap();
+        assert_eq!(store.get_version(k.id, 1).unwrap(), Some(v));
+    }
+
+    // ---- Model-based test ----
+
+    const ALIASES: [&str; 3] = ["alias/a", "alias/b", "alias/c"];
+    const IDS: u8 = 5;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create {
+            id: u8,
+            alias: Option<usize>,
+            consistent: bool,
+        },
+        AddVersion {
+            id: u8,
+            stale: bool,
+            skip: bool,
+        },
+        SetState {
+            id: u8,
+            state: KeyState,
+            stale: bool,
+        },
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let state = prop_oneof![
+            Just(KeyState::Enabled),
+            Just(KeyState::Disabled),
+            Just(KeyState::PendingDeletion),
+            Just(KeyState::Destroyed),
+        ];
+        prop_oneof![
+            4 => (0..IDS, proptest::option::of(0..ALIASES.len()), proptest::bool::weighted(0.9))
+                .prop_map(|(id, alias, consistent)| Op::Create { id, alias, consistent }),
+            3 => (0..IDS, proptest::bool::weighted(0.2), proptest::bool::weighted(0.2))
+                .prop_map(|(id, stale, skip)| Op::AddVersion { id, stale, skip }),
+            2 => (0..IDS, state, proptest::bool::weighted(0.2))
+                .prop_map(|(id, state, stale)| Op::SetState { id, state, stale }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    /// Error variants, for comparing outcomes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Kind {
+        KeyExists,
+        AliasTaken,
+        NoSuchKey,
+        Conflict,
+        Corrupt,
+    }
+
+    fn kind<T>(r: Result<T, StoreError>) -> Result<T, Kind> {
+        r.map_err(|e| match e {
+            StoreError::KeyExists(_) => Kind::KeyExists,
+            StoreError::AliasTaken(_) => Kind::AliasTaken,
+            StoreError::NoSuchKey(_) => Kind::NoSuchKey,
+            StoreError::Conflict(_) => Kind::Conflict,
+            StoreError::Corrupt(_) => Kind::Corrupt,
+            StoreError::Io(m) => panic!("unexpected I/O error: {m}"),
+        })
+    }
+
+    #[derive(Debug, Default)]
+    struct Model {
+        keys: BTreeMap<KeyId, KeyRecord>,
+        versions: BTreeMap<(KeyId, u32), VersionRecord>,
+        aliases: BTreeMap<String, KeyId>,
+    }
+
+    impl Model {
+        fn create(&mut self, k: &KeyRecord, v: &VersionRecord) -> Result<(), Kind> {
+            if v.key_id != k.id || v.version != k.primary_version {
+                return Err(Kind::Corrupt);
+            }
+            if self.keys.contains_key(&k.id) {
+                return Err(Kind::KeyExists);
+            }
+            if let Some(a) = &k.alias
+                && self.aliases.contains_key(a)
+            {
+                return Err(Kind::AliasTaken);
+            }
+            self.keys.insert(k.id, k.clone());
+            self.versions.insert((k.id, v.version), v.clone());
+            if let Some(a) = &k.alias {
+                self.aliases.insert(a.clone(), k.id);
+            }
+            Ok(())
+        }
+
+        fn check(&self, current: &KeyRecord) -> Result<(), Kind> {
+            match self.keys.get(&current.id) {
+                None => Err(Kind::NoSuchKey),
+                Some(stored) if stored != current => Err(Kind::Conflict),
+                Some(_) => Ok(()),
+            }
+        }
+
+        fn add_version(
+            &mut self,
+            current: &KeyRecord,
+            v: &VersionRecord,
+        ) -> Result<KeyRecord, Kind> {
+            if current.primary_version.checked_add(1) != Some(v.version) {
+                return Err(Kind::Conflict);
+            }
+            self.check(current)?;
+            if self.versions.contains_key(&(current.id, v.version)) {
+                return Err(Kind::Conflict);
+            }
+            let mut new = current.clone();
+            new.primary_version = v.version;
+            self.versions.insert((current.id, v.version), v.clone());
+            self.keys.insert(current.id, new.clone());
+            Ok(new)
+        }
+
+        fn cas(&mut self, current: &KeyRecord, new: &KeyRecord) -> Result<(), Kind> {
+            self.check(current)?;
+            self.keys.insert(current.id, new.clone());
+            Ok(())
+        }
+
+        /// What a caller would pass as `current`: the stored record, a stale
+        /// copy of it, or a record for a key that does not exist.
+        fn current(&self, id: KeyId, stale: bool) -> KeyRecord {
+            let mut k = self.keys.get(&id).cloned().unwrap_or_else(|| key(id, None));
+            if stale {
+                k.description.push_str(" (old)");
+            }
+            k
+        }
+    }
+
+    fn assert_same_state(store: &SledStore, model: &Model) -> Result<(), TestCaseError> {
+        let all: Vec<KeyRecord> = model.keys.values().cloned().collect();
+        prop_assert_eq!(&store.list_keys(None, usize::MAX).unwrap(), &all);
+        if let Some(first) = all.first() {
+            prop_assert_eq!(
+                &store.list_keys(Some(first.id), 2).unwrap(),
+                &all[1..all.len().min(3)]
+            );
+        }
+        for n in 0..IDS {
+            let i = id(n);
+            prop_assert_eq!(store.get_key(i).unwrap(), model.keys.get(&i).cloned());
+            let versions: Vec<VersionRecord> = model
+                .versions
+                .range((i, 0)..=(i, u32::MAX))
+                .map(|(_, v)| v.clone())
+                .collect();
+            prop_assert_eq!(store.list_versions(i).unwrap(), versions);
+        }
+        for a in ALIASES {
+            prop_assert_eq!(
+                store.key_id_for_alias(a).unwrap(),
+                model.aliases.get(a).copied()
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn behaves_like_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = SledStore::open(dir.path()).unwrap();
+            let mut model = Model::default();
+            for op in ops {
+                match op {
+                    Op::Create { id: n, alias, consistent } => {
+                        let mut k = key(id(n), alias.map(|a| ALIASES[a]));
+                        k.description = format!("key {n}");
+                        let v = version(k.id, if consistent { 1 } else { 2 });
+                        prop_assert_eq!(kind(store.create_key(&k, &v)), model.create(&k, &v));
+                    }
+                    Op::AddVersion { id: n, stale, skip } => {
+                        let current = model.current(id(n), stale);
+                        let next = current.primary_version + if skip { 2 } else { 1 };
+                        let v = version(current.id, next);
+                        prop_assert_eq!(
+                            kind(store.add_version(&current, &v)),
+                            model.add_version(&current, &v)
+                        );
+                    }
+                    Op::SetState { id: n, state, stale } => {
+                        let current = model.current(id(n), stale);
+                        let mut new = model.current(id(n), false);
+                        new.state = state;
+                        prop_assert_eq!(
+                            kind(store.compare_and_swap_key(&current, &new)),
+                            model.cas(&current, &new)
+                        );
+                    }
+                    Op::Reopen => {
+                        drop(store);
+                        store = SledStore::open(dir.path()).unwrap();
+                    }
+                }
+                assert_same_state(&store, &model)?;
+            }
+        }
+    }
+}
