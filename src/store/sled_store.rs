@@ -911,6 +911,40 @@ mod tests {
         assert_eq!(store.get_version(k.id, 1).unwrap(), Some(v));
     }
 
+    #[test]
+    fn concurrent_rotations_each_land_once() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), None);
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        let store = std::sync::Arc::new(store);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let mut won = 0;
+                    while won < 5 {
+                        let current = store.get_key(id(1)).unwrap().unwrap();
+                        let next = version(current.id, current.primary_version + 1);
+                        match store.add_version(&current, &next) {
+                            Ok(_) => won += 1,
+                            Err(StoreError::Conflict(_)) => {}
+                            Err(e) => panic!("{e:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let versions = store.list_versions(id(1)).unwrap();
+        assert_eq!(
+            versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+            (1..=21).collect::<Vec<_>>()
+        );
+        assert_eq!(store.get_key(id(1)).unwrap().unwrap().primary_version, 21);
+    }
+
     // ---- Model-based test ----
 
     const ALIASES: [&str; 3] = ["alias/a", "alias/b", "alias/c"];
