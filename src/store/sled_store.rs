@@ -67,7 +67,8 @@
 //! fails, the store marks itself failed and refuses every later call with
 //! [`StoreError::Io`]: after a failed `fsync` the kernel may have dropped
 //! the dirty pages, and the in-memory state may hold changes that are not on
-//! disk. Reopening the directory recovers exactly what was durable. Such an
+//! disk. Reopening the directory (in a new process: see `Drop`) recovers
+//! exactly what was durable. Such an
 //! `Io` error from a mutating call means "outcome unknown": the change may or
 //! may not have been persisted.
 //!
@@ -79,6 +80,10 @@
 //! record (see [`KeyStore`]'s methods) is refused with
 //! [`StoreError::Corrupt`] before anything is written.
 //!
+//! Checked by hand with the two `#[ignore]`d tests: on a full tmpfs a write
+//! returns `Io` and poisons the store; opening on a read-only file system
+//! returns `Io`.
+//!
 //! Known limitation of sled 0.34.7: its `Log` calls `sync_all().unwrap()`
 //! when the database is dropped, so a disk that fails exactly at shutdown can
 //! make sled itself panic in `Drop`. This code never panics.
@@ -89,7 +94,7 @@ use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -112,15 +117,35 @@ const VERSION_KEY_LEN: usize = 16 + 4;
 /// and concurrency.
 pub struct SledStore {
     dir: PathBuf,
+    sled: Arc<Handles>,
+    /// Exclusive for a write through its `fsync`s, shared for reads.
+    gate: RwLock<()>,
+    /// Set once a write may have left non-durable state in memory.
+    failed: AtomicBool,
+}
+
+/// sled's handles, in an [`Arc`] so that [`SledStore`]'s `Drop` can leak
+/// them; see there.
+struct Handles {
     db: sled::Db,
     meta: sled::Tree,
     keys: sled::Tree,
     versions: sled::Tree,
     aliases: sled::Tree,
-    /// Exclusive for a write through its `fsync`s, shared for reads.
-    gate: RwLock<()>,
-    /// Set once a write may have left non-durable state in memory.
-    failed: AtomicBool,
+}
+
+impl Drop for SledStore {
+    /// After a failed write, sled 0.34.7 can no longer flush: its `Tree`'s
+    /// `Drop` calls `flush`, which then waits forever for the log buffer that
+    /// failed (observed on a full file system). So a failed store leaks its
+    /// sled handles (and sled's threads) instead of hanging the shutdown. The
+    /// process must exit before the directory can be opened again, since
+    /// the leaked handles keep sled's lock on it.
+    fn drop(&mut self) {
+        if self.failed.load(Ordering::Acquire) {
+            std::mem::forget(Arc::clone(&self.sled));
+        }
+    }
 }
 
 impl fmt::Debug for SledStore {
@@ -147,13 +172,16 @@ impl SledStore {
             db.open_tree(name)
                 .map_err(|e| sled_error(&format!("opening tree {name}"), e))
         };
-        let store = SledStore {
-            dir: dir.to_path_buf(),
+        let sled = Handles {
             meta: tree("meta")?,
             keys: tree("keys")?,
             versions: tree("versions")?,
             aliases: tree("aliases")?,
             db,
+        };
+        let store = SledStore {
+            dir: dir.to_path_buf(),
+            sled: Arc::new(sled),
             gate: RwLock::new(()),
             failed: AtomicBool::new(false),
         };
@@ -168,6 +196,7 @@ impl SledStore {
 
     fn check_schema(&self) -> Result<(), StoreError> {
         let stored = self
+            .sled
             .meta
             .get(SCHEMA_KEY)
             .map_err(|e| sled_error("reading the schema marker", e))?;
@@ -193,14 +222,18 @@ impl SledStore {
                 }
             }
             None => {
-                if !(self.keys.is_empty() && self.versions.is_empty() && self.aliases.is_empty()) {
+                if !(self.sled.keys.is_empty()
+                    && self.sled.versions.is_empty()
+                    && self.sled.aliases.is_empty())
+                {
                     return Err(StoreError::Corrupt(format!(
                         "store {} holds data but no schema marker",
                         self.dir.display()
                     )));
                 }
                 let _guard = self.write_gate();
-                self.meta
+                self.sled
+                    .meta
                     .insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())
                     .map_err(|e| sled_error("writing the schema marker", e))?;
                 self.make_durable()
@@ -247,7 +280,7 @@ impl SledStore {
     ) -> Result<T, StoreError> {
         let _guard = self.write_gate();
         self.check_usable()?;
-        let result = (&self.keys, &self.versions, &self.aliases)
+        let result = (&self.sled.keys, &self.sled.versions, &self.sled.aliases)
             .transaction(|(keys, versions, aliases)| body(keys, versions, aliases));
         let out = match result {
             Ok(out) => out,
@@ -266,7 +299,8 @@ impl SledStore {
 
     /// `Db::flush` then `fsync` of sled's files and directories.
     fn make_durable(&self) -> Result<(), StoreError> {
-        self.db
+        self.sled
+            .db
             .flush()
             .map_err(|e| sled_error("flushing the log", e))?;
         sync_data_dir(&self.dir)
@@ -418,6 +452,7 @@ impl KeyStore for SledStore {
     fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
         let _guard = self.read_gate()?;
         let bytes = self
+            .sled
             .keys
             .get(id.as_bytes())
             .map_err(|e| sled_error("reading a key", e))?;
@@ -427,6 +462,7 @@ impl KeyStore for SledStore {
     fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
         let _guard = self.read_gate()?;
         let bytes = self
+            .sled
             .aliases
             .get(alias.as_bytes())
             .map_err(|e| sled_error("reading an alias", e))?;
@@ -447,6 +483,7 @@ impl KeyStore for SledStore {
         };
         let mut out = Vec::new();
         for entry in self
+            .sled
             .keys
             .range::<Vec<u8>, _>((lower, Bound::Unbounded))
             .take(limit)
@@ -495,6 +532,7 @@ impl KeyStore for SledStore {
     fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
         let _guard = self.read_gate()?;
         let bytes = self
+            .sled
             .versions
             .get(version_key(id, version))
             .map_err(|e| sled_error("reading a version", e))?;
@@ -504,7 +542,7 @@ impl KeyStore for SledStore {
     fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
         let _guard = self.read_gate()?;
         let mut out = Vec::new();
-        for entry in self.versions.scan_prefix(id.as_bytes()) {
+        for entry in self.sled.versions.scan_prefix(id.as_bytes()) {
             let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
             let number = k
                 .get(16..)
@@ -943,6 +981,57 @@ mod tests {
             (1..=21).collect::<Vec<_>>()
         );
         assert_eq!(store.get_key(id(1)).unwrap().unwrap().primary_version, 21);
+    }
+
+    /// Needs a small file system: `mount -t tmpfs -o size=1m tmpfs DIR`, then
+    /// `COFFRE_FULL_DISK_DIR=DIR cargo test -p coffre --lib full_disk -- --ignored`.
+    #[test]
+    #[ignore = "needs COFFRE_FULL_DISK_DIR on a small file system"]
+    fn full_disk_is_an_error_not_a_panic() {
+        let Some(base) = std::env::var_os("COFFRE_FULL_DISK_DIR") else {
+            return;
+        };
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let store = match SledStore::open(dir.path()) {
+            Ok(store) => store,
+            Err(e) => {
+                assert!(matches!(e, StoreError::Io(_)), "{e:?}");
+                return;
+            }
+        };
+        for n in 0..=255u8 {
+            let k = key(KeyId::new_random(), None);
+            let mut v = version(k.id, 1);
+            v.wrapped_material = vec![n; 16 * 1024];
+            if let Err(e) = store.create_key(&k, &v) {
+                assert!(matches!(e, StoreError::Io(_)), "{e:?}");
+                assert!(n > 0, "the disk was full before the first write");
+                // Poisoned: nothing more is accepted.
+                assert!(matches!(store.get_key(k.id), Err(StoreError::Io(_))));
+                return;
+            }
+        }
+        panic!("the file system never filled up");
+    }
+
+    /// Needs a directory made by this test on a file system then remounted
+    /// read-only: run once with `COFFRE_READ_ONLY_DIR=DIR` on a writable
+    /// file system (it creates `DIR/store`), `mount -o remount,ro`, run again.
+    #[test]
+    #[ignore = "needs COFFRE_READ_ONLY_DIR on a file system remounted read-only"]
+    fn read_only_disk_is_an_error_not_a_panic() {
+        let Some(base) = std::env::var_os("COFFRE_READ_ONLY_DIR") else {
+            return;
+        };
+        let dir = Path::new(&base).join("store");
+        if !dir.exists() {
+            let store = SledStore::open(&dir).unwrap();
+            let k = key(id(1), None);
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            return;
+        }
+        let err = SledStore::open(&dir).unwrap_err();
+        assert!(matches!(err, StoreError::Io(_)), "{err:?}");
     }
 
     // ---- Model-based test ----
