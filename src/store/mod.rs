@@ -12,7 +12,6 @@ use std::fmt;
 use crate::model::{KeyId, KeyRecord, VersionRecord};
 
 pub mod sled_store;
-
 pub use sled_store::SledStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,14 +37,19 @@ pub enum StoreError {
 pub trait KeyStore: Send + Sync + fmt::Debug {
     /// Creates a key with its first version, atomically: either the key, its
     /// version and its alias all exist afterwards, or none does.
-    /// `key.primary_version` must equal `first_version.version`.
+    /// `key.primary_version` must equal `first_version.version` and
+    /// `first_version.key_id` must equal `key.id`; otherwise
+    /// [`StoreError::Corrupt`] (the record would be inconsistent) and nothing
+    /// is written. [`StoreError::KeyExists`] / [`StoreError::AliasTaken`]
+    /// also leave the store unchanged.
     fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError>;
 
     fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
 
     fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError>;
 
-    /// Keys in ascending id order, starting strictly after `start_after`.
+    /// At most `limit` keys in ascending order of their 16 id bytes, starting
+    /// strictly after `start_after`.
     fn list_keys(
         &self,
         start_after: Option<KeyId>,
@@ -54,7 +58,10 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
 
     /// Adds `version` (which must be `current.primary_version + 1`) and makes
     /// it the primary version, atomically, if the stored key still equals
-    /// `current`; otherwise [`StoreError::Conflict`]. Returns the new record.
+    /// `current`; otherwise [`StoreError::Conflict`] (also when the number is
+    /// wrong or the version already exists). [`StoreError::NoSuchKey`] if the
+    /// key is gone, [`StoreError::Corrupt`] if `version.key_id != current.id`.
+    /// Returns the new record (`current` with the new primary version).
     fn add_version(
         &self,
         current: &KeyRecord,
@@ -66,8 +73,11 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// Every version of a key, in ascending order.
     fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError>;
 
-    /// Replaces the stored record `current` with `new` (same id, same alias)
-    /// if the stored one still equals `current`; otherwise
-    /// [`StoreError::Conflict`].
+    /// Replaces the stored record `current` with `new` if the stored one
+    /// still equals `current`; otherwise [`StoreError::Conflict`]
+    /// ([`StoreError::NoSuchKey`] if it is gone). `new` must keep the id, the
+    /// alias and the primary version of `current` (rotation goes through
+    /// [`KeyStore::add_version`]); otherwise [`StoreError::Corrupt`] and
+    /// nothing is written.
     fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError>;
 }

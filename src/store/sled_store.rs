@@ -1,41 +1,1244 @@
-//! TEMPORARY STUB (replaced by the store branch).
-use std::path::Path;
+//! [`SledStore`]: the embedded [`KeyStore`], on sled 0.34.7 in one data
+//! directory.
+//!
+//! # Layout
+//!
+//! ```text
+//! tree       key                                   value
+//! ---------  ------------------------------------  ----------------------------
+//! meta       b"schema"                             u32 BE, currently 1
+//! keys       KeyId (16 bytes)                      JSON KeyRecord
+//! versions   KeyId (16 bytes) || version (u32 BE)  JSON VersionRecord
+//! aliases    alias (UTF-8)                         KeyId (16 bytes)
+//! ```
+//!
+//! Big-endian versions make a prefix scan of `versions` ascend by version, and
+//! raw id bytes make `keys` ascend by id. Every decoded record is checked
+//! against the key it was stored under (a record moved to another slot is
+//! reported as [`StoreError::Corrupt`]). The `meta` tree's schema marker is
+//! written when a directory is first opened; a directory with another schema,
+//! or with data but no marker, is refused.
+//!
+//! # Atomicity
+//!
+//! Each mutating call is one sled transaction over `keys`, `versions` and
+//! `aliases`. sled seals a transaction's writes as one batch in its log
+//! (`Tree::transaction` → `pin_log` / `seal_batch`), and recovery replays a
+//! batch entirely or not at all. A check that fails (key exists, alias taken,
+//! stale `current`) aborts the transaction, and nothing is written.
+//!
+//! # Durability
+//!
+//! A mutating call returns `Ok` only once its change is on stable storage.
+//! `Db::flush` is not enough: on Linux sled 0.34.7 writes its log with
+//! `pwrite` and then `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`
+//! (`pagecache/iobuf.rs`), which pushes the data pages to the device but
+//! neither commits the file's metadata (size, block allocation in the
+//! file-system journal) nor flushes the device's volatile write cache. sled
+//! also never syncs `conf` (written at creation) nor the `blobs/*` files
+//! (values too large for a log segment). So after the transaction, each
+//! write:
+//!
+//! 1. calls `Db::flush`, so every log write up to this point has been issued
+//!    and has reached the page cache and the device queue;
+//! 2. `fsync`s (`File::sync_all`) `db`, `conf`, every `snap.*`, every file
+//!    under `blobs/` and the `blobs/` directory;
+//! 3. `fsync`s the data directory, which makes new directory entries (a new
+//!    blob, a renamed snapshot) durable.
+//!
+//! `fsync` of a file whose pages were already written forces the remaining
+//! dirty pages, the inode metadata and a cache flush (FLUSH/FUA) to the
+//! device, so after step 3 the batch survives a power cut, not only a process
+//! crash. The cost is a few `fsync`s per write; writes are rare (key
+//! creation, rotation, state changes), and data-key requests never write.
+//!
+//! # Concurrency
+//!
+//! A [`RwLock`] orders everything. A writer holds it exclusively across
+//! transaction, flush and `fsync`; readers share it. Without this, a reader
+//! could see a change that is not yet durable (sled makes a transaction
+//! visible in memory before the flush), for instance wrap data keys under a
+//! new CMK version that a power cut then erases — those ciphertexts would
+//! become undecryptable. With it, a reader sees only durable states. Reads
+//! wait at most for one write's `fsync`s, and the service caches key
+//! versions, so this is off the hot path.
+//!
+//! If a transaction fails in sled's storage layer, or a flush or an `fsync`
+//! fails, the store marks itself failed and refuses every later call with
+//! [`StoreError::Io`]: after a failed `fsync` the kernel may have dropped
+//! the dirty pages, and the in-memory state may hold changes that are not on
+//! disk. Reopening the directory (in a new process: see `Drop`) recovers
+//! exactly what was durable. Such an
+//! `Io` error from a mutating call means "outcome unknown": the change may or
+//! may not have been persisted.
+//!
+//! # Errors
+//!
+//! sled I/O errors (including a full or read-only disk) become
+//! [`StoreError::Io`]; sled's own corruption errors and undecodable records
+//! become [`StoreError::Corrupt`]. A request that would write an inconsistent
+//! record (see [`KeyStore`]'s methods) is refused with
+//! [`StoreError::Corrupt`] before anything is written.
+//!
+//! Checked by hand with the two `#[ignore]`d tests: on a full tmpfs a write
+//! returns `Io` and poisons the store; opening on a read-only file system
+//! returns `Io`.
+//!
+//! Known limitation of sled 0.34.7: its `Log` calls `sync_all().unwrap()`
+//! when the database is dropped, so a disk that fails exactly at shutdown can
+//! make sled itself panic in `Drop`. This code never panics.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionalTree,
+};
 
 use super::{KeyStore, StoreError};
 use crate::model::{KeyId, KeyRecord, VersionRecord};
 
-#[derive(Debug)]
-pub struct SledStore;
+/// The on-disk schema this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA_KEY: &[u8] = b"schema";
+const VERSION_KEY_LEN: usize = 16 + 4;
+
+/// The sled-backed [`KeyStore`]. See the module docs for layout, durability
+/// and concurrency.
+pub struct SledStore {
+    dir: PathBuf,
+    sled: Arc<Handles>,
+    /// Exclusive for a write through its `fsync`s, shared for reads.
+    gate: RwLock<()>,
+    /// Set once a write may have left non-durable state in memory.
+    failed: AtomicBool,
+}
+
+/// sled's handles, in an [`Arc`] so that [`SledStore`]'s `Drop` can leak
+/// them; see there.
+struct Handles {
+    db: sled::Db,
+    meta: sled::Tree,
+    keys: sled::Tree,
+    versions: sled::Tree,
+    aliases: sled::Tree,
+}
+
+impl Drop for SledStore {
+    /// After a failed write, sled 0.34.7 can no longer flush: its `Tree`'s
+    /// `Drop` calls `flush`, which then waits forever for the log buffer that
+    /// failed (observed on a full file system). So a failed store leaks its
+    /// sled handles (and sled's threads) instead of hanging the shutdown. The
+    /// process must exit before the directory can be opened again, since
+    /// the leaked handles keep sled's lock on it.
+    fn drop(&mut self) {
+        if self.failed.load(Ordering::Acquire) {
+            std::mem::forget(Arc::clone(&self.sled));
+        }
+    }
+}
+
+impl fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledStore")
+            .field("dir", &self.dir)
+            .field("failed", &self.failed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
 
 impl SledStore {
-    pub fn open(_: &Path) -> Result<Self, StoreError> {
-        Err(StoreError::Io("stub".into()))
+    /// Opens (creating if needed) the store in `dir`.
+    ///
+    /// Fails with [`StoreError::Io`] if the directory cannot be used (not a
+    /// directory, read-only, locked by another process) and with
+    /// [`StoreError::Corrupt`] if it holds another schema version.
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| sled_error(&format!("opening {}", dir.display()), e))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| sled_error(&format!("opening tree {name}"), e))
+        };
+        let sled = Handles {
+            meta: tree("meta")?,
+            keys: tree("keys")?,
+            versions: tree("versions")?,
+            aliases: tree("aliases")?,
+            db,
+        };
+        let store = SledStore {
+            dir: dir.to_path_buf(),
+            sled: Arc::new(sled),
+            gate: RwLock::new(()),
+            failed: AtomicBool::new(false),
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let stored = self
+            .sled
+            .meta
+            .get(SCHEMA_KEY)
+            .map_err(|e| sled_error("reading the schema marker", e))?;
+        match stored {
+            Some(bytes) => {
+                let version = <[u8; 4]>::try_from(bytes.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| {
+                        StoreError::Corrupt(format!(
+                            "schema marker in {} is {} bytes, expected 4",
+                            self.dir.display(),
+                            bytes.len()
+                        ))
+                    })?;
+                if version == SCHEMA_VERSION {
+                    Ok(())
+                } else {
+                    Err(StoreError::Corrupt(format!(
+                        "store {} has schema version {version}; this build supports only \
+                         version {SCHEMA_VERSION}",
+                        self.dir.display()
+                    )))
+                }
+            }
+            None => {
+                if !(self.sled.keys.is_empty()
+                    && self.sled.versions.is_empty()
+                    && self.sled.aliases.is_empty())
+                {
+                    return Err(StoreError::Corrupt(format!(
+                        "store {} holds data but no schema marker",
+                        self.dir.display()
+                    )));
+                }
+                let _guard = self.write_gate();
+                self.sled
+                    .meta
+                    .insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(|e| sled_error("writing the schema marker", e))?;
+                self.make_durable()
+            }
+        }
+    }
+
+    fn read_gate(&self) -> Result<RwLockReadGuard<'_, ()>, StoreError> {
+        // The guarded value is `()`: a poisoned lock protects no broken data.
+        let guard = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        self.check_usable()?;
+        Ok(guard)
+    }
+
+    fn write_gate(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_usable(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            Err(StoreError::Io(format!(
+                "store {} is unusable after a failed write or sync; reopen it to recover \
+                 the durable state",
+                self.dir.display()
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Runs `body` as one transaction over keys, versions and aliases, then
+    /// makes it durable; see the module docs.
+    fn write<T>(
+        &self,
+        body: impl Fn(
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+        ) -> ConflictableTransactionResult<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _guard = self.write_gate();
+        self.check_usable()?;
+        let result = (&self.sled.keys, &self.sled.versions, &self.sled.aliases)
+            .transaction(|(keys, versions, aliases)| body(keys, versions, aliases));
+        let out = match result {
+            Ok(out) => out,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => {
+                self.mark_failed();
+                return Err(sled_error("transaction", e));
+            }
+        };
+        if let Err(e) = self.make_durable() {
+            self.mark_failed();
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// `Db::flush` then `fsync` of sled's files and directories.
+    fn make_durable(&self) -> Result<(), StoreError> {
+        self.sled
+            .db
+            .flush()
+            .map_err(|e| sled_error("flushing the log", e))?;
+        sync_data_dir(&self.dir)
+            .map_err(|e| StoreError::Io(format!("syncing {}: {e}", self.dir.display())))
+    }
+}
+
+/// `fsync`s every file sled 0.34.7 keeps in `dir`, then the directories.
+fn sync_data_dir(dir: &Path) -> io::Result<()> {
+    // The log: must exist.
+    File::open(dir.join("db"))?.sync_all()?;
+    sync_if_present(&dir.join("conf"))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("snap.") {
+            // sled may delete or rename an old snapshot meanwhile.
+            sync_if_present(&entry.path())?;
+        }
+    }
+    let blobs = dir.join("blobs");
+    if blobs.is_dir() {
+        for entry in std::fs::read_dir(&blobs)? {
+            sync_if_present(&entry?.path())?;
+        }
+        sync_if_present(&blobs)?;
+    }
+    // Directory entries (new blobs, renamed snapshots) live in the directory.
+    File::open(dir)?.sync_all()
+}
+
+fn sync_if_present(path: &Path) -> io::Result<()> {
+    match File::open(path) {
+        Ok(f) => f.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn sled_error(context: &str, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { .. } => StoreError::Corrupt(format!("{context}: {e}")),
+        _ => StoreError::Io(format!("{context}: {e}")),
+    }
+}
+
+fn encode<T: Serialize>(what: &str, record: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(format!("encoding {what}: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("decoding {what}: {e}")))
+}
+
+fn version_key(id: KeyId, version: u32) -> [u8; VERSION_KEY_LEN] {
+    let mut k = [0u8; VERSION_KEY_LEN];
+    let (id_part, version_part) = k.split_at_mut(16);
+    id_part.copy_from_slice(id.as_bytes());
+    version_part.copy_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn key_id_from_slice(what: &str, bytes: &[u8]) -> Result<KeyId, StoreError> {
+    <[u8; 16]>::try_from(bytes)
+        .map(KeyId::from_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, expected 16", bytes.len())))
+}
+
+/// Decodes a key record and checks that it belongs where it was found.
+fn decode_key(id: KeyId, bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+    let record: KeyRecord = decode(&format!("key {id}"), bytes)?;
+    if record.id != id {
+        return Err(StoreError::Corrupt(format!(
+            "key record stored under {id} has id {}",
+            record.id
+        )));
+    }
+    Ok(record)
+}
+
+/// Decodes a version record and checks that it belongs where it was found.
+fn decode_version(id: KeyId, version: u32, bytes: &[u8]) -> Result<VersionRecord, StoreError> {
+    let record: VersionRecord = decode(&format!("version {version} of key {id}"), bytes)?;
+    if record.key_id != id || record.version != version {
+        return Err(StoreError::Corrupt(format!(
+            "version record stored as {id} v{version} claims {} v{}",
+            record.key_id, record.version
+        )));
+    }
+    Ok(record)
+}
+
+fn abort<T>(e: StoreError) -> ConflictableTransactionResult<T, StoreError> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+/// Inside a transaction: the stored record of `current.id` must equal `current`.
+fn check_current(
+    keys: &TransactionalTree,
+    current: &KeyRecord,
+) -> ConflictableTransactionResult<(), StoreError> {
+    let Some(bytes) = keys.get(current.id.as_bytes())? else {
+        return abort(StoreError::NoSuchKey(current.id));
+    };
+    match decode_key(current.id, &bytes) {
+        Ok(stored) if stored == *current => Ok(()),
+        Ok(_) => abort(StoreError::Conflict(current.id)),
+        Err(e) => abort(e),
     }
 }
 
 impl KeyStore for SledStore {
-    fn create_key(&self, _: &KeyRecord, _: &VersionRecord) -> Result<(), StoreError> {
-        Err(StoreError::Io("stub".into()))
+    /// Refuses with [`StoreError::Corrupt`], writing nothing, if
+    /// `key.primary_version != first_version.version` or
+    /// `first_version.key_id != key.id`.
+    fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError> {
+        if first_version.key_id != key.id || first_version.version != key.primary_version {
+            return Err(StoreError::Corrupt(format!(
+                "refusing to create key {} (primary version {}) with version {} of key {}",
+                key.id, key.primary_version, first_version.version, first_version.key_id
+            )));
+        }
+        let key_bytes = encode("key record", key)?;
+        let version_bytes = encode("version record", first_version)?;
+        let vkey = version_key(key.id, first_version.version);
+        self.write(|keys, versions, aliases| {
+            if keys.get(key.id.as_bytes())?.is_some() {
+                return abort(StoreError::KeyExists(key.id));
+            }
+            if let Some(alias) = &key.alias
+                && aliases.get(alias.as_bytes())?.is_some()
+            {
+                return abort(StoreError::AliasTaken(alias.clone()));
+            }
+            if versions.get(vkey)?.is_some() {
+                return abort(StoreError::Corrupt(format!(
+                    "version {} of key {} exists without its key",
+                    first_version.version, key.id
+                )));
+            }
+            keys.insert(key.id.as_bytes(), key_bytes.as_slice())?;
+            versions.insert(&vkey, version_bytes.as_slice())?;
+            if let Some(alias) = &key.alias {
+                aliases.insert(alias.as_bytes(), key.id.as_bytes())?;
+            }
+            Ok(())
+        })
     }
-    fn get_key(&self, _: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        Err(StoreError::Io("stub".into()))
+
+    fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let bytes = self
+            .sled
+            .keys
+            .get(id.as_bytes())
+            .map_err(|e| sled_error("reading a key", e))?;
+        bytes.map(|b| decode_key(id, &b)).transpose()
     }
-    fn key_id_for_alias(&self, _: &str) -> Result<Option<KeyId>, StoreError> {
-        Err(StoreError::Io("stub".into()))
+
+    fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
+        let _guard = self.read_gate()?;
+        let bytes = self
+            .sled
+            .aliases
+            .get(alias.as_bytes())
+            .map_err(|e| sled_error("reading an alias", e))?;
+        bytes
+            .map(|b| key_id_from_slice(&format!("the key id of alias {alias:?}"), &b))
+            .transpose()
     }
-    fn list_keys(&self, _: Option<KeyId>, _: usize) -> Result<Vec<KeyRecord>, StoreError> {
-        Err(StoreError::Io("stub".into()))
+
+    fn list_keys(
+        &self,
+        start_after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let lower = match start_after {
+            Some(id) => Bound::Excluded(id.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for entry in self
+            .sled
+            .keys
+            .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(|e| sled_error("listing keys", e))?;
+            let id = key_id_from_slice("a key id in the keys tree", &k)?;
+            out.push(decode_key(id, &v)?);
+        }
+        Ok(out)
     }
-    fn add_version(&self, _: &KeyRecord, _: &VersionRecord) -> Result<KeyRecord, StoreError> {
-        Err(StoreError::Io("stub".into()))
+
+    /// Refuses with [`StoreError::Corrupt`] if `version.key_id != current.id`;
+    /// [`StoreError::Conflict`] if the version number is not the next one or
+    /// the version exists; [`StoreError::NoSuchKey`] if the key is gone.
+    fn add_version(
+        &self,
+        current: &KeyRecord,
+        version: &VersionRecord,
+    ) -> Result<KeyRecord, StoreError> {
+        if version.key_id != current.id {
+            return Err(StoreError::Corrupt(format!(
+                "refusing to add a version of key {} to key {}",
+                version.key_id, current.id
+            )));
+        }
+        if current.primary_version.checked_add(1) != Some(version.version) {
+            return Err(StoreError::Conflict(current.id));
+        }
+        let mut updated = current.clone();
+        updated.primary_version = version.version;
+        let key_bytes = encode("key record", &updated)?;
+        let version_bytes = encode("version record", version)?;
+        let vkey = version_key(current.id, version.version);
+        self.write(|keys, versions, _aliases| {
+            check_current(keys, current)?;
+            if versions.get(vkey)?.is_some() {
+                return abort(StoreError::Conflict(current.id));
+            }
+            versions.insert(&vkey, version_bytes.as_slice())?;
+            keys.insert(current.id.as_bytes(), key_bytes.as_slice())?;
+            Ok(())
+        })?;
+        Ok(updated)
     }
-    fn get_version(&self, _: KeyId, _: u32) -> Result<Option<VersionRecord>, StoreError> {
-        Err(StoreError::Io("stub".into()))
+
+    fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let bytes = self
+            .sled
+            .versions
+            .get(version_key(id, version))
+            .map_err(|e| sled_error("reading a version", e))?;
+        bytes.map(|b| decode_version(id, version, &b)).transpose()
     }
-    fn list_versions(&self, _: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
-        Err(StoreError::Io("stub".into()))
+
+    fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let mut out = Vec::new();
+        for entry in self.sled.versions.scan_prefix(id.as_bytes()) {
+            let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
+            let number = k
+                .get(16..)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "a version key of key {id} is {} bytes, expected {VERSION_KEY_LEN}",
+                        k.len()
+                    ))
+                })?;
+            out.push(decode_version(id, number, &v)?);
+        }
+        Ok(out)
     }
-    fn compare_and_swap_key(&self, _: &KeyRecord, _: &KeyRecord) -> Result<(), StoreError> {
-        Err(StoreError::Io("stub".into()))
+
+    /// Refuses with [`StoreError::Corrupt`] if `new` changes the id, the
+    /// alias or the primary version (rotation goes through
+    /// [`KeyStore::add_version`], so the primary version always exists).
+    fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
+        if new.id != current.id
+            || new.alias != current.alias
+            || new.primary_version != current.primary_version
+        {
+            return Err(StoreError::Corrupt(format!(
+                "refusing to change the id, alias or primary version of key {} by \
+                 compare-and-swap",
+                current.id
+            )));
+        }
+        let key_bytes = encode("key record", new)?;
+        self.write(|keys, _versions, _aliases| {
+            check_current(keys, current)?;
+            keys.insert(current.id.as_bytes(), key_bytes.as_slice())?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::model::{KeyState, ProtectionLevel, Timestamp};
+
+    /// Ids whose byte order differs from their creation order.
+    fn id(n: u8) -> KeyId {
+        let mut b = [0u8; 16];
+        b[0] = n.wrapping_mul(97);
+        b[15] = n;
+        KeyId::from_bytes(b)
+    }
+
+    fn key(id: KeyId, alias: Option<&str>) -> KeyRecord {
+        KeyRecord {
+            id,
+            alias: alias.map(str::to_owned),
+            description: "test key".to_owned(),
+            state: KeyState::Enabled,
+            protection_level: ProtectionLevel::Software,
+            created_at: Timestamp(1_700_000_000_000),
+            created_by: "tester".to_owned(),
+            primary_version: 1,
+            min_decryption_version: 1,
+            labels: BTreeMap::from([("team".to_owned(), "infra".to_owned())]),
+        }
+    }
+
+    fn version(id: KeyId, n: u32) -> VersionRecord {
+        VersionRecord {
+            key_id: id,
+            version: n,
+            created_at: Timestamp(1_700_000_000_000 + i64::from(n)),
+            hsm_root_key_id: 7,
+            wrapped_material: vec![n as u8; 60],
+        }
+    }
+
+    fn new_store() -> (TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    /// Writes raw bytes into one of the store's trees, behind its back.
+    fn poke(dir: &Path, tree: &str, k: &[u8], v: &[u8]) {
+        let db = sled::open(dir).unwrap();
+        db.open_tree(tree).unwrap().insert(k, v).unwrap();
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn create_get_and_alias() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("alias/payments"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k.clone()));
+        assert_eq!(
+            store.key_id_for_alias("alias/payments").unwrap(),
+            Some(k.id)
+        );
+        assert_eq!(store.key_id_for_alias("alias/other").unwrap(), None);
+        assert_eq!(store.get_key(id(2)).unwrap(), None);
+        assert_eq!(store.get_version(k.id, 1).unwrap(), Some(version(k.id, 1)));
+        assert_eq!(store.get_version(k.id, 2).unwrap(), None);
+        assert_eq!(store.list_versions(k.id).unwrap(), vec![version(k.id, 1)]);
+        assert!(format!("{store:?}").contains("SledStore"));
+    }
+
+    #[test]
+    fn duplicates_are_refused_and_write_nothing() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+
+        // Same id, new alias, different version material.
+        let mut dup = key(id(1), Some("b"));
+        dup.description = "impostor".to_owned();
+        let mut v = version(k.id, 1);
+        v.wrapped_material = vec![0xee; 60];
+        let err = store.create_key(&dup, &v).unwrap_err();
+        assert!(
+            matches!(err, StoreError::KeyExists(i) if i == k.id),
+            "{err:?}"
+        );
+        assert_eq!(store.key_id_for_alias("b").unwrap(), None);
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k.clone()));
+        assert_eq!(store.list_versions(k.id).unwrap(), vec![version(k.id, 1)]);
+
+        // Same alias, new id.
+        let other = key(id(2), Some("a"));
+        let err = store.create_key(&other, &version(other.id, 1)).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AliasTaken(a) if a == "a"),
+            "{err:?}"
+        );
+        assert_eq!(store.get_key(other.id).unwrap(), None);
+        assert_eq!(store.list_versions(other.id).unwrap(), vec![]);
+        assert_eq!(store.key_id_for_alias("a").unwrap(), Some(k.id));
+        assert_eq!(store.list_keys(None, 10).unwrap(), vec![k]);
+    }
+
+    #[test]
+    fn inconsistent_create_is_refused() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        let err = store.create_key(&k, &version(k.id, 2)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        let err = store.create_key(&k, &version(id(2), 1)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        assert_eq!(store.list_keys(None, 10).unwrap(), vec![]);
+        assert_eq!(store.key_id_for_alias("a").unwrap(), None);
+        assert_eq!(store.list_versions(id(2)).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn add_version_and_its_conflicts() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), None);
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+
+        let k2 = store.add_version(&k, &version(k.id, 2)).unwrap();
+        assert_eq!(k2.primary_version, 2);
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k2.clone()));
+        assert_eq!(
+            store.list_versions(k.id).unwrap(),
+            vec![version(k.id, 1), version(k.id, 2)]
+        );
+
+        // Stale `current`.
+        let err = store.add_version(&k, &version(k.id, 2)).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        // Not the next number.
+        for n in [1, 2, 4, u32::MAX] {
+            let err = store.add_version(&k2, &version(k.id, n)).unwrap_err();
+            assert!(matches!(err, StoreError::Conflict(_)), "{n}: {err:?}");
+        }
+        // Another key's version.
+        let err = store.add_version(&k2, &version(id(9), 3)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        // A key that does not exist.
+        let ghost = key(id(9), None);
+        let err = store
+            .add_version(&ghost, &version(ghost.id, 2))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NoSuchKey(_)), "{err:?}");
+
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k2));
+        assert_eq!(store.list_versions(k.id).unwrap().len(), 2);
+        assert_eq!(store.list_versions(ghost.id).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn compare_and_swap() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+
+        let mut disabled = k.clone();
+        disabled.state = KeyState::Disabled;
+        store.compare_and_swap_key(&k, &disabled).unwrap();
+        assert_eq!(store.get_key(k.id).unwrap(), Some(disabled.clone()));
+
+        // Stale `current`.
+        let mut destroyed = k.clone();
+        destroyed.state = KeyState::Destroyed;
+        let err = store.compare_and_swap_key(&k, &destroyed).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+        // Changing the id, alias or primary version is refused.
+        let mut renamed = disabled.clone();
+        renamed.alias = Some("b".to_owned());
+        let mut moved = disabled.clone();
+        moved.id = id(2);
+        let mut rotated = disabled.clone();
+        rotated.primary_version = 2;
+        for bad in [renamed, moved, rotated] {
+            let err = store.compare_and_swap_key(&disabled, &bad).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        }
+        let ghost = key(id(3), None);
+        let err = store.compare_and_swap_key(&ghost, &ghost).unwrap_err();
+        assert!(matches!(err, StoreError::NoSuchKey(_)), "{err:?}");
+
+        assert_eq!(store.get_key(k.id).unwrap(), Some(disabled));
+        assert_eq!(store.key_id_for_alias("b").unwrap(), None);
+        assert_eq!(store.get_key(id(2)).unwrap(), None);
+    }
+
+    #[test]
+    fn list_keys_pages_every_key_once_in_order() {
+        let (_dir, store) = new_store();
+        let mut ids = Vec::new();
+        for n in 0..250u32 {
+            let k = key(KeyId::new_random(), Some(&format!("k{n}")));
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            ids.push(k.id);
+        }
+        ids.sort_by_key(|i| *i.as_bytes());
+
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = store.list_keys(cursor, 100).unwrap();
+            assert!(page.len() <= 100);
+            let Some(last) = page.last() else { break };
+            cursor = Some(last.id);
+            seen.extend(page.iter().map(|k| k.id));
+        }
+        assert_eq!(seen, ids);
+        assert_eq!(store.list_keys(None, 0).unwrap(), vec![]);
+        assert_eq!(store.list_keys(Some(ids[249]), 100).unwrap(), vec![]);
+        let tail = store.list_keys(Some(ids[247]), 100).unwrap();
+        assert_eq!(tail.iter().map(|k| k.id).collect::<Vec<_>>(), ids[248..]);
+    }
+
+    #[test]
+    fn reopen_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k2, disabled) = {
+            let store = SledStore::open(dir.path()).unwrap();
+            let k = key(id(1), Some("a"));
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            let k2 = store.add_version(&k, &version(k.id, 2)).unwrap();
+            let mut disabled = key(id(2), None);
+            store
+                .create_key(&disabled, &version(disabled.id, 1))
+                .unwrap();
+            let before = disabled.clone();
+            disabled.state = KeyState::Disabled;
+            store.compare_and_swap_key(&before, &disabled).unwrap();
+            (k2, disabled)
+        };
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.get_key(k2.id).unwrap(), Some(k2.clone()));
+        assert_eq!(store.get_key(disabled.id).unwrap(), Some(disabled.clone()));
+        assert_eq!(store.key_id_for_alias("a").unwrap(), Some(k2.id));
+        assert_eq!(
+            store.list_versions(k2.id).unwrap(),
+            vec![version(k2.id, 1), version(k2.id, 2)]
+        );
+        let mut all = vec![k2, disabled];
+        all.sort_by_key(|k| *k.id.as_bytes());
+        assert_eq!(store.list_keys(None, 10).unwrap(), all);
+    }
+
+    #[test]
+    fn corrupt_records_are_reported_not_panicked_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(id(1), Some("a"));
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            let other = key(id(2), None);
+            store.create_key(&other, &version(other.id, 1)).unwrap();
+        }
+        poke(dir.path(), "keys", k.id.as_bytes(), b"\x00garbage{");
+        poke(dir.path(), "aliases", b"a", b"short");
+        poke(dir.path(), "versions", &version_key(k.id, 1), b"[1,2");
+        // A valid record in the wrong slot.
+        let moved = serde_json::to_vec(&key(id(3), None)).unwrap();
+        poke(dir.path(), "keys", id(2).as_bytes(), &moved);
+        let wrong = serde_json::to_vec(&version(k.id, 5)).unwrap();
+        poke(dir.path(), "versions", &version_key(id(2), 1), &wrong);
+
+        let store = SledStore::open(dir.path()).unwrap();
+        let is_corrupt = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
+        assert!(is_corrupt(store.get_key(k.id).map(drop)));
+        assert!(is_corrupt(store.get_key(id(2)).map(drop)));
+        assert!(is_corrupt(store.list_keys(None, 10).map(drop)));
+        assert!(is_corrupt(store.key_id_for_alias("a").map(drop)));
+        assert!(is_corrupt(store.get_version(k.id, 1).map(drop)));
+        assert!(is_corrupt(store.list_versions(k.id).map(drop)));
+        assert!(is_corrupt(store.get_version(id(2), 1).map(drop)));
+        // Writes that must read the corrupt record refuse too.
+        assert!(is_corrupt(
+            store.add_version(&k, &version(k.id, 2)).map(drop)
+        ));
+        let mut changed = k.clone();
+        changed.state = KeyState::Disabled;
+        assert!(is_corrupt(store.compare_and_swap_key(&k, &changed)));
+    }
+
+    #[test]
+    fn unknown_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SledStore::open(dir.path()).unwrap());
+        poke(dir.path(), "meta", SCHEMA_KEY, &2u32.to_be_bytes());
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("schema version 2")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn data_without_schema_marker_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        poke(dir.path(), "keys", id(1).as_bytes(), b"{}");
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("no schema")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn unusable_directory_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = SledStore::open(&file).unwrap_err();
+        assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+        let err = SledStore::open(&file.join("below")).unwrap_err();
+        assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+    }
+
+    #[test]
+    fn second_open_of_a_live_store_is_an_io_error() {
+        let (dir, _store) = new_store();
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_failed_store_refuses_everything() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), None);
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        store.mark_failed();
+        let is_io = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Io(_)));
+        assert!(is_io(store.get_key(k.id).map(drop)));
+        assert!(is_io(store.list_keys(None, 1).map(drop)));
+        assert!(is_io(store.key_id_for_alias("a").map(drop)));
+        assert!(is_io(store.list_versions(k.id).map(drop)));
+        assert!(is_io(store.add_version(&k, &version(k.id, 2)).map(drop)));
+        let other = key(id(2), None);
+        assert!(is_io(store.create_key(&other, &version(other.id, 1))));
+    }
+
+    #[test]
+    fn durability_sync_covers_sled_files() {
+        let (dir, store) = new_store();
+        // A value bigger than a quarter segment goes to blobs/.
+        let k = key(id(1), None);
+        let mut v = version(k.id, 1);
+        v.wrapped_material = vec![0x5a; 200 * 1024];
+        store.create_key(&k, &v).unwrap();
+        assert!(dir.path().join("db").is_file());
+        assert!(dir.path().join("conf").is_file());
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert!(blobs > 0, "expected the big value in blobs/");
+        sync_data_dir(dir.path()).unwrap();
+        assert_eq!(store.get_version(k.id, 1).unwrap(), Some(v));
+    }
+
+    #[test]
+    fn concurrent_rotations_each_land_once() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), None);
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        let store = std::sync::Arc::new(store);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let mut won = 0;
+                    while won < 5 {
+                        let current = store.get_key(id(1)).unwrap().unwrap();
+                        let next = version(current.id, current.primary_version + 1);
+                        match store.add_version(&current, &next) {
+                            Ok(_) => won += 1,
+                            Err(StoreError::Conflict(_)) => {}
+                            Err(e) => panic!("{e:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let versions = store.list_versions(id(1)).unwrap();
+        assert_eq!(
+            versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+            (1..=21).collect::<Vec<_>>()
+        );
+        assert_eq!(store.get_key(id(1)).unwrap().unwrap().primary_version, 21);
+    }
+
+    /// Needs a small file system: `mount -t tmpfs -o size=1m tmpfs DIR`, then
+    /// `COFFRE_FULL_DISK_DIR=DIR cargo test -p coffre --lib full_disk -- --ignored`.
+    #[test]
+    #[ignore = "needs COFFRE_FULL_DISK_DIR on a small file system"]
+    fn full_disk_is_an_error_not_a_panic() {
+        let Some(base) = std::env::var_os("COFFRE_FULL_DISK_DIR") else {
+            return;
+        };
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let store = match SledStore::open(dir.path()) {
+            Ok(store) => store,
+            Err(e) => {
+                assert!(matches!(e, StoreError::Io(_)), "{e:?}");
+                return;
+            }
+        };
+        for n in 0..=255u8 {
+            let k = key(KeyId::new_random(), None);
+            let mut v = version(k.id, 1);
+            v.wrapped_material = vec![n; 16 * 1024];
+            if let Err(e) = store.create_key(&k, &v) {
+                assert!(matches!(e, StoreError::Io(_)), "{e:?}");
+                assert!(n > 0, "the disk was full before the first write");
+                // Poisoned: nothing more is accepted.
+                assert!(matches!(store.get_key(k.id), Err(StoreError::Io(_))));
+                return;
+            }
+        }
+        panic!("the file system never filled up");
+    }
+
+    /// Needs a directory made by this test on a file system then remounted
+    /// read-only: run once with `COFFRE_READ_ONLY_DIR=DIR` on a writable
+    /// file system (it creates `DIR/store`), `mount -o remount,ro`, run again.
+    #[test]
+    #[ignore = "needs COFFRE_READ_ONLY_DIR on a file system remounted read-only"]
+    fn read_only_disk_is_an_error_not_a_panic() {
+        let Some(base) = std::env::var_os("COFFRE_READ_ONLY_DIR") else {
+            return;
+        };
+        let dir = Path::new(&base).join("store");
+        if !dir.exists() {
+            let store = SledStore::open(&dir).unwrap();
+            let k = key(id(1), None);
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            return;
+        }
+        let err = SledStore::open(&dir).unwrap_err();
+        assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+    }
+
+    // ---- Model-based test ----
+
+    const ALIASES: [&str; 3] = ["alias/a", "alias/b", "alias/c"];
+    const IDS: u8 = 5;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create {
+            id: u8,
+            alias: Option<usize>,
+            consistent: bool,
+        },
+        AddVersion {
+            id: u8,
+            stale: bool,
+            skip: bool,
+        },
+        SetState {
+            id: u8,
+            state: KeyState,
+            stale: bool,
+        },
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let state = prop_oneof![
+            Just(KeyState::Enabled),
+            Just(KeyState::Disabled),
+            Just(KeyState::PendingDeletion),
+            Just(KeyState::Destroyed),
+        ];
+        prop_oneof![
+            4 => (0..IDS, proptest::option::of(0..ALIASES.len()), proptest::bool::weighted(0.9))
+                .prop_map(|(id, alias, consistent)| Op::Create { id, alias, consistent }),
+            3 => (0..IDS, proptest::bool::weighted(0.2), proptest::bool::weighted(0.2))
+                .prop_map(|(id, stale, skip)| Op::AddVersion { id, stale, skip }),
+            2 => (0..IDS, state, proptest::bool::weighted(0.2))
+                .prop_map(|(id, state, stale)| Op::SetState { id, state, stale }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    /// Error variants, for comparing outcomes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Kind {
+        KeyExists,
+        AliasTaken,
+        NoSuchKey,
+        Conflict,
+        Corrupt,
+    }
+
+    fn kind<T>(r: Result<T, StoreError>) -> Result<T, Kind> {
+        r.map_err(|e| match e {
+            StoreError::KeyExists(_) => Kind::KeyExists,
+            StoreError::AliasTaken(_) => Kind::AliasTaken,
+            StoreError::NoSuchKey(_) => Kind::NoSuchKey,
+            StoreError::Conflict(_) => Kind::Conflict,
+            StoreError::Corrupt(_) => Kind::Corrupt,
+            StoreError::Io(m) => panic!("unexpected I/O error: {m}"),
+        })
+    }
+
+    #[derive(Debug, Default)]
+    struct Model {
+        keys: BTreeMap<KeyId, KeyRecord>,
+        versions: BTreeMap<(KeyId, u32), VersionRecord>,
+        aliases: BTreeMap<String, KeyId>,
+    }
+
+    impl Model {
+        fn create(&mut self, k: &KeyRecord, v: &VersionRecord) -> Result<(), Kind> {
+            if v.key_id != k.id || v.version != k.primary_version {
+                return Err(Kind::Corrupt);
+            }
+            if self.keys.contains_key(&k.id) {
+                return Err(Kind::KeyExists);
+            }
+            if let Some(a) = &k.alias
+                && self.aliases.contains_key(a)
+            {
+                return Err(Kind::AliasTaken);
+            }
+            self.keys.insert(k.id, k.clone());
+            self.versions.insert((k.id, v.version), v.clone());
+            if let Some(a) = &k.alias {
+                self.aliases.insert(a.clone(), k.id);
+            }
+            Ok(())
+        }
+
+        fn check(&self, current: &KeyRecord) -> Result<(), Kind> {
+            match self.keys.get(&current.id) {
+                None => Err(Kind::NoSuchKey),
+                Some(stored) if stored != current => Err(Kind::Conflict),
+                Some(_) => Ok(()),
+            }
+        }
+
+        fn add_version(
+            &mut self,
+            current: &KeyRecord,
+            v: &VersionRecord,
+        ) -> Result<KeyRecord, Kind> {
+            if current.primary_version.checked_add(1) != Some(v.version) {
+                return Err(Kind::Conflict);
+            }
+            self.check(current)?;
+            if self.versions.contains_key(&(current.id, v.version)) {
+                return Err(Kind::Conflict);
+            }
+            let mut new = current.clone();
+            new.primary_version = v.version;
+            self.versions.insert((current.id, v.version), v.clone());
+            self.keys.insert(current.id, new.clone());
+            Ok(new)
+        }
+
+        fn cas(&mut self, current: &KeyRecord, new: &KeyRecord) -> Result<(), Kind> {
+            self.check(current)?;
+            self.keys.insert(current.id, new.clone());
+            Ok(())
+        }
+
+        /// What a caller would pass as `current`: the stored record, a stale
+        /// copy of it, or a record for a key that does not exist.
+        fn current(&self, id: KeyId, stale: bool) -> KeyRecord {
+            let mut k = self.keys.get(&id).cloned().unwrap_or_else(|| key(id, None));
+            if stale {
+                k.description.push_str(" (old)");
+            }
+            k
+        }
+    }
+
+    fn assert_same_state(store: &SledStore, model: &Model) -> Result<(), TestCaseError> {
+        let all: Vec<KeyRecord> = model.keys.values().cloned().collect();
+        prop_assert_eq!(&store.list_keys(None, usize::MAX).unwrap(), &all);
+        if let Some(first) = all.first() {
+            prop_assert_eq!(
+                &store.list_keys(Some(first.id), 2).unwrap(),
+                &all[1..all.len().min(3)]
+            );
+        }
+        for n in 0..IDS {
+            let i = id(n);
+            prop_assert_eq!(store.get_key(i).unwrap(), model.keys.get(&i).cloned());
+            let versions: Vec<VersionRecord> = model
+                .versions
+                .range((i, 0)..=(i, u32::MAX))
+                .map(|(_, v)| v.clone())
+                .collect();
+            prop_assert_eq!(store.list_versions(i).unwrap(), versions);
+        }
+        for a in ALIASES {
+            prop_assert_eq!(
+                store.key_id_for_alias(a).unwrap(),
+                model.aliases.get(a).copied()
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn behaves_like_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = SledStore::open(dir.path()).unwrap();
+            let mut model = Model::default();
+            for op in ops {
+                match op {
+                    Op::Create { id: n, alias, consistent } => {
+                        let mut k = key(id(n), alias.map(|a| ALIASES[a]));
+                        k.description = format!("key {n}");
+                        let v = version(k.id, if consistent { 1 } else { 2 });
+                        prop_assert_eq!(kind(store.create_key(&k, &v)), model.create(&k, &v));
+                    }
+                    Op::AddVersion { id: n, stale, skip } => {
+                        let current = model.current(id(n), stale);
+                        let next = current.primary_version + if skip { 2 } else { 1 };
+                        let v = version(current.id, next);
+                        prop_assert_eq!(
+                            kind(store.add_version(&current, &v)),
+                            model.add_version(&current, &v)
+                        );
+                    }
+                    Op::SetState { id: n, state, stale } => {
+                        let current = model.current(id(n), stale);
+                        let mut new = model.current(id(n), false);
+                        new.state = state;
+                        prop_assert_eq!(
+                            kind(store.compare_and_swap_key(&current, &new)),
+                            model.cas(&current, &new)
+                        );
+                    }
+                    Op::Reopen => {
+                        drop(store);
+                        store = SledStore::open(dir.path()).unwrap();
+                    }
+                }
+                assert_same_state(&store, &model)?;
+            }
+        }
     }
 }
