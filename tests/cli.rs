@@ -90,7 +90,18 @@ fn readme_walkthrough_with_the_real_binaries() {
         assert!(data.join("pki").join(f).is_file(), "pki/{f}");
     }
 
-    let key = run_json(data, &endpoint, &["key", "create", "--alias", "demo", "--description", "walkthrough"]);
+    let key = run_json(
+        data,
+        &endpoint,
+        &[
+            "key",
+            "create",
+            "--alias",
+            "demo",
+            "--description",
+            "walkthrough",
+        ],
+    );
     assert_eq!(key["alias"], "demo");
     assert_eq!(key["state"], "ENABLED");
     let key_id = key["key_id"].as_str().unwrap().to_string();
@@ -98,20 +109,39 @@ fn readme_walkthrough_with_the_real_binaries() {
     let dk = run_json(
         data,
         &endpoint,
-        &["datakey", "generate", "--key", "demo", "--context", "tenant=acme"],
+        &[
+            "datakey",
+            "generate",
+            "--key",
+            "demo",
+            "--context",
+            "tenant=acme",
+        ],
     );
     assert_eq!(dk["key_id"], key_id.as_str());
     let plaintext = dk["plaintext"].as_str().unwrap().to_string();
     let blob = dk["ciphertext_blob"].as_str().unwrap().to_string();
 
-    let opened = run_json(data, &endpoint, &["decrypt", "--blob", &blob, "--context", "tenant=acme"]);
+    let opened = run_json(
+        data,
+        &endpoint,
+        &["decrypt", "--blob", &blob, "--context", "tenant=acme"],
+    );
     assert_eq!(opened["plaintext"], plaintext.as_str());
     assert_eq!(opened["key_version"], 1);
 
     let rotated = run_json(data, &endpoint, &["key", "rotate", "demo"]);
     assert_eq!(rotated["primary_version"], 2);
-    let opened = run_json(data, &endpoint, &["decrypt", "--blob", &blob, "--context", "tenant=acme"]);
-    assert_eq!(opened["plaintext"], plaintext.as_str(), "the old blob still decrypts");
+    let opened = run_json(
+        data,
+        &endpoint,
+        &["decrypt", "--blob", &blob, "--context", "tenant=acme"],
+    );
+    assert_eq!(
+        opened["plaintext"],
+        plaintext.as_str(),
+        "the old blob still decrypts"
+    );
 
     let shown = run_json(data, &endpoint, &["key", "show", "demo"]);
     assert_eq!(shown["versions"].as_array().unwrap().len(), 2);
@@ -154,21 +184,36 @@ fn readme_walkthrough_with_the_real_binaries() {
     // People get tables; errors are clear and exit non-zero.
     let (ok, stdout, _) = run(data, &endpoint, &["key", "list"]);
     assert!(ok);
-    assert!(stdout.contains("KEY ID") && stdout.contains("demo"), "{stdout}");
-    let (ok, _, stderr) = run(data, &endpoint, &["decrypt", "--blob", &blob, "--context", "tenant=evil"]);
+    assert!(
+        stdout.contains("KEY ID") && stdout.contains("demo"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = run(
+        data,
+        &endpoint,
+        &["decrypt", "--blob", &blob, "--context", "tenant=evil"],
+    );
     assert!(!ok);
     assert!(stderr.contains("invalid argument"), "{stderr}");
     let (ok, _, stderr) = run(data, &endpoint, &["key", "show", "missing"]);
     assert!(!ok);
     assert!(stderr.contains("not found"), "{stderr}");
-    let (ok, _, stderr) = run(data, &endpoint, &["key", "disable", "demo", "--as", "service"]);
+    let (ok, _, stderr) = run(
+        data,
+        &endpoint,
+        &["key", "disable", "demo", "--as", "service"],
+    );
     assert!(!ok);
     assert!(stderr.contains("permission denied"), "{stderr}");
 
     // Restart with the same directory: the key and its versions are there.
     drop(server);
     let (_server, endpoint) = start_dev(data);
-    let opened = run_json(data, &endpoint, &["decrypt", "--blob", &blob, "--context", "tenant=acme"]);
+    let opened = run_json(
+        data,
+        &endpoint,
+        &["decrypt", "--blob", &blob, "--context", "tenant=acme"],
+    );
     assert_eq!(opened["plaintext"], plaintext.as_str());
     let shown = run_json(data, &endpoint, &["key", "show", &key_id]);
     assert_eq!(shown["primary_version"], 2);

@@ -275,11 +275,9 @@ async fn disable_is_immediate_and_enable_restores() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
-    keys.enable_key(pb::EnableKeyRequest {
-        key_id: "d".into(),
-    })
-    .await
-    .unwrap();
+    keys.enable_key(pb::EnableKeyRequest { key_id: "d".into() })
+        .await
+        .unwrap();
     let out = data
         .decrypt(decrypt_req(&generated.ciphertext_blob, &[]))
         .await
@@ -316,7 +314,9 @@ async fn every_bad_input_gets_its_status_and_changes_nothing() {
         (
             "unknown key",
             Code::NotFound,
-            data.generate_data_key(gen_req("no-such-key", 32)).await.unwrap_err(),
+            data.generate_data_key(gen_req("no-such-key", 32))
+                .await
+                .unwrap_err(),
         ),
         (
             "unknown uuid",
@@ -333,7 +333,9 @@ async fn every_bad_input_gets_its_status_and_changes_nothing() {
         (
             "invalid alias",
             Code::InvalidArgument,
-            data.generate_data_key(gen_req("bad alias!", 32)).await.unwrap_err(),
+            data.generate_data_key(gen_req("bad alias!", 32))
+                .await
+                .unwrap_err(),
         ),
         (
             "15 bytes",
@@ -379,7 +381,9 @@ async fn every_bad_input_gets_its_status_and_changes_nothing() {
         (
             "empty blob",
             Code::InvalidArgument,
-            data.decrypt(decrypt_req(b"", &[("a", "b")])).await.unwrap_err(),
+            data.decrypt(decrypt_req(b"", &[("a", "b")]))
+                .await
+                .unwrap_err(),
         ),
         (
             "truncated blob",
@@ -475,8 +479,15 @@ async fn every_bad_input_gets_its_status_and_changes_nothing() {
     for i in 0..good.ciphertext_blob.len() {
         let mut bad = good.ciphertext_blob.clone();
         bad[i] ^= 0x01;
-        let status = data.decrypt(decrypt_req(&bad, &[("a", "b")])).await.unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "flip at {i}: {status:?}");
+        let status = data
+            .decrypt(decrypt_req(&bad, &[("a", "b")]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "flip at {i}: {status:?}"
+        );
         messages.insert(status.message().to_string());
     }
     assert_eq!(messages.len(), 1, "one generic message: {messages:?}");
@@ -520,9 +531,8 @@ async fn roles_are_enforced() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
     // Services may not manage keys.
-    let mut as_service = pb::key_service_client::KeyServiceClient::new(
-        channel_as(&endpoint, &pki, "service").await,
-    );
+    let mut as_service =
+        pb::key_service_client::KeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
     for status in [
         as_service
             .create_key(pb::CreateKeyRequest::default())
@@ -591,7 +601,10 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
     let refused = match try_channel(
         &endpoint,
         &pki.join("ca.pem"),
-        Some((&other_pki.join("operator.pem"), &other_pki.join("operator-key.pem"))),
+        Some((
+            &other_pki.join("operator.pem"),
+            &other_pki.join("operator-key.pem"),
+        )),
     )
     .await
     {
@@ -640,7 +653,12 @@ async fn list_keys_pages_through_every_key() {
         }
     }
     assert_eq!(seen.len(), 7, "each key exactly once");
-    assert_eq!(seen.iter().cloned().collect::<std::collections::BTreeSet<_>>(), created);
+    assert_eq!(
+        seen.iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        created
+    );
     server.stop().await;
 }
 

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coffre::grpc::pb::{self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient};
+use coffre::grpc::pb::{
+    self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient,
+};
 use tonic::Code;
 
 use crate::cli::Guard;
@@ -168,7 +170,11 @@ async fn coffre_serve_with_hsm_sim_as_its_own_process() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "nothing was created during the outage");
+    assert_eq!(
+        err.code(),
+        Code::NotFound,
+        "nothing was created during the outage"
+    );
 
     // hsm-sim restarts (sessions lost): coffre logs in again by itself.
     drop(hsm);

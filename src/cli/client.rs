@@ -25,14 +25,14 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
     let paths = PkiPaths::new(&args.data_dir);
     let name = args.identity.as_deref().unwrap_or(default_identity);
     let ca_path = args.ca.clone().unwrap_or_else(|| paths.ca_cert());
-    let (cert_path, key_path) = match (&args.cert, &args.key) {
+    let (cert_path, key_path) = match (&args.cert, &args.cert_key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => (paths.client_cert(name), paths.client_key(name)),
     };
     let read = |p: &Path, what: &str| -> anyhow::Result<Vec<u8>> {
         std::fs::read(p).with_context(|| {
             format!(
-                "cannot read the {what} {} (is `coffre dev` running with --data-dir {}? or pass --ca/--cert/--key)",
+                "cannot read the {what} {} (is `coffre dev` running with --data-dir {}? or pass --ca, --cert and --cert-key)",
                 p.display(),
                 args.data_dir.display()
             )

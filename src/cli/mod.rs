@@ -99,11 +99,11 @@ pub struct ConnectArgs {
     #[arg(long, global = true, env = "COFFRE_CA")]
     pub ca: Option<PathBuf>,
     /// Client certificate (overrides the dev PKI).
-    #[arg(long, global = true, env = "COFFRE_CERT", requires = "key")]
+    #[arg(long, global = true, env = "COFFRE_CERT", requires = "cert_key")]
     pub cert: Option<PathBuf>,
-    /// Client private key (overrides the dev PKI).
-    #[arg(long, global = true, env = "COFFRE_KEY", requires = "cert")]
-    pub key: Option<PathBuf>,
+    /// Private key of the client certificate (overrides the dev PKI).
+    #[arg(long, global = true, env = "COFFRE_CERT_KEY", requires = "cert")]
+    pub cert_key: Option<PathBuf>,
     /// Machine-readable output: one JSON object.
     #[arg(long, global = true)]
     pub json: bool,
@@ -290,5 +290,25 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn pairs_parse() {
+        assert_eq!(parse_pair("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_pair("a="), Ok(("a".into(), String::new())));
+        assert!(parse_pair("=b").is_err());
+        assert!(parse_pair("ab").is_err());
     }
 }

@@ -170,11 +170,25 @@ async fn a_cached_request_does_no_store_or_hsm_io() {
         assert_eq!(opened.plaintext.expose(), out.plaintext.unwrap().expose());
     }
     f.kms
-        .decrypt(&svc(), &first.ciphertext_blob, &context(), WHY, Some(&key_ref))
+        .decrypt(
+            &svc(),
+            &first.ciphertext_blob,
+            &context(),
+            WHY,
+            Some(&key_ref),
+        )
         .await
         .unwrap();
-    assert_eq!(f.hsm.calls.load(Ordering::SeqCst), hsm_before, "no HSM call");
-    assert_eq!(f.store.calls.load(Ordering::SeqCst), store_before, "no store call");
+    assert_eq!(
+        f.hsm.calls.load(Ordering::SeqCst),
+        hsm_before,
+        "no HSM call"
+    );
+    assert_eq!(
+        f.store.calls.load(Ordering::SeqCst),
+        store_before,
+        "no store call"
+    );
 }
 
 #[tokio::test]
@@ -197,7 +211,10 @@ async fn evicted_versions_are_unwrapped_again_by_the_hsm() {
             .unwrap();
         blobs.push((out.ciphertext_blob, out.plaintext.unwrap()));
     }
-    assert!(f.kms.materials.len() <= 2 && f.kms.keys.len() <= 2, "bounded");
+    assert!(
+        f.kms.materials.len() <= 2 && f.kms.keys.len() <= 2,
+        "bounded"
+    );
     let before = f.hsm.calls.load(Ordering::SeqCst);
     for (blob, plaintext) in &blobs {
         let opened = f
@@ -234,7 +251,16 @@ async fn disable_takes_effect_on_cached_keys() {
         .decrypt(&svc(), &out.ciphertext_blob, &context(), WHY, None)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::KeyNotEnabled { state: KeyState::Disabled, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::KeyNotEnabled {
+                state: KeyState::Disabled,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let err = f
         .kms
         .generate_data_key(&svc(), &r, &context(), WHY, 32, true)
@@ -242,8 +268,14 @@ async fn disable_takes_effect_on_cached_keys() {
         .unwrap_err();
     assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
     // Idempotent, and the transition back works.
-    assert_eq!(f.kms.disable_key(&op(), &r).await.unwrap().state, KeyState::Disabled);
-    assert_eq!(f.kms.enable_key(&op(), &r).await.unwrap().state, KeyState::Enabled);
+    assert_eq!(
+        f.kms.disable_key(&op(), &r).await.unwrap().state,
+        KeyState::Disabled
+    );
+    assert_eq!(
+        f.kms.enable_key(&op(), &r).await.unwrap().state,
+        KeyState::Enabled
+    );
     f.kms
         .decrypt(&svc(), &out.ciphertext_blob, &context(), WHY, None)
         .await

@@ -73,7 +73,10 @@ pub async fn channel_as(endpoint: &str, pki: &Path, identity: &str) -> Channel {
     try_channel(
         endpoint,
         &pki.join("ca.pem"),
-        Some((&pki.join(format!("{identity}.pem")), &pki.join(format!("{identity}-key.pem")))),
+        Some((
+            &pki.join(format!("{identity}.pem")),
+            &pki.join(format!("{identity}-key.pem")),
+        )),
     )
     .await
     .unwrap()
