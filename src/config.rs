@@ -137,12 +137,15 @@ impl PinSource {
                 PinSource::Env(var) => Zeroizing::new(std::env::var(var).with_context(|| {
                     format!("the HSM PIN environment variable {var} is not set")
                 })?),
-                PinSource::File(path) => Zeroizing::new(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("reading the HSM PIN file {}", path.display()))?
-                        .trim_end_matches(['\n', '\r'])
-                        .to_string(),
-                ),
+                PinSource::File(path) => {
+                    let mut pin =
+                        Zeroizing::new(std::fs::read_to_string(path).with_context(|| {
+                            format!("reading the HSM PIN file {}", path.display())
+                        })?);
+                    let len = pin.trim_end_matches(['\n', '\r']).len();
+                    pin.truncate(len);
+                    pin
+                }
             };
         if pin.is_empty() {
             bail!("the HSM PIN is empty");
@@ -170,6 +173,9 @@ pub struct Config {
     pub hsm: HsmConfig,
     pub roles: HashMap<String, Role>,
     pub options: KmsOptions,
+    /// The operator explicitly accepted an HSM backend that says it is not
+    /// secure (the simulator). Checked against `Hsm::is_secure` at start.
+    pub allow_insecure_hsm: bool,
 }
 
 impl Config {
@@ -200,6 +206,7 @@ impl Config {
                     .hsm
                     .endpoint
                     .context("hsm.endpoint is required for the simulator backend")?;
+                check_loopback(&endpoint)?;
                 let pin = match (raw.hsm.pin_env, raw.hsm.pin_file) {
                     (Some(var), None) => PinSource::Env(var),
                     (None, Some(file)) => PinSource::File(file),
@@ -246,6 +253,7 @@ impl Config {
         };
 
         Ok(Config {
+            allow_insecure_hsm: raw.hsm.allow_insecure_simulator,
             listen,
             data_dir: raw.data_dir,
             tls: TlsPaths {
@@ -258,6 +266,26 @@ impl Config {
             options,
         })
     }
+}
+
+/// The simulator speaks plain TCP (PIN and CMK material in clear): it must
+/// be on this host.
+fn check_loopback(endpoint: &str) -> anyhow::Result<()> {
+    let uri: tonic::transport::Uri = endpoint
+        .parse()
+        .with_context(|| format!("hsm.endpoint {endpoint:?} is not a URL"))?;
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        bail!(
+            "hsm.endpoint {endpoint:?} is not on this host: the simulated HSM speaks plain TCP \
+             and must be reached over loopback (127.0.0.1, ::1 or localhost)"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -296,6 +324,17 @@ mod tests {
         let text = GOOD.replace("allow_insecure_simulator = true", "");
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("not secure"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_simulator_off_this_host() {
+        for bad in ["http://10.0.0.5:7444", "http://hsm.example:7444"] {
+            let text = GOOD.replace("http://127.0.0.1:7444", bad);
+            let err = format!("{:#}", Config::parse(&text).unwrap_err());
+            assert!(err.contains("loopback"), "{err}");
+        }
+        let text = GOOD.replace("http://127.0.0.1:7444", "http://[::1]:7444");
+        assert!(Config::parse(&text).is_ok());
     }
 
     #[test]

@@ -173,7 +173,11 @@ pub fn seal_with_header(
         .map_err(|_| SealError::Aead)?;
     let header_bytes = header.to_bytes();
     let aad = aad(&header_bytes, digest);
-    let mut blob = Vec::with_capacity(envelope::HEADER_LEN + plaintext.len() + TAG_LEN);
+    // Holds the plaintext until it is encrypted in place: zeroized if
+    // encryption fails.
+    let mut blob = Zeroizing::new(Vec::with_capacity(
+        envelope::HEADER_LEN + plaintext.len() + TAG_LEN,
+    ));
     blob.extend_from_slice(&header_bytes);
     blob.extend_from_slice(plaintext);
     let body = blob
@@ -181,7 +185,7 @@ pub fn seal_with_header(
         .ok_or(SealError::Aead)?;
     let tag = encrypt_in_place(&cipher, &header.iv, &aad, body)?;
     blob.extend_from_slice(&tag);
-    Ok(blob)
+    Ok(std::mem::take(&mut *blob))
 }
 
 /// AES-256-GCM (96-bit IV, 128-bit tag) encryption in place: the one call

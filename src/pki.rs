@@ -200,7 +200,9 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 /// subject CN. `None` when it has neither or does not parse.
 pub fn principal_from_cert(der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
+    // A SAN extension that does not parse (or appears twice) is refused,
+    // never silently skipped in favour of the CN.
+    if let Some(san) = cert.subject_alternative_name().ok()? {
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name {
                 return Some((*uri).to_string());

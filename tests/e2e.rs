@@ -420,6 +420,100 @@ async fn every_bad_input_gets_its_status_and_changes_nothing() {
             .unwrap_err(),
         ),
         (
+            "no justification",
+            Code::PermissionDenied,
+            data.generate_data_key(pb::GenerateDataKeyRequest {
+                justification: pb::AccessReason::Unspecified as i32,
+                ..gen_req("k", 32)
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "third-party data request",
+            Code::PermissionDenied,
+            data.decrypt(pb::DecryptRequest {
+                justification: pb::AccessReason::ThirdPartyDataRequest as i32,
+                ..decrypt_req(&good.ciphertext_blob, &[("a", "b")])
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "context with 65 entries",
+            Code::InvalidArgument,
+            data.generate_data_key(pb::GenerateDataKeyRequest {
+                encryption_context: (0..65)
+                    .map(|i| (format!("k{i}"), "v".to_string()))
+                    .collect(),
+                ..gen_req("k", 32)
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "context key of 257 bytes",
+            Code::InvalidArgument,
+            data.generate_data_key(pb::GenerateDataKeyRequest {
+                encryption_context: ctx(&[(&"x".repeat(257), "v")]),
+                ..gen_req("k", 32)
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "empty context key",
+            Code::InvalidArgument,
+            data.generate_data_key(pb::GenerateDataKeyRequest {
+                encryption_context: ctx(&[("", "v")]),
+                ..gen_req("k", 32)
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "over-long alias",
+            Code::InvalidArgument,
+            keys.create_key(pb::CreateKeyRequest {
+                alias: "a".repeat(257),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "description over 8 KiB",
+            Code::InvalidArgument,
+            keys.create_key(pb::CreateKeyRequest {
+                description: "d".repeat(8193),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "65 labels",
+            Code::InvalidArgument,
+            keys.create_key(pb::CreateKeyRequest {
+                labels: (0..65)
+                    .map(|i| (format!("l{i}"), "v".to_string()))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "unknown protection level",
+            Code::InvalidArgument,
+            keys.create_key(pb::CreateKeyRequest {
+                protection_level: 7,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
             "duplicate alias",
             Code::AlreadyExists,
             keys.create_key(pb::CreateKeyRequest {
@@ -578,19 +672,36 @@ async fn roles_are_enforced() {
     server.stop().await;
 }
 
+/// A refusal by TLS, not by a service: the connection is torn down.
+fn transport_refusal(status: &tonic::Status) -> bool {
+    let transport = matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+    );
+    assert!(
+        transport,
+        "expected a transport-level refusal, got {status:?}"
+    );
+    transport
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
     let server = TestServer::start().await;
     let pki = server.data_dir().join("pki");
     let endpoint = server.endpoint();
 
-    // No client certificate: the TLS handshake fails, or the first call does.
+    // No client certificate: the TLS handshake fails, or the first call
+    // does — at the transport, before any service code runs.
     let refused = match try_channel(&endpoint, &pki.join("ca.pem"), None).await {
         Err(_) => true,
-        Ok(channel) => pb::key_service_client::KeyServiceClient::new(channel)
-            .list_keys(pb::ListKeysRequest::default())
-            .await
-            .is_err(),
+        Ok(channel) => {
+            let status = pb::key_service_client::KeyServiceClient::new(channel)
+                .list_keys(pb::ListKeysRequest::default())
+                .await
+                .unwrap_err();
+            transport_refusal(&status)
+        }
     };
     assert!(refused, "a client without a certificate must be refused");
 
@@ -609,10 +720,13 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
     .await
     {
         Err(_) => true,
-        Ok(channel) => pb::key_service_client::KeyServiceClient::new(channel)
-            .list_keys(pb::ListKeysRequest::default())
-            .await
-            .is_err(),
+        Ok(channel) => {
+            let status = pb::key_service_client::KeyServiceClient::new(channel)
+                .list_keys(pb::ListKeysRequest::default())
+                .await
+                .unwrap_err();
+            transport_refusal(&status)
+        }
     };
     assert!(refused, "a certificate from another CA must be refused");
 
@@ -662,30 +776,126 @@ async fn list_keys_pages_through_every_key() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_reflection_are_served() {
-    let server = TestServer::start().await;
-    let channel = server.channel("service").await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    // The readiness watcher publishes SERVING once the HSM answered.
-    let mut status = 0;
-    for _ in 0..50 {
-        if let Ok(resp) = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "coffre.v1.DataKeyService".into(),
-            })
-            .await
-        {
-            status = resp.into_inner().status;
-            if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                break;
-            }
+async fn health_status(
+    health: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+) -> Option<i32> {
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "coffre.v1.DataKeyService".into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
+async fn wait_for_health(
+    health: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    for _ in 0..100 {
+        if health_status(health).await == Some(want as i32) {
+            return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    panic!(
+        "health never became {want:?}: {:?}",
+        health_status(health).await
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_hsm() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let server = TestServer::start().await;
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(server.channel("service").await);
+    wait_for_health(&mut health, ServingStatus::Serving).await;
+
+    let sim = server.server.as_ref().unwrap().simulator.clone().unwrap();
+    sim.set_faults(hsm_sim::Faults {
+        outage: true,
+        ..Default::default()
+    })
+    .unwrap();
+    wait_for_health(&mut health, ServingStatus::NotServing).await;
+    // A request that needs the HSM says so.
+    let err = server
+        .keys()
+        .await
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    sim.set_faults(hsm_sim::Faults::default()).unwrap();
+    wait_for_health(&mut health, ServingStatus::Serving).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_hsm_makes_coffre_unavailable_not_corrupt() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let server = TestServer::start().await;
+    let key = create_key(&server, "t").await;
+    let sim = server.server.as_ref().unwrap().simulator.clone().unwrap();
+    sim.tamper().unwrap();
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(server.channel("service").await);
+    wait_for_health(&mut health, ServingStatus::NotServing).await;
+    let err = server
+        .keys()
+        .await
+        .rotate_key(pb::RotateKeyRequest {
+            key_id: key.key_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The key's record is unchanged.
+    let shown = server
+        .keys()
+        .await
+        .get_key(pb::GetKeyRequest { key_id: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.key.unwrap().primary_version, 1);
+    assert_eq!(shown.versions.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = TestServer::start().await;
+    let mut client = ServerReflectionClient::new(server.channel("operator").await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "coffre.v1.KeyService",
+        "coffre.v1.DataKeyService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
     server.stop().await;
 }

@@ -64,6 +64,9 @@ pub const DEV_HSM_PIN: &str = "hsm-sim.pin";
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub kms: Arc<Kms>,
+    /// The in-process simulated HSM of `coffre dev` (for fault injection in
+    /// tests); `None` with a separate HSM.
+    pub simulator: Option<Arc<hsm_sim::Simulator>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -103,6 +106,7 @@ pub async fn start_dev(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         .await
         .context("opening the simulated HSM")?
         .context("opening the simulated HSM")?;
+    let simulator = Arc::clone(hsm.simulator());
     let store_dir = dir.join(DEV_STORE_DIR);
     let store = tokio::task::spawn_blocking(move || SledStore::open(&store_dir))
         .await
@@ -127,7 +131,9 @@ pub async fn start_dev(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         client_ca: paths.ca_cert(),
     }
     .load()?;
-    start_server(kms, opts.listen, tls).await
+    let mut server = start_server(kms, opts.listen, tls).await?;
+    server.simulator = Some(simulator);
+    Ok(server)
 }
 
 pub async fn start_server(
@@ -146,6 +152,7 @@ pub async fn start_server(
     Ok(RunningServer {
         addr,
         kms,
+        simulator: None,
         shutdown: Some(tx),
         task,
     })
@@ -186,7 +193,11 @@ pub async fn run_serve(config_path: &Path) -> anyhow::Result<()> {
         }
     };
     if !hsm.is_secure() {
-        // Config::parse has already required allow_insecure_simulator.
+        if !config.allow_insecure_hsm {
+            bail!(
+                "the HSM backend is not secure; refusing to serve (see hsm.allow_insecure_simulator)"
+            );
+        }
         tracing::warn!("the HSM backend is not secure (allowed by the configuration)");
     }
     let store_dir = config.data_dir.join("store");
@@ -259,12 +270,11 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// The dev HSM's PIN: random on first start, kept in a 0600 file.
 fn dev_pin(path: &Path) -> anyhow::Result<Zeroizing<String>> {
     if path.exists() {
-        let pin = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .trim()
-                .to_string(),
+        let mut pin = Zeroizing::new(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         );
+        let len = pin.trim_end().len();
+        pin.truncate(len);
         if pin.is_empty() {
             bail!("{} is empty", path.display());
         }

@@ -54,6 +54,9 @@ pub fn status(err: Error) -> Status {
                     Status::unavailable("the HSM is unavailable; retry later")
                 }
                 HsmError::Tampered => Status::unavailable("the HSM cannot serve keys"),
+                HsmError::LoginFailed(_) => {
+                    Status::unavailable("the HSM refused coffre's login; see the server log")
+                }
                 _ => Status::internal("internal error (HSM); see the server log"),
             }
         }

@@ -73,7 +73,7 @@ pub async fn serve(
                     }
                     last = Some(status);
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })
     };

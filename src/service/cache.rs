@@ -83,6 +83,27 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedCache<K, V> {
         );
     }
 
+    /// Inserts only if `still_valid()` holds, evaluated under the map's
+    /// write lock (so that no other insert can slip in between). Returns
+    /// whether it inserted.
+    pub fn insert_if(&self, key: K, value: V, still_valid: impl FnOnce() -> bool) -> bool {
+        let mut map = self.write();
+        if !still_valid() {
+            return false;
+        }
+        if !map.contains_key(&key) && map.len() >= self.capacity {
+            Self::evict_one(&mut map);
+        }
+        map.insert(
+            key,
+            Slot {
+                value,
+                referenced: AtomicBool::new(false),
+            },
+        );
+        true
+    }
+
     pub fn remove(&self, key: &K) {
         self.write().remove(key);
     }

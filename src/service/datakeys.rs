@@ -174,8 +174,9 @@ impl Kms {
         caller: &Caller,
         key: &KeyRef,
         op: Operation,
-        _justification: AccessReason,
+        justification: AccessReason,
     ) -> Result<Arc<KeyRecord>> {
+        check_justification(caller, op, justification)?;
         let record = self.resolve(key).await?;
         ensure_enabled(caller, &record, op)?;
         Ok(record)
@@ -198,10 +199,11 @@ impl Kms {
         caller: &Caller,
         blob: &[u8],
         context: &EncryptionContext,
-        _justification: AccessReason,
+        justification: AccessReason,
         expected_key: Option<&KeyRef>,
         op: Operation,
     ) -> Result<DecryptOutput> {
+        check_justification(caller, op, justification)?;
         let parsed = envelope::parse(blob).map_err(|e| {
             tracing::debug!(reason = %e, "ciphertext blob refused");
             Error::InvalidCiphertext
@@ -237,6 +239,28 @@ impl Kms {
             key_version: version,
         })
     }
+}
+
+/// The default policy of DESIGN.md: a data key is never produced for a
+/// foreign authority's demand (`THIRD_PARTY_DATA_REQUEST`) nor without a
+/// stated reason (`ACCESS_REASON_UNSPECIFIED`). Per-key policies come later.
+fn check_justification(caller: &Caller, op: Operation, reason: AccessReason) -> Result<()> {
+    let refused = match reason {
+        AccessReason::Unspecified => {
+            "a justification is required (ACCESS_REASON_UNSPECIFIED is refused)"
+        }
+        AccessReason::ThirdPartyDataRequest => {
+            "the justification THIRD_PARTY_DATA_REQUEST is refused by the key policy"
+        }
+        _ => return Ok(()),
+    };
+    tracing::warn!(
+        principal = %caller.principal,
+        operation = op.name(),
+        justification = ?reason,
+        "refused justification"
+    );
+    Err(Error::PermissionDenied(refused.to_string()))
 }
 
 fn ensure_enabled(caller: &Caller, record: &KeyRecord, op: Operation) -> Result<()> {

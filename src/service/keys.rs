@@ -76,7 +76,7 @@ impl Kms {
             labels: input.labels,
         };
 
-        let _guard = self.write_lock.lock().await;
+        let guard = self.begin_write().await;
         let (stored, first) = (record.clone(), version.clone());
         self.blocking(move |s| {
             s.create_key(&stored, &first).map_err(|e| match e {
@@ -88,7 +88,7 @@ impl Kms {
         })
         .await?;
         self.materials.insert((id, 1), Arc::new(material));
-        let key = self.publish(record);
+        let key = self.publish(&guard, record);
         tracing::info!(key_id = %id, principal = %caller.principal, "key created");
         Ok(KeyView {
             key,
@@ -120,6 +120,7 @@ impl Kms {
         self.authorize(caller, Operation::GetKey)?;
         // Read through to the store: operators see the durable truth.
         let id = self.resolve(key).await?.id;
+        let epoch = self.read_epoch();
         let (record, versions) = self
             .blocking(move |s| {
                 let record = s
@@ -129,10 +130,9 @@ impl Kms {
                 Ok((record, versions))
             })
             .await?;
-        Ok(KeyView {
-            key: self.publish(record),
-            versions,
-        })
+        let key = Arc::new(record);
+        self.cache_if_current(&key, epoch);
+        Ok(KeyView { key, versions })
     }
 
     pub async fn list_keys(
@@ -167,7 +167,7 @@ impl Kms {
     pub async fn rotate_key(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
         self.authorize(caller, Operation::RotateKey)?;
         let id = self.resolve(key).await?.id;
-        let _guard = self.write_lock.lock().await;
+        let guard = self.begin_write().await;
         let current = self.fresh_record(id).await?;
         if !matches!(current.state, KeyState::Enabled | KeyState::Disabled) {
             return Err(Error::FailedPrecondition(format!(
@@ -185,7 +185,7 @@ impl Kms {
         self.materials
             .insert((id, next_version), Arc::new(material));
         tracing::info!(key_id = %id, version = next_version, principal = %caller.principal, "key rotated");
-        Ok(self.publish(updated))
+        Ok(self.publish(&guard, updated))
     }
 
     pub async fn disable_key(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
@@ -207,10 +207,10 @@ impl Kms {
         target: KeyState,
     ) -> Result<Arc<KeyRecord>> {
         let id = self.resolve(key).await?.id;
-        let _guard = self.write_lock.lock().await;
+        let guard = self.begin_write().await;
         let current = self.fresh_record(id).await?;
         if current.state == target {
-            return Ok(self.publish(current));
+            return Ok(self.publish(&guard, current));
         }
         let legal = matches!(
             (current.state, target),
@@ -228,10 +228,10 @@ impl Kms {
         self.blocking(move |s| Ok(s.compare_and_swap_key(&current, &stored)?))
             .await?;
         tracing::info!(key_id = %id, state = %target, principal = %caller.principal, "key state changed");
-        Ok(self.publish(next))
+        Ok(self.publish(&guard, next))
     }
 
-    /// The stored record, bypassing the cache (under `write_lock`).
+    /// The stored record, bypassing the cache (writers only).
     async fn fresh_record(&self, id: KeyId) -> Result<KeyRecord> {
         self.blocking(move |s| {
             s.get_key(id)?

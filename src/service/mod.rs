@@ -13,14 +13,23 @@
 //! change (create, rotate, disable, enable) is serialized by `write_lock`,
 //! made durable in the store first, and only then published to the cache;
 //! data-key requests that start after the change returns see it.
+//!
+//! A reader that misses the cache and loads a record from the store must not
+//! put a stale copy back after a writer published a newer one (that would
+//! undo a `DisableKey`). Writers make `write_epoch` odd for the whole of
+//! their change; a reader caches what it read only if the epoch was even
+//! before its read and is unchanged when it inserts — checked under the
+//! cache's lock, which the writer's publish also takes. Otherwise it uses the
+//! record for its own request (it overlapped the write) without caching it.
 
 mod cache;
 mod datakeys;
 mod keys;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 pub use cache::BoundedCache;
 pub use datakeys::{
@@ -67,6 +76,21 @@ pub struct Kms {
     aliases: BoundedCache<String, KeyId>,
     materials: BoundedCache<(KeyId, u32), Arc<CmkMaterial>>,
     write_lock: Mutex<()>,
+    /// Odd while a key change is in progress; see the module docs.
+    write_epoch: AtomicU64,
+}
+
+/// Held for the whole of a key change: serializes writers and keeps the
+/// write epoch odd until dropped.
+struct WriteGuard<'a> {
+    epoch: &'a AtomicU64,
+    _lock: MutexGuard<'a, ()>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl Kms {
@@ -87,6 +111,7 @@ impl Kms {
             aliases: BoundedCache::new(options.key_cache_capacity),
             materials: BoundedCache::new(options.material_cache_capacity),
             write_lock: Mutex::new(()),
+            write_epoch: AtomicU64::new(0),
         }
     }
 
@@ -99,10 +124,38 @@ impl Kms {
         self.materials.stats()
     }
 
-    /// Readiness: the HSM answers. The store is local and checked on use.
+    /// Readiness: the HSM performs a key operation in a session (a tampered
+    /// token or a refused login fails here), and the store answers a read.
     pub async fn check_ready(&self) -> Result<()> {
-        self.hsm.info().await?;
+        self.hsm.generate_random(16).await?;
+        self.blocking(|s| Ok(s.list_keys(None, 1)?)).await?;
         Ok(())
+    }
+
+    /// Starts a key change (see the module docs).
+    async fn begin_write(&self) -> WriteGuard<'_> {
+        let lock = self.write_lock.lock().await;
+        self.write_epoch.fetch_add(1, Ordering::SeqCst);
+        WriteGuard {
+            epoch: &self.write_epoch,
+            _lock: lock,
+        }
+    }
+
+    /// The epoch to pass to [`Kms::cache_if_current`] after a store read.
+    fn read_epoch(&self) -> u64 {
+        self.write_epoch.load(Ordering::SeqCst)
+    }
+
+    /// Caches a record read from the store if no key change overlapped the
+    /// read that started at `epoch`.
+    fn cache_if_current(&self, record: &Arc<KeyRecord>, epoch: u64) {
+        if epoch % 2 == 1 {
+            return;
+        }
+        self.keys.insert_if(record.id, Arc::clone(record), || {
+            self.write_epoch.load(Ordering::SeqCst) == epoch
+        });
     }
 
     fn authorize(&self, caller: &Caller, op: Operation) -> Result<Role> {
@@ -150,16 +203,18 @@ impl Kms {
         if let Some(record) = self.keys.get(&id) {
             return Ok(Some(record));
         }
+        let epoch = self.read_epoch();
         let Some(record) = self.blocking(move |s| Ok(s.get_key(id)?)).await? else {
             return Ok(None);
         };
         let record = Arc::new(record);
-        self.keys.insert(id, Arc::clone(&record));
+        self.cache_if_current(&record, epoch);
         Ok(Some(record))
     }
 
-    /// Publishes a record that is durable in the store.
-    fn publish(&self, record: KeyRecord) -> Arc<KeyRecord> {
+    /// Publishes a record that is durable in the store. Only writers call
+    /// this, holding their [`WriteGuard`].
+    fn publish(&self, _writing: &WriteGuard<'_>, record: KeyRecord) -> Arc<KeyRecord> {
         let record = Arc::new(record);
         if let Some(alias) = &record.alias {
             self.aliases.insert(alias.clone(), record.id);

@@ -43,10 +43,17 @@ impl Hsm for CountingHsm {
     }
 }
 
+type Pause = (
+    std::sync::mpsc::SyncSender<()>,
+    std::sync::mpsc::Receiver<()>,
+);
+
 #[derive(Debug)]
 struct CountingStore {
     inner: SledStore,
     calls: AtomicUsize,
+    /// When set, the next `get_key` says it is paused, then waits to resume.
+    pause_next_get: std::sync::Mutex<Option<Pause>>,
 }
 
 impl CountingStore {
@@ -62,7 +69,13 @@ impl KeyStore for CountingStore {
     }
     fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.count();
-        self.inner.get_key(id)
+        let pause = self.pause_next_get.lock().unwrap().take();
+        let read = self.inner.get_key(id);
+        if let Some((paused, resume)) = pause {
+            paused.send(()).unwrap();
+            resume.recv().unwrap();
+        }
+        read
     }
     fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
         self.count();
@@ -106,6 +119,7 @@ fn fixture(options: KmsOptions) -> Fixture {
     let store = Arc::new(CountingStore {
         inner: SledStore::open(&dir.path().join("store")).unwrap(),
         calls: AtomicUsize::new(0),
+        pause_next_get: std::sync::Mutex::new(None),
     });
     let roles = StaticRoles::new([
         ("op".to_string(), Role::Operator),
@@ -323,4 +337,56 @@ async fn hsm_protection_level_is_refused_and_nothing_is_created() {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
     let page = f.kms.list_keys(&op(), None, 10).await.unwrap();
     assert!(page.keys.is_empty());
+}
+
+/// A reader that loaded a key before a DisableKey and finishes after it must
+/// not put the stale ENABLED record back into the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_cannot_undo_a_disable() {
+    let f = Arc::new(fixture(KmsOptions {
+        key_cache_capacity: 1,
+        material_cache_capacity: 10,
+    }));
+    let a = f
+        .kms
+        .create_key(&op(), CreateKeyInput::default())
+        .await
+        .unwrap()
+        .key
+        .id;
+    // A second key evicts the first from the one-entry record cache.
+    f.kms
+        .create_key(&op(), CreateKeyInput::default())
+        .await
+        .unwrap();
+    assert!(f.kms.keys.get(&a).is_none());
+
+    let (paused_tx, paused_rx) = std::sync::mpsc::sync_channel(1);
+    let (resume_tx, resume_rx) = std::sync::mpsc::sync_channel(1);
+    *f.store.pause_next_get.lock().unwrap() = Some((paused_tx, resume_rx));
+    let slow = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move {
+            f.kms
+                .generate_data_key(&svc(), &KeyRef::Id(a), &context(), WHY, 32, false)
+                .await
+        })
+    };
+    // The slow request has read ENABLED and is paused; now disable the key.
+    tokio::task::spawn_blocking(move || paused_rx.recv().unwrap())
+        .await
+        .unwrap();
+    f.kms.disable_key(&op(), &KeyRef::Id(a)).await.unwrap();
+    resume_tx.send(()).unwrap();
+    // It overlapped the disable, so it may succeed itself...
+    slow.await.unwrap().unwrap();
+    // ...but every request after the disable is refused.
+    for _ in 0..3 {
+        let err = f
+            .kms
+            .generate_data_key(&svc(), &KeyRef::Id(a), &context(), WHY, 32, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
+    }
 }
