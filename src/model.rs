@@ -157,6 +157,30 @@ pub struct KeyRecord {
     /// Free-form labels set by operators.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Automatic rotation period, in seconds (`None`: manual rotation only).
+    #[serde(default)]
+    pub rotation_period_secs: Option<u64>,
+    /// When the next automatic rotation is due (set with the period).
+    #[serde(default)]
+    pub next_rotation_at: Option<Timestamp>,
+    /// While PENDING_DELETION: when the key will be destroyed.
+    #[serde(default)]
+    pub deletion_at: Option<Timestamp>,
+    /// Once DESTROYED: when its material was erased.
+    #[serde(default)]
+    pub destroyed_at: Option<Timestamp>,
+}
+
+impl KeyRecord {
+    /// When the scheduler has something to do with this key: destroy it
+    /// (PENDING_DELETION) or rotate it (ENABLED with a rotation period).
+    pub fn next_due(&self) -> Option<Timestamp> {
+        match self.state {
+            KeyState::PendingDeletion => self.deletion_at,
+            KeyState::Enabled => self.next_rotation_at,
+            KeyState::Disabled | KeyState::Destroyed => None,
+        }
+    }
 }
 
 /// One version of a CMK. `wrapped_material` is the HSM's wrap of the 256-bit
@@ -168,8 +192,12 @@ pub struct VersionRecord {
     pub created_at: Timestamp,
     /// Which HSM root key wrapped the material (reported by the HSM).
     pub hsm_root_key_id: u32,
+    /// Empty once the key is destroyed.
     #[serde(with = "hex_bytes")]
     pub wrapped_material: Vec<u8>,
+    /// Set when the material was erased (the key was destroyed).
+    #[serde(default)]
+    pub destroyed_at: Option<Timestamp>,
 }
 
 impl fmt::Debug for VersionRecord {
@@ -180,6 +208,7 @@ impl fmt::Debug for VersionRecord {
             .field("created_at", &self.created_at)
             .field("hsm_root_key_id", &self.hsm_root_key_id)
             .field("wrapped_material_len", &self.wrapped_material.len())
+            .field("destroyed_at", &self.destroyed_at)
             .finish()
     }
 }

@@ -74,6 +74,10 @@ impl Kms {
             primary_version: 1,
             min_decryption_version: 1,
             labels: input.labels,
+            rotation_period_secs: None,
+            next_rotation_at: None,
+            deletion_at: None,
+            destroyed_at: None,
         };
 
         let guard = self.begin_write().await;
@@ -112,6 +116,7 @@ impl Kms {
             created_at: self.clock.now(),
             hsm_root_key_id: wrapped.root_key_id,
             wrapped_material: wrapped.blob,
+            destroyed_at: None,
         };
         Ok((record, material))
     }

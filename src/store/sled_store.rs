@@ -618,6 +618,10 @@ mod tests {
             primary_version: 1,
             min_decryption_version: 1,
             labels: BTreeMap::from([("team".to_owned(), "infra".to_owned())]),
+            rotation_period_secs: None,
+            next_rotation_at: None,
+            deletion_at: None,
+            destroyed_at: None,
         }
     }
 
@@ -628,6 +632,7 @@ mod tests {
             created_at: Timestamp(1_700_000_000_000 + i64::from(n)),
             hsm_root_key_id: 7,
             wrapped_material: vec![n as u8; 60],
+            destroyed_at: None,
         }
     }
 
