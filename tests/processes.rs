@@ -54,6 +54,8 @@ fn start_hsm(state: &Path, port: u16) -> Guard {
     let mut cmd = Command::new(workspace_binary("hsm-sim"));
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--state"])
         .arg(state)
+        // The test drives `hsm-sim fault`, which needs the opt-in.
+        .arg("--allow-fault-injection")
         .env("HSM_SIM_PIN", PIN)
         .env("RUST_LOG", "warn");
     spawn_ready(cmd, "hsm-sim listening on ").0

@@ -8,10 +8,12 @@
 //!
 //! Map:
 //! - [`Simulator`] (`simulator.rs`): the token, usable in-process.
-//! - [`format`]: the wrapped-blob format, version 1.
+//! - [`format`](mod@format): the wrapped-blob format, version 1.
 //! - `state.rs`: the state file, sealed under a PIN-derived key (PBKDF2 +
 //!   AES-256-GCM), written crash-safely.
-//! - [`server`]: the gRPC services and the error → status mapping.
+//! - [`server`]: the gRPC services and the error → status mapping; the
+//!   fault-injection service is refused unless
+//!   [`server::ServerOptions::allow_fault_injection`] is set.
 //! - [`proto`]: generated types, clients and servers, for clients.
 //! - the `hsm-sim` binary (`main.rs`): `serve`, `fault`, `info`.
 //!

@@ -2,27 +2,35 @@
 //!
 //! ```text
 //! hsm-sim serve --listen ADDR --state FILE [--pin-env VAR] [--pin-file FILE] [--label L]
+//!               [--allow-fault-injection]
 //! hsm-sim fault --endpoint URL set [--latency-ms N] [--error-rate F] [--outage]
 //! hsm-sim fault --endpoint URL clear | show [--json] | tamper
 //! hsm-sim info --endpoint URL [--json]
 //! ```
 //!
 //! The PIN never appears on the command line (where `ps` would show it): it
-//! comes from an environment variable (`HSM_SIM_PIN` by default) or a file.
+//! comes from an environment variable (`HSM_SIM_PIN` by default) or a file,
+//! and every copy this process makes of it is zeroized when dropped.
+//!
+//! `hsm-sim fault` only works against a server started with
+//! `--allow-fault-injection`: the gRPC fault-injection service is
+//! unauthenticated and `tamper` destroys every root key for good, so servers
+//! refuse it by default (`PERMISSION_DENIED`).
 
 #![forbid(unsafe_code)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use hsm_sim::Simulator;
 use hsm_sim::proto::fault_injection_client::FaultInjectionClient;
 use hsm_sim::proto::hsm_client::HsmClient;
 use hsm_sim::proto::{self, FaultState};
+use hsm_sim::server::ServerOptions;
 use zeroize::Zeroizing;
 
 /// Default address: loopback only, the simulator is not a security boundary.
@@ -44,7 +52,8 @@ struct Cli {
 enum Command {
     /// Serve the simulated HSM over gRPC (plain TCP, no TLS).
     Serve(ServeArgs),
-    /// Inject faults into a running simulator.
+    /// Inject faults into a running simulator (one started with
+    /// `serve --allow-fault-injection`; others refuse).
     Fault {
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
         endpoint: String,
@@ -78,6 +87,11 @@ struct ServeArgs {
     /// Token label, used when the state file is created.
     #[arg(long, default_value = "hsm-sim")]
     label: String,
+    /// Serve the fault-injection API (set/clear faults, tamper) to anyone who
+    /// can reach the port. Off by default: tamper irreversibly destroys every
+    /// root key, and the API has no authentication.
+    #[arg(long)]
+    allow_fault_injection: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,13 +116,42 @@ enum FaultAction {
     Tamper,
 }
 
+/// Largest PIN file read, in bytes.
+const MAX_PIN_FILE_LEN: usize = 4096;
+
+/// Reads the PIN file into one preallocated, zeroized buffer: no growth
+/// (which would leave un-wiped copies behind) and no `String` that a UTF-8
+/// error would drop un-wiped, as `fs::read_to_string` does.
+fn read_pin_file(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    let cannot = || format!("cannot read PIN file {}", path.display());
+    let mut file = std::fs::File::open(path).with_context(cannot)?;
+    let mut buf = Zeroizing::new(vec![0u8; MAX_PIN_FILE_LEN + 1]);
+    let mut len = 0;
+    while let Some(rest) = buf.get_mut(len..).filter(|r| !r.is_empty()) {
+        match file.read(rest) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(cannot),
+        }
+    }
+    if len > MAX_PIN_FILE_LEN {
+        bail!(
+            "PIN file {} is larger than {MAX_PIN_FILE_LEN} bytes",
+            path.display()
+        );
+    }
+    let text = buf
+        .get(..len)
+        .map(std::str::from_utf8)
+        .and_then(Result::ok)
+        .ok_or_else(|| anyhow!("PIN file {} is not UTF-8", path.display()))?;
+    Ok(Zeroizing::new(text.lines().next().unwrap_or("").to_owned()))
+}
+
 fn read_pin(args: &ServeArgs) -> anyhow::Result<Zeroizing<String>> {
     let pin = if let Some(path) = &args.pin_file {
-        let raw = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read PIN file {}", path.display()))?,
-        );
-        Zeroizing::new(raw.lines().next().unwrap_or("").to_owned())
+        read_pin_file(path)?
     } else {
         match std::env::var(&args.pin_env) {
             Ok(v) => Zeroizing::new(v),
@@ -166,7 +209,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         writeln!(stdout, "hsm-sim listening on {addr}")?;
         stdout.flush()?;
     }
-    hsm_sim::server::serve(listener, Arc::new(sim), shutdown_signal())
+    let options = ServerOptions::default().with_fault_injection(args.allow_fault_injection);
+    if options.allow_fault_injection {
+        tracing::warn!("fault injection enabled: anyone reaching {addr} can tamper with the token");
+    }
+    hsm_sim::server::serve(listener, Arc::new(sim), options, shutdown_signal())
         .await
         .context("server failed")?;
     Ok(())
@@ -209,6 +256,15 @@ fn print_faults(state: &FaultState, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A refused or failed RPC as a one-line error: the server's message, which
+/// for a server without `--allow-fault-injection` says how to enable it.
+fn rpc_error(status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::PermissionDenied => anyhow!("refused by hsm-sim: {}", status.message()),
+        code => anyhow!("hsm-sim error ({code:?}): {}", status.message()),
+    }
+}
+
 async fn fault(endpoint: &str, action: FaultAction) -> anyhow::Result<()> {
     let mut client = FaultInjectionClient::new(channel(endpoint).await?);
     let state = match action {
@@ -226,22 +282,28 @@ async fn fault(endpoint: &str, action: FaultAction) -> anyhow::Result<()> {
                     error_rate,
                     outage,
                 })
-                .await?
+                .await
+                .map_err(rpc_error)?
                 .into_inner()
         }
         FaultAction::Clear => client
             .set_faults(proto::SetFaultsRequest::default())
-            .await?
+            .await
+            .map_err(rpc_error)?
             .into_inner(),
         FaultAction::Show { json } => {
             let state = client
                 .get_faults(proto::GetFaultsRequest {})
-                .await?
+                .await
+                .map_err(rpc_error)?
                 .into_inner();
             return print_faults(&state, json);
         }
         FaultAction::Tamper => {
-            client.tamper(proto::TamperRequest {}).await?;
+            client
+                .tamper(proto::TamperRequest {})
+                .await
+                .map_err(rpc_error)?;
             println!("tampered: every root key zeroized");
             return Ok(());
         }

@@ -16,6 +16,13 @@
 //!
 //! A malformed session handle (not 16 bytes) is `UNAUTHENTICATED`, like an
 //! unknown one.
+//!
+//! The `FaultInjection` service is unauthenticated and can destroy every root
+//! key (`Tamper`), so it is opt-in: unless [`ServerOptions::allow_fault_injection`]
+//! is set (`hsm-sim serve --allow-fault-injection`), each of its calls is
+//! refused with `PERMISSION_DENIED` ([`FAULT_INJECTION_DISABLED`]). The
+//! in-process API ([`Simulator::set_faults`], [`Simulator::tamper`]) is not
+//! affected: in-process callers are trusted.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -64,10 +71,36 @@ pub struct HsmService {
     sim: Arc<Simulator>,
 }
 
-/// The `FaultInjection` service.
+/// The `FaultInjection` service. Refuses every call unless built with
+/// [`ServerOptions::allow_fault_injection`].
 #[derive(Debug, Clone)]
 pub struct FaultService {
     sim: Arc<Simulator>,
+    allowed: bool,
+}
+
+/// The message of the `PERMISSION_DENIED` status every `FaultInjection` call
+/// gets when fault injection is not enabled.
+pub const FAULT_INJECTION_DISABLED: &str =
+    "fault injection is disabled; start hsm-sim with --allow-fault-injection";
+
+/// How the gRPC server is set up. `Default` is the safe choice: fault
+/// injection disabled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerOptions {
+    /// Serve the `FaultInjection` service (`SetFaults`, `GetFaults`,
+    /// `Tamper`) to anyone who reaches the port. Off by default: `Tamper`
+    /// irreversibly destroys every root key.
+    pub allow_fault_injection: bool,
+}
+
+impl ServerOptions {
+    /// Options with fault injection enabled or not.
+    pub fn with_fault_injection(mut self, allow: bool) -> Self {
+        self.allow_fault_injection = allow;
+        self
+    }
 }
 
 #[tonic::async_trait]
@@ -179,6 +212,15 @@ impl Hsm for HsmService {
 }
 
 impl FaultService {
+    fn check_allowed(&self) -> Result<(), Status> {
+        if self.allowed {
+            Ok(())
+        } else {
+            tracing::warn!("fault injection call refused: not enabled");
+            Err(Status::permission_denied(FAULT_INJECTION_DISABLED))
+        }
+    }
+
     fn state(&self) -> proto::FaultState {
         let f = self.sim.faults();
         proto::FaultState {
@@ -196,6 +238,7 @@ impl FaultInjection for FaultService {
         &self,
         req: Request<proto::SetFaultsRequest>,
     ) -> Result<Response<proto::FaultState>, Status> {
+        self.check_allowed()?;
         let req = req.into_inner();
         self.sim
             .set_faults(Faults {
@@ -212,6 +255,7 @@ impl FaultInjection for FaultService {
         &self,
         _req: Request<proto::GetFaultsRequest>,
     ) -> Result<Response<proto::FaultState>, Status> {
+        self.check_allowed()?;
         Ok(Response::new(self.state()))
     }
 
@@ -219,36 +263,45 @@ impl FaultInjection for FaultService {
         &self,
         _req: Request<proto::TamperRequest>,
     ) -> Result<Response<proto::TamperResponse>, Status> {
+        self.check_allowed()?;
         tracing::warn!("tamper response triggered: zeroizing every root key");
         self.sim.tamper().map_err(status)?;
         Ok(Response::new(proto::TamperResponse {}))
     }
 }
 
-/// Both services, ready to add to a tonic server.
+/// Both services, ready to add to a tonic server. The `FaultInjection`
+/// service is always registered (so clients get a clear refusal rather than
+/// `UNIMPLEMENTED`) but refuses every call unless `options` allow it.
 pub fn services(
     sim: Arc<Simulator>,
+    options: ServerOptions,
 ) -> (HsmServer<HsmService>, FaultInjectionServer<FaultService>) {
     (
         HsmServer::new(HsmService { sim: sim.clone() }),
-        FaultInjectionServer::new(FaultService { sim }),
+        FaultInjectionServer::new(FaultService {
+            sim,
+            allowed: options.allow_fault_injection,
+        }),
     )
 }
 
-/// A tonic router serving both services.
-pub fn router(sim: Arc<Simulator>) -> Router {
-    let (hsm, faults) = services(sim);
+/// A tonic router serving both services (see [`services`]).
+pub fn router(sim: Arc<Simulator>, options: ServerOptions) -> Router {
+    let (hsm, faults) = services(sim, options);
     Server::builder().add_service(hsm).add_service(faults)
 }
 
 /// Serves `sim` on `listener` until `shutdown` completes, then drains
-/// in-flight calls.
+/// in-flight calls. Fault injection over gRPC is refused unless `options`
+/// allow it.
 pub async fn serve(
     listener: TcpListener,
     sim: Arc<Simulator>,
+    options: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    router(sim)
+    router(sim, options)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

@@ -1,6 +1,6 @@
 //! The simulated token: sessions, root keys, key operations, faults.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -10,13 +10,15 @@ use aes_gcm::{AeadInOut, Nonce, Tag};
 use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::SimError;
 use crate::format;
 use crate::state::{self, FileKey, RootKey, Token};
 
-/// Most sessions open at once; logins beyond are refused.
+/// Most sessions open at once. A login beyond evicts the least recently
+/// used session (clients that never log out, e.g. after a restart, must not
+/// lock everyone out); its holder then gets [`SimError::NotLoggedIn`].
 pub const MAX_SESSIONS: usize = 4096;
 /// Largest `generate_random` request.
 pub const MAX_RANDOM_LEN: usize = 1024;
@@ -39,6 +41,65 @@ impl SessionId {
 impl fmt::Debug for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SessionId(<redacted>)")
+    }
+}
+
+/// The open sessions, with their last use (a logical clock: every login and
+/// every operation on a session ticks it), so the least recently used one
+/// can be evicted when the table is full.
+#[derive(Default)]
+struct Sessions {
+    last_use: HashMap<[u8; 16], u64>,
+    by_use: BTreeMap<u64, [u8; 16]>,
+    clock: u64,
+}
+
+impl Sessions {
+    fn len(&self) -> usize {
+        self.last_use.len()
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock = self.clock.wrapping_add(1);
+        self.clock
+    }
+
+    /// Marks `id` used now; `false` if it is not open.
+    fn touch(&mut self, id: &[u8; 16]) -> bool {
+        let now = self.tick();
+        let Some(last) = self.last_use.get_mut(id) else {
+            return false;
+        };
+        self.by_use.remove(last);
+        *last = now;
+        self.by_use.insert(now, *id);
+        true
+    }
+
+    /// Opens `id`, evicting the least recently used sessions if full.
+    fn open(&mut self, id: [u8; 16]) {
+        while self.len() >= MAX_SESSIONS {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            self.last_use.remove(&oldest);
+            tracing::info!("session table full: evicted the least recently used session");
+        }
+        let now = self.tick();
+        if let Some(old) = self.last_use.insert(id, now) {
+            self.by_use.remove(&old);
+        }
+        self.by_use.insert(now, id);
+    }
+
+    fn close(&mut self, id: &[u8; 16]) -> bool {
+        match self.last_use.remove(id) {
+            Some(last) => {
+                self.by_use.remove(&last);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -76,7 +137,7 @@ pub struct Simulator {
     pin_digest: Zeroizing<[u8; 32]>,
     rng: SystemRandom,
     token: Mutex<Token>,
-    sessions: Mutex<HashSet<[u8; 16]>>,
+    sessions: Mutex<Sessions>,
     faults: Mutex<Faults>,
 }
 
@@ -108,6 +169,38 @@ fn pin_digest(pin: &str) -> Zeroizing<[u8; 32]> {
     out
 }
 
+/// Builds `header ‖ ciphertext ‖ tag` in `blob` (cleared first), with
+/// `encrypt` turning the body, a copy of `plaintext`, into ciphertext in
+/// place and returning the tag. The copy of `plaintext` lives only in
+/// `blob`, which the caller keeps in [`Zeroizing`]; if encryption fails
+/// (or the tag has the wrong length) it is also wiped before this returns,
+/// so no clear material outlives the error.
+fn seal_blob<T: AsRef<[u8]>>(
+    blob: &mut Zeroizing<Vec<u8>>,
+    header: &[u8; format::HEADER_LEN],
+    plaintext: &[u8],
+    encrypt: impl FnOnce(&mut [u8]) -> Option<T>,
+) -> Result<(), SimError> {
+    blob.zeroize();
+    blob.reserve_exact(format::HEADER_LEN + plaintext.len() + format::TAG_LEN);
+    blob.extend_from_slice(header);
+    blob.extend_from_slice(plaintext);
+    let tag = blob
+        .get_mut(format::HEADER_LEN..)
+        .and_then(encrypt)
+        .filter(|tag| tag.as_ref().len() == format::TAG_LEN);
+    match tag {
+        Some(tag) => {
+            blob.extend_from_slice(tag.as_ref());
+            Ok(())
+        }
+        None => {
+            blob.as_mut_slice().zeroize();
+            Err(SimError::InvalidInput("AES-GCM refused the input".into()))
+        }
+    }
+}
+
 impl Simulator {
     /// Opens the token whose state lives in `state_path`, creating it (root
     /// key 1, labelled `label`) if the file does not exist. An existing file
@@ -134,7 +227,7 @@ impl Simulator {
             pin_digest: pin_digest(pin),
             rng,
             token: Mutex::new(token),
-            sessions: Mutex::new(HashSet::new()),
+            sessions: Mutex::new(Sessions::default()),
             faults: Mutex::new(Faults::default()),
         })
     }
@@ -171,8 +264,9 @@ impl Simulator {
         Ok(())
     }
 
+    /// Checks the session is open and marks it used.
     fn check_session(&self, session: &SessionId) -> Result<(), SimError> {
-        if lock(&self.sessions).contains(&session.0) {
+        if lock(&self.sessions).touch(&session.0) {
             Ok(())
         } else {
             Err(SimError::NotLoggedIn)
@@ -186,7 +280,8 @@ impl Simulator {
     }
 
     /// Opens a session. The PIN's SHA-256 digest is compared in constant
-    /// time with the token's.
+    /// time with the token's. With [`MAX_SESSIONS`] open, the least recently
+    /// used one is closed to make room.
     pub async fn login(&self, pin: &str) -> Result<SessionId, SimError> {
         self.inject_faults().await?;
         let offered = pin_digest(pin);
@@ -194,17 +289,13 @@ impl Simulator {
             return Err(SimError::BadPin);
         }
         let id = self.random_array::<16>()?;
-        let mut sessions = lock(&self.sessions);
-        if sessions.len() >= MAX_SESSIONS {
-            return Err(SimError::Unavailable("too many open sessions"));
-        }
-        sessions.insert(id);
+        lock(&self.sessions).open(id);
         Ok(SessionId(id))
     }
 
     /// Closes a session.
     pub fn logout(&self, session: &SessionId) -> Result<(), SimError> {
-        if lock(&self.sessions).remove(&session.0) {
+        if lock(&self.sessions).close(&session.0) {
             Ok(())
         } else {
             Err(SimError::NotLoggedIn)
@@ -238,17 +329,15 @@ impl Simulator {
         let mut full_aad = Vec::with_capacity(format::HEADER_LEN + aad.len());
         full_aad.extend_from_slice(&header);
         full_aad.extend_from_slice(aad);
-        let mut blob = Vec::with_capacity(format::HEADER_LEN + plaintext.len() + format::TAG_LEN);
-        blob.extend_from_slice(&header);
-        blob.extend_from_slice(plaintext);
-        let body = blob
-            .get_mut(format::HEADER_LEN..)
-            .ok_or(SimError::AuthenticationFailed)?;
-        let tag = cipher
-            .encrypt_inout_detached(&Nonce::from(iv), &full_aad, body.into())
-            .map_err(|_| SimError::InvalidInput("AES-GCM refused the input".into()))?;
-        blob.extend_from_slice(tag.as_slice());
-        Ok((blob, id))
+        // Clear material until encryption succeeds: zeroized if it fails.
+        let mut blob = Zeroizing::new(Vec::new());
+        seal_blob(&mut blob, &header, plaintext, |body| {
+            cipher
+                .encrypt_inout_detached(&Nonce::from(iv), &full_aad, body.into())
+                .ok()
+        })?;
+        // Ciphertext from here on: hand the buffer out, leaving an empty one.
+        Ok((std::mem::take(&mut *blob), id))
     }
 
     /// Unwraps a blob made by [`Simulator::wrap`] with the same `aad`. Any
@@ -426,6 +515,53 @@ mod tests {
         let key_shown = format!("{:?}", *token);
         assert!(key_shown.contains("<redacted>"));
         assert!(!key_shown.contains("key: ["), "{key_shown}");
+    }
+
+    const CLEAR: &[u8] = b"clear key material, never to linger";
+
+    #[test]
+    fn seal_blob_wipes_the_clear_copy_when_encryption_fails() {
+        let header = format::header(1, &[7; format::IV_LEN]);
+        let mut blob = Zeroizing::new(Vec::new());
+        let mut seen = Vec::new();
+        let err = seal_blob(&mut blob, &header, CLEAR, |body| {
+            seen = body.to_vec();
+            None::<[u8; format::TAG_LEN]>
+        })
+        .unwrap_err();
+        assert!(matches!(err, SimError::InvalidInput(_)), "{err:?}");
+        // The clear copy was in the buffer when encryption ran...
+        assert_eq!(seen, CLEAR);
+        // ...and is gone once the error is returned.
+        assert!(blob.iter().all(|b| *b == 0), "{:?}", &blob[..]);
+        assert!(!blob.windows(4).any(|w| w == &CLEAR[..4]));
+
+        // A tag of the wrong length is a failure too, wiped the same way.
+        let err = seal_blob(&mut blob, &header, CLEAR, |_| Some([1u8; 3]));
+        assert!(err.is_err());
+        assert!(blob.iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn seal_blob_lays_out_header_ciphertext_tag() {
+        let header = format::header(9, &[3; format::IV_LEN]);
+        let mut blob = Zeroizing::new(b"stale".to_vec());
+        seal_blob(&mut blob, &header, CLEAR, |body| {
+            body.iter_mut().for_each(|b| *b ^= 0xFF);
+            Some([0xEE; format::TAG_LEN])
+        })
+        .unwrap();
+        assert_eq!(
+            blob.len(),
+            format::HEADER_LEN + CLEAR.len() + format::TAG_LEN
+        );
+        assert_eq!(&blob[..format::HEADER_LEN], &header);
+        let body = &blob[format::HEADER_LEN..format::HEADER_LEN + CLEAR.len()];
+        assert!(body.iter().zip(CLEAR).all(|(c, p)| *c == p ^ 0xFF));
+        assert_eq!(
+            &blob[blob.len() - format::TAG_LEN..],
+            &[0xEE; format::TAG_LEN]
+        );
     }
 
     #[tokio::test]

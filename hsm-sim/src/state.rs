@@ -136,9 +136,11 @@ impl Token {
         for _ in 0..count {
             let id = u32::from_be_bytes(r.take().ok_or_else(bad)?);
             let material = r.slice(ROOT_KEY_LEN).ok_or_else(bad)?;
-            let mut key = Box::new([0u8; ROOT_KEY_LEN]);
-            key.copy_from_slice(material);
-            if id == 0 || id >= next_id || keys.insert(id, RootKey(key)).is_some() {
+            // Wrapped in RootKey at once, so it is zeroized on every path
+            // (a bare Box dropped by an early return would not be).
+            let mut key = RootKey(Box::new([0u8; ROOT_KEY_LEN]));
+            key.0.copy_from_slice(material);
+            if id == 0 || id >= next_id || keys.insert(id, key).is_some() {
                 return Err(bad());
             }
         }
@@ -263,6 +265,8 @@ impl FileKey {
         header.extend_from_slice(&self.iterations.get().to_be_bytes());
         header.extend_from_slice(&self.salt);
         header.extend_from_slice(&nonce);
+        // The clear body (root keys) is Zeroizing until, and whether or not,
+        // encryption succeeds.
         let mut body = token.encode()?;
         let cipher =
             Aes256Gcm::new_from_slice(&self.key[..]).map_err(|e| SimError::storage("seal", e))?;

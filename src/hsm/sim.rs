@@ -474,7 +474,10 @@ mod tests {
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let served = sim.clone();
         let task = tokio::spawn(async move {
-            hsm_sim::server::serve(listener, served, async {
+            // Faults are injected in-process (`server.sim`): the gRPC
+            // fault-injection service stays disabled, as by default.
+            let options = hsm_sim::server::ServerOptions::default();
+            hsm_sim::server::serve(listener, served, options, async {
                 let _ = rx.await;
             })
             .await

@@ -32,11 +32,12 @@ fn cli(args: &[&str]) -> Output {
     out
 }
 
-fn spawn(state: &std::path::Path) -> (Guard, String) {
+fn spawn(state: &std::path::Path, extra: &[&str]) -> (Guard, String) {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--state"])
         .arg(state)
         .args(["--label", "bin-test"])
+        .args(extra)
         .env("HSM_SIM_PIN", PIN)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -62,7 +63,7 @@ fn spawn(state: &std::path::Path) -> (Guard, String) {
 async fn binary_serves_and_obeys_fault_cli() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("bin.state");
-    let (mut guard, addr) = spawn(&state);
+    let (mut guard, addr) = spawn(&state, &["--allow-fault-injection"]);
     let url = format!("http://{addr}");
 
     let mut hsm = HsmClient::connect(url.clone()).await.unwrap();
@@ -170,4 +171,69 @@ fn serve_with_wrong_pin_file_fails() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("wrong PIN"), "{stderr}");
+}
+
+#[test]
+fn fault_cli_is_refused_without_allow_fault_injection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_guard, addr) = spawn(&dir.path().join("s"), &[]);
+    for args in [
+        &["tamper"][..],
+        &["set", "--outage"],
+        &["clear"],
+        &["show", "--json"],
+    ] {
+        let out = Command::new(BIN)
+            .args(["fault", "--endpoint", &addr])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "hsm-sim fault {args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "fault injection is disabled; start hsm-sim with --allow-fault-injection"
+            ),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    let out = cli(&["info", "--endpoint", &addr, "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["tampered"], false);
+    assert_eq!(info["root_key_ids"], serde_json::json!([1]));
+}
+
+#[test]
+fn serve_help_documents_allow_fault_injection() {
+    let out = cli(&["serve", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--allow-fault-injection"), "{help}");
+}
+
+fn serve_with_pin_file(dir: &std::path::Path, pin: &[u8]) -> Output {
+    let pin_file = dir.join("pin");
+    std::fs::write(&pin_file, pin).unwrap();
+    Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+        .arg(dir.join("s"))
+        .arg("--pin-file")
+        .arg(&pin_file)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn pin_file_must_be_small_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = serve_with_pin_file(dir.path(), b"\xff\xfe1234\n");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not UTF-8"), "{stderr}");
+
+    let out = serve_with_pin_file(dir.path(), &vec![b'1'; 5000]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("larger than 4096 bytes"), "{stderr}");
+    assert!(!dir.path().join("s").exists());
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use hsm_sim::proto::fault_injection_client::FaultInjectionClient;
 use hsm_sim::proto::hsm_client::HsmClient;
 use hsm_sim::proto::*;
+use hsm_sim::server::{FAULT_INJECTION_DISABLED, ServerOptions};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -16,12 +17,12 @@ struct Server {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn start(sim: hsm_sim::Simulator) -> Server {
+async fn start(sim: hsm_sim::Simulator, options: ServerOptions) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        hsm_sim::server::serve(listener, Arc::new(sim), async {
+        hsm_sim::server::serve(listener, Arc::new(sim), options, async {
             let _ = rx.await;
         })
         .await
@@ -55,7 +56,7 @@ async fn clients(url: &str) -> (HsmClient<Channel>, FaultInjectionClient<Channel
 #[tokio::test]
 async fn grpc_round_trip_and_status_mapping() {
     let (_d, _p, sim) = token();
-    let server = start(sim).await;
+    let server = start(sim, ServerOptions::default().with_fault_injection(true)).await;
     let (mut hsm, mut faults) = clients(&server.url).await;
 
     let err = hsm
@@ -197,4 +198,60 @@ async fn grpc_round_trip_and_status_mapping() {
     hsm.logout(LogoutRequest { session }).await.unwrap();
     drop((hsm, faults));
     server.stop().await;
+}
+
+#[tokio::test]
+async fn fault_injection_is_refused_unless_enabled() {
+    let (_d, _p, sim) = token();
+    let server = start(sim, ServerOptions::default()).await;
+    let (mut hsm, mut faults) = clients(&server.url).await;
+
+    let refused = |err: tonic::Status| {
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert_eq!(err.message(), FAULT_INJECTION_DISABLED);
+        assert!(err.message().contains("--allow-fault-injection"));
+    };
+    refused(faults.tamper(TamperRequest {}).await.unwrap_err());
+    refused(
+        faults
+            .set_faults(SetFaultsRequest {
+                latency_ms: 0,
+                error_rate: 0.0,
+                outage: true,
+            })
+            .await
+            .unwrap_err(),
+    );
+    refused(faults.get_faults(GetFaultsRequest {}).await.unwrap_err());
+
+    // Nothing happened: the token is intact and serves key operations.
+    let info = hsm.get_info(GetInfoRequest {}).await.unwrap().into_inner();
+    assert!(!info.tampered);
+    assert_eq!(info.root_key_ids, vec![1]);
+    let session = hsm
+        .login(LoginRequest { pin: PIN.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .session;
+    hsm.wrap(WrapRequest {
+        session,
+        plaintext: b"still fine".to_vec(),
+        aad: vec![],
+    })
+    .await
+    .unwrap();
+
+    drop((hsm, faults));
+    server.stop().await;
+}
+
+#[test]
+fn server_options_default_to_no_fault_injection() {
+    assert!(!ServerOptions::default().allow_fault_injection);
+    assert!(
+        ServerOptions::default()
+            .with_fault_injection(true)
+            .allow_fault_injection
+    );
 }

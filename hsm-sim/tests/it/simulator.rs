@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use hsm_sim::{Faults, SessionId, SimError, Simulator};
+use hsm_sim::{Faults, MAX_SESSIONS, SessionId, SimError, Simulator};
 
 use crate::{PIN, login, token};
 
@@ -149,6 +149,43 @@ async fn sessions_are_required() {
     ));
     assert!(matches!(sim.logout(&s), Err(SimError::NotLoggedIn)));
     assert!(SessionId::from_bytes(&[0; 15]).is_none());
+}
+
+#[tokio::test]
+async fn full_session_table_evicts_the_least_recently_used() {
+    let (_d, _p, sim) = token();
+    let oldest = login(&sim).await; // never used again
+    let recent = login(&sim).await; // used just before the table overflows
+    let mut fillers = Vec::new();
+    while fillers.len() < MAX_SESSIONS - 2 {
+        fillers.push(login(&sim).await);
+    }
+    // The table is full; `recent` becomes the most recently used.
+    sim.generate_random(&recent, 8).await.unwrap();
+    // Clients that never log out (restarts) keep logging in.
+    let mut newest = Vec::new();
+    for _ in 0..10 {
+        newest.push(sim.login(PIN).await.expect("login with a full table"));
+    }
+    assert!(matches!(
+        sim.wrap(&oldest, b"x", b"").await,
+        Err(SimError::NotLoggedIn)
+    ));
+    let (blob, _) = sim.wrap(&recent, b"kept", b"").await.unwrap();
+    assert_eq!(&sim.unwrap(&recent, &blob, b"").await.unwrap()[..], b"kept");
+    // 10 evicted: `oldest`, then the 9 oldest fillers; later ones remain.
+    for evicted in &fillers[..9] {
+        assert!(matches!(sim.logout(evicted), Err(SimError::NotLoggedIn)));
+    }
+    sim.generate_random(&fillers[9], 1).await.unwrap();
+    for s in &newest {
+        sim.generate_random(s, 1).await.unwrap();
+    }
+    // Logging out frees a slot: the next login evicts nobody.
+    sim.logout(&fillers[10]).unwrap();
+    let again = login(&sim).await;
+    sim.generate_random(&fillers[11], 1).await.unwrap();
+    sim.generate_random(&again, 1).await.unwrap();
 }
 
 #[tokio::test]
