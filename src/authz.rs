@@ -66,10 +66,16 @@ pub enum Operation {
     Encrypt,
     Decrypt,
     ReEncrypt,
+    ScheduleKeyDeletion,
+    CancelKeyDeletion,
+    SetRotationPolicy,
+    RetireKeyVersions,
+    GetHsmInfo,
+    RotateRootKey,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 11] = [
+    pub const ALL: [Operation; 17] = [
         Operation::CreateKey,
         Operation::GetKey,
         Operation::ListKeys,
@@ -81,6 +87,12 @@ impl Operation {
         Operation::Encrypt,
         Operation::Decrypt,
         Operation::ReEncrypt,
+        Operation::ScheduleKeyDeletion,
+        Operation::CancelKeyDeletion,
+        Operation::SetRotationPolicy,
+        Operation::RetireKeyVersions,
+        Operation::GetHsmInfo,
+        Operation::RotateRootKey,
     ];
 
     pub fn name(self) -> &'static str {
@@ -96,6 +108,12 @@ impl Operation {
             Operation::Encrypt => "Encrypt",
             Operation::Decrypt => "Decrypt",
             Operation::ReEncrypt => "ReEncrypt",
+            Operation::ScheduleKeyDeletion => "ScheduleKeyDeletion",
+            Operation::CancelKeyDeletion => "CancelKeyDeletion",
+            Operation::SetRotationPolicy => "SetRotationPolicy",
+            Operation::RetireKeyVersions => "RetireKeyVersions",
+            Operation::GetHsmInfo => "GetHsmInfo",
+            Operation::RotateRootKey => "RotateRootKey",
         }
     }
 
@@ -107,7 +125,13 @@ impl Operation {
             | Operation::ListKeys
             | Operation::RotateKey
             | Operation::DisableKey
-            | Operation::EnableKey => Role::Operator,
+            | Operation::EnableKey
+            | Operation::ScheduleKeyDeletion
+            | Operation::CancelKeyDeletion
+            | Operation::SetRotationPolicy
+            | Operation::RetireKeyVersions
+            | Operation::GetHsmInfo
+            | Operation::RotateRootKey => Role::Operator,
             Operation::GenerateDataKey
             | Operation::GenerateDataKeyWithoutPlaintext
             | Operation::Encrypt
@@ -188,6 +212,12 @@ mod tests {
             (Encrypt, false, true, false),
             (Decrypt, false, true, false),
             (ReEncrypt, false, true, false),
+            (ScheduleKeyDeletion, true, false, false),
+            (CancelKeyDeletion, true, false, false),
+            (SetRotationPolicy, true, false, false),
+            (RetireKeyVersions, true, false, false),
+            (GetHsmInfo, true, false, false),
+            (RotateRootKey, true, false, false),
         ];
         assert_eq!(expected.len(), Operation::ALL.len());
         for (op, operator, service, auditor) in expected {

@@ -4,6 +4,7 @@
 //! ```toml
 //! listen = "0.0.0.0:7443"
 //! data_dir = "/var/lib/coffre"          # sled store in DATA_DIR/store
+//! scheduler_interval_secs = 60           # automatic rotation, destruction
 //!
 //! [tls]                                  # mTLS is always on
 //! cert = "/etc/coffre/server.pem"
@@ -52,6 +53,8 @@ struct RawConfig {
     roles: RawRoles,
     #[serde(default)]
     cache: RawCache,
+    /// Seconds between scheduler passes (rotation, destruction); default 60.
+    scheduler_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +179,7 @@ pub struct Config {
     /// The operator explicitly accepted an HSM backend that says it is not
     /// secure (the simulator). Checked against `Hsm::is_secure` at start.
     pub allow_insecure_hsm: bool,
+    pub scheduler_interval: Duration,
 }
 
 impl Config {
@@ -252,7 +256,12 @@ impl Config {
                 .max(1),
         };
 
+        let scheduler_interval = Duration::from_secs(raw.scheduler_interval_secs.unwrap_or(60));
+        if scheduler_interval.is_zero() {
+            bail!("scheduler_interval_secs must be positive");
+        }
         Ok(Config {
+            scheduler_interval,
             allow_insecure_hsm: raw.hsm.allow_insecure_simulator,
             listen,
             data_dir: raw.data_dir,

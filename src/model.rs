@@ -104,6 +104,42 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock that only moves when told to: tests cover waiting periods and
+/// rotation schedules without sleeping.
+#[derive(Debug)]
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    pub fn new(start: Timestamp) -> Self {
+        Self(std::sync::atomic::AtomicI64::new(start.0))
+    }
+
+    pub fn advance(&self, by: std::time::Duration) {
+        let millis = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.0.fetch_add(millis, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn set(&self, to: Timestamp) {
+        self.0.store(to.0, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+impl Timestamp {
+    /// `self + d`, saturating.
+    pub fn plus(self, d: std::time::Duration) -> Timestamp {
+        Timestamp(
+            self.0
+                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum KeyState {
@@ -169,6 +205,26 @@ pub struct KeyRecord {
     /// Once DESTROYED: when its material was erased.
     #[serde(default)]
     pub destroyed_at: Option<Timestamp>,
+}
+
+/// The state of one version, derived from its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionState {
+    Enabled,
+    Retired,
+    Destroyed,
+}
+
+impl VersionRecord {
+    pub fn state(&self, key: &KeyRecord) -> VersionState {
+        if self.destroyed_at.is_some() || key.state == KeyState::Destroyed {
+            VersionState::Destroyed
+        } else if self.version < key.min_decryption_version {
+            VersionState::Retired
+        } else {
+            VersionState::Enabled
+        }
+    }
 }
 
 impl KeyRecord {

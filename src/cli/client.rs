@@ -13,10 +13,12 @@ use zeroize::Zeroizing;
 
 use super::output::{self, KeyOut, VersionOut};
 use super::{
-    ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, Justification, KeyCommand,
+    ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, HsmCommand, Justification,
+    KeyCommand, StateFilter,
 };
 use crate::grpc::pb;
 use crate::grpc::pb::data_key_service_client::DataKeyServiceClient;
+use crate::grpc::pb::hsm_service_client::HsmServiceClient;
 use crate::grpc::pb::key_service_client::KeyServiceClient;
 use crate::pki::PkiPaths;
 
@@ -112,6 +114,7 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
             alias,
             description,
             labels,
+            rotation_period,
             connect: c,
         } => {
             let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
@@ -121,6 +124,7 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
                     description,
                     protection_level: pb::ProtectionLevel::Software as i32,
                     labels: labels.into_iter().collect(),
+                    rotation_period: rotation_period.map(seconds),
                 })
                 .await
                 .map_err(rpc_error)?
@@ -132,8 +136,16 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
             page_size,
             page_token,
             all,
+            state,
+            alias_prefix,
             connect: c,
         } => {
+            let state = state.map_or(pb::KeyState::Unspecified, |s| match s {
+                StateFilter::Enabled => pb::KeyState::Enabled,
+                StateFilter::Disabled => pb::KeyState::Disabled,
+                StateFilter::PendingDeletion => pb::KeyState::PendingDeletion,
+                StateFilter::Destroyed => pb::KeyState::Destroyed,
+            });
             let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
             let mut token = page_token;
             let mut keys = Vec::new();
@@ -142,6 +154,8 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
                     .list_keys(pb::ListKeysRequest {
                         page_size,
                         page_token: token,
+                        state: state as i32,
+                        alias_prefix: alias_prefix.clone().unwrap_or_default(),
                     })
                     .await
                     .map_err(rpc_error)?
@@ -164,6 +178,78 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
             let key = resp.key.context("the server returned no key")?;
             let versions: Vec<VersionOut> = resp.versions.iter().map(VersionOut::from).collect();
             output::key(&KeyOut::from(&key), &versions, c.json)
+        }
+        KeyCommand::Versions { key, connect: c } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .get_key(pb::GetKeyRequest { key_id: key })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let versions: Vec<VersionOut> = resp.versions.iter().map(VersionOut::from).collect();
+            output::versions(&versions, c.json)
+        }
+        KeyCommand::ScheduleDeletion {
+            key,
+            days,
+            connect: c,
+        } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .schedule_key_deletion(pb::ScheduleKeyDeletionRequest {
+                    key_id: key,
+                    pending_window_days: days,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            output::key(&KeyOut::from(&key), &[], c.json)
+        }
+        KeyCommand::CancelDeletion { key, connect: c } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .cancel_key_deletion(pb::CancelKeyDeletionRequest { key_id: key })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            output::key(&KeyOut::from(&key), &[], c.json)
+        }
+        KeyCommand::SetRotation {
+            key,
+            period,
+            off,
+            connect: c,
+        } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .set_rotation_policy(pb::SetRotationPolicyRequest {
+                    key_id: key,
+                    rotation_period: if off { None } else { period.map(seconds) },
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            output::key(&KeyOut::from(&key), &[], c.json)
+        }
+        KeyCommand::RetireVersions {
+            key,
+            below,
+            connect: c,
+        } => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .retire_key_versions(pb::RetireKeyVersionsRequest {
+                    key_id: key,
+                    min_decryption_version: below,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            output::key(&KeyOut::from(&key), &[], c.json)
         }
         KeyCommand::Rotate { key, connect: c } => {
             let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
@@ -194,6 +280,63 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
                 .into_inner();
             let key = resp.key.context("the server returned no key")?;
             output::key(&KeyOut::from(&key), &[], c.json)
+        }
+    }
+}
+
+fn seconds(s: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(s).unwrap_or(i64::MAX),
+        nanos: 0,
+    }
+}
+
+pub async fn hsm(cmd: HsmCommand) -> anyhow::Result<()> {
+    match cmd {
+        HsmCommand::Info { connect: c } => {
+            let mut client = HsmServiceClient::new(connect(&c, "operator").await?);
+            let info = client
+                .get_hsm_info(pb::GetHsmInfoRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::hsm_info(&info, c.json)
+        }
+        HsmCommand::RotateRoot { connect: c } => {
+            let mut client = HsmServiceClient::new(connect(&c, "operator").await?);
+            let mut stream = client
+                .rotate_root_key(pb::RotateRootKeyRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let mut bar = output::Progress::new(!c.json);
+            let mut last = None;
+            while let Some(p) = stream.message().await.map_err(rpc_error)? {
+                bar.update(&p);
+                if c.json {
+                    output::progress_json(&p)?;
+                }
+                last = Some(p);
+            }
+            bar.finish();
+            let last = last.context("the server sent no progress")?;
+            if !last.done {
+                bail!(
+                    "the rotation stopped before the end ({} re-wrapped, {} remaining); run it again to resume",
+                    last.rewrapped,
+                    last.remaining
+                );
+            }
+            if !c.json {
+                println!(
+                    "root key {} is current; {} versions re-wrapped; destroyed old root keys {:?}{}",
+                    last.new_root_key_id,
+                    last.rewrapped,
+                    last.destroyed_root_key_ids,
+                    if last.resumed { " (resumed an interrupted rotation)" } else { "" }
+                );
+            }
+            Ok(())
         }
     }
 }

@@ -43,6 +43,9 @@ pub enum Command {
     /// Data keys (service).
     #[command(subcommand)]
     Datakey(DatakeyCommand),
+    /// The HSM behind coffre (operator).
+    #[command(subcommand)]
+    Hsm(HsmCommand),
     /// Wrap a small secret (at most 4096 bytes) under a key (service).
     Encrypt(EncryptArgs),
     /// Unwrap a ciphertext blob (service).
@@ -124,6 +127,9 @@ pub enum KeyCommand {
         /// A label, KEY=VALUE; repeat for more.
         #[arg(long = "label", value_parser = parse_pair)]
         labels: Vec<(String, String)>,
+        /// Rotate automatically every PERIOD (e.g. 90d, 1y, 12h; 1 day to 10 years).
+        #[arg(long, value_parser = parse_period)]
+        rotation_period: Option<u64>,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -137,6 +143,12 @@ pub enum KeyCommand {
         /// Follow every page.
         #[arg(long)]
         all: bool,
+        /// Only keys in this state.
+        #[arg(long, value_enum)]
+        state: Option<StateFilter>,
+        /// Only keys whose alias starts with this.
+        #[arg(long)]
+        alias_prefix: Option<String>,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -162,6 +174,72 @@ pub enum KeyCommand {
     /// Serve data-key operations again.
     Enable {
         key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Destroy the key after a waiting period (7 to 30 days); until then it
+    /// can be cancelled.
+    ScheduleDeletion {
+        key: String,
+        /// Waiting period in days, 7 to 30.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Cancel a scheduled deletion: the key becomes DISABLED.
+    CancelDeletion {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List a key's versions with their state.
+    Versions {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Set (or with --off, clear) automatic rotation.
+    SetRotation {
+        key: String,
+        /// e.g. 90d, 1y, 12h; 1 day to 10 years.
+        #[arg(long, value_parser = parse_period, required_unless_present = "off")]
+        period: Option<u64>,
+        #[arg(long, conflicts_with = "period")]
+        off: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Retire the versions below --below: they stop decrypting
+    /// (re-encrypt blobs forward first).
+    RetireVersions {
+        key: String,
+        /// The new min_decryption_version.
+        #[arg(long)]
+        below: u32,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StateFilter {
+    Enabled,
+    Disabled,
+    PendingDeletion,
+    Destroyed,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HsmCommand {
+    /// The HSM backend, its root key ids (never their material).
+    Info {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Rotate the HSM root key and re-wrap every CMK version under it, with
+    /// progress; safe to interrupt and run again (it resumes).
+    RotateRoot {
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -245,6 +323,28 @@ pub struct DecryptArgs {
     pub connect: ConnectArgs,
 }
 
+/// A period such as `90d`, `1y`, `12h`, `3600s` (seconds when no unit).
+fn parse_period(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("expected a period such as 90d, 1y or 12h, got {s:?}"))?;
+    let unit_secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        "y" => 365 * 86_400,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?} (use s, m, h, d, w or y)")),
+    };
+    n.checked_mul(unit_secs)
+        .ok_or_else(|| format!("period {s:?} is too long"))
+}
+
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -280,6 +380,7 @@ pub fn main() -> ExitCode {
             }
             Command::Key(cmd) => client::key(cmd).await,
             Command::Datakey(cmd) => client::datakey(cmd).await,
+            Command::Hsm(cmd) => client::hsm(cmd).await,
             Command::Encrypt(args) => client::encrypt(args).await,
             Command::Decrypt(args) => client::decrypt(args).await,
         }
@@ -302,6 +403,17 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn periods_parse() {
+        assert_eq!(parse_period("90d"), Ok(90 * 86_400));
+        assert_eq!(parse_period("1y"), Ok(365 * 86_400));
+        assert_eq!(parse_period("12h"), Ok(12 * 3600));
+        assert_eq!(parse_period("3600"), Ok(3600));
+        assert!(parse_period("3x").is_err());
+        assert!(parse_period("d").is_err());
+        assert!(parse_period("99999999999999999999y").is_err());
     }
 
     #[test]

@@ -20,6 +20,14 @@ pub struct KeyOut {
     pub created_by: String,
     pub description: String,
     pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation_period_secs: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_rotation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletion: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destroyed: Option<String>,
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> String {
@@ -40,6 +48,10 @@ impl From<&pb::KeyMetadata> for KeyOut {
             created_by: k.created_by.clone(),
             description: k.description.clone(),
             labels: k.labels.clone().into_iter().collect(),
+            rotation_period_secs: k.rotation_period.as_ref().map(|d| d.seconds),
+            next_rotation: k.next_rotation_time.as_ref().map(|t| time(Some(t))),
+            deletion: k.deletion_time.as_ref().map(|t| time(Some(t))),
+            destroyed: k.destroy_time.as_ref().map(|t| time(Some(t))),
         }
     }
 }
@@ -47,6 +59,7 @@ impl From<&pb::KeyMetadata> for KeyOut {
 #[derive(Debug, Serialize)]
 pub struct VersionOut {
     pub version: u32,
+    pub state: String,
     pub created: String,
     pub hsm_root_key_id: u32,
 }
@@ -55,6 +68,11 @@ impl From<&pb::KeyVersion> for VersionOut {
     fn from(v: &pb::KeyVersion) -> Self {
         Self {
             version: v.version,
+            state: v
+                .state()
+                .as_str_name()
+                .trim_start_matches("VERSION_")
+                .to_string(),
             created: time(v.create_time.as_ref()),
             hsm_root_key_id: v.hsm_root_key_id,
         }
@@ -116,20 +134,145 @@ pub fn key(key: &KeyOut, versions: &[VersionOut], json: bool) -> anyhow::Result<
     for (k, v) in &key.labels {
         println!("label             {k}={v}");
     }
+    if let Some(p) = key.rotation_period_secs {
+        println!("rotation          every {}", human_period(p));
+    }
+    if let Some(t) = &key.next_rotation {
+        println!("next rotation     {t}");
+    }
+    if let Some(t) = &key.deletion {
+        println!("destroyed at      {t}   (cancel with `coffre key cancel-deletion`)");
+    }
+    if let Some(t) = &key.destroyed {
+        println!("destroyed         {t}");
+    }
     if !versions.is_empty() {
         println!();
-        let rows: Vec<Vec<String>> = versions
-            .iter()
-            .map(|v| {
-                vec![
-                    v.version.to_string(),
-                    v.created.clone(),
-                    v.hsm_root_key_id.to_string(),
-                ]
-            })
-            .collect();
-        table(&["VERSION", "CREATED", "HSM ROOT KEY"], &rows);
+        version_table(versions);
     }
+    Ok(())
+}
+
+fn human_period(secs: i64) -> String {
+    const DAY: i64 = 86_400;
+    if secs % (365 * DAY) == 0 {
+        format!("{}y", secs / (365 * DAY))
+    } else if secs % DAY == 0 {
+        format!("{}d", secs / DAY)
+    } else if secs % 3600 == 0 {
+        format!("{}h", secs / 3600)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+fn version_table(versions: &[VersionOut]) {
+    let rows: Vec<Vec<String>> = versions
+        .iter()
+        .map(|v| {
+            vec![
+                v.version.to_string(),
+                v.state.clone(),
+                v.created.clone(),
+                v.hsm_root_key_id.to_string(),
+            ]
+        })
+        .collect();
+    table(&["VERSION", "STATE", "CREATED", "HSM ROOT KEY"], &rows);
+}
+
+pub fn versions(versions: &[VersionOut], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&json!({ "versions": versions }));
+    }
+    version_table(versions);
+    Ok(())
+}
+
+pub fn hsm_info(info: &pb::GetHsmInfoResponse, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&json!({
+            "backend": info.backend,
+            "label": info.label,
+            "current_root_key_id": info.current_root_key_id,
+            "root_key_ids": info.root_key_ids,
+            "secure": info.secure,
+        }));
+    }
+    println!("backend           {}", info.backend);
+    println!("label             {}", info.label);
+    println!("current root key  {}", info.current_root_key_id);
+    println!("root keys         {:?}", info.root_key_ids);
+    println!(
+        "secure            {}",
+        if info.secure { "yes" } else { "no (simulator: development only)" }
+    );
+    Ok(())
+}
+
+/// A one-line progress bar on standard error, redrawn in place when it is a
+/// terminal (one line per update otherwise).
+#[derive(Debug)]
+pub struct Progress {
+    enabled: bool,
+    tty: bool,
+    drawn: bool,
+}
+
+impl Progress {
+    pub fn new(enabled: bool) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            enabled,
+            tty: std::io::stderr().is_terminal(),
+            drawn: false,
+        }
+    }
+
+    pub fn update(&mut self, p: &pb::RotateRootKeyProgress) {
+        if !self.enabled {
+            return;
+        }
+        let total = p.rewrapped + p.remaining;
+        let pct = if total == 0 { 100 } else { p.rewrapped * 100 / total };
+        let width = 30u64;
+        let filled = usize::try_from(pct * width / 100).unwrap_or(0);
+        let bar = format!(
+            "[{}{}]",
+            "#".repeat(filled),
+            " ".repeat(usize::try_from(width).unwrap_or(30).saturating_sub(filled))
+        );
+        let line = format!(
+            "re-wrapping under root key {} {bar} {}/{} ({pct}%)",
+            p.new_root_key_id, p.rewrapped, total
+        );
+        if self.tty {
+            eprint!("\r{line}");
+        } else {
+            eprintln!("{line}");
+        }
+        self.drawn = true;
+    }
+
+    pub fn finish(&mut self) {
+        if self.enabled && self.tty && self.drawn {
+            eprintln!();
+        }
+    }
+}
+
+pub fn progress_json(p: &pb::RotateRootKeyProgress) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string(&json!({
+            "new_root_key_id": p.new_root_key_id,
+            "rewrapped": p.rewrapped,
+            "remaining": p.remaining,
+            "resumed": p.resumed,
+            "done": p.done,
+            "destroyed_root_key_ids": p.destroyed_root_key_ids,
+        }))?
+    );
     Ok(())
 }
 

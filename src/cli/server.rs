@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
@@ -19,7 +20,7 @@ use crate::hsm::Hsm;
 use crate::hsm::sim::{LocalSimHsm, RemoteSimHsm};
 use crate::model::SystemClock;
 use crate::pki::{self, PkiPaths};
-use crate::service::{Kms, KmsOptions};
+use crate::service::{Kms, KmsOptions, SchedulerReport};
 use crate::store::SledStore;
 
 /// Logs go to standard error; `RUST_LOG` filters them (default `info`).
@@ -42,6 +43,9 @@ pub struct DevOptions {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub options: KmsOptions,
+    /// How often the scheduler looks for due rotations and destructions
+    /// (`None`: never, for tests that drive it themselves).
+    pub scheduler_interval: Option<Duration>,
 }
 
 impl From<DevArgs> for DevOptions {
@@ -50,6 +54,7 @@ impl From<DevArgs> for DevOptions {
             data_dir: args.data_dir,
             listen: args.listen,
             options: KmsOptions::default(),
+            scheduler_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -69,11 +74,15 @@ pub struct RunningServer {
     pub simulator: Option<Arc<hsm_sim::Simulator>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
+    scheduler: Option<JoinHandle<()>>,
 }
 
 impl RunningServer {
     /// Stops accepting, drains in-flight requests, and waits.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.scheduler.take() {
+            s.abort();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -131,7 +140,7 @@ pub async fn start_dev(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         client_ca: paths.ca_cert(),
     }
     .load()?;
-    let mut server = start_server(kms, opts.listen, tls).await?;
+    let mut server = start_server(kms, opts.listen, tls, opts.scheduler_interval).await?;
     server.simulator = Some(simulator);
     Ok(server)
 }
@@ -140,6 +149,7 @@ pub async fn start_server(
     kms: Arc<Kms>,
     listen: SocketAddr,
     tls: grpc::ServerTls,
+    scheduler_interval: Option<Duration>,
 ) -> anyhow::Result<RunningServer> {
     let listener = TcpListener::bind(listen)
         .await
@@ -149,12 +159,33 @@ pub async fn start_server(
     let task = tokio::spawn(grpc::serve(Arc::clone(&kms), listener, tls, async move {
         let _ = rx.await;
     }));
+    // Destruction after the waiting period and automatic rotation.
+    let scheduler = scheduler_interval.map(|every| {
+        let kms = Arc::clone(&kms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let report = kms.run_scheduler_once().await;
+                if report != SchedulerReport::default() {
+                    tracing::info!(
+                        rotated = report.rotated.len(),
+                        destroyed = report.destroyed.len(),
+                        failed = report.failed,
+                        "scheduler pass"
+                    );
+                }
+            }
+        })
+    });
     Ok(RunningServer {
         addr,
         kms,
         simulator: None,
         shutdown: Some(tx),
         task,
+        scheduler,
     })
 }
 
@@ -220,7 +251,7 @@ pub async fn run_serve(config_path: &Path) -> anyhow::Result<()> {
         config.options.clone(),
     ));
     let tls = config.tls.load()?;
-    let server = start_server(kms, config.listen, tls).await?;
+    let server = start_server(kms, config.listen, tls, Some(config.scheduler_interval)).await?;
     tracing::info!(addr = %server.addr, "coffre serving");
     println!("coffre listening on {}", server.addr);
     server.run_until(termination()).await

@@ -8,7 +8,7 @@ use tonic::Status;
 use super::pb;
 use crate::model::{
     AccessReason, EncryptionContext, KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel,
-    Timestamp, VersionRecord,
+    Timestamp, VersionRecord, VersionState,
 };
 
 pub fn key_ref(field: &str, raw: &str) -> Result<KeyRef, Status> {
@@ -76,6 +76,31 @@ fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     }
 }
 
+/// An optional protobuf duration: whole seconds, non-negative.
+pub fn duration(
+    field: &str,
+    raw: Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, Status> {
+    let Some(d) = raw else { return Ok(None) };
+    if d.seconds < 0 || d.nanos != 0 {
+        return Err(Status::invalid_argument(format!(
+            "{field} must be a whole, positive number of seconds"
+        )));
+    }
+    Ok(Some(std::time::Duration::from_secs(d.seconds.unsigned_abs())))
+}
+
+pub fn key_state_filter(raw: i32) -> Result<Option<KeyState>, Status> {
+    match pb::KeyState::try_from(raw) {
+        Ok(pb::KeyState::Unspecified) => Ok(None),
+        Ok(pb::KeyState::Enabled) => Ok(Some(KeyState::Enabled)),
+        Ok(pb::KeyState::Disabled) => Ok(Some(KeyState::Disabled)),
+        Ok(pb::KeyState::PendingDeletion) => Ok(Some(KeyState::PendingDeletion)),
+        Ok(pb::KeyState::Destroyed) => Ok(Some(KeyState::Destroyed)),
+        Err(_) => Err(Status::invalid_argument(format!("unknown state {raw}"))),
+    }
+}
+
 fn state(s: KeyState) -> pb::KeyState {
     match s {
         KeyState::Enabled => pb::KeyState::Enabled,
@@ -101,13 +126,27 @@ pub fn key_metadata(k: &KeyRecord) -> pb::KeyMetadata {
         primary_version: k.primary_version,
         min_decryption_version: k.min_decryption_version,
         labels: k.labels.clone().into_iter().collect(),
+        rotation_period: k.rotation_period_secs.map(|s| prost_types::Duration {
+            seconds: i64::try_from(s).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
+        next_rotation_time: k.next_rotation_at.map(timestamp),
+        deletion_time: k.deletion_at.map(timestamp),
+        destroy_time: k.destroyed_at.map(timestamp),
     }
 }
 
-pub fn key_version(v: &VersionRecord) -> pb::KeyVersion {
+pub fn key_version(key: &KeyRecord, v: &VersionRecord) -> pb::KeyVersion {
     pb::KeyVersion {
         version: v.version,
         create_time: Some(timestamp(v.created_at)),
         hsm_root_key_id: v.hsm_root_key_id,
+        state: match v.state(key) {
+            VersionState::Enabled => pb::KeyVersionState::VersionEnabled,
+            VersionState::Retired => pb::KeyVersionState::VersionRetired,
+            VersionState::Destroyed => pb::KeyVersionState::VersionDestroyed,
+        }
+        .into(),
+        destroy_time: v.destroyed_at.map(timestamp),
     }
 }

@@ -7,9 +7,13 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{PrincipalCache, principal_of};
 use super::convert::{self, key_ref, optional_key_ref};
-use super::pb::{self, data_key_service_server::DataKeyService, key_service_server::KeyService};
+use super::pb::{
+    self, data_key_service_server::DataKeyService, hsm_service_server::HsmService,
+    key_service_server::KeyService,
+};
 use super::status;
 use crate::service::{CreateKeyInput, DEFAULT_DATA_KEY_BYTES, Kms};
+use crate::store::KeyFilter;
 
 /// Both coffre services over one core.
 #[derive(Debug, Clone)]
@@ -48,6 +52,7 @@ impl KeyService for Api {
             description: req.description,
             protection_level: convert::protection_level(req.protection_level)?,
             labels: req.labels.into_iter().collect(),
+            rotation_period: convert::duration("rotation_period", req.rotation_period)?,
         };
         let view = self.kms.create_key(&caller, input).await.map_err(status)?;
         Ok(Response::new(pb::CreateKeyResponse {
@@ -64,7 +69,11 @@ impl KeyService for Api {
         let view = self.kms.get_key(&caller, &key).await.map_err(status)?;
         Ok(Response::new(pb::GetKeyResponse {
             key: Some(convert::key_metadata(&view.key)),
-            versions: view.versions.iter().map(convert::key_version).collect(),
+            versions: view
+                .versions
+                .iter()
+                .map(|v| convert::key_version(&view.key, v))
+                .collect(),
         }))
     }
 
@@ -76,9 +85,13 @@ impl KeyService for Api {
         let req = request.get_ref();
         let start_after = convert::page_token(&req.page_token)?;
         let page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
+        let filter = KeyFilter {
+            state: convert::key_state_filter(req.state)?,
+            alias_prefix: (!req.alias_prefix.is_empty()).then(|| req.alias_prefix.clone()),
+        };
         let page = self
             .kms
-            .list_keys(&caller, start_after, page_size)
+            .list_keys(&caller, filter, start_after, page_size)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListKeysResponse {
@@ -121,6 +134,137 @@ impl KeyService for Api {
         Ok(Response::new(pb::EnableKeyResponse {
             key: Some(convert::key_metadata(&record)),
         }))
+    }
+
+    async fn schedule_key_deletion(
+        &self,
+        request: Request<pb::ScheduleKeyDeletionRequest>,
+    ) -> Result<Response<pb::ScheduleKeyDeletionResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.get_ref();
+        let key = key_ref("key_id", &req.key_id)?;
+        let days = (req.pending_window_days != 0).then_some(req.pending_window_days);
+        let record = self
+            .kms
+            .schedule_key_deletion(&caller, &key, days)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ScheduleKeyDeletionResponse {
+            key: Some(convert::key_metadata(&record)),
+        }))
+    }
+
+    async fn cancel_key_deletion(
+        &self,
+        request: Request<pb::CancelKeyDeletionRequest>,
+    ) -> Result<Response<pb::CancelKeyDeletionResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let key = key_ref("key_id", &request.get_ref().key_id)?;
+        let record = self
+            .kms
+            .cancel_key_deletion(&caller, &key)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CancelKeyDeletionResponse {
+            key: Some(convert::key_metadata(&record)),
+        }))
+    }
+
+    async fn set_rotation_policy(
+        &self,
+        request: Request<pb::SetRotationPolicyRequest>,
+    ) -> Result<Response<pb::SetRotationPolicyResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.into_inner();
+        let key = key_ref("key_id", &req.key_id)?;
+        let period = convert::duration("rotation_period", req.rotation_period)?;
+        let record = self
+            .kms
+            .set_rotation_policy(&caller, &key, period)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SetRotationPolicyResponse {
+            key: Some(convert::key_metadata(&record)),
+        }))
+    }
+
+    async fn retire_key_versions(
+        &self,
+        request: Request<pb::RetireKeyVersionsRequest>,
+    ) -> Result<Response<pb::RetireKeyVersionsResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.get_ref();
+        let key = key_ref("key_id", &req.key_id)?;
+        let record = self
+            .kms
+            .retire_key_versions(&caller, &key, req.min_decryption_version)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RetireKeyVersionsResponse {
+            key: Some(convert::key_metadata(&record)),
+        }))
+    }
+}
+
+type ProgressStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::RotateRootKeyProgress, Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl HsmService for Api {
+    async fn get_hsm_info(
+        &self,
+        request: Request<pb::GetHsmInfoRequest>,
+    ) -> Result<Response<pb::GetHsmInfoResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let info = self.kms.hsm_info(&caller).await.map_err(status)?;
+        Ok(Response::new(pb::GetHsmInfoResponse {
+            backend: info.backend,
+            label: info.label,
+            current_root_key_id: info.current_root_key_id,
+            root_key_ids: info.root_key_ids,
+            secure: self.kms.hsm().is_secure(),
+        }))
+    }
+
+    type RotateRootKeyStream = ProgressStream;
+
+    async fn rotate_root_key(
+        &self,
+        request: Request<pb::RotateRootKeyRequest>,
+    ) -> Result<Response<Self::RotateRootKeyStream>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let kms = Arc::clone(&self.kms);
+        // The rotation runs to its end (or error) even if the client goes
+        // away: stopping midway is safe, but finishing is better.
+        tokio::spawn(async move {
+            let progress_tx = tx.clone();
+            let result = kms
+                .rotate_root_key(&caller, move |p| {
+                    let _ = progress_tx.try_send(Ok(progress(p)));
+                    true
+                })
+                .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(status(e))).await;
+            }
+        });
+        Ok(Response::new(
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ProgressStream
+        ))
+    }
+}
+
+fn progress(p: &crate::service::RootRotationProgress) -> pb::RotateRootKeyProgress {
+    pb::RotateRootKeyProgress {
+        old_root_key_ids_count: u32::try_from(p.old_root_key_ids.len()).unwrap_or(u32::MAX),
+        new_root_key_id: p.new_root_key_id,
+        rewrapped: p.rewrapped,
+        remaining: p.remaining,
+        done: p.done,
+        destroyed_root_key_ids: p.destroyed_root_key_ids.clone(),
+        resumed: p.resumed,
     }
 }
 

@@ -76,4 +76,12 @@ pub trait Hsm: Send + Sync + fmt::Debug {
 
     /// Unwraps a blob produced by [`Hsm::wrap`] with the same `aad`.
     async fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<SecretBytes, HsmError>;
+
+    /// Creates a new root key and makes it current; older root keys still
+    /// unwrap. Returns the new root key's id.
+    async fn rotate_root_key(&self) -> Result<u32, HsmError>;
+
+    /// Destroys a root key that is not the current one. Whatever it wrapped
+    /// can never be unwrapped again.
+    async fn destroy_root_key(&self, root_key_id: u32) -> Result<(), HsmError>;
 }

@@ -25,7 +25,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hsm_sim::proto::hsm_client::HsmClient;
 use hsm_sim::proto::{
-    GenerateRandomRequest, GetInfoRequest, LoginRequest, UnwrapRequest, WrapRequest,
+    DestroyRootKeyRequest, GenerateRandomRequest, GetInfoRequest, LoginRequest,
+    RotateRootKeyRequest, UnwrapRequest, WrapRequest,
 };
 use hsm_sim::{MAX_RANDOM_LEN, SessionId, SimError, Simulator};
 use tonic::transport::{Channel, Endpoint};
@@ -157,6 +158,14 @@ impl Hsm for LocalSimHsm {
     async fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<SecretBytes, HsmError> {
         with_session!(self, |s| self.sim.unwrap(&s, wrapped, aad)).map(SecretBytes::from)
     }
+
+    async fn rotate_root_key(&self) -> Result<u32, HsmError> {
+        with_session!(self, |s| self.sim.rotate_root_key(&s))
+    }
+
+    async fn destroy_root_key(&self, root_key_id: u32) -> Result<(), HsmError> {
+        with_session!(self, |s| self.sim.destroy_root_key(&s, root_key_id))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -191,6 +200,7 @@ enum Op {
     Wrap,
     Unwrap,
     Random,
+    RootKey,
 }
 
 impl RemoteSimHsm {
@@ -361,6 +371,27 @@ impl Hsm for RemoteSimHsm {
             })
             .await?;
         Ok(SecretBytes::new(response.plaintext))
+    }
+
+    async fn rotate_root_key(&self) -> Result<u32, HsmError> {
+        let response = self
+            .call(Op::RootKey, |mut c, session| async move {
+                c.rotate_root_key(RotateRootKeyRequest { session }).await
+            })
+            .await?;
+        Ok(response.root_key_id)
+    }
+
+    async fn destroy_root_key(&self, root_key_id: u32) -> Result<(), HsmError> {
+        self.call(Op::RootKey, |mut c, session| async move {
+            c.destroy_root_key(DestroyRootKeyRequest {
+                session,
+                root_key_id,
+            })
+            .await
+        })
+        .await?;
+        Ok(())
     }
 }
 

@@ -11,7 +11,8 @@ use crate::model::{
     validate_alias,
 };
 use crate::secret::{CMK_LEN, CmkMaterial};
-use crate::store::StoreError;
+use crate::store::{KeyFilter, StoreError};
+use super::WriteGuard;
 
 pub const MAX_DESCRIPTION_LEN: usize = 8192;
 pub const MAX_LABELS: usize = 64;
@@ -25,6 +26,7 @@ pub struct CreateKeyInput {
     pub description: String,
     pub protection_level: Option<ProtectionLevel>,
     pub labels: BTreeMap<String, String>,
+    pub rotation_period: Option<std::time::Duration>,
 }
 
 /// A key with its versions (metadata only).
@@ -53,6 +55,9 @@ impl Kms {
             )));
         }
         validate_labels(&input.labels)?;
+        if let Some(p) = input.rotation_period {
+            super::lifecycle::check_rotation_period(p)?;
+        }
         let protection_level = input.protection_level.unwrap_or(ProtectionLevel::Software);
         if protection_level == ProtectionLevel::Hsm {
             return Err(Error::InvalidArgument(
@@ -74,8 +79,8 @@ impl Kms {
             primary_version: 1,
             min_decryption_version: 1,
             labels: input.labels,
-            rotation_period_secs: None,
-            next_rotation_at: None,
+            rotation_period_secs: input.rotation_period.map(|p| p.as_secs()),
+            next_rotation_at: input.rotation_period.map(|p| version.created_at.plus(p)),
             deletion_at: None,
             destroyed_at: None,
         };
@@ -143,6 +148,7 @@ impl Kms {
     pub async fn list_keys(
         &self,
         caller: &Caller,
+        filter: KeyFilter,
         start_after: Option<KeyId>,
         page_size: usize,
     ) -> Result<KeyPage> {
@@ -158,7 +164,7 @@ impl Kms {
         };
         // One more than asked tells whether another page follows.
         let mut keys = self
-            .blocking(move |s| Ok(s.list_keys(start_after, limit + 1)?))
+            .blocking(move |s| Ok(s.list_keys(&filter, start_after, limit + 1)?))
             .await?;
         let next = if keys.len() > limit {
             keys.truncate(limit);
@@ -174,6 +180,20 @@ impl Kms {
         let id = self.resolve(key).await?.id;
         let guard = self.begin_write().await;
         let current = self.fresh_record(id).await?;
+        let updated = self.add_primary_version(&guard, current, |_| {}).await?;
+        tracing::info!(key_id = %id, version = updated.primary_version, principal = %caller.principal, "key rotated");
+        Ok(updated)
+    }
+
+    /// Adds a new primary version to `current` (ENABLED or DISABLED), with
+    /// `adjust` applied to the updated record in the same durable write.
+    pub(super) async fn add_primary_version(
+        &self,
+        guard: &WriteGuard<'_>,
+        current: KeyRecord,
+        adjust: impl FnOnce(&mut KeyRecord),
+    ) -> Result<Arc<KeyRecord>> {
+        let id = current.id;
         if !matches!(current.state, KeyState::Enabled | KeyState::Disabled) {
             return Err(Error::FailedPrecondition(format!(
                 "key {id} is {}: it cannot be rotated",
@@ -184,13 +204,20 @@ impl Kms {
             Error::FailedPrecondition(format!("key {id} has reached its last version"))
         })?;
         let (version, material) = self.new_version(id, next_version).await?;
-        let updated = self
-            .blocking(move |s| Ok(s.add_version(&current, &version)?))
+        let mut updated = current.clone();
+        updated.primary_version = next_version;
+        if let Some(period) = updated.rotation_period_secs {
+            // A manual rotation restarts the automatic schedule.
+            updated.next_rotation_at =
+                Some(self.clock.now().plus(std::time::Duration::from_secs(period)));
+        }
+        adjust(&mut updated);
+        let stored = updated.clone();
+        self.blocking(move |s| Ok(s.add_version(&current, &stored, &version)?))
             .await?;
         self.materials
             .insert((id, next_version), Arc::new(material));
-        tracing::info!(key_id = %id, version = next_version, principal = %caller.principal, "key rotated");
-        Ok(self.publish(&guard, updated))
+        Ok(self.publish(guard, updated))
     }
 
     pub async fn disable_key(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
@@ -204,40 +231,43 @@ impl Kms {
     }
 
     /// ENABLED ⇄ DISABLED. Asking for the state a key is already in succeeds
-    /// and changes nothing; any other transition is refused.
+    /// and changes nothing; any other transition is refused with a message
+    /// naming the key's state.
     async fn change_state(
         &self,
         caller: &Caller,
         key: &KeyRef,
         target: KeyState,
     ) -> Result<Arc<KeyRecord>> {
-        let id = self.resolve(key).await?.id;
-        let guard = self.begin_write().await;
-        let current = self.fresh_record(id).await?;
-        if current.state == target {
-            return Ok(self.publish(&guard, current));
-        }
-        let legal = matches!(
-            (current.state, target),
-            (KeyState::Enabled, KeyState::Disabled) | (KeyState::Disabled, KeyState::Enabled)
-        );
-        if !legal {
-            return Err(Error::FailedPrecondition(format!(
-                "key {id} is {}: it cannot become {target}",
-                current.state
-            )));
-        }
-        let mut next = current.clone();
-        next.state = target;
-        let stored = next.clone();
-        self.blocking(move |s| Ok(s.compare_and_swap_key(&current, &stored)?))
-            .await?;
-        tracing::info!(key_id = %id, state = %target, principal = %caller.principal, "key state changed");
-        Ok(self.publish(&guard, next))
+        let what = if target == KeyState::Enabled { "enabled" } else { "disabled" };
+        self.transition(caller, key, what, |current, _| {
+            if current.state == target {
+                return Ok(None);
+            }
+            let legal = matches!(
+                (current.state, target),
+                (KeyState::Enabled, KeyState::Disabled) | (KeyState::Disabled, KeyState::Enabled)
+            );
+            if !legal {
+                let hint = if current.state == KeyState::PendingDeletion {
+                    " (cancel the deletion first)"
+                } else {
+                    ""
+                };
+                return Err(Error::FailedPrecondition(format!(
+                    "key {} is {}: it cannot become {target}{hint}",
+                    current.id, current.state
+                )));
+            }
+            let mut next = current.clone();
+            next.state = target;
+            Ok(Some(next))
+        })
+        .await
     }
 
     /// The stored record, bypassing the cache (writers only).
-    async fn fresh_record(&self, id: KeyId) -> Result<KeyRecord> {
+    pub(super) async fn fresh_record(&self, id: KeyId) -> Result<KeyRecord> {
         self.blocking(move |s| {
             s.get_key(id)?
                 .ok_or_else(|| Error::KeyNotFound(id.to_string()))

@@ -25,6 +25,8 @@
 mod cache;
 mod datakeys;
 mod keys;
+mod lifecycle;
+mod rootkey;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +39,11 @@ pub use datakeys::{
     ReEncryptOutput,
 };
 pub use keys::{CreateKeyInput, KeyPage, KeyView};
+pub use lifecycle::{
+    DEFAULT_DELETION_DAYS, MAX_DELETION_DAYS, MAX_ROTATION_PERIOD, MIN_DELETION_DAYS,
+    MIN_ROTATION_PERIOD, SchedulerReport,
+};
+pub use rootkey::RootRotationProgress;
 
 use crate::authz::{Authorizer, Caller, Operation, Role};
 use crate::crypto::Rng;
@@ -78,6 +85,8 @@ pub struct Kms {
     write_lock: Mutex<()>,
     /// Odd while a key change is in progress; see the module docs.
     write_epoch: AtomicU64,
+    /// One HSM root-key rotation at a time.
+    root_rotation: Mutex<()>,
 }
 
 /// Held for the whole of a key change: serializes writers and keeps the
@@ -112,6 +121,7 @@ impl Kms {
             materials: BoundedCache::new(options.material_cache_capacity),
             write_lock: Mutex::new(()),
             write_epoch: AtomicU64::new(0),
+            root_rotation: Mutex::new(()),
         }
     }
 

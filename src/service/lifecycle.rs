@@ -1,0 +1,276 @@
+//! The key lifecycle beyond enable/disable: deletion with a waiting period,
+//! destruction, automatic rotation, retirement of old versions.
+//!
+//! ```text
+//! ENABLED ⇄ DISABLED
+//!    │  ScheduleKeyDeletion (7–30 days, default 30)
+//!    ▼
+//! PENDING_DELETION ──CancelKeyDeletion──▶ DISABLED
+//!    │  waiting period over (the scheduler)
+//!    ▼
+//! DESTROYED   (material erased from store and caches; metadata kept)
+//! ```
+//!
+//! Every transition is a compare-and-swap under the core's write guard, so a
+//! transition that the scheduler and an operator race for happens once.
+//! Time comes from the injected [`crate::model::Clock`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Kms;
+use crate::authz::{Caller, Operation};
+use crate::error::{Error, Result};
+use crate::model::{KeyId, KeyRecord, KeyRef, KeyState, Timestamp};
+
+pub const MIN_DELETION_DAYS: u32 = 7;
+pub const MAX_DELETION_DAYS: u32 = 30;
+pub const DEFAULT_DELETION_DAYS: u32 = 30;
+pub const MIN_ROTATION_PERIOD: Duration = Duration::from_secs(86_400);
+/// Ten years of 365 days.
+pub const MAX_ROTATION_PERIOD: Duration = Duration::from_secs(10 * 365 * 86_400);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// What one scheduler pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SchedulerReport {
+    pub rotated: Vec<KeyId>,
+    pub destroyed: Vec<KeyId>,
+    pub failed: usize,
+}
+
+fn refuse(record: &KeyRecord, what: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "key {} is {}: it cannot {what}",
+        record.id, record.state
+    ))
+}
+
+impl Kms {
+    /// Applies `change` to the stored record of `key` under the write guard:
+    /// `Ok(None)` from `change` means "already so, nothing to write".
+    pub(super) async fn transition(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        what: &'static str,
+        change: impl FnOnce(&KeyRecord, Timestamp) -> Result<Option<KeyRecord>>,
+    ) -> Result<Arc<KeyRecord>> {
+        let id = self.resolve(key).await?.id;
+        let guard = self.begin_write().await;
+        let current = self.fresh_record(id).await?;
+        let Some(next) = change(&current, self.clock.now())? else {
+            return Ok(self.publish(&guard, current));
+        };
+        let stored = next.clone();
+        self.blocking(move |s| Ok(s.compare_and_swap_key(&current, &stored)?))
+            .await?;
+        tracing::info!(key_id = %id, state = %next.state, principal = %caller.principal, change = what, "key changed");
+        Ok(self.publish(&guard, next))
+    }
+
+    pub async fn schedule_key_deletion(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        pending_window_days: Option<u32>,
+    ) -> Result<Arc<KeyRecord>> {
+        self.authorize(caller, Operation::ScheduleKeyDeletion)?;
+        let days = pending_window_days.unwrap_or(DEFAULT_DELETION_DAYS);
+        if !(MIN_DELETION_DAYS..=MAX_DELETION_DAYS).contains(&days) {
+            return Err(Error::InvalidArgument(format!(
+                "pending_window_days must be {MIN_DELETION_DAYS} to {MAX_DELETION_DAYS}, got {days}"
+            )));
+        }
+        self.transition(caller, key, "deletion scheduled", |current, now| {
+            match current.state {
+                KeyState::Enabled | KeyState::Disabled => {
+                    let mut next = current.clone();
+                    next.state = KeyState::PendingDeletion;
+                    next.deletion_at = Some(now.plus(DAY * days));
+                    Ok(Some(next))
+                }
+                _ => Err(refuse(current, "be scheduled for deletion")),
+            }
+        })
+        .await
+    }
+
+    pub async fn cancel_key_deletion(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+        self.authorize(caller, Operation::CancelKeyDeletion)?;
+        self.transition(caller, key, "deletion cancelled", |current, _| {
+            if current.state != KeyState::PendingDeletion {
+                return Err(refuse(current, "have its deletion cancelled (it is not pending deletion)"));
+            }
+            let mut next = current.clone();
+            next.state = KeyState::Disabled;
+            next.deletion_at = None;
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// Sets (or, with `None`, clears) the automatic rotation period; the next
+    /// rotation is due one period from now.
+    pub async fn set_rotation_policy(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        period: Option<Duration>,
+    ) -> Result<Arc<KeyRecord>> {
+        self.authorize(caller, Operation::SetRotationPolicy)?;
+        if let Some(p) = period {
+            check_rotation_period(p)?;
+        }
+        self.transition(caller, key, "rotation policy set", |current, now| {
+            if !matches!(current.state, KeyState::Enabled | KeyState::Disabled) {
+                return Err(refuse(current, "have a rotation policy"));
+            }
+            let mut next = current.clone();
+            next.rotation_period_secs = period.map(|p| p.as_secs());
+            next.next_rotation_at = period.map(|p| now.plus(p));
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// Versions below `min` stop decrypting (and come back if `min` is
+    /// lowered again, while the key is not destroyed).
+    pub async fn retire_key_versions(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        min: u32,
+    ) -> Result<Arc<KeyRecord>> {
+        self.authorize(caller, Operation::RetireKeyVersions)?;
+        self.transition(caller, key, "versions retired", |current, _| {
+            if !matches!(current.state, KeyState::Enabled | KeyState::Disabled) {
+                return Err(refuse(current, "have versions retired"));
+            }
+            if min == 0 || min > current.primary_version {
+                return Err(Error::InvalidArgument(format!(
+                    "min_decryption_version must be 1 to the primary version {}, got {min}",
+                    current.primary_version
+                )));
+            }
+            if current.min_decryption_version == min {
+                return Ok(None);
+            }
+            let mut next = current.clone();
+            next.min_decryption_version = min;
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// One pass of the scheduler: destroys keys whose waiting period is
+    /// over and rotates keys whose rotation is due, at `clock.now()`.
+    ///
+    /// Exactly once: each action is a compare-and-swap that also moves the
+    /// key's due time, in one durable write; a pass that crashes before the
+    /// write left the key due (it is done by the next pass, after restart),
+    /// one that crashes after it left the key not due (it is not done twice).
+    pub async fn run_scheduler_once(&self) -> SchedulerReport {
+        let mut report = SchedulerReport::default();
+        let now = self.clock.now();
+        // Bounded batches; a key that keeps failing does not block the others.
+        let mut attempts = 0usize;
+        loop {
+            let due = match self.blocking(move |s| Ok(s.due_keys(now, 64)?)).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduler: cannot read due keys");
+                    report.failed += 1;
+                    return report;
+                }
+            };
+            let batch = due.len();
+            let mut progressed = false;
+            for key in due {
+                attempts += 1;
+                let outcome = match key.state {
+                    KeyState::PendingDeletion => self.destroy_due(key.id, now).await.map(|d| {
+                        if d {
+                            report.destroyed.push(key.id);
+                        }
+                        d
+                    }),
+                    KeyState::Enabled => self.rotate_due(key.id, now).await.map(|r| {
+                        if r {
+                            report.rotated.push(key.id);
+                        }
+                        r
+                    }),
+                    _ => Ok(false),
+                };
+                match outcome {
+                    Ok(done) => progressed |= done,
+                    Err(e) => {
+                        tracing::error!(key_id = %key.id, error = %e, "scheduler: action failed; retried next pass");
+                        report.failed += 1;
+                    }
+                }
+            }
+            if batch < 64 || !progressed || attempts > 100_000 {
+                return report;
+            }
+        }
+    }
+
+    /// Destroys `id` if it is still pending deletion and due at `now`.
+    async fn destroy_due(&self, id: KeyId, now: Timestamp) -> Result<bool> {
+        let guard = self.begin_write().await;
+        let current = self.fresh_record(id).await?;
+        let due = current.state == KeyState::PendingDeletion
+            && current.deletion_at.is_some_and(|t| t <= now);
+        if !due {
+            return Ok(false);
+        }
+        let mut tombstone = current.clone();
+        tombstone.state = KeyState::Destroyed;
+        tombstone.deletion_at = None;
+        tombstone.next_rotation_at = None;
+        tombstone.destroyed_at = Some(now);
+        let stored = tombstone.clone();
+        self.blocking(move |s| Ok(s.destroy_key(&current, &stored)?))
+            .await?;
+        // The material leaves the caches too (zeroized once no request holds it).
+        self.materials.remove_where(|(key, _)| *key == id);
+        self.publish(&guard, tombstone);
+        tracing::warn!(key_id = %id, "key destroyed: its material is erased");
+        Ok(true)
+    }
+
+    /// Rotates `id` if it is still enabled and its rotation is due at `now`;
+    /// the next rotation moves to the first period boundary after `now`.
+    async fn rotate_due(&self, id: KeyId, now: Timestamp) -> Result<bool> {
+        let guard = self.begin_write().await;
+        let current = self.fresh_record(id).await?;
+        let (Some(due_at), Some(period)) = (current.next_rotation_at, current.rotation_period_secs)
+        else {
+            return Ok(false);
+        };
+        if current.state != KeyState::Enabled || due_at > now {
+            return Ok(false);
+        }
+        let period_ms = i64::try_from(period.saturating_mul(1000)).unwrap_or(i64::MAX).max(1);
+        // Missed periods (the server was down) give one rotation, not a burst.
+        let behind = (now.0 - due_at.0) / period_ms + 1;
+        let next_at = Timestamp(due_at.0.saturating_add(behind.saturating_mul(period_ms)));
+        let updated = self
+            .add_primary_version(&guard, current, |next| next.next_rotation_at = Some(next_at))
+            .await?;
+        tracing::info!(key_id = %id, version = updated.primary_version, next_rotation = %next_at.to_rfc3339(), "key rotated automatically");
+        Ok(true)
+    }
+}
+
+pub fn check_rotation_period(p: Duration) -> Result<()> {
+    if p < MIN_ROTATION_PERIOD || p > MAX_ROTATION_PERIOD {
+        return Err(Error::InvalidArgument(format!(
+            "rotation_period must be 1 day to 10 years, got {} s",
+            p.as_secs()
+        )));
+    }
+    Ok(())
+}
