@@ -263,4 +263,6 @@ impl Kms {
 }
 
 #[cfg(test)]
+mod lifecycle_tests;
+#[cfg(test)]
 mod tests;

@@ -38,7 +38,7 @@ pub struct RootRotationProgress {
     pub destroyed_root_key_ids: Vec<u32>,
 }
 
-const BATCH: usize = 64;
+const BATCH: usize = 32;
 
 impl Kms {
     pub async fn hsm_info(&self, caller: &Caller) -> Result<HsmInfo> {

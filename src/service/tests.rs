@@ -41,6 +41,14 @@ impl Hsm for CountingHsm {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.unwrap(wrapped, aad).await
     }
+    async fn rotate_root_key(&self) -> Result<u32, HsmError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.rotate_root_key().await
+    }
+    async fn destroy_root_key(&self, id: u32) -> Result<(), HsmError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.destroy_root_key(id).await
+    }
 }
 
 type Pause = (

@@ -1,0 +1,316 @@
+//! Lifecycle, scheduler and root-key rotation, with a manual clock: 30-day
+//! waiting periods and rotation schedules without sleeping.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::authz::StaticRoles;
+use crate::hsm::sim::LocalSimHsm;
+use crate::model::{AccessReason, EncryptionContext, KeyState, ManualClock, Timestamp};
+use crate::store::SledStore;
+
+const DAY: Duration = Duration::from_secs(86_400);
+const WHY: AccessReason = AccessReason::CustomerInitiatedAccess;
+const START: Timestamp = Timestamp(1_800_000_000_000);
+
+fn op() -> Caller {
+    Caller::new("op")
+}
+fn svc() -> Caller {
+    Caller::new("svc")
+}
+fn ctx() -> EncryptionContext {
+    EncryptionContext::default()
+}
+
+/// A Kms over the store and HSM in `dir`; dropping it releases both, so the
+/// same directory can be opened again (a restart).
+fn open(dir: &Path, clock: Arc<ManualClock>) -> Kms {
+    let hsm = LocalSimHsm::open(&dir.join("hsm.state"), "lifecycle-pin").unwrap();
+    let store = SledStore::open(&dir.join("store")).unwrap();
+    let roles = StaticRoles::new([
+        ("op".to_string(), Role::Operator),
+        ("svc".to_string(), Role::Service),
+    ]);
+    Kms::new(
+        Arc::new(store),
+        Arc::new(hsm),
+        Arc::new(roles),
+        clock,
+        KmsOptions::default(),
+    )
+}
+
+async fn new_key(kms: &Kms, rotation: Option<Duration>) -> KeyRef {
+    let view = kms
+        .create_key(
+            &op(),
+            CreateKeyInput {
+                rotation_period: rotation,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    KeyRef::Id(view.key.id)
+}
+
+fn is_precondition(e: &Error, state: &str) -> bool {
+    match e {
+        Error::FailedPrecondition(m) => m.contains(state),
+        Error::KeyNotEnabled { state: s, .. } => s.as_str() == state,
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn every_transition_and_every_refused_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let kms = open(dir.path(), Arc::clone(&clock));
+    let k = new_key(&kms, None).await;
+
+    // ENABLED → DISABLED → ENABLED.
+    assert_eq!(kms.disable_key(&op(), &k).await.unwrap().state, KeyState::Disabled);
+    assert_eq!(kms.enable_key(&op(), &k).await.unwrap().state, KeyState::Enabled);
+    // ENABLED → PENDING_DELETION.
+    let pending = kms.schedule_key_deletion(&op(), &k, None).await.unwrap();
+    assert_eq!(pending.state, KeyState::PendingDeletion);
+    assert_eq!(pending.deletion_at, Some(START.plus(DAY * 30)), "default 30 days");
+    // Refused from PENDING_DELETION, each naming the state.
+    for err in [
+        kms.enable_key(&op(), &k).await.unwrap_err(),
+        kms.disable_key(&op(), &k).await.unwrap_err(),
+        kms.rotate_key(&op(), &k).await.unwrap_err(),
+        kms.schedule_key_deletion(&op(), &k, Some(7)).await.unwrap_err(),
+        kms.set_rotation_policy(&op(), &k, Some(DAY)).await.unwrap_err(),
+        kms.retire_key_versions(&op(), &k, 1).await.unwrap_err(),
+        kms.generate_data_key(&svc(), &k, &ctx(), WHY, 32, true).await.unwrap_err(),
+    ] {
+        assert!(is_precondition(&err, "PENDING_DELETION"), "{err:?}");
+    }
+    // PENDING_DELETION → DISABLED (cancel); cancel again is refused.
+    let cancelled = kms.cancel_key_deletion(&op(), &k).await.unwrap();
+    assert_eq!(cancelled.state, KeyState::Disabled);
+    assert_eq!(cancelled.deletion_at, None);
+    let err = kms.cancel_key_deletion(&op(), &k).await.unwrap_err();
+    assert!(is_precondition(&err, "DISABLED"), "{err:?}");
+    // DISABLED → PENDING_DELETION (7 days) → DESTROYED by the scheduler.
+    kms.schedule_key_deletion(&op(), &k, Some(7)).await.unwrap();
+    clock.advance(DAY * 7 - Duration::from_millis(1));
+    assert!(kms.run_scheduler_once().await.destroyed.is_empty(), "not before its time");
+    clock.advance(Duration::from_millis(1));
+    let report = kms.run_scheduler_once().await;
+    assert_eq!(report.destroyed.len(), 1);
+    let destroyed = kms.get_key(&op(), &k).await.unwrap();
+    assert_eq!(destroyed.key.state, KeyState::Destroyed);
+    // Nothing leaves DESTROYED.
+    for err in [
+        kms.enable_key(&op(), &k).await.unwrap_err(),
+        kms.disable_key(&op(), &k).await.unwrap_err(),
+        kms.cancel_key_deletion(&op(), &k).await.unwrap_err(),
+        kms.schedule_key_deletion(&op(), &k, None).await.unwrap_err(),
+        kms.rotate_key(&op(), &k).await.unwrap_err(),
+    ] {
+        assert!(is_precondition(&err, "DESTROYED"), "{err:?}");
+    }
+    // Waiting periods outside 7..=30 days are refused.
+    let other = new_key(&kms, None).await;
+    for days in [0, 6, 31] {
+        let err = kms.schedule_key_deletion(&op(), &other, Some(days)).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{days}: {err:?}");
+    }
+    assert_eq!(kms.get_key(&op(), &other).await.unwrap().key.state, KeyState::Enabled);
+}
+
+#[tokio::test]
+async fn destruction_erases_the_material_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let kms = open(dir.path(), Arc::clone(&clock));
+    let k = new_key(&kms, None).await;
+    kms.rotate_key(&op(), &k).await.unwrap();
+    let blob = kms
+        .generate_data_key(&svc(), &k, &ctx(), WHY, 32, false)
+        .await
+        .unwrap()
+        .ciphertext_blob;
+    let KeyRef::Id(id) = k else { unreachable!() };
+    assert_eq!(kms.materials.len(), 2, "both versions cached");
+
+    kms.schedule_key_deletion(&op(), &k, Some(7)).await.unwrap();
+    clock.advance(DAY * 8);
+    assert_eq!(kms.run_scheduler_once().await.destroyed, vec![id]);
+
+    assert!(kms.materials.is_empty(), "no cached material is left");
+    let view = kms.get_key(&op(), &k).await.unwrap();
+    assert_eq!(view.versions.len(), 2, "the tombstone keeps the version metadata");
+    for v in &view.versions {
+        assert!(v.wrapped_material.is_empty(), "version {} still has material", v.version);
+        assert_eq!(v.destroyed_at, Some(START.plus(DAY * 8)));
+    }
+    let err = kms.decrypt(&svc(), &blob, &ctx(), WHY, None).await.unwrap_err();
+    assert!(is_precondition(&err, "DESTROYED"), "a clear error: {err:?}");
+
+    // After a restart too.
+    drop(kms);
+    let kms = open(dir.path(), clock);
+    let err = kms.decrypt(&svc(), &blob, &ctx(), WHY, None).await.unwrap_err();
+    assert!(is_precondition(&err, "DESTROYED"), "{err:?}");
+}
+
+#[tokio::test]
+async fn automatic_rotation_happens_exactly_once_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let kms = open(dir.path(), Arc::clone(&clock));
+    let k = new_key(&kms, Some(DAY)).await;
+    let manual = new_key(&kms, None).await;
+    assert_eq!(kms.get_key(&op(), &k).await.unwrap().key.next_rotation_at, Some(START.plus(DAY)));
+
+    assert!(kms.run_scheduler_once().await.rotated.is_empty(), "not due yet");
+    clock.advance(DAY);
+    assert_eq!(kms.run_scheduler_once().await.rotated.len(), 1);
+    assert!(kms.run_scheduler_once().await.rotated.is_empty(), "not twice");
+    let key = kms.get_key(&op(), &k).await.unwrap().key;
+    assert_eq!(key.primary_version, 2);
+    assert_eq!(key.next_rotation_at, Some(START.plus(DAY * 2)));
+
+    // Restart: the rotation is not repeated.
+    drop(kms);
+    let kms = open(dir.path(), Arc::clone(&clock));
+    assert!(kms.run_scheduler_once().await.rotated.is_empty(), "not again after a restart");
+    assert_eq!(kms.get_key(&op(), &k).await.unwrap().key.primary_version, 2);
+
+    // Down for five periods: one rotation, none skipped, no burst; the next
+    // one is due at the next period boundary after now.
+    drop(kms);
+    clock.advance(DAY * 5 + Duration::from_secs(60));
+    let kms = open(dir.path(), Arc::clone(&clock));
+    assert_eq!(kms.run_scheduler_once().await.rotated.len(), 1);
+    let key = kms.get_key(&op(), &k).await.unwrap().key;
+    assert_eq!(key.primary_version, 3);
+    assert_eq!(key.next_rotation_at, Some(START.plus(DAY * 7)));
+    assert!(key.next_rotation_at.unwrap() > clock.now());
+    // Keys without a period are never rotated.
+    assert_eq!(kms.get_key(&op(), &manual).await.unwrap().key.primary_version, 1);
+
+    // A disabled key is not rotated; the policy can be cleared.
+    clock.advance(DAY * 2);
+    kms.disable_key(&op(), &k).await.unwrap();
+    assert!(kms.run_scheduler_once().await.rotated.is_empty());
+    kms.enable_key(&op(), &k).await.unwrap();
+    let cleared = kms.set_rotation_policy(&op(), &k, None).await.unwrap();
+    assert_eq!(cleared.next_rotation_at, None);
+    assert!(kms.run_scheduler_once().await.rotated.is_empty());
+    // Periods outside 1 day..=10 years are refused.
+    for bad in [DAY - Duration::from_secs(1), DAY * 3651] {
+        let err = kms.set_rotation_policy(&op(), &k, Some(bad)).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn retired_versions_stop_decrypting_and_re_encrypt_moves_blobs_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let kms = open(dir.path(), Arc::new(ManualClock::new(START)));
+    let k = new_key(&kms, None).await;
+    let old = kms
+        .generate_data_key(&svc(), &k, &ctx(), WHY, 32, true)
+        .await
+        .unwrap();
+    kms.rotate_key(&op(), &k).await.unwrap();
+    // Move the blob forward before retiring its version.
+    let moved = kms
+        .re_encrypt(&svc(), &old.ciphertext_blob, &ctx(), None, None, None, WHY)
+        .await
+        .unwrap();
+    assert_eq!((moved.source_key_version, moved.key_version), (1, 2));
+
+    let retired = kms.retire_key_versions(&op(), &k, 2).await.unwrap();
+    assert_eq!(retired.min_decryption_version, 2);
+    let err = kms
+        .decrypt(&svc(), &old.ciphertext_blob, &ctx(), WHY, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("retired")), "{err:?}");
+    let out = kms
+        .decrypt(&svc(), &moved.ciphertext_blob, &ctx(), WHY, None)
+        .await
+        .unwrap();
+    assert_eq!(out.plaintext.expose(), old.plaintext.as_ref().unwrap().expose());
+    let view = kms.get_key(&op(), &k).await.unwrap();
+    let states: Vec<_> = view.versions.iter().map(|v| v.state(&view.key)).collect();
+    assert_eq!(
+        states,
+        vec![crate::model::VersionState::Retired, crate::model::VersionState::Enabled]
+    );
+    for bad in [0, 3] {
+        assert!(matches!(
+            kms.retire_key_versions(&op(), &k, bad).await.unwrap_err(),
+            Error::InvalidArgument(_)
+        ));
+    }
+    // Lowering it again brings version 1 back.
+    kms.retire_key_versions(&op(), &k, 1).await.unwrap();
+    kms.decrypt(&svc(), &old.ciphertext_blob, &ctx(), WHY, None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_key_rotation_interrupted_then_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let kms = open(dir.path(), Arc::clone(&clock));
+    let mut blobs = Vec::new();
+    // More versions than one batch, so the interruption falls midway.
+    for i in 0..40 {
+        let k = new_key(&kms, None).await;
+        if i % 2 == 0 {
+            kms.rotate_key(&op(), &k).await.unwrap();
+        }
+        let out = kms
+            .generate_data_key(&svc(), &k, &ctx(), WHY, 32, true)
+            .await
+            .unwrap();
+        blobs.push((out.ciphertext_blob, out.plaintext.unwrap()));
+    }
+    let before = kms.hsm_info(&op()).await.unwrap();
+    assert_eq!(before.root_key_ids.len(), 1);
+
+    // Stop after the first batch, as a crash would.
+    let stopped = kms
+        .rotate_root_key(&op(), |p| p.rewrapped == 0)
+        .await
+        .unwrap();
+    assert!(!stopped.done);
+    assert!(stopped.rewrapped > 0 && stopped.remaining > 0, "{stopped:?}");
+    let midway = kms.hsm_info(&op()).await.unwrap();
+    assert_eq!(midway.root_key_ids.len(), 2, "the old root key is kept until the end");
+
+    // Restart, then resume.
+    drop(kms);
+    let kms = open(dir.path(), Arc::clone(&clock));
+    let done = kms.rotate_root_key(&op(), |_| true).await.unwrap();
+    assert!(done.resumed && done.done, "{done:?}");
+    assert_eq!(done.new_root_key_id, stopped.new_root_key_id);
+    assert_eq!(stopped.rewrapped + done.rewrapped, 60, "every version once");
+    assert_eq!(done.destroyed_root_key_ids, before.root_key_ids);
+    let after = kms.hsm_info(&op()).await.unwrap();
+    assert_eq!(after.root_key_ids, vec![done.new_root_key_id]);
+
+    // A fresh process (cold caches) unwraps every version under the new root.
+    drop(kms);
+    let kms = open(dir.path(), clock);
+    for (blob, plaintext) in &blobs {
+        let out = kms.decrypt(&svc(), blob, &ctx(), WHY, None).await.unwrap();
+        assert_eq!(out.plaintext.expose(), plaintext.expose());
+    }
+    // Another rotation starts afresh.
+    let again = kms.rotate_root_key(&op(), |_| true).await.unwrap();
+    assert!(!again.resumed && again.done);
+    assert_eq!(again.rewrapped, 60);
+}
