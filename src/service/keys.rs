@@ -11,7 +11,7 @@ use crate::model::{
     validate_alias,
 };
 use crate::secret::{CMK_LEN, CmkMaterial};
-use crate::store::StoreError;
+use crate::store::{KeyFilter, StoreError};
 
 pub const MAX_DESCRIPTION_LEN: usize = 8192;
 pub const MAX_LABELS: usize = 64;
@@ -158,7 +158,7 @@ impl Kms {
         };
         // One more than asked tells whether another page follows.
         let mut keys = self
-            .blocking(move |s| Ok(s.list_keys(start_after, limit + 1)?))
+            .blocking(move |s| Ok(s.list_keys(&KeyFilter::default(), start_after, limit + 1)?))
             .await?;
         let next = if keys.len() > limit {
             keys.truncate(limit);
@@ -184,8 +184,11 @@ impl Kms {
             Error::FailedPrecondition(format!("key {id} has reached its last version"))
         })?;
         let (version, material) = self.new_version(id, next_version).await?;
-        let updated = self
-            .blocking(move |s| Ok(s.add_version(&current, &version)?))
+        // A manual rotation keeps the automatic schedule as it is.
+        let mut updated = current.clone();
+        updated.primary_version = next_version;
+        let stored = updated.clone();
+        self.blocking(move |s| Ok(s.add_version(&current, &stored, &version)?))
             .await?;
         self.materials
             .insert((id, next_version), Arc::new(material));
