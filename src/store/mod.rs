@@ -168,7 +168,9 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// may be destroyed, and when, is the caller's policy.
     ///
     /// The records no longer hold the material once this returns, but the
-    /// backend's files may: see the backend's documentation on erasure.
+    /// backend's files may (sled does: see `sled_store`'s "Erasure"): erasure
+    /// is only final once the HSM root key that wrapped the material is
+    /// rotated away and destroyed.
     fn destroy_key(&self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), StoreError>;
 
     /// HSM root-key rotation: replaces the stored version `current` with

@@ -81,6 +81,28 @@
 //! `Io` error from a mutating call means "outcome unknown": the change may or
 //! may not have been persisted.
 //!
+//! # Erasure (what `destroy_key` does not do)
+//!
+//! [`KeyStore::destroy_key`] empties every version record, but sled 0.34.7
+//! keeps the old bytes in its files. Observed (a 60-byte wrapped material,
+//! stored hex-encoded inside the JSON record, so a search for the raw bytes
+//! finds nothing and proves nothing): after the destroy, its flush and
+//! `fsync`, closing, reopening three times and 600 further writes, the hex
+//! of the material is still in `db`. sled is log-structured: an update
+//! appends a new fragment of the leaf page and leaves the old one in its
+//! segment; a segment is rewritten only when the segment cleaner relocates
+//! its live pages, and only wholly free segments are overwritten (with
+//! `MessageKind::Corrupted` bytes, at recovery in
+//! `SegmentAccountant::initialize_from_snapshot`), so a fragment sharing a
+//! segment with live data survives indefinitely. Copying every tree into a
+//! fresh sled directory leaves no trace there (checked), so an offline
+//! export-and-swap would clean the live files, but not the blocks of the
+//! deleted files, nor SSD spare areas, copy-on-write file systems or
+//! backups. Erasure is therefore cryptographic: the destroyed material is
+//! wrapped under the HSM root key, and rotating the root key (re-wrapping
+//! the live versions with [`KeyStore::rewrap_version`], then destroying the
+//! old root key in the HSM) makes every leftover copy undecryptable.
+//!
 //! # Errors
 //!
 //! sled I/O errors (including a full or read-only disk) become
@@ -1395,6 +1417,384 @@ mod tests {
         }
         let err = SledStore::open(&dir).unwrap_err();
         assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+    }
+
+    /// Everything a store holds about the first few test ids, for "nothing
+    /// changed" checks.
+    fn snapshot(store: &SledStore) -> String {
+        let mut out = format!(
+            "{:?}\n{:?}\n",
+            store.list_keys(&KeyFilter::default(), None, usize::MAX),
+            store.due_keys(Timestamp(i64::MAX), usize::MAX)
+        );
+        for n in 0..10 {
+            out.push_str(&format!("{:?}\n", store.list_versions(id(n))));
+            for v in store.list_versions(id(n)).unwrap() {
+                out.push_str(&hex::encode(&v.wrapped_material));
+            }
+        }
+        out
+    }
+
+    fn due_ids(store: &SledStore, now: i64) -> Vec<KeyId> {
+        store
+            .due_keys(Timestamp(now), usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|k| k.id)
+            .collect()
+    }
+
+    #[test]
+    fn due_index_follows_every_write_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let mut a = key(id(1), None);
+            a.rotation_period_secs = Some(60);
+            a.next_rotation_at = Some(Timestamp(300));
+            store.create_key(&a, &version(a.id, 1)).unwrap();
+            let mut b = key(id(2), None);
+            b.next_rotation_at = Some(Timestamp(-100));
+            store.create_key(&b, &version(b.id, 1)).unwrap();
+            store
+                .create_key(&key(id(3), None), &version(id(3), 1))
+                .unwrap();
+            assert_eq!(due_ids(&store, 299), vec![id(2)]);
+            assert_eq!(due_ids(&store, 300), vec![id(2), id(1)]);
+            assert_eq!(store.due_keys(Timestamp(300), 1).unwrap(), vec![b.clone()]);
+
+            // Automatic rotation moves the schedule in the same write.
+            let mut a2 = a.clone();
+            a2.primary_version = 2;
+            a2.next_rotation_at = Some(Timestamp(360));
+            store.add_version(&a, &a2, &version(a.id, 2)).unwrap();
+            assert_eq!(due_ids(&store, 300), vec![id(2)]);
+            // Disabled keys are never due; pending deletion is due at deletion_at.
+            let mut b2 = b.clone();
+            b2.state = KeyState::Disabled;
+            store.compare_and_swap_key(&b, &b2).unwrap();
+            let mut b3 = b2.clone();
+            b3.state = KeyState::PendingDeletion;
+            b3.deletion_at = Some(Timestamp(1000));
+            store.compare_and_swap_key(&b2, &b3).unwrap();
+            assert_eq!(due_ids(&store, 999), vec![id(1)]);
+            assert_eq!(due_ids(&store, i64::MAX), vec![id(1), id(2)]);
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(due_ids(&store, 999), vec![id(1)]);
+        assert_eq!(due_ids(&store, 1000), vec![id(1), id(2)]);
+        // Destruction takes the key out of the index.
+        let b = store.get_key(id(2)).unwrap().unwrap();
+        let mut tomb = b.clone();
+        tomb.state = KeyState::Destroyed;
+        tomb.destroyed_at = Some(Timestamp(1000));
+        store.destroy_key(&b, &tomb).unwrap();
+        assert_eq!(due_ids(&store, i64::MAX), vec![id(1)]);
+        assert_eq!(store.due_keys(Timestamp(i64::MAX), 0).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn schema_1_store_is_migrated_with_its_due_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut k = key(id(1), None);
+        k.next_rotation_at = Some(Timestamp(5));
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            store
+                .create_key(&key(id(2), None), &version(id(2), 1))
+                .unwrap();
+        }
+        {
+            // What a schema-1 build left: no due tree.
+            let db = sled::open(dir.path()).unwrap();
+            assert!(db.drop_tree("due").unwrap());
+            db.open_tree("meta")
+                .unwrap()
+                .insert(SCHEMA_KEY, &1u32.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.due_keys(Timestamp(5), 10).unwrap(), vec![k]);
+        drop(store);
+        let db = sled::open(dir.path()).unwrap();
+        let marker = db.open_tree("meta").unwrap().get(SCHEMA_KEY).unwrap();
+        assert_eq!(marker.as_deref(), Some(&2u32.to_be_bytes()[..]));
+    }
+
+    #[test]
+    fn add_version_with_an_updated_record_and_its_refusals() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        let before = snapshot(&store);
+        let good = |f: &dyn Fn(&mut KeyRecord)| {
+            let mut u = k.clone();
+            u.primary_version = 2;
+            f(&mut u);
+            u
+        };
+        let refusals = [
+            good(&|u| u.alias = Some("b".to_owned())),
+            good(&|u| u.id = id(2)),
+            good(&|u| u.primary_version = 3),
+            good(&|u| u.state = KeyState::Destroyed),
+        ];
+        for updated in &refusals {
+            let err = store
+                .add_version(&k, updated, &version(k.id, 2))
+                .unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        }
+        let mut erased = version(k.id, 2);
+        erased.destroyed_at = Some(Timestamp(1));
+        let err = store.add_version(&k, &good(&|_| {}), &erased).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        assert_eq!(snapshot(&store), before);
+
+        let updated = good(&|u| u.next_rotation_at = Some(Timestamp(9)));
+        store.add_version(&k, &updated, &version(k.id, 2)).unwrap();
+        assert_eq!(store.get_key(k.id).unwrap(), Some(updated));
+    }
+
+    #[test]
+    fn list_keys_filters_by_state_and_alias_prefix() {
+        let (_dir, store) = new_store();
+        for (n, alias) in [
+            (1, Some("app/x")),
+            (2, Some("app/y")),
+            (3, None),
+            (4, Some("db/z")),
+        ] {
+            store
+                .create_key(&key(id(n), alias), &version(id(n), 1))
+                .unwrap();
+        }
+        let k2 = store.get_key(id(2)).unwrap().unwrap();
+        let mut disabled = k2.clone();
+        disabled.state = KeyState::Disabled;
+        store.compare_and_swap_key(&k2, &disabled).unwrap();
+        let ids = |f: KeyFilter, after: Option<KeyId>, limit: usize| {
+            let mut got: Vec<u8> = store
+                .list_keys(&f, after, limit)
+                .unwrap()
+                .iter()
+                .map(|k| k.id.as_bytes()[15])
+                .collect();
+            got.sort_unstable();
+            got
+        };
+        let prefix = |p: &str| KeyFilter {
+            alias_prefix: Some(p.to_owned()),
+            ..KeyFilter::default()
+        };
+        let state = |s| KeyFilter {
+            state: Some(s),
+            ..KeyFilter::default()
+        };
+        assert_eq!(ids(KeyFilter::default(), None, 10), vec![1, 2, 3, 4]);
+        assert_eq!(ids(prefix("app/"), None, 10), vec![1, 2]);
+        assert_eq!(ids(prefix(""), None, 10), vec![1, 2, 4]);
+        assert_eq!(ids(state(KeyState::Disabled), None, 10), vec![2]);
+        assert_eq!(ids(state(KeyState::Enabled), None, 10), vec![1, 3, 4]);
+        let both = KeyFilter {
+            state: Some(KeyState::Enabled),
+            alias_prefix: Some("app/".to_owned()),
+        };
+        assert_eq!(ids(both, None, 10), vec![1]);
+        assert_eq!(ids(prefix("app/"), None, 0), Vec::<u8>::new());
+        assert_eq!(ids(prefix("app/"), None, 1).len(), 1);
+    }
+
+    #[test]
+    fn destroy_key_erases_every_version_and_keeps_the_alias() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        let k = rotate(&store, &k, &version(k.id, 2)).unwrap();
+        let other = key(id(2), None);
+        store.create_key(&other, &version(other.id, 1)).unwrap();
+        let mut tomb = k.clone();
+        tomb.state = KeyState::Destroyed;
+        tomb.destroyed_at = Some(Timestamp(42));
+
+        // Refusals write nothing.
+        let before = snapshot(&store);
+        let mut bad = Vec::new();
+        for f in [
+            (|t: &mut KeyRecord| t.state = KeyState::Disabled) as fn(&mut KeyRecord),
+            |t| t.destroyed_at = None,
+            |t| t.alias = None,
+            |t| t.primary_version = 1,
+            |t| t.id = id(2),
+        ] {
+            let mut t = tomb.clone();
+            f(&mut t);
+            bad.push(t);
+        }
+        for t in &bad {
+            let err = store.destroy_key(&k, t).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        }
+        let mut stale = k.clone();
+        stale.description = "old".to_owned();
+        let err = store.destroy_key(&stale, &tomb).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        let ghost = key(id(9), None);
+        let mut ghost_tomb = ghost.clone();
+        ghost_tomb.state = KeyState::Destroyed;
+        ghost_tomb.destroyed_at = Some(Timestamp(1));
+        let err = store.destroy_key(&ghost, &ghost_tomb).unwrap_err();
+        assert!(matches!(err, StoreError::NoSuchKey(_)), "{err:?}");
+        assert_eq!(snapshot(&store), before);
+
+        store.destroy_key(&k, &tomb).unwrap();
+        assert_eq!(store.get_key(k.id).unwrap(), Some(tomb.clone()));
+        assert_eq!(store.key_id_for_alias("a").unwrap(), Some(k.id));
+        let versions = store.list_versions(k.id).unwrap();
+        assert_eq!(versions.len(), 2);
+        for (n, v) in versions.iter().enumerate() {
+            let mut expected = version(k.id, n as u32 + 1);
+            expected.wrapped_material.clear();
+            expected.destroyed_at = Some(Timestamp(42));
+            assert_eq!(*v, expected);
+        }
+        // The other key is untouched; the alias cannot be reused.
+        assert_eq!(
+            store.list_versions(other.id).unwrap(),
+            vec![version(other.id, 1)]
+        );
+        let err = store
+            .create_key(&key(id(3), Some("a")), &version(id(3), 1))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AliasTaken(_)), "{err:?}");
+
+        // A tombstone is final.
+        let after = snapshot(&store);
+        let mut revived = tomb.clone();
+        revived.state = KeyState::Enabled;
+        assert!(matches!(
+            store.compare_and_swap_key(&tomb, &revived),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            store.destroy_key(&tomb, &tomb),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            rotate(&store, &tomb, &version(k.id, 3)),
+            Err(StoreError::Corrupt(_))
+        ));
+        let mut erased = versions[0].clone();
+        let mut rewrapped = erased.clone();
+        rewrapped.wrapped_material = vec![1; 60];
+        assert!(matches!(
+            store.rewrap_version(&erased, &rewrapped),
+            Err(StoreError::Conflict(_))
+        ));
+        erased.destroyed_at = None;
+        let mut rewrapped = erased.clone();
+        rewrapped.wrapped_material = vec![1; 60];
+        assert!(matches!(
+            store.rewrap_version(&erased, &rewrapped),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(snapshot(&store), after);
+    }
+
+    #[test]
+    fn rewrap_version_and_its_refusals() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), None);
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        let current = version(k.id, 1);
+        let mut new = current.clone();
+        new.hsm_root_key_id = 8;
+        new.wrapped_material = vec![0xab; 61];
+
+        let before = snapshot(&store);
+        for f in [
+            (|v: &mut VersionRecord| v.wrapped_material.clear()) as fn(&mut VersionRecord),
+            |v| v.created_at = Timestamp(1),
+            |v| v.version = 2,
+            |v| v.key_id = id(2),
+            |v| v.destroyed_at = Some(Timestamp(1)),
+        ] {
+            let mut bad = new.clone();
+            f(&mut bad);
+            let err = store.rewrap_version(&current, &bad).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        }
+        let mut stale = current.clone();
+        stale.hsm_root_key_id = 6;
+        let mut from_stale = new.clone();
+        from_stale.hsm_root_key_id = 8;
+        let err = store.rewrap_version(&stale, &from_stale).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        let missing = version(k.id, 2);
+        let mut missing_new = missing.clone();
+        missing_new.hsm_root_key_id = 8;
+        let err = store.rewrap_version(&missing, &missing_new).unwrap_err();
+        assert!(matches!(err, StoreError::NoSuchVersion(_, 2)), "{err:?}");
+        assert_eq!(snapshot(&store), before);
+
+        store.rewrap_version(&current, &new).unwrap();
+        assert_eq!(store.get_version(k.id, 1).unwrap(), Some(new.clone()));
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k));
+        // The old `current` is now stale.
+        let err = store.rewrap_version(&current, &new).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+
+    #[test]
+    fn root_rotation_pages_and_counts() {
+        let (_dir, store) = new_store();
+        for n in 1..=3 {
+            let k = key(id(n), None);
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            rotate(&store, &k, &version(k.id, 2)).unwrap();
+        }
+        // Key 2 destroyed; version 1 of key 3 already under root 8.
+        let k2 = store.get_key(id(2)).unwrap().unwrap();
+        let mut tomb = k2.clone();
+        tomb.state = KeyState::Destroyed;
+        tomb.destroyed_at = Some(Timestamp(1));
+        store.destroy_key(&k2, &tomb).unwrap();
+        let mut moved = version(id(3), 1);
+        moved.hsm_root_key_id = 8;
+        store.rewrap_version(&version(id(3), 1), &moved).unwrap();
+
+        let mut expected = vec![(id(1), 1), (id(1), 2), (id(3), 2)];
+        expected.sort_by_key(|(i, n)| (*i.as_bytes(), *n));
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = store.versions_not_under_root(8, cursor, 2).unwrap();
+            assert!(page.len() <= 2);
+            let Some(last) = page.last() else { break };
+            cursor = Some((last.key_id, last.version));
+            seen.extend(page.iter().map(|v| (v.key_id, v.version)));
+        }
+        assert_eq!(seen, expected);
+        assert_eq!(store.versions_not_under_root(8, None, 0).unwrap(), vec![]);
+        assert_eq!(
+            store.count_versions(8).unwrap(),
+            VersionCounts {
+                live: 4,
+                not_under_root: 3,
+                destroyed: 2
+            }
+        );
+        assert_eq!(
+            store.count_versions(7).unwrap(),
+            VersionCounts {
+                live: 4,
+                not_under_root: 1,
+                destroyed: 2
+            }
+        );
     }
 
     // ---- Model-based test ----
