@@ -116,7 +116,8 @@ impl ManualClock {
 
     pub fn advance(&self, by: std::time::Duration) {
         let millis = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
-        self.0.fetch_add(millis, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .fetch_add(millis, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn set(&self, to: Timestamp) {

@@ -539,6 +539,7 @@ async fn every_bad_input_gets_its_status_and_changes_nothing() {
             keys.list_keys(pb::ListKeysRequest {
                 page_size: 10,
                 page_token: "zzz".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err(),
@@ -548,7 +549,7 @@ async fn every_bad_input_gets_its_status_and_changes_nothing() {
             Code::InvalidArgument,
             keys.list_keys(pb::ListKeysRequest {
                 page_size: 1001,
-                page_token: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap_err(),
@@ -755,6 +756,7 @@ async fn list_keys_pages_through_every_key() {
             .list_keys(pb::ListKeysRequest {
                 page_size: 3,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()

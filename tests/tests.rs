@@ -13,4 +13,5 @@ mod common;
 mod cli;
 mod e2e;
 mod format;
+mod lifecycle;
 mod processes;

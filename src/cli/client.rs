@@ -333,7 +333,11 @@ pub async fn hsm(cmd: HsmCommand) -> anyhow::Result<()> {
                     last.new_root_key_id,
                     last.rewrapped,
                     last.destroyed_root_key_ids,
-                    if last.resumed { " (resumed an interrupted rotation)" } else { "" }
+                    if last.resumed {
+                        " (resumed an interrupted rotation)"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(())

@@ -339,7 +339,11 @@ fn parse_period(s: &str) -> Result<u64, String> {
         "d" => 86_400,
         "w" => 7 * 86_400,
         "y" => 365 * 86_400,
-        _ => return Err(format!("unknown unit {unit:?} in {s:?} (use s, m, h, d, w or y)")),
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {s:?} (use s, m, h, d, w or y)"
+            ));
+        }
     };
     n.checked_mul(unit_secs)
         .ok_or_else(|| format!("period {s:?} is too long"))

@@ -205,7 +205,11 @@ pub fn hsm_info(info: &pb::GetHsmInfoResponse, json: bool) -> anyhow::Result<()>
     println!("root keys         {:?}", info.root_key_ids);
     println!(
         "secure            {}",
-        if info.secure { "yes" } else { "no (simulator: development only)" }
+        if info.secure {
+            "yes"
+        } else {
+            "no (simulator: development only)"
+        }
     );
     Ok(())
 }
@@ -233,8 +237,10 @@ impl Progress {
         if !self.enabled {
             return;
         }
-        let total = p.rewrapped + p.remaining;
-        let pct = if total == 0 { 100 } else { p.rewrapped * 100 / total };
+        let total = p.rewrapped.saturating_add(p.remaining);
+        let pct = (p.rewrapped.saturating_mul(100))
+            .checked_div(total)
+            .unwrap_or(100);
         let width = 30u64;
         let filled = usize::try_from(pct * width / 100).unwrap_or(0);
         let bar = format!(

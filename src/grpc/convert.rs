@@ -87,7 +87,9 @@ pub fn duration(
             "{field} must be a whole, positive number of seconds"
         )));
     }
-    Ok(Some(std::time::Duration::from_secs(d.seconds.unsigned_abs())))
+    Ok(Some(std::time::Duration::from_secs(
+        d.seconds.unsigned_abs(),
+    )))
 }
 
 pub fn key_state_filter(raw: i32) -> Result<Option<KeyState>, Status> {

@@ -251,7 +251,7 @@ impl HsmService for Api {
             }
         });
         Ok(Response::new(
-            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ProgressStream
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ProgressStream,
         ))
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::Kms;
+use super::WriteGuard;
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
 use crate::model::{
@@ -12,7 +13,6 @@ use crate::model::{
 };
 use crate::secret::{CMK_LEN, CmkMaterial};
 use crate::store::{KeyFilter, StoreError};
-use super::WriteGuard;
 
 pub const MAX_DESCRIPTION_LEN: usize = 8192;
 pub const MAX_LABELS: usize = 64;
@@ -208,8 +208,11 @@ impl Kms {
         updated.primary_version = next_version;
         if let Some(period) = updated.rotation_period_secs {
             // A manual rotation restarts the automatic schedule.
-            updated.next_rotation_at =
-                Some(self.clock.now().plus(std::time::Duration::from_secs(period)));
+            updated.next_rotation_at = Some(
+                self.clock
+                    .now()
+                    .plus(std::time::Duration::from_secs(period)),
+            );
         }
         adjust(&mut updated);
         let stored = updated.clone();
@@ -239,7 +242,11 @@ impl Kms {
         key: &KeyRef,
         target: KeyState,
     ) -> Result<Arc<KeyRecord>> {
-        let what = if target == KeyState::Enabled { "enabled" } else { "disabled" };
+        let what = if target == KeyState::Enabled {
+            "enabled"
+        } else {
+            "disabled"
+        };
         self.transition(caller, key, what, |current, _| {
             if current.state == target {
                 return Ok(None);

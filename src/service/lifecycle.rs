@@ -82,8 +82,11 @@ impl Kms {
                 "pending_window_days must be {MIN_DELETION_DAYS} to {MAX_DELETION_DAYS}, got {days}"
             )));
         }
-        self.transition(caller, key, "deletion scheduled", |current, now| {
-            match current.state {
+        self.transition(
+            caller,
+            key,
+            "deletion scheduled",
+            |current, now| match current.state {
                 KeyState::Enabled | KeyState::Disabled => {
                     let mut next = current.clone();
                     next.state = KeyState::PendingDeletion;
@@ -91,16 +94,23 @@ impl Kms {
                     Ok(Some(next))
                 }
                 _ => Err(refuse(current, "be scheduled for deletion")),
-            }
-        })
+            },
+        )
         .await
     }
 
-    pub async fn cancel_key_deletion(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
+    pub async fn cancel_key_deletion(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+    ) -> Result<Arc<KeyRecord>> {
         self.authorize(caller, Operation::CancelKeyDeletion)?;
         self.transition(caller, key, "deletion cancelled", |current, _| {
             if current.state != KeyState::PendingDeletion {
-                return Err(refuse(current, "have its deletion cancelled (it is not pending deletion)"));
+                return Err(refuse(
+                    current,
+                    "have its deletion cancelled (it is not pending deletion)",
+                ));
             }
             let mut next = current.clone();
             next.state = KeyState::Disabled;
@@ -188,23 +198,20 @@ impl Kms {
             let mut progressed = false;
             for key in due {
                 attempts += 1;
-                let outcome = match key.state {
-                    KeyState::PendingDeletion => self.destroy_due(key.id, now).await.map(|d| {
-                        if d {
-                            report.destroyed.push(key.id);
-                        }
-                        d
-                    }),
-                    KeyState::Enabled => self.rotate_due(key.id, now).await.map(|r| {
-                        if r {
-                            report.rotated.push(key.id);
-                        }
-                        r
-                    }),
-                    _ => Ok(false),
+                let (outcome, done_list) = match key.state {
+                    KeyState::PendingDeletion => {
+                        (self.destroy_due(key.id, now).await, &mut report.destroyed)
+                    }
+                    KeyState::Enabled => (self.rotate_due(key.id, now).await, &mut report.rotated),
+                    _ => continue,
                 };
                 match outcome {
-                    Ok(done) => progressed |= done,
+                    Ok(done) => {
+                        if done {
+                            done_list.push(key.id);
+                        }
+                        progressed |= done;
+                    }
                     Err(e) => {
                         tracing::error!(key_id = %key.id, error = %e, "scheduler: action failed; retried next pass");
                         report.failed += 1;
@@ -253,12 +260,16 @@ impl Kms {
         if current.state != KeyState::Enabled || due_at > now {
             return Ok(false);
         }
-        let period_ms = i64::try_from(period.saturating_mul(1000)).unwrap_or(i64::MAX).max(1);
+        let period_ms = i64::try_from(period.saturating_mul(1000))
+            .unwrap_or(i64::MAX)
+            .max(1);
         // Missed periods (the server was down) give one rotation, not a burst.
         let behind = (now.0 - due_at.0) / period_ms + 1;
         let next_at = Timestamp(due_at.0.saturating_add(behind.saturating_mul(period_ms)));
         let updated = self
-            .add_primary_version(&guard, current, |next| next.next_rotation_at = Some(next_at))
+            .add_primary_version(&guard, current, |next| {
+                next.next_rotation_at = Some(next_at)
+            })
             .await?;
         tracing::info!(key_id = %id, version = updated.primary_version, next_rotation = %next_at.to_rfc3339(), "key rotated automatically");
         Ok(true)

@@ -73,21 +73,37 @@ async fn every_transition_and_every_refused_one() {
     let k = new_key(&kms, None).await;
 
     // ENABLED → DISABLED → ENABLED.
-    assert_eq!(kms.disable_key(&op(), &k).await.unwrap().state, KeyState::Disabled);
-    assert_eq!(kms.enable_key(&op(), &k).await.unwrap().state, KeyState::Enabled);
+    assert_eq!(
+        kms.disable_key(&op(), &k).await.unwrap().state,
+        KeyState::Disabled
+    );
+    assert_eq!(
+        kms.enable_key(&op(), &k).await.unwrap().state,
+        KeyState::Enabled
+    );
     // ENABLED → PENDING_DELETION.
     let pending = kms.schedule_key_deletion(&op(), &k, None).await.unwrap();
     assert_eq!(pending.state, KeyState::PendingDeletion);
-    assert_eq!(pending.deletion_at, Some(START.plus(DAY * 30)), "default 30 days");
+    assert_eq!(
+        pending.deletion_at,
+        Some(START.plus(DAY * 30)),
+        "default 30 days"
+    );
     // Refused from PENDING_DELETION, each naming the state.
     for err in [
         kms.enable_key(&op(), &k).await.unwrap_err(),
         kms.disable_key(&op(), &k).await.unwrap_err(),
         kms.rotate_key(&op(), &k).await.unwrap_err(),
-        kms.schedule_key_deletion(&op(), &k, Some(7)).await.unwrap_err(),
-        kms.set_rotation_policy(&op(), &k, Some(DAY)).await.unwrap_err(),
+        kms.schedule_key_deletion(&op(), &k, Some(7))
+            .await
+            .unwrap_err(),
+        kms.set_rotation_policy(&op(), &k, Some(DAY))
+            .await
+            .unwrap_err(),
         kms.retire_key_versions(&op(), &k, 1).await.unwrap_err(),
-        kms.generate_data_key(&svc(), &k, &ctx(), WHY, 32, true).await.unwrap_err(),
+        kms.generate_data_key(&svc(), &k, &ctx(), WHY, 32, true)
+            .await
+            .unwrap_err(),
     ] {
         assert!(is_precondition(&err, "PENDING_DELETION"), "{err:?}");
     }
@@ -100,7 +116,10 @@ async fn every_transition_and_every_refused_one() {
     // DISABLED → PENDING_DELETION (7 days) → DESTROYED by the scheduler.
     kms.schedule_key_deletion(&op(), &k, Some(7)).await.unwrap();
     clock.advance(DAY * 7 - Duration::from_millis(1));
-    assert!(kms.run_scheduler_once().await.destroyed.is_empty(), "not before its time");
+    assert!(
+        kms.run_scheduler_once().await.destroyed.is_empty(),
+        "not before its time"
+    );
     clock.advance(Duration::from_millis(1));
     let report = kms.run_scheduler_once().await;
     assert_eq!(report.destroyed.len(), 1);
@@ -111,7 +130,9 @@ async fn every_transition_and_every_refused_one() {
         kms.enable_key(&op(), &k).await.unwrap_err(),
         kms.disable_key(&op(), &k).await.unwrap_err(),
         kms.cancel_key_deletion(&op(), &k).await.unwrap_err(),
-        kms.schedule_key_deletion(&op(), &k, None).await.unwrap_err(),
+        kms.schedule_key_deletion(&op(), &k, None)
+            .await
+            .unwrap_err(),
         kms.rotate_key(&op(), &k).await.unwrap_err(),
     ] {
         assert!(is_precondition(&err, "DESTROYED"), "{err:?}");
@@ -119,10 +140,16 @@ async fn every_transition_and_every_refused_one() {
     // Waiting periods outside 7..=30 days are refused.
     let other = new_key(&kms, None).await;
     for days in [0, 6, 31] {
-        let err = kms.schedule_key_deletion(&op(), &other, Some(days)).await.unwrap_err();
+        let err = kms
+            .schedule_key_deletion(&op(), &other, Some(days))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{days}: {err:?}");
     }
-    assert_eq!(kms.get_key(&op(), &other).await.unwrap().key.state, KeyState::Enabled);
+    assert_eq!(
+        kms.get_key(&op(), &other).await.unwrap().key.state,
+        KeyState::Enabled
+    );
 }
 
 #[tokio::test]
@@ -146,18 +173,32 @@ async fn destruction_erases_the_material_everywhere() {
 
     assert!(kms.materials.is_empty(), "no cached material is left");
     let view = kms.get_key(&op(), &k).await.unwrap();
-    assert_eq!(view.versions.len(), 2, "the tombstone keeps the version metadata");
+    assert_eq!(
+        view.versions.len(),
+        2,
+        "the tombstone keeps the version metadata"
+    );
     for v in &view.versions {
-        assert!(v.wrapped_material.is_empty(), "version {} still has material", v.version);
+        assert!(
+            v.wrapped_material.is_empty(),
+            "version {} still has material",
+            v.version
+        );
         assert_eq!(v.destroyed_at, Some(START.plus(DAY * 8)));
     }
-    let err = kms.decrypt(&svc(), &blob, &ctx(), WHY, None).await.unwrap_err();
+    let err = kms
+        .decrypt(&svc(), &blob, &ctx(), WHY, None)
+        .await
+        .unwrap_err();
     assert!(is_precondition(&err, "DESTROYED"), "a clear error: {err:?}");
 
     // After a restart too.
     drop(kms);
     let kms = open(dir.path(), clock);
-    let err = kms.decrypt(&svc(), &blob, &ctx(), WHY, None).await.unwrap_err();
+    let err = kms
+        .decrypt(&svc(), &blob, &ctx(), WHY, None)
+        .await
+        .unwrap_err();
     assert!(is_precondition(&err, "DESTROYED"), "{err:?}");
 }
 
@@ -168,12 +209,21 @@ async fn automatic_rotation_happens_exactly_once_across_restarts() {
     let kms = open(dir.path(), Arc::clone(&clock));
     let k = new_key(&kms, Some(DAY)).await;
     let manual = new_key(&kms, None).await;
-    assert_eq!(kms.get_key(&op(), &k).await.unwrap().key.next_rotation_at, Some(START.plus(DAY)));
+    assert_eq!(
+        kms.get_key(&op(), &k).await.unwrap().key.next_rotation_at,
+        Some(START.plus(DAY))
+    );
 
-    assert!(kms.run_scheduler_once().await.rotated.is_empty(), "not due yet");
+    assert!(
+        kms.run_scheduler_once().await.rotated.is_empty(),
+        "not due yet"
+    );
     clock.advance(DAY);
     assert_eq!(kms.run_scheduler_once().await.rotated.len(), 1);
-    assert!(kms.run_scheduler_once().await.rotated.is_empty(), "not twice");
+    assert!(
+        kms.run_scheduler_once().await.rotated.is_empty(),
+        "not twice"
+    );
     let key = kms.get_key(&op(), &k).await.unwrap().key;
     assert_eq!(key.primary_version, 2);
     assert_eq!(key.next_rotation_at, Some(START.plus(DAY * 2)));
@@ -181,7 +231,10 @@ async fn automatic_rotation_happens_exactly_once_across_restarts() {
     // Restart: the rotation is not repeated.
     drop(kms);
     let kms = open(dir.path(), Arc::clone(&clock));
-    assert!(kms.run_scheduler_once().await.rotated.is_empty(), "not again after a restart");
+    assert!(
+        kms.run_scheduler_once().await.rotated.is_empty(),
+        "not again after a restart"
+    );
     assert_eq!(kms.get_key(&op(), &k).await.unwrap().key.primary_version, 2);
 
     // Down for five periods: one rotation, none skipped, no burst; the next
@@ -195,7 +248,14 @@ async fn automatic_rotation_happens_exactly_once_across_restarts() {
     assert_eq!(key.next_rotation_at, Some(START.plus(DAY * 7)));
     assert!(key.next_rotation_at.unwrap() > clock.now());
     // Keys without a period are never rotated.
-    assert_eq!(kms.get_key(&op(), &manual).await.unwrap().key.primary_version, 1);
+    assert_eq!(
+        kms.get_key(&op(), &manual)
+            .await
+            .unwrap()
+            .key
+            .primary_version,
+        1
+    );
 
     // A disabled key is not rotated; the policy can be cleared.
     clock.advance(DAY * 2);
@@ -207,7 +267,10 @@ async fn automatic_rotation_happens_exactly_once_across_restarts() {
     assert!(kms.run_scheduler_once().await.rotated.is_empty());
     // Periods outside 1 day..=10 years are refused.
     for bad in [DAY - Duration::from_secs(1), DAY * 3651] {
-        let err = kms.set_rotation_policy(&op(), &k, Some(bad)).await.unwrap_err();
+        let err = kms
+            .set_rotation_policy(&op(), &k, Some(bad))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
     }
 }
@@ -235,17 +298,26 @@ async fn retired_versions_stop_decrypting_and_re_encrypt_moves_blobs_forward() {
         .decrypt(&svc(), &old.ciphertext_blob, &ctx(), WHY, None)
         .await
         .unwrap_err();
-    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("retired")), "{err:?}");
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("retired")),
+        "{err:?}"
+    );
     let out = kms
         .decrypt(&svc(), &moved.ciphertext_blob, &ctx(), WHY, None)
         .await
         .unwrap();
-    assert_eq!(out.plaintext.expose(), old.plaintext.as_ref().unwrap().expose());
+    assert_eq!(
+        out.plaintext.expose(),
+        old.plaintext.as_ref().unwrap().expose()
+    );
     let view = kms.get_key(&op(), &k).await.unwrap();
     let states: Vec<_> = view.versions.iter().map(|v| v.state(&view.key)).collect();
     assert_eq!(
         states,
-        vec![crate::model::VersionState::Retired, crate::model::VersionState::Enabled]
+        vec![
+            crate::model::VersionState::Retired,
+            crate::model::VersionState::Enabled
+        ]
     );
     for bad in [0, 3] {
         assert!(matches!(
@@ -287,9 +359,16 @@ async fn root_key_rotation_interrupted_then_resumed() {
         .await
         .unwrap();
     assert!(!stopped.done);
-    assert!(stopped.rewrapped > 0 && stopped.remaining > 0, "{stopped:?}");
+    assert!(
+        stopped.rewrapped > 0 && stopped.remaining > 0,
+        "{stopped:?}"
+    );
     let midway = kms.hsm_info(&op()).await.unwrap();
-    assert_eq!(midway.root_key_ids.len(), 2, "the old root key is kept until the end");
+    assert_eq!(
+        midway.root_key_ids.len(),
+        2,
+        "the old root key is kept until the end"
+    );
 
     // Restart, then resume.
     drop(kms);

@@ -51,7 +51,7 @@ use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::model::{Clock, KeyId, KeyRecord, KeyRef, cmk_wrap_aad};
 use crate::secret::CmkMaterial;
-use crate::store::KeyStore;
+use crate::store::{KeyFilter, KeyStore};
 
 /// Tunables of the core.
 #[derive(Clone, Debug)]
@@ -138,7 +138,8 @@ impl Kms {
     /// token or a refused login fails here), and the store answers a read.
     pub async fn check_ready(&self) -> Result<()> {
         self.hsm.generate_random(16).await?;
-        self.blocking(|s| Ok(s.list_keys(None, 1)?)).await?;
+        self.blocking(|s| Ok(s.list_keys(&KeyFilter::default(), None, 1)?))
+            .await?;
         Ok(())
     }
 

@@ -84,7 +84,7 @@ impl Kms {
         tracing::warn!(new_root_key_id = new_root, resumed, principal = %caller.principal, "HSM root-key rotation started");
 
         state.remaining = self
-            .blocking(move |s| Ok(s.count_versions_not_under_root(new_root)?))
+            .blocking(move |s| Ok(s.count_versions(new_root)?.not_under_root))
             .await?;
         if !progress(&state) {
             return Ok(state);
@@ -129,7 +129,7 @@ impl Kms {
         }
 
         let left = self
-            .blocking(move |s| Ok(s.count_versions_not_under_root(new_root)?))
+            .blocking(move |s| Ok(s.count_versions(new_root)?.not_under_root))
             .await?;
         if left > 0 {
             return Err(Error::FailedPrecondition(format!(
@@ -144,7 +144,11 @@ impl Kms {
         state.remaining = 0;
         state.done = true;
         progress(&state);
-        tracing::warn!(new_root_key_id = new_root, rewrapped = state.rewrapped, "HSM root-key rotation complete");
+        tracing::warn!(
+            new_root_key_id = new_root,
+            rewrapped = state.rewrapped,
+            "HSM root-key rotation complete"
+        );
         Ok(state)
     }
 }

@@ -10,9 +10,11 @@ use super::*;
 use crate::authz::StaticRoles;
 use crate::hsm::sim::LocalSimHsm;
 use crate::hsm::{HsmError, HsmInfo, HsmWrapped};
-use crate::model::{AccessReason, EncryptionContext, KeyState, SystemClock, VersionRecord};
+use crate::model::{
+    AccessReason, EncryptionContext, KeyState, SystemClock, Timestamp, VersionRecord,
+};
 use crate::secret::SecretBytes;
-use crate::store::{SledStore, StoreError};
+use crate::store::{KeyFilter, SledStore, StoreError, VersionCounts};
 
 #[derive(Debug)]
 struct CountingHsm {
@@ -89,13 +91,27 @@ impl KeyStore for CountingStore {
         self.count();
         self.inner.key_id_for_alias(alias)
     }
-    fn list_keys(&self, after: Option<KeyId>, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+    fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
         self.count();
-        self.inner.list_keys(after, limit)
+        self.inner.list_keys(filter, after, limit)
     }
-    fn add_version(&self, c: &KeyRecord, v: &VersionRecord) -> Result<KeyRecord, StoreError> {
+    fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
         self.count();
-        self.inner.add_version(c, v)
+        self.inner.due_keys(now, limit)
+    }
+    fn add_version(
+        &self,
+        c: &KeyRecord,
+        u: &KeyRecord,
+        v: &VersionRecord,
+    ) -> Result<(), StoreError> {
+        self.count();
+        self.inner.add_version(c, u, v)
     }
     fn get_version(&self, id: KeyId, v: u32) -> Result<Option<VersionRecord>, StoreError> {
         self.count();
@@ -108,6 +124,27 @@ impl KeyStore for CountingStore {
     fn compare_and_swap_key(&self, c: &KeyRecord, n: &KeyRecord) -> Result<(), StoreError> {
         self.count();
         self.inner.compare_and_swap_key(c, n)
+    }
+    fn destroy_key(&self, c: &KeyRecord, t: &KeyRecord) -> Result<(), StoreError> {
+        self.count();
+        self.inner.destroy_key(c, t)
+    }
+    fn rewrap_version(&self, c: &VersionRecord, n: &VersionRecord) -> Result<(), StoreError> {
+        self.count();
+        self.inner.rewrap_version(c, n)
+    }
+    fn versions_not_under_root(
+        &self,
+        root: u32,
+        after: Option<(KeyId, u32)>,
+        limit: usize,
+    ) -> Result<Vec<VersionRecord>, StoreError> {
+        self.count();
+        self.inner.versions_not_under_root(root, after, limit)
+    }
+    fn count_versions(&self, root: u32) -> Result<VersionCounts, StoreError> {
+        self.count();
+        self.inner.count_versions(root)
     }
 }
 
@@ -343,7 +380,11 @@ async fn hsm_protection_level_is_refused_and_nothing_is_created() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
-    let page = f.kms.list_keys(&op(), None, 10).await.unwrap();
+    let page = f
+        .kms
+        .list_keys(&op(), crate::store::KeyFilter::default(), None, 10)
+        .await
+        .unwrap();
     assert!(page.keys.is_empty());
 }
 

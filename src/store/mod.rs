@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use crate::model::{KeyId, KeyRecord, VersionRecord};
+use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
 
 pub mod sled_store;
 pub use sled_store::SledStore;
@@ -23,6 +23,8 @@ pub enum StoreError {
     AliasTaken(String),
     #[error("no key with id {0}")]
     NoSuchKey(KeyId),
+    #[error("no version {1} of key {0}")]
+    NoSuchVersion(KeyId, u32),
     /// A compare-and-swap lost a race, or a version was not the next one.
     #[error("conflicting concurrent update of key {0}")]
     Conflict(KeyId),
@@ -34,39 +36,108 @@ pub enum StoreError {
     Io(String),
 }
 
+/// Which keys [`KeyStore::list_keys`] returns. The default selects every key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyFilter {
+    /// Only keys in this state.
+    pub state: Option<KeyState>,
+    /// Only keys whose alias starts with this (byte-wise) prefix; keys
+    /// without an alias never match a `Some` prefix (even an empty one).
+    pub alias_prefix: Option<String>,
+}
+
+impl KeyFilter {
+    /// Whether `key` passes the filter.
+    pub fn matches(&self, key: &KeyRecord) -> bool {
+        self.state.is_none_or(|s| s == key.state)
+            && self.alias_prefix.as_ref().is_none_or(|prefix| {
+                key.alias
+                    .as_ref()
+                    .is_some_and(|alias| alias.starts_with(prefix.as_str()))
+            })
+    }
+}
+
+/// Progress of an HSM root-key rotation: see [`KeyStore::count_versions`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VersionCounts {
+    /// Versions whose material is still stored (not destroyed).
+    pub live: u64,
+    /// Live versions wrapped under another root key than the one asked about:
+    /// what a rotation to that root key still has to re-wrap.
+    pub not_under_root: u64,
+    /// Versions whose material was erased (their key is DESTROYED).
+    pub destroyed: u64,
+}
+
+/// Every mutating method is atomic (all of its change or none of it) and
+/// returns `Ok` only once the change is durable. A refused call
+/// ([`StoreError::KeyExists`], [`StoreError::AliasTaken`],
+/// [`StoreError::NoSuchKey`], [`StoreError::NoSuchVersion`],
+/// [`StoreError::Conflict`], [`StoreError::Corrupt`]) writes nothing.
+/// [`StoreError::Corrupt`] is returned either when a stored record does not
+/// decode, or *before anything is written* when the arguments would store an
+/// inconsistent record (a caller bug, not a race). [`StoreError::Conflict`]
+/// means the stored state is not the one the caller based its change on:
+/// re-read and retry (or give up). [`StoreError::Io`] from a mutating call
+/// means "outcome unknown".
+///
+/// DESTROYED is final: a destroyed key's record (its tombstone, which keeps
+/// its metadata and alias) and its erased versions are never rewritten. Only
+/// [`KeyStore::destroy_key`] makes a key DESTROYED.
 pub trait KeyStore: Send + Sync + fmt::Debug {
     /// Creates a key with its first version, atomically: either the key, its
-    /// version and its alias all exist afterwards, or none does.
-    /// `key.primary_version` must equal `first_version.version` and
-    /// `first_version.key_id` must equal `key.id`; otherwise
-    /// [`StoreError::Corrupt`] (the record would be inconsistent) and nothing
-    /// is written. [`StoreError::KeyExists`] / [`StoreError::AliasTaken`]
-    /// also leave the store unchanged.
+    /// version, its alias and its entry in the due index all exist
+    /// afterwards, or none does. `key.primary_version` must equal
+    /// `first_version.version`, `first_version.key_id` must equal `key.id`,
+    /// `key.state` must not be DESTROYED and `first_version` must not be
+    /// destroyed; otherwise [`StoreError::Corrupt`] and nothing is written.
+    /// [`StoreError::KeyExists`] / [`StoreError::AliasTaken`] also leave the
+    /// store unchanged.
     fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError>;
 
     fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
 
+    /// The key that holds `alias`. An alias stays taken by a DESTROYED key
+    /// (its tombstone keeps it), so it is never reused.
     fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError>;
 
-    /// At most `limit` keys in ascending order of their 16 id bytes, starting
-    /// strictly after `start_after`.
+    /// At most `limit` keys that pass `filter`, in ascending order of their
+    /// 16 id bytes, starting strictly after `start_after` (which need not
+    /// exist nor pass the filter). The next page starts after the last key
+    /// returned. May scan keys that the filter rejects.
     fn list_keys(
         &self,
+        filter: &KeyFilter,
         start_after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<KeyRecord>, StoreError>;
 
-    /// Adds `version` (which must be `current.primary_version + 1`) and makes
-    /// it the primary version, atomically, if the stored key still equals
-    /// `current`; otherwise [`StoreError::Conflict`] (also when the number is
-    /// wrong or the version already exists). [`StoreError::NoSuchKey`] if the
-    /// key is gone, [`StoreError::Corrupt`] if `version.key_id != current.id`.
-    /// Returns the new record (`current` with the new primary version).
+    /// Keys whose [`KeyRecord::next_due`] is at or before `now`, earliest
+    /// first (ties in ascending id order), at most `limit`. Served from an
+    /// index maintained atomically with every write of a key record, so the
+    /// cost is proportional to the answer, not to the number of keys. An
+    /// index entry that does not match its key is [`StoreError::Corrupt`].
+    fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Rotation: adds `version` and replaces the stored key record with
+    /// `updated`, atomically, if the stored key still equals `current`.
+    ///
+    /// `updated` is the whole new record, so that automatic rotation can move
+    /// `next_rotation_at` in the same write. Refused with
+    /// [`StoreError::Corrupt`], writing nothing, unless `version.key_id ==
+    /// current.id`, `updated` keeps the id and the alias of `current`,
+    /// `updated.primary_version == version.version`, neither `current` nor
+    /// `updated` is DESTROYED and `version` is not destroyed. Refused with
+    /// [`StoreError::Conflict`] if `version.version != current.primary_version
+    /// + 1`, if the version already exists, or if the stored key differs from
+    /// `current`; [`StoreError::NoSuchKey`] if the key does not exist.
     fn add_version(
         &self,
         current: &KeyRecord,
+        updated: &KeyRecord,
         version: &VersionRecord,
-    ) -> Result<KeyRecord, StoreError>;
+    ) -> Result<(), StoreError>;
 
     fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError>;
 
@@ -75,9 +146,63 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
 
     /// Replaces the stored record `current` with `new` if the stored one
     /// still equals `current`; otherwise [`StoreError::Conflict`]
-    /// ([`StoreError::NoSuchKey`] if it is gone). `new` must keep the id, the
-    /// alias and the primary version of `current` (rotation goes through
-    /// [`KeyStore::add_version`]); otherwise [`StoreError::Corrupt`] and
-    /// nothing is written.
+    /// ([`StoreError::NoSuchKey`] if it is gone). The due index follows
+    /// `new.next_due()`. `new` must keep the id, the alias and the primary
+    /// version of `current` (rotation goes through [`KeyStore::add_version`]),
+    /// and neither may be DESTROYED (destruction goes through
+    /// [`KeyStore::destroy_key`]; a tombstone is final); otherwise
+    /// [`StoreError::Corrupt`] and nothing is written.
     fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError>;
+
+    /// Destruction: atomically replaces the stored key `current` with
+    /// `tombstone` and every version of the key with a copy whose
+    /// `wrapped_material` is empty and whose `destroyed_at` is
+    /// `tombstone.destroyed_at`; the key leaves the due index, its alias stays
+    /// taken.
+    ///
+    /// `tombstone` must be DESTROYED with `destroyed_at` set and keep the id,
+    /// the alias and the primary version of `current`, and `current` must not
+    /// be DESTROYED; otherwise [`StoreError::Corrupt`] and nothing is
+    /// written. [`StoreError::Conflict`] if the stored key differs from
+    /// `current`, [`StoreError::NoSuchKey`] if it does not exist. Which states
+    /// may be destroyed, and when, is the caller's policy.
+    ///
+    /// The records no longer hold the material once this returns, but the
+    /// backend's files may (sled does: see `sled_store`'s "Erasure"): erasure
+    /// is only final once the HSM root key that wrapped the material is
+    /// rotated away and destroyed.
+    fn destroy_key(&self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), StoreError>;
+
+    /// HSM root-key rotation: replaces the stored version `current` with
+    /// `new` if the stored one still equals `current`.
+    ///
+    /// `new` may differ from `current` only in `hsm_root_key_id` and
+    /// `wrapped_material`, which must not be empty; otherwise
+    /// [`StoreError::Corrupt`] and nothing is written. [`StoreError::Conflict`]
+    /// if the stored version differs from `current` or is destroyed (also
+    /// when `current` itself is destroyed), [`StoreError::NoSuchVersion`] if
+    /// it does not exist. The key record is not touched.
+    fn rewrap_version(
+        &self,
+        current: &VersionRecord,
+        new: &VersionRecord,
+    ) -> Result<(), StoreError>;
+
+    /// Live (not destroyed) versions whose `hsm_root_key_id` differs from
+    /// `root_key_id`, in ascending (key id bytes, version) order, starting
+    /// strictly after `start_after`, at most `limit`: the work list of a
+    /// root-key rotation, paged by passing the last (key id, version)
+    /// returned. Scans the versions between the pages' bounds, destroyed and
+    /// already re-wrapped ones included.
+    fn versions_not_under_root(
+        &self,
+        root_key_id: u32,
+        start_after: Option<(KeyId, u32)>,
+        limit: usize,
+    ) -> Result<Vec<VersionRecord>, StoreError>;
+
+    /// Counts every stored version (a full scan): live ones, live ones not
+    /// under `root_key_id`, destroyed ones. For a root-key rotation's
+    /// progress report.
+    fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError>;
 }

@@ -6,11 +6,20 @@
 //! ```text
 //! tree       key                                   value
 //! ---------  ------------------------------------  ----------------------------
-//! meta       b"schema"                             u32 BE, currently 1
+//! meta       b"schema"                             u32 BE, currently 2
 //! keys       KeyId (16 bytes)                      JSON KeyRecord
 //! versions   KeyId (16 bytes) || version (u32 BE)  JSON VersionRecord
 //! aliases    alias (UTF-8)                         KeyId (16 bytes)
+//! due        due time (i64 BE, sign bit flipped)   empty
+//!              || KeyId (16 bytes)
 //! ```
+//!
+//! `due` indexes [`KeyRecord::next_due`]: one entry per key that has a due
+//! time, written in the same transaction as the key record (the old entry
+//! removed, the new one inserted), so the scheduler reads only what is due.
+//! Flipping the sign bit makes byte order numeric order, negative times
+//! included. Schema 1 had no `due` tree; opening a schema-1 store builds the
+//! index from the keys and sets the marker to 2 in one transaction.
 //!
 //! Big-endian versions make a prefix scan of `versions` ascend by version, and
 //! raw id bytes make `keys` ascend by id. Every decoded record is checked
@@ -21,8 +30,8 @@
 //!
 //! # Atomicity
 //!
-//! Each mutating call is one sled transaction over `keys`, `versions` and
-//! `aliases`. sled seals a transaction's writes as one batch in its log
+//! Each mutating call is one sled transaction over `keys`, `versions`,
+//! `aliases` and `due`. sled seals a transaction's writes as one batch in its log
 //! (`Tree::transaction` → `pin_log` / `seal_batch`), and recovery replays a
 //! batch entirely or not at all. A check that fails (key exists, alias taken,
 //! stale `current`) aborts the transaction, and nothing is written.
@@ -72,6 +81,28 @@
 //! `Io` error from a mutating call means "outcome unknown": the change may or
 //! may not have been persisted.
 //!
+//! # Erasure (what `destroy_key` does not do)
+//!
+//! [`KeyStore::destroy_key`] empties every version record, but sled 0.34.7
+//! keeps the old bytes in its files. Observed (a 60-byte wrapped material,
+//! stored hex-encoded inside the JSON record, so a search for the raw bytes
+//! finds nothing and proves nothing): after the destroy, its flush and
+//! `fsync`, closing, reopening three times and 600 further writes, the hex
+//! of the material is still in `db`. sled is log-structured: an update
+//! appends a new fragment of the leaf page and leaves the old one in its
+//! segment; a segment is rewritten only when the segment cleaner relocates
+//! its live pages, and only wholly free segments are overwritten (with
+//! `MessageKind::Corrupted` bytes, at recovery in
+//! `SegmentAccountant::initialize_from_snapshot`), so a fragment sharing a
+//! segment with live data survives indefinitely. Copying every tree into a
+//! fresh sled directory leaves no trace there (checked), so an offline
+//! export-and-swap would clean the live files, but not the blocks of the
+//! deleted files, nor SSD spare areas, copy-on-write file systems or
+//! backups. Erasure is therefore cryptographic: the destroyed material is
+//! wrapped under the HSM root key, and rotating the root key (re-wrapping
+//! the live versions with [`KeyStore::rewrap_version`], then destroying the
+//! old root key in the HSM) makes every leftover copy undecryptable.
+//!
 //! # Errors
 //!
 //! sled I/O errors (including a full or read-only disk) become
@@ -104,14 +135,16 @@ use sled::transaction::{
     TransactionalTree,
 };
 
-use super::{KeyStore, StoreError};
-use crate::model::{KeyId, KeyRecord, VersionRecord};
+use super::{KeyFilter, KeyStore, StoreError, VersionCounts};
+use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
 
 /// The on-disk schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2 added the `due` tree; a version-1 store is migrated when opened.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const SCHEMA_KEY: &[u8] = b"schema";
 const VERSION_KEY_LEN: usize = 16 + 4;
+const DUE_KEY_LEN: usize = 8 + 16;
 
 /// The sled-backed [`KeyStore`]. See the module docs for layout, durability
 /// and concurrency.
@@ -132,6 +165,7 @@ struct Handles {
     keys: sled::Tree,
     versions: sled::Tree,
     aliases: sled::Tree,
+    due: sled::Tree,
 }
 
 impl Drop for SledStore {
@@ -177,6 +211,7 @@ impl SledStore {
             keys: tree("keys")?,
             versions: tree("versions")?,
             aliases: tree("aliases")?,
+            due: tree("due")?,
             db,
         };
         let store = SledStore {
@@ -213,6 +248,8 @@ impl SledStore {
                     })?;
                 if version == SCHEMA_VERSION {
                     Ok(())
+                } else if version == 1 {
+                    self.migrate_from_v1()
                 } else {
                     Err(StoreError::Corrupt(format!(
                         "store {} has schema version {version}; this build supports only \
@@ -224,7 +261,8 @@ impl SledStore {
             None => {
                 if !(self.sled.keys.is_empty()
                     && self.sled.versions.is_empty()
-                    && self.sled.aliases.is_empty())
+                    && self.sled.aliases.is_empty()
+                    && self.sled.due.is_empty())
                 {
                     return Err(StoreError::Corrupt(format!(
                         "store {} holds data but no schema marker",
@@ -239,6 +277,42 @@ impl SledStore {
                 self.make_durable()
             }
         }
+    }
+
+    /// Version 1 had no due index: builds it from the keys, and marks the
+    /// store version 2 in the same transaction.
+    fn migrate_from_v1(&self) -> Result<(), StoreError> {
+        let _guard = self.write_gate();
+        // Version 1 never wrote this tree; clear it in case a crashed
+        // migration left part of it (the marker still says 1 then).
+        self.sled
+            .due
+            .clear()
+            .map_err(|e| sled_error("clearing the due index", e))?;
+        let mut entries = Vec::new();
+        for entry in self.sled.keys.iter() {
+            let (k, v) = entry.map_err(|e| sled_error("reading keys to migrate", e))?;
+            let id = key_id_from_slice("a key id in the keys tree", &k)?;
+            if let Some(at) = decode_key(id, &v)?.next_due() {
+                entries.push(due_key(at, id));
+            }
+        }
+        let result = (&self.sled.meta, &self.sled.due).transaction(|(meta, due)| {
+            for k in &entries {
+                due.insert(&k[..], &[][..])?;
+            }
+            meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        });
+        let out = match result {
+            Ok(()) => self.make_durable(),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(sled_error("migrating to schema 2", e)),
+        };
+        if out.is_err() {
+            self.mark_failed();
+        }
+        out
     }
 
     fn read_gate(&self) -> Result<RwLockReadGuard<'_, ()>, StoreError> {
@@ -268,20 +342,43 @@ impl SledStore {
         self.failed.store(true, Ordering::Release);
     }
 
-    /// Runs `body` as one transaction over keys, versions and aliases, then
-    /// makes it durable; see the module docs.
+    /// Runs `body` as one transaction over keys, versions, aliases and the
+    /// due index, then makes it durable; see the module docs.
     fn write<T>(
         &self,
-        body: impl Fn(
-            &TransactionalTree,
-            &TransactionalTree,
-            &TransactionalTree,
-        ) -> ConflictableTransactionResult<T, StoreError>,
+        body: impl Fn(&Tx<'_>) -> ConflictableTransactionResult<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write_prepared(|_| Ok(()), |tx, ()| body(tx))
+    }
+
+    /// Like [`SledStore::write`], with a `prepare` step that reads the
+    /// (durable) trees outside the transaction but under the write gate, so
+    /// that no other write of this store comes between it and `body`.
+    fn write_prepared<P, T>(
+        &self,
+        prepare: impl FnOnce(&Handles) -> Result<P, StoreError>,
+        body: impl Fn(&Tx<'_>, &P) -> ConflictableTransactionResult<T, StoreError>,
     ) -> Result<T, StoreError> {
         let _guard = self.write_gate();
         self.check_usable()?;
-        let result = (&self.sled.keys, &self.sled.versions, &self.sled.aliases)
-            .transaction(|(keys, versions, aliases)| body(keys, versions, aliases));
+        let prepared = prepare(&self.sled)?;
+        let result = (
+            &self.sled.keys,
+            &self.sled.versions,
+            &self.sled.aliases,
+            &self.sled.due,
+        )
+            .transaction(|(keys, versions, aliases, due)| {
+                body(
+                    &Tx {
+                        keys,
+                        versions,
+                        aliases,
+                        due,
+                    },
+                    &prepared,
+                )
+            });
         let out = match result {
             Ok(out) => out,
             Err(TransactionError::Abort(e)) => return Err(e),
@@ -392,58 +489,128 @@ fn decode_version(id: KeyId, version: u32, bytes: &[u8]) -> Result<VersionRecord
     Ok(record)
 }
 
+/// The trees of one transaction.
+struct Tx<'a> {
+    keys: &'a TransactionalTree,
+    versions: &'a TransactionalTree,
+    aliases: &'a TransactionalTree,
+    due: &'a TransactionalTree,
+}
+
+impl Tx<'_> {
+    /// The stored record of `current.id` must equal `current`.
+    fn check_current(&self, current: &KeyRecord) -> ConflictableTransactionResult<(), StoreError> {
+        let Some(bytes) = self.keys.get(current.id.as_bytes())? else {
+            return abort(StoreError::NoSuchKey(current.id));
+        };
+        match decode_key(current.id, &bytes) {
+            Ok(stored) if stored == *current => Ok(()),
+            Ok(_) => abort(StoreError::Conflict(current.id)),
+            Err(e) => abort(e),
+        }
+    }
+
+    /// Writes `new` over `old` (`None`: a new key) in `keys` and moves its
+    /// due-index entry.
+    fn put_key(
+        &self,
+        old: Option<&KeyRecord>,
+        new: &KeyRecord,
+        new_bytes: &[u8],
+    ) -> ConflictableTransactionResult<(), StoreError> {
+        if let Some(at) = old.and_then(KeyRecord::next_due) {
+            self.due.remove(&due_key(at, new.id)[..])?;
+        }
+        if let Some(at) = new.next_due() {
+            self.due.insert(&due_key(at, new.id)[..], &[][..])?;
+        }
+        self.keys.insert(new.id.as_bytes(), new_bytes)?;
+        Ok(())
+    }
+}
+
 fn abort<T>(e: StoreError) -> ConflictableTransactionResult<T, StoreError> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
-/// Inside a transaction: the stored record of `current.id` must equal `current`.
-fn check_current(
-    keys: &TransactionalTree,
-    current: &KeyRecord,
-) -> ConflictableTransactionResult<(), StoreError> {
-    let Some(bytes) = keys.get(current.id.as_bytes())? else {
-        return abort(StoreError::NoSuchKey(current.id));
+/// The due-index key: the time as an `i64` with its sign bit flipped, big
+/// endian (so byte order is numeric order, negatives first), then the id.
+fn due_key(at: Timestamp, id: KeyId) -> [u8; DUE_KEY_LEN] {
+    let mut k = [0u8; DUE_KEY_LEN];
+    let (time_part, id_part) = k.split_at_mut(8);
+    time_part.copy_from_slice(&((at.as_millis() as u64) ^ (1 << 63)).to_be_bytes());
+    id_part.copy_from_slice(id.as_bytes());
+    k
+}
+
+fn parse_due_key(bytes: &[u8]) -> Result<(Timestamp, KeyId), StoreError> {
+    let corrupt = || {
+        StoreError::Corrupt(format!(
+            "a due-index key is {} bytes, expected {DUE_KEY_LEN}",
+            bytes.len()
+        ))
     };
-    match decode_key(current.id, &bytes) {
-        Ok(stored) if stored == *current => Ok(()),
-        Ok(_) => abort(StoreError::Conflict(current.id)),
-        Err(e) => abort(e),
+    if bytes.len() != DUE_KEY_LEN {
+        return Err(corrupt());
     }
+    let (time_part, id_part) = bytes.split_at(8);
+    let time = <[u8; 8]>::try_from(time_part).map_err(|_| corrupt())?;
+    let at = Timestamp((u64::from_be_bytes(time) ^ (1 << 63)) as i64);
+    Ok((at, key_id_from_slice("a key id in the due index", id_part)?))
+}
+
+fn parse_version_key(bytes: &[u8]) -> Result<(KeyId, u32), StoreError> {
+    if bytes.len() != VERSION_KEY_LEN {
+        return Err(StoreError::Corrupt(format!(
+            "a version key is {} bytes, expected {VERSION_KEY_LEN}",
+            bytes.len()
+        )));
+    }
+    let (id_part, number) = bytes.split_at(16);
+    let id = key_id_from_slice("a key id in the versions tree", id_part)?;
+    let number = <[u8; 4]>::try_from(number)
+        .map(u32::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt("a version number is not 4 bytes".to_owned()))?;
+    Ok((id, number))
+}
+
+fn refuse<T>(message: String) -> Result<T, StoreError> {
+    Err(StoreError::Corrupt(format!("refusing to write: {message}")))
 }
 
 impl KeyStore for SledStore {
-    /// Refuses with [`StoreError::Corrupt`], writing nothing, if
-    /// `key.primary_version != first_version.version` or
-    /// `first_version.key_id != key.id`.
     fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError> {
         if first_version.key_id != key.id || first_version.version != key.primary_version {
-            return Err(StoreError::Corrupt(format!(
-                "refusing to create key {} (primary version {}) with version {} of key {}",
+            return refuse(format!(
+                "key {} (primary version {}) with version {} of key {}",
                 key.id, key.primary_version, first_version.version, first_version.key_id
-            )));
+            ));
+        }
+        if key.state == KeyState::Destroyed || first_version.destroyed_at.is_some() {
+            return refuse(format!("key {} created destroyed", key.id));
         }
         let key_bytes = encode("key record", key)?;
         let version_bytes = encode("version record", first_version)?;
         let vkey = version_key(key.id, first_version.version);
-        self.write(|keys, versions, aliases| {
-            if keys.get(key.id.as_bytes())?.is_some() {
+        self.write(|tx| {
+            if tx.keys.get(key.id.as_bytes())?.is_some() {
                 return abort(StoreError::KeyExists(key.id));
             }
             if let Some(alias) = &key.alias
-                && aliases.get(alias.as_bytes())?.is_some()
+                && tx.aliases.get(alias.as_bytes())?.is_some()
             {
                 return abort(StoreError::AliasTaken(alias.clone()));
             }
-            if versions.get(vkey)?.is_some() {
+            if tx.versions.get(vkey)?.is_some() {
                 return abort(StoreError::Corrupt(format!(
                     "version {} of key {} exists without its key",
                     first_version.version, key.id
                 )));
             }
-            keys.insert(key.id.as_bytes(), key_bytes.as_slice())?;
-            versions.insert(&vkey, version_bytes.as_slice())?;
+            tx.put_key(None, key, &key_bytes)?;
+            tx.versions.insert(&vkey, version_bytes.as_slice())?;
             if let Some(alias) = &key.alias {
-                aliases.insert(alias.as_bytes(), key.id.as_bytes())?;
+                tx.aliases.insert(alias.as_bytes(), key.id.as_bytes())?;
             }
             Ok(())
         })
@@ -473,6 +640,7 @@ impl KeyStore for SledStore {
 
     fn list_keys(
         &self,
+        filter: &KeyFilter,
         start_after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<KeyRecord>, StoreError> {
@@ -482,51 +650,100 @@ impl KeyStore for SledStore {
             None => Bound::Unbounded,
         };
         let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
         for entry in self
             .sled
             .keys
             .range::<Vec<u8>, _>((lower, Bound::Unbounded))
-            .take(limit)
         {
             let (k, v) = entry.map_err(|e| sled_error("listing keys", e))?;
             let id = key_id_from_slice("a key id in the keys tree", &k)?;
-            out.push(decode_key(id, &v)?);
+            let record = decode_key(id, &v)?;
+            if filter.matches(&record) {
+                out.push(record);
+                if out.len() >= limit {
+                    break;
+                }
+            }
         }
         Ok(out)
     }
 
-    /// Refuses with [`StoreError::Corrupt`] if `version.key_id != current.id`;
-    /// [`StoreError::Conflict`] if the version number is not the next one or
-    /// the version exists; [`StoreError::NoSuchKey`] if the key is gone.
+    fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let upper = due_key(now, KeyId::from_bytes([0xff; 16]));
+        let mut out = Vec::new();
+        for entry in self.sled.due.range(..=&upper[..]).take(limit) {
+            let (k, _) = entry.map_err(|e| sled_error("reading the due index", e))?;
+            let (at, id) = parse_due_key(&k)?;
+            let bytes = self
+                .sled
+                .keys
+                .get(id.as_bytes())
+                .map_err(|e| sled_error("reading a due key", e))?
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("the due index names key {id}, which is missing"))
+                })?;
+            let record = decode_key(id, &bytes)?;
+            if record.next_due() != Some(at) {
+                return Err(StoreError::Corrupt(format!(
+                    "the due index says key {id} is due at {}, the key says {:?}",
+                    at.as_millis(),
+                    record.next_due().map(Timestamp::as_millis)
+                )));
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
     fn add_version(
         &self,
         current: &KeyRecord,
+        updated: &KeyRecord,
         version: &VersionRecord,
-    ) -> Result<KeyRecord, StoreError> {
+    ) -> Result<(), StoreError> {
         if version.key_id != current.id {
-            return Err(StoreError::Corrupt(format!(
-                "refusing to add a version of key {} to key {}",
+            return refuse(format!(
+                "a version of key {} added to key {}",
                 version.key_id, current.id
-            )));
+            ));
+        }
+        if updated.id != current.id
+            || updated.alias != current.alias
+            || updated.primary_version != version.version
+        {
+            return refuse(format!(
+                "rotation of key {} to an updated record with another id, alias or primary \
+                 version than the new version {}",
+                current.id, version.version
+            ));
+        }
+        if current.state == KeyState::Destroyed
+            || updated.state == KeyState::Destroyed
+            || version.destroyed_at.is_some()
+        {
+            return refuse(format!(
+                "rotation of key {} from, to or with destroyed records",
+                current.id
+            ));
         }
         if current.primary_version.checked_add(1) != Some(version.version) {
             return Err(StoreError::Conflict(current.id));
         }
-        let mut updated = current.clone();
-        updated.primary_version = version.version;
-        let key_bytes = encode("key record", &updated)?;
+        let key_bytes = encode("key record", updated)?;
         let version_bytes = encode("version record", version)?;
         let vkey = version_key(current.id, version.version);
-        self.write(|keys, versions, _aliases| {
-            check_current(keys, current)?;
-            if versions.get(vkey)?.is_some() {
+        self.write(|tx| {
+            tx.check_current(current)?;
+            if tx.versions.get(vkey)?.is_some() {
                 return abort(StoreError::Conflict(current.id));
             }
-            versions.insert(&vkey, version_bytes.as_slice())?;
-            keys.insert(current.id.as_bytes(), key_bytes.as_slice())?;
-            Ok(())
-        })?;
-        Ok(updated)
+            tx.versions.insert(&vkey, version_bytes.as_slice())?;
+            tx.put_key(Some(current), updated, &key_bytes)
+        })
     }
 
     fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
@@ -541,44 +758,176 @@ impl KeyStore for SledStore {
 
     fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
         let _guard = self.read_gate()?;
-        let mut out = Vec::new();
-        for entry in self.sled.versions.scan_prefix(id.as_bytes()) {
-            let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
-            let number = k
-                .get(16..)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_be_bytes)
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "a version key of key {id} is {} bytes, expected {VERSION_KEY_LEN}",
-                        k.len()
-                    ))
-                })?;
-            out.push(decode_version(id, number, &v)?);
-        }
-        Ok(out)
+        self.sled.versions_of(id)
     }
 
-    /// Refuses with [`StoreError::Corrupt`] if `new` changes the id, the
-    /// alias or the primary version (rotation goes through
-    /// [`KeyStore::add_version`], so the primary version always exists).
     fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
         if new.id != current.id
             || new.alias != current.alias
             || new.primary_version != current.primary_version
         {
-            return Err(StoreError::Corrupt(format!(
-                "refusing to change the id, alias or primary version of key {} by \
-                 compare-and-swap",
+            return refuse(format!(
+                "a change of the id, alias or primary version of key {} by compare-and-swap",
                 current.id
-            )));
+            ));
+        }
+        if current.state == KeyState::Destroyed || new.state == KeyState::Destroyed {
+            return refuse(format!(
+                "a compare-and-swap from or to DESTROYED of key {} (destruction goes through \
+                 destroy_key and is final)",
+                current.id
+            ));
         }
         let key_bytes = encode("key record", new)?;
-        self.write(|keys, _versions, _aliases| {
-            check_current(keys, current)?;
-            keys.insert(current.id.as_bytes(), key_bytes.as_slice())?;
+        self.write(|tx| {
+            tx.check_current(current)?;
+            tx.put_key(Some(current), new, &key_bytes)
+        })
+    }
+
+    fn destroy_key(&self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), StoreError> {
+        if tombstone.id != current.id
+            || tombstone.alias != current.alias
+            || tombstone.primary_version != current.primary_version
+        {
+            return refuse(format!(
+                "a tombstone with another id, alias or primary version for key {}",
+                current.id
+            ));
+        }
+        if tombstone.state != KeyState::Destroyed || tombstone.destroyed_at.is_none() {
+            return refuse(format!(
+                "a tombstone of key {} that is not DESTROYED with a destruction time",
+                current.id
+            ));
+        }
+        if current.state == KeyState::Destroyed {
+            return refuse(format!("destroying key {} twice", current.id));
+        }
+        let key_bytes = encode("key record", tombstone)?;
+        let id = current.id;
+        self.write_prepared(
+            // Versions are only ever added, as the new primary, while the
+            // stored key changes: if the transaction finds the stored key
+            // equal to `current`, this list is still complete.
+            |sled| {
+                sled.versions_of(id)?
+                    .into_iter()
+                    .map(|mut v| {
+                        v.wrapped_material = Vec::new();
+                        v.destroyed_at = tombstone.destroyed_at;
+                        Ok((version_key(id, v.version), encode("version record", &v)?))
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            },
+            |tx, erased| {
+                tx.check_current(current)?;
+                for (vkey, bytes) in erased {
+                    tx.versions.insert(&vkey[..], bytes.as_slice())?;
+                }
+                tx.put_key(Some(current), tombstone, &key_bytes)
+            },
+        )
+    }
+
+    fn rewrap_version(
+        &self,
+        current: &VersionRecord,
+        new: &VersionRecord,
+    ) -> Result<(), StoreError> {
+        let mut unchanged = new.clone();
+        unchanged.hsm_root_key_id = current.hsm_root_key_id;
+        unchanged.wrapped_material = current.wrapped_material.clone();
+        if unchanged != *current || new.wrapped_material.is_empty() {
+            return refuse(format!(
+                "a re-wrap of version {} of key {} that changes more than its wrapped material \
+                 and root key id, or erases the material",
+                current.version, current.key_id
+            ));
+        }
+        if current.destroyed_at.is_some() {
+            return Err(StoreError::Conflict(current.key_id));
+        }
+        let (id, number) = (current.key_id, current.version);
+        let vkey = version_key(id, number);
+        let new_bytes = encode("version record", new)?;
+        self.write(|tx| {
+            let Some(bytes) = tx.versions.get(vkey)? else {
+                return abort(StoreError::NoSuchVersion(id, number));
+            };
+            match decode_version(id, number, &bytes) {
+                Ok(stored) if stored == *current => {}
+                Ok(_) => return abort(StoreError::Conflict(id)),
+                Err(e) => return abort(e),
+            }
+            tx.versions.insert(&vkey, new_bytes.as_slice())?;
             Ok(())
         })
+    }
+
+    fn versions_not_under_root(
+        &self,
+        root_key_id: u32,
+        start_after: Option<(KeyId, u32)>,
+        limit: usize,
+    ) -> Result<Vec<VersionRecord>, StoreError> {
+        let _guard = self.read_gate()?;
+        let lower = match start_after {
+            Some((id, n)) => Bound::Excluded(version_key(id, n).to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        for entry in self
+            .sled
+            .versions
+            .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+        {
+            let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
+            let (id, number) = parse_version_key(&k)?;
+            let record = decode_version(id, number, &v)?;
+            if record.destroyed_at.is_none() && record.hsm_root_key_id != root_key_id {
+                out.push(record);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError> {
+        let _guard = self.read_gate()?;
+        let mut counts = VersionCounts::default();
+        for entry in self.sled.versions.iter() {
+            let (k, v) = entry.map_err(|e| sled_error("counting versions", e))?;
+            let (id, number) = parse_version_key(&k)?;
+            let record = decode_version(id, number, &v)?;
+            if record.destroyed_at.is_some() {
+                counts.destroyed += 1;
+            } else {
+                counts.live += 1;
+                if record.hsm_root_key_id != root_key_id {
+                    counts.not_under_root += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
+impl Handles {
+    /// Every version of `id`, read outside any transaction.
+    fn versions_of(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.versions.scan_prefix(id.as_bytes()) {
+            let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
+            let (_, number) = parse_version_key(&k)?;
+            out.push(decode_version(id, number, &v)?);
+        }
+        Ok(out)
     }
 }
 
@@ -634,6 +983,18 @@ mod tests {
             wrapped_material: vec![n as u8; 60],
             destroyed_at: None,
         }
+    }
+
+    /// Rotation as the service does it: `current` with the new primary.
+    fn rotate(
+        store: &SledStore,
+        current: &KeyRecord,
+        v: &VersionRecord,
+    ) -> Result<KeyRecord, StoreError> {
+        let mut updated = current.clone();
+        updated.primary_version = v.version;
+        store.add_version(current, &updated, v)?;
+        Ok(updated)
     }
 
     fn new_store() -> (TempDir, SledStore) {
@@ -697,7 +1058,10 @@ mod tests {
         assert_eq!(store.get_key(other.id).unwrap(), None);
         assert_eq!(store.list_versions(other.id).unwrap(), vec![]);
         assert_eq!(store.key_id_for_alias("a").unwrap(), Some(k.id));
-        assert_eq!(store.list_keys(None, 10).unwrap(), vec![k]);
+        assert_eq!(
+            store.list_keys(&KeyFilter::default(), None, 10).unwrap(),
+            vec![k]
+        );
     }
 
     #[test]
@@ -708,7 +1072,10 @@ mod tests {
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
         let err = store.create_key(&k, &version(id(2), 1)).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
-        assert_eq!(store.list_keys(None, 10).unwrap(), vec![]);
+        assert_eq!(
+            store.list_keys(&KeyFilter::default(), None, 10).unwrap(),
+            vec![]
+        );
         assert_eq!(store.key_id_for_alias("a").unwrap(), None);
         assert_eq!(store.list_versions(id(2)).unwrap(), vec![]);
     }
@@ -719,7 +1086,7 @@ mod tests {
         let k = key(id(1), None);
         store.create_key(&k, &version(k.id, 1)).unwrap();
 
-        let k2 = store.add_version(&k, &version(k.id, 2)).unwrap();
+        let k2 = rotate(&store, &k, &version(k.id, 2)).unwrap();
         assert_eq!(k2.primary_version, 2);
         assert_eq!(store.get_key(k.id).unwrap(), Some(k2.clone()));
         assert_eq!(
@@ -728,21 +1095,19 @@ mod tests {
         );
 
         // Stale `current`.
-        let err = store.add_version(&k, &version(k.id, 2)).unwrap_err();
+        let err = rotate(&store, &k, &version(k.id, 2)).unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
         // Not the next number.
         for n in [1, 2, 4, u32::MAX] {
-            let err = store.add_version(&k2, &version(k.id, n)).unwrap_err();
+            let err = rotate(&store, &k2, &version(k.id, n)).unwrap_err();
             assert!(matches!(err, StoreError::Conflict(_)), "{n}: {err:?}");
         }
         // Another key's version.
-        let err = store.add_version(&k2, &version(id(9), 3)).unwrap_err();
+        let err = rotate(&store, &k2, &version(id(9), 3)).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
         // A key that does not exist.
         let ghost = key(id(9), None);
-        let err = store
-            .add_version(&ghost, &version(ghost.id, 2))
-            .unwrap_err();
+        let err = rotate(&store, &ghost, &version(ghost.id, 2)).unwrap_err();
         assert!(matches!(err, StoreError::NoSuchKey(_)), "{err:?}");
 
         assert_eq!(store.get_key(k.id).unwrap(), Some(k2));
@@ -762,9 +1127,9 @@ mod tests {
         assert_eq!(store.get_key(k.id).unwrap(), Some(disabled.clone()));
 
         // Stale `current`.
-        let mut destroyed = k.clone();
-        destroyed.state = KeyState::Destroyed;
-        let err = store.compare_and_swap_key(&k, &destroyed).unwrap_err();
+        let mut pending = k.clone();
+        pending.state = KeyState::PendingDeletion;
+        let err = store.compare_and_swap_key(&k, &pending).unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
 
         // Changing the id, alias or primary version is refused.
@@ -801,16 +1166,26 @@ mod tests {
         let mut seen = Vec::new();
         let mut cursor = None;
         loop {
-            let page = store.list_keys(cursor, 100).unwrap();
+            let page = store.list_keys(&KeyFilter::default(), cursor, 100).unwrap();
             assert!(page.len() <= 100);
             let Some(last) = page.last() else { break };
             cursor = Some(last.id);
             seen.extend(page.iter().map(|k| k.id));
         }
         assert_eq!(seen, ids);
-        assert_eq!(store.list_keys(None, 0).unwrap(), vec![]);
-        assert_eq!(store.list_keys(Some(ids[249]), 100).unwrap(), vec![]);
-        let tail = store.list_keys(Some(ids[247]), 100).unwrap();
+        assert_eq!(
+            store.list_keys(&KeyFilter::default(), None, 0).unwrap(),
+            vec![]
+        );
+        assert_eq!(
+            store
+                .list_keys(&KeyFilter::default(), Some(ids[249]), 100)
+                .unwrap(),
+            vec![]
+        );
+        let tail = store
+            .list_keys(&KeyFilter::default(), Some(ids[247]), 100)
+            .unwrap();
         assert_eq!(tail.iter().map(|k| k.id).collect::<Vec<_>>(), ids[248..]);
     }
 
@@ -821,7 +1196,7 @@ mod tests {
             let store = SledStore::open(dir.path()).unwrap();
             let k = key(id(1), Some("a"));
             store.create_key(&k, &version(k.id, 1)).unwrap();
-            let k2 = store.add_version(&k, &version(k.id, 2)).unwrap();
+            let k2 = rotate(&store, &k, &version(k.id, 2)).unwrap();
             let mut disabled = key(id(2), None);
             store
                 .create_key(&disabled, &version(disabled.id, 1))
@@ -841,7 +1216,10 @@ mod tests {
         );
         let mut all = vec![k2, disabled];
         all.sort_by_key(|k| *k.id.as_bytes());
-        assert_eq!(store.list_keys(None, 10).unwrap(), all);
+        assert_eq!(
+            store.list_keys(&KeyFilter::default(), None, 10).unwrap(),
+            all
+        );
     }
 
     #[test]
@@ -867,15 +1245,15 @@ mod tests {
         let is_corrupt = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
         assert!(is_corrupt(store.get_key(k.id).map(drop)));
         assert!(is_corrupt(store.get_key(id(2)).map(drop)));
-        assert!(is_corrupt(store.list_keys(None, 10).map(drop)));
+        assert!(is_corrupt(
+            store.list_keys(&KeyFilter::default(), None, 10).map(drop)
+        ));
         assert!(is_corrupt(store.key_id_for_alias("a").map(drop)));
         assert!(is_corrupt(store.get_version(k.id, 1).map(drop)));
         assert!(is_corrupt(store.list_versions(k.id).map(drop)));
         assert!(is_corrupt(store.get_version(id(2), 1).map(drop)));
         // Writes that must read the corrupt record refuse too.
-        assert!(is_corrupt(
-            store.add_version(&k, &version(k.id, 2)).map(drop)
-        ));
+        assert!(is_corrupt(rotate(&store, &k, &version(k.id, 2)).map(drop)));
         let mut changed = k.clone();
         changed.state = KeyState::Disabled;
         assert!(is_corrupt(store.compare_and_swap_key(&k, &changed)));
@@ -885,10 +1263,10 @@ mod tests {
     fn unknown_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         drop(SledStore::open(dir.path()).unwrap());
-        poke(dir.path(), "meta", SCHEMA_KEY, &2u32.to_be_bytes());
+        poke(dir.path(), "meta", SCHEMA_KEY, &3u32.to_be_bytes());
         let err = SledStore::open(dir.path()).unwrap_err();
         assert!(
-            matches!(&err, StoreError::Corrupt(m) if m.contains("schema version 2")),
+            matches!(&err, StoreError::Corrupt(m) if m.contains("schema version 3")),
             "{err:?}"
         );
     }
@@ -930,10 +1308,12 @@ mod tests {
         store.mark_failed();
         let is_io = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Io(_)));
         assert!(is_io(store.get_key(k.id).map(drop)));
-        assert!(is_io(store.list_keys(None, 1).map(drop)));
+        assert!(is_io(
+            store.list_keys(&KeyFilter::default(), None, 1).map(drop)
+        ));
         assert!(is_io(store.key_id_for_alias("a").map(drop)));
         assert!(is_io(store.list_versions(k.id).map(drop)));
-        assert!(is_io(store.add_version(&k, &version(k.id, 2)).map(drop)));
+        assert!(is_io(rotate(&store, &k, &version(k.id, 2)).map(drop)));
         let other = key(id(2), None);
         assert!(is_io(store.create_key(&other, &version(other.id, 1))));
     }
@@ -968,7 +1348,7 @@ mod tests {
                     while won < 5 {
                         let current = store.get_key(id(1)).unwrap().unwrap();
                         let next = version(current.id, current.primary_version + 1);
-                        match store.add_version(&current, &next) {
+                        match rotate(&store, &current, &next) {
                             Ok(_) => won += 1,
                             Err(StoreError::Conflict(_)) => {}
                             Err(e) => panic!("{e:?}"),
@@ -1039,10 +1419,390 @@ mod tests {
         assert!(matches!(err, StoreError::Io(_)), "{err:?}");
     }
 
+    /// Everything a store holds about the first few test ids, for "nothing
+    /// changed" checks.
+    fn snapshot(store: &SledStore) -> String {
+        let mut out = format!(
+            "{:?}\n{:?}\n",
+            store.list_keys(&KeyFilter::default(), None, usize::MAX),
+            store.due_keys(Timestamp(i64::MAX), usize::MAX)
+        );
+        for n in 0..10 {
+            out.push_str(&format!("{:?}\n", store.list_versions(id(n))));
+            for v in store.list_versions(id(n)).unwrap() {
+                out.push_str(&hex::encode(&v.wrapped_material));
+            }
+        }
+        out
+    }
+
+    fn due_ids(store: &SledStore, now: i64) -> Vec<KeyId> {
+        store
+            .due_keys(Timestamp(now), usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|k| k.id)
+            .collect()
+    }
+
+    #[test]
+    fn due_index_follows_every_write_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let mut a = key(id(1), None);
+            a.rotation_period_secs = Some(60);
+            a.next_rotation_at = Some(Timestamp(300));
+            store.create_key(&a, &version(a.id, 1)).unwrap();
+            let mut b = key(id(2), None);
+            b.next_rotation_at = Some(Timestamp(-100));
+            store.create_key(&b, &version(b.id, 1)).unwrap();
+            store
+                .create_key(&key(id(3), None), &version(id(3), 1))
+                .unwrap();
+            assert_eq!(due_ids(&store, 299), vec![id(2)]);
+            assert_eq!(due_ids(&store, 300), vec![id(2), id(1)]);
+            assert_eq!(store.due_keys(Timestamp(300), 1).unwrap(), vec![b.clone()]);
+
+            // Automatic rotation moves the schedule in the same write.
+            let mut a2 = a.clone();
+            a2.primary_version = 2;
+            a2.next_rotation_at = Some(Timestamp(360));
+            store.add_version(&a, &a2, &version(a.id, 2)).unwrap();
+            assert_eq!(due_ids(&store, 300), vec![id(2)]);
+            // Disabled keys are never due; pending deletion is due at deletion_at.
+            let mut b2 = b.clone();
+            b2.state = KeyState::Disabled;
+            store.compare_and_swap_key(&b, &b2).unwrap();
+            let mut b3 = b2.clone();
+            b3.state = KeyState::PendingDeletion;
+            b3.deletion_at = Some(Timestamp(1000));
+            store.compare_and_swap_key(&b2, &b3).unwrap();
+            assert_eq!(due_ids(&store, 999), vec![id(1)]);
+            assert_eq!(due_ids(&store, i64::MAX), vec![id(1), id(2)]);
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(due_ids(&store, 999), vec![id(1)]);
+        assert_eq!(due_ids(&store, 1000), vec![id(1), id(2)]);
+        // Destruction takes the key out of the index.
+        let b = store.get_key(id(2)).unwrap().unwrap();
+        let mut tomb = b.clone();
+        tomb.state = KeyState::Destroyed;
+        tomb.destroyed_at = Some(Timestamp(1000));
+        store.destroy_key(&b, &tomb).unwrap();
+        assert_eq!(due_ids(&store, i64::MAX), vec![id(1)]);
+        assert_eq!(store.due_keys(Timestamp(i64::MAX), 0).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn schema_1_store_is_migrated_with_its_due_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut k = key(id(1), None);
+        k.next_rotation_at = Some(Timestamp(5));
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            store
+                .create_key(&key(id(2), None), &version(id(2), 1))
+                .unwrap();
+        }
+        {
+            // What a schema-1 build left: no due tree.
+            let db = sled::open(dir.path()).unwrap();
+            assert!(db.drop_tree("due").unwrap());
+            db.open_tree("meta")
+                .unwrap()
+                .insert(SCHEMA_KEY, &1u32.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.due_keys(Timestamp(5), 10).unwrap(), vec![k]);
+        drop(store);
+        let db = sled::open(dir.path()).unwrap();
+        let marker = db.open_tree("meta").unwrap().get(SCHEMA_KEY).unwrap();
+        assert_eq!(marker.as_deref(), Some(&2u32.to_be_bytes()[..]));
+    }
+
+    #[test]
+    fn add_version_with_an_updated_record_and_its_refusals() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        let before = snapshot(&store);
+        let good = |f: &dyn Fn(&mut KeyRecord)| {
+            let mut u = k.clone();
+            u.primary_version = 2;
+            f(&mut u);
+            u
+        };
+        let refusals = [
+            good(&|u| u.alias = Some("b".to_owned())),
+            good(&|u| u.id = id(2)),
+            good(&|u| u.primary_version = 3),
+            good(&|u| u.state = KeyState::Destroyed),
+        ];
+        for updated in &refusals {
+            let err = store
+                .add_version(&k, updated, &version(k.id, 2))
+                .unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        }
+        let mut erased = version(k.id, 2);
+        erased.destroyed_at = Some(Timestamp(1));
+        let err = store.add_version(&k, &good(&|_| {}), &erased).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        assert_eq!(snapshot(&store), before);
+
+        let updated = good(&|u| u.next_rotation_at = Some(Timestamp(9)));
+        store.add_version(&k, &updated, &version(k.id, 2)).unwrap();
+        assert_eq!(store.get_key(k.id).unwrap(), Some(updated));
+    }
+
+    #[test]
+    fn list_keys_filters_by_state_and_alias_prefix() {
+        let (_dir, store) = new_store();
+        for (n, alias) in [
+            (1, Some("app/x")),
+            (2, Some("app/y")),
+            (3, None),
+            (4, Some("db/z")),
+        ] {
+            store
+                .create_key(&key(id(n), alias), &version(id(n), 1))
+                .unwrap();
+        }
+        let k2 = store.get_key(id(2)).unwrap().unwrap();
+        let mut disabled = k2.clone();
+        disabled.state = KeyState::Disabled;
+        store.compare_and_swap_key(&k2, &disabled).unwrap();
+        let ids = |f: KeyFilter, after: Option<KeyId>, limit: usize| {
+            let mut got: Vec<u8> = store
+                .list_keys(&f, after, limit)
+                .unwrap()
+                .iter()
+                .map(|k| k.id.as_bytes()[15])
+                .collect();
+            got.sort_unstable();
+            got
+        };
+        let prefix = |p: &str| KeyFilter {
+            alias_prefix: Some(p.to_owned()),
+            ..KeyFilter::default()
+        };
+        let state = |s| KeyFilter {
+            state: Some(s),
+            ..KeyFilter::default()
+        };
+        assert_eq!(ids(KeyFilter::default(), None, 10), vec![1, 2, 3, 4]);
+        assert_eq!(ids(prefix("app/"), None, 10), vec![1, 2]);
+        assert_eq!(ids(prefix(""), None, 10), vec![1, 2, 4]);
+        assert_eq!(ids(state(KeyState::Disabled), None, 10), vec![2]);
+        assert_eq!(ids(state(KeyState::Enabled), None, 10), vec![1, 3, 4]);
+        let both = KeyFilter {
+            state: Some(KeyState::Enabled),
+            alias_prefix: Some("app/".to_owned()),
+        };
+        assert_eq!(ids(both, None, 10), vec![1]);
+        assert_eq!(ids(prefix("app/"), None, 0), Vec::<u8>::new());
+        assert_eq!(ids(prefix("app/"), None, 1).len(), 1);
+    }
+
+    #[test]
+    fn destroy_key_erases_every_version_and_keeps_the_alias() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), Some("a"));
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        let k = rotate(&store, &k, &version(k.id, 2)).unwrap();
+        let other = key(id(2), None);
+        store.create_key(&other, &version(other.id, 1)).unwrap();
+        let mut tomb = k.clone();
+        tomb.state = KeyState::Destroyed;
+        tomb.destroyed_at = Some(Timestamp(42));
+
+        // Refusals write nothing.
+        let before = snapshot(&store);
+        let mut bad = Vec::new();
+        for f in [
+            (|t: &mut KeyRecord| t.state = KeyState::Disabled) as fn(&mut KeyRecord),
+            |t| t.destroyed_at = None,
+            |t| t.alias = None,
+            |t| t.primary_version = 1,
+            |t| t.id = id(2),
+        ] {
+            let mut t = tomb.clone();
+            f(&mut t);
+            bad.push(t);
+        }
+        for t in &bad {
+            let err = store.destroy_key(&k, t).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        }
+        let mut stale = k.clone();
+        stale.description = "old".to_owned();
+        let err = store.destroy_key(&stale, &tomb).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        let ghost = key(id(9), None);
+        let mut ghost_tomb = ghost.clone();
+        ghost_tomb.state = KeyState::Destroyed;
+        ghost_tomb.destroyed_at = Some(Timestamp(1));
+        let err = store.destroy_key(&ghost, &ghost_tomb).unwrap_err();
+        assert!(matches!(err, StoreError::NoSuchKey(_)), "{err:?}");
+        assert_eq!(snapshot(&store), before);
+
+        store.destroy_key(&k, &tomb).unwrap();
+        assert_eq!(store.get_key(k.id).unwrap(), Some(tomb.clone()));
+        assert_eq!(store.key_id_for_alias("a").unwrap(), Some(k.id));
+        let versions = store.list_versions(k.id).unwrap();
+        assert_eq!(versions.len(), 2);
+        for (n, v) in versions.iter().enumerate() {
+            let mut expected = version(k.id, n as u32 + 1);
+            expected.wrapped_material.clear();
+            expected.destroyed_at = Some(Timestamp(42));
+            assert_eq!(*v, expected);
+        }
+        // The other key is untouched; the alias cannot be reused.
+        assert_eq!(
+            store.list_versions(other.id).unwrap(),
+            vec![version(other.id, 1)]
+        );
+        let err = store
+            .create_key(&key(id(3), Some("a")), &version(id(3), 1))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AliasTaken(_)), "{err:?}");
+
+        // A tombstone is final.
+        let after = snapshot(&store);
+        let mut revived = tomb.clone();
+        revived.state = KeyState::Enabled;
+        assert!(matches!(
+            store.compare_and_swap_key(&tomb, &revived),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            store.destroy_key(&tomb, &tomb),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            rotate(&store, &tomb, &version(k.id, 3)),
+            Err(StoreError::Corrupt(_))
+        ));
+        let mut erased = versions[0].clone();
+        let mut rewrapped = erased.clone();
+        rewrapped.wrapped_material = vec![1; 60];
+        assert!(matches!(
+            store.rewrap_version(&erased, &rewrapped),
+            Err(StoreError::Conflict(_))
+        ));
+        erased.destroyed_at = None;
+        let mut rewrapped = erased.clone();
+        rewrapped.wrapped_material = vec![1; 60];
+        assert!(matches!(
+            store.rewrap_version(&erased, &rewrapped),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(snapshot(&store), after);
+    }
+
+    #[test]
+    fn rewrap_version_and_its_refusals() {
+        let (_dir, store) = new_store();
+        let k = key(id(1), None);
+        store.create_key(&k, &version(k.id, 1)).unwrap();
+        let current = version(k.id, 1);
+        let mut new = current.clone();
+        new.hsm_root_key_id = 8;
+        new.wrapped_material = vec![0xab; 61];
+
+        let before = snapshot(&store);
+        for f in [
+            (|v: &mut VersionRecord| v.wrapped_material.clear()) as fn(&mut VersionRecord),
+            |v| v.created_at = Timestamp(1),
+            |v| v.version = 2,
+            |v| v.key_id = id(2),
+            |v| v.destroyed_at = Some(Timestamp(1)),
+        ] {
+            let mut bad = new.clone();
+            f(&mut bad);
+            let err = store.rewrap_version(&current, &bad).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        }
+        let mut stale = current.clone();
+        stale.hsm_root_key_id = 6;
+        let mut from_stale = new.clone();
+        from_stale.hsm_root_key_id = 8;
+        let err = store.rewrap_version(&stale, &from_stale).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        let missing = version(k.id, 2);
+        let mut missing_new = missing.clone();
+        missing_new.hsm_root_key_id = 8;
+        let err = store.rewrap_version(&missing, &missing_new).unwrap_err();
+        assert!(matches!(err, StoreError::NoSuchVersion(_, 2)), "{err:?}");
+        assert_eq!(snapshot(&store), before);
+
+        store.rewrap_version(&current, &new).unwrap();
+        assert_eq!(store.get_version(k.id, 1).unwrap(), Some(new.clone()));
+        assert_eq!(store.get_key(k.id).unwrap(), Some(k));
+        // The old `current` is now stale.
+        let err = store.rewrap_version(&current, &new).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+
+    #[test]
+    fn root_rotation_pages_and_counts() {
+        let (_dir, store) = new_store();
+        for n in 1..=3 {
+            let k = key(id(n), None);
+            store.create_key(&k, &version(k.id, 1)).unwrap();
+            rotate(&store, &k, &version(k.id, 2)).unwrap();
+        }
+        // Key 2 destroyed; version 1 of key 3 already under root 8.
+        let k2 = store.get_key(id(2)).unwrap().unwrap();
+        let mut tomb = k2.clone();
+        tomb.state = KeyState::Destroyed;
+        tomb.destroyed_at = Some(Timestamp(1));
+        store.destroy_key(&k2, &tomb).unwrap();
+        let mut moved = version(id(3), 1);
+        moved.hsm_root_key_id = 8;
+        store.rewrap_version(&version(id(3), 1), &moved).unwrap();
+
+        let mut expected = vec![(id(1), 1), (id(1), 2), (id(3), 2)];
+        expected.sort_by_key(|(i, n)| (*i.as_bytes(), *n));
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = store.versions_not_under_root(8, cursor, 2).unwrap();
+            assert!(page.len() <= 2);
+            let Some(last) = page.last() else { break };
+            cursor = Some((last.key_id, last.version));
+            seen.extend(page.iter().map(|v| (v.key_id, v.version)));
+        }
+        assert_eq!(seen, expected);
+        assert_eq!(store.versions_not_under_root(8, None, 0).unwrap(), vec![]);
+        assert_eq!(
+            store.count_versions(8).unwrap(),
+            VersionCounts {
+                live: 4,
+                not_under_root: 3,
+                destroyed: 2
+            }
+        );
+        assert_eq!(
+            store.count_versions(7).unwrap(),
+            VersionCounts {
+                live: 4,
+                not_under_root: 1,
+                destroyed: 2
+            }
+        );
+    }
+
     // ---- Model-based test ----
 
-    const ALIASES: [&str; 3] = ["alias/a", "alias/b", "alias/c"];
+    const ALIASES: [&str; 3] = ["alias/a", "alias/b", "other/c"];
     const IDS: u8 = 5;
+    /// Times around the interesting edges of the due index's encoding.
+    const TIMES: [i64; 7] = [i64::MIN, -5000, -1, 0, 1, 5000, i64::MAX];
 
     #[derive(Clone, Debug)]
     enum Op {
@@ -1050,16 +1810,31 @@ mod tests {
             id: u8,
             alias: Option<usize>,
             consistent: bool,
+            rotate_at: Option<i64>,
         },
         AddVersion {
             id: u8,
             stale: bool,
             skip: bool,
+            rotate_at: Option<i64>,
         },
+        /// A compare-and-swap to `state`, with `due` as the deletion time
+        /// (PENDING_DELETION) or the next rotation (otherwise).
         SetState {
             id: u8,
             state: KeyState,
             stale: bool,
+            due: Option<i64>,
+        },
+        Destroy {
+            id: u8,
+            stale: bool,
+        },
+        Rewrap {
+            id: u8,
+            version: u32,
+            stale: bool,
+            root: u32,
         },
         Reopen,
     }
@@ -1071,13 +1846,18 @@ mod tests {
             Just(KeyState::PendingDeletion),
             Just(KeyState::Destroyed),
         ];
+        let time = || proptest::option::of(proptest::sample::select(TIMES.to_vec()));
         prop_oneof![
-            4 => (0..IDS, proptest::option::of(0..ALIASES.len()), proptest::bool::weighted(0.9))
-                .prop_map(|(id, alias, consistent)| Op::Create { id, alias, consistent }),
-            3 => (0..IDS, proptest::bool::weighted(0.2), proptest::bool::weighted(0.2))
-                .prop_map(|(id, stale, skip)| Op::AddVersion { id, stale, skip }),
-            2 => (0..IDS, state, proptest::bool::weighted(0.2))
-                .prop_map(|(id, state, stale)| Op::SetState { id, state, stale }),
+            4 => (0..IDS, proptest::option::of(0..ALIASES.len()), proptest::bool::weighted(0.9), time())
+                .prop_map(|(id, alias, consistent, rotate_at)| Op::Create { id, alias, consistent, rotate_at }),
+            3 => (0..IDS, proptest::bool::weighted(0.2), proptest::bool::weighted(0.2), time())
+                .prop_map(|(id, stale, skip, rotate_at)| Op::AddVersion { id, stale, skip, rotate_at }),
+            3 => (0..IDS, state, proptest::bool::weighted(0.2), time())
+                .prop_map(|(id, state, stale, due)| Op::SetState { id, state, stale, due }),
+            1 => (0..IDS, proptest::bool::weighted(0.2))
+                .prop_map(|(id, stale)| Op::Destroy { id, stale }),
+            2 => (0..IDS, 1..4u32, proptest::bool::weighted(0.2), 7..9u32)
+                .prop_map(|(id, version, stale, root)| Op::Rewrap { id, version, stale, root }),
             1 => Just(Op::Reopen),
         ]
     }
@@ -1088,6 +1868,7 @@ mod tests {
         KeyExists,
         AliasTaken,
         NoSuchKey,
+        NoSuchVersion,
         Conflict,
         Corrupt,
     }
@@ -1097,6 +1878,7 @@ mod tests {
             StoreError::KeyExists(_) => Kind::KeyExists,
             StoreError::AliasTaken(_) => Kind::AliasTaken,
             StoreError::NoSuchKey(_) => Kind::NoSuchKey,
+            StoreError::NoSuchVersion(..) => Kind::NoSuchVersion,
             StoreError::Conflict(_) => Kind::Conflict,
             StoreError::Corrupt(_) => Kind::Corrupt,
             StoreError::Io(m) => panic!("unexpected I/O error: {m}"),
@@ -1142,8 +1924,18 @@ mod tests {
         fn add_version(
             &mut self,
             current: &KeyRecord,
+            updated: &KeyRecord,
             v: &VersionRecord,
-        ) -> Result<KeyRecord, Kind> {
+        ) -> Result<(), Kind> {
+            if v.key_id != current.id
+                || updated.id != current.id
+                || updated.alias != current.alias
+                || updated.primary_version != v.version
+                || current.state == KeyState::Destroyed
+                || updated.state == KeyState::Destroyed
+            {
+                return Err(Kind::Corrupt);
+            }
             if current.primary_version.checked_add(1) != Some(v.version) {
                 return Err(Kind::Conflict);
             }
@@ -1151,17 +1943,48 @@ mod tests {
             if self.versions.contains_key(&(current.id, v.version)) {
                 return Err(Kind::Conflict);
             }
-            let mut new = current.clone();
-            new.primary_version = v.version;
             self.versions.insert((current.id, v.version), v.clone());
-            self.keys.insert(current.id, new.clone());
-            Ok(new)
+            self.keys.insert(current.id, updated.clone());
+            Ok(())
         }
 
         fn cas(&mut self, current: &KeyRecord, new: &KeyRecord) -> Result<(), Kind> {
+            if current.state == KeyState::Destroyed || new.state == KeyState::Destroyed {
+                return Err(Kind::Corrupt);
+            }
             self.check(current)?;
             self.keys.insert(current.id, new.clone());
             Ok(())
+        }
+
+        fn destroy(&mut self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), Kind> {
+            if current.state == KeyState::Destroyed {
+                return Err(Kind::Corrupt);
+            }
+            self.check(current)?;
+            for ((id, _), v) in self.versions.iter_mut() {
+                if *id == current.id {
+                    v.wrapped_material.clear();
+                    v.destroyed_at = tombstone.destroyed_at;
+                }
+            }
+            self.keys.insert(current.id, tombstone.clone());
+            Ok(())
+        }
+
+        fn rewrap(&mut self, current: &VersionRecord, new: &VersionRecord) -> Result<(), Kind> {
+            if current.destroyed_at.is_some() {
+                return Err(Kind::Conflict);
+            }
+            match self.versions.get(&(current.key_id, current.version)) {
+                None => Err(Kind::NoSuchVersion),
+                Some(stored) if stored != current => Err(Kind::Conflict),
+                Some(_) => {
+                    self.versions
+                        .insert((current.key_id, current.version), new.clone());
+                    Ok(())
+                }
+            }
         }
 
         /// What a caller would pass as `current`: the stored record, a stale
@@ -1173,15 +1996,67 @@ mod tests {
             }
             k
         }
+
+        fn due_keys(&self, now: Timestamp) -> Vec<KeyRecord> {
+            let mut due: Vec<KeyRecord> = self
+                .keys
+                .values()
+                .filter(|k| k.next_due().is_some_and(|at| at <= now))
+                .cloned()
+                .collect();
+            // Stable: ties stay in id order.
+            due.sort_by_key(|k| k.next_due());
+            due
+        }
+    }
+
+    fn filters() -> Vec<KeyFilter> {
+        let states = [
+            None,
+            Some(KeyState::Enabled),
+            Some(KeyState::Disabled),
+            Some(KeyState::PendingDeletion),
+            Some(KeyState::Destroyed),
+        ];
+        let prefixes = [None, Some(""), Some("alias/"), Some("alias/a"), Some("x")];
+        let mut out = Vec::new();
+        for state in states {
+            for prefix in prefixes {
+                out.push(KeyFilter {
+                    state,
+                    alias_prefix: prefix.map(str::to_owned),
+                });
+            }
+        }
+        out
     }
 
     fn assert_same_state(store: &SledStore, model: &Model) -> Result<(), TestCaseError> {
-        let all: Vec<KeyRecord> = model.keys.values().cloned().collect();
-        prop_assert_eq!(&store.list_keys(None, usize::MAX).unwrap(), &all);
-        if let Some(first) = all.first() {
+        for filter in filters() {
+            let all: Vec<KeyRecord> = model
+                .keys
+                .values()
+                .filter(|k| filter.matches(k))
+                .cloned()
+                .collect();
+            prop_assert_eq!(&store.list_keys(&filter, None, usize::MAX).unwrap(), &all);
+            // Paging after any key, matching the filter or not.
+            for n in 0..IDS {
+                let expected: Vec<KeyRecord> = all
+                    .iter()
+                    .filter(|k| *k.id.as_bytes() > *id(n).as_bytes())
+                    .take(2)
+                    .cloned()
+                    .collect();
+                prop_assert_eq!(store.list_keys(&filter, Some(id(n)), 2).unwrap(), expected);
+            }
+        }
+        for now in TIMES {
+            let due = model.due_keys(Timestamp(now));
+            prop_assert_eq!(&store.due_keys(Timestamp(now), usize::MAX).unwrap(), &due);
             prop_assert_eq!(
-                &store.list_keys(Some(first.id), 2).unwrap(),
-                &all[1..all.len().min(3)]
+                store.due_keys(Timestamp(now), 2).unwrap(),
+                due[..due.len().min(2)].to_vec()
             );
         }
         for n in 0..IDS {
@@ -1200,6 +2075,41 @@ mod tests {
                 model.aliases.get(a).copied()
             );
         }
+        for root in [7, 8] {
+            let todo: Vec<VersionRecord> = model
+                .versions
+                .values()
+                .filter(|v| v.destroyed_at.is_none() && v.hsm_root_key_id != root)
+                .cloned()
+                .collect();
+            prop_assert_eq!(
+                &store
+                    .versions_not_under_root(root, None, usize::MAX)
+                    .unwrap(),
+                &todo
+            );
+            if let Some(first) = todo.first() {
+                prop_assert_eq!(
+                    &store
+                        .versions_not_under_root(root, Some((first.key_id, first.version)), 2)
+                        .unwrap()[..],
+                    &todo[1..todo.len().min(3)]
+                );
+            }
+            let destroyed = model
+                .versions
+                .values()
+                .filter(|v| v.destroyed_at.is_some())
+                .count() as u64;
+            prop_assert_eq!(
+                store.count_versions(root).unwrap(),
+                VersionCounts {
+                    live: model.versions.len() as u64 - destroyed,
+                    not_under_root: todo.len() as u64,
+                    destroyed,
+                }
+            );
+        }
         Ok(())
     }
 
@@ -1213,28 +2123,67 @@ mod tests {
             let mut model = Model::default();
             for op in ops {
                 match op {
-                    Op::Create { id: n, alias, consistent } => {
+                    Op::Create { id: n, alias, consistent, rotate_at } => {
                         let mut k = key(id(n), alias.map(|a| ALIASES[a]));
                         k.description = format!("key {n}");
+                        k.rotation_period_secs = rotate_at.map(|_| 86_400);
+                        k.next_rotation_at = rotate_at.map(Timestamp);
                         let v = version(k.id, if consistent { 1 } else { 2 });
                         prop_assert_eq!(kind(store.create_key(&k, &v)), model.create(&k, &v));
                     }
-                    Op::AddVersion { id: n, stale, skip } => {
+                    Op::AddVersion { id: n, stale, skip, rotate_at } => {
                         let current = model.current(id(n), stale);
                         let next = current.primary_version + if skip { 2 } else { 1 };
                         let v = version(current.id, next);
+                        let mut updated = model.current(id(n), false);
+                        updated.primary_version = next;
+                        updated.next_rotation_at = rotate_at.map(Timestamp);
                         prop_assert_eq!(
-                            kind(store.add_version(&current, &v)),
-                            model.add_version(&current, &v)
+                            kind(store.add_version(&current, &updated, &v)),
+                            model.add_version(&current, &updated, &v)
                         );
                     }
-                    Op::SetState { id: n, state, stale } => {
+                    Op::SetState { id: n, state, stale, due } => {
                         let current = model.current(id(n), stale);
                         let mut new = model.current(id(n), false);
                         new.state = state;
+                        if state == KeyState::PendingDeletion {
+                            new.deletion_at = due.map(Timestamp);
+                        } else {
+                            new.deletion_at = None;
+                            new.next_rotation_at = due.map(Timestamp);
+                        }
                         prop_assert_eq!(
                             kind(store.compare_and_swap_key(&current, &new)),
                             model.cas(&current, &new)
+                        );
+                    }
+                    Op::Destroy { id: n, stale } => {
+                        let current = model.current(id(n), stale);
+                        let mut tombstone = model.current(id(n), false);
+                        tombstone.state = KeyState::Destroyed;
+                        tombstone.deletion_at = None;
+                        tombstone.destroyed_at = Some(Timestamp(1_800_000_000_000));
+                        prop_assert_eq!(
+                            kind(store.destroy_key(&current, &tombstone)),
+                            model.destroy(&current, &tombstone)
+                        );
+                    }
+                    Op::Rewrap { id: n, version: number, stale, root } => {
+                        let mut current = model
+                            .versions
+                            .get(&(id(n), number))
+                            .cloned()
+                            .unwrap_or_else(|| version(id(n), number));
+                        if stale {
+                            current.wrapped_material.push(0);
+                        }
+                        let mut new = current.clone();
+                        new.hsm_root_key_id = root;
+                        new.wrapped_material = vec![0xa0 | root as u8; 61];
+                        prop_assert_eq!(
+                            kind(store.rewrap_version(&current, &new)),
+                            model.rewrap(&current, &new)
                         );
                     }
                     Op::Reopen => {

@@ -65,6 +65,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
         options: KmsOptions::default(),
+        scheduler_interval: None,
     }
 }
 
