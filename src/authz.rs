@@ -72,10 +72,11 @@ pub enum Operation {
     RetireKeyVersions,
     GetHsmInfo,
     RotateRootKey,
+    UpdateKeyPolicy,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 17] = [
+    pub const ALL: [Operation; 18] = [
         Operation::CreateKey,
         Operation::GetKey,
         Operation::ListKeys,
@@ -93,6 +94,7 @@ impl Operation {
         Operation::RetireKeyVersions,
         Operation::GetHsmInfo,
         Operation::RotateRootKey,
+        Operation::UpdateKeyPolicy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -114,6 +116,7 @@ impl Operation {
             Operation::RetireKeyVersions => "RetireKeyVersions",
             Operation::GetHsmInfo => "GetHsmInfo",
             Operation::RotateRootKey => "RotateRootKey",
+            Operation::UpdateKeyPolicy => "UpdateKeyPolicy",
         }
     }
 
@@ -131,7 +134,8 @@ impl Operation {
             | Operation::SetRotationPolicy
             | Operation::RetireKeyVersions
             | Operation::GetHsmInfo
-            | Operation::RotateRootKey => Role::Operator,
+            | Operation::RotateRootKey
+            | Operation::UpdateKeyPolicy => Role::Operator,
             Operation::GenerateDataKey
             | Operation::GenerateDataKeyWithoutPlaintext
             | Operation::Encrypt
@@ -150,6 +154,10 @@ pub trait Authorizer: Send + Sync + fmt::Debug {
     /// The caller's role, if the configuration gives it one.
     fn role_of(&self, caller: &Caller) -> Option<Role>;
 
+    /// An attribute the operator configured for the caller (e.g. its
+    /// `tenant`), for policies that bind a context value to it.
+    fn attribute(&self, caller: &Caller, name: &str) -> Option<String>;
+
     /// Allows or refuses `op` for `caller`; on success, the caller's role.
     fn authorize(&self, caller: &Caller, op: Operation) -> Result<Role, Denied> {
         let Some(role) = self.role_of(caller) else {
@@ -166,23 +174,41 @@ pub trait Authorizer: Send + Sync + fmt::Debug {
     }
 }
 
-/// Roles from the server configuration: principal → role.
+/// Roles and attributes from the server configuration: principal → role,
+/// principal → {attribute → value}.
 #[derive(Clone, Debug, Default)]
 pub struct StaticRoles {
     roles: HashMap<String, Role>,
+    attributes: HashMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 impl StaticRoles {
     pub fn new(roles: impl IntoIterator<Item = (String, Role)>) -> Self {
         Self {
             roles: roles.into_iter().collect(),
+            attributes: HashMap::new(),
         }
+    }
+
+    pub fn with_attributes(
+        mut self,
+        attributes: HashMap<String, std::collections::BTreeMap<String, String>>,
+    ) -> Self {
+        self.attributes = attributes;
+        self
     }
 }
 
 impl Authorizer for StaticRoles {
     fn role_of(&self, caller: &Caller) -> Option<Role> {
         self.roles.get(&caller.principal).copied()
+    }
+
+    fn attribute(&self, caller: &Caller, name: &str) -> Option<String> {
+        self.attributes
+            .get(&caller.principal)
+            .and_then(|a| a.get(name))
+            .cloned()
     }
 }
 
@@ -218,6 +244,7 @@ mod tests {
             (RetireKeyVersions, true, false, false),
             (GetHsmInfo, true, false, false),
             (RotateRootKey, true, false, false),
+            (UpdateKeyPolicy, true, false, false),
         ];
         assert_eq!(expected.len(), Operation::ALL.len());
         for (op, operator, service, auditor) in expected {

@@ -23,6 +23,15 @@
 //! service = ["spiffe://provider.example/storage"]
 //! auditor = ["spiffe://audit.example/bob"]
 //!
+//! [attributes."spiffe://provider.example/storage"]   # for policy context rules
+//! tenant = "acme"
+//!
+//! [default_key_policy]                   # keys created without a policy
+//! grants = [{ principal = "spiffe://provider.example/storage", operations = ["GenerateDataKey", "Decrypt"] }]
+//! accepted_reasons = ["CUSTOMER_INITIATED_ACCESS", "PROVIDER_SYSTEM_OPERATION"]
+//! [default_key_policy.required_context.tenant]
+//! equals_caller_attribute = "tenant"
+//!
 //! [cache]
 //! keys = 100000
 //! versions = 100000
@@ -55,6 +64,13 @@ struct RawConfig {
     cache: RawCache,
     /// Seconds between scheduler passes (rotation, destruction); default 60.
     scheduler_interval_secs: Option<u64>,
+    /// The policy of keys created without one (default: no grants, the
+    /// default reasons).
+    default_key_policy: Option<crate::model::KeyPolicy>,
+    /// principal → {attribute → value}, for policies that bind a context
+    /// value to the caller (e.g. tenant).
+    #[serde(default)]
+    attributes: HashMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +196,7 @@ pub struct Config {
     /// secure (the simulator). Checked against `Hsm::is_secure` at start.
     pub allow_insecure_hsm: bool,
     pub scheduler_interval: Duration,
+    pub attributes: HashMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 impl Config {
@@ -247,6 +264,10 @@ impl Config {
         }
 
         let defaults = KmsOptions::default();
+        let default_policy = raw.default_key_policy.unwrap_or_default();
+        default_policy
+            .validate()
+            .map_err(|e| anyhow::anyhow!("default_key_policy: {e}"))?;
         let options = KmsOptions {
             key_cache_capacity: raw.cache.keys.unwrap_or(defaults.key_cache_capacity).max(1),
             material_cache_capacity: raw
@@ -254,6 +275,7 @@ impl Config {
                 .versions
                 .unwrap_or(defaults.material_cache_capacity)
                 .max(1),
+            default_policy,
         };
 
         let scheduler_interval = Duration::from_secs(raw.scheduler_interval_secs.unwrap_or(60));
@@ -261,6 +283,7 @@ impl Config {
             bail!("scheduler_interval_secs must be positive");
         }
         Ok(Config {
+            attributes: raw.attributes,
             scheduler_interval,
             allow_insecure_hsm: raw.hsm.allow_insecure_simulator,
             listen,
@@ -333,6 +356,36 @@ mod tests {
         let text = GOOD.replace("allow_insecure_simulator = true", "");
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("not secure"), "{err}");
+    }
+
+    #[test]
+    fn parses_attributes_and_a_default_policy() {
+        let text = format!(
+            "{GOOD}\n{}",
+            r#"
+[attributes."svc"]
+tenant = "acme"
+
+[default_key_policy]
+grants = [{ principal = "svc", operations = ["GenerateDataKey", "Decrypt"] }]
+accepted_reasons = ["CUSTOMER_INITIATED_ACCESS"]
+[default_key_policy.required_context.tenant]
+equals_caller_attribute = "tenant"
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.attributes["svc"]["tenant"], "acme");
+        let p = &c.options.default_policy;
+        assert_eq!(p.grants.len(), 1);
+        assert_eq!(p.grants[0].operations.len(), 2);
+        assert_eq!(
+            p.required_context["tenant"]
+                .equals_caller_attribute
+                .as_deref(),
+            Some("tenant")
+        );
+        let bad = text.replace("\"Decrypt\"", "\"Destroy\"");
+        assert!(Config::parse(&bad).is_err(), "unknown operation refused");
     }
 
     #[test]

@@ -206,6 +206,156 @@ pub struct KeyRecord {
     /// Once DESTROYED: when its material was erased.
     #[serde(default)]
     pub destroyed_at: Option<Timestamp>,
+    /// Who may use the key, for what, with which context and why.
+    #[serde(default)]
+    pub policy: KeyPolicy,
+}
+
+/// The data-key operations a policy can grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DataKeyOperation {
+    GenerateDataKey,
+    GenerateDataKeyWithoutPlaintext,
+    Encrypt,
+    Decrypt,
+    ReEncrypt,
+}
+
+impl DataKeyOperation {
+    pub const ALL: [DataKeyOperation; 5] = [
+        DataKeyOperation::GenerateDataKey,
+        DataKeyOperation::GenerateDataKeyWithoutPlaintext,
+        DataKeyOperation::Encrypt,
+        DataKeyOperation::Decrypt,
+        DataKeyOperation::ReEncrypt,
+    ];
+}
+
+/// One principal's right to use a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub principal: String,
+    pub operations: std::collections::BTreeSet<DataKeyOperation>,
+}
+
+/// A constraint on one encryption-context key: it must be present, and take
+/// one of `values` (when not empty), and equal the caller's attribute
+/// `equals_caller_attribute` (when set; e.g. `tenant` must be the calling
+/// service's tenant, as the operator configured it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextRule {
+    #[serde(default)]
+    pub values: std::collections::BTreeSet<String>,
+    #[serde(default)]
+    pub equals_caller_attribute: Option<String>,
+}
+
+/// A key's policy. Deny by default: only principals with a grant may use the
+/// key, only for the granted operations, only with an accepted reason and a
+/// context that satisfies every rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPolicy {
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+    #[serde(default)]
+    pub required_context: BTreeMap<String, ContextRule>,
+    #[serde(default = "KeyPolicy::default_reasons")]
+    pub accepted_reasons: std::collections::BTreeSet<AccessReason>,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            grants: Vec::new(),
+            required_context: BTreeMap::new(),
+            accepted_reasons: Self::default_reasons(),
+        }
+    }
+}
+
+/// Limits on a policy's size.
+pub const MAX_POLICY_GRANTS: usize = 256;
+pub const MAX_POLICY_CONTEXT_RULES: usize = 64;
+pub const MAX_POLICY_VALUES: usize = 256;
+
+impl KeyPolicy {
+    /// DESIGN.md: every reason but `THIRD_PARTY_DATA_REQUEST` (a foreign
+    /// authority's demand) and `ACCESS_REASON_UNSPECIFIED`.
+    pub fn default_reasons() -> std::collections::BTreeSet<AccessReason> {
+        [
+            AccessReason::CustomerInitiatedAccess,
+            AccessReason::CustomerInitiatedSupport,
+            AccessReason::ProviderInitiatedService,
+            AccessReason::ProviderSystemOperation,
+            AccessReason::ProviderInitiatedReview,
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    /// A policy granting every data-key operation to `principals`.
+    pub fn granting(principals: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            grants: principals
+                .into_iter()
+                .map(|principal| Grant {
+                    principal,
+                    operations: DataKeyOperation::ALL.into_iter().collect(),
+                })
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks sizes and shapes; the message is safe to return.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.grants.len() > MAX_POLICY_GRANTS {
+            return Err(format!("a policy has at most {MAX_POLICY_GRANTS} grants"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for g in &self.grants {
+            if g.principal.is_empty() || g.principal.len() > 1024 {
+                return Err("a grant's principal must be 1 to 1024 bytes".into());
+            }
+            if !seen.insert(g.principal.as_str()) {
+                return Err(format!(
+                    "principal {:?} has two grants: merge them",
+                    g.principal
+                ));
+            }
+            if g.operations.is_empty() {
+                return Err(format!("the grant of {:?} names no operation", g.principal));
+            }
+        }
+        if self.required_context.len() > MAX_POLICY_CONTEXT_RULES {
+            return Err(format!(
+                "a policy has at most {MAX_POLICY_CONTEXT_RULES} context rules"
+            ));
+        }
+        for (k, rule) in &self.required_context {
+            if k.is_empty() || k.len() > MAX_CONTEXT_KEY_LEN {
+                return Err(format!(
+                    "context rule keys must be 1 to {MAX_CONTEXT_KEY_LEN} bytes"
+                ));
+            }
+            if rule.values.len() > MAX_POLICY_VALUES
+                || rule.values.iter().any(|v| v.len() > MAX_CONTEXT_VALUE_LEN)
+            {
+                return Err(format!(
+                    "the rule for {k:?} has too many or too long values"
+                ));
+            }
+            if rule.equals_caller_attribute.as_deref() == Some("") {
+                return Err(format!(
+                    "the rule for {k:?} names an empty caller attribute"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The state of one version, derived from its key.
@@ -374,7 +524,7 @@ pub enum ContextError {
 }
 
 /// Why a data key is being generated or unwrapped (DESIGN.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum AccessReason {
     Unspecified,

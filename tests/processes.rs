@@ -100,6 +100,9 @@ pin_env = "COFFRE_HSM_PIN"
 timeout_ms = 2000
 allow_insecure_simulator = true
 
+[default_key_policy]
+grants = [{{ principal = "spiffe://coffre.dev/service", operations = ["GenerateDataKey", "Decrypt"] }}]
+
 [roles]
 operator = ["spiffe://coffre.dev/operator"]
 service = ["spiffe://coffre.dev/service"]

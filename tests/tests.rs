@@ -14,4 +14,5 @@ mod cli;
 mod e2e;
 mod format;
 mod lifecycle;
+mod policy;
 mod processes;

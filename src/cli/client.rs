@@ -14,8 +14,9 @@ use zeroize::Zeroizing;
 use super::output::{self, KeyOut, VersionOut};
 use super::{
     ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, HsmCommand, Justification,
-    KeyCommand, StateFilter,
+    KeyCommand, PolicyCommand, StateFilter,
 };
+use crate::grpc::convert::policy_to_pb;
 use crate::grpc::pb;
 use crate::grpc::pb::data_key_service_client::DataKeyServiceClient;
 use crate::grpc::pb::hsm_service_client::HsmServiceClient;
@@ -115,8 +116,10 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
             description,
             labels,
             rotation_period,
+            policy,
             connect: c,
         } => {
+            let policy = policy.map(|p| read_policy(&p)).transpose()?;
             let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
             let resp = client
                 .create_key(pb::CreateKeyRequest {
@@ -125,6 +128,7 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
                     protection_level: pb::ProtectionLevel::Software as i32,
                     labels: labels.into_iter().collect(),
                     rotation_period: rotation_period.map(seconds),
+                    policy: policy.as_ref().map(policy_to_pb),
                 })
                 .await
                 .map_err(rpc_error)?
@@ -234,6 +238,41 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
             let key = resp.key.context("the server returned no key")?;
             output::key(&KeyOut::from(&key), &[], c.json)
         }
+        KeyCommand::Policy(PolicyCommand::Show { key, connect: c }) => {
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .get_key(pb::GetKeyRequest { key_id: key })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let raw = resp
+                .key
+                .and_then(|k| k.policy)
+                .context("the server returned no policy")?;
+            let policy = crate::grpc::convert::policy(raw).map_err(|s| {
+                anyhow::anyhow!("the server's policy does not parse: {}", s.message())
+            })?;
+            println!("{}", serde_json::to_string_pretty(&policy)?);
+            Ok(())
+        }
+        KeyCommand::Policy(PolicyCommand::Set {
+            key,
+            file,
+            connect: c,
+        }) => {
+            let policy = read_policy(&file)?;
+            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .update_key_policy(pb::UpdateKeyPolicyRequest {
+                    key_id: key,
+                    policy: Some(policy_to_pb(&policy)),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let key = resp.key.context("the server returned no key")?;
+            output::key(&KeyOut::from(&key), &[], c.json)
+        }
         KeyCommand::RetireVersions {
             key,
             below,
@@ -282,6 +321,17 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
             output::key(&KeyOut::from(&key), &[], c.json)
         }
     }
+}
+
+/// A policy from a JSON file (the format `coffre key policy show` prints).
+fn read_policy(path: &Path) -> anyhow::Result<crate::model::KeyPolicy> {
+    let bytes = read_input(path)?;
+    let policy: crate::model::KeyPolicy = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a valid policy", path.display()))?;
+    policy
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(policy)
 }
 
 fn seconds(s: u64) -> prost_types::Duration {

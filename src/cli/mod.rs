@@ -14,8 +14,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use server::{
-    DEV_HSM_PIN, DEV_HSM_STATE, DEV_STORE_DIR, DevOptions, RunningServer, run_dev, run_serve,
-    start_dev, start_server,
+    DEV_HSM_PIN, DEV_HSM_STATE, DEV_STORE_DIR, DevOptions, RunningServer, dev_kms_options, run_dev,
+    run_serve, start_dev, start_server,
 };
 
 #[derive(Debug, Parser)]
@@ -130,6 +130,9 @@ pub enum KeyCommand {
         /// Rotate automatically every PERIOD (e.g. 90d, 1y, 12h; 1 day to 10 years).
         #[arg(long, value_parser = parse_period)]
         rotation_period: Option<u64>,
+        /// The key's policy, a JSON file (default: the server's default policy).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -210,6 +213,9 @@ pub enum KeyCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Show or replace a key's policy (JSON).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Retire the versions below --below: they stop decrypting
     /// (re-encrypt blobs forward first).
     RetireVersions {
@@ -217,6 +223,24 @@ pub enum KeyCommand {
         /// The new min_decryption_version.
         #[arg(long)]
         below: u32,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print the policy as JSON (the format `set` takes).
+    Show {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Replace the policy with the JSON in FILE ('-': standard input).
+    Set {
+        key: String,
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
         #[command(flatten)]
         connect: ConnectArgs,
     },

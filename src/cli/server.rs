@@ -53,9 +53,18 @@ impl From<DevArgs> for DevOptions {
         Self {
             data_dir: args.data_dir,
             listen: args.listen,
-            options: KmsOptions::default(),
+            options: dev_kms_options(),
             scheduler_interval: Some(Duration::from_secs(10)),
         }
+    }
+}
+
+/// Dev mode: keys created without a policy may be used by the dev
+/// `service` identity.
+pub fn dev_kms_options() -> KmsOptions {
+    KmsOptions {
+        default_policy: crate::model::KeyPolicy::granting([pki::dev_principal("service")]),
+        ..KmsOptions::default()
     }
 }
 
@@ -246,7 +255,7 @@ pub async fn run_serve(config_path: &Path) -> anyhow::Result<()> {
     let kms = Arc::new(Kms::new(
         Arc::new(store),
         hsm,
-        Arc::new(StaticRoles::new(config.roles.clone())),
+        Arc::new(StaticRoles::new(config.roles.clone()).with_attributes(config.attributes.clone())),
         Arc::new(SystemClock),
         config.options.clone(),
     ));

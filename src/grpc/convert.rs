@@ -7,8 +7,8 @@ use tonic::Status;
 
 use super::pb;
 use crate::model::{
-    AccessReason, EncryptionContext, KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel,
-    Timestamp, VersionRecord, VersionState,
+    AccessReason, ContextRule, DataKeyOperation, EncryptionContext, Grant, KeyId, KeyPolicy,
+    KeyRecord, KeyRef, KeyState, ProtectionLevel, Timestamp, VersionRecord, VersionState,
 };
 
 pub fn key_ref(field: &str, raw: &str) -> Result<KeyRef, Status> {
@@ -31,6 +31,123 @@ pub fn optional_key_ref(field: &str, raw: &str) -> Result<Option<KeyRef>, Status
 
 pub fn context(raw: HashMap<String, String>) -> Result<EncryptionContext, Status> {
     EncryptionContext::new(raw).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn reason_to_pb(r: AccessReason) -> pb::AccessReason {
+    match r {
+        AccessReason::Unspecified => pb::AccessReason::Unspecified,
+        AccessReason::CustomerInitiatedAccess => pb::AccessReason::CustomerInitiatedAccess,
+        AccessReason::CustomerInitiatedSupport => pb::AccessReason::CustomerInitiatedSupport,
+        AccessReason::ProviderInitiatedService => pb::AccessReason::ProviderInitiatedService,
+        AccessReason::ProviderSystemOperation => pb::AccessReason::ProviderSystemOperation,
+        AccessReason::ProviderInitiatedReview => pb::AccessReason::ProviderInitiatedReview,
+        AccessReason::ThirdPartyDataRequest => pb::AccessReason::ThirdPartyDataRequest,
+    }
+}
+
+fn operation_to_pb(o: DataKeyOperation) -> pb::DataKeyOperation {
+    match o {
+        DataKeyOperation::GenerateDataKey => pb::DataKeyOperation::GenerateDataKey,
+        DataKeyOperation::GenerateDataKeyWithoutPlaintext => {
+            pb::DataKeyOperation::GenerateDataKeyWithoutPlaintext
+        }
+        DataKeyOperation::Encrypt => pb::DataKeyOperation::Encrypt,
+        DataKeyOperation::Decrypt => pb::DataKeyOperation::Decrypt,
+        DataKeyOperation::ReEncrypt => pb::DataKeyOperation::ReEncrypt,
+    }
+}
+
+pub fn policy_to_pb(p: &KeyPolicy) -> pb::KeyPolicy {
+    pb::KeyPolicy {
+        grants: p
+            .grants
+            .iter()
+            .map(|g| pb::Grant {
+                principal: g.principal.clone(),
+                operations: g
+                    .operations
+                    .iter()
+                    .map(|o| operation_to_pb(*o) as i32)
+                    .collect(),
+            })
+            .collect(),
+        required_context: p
+            .required_context
+            .iter()
+            .map(|(k, r)| {
+                (
+                    k.clone(),
+                    pb::ContextRule {
+                        values: r.values.iter().cloned().collect(),
+                        equals_caller_attribute: r
+                            .equals_caller_attribute
+                            .clone()
+                            .unwrap_or_default(),
+                    },
+                )
+            })
+            .collect(),
+        accepted_reasons: p
+            .accepted_reasons
+            .iter()
+            .map(|r| reason_to_pb(*r) as i32)
+            .collect(),
+    }
+}
+
+/// A policy from the wire, validated.
+pub fn policy(raw: pb::KeyPolicy) -> Result<KeyPolicy, Status> {
+    let mut grants = Vec::with_capacity(raw.grants.len());
+    for g in raw.grants {
+        let mut operations = std::collections::BTreeSet::new();
+        for o in g.operations {
+            let op = match pb::DataKeyOperation::try_from(o) {
+                Ok(pb::DataKeyOperation::GenerateDataKey) => DataKeyOperation::GenerateDataKey,
+                Ok(pb::DataKeyOperation::GenerateDataKeyWithoutPlaintext) => {
+                    DataKeyOperation::GenerateDataKeyWithoutPlaintext
+                }
+                Ok(pb::DataKeyOperation::Encrypt) => DataKeyOperation::Encrypt,
+                Ok(pb::DataKeyOperation::Decrypt) => DataKeyOperation::Decrypt,
+                Ok(pb::DataKeyOperation::ReEncrypt) => DataKeyOperation::ReEncrypt,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown data-key operation {o} in the grant of {:?}",
+                        g.principal
+                    )));
+                }
+            };
+            operations.insert(op);
+        }
+        grants.push(Grant {
+            principal: g.principal,
+            operations,
+        });
+    }
+    let mut accepted_reasons = std::collections::BTreeSet::new();
+    for r in raw.accepted_reasons {
+        accepted_reasons.insert(access_reason(r)?);
+    }
+    let required_context = raw
+        .required_context
+        .into_iter()
+        .map(|(k, r)| {
+            (
+                k,
+                ContextRule {
+                    values: r.values.into_iter().collect(),
+                    equals_caller_attribute: (!r.equals_caller_attribute.is_empty())
+                        .then_some(r.equals_caller_attribute),
+                },
+            )
+        })
+        .collect();
+    let policy = KeyPolicy {
+        grants,
+        required_context,
+        accepted_reasons,
+    };
+    policy.validate().map_err(Status::invalid_argument)?;
+    Ok(policy)
 }
 
 pub fn access_reason(raw: i32) -> Result<AccessReason, Status> {
@@ -135,6 +252,7 @@ pub fn key_metadata(k: &KeyRecord) -> pb::KeyMetadata {
         next_rotation_time: k.next_rotation_at.map(timestamp),
         deletion_time: k.deletion_at.map(timestamp),
         destroy_time: k.destroyed_at.map(timestamp),
+        policy: Some(policy_to_pb(&k.policy)),
     }
 }
 

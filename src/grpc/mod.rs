@@ -4,7 +4,7 @@
 //! status once ([`status`]).
 
 mod auth;
-mod convert;
+pub(crate) mod convert;
 mod redact;
 mod server;
 mod services;

@@ -53,6 +53,7 @@ impl KeyService for Api {
             protection_level: convert::protection_level(req.protection_level)?,
             labels: req.labels.into_iter().collect(),
             rotation_period: convert::duration("rotation_period", req.rotation_period)?,
+            policy: req.policy.map(convert::policy).transpose()?,
         };
         let view = self.kms.create_key(&caller, input).await.map_err(status)?;
         Ok(Response::new(pb::CreateKeyResponse {
@@ -184,6 +185,27 @@ impl KeyService for Api {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::SetRotationPolicyResponse {
+            key: Some(convert::key_metadata(&record)),
+        }))
+    }
+
+    async fn update_key_policy(
+        &self,
+        request: Request<pb::UpdateKeyPolicyRequest>,
+    ) -> Result<Response<pb::UpdateKeyPolicyResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let req = request.into_inner();
+        let key = key_ref("key_id", &req.key_id)?;
+        let policy = convert::policy(
+            req.policy
+                .ok_or_else(|| Status::invalid_argument("policy is required"))?,
+        )?;
+        let record = self
+            .kms
+            .update_key_policy(&caller, &key, policy)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::UpdateKeyPolicyResponse {
             key: Some(convert::key_metadata(&record)),
         }))
     }

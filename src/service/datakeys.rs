@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::Kms;
+use super::policy::no_access;
 use crate::authz::{Caller, Operation};
 use crate::crypto::{self, ContextDigest, SealError};
 use crate::envelope::{self, MAX_CIPHERTEXT_LEN};
@@ -61,7 +62,9 @@ impl Kms {
                 "number_of_bytes must be {MIN_DATA_KEY_BYTES} to {MAX_DATA_KEY_BYTES}, got {number_of_bytes}"
             )));
         }
-        let record = self.usable_key(caller, key, op, justification).await?;
+        let record = self
+            .usable_key(caller, key, op, justification, context)
+            .await?;
         let mut data_key = SecretBytes::zeroed(number_of_bytes);
         self.rng.fill(data_key.expose_mut()).map_err(seal_error)?;
         let blob = self
@@ -92,7 +95,7 @@ impl Kms {
             )));
         }
         let record = self
-            .usable_key(caller, key, Operation::Encrypt, justification)
+            .usable_key(caller, key, Operation::Encrypt, justification, context)
             .await?;
         let blob = self
             .seal(&record, &crypto::context_digest(context), plaintext)
@@ -152,10 +155,17 @@ impl Kms {
             )
             .await?;
         let destination = destination.cloned().unwrap_or(KeyRef::Id(opened.key_id));
+        let destination_context = destination_context.unwrap_or(source_context);
         let record = self
-            .usable_key(caller, &destination, Operation::ReEncrypt, justification)
+            .usable_key(
+                caller,
+                &destination,
+                Operation::ReEncrypt,
+                justification,
+                destination_context,
+            )
             .await?;
-        let digest = crypto::context_digest(destination_context.unwrap_or(source_context));
+        let digest = crypto::context_digest(destination_context);
         let new_blob = self
             .seal(&record, &digest, opened.plaintext.expose())
             .await?;
@@ -168,16 +178,22 @@ impl Kms {
         })
     }
 
-    /// The key, if it may serve data-key operations now.
+    /// The key, if the caller may use it for `op` now (see `policy.rs`).
     async fn usable_key(
         &self,
         caller: &Caller,
         key: &KeyRef,
         op: Operation,
         justification: AccessReason,
+        context: &EncryptionContext,
     ) -> Result<Arc<KeyRecord>> {
-        check_justification(caller, op, justification)?;
-        let record = self.resolve(key).await?;
+        let named = key.to_string();
+        let record = match self.resolve(key).await {
+            Ok(record) => record,
+            Err(Error::KeyNotFound(_)) => return Err(no_access(&named)),
+            Err(e) => return Err(e),
+        };
+        self.check_policy(caller, &record, &named, op, justification, context)?;
         ensure_enabled(caller, &record, op)?;
         Ok(record)
     }
@@ -203,7 +219,6 @@ impl Kms {
         expected_key: Option<&KeyRef>,
         op: Operation,
     ) -> Result<DecryptOutput> {
-        check_justification(caller, op, justification)?;
         let parsed = envelope::parse(blob).map_err(|e| {
             tracing::debug!(reason = %e, "ciphertext blob refused");
             Error::InvalidCiphertext
@@ -211,15 +226,23 @@ impl Kms {
         let id = parsed.header.key_id;
         let version = parsed.header.key_version;
         if let Some(expected) = expected_key {
-            let expected = self.resolve(expected).await?;
+            let named = expected.to_string();
+            let expected = match self.resolve(expected).await {
+                Ok(record) => record,
+                Err(Error::KeyNotFound(_)) => return Err(no_access(&named)),
+                Err(e) => return Err(e),
+            };
+            self.check_policy(caller, &expected, &named, op, justification, context)?;
             if expected.id != id {
                 tracing::debug!(blob_key = %id, expected = %expected.id, "blob belongs to another key");
                 return Err(Error::InvalidCiphertext);
             }
         }
-        // A well-formed blob naming a key this server does not know cannot be
-        // authenticated: the same generic answer as any other bad blob.
-        let record = self.record(id).await?.ok_or(Error::InvalidCiphertext)?;
+        // A blob naming a key this server does not know gets the same answer
+        // as a key the caller may not use.
+        let named = id.to_string();
+        let record = self.record(id).await?.ok_or_else(|| no_access(&named))?;
+        self.check_policy(caller, &record, &named, op, justification, context)?;
         ensure_enabled(caller, &record, op)?;
         if version == 0 || version > record.primary_version {
             return Err(Error::InvalidCiphertext);
@@ -239,28 +262,6 @@ impl Kms {
             key_version: version,
         })
     }
-}
-
-/// The default policy of DESIGN.md: a data key is never produced for a
-/// foreign authority's demand (`THIRD_PARTY_DATA_REQUEST`) nor without a
-/// stated reason (`ACCESS_REASON_UNSPECIFIED`). Per-key policies come later.
-fn check_justification(caller: &Caller, op: Operation, reason: AccessReason) -> Result<()> {
-    let refused = match reason {
-        AccessReason::Unspecified => {
-            "a justification is required (ACCESS_REASON_UNSPECIFIED is refused)"
-        }
-        AccessReason::ThirdPartyDataRequest => {
-            "the justification THIRD_PARTY_DATA_REQUEST is refused by the key policy"
-        }
-        _ => return Ok(()),
-    };
-    tracing::warn!(
-        principal = %caller.principal,
-        operation = op.name(),
-        justification = ?reason,
-        "refused justification"
-    );
-    Err(Error::PermissionDenied(refused.to_string()))
 }
 
 fn ensure_enabled(caller: &Caller, record: &KeyRecord, op: Operation) -> Result<()> {

@@ -8,7 +8,7 @@ use super::WriteGuard;
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
 use crate::model::{
-    KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel, VersionRecord, cmk_wrap_aad,
+    KeyId, KeyPolicy, KeyRecord, KeyRef, KeyState, ProtectionLevel, VersionRecord, cmk_wrap_aad,
     validate_alias,
 };
 use crate::secret::{CMK_LEN, CmkMaterial};
@@ -27,6 +27,8 @@ pub struct CreateKeyInput {
     pub protection_level: Option<ProtectionLevel>,
     pub labels: BTreeMap<String, String>,
     pub rotation_period: Option<std::time::Duration>,
+    /// `None`: the server's default policy.
+    pub policy: Option<KeyPolicy>,
 }
 
 /// A key with its versions (metadata only).
@@ -58,6 +60,8 @@ impl Kms {
         if let Some(p) = input.rotation_period {
             super::lifecycle::check_rotation_period(p)?;
         }
+        let policy = input.policy.unwrap_or_else(|| self.default_policy.clone());
+        policy.validate().map_err(Error::InvalidArgument)?;
         let protection_level = input.protection_level.unwrap_or(ProtectionLevel::Software);
         if protection_level == ProtectionLevel::Hsm {
             return Err(Error::InvalidArgument(
@@ -83,6 +87,7 @@ impl Kms {
             next_rotation_at: input.rotation_period.map(|p| version.created_at.plus(p)),
             deletion_at: None,
             destroyed_at: None,
+            policy,
         };
 
         let guard = self.begin_write().await;

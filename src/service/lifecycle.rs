@@ -144,6 +144,29 @@ impl Kms {
         .await
     }
 
+    /// Replaces the key's policy (validated first).
+    pub async fn update_key_policy(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        policy: crate::model::KeyPolicy,
+    ) -> Result<Arc<KeyRecord>> {
+        self.authorize(caller, Operation::UpdateKeyPolicy)?;
+        policy.validate().map_err(Error::InvalidArgument)?;
+        self.transition(caller, key, "policy updated", move |current, _| {
+            if current.state == KeyState::Destroyed {
+                return Err(refuse(current, "have its policy changed"));
+            }
+            if current.policy == policy {
+                return Ok(None);
+            }
+            let mut next = current.clone();
+            next.policy = policy;
+            Ok(Some(next))
+        })
+        .await
+    }
+
     /// Versions below `min` stop decrypting (and come back if `min` is
     /// lowered again, while the key is not destroyed).
     pub async fn retire_key_versions(

@@ -39,7 +39,10 @@ fn open(dir: &Path, clock: Arc<ManualClock>) -> Kms {
         Arc::new(hsm),
         Arc::new(roles),
         clock,
-        KmsOptions::default(),
+        KmsOptions {
+            default_policy: crate::model::KeyPolicy::granting(["svc".to_string()]),
+            ..KmsOptions::default()
+        },
     )
 }
 

@@ -26,6 +26,7 @@ mod cache;
 mod datakeys;
 mod keys;
 mod lifecycle;
+mod policy;
 mod rootkey;
 
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub struct KmsOptions {
     pub key_cache_capacity: usize,
     /// Unwrapped CMK versions kept in memory.
     pub material_cache_capacity: usize,
+    /// The policy of a key created without one.
+    pub default_policy: crate::model::KeyPolicy,
 }
 
 impl Default for KmsOptions {
@@ -67,6 +70,7 @@ impl Default for KmsOptions {
         Self {
             key_cache_capacity: 100_000,
             material_cache_capacity: 100_000,
+            default_policy: crate::model::KeyPolicy::default(),
         }
     }
 }
@@ -79,6 +83,7 @@ pub struct Kms {
     authz: Arc<dyn Authorizer>,
     clock: Arc<dyn Clock>,
     rng: Rng,
+    default_policy: crate::model::KeyPolicy,
     keys: BoundedCache<KeyId, Arc<KeyRecord>>,
     aliases: BoundedCache<String, KeyId>,
     materials: BoundedCache<(KeyId, u32), Arc<CmkMaterial>>,
@@ -116,6 +121,7 @@ impl Kms {
             authz,
             clock,
             rng: Rng::default(),
+            default_policy: options.default_policy.clone(),
             keys: BoundedCache::new(options.key_cache_capacity),
             aliases: BoundedCache::new(options.key_cache_capacity),
             materials: BoundedCache::new(options.material_cache_capacity),

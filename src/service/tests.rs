@@ -155,7 +155,8 @@ struct Fixture {
     store: Arc<CountingStore>,
 }
 
-fn fixture(options: KmsOptions) -> Fixture {
+fn fixture(mut options: KmsOptions) -> Fixture {
+    options.default_policy = crate::model::KeyPolicy::granting(["svc".to_string()]);
     let dir = tempfile::tempdir().unwrap();
     let hsm = Arc::new(CountingHsm {
         inner: LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap(),
@@ -255,6 +256,7 @@ async fn evicted_versions_are_unwrapped_again_by_the_hsm() {
     let f = fixture(KmsOptions {
         key_cache_capacity: 2,
         material_cache_capacity: 2,
+        ..KmsOptions::default()
     });
     let mut blobs = Vec::new();
     for _ in 0..5 {
@@ -395,6 +397,7 @@ async fn a_slow_reader_cannot_undo_a_disable() {
     let f = Arc::new(fixture(KmsOptions {
         key_cache_capacity: 1,
         material_cache_capacity: 10,
+        ..KmsOptions::default()
     }));
     let a = f
         .kms

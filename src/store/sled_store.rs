@@ -971,6 +971,7 @@ mod tests {
             next_rotation_at: None,
             deletion_at: None,
             destroyed_at: None,
+            policy: crate::model::KeyPolicy::default(),
         }
     }
 

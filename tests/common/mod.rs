@@ -9,8 +9,10 @@ use std::time::Duration;
 use coffre::cli::{DevOptions, RunningServer, start_dev};
 use coffre::grpc::pb::data_key_service_client::DataKeyServiceClient;
 use coffre::grpc::pb::key_service_client::KeyServiceClient;
-use coffre::service::KmsOptions;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// A test identity: certificate name, role, attributes.
+pub type TestIdentity<'a> = (&'a str, coffre::authz::Role, &'a [(&'a str, &'a str)]);
 
 pub struct TestServer {
     pub dir: tempfile::TempDir,
@@ -21,6 +23,61 @@ impl TestServer {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let server = start_dev(&dev_options(dir.path())).await.unwrap();
+        Self {
+            dir,
+            server: Some(server),
+        }
+    }
+
+    /// A server with the given roles and attributes (principals are dev
+    /// URIs `spiffe://coffre.dev/<name>`; certificates are issued for every
+    /// name) and the dev default policy.
+    pub async fn start_with(identities: &[TestIdentity<'_>]) -> Self {
+        use std::sync::Arc;
+
+        use coffre::authz::StaticRoles;
+        use coffre::hsm::sim::LocalSimHsm;
+        use coffre::model::SystemClock;
+        use coffre::pki::{PkiPaths, dev_principal, ensure_dev_pki, issue_client_cert};
+        use coffre::service::Kms;
+        use coffre::store::SledStore;
+
+        let dir = tempfile::tempdir().unwrap();
+        ensure_dev_pki(dir.path()).unwrap();
+        let paths = PkiPaths::new(dir.path());
+        let mut roles = Vec::new();
+        let mut attributes = std::collections::HashMap::new();
+        for (name, role, attrs) in identities {
+            if !paths.client_cert(name).exists() {
+                issue_client_cert(&paths, name).unwrap();
+            }
+            roles.push((dev_principal(name), *role));
+            attributes.insert(
+                dev_principal(name),
+                attrs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+        }
+        let kms = Kms::new(
+            Arc::new(SledStore::open(&dir.path().join("store")).unwrap()),
+            Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-123").unwrap()),
+            Arc::new(StaticRoles::new(roles).with_attributes(attributes)),
+            Arc::new(SystemClock),
+            coffre::cli::dev_kms_options(),
+        );
+        let tls = coffre::config::TlsPaths {
+            cert: paths.server_cert(),
+            key: paths.server_key(),
+            client_ca: paths.ca_cert(),
+        }
+        .load()
+        .unwrap();
+        let server =
+            coffre::cli::start_server(Arc::new(kms), "127.0.0.1:0".parse().unwrap(), tls, None)
+                .await
+                .unwrap();
         Self {
             dir,
             server: Some(server),
@@ -64,7 +121,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
     DevOptions {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        options: KmsOptions::default(),
+        options: coffre::cli::dev_kms_options(),
         scheduler_interval: None,
     }
 }
