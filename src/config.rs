@@ -32,6 +32,12 @@
 //! [default_key_policy.required_context.tenant]
 //! equals_caller_attribute = "tenant"
 //!
+//! [rate_limits]                         # per principal token buckets; none by default
+//! default = { per_second = 2000, burst = 4000 }
+//! [rate_limits.principals."spiffe://provider.example/batch"]
+//! per_second = 100
+//! burst = 200
+//!
 //! [cache]
 //! keys = 100000
 //! versions = 100000
@@ -71,6 +77,8 @@ struct RawConfig {
     /// value to the caller (e.g. tenant).
     #[serde(default)]
     attributes: HashMap<String, std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    rate_limits: crate::service::RateLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,6 +272,22 @@ impl Config {
         }
 
         let defaults = KmsOptions::default();
+        for (who, limit) in raw
+            .rate_limits
+            .default
+            .iter()
+            .map(|l| ("default", l))
+            .chain(
+                raw.rate_limits
+                    .principals
+                    .iter()
+                    .map(|(p, l)| (p.as_str(), l)),
+            )
+        {
+            limit
+                .validate()
+                .map_err(|e| anyhow::anyhow!("rate_limits ({who}): {e}"))?;
+        }
         let default_policy = raw.default_key_policy.unwrap_or_default();
         default_policy
             .validate()
@@ -276,6 +300,7 @@ impl Config {
                 .unwrap_or(defaults.material_cache_capacity)
                 .max(1),
             default_policy,
+            rate_limits: raw.rate_limits,
         };
 
         let scheduler_interval = Duration::from_secs(raw.scheduler_interval_secs.unwrap_or(60));
@@ -386,6 +411,25 @@ equals_caller_attribute = "tenant"
         );
         let bad = text.replace("\"Decrypt\"", "\"Destroy\"");
         assert!(Config::parse(&bad).is_err(), "unknown operation refused");
+    }
+
+    #[test]
+    fn parses_rate_limits_and_refuses_bad_ones() {
+        let text = format!(
+            "{GOOD}\n{}",
+            r#"
+[rate_limits]
+default = { per_second = 100, burst = 200 }
+[rate_limits.principals."svc"]
+per_second = 5
+burst = 10
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.options.rate_limits.principals["svc"].burst, 10.0);
+        let bad = text.replace("burst = 10", "burst = 0");
+        let err = format!("{:#}", Config::parse(&bad).unwrap_err());
+        assert!(err.contains("rate_limits"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The caller's rate limit is exhausted.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("HSM error: {0}")]
     Hsm(#[from] HsmError),
     #[error("store error: {0}")]

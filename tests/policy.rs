@@ -439,3 +439,54 @@ async fn every_rpc_against_every_role() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_service_is_rate_limited_without_starving_the_others() {
+    use coffre::service::{RateLimit, RateLimits};
+    let mut options = coffre::cli::dev_kms_options();
+    options.default_policy = coffre::model::KeyPolicy::granting([
+        "spiffe://coffre.dev/runaway".to_string(),
+        "spiffe://coffre.dev/polite".to_string(),
+    ]);
+    options.rate_limits = RateLimits {
+        default: Some(RateLimit {
+            per_second: 0.01,
+            burst: 5.0,
+        }),
+        principals: Default::default(),
+    };
+    let server = TestServer::start_with_options(
+        &[
+            ("operator", Role::Operator, &[]),
+            ("runaway", Role::Service, &[]),
+            ("polite", Role::Service, &[]),
+        ],
+        options,
+    )
+    .await;
+    KeyServiceClient::new(server.channel("operator").await)
+        .create_key(pb::CreateKeyRequest {
+            alias: "r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let req = || pb::GenerateDataKeyRequest {
+        key_id: "r".into(),
+        justification: WHY,
+        ..Default::default()
+    };
+    let mut runaway = DataKeyServiceClient::new(server.channel("runaway").await);
+    for _ in 0..5 {
+        runaway.generate_data_key(req()).await.unwrap();
+    }
+    let err = runaway.generate_data_key(req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("retry in"), "{}", err.message());
+    // The other service is not affected.
+    let mut polite = DataKeyServiceClient::new(server.channel("polite").await);
+    for _ in 0..5 {
+        polite.generate_data_key(req()).await.unwrap();
+    }
+    server.stop().await;
+}

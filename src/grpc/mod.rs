@@ -47,6 +47,7 @@ pub fn status(err: Error) -> Status {
         e @ Error::KeyNotEnabled { .. } => Status::failed_precondition(e.to_string()),
         Error::FailedPrecondition(m) => Status::failed_precondition(m),
         Error::AlreadyExists(m) => Status::already_exists(m),
+        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
         Error::Hsm(e) => {
             tracing::error!(error = %e, "HSM failure");
             match e {

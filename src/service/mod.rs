@@ -27,6 +27,7 @@ mod datakeys;
 mod keys;
 mod lifecycle;
 mod policy;
+mod ratelimit;
 mod rootkey;
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub use lifecycle::{
     DEFAULT_DELETION_DAYS, MAX_DELETION_DAYS, MAX_ROTATION_PERIOD, MIN_DELETION_DAYS,
     MIN_ROTATION_PERIOD, SchedulerReport,
 };
+pub use ratelimit::{RateLimit, RateLimits};
 pub use rootkey::RootRotationProgress;
 
 use crate::authz::{Authorizer, Caller, Operation, Role};
@@ -63,6 +65,8 @@ pub struct KmsOptions {
     pub material_cache_capacity: usize,
     /// The policy of a key created without one.
     pub default_policy: crate::model::KeyPolicy,
+    /// Per-principal rate limits (none by default).
+    pub rate_limits: RateLimits,
 }
 
 impl Default for KmsOptions {
@@ -71,6 +75,7 @@ impl Default for KmsOptions {
             key_cache_capacity: 100_000,
             material_cache_capacity: 100_000,
             default_policy: crate::model::KeyPolicy::default(),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -84,6 +89,7 @@ pub struct Kms {
     clock: Arc<dyn Clock>,
     rng: Rng,
     default_policy: crate::model::KeyPolicy,
+    limiter: ratelimit::RateLimiter,
     keys: BoundedCache<KeyId, Arc<KeyRecord>>,
     aliases: BoundedCache<String, KeyId>,
     materials: BoundedCache<(KeyId, u32), Arc<CmkMaterial>>,
@@ -122,6 +128,7 @@ impl Kms {
             clock,
             rng: Rng::default(),
             default_policy: options.default_policy.clone(),
+            limiter: ratelimit::RateLimiter::new(options.rate_limits.clone()),
             keys: BoundedCache::new(options.key_cache_capacity),
             aliases: BoundedCache::new(options.key_cache_capacity),
             materials: BoundedCache::new(options.material_cache_capacity),
@@ -176,6 +183,14 @@ impl Kms {
     }
 
     fn authorize(&self, caller: &Caller, op: Operation) -> Result<Role> {
+        if let Err(wait) = self.limiter.check(&caller.principal) {
+            tracing::warn!(principal = %caller.principal, operation = op.name(), "rate limit exceeded");
+            return Err(Error::ResourceExhausted(format!(
+                "rate limit exceeded for {}; retry in {} ms",
+                caller.principal,
+                wait.as_millis().max(1)
+            )));
+        }
         self.authz.authorize(caller, op).map_err(|denied| {
             tracing::warn!(principal = %caller.principal, operation = op.name(), reason = %denied, "request refused");
             Error::PermissionDenied(denied.0)

@@ -33,6 +33,13 @@ impl TestServer {
     /// URIs `spiffe://coffre.dev/<name>`; certificates are issued for every
     /// name) and the dev default policy.
     pub async fn start_with(identities: &[TestIdentity<'_>]) -> Self {
+        Self::start_with_options(identities, coffre::cli::dev_kms_options()).await
+    }
+
+    pub async fn start_with_options(
+        identities: &[TestIdentity<'_>],
+        options: coffre::service::KmsOptions,
+    ) -> Self {
         use std::sync::Arc;
 
         use coffre::authz::StaticRoles;
@@ -65,7 +72,7 @@ impl TestServer {
             Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-123").unwrap()),
             Arc::new(StaticRoles::new(roles).with_attributes(attributes)),
             Arc::new(SystemClock),
-            coffre::cli::dev_kms_options(),
+            options,
         );
         let tls = coffre::config::TlsPaths {
             cert: paths.server_cert(),
