@@ -73,10 +73,13 @@ pub enum Operation {
     GetHsmInfo,
     RotateRootKey,
     UpdateKeyPolicy,
+    ListApprovals,
+    ApproveOperation,
+    RejectOperation,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 18] = [
+    pub const ALL: [Operation; 21] = [
         Operation::CreateKey,
         Operation::GetKey,
         Operation::ListKeys,
@@ -95,6 +98,9 @@ impl Operation {
         Operation::GetHsmInfo,
         Operation::RotateRootKey,
         Operation::UpdateKeyPolicy,
+        Operation::ListApprovals,
+        Operation::ApproveOperation,
+        Operation::RejectOperation,
     ];
 
     pub fn name(self) -> &'static str {
@@ -117,6 +123,9 @@ impl Operation {
             Operation::GetHsmInfo => "GetHsmInfo",
             Operation::RotateRootKey => "RotateRootKey",
             Operation::UpdateKeyPolicy => "UpdateKeyPolicy",
+            Operation::ListApprovals => "ListApprovals",
+            Operation::ApproveOperation => "ApproveOperation",
+            Operation::RejectOperation => "RejectOperation",
         }
     }
 
@@ -135,7 +144,10 @@ impl Operation {
             | Operation::RetireKeyVersions
             | Operation::GetHsmInfo
             | Operation::RotateRootKey
-            | Operation::UpdateKeyPolicy => Role::Operator,
+            | Operation::UpdateKeyPolicy
+            | Operation::ListApprovals
+            | Operation::ApproveOperation
+            | Operation::RejectOperation => Role::Operator,
             Operation::GenerateDataKey
             | Operation::GenerateDataKeyWithoutPlaintext
             | Operation::Encrypt
@@ -245,6 +257,9 @@ mod tests {
             (GetHsmInfo, true, false, false),
             (RotateRootKey, true, false, false),
             (UpdateKeyPolicy, true, false, false),
+            (ListApprovals, true, false, false),
+            (ApproveOperation, true, false, false),
+            (RejectOperation, true, false, false),
         ];
         assert_eq!(expected.len(), Operation::ALL.len());
         for (op, operator, service, auditor) in expected {

@@ -38,6 +38,12 @@
 //! per_second = 100
 //! burst = 200
 //!
+//! [quorum]                               # M-of-N approvals for sensitive operations
+//! approvals_required = 2                 # ScheduleKeyDeletion, CancelKeyDeletion, EnableKey,
+//! expiry_secs = 86400                    # UpdateKeyPolicy, RotateRootKey
+//! [quorum.operations]
+//! ScheduleKeyDeletion = 3                # per-operation override
+//!
 //! [cache]
 //! keys = 100000
 //! versions = 100000
@@ -79,6 +85,20 @@ struct RawConfig {
     attributes: HashMap<String, std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     rate_limits: crate::service::RateLimits,
+    #[serde(default)]
+    quorum: RawQuorum,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuorum {
+    /// M for every sensitive operation (default 1: no quorum).
+    approvals_required: Option<u32>,
+    /// Per-operation overrides.
+    #[serde(default)]
+    operations: std::collections::BTreeMap<crate::store::approvals::SensitiveKind, u32>,
+    /// How long a proposal stays open (default 24 h).
+    expiry_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,6 +321,7 @@ impl Config {
                 .max(1),
             default_policy,
             rate_limits: raw.rate_limits,
+            quorum: quorum_options(raw.quorum)?,
         };
 
         let scheduler_interval = Duration::from_secs(raw.scheduler_interval_secs.unwrap_or(60));
@@ -323,6 +344,24 @@ impl Config {
             options,
         })
     }
+}
+
+fn quorum_options(raw: RawQuorum) -> anyhow::Result<crate::service::QuorumOptions> {
+    let base = raw.approvals_required.unwrap_or(1);
+    let mut q = crate::service::QuorumOptions::uniform(base);
+    for (kind, m) in raw.operations {
+        q.approvals_required.insert(kind, m);
+    }
+    if q.approvals_required.values().any(|m| *m == 0 || *m > 16) {
+        bail!("quorum: approvals_required must be 1 to 16");
+    }
+    if let Some(secs) = raw.expiry_secs {
+        if secs < 60 {
+            bail!("quorum.expiry_secs must be at least 60");
+        }
+        q.expiry = Duration::from_secs(secs);
+    }
+    Ok(q)
 }
 
 /// The simulator speaks plain TCP (PIN and CMK material in clear): it must
@@ -430,6 +469,23 @@ burst = 10
         let bad = text.replace("burst = 10", "burst = 0");
         let err = format!("{:#}", Config::parse(&bad).unwrap_err());
         assert!(err.contains("rate_limits"), "{err}");
+    }
+
+    #[test]
+    fn parses_quorum() {
+        use crate::store::approvals::SensitiveKind;
+        let text = format!(
+            "{GOOD}\n{}",
+            "[quorum]\napprovals_required = 2\n[quorum.operations]\nScheduleKeyDeletion = 3\n"
+        );
+        let q = Config::parse(&text).unwrap().options.quorum;
+        assert_eq!(q.required(SensitiveKind::ScheduleKeyDeletion), 3);
+        assert_eq!(q.required(SensitiveKind::EnableKey), 2);
+        assert!(Config::parse(&text.replace("= 3", "= 0")).is_err());
+        assert_eq!(
+            Config::parse(GOOD).unwrap().options.quorum.required(SensitiveKind::RotateRootKey),
+            1
+        );
     }
 
     #[test]

@@ -28,6 +28,13 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// Not a failure: the operation needs more approvals and was recorded
+    /// as this pending approval.
+    #[error("operation {} awaits {} approvals (approval {})", .0.operation.describe(), .0.approvals_required, .0.id)]
+    ApprovalPending(Box<crate::store::approvals::Approval>),
+    /// Something other than a key does not exist (an approval).
+    #[error("{0} not found")]
+    NotFound(String),
     /// The caller's rate limit is exhausted.
     #[error("{0}")]
     ResourceExhausted(String),

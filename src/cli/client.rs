@@ -13,11 +13,13 @@ use zeroize::Zeroizing;
 
 use super::output::{self, KeyOut, VersionOut};
 use super::{
-    ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, HsmCommand, Justification,
+    ApprovalCommand, ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, HsmCommand,
+    Justification,
     KeyCommand, PolicyCommand, StateFilter,
 };
 use crate::grpc::convert::policy_to_pb;
 use crate::grpc::pb;
+use crate::grpc::pb::approval_service_client::ApprovalServiceClient;
 use crate::grpc::pb::data_key_service_client::DataKeyServiceClient;
 use crate::grpc::pb::hsm_service_client::HsmServiceClient;
 use crate::grpc::pb::key_service_client::KeyServiceClient;
@@ -207,6 +209,9 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
+            if !resp.pending_approval_id.is_empty() {
+                return output::pending(&resp.pending_approval_id, c.json);
+            }
             let key = resp.key.context("the server returned no key")?;
             output::key(&KeyOut::from(&key), &[], c.json)
         }
@@ -217,6 +222,9 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
+            if !resp.pending_approval_id.is_empty() {
+                return output::pending(&resp.pending_approval_id, c.json);
+            }
             let key = resp.key.context("the server returned no key")?;
             output::key(&KeyOut::from(&key), &[], c.json)
         }
@@ -270,6 +278,9 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
+            if !resp.pending_approval_id.is_empty() {
+                return output::pending(&resp.pending_approval_id, c.json);
+            }
             let key = resp.key.context("the server returned no key")?;
             output::key(&KeyOut::from(&key), &[], c.json)
         }
@@ -317,6 +328,9 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
+            if !resp.pending_approval_id.is_empty() {
+                return output::pending(&resp.pending_approval_id, c.json);
+            }
             let key = resp.key.context("the server returned no key")?;
             output::key(&KeyOut::from(&key), &[], c.json)
         }
@@ -362,6 +376,9 @@ pub async fn hsm(cmd: HsmCommand) -> anyhow::Result<()> {
             let mut bar = output::Progress::new(!c.json);
             let mut last = None;
             while let Some(p) = stream.message().await.map_err(rpc_error)? {
+                if !p.pending_approval_id.is_empty() {
+                    return output::pending(&p.pending_approval_id, c.json);
+                }
                 bar.update(&p);
                 if c.json {
                     output::progress_json(&p)?;
@@ -391,6 +408,46 @@ pub async fn hsm(cmd: HsmCommand) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+    }
+}
+
+pub async fn approval(cmd: ApprovalCommand) -> anyhow::Result<()> {
+    match cmd {
+        ApprovalCommand::List { all, connect: c } => {
+            let mut client = ApprovalServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .list_approvals(pb::ListApprovalsRequest {
+                    include_closed: all,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::approvals(&resp.approvals, c.json)
+        }
+        ApprovalCommand::Approve { id, connect: c } => {
+            let mut client = ApprovalServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .approve_operation(pb::ApproveOperationRequest { approval_id: id })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let a = resp.approval.context("the server returned no approval")?;
+            output::approvals(std::slice::from_ref(&a), c.json)?;
+            if a.status() == pb::ApprovalStatus::ApprovalFailed {
+                bail!("the approved operation failed: {}", a.result);
+            }
+            Ok(())
+        }
+        ApprovalCommand::Reject { id, connect: c } => {
+            let mut client = ApprovalServiceClient::new(connect(&c, "operator").await?);
+            let resp = client
+                .reject_operation(pb::RejectOperationRequest { approval_id: id })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let a = resp.approval.context("the server returned no approval")?;
+            output::approvals(std::slice::from_ref(&a), c.json)
         }
     }
 }

@@ -46,6 +46,9 @@ pub enum Command {
     /// The HSM behind coffre (operator).
     #[command(subcommand)]
     Hsm(HsmCommand),
+    /// Approve or reject sensitive operations (M-of-N quorum; operator).
+    #[command(subcommand)]
+    Approval(ApprovalCommand),
     /// Wrap a small secret (at most 4096 bytes) under a key (service).
     Encrypt(EncryptArgs),
     /// Unwrap a ciphertext blob (service).
@@ -63,6 +66,10 @@ pub struct DevArgs {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// Require M approvals from distinct operators for sensitive operations,
+    /// and issue M operator certificates (operator.pem, operator-2.pem, …).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub quorum: u32,
 }
 
 #[derive(Debug, Args)]
@@ -223,6 +230,29 @@ pub enum KeyCommand {
         /// The new min_decryption_version.
         #[arg(long)]
         below: u32,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalCommand {
+    /// Pending approvals (--all: also closed ones).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Approve; at the required count the operation runs.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Reject: the operation will not run.
+    Reject {
+        id: String,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -409,6 +439,7 @@ pub fn main() -> ExitCode {
             Command::Key(cmd) => client::key(cmd).await,
             Command::Datakey(cmd) => client::datakey(cmd).await,
             Command::Hsm(cmd) => client::hsm(cmd).await,
+            Command::Approval(cmd) => client::approval(cmd).await,
             Command::Encrypt(args) => client::encrypt(args).await,
             Command::Decrypt(args) => client::decrypt(args).await,
         }

@@ -381,3 +381,51 @@ pub fn plaintext(
     }
     Ok(())
 }
+
+pub fn pending(approval_id: &str, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&json!({ "pending_approval_id": approval_id }));
+    }
+    println!("this operation needs more approvals: it is pending as {approval_id}");
+    println!("other operators approve it with: coffre approval approve {approval_id}");
+    Ok(())
+}
+
+pub fn approvals(approvals: &[pb::Approval], json: bool) -> anyhow::Result<()> {
+    if json {
+        let list: Vec<serde_json::Value> = approvals
+            .iter()
+            .map(|a| {
+                json!({
+                    "approval_id": a.approval_id,
+                    "operation": a.operation,
+                    "key_id": a.key_id,
+                    "proposer": a.proposer,
+                    "approved_by": a.approved_by,
+                    "approvals_required": a.approvals_required,
+                    "status": a.status().as_str_name().trim_start_matches("APPROVAL_"),
+                    "created": time(a.create_time.as_ref()),
+                    "expires": time(a.expire_time.as_ref()),
+                    "rejected_by": a.rejected_by,
+                    "result": a.result,
+                })
+            })
+            .collect();
+        return print_json(&json!({ "approvals": list }));
+    }
+    let rows: Vec<Vec<String>> = approvals
+        .iter()
+        .map(|a| {
+            vec![
+                a.approval_id.clone(),
+                a.status().as_str_name().trim_start_matches("APPROVAL_").to_string(),
+                format!("{}/{}", a.approved_by.len(), a.approvals_required),
+                a.operation.clone(),
+                time(a.expire_time.as_ref()),
+                a.result.clone(),
+            ]
+        })
+        .collect();
+    table(&["APPROVAL", "STATUS", "VOTES", "OPERATION", "EXPIRES", "RESULT"], &rows);
+    Ok(())
+}

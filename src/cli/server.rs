@@ -46,6 +46,8 @@ pub struct DevOptions {
     /// How often the scheduler looks for due rotations and destructions
     /// (`None`: never, for tests that drive it themselves).
     pub scheduler_interval: Option<Duration>,
+    /// M operators and M-of-N approvals for sensitive operations (1: none).
+    pub quorum: u32,
 }
 
 impl From<DevArgs> for DevOptions {
@@ -55,6 +57,7 @@ impl From<DevArgs> for DevOptions {
             listen: args.listen,
             options: dev_kms_options(),
             scheduler_interval: Some(Duration::from_secs(10)),
+            quorum: args.quorum,
         }
     }
 }
@@ -72,6 +75,15 @@ pub fn dev_kms_options() -> KmsOptions {
 pub const DEV_STORE_DIR: &str = "store";
 pub const DEV_HSM_STATE: &str = "hsm-sim.state";
 pub const DEV_HSM_PIN: &str = "hsm-sim.pin";
+pub const DEV_APPROVALS_DIR: &str = "approvals";
+
+async fn open_approvals(dir: &Path) -> anyhow::Result<crate::store::approvals::ApprovalStore> {
+    let d = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::store::approvals::ApprovalStore::open(&d))
+        .await
+        .context("opening the approvals")?
+        .with_context(|| format!("opening the approvals in {}", dir.display()))
+}
 
 /// A running server.
 #[derive(Debug)]
@@ -130,19 +142,36 @@ pub async fn start_dev(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         .await
         .context("opening the store")?
         .with_context(|| format!("opening the store in {}", dir.join(DEV_STORE_DIR).display()))?;
-    let roles = StaticRoles::new([
+    let mut roles = vec![
         (pki::dev_principal("operator"), Role::Operator),
         (pki::dev_principal("service"), Role::Service),
         (pki::dev_principal("auditor"), Role::Auditor),
-    ]);
-    let kms = Arc::new(Kms::new(
-        Arc::new(store),
-        Arc::new(hsm),
-        Arc::new(roles),
-        Arc::new(SystemClock),
-        opts.options.clone(),
-    ));
+    ];
+    // `--quorum M`: M operators (operator.pem, operator-2.pem, …), and M
+    // approvals for every sensitive operation.
     let paths = PkiPaths::new(dir);
+    for n in 2..=opts.quorum {
+        let name = format!("operator-{n}");
+        if !paths.client_cert(&name).exists() {
+            pki::issue_client_cert(&paths, &name)?;
+        }
+        roles.push((pki::dev_principal(&name), Role::Operator));
+    }
+    let mut options = opts.options.clone();
+    if opts.quorum > 1 {
+        options.quorum = crate::service::QuorumOptions::uniform(opts.quorum);
+    }
+    let approvals = open_approvals(&dir.join(DEV_APPROVALS_DIR)).await?;
+    let kms = Arc::new(
+        Kms::new(
+            Arc::new(store),
+            Arc::new(hsm),
+            Arc::new(StaticRoles::new(roles)),
+            Arc::new(SystemClock),
+            options,
+        )
+        .with_approval_store(approvals),
+    );
     let tls = crate::config::TlsPaths {
         cert: paths.server_cert(),
         key: paths.server_key(),
@@ -252,13 +281,19 @@ pub async fn run_serve(config_path: &Path) -> anyhow::Result<()> {
     if config.roles.is_empty() {
         tracing::warn!("no principal has a role: every request will be refused");
     }
-    let kms = Arc::new(Kms::new(
-        Arc::new(store),
-        hsm,
-        Arc::new(StaticRoles::new(config.roles.clone()).with_attributes(config.attributes.clone())),
-        Arc::new(SystemClock),
-        config.options.clone(),
-    ));
+    let approvals = open_approvals(&config.data_dir.join("approvals")).await?;
+    let kms = Arc::new(
+        Kms::new(
+            Arc::new(store),
+            hsm,
+            Arc::new(
+                StaticRoles::new(config.roles.clone()).with_attributes(config.attributes.clone()),
+            ),
+            Arc::new(SystemClock),
+            config.options.clone(),
+        )
+        .with_approval_store(approvals),
+    );
     let tls = config.tls.load()?;
     let server = start_server(kms, config.listen, tls, Some(config.scheduler_interval)).await?;
     tracing::info!(addr = %server.addr, "coffre serving");

@@ -184,7 +184,7 @@ pub fn page_token(raw: &str) -> Result<Option<KeyId>, Status> {
         .map_err(|_| Status::invalid_argument("invalid page_token"))
 }
 
-fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     let millis = t.as_millis();
     prost_types::Timestamp {
         seconds: millis.div_euclid(1000),

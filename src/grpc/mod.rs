@@ -48,6 +48,10 @@ pub fn status(err: Error) -> Status {
         Error::FailedPrecondition(m) => Status::failed_precondition(m),
         Error::AlreadyExists(m) => Status::already_exists(m),
         Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        Error::NotFound(m) => Status::not_found(format!("{m} not found")),
+        // Handlers turn a pending approval into a response; this is a
+        // fallback for an RPC that has no field for it.
+        e @ Error::ApprovalPending(_) => Status::failed_precondition(e.to_string()),
         Error::Hsm(e) => {
             tracing::error!(error = %e, "HSM failure");
             match e {

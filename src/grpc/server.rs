@@ -52,6 +52,7 @@ pub async fn serve(
     let api = Api::new(Arc::clone(&kms));
     let key_service = pb::key_service_server::KeyServiceServer::new(api.clone());
     let hsm_service = pb::hsm_service_server::HsmServiceServer::new(api.clone());
+    let approval_service = pb::approval_service_server::ApprovalServiceServer::new(api.clone());
     let data_key_service = pb::data_key_service_server::DataKeyServiceServer::new(api);
 
     // Health follows the HSM: NOT_SERVING while it does not answer.
@@ -87,6 +88,7 @@ pub async fn serve(
         .add_service(key_service)
         .add_service(data_key_service)
         .add_service(hsm_service)
+        .add_service(approval_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .context("serving gRPC");

@@ -8,11 +8,11 @@ use tonic::{Request, Response, Status};
 use super::auth::{PrincipalCache, principal_of};
 use super::convert::{self, key_ref, optional_key_ref};
 use super::pb::{
-    self, data_key_service_server::DataKeyService, hsm_service_server::HsmService,
-    key_service_server::KeyService,
+    self, approval_service_server::ApprovalService, data_key_service_server::DataKeyService,
+    hsm_service_server::HsmService, key_service_server::KeyService,
 };
 use super::status;
-use crate::service::{CreateKeyInput, DEFAULT_DATA_KEY_BYTES, Kms};
+use crate::service::{CreateKeyInput, DEFAULT_DATA_KEY_BYTES, Kms, parse_approval_id};
 use crate::store::KeyFilter;
 
 /// Both coffre services over one core.
@@ -28,6 +28,100 @@ impl Api {
             kms,
             principals: Arc::new(PrincipalCache::default()),
         }
+    }
+}
+
+impl Api {
+    /// The key after a sensitive operation, or — when it awaits approvals —
+    /// the key as it still is and the approval's id.
+    async fn key_or_pending(
+        &self,
+        caller: &crate::authz::Caller,
+        result: crate::Result<Arc<crate::model::KeyRecord>>,
+    ) -> Result<(Option<pb::KeyMetadata>, String), Status> {
+        match result {
+            Ok(record) => Ok((Some(convert::key_metadata(&record)), String::new())),
+            Err(crate::Error::ApprovalPending(approval)) => {
+                let key = match approval.operation.key_id() {
+                    Some(id) => self
+                        .kms
+                        .get_key(caller, &crate::model::KeyRef::Id(id))
+                        .await
+                        .ok()
+                        .map(|v| convert::key_metadata(&v.key)),
+                    None => None,
+                };
+                Ok((key, approval.id.to_string()))
+            }
+            Err(e) => Err(status(e)),
+        }
+    }
+}
+
+fn approval_to_pb(a: &crate::store::approvals::Approval) -> pb::Approval {
+    use crate::store::approvals::ApprovalStatus as S;
+    pb::Approval {
+        approval_id: a.id.to_string(),
+        operation: a.operation.describe(),
+        key_id: a.operation.key_id().map(|k| k.to_string()).unwrap_or_default(),
+        proposer: a.proposer.clone(),
+        approved_by: a.approved_by.clone(),
+        approvals_required: a.approvals_required,
+        status: match a.status {
+            S::Pending => pb::ApprovalStatus::ApprovalPending,
+            S::Executing => pb::ApprovalStatus::ApprovalExecuting,
+            S::Executed => pb::ApprovalStatus::ApprovalExecuted,
+            S::Rejected => pb::ApprovalStatus::ApprovalRejected,
+            S::Expired => pb::ApprovalStatus::ApprovalExpired,
+            S::Failed => pb::ApprovalStatus::ApprovalFailed,
+        }
+        .into(),
+        create_time: Some(convert::timestamp(a.created_at)),
+        expire_time: Some(convert::timestamp(a.expires_at)),
+        rejected_by: a.rejected_by.clone().unwrap_or_default(),
+        result: a.result.clone().unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl ApprovalService for Api {
+    async fn list_approvals(
+        &self,
+        request: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let all = self
+            .kms
+            .list_approvals(&caller, request.get_ref().include_closed)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListApprovalsResponse {
+            approvals: all.iter().map(approval_to_pb).collect(),
+        }))
+    }
+
+    async fn approve_operation(
+        &self,
+        request: Request<pb::ApproveOperationRequest>,
+    ) -> Result<Response<pb::ApproveOperationResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let id = parse_approval_id(&request.get_ref().approval_id).map_err(status)?;
+        let a = self.kms.approve(&caller, id).await.map_err(status)?;
+        Ok(Response::new(pb::ApproveOperationResponse {
+            approval: Some(approval_to_pb(&a)),
+        }))
+    }
+
+    async fn reject_operation(
+        &self,
+        request: Request<pb::RejectOperationRequest>,
+    ) -> Result<Response<pb::RejectOperationResponse>, Status> {
+        let caller = principal_of(&request, &self.principals)?;
+        let id = parse_approval_id(&request.get_ref().approval_id).map_err(status)?;
+        let a = self.kms.reject(&caller, id).await.map_err(status)?;
+        Ok(Response::new(pb::RejectOperationResponse {
+            approval: Some(approval_to_pb(&a)),
+        }))
     }
 }
 
@@ -131,9 +225,11 @@ impl KeyService for Api {
     ) -> Result<Response<pb::EnableKeyResponse>, Status> {
         let caller = principal_of(&request, &self.principals)?;
         let key = key_ref("key_id", &request.get_ref().key_id)?;
-        let record = self.kms.enable_key(&caller, &key).await.map_err(status)?;
+        let result = self.kms.enable_key(&caller, &key).await;
+        let (key, pending_approval_id) = self.key_or_pending(&caller, result).await?;
         Ok(Response::new(pb::EnableKeyResponse {
-            key: Some(convert::key_metadata(&record)),
+            key,
+            pending_approval_id,
         }))
     }
 
@@ -145,13 +241,11 @@ impl KeyService for Api {
         let req = request.get_ref();
         let key = key_ref("key_id", &req.key_id)?;
         let days = (req.pending_window_days != 0).then_some(req.pending_window_days);
-        let record = self
-            .kms
-            .schedule_key_deletion(&caller, &key, days)
-            .await
-            .map_err(status)?;
+        let result = self.kms.schedule_key_deletion(&caller, &key, days).await;
+        let (key, pending_approval_id) = self.key_or_pending(&caller, result).await?;
         Ok(Response::new(pb::ScheduleKeyDeletionResponse {
-            key: Some(convert::key_metadata(&record)),
+            key,
+            pending_approval_id,
         }))
     }
 
@@ -161,13 +255,11 @@ impl KeyService for Api {
     ) -> Result<Response<pb::CancelKeyDeletionResponse>, Status> {
         let caller = principal_of(&request, &self.principals)?;
         let key = key_ref("key_id", &request.get_ref().key_id)?;
-        let record = self
-            .kms
-            .cancel_key_deletion(&caller, &key)
-            .await
-            .map_err(status)?;
+        let result = self.kms.cancel_key_deletion(&caller, &key).await;
+        let (key, pending_approval_id) = self.key_or_pending(&caller, result).await?;
         Ok(Response::new(pb::CancelKeyDeletionResponse {
-            key: Some(convert::key_metadata(&record)),
+            key,
+            pending_approval_id,
         }))
     }
 
@@ -200,13 +292,11 @@ impl KeyService for Api {
             req.policy
                 .ok_or_else(|| Status::invalid_argument("policy is required"))?,
         )?;
-        let record = self
-            .kms
-            .update_key_policy(&caller, &key, policy)
-            .await
-            .map_err(status)?;
+        let result = self.kms.update_key_policy(&caller, &key, policy).await;
+        let (key, pending_approval_id) = self.key_or_pending(&caller, result).await?;
         Ok(Response::new(pb::UpdateKeyPolicyResponse {
-            key: Some(convert::key_metadata(&record)),
+            key,
+            pending_approval_id,
         }))
     }
 
@@ -268,8 +358,19 @@ impl HsmService for Api {
                     true
                 })
                 .await;
-            if let Err(e) = result {
-                let _ = tx.send(Err(status(e))).await;
+            match result {
+                Err(crate::Error::ApprovalPending(a)) => {
+                    let _ = tx
+                        .send(Ok(pb::RotateRootKeyProgress {
+                            pending_approval_id: a.id.to_string(),
+                            ..Default::default()
+                        }))
+                        .await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(status(e))).await;
+                }
+                Ok(_) => {}
             }
         });
         Ok(Response::new(
@@ -287,6 +388,7 @@ fn progress(p: &crate::service::RootRotationProgress) -> pb::RotateRootKeyProgre
         done: p.done,
         destroyed_root_key_ids: p.destroyed_root_key_ids.clone(),
         resumed: p.resumed,
+        pending_approval_id: String::new(),
     }
 }
 

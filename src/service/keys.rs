@@ -235,13 +235,24 @@ impl Kms {
 
     pub async fn enable_key(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
         self.authorize(caller, Operation::EnableKey)?;
-        self.change_state(caller, key, KeyState::Enabled).await
+        let record = self.resolve(key).await?;
+        // Enabling a disabled key is sensitive; the other cases change
+        // nothing or are refused by change_state.
+        if record.state == KeyState::Disabled {
+            self.gate(
+                caller,
+                crate::store::approvals::SensitiveOperation::EnableKey { key_id: record.id },
+            )
+            .await?;
+        }
+        self.change_state(caller, &KeyRef::Id(record.id), KeyState::Enabled)
+            .await
     }
 
     /// ENABLED ⇄ DISABLED. Asking for the state a key is already in succeeds
     /// and changes nothing; any other transition is refused with a message
     /// naming the key's state.
-    async fn change_state(
+    pub(super) async fn change_state(
         &self,
         caller: &Caller,
         key: &KeyRef,

@@ -22,6 +22,7 @@ use super::Kms;
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
 use crate::model::{KeyId, KeyRecord, KeyRef, KeyState, Timestamp};
+use crate::store::approvals::SensitiveOperation;
 
 pub const MIN_DELETION_DAYS: u32 = 7;
 pub const MAX_DELETION_DAYS: u32 = 30;
@@ -82,6 +83,25 @@ impl Kms {
                 "pending_window_days must be {MIN_DELETION_DAYS} to {MAX_DELETION_DAYS}, got {days}"
             )));
         }
+        let id = self.resolve(key).await?.id;
+        self.gate(
+            caller,
+            SensitiveOperation::ScheduleKeyDeletion {
+                key_id: id,
+                pending_window_days: days,
+            },
+        )
+        .await?;
+        self.exec_schedule_key_deletion(caller, &KeyRef::Id(id), days)
+            .await
+    }
+
+    pub(super) async fn exec_schedule_key_deletion(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        days: u32,
+    ) -> Result<Arc<KeyRecord>> {
         self.transition(
             caller,
             key,
@@ -105,6 +125,17 @@ impl Kms {
         key: &KeyRef,
     ) -> Result<Arc<KeyRecord>> {
         self.authorize(caller, Operation::CancelKeyDeletion)?;
+        let id = self.resolve(key).await?.id;
+        self.gate(caller, SensitiveOperation::CancelKeyDeletion { key_id: id })
+            .await?;
+        self.exec_cancel_key_deletion(caller, &KeyRef::Id(id)).await
+    }
+
+    pub(super) async fn exec_cancel_key_deletion(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+    ) -> Result<Arc<KeyRecord>> {
         self.transition(caller, key, "deletion cancelled", |current, _| {
             if current.state != KeyState::PendingDeletion {
                 return Err(refuse(
@@ -153,6 +184,25 @@ impl Kms {
     ) -> Result<Arc<KeyRecord>> {
         self.authorize(caller, Operation::UpdateKeyPolicy)?;
         policy.validate().map_err(Error::InvalidArgument)?;
+        let id = self.resolve(key).await?.id;
+        self.gate(
+            caller,
+            SensitiveOperation::UpdateKeyPolicy {
+                key_id: id,
+                policy: policy.clone(),
+            },
+        )
+        .await?;
+        self.exec_update_key_policy(caller, &KeyRef::Id(id), policy)
+            .await
+    }
+
+    pub(super) async fn exec_update_key_policy(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        policy: crate::model::KeyPolicy,
+    ) -> Result<Arc<KeyRecord>> {
         self.transition(caller, key, "policy updated", move |current, _| {
             if current.state == KeyState::Destroyed {
                 return Err(refuse(current, "have its policy changed"));

@@ -27,6 +27,7 @@ mod datakeys;
 mod keys;
 mod lifecycle;
 mod policy;
+mod quorum;
 mod ratelimit;
 mod rootkey;
 
@@ -45,6 +46,7 @@ pub use lifecycle::{
     DEFAULT_DELETION_DAYS, MAX_DELETION_DAYS, MAX_ROTATION_PERIOD, MIN_DELETION_DAYS,
     MIN_ROTATION_PERIOD, SchedulerReport,
 };
+pub use quorum::{QuorumOptions, parse_approval_id};
 pub use ratelimit::{RateLimit, RateLimits};
 pub use rootkey::RootRotationProgress;
 
@@ -67,6 +69,8 @@ pub struct KmsOptions {
     pub default_policy: crate::model::KeyPolicy,
     /// Per-principal rate limits (none by default).
     pub rate_limits: RateLimits,
+    /// M-of-N approvals for sensitive operations (none by default).
+    pub quorum: QuorumOptions,
 }
 
 impl Default for KmsOptions {
@@ -76,6 +80,7 @@ impl Default for KmsOptions {
             material_cache_capacity: 100_000,
             default_policy: crate::model::KeyPolicy::default(),
             rate_limits: RateLimits::default(),
+            quorum: QuorumOptions::default(),
         }
     }
 }
@@ -90,6 +95,10 @@ pub struct Kms {
     rng: Rng,
     default_policy: crate::model::KeyPolicy,
     limiter: ratelimit::RateLimiter,
+    quorum: QuorumOptions,
+    approvals: Option<Arc<crate::store::approvals::ApprovalStore>>,
+    /// Serializes approvals: an operation runs exactly once.
+    approval_lock: Mutex<()>,
     keys: BoundedCache<KeyId, Arc<KeyRecord>>,
     aliases: BoundedCache<String, KeyId>,
     materials: BoundedCache<(KeyId, u32), Arc<CmkMaterial>>,
@@ -129,6 +138,9 @@ impl Kms {
             rng: Rng::default(),
             default_policy: options.default_policy.clone(),
             limiter: ratelimit::RateLimiter::new(options.rate_limits.clone()),
+            quorum: options.quorum.clone(),
+            approvals: None,
+            approval_lock: Mutex::new(()),
             keys: BoundedCache::new(options.key_cache_capacity),
             aliases: BoundedCache::new(options.key_cache_capacity),
             materials: BoundedCache::new(options.material_cache_capacity),
@@ -136,6 +148,12 @@ impl Kms {
             write_epoch: AtomicU64::new(0),
             root_rotation: Mutex::new(()),
         }
+    }
+
+    /// Where pending approvals are kept (required when quorum is on).
+    pub fn with_approval_store(mut self, store: crate::store::approvals::ApprovalStore) -> Self {
+        self.approvals = Some(Arc::new(store));
+        self
     }
 
     pub fn hsm(&self) -> &Arc<dyn Hsm> {

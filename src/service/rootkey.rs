@@ -52,9 +52,21 @@ impl Kms {
     pub async fn rotate_root_key(
         &self,
         caller: &Caller,
-        mut progress: impl FnMut(&RootRotationProgress) -> bool + Send,
+        progress: impl FnMut(&RootRotationProgress) -> bool + Send,
     ) -> Result<RootRotationProgress> {
         self.authorize(caller, Operation::RotateRootKey)?;
+        self.gate(caller, crate::store::approvals::SensitiveOperation::RotateRootKey)
+            .await?;
+        self.exec_rotate_root_key(caller, progress).await
+    }
+
+    /// The rotation itself (authorization and quorum done).
+
+    pub(super) async fn exec_rotate_root_key(
+        &self,
+        caller: &Caller,
+        mut progress: impl FnMut(&RootRotationProgress) -> bool + Send,
+    ) -> Result<RootRotationProgress> {
         let _one_at_a_time = self.root_rotation.lock().await;
 
         let info = self.hsm.info().await?;

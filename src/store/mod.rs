@@ -11,6 +11,7 @@ use std::fmt;
 
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
 
+pub mod approvals;
 pub mod sled_store;
 pub use sled_store::SledStore;
 

@@ -130,6 +130,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         options: coffre::cli::dev_kms_options(),
         scheduler_interval: None,
+        quorum: 1,
     }
 }
 
