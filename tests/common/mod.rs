@@ -66,6 +66,8 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         options: KmsOptions::default(),
         scheduler_interval: None,
+        crl: None,
+        crl_reload_interval: Duration::from_secs(10),
     }
 }
 
