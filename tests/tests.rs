@@ -15,3 +15,4 @@ mod e2e;
 mod format;
 mod lifecycle;
 mod processes;
+mod tls;
