@@ -253,3 +253,101 @@ async fn a_bad_crl_stops_the_start() {
     let err = start_dev(&opts).await.unwrap_err();
     assert!(format!("{err:#}").contains("missing.crl"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_does_not_hold_up_other_clients() {
+    let server = TestServer::start().await;
+    let addr = server.server.as_ref().unwrap().addr;
+    let pki_dir = server.data_dir().join("pki");
+    // Clients that connect and never speak, and one that speaks garbage.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut garbage = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut garbage, b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        identity_accepted(&server.endpoint(), &pki_dir, "operator"),
+    )
+    .await
+    .expect("a legitimate client waited behind stalled handshakes");
+    assert!(answered);
+    drop(idle);
+    server.stop().await;
+}
+
+/// `coffre dev --crl FILE` in its own process: SIGHUP reloads the CRL.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_crl_of_coffre_dev() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    pki::ensure_dev_pki(dir.path()).unwrap();
+    let paths = PkiPaths::new(dir.path());
+    let crl = dir.path().join("clients.crl");
+    std::fs::write(&crl, pki::dev_crl(&paths, &[]).unwrap()).unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coffre"))
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--crl-reload-secs",
+            "3600",
+        ])
+        .arg("--crl")
+        .arg(&crl)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let pid = child.id();
+    let _guard = crate::cli::Guard(child);
+    let endpoint = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let endpoint = loop {
+            let line = lines.next().expect("coffre dev exited").unwrap();
+            if let Some(rest) = line.strip_prefix("coffre dev is running on ") {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        endpoint
+    })
+    .await
+    .unwrap();
+    let pki_dir = dir.path().join("pki");
+    assert!(identity_accepted(&endpoint, &pki_dir, "service").await);
+
+    let service_pem = std::fs::read_to_string(pki_dir.join("service.pem")).unwrap();
+    let serial = pki::cert_serial(&service_pem).unwrap();
+    std::fs::write(&crl, pki::dev_crl(&paths, &[serial]).unwrap()).unwrap();
+    // The poll is an hour away: only the signal can make this pass.
+    let status = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while identity_accepted(&endpoint, &pki_dir, "service").await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload the CRL"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        identity_accepted(&endpoint, &pki_dir, "operator").await,
+        "the server survived SIGHUP and still serves others"
+    );
+}

@@ -224,18 +224,20 @@ pub async fn start_server(
 /// time or length changes. A CRL that does not load is logged and the
 /// previous one stays in force.
 fn spawn_crl_watcher(client_auth: Arc<grpc::ClientAuth>, every: Duration) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        let mut hangup = {
-            use tokio::signal::unix::{SignalKind, signal};
-            match signal(SignalKind::hangup()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP; the CRL is reloaded on change only");
-                    None
-                }
+    // Registered before the server reports itself started, so that a SIGHUP
+    // sent as soon as it is up reloads rather than kills it.
+    #[cfg(unix)]
+    let mut hangup = {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the CRL is reloaded on change only");
+                None
             }
-        };
+        }
+    };
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate; the CRL was just read
@@ -279,6 +281,12 @@ pub async fn run_dev(
 ) -> anyhow::Result<()> {
     let server = start_dev(&opts).await?;
     print_dev_banner(&opts.data_dir, server.addr);
+    if let Some(crl) = &opts.crl {
+        println!(
+            "  client CRL       {}   (re-read on SIGHUP and when it changes)",
+            crl.display()
+        );
+    }
     server
         .run_until(async {
             tokio::select! {
