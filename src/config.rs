@@ -10,6 +10,9 @@
 //! cert = "/etc/coffre/server.pem"
 //! key = "/etc/coffre/server-key.pem"
 //! client_ca = "/etc/coffre/clients-ca.pem"
+//! crl = "/etc/coffre/clients.crl"        # optional: PEM or DER; re-read on
+//!                                        # SIGHUP and when its mtime changes
+//! crl_reload_secs = 10                   # optional: how often to check the CRL
 //!
 //! [hsm]
 //! backend = "simulator"                  # a separate `hsm-sim serve` process
@@ -107,6 +110,8 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
+    crl: Option<PathBuf>,
+    crl_reload_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,10 +150,17 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// The client certificate revocation list, if any: read when the
+    /// server starts (a CRL that does not load stops it) and re-read on
+    /// SIGHUP and when the file changes.
+    pub crl: Option<PathBuf>,
+    /// How often the CRL file's modification time is checked.
+    pub crl_reload_interval: Duration,
 }
 
 impl TlsPaths {
-    /// Reads the three PEM files, with a clear error for each.
+    /// Reads the three PEM files, with a clear error for each. The CRL is
+    /// read when the server prepares its TLS configuration.
     pub fn load(&self) -> anyhow::Result<crate::grpc::ServerTls> {
         let read = |p: &Path, what: &str| {
             std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
@@ -157,6 +169,8 @@ impl TlsPaths {
             cert_pem: read(&self.cert, "server certificate")?,
             key_pem: Zeroizing::new(read(&self.key, "server key")?),
             client_ca_pem: read(&self.client_ca, "client CA certificate")?,
+            crl: self.crl.clone(),
+            crl_reload_interval: self.crl_reload_interval,
         })
     }
 }
@@ -324,6 +338,13 @@ impl Config {
             quorum: quorum_options(raw.quorum)?,
         };
 
+        let crl_reload_interval = match (&raw.tls.crl, raw.tls.crl_reload_secs) {
+            (_, Some(0)) => bail!("tls.crl_reload_secs must be positive"),
+            (None, Some(_)) => bail!("tls.crl_reload_secs is set but tls.crl is not"),
+            (_, Some(secs)) => Duration::from_secs(secs),
+            (_, None) => crate::grpc::DEFAULT_CRL_RELOAD_INTERVAL,
+        };
+
         let scheduler_interval = Duration::from_secs(raw.scheduler_interval_secs.unwrap_or(60));
         if scheduler_interval.is_zero() {
             bail!("scheduler_interval_secs must be positive");
@@ -338,6 +359,8 @@ impl Config {
                 cert: raw.tls.cert,
                 key: raw.tls.key,
                 client_ca: raw.tls.client_ca,
+                crl: raw.tls.crl,
+                crl_reload_interval,
             },
             hsm,
             roles,
@@ -483,7 +506,11 @@ burst = 10
         assert_eq!(q.required(SensitiveKind::EnableKey), 2);
         assert!(Config::parse(&text.replace("= 3", "= 0")).is_err());
         assert_eq!(
-            Config::parse(GOOD).unwrap().options.quorum.required(SensitiveKind::RotateRootKey),
+            Config::parse(GOOD)
+                .unwrap()
+                .options
+                .quorum
+                .required(SensitiveKind::RotateRootKey),
             1
         );
     }
@@ -497,6 +524,30 @@ burst = 10
         }
         let text = GOOD.replace("http://127.0.0.1:7444", "http://[::1]:7444");
         assert!(Config::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn reads_the_crl_settings() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.tls.crl, None);
+        let text = GOOD.replace(
+            r#"client_ca = "ca.pem""#,
+            "client_ca = \"ca.pem\"\ncrl = \"clients.crl\"\ncrl_reload_secs = 3",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.tls.crl.as_deref(), Some(Path::new("clients.crl")));
+        assert_eq!(c.tls.crl_reload_interval, Duration::from_secs(3));
+
+        for bad in [
+            "crl_reload_secs = 3",
+            "crl = \"x.crl\"\ncrl_reload_secs = 0",
+        ] {
+            let text = GOOD.replace(
+                r#"client_ca = "ca.pem""#,
+                &format!("client_ca = \"ca.pem\"\n{bad}"),
+            );
+            assert!(Config::parse(&text).is_err(), "{bad}");
+        }
     }
 
     #[test]

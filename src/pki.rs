@@ -15,11 +15,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
+use ring::rand::{SecureRandom, SystemRandom};
+use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
+use zeroize::Zeroizing;
 
 /// The URI SAN prefix of dev client certificates: `spiffe://coffre.dev/<name>`.
 pub const DEV_URI_PREFIX: &str = "spiffe://coffre.dev/";
@@ -92,6 +96,7 @@ pub fn ensure_dev_pki(data_dir: &Path) -> anyhow::Result<bool> {
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name = dn("coffre dev CA");
+    ca_params.serial_number = Some(random_serial()?);
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -114,6 +119,7 @@ pub fn ensure_dev_pki(data_dir: &Path) -> anyhow::Result<bool> {
         .subject_alt_names
         .push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
     server_params.distinguished_name = dn("coffre dev server");
+    server_params.serial_number = Some(random_serial()?);
     server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     set_validity(&mut server_params, 825);
@@ -132,6 +138,44 @@ pub fn ensure_dev_pki(data_dir: &Path) -> anyhow::Result<bool> {
 /// Issues `<name>.pem` and `<name>-key.pem` from the dev CA: subject CN
 /// `<name>` and URI SAN `spiffe://coffre.dev/<name>`.
 pub fn issue_client_cert(paths: &PkiPaths, name: &str) -> anyhow::Result<()> {
+    let now = OffsetDateTime::now_utc();
+    let issued = issue_dev_client_cert(
+        paths,
+        name,
+        now - time::Duration::hours(1),
+        now + time::Duration::days(825),
+    )?;
+    write_private(&paths.client_key(name), &issued.key_pem)?;
+    write_public(&paths.client_cert(name), &issued.cert_pem)?;
+    Ok(())
+}
+
+/// A client certificate from the dev CA, not written anywhere.
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: Zeroizing<String>,
+    /// The certificate's serial number (DER integer content, big-endian).
+    pub serial: Vec<u8>,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert")
+            .field("serial", &hex::encode(&self.serial))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Issues a client certificate for `name` (CN `<name>`, URI SAN
+/// `spiffe://coffre.dev/<name>`) from the dev CA in `paths`, valid from
+/// `not_before` to `not_after` — in the past for an expired one. Its serial
+/// number is random (16 bytes), so that a CRL can name it alone.
+pub fn issue_dev_client_cert(
+    paths: &PkiPaths,
+    name: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> anyhow::Result<IssuedCert> {
     if name.is_empty()
         || !name
             .chars()
@@ -139,28 +183,94 @@ pub fn issue_client_cert(paths: &PkiPaths, name: &str) -> anyhow::Result<()> {
     {
         bail!("invalid client name {name:?}");
     }
-    let ca_key_pem = fs::read_to_string(paths.ca_key())
-        .with_context(|| format!("reading {}", paths.ca_key().display()))?;
-    let ca_cert_pem = fs::read_to_string(paths.ca_cert())
-        .with_context(|| format!("reading {}", paths.ca_cert().display()))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing the CA key")?;
-    let issuer =
-        Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).context("parsing the CA certificate")?;
+    if not_after <= not_before {
+        bail!("a certificate's notAfter must follow its notBefore");
+    }
+    let issuer = dev_issuer(paths)?;
     let key = KeyPair::generate().context("generating a client key")?;
+    let serial = random_serial()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = dn(name);
+    params.serial_number = Some(serial.clone());
     params.subject_alt_names = vec![SanType::URI(
         dev_principal(name).try_into().context("client URI SAN")?,
     )];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    set_validity(&mut params, 825);
+    params.not_before = not_before;
+    params.not_after = not_after;
     let cert = params
         .signed_by(&key, &issuer)
         .context("signing a client certificate")?;
-    write_private(&paths.client_key(name), &key.serialize_pem())?;
-    write_public(&paths.client_cert(name), &cert.pem())?;
-    Ok(())
+    Ok(IssuedCert {
+        cert_pem: cert.pem(),
+        key_pem: Zeroizing::new(key.serialize_pem()),
+        serial: serial.to_bytes(),
+    })
+}
+
+/// A CRL (PEM) signed by the dev CA key (`DIR/pki/ca-key.pem`) that revokes
+/// the certificates with these serial numbers; none gives an empty CRL. Valid
+/// from an hour ago for 30 days; its CRL number is the current time in
+/// nanoseconds, so a later CRL has a larger one.
+pub fn dev_crl(paths: &PkiPaths, revoked_serials: &[Vec<u8>]) -> anyhow::Result<String> {
+    let issuer = dev_issuer(paths)?;
+    let now = OffsetDateTime::now_utc();
+    let crl_number = u64::try_from(now.unix_timestamp_nanos()).unwrap_or_default();
+    let params = CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(1),
+        next_update: now + time::Duration::days(30),
+        crl_number: SerialNumber::from(crl_number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked_serials
+            .iter()
+            .map(|serial| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(serial),
+                revocation_time: now - time::Duration::minutes(1),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    params
+        .signed_by(&issuer)
+        .context("signing the CRL")?
+        .pem()
+        .context("encoding the CRL")
+}
+
+/// The serial number of a certificate (PEM), as its DER integer content.
+pub fn cert_serial(cert_pem: &str) -> anyhow::Result<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+    Ok(cert.raw_serial().to_vec())
+}
+
+/// The dev CA as an issuer, from `ca.pem` and `ca-key.pem`.
+fn dev_issuer(paths: &PkiPaths) -> anyhow::Result<Issuer<'static, KeyPair>> {
+    let ca_key_pem = fs::read_to_string(paths.ca_key())
+        .with_context(|| format!("reading {}", paths.ca_key().display()))?;
+    let ca_cert_pem = fs::read_to_string(paths.ca_cert())
+        .with_context(|| format!("reading {}", paths.ca_cert().display()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing the CA key")?;
+    Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).context("parsing the CA certificate")
+}
+
+/// 16 random bytes, positive and without a leading zero byte, as RFC 5280
+/// asks of serial numbers.
+fn random_serial() -> anyhow::Result<SerialNumber> {
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+    if let Some(first) = bytes.first_mut() {
+        *first = (*first & 0x7f) | 0x40;
+    }
+    Ok(SerialNumber::from_slice(&bytes))
 }
 
 fn dn(cn: &str) -> DistinguishedName {

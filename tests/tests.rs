@@ -16,3 +16,4 @@ mod format;
 mod lifecycle;
 mod policy;
 mod processes;
+mod tls;

@@ -14,8 +14,7 @@ use zeroize::Zeroizing;
 use super::output::{self, KeyOut, VersionOut};
 use super::{
     ApprovalCommand, ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, HsmCommand,
-    Justification,
-    KeyCommand, PolicyCommand, StateFilter,
+    Justification, KeyCommand, PolicyCommand, StateFilter,
 };
 use crate::grpc::convert::policy_to_pb;
 use crate::grpc::pb;

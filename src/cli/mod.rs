@@ -63,6 +63,13 @@ pub struct DevArgs {
     /// Address to listen on.
     #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
+    /// A client certificate revocation list (PEM or DER) to honour; re-read
+    /// on SIGHUP and when the file changes. None by default.
+    #[arg(long, value_name = "FILE")]
+    pub crl: Option<PathBuf>,
+    /// How often to check the CRL file for changes, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), requires = "crl")]
+    pub crl_reload_secs: u64,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,

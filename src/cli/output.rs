@@ -418,7 +418,10 @@ pub fn approvals(approvals: &[pb::Approval], json: bool) -> anyhow::Result<()> {
         .map(|a| {
             vec![
                 a.approval_id.clone(),
-                a.status().as_str_name().trim_start_matches("APPROVAL_").to_string(),
+                a.status()
+                    .as_str_name()
+                    .trim_start_matches("APPROVAL_")
+                    .to_string(),
                 format!("{}/{}", a.approved_by.len(), a.approvals_required),
                 a.operation.clone(),
                 time(a.expire_time.as_ref()),
@@ -426,6 +429,16 @@ pub fn approvals(approvals: &[pb::Approval], json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    table(&["APPROVAL", "STATUS", "VOTES", "OPERATION", "EXPIRES", "RESULT"], &rows);
+    table(
+        &[
+            "APPROVAL",
+            "STATUS",
+            "VOTES",
+            "OPERATION",
+            "EXPIRES",
+            "RESULT",
+        ],
+        &rows,
+    );
     Ok(())
 }

@@ -48,6 +48,10 @@ pub struct DevOptions {
     pub scheduler_interval: Option<Duration>,
     /// M operators and M-of-N approvals for sensitive operations (1: none).
     pub quorum: u32,
+    /// A client certificate revocation list to honour (none by default).
+    pub crl: Option<PathBuf>,
+    /// How often the CRL file is checked for changes.
+    pub crl_reload_interval: Duration,
 }
 
 impl From<DevArgs> for DevOptions {
@@ -58,6 +62,8 @@ impl From<DevArgs> for DevOptions {
             options: dev_kms_options(),
             scheduler_interval: Some(Duration::from_secs(10)),
             quorum: args.quorum,
+            crl: args.crl,
+            crl_reload_interval: Duration::from_secs(args.crl_reload_secs),
         }
     }
 }
@@ -96,13 +102,25 @@ pub struct RunningServer {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
     scheduler: Option<JoinHandle<()>>,
+    client_auth: Arc<grpc::ClientAuth>,
+    crl_watcher: Option<JoinHandle<()>>,
 }
 
 impl RunningServer {
+    /// Re-reads the CRL now (what SIGHUP does): new connections are verified
+    /// against it. If it does not load, the previous one stays in force and
+    /// the error is returned.
+    pub fn reload_crl(&self) -> anyhow::Result<()> {
+        self.client_auth.reload()
+    }
+
     /// Stops accepting, drains in-flight requests, and waits.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(s) = self.scheduler.take() {
             s.abort();
+        }
+        if let Some(w) = self.crl_watcher.take() {
+            w.abort();
         }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -176,6 +194,8 @@ pub async fn start_dev(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         cert: paths.server_cert(),
         key: paths.server_key(),
         client_ca: paths.ca_cert(),
+        crl: opts.crl.clone(),
+        crl_reload_interval: opts.crl_reload_interval,
     }
     .load()?;
     let mut server = start_server(kms, opts.listen, tls, opts.scheduler_interval).await?;
@@ -189,6 +209,11 @@ pub async fn start_server(
     tls: grpc::ServerTls,
     scheduler_interval: Option<Duration>,
 ) -> anyhow::Result<RunningServer> {
+    // Certificates, key, client CA and CRL are all checked here: a bad one
+    // stops the start with a clear error.
+    let crl_reload_interval = tls.crl_reload_interval;
+    let tls = grpc::PreparedTls::new(&tls).context("configuring TLS")?;
+    let client_auth = tls.client_auth();
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -197,6 +222,10 @@ pub async fn start_server(
     let task = tokio::spawn(grpc::serve(Arc::clone(&kms), listener, tls, async move {
         let _ = rx.await;
     }));
+    let crl_watcher = client_auth
+        .crl_path()
+        .is_some()
+        .then(|| spawn_crl_watcher(Arc::clone(&client_auth), crl_reload_interval));
     // Destruction after the waiting period and automatic rotation.
     let scheduler = scheduler_interval.map(|every| {
         let kms = Arc::clone(&kms);
@@ -224,6 +253,62 @@ pub async fn start_server(
         shutdown: Some(tx),
         task,
         scheduler,
+        client_auth,
+        crl_watcher,
+    })
+}
+
+/// Reloads the CRL on SIGHUP (unix) and whenever the file's modification
+/// time or length changes. A CRL that does not load is logged and the
+/// previous one stays in force.
+fn spawn_crl_watcher(client_auth: Arc<grpc::ClientAuth>, every: Duration) -> JoinHandle<()> {
+    // Registered before the server reports itself started, so that a SIGHUP
+    // sent as soon as it is up reloads rather than kills it.
+    #[cfg(unix)]
+    let mut hangup = {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the CRL is reloaded on change only");
+                None
+            }
+        }
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the CRL was just read
+        loop {
+            #[cfg(unix)]
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(s) => {
+                        if s.recv().await.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hup = std::future::pending::<()>();
+            let result = tokio::select! {
+                () = hup => {
+                    tracing::info!("SIGHUP: reloading the CRL");
+                    client_auth.reload().map(|()| true)
+                }
+                _ = tick.tick() => client_auth.reload_if_changed(),
+            };
+            match result {
+                Ok(true) => tracing::info!("reloaded the CRL"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "the CRL did not load; the previous one stays in force"
+                ),
+            }
+        }
     })
 }
 
@@ -234,6 +319,12 @@ pub async fn run_dev(
 ) -> anyhow::Result<()> {
     let server = start_dev(&opts).await?;
     print_dev_banner(&opts.data_dir, server.addr);
+    if let Some(crl) = &opts.crl {
+        println!(
+            "  client CRL       {}   (re-read on SIGHUP and when it changes)",
+            crl.display()
+        );
+    }
     server
         .run_until(async {
             tokio::select! {

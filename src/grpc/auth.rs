@@ -1,7 +1,7 @@
 //! Authentication: the caller's principal from its verified client
-//! certificate. TLS (tonic + rustls) has already verified the chain against
-//! the configured client CA; a connection without a certificate never gets
-//! this far.
+//! certificate. TLS (rustls, `super::tls`) has already verified the chain
+//! against the configured client CA, its validity period and the CRL; a
+//! connection without a valid certificate never gets this far.
 
 use ring::digest;
 use tonic::{Request, Status};

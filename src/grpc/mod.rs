@@ -8,9 +8,11 @@ pub(crate) mod convert;
 mod redact;
 mod server;
 mod services;
+mod tls;
 
 pub use auth::principal_of;
-pub use server::{ServerTls, serve};
+pub use server::serve;
+pub use tls::{ClientAuth, DEFAULT_CRL_RELOAD_INTERVAL, PreparedTls, ServerTls};
 
 /// The generated protobuf and tonic code of `coffre.v1`.
 #[allow(

@@ -1,47 +1,38 @@
-//! The gRPC server: mTLS always on, coffre's services, health and reflection.
+//! The gRPC server: mTLS always on (our own rustls acceptor, see
+//! [`super::tls`]), coffre's services, health and reflection.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use super::pb;
 use super::services::Api;
+use super::tls::PreparedTls;
 use crate::service::Kms;
 
-/// The server's TLS material, PEM-encoded. Client certificates are required
-/// and must chain to `client_ca_pem`.
-#[derive(Clone)]
-pub struct ServerTls {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: zeroize::Zeroizing<Vec<u8>>,
-    pub client_ca_pem: Vec<u8>,
-}
-
-impl std::fmt::Debug for ServerTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerTls").finish_non_exhaustive()
-    }
-}
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many handshakes in progress; beyond, the accept loop waits
+/// (new connections queue in the kernel's backlog).
+const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Serves until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
     kms: Arc<Kms>,
     listener: TcpListener,
-    tls: ServerTls,
+    tls: PreparedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tls_config = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&tls.cert_pem, &*tls.key_pem))
-        .client_ca_root(Certificate::from_pem(&tls.client_ca_pem))
-        .client_auth_optional(false)
-        .timeout(Duration::from_secs(10));
-
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -80,18 +71,72 @@ pub async fn serve(
         })
     };
 
+    let (incoming, acceptor) = tls_incoming(listener, TlsAcceptor::from(tls.config));
     let result = Server::builder()
-        .tls_config(tls_config)
-        .context("configuring TLS")?
         .add_service(health_service)
         .add_service(reflection)
         .add_service(key_service)
         .add_service(data_key_service)
         .add_service(hsm_service)
         .add_service(approval_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC");
     watcher.abort();
+    acceptor.abort();
     result
+}
+
+/// Accepts TCP connections and completes their TLS handshakes concurrently,
+/// each under [`HANDSHAKE_TIMEOUT`]; yields the established TLS streams. A
+/// failed handshake (no certificate, another CA, expired, revoked, not TLS)
+/// is logged and dropped: it never stops the loop.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> (
+    ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>,
+    JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok(permit) = Arc::clone(&pending).acquire_owned().await else {
+                return;
+            };
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
+                    Ok(Ok(stream)) => {
+                        // The server has stopped if the receiver is gone.
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    (ReceiverStream::new(rx), task)
 }

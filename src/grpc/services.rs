@@ -63,7 +63,11 @@ fn approval_to_pb(a: &crate::store::approvals::Approval) -> pb::Approval {
     pb::Approval {
         approval_id: a.id.to_string(),
         operation: a.operation.describe(),
-        key_id: a.operation.key_id().map(|k| k.to_string()).unwrap_or_default(),
+        key_id: a
+            .operation
+            .key_id()
+            .map(|k| k.to_string())
+            .unwrap_or_default(),
         proposer: a.proposer.clone(),
         approved_by: a.approved_by.clone(),
         approvals_required: a.approvals_required,

@@ -48,7 +48,11 @@ impl QuorumOptions {
     }
 
     pub fn required(&self, kind: SensitiveKind) -> u32 {
-        self.approvals_required.get(&kind).copied().unwrap_or(1).max(1)
+        self.approvals_required
+            .get(&kind)
+            .copied()
+            .unwrap_or(1)
+            .max(1)
     }
 }
 
@@ -84,9 +88,9 @@ impl Kms {
     }
 
     fn approval_store(&self) -> Result<std::sync::Arc<crate::store::approvals::ApprovalStore>> {
-        self.approvals.clone().ok_or_else(|| {
-            Error::Internal("quorum is configured but no approval store is".into())
-        })
+        self.approvals
+            .clone()
+            .ok_or_else(|| Error::Internal("quorum is configured but no approval store is".into()))
     }
 
     async fn load_approval(&self, id: Uuid) -> Result<Approval> {
@@ -115,7 +119,11 @@ impl Kms {
         false
     }
 
-    pub async fn list_approvals(&self, caller: &Caller, include_closed: bool) -> Result<Vec<Approval>> {
+    pub async fn list_approvals(
+        &self,
+        caller: &Caller,
+        include_closed: bool,
+    ) -> Result<Vec<Approval>> {
         self.authorize(caller, Operation::ListApprovals)?;
         let store = self.approval_store()?;
         let all = tokio::task::spawn_blocking(move || store.list())
@@ -179,7 +187,8 @@ impl Kms {
             )));
         }
         a.approved_by.push(caller.principal.clone());
-        let reached = u32::try_from(a.approved_by.len()).unwrap_or(u32::MAX) >= a.approvals_required;
+        let reached =
+            u32::try_from(a.approved_by.len()).unwrap_or(u32::MAX) >= a.approvals_required;
         if !reached {
             self.save_approval(&a).await?;
             tracing::info!(approval_id = %id, principal = %caller.principal, "approval added");
@@ -227,7 +236,11 @@ impl Kms {
             }
             SensitiveOperation::EnableKey { key_id } => {
                 let k = self
-                    .change_state(caller, &KeyRef::Id(*key_id), crate::model::KeyState::Enabled)
+                    .change_state(
+                        caller,
+                        &KeyRef::Id(*key_id),
+                        crate::model::KeyState::Enabled,
+                    )
                     .await?;
                 Ok(format!("key {} is {}", k.id, k.state))
             }
@@ -235,7 +248,11 @@ impl Kms {
                 let k = self
                     .exec_update_key_policy(caller, &KeyRef::Id(*key_id), policy.clone())
                     .await?;
-                Ok(format!("key {} has a new policy ({} grants)", k.id, k.policy.grants.len()))
+                Ok(format!(
+                    "key {} has a new policy ({} grants)",
+                    k.id,
+                    k.policy.grants.len()
+                ))
             }
             SensitiveOperation::RotateRootKey => {
                 let done = self.exec_rotate_root_key(caller, |_| true).await?;

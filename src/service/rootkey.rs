@@ -55,8 +55,11 @@ impl Kms {
         progress: impl FnMut(&RootRotationProgress) -> bool + Send,
     ) -> Result<RootRotationProgress> {
         self.authorize(caller, Operation::RotateRootKey)?;
-        self.gate(caller, crate::store::approvals::SensitiveOperation::RotateRootKey)
-            .await?;
+        self.gate(
+            caller,
+            crate::store::approvals::SensitiveOperation::RotateRootKey,
+        )
+        .await?;
         self.exec_rotate_root_key(caller, progress).await
     }
 

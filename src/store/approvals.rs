@@ -17,10 +17,20 @@ use crate::model::{KeyId, KeyPolicy, Timestamp};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum SensitiveOperation {
-    ScheduleKeyDeletion { key_id: KeyId, pending_window_days: u32 },
-    CancelKeyDeletion { key_id: KeyId },
-    EnableKey { key_id: KeyId },
-    UpdateKeyPolicy { key_id: KeyId, policy: KeyPolicy },
+    ScheduleKeyDeletion {
+        key_id: KeyId,
+        pending_window_days: u32,
+    },
+    CancelKeyDeletion {
+        key_id: KeyId,
+    },
+    EnableKey {
+        key_id: KeyId,
+    },
+    UpdateKeyPolicy {
+        key_id: KeyId,
+        policy: KeyPolicy,
+    },
     RotateRootKey,
 }
 
@@ -187,7 +197,9 @@ impl ApprovalStore {
             let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            let Ok(id) = stem.parse::<Uuid>() else { continue };
+            let Ok(id) = stem.parse::<Uuid>() else {
+                continue;
+            };
             if let Some(a) = self.get(id)? {
                 out.push(a);
             }
@@ -231,7 +243,10 @@ mod tests {
         assert!(store.get(Uuid::new_v4()).unwrap().is_none());
 
         let reopened = ApprovalStore::open(dir.path()).unwrap();
-        assert_eq!(reopened.get(pending.id).unwrap().unwrap().status, ApprovalStatus::Pending);
+        assert_eq!(
+            reopened.get(pending.id).unwrap().unwrap().status,
+            ApprovalStatus::Pending
+        );
         let after = reopened.get(executing.id).unwrap().unwrap();
         assert_eq!(after.status, ApprovalStatus::Failed);
         assert!(after.result.unwrap().contains("interrupted"));

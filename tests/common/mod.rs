@@ -78,6 +78,8 @@ impl TestServer {
             cert: paths.server_cert(),
             key: paths.server_key(),
             client_ca: paths.ca_cert(),
+            crl: None,
+            crl_reload_interval: Duration::from_secs(10),
         }
         .load()
         .unwrap();
@@ -131,6 +133,8 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         options: coffre::cli::dev_kms_options(),
         scheduler_interval: None,
         quorum: 1,
+        crl: None,
+        crl_reload_interval: Duration::from_secs(10),
     }
 }
 
