@@ -146,6 +146,10 @@ impl KeyStore for CountingStore {
         self.count();
         self.inner.count_versions(root)
     }
+    fn compact(&self) -> Result<(), StoreError> {
+        self.count();
+        self.inner.compact()
+    }
 }
 
 struct Fixture {

@@ -169,9 +169,10 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// may be destroyed, and when, is the caller's policy.
     ///
     /// The records no longer hold the material once this returns, but the
-    /// backend's files may (sled does: see `sled_store`'s "Erasure"): erasure
-    /// is only final once the HSM root key that wrapped the material is
-    /// rotated away and destroyed.
+    /// backend's files may (sled's do: see `sled_store`'s "Erasure") until
+    /// [`KeyStore::compact`] rewrites them. Copies outside the files
+    /// (deleted blocks, backups) are only made useless once the HSM root key
+    /// that wrapped the material is rotated away and destroyed.
     fn destroy_key(&self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), StoreError>;
 
     /// HSM root-key rotation: replaces the stored version `current` with
@@ -206,4 +207,17 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// under `root_key_id`, destroyed ones. For a root-key rotation's
     /// progress report.
     fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError>;
+
+    /// Rewrites the store so that no data of removed or overwritten records
+    /// remains in its files (for instance the material that
+    /// [`KeyStore::destroy_key`] erased from the records); expensive
+    /// (O(store size)), and reads and writes wait for it; durable before
+    /// return. The records are unchanged.
+    ///
+    /// [`StoreError::Io`] means the files may still hold such data (the
+    /// records are intact either way); depending on the backend, the store
+    /// may then refuse further calls until reopened, as after any failed
+    /// write. It says nothing of copies outside the store's files (deleted
+    /// blocks, SSD spare areas, copy-on-write snapshots, backups).
+    fn compact(&self) -> Result<(), StoreError>;
 }
