@@ -292,9 +292,18 @@ impl Kms {
                 }
             }
             if batch < 64 || !progressed || attempts > 100_000 {
-                return report;
+                break;
             }
         }
+        if !report.destroyed.is_empty() {
+            // Erase the destroyed material from the store's files too (sled
+            // keeps overwritten data in its log until rewritten).
+            if let Err(e) = self.blocking(|s| Ok(s.compact()?)).await {
+                tracing::error!(error = %e, "compaction after destruction failed; retried after the next destruction");
+                report.failed += 1;
+            }
+        }
+        report
     }
 
     /// Destroys `id` if it is still pending deletion and due at `now`.

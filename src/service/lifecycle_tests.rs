@@ -60,6 +60,24 @@ async fn new_key(kms: &Kms, rotation: Option<Duration>) -> KeyRef {
     KeyRef::Id(view.key.id)
 }
 
+/// Whether any file under `dir` contains `needle`.
+fn files_contain(dir: &Path, needle: &[u8]) -> bool {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
 fn is_precondition(e: &Error, state: &str) -> bool {
     match e {
         Error::FailedPrecondition(m) => m.contains(state),
@@ -169,6 +187,21 @@ async fn destruction_erases_the_material_everywhere() {
         .ciphertext_blob;
     let KeyRef::Id(id) = k else { unreachable!() };
     assert_eq!(kms.materials.len(), 2, "both versions cached");
+    let wrapped: Vec<String> = kms
+        .get_key(&op(), &k)
+        .await
+        .unwrap()
+        .versions
+        .iter()
+        .map(|v| hex::encode(&v.wrapped_material))
+        .collect();
+    let store_dir = dir.path().join("store");
+    assert!(
+        wrapped
+            .iter()
+            .all(|w| files_contain(&store_dir, w.as_bytes())),
+        "the store's files hold the wrapped material before destruction (so the check below can fail)"
+    );
 
     kms.schedule_key_deletion(&op(), &k, Some(7)).await.unwrap();
     clock.advance(DAY * 8);
@@ -194,6 +227,12 @@ async fn destruction_erases_the_material_everywhere() {
         .await
         .unwrap_err();
     assert!(is_precondition(&err, "DESTROYED"), "a clear error: {err:?}");
+    for w in &wrapped {
+        assert!(
+            !files_contain(&store_dir, w.as_bytes()),
+            "no trace of the wrapped material in any file of the store"
+        );
+    }
 
     // After a restart too.
     drop(kms);

@@ -64,7 +64,6 @@ impl Kms {
     }
 
     /// The rotation itself (authorization and quorum done).
-
     pub(super) async fn exec_rotate_root_key(
         &self,
         caller: &Caller,
