@@ -23,9 +23,14 @@ impl Drop for Guard {
 
 /// Starts `coffre dev` on port 0 and reads its address from the banner.
 pub fn start_dev(dir: &Path) -> (Guard, String) {
+    start_dev_with(dir, &[])
+}
+
+pub fn start_dev_with(dir: &Path, extra: &[&str]) -> (Guard, String) {
     let mut child = Command::new(COFFRE)
         .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -44,6 +44,10 @@ fn gen_req(key: &str, tenant: Option<&str>, why: i32) -> pb::GenerateDataKeyRequ
     }
 }
 
+fn uuid_nil() -> String {
+    "00000000-0000-0000-0000-000000000000".to_string()
+}
+
 fn denied(s: &Status) -> String {
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
     s.message().to_string()
@@ -274,6 +278,9 @@ async fn every_rpc_against_every_role() {
         ("ReEncrypt", false, true, false),
         ("GetHsmInfo", true, false, false),
         ("RotateRootKey", true, false, false),
+        ("ListApprovals", true, false, false),
+        ("ApproveOperation", true, false, false),
+        ("RejectOperation", true, false, false),
     ];
     for (who, column) in [
         ("operator", 1),
@@ -284,7 +291,8 @@ async fn every_rpc_against_every_role() {
         let channel = server.channel(who).await;
         let mut k = KeyServiceClient::new(channel.clone());
         let mut d = DataKeyServiceClient::new(channel.clone());
-        let mut h = HsmServiceClient::new(channel);
+        let mut h = HsmServiceClient::new(channel.clone());
+        let mut a = pb::approval_service_client::ApprovalServiceClient::new(channel);
         for (rpc, op, svc, aud) in matrix {
             let allowed = match column {
                 1 => *op,
@@ -411,6 +419,24 @@ async fn every_rpc_against_every_role() {
                     }
                     Err(e) => Err(e),
                 },
+                "ListApprovals" => a
+                    .list_approvals(pb::ListApprovalsRequest::default())
+                    .await
+                    .map(drop),
+                // No quorum configured: there is nothing to approve, so an
+                // allowed caller gets NOT_FOUND for an unknown approval.
+                "ApproveOperation" => a
+                    .approve_operation(pb::ApproveOperationRequest {
+                        approval_id: uuid_nil(),
+                    })
+                    .await
+                    .map(drop),
+                "RejectOperation" => a
+                    .reject_operation(pb::RejectOperationRequest {
+                        approval_id: uuid_nil(),
+                    })
+                    .await
+                    .map(drop),
                 other => panic!("no call for {other}"),
             };
             match (&result, allowed) {
@@ -419,6 +445,9 @@ async fn every_rpc_against_every_role() {
                 // deletion that is not scheduled): authorization passed.
                 (Err(s), true) if *rpc == "CancelKeyDeletion" => {
                     assert_eq!(s.code(), Code::FailedPrecondition, "{who} {rpc}: {s:?}")
+                }
+                (Err(s), true) if rpc.ends_with("Operation") => {
+                    assert_eq!(s.code(), Code::NotFound, "{who} {rpc}: {s:?}")
                 }
                 (Err(s), false) => {
                     assert_eq!(s.code(), Code::PermissionDenied, "{who} {rpc}: {s:?}")

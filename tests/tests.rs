@@ -16,4 +16,5 @@ mod format;
 mod lifecycle;
 mod policy;
 mod processes;
+mod quorum;
 mod tls;

@@ -305,4 +305,6 @@ impl Kms {
 #[cfg(test)]
 mod lifecycle_tests;
 #[cfg(test)]
+mod quorum_tests;
+#[cfg(test)]
 mod tests;

@@ -73,6 +73,9 @@ impl TestServer {
             Arc::new(StaticRoles::new(roles).with_attributes(attributes)),
             Arc::new(SystemClock),
             options,
+        )
+        .with_approval_store(
+            coffre::store::approvals::ApprovalStore::open(&dir.path().join("approvals")).unwrap(),
         );
         let tls = coffre::config::TlsPaths {
             cert: paths.server_cert(),
