@@ -70,17 +70,7 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedCache<K, V> {
     }
 
     pub fn insert(&self, key: K, value: V) {
-        let mut map = self.write();
-        if !map.contains_key(&key) && map.len() >= self.capacity {
-            Self::evict_one(&mut map);
-        }
-        map.insert(
-            key,
-            Slot {
-                value,
-                referenced: AtomicBool::new(false),
-            },
-        );
+        self.insert_if(key, value, || true);
     }
 
     /// Inserts only if `still_valid()` holds, evaluated under the map's

@@ -187,6 +187,23 @@ impl Kms {
         justification: AccessReason,
         context: &EncryptionContext,
     ) -> Result<Arc<KeyRecord>> {
+        let record = self
+            .permitted_key(caller, key, op, justification, context)
+            .await?;
+        ensure_enabled(caller, &record, op)?;
+        Ok(record)
+    }
+
+    /// The key the caller named, if its policy admits this use; a key that
+    /// does not exist gets the same answer as one it may not use.
+    async fn permitted_key(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        op: Operation,
+        justification: AccessReason,
+        context: &EncryptionContext,
+    ) -> Result<Arc<KeyRecord>> {
         let named = key.to_string();
         let record = match self.resolve(key).await {
             Ok(record) => record,
@@ -194,7 +211,6 @@ impl Kms {
             Err(e) => return Err(e),
         };
         self.check_policy(caller, &record, &named, op, justification, context)?;
-        ensure_enabled(caller, &record, op)?;
         Ok(record)
     }
 
@@ -226,13 +242,9 @@ impl Kms {
         let id = parsed.header.key_id;
         let version = parsed.header.key_version;
         if let Some(expected) = expected_key {
-            let named = expected.to_string();
-            let expected = match self.resolve(expected).await {
-                Ok(record) => record,
-                Err(Error::KeyNotFound(_)) => return Err(no_access(&named)),
-                Err(e) => return Err(e),
-            };
-            self.check_policy(caller, &expected, &named, op, justification, context)?;
+            let expected = self
+                .permitted_key(caller, expected, op, justification, context)
+                .await?;
             if expected.id != id {
                 tracing::debug!(blob_key = %id, expected = %expected.id, "blob belongs to another key");
                 return Err(Error::InvalidCiphertext);
