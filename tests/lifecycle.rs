@@ -163,7 +163,7 @@ fn root_key_rotation_survives_sigkill_and_resumes() {
         let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
         let mut data_keys = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
         let mut blobs = Vec::new();
-        for _ in 0..150 {
+        for _ in 0..300 {
             let key = keys
                 .create_key(pb::CreateKeyRequest::default())
                 .await

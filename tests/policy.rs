@@ -519,3 +519,72 @@ async fn a_runaway_service_is_rate_limited_without_starving_the_others() {
     }
     server.stop().await;
 }
+
+/// Moving a blob to another key needs the right to decrypt it where it is:
+/// otherwise a ReEncrypt grant would work as a Decrypt grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_encrypt_to_another_key_needs_decrypt_on_the_source() {
+    use pb::DataKeyOperation as Op;
+    let server = TestServer::start_with(&[
+        ("operator", Role::Operator, &[]),
+        ("svc", Role::Service, &[]),
+        ("writer", Role::Service, &[]),
+    ])
+    .await;
+    let mut keys = KeyServiceClient::new(server.channel("operator").await);
+    let grant = |ops: &[Op]| pb::KeyPolicy {
+        grants: vec![
+            pb::Grant {
+                principal: "spiffe://coffre.dev/svc".into(),
+                operations: ops.iter().map(|o| *o as i32).collect(),
+            },
+            pb::Grant {
+                principal: "spiffe://coffre.dev/writer".into(),
+                operations: vec![Op::GenerateDataKey as i32],
+            },
+        ],
+        required_context: Default::default(),
+        accepted_reasons: vec![WHY],
+    };
+    for (alias, ops) in [
+        ("source", vec![Op::ReEncrypt]),
+        ("mine", vec![Op::ReEncrypt, Op::Decrypt]),
+    ] {
+        keys.create_key(pb::CreateKeyRequest {
+            alias: alias.into(),
+            policy: Some(grant(&ops)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let blob = DataKeyServiceClient::new(server.channel("writer").await)
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_id: "source".into(),
+            justification: WHY,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext_blob;
+    let mut svc = DataKeyServiceClient::new(server.channel("svc").await);
+    let move_to = |dest: &str| pb::ReEncryptRequest {
+        ciphertext_blob: blob.clone(),
+        destination_key_id: dest.into(),
+        justification: WHY,
+        ..Default::default()
+    };
+    // Same key: allowed (the caller cannot read it either way).
+    svc.re_encrypt(move_to("")).await.unwrap();
+    // To a key it can decrypt: refused without Decrypt on the source.
+    denied(&svc.re_encrypt(move_to("mine")).await.unwrap_err());
+    keys.update_key_policy(pb::UpdateKeyPolicyRequest {
+        key_id: "source".into(),
+        policy: Some(grant(&[Op::ReEncrypt, Op::Decrypt])),
+    })
+    .await
+    .unwrap();
+    svc.re_encrypt(move_to("mine")).await.unwrap();
+    server.stop().await;
+}

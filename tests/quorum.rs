@@ -68,7 +68,7 @@ fn two_person_rule_from_the_cli() {
         &["approval", "approve", &other, "--as", "operator-2"],
     );
     assert!(
-        !ok && stderr.contains("REJECTED") || stderr.contains("Rejected"),
+        !ok && (stderr.contains("REJECTED") || stderr.contains("Rejected")),
         "{stderr}"
     );
 

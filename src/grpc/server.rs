@@ -26,6 +26,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (new connections queue in the kernel's backlog).
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
+/// How long one client connection may live before the server closes it
+/// (gracefully): a revoked certificate is refused at the next handshake.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+
 /// Serves until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
     kms: Arc<Kms>,
@@ -72,7 +76,12 @@ pub async fn serve(
     };
 
     let (incoming, acceptor) = tls_incoming(listener, TlsAcceptor::from(tls.config));
+    // Revocation and expiry are checked at the handshake: bound how long a
+    // connection lives so that a revoked certificate is cut off within
+    // minutes, not whenever the client reconnects.
     let result = Server::builder()
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .max_connection_age_grace(Duration::from_secs(30))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(key_service)

@@ -165,6 +165,24 @@ impl Kms {
                 destination_context,
             )
             .await?;
+        if record.id != opened.key_id {
+            // Moving a blob to another key lets the caller read it there: it
+            // needs the right to decrypt under the source key too, or a
+            // ReEncrypt grant would work as a Decrypt grant.
+            let named = opened.key_id.to_string();
+            let source = self
+                .record(opened.key_id)
+                .await?
+                .ok_or_else(|| no_access(&named))?;
+            self.check_policy(
+                caller,
+                &source,
+                &named,
+                Operation::Decrypt,
+                justification,
+                source_context,
+            )?;
+        }
         let digest = crypto::context_digest(destination_context);
         let new_blob = self
             .seal(&record, &digest, opened.plaintext.expose())

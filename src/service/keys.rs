@@ -71,6 +71,10 @@ impl Kms {
         }
 
         let id = KeyId::new_random();
+        // Wrapped under the write guard, so that an HSM root-key rotation
+        // (which checks the store under the same guard before destroying an
+        // old root key) cannot miss this version.
+        let guard = self.begin_write().await;
         let (version, material) = self.new_version(id, 1).await?;
         let record = KeyRecord {
             id,
@@ -90,7 +94,6 @@ impl Kms {
             policy,
         };
 
-        let guard = self.begin_write().await;
         let (stored, first) = (record.clone(), version.clone());
         self.blocking(move |s| {
             s.create_key(&stored, &first).map_err(|e| match e {
@@ -235,18 +238,40 @@ impl Kms {
 
     pub async fn enable_key(&self, caller: &Caller, key: &KeyRef) -> Result<Arc<KeyRecord>> {
         self.authorize(caller, Operation::EnableKey)?;
-        let record = self.resolve(key).await?;
-        // Enabling a disabled key is sensitive; the other cases change
-        // nothing or are refused by change_state.
-        if record.state == KeyState::Disabled {
-            self.gate(
-                caller,
-                crate::store::approvals::SensitiveOperation::EnableKey { key_id: record.id },
-            )
-            .await?;
+        let id = self.resolve(key).await?.id;
+        // Enabling a disabled key is sensitive. Decide from the stored record
+        // under the write guard, and change it under the same guard, so that
+        // a DisableKey racing with this call cannot be undone without the
+        // approvals.
+        let guard = self.begin_write().await;
+        let current = self.fresh_record(id).await?;
+        match current.state {
+            KeyState::Enabled => return Ok(self.publish(&guard, current)),
+            KeyState::Disabled => {
+                self.gate(
+                    caller,
+                    crate::store::approvals::SensitiveOperation::EnableKey { key_id: id },
+                )
+                .await?;
+            }
+            state => {
+                let hint = if state == KeyState::PendingDeletion {
+                    " (cancel the deletion first)"
+                } else {
+                    ""
+                };
+                return Err(Error::FailedPrecondition(format!(
+                    "key {id} is {state}: it cannot become ENABLED{hint}"
+                )));
+            }
         }
-        self.change_state(caller, &KeyRef::Id(record.id), KeyState::Enabled)
-            .await
+        let mut next = current.clone();
+        next.state = KeyState::Enabled;
+        let stored = next.clone();
+        self.blocking(move |s| Ok(s.compare_and_swap_key(&current, &stored)?))
+            .await?;
+        tracing::info!(key_id = %id, principal = %caller.principal, "key enabled");
+        Ok(self.publish(&guard, next))
     }
 
     /// ENABLED ⇄ DISABLED. Asking for the state a key is already in succeeds

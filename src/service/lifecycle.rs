@@ -16,6 +16,7 @@
 //! Time comes from the injected [`crate::model::Clock`].
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Kms;
@@ -295,11 +296,27 @@ impl Kms {
                 break;
             }
         }
-        if !report.destroyed.is_empty() {
-            // Erase the destroyed material from the store's files too (sled
-            // keeps overwritten data in its log until rewritten).
+        // Erase destroyed material from the store's files too (sled keeps
+        // overwritten data in its log until rewritten). Also on the first
+        // pass after a start if any key is destroyed — a crash may have come
+        // between a destruction and its compaction — and after a failed one.
+        let first_pass = !self.started_compaction_check.swap(true, Ordering::SeqCst);
+        let mut compact =
+            !report.destroyed.is_empty() || self.compaction_due.swap(false, Ordering::SeqCst);
+        if first_pass && !compact {
+            let filter = crate::store::KeyFilter {
+                state: Some(KeyState::Destroyed),
+                alias_prefix: None,
+            };
+            compact = self
+                .blocking(move |s| Ok(!s.list_keys(&filter, None, 1)?.is_empty()))
+                .await
+                .unwrap_or(true);
+        }
+        if compact {
             if let Err(e) = self.blocking(|s| Ok(s.compact()?)).await {
-                tracing::error!(error = %e, "compaction after destruction failed; retried after the next destruction");
+                tracing::error!(error = %e, "compaction after destruction failed; retried on the next pass");
+                self.compaction_due.store(true, Ordering::SeqCst);
                 report.failed += 1;
             }
         }

@@ -107,6 +107,10 @@ pub struct Kms {
     write_epoch: AtomicU64,
     /// One HSM root-key rotation at a time.
     root_rotation: Mutex<()>,
+    /// The scheduler has checked, since start, whether a compaction is owed.
+    started_compaction_check: std::sync::atomic::AtomicBool,
+    /// A compaction failed and must be retried.
+    compaction_due: std::sync::atomic::AtomicBool,
 }
 
 /// Held for the whole of a key change: serializes writers and keeps the
@@ -147,6 +151,8 @@ impl Kms {
             write_lock: Mutex::new(()),
             write_epoch: AtomicU64::new(0),
             root_rotation: Mutex::new(()),
+            started_compaction_check: std::sync::atomic::AtomicBool::new(false),
+            compaction_due: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

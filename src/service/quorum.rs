@@ -66,6 +66,10 @@ impl Kms {
         }
         let store = self.approval_store()?;
         let now = self.clock.now();
+        let key_fingerprint = match op.key_id() {
+            Some(id) => Some(fingerprint(&self.fresh_record(id).await?)),
+            None => None,
+        };
         let approval = Approval {
             id: Uuid::new_v4(),
             operation: op,
@@ -77,6 +81,7 @@ impl Kms {
             created_at: now,
             expires_at: now.plus(self.quorum.expiry),
             result: None,
+            key_fingerprint,
         };
         let stored = approval.clone();
         let store_dir = store;
@@ -136,7 +141,14 @@ impl Kms {
         let mut out = Vec::new();
         for mut a in all {
             if self.expire_if_due(&mut a) {
-                self.save_approval(&a).await?;
+                // Re-read under the lock: an approval may have closed it
+                // meanwhile, and its outcome must not be overwritten.
+                let _one_at_a_time = self.approval_lock.lock().await;
+                let mut fresh = self.load_approval(a.id).await?;
+                if self.expire_if_due(&mut fresh) {
+                    self.save_approval(&fresh).await?;
+                }
+                a = fresh;
             }
             if include_closed || a.status == ApprovalStatus::Pending {
                 out.push(a);
@@ -200,7 +212,7 @@ impl Kms {
         }
         a.status = ApprovalStatus::Executing;
         self.save_approval(&a).await?;
-        let outcome = self.execute(caller, &a.operation).await;
+        let outcome = self.execute(caller, &a).await;
         match outcome {
             Ok(summary) => {
                 a.status = ApprovalStatus::Executed;
@@ -216,8 +228,17 @@ impl Kms {
         Ok(a)
     }
 
-    /// Runs an approved operation (authorization and quorum already done).
-    async fn execute(&self, caller: &Caller, op: &SensitiveOperation) -> Result<String> {
+    /// Runs an approved operation (authorization and quorum already done),
+    /// if the key is still as it was when proposed.
+    async fn execute(&self, caller: &Caller, approval: &Approval) -> Result<String> {
+        let op = &approval.operation;
+        if let (Some(id), Some(expected)) = (op.key_id(), &approval.key_fingerprint) {
+            if fingerprint(&self.fresh_record(id).await?) != *expected {
+                return Err(Error::FailedPrecondition(format!(
+                    "key {id} changed (state or policy) since the proposal; propose again"
+                )));
+            }
+        }
         match op {
             SensitiveOperation::ScheduleKeyDeletion {
                 key_id,
@@ -267,6 +288,13 @@ impl Kms {
             }
         }
     }
+}
+
+/// A digest of what an approval about a key depends on: its state and
+/// policy.
+fn fingerprint(record: &crate::model::KeyRecord) -> String {
+    let material = serde_json::to_vec(&(&record.state, &record.policy)).unwrap_or_default();
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, &material))
 }
 
 pub fn parse_approval_id(raw: &str) -> Result<Uuid> {

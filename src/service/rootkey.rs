@@ -142,6 +142,10 @@ impl Kms {
             }
         }
 
+        // Under the write guard: no version can be created or rotated (and
+        // wrapped under an old root key) between this check and the
+        // destruction of the old root keys.
+        let _no_new_versions = self.begin_write().await;
         let left = self
             .blocking(move |s| Ok(s.count_versions(new_root)?.not_under_root))
             .await?;

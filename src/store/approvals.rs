@@ -123,6 +123,11 @@ pub struct Approval {
     pub expires_at: Timestamp,
     /// What the operation returned (or why it failed).
     pub result: Option<String>,
+    /// For operations on a key: a digest of the key's state and policy when
+    /// proposed. The operation runs only if they are still the same, so an
+    /// old proposal cannot undo a newer change.
+    #[serde(default)]
+    pub key_fingerprint: Option<String>,
 }
 
 /// The directory of approvals.
@@ -164,7 +169,10 @@ impl ApprovalStore {
     /// Writes `approval` durably (atomic replace).
     pub fn put(&self, approval: &Approval) -> Result<(), StoreError> {
         let path = self.path(approval.id);
-        let tmp = self.dir.join(format!("{}.json.tmp", approval.id));
+        // A unique temporary name: concurrent writers never share one file.
+        let tmp = self
+            .dir
+            .join(format!("{}.{}.tmp", approval.id, Uuid::new_v4().simple()));
         let bytes = serde_json::to_vec_pretty(approval)
             .map_err(|e| StoreError::Corrupt(format!("encoding an approval: {e}")))?;
         let mut f = fs::File::create(&tmp).map_err(|e| io(e, "creating", &tmp))?;
@@ -227,6 +235,7 @@ mod tests {
             created_at: Timestamp(1),
             expires_at: Timestamp(2),
             result: None,
+            key_fingerprint: None,
         }
     }
 
