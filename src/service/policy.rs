@@ -12,7 +12,7 @@
 use super::Kms;
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
-use crate::model::{AccessReason, DataKeyOperation, EncryptionContext, KeyRecord};
+use crate::model::{AccessReason, DataKeyOperation, EncryptionContext, KeyPolicy, KeyRecord};
 
 /// The one answer for "no such key" and "not yours": identical messages.
 pub(super) fn no_access(key_named: &str) -> Error {
@@ -46,9 +46,62 @@ fn reason_name(r: AccessReason) -> &'static str {
     }
 }
 
+/// Why a policy refused a use (before it is turned into a message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// No grant for this principal and operation.
+    NoGrant,
+    /// The justification is not accepted.
+    Reason,
+    /// A context rule does not hold; the message says which.
+    Context(String),
+}
+
+/// The policy decision, as a pure function of its inputs: steps 1 to 3 of
+/// the module docs. `attribute` looks up the caller's configured attributes.
+pub(super) fn evaluate(
+    policy: &KeyPolicy,
+    principal: &str,
+    attribute: impl Fn(&str) -> Option<String>,
+    op: DataKeyOperation,
+    reason: AccessReason,
+    context: &EncryptionContext,
+) -> Result<(), Refusal> {
+    let granted = policy
+        .grants
+        .iter()
+        .any(|g| g.principal == principal && g.operations.contains(&op));
+    if !granted {
+        return Err(Refusal::NoGrant);
+    }
+    if !policy.accepted_reasons.contains(&reason) {
+        return Err(Refusal::Reason);
+    }
+    for (name, rule) in &policy.required_context {
+        let Some(value) = context.entries().get(name) else {
+            return Err(Refusal::Context(format!(
+                "requires the encryption context key {name:?}"
+            )));
+        };
+        if !rule.values.is_empty() && !rule.values.contains(value) {
+            return Err(Refusal::Context(format!(
+                "does not allow this value of the encryption context key {name:?}"
+            )));
+        }
+        if let Some(attr) = &rule.equals_caller_attribute {
+            if attribute(attr).as_deref() != Some(value.as_str()) {
+                return Err(Refusal::Context(format!(
+                    "requires the encryption context value of {name:?} to equal your {attr:?} attribute"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Kms {
     /// Steps 1 to 3 above for `record` (which the caller named as
-    /// `key_named`).
+    /// `key_named`), with the refusal logged and turned into an error.
     pub(super) fn check_policy(
         &self,
         caller: &Caller,
@@ -58,64 +111,199 @@ impl Kms {
         reason: AccessReason,
         context: &EncryptionContext,
     ) -> Result<()> {
-        let policy = &record.policy;
-        let granted = data_key_operation(op).is_some_and(|dop| {
-            policy
-                .grants
-                .iter()
-                .any(|g| g.principal == caller.principal && g.operations.contains(&dop))
-        });
-        if !granted {
-            tracing::warn!(principal = %caller.principal, key = key_named, operation = op.name(), "refused: no grant (or no such key)");
+        let Some(dop) = data_key_operation(op) else {
             return Err(no_access(key_named));
-        }
-        if !policy.accepted_reasons.contains(&reason) {
-            tracing::warn!(principal = %caller.principal, key_id = %record.id, operation = op.name(), justification = reason_name(reason), "refused justification");
-            return Err(Error::PermissionDenied(format!(
-                "the justification {} is not accepted by the policy of key {}",
-                reason_name(reason),
-                record.id
-            )));
-        }
-        for (name, rule) in &policy.required_context {
-            let Some(value) = context.entries().get(name) else {
-                return Err(self.context_refusal(
-                    caller,
-                    record,
-                    op,
-                    format!(
-                        "the policy of key {} requires the encryption context key {name:?}",
-                        record.id
-                    ),
-                ));
-            };
-            if !rule.values.is_empty() && !rule.values.contains(value) {
-                return Err(self.context_refusal(caller, record, op, format!(
-                    "the encryption context value of {name:?} is not allowed by the policy of key {}",
+        };
+        let outcome = evaluate(
+            &record.policy,
+            &caller.principal,
+            |name| self.authz.attribute(caller, name),
+            dop,
+            reason,
+            context,
+        );
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(Refusal::NoGrant) => {
+                tracing::warn!(principal = %caller.principal, key = key_named, operation = op.name(), "refused: no grant (or no such key)");
+                Err(no_access(key_named))
+            }
+            Err(Refusal::Reason) => {
+                tracing::warn!(principal = %caller.principal, key_id = %record.id, operation = op.name(), justification = reason_name(reason), "refused justification");
+                Err(Error::PermissionDenied(format!(
+                    "the justification {} is not accepted by the policy of key {}",
+                    reason_name(reason),
                     record.id
-                )));
+                )))
             }
-            if let Some(attribute) = &rule.equals_caller_attribute {
-                let own = self.authz.attribute(caller, attribute);
-                if own.as_deref() != Some(value.as_str()) {
-                    return Err(self.context_refusal(caller, record, op, format!(
-                        "the encryption context value of {name:?} must equal your {attribute:?} attribute (policy of key {})",
-                        record.id
-                    )));
-                }
+            Err(Refusal::Context(why)) => {
+                tracing::warn!(principal = %caller.principal, key_id = %record.id, operation = op.name(), reason = %why, "refused by a context rule");
+                Err(Error::PermissionDenied(format!(
+                    "the policy of key {} {why}",
+                    record.id
+                )))
             }
         }
-        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{ContextRule, Grant};
+
+    fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
+        EncryptionContext::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
     }
 
-    fn context_refusal(
-        &self,
-        caller: &Caller,
-        record: &KeyRecord,
-        op: Operation,
-        msg: String,
-    ) -> Error {
-        tracing::warn!(principal = %caller.principal, key_id = %record.id, operation = op.name(), reason = %msg, "refused by context rule");
-        Error::PermissionDenied(msg)
+    fn policy() -> KeyPolicy {
+        KeyPolicy {
+            grants: vec![Grant {
+                principal: "svc".into(),
+                operations: [DataKeyOperation::Decrypt].into_iter().collect(),
+            }],
+            required_context: BTreeMap::from([
+                (
+                    "tenant".to_string(),
+                    ContextRule {
+                        values: Default::default(),
+                        equals_caller_attribute: Some("tenant".into()),
+                    },
+                ),
+                (
+                    "class".to_string(),
+                    ContextRule {
+                        values: ["public".to_string(), "internal".to_string()]
+                            .into_iter()
+                            .collect(),
+                        equals_caller_attribute: None,
+                    },
+                ),
+            ]),
+            ..KeyPolicy::default()
+        }
+    }
+
+    fn attrs(name: &str) -> Option<String> {
+        (name == "tenant").then(|| "acme".to_string())
+    }
+
+    const OK_REASON: AccessReason = AccessReason::CustomerInitiatedAccess;
+
+    #[test]
+    fn allowed_when_every_rule_holds() {
+        let c = ctx(&[("tenant", "acme"), ("class", "internal"), ("extra", "x")]);
+        assert_eq!(
+            evaluate(
+                &policy(),
+                "svc",
+                attrs,
+                DataKeyOperation::Decrypt,
+                OK_REASON,
+                &c
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn grants_are_per_principal_and_operation() {
+        let c = ctx(&[("tenant", "acme"), ("class", "public")]);
+        let p = policy();
+        assert_eq!(
+            evaluate(&p, "other", attrs, DataKeyOperation::Decrypt, OK_REASON, &c),
+            Err(Refusal::NoGrant)
+        );
+        assert_eq!(
+            evaluate(&p, "svc", attrs, DataKeyOperation::Encrypt, OK_REASON, &c),
+            Err(Refusal::NoGrant)
+        );
+        assert_eq!(
+            evaluate(
+                &KeyPolicy::default(),
+                "svc",
+                attrs,
+                DataKeyOperation::Decrypt,
+                OK_REASON,
+                &c
+            ),
+            Err(Refusal::NoGrant),
+            "deny by default"
+        );
+    }
+
+    #[test]
+    fn the_default_reasons_refuse_foreign_demands_and_silence() {
+        let c = ctx(&[("tenant", "acme"), ("class", "public")]);
+        for reason in [
+            AccessReason::ThirdPartyDataRequest,
+            AccessReason::Unspecified,
+        ] {
+            assert_eq!(
+                evaluate(
+                    &policy(),
+                    "svc",
+                    attrs,
+                    DataKeyOperation::Decrypt,
+                    reason,
+                    &c
+                ),
+                Err(Refusal::Reason)
+            );
+        }
+        for reason in [
+            AccessReason::CustomerInitiatedAccess,
+            AccessReason::CustomerInitiatedSupport,
+            AccessReason::ProviderInitiatedService,
+            AccessReason::ProviderSystemOperation,
+            AccessReason::ProviderInitiatedReview,
+        ] {
+            assert_eq!(
+                evaluate(
+                    &policy(),
+                    "svc",
+                    attrs,
+                    DataKeyOperation::Decrypt,
+                    reason,
+                    &c
+                ),
+                Ok(())
+            );
+        }
+    }
+
+    #[test]
+    fn context_rules_and_identity_binding() {
+        let p = policy();
+        let refused = |c: &EncryptionContext| {
+            matches!(
+                evaluate(&p, "svc", attrs, DataKeyOperation::Decrypt, OK_REASON, c),
+                Err(Refusal::Context(_))
+            )
+        };
+        assert!(refused(&ctx(&[("class", "public")])), "tenant missing");
+        assert!(
+            refused(&ctx(&[("tenant", "globex"), ("class", "public")])),
+            "another tenant"
+        );
+        assert!(
+            refused(&ctx(&[("tenant", "acme"), ("class", "secret")])),
+            "value not allowed"
+        );
+        assert!(refused(&ctx(&[("tenant", "acme")])), "class missing");
+        // A caller without the attribute never matches.
+        assert!(matches!(
+            evaluate(
+                &p,
+                "svc",
+                |_| None,
+                DataKeyOperation::Decrypt,
+                OK_REASON,
+                &ctx(&[("tenant", ""), ("class", "public")])
+            ),
+            Err(Refusal::Context(_))
+        ));
     }
 }
