@@ -305,6 +305,16 @@ impl Config {
             }
         }
 
+        let operators = roles.values().filter(|r| **r == Role::Operator).count();
+        let quorum = quorum_options(raw.quorum)?;
+        if let Some(m) = quorum.approvals_required.values().max() {
+            if usize::try_from(*m).unwrap_or(usize::MAX) > operators.max(1) {
+                bail!(
+                    "quorum: {m} approvals are required but only {operators} operators are configured: \
+                     the operations could never be approved"
+                );
+            }
+        }
         let defaults = KmsOptions::default();
         for (who, limit) in raw
             .rate_limits
@@ -335,7 +345,7 @@ impl Config {
                 .max(1),
             default_policy,
             rate_limits: raw.rate_limits,
-            quorum: quorum_options(raw.quorum)?,
+            quorum,
         };
 
         let crl_reload_interval = match (&raw.tls.crl, raw.tls.crl_reload_secs) {
@@ -498,13 +508,22 @@ burst = 10
     fn parses_quorum() {
         use crate::store::approvals::SensitiveKind;
         let text = format!(
-            "{GOOD}\n{}",
+            "{}\n{}",
+            GOOD.replace(r#"operator = ["op"]"#, r#"operator = ["op", "op2", "op3"]"#),
             "[quorum]\napprovals_required = 2\n[quorum.operations]\nScheduleKeyDeletion = 3\n"
         );
         let q = Config::parse(&text).unwrap().options.quorum;
         assert_eq!(q.required(SensitiveKind::ScheduleKeyDeletion), 3);
         assert_eq!(q.required(SensitiveKind::EnableKey), 2);
         assert!(Config::parse(&text.replace("= 3", "= 0")).is_err());
+        let err = format!(
+            "{:#}",
+            Config::parse(&text.replace("= 3", "= 4")).unwrap_err()
+        );
+        assert!(
+            err.contains("only 3 operators"),
+            "an unreachable quorum: {err}"
+        );
         assert_eq!(
             Config::parse(GOOD)
                 .unwrap()
