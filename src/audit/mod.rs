@@ -4,7 +4,7 @@
 //! - [`record`]: [`AuditRecord`] and its canonical encoding (what is hashed).
 //! - [`chain`]: [`AuditLog`], the append-only writer over a JSON-lines file,
 //!   and [`Checkpoint`]s signed by a [`CheckpointSigner`] (Ed25519).
-//! - [`verify`]: the offline verifier an auditor runs on an exported log.
+//! - [`mod@verify`]: the offline verifier an auditor runs on an exported log.
 //!
 //! # File format
 //!
