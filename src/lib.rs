@@ -15,10 +15,13 @@
 //! - [`hsm`], [`store`]: the seams (`Hsm`, `KeyStore`) and their backends.
 //! - [`envelope`], [`crypto`]: the wrapped-key format v1 and its cryptography.
 //! - [`secret`], [`model`], [`error`]: shared types.
+//! - [`audit`]: the tamper-evident audit log (hash chain, signed checkpoints,
+//!   offline verifier). Not yet wired into the server.
 //! - [`cli`]: the `coffre` command (dev, serve, and the operator client).
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod authz;
 pub mod cli;
 pub mod config;

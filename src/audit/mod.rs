@@ -1,0 +1,69 @@
+//! The audit log (issue #5): one record per request, in a hash chain, with
+//! signed checkpoints, verifiable offline.
+//!
+//! - [`record`]: [`AuditRecord`] and its canonical encoding (what is hashed).
+//! - [`chain`]: [`AuditLog`], the append-only writer over a JSON-lines file,
+//!   and [`Checkpoint`]s signed by a [`CheckpointSigner`] (Ed25519).
+//! - [`mod@verify`]: the offline verifier an auditor runs on an exported log.
+//!
+//! # File format
+//!
+//! UTF-8, one JSON object per line, each line ending in `\n`. A line is
+//! either a record (the fields of [`AuditRecord`], as an object) or a
+//! checkpoint, wrapped as `{"checkpoint": {...}}`. Records carry `seq`
+//! 1, 2, 3, ... without gaps; the first record's `prev_hash` is 64 zeros
+//! (`GENESIS_HASH`), every other record's `prev_hash` is the previous record's
+//! `hash`. A checkpoint signs (`seq`, `head_hash`) of the record just before
+//! it.
+//!
+//! A log may instead start with an *anchor* checkpoint (a log whose older
+//! records were archived away): its signature is checked, and the first
+//! record must then continue from the anchor's `seq` and `head_hash`.
+//!
+//! # What the chain proves, precisely
+//!
+//! With the checkpoint public key (obtained out of band), [`verify::verify`]
+//! detects any edit of a record, any deletion, insertion or reordering of
+//! records *that is followed by a checkpoint or an unmodified record*, a
+//! forged or altered checkpoint, and the removal of records that a surviving
+//! checkpoint covers. It cannot detect, from the file alone, the removal or
+//! rewriting of the records *after the last checkpoint* (the tail is only
+//! hash-chained, and anyone can recompute a chain): truncating the file at
+//! any point, including its checkpoints, yields a shorter, valid-looking log.
+//! Truncation is detected against a checkpoint the auditor obtained
+//! independently (a previous export, a published head): pass it to
+//! [`verify::verify_with_checkpoint`], and a log that does not reach it fails.
+//! The writer bounds the unprotected tail by checkpointing every N records or
+//! T seconds.
+
+pub mod chain;
+pub mod record;
+pub mod verify;
+
+pub use chain::{
+    AuditLog, AuditLogOptions, Checkpoint, CheckpointPolicy, CheckpointSigner, Durability,
+};
+pub use record::{AuditDigestKey, AuditEntry, AuditRecord, GENESIS_HASH, Outcome};
+pub use verify::{VerifyError, VerifyFailure, VerifyReport, verify, verify_with_checkpoint};
+
+/// Errors of the audit log writer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    #[error("audit log I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The existing file is not a valid log (other than a torn last line).
+    #[error("audit log is corrupt: {0}")]
+    Corrupt(#[from] VerifyError),
+    /// Another process holds the log's lock.
+    #[error("audit log is locked by another process")]
+    Locked,
+    /// An earlier write failed part-way; the log refuses further appends
+    /// until it is reopened (which truncates a torn line). Fail closed.
+    #[error("audit log unusable after an earlier write failure; reopen it")]
+    Poisoned,
+    #[error("invalid checkpoint signing key")]
+    InvalidKey,
+    #[error("cannot encode an audit record: {0}")]
+    Encode(String),
+}
