@@ -10,6 +10,7 @@
 
 mod common;
 
+mod audit;
 mod cli;
 mod e2e;
 mod format;

@@ -4,6 +4,7 @@
 //! Flags are parsed once by clap into the types below; the client commands
 //! talk to the server over gRPC with mTLS, exactly as any other client does.
 
+mod audit;
 mod client;
 mod output;
 mod server;
@@ -49,6 +50,9 @@ pub enum Command {
     /// Approve or reject sensitive operations (M-of-N quorum; operator).
     #[command(subcommand)]
     Approval(ApprovalCommand),
+    /// The audit log (auditor).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Wrap a small secret (at most 4096 bytes) under a key (service).
     Encrypt(EncryptArgs),
     /// Unwrap a ciphertext blob (service).
@@ -239,6 +243,22 @@ pub enum KeyCommand {
         below: u32,
         #[command(flatten)]
         connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify an exported audit log offline: every record's hash, the hash
+    /// chain, and every checkpoint's Ed25519 signature. Names the first bad
+    /// record and exits non-zero on failure.
+    Verify {
+        /// The log, JSON lines (records and checkpoints).
+        file: PathBuf,
+        /// The audit public key (PEM), e.g. DIR/audit-public-key.pem.
+        #[arg(long)]
+        public_key: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -447,6 +467,7 @@ pub fn main() -> ExitCode {
             Command::Datakey(cmd) => client::datakey(cmd).await,
             Command::Hsm(cmd) => client::hsm(cmd).await,
             Command::Approval(cmd) => client::approval(cmd).await,
+            Command::Audit(cmd) => audit::run(cmd),
             Command::Encrypt(args) => client::encrypt(args).await,
             Command::Decrypt(args) => client::decrypt(args).await,
         }
