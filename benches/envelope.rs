@@ -87,6 +87,8 @@ fn benches(c: &mut Criterion) {
                         key_version: Some(1),
                         context_digest: None,
                         justification: Some("CUSTOMER_INITIATED_ACCESS".into()),
+                        context: None,
+                        detail: None,
                         outcome: Outcome::Allowed,
                         status_code: "OK".into(),
                     }))

@@ -76,10 +76,14 @@ pub enum Operation {
     ListApprovals,
     ApproveOperation,
     RejectOperation,
+    ListAuditEvents,
+    GetAuditCheckpoint,
+    ExportAuditLog,
+    TailAuditEvents,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 21] = [
+    pub const ALL: [Operation; 25] = [
         Operation::CreateKey,
         Operation::GetKey,
         Operation::ListKeys,
@@ -101,6 +105,10 @@ impl Operation {
         Operation::ListApprovals,
         Operation::ApproveOperation,
         Operation::RejectOperation,
+        Operation::ListAuditEvents,
+        Operation::GetAuditCheckpoint,
+        Operation::ExportAuditLog,
+        Operation::TailAuditEvents,
     ];
 
     pub fn name(self) -> &'static str {
@@ -126,6 +134,10 @@ impl Operation {
             Operation::ListApprovals => "ListApprovals",
             Operation::ApproveOperation => "ApproveOperation",
             Operation::RejectOperation => "RejectOperation",
+            Operation::ListAuditEvents => "ListEvents",
+            Operation::GetAuditCheckpoint => "GetCheckpoint",
+            Operation::ExportAuditLog => "ExportLog",
+            Operation::TailAuditEvents => "TailEvents",
         }
     }
 
@@ -153,6 +165,10 @@ impl Operation {
             | Operation::Encrypt
             | Operation::Decrypt
             | Operation::ReEncrypt => Role::Service,
+            Operation::ListAuditEvents
+            | Operation::GetAuditCheckpoint
+            | Operation::ExportAuditLog
+            | Operation::TailAuditEvents => Role::Auditor,
         }
     }
 }

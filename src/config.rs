@@ -90,7 +90,94 @@ struct RawConfig {
     rate_limits: crate::service::RateLimits,
     #[serde(default)]
     quorum: RawQuorum,
+    #[serde(default)]
+    audit: AuditConfig,
 }
+
+/// `[audit]`: the audit log.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The log file (default `DATA_DIR/audit.log`).
+    pub path: Option<PathBuf>,
+    /// `write` (default: each record reaches the OS before the response; it
+    /// survives a crash of coffre) or `fsync` (it reaches the disk; group
+    /// commit: concurrent requests share one fsync).
+    #[serde(default)]
+    pub durability: AuditDurability,
+    /// A signed checkpoint after this many records (default 1000)…
+    pub checkpoint_every_records: Option<u64>,
+    /// …or after this many seconds (default 60), whichever comes first.
+    pub checkpoint_every_secs: Option<u64>,
+    /// Records older than this are pruned, down to a signed anchor
+    /// checkpoint (default: keep everything).
+    pub retention_days: Option<u32>,
+    /// Encryption-context keys whose values records show in clear; `"*"`
+    /// for all. Default: none (only a keyed digest).
+    #[serde(default)]
+    pub clear_context_keys: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDurability {
+    #[default]
+    Write,
+    Fsync,
+}
+
+impl AuditConfig {
+    /// The log's path, given the data directory.
+    pub fn path_in(&self, data_dir: &Path) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| data_dir.join(AUDIT_LOG_FILE))
+    }
+
+    pub fn auditor_options(&self) -> anyhow::Result<crate::audit::AuditorOptions> {
+        use crate::audit::{
+            AuditLogOptions, AuditorOptions, CheckpointPolicy, ClearContext, Durability,
+        };
+        let every_records = self.checkpoint_every_records.unwrap_or(1000);
+        let every_secs = self.checkpoint_every_secs.unwrap_or(60);
+        if every_records == 0 || every_secs == 0 {
+            bail!(
+                "audit.checkpoint_every_records and audit.checkpoint_every_secs must be at least 1"
+            );
+        }
+        if self.retention_days == Some(0) {
+            bail!("audit.retention_days must be at least 1");
+        }
+        let clear_context = if self.clear_context_keys.is_empty() {
+            ClearContext::None
+        } else if self.clear_context_keys.iter().any(|k| k == "*") {
+            ClearContext::All
+        } else {
+            ClearContext::Keys(self.clear_context_keys.iter().cloned().collect())
+        };
+        Ok(AuditorOptions {
+            log: AuditLogOptions {
+                durability: match self.durability {
+                    AuditDurability::Write => Durability::Write,
+                    AuditDurability::Fsync => Durability::Fsync,
+                },
+                checkpoints: CheckpointPolicy {
+                    every_records,
+                    every: Duration::from_secs(every_secs),
+                },
+                clock: std::sync::Arc::new(crate::model::SystemClock),
+            },
+            clear_context,
+            retention: self
+                .retention_days
+                .map(|d| Duration::from_secs(u64::from(d) * 86_400)),
+            housekeeping_interval: Duration::from_secs(1),
+        })
+    }
+}
+
+/// The audit log's file name in a data directory.
+pub const AUDIT_LOG_FILE: &str = "audit.log";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,6 +326,7 @@ pub struct Config {
     pub allow_insecure_hsm: bool,
     pub scheduler_interval: Duration,
     pub attributes: HashMap<String, std::collections::BTreeMap<String, String>>,
+    pub audit: AuditConfig,
 }
 
 impl Config {
@@ -359,7 +447,9 @@ impl Config {
         if scheduler_interval.is_zero() {
             bail!("scheduler_interval_secs must be positive");
         }
+        raw.audit.auditor_options()?;
         Ok(Config {
+            audit: raw.audit,
             attributes: raw.attributes,
             scheduler_interval,
             allow_insecure_hsm: raw.hsm.allow_insecure_simulator,

@@ -431,7 +431,15 @@ pub fn cmk_wrap_aad(key_id: KeyId, version: u32) -> Vec<u8> {
     aad
 }
 
-mod hex_bytes {
+/// The AAD under which the HSM wraps the service secret `name`
+/// ([`crate::store::WrappedSecret`]); distinct from every CMK's AAD.
+pub fn secret_wrap_aad(name: &str) -> Vec<u8> {
+    let mut aad = b"coffre/v1/secret/".to_vec();
+    aad.extend_from_slice(name.as_bytes());
+    aad
+}
+
+pub(crate) mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {

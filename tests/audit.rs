@@ -17,6 +17,8 @@ fn entry(i: u32) -> AuditEntry {
         key_version: Some(1),
         context_digest: None,
         justification: Some("CUSTOMER_INITIATED_ACCESS".into()),
+        context: None,
+        detail: None,
         outcome: Outcome::Allowed,
         status_code: "OK".into(),
     }

@@ -15,7 +15,7 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +89,13 @@ impl CheckpointSigner {
         let pkcs8 = SecretBytes::new(pkcs8.as_ref().to_vec());
         let signer = Self::from_pkcs8(pkcs8.expose())?;
         Ok((signer, pkcs8))
+    }
+
+    /// From a 32-byte Ed25519 seed (as kept, HSM-wrapped, in the key store).
+    pub fn from_seed(seed: &[u8]) -> Result<Self, AuditError> {
+        Ed25519KeyPair::from_seed_unchecked(seed)
+            .map(Self)
+            .map_err(|_| AuditError::InvalidKey)
     }
 
     /// From a PKCS#8 v2 document, as produced by [`Self::generate`].
@@ -198,9 +205,22 @@ impl Default for AuditLogOptions {
     }
 }
 
+/// One record in [`LOG_INDEX_STRIDE`] is indexed by the byte offset of its
+/// line, so that a reader can start a scan near any `seq`.
+pub const LOG_INDEX_STRIDE: u64 = 256;
+
+/// What [`AuditLog::prune`] removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Records removed (`seq` 1..=`anchor.seq`, or from the previous anchor).
+    pub removed_records: u64,
+    /// The checkpoint the log now starts from.
+    pub anchor: Checkpoint,
+}
+
 /// The append-only writer over one JSON-lines file. Holds an exclusive
-/// advisory lock on the file while open. Not internally synchronized: the
-/// server will hold it behind a mutex, one append at a time.
+/// advisory lock on the file while open. Not internally synchronized: one
+/// writer (the [`super::Auditor`]'s thread) owns it.
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
@@ -212,6 +232,14 @@ pub struct AuditLog {
     head_hash: String,
     since_checkpoint: u64,
     last_checkpoint_time: Timestamp,
+    last_checkpoint: Option<Checkpoint>,
+    /// Bytes of complete, acknowledged lines: the file's length after the
+    /// last successful write.
+    len: u64,
+    /// (seq, offset of its line) for every record whose `seq` is 1 modulo
+    /// [`LOG_INDEX_STRIDE`]; ascending.
+    index: Vec<(u64, u64)>,
+    /// A write failed: the file may hold a torn line after `len`.
     poisoned: bool,
 }
 
@@ -222,9 +250,9 @@ impl AuditLog {
     }
 
     /// Opens or creates the log. The existing content is verified in full
-    /// (hashes, chain, checkpoint signatures under `signer`'s public key):
-    /// coffre never appends to a chain it cannot vouch for. A last line
-    /// without its `\n` (a write torn by a crash, never acknowledged) is
+    /// (hashes, chain, checkpoint signatures under `signer`'s public key),
+    /// streaming: coffre never appends to a chain it cannot vouch for. A last
+    /// line without its `\n` (a write torn by a crash, never acknowledged) is
     /// truncated away with a warning; anything else invalid is an error.
     pub fn open_with(
         path: &Path,
@@ -232,7 +260,7 @@ impl AuditLog {
         options: AuditLogOptions,
     ) -> Result<Self, AuditError> {
         let existed = path.exists();
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
@@ -240,23 +268,23 @@ impl AuditLog {
         if fs2::FileExt::try_lock_exclusive(&file).is_err() {
             return Err(AuditError::Locked);
         }
-        let mut content = Vec::new();
-        file.read_to_end(&mut content)?;
-        let complete = content
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
-        if complete < content.len() {
+        let total = file.metadata()?.len();
+        let complete = complete_length(&file, total)?;
+        if complete < total {
             tracing::warn!(
                 file = %path.display(),
-                bytes = content.len() - complete,
+                bytes = total - complete,
                 "audit log ends in a torn line (a write interrupted by a crash); truncating it"
             );
-            file.set_len(complete as u64)?;
+            file.set_len(complete)?;
             file.sync_data()?;
-            content.truncate(complete);
         }
-        let report = verify(content.as_slice(), &signer.public_key(), |_| {})?;
+        let report = verify(
+            BufReader::new(Read::take(&file, complete)),
+            &signer.public_key(),
+            |_| {},
+        )?;
+        let index = build_index(&file, complete)?;
         if !existed && options.durability == Durability::Fsync {
             sync_parent_dir(path)?;
         }
@@ -274,6 +302,9 @@ impl AuditLog {
             head_hash: report.head_hash,
             since_checkpoint,
             last_checkpoint_time,
+            last_checkpoint: report.last_checkpoint,
+            len: complete,
+            index,
             poisoned: false,
         })
     }
@@ -296,69 +327,318 @@ impl AuditLog {
         self.signer.public_key()
     }
 
-    /// Appends one record and returns it; a checkpoint follows it if the
-    /// policy says so. When this returns `Ok`, the record (and checkpoint)
-    /// have reached the OS, and with [`Durability::Fsync`] the disk. On `Err`
-    /// the caller must refuse the request (fail closed); after a failed
-    /// write the log stays [`AuditError::Poisoned`] until reopened.
-    pub fn append(&mut self, entry: AuditEntry) -> Result<AuditRecord, AuditError> {
-        if self.poisoned {
-            return Err(AuditError::Poisoned);
-        }
-        let time = self.options.clock.now();
-        let record = AuditRecord::new(self.seq + 1, time, self.head_hash.clone(), entry);
-        let mut line =
-            serde_json::to_vec(&record).map_err(|e| AuditError::Encode(e.to_string()))?;
-        line.push(b'\n');
-        self.write_line(&line)?;
-        self.seq = record.seq;
-        self.head_hash.clone_from(&record.hash);
-        self.since_checkpoint += 1;
-        let policy = self.options.checkpoints;
-        let due_by_time = time.0.saturating_sub(self.last_checkpoint_time.0)
-            >= i64::try_from(policy.every.as_millis()).unwrap_or(i64::MAX);
-        if self.since_checkpoint >= policy.every_records || due_by_time {
-            self.checkpoint()?;
-        }
-        Ok(record)
+    /// Length of the acknowledged content, in bytes (always a line boundary).
+    pub fn len(&self) -> u64 {
+        self.len
     }
 
-    /// Writes a checkpoint of the current head now (e.g. at shutdown, so
-    /// the whole log is covered). Does nothing on an empty log.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// See [`LOG_INDEX_STRIDE`].
+    pub fn index(&self) -> &[(u64, u64)] {
+        &self.index
+    }
+
+    pub fn last_checkpoint(&self) -> Option<&Checkpoint> {
+        self.last_checkpoint.as_ref()
+    }
+
+    /// Records appended since the last checkpoint.
+    pub fn since_checkpoint(&self) -> u64 {
+        self.since_checkpoint
+    }
+
+    /// When the last checkpoint was written (or the log opened).
+    pub fn last_checkpoint_time(&self) -> Timestamp {
+        self.last_checkpoint_time
+    }
+
+    /// Whether a write failed and has not been recovered from yet.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Appends one record and returns it; see [`Self::append_batch`].
+    pub fn append(&mut self, entry: AuditEntry) -> Result<AuditRecord, AuditError> {
+        let mut records = self.append_batch(vec![entry])?;
+        records
+            .pop()
+            .ok_or_else(|| AuditError::Encode("no record appended".into()))
+    }
+
+    /// Appends records in order, with the checkpoints the policy asks for
+    /// between them, in one `write` (and, in [`Durability::Fsync`] mode, one
+    /// `fsync`): group commit. When this returns `Ok`, every record has
+    /// reached the OS (and with `Fsync` the disk). On `Err` none of them is
+    /// acknowledged: the caller must refuse the requests (fail closed). A
+    /// failed write leaves the log poisoned; the next call first truncates
+    /// whatever part of the batch reached the file ([`Self::recover`]), so
+    /// the log serves again as soon as its storage does.
+    pub fn append_batch(
+        &mut self,
+        entries: Vec<AuditEntry>,
+    ) -> Result<Vec<AuditRecord>, AuditError> {
+        self.recover()?;
+        let mut buf = Vec::with_capacity(entries.len() * 512);
+        let mut records = Vec::with_capacity(entries.len());
+        let mut seq = self.seq;
+        let mut head = self.head_hash.clone();
+        let mut since = self.since_checkpoint;
+        let mut last_time = self.last_checkpoint_time;
+        let mut last_cp = None;
+        let mut new_index = Vec::new();
+        let policy = self.options.checkpoints;
+        let every_ms = i64::try_from(policy.every.as_millis()).unwrap_or(i64::MAX);
+        for entry in entries {
+            let time = self.options.clock.now();
+            let record = AuditRecord::new(seq + 1, time, std::mem::take(&mut head), entry);
+            if record.seq % LOG_INDEX_STRIDE == 1 {
+                new_index.push((record.seq, self.len + buf.len() as u64));
+            }
+            serde_json::to_writer(&mut buf, &record)
+                .map_err(|e| AuditError::Encode(e.to_string()))?;
+            buf.push(b'\n');
+            seq = record.seq;
+            head.clone_from(&record.hash);
+            since += 1;
+            if since >= policy.every_records || time.0.saturating_sub(last_time.0) >= every_ms {
+                let cp = self.signer.checkpoint(seq, &head, time);
+                serde_json::to_writer(
+                    &mut buf,
+                    &CheckpointLine {
+                        checkpoint: cp.clone(),
+                    },
+                )
+                .map_err(|e| AuditError::Encode(e.to_string()))?;
+                buf.push(b'\n');
+                since = 0;
+                last_time = time;
+                last_cp = Some(cp);
+            }
+            records.push(record);
+        }
+        self.write_all(&buf)?;
+        self.seq = seq;
+        self.head_hash = head;
+        self.since_checkpoint = since;
+        self.last_checkpoint_time = last_time;
+        if last_cp.is_some() {
+            self.last_checkpoint = last_cp;
+        }
+        self.index.extend(new_index);
+        Ok(records)
+    }
+
+    /// Writes a checkpoint of the current head now (at shutdown, on an
+    /// auditor's request, when the time interval passed on an idle log).
+    /// Returns the last checkpoint without writing if no record came since;
+    /// `None` on a log without records.
     pub fn checkpoint(&mut self) -> Result<Option<Checkpoint>, AuditError> {
-        if self.poisoned {
-            return Err(AuditError::Poisoned);
+        self.recover()?;
+        if self.since_checkpoint == 0 && self.last_checkpoint.is_some() {
+            return Ok(self.last_checkpoint.clone());
         }
         if self.seq == 0 {
             return Ok(None);
         }
         let time = self.options.clock.now();
         let checkpoint = self.signer.checkpoint(self.seq, &self.head_hash, time);
-        let wrapped = CheckpointLine { checkpoint };
-        let mut line =
-            serde_json::to_vec(&wrapped).map_err(|e| AuditError::Encode(e.to_string()))?;
+        let mut line = serde_json::to_vec(&CheckpointLine {
+            checkpoint: checkpoint.clone(),
+        })
+        .map_err(|e| AuditError::Encode(e.to_string()))?;
         line.push(b'\n');
-        self.write_line(&line)?;
+        self.write_all(&line)?;
         self.since_checkpoint = 0;
         self.last_checkpoint_time = time;
-        Ok(Some(wrapped.checkpoint))
+        self.last_checkpoint = Some(checkpoint.clone());
+        Ok(Some(checkpoint))
     }
 
-    fn write_line(&mut self, line: &[u8]) -> Result<(), AuditError> {
-        let result = self.file.write_all(line).and_then(|()| {
+    /// After a failed write: truncates the file back to the acknowledged
+    /// content. Fails (and the log stays poisoned) while the storage still
+    /// refuses writes.
+    pub fn recover(&mut self) -> Result<(), AuditError> {
+        if !self.poisoned {
+            return Ok(());
+        }
+        self.file.set_len(self.len).map_err(|e| {
+            tracing::error!(file = %self.path.display(), error = %e, "audit log still unwritable");
+            AuditError::Poisoned
+        })?;
+        if self.options.durability == Durability::Fsync {
+            self.file.sync_data().map_err(|_| AuditError::Poisoned)?;
+        }
+        self.poisoned = false;
+        tracing::warn!(file = %self.path.display(), "audit log writable again; serving");
+        Ok(())
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> Result<(), AuditError> {
+        let result = self.file.write_all(bytes).and_then(|()| {
             if self.options.durability == Durability::Fsync {
                 self.file.sync_data()
             } else {
                 Ok(())
             }
         });
-        if result.is_err() {
-            // Part of the line may be in the file: appending after it would
-            // corrupt the log. Reopening truncates the torn line.
-            self.poisoned = true;
+        match result {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Part of the bytes may be in the file: appending after them
+                // would corrupt the log. `recover` truncates them.
+                self.poisoned = true;
+                tracing::error!(file = %self.path.display(), error = %e, "audit log write failed; refusing requests (fail closed)");
+                Err(AuditError::Io(e))
+            }
         }
-        Ok(result?)
     }
+
+    /// Retention: removes the records older than `cutoff`, as far as a
+    /// checkpoint allows. The log is rewritten to start with the last
+    /// checkpoint whose records are all older than `cutoff` (its *anchor*,
+    /// verified like any checkpoint), followed by everything after it; the
+    /// result verifies on its own. Written to a temporary file, synced, then
+    /// renamed over the log: a crash leaves the old log or the new one.
+    /// Returns `None` when nothing can be removed.
+    pub fn prune(&mut self, cutoff: Timestamp) -> Result<Option<PruneReport>, AuditError> {
+        self.recover()?;
+        // Find the anchor: scan records and checkpoints in order.
+        let mut src = self.file.try_clone()?;
+        src.seek(SeekFrom::Start(0))?;
+        let mut reader = BufReader::new(Read::take(src, self.len));
+        let mut anchor: Option<(Checkpoint, u64)> = None; // (checkpoint, offset after its line)
+        let mut first_seq: Option<u64> = None;
+        let mut last_record_time = Timestamp(i64::MIN);
+        let mut offset = 0u64;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 {
+                break;
+            }
+            offset += n as u64;
+            if line.starts_with(b"{\"checkpoint\"") {
+                let cp: CheckpointLine =
+                    serde_json::from_slice(&line).map_err(|e| AuditError::Encode(e.to_string()))?;
+                if first_seq.is_some() && last_record_time < cutoff {
+                    anchor = Some((cp.checkpoint, offset));
+                }
+            } else {
+                let r: AuditRecord =
+                    serde_json::from_slice(&line).map_err(|e| AuditError::Encode(e.to_string()))?;
+                first_seq.get_or_insert(r.seq);
+                if r.time >= cutoff {
+                    break;
+                }
+                last_record_time = r.time;
+            }
+        }
+        let (Some((anchor, keep_from)), Some(first_seq)) = (anchor, first_seq) else {
+            return Ok(None);
+        };
+        let tmp = self.path.with_extension("prune.tmp");
+        let mut out = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .truncate(false)
+            .open(&tmp)?;
+        out.set_len(0)?;
+        let mut head = serde_json::to_vec(&CheckpointLine {
+            checkpoint: anchor.clone(),
+        })
+        .map_err(|e| AuditError::Encode(e.to_string()))?;
+        head.push(b'\n');
+        out.write_all(&head)?;
+        let mut src = self.file.try_clone()?;
+        src.seek(SeekFrom::Start(keep_from))?;
+        std::io::copy(&mut Read::take(src, self.len - keep_from), &mut out)?;
+        out.sync_all()?;
+        // Check the new log before it replaces the old one.
+        let mut check = out.try_clone()?;
+        check.seek(SeekFrom::Start(0))?;
+        let report = verify(BufReader::new(check), &self.signer.public_key(), |_| {})?;
+        if report.last_seq != self.seq || report.head_hash != self.head_hash {
+            return Err(AuditError::Encode(
+                "the pruned audit log does not end at the live head".into(),
+            ));
+        }
+        if fs2::FileExt::try_lock_exclusive(&out).is_err() {
+            return Err(AuditError::Locked);
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        sync_parent_dir(&self.path)?;
+        let new_len = out.metadata()?.len();
+        self.index = build_index(&out, new_len)?;
+        self.file = out;
+        self.len = new_len;
+        Ok(Some(PruneReport {
+            removed_records: anchor.seq + 1 - first_seq,
+            anchor,
+        }))
+    }
+}
+
+/// The length of the file up to and including its last `\n`.
+fn complete_length(file: &File, total: u64) -> std::io::Result<u64> {
+    let mut end = total;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = usize::try_from(end - start).unwrap_or(0);
+        let Some(chunk) = buf.get_mut(..n) else {
+            break;
+        };
+        read_exact_at(file, chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Reads exactly `buf.len()` bytes at `offset` (pread: no shared cursor).
+pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+/// The `seq` of a record line, from its fixed prefix `{"seq":N,`.
+pub(crate) fn record_seq(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(rest.get(..end)?).ok()?.parse().ok()
+}
+
+/// See [`LOG_INDEX_STRIDE`]: one pass over the first `len` bytes.
+fn build_index(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut src = file.try_clone()?;
+    src.seek(SeekFrom::Start(0))?;
+    let mut reader = BufReader::new(Read::take(src, len));
+    let mut index = Vec::new();
+    let mut offset = 0u64;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(seq) = record_seq(&line) {
+            if seq % LOG_INDEX_STRIDE == 1 {
+                index.push((seq, offset));
+            }
+        }
+        offset += n as u64;
+    }
+    Ok(index)
 }
 
 /// Makes a newly created file's directory entry durable.

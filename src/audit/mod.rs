@@ -36,13 +36,17 @@
 //! The writer bounds the unprotected tail by checkpointing every N records or
 //! T seconds.
 
+pub mod auditor;
 pub mod chain;
+pub mod keys;
 pub mod record;
 pub mod verify;
 
+pub use auditor::{Auditor, AuditorOptions, ClearContext, EventFilter, EventPage};
 pub use chain::{
     AuditLog, AuditLogOptions, Checkpoint, CheckpointPolicy, CheckpointSigner, Durability,
 };
+pub use keys::AuditKeys;
 pub use record::{AuditDigestKey, AuditEntry, AuditRecord, GENESIS_HASH, Outcome};
 pub use verify::{VerifyError, VerifyFailure, VerifyReport, verify, verify_with_checkpoint};
 

@@ -11,8 +11,10 @@
 //! where `body` is the compact JSON object of every field of
 //! [`AuditRecord`] except `hash`, in declaration order: `seq`, `time`,
 //! `request_id`, `principal`, `role`, `operation`, `key_id`, `key_version`,
-//! `context_digest`, `justification`, `outcome`, `status_code`, `prev_hash`.
-//! No whitespace; absent optional fields are `null` (never omitted); integers
+//! `context_digest`, `justification`, `context`, `detail`, `outcome`,
+//! `status_code`, `prev_hash`. No whitespace; absent optional fields are
+//! `null` (never omitted); `context` is an object with its keys in byte
+//! order; integers
 //! in decimal; `time` is milliseconds since the Unix epoch; `outcome` is
 //! `"allowed"`, `"refused"` or `"failed"`; strings are escaped as `serde_json`
 //! does: `\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`, other characters below
@@ -25,6 +27,7 @@
 //! match two records with the same context without the log revealing it, and
 //! without a dictionary attack on low-entropy context values.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use ring::{digest, hmac};
@@ -64,6 +67,12 @@ pub struct AuditEntry {
     /// From [`AuditDigestKey::context_digest`]; never the context itself.
     pub context_digest: Option<String>,
     pub justification: Option<String>,
+    /// The encryption context entries the configuration asks to record in
+    /// clear (none by default).
+    pub context: Option<BTreeMap<String, String>>,
+    /// What else identifies the request, built by coffre (never from key
+    /// material): the source key of a ReEncrypt, a pending approval's id.
+    pub detail: Option<String>,
     pub outcome: Outcome,
     /// The gRPC status code name, e.g. `OK`, `PERMISSION_DENIED`.
     pub status_code: String,
@@ -84,6 +93,8 @@ pub struct AuditRecord {
     pub key_version: Option<u32>,
     pub context_digest: Option<String>,
     pub justification: Option<String>,
+    pub context: Option<BTreeMap<String, String>>,
+    pub detail: Option<String>,
     pub outcome: Outcome,
     pub status_code: String,
     pub prev_hash: String,
@@ -103,6 +114,8 @@ struct Body<'a> {
     key_version: Option<u32>,
     context_digest: &'a Option<String>,
     justification: &'a Option<String>,
+    context: &'a Option<BTreeMap<String, String>>,
+    detail: &'a Option<String>,
     outcome: Outcome,
     status_code: &'a str,
     prev_hash: &'a str,
@@ -122,6 +135,8 @@ impl AuditRecord {
             key_version: entry.key_version,
             context_digest: entry.context_digest,
             justification: entry.justification,
+            context: entry.context,
+            detail: entry.detail,
             outcome: entry.outcome,
             status_code: entry.status_code,
             prev_hash,
@@ -144,6 +159,8 @@ impl AuditRecord {
             key_version: self.key_version,
             context_digest: &self.context_digest,
             justification: &self.justification,
+            context: &self.context,
+            detail: &self.detail,
             outcome: self.outcome,
             status_code: &self.status_code,
             prev_hash: &self.prev_hash,
@@ -204,6 +221,8 @@ pub(crate) mod tests {
             key_version: Some(1),
             context_digest: None,
             justification: None,
+            context: None,
+            detail: None,
             outcome: Outcome::Allowed,
             status_code: "OK".into(),
         }
@@ -225,6 +244,8 @@ pub(crate) mod tests {
             Box::new(|r| r.key_version = Some(2)),
             Box::new(|r| r.context_digest = Some("00".into())),
             Box::new(|r| r.justification = Some("j".into())),
+            Box::new(|r| r.context = Some(BTreeMap::new())),
+            Box::new(|r| r.detail = Some("d".into())),
             Box::new(|r| r.outcome = Outcome::Refused),
             Box::new(|r| r.status_code.push('x')),
             Box::new(|r| r.prev_hash = "1".repeat(64)),
@@ -246,7 +267,8 @@ pub(crate) mod tests {
                 "coffre-audit-record/v1\n{{\"seq\":1,\"time\":1000,\"request_id\":\"req-1\",\
                  \"principal\":\"CN=svc-a\",\"role\":\"service\",\"operation\":\"GenerateDataKey\",\
                  \"key_id\":\"0b5c1e8e-4a57-4c1c-9d0a-2f3c4b5a6d7e\",\"key_version\":1,\
-                 \"context_digest\":null,\"justification\":null,\"outcome\":\"allowed\",\
+                 \"context_digest\":null,\"justification\":null,\"context\":null,\
+                 \"detail\":null,\"outcome\":\"allowed\",\
                  \"status_code\":\"OK\",\"prev_hash\":\"{GENESIS_HASH}\"}}"
             )
         );

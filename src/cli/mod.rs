@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use server::{
-    DEV_HSM_PIN, DEV_HSM_STATE, DEV_STORE_DIR, DevOptions, RunningServer, dev_kms_options, run_dev,
-    run_serve, start_dev, start_server,
+    AuditSetup, DEV_AUDIT_PUBLIC_KEY, DEV_HSM_PIN, DEV_HSM_STATE, DEV_STORE_DIR, DevOptions,
+    RunningServer, dev_kms_options, run_dev, run_serve, start_dev, start_server,
 };
 
 #[derive(Debug, Parser)]

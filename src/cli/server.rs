@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
 use super::DevArgs;
+use crate::audit::{Auditor, AuditorOptions};
 use crate::authz::{Role, StaticRoles};
 use crate::config::{Config, HsmConfig};
 use crate::grpc;
@@ -52,6 +53,29 @@ pub struct DevOptions {
     pub crl: Option<PathBuf>,
     /// How often the CRL file is checked for changes.
     pub crl_reload_interval: Duration,
+    /// The audit log (`DIR/audit.log`; its public key in
+    /// `DIR/audit-public-key.pem`).
+    pub audit: crate::config::AuditConfig,
+}
+
+/// Where the audit log is and how it behaves.
+#[derive(Clone, Debug)]
+pub struct AuditSetup {
+    pub path: PathBuf,
+    pub options: AuditorOptions,
+    /// Where to write the checkpoint public key (PEM), if anywhere.
+    pub public_key_file: Option<PathBuf>,
+}
+
+impl AuditSetup {
+    /// The log in `dir` with the configured options.
+    pub fn in_dir(dir: &Path, config: &crate::config::AuditConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            path: config.path_in(dir),
+            options: config.auditor_options()?,
+            public_key_file: None,
+        })
+    }
 }
 
 impl From<DevArgs> for DevOptions {
@@ -64,6 +88,7 @@ impl From<DevArgs> for DevOptions {
             quorum: args.quorum,
             crl: args.crl,
             crl_reload_interval: Duration::from_secs(args.crl_reload_secs),
+            audit: crate::config::AuditConfig::default(),
         }
     }
 }
@@ -82,6 +107,7 @@ pub const DEV_STORE_DIR: &str = "store";
 pub const DEV_HSM_STATE: &str = "hsm-sim.state";
 pub const DEV_HSM_PIN: &str = "hsm-sim.pin";
 pub const DEV_APPROVALS_DIR: &str = "approvals";
+pub const DEV_AUDIT_PUBLIC_KEY: &str = "audit-public-key.pem";
 
 async fn open_approvals(dir: &Path) -> anyhow::Result<crate::store::approvals::ApprovalStore> {
     let d = dir.to_path_buf();
@@ -96,6 +122,7 @@ async fn open_approvals(dir: &Path) -> anyhow::Result<crate::store::approvals::A
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub kms: Arc<Kms>,
+    pub audit: Arc<Auditor>,
     /// The in-process simulated HSM of `coffre dev` (for fault injection in
     /// tests); `None` with a separate HSM.
     pub simulator: Option<Arc<hsm_sim::Simulator>>,
@@ -125,7 +152,11 @@ impl RunningServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.task.await.context("server task")?
+        let served = self.task.await.context("server task");
+        // The final checkpoint signs every record written.
+        let audit = Arc::clone(&self.audit);
+        let _ = tokio::task::spawn_blocking(move || audit.shutdown()).await;
+        served?
     }
 
     /// Waits until the server stops by itself (an error) or `signal` fires.
@@ -198,7 +229,11 @@ pub async fn start_dev(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         crl_reload_interval: opts.crl_reload_interval,
     }
     .load()?;
-    let mut server = start_server(kms, opts.listen, tls, opts.scheduler_interval).await?;
+    let audit = AuditSetup {
+        public_key_file: Some(dir.join(DEV_AUDIT_PUBLIC_KEY)),
+        ..AuditSetup::in_dir(dir, &opts.audit)?
+    };
+    let mut server = start_server(kms, opts.listen, tls, opts.scheduler_interval, audit).await?;
     server.simulator = Some(simulator);
     Ok(server)
 }
@@ -208,20 +243,28 @@ pub async fn start_server(
     listen: SocketAddr,
     tls: grpc::ServerTls,
     scheduler_interval: Option<Duration>,
+    audit: AuditSetup,
 ) -> anyhow::Result<RunningServer> {
     // Certificates, key, client CA and CRL are all checked here: a bad one
     // stops the start with a clear error.
     let crl_reload_interval = tls.crl_reload_interval;
     let tls = grpc::PreparedTls::new(&tls).context("configuring TLS")?;
+    let auditor = open_auditor(&kms, &audit).await?;
     let client_auth = tls.client_auth();
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr().context("local address")?;
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(grpc::serve(Arc::clone(&kms), listener, tls, async move {
-        let _ = rx.await;
-    }));
+    let task = tokio::spawn(grpc::serve(
+        Arc::clone(&kms),
+        Arc::clone(&auditor),
+        listener,
+        tls,
+        async move {
+            let _ = rx.await;
+        },
+    ));
     let crl_watcher = client_auth
         .crl_path()
         .is_some()
@@ -229,6 +272,7 @@ pub async fn start_server(
     // Destruction after the waiting period and automatic rotation.
     let scheduler = scheduler_interval.map(|every| {
         let kms = Arc::clone(&kms);
+        let auditor = Arc::clone(&auditor);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -242,6 +286,7 @@ pub async fn start_server(
                         failed = report.failed,
                         "scheduler pass"
                     );
+                    audit_scheduler(&auditor, &report).await;
                 }
             }
         })
@@ -249,6 +294,7 @@ pub async fn start_server(
     Ok(RunningServer {
         addr,
         kms,
+        audit: auditor,
         simulator: None,
         shutdown: Some(tx),
         task,
@@ -256,6 +302,59 @@ pub async fn start_server(
         client_auth,
         crl_watcher,
     })
+}
+
+/// Loads (or, on a new data directory, creates) the audit log's keys and
+/// opens the log, verifying it; writes the public key file if asked.
+async fn open_auditor(kms: &Kms, setup: &AuditSetup) -> anyhow::Result<Arc<Auditor>> {
+    let keys = kms
+        .audit_keys()
+        .await
+        .context("loading the audit log's signing key (HSM-wrapped, in the store)")?;
+    let path = setup.path.clone();
+    let options = setup.options.clone();
+    let auditor = tokio::task::spawn_blocking(move || Auditor::open(&path, keys, options))
+        .await
+        .context("opening the audit log")?
+        .with_context(|| format!("opening the audit log {}", setup.path.display()))?;
+    if let Some(file) = &setup.public_key_file {
+        let pem = auditor.public_key_pem();
+        if std::fs::read_to_string(file).ok().as_deref() != Some(pem.as_str()) {
+            std::fs::write(file, &pem).with_context(|| format!("writing {}", file.display()))?;
+        }
+    }
+    tracing::info!(file = %setup.path.display(), "audit log open and verified");
+    Ok(Arc::new(auditor))
+}
+
+/// The scheduler's own actions are audited like requests, under the
+/// principal `coffre/scheduler`.
+async fn audit_scheduler(auditor: &Auditor, report: &SchedulerReport) {
+    use crate::audit::{AuditEntry, Outcome};
+    let actions = report
+        .rotated
+        .iter()
+        .map(|id| ("RotateKey", id))
+        .chain(report.destroyed.iter().map(|id| ("DestroyKey", id)));
+    for (operation, id) in actions {
+        let entry = AuditEntry {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            principal: "coffre/scheduler".into(),
+            role: None,
+            operation: operation.into(),
+            key_id: Some(id.to_string()),
+            key_version: None,
+            context_digest: None,
+            justification: None,
+            context: None,
+            detail: Some("scheduled".into()),
+            outcome: Outcome::Allowed,
+            status_code: "OK".into(),
+        };
+        if let Err(e) = auditor.record(entry).await {
+            tracing::error!(error = %e, key_id = %id, operation, "cannot audit a scheduled action");
+        }
+    }
 }
 
 /// Reloads the CRL on SIGHUP (unix) and whenever the file's modification
@@ -386,7 +485,15 @@ pub async fn run_serve(config_path: &Path) -> anyhow::Result<()> {
         .with_approval_store(approvals),
     );
     let tls = config.tls.load()?;
-    let server = start_server(kms, config.listen, tls, Some(config.scheduler_interval)).await?;
+    let audit = AuditSetup::in_dir(&config.data_dir, &config.audit)?;
+    let server = start_server(
+        kms,
+        config.listen,
+        tls,
+        Some(config.scheduler_interval),
+        audit,
+    )
+    .await?;
     tracing::info!(addr = %server.addr, "coffre serving");
     println!("coffre listening on {}", server.addr);
     server.run_until(termination()).await

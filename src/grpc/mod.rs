@@ -3,6 +3,7 @@
 //! validated domain values, calls the core, and maps [`crate::Error`] to a
 //! status once ([`status`]).
 
+mod audit;
 mod auth;
 pub(crate) mod convert;
 mod redact;
@@ -10,6 +11,7 @@ mod server;
 mod services;
 mod tls;
 
+pub use audit::REQUEST_ID_HEADER;
 pub use auth::principal_of;
 pub use server::serve;
 pub use tls::{ClientAuth, DEFAULT_CRL_RELOAD_INTERVAL, PreparedTls, ServerTls};

@@ -33,6 +33,7 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// Serves until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
     kms: Arc<Kms>,
+    audit: Arc<crate::audit::Auditor>,
     listener: TcpListener,
     tls: PreparedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -44,7 +45,8 @@ pub async fn serve(
         .build_v1()
         .context("building the reflection service")?;
 
-    let api = Api::new(Arc::clone(&kms));
+    let api = Api::new(Arc::clone(&kms), Arc::clone(&audit));
+    let audit_service = pb::audit_service_server::AuditServiceServer::new(api.clone());
     let key_service = pb::key_service_server::KeyServiceServer::new(api.clone());
     let hsm_service = pb::hsm_service_server::HsmServiceServer::new(api.clone());
     let approval_service = pb::approval_service_server::ApprovalServiceServer::new(api.clone());
@@ -58,7 +60,11 @@ pub async fn serve(
             let mut last = None;
             loop {
                 let status = match kms.check_ready().await {
-                    Ok(()) => ServingStatus::Serving,
+                    Ok(()) if audit.is_healthy() => ServingStatus::Serving,
+                    Ok(()) => {
+                        tracing::warn!("not ready: the audit log cannot be written");
+                        ServingStatus::NotServing
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "not ready");
                         ServingStatus::NotServing
@@ -88,6 +94,7 @@ pub async fn serve(
         .add_service(data_key_service)
         .add_service(hsm_service)
         .add_service(approval_service)
+        .add_service(audit_service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC");

@@ -5,28 +5,33 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::{PrincipalCache, principal_of};
+use super::audit::RequestAudit;
+use super::auth::PrincipalCache;
 use super::convert::{self, key_ref, optional_key_ref};
 use super::pb::{
     self, approval_service_server::ApprovalService, data_key_service_server::DataKeyService,
     hsm_service_server::HsmService, key_service_server::KeyService,
 };
 use super::status;
+use crate::audit::Auditor;
+use crate::authz::Operation;
 use crate::service::{CreateKeyInput, DEFAULT_DATA_KEY_BYTES, Kms, parse_approval_id};
 use crate::store::KeyFilter;
 
-/// Both coffre services over one core.
+/// coffre's services over one core and one audit log.
 #[derive(Debug, Clone)]
 pub struct Api {
-    kms: Arc<Kms>,
-    principals: Arc<PrincipalCache>,
+    pub(super) kms: Arc<Kms>,
+    pub(super) principals: Arc<PrincipalCache>,
+    pub(super) audit: Arc<Auditor>,
 }
 
 impl Api {
-    pub fn new(kms: Arc<Kms>) -> Self {
+    pub fn new(kms: Arc<Kms>, audit: Arc<Auditor>) -> Self {
         Self {
             kms,
             principals: Arc::new(PrincipalCache::default()),
+            audit,
         }
     }
 }
@@ -36,12 +41,20 @@ impl Api {
     /// the key as it still is and the approval's id.
     async fn key_or_pending(
         &self,
+        audit: &mut RequestAudit,
         caller: &crate::authz::Caller,
         result: crate::Result<Arc<crate::model::KeyRecord>>,
     ) -> Result<(Option<pb::KeyMetadata>, String), Status> {
         match result {
-            Ok(record) => Ok((Some(convert::key_metadata(&record)), String::new())),
+            Ok(record) => {
+                audit.key_id(record.id, Some(record.primary_version));
+                Ok((Some(convert::key_metadata(&record)), String::new()))
+            }
             Err(crate::Error::ApprovalPending(approval)) => {
+                audit.detail(format!("pending approval {}", approval.id));
+                if let Some(id) = approval.operation.key_id() {
+                    audit.key_id(id, None);
+                }
                 let key = match approval.operation.key_id() {
                     Some(id) => self
                         .kms
@@ -93,39 +106,62 @@ impl ApprovalService for Api {
         &self,
         request: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let all = self
-            .kms
-            .list_approvals(&caller, request.get_ref().include_closed)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::ListApprovalsResponse {
-            approvals: all.iter().map(approval_to_pb).collect(),
-        }))
+        let (audit, caller) = self.begin(Operation::ListApprovals, &request);
+        let result = async {
+            let caller = caller?;
+            let all = self
+                .kms
+                .list_approvals(&caller, request.get_ref().include_closed)
+                .await
+                .map_err(status)?;
+            Ok(pb::ListApprovalsResponse {
+                approvals: all.iter().map(approval_to_pb).collect(),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn approve_operation(
         &self,
         request: Request<pb::ApproveOperationRequest>,
     ) -> Result<Response<pb::ApproveOperationResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let id = parse_approval_id(&request.get_ref().approval_id).map_err(status)?;
-        let a = self.kms.approve(&caller, id).await.map_err(status)?;
-        Ok(Response::new(pb::ApproveOperationResponse {
-            approval: Some(approval_to_pb(&a)),
-        }))
+        let (mut audit, caller) = self.begin(Operation::ApproveOperation, &request);
+        let result = async {
+            let caller = caller?;
+            let id = parse_approval_id(&request.get_ref().approval_id).map_err(status)?;
+            audit.detail(format!("approval {id}"));
+            let a = self.kms.approve(&caller, id).await.map_err(status)?;
+            if let Some(key) = a.operation.key_id() {
+                audit.key_id(key, None);
+            }
+            Ok(pb::ApproveOperationResponse {
+                approval: Some(approval_to_pb(&a)),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn reject_operation(
         &self,
         request: Request<pb::RejectOperationRequest>,
     ) -> Result<Response<pb::RejectOperationResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let id = parse_approval_id(&request.get_ref().approval_id).map_err(status)?;
-        let a = self.kms.reject(&caller, id).await.map_err(status)?;
-        Ok(Response::new(pb::RejectOperationResponse {
-            approval: Some(approval_to_pb(&a)),
-        }))
+        let (mut audit, caller) = self.begin(Operation::RejectOperation, &request);
+        let result = async {
+            let caller = caller?;
+            let id = parse_approval_id(&request.get_ref().approval_id).map_err(status)?;
+            audit.detail(format!("approval {id}"));
+            let a = self.kms.reject(&caller, id).await.map_err(status)?;
+            if let Some(key) = a.operation.key_id() {
+                audit.key_id(key, None);
+            }
+            Ok(pb::RejectOperationResponse {
+                approval: Some(approval_to_pb(&a)),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 }
 
@@ -143,182 +179,256 @@ impl KeyService for Api {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.into_inner();
-        let input = CreateKeyInput {
-            alias: (!req.alias.is_empty()).then_some(req.alias),
-            description: req.description,
-            protection_level: convert::protection_level(req.protection_level)?,
-            labels: req.labels.into_iter().collect(),
-            rotation_period: convert::duration("rotation_period", req.rotation_period)?,
-            policy: req.policy.map(convert::policy).transpose()?,
-        };
-        let view = self.kms.create_key(&caller, input).await.map_err(status)?;
-        Ok(Response::new(pb::CreateKeyResponse {
-            key: Some(convert::key_metadata(&view.key)),
-        }))
+        let (mut audit, caller) = self.begin(Operation::CreateKey, &request);
+        let result = async {
+            let caller = caller?;
+            let req = request.into_inner();
+            let input = CreateKeyInput {
+                alias: (!req.alias.is_empty()).then_some(req.alias),
+                description: req.description,
+                protection_level: convert::protection_level(req.protection_level)?,
+                labels: req.labels.into_iter().collect(),
+                rotation_period: convert::duration("rotation_period", req.rotation_period)?,
+                policy: req.policy.map(convert::policy).transpose()?,
+            };
+            let view = self.kms.create_key(&caller, input).await.map_err(status)?;
+            audit.key_id(view.key.id, Some(view.key.primary_version));
+            Ok(pb::CreateKeyResponse {
+                key: Some(convert::key_metadata(&view.key)),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn get_key(
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let key = key_ref("key_id", &request.get_ref().key_id)?;
-        let view = self.kms.get_key(&caller, &key).await.map_err(status)?;
-        Ok(Response::new(pb::GetKeyResponse {
-            key: Some(convert::key_metadata(&view.key)),
-            versions: view
-                .versions
-                .iter()
-                .map(|v| convert::key_version(&view.key, v))
-                .collect(),
-        }))
+        let (mut audit, caller) = self.begin(Operation::GetKey, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            let key = key_ref("key_id", &request.get_ref().key_id)?;
+            let view = self.kms.get_key(&caller, &key).await.map_err(status)?;
+            audit.key_id(view.key.id, Some(view.key.primary_version));
+            Ok(pb::GetKeyResponse {
+                key: Some(convert::key_metadata(&view.key)),
+                versions: view
+                    .versions
+                    .iter()
+                    .map(|v| convert::key_version(&view.key, v))
+                    .collect(),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn list_keys(
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.get_ref();
-        let start_after = convert::page_token(&req.page_token)?;
-        let page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
-        let filter = KeyFilter {
-            state: convert::key_state_filter(req.state)?,
-            alias_prefix: (!req.alias_prefix.is_empty()).then(|| req.alias_prefix.clone()),
-        };
-        let page = self
-            .kms
-            .list_keys(&caller, filter, start_after, page_size)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::ListKeysResponse {
-            keys: page.keys.iter().map(convert::key_metadata).collect(),
-            next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
-        }))
+        let (audit, caller) = self.begin(Operation::ListKeys, &request);
+        let result = async {
+            let caller = caller?;
+            let req = request.get_ref();
+            let start_after = convert::page_token(&req.page_token)?;
+            let page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
+            let filter = KeyFilter {
+                state: convert::key_state_filter(req.state)?,
+                alias_prefix: (!req.alias_prefix.is_empty()).then(|| req.alias_prefix.clone()),
+            };
+            let page = self
+                .kms
+                .list_keys(&caller, filter, start_after, page_size)
+                .await
+                .map_err(status)?;
+            Ok(pb::ListKeysResponse {
+                keys: page.keys.iter().map(convert::key_metadata).collect(),
+                next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn rotate_key(
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let key = key_ref("key_id", &request.get_ref().key_id)?;
-        let record = self.kms.rotate_key(&caller, &key).await.map_err(status)?;
-        Ok(Response::new(pb::RotateKeyResponse {
-            key: Some(convert::key_metadata(&record)),
-        }))
+        let (mut audit, caller) = self.begin(Operation::RotateKey, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            let key = key_ref("key_id", &request.get_ref().key_id)?;
+            let record = self.kms.rotate_key(&caller, &key).await.map_err(status)?;
+            audit.key_id(record.id, Some(record.primary_version));
+            Ok(pb::RotateKeyResponse {
+                key: Some(convert::key_metadata(&record)),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn disable_key(
         &self,
         request: Request<pb::DisableKeyRequest>,
     ) -> Result<Response<pb::DisableKeyResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let key = key_ref("key_id", &request.get_ref().key_id)?;
-        let record = self.kms.disable_key(&caller, &key).await.map_err(status)?;
-        Ok(Response::new(pb::DisableKeyResponse {
-            key: Some(convert::key_metadata(&record)),
-        }))
+        let (mut audit, caller) = self.begin(Operation::DisableKey, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            let key = key_ref("key_id", &request.get_ref().key_id)?;
+            let record = self.kms.disable_key(&caller, &key).await.map_err(status)?;
+            audit.key_id(record.id, Some(record.primary_version));
+            Ok(pb::DisableKeyResponse {
+                key: Some(convert::key_metadata(&record)),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn enable_key(
         &self,
         request: Request<pb::EnableKeyRequest>,
     ) -> Result<Response<pb::EnableKeyResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let key = key_ref("key_id", &request.get_ref().key_id)?;
-        let result = self.kms.enable_key(&caller, &key).await;
-        let (key, pending_approval_id) = self.key_or_pending(&caller, result).await?;
-        Ok(Response::new(pb::EnableKeyResponse {
-            key,
-            pending_approval_id,
-        }))
+        let (mut audit, caller) = self.begin(Operation::EnableKey, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            let key = key_ref("key_id", &request.get_ref().key_id)?;
+            let result = self.kms.enable_key(&caller, &key).await;
+            let (key, pending_approval_id) =
+                self.key_or_pending(&mut audit, &caller, result).await?;
+            Ok(pb::EnableKeyResponse {
+                key,
+                pending_approval_id,
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn schedule_key_deletion(
         &self,
         request: Request<pb::ScheduleKeyDeletionRequest>,
     ) -> Result<Response<pb::ScheduleKeyDeletionResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.get_ref();
-        let key = key_ref("key_id", &req.key_id)?;
-        let days = (req.pending_window_days != 0).then_some(req.pending_window_days);
-        let result = self.kms.schedule_key_deletion(&caller, &key, days).await;
-        let (key, pending_approval_id) = self.key_or_pending(&caller, result).await?;
-        Ok(Response::new(pb::ScheduleKeyDeletionResponse {
-            key,
-            pending_approval_id,
-        }))
+        let (mut audit, caller) = self.begin(Operation::ScheduleKeyDeletion, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            let req = request.get_ref();
+            let key = key_ref("key_id", &req.key_id)?;
+            let days = (req.pending_window_days != 0).then_some(req.pending_window_days);
+            let result = self.kms.schedule_key_deletion(&caller, &key, days).await;
+            let (key, pending_approval_id) =
+                self.key_or_pending(&mut audit, &caller, result).await?;
+            Ok(pb::ScheduleKeyDeletionResponse {
+                key,
+                pending_approval_id,
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn cancel_key_deletion(
         &self,
         request: Request<pb::CancelKeyDeletionRequest>,
     ) -> Result<Response<pb::CancelKeyDeletionResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let key = key_ref("key_id", &request.get_ref().key_id)?;
-        let result = self.kms.cancel_key_deletion(&caller, &key).await;
-        let (key, pending_approval_id) = self.key_or_pending(&caller, result).await?;
-        Ok(Response::new(pb::CancelKeyDeletionResponse {
-            key,
-            pending_approval_id,
-        }))
+        let (mut audit, caller) = self.begin(Operation::CancelKeyDeletion, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            let key = key_ref("key_id", &request.get_ref().key_id)?;
+            let result = self.kms.cancel_key_deletion(&caller, &key).await;
+            let (key, pending_approval_id) =
+                self.key_or_pending(&mut audit, &caller, result).await?;
+            Ok(pb::CancelKeyDeletionResponse {
+                key,
+                pending_approval_id,
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn set_rotation_policy(
         &self,
         request: Request<pb::SetRotationPolicyRequest>,
     ) -> Result<Response<pb::SetRotationPolicyResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.into_inner();
-        let key = key_ref("key_id", &req.key_id)?;
-        let period = convert::duration("rotation_period", req.rotation_period)?;
-        let record = self
-            .kms
-            .set_rotation_policy(&caller, &key, period)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::SetRotationPolicyResponse {
-            key: Some(convert::key_metadata(&record)),
-        }))
+        let (mut audit, caller) = self.begin(Operation::SetRotationPolicy, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            let req = request.into_inner();
+            let key = key_ref("key_id", &req.key_id)?;
+            let period = convert::duration("rotation_period", req.rotation_period)?;
+            let record = self
+                .kms
+                .set_rotation_policy(&caller, &key, period)
+                .await
+                .map_err(status)?;
+            audit.key_id(record.id, Some(record.primary_version));
+            Ok(pb::SetRotationPolicyResponse {
+                key: Some(convert::key_metadata(&record)),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn update_key_policy(
         &self,
         request: Request<pb::UpdateKeyPolicyRequest>,
     ) -> Result<Response<pb::UpdateKeyPolicyResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.into_inner();
-        let key = key_ref("key_id", &req.key_id)?;
-        let policy = convert::policy(
-            req.policy
-                .ok_or_else(|| Status::invalid_argument("policy is required"))?,
-        )?;
-        let result = self.kms.update_key_policy(&caller, &key, policy).await;
-        let (key, pending_approval_id) = self.key_or_pending(&caller, result).await?;
-        Ok(Response::new(pb::UpdateKeyPolicyResponse {
-            key,
-            pending_approval_id,
-        }))
+        let (mut audit, caller) = self.begin(Operation::UpdateKeyPolicy, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            let req = request.into_inner();
+            let key = key_ref("key_id", &req.key_id)?;
+            let policy = convert::policy(
+                req.policy
+                    .ok_or_else(|| Status::invalid_argument("policy is required"))?,
+            )?;
+            let result = self.kms.update_key_policy(&caller, &key, policy).await;
+            let (key, pending_approval_id) =
+                self.key_or_pending(&mut audit, &caller, result).await?;
+            Ok(pb::UpdateKeyPolicyResponse {
+                key,
+                pending_approval_id,
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn retire_key_versions(
         &self,
         request: Request<pb::RetireKeyVersionsRequest>,
     ) -> Result<Response<pb::RetireKeyVersionsResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.get_ref();
-        let key = key_ref("key_id", &req.key_id)?;
-        let record = self
-            .kms
-            .retire_key_versions(&caller, &key, req.min_decryption_version)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::RetireKeyVersionsResponse {
-            key: Some(convert::key_metadata(&record)),
-        }))
+        let (mut audit, caller) = self.begin(Operation::RetireKeyVersions, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            let req = request.get_ref();
+            let key = key_ref("key_id", &req.key_id)?;
+            let record = self
+                .kms
+                .retire_key_versions(&caller, &key, req.min_decryption_version)
+                .await
+                .map_err(status)?;
+            audit.key_id(record.id, Some(record.primary_version));
+            Ok(pb::RetireKeyVersionsResponse {
+                key: Some(convert::key_metadata(&record)),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 }
 
@@ -332,15 +442,20 @@ impl HsmService for Api {
         &self,
         request: Request<pb::GetHsmInfoRequest>,
     ) -> Result<Response<pb::GetHsmInfoResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let info = self.kms.hsm_info(&caller).await.map_err(status)?;
-        Ok(Response::new(pb::GetHsmInfoResponse {
-            backend: info.backend,
-            label: info.label,
-            current_root_key_id: info.current_root_key_id,
-            root_key_ids: info.root_key_ids,
-            secure: self.kms.hsm().is_secure(),
-        }))
+        let (audit, caller) = self.begin(Operation::GetHsmInfo, &request);
+        let result = async {
+            let caller = caller?;
+            let info = self.kms.hsm_info(&caller).await.map_err(status)?;
+            Ok(pb::GetHsmInfoResponse {
+                backend: info.backend,
+                label: info.label,
+                current_root_key_id: info.current_root_key_id,
+                root_key_ids: info.root_key_ids,
+                secure: self.kms.hsm().is_secure(),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     type RotateRootKeyStream = ProgressStream;
@@ -349,33 +464,47 @@ impl HsmService for Api {
         &self,
         request: Request<pb::RotateRootKeyRequest>,
     ) -> Result<Response<Self::RotateRootKeyStream>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
+        let (mut audit, caller) = self.begin(Operation::RotateRootKey, &request);
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => return self.finish(audit, Err(e)).await,
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let kms = Arc::clone(&self.kms);
+        let api = self.clone();
         // The rotation runs to its end (or error) even if the client goes
-        // away: stopping midway is safe, but finishing is better.
+        // away: stopping midway is safe, but finishing is better. Its record
+        // is written when it ends, before the last message.
         tokio::spawn(async move {
             let progress_tx = tx.clone();
-            let result = kms
+            let result = api
+                .kms
                 .rotate_root_key(&caller, move |p| {
-                    let _ = progress_tx.try_send(Ok(progress(p)));
+                    // The final report goes out after the audit record.
+                    if !p.done {
+                        let _ = progress_tx.try_send(Ok(progress(p)));
+                    }
                     true
                 })
                 .await;
-            match result {
+            let last = match result {
                 Err(crate::Error::ApprovalPending(a)) => {
-                    let _ = tx
-                        .send(Ok(pb::RotateRootKeyProgress {
-                            pending_approval_id: a.id.to_string(),
-                            ..Default::default()
-                        }))
-                        .await;
+                    audit.detail(format!("pending approval {}", a.id));
+                    Ok(pb::RotateRootKeyProgress {
+                        pending_approval_id: a.id.to_string(),
+                        ..Default::default()
+                    })
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(status(e))).await;
+                Err(e) => Err(status(e)),
+                Ok(p) => {
+                    audit.detail(format!(
+                        "new root key {}, {} versions re-wrapped, destroyed root keys {:?}",
+                        p.new_root_key_id, p.rewrapped, p.destroyed_root_key_ids
+                    ));
+                    Ok(progress(&p))
                 }
-                Ok(_) => {}
-            }
+            };
+            let last = api.finish(audit, last).await.map(Response::into_inner);
+            let _ = tx.send(last).await;
         });
         Ok(Response::new(
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ProgressStream,
@@ -402,147 +531,196 @@ impl DataKeyService for Api {
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.into_inner();
-        let key = key_ref("key_id", &req.key_id)?;
-        let context = convert::context(req.encryption_context)?;
-        let reason = convert::access_reason(req.justification)?;
-        let out = self
-            .kms
-            .generate_data_key(
-                &caller,
-                &key,
-                &context,
-                reason,
-                number_of_bytes(req.number_of_bytes),
-                true,
-            )
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::GenerateDataKeyResponse {
-            // The response owns a copy until it is encoded; the core's copy
-            // is zeroized when `out` drops.
-            plaintext: out
-                .plaintext
-                .map(|p| p.expose().to_vec())
-                .unwrap_or_default(),
-            ciphertext_blob: out.ciphertext_blob,
-            key_id: out.key_id.to_string(),
-            key_version: out.key_version,
-        }))
+        let (mut audit, caller) = self.begin(Operation::GenerateDataKey, &request);
+        audit.key(&request.get_ref().key_id);
+        audit.justification(request.get_ref().justification);
+        let result = async {
+            let caller = caller?;
+            let req = request.into_inner();
+            let key = key_ref("key_id", &req.key_id)?;
+            let context = convert::context(req.encryption_context)?;
+            audit.context(&context);
+            let reason = convert::access_reason(req.justification)?;
+            let out = self
+                .kms
+                .generate_data_key(
+                    &caller,
+                    &key,
+                    &context,
+                    reason,
+                    number_of_bytes(req.number_of_bytes),
+                    true,
+                )
+                .await
+                .map_err(status)?;
+            audit.key_id(out.key_id, Some(out.key_version));
+            Ok(pb::GenerateDataKeyResponse {
+                // The response owns a copy until it is encoded; the core's copy
+                // is zeroized when `out` drops.
+                plaintext: out
+                    .plaintext
+                    .map(|p| p.expose().to_vec())
+                    .unwrap_or_default(),
+                ciphertext_blob: out.ciphertext_blob,
+                key_id: out.key_id.to_string(),
+                key_version: out.key_version,
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn generate_data_key_without_plaintext(
         &self,
         request: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
     ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.into_inner();
-        let key = key_ref("key_id", &req.key_id)?;
-        let context = convert::context(req.encryption_context)?;
-        let reason = convert::access_reason(req.justification)?;
-        let out = self
-            .kms
-            .generate_data_key(
-                &caller,
-                &key,
-                &context,
-                reason,
-                number_of_bytes(req.number_of_bytes),
-                false,
-            )
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::GenerateDataKeyWithoutPlaintextResponse {
-            ciphertext_blob: out.ciphertext_blob,
-            key_id: out.key_id.to_string(),
-            key_version: out.key_version,
-        }))
+        let (mut audit, caller) = self.begin(Operation::GenerateDataKeyWithoutPlaintext, &request);
+        audit.key(&request.get_ref().key_id);
+        audit.justification(request.get_ref().justification);
+        let result = async {
+            let caller = caller?;
+            let req = request.into_inner();
+            let key = key_ref("key_id", &req.key_id)?;
+            let context = convert::context(req.encryption_context)?;
+            audit.context(&context);
+            let reason = convert::access_reason(req.justification)?;
+            let out = self
+                .kms
+                .generate_data_key(
+                    &caller,
+                    &key,
+                    &context,
+                    reason,
+                    number_of_bytes(req.number_of_bytes),
+                    false,
+                )
+                .await
+                .map_err(status)?;
+            audit.key_id(out.key_id, Some(out.key_version));
+            Ok(pb::GenerateDataKeyWithoutPlaintextResponse {
+                ciphertext_blob: out.ciphertext_blob,
+                key_id: out.key_id.to_string(),
+                key_version: out.key_version,
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn encrypt(
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let mut req = request.into_inner();
-        let key = key_ref("key_id", &req.key_id)?;
-        let context = convert::context(std::mem::take(&mut req.encryption_context))?;
-        let reason = convert::access_reason(req.justification)?;
-        let plaintext = zeroize::Zeroizing::new(std::mem::take(&mut req.plaintext));
-        let out = self
-            .kms
-            .encrypt(&caller, &key, &plaintext, &context, reason)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::EncryptResponse {
-            ciphertext_blob: out.ciphertext_blob,
-            key_id: out.key_id.to_string(),
-            key_version: out.key_version,
-        }))
+        let (mut audit, caller) = self.begin(Operation::Encrypt, &request);
+        audit.key(&request.get_ref().key_id);
+        audit.justification(request.get_ref().justification);
+        let result = async {
+            let caller = caller?;
+            let mut req = request.into_inner();
+            let key = key_ref("key_id", &req.key_id)?;
+            let context = convert::context(std::mem::take(&mut req.encryption_context))?;
+            audit.context(&context);
+            let reason = convert::access_reason(req.justification)?;
+            let plaintext = zeroize::Zeroizing::new(std::mem::take(&mut req.plaintext));
+            let out = self
+                .kms
+                .encrypt(&caller, &key, &plaintext, &context, reason)
+                .await
+                .map_err(status)?;
+            audit.key_id(out.key_id, Some(out.key_version));
+            Ok(pb::EncryptResponse {
+                ciphertext_blob: out.ciphertext_blob,
+                key_id: out.key_id.to_string(),
+                key_version: out.key_version,
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn decrypt(
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.into_inner();
-        let context = convert::context(req.encryption_context)?;
-        let reason = convert::access_reason(req.justification)?;
-        let expected = optional_key_ref("key_id", &req.key_id)?;
-        let out = self
-            .kms
-            .decrypt(
-                &caller,
-                &req.ciphertext_blob,
-                &context,
-                reason,
-                expected.as_ref(),
-            )
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::DecryptResponse {
-            plaintext: out.plaintext.expose().to_vec(),
-            key_id: out.key_id.to_string(),
-            key_version: out.key_version,
-        }))
+        let (mut audit, caller) = self.begin(Operation::Decrypt, &request);
+        audit.blob(&request.get_ref().ciphertext_blob);
+        audit.justification(request.get_ref().justification);
+        let result = async {
+            let caller = caller?;
+            let req = request.into_inner();
+            let context = convert::context(req.encryption_context)?;
+            audit.context(&context);
+            let reason = convert::access_reason(req.justification)?;
+            let expected = optional_key_ref("key_id", &req.key_id)?;
+            let out = self
+                .kms
+                .decrypt(
+                    &caller,
+                    &req.ciphertext_blob,
+                    &context,
+                    reason,
+                    expected.as_ref(),
+                )
+                .await
+                .map_err(status)?;
+            audit.key_id(out.key_id, Some(out.key_version));
+            Ok(pb::DecryptResponse {
+                plaintext: out.plaintext.expose().to_vec(),
+                key_id: out.key_id.to_string(),
+                key_version: out.key_version,
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 
     async fn re_encrypt(
         &self,
         request: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
-        let caller = principal_of(&request, &self.principals)?;
-        let req = request.into_inner();
-        let source_context = convert::context(req.source_encryption_context)?;
-        let destination_context = if req.destination_encryption_context.is_empty() {
-            None
-        } else {
-            Some(convert::context(req.destination_encryption_context)?)
-        };
-        let reason = convert::access_reason(req.justification)?;
-        let source = optional_key_ref("source_key_id", &req.source_key_id)?;
-        let destination = optional_key_ref("destination_key_id", &req.destination_key_id)?;
-        let out = self
-            .kms
-            .re_encrypt(
-                &caller,
-                &req.ciphertext_blob,
-                &source_context,
-                source.as_ref(),
-                destination.as_ref(),
-                destination_context.as_ref(),
-                reason,
-            )
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::ReEncryptResponse {
-            ciphertext_blob: out.ciphertext_blob,
-            source_key_id: out.source_key_id.to_string(),
-            source_key_version: out.source_key_version,
-            key_id: out.key_id.to_string(),
-            key_version: out.key_version,
-        }))
+        let (mut audit, caller) = self.begin(Operation::ReEncrypt, &request);
+        audit.blob(&request.get_ref().ciphertext_blob);
+        audit.justification(request.get_ref().justification);
+        let result = async {
+            let caller = caller?;
+            let req = request.into_inner();
+            let source_context = convert::context(req.source_encryption_context)?;
+            audit.context(&source_context);
+            let destination_context = if req.destination_encryption_context.is_empty() {
+                None
+            } else {
+                Some(convert::context(req.destination_encryption_context)?)
+            };
+            let reason = convert::access_reason(req.justification)?;
+            let source = optional_key_ref("source_key_id", &req.source_key_id)?;
+            let destination = optional_key_ref("destination_key_id", &req.destination_key_id)?;
+            let out = self
+                .kms
+                .re_encrypt(
+                    &caller,
+                    &req.ciphertext_blob,
+                    &source_context,
+                    source.as_ref(),
+                    destination.as_ref(),
+                    destination_context.as_ref(),
+                    reason,
+                )
+                .await
+                .map_err(status)?;
+            audit.detail(format!(
+                "source {} version {}",
+                out.source_key_id, out.source_key_version
+            ));
+            audit.key_id(out.key_id, Some(out.key_version));
+            Ok(pb::ReEncryptResponse {
+                ciphertext_blob: out.ciphertext_blob,
+                source_key_id: out.source_key_id.to_string(),
+                source_key_version: out.source_key_version,
+                key_id: out.key_id.to_string(),
+                key_version: out.key_version,
+            })
+        }
+        .await;
+        self.finish(audit, result).await
     }
 }

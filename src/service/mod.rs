@@ -30,6 +30,7 @@ mod policy;
 mod quorum;
 mod ratelimit;
 mod rootkey;
+mod secrets;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -204,6 +205,17 @@ impl Kms {
         self.keys.insert_if(record.id, Arc::clone(record), || {
             self.write_epoch.load(Ordering::SeqCst) == epoch
         });
+    }
+
+    /// The caller's role on this server, if any (for audit records).
+    pub fn role_of(&self, caller: &Caller) -> Option<Role> {
+        self.authz.role_of(caller)
+    }
+
+    /// Authorizes an operation that the core does not perform itself (the
+    /// audit log's read side): rate limit, then role.
+    pub fn authorize_only(&self, caller: &Caller, op: Operation) -> Result<Role> {
+        self.authorize(caller, op)
     }
 
     fn authorize(&self, caller: &Caller, op: Operation) -> Result<Role> {

@@ -12,8 +12,9 @@
 //!    the HSM (which still holds the old key), wrap under the current one,
 //!    compare-and-swap the version record. Each record is, at every instant,
 //!    wrapped under a root key the HSM still holds — never unwrappable.
-//! 3. Only when the store holds no live version under another root key,
-//!    destroy the other root keys.
+//!    Then the same for the service's own secrets (the audit log's key).
+//! 3. Only when the store holds no live version (and no secret) under
+//!    another root key, destroy the other root keys.
 //!
 //! New versions created meanwhile are wrapped under the current root key
 //! already. The clear material never changes, so the caches stay valid.
@@ -142,13 +143,17 @@ impl Kms {
             }
         }
 
+        // The service's own secrets (the audit key) are re-wrapped too.
+        let secrets_left = self.rewrap_secrets(new_root).await?;
+
         // Under the write guard: no version can be created or rotated (and
         // wrapped under an old root key) between this check and the
         // destruction of the old root keys.
         let _no_new_versions = self.begin_write().await;
-        let left = self
-            .blocking(move |s| Ok(s.count_versions(new_root)?.not_under_root))
-            .await?;
+        let left = secrets_left
+            + self
+                .blocking(move |s| Ok(s.count_versions(new_root)?.not_under_root))
+                .await?;
         if left > 0 {
             return Err(Error::FailedPrecondition(format!(
                 "{left} key versions are still wrapped under an old root key; run the rotation again"

@@ -73,6 +73,18 @@ impl CountingStore {
 }
 
 impl KeyStore for CountingStore {
+    fn get_secret(&self, name: &str) -> Result<Option<crate::store::WrappedSecret>, StoreError> {
+        self.count();
+        self.inner.get_secret(name)
+    }
+    fn put_secret(&self, name: &str, s: &crate::store::WrappedSecret) -> Result<(), StoreError> {
+        self.count();
+        self.inner.put_secret(name, s)
+    }
+    fn list_secrets(&self) -> Result<Vec<(String, crate::store::WrappedSecret)>, StoreError> {
+        self.count();
+        self.inner.list_secrets()
+    }
     fn create_key(&self, k: &KeyRecord, v: &VersionRecord) -> Result<(), StoreError> {
         self.count();
         self.inner.create_key(k, v)

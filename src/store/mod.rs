@@ -71,6 +71,24 @@ pub struct VersionCounts {
     pub destroyed: u64,
 }
 
+/// A secret of the service itself (not a customer key), e.g. the audit log's
+/// key, stored only wrapped by the HSM root key, like CMK material.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WrappedSecret {
+    pub hsm_root_key_id: u32,
+    #[serde(with = "crate::model::hex_bytes")]
+    pub wrapped: Vec<u8>,
+}
+
+impl fmt::Debug for WrappedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WrappedSecret")
+            .field("hsm_root_key_id", &self.hsm_root_key_id)
+            .field("wrapped_len", &self.wrapped.len())
+            .finish()
+    }
+}
+
 /// Every mutating method is atomic (all of its change or none of it) and
 /// returns `Ok` only once the change is durable. A refused call
 /// ([`StoreError::KeyExists`], [`StoreError::AliasTaken`],
@@ -220,4 +238,14 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// write. It says nothing of copies outside the store's files (deleted
     /// blocks, SSD spare areas, copy-on-write snapshots, backups).
     fn compact(&self) -> Result<(), StoreError>;
+
+    /// The service secret `name` (see [`WrappedSecret`]), if stored.
+    fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError>;
+
+    /// Stores (or replaces) the service secret `name`; durable on return.
+    fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError>;
+
+    /// Every service secret, by name: what a root-key rotation re-wraps
+    /// besides the CMK versions.
+    fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError>;
 }

@@ -39,6 +39,7 @@
 //! tree       key                                   value
 //! ---------  ------------------------------------  ----------------------------
 //! meta       b"schema"                             u32 BE, currently 2
+//! meta       b"secret/" || name                    JSON WrappedSecret
 //! keys       KeyId (16 bytes)                      JSON KeyRecord
 //! versions   KeyId (16 bytes) || version (u32 BE)  JSON VersionRecord
 //! aliases    alias (UTF-8)                         KeyId (16 bytes)
@@ -196,7 +197,7 @@ use sled::transaction::{
     TransactionalTree,
 };
 
-use super::{KeyFilter, KeyStore, StoreError, VersionCounts};
+use super::{KeyFilter, KeyStore, StoreError, VersionCounts, WrappedSecret};
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
 
 /// The on-disk schema this build reads and writes.
@@ -1125,7 +1126,55 @@ fn refuse<T>(message: String) -> Result<T, StoreError> {
     Err(StoreError::Corrupt(format!("refusing to write: {message}")))
 }
 
+const SECRET_PREFIX: &[u8] = b"secret/";
+
+fn secret_key(name: &str) -> Vec<u8> {
+    let mut key = SECRET_PREFIX.to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
 impl KeyStore for SledStore {
+    fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
+        let live = self.read_gate()?;
+        let bytes = live
+            .sled
+            .meta
+            .get(secret_key(name))
+            .map_err(|e| sled_error("reading a service secret", e))?;
+        bytes.map(|b| decode("service secret", &b)).transpose()
+    }
+
+    fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
+        if name.is_empty() || secret.wrapped.is_empty() {
+            return refuse(format!("an empty service secret {name:?}"));
+        }
+        let value = encode("service secret", secret)?;
+        let live = self.write_gate();
+        self.check_usable()?;
+        if let Err(e) = live.sled.meta.insert(secret_key(name), value) {
+            self.mark_failed();
+            return Err(sled_error("writing a service secret", e));
+        }
+        if let Err(e) = self.make_durable(&live) {
+            self.mark_failed();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
+        let live = self.read_gate()?;
+        let mut out = Vec::new();
+        for entry in live.sled.meta.scan_prefix(SECRET_PREFIX) {
+            let (k, v) = entry.map_err(|e| sled_error("listing service secrets", e))?;
+            let name = std::str::from_utf8(k.get(SECRET_PREFIX.len()..).unwrap_or_default())
+                .map_err(|_| StoreError::Corrupt("a service secret's name is not UTF-8".into()))?;
+            out.push((name.to_string(), decode("service secret", &v)?));
+        }
+        Ok(out)
+    }
+
     fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError> {
         if first_version.key_id != key.id || first_version.version != key.primary_version {
             return refuse(format!(

@@ -86,10 +86,16 @@ impl TestServer {
         }
         .load()
         .unwrap();
-        let server =
-            coffre::cli::start_server(Arc::new(kms), "127.0.0.1:0".parse().unwrap(), tls, None)
-                .await
-                .unwrap();
+        let audit = coffre::cli::AuditSetup::in_dir(dir.path(), &Default::default()).unwrap();
+        let server = coffre::cli::start_server(
+            Arc::new(kms),
+            "127.0.0.1:0".parse().unwrap(),
+            tls,
+            None,
+            audit,
+        )
+        .await
+        .unwrap();
         Self {
             dir,
             server: Some(server),
@@ -138,6 +144,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         quorum: 1,
         crl: None,
         crl_reload_interval: Duration::from_secs(10),
+        audit: Default::default(),
     }
 }
 

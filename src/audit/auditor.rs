@@ -1,0 +1,514 @@
+//! The server's audit log: one writer thread that owns the [`AuditLog`],
+//! and the asynchronous API that request handlers and auditors use.
+//!
+//! # Group commit
+//!
+//! A request hands its [`AuditEntry`] to the writer thread and waits for the
+//! answer. The thread takes every entry queued at that moment, appends them
+//! with one `write` (and, in `fsync` mode, one `fsync`), then answers them
+//! all: concurrent requests share the system calls, and a request is
+//! answered only once its record is written. If the write fails, every
+//! request of the batch gets an error and must be refused (`UNAVAILABLE`):
+//! fail closed. The log recovers by itself when its storage accepts writes
+//! again (the torn bytes of the failed batch are truncated first).
+//!
+//! # Readers
+//!
+//! [`Auditor::list_events`] and [`Auditor::export`] read the file with
+//! positioned reads (`pread`), up to the length of the acknowledged content
+//! at the time they start, so they never see a torn line and never block the
+//! writer. A sparse index (one record in
+//! [`super::chain::LOG_INDEX_STRIDE`]) lets a page
+//! start near its `seq` without reading the whole file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+
+use super::AuditError;
+use super::chain::{AuditLog, AuditLogOptions, Checkpoint, PruneReport, read_exact_at};
+use super::keys::AuditKeys;
+use super::record::{AuditDigestKey, AuditEntry, AuditRecord, Outcome};
+use crate::model::{EncryptionContext, Timestamp};
+
+/// Which encryption-context entries a record shows in clear.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ClearContext {
+    /// None: only the keyed digest (the default).
+    #[default]
+    None,
+    /// These keys' values (when present).
+    Keys(std::collections::BTreeSet<String>),
+    /// The whole context.
+    All,
+}
+
+/// Configuration of the server's audit log.
+#[derive(Clone, Debug)]
+pub struct AuditorOptions {
+    pub log: AuditLogOptions,
+    pub clear_context: ClearContext,
+    /// Records older than this are pruned (as far as a checkpoint allows);
+    /// `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// How often the writer checks for pruning and idle checkpoints.
+    pub housekeeping_interval: Duration,
+}
+
+impl Default for AuditorOptions {
+    fn default() -> Self {
+        Self {
+            log: AuditLogOptions::default(),
+            clear_context: ClearContext::None,
+            retention: None,
+            housekeeping_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Which records [`Auditor::list_events`] returns; `None` matches all.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    pub start_time: Option<Timestamp>,
+    pub end_time: Option<Timestamp>,
+    pub key_id: Option<String>,
+    pub principal: Option<String>,
+    pub operation: Option<String>,
+    pub outcome: Option<Outcome>,
+}
+
+impl EventFilter {
+    fn matches(&self, r: &AuditRecord) -> bool {
+        self.start_time.is_none_or(|t| r.time >= t)
+            && self.end_time.is_none_or(|t| r.time < t)
+            && self
+                .key_id
+                .as_ref()
+                .is_none_or(|k| r.key_id.as_ref() == Some(k))
+            && self.principal.as_ref().is_none_or(|p| &r.principal == p)
+            && self.operation.as_ref().is_none_or(|o| &r.operation == o)
+            && self.outcome.is_none_or(|o| r.outcome == o)
+    }
+}
+
+/// A page of [`Auditor::list_events`].
+#[derive(Clone, Debug, Default)]
+pub struct EventPage {
+    pub records: Vec<AuditRecord>,
+    /// Pass as `after_seq` for the next page; `None` at the end of the log.
+    pub next_after_seq: Option<u64>,
+}
+
+/// Records examined per page at most, so that a selective filter over a
+/// large log answers in bounded time (with a short page and a token).
+const SCAN_LIMIT: u64 = 100_000;
+
+enum Job {
+    Append(Box<AuditEntry>, oneshot::Sender<Result<u64, String>>),
+    Checkpoint(oneshot::Sender<Result<Option<Checkpoint>, String>>),
+    Shutdown,
+}
+
+/// What readers need, published by the writer after every write.
+#[derive(Clone, Debug, Default)]
+struct View {
+    len: u64,
+    index: Vec<(u64, u64)>,
+    last_seq: u64,
+    last_checkpoint: Option<Checkpoint>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    path: PathBuf,
+    view: Mutex<View>,
+    /// `false` while the log cannot be written.
+    healthy: AtomicBool,
+    /// `seq` of the last acknowledged record, for followers (`audit tail`).
+    head: watch::Sender<u64>,
+}
+
+/// The audit log of a running server. Dropping it (or [`Auditor::shutdown`])
+/// writes a final checkpoint.
+#[derive(Debug)]
+pub struct Auditor {
+    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    public_key: [u8; 32],
+    digest: AuditDigestKey,
+    clear_context: ClearContext,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Auditor {
+    /// Opens (verifying it) or creates the log at `path` and starts its
+    /// writer thread.
+    pub fn open(path: &Path, keys: AuditKeys, options: AuditorOptions) -> Result<Self, AuditError> {
+        let public_key = keys.signer.public_key();
+        let clear_context = options.clear_context.clone();
+        let mut log = AuditLog::open_with(path, keys.signer, options.log.clone())?;
+        let (head, _) = watch::channel(log.seq());
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            view: Mutex::new(View::default()),
+            healthy: AtomicBool::new(true),
+            head,
+        });
+        if let Some(retention) = options.retention {
+            prune(&mut log, retention, &options.log);
+        }
+        publish(&shared, &log);
+        let (tx, rx) = mpsc::channel();
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("coffre-audit".into())
+            .spawn(move || writer(log, rx, thread_shared, options))?;
+        Ok(Self {
+            tx,
+            shared,
+            public_key,
+            digest: keys.digest,
+            clear_context,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public_key
+    }
+
+    pub fn public_key_pem(&self) -> String {
+        super::chain::public_key_to_pem(&self.public_key)
+    }
+
+    /// Whether the last write succeeded (for health checks).
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::SeqCst)
+    }
+
+    /// The keyed digest of `context` for a record.
+    pub fn context_digest(&self, context: &EncryptionContext) -> String {
+        self.digest.context_digest(context)
+    }
+
+    /// The context entries to show in clear, per the configuration.
+    pub fn clear_context(&self, context: &EncryptionContext) -> Option<BTreeMap<String, String>> {
+        match &self.clear_context {
+            ClearContext::None => None,
+            ClearContext::All => Some(context.entries().clone()),
+            ClearContext::Keys(keys) => Some(
+                context
+                    .entries()
+                    .iter()
+                    .filter(|(k, _)| keys.contains(k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Appends a record; returns its `seq` once it is written (per the
+    /// durability mode). An error means the request must be refused.
+    pub async fn record(&self, entry: AuditEntry) -> Result<u64, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Append(Box::new(entry), tx))
+            .map_err(|_| AuditError::Poisoned)?;
+        match rx.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(message)) => Err(AuditError::Io(std::io::Error::other(message))),
+            Err(_) => Err(AuditError::Poisoned),
+        }
+    }
+
+    /// Signs the current head now (if records came since the last
+    /// checkpoint) and returns the latest checkpoint.
+    pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Checkpoint(tx))
+            .map_err(|_| AuditError::Poisoned)?;
+        match rx.await {
+            Ok(Ok(cp)) => Ok(cp),
+            Ok(Err(message)) => Err(AuditError::Io(std::io::Error::other(message))),
+            Err(_) => Err(AuditError::Poisoned),
+        }
+    }
+
+    /// `seq` of the last acknowledged record; changes are signalled.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.head.subscribe()
+    }
+
+    /// Records after `after_seq` that pass `filter`, at most `limit`, in
+    /// `seq` order. Blocking (file reads): call it off the async runtime.
+    pub fn list_events(
+        &self,
+        filter: &EventFilter,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<EventPage, AuditError> {
+        let (file, view) = self.snapshot()?;
+        // Start at the last indexed record at or before `after_seq + 1`.
+        let target = after_seq.saturating_add(1);
+        let start = view
+            .index
+            .iter()
+            .rev()
+            .find(|(seq, _)| *seq <= target)
+            .map_or(0, |(_, offset)| *offset);
+        let mut page = EventPage::default();
+        let mut scanned = 0u64;
+        let mut last_seen = after_seq;
+        let mut reader = LineReader::new(&file, start, view.len);
+        while let Some(line) = reader.next_line()? {
+            let Some(seq) = super::chain::record_seq(line) else {
+                continue; // a checkpoint
+            };
+            if seq <= after_seq {
+                continue;
+            }
+            let record: AuditRecord = serde_json::from_slice(line)
+                .map_err(|e| AuditError::Encode(format!("record {seq}: {e}")))?;
+            last_seen = seq;
+            scanned += 1;
+            if filter.matches(&record) {
+                page.records.push(record);
+                if page.records.len() >= limit {
+                    break;
+                }
+            }
+            if scanned >= SCAN_LIMIT {
+                break;
+            }
+        }
+        if last_seen < view.last_seq {
+            page.next_after_seq = Some(last_seen);
+        }
+        Ok(page)
+    }
+
+    /// The acknowledged content (records and checkpoints, as JSON lines),
+    /// in chunks of at most `chunk` bytes passed to `sink`; stops early if
+    /// `sink` returns `false`. Blocking: call it off the async runtime.
+    pub fn export(
+        &self,
+        chunk: usize,
+        mut sink: impl FnMut(Vec<u8>) -> bool,
+    ) -> Result<u64, AuditError> {
+        let (file, view) = self.snapshot()?;
+        let mut offset = 0u64;
+        while offset < view.len {
+            let n = usize::try_from((view.len - offset).min(chunk as u64)).unwrap_or(chunk);
+            let mut buf = vec![0u8; n];
+            read_exact_at(&file, &mut buf, offset)?;
+            offset += n as u64;
+            if !sink(buf) {
+                break;
+            }
+        }
+        Ok(offset)
+    }
+
+    /// The last checkpoint written, without writing one.
+    pub fn last_checkpoint(&self) -> Option<Checkpoint> {
+        self.shared
+            .view
+            .lock()
+            .ok()
+            .and_then(|v| v.last_checkpoint.clone())
+    }
+
+    /// A file handle and the view that goes with it, taken together so that
+    /// a concurrent prune (which replaces the file) cannot mix them.
+    fn snapshot(&self) -> Result<(File, View), AuditError> {
+        let view = self.shared.view.lock().map_err(|_| AuditError::Poisoned)?;
+        let file = File::open(&self.shared.path)?;
+        Ok((file, view.clone()))
+    }
+
+    /// Stops the writer after the queued records, with a final checkpoint.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Job::Shutdown);
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Auditor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Reads lines from `[start, end)` of a file with positioned reads.
+struct LineReader<'a> {
+    file: &'a File,
+    offset: u64,
+    end: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    line: Vec<u8>,
+}
+
+impl<'a> LineReader<'a> {
+    fn new(file: &'a File, start: u64, end: u64) -> Self {
+        Self {
+            file,
+            offset: start,
+            end,
+            buf: Vec::new(),
+            pos: 0,
+            line: Vec::new(),
+        }
+    }
+
+    /// The next complete line, without its `\n`.
+    fn next_line(&mut self) -> Result<Option<&[u8]>, AuditError> {
+        self.line.clear();
+        loop {
+            let rest = self.buf.get(self.pos..).unwrap_or_default();
+            if let Some(i) = rest.iter().position(|&b| b == b'\n') {
+                self.line
+                    .extend_from_slice(rest.get(..i).unwrap_or_default());
+                self.pos += i + 1;
+                return Ok(Some(&self.line));
+            }
+            self.line.extend_from_slice(rest);
+            self.pos = self.buf.len();
+            if self.offset >= self.end {
+                // The acknowledged content ends with `\n`: nothing is left.
+                return Ok(None);
+            }
+            let n = usize::try_from((self.end - self.offset).min(256 * 1024)).unwrap_or(0);
+            self.buf.resize(n, 0);
+            read_exact_at(self.file, &mut self.buf, self.offset)?;
+            self.offset += n as u64;
+            self.pos = 0;
+        }
+    }
+}
+
+fn publish(shared: &Shared, log: &AuditLog) {
+    if let Ok(mut view) = shared.view.lock() {
+        view.len = log.len();
+        if view.index.len() != log.index().len() || view.index.first() != log.index().first() {
+            view.index = log.index().to_vec();
+        }
+        view.last_seq = log.seq();
+        view.last_checkpoint = log.last_checkpoint().cloned();
+    }
+    shared.healthy.store(!log.is_poisoned(), Ordering::SeqCst);
+    shared.head.send_replace(log.seq());
+}
+
+fn prune(log: &mut AuditLog, retention: Duration, options: &AuditLogOptions) {
+    let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = Timestamp(options.clock.now().0.saturating_sub(ms));
+    match log.prune(cutoff) {
+        Ok(Some(PruneReport {
+            removed_records,
+            anchor,
+        })) => tracing::warn!(
+            removed_records,
+            anchor_seq = anchor.seq,
+            "audit log retention: older records pruned; the log now starts from a signed anchor checkpoint"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "audit log retention: pruning failed; will retry"),
+    }
+}
+
+/// The writer thread: see the module docs.
+fn writer(
+    mut log: AuditLog,
+    rx: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+    options: AuditorOptions,
+) {
+    const MAX_BATCH: usize = 4096;
+    let mut last_housekeeping = std::time::Instant::now();
+    let every_ms = i64::try_from(options.log.checkpoints.every.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let first = match rx.recv_timeout(options.housekeeping_interval) {
+            Ok(job) => Some(job),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Job::Shutdown),
+        };
+        let mut appends = Vec::new();
+        let mut others = Vec::new();
+        let mut shutdown = false;
+        if let Some(job) = first {
+            let mut next = Some(job);
+            while let Some(job) = next {
+                match job {
+                    Job::Append(entry, reply) => appends.push((*entry, reply)),
+                    Job::Shutdown => shutdown = true,
+                    other => others.push(other),
+                }
+                next = if appends.len() < MAX_BATCH && !shutdown {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+        }
+        if !appends.is_empty() {
+            let (entries, replies): (Vec<_>, Vec<_>) = appends.into_iter().unzip();
+            match log.append_batch(entries) {
+                Ok(records) => {
+                    for (record, reply) in records.iter().zip(replies) {
+                        let _ = reply.send(Ok(record.seq));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for reply in replies {
+                        let _ = reply.send(Err(message.clone()));
+                    }
+                }
+            }
+        }
+        for job in others {
+            if let Job::Checkpoint(reply) = job {
+                let _ = reply.send(log.checkpoint().map_err(|e| e.to_string()));
+            }
+        }
+        if shutdown {
+            if let Err(e) = log.checkpoint() {
+                tracing::error!(error = %e, "audit log: final checkpoint failed");
+            }
+            publish(&shared, &log);
+            return;
+        }
+        if last_housekeeping.elapsed() >= options.housekeeping_interval {
+            last_housekeeping = std::time::Instant::now();
+            // An idle log still gets its checkpoint on time.
+            let now = options.log.clock.now();
+            if log.since_checkpoint() > 0
+                && now.0.saturating_sub(log.last_checkpoint_time().0) >= every_ms
+            {
+                if let Err(e) = log.checkpoint() {
+                    tracing::error!(error = %e, "audit log: periodic checkpoint failed");
+                }
+            }
+            if let Some(retention) = options.retention {
+                prune(&mut log, retention, &options.log);
+            }
+        }
+        publish(&shared, &log);
+    }
+}

@@ -1,0 +1,475 @@
+//! The audit side of the transport: one record per request
+//! ([`RequestAudit`], written by [`Api::finish`] before the response leaves),
+//! and the [`AuditService`] for auditors.
+//!
+//! Every handler of coffre's services starts a [`RequestAudit`] before it
+//! does anything else, fills in what it learns (the key and version, the
+//! context digest, the justification) and ends with [`Api::finish`], which
+//! sets the outcome from the result, appends the record and only then lets
+//! the response go. If the record cannot be written, the caller gets
+//! `UNAVAILABLE` instead of the response (fail closed). Requests refused
+//! before the service core (a malformed field, a certificate without a
+//! principal) are recorded the same way. Health and reflection, which carry
+//! no key operation, are not recorded. A TLS handshake refused for lack of
+//! a valid client certificate never becomes a request; rustls logs it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use super::auth::principal_of;
+use super::pb::{self, audit_service_server::AuditService};
+use super::services::Api;
+use super::{convert, status};
+use crate::audit::{AuditEntry, AuditRecord, Auditor, Checkpoint, EventFilter, Outcome};
+use crate::authz::{Caller, Operation};
+use crate::model::{EncryptionContext, KeyId, Timestamp};
+
+/// The response header that carries the request id (also on errors); the
+/// audit record of the request has the same `request_id`.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The audit record of one request, as the handler fills it in.
+pub(super) struct RequestAudit {
+    entry: AuditEntry,
+    audit: Arc<Auditor>,
+}
+
+impl RequestAudit {
+    pub(super) fn key(&mut self, key_id: &str) {
+        if !key_id.is_empty() {
+            self.entry.key_id = Some(key_id.to_string());
+        }
+    }
+
+    pub(super) fn key_id(&mut self, key_id: KeyId, version: Option<u32>) {
+        self.entry.key_id = Some(key_id.to_string());
+        if version.is_some() {
+            self.entry.key_version = version;
+        }
+    }
+
+    /// The key and version a wrapped key names in its header (not yet
+    /// authenticated: what the caller presented).
+    pub(super) fn blob(&mut self, blob: &[u8]) {
+        if let Ok(parsed) = crate::envelope::parse(blob) {
+            self.key_id(parsed.header.key_id, Some(parsed.header.key_version));
+        }
+    }
+
+    pub(super) fn context(&mut self, context: &EncryptionContext) {
+        self.entry.context_digest = Some(self.audit.context_digest(context));
+        self.entry.context = self.audit.clear_context(context);
+    }
+
+    pub(super) fn justification(&mut self, raw: i32) {
+        self.entry.justification = Some(
+            pb::AccessReason::try_from(raw)
+                .map(|r| r.as_str_name().to_string())
+                .unwrap_or_else(|_| format!("UNKNOWN({raw})")),
+        );
+    }
+
+    pub(super) fn detail(&mut self, detail: String) {
+        self.entry.detail = Some(detail);
+    }
+
+    fn set_result(&mut self, code: tonic::Code) {
+        self.entry.outcome = outcome_of(code);
+        self.entry.status_code = code_name(code).to_string();
+    }
+}
+
+/// Refused: the request was not acceptable (validation, authorization,
+/// state, rate). Failed: it was, but coffre could not serve it.
+fn outcome_of(code: tonic::Code) -> Outcome {
+    use tonic::Code as C;
+    match code {
+        C::Ok => Outcome::Allowed,
+        C::InvalidArgument
+        | C::NotFound
+        | C::AlreadyExists
+        | C::PermissionDenied
+        | C::FailedPrecondition
+        | C::OutOfRange
+        | C::ResourceExhausted
+        | C::Unauthenticated
+        | C::Aborted
+        | C::Unimplemented => Outcome::Refused,
+        _ => Outcome::Failed,
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn audit_unavailable(request_id: &str, e: &crate::audit::AuditError) -> Status {
+    tracing::error!(request_id, error = %e, "audit log unavailable: request refused (fail closed)");
+    Status::unavailable("the audit log cannot be written; coffre refuses service until it can")
+}
+
+impl Api {
+    /// Starts the record of a request: its id, the caller (or why it has
+    /// none) and its role.
+    pub(super) fn begin<T>(
+        &self,
+        op: Operation,
+        request: &Request<T>,
+    ) -> (RequestAudit, Result<Caller, Status>) {
+        let caller = principal_of(request, &self.principals);
+        let (principal, role) = match &caller {
+            Ok(c) => (
+                c.principal.clone(),
+                self.kms.role_of(c).map(|r| r.as_str().to_string()),
+            ),
+            Err(_) => (String::new(), None),
+        };
+        let entry = AuditEntry {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            principal,
+            role,
+            operation: op.name().to_string(),
+            key_id: None,
+            key_version: None,
+            context_digest: None,
+            justification: None,
+            context: None,
+            detail: None,
+            outcome: Outcome::Failed,
+            status_code: String::new(),
+        };
+        let audit = RequestAudit {
+            entry,
+            audit: Arc::clone(&self.audit),
+        };
+        (audit, caller)
+    }
+
+    /// Writes the record with the request's outcome, then returns the
+    /// response, or `UNAVAILABLE` if the record could not be written.
+    pub(super) async fn finish<T>(
+        &self,
+        mut audit: RequestAudit,
+        result: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        audit.set_result(code);
+        let request_id = audit.entry.request_id.clone();
+        let header = MetadataValue::try_from(request_id.as_str()).ok();
+        if let Err(e) = self.audit.record(audit.entry).await {
+            let mut status = audit_unavailable(&request_id, &e);
+            if let Some(h) = header {
+                status.metadata_mut().insert(REQUEST_ID_HEADER, h);
+            }
+            return Err(status);
+        }
+        match result {
+            Ok(body) => {
+                let mut response = Response::new(body);
+                if let Some(h) = header {
+                    response.metadata_mut().insert(REQUEST_ID_HEADER, h);
+                }
+                Ok(response)
+            }
+            Err(mut status) => {
+                if let Some(h) = header {
+                    status.metadata_mut().insert(REQUEST_ID_HEADER, h);
+                }
+                Err(status)
+            }
+        }
+    }
+
+    /// [`Self::finish`] for a streaming response whose record is written
+    /// when the stream starts (or is refused).
+    pub(super) async fn record_only(
+        &self,
+        mut audit: RequestAudit,
+        code: tonic::Code,
+    ) -> Result<(), Status> {
+        audit.set_result(code);
+        let request_id = audit.entry.request_id.clone();
+        self.audit
+            .record(audit.entry)
+            .await
+            .map(|_| ())
+            .map_err(|e| audit_unavailable(&request_id, &e))
+    }
+}
+
+fn outcome_to_pb(o: Outcome) -> pb::AuditOutcome {
+    match o {
+        Outcome::Allowed => pb::AuditOutcome::Allowed,
+        Outcome::Refused => pb::AuditOutcome::Refused,
+        Outcome::Failed => pb::AuditOutcome::Failed,
+    }
+}
+
+fn outcome_from_pb(raw: i32) -> Result<Option<Outcome>, Status> {
+    match pb::AuditOutcome::try_from(raw) {
+        Ok(pb::AuditOutcome::Unspecified) => Ok(None),
+        Ok(pb::AuditOutcome::Allowed) => Ok(Some(Outcome::Allowed)),
+        Ok(pb::AuditOutcome::Refused) => Ok(Some(Outcome::Refused)),
+        Ok(pb::AuditOutcome::Failed) => Ok(Some(Outcome::Failed)),
+        Err(_) => Err(Status::invalid_argument(format!("unknown outcome {raw}"))),
+    }
+}
+
+fn time_from_pb(
+    field: &str,
+    t: Option<prost_types::Timestamp>,
+) -> Result<Option<Timestamp>, Status> {
+    let Some(t) = t else { return Ok(None) };
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: invalid timestamp"
+        )));
+    }
+    t.seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(t.nanos / 1_000_000)))
+        .map(|ms| Some(Timestamp(ms)))
+        .ok_or_else(|| Status::invalid_argument(format!("{field}: timestamp out of range")))
+}
+
+pub(super) fn event_to_pb(r: AuditRecord) -> pb::AuditEvent {
+    let json = serde_json::to_string(&r).unwrap_or_default();
+    pb::AuditEvent {
+        seq: r.seq,
+        time: Some(convert::timestamp(r.time)),
+        request_id: r.request_id,
+        principal: r.principal,
+        role: r.role.unwrap_or_default(),
+        operation: r.operation,
+        key_id: r.key_id.unwrap_or_default(),
+        key_version: r.key_version,
+        context_digest: r.context_digest.unwrap_or_default(),
+        justification: r.justification.unwrap_or_default(),
+        context: r
+            .context
+            .map(|c| c.into_iter().collect::<HashMap<_, _>>())
+            .unwrap_or_default(),
+        detail: r.detail.unwrap_or_default(),
+        outcome: outcome_to_pb(r.outcome).into(),
+        status_code: r.status_code,
+        prev_hash: r.prev_hash,
+        hash: r.hash,
+        json,
+    }
+}
+
+fn checkpoint_to_pb(c: Checkpoint) -> pb::AuditCheckpoint {
+    let json = serde_json::to_string(&serde_json::json!({ "checkpoint": &c })).unwrap_or_default();
+    pb::AuditCheckpoint {
+        seq: c.seq,
+        head_hash: c.head_hash,
+        time: Some(convert::timestamp(c.time)),
+        signature: c.signature,
+        json,
+    }
+}
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+type ChunkStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ExportLogChunk, Status>> + Send>>;
+type EventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::AuditEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AuditService for Api {
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let (mut audit, caller) = self.begin(Operation::ListAuditEvents, &request);
+        audit.key(&request.get_ref().key_id);
+        let result = async {
+            let caller = caller?;
+            self.kms
+                .authorize_only(&caller, Operation::ListAuditEvents)
+                .map_err(status)?;
+            let req = request.into_inner();
+            let filter = EventFilter {
+                start_time: time_from_pb("start_time", req.start_time)?,
+                end_time: time_from_pb("end_time", req.end_time)?,
+                key_id: (!req.key_id.is_empty()).then_some(req.key_id),
+                principal: (!req.principal.is_empty()).then_some(req.principal),
+                operation: (!req.operation.is_empty()).then_some(req.operation),
+                outcome: outcome_from_pb(req.outcome)?,
+            };
+            let limit = match usize::try_from(req.page_size).unwrap_or(usize::MAX) {
+                0 => DEFAULT_PAGE,
+                n if n > MAX_PAGE => {
+                    return Err(Status::invalid_argument(format!(
+                        "page_size must be at most {MAX_PAGE}"
+                    )));
+                }
+                n => n,
+            };
+            let after = if req.page_token.is_empty() {
+                0
+            } else {
+                req.page_token
+                    .parse::<u64>()
+                    .map_err(|_| Status::invalid_argument("invalid page_token"))?
+            };
+            let auditor = Arc::clone(&self.audit);
+            let page =
+                tokio::task::spawn_blocking(move || auditor.list_events(&filter, after, limit))
+                    .await
+                    .map_err(|e| Status::internal(format!("audit read task failed: {e}")))?
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "reading the audit log failed");
+                        Status::unavailable("the audit log cannot be read")
+                    })?;
+            Ok(pb::ListEventsResponse {
+                events: page.records.into_iter().map(event_to_pb).collect(),
+                next_page_token: page
+                    .next_after_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
+    }
+
+    async fn get_checkpoint(
+        &self,
+        request: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
+        let (audit, caller) = self.begin(Operation::GetAuditCheckpoint, &request);
+        let result = async {
+            let caller = caller?;
+            self.kms
+                .authorize_only(&caller, Operation::GetAuditCheckpoint)
+                .map_err(status)?;
+            let checkpoint = self.audit.checkpoint().await.map_err(|e| {
+                tracing::error!(error = %e, "audit checkpoint failed");
+                Status::unavailable("the audit log cannot be written")
+            })?;
+            Ok(pb::GetCheckpointResponse {
+                checkpoint: checkpoint.map(checkpoint_to_pb),
+                public_key_pem: self.audit.public_key_pem(),
+            })
+        }
+        .await;
+        self.finish(audit, result).await
+    }
+
+    type ExportLogStream = ChunkStream;
+
+    async fn export_log(
+        &self,
+        request: Request<pb::ExportLogRequest>,
+    ) -> Result<Response<Self::ExportLogStream>, Status> {
+        let (audit, caller) = self.begin(Operation::ExportAuditLog, &request);
+        let allowed = caller.and_then(|c| {
+            self.kms
+                .authorize_only(&c, Operation::ExportAuditLog)
+                .map_err(status)
+        });
+        let code = allowed.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        self.record_only(audit, code).await?;
+        allowed?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let auditor = Arc::clone(&self.audit);
+        tokio::task::spawn_blocking(move || {
+            let result = auditor.export(256 * 1024, |data| {
+                tx.blocking_send(Ok(pb::ExportLogChunk { data })).is_ok()
+            });
+            if let Err(e) = result {
+                tracing::error!(error = %e, "audit export failed");
+                let _ = tx.blocking_send(Err(Status::unavailable("the audit log cannot be read")));
+            }
+        });
+        Ok(Response::new(
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ChunkStream,
+        ))
+    }
+
+    type TailEventsStream = EventStream;
+
+    async fn tail_events(
+        &self,
+        request: Request<pb::TailEventsRequest>,
+    ) -> Result<Response<Self::TailEventsStream>, Status> {
+        let (audit, caller) = self.begin(Operation::TailAuditEvents, &request);
+        let allowed = caller.and_then(|c| {
+            self.kms
+                .authorize_only(&c, Operation::TailAuditEvents)
+                .map_err(status)
+        });
+        let code = allowed.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        self.record_only(audit, code).await?;
+        allowed?;
+        let mut after = request.get_ref().after_seq;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let auditor = Arc::clone(&self.audit);
+        let mut head = auditor.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let reader = Arc::clone(&auditor);
+                let page = tokio::task::spawn_blocking(move || {
+                    reader.list_events(&EventFilter::default(), after, MAX_PAGE)
+                })
+                .await;
+                let page = match page {
+                    Ok(Ok(page)) => page,
+                    _ => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("the audit log cannot be read")))
+                            .await;
+                        return;
+                    }
+                };
+                let more = page.next_after_seq.is_some();
+                for record in page.records {
+                    after = record.seq;
+                    if tx.send(Ok(event_to_pb(record))).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                if let Some(next) = page.next_after_seq {
+                    after = after.max(next);
+                }
+                if !more {
+                    tokio::select! {
+                        changed = head.changed() => if changed.is_err() { return },
+                        () = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as EventStream,
+        ))
+    }
+}
