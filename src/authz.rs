@@ -276,6 +276,10 @@ mod tests {
             (ListApprovals, true, false, false),
             (ApproveOperation, true, false, false),
             (RejectOperation, true, false, false),
+            (ListAuditEvents, false, false, true),
+            (GetAuditCheckpoint, false, false, true),
+            (ExportAuditLog, false, false, true),
+            (TailAuditEvents, false, false, true),
         ];
         assert_eq!(expected.len(), Operation::ALL.len());
         for (op, operator, service, auditor) in expected {
