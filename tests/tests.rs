@@ -11,6 +11,7 @@
 mod common;
 
 mod audit;
+mod audit_log;
 mod cli;
 mod e2e;
 mod format;

@@ -133,6 +133,8 @@ struct Shared {
     healthy: AtomicBool,
     /// `seq` of the last acknowledged record, for followers (`audit tail`).
     head: watch::Sender<u64>,
+    /// Set when the server stops: followers end their streams.
+    closing: watch::Sender<bool>,
 }
 
 /// The audit log of a running server. Dropping it (or [`Auditor::shutdown`])
@@ -160,6 +162,7 @@ impl Auditor {
             view: Mutex::new(View::default()),
             healthy: AtomicBool::new(true),
             head,
+            closing: watch::channel(false).0,
         });
         if let Some(retention) = options.retention {
             prune(&mut log, retention, &options.log);
@@ -249,6 +252,17 @@ impl Auditor {
     /// `seq` of the last acknowledged record; changes are signalled.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.head.subscribe()
+    }
+
+    /// Becomes `true` when the server stops; followers end then.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.shared.closing.subscribe()
+    }
+
+    /// Ends every follower (`TailEvents` streams), so that a graceful stop
+    /// does not wait for them.
+    pub fn close_followers(&self) {
+        self.shared.closing.send_replace(true);
     }
 
     /// Records after `after_seq` that pass `filter`, at most `limit`, in
@@ -496,6 +510,11 @@ fn writer(
         }
         if last_housekeeping.elapsed() >= options.housekeeping_interval {
             last_housekeeping = std::time::Instant::now();
+            // Storage back after a failed write: serve again without
+            // waiting for a request to try.
+            if log.is_poisoned() {
+                let _ = log.recover();
+            }
             // An idle log still gets its checkpoint on time.
             let now = options.log.clock.now();
             if log.since_checkpoint() > 0

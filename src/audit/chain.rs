@@ -783,6 +783,72 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn retention_prunes_down_to_a_signed_anchor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (signer, pkcs8) = CheckpointSigner::generate().unwrap();
+        let pkcs8 = pkcs8.expose().to_vec();
+        let pk = signer.public_key();
+        let (opts, clock) = options(3);
+        let mut log = AuditLog::open_with(&path, signer, opts.clone()).unwrap();
+        // Records 1..=10 one minute apart; checkpoints after 3, 6, 9.
+        for n in 1..=10 {
+            log.append(entry(n)).unwrap();
+            clock.advance(Duration::from_secs(60));
+        }
+        let t0 = 1_700_000_000_000;
+        // Nothing is older than the start: nothing to prune.
+        assert_eq!(log.prune(Timestamp(t0)).unwrap(), None);
+        // Records 1..=7 are older than the cutoff; the last checkpoint all
+        // of whose records are older is the one after 6.
+        let report = log.prune(Timestamp(t0 + 7 * 60_000)).unwrap().unwrap();
+        assert_eq!((report.removed_records, report.anchor.seq), (6, 6));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("{\"checkpoint\":{\"seq\":6,"), "{text}");
+        let v = verify(text.as_bytes(), &pk, |_| {}).unwrap();
+        assert_eq!(v.anchor.as_ref().map(|a| a.seq), Some(6));
+        assert_eq!((v.records, v.last_seq), (4, 10));
+        // The log keeps going, and reopens (verifying the anchored file).
+        let r11 = log.append(entry(11)).unwrap();
+        assert_eq!(r11.seq, 11);
+        assert_eq!(
+            log.index().len(),
+            0,
+            "no indexed record (1, 257, ...) is left"
+        );
+        // Pruning again removes from the anchor on.
+        let report = log.prune(Timestamp(t0 + 10 * 60_000)).unwrap().unwrap();
+        assert_eq!((report.removed_records, report.anchor.seq), (3, 9));
+        drop(log);
+        let log = AuditLog::open_with(&path, CheckpointSigner::from_pkcs8(&pkcs8).unwrap(), opts)
+            .unwrap();
+        assert_eq!((log.seq(), log.head_hash()), (11, r11.hash.as_str()));
+    }
+
+    #[test]
+    fn a_failed_write_is_refused_then_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (signer, pk) = test_signer();
+        let (opts, _) = options(100);
+        let mut log = AuditLog::open_with(&path, signer, opts).unwrap();
+        log.append(entry(1)).unwrap();
+        // Simulate a torn write: bytes after the acknowledged length, and
+        // the poisoned flag a failed write sets.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":2,\"ti").unwrap();
+        drop(f);
+        log.poisoned = true;
+        assert!(log.is_poisoned());
+        // The next append truncates the torn bytes first, then continues.
+        let r2 = log.append(entry(2)).unwrap();
+        assert_eq!(r2.seq, 2);
+        assert!(!log.is_poisoned());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(verify(text.as_bytes(), &pk, |_| {}).unwrap().last_seq, 2);
+    }
+
+    #[test]
     fn a_second_writer_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");

@@ -1,18 +1,107 @@
-//! `coffre audit verify`: offline verification of an exported audit log.
-//! It needs no server: only the file and the audit public key.
+//! `coffre audit ...`: `verify` checks an exported log offline (no server:
+//! only the file and the audit public key); `export`, `events`, `tail` and
+//! `checkpoint` are auditor clients of the `AuditService`.
 
 use std::fs::File;
-use std::io::{BufReader, IsTerminal};
+use std::io::{BufReader, IsTerminal, Write};
 
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use super::AuditCommand;
+use super::client::{connect, rpc_error};
+use super::{AuditCommand, OutcomeArg};
 use crate::audit::chain::public_key_from_pem;
-use crate::audit::verify;
+use crate::audit::{Checkpoint, verify, verify_with_checkpoint};
+use crate::grpc::pb;
+use crate::grpc::pb::audit_service_client::AuditServiceClient;
+use crate::model::Timestamp;
 
-pub fn run(cmd: AuditCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
     match cmd {
+        AuditCommand::Export {
+            out,
+            public_key_out,
+            connect: c,
+        } => export(&out, public_key_out.as_deref(), &c).await,
+        AuditCommand::Events {
+            key,
+            principal,
+            operation,
+            outcome,
+            since,
+            limit,
+            page_token,
+            connect: c,
+        } => {
+            let mut client = AuditServiceClient::new(connect(&c, "auditor").await?);
+            let start_time = since.map(|secs| {
+                let now = crate::model::Clock::now(&crate::model::SystemClock);
+                let ms = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+                crate::grpc::convert::timestamp(Timestamp(now.0.saturating_sub(ms)))
+            });
+            let response = client
+                .list_events(pb::ListEventsRequest {
+                    start_time,
+                    end_time: None,
+                    key_id: key.unwrap_or_default(),
+                    principal: principal.unwrap_or_default(),
+                    operation: operation.unwrap_or_default(),
+                    outcome: outcome.map_or(0, |o| {
+                        (match o {
+                            OutcomeArg::Allowed => pb::AuditOutcome::Allowed,
+                            OutcomeArg::Refused => pb::AuditOutcome::Refused,
+                            OutcomeArg::Failed => pb::AuditOutcome::Failed,
+                        }) as i32
+                    }),
+                    page_size: limit,
+                    page_token: page_token.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            print_events(&response, c.json)
+        }
+        AuditCommand::Tail {
+            after_seq,
+            connect: c,
+        } => {
+            let mut client = AuditServiceClient::new(connect(&c, "auditor").await?);
+            let mut stream = client
+                .tail_events(pb::TailEventsRequest { after_seq })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let stdout = std::io::stdout();
+            while let Some(event) = stream.message().await.map_err(rpc_error)? {
+                let mut out = stdout.lock();
+                writeln!(out, "{}", event.json)?;
+                out.flush()?;
+            }
+            Ok(())
+        }
+        AuditCommand::Checkpoint { connect: c } => {
+            let mut client = AuditServiceClient::new(connect(&c, "auditor").await?);
+            let r = client
+                .get_checkpoint(pb::GetCheckpointRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            match (&r.checkpoint, c.json) {
+                (Some(cp), true) => println!("{}", cp.json),
+                (None, true) => println!("null"),
+                (Some(cp), false) => println!(
+                    "checkpoint at seq {} (head {}), signed {}",
+                    cp.seq,
+                    cp.head_hash,
+                    cp.time
+                        .as_ref()
+                        .map(|t| Timestamp(t.seconds.saturating_mul(1000)).to_rfc3339())
+                        .unwrap_or_default()
+                ),
+                (None, false) => println!("the audit log holds no record yet"),
+            }
+            Ok(())
+        }
         AuditCommand::Verify {
             file,
             public_key,
@@ -93,4 +182,144 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+fn print_events(r: &pb::ListEventsResponse, json: bool) -> anyhow::Result<()> {
+    if json {
+        let events: Vec<serde_json::Value> = r
+            .events
+            .iter()
+            .map(|e| serde_json::from_str(&e.json).unwrap_or(serde_json::Value::Null))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "events": events,
+                "next_page_token": r.next_page_token,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:<20}  {:<28}  {:<24}  {:<36}  {:<8}  STATUS",
+        "SEQ", "TIME", "PRINCIPAL", "OPERATION", "KEY", "OUTCOME"
+    );
+    for e in &r.events {
+        let time = e
+            .time
+            .as_ref()
+            .map(|t| Timestamp(t.seconds.saturating_mul(1000)).to_rfc3339())
+            .unwrap_or_default();
+        let outcome = match pb::AuditOutcome::try_from(e.outcome) {
+            Ok(pb::AuditOutcome::Allowed) => "allowed",
+            Ok(pb::AuditOutcome::Refused) => "refused",
+            Ok(pb::AuditOutcome::Failed) => "failed",
+            _ => "?",
+        };
+        let key = match e.key_version {
+            Some(v) => format!("{} v{v}", e.key_id),
+            None => e.key_id.clone(),
+        };
+        println!(
+            "{:>8}  {:<20}  {:<28}  {:<24}  {:<36}  {:<8}  {}",
+            e.seq, time, e.principal, e.operation, key, outcome, e.status_code
+        );
+    }
+    if !r.next_page_token.is_empty() {
+        println!("more: --page-token {}", r.next_page_token);
+    }
+    Ok(())
+}
+
+/// `coffre audit export`: checkpoint, stream, verify, then rename into place.
+async fn export(
+    out: &std::path::Path,
+    public_key_out: Option<&std::path::Path>,
+    c: &super::ConnectArgs,
+) -> anyhow::Result<()> {
+    let mut client = AuditServiceClient::new(connect(c, "auditor").await?);
+    let head = client
+        .get_checkpoint(pb::GetCheckpointRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let key = public_key_from_pem(&head.public_key_pem)
+        .context("the server's audit public key is not an Ed25519 key")?;
+    let known: Option<Checkpoint> = head
+        .checkpoint
+        .as_ref()
+        .map(|cp| {
+            serde_json::from_str::<serde_json::Value>(&cp.json)
+                .ok()
+                .and_then(|v| v.get("checkpoint").cloned())
+                .and_then(|v| serde_json::from_value(v).ok())
+                .context("the server sent a malformed checkpoint")
+        })
+        .transpose()?;
+    let mut stream = client
+        .export_log(pb::ExportLogRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let tmp = out.with_extension("partial");
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let tty = !c.json && std::io::stderr().is_terminal();
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.message().await.map_err(rpc_error)? {
+        file.write_all(&chunk.data)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        bytes += chunk.data.len() as u64;
+        if tty {
+            eprint!("\rexported {} KiB…", bytes / 1024);
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    file.sync_all()
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(file);
+    // Check what was received against the checkpoint fetched first: the
+    // export must reach it and verify under the server's key.
+    let reader = BufReader::new(File::open(&tmp)?);
+    let report = match &known {
+        Some(cp) => verify_with_checkpoint(reader, &key, cp, |_| {}),
+        None => verify(reader, &key, |_| {}),
+    }
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "the exported log does not verify (line {}): {}; kept in {}",
+            e.line,
+            e.failure,
+            tmp.display()
+        )
+    })?;
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    if let Some(path) = public_key_out {
+        std::fs::write(path, &head.public_key_pem)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if c.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "file": out.display().to_string(),
+                "bytes": bytes,
+                "records": report.records,
+                "checkpoints": report.checkpoints,
+                "last_seq": report.last_seq,
+                "checkpoint_seq": known.as_ref().map(|k| k.seq),
+            }))?
+        );
+    } else {
+        println!(
+            "exported {} records and {} checkpoints ({bytes} bytes) to {}; verified up to the checkpoint at seq {}",
+            report.records,
+            report.checkpoints,
+            out.display(),
+            known.as_ref().map_or(0, |k| k.seq)
+        );
+    }
+    Ok(())
 }

@@ -74,7 +74,7 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
 }
 
 /// A gRPC error, readable.
-fn rpc_error(status: tonic::Status) -> anyhow::Error {
+pub(super) fn rpc_error(status: tonic::Status) -> anyhow::Error {
     let code = match status.code() {
         tonic::Code::InvalidArgument => "invalid argument",
         tonic::Code::NotFound => "not found",

@@ -260,6 +260,64 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Export the server's audit log (records and checkpoints, JSON lines)
+    /// for offline verification. Asks for a fresh checkpoint first, so the
+    /// export is signed to its end, and checks it before reporting success.
+    Export {
+        /// Where to write the log (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the server's audit public key (PEM) here.
+        #[arg(long)]
+        public_key_out: Option<PathBuf>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List audit records, filtered, oldest first.
+    Events {
+        /// Only records about this key (UUID, or the alias as requested).
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+        /// The RPC name, e.g. Decrypt.
+        #[arg(long)]
+        operation: Option<String>,
+        #[arg(long, value_enum)]
+        outcome: Option<OutcomeArg>,
+        /// Only records from this period before now (e.g. 1h, 7d).
+        #[arg(long, value_parser = parse_period)]
+        since: Option<u64>,
+        /// At most this many records (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue after a previous page (its next_page_token).
+        #[arg(long)]
+        page_token: Option<String>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Stream audit records as JSON lines (one stored record per line) as
+    /// they are written, for a SIEM. Resumable with --after-seq.
+    Tail {
+        /// Start after this seq (0: the whole log first).
+        #[arg(long, default_value_t = 0)]
+        after_seq: u64,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Sign the current chain head and show the checkpoint.
+    Checkpoint {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum OutcomeArg {
+    Allowed,
+    Refused,
+    Failed,
 }
 
 #[derive(Debug, Subcommand)]
@@ -467,7 +525,7 @@ pub fn main() -> ExitCode {
             Command::Datakey(cmd) => client::datakey(cmd).await,
             Command::Hsm(cmd) => client::hsm(cmd).await,
             Command::Approval(cmd) => client::approval(cmd).await,
-            Command::Audit(cmd) => audit::run(cmd),
+            Command::Audit(cmd) => audit::run(cmd).await,
             Command::Encrypt(args) => client::encrypt(args).await,
             Command::Decrypt(args) => client::decrypt(args).await,
         }

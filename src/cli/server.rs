@@ -149,6 +149,7 @@ impl RunningServer {
         if let Some(w) = self.crl_watcher.take() {
             w.abort();
         }
+        self.audit.close_followers();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -138,7 +138,7 @@ impl Api {
         op: Operation,
         request: &Request<T>,
     ) -> (RequestAudit, Result<Caller, Status>) {
-        let caller = principal_of(request, &self.principals);
+        let mut caller = principal_of(request, &self.principals);
         let (principal, role) = match &caller {
             Ok(c) => (
                 c.principal.clone(),
@@ -160,6 +160,14 @@ impl Api {
             outcome: Outcome::Failed,
             status_code: String::new(),
         };
+        // Fail closed before acting: while the log cannot be written, no
+        // operation runs (only the request during which it failed may have
+        // taken effect; its caller got UNAVAILABLE).
+        if caller.is_ok() && !self.audit.is_healthy() {
+            caller = Err(Status::unavailable(
+                "the audit log cannot be written; coffre refuses service until it can",
+            ));
+        }
         let audit = RequestAudit {
             entry,
             audit: Arc::clone(&self.audit),
@@ -434,6 +442,7 @@ impl AuditService for Api {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let auditor = Arc::clone(&self.audit);
         let mut head = auditor.subscribe();
+        let mut closing = auditor.closing();
         tokio::spawn(async move {
             loop {
                 let reader = Arc::clone(&auditor);
@@ -463,6 +472,7 @@ impl AuditService for Api {
                 if !more {
                     tokio::select! {
                         changed = head.changed() => if changed.is_err() { return },
+                        _ = closing.wait_for(|c| *c) => return,
                         () = tx.closed() => return,
                     }
                 }

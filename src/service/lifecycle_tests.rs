@@ -394,6 +394,8 @@ async fn root_key_rotation_interrupted_then_resumed() {
     }
     let before = kms.hsm_info(&op()).await.unwrap();
     assert_eq!(before.root_key_ids.len(), 1);
+    // The audit log's key is a service secret under the same root key.
+    let audit_key = kms.audit_keys().await.unwrap().signer.public_key();
 
     // Stop after the first batch, as a crash would.
     let stopped = kms
@@ -422,6 +424,14 @@ async fn root_key_rotation_interrupted_then_resumed() {
     assert_eq!(done.destroyed_root_key_ids, before.root_key_ids);
     let after = kms.hsm_info(&op()).await.unwrap();
     assert_eq!(after.root_key_ids, vec![done.new_root_key_id]);
+    // The audit key was re-wrapped too: same key, under the new root.
+    let secrets = kms.store.list_secrets().unwrap();
+    assert_eq!(secrets.len(), 1);
+    assert_eq!(secrets[0].1.hsm_root_key_id, done.new_root_key_id);
+    assert_eq!(
+        kms.audit_keys().await.unwrap().signer.public_key(),
+        audit_key
+    );
 
     // A fresh process (cold caches) unwraps every version under the new root.
     drop(kms);
