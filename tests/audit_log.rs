@@ -280,6 +280,7 @@ async fn every_request_leaves_exactly_one_record_before_its_response() {
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    tamper_matrix(&out, &dir.join("audit-public-key.pem"));
     // Never key material, never the context in clear.
     let text = std::fs::read_to_string(&out).unwrap();
     use base64::Engine;
@@ -583,4 +584,65 @@ fn a_crash_in_the_middle_of_appending_leaves_a_log_that_verifies() {
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
+}
+
+/// `coffre audit verify` on altered copies of an exported log: each must
+/// fail, non-zero, naming a line.
+fn tamper_matrix(exported: &std::path::Path, public_key: &std::path::Path) {
+    let text = std::fs::read_to_string(exported).unwrap();
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let is_cp = |l: &String| l.starts_with("{\"checkpoint\"");
+    let last_cp = lines.iter().rposition(is_cp).unwrap();
+    let record_lines: Vec<usize> = (0..last_cp).filter(|&i| !is_cp(&lines[i])).collect();
+    assert!(record_lines.len() >= 10);
+    let (a, b) = (record_lines[3], record_lines[4]);
+    let mut cases: Vec<(&str, Vec<String>)> = Vec::new();
+    let mut edited = lines.clone();
+    edited[a] = edited[a].replace("\"outcome\":\"allowed\"", "\"outcome\":\"refused\"");
+    if edited[a] == lines[a] {
+        edited[a] = edited[a].replace("\"outcome\":\"refused\"", "\"outcome\":\"allowed\"");
+    }
+    cases.push(("edited outcome", edited));
+    let mut edited = lines.clone();
+    edited[a] = edited[a].replace("spiffe://coffre.dev/", "spiffe://coffre.dev/x");
+    cases.push(("edited principal", edited));
+    let mut deleted = lines.clone();
+    deleted.remove(a);
+    cases.push(("deleted record", deleted));
+    let mut inserted = lines.clone();
+    inserted.insert(a, lines[b].clone());
+    cases.push(("duplicated record", inserted));
+    let mut reordered = lines.clone();
+    reordered.swap(a, b);
+    cases.push(("reordered records", reordered));
+    // Cut inside the signed range: the checkpoint after the cut no longer
+    // matches the chain.
+    let mut truncated = lines.clone();
+    truncated.drain(record_lines[2]..last_cp);
+    cases.push(("records removed before the last checkpoint", truncated));
+    let mut forged = lines.clone();
+    let sig_at = forged[last_cp].find("\"signature\":\"").unwrap() + 13;
+    let mut bytes = forged[last_cp].clone().into_bytes();
+    bytes[sig_at] = if bytes[sig_at] == b'A' { b'B' } else { b'A' };
+    forged[last_cp] = String::from_utf8(bytes).unwrap();
+    cases.push(("forged checkpoint signature", forged));
+    let mut moved = lines.clone();
+    moved[last_cp] = moved[last_cp].replacen("\"seq\":", "\"seq\":1", 1);
+    cases.push(("checkpoint moved to another seq", moved));
+
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in cases {
+        let path = dir.path().join("tampered.jsonl");
+        std::fs::write(&path, content.join("\n") + "\n").unwrap();
+        let out = Command::new(COFFRE)
+            .args(["audit", "verify"])
+            .arg(&path)
+            .arg("--public-key")
+            .arg(public_key)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: verified anyway");
+        assert!(stderr.contains("line "), "{name}: {stderr}");
+    }
 }
