@@ -585,6 +585,7 @@ coffre dev is running on https://{addr}  (mTLS; Ctrl-C stops it)
   data directory   {dir}   (store, simulated HSM state, dev PKI; reused on restart)
   dev PKI          {dir}/pki/  ca.pem, server.pem, operator.pem, service.pem, auditor.pem (+ -key.pem)
   HSM              simulated, in-process — for development only
+  audit log        {dir}/audit.log  (verify exports with {dir}/audit-public-key.pem)
 
 Try it from another terminal:
   coffre key create --alias demo --data-dir {dir} --endpoint https://{addr}
