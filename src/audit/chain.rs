@@ -241,6 +241,9 @@ pub struct AuditLog {
     index: Vec<(u64, u64)>,
     /// A write failed: the file may hold a torn line after `len`.
     poisoned: bool,
+    /// `fsync`s done by appends and checkpoints (group commit makes this
+    /// smaller than the number of records).
+    syncs: u64,
 }
 
 impl AuditLog {
@@ -306,6 +309,7 @@ impl AuditLog {
             len: complete,
             index,
             poisoned: false,
+            syncs: 0,
         })
     }
 
@@ -353,6 +357,11 @@ impl AuditLog {
     /// When the last checkpoint was written (or the log opened).
     pub fn last_checkpoint_time(&self) -> Timestamp {
         self.last_checkpoint_time
+    }
+
+    /// `fsync`s done since the log was opened (`Fsync` mode).
+    pub fn syncs(&self) -> u64 {
+        self.syncs
     }
 
     /// Whether a write failed and has not been recovered from yet.
@@ -479,6 +488,7 @@ impl AuditLog {
     fn write_all(&mut self, bytes: &[u8]) -> Result<(), AuditError> {
         let result = self.file.write_all(bytes).and_then(|()| {
             if self.options.durability == Durability::Fsync {
+                self.syncs += 1;
                 self.file.sync_data()
             } else {
                 Ok(())
