@@ -489,7 +489,11 @@ fn writer(
         }
         if !appends.is_empty() {
             let (entries, replies): (Vec<_>, Vec<_>) = appends.into_iter().unzip();
-            match log.append_batch(entries) {
+            let result = log.append_batch(entries);
+            // Publish before answering: a caller that saw its record
+            // refused must find the log unhealthy on its next request.
+            publish(&shared, &log);
+            match result {
                 Ok(records) => {
                     for (record, reply) in records.iter().zip(replies) {
                         let _ = reply.send(Ok(record.seq));
