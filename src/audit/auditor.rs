@@ -228,11 +228,11 @@ impl Auditor {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Job::Append(Box::new(entry), tx))
-            .map_err(|_| AuditError::Poisoned)?;
+            .map_err(|_| AuditError::Stopped)?;
         match rx.await {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(message)) => Err(AuditError::Io(std::io::Error::other(message))),
-            Err(_) => Err(AuditError::Poisoned),
+            Err(_) => Err(AuditError::Stopped),
         }
     }
 
@@ -242,11 +242,11 @@ impl Auditor {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Job::Checkpoint(tx))
-            .map_err(|_| AuditError::Poisoned)?;
+            .map_err(|_| AuditError::Stopped)?;
         match rx.await {
             Ok(Ok(cp)) => Ok(cp),
             Ok(Err(message)) => Err(AuditError::Io(std::io::Error::other(message))),
-            Err(_) => Err(AuditError::Poisoned),
+            Err(_) => Err(AuditError::Stopped),
         }
     }
 

@@ -519,9 +519,7 @@ impl AuditLog {
     pub fn prune(&mut self, cutoff: Timestamp) -> Result<Option<PruneReport>, AuditError> {
         self.recover()?;
         // Find the anchor: scan records and checkpoints in order.
-        let mut src = self.file.try_clone()?;
-        src.seek(SeekFrom::Start(0))?;
-        let mut reader = BufReader::new(Read::take(src, self.len));
+        let mut reader = read_from_start(&self.file, self.len)?;
         let mut anchor: Option<(Checkpoint, u64)> = None; // (checkpoint, offset after its line)
         let mut first_seq: Option<u64> = None;
         let mut last_record_time = Timestamp(i64::MIN);
@@ -627,11 +625,17 @@ pub(crate) fn record_seq(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(rest.get(..end)?).ok()?.parse().ok()
 }
 
-/// See [`LOG_INDEX_STRIDE`]: one pass over the first `len` bytes.
-fn build_index(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+/// A buffered reader of the first `len` bytes of `file` (a clone of the
+/// handle: appends are `O_APPEND`, so moving the shared cursor is harmless).
+fn read_from_start(file: &File, len: u64) -> std::io::Result<BufReader<std::io::Take<File>>> {
     let mut src = file.try_clone()?;
     src.seek(SeekFrom::Start(0))?;
-    let mut reader = BufReader::new(Read::take(src, len));
+    Ok(BufReader::new(Read::take(src, len)))
+}
+
+/// See [`LOG_INDEX_STRIDE`]: one pass over the first `len` bytes.
+fn build_index(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut reader = read_from_start(file, len)?;
     let mut index = Vec::new();
     let mut offset = 0u64;
     let mut line = Vec::new();

@@ -66,6 +66,9 @@ pub enum AuditError {
     /// until it is reopened (which truncates a torn line). Fail closed.
     #[error("audit log unusable after an earlier write failure; reopen it")]
     Poisoned,
+    /// The writer thread has stopped (the server is shutting down).
+    #[error("the audit log writer has stopped")]
+    Stopped,
     #[error("invalid checkpoint signing key")]
     InvalidKey,
     #[error("cannot encode an audit record: {0}")]

@@ -213,20 +213,12 @@ impl Api {
         }
     }
 
-    /// [`Self::finish`] for a streaming response whose record is written
-    /// when the stream starts (or is refused).
-    pub(super) async fn record_only(
-        &self,
-        mut audit: RequestAudit,
-        code: tonic::Code,
-    ) -> Result<(), Status> {
-        audit.set_result(code);
-        let request_id = audit.entry.request_id.clone();
-        self.audit
-            .record(audit.entry)
-            .await
-            .map(|_| ())
-            .map_err(|e| audit_unavailable(&request_id, &e))
+    /// For a streaming audit RPC: authorizes `op` and writes the request's
+    /// record (allowed or refused) before the stream starts.
+    async fn begin_stream<T>(&self, op: Operation, request: &Request<T>) -> Result<(), Status> {
+        let (audit, caller) = self.begin(op, request);
+        let allowed = caller.and_then(|c| self.kms.authorize_only(&c, op).map_err(status));
+        self.finish(audit, allowed).await.map(|_| ())
     }
 }
 
@@ -398,15 +390,8 @@ impl AuditService for Api {
         &self,
         request: Request<pb::ExportLogRequest>,
     ) -> Result<Response<Self::ExportLogStream>, Status> {
-        let (audit, caller) = self.begin(Operation::ExportAuditLog, &request);
-        let allowed = caller.and_then(|c| {
-            self.kms
-                .authorize_only(&c, Operation::ExportAuditLog)
-                .map_err(status)
-        });
-        let code = allowed.as_ref().err().map_or(tonic::Code::Ok, Status::code);
-        self.record_only(audit, code).await?;
-        allowed?;
+        self.begin_stream(Operation::ExportAuditLog, &request)
+            .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let auditor = Arc::clone(&self.audit);
         tokio::task::spawn_blocking(move || {
@@ -429,15 +414,8 @@ impl AuditService for Api {
         &self,
         request: Request<pb::TailEventsRequest>,
     ) -> Result<Response<Self::TailEventsStream>, Status> {
-        let (audit, caller) = self.begin(Operation::TailAuditEvents, &request);
-        let allowed = caller.and_then(|c| {
-            self.kms
-                .authorize_only(&c, Operation::TailAuditEvents)
-                .map_err(status)
-        });
-        let code = allowed.as_ref().err().map_or(tonic::Code::Ok, Status::code);
-        self.record_only(audit, code).await?;
-        allowed?;
+        self.begin_stream(Operation::TailAuditEvents, &request)
+            .await?;
         let mut after = request.get_ref().after_seq;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let auditor = Arc::clone(&self.audit);
