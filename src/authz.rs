@@ -66,6 +66,8 @@ pub enum Operation {
     Encrypt,
     Decrypt,
     ReEncrypt,
+    BatchGenerateDataKey,
+    BatchDecrypt,
     ScheduleKeyDeletion,
     CancelKeyDeletion,
     SetRotationPolicy,
@@ -83,7 +85,7 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 25] = [
+    pub const ALL: [Operation; 27] = [
         Operation::CreateKey,
         Operation::GetKey,
         Operation::ListKeys,
@@ -95,6 +97,8 @@ impl Operation {
         Operation::Encrypt,
         Operation::Decrypt,
         Operation::ReEncrypt,
+        Operation::BatchGenerateDataKey,
+        Operation::BatchDecrypt,
         Operation::ScheduleKeyDeletion,
         Operation::CancelKeyDeletion,
         Operation::SetRotationPolicy,
@@ -124,6 +128,8 @@ impl Operation {
             Operation::Encrypt => "Encrypt",
             Operation::Decrypt => "Decrypt",
             Operation::ReEncrypt => "ReEncrypt",
+            Operation::BatchGenerateDataKey => "BatchGenerateDataKey",
+            Operation::BatchDecrypt => "BatchDecrypt",
             Operation::ScheduleKeyDeletion => "ScheduleKeyDeletion",
             Operation::CancelKeyDeletion => "CancelKeyDeletion",
             Operation::SetRotationPolicy => "SetRotationPolicy",
@@ -164,7 +170,9 @@ impl Operation {
             | Operation::GenerateDataKeyWithoutPlaintext
             | Operation::Encrypt
             | Operation::Decrypt
-            | Operation::ReEncrypt => Role::Service,
+            | Operation::ReEncrypt
+            | Operation::BatchGenerateDataKey
+            | Operation::BatchDecrypt => Role::Service,
             Operation::ListAuditEvents
             | Operation::GetAuditCheckpoint
             | Operation::ExportAuditLog
@@ -266,6 +274,8 @@ mod tests {
             (Encrypt, false, true, false),
             (Decrypt, false, true, false),
             (ReEncrypt, false, true, false),
+            (BatchGenerateDataKey, false, true, false),
+            (BatchDecrypt, false, true, false),
             (ScheduleKeyDeletion, true, false, false),
             (CancelKeyDeletion, true, false, false),
             (SetRotationPolicy, true, false, false),

@@ -276,6 +276,8 @@ async fn every_rpc_against_every_role() {
         ("Encrypt", false, true, false),
         ("Decrypt", false, true, false),
         ("ReEncrypt", false, true, false),
+        ("BatchGenerateDataKey", false, true, false),
+        ("BatchDecrypt", false, true, false),
         ("GetHsmInfo", true, false, false),
         ("RotateRootKey", true, false, false),
         ("ListApprovals", true, false, false),
@@ -405,6 +407,29 @@ async fn every_rpc_against_every_role() {
                     })
                     .await
                     .map(drop),
+                "BatchGenerateDataKey" => d
+                    .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
+                        key_id: key(),
+                        justification: WHY,
+                        count: 3,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| assert_eq!(r.into_inner().data_keys.len(), 3)),
+                "BatchDecrypt" => d
+                    .batch_decrypt(pb::BatchDecryptRequest {
+                        items: vec![pb::BatchDecryptItem {
+                            ciphertext_blob: blob.clone(),
+                            ..Default::default()
+                        }],
+                        justification: WHY,
+                    })
+                    .await
+                    .map(|r| {
+                        let results = r.into_inner().results;
+                        assert_eq!(results.len(), 1);
+                        assert_eq!(results[0].error, None);
+                    }),
                 "GetHsmInfo" => h.get_hsm_info(pb::GetHsmInfoRequest {}).await.map(drop),
                 "RotateRootKey" => match h.rotate_root_key(pb::RotateRootKeyRequest {}).await {
                     Ok(stream) => {

@@ -12,6 +12,7 @@ mod common;
 
 mod audit;
 mod audit_log;
+mod batch;
 mod cli;
 mod e2e;
 mod format;

@@ -15,7 +15,9 @@ use super::pb::{
 use super::status;
 use crate::audit::Auditor;
 use crate::authz::Operation;
-use crate::service::{CreateKeyInput, DEFAULT_DATA_KEY_BYTES, Kms, parse_approval_id};
+use crate::service::{
+    CreateKeyInput, DEFAULT_DATA_KEY_BYTES, DataKeyOutput, Kms, MAX_BATCH_ITEMS, parse_approval_id,
+};
 use crate::store::KeyFilter;
 
 /// coffre's services over one core and one audit log.
@@ -67,6 +69,118 @@ impl Api {
                 Ok((key, approval.id.to_string()))
             }
             Err(e) => Err(status(e)),
+        }
+    }
+}
+
+impl Api {
+    /// GenerateDataKey and its WithoutPlaintext form: the record and the
+    /// core's answer.
+    async fn generate_one(
+        &self,
+        op: Operation,
+        request: Request<pb::GenerateDataKeyRequest>,
+        with_plaintext: bool,
+    ) -> (RequestAudit, Result<DataKeyOutput, Status>) {
+        let (mut audit, caller) = self.begin(op, &request);
+        audit.key(&request.get_ref().key_id);
+        audit.justification(request.get_ref().justification);
+        let result = async {
+            let caller = caller?;
+            let req = request.into_inner();
+            let key = key_ref("key_id", &req.key_id)?;
+            let context = convert::context(req.encryption_context)?;
+            audit.context(&context);
+            let reason = convert::access_reason(req.justification)?;
+            let out = self
+                .kms
+                .generate_data_key(
+                    &caller,
+                    &key,
+                    &context,
+                    reason,
+                    number_of_bytes(req.number_of_bytes),
+                    with_plaintext,
+                )
+                .await
+                .map_err(status)?;
+            audit.key_id(out.key_id, Some(out.key_version));
+            Ok(out)
+        }
+        .await;
+        (audit, result)
+    }
+}
+
+/// The error of one batch item, as the single-item RPC would answer it.
+fn item_error(e: crate::Error) -> pb::BatchItemError {
+    let s = status(e);
+    pb::BatchItemError {
+        code: s.code() as i32,
+        message: s.message().to_string(),
+    }
+}
+
+/// What a batch's audit record says besides its key: how many items, how
+/// many failed, and (for a decrypt) which key versions the blobs named.
+fn batch_detail(items: usize, failed: usize, keys: Option<&BatchKeys>) -> String {
+    let mut d = format!("batch of {items}: {} ok, {failed} failed", items - failed);
+    if let Some(keys) = keys.filter(|k| k.seen.len() > 1) {
+        d.push_str("; keys ");
+        for (i, ((id, version), n)) in keys.seen.iter().take(BatchKeys::LISTED).enumerate() {
+            if i > 0 {
+                d.push_str(", ");
+            }
+            d.push_str(&format!("{id} v{version} x{n}"));
+        }
+        if keys.seen.len() > BatchKeys::LISTED {
+            d.push_str(&format!(
+                ", and {} more",
+                keys.seen.len() - BatchKeys::LISTED
+            ));
+        }
+    }
+    if let Some(keys) = keys.filter(|k| k.unparsed > 0) {
+        d.push_str(&format!("; {} unreadable blobs", keys.unparsed));
+    }
+    d
+}
+
+/// The key versions the blobs of a batch name in their headers (as
+/// presented, before authentication), for its audit record.
+#[derive(Default)]
+struct BatchKeys {
+    seen: std::collections::BTreeMap<(crate::model::KeyId, u32), usize>,
+    unparsed: usize,
+}
+
+impl BatchKeys {
+    /// How many key versions a record lists by name.
+    const LISTED: usize = 32;
+
+    fn add(&mut self, blob: &[u8]) {
+        match crate::envelope::parse(blob) {
+            Ok(p) => {
+                *self
+                    .seen
+                    .entry((p.header.key_id, p.header.key_version))
+                    .or_default() += 1
+            }
+            Err(_) => self.unparsed += 1,
+        }
+    }
+
+    /// One key: the record names it (and its version, if only one).
+    fn describe_into(&self, audit: &mut RequestAudit) {
+        let mut ids = self.seen.keys().map(|(id, _)| *id);
+        if let Some(first) = ids.next() {
+            if ids.all(|id| id == first) {
+                let version = match self.seen.len() {
+                    1 => self.seen.keys().next().map(|(_, v)| *v),
+                    _ => None,
+                };
+                audit.key_id(first, version);
+            }
         }
     }
 }
@@ -531,7 +645,49 @@ impl DataKeyService for Api {
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let (mut audit, caller) = self.begin(Operation::GenerateDataKey, &request);
+        let (audit, result) = self
+            .generate_one(Operation::GenerateDataKey, request, true)
+            .await;
+        let result = result.map(|out| pb::GenerateDataKeyResponse {
+            // The response owns a copy until it is encoded; the core's copy
+            // is zeroized when `out` drops.
+            plaintext: out
+                .plaintext
+                .map(|p| p.expose().to_vec())
+                .unwrap_or_default(),
+            ciphertext_blob: out.ciphertext_blob,
+            key_id: out.key_id.to_string(),
+            key_version: out.key_version,
+        });
+        self.finish(audit, result).await
+    }
+
+    async fn generate_data_key_without_plaintext(
+        &self,
+        request: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let request = request.map(|r| pb::GenerateDataKeyRequest {
+            key_id: r.key_id,
+            encryption_context: r.encryption_context,
+            justification: r.justification,
+            number_of_bytes: r.number_of_bytes,
+        });
+        let (audit, result) = self
+            .generate_one(Operation::GenerateDataKeyWithoutPlaintext, request, false)
+            .await;
+        let result = result.map(|out| pb::GenerateDataKeyWithoutPlaintextResponse {
+            ciphertext_blob: out.ciphertext_blob,
+            key_id: out.key_id.to_string(),
+            key_version: out.key_version,
+        });
+        self.finish(audit, result).await
+    }
+
+    async fn batch_generate_data_key(
+        &self,
+        request: Request<pb::BatchGenerateDataKeyRequest>,
+    ) -> Result<Response<pb::BatchGenerateDataKeyResponse>, Status> {
+        let (mut audit, caller) = self.begin(Operation::BatchGenerateDataKey, &request);
         audit.key(&request.get_ref().key_id);
         audit.justification(request.get_ref().justification);
         let result = async {
@@ -541,27 +697,39 @@ impl DataKeyService for Api {
             let context = convert::context(req.encryption_context)?;
             audit.context(&context);
             let reason = convert::access_reason(req.justification)?;
+            let count = usize::try_from(req.count).unwrap_or(usize::MAX);
             let out = self
                 .kms
-                .generate_data_key(
+                .generate_data_keys(
                     &caller,
                     &key,
                     &context,
                     reason,
                     number_of_bytes(req.number_of_bytes),
-                    true,
+                    count,
+                    !req.without_plaintext,
                 )
                 .await
                 .map_err(status)?;
             audit.key_id(out.key_id, Some(out.key_version));
-            Ok(pb::GenerateDataKeyResponse {
-                // The response owns a copy until it is encoded; the core's copy
-                // is zeroized when `out` drops.
-                plaintext: out
-                    .plaintext
-                    .map(|p| p.expose().to_vec())
-                    .unwrap_or_default(),
-                ciphertext_blob: out.ciphertext_blob,
+            let failed = out.items.iter().filter(|i| i.is_err()).count();
+            audit.detail(batch_detail(out.items.len(), failed, None));
+            Ok(pb::BatchGenerateDataKeyResponse {
+                data_keys: out
+                    .items
+                    .into_iter()
+                    .map(|item| match item {
+                        Ok(k) => pb::GeneratedDataKey {
+                            plaintext: k.plaintext.map(|p| p.expose().to_vec()).unwrap_or_default(),
+                            ciphertext_blob: k.ciphertext_blob,
+                            error: None,
+                        },
+                        Err(e) => pb::GeneratedDataKey {
+                            error: Some(item_error(e)),
+                            ..Default::default()
+                        },
+                    })
+                    .collect(),
                 key_id: out.key_id.to_string(),
                 key_version: out.key_version,
             })
@@ -570,38 +738,109 @@ impl DataKeyService for Api {
         self.finish(audit, result).await
     }
 
-    async fn generate_data_key_without_plaintext(
+    async fn batch_decrypt(
         &self,
-        request: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
-    ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        let (mut audit, caller) = self.begin(Operation::GenerateDataKeyWithoutPlaintext, &request);
-        audit.key(&request.get_ref().key_id);
+        request: Request<pb::BatchDecryptRequest>,
+    ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
+        let (mut audit, caller) = self.begin(Operation::BatchDecrypt, &request);
         audit.justification(request.get_ref().justification);
         let result = async {
             let caller = caller?;
             let req = request.into_inner();
-            let key = key_ref("key_id", &req.key_id)?;
-            let context = convert::context(req.encryption_context)?;
-            audit.context(&context);
-            let reason = convert::access_reason(req.justification)?;
-            let out = self
-                .kms
-                .generate_data_key(
-                    &caller,
-                    &key,
-                    &context,
-                    reason,
-                    number_of_bytes(req.number_of_bytes),
-                    false,
-                )
-                .await
+            self.kms
+                .authorize_only(&caller, Operation::BatchDecrypt)
                 .map_err(status)?;
-            audit.key_id(out.key_id, Some(out.key_version));
-            Ok(pb::GenerateDataKeyWithoutPlaintextResponse {
-                ciphertext_blob: out.ciphertext_blob,
-                key_id: out.key_id.to_string(),
-                key_version: out.key_version,
-            })
+            if !(1..=MAX_BATCH_ITEMS).contains(&req.items.len()) {
+                return Err(Status::invalid_argument(format!(
+                    "a batch holds 1 to {MAX_BATCH_ITEMS} items, got {}",
+                    req.items.len()
+                )));
+            }
+            let reason = convert::access_reason(req.justification)?;
+            // Each item is converted alone: a malformed item fails alone.
+            let mut keys = BatchKeys::default();
+            let converted: Vec<Result<_, Status>> = req
+                .items
+                .iter()
+                .map(|item| {
+                    keys.add(&item.ciphertext_blob);
+                    let context = convert::context(item.encryption_context.clone())?;
+                    let expected = optional_key_ref("key_id", &item.key_id)?;
+                    Ok((context, expected))
+                })
+                .collect();
+            keys.describe_into(&mut audit);
+            // One context for every item: the record carries its digest.
+            if let (Some(Ok((first, _))), Some(raw)) = (converted.first(), req.items.first()) {
+                if req
+                    .items
+                    .iter()
+                    .all(|i| i.encryption_context == raw.encryption_context)
+                {
+                    audit.context(first);
+                }
+            }
+            let mut slots = Vec::with_capacity(converted.len());
+            let mut items = Vec::with_capacity(converted.len());
+            for (item, c) in req.items.iter().zip(&converted) {
+                match c {
+                    Ok((context, expected)) => {
+                        slots.push(None);
+                        items.push(crate::service::DecryptItem {
+                            blob: &item.ciphertext_blob,
+                            context,
+                            expected_key: expected.as_ref(),
+                        });
+                    }
+                    Err(s) => slots.push(Some(s.clone())),
+                }
+            }
+            let mut opened = if items.is_empty() {
+                Vec::new().into_iter()
+            } else {
+                self.kms
+                    .decrypt_batch(&caller, &items, reason)
+                    .await
+                    .map_err(status)?
+                    .into_iter()
+            };
+            let mut failed = 0;
+            let results: Vec<pb::BatchDecryptResult> = slots
+                .into_iter()
+                .map(|slot| {
+                    let outcome = match slot {
+                        Some(refused) => Err(refused),
+                        None => opened
+                            .next()
+                            .unwrap_or_else(|| {
+                                Err(crate::Error::Internal(
+                                    "batch decrypt: missing result".into(),
+                                ))
+                            })
+                            .map_err(status),
+                    };
+                    match outcome {
+                        Ok(out) => pb::BatchDecryptResult {
+                            plaintext: out.plaintext.expose().to_vec(),
+                            key_id: out.key_id.to_string(),
+                            key_version: out.key_version,
+                            error: None,
+                        },
+                        Err(s) => {
+                            failed += 1;
+                            pb::BatchDecryptResult {
+                                error: Some(pb::BatchItemError {
+                                    code: s.code() as i32,
+                                    message: s.message().to_string(),
+                                }),
+                                ..Default::default()
+                            }
+                        }
+                    }
+                })
+                .collect();
+            audit.detail(batch_detail(results.len(), failed, Some(&keys)));
+            Ok(pb::BatchDecryptResponse { results })
         }
         .await;
         self.finish(audit, result).await

@@ -14,6 +14,8 @@ use crate::secret::SecretBytes;
 pub const MIN_DATA_KEY_BYTES: usize = 16;
 pub const MAX_DATA_KEY_BYTES: usize = 64;
 pub const DEFAULT_DATA_KEY_BYTES: usize = 32;
+/// The most items one batch request may carry.
+pub const MAX_BATCH_ITEMS: usize = 1000;
 
 /// A new data key: `plaintext` is `None` for GenerateDataKeyWithoutPlaintext.
 #[derive(Debug)]
@@ -22,6 +24,30 @@ pub struct DataKeyOutput {
     pub ciphertext_blob: Vec<u8>,
     pub key_id: KeyId,
     pub key_version: u32,
+}
+
+/// Data keys made in one batch, all under one key version and context.
+#[derive(Debug)]
+pub struct BatchDataKeys {
+    pub key_id: KeyId,
+    pub key_version: u32,
+    /// One per requested key; an item fails alone (the random generator
+    /// or the cipher failing), the others stand.
+    pub items: Vec<Result<DataKeyItem>>,
+}
+
+#[derive(Debug)]
+pub struct DataKeyItem {
+    pub plaintext: Option<SecretBytes>,
+    pub ciphertext_blob: Vec<u8>,
+}
+
+/// One blob of a batch decrypt, with the context it was made with.
+#[derive(Debug)]
+pub struct DecryptItem<'a> {
+    pub blob: &'a [u8],
+    pub context: &'a EncryptionContext,
+    pub expected_key: Option<&'a KeyRef>,
 }
 
 #[derive(Debug)]
@@ -78,6 +104,68 @@ impl Kms {
         })
     }
 
+    /// `count` (1 to 1000) data keys under one key version and context,
+    /// with one authorization and one policy decision for all of them.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn generate_data_keys(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        context: &EncryptionContext,
+        justification: AccessReason,
+        number_of_bytes: usize,
+        count: usize,
+        with_plaintext: bool,
+    ) -> Result<BatchDataKeys> {
+        self.authorize(caller, Operation::BatchGenerateDataKey)?;
+        if !(MIN_DATA_KEY_BYTES..=MAX_DATA_KEY_BYTES).contains(&number_of_bytes) {
+            return Err(Error::InvalidArgument(format!(
+                "number_of_bytes must be {MIN_DATA_KEY_BYTES} to {MAX_DATA_KEY_BYTES}, got {number_of_bytes}"
+            )));
+        }
+        if !(1..=MAX_BATCH_ITEMS).contains(&count) {
+            return Err(Error::InvalidArgument(format!(
+                "count must be 1 to {MAX_BATCH_ITEMS}, got {count}"
+            )));
+        }
+        // The key's policy decides as for the single-key form.
+        let op = if with_plaintext {
+            Operation::GenerateDataKey
+        } else {
+            Operation::GenerateDataKeyWithoutPlaintext
+        };
+        let record = self
+            .usable_key(caller, key, op, justification, context)
+            .await?;
+        let version = record.primary_version;
+        let material = self.material(record.id, version).await?;
+        let digest = crypto::context_digest(context);
+        let items = (0..count)
+            .map(|_| {
+                let mut data_key = SecretBytes::zeroed(number_of_bytes);
+                self.rng.fill(data_key.expose_mut()).map_err(seal_error)?;
+                let blob = crypto::seal(
+                    &self.rng,
+                    &material,
+                    record.id,
+                    version,
+                    &digest,
+                    data_key.expose(),
+                )
+                .map_err(seal_error)?;
+                Ok(DataKeyItem {
+                    plaintext: with_plaintext.then_some(data_key),
+                    ciphertext_blob: blob,
+                })
+            })
+            .collect();
+        Ok(BatchDataKeys {
+            key_id: record.id,
+            key_version: version,
+            items,
+        })
+    }
+
     /// Wraps a caller secret of 1 to 4096 bytes.
     pub async fn encrypt(
         &self,
@@ -126,6 +214,39 @@ impl Kms {
             Operation::Decrypt,
         )
         .await
+    }
+
+    /// Up to 1000 blobs, each decided and opened as `decrypt` would: one
+    /// result per item, in order. Only a caller without the role, or a
+    /// batch of the wrong size, fails the whole request.
+    pub async fn decrypt_batch(
+        &self,
+        caller: &Caller,
+        items: &[DecryptItem<'_>],
+        justification: AccessReason,
+    ) -> Result<Vec<Result<DecryptOutput>>> {
+        self.authorize(caller, Operation::BatchDecrypt)?;
+        if !(1..=MAX_BATCH_ITEMS).contains(&items.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "a batch holds 1 to {MAX_BATCH_ITEMS} items, got {}",
+                items.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(
+                self.open(
+                    caller,
+                    item.blob,
+                    item.context,
+                    justification,
+                    item.expected_key,
+                    Operation::Decrypt,
+                )
+                .await,
+            );
+        }
+        Ok(out)
     }
 
     /// Unwraps `blob` and wraps its plaintext again under `destination`

@@ -39,8 +39,8 @@ use tokio::sync::{Mutex, MutexGuard};
 
 pub use cache::BoundedCache;
 pub use datakeys::{
-    DEFAULT_DATA_KEY_BYTES, DataKeyOutput, DecryptOutput, MAX_DATA_KEY_BYTES, MIN_DATA_KEY_BYTES,
-    ReEncryptOutput,
+    BatchDataKeys, DEFAULT_DATA_KEY_BYTES, DataKeyItem, DataKeyOutput, DecryptItem, DecryptOutput,
+    MAX_BATCH_ITEMS, MAX_DATA_KEY_BYTES, MIN_DATA_KEY_BYTES, ReEncryptOutput,
 };
 pub use keys::{CreateKeyInput, KeyPage, KeyView};
 pub use lifecycle::{
