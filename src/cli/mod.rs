@@ -5,6 +5,7 @@
 //! talk to the server over gRPC with mTLS, exactly as any other client does.
 
 mod audit;
+mod bench;
 mod client;
 mod output;
 mod server;
@@ -57,6 +58,9 @@ pub enum Command {
     Encrypt(EncryptArgs),
     /// Unwrap a ciphertext blob (service).
     Decrypt(DecryptArgs),
+    /// Load a running server and measure throughput and latency (see
+    /// BENCHMARKS.md).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -528,6 +532,7 @@ pub fn main() -> ExitCode {
             Command::Audit(cmd) => audit::run(cmd).await,
             Command::Encrypt(args) => client::encrypt(args).await,
             Command::Decrypt(args) => client::decrypt(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

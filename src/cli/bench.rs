@@ -1,0 +1,608 @@
+//! `coffre bench`: a load generator against a running server, over the same
+//! mTLS gRPC as any client.
+//!
+//! Each operation runs in turn for a warm-up then a fixed duration, with
+//! `--concurrency` requests in flight spread over `--connections` HTTP/2
+//! connections; latencies go into an HDR histogram. `null` is a
+//! `grpc.health.v1.Health/Check` on the same channels: the floor a data-key
+//! RPC is compared with, measured in the same run. With `--rate`, requests
+//! start on a fixed schedule (open loop) and a latency counts from when the
+//! request was due, so a stalled server cannot hide its queue.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::ConnectArgs;
+use super::client::{connect, rpc_error};
+use crate::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Operations to measure, one after the other, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "null,generate,decrypt")]
+    pub ops: Vec<BenchOp>,
+    /// How long each operation is measured (e.g. 10s, 500ms, 2m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Load before each measurement, not measured.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// HTTP/2 connections to open.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub connections: u16,
+    /// Requests in flight at once (over all connections).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub concurrency: u16,
+    /// Start requests at this total rate (per second) instead of as fast as
+    /// the server answers; latencies then count from when a request was due.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Items per request of the batch operations (1 to 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch_size: u32,
+    /// Use this key (id or alias) instead of creating keys as the operator.
+    #[arg(long, conflicts_with = "keys")]
+    pub key: Option<String>,
+    /// Create this many keys (as the operator) and spread the load over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub keys: u32,
+    /// Wrapped data keys made before the run, for decrypt and re-encrypt
+    /// (at least one per key); requests pick among them at random.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub blobs: u32,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchOp {
+    /// grpc.health.v1.Health/Check: the round trip alone.
+    Null,
+    Generate,
+    Encrypt,
+    Decrypt,
+    Reencrypt,
+    /// BatchGenerateDataKey of --batch-size keys.
+    BatchGenerate,
+    /// BatchDecrypt of --batch-size blobs.
+    BatchDecrypt,
+}
+
+impl BenchOp {
+    fn name(self) -> &'static str {
+        match self {
+            BenchOp::Null => "null",
+            BenchOp::Generate => "generate",
+            BenchOp::Encrypt => "encrypt",
+            BenchOp::Decrypt => "decrypt",
+            BenchOp::Reencrypt => "reencrypt",
+            BenchOp::BatchGenerate => "batch-generate",
+            BenchOp::BatchDecrypt => "batch-decrypt",
+        }
+    }
+
+    fn needs_blobs(self) -> bool {
+        matches!(
+            self,
+            BenchOp::Decrypt | BenchOp::Reencrypt | BenchOp::BatchDecrypt
+        )
+    }
+}
+
+/// `10s`, `500ms`, `2m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("expected a duration such as 10s or 500ms, got {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("unknown unit {unit:?} in {s:?} (use ms, s or m)")),
+    }
+}
+
+/// The context every bench data key is made and opened with.
+fn bench_context() -> std::collections::HashMap<String, String> {
+    [("purpose".to_string(), "coffre-bench".to_string())].into()
+}
+
+const REASON: pb::AccessReason = pb::AccessReason::CustomerInitiatedAccess;
+
+/// What the workers share: the keys and the wrapped data keys to open.
+#[derive(Debug)]
+struct Workload {
+    keys: Vec<String>,
+    blobs: Vec<Vec<u8>>,
+    batch_size: u32,
+}
+
+/// The measurement of one operation.
+#[derive(Debug)]
+struct Measured {
+    op: BenchOp,
+    requests: u64,
+    errors: u64,
+    items_per_request: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+    first_error: Option<String>,
+}
+
+impl Measured {
+    fn ops_per_sec(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(rate) = args.rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            bail!("--rate must be a positive number of requests per second");
+        }
+    }
+    let mut channels = Vec::with_capacity(usize::from(args.connections));
+    for _ in 0..args.connections {
+        channels.push(connect(&args.connect, "service").await?);
+    }
+    let needs_keys = args.ops.iter().any(|op| *op != BenchOp::Null);
+    let workload = Arc::new(if needs_keys {
+        prepare(&args, channels.first().cloned()).await?
+    } else {
+        Workload {
+            keys: Vec::new(),
+            blobs: Vec::new(),
+            batch_size: args.batch_size,
+        }
+    });
+    let mut results = Vec::new();
+    for op in &args.ops {
+        let measured = measure(*op, &args, &channels, &workload).await?;
+        if let Some(e) = &measured.first_error {
+            eprintln!("{}: {} errors; the first: {e}", op.name(), measured.errors);
+        }
+        if args.connect.json {
+            println!("{}", json_line(&measured, &args));
+        } else if results.is_empty() {
+            print_header();
+        }
+        if !args.connect.json {
+            print_row(&measured, results.first());
+        }
+        results.push(measured);
+    }
+    Ok(())
+}
+
+/// Creates the keys (unless one was named) and the wrapped data keys the
+/// decrypting operations open, showing progress.
+async fn prepare(args: &BenchArgs, service: Option<Channel>) -> anyhow::Result<Workload> {
+    let keys = match &args.key {
+        Some(k) => vec![k.clone()],
+        None => create_keys(args).await?,
+    };
+    let mut blobs = Vec::new();
+    if args.ops.iter().any(|op| op.needs_blobs()) {
+        let channel = service.context("no connection")?;
+        let mut data = DataKeyServiceClient::new(channel);
+        let per_key = (args.blobs as usize).div_ceil(keys.len()).max(1);
+        let total = per_key * keys.len();
+        blobs.reserve(total);
+        let mut last_shown = Instant::now();
+        for key in &keys {
+            let mut left = per_key;
+            while left > 0 {
+                let count = left.min(1000);
+                let response = data
+                    .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
+                        key_id: key.clone(),
+                        encryption_context: bench_context(),
+                        justification: REASON as i32,
+                        number_of_bytes: 32,
+                        count: u32::try_from(count).unwrap_or(1000),
+                        without_plaintext: true,
+                    })
+                    .await
+                    .map_err(rpc_error)
+                    .context("making the data keys to decrypt")?
+                    .into_inner();
+                blobs.extend(response.data_keys.into_iter().map(|k| k.ciphertext_blob));
+                left -= count;
+            }
+            if last_shown.elapsed() > Duration::from_secs(2) {
+                eprintln!("made {} of {total} wrapped data keys", blobs.len());
+                last_shown = Instant::now();
+            }
+        }
+    }
+    Ok(Workload {
+        keys,
+        blobs,
+        batch_size: args.batch_size,
+    })
+}
+
+async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
+    use crate::grpc::pb::key_service_client::KeyServiceClient;
+    let mut operator_args = args.connect.clone();
+    if operator_args.cert.is_none() {
+        operator_args.identity = Some("operator".into());
+    }
+    let channel = connect(&operator_args, "operator")
+        .await
+        .context("creating the bench keys needs the operator identity (or pass --key)")?;
+    let total = args.keys as usize;
+    let mut keys = Vec::with_capacity(total);
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut next = 0;
+    let mut last_shown = Instant::now();
+    while keys.len() < total {
+        while next < total && in_flight.len() < 16 {
+            let mut client = KeyServiceClient::new(channel.clone());
+            in_flight.spawn(async move {
+                client
+                    .create_key(pb::CreateKeyRequest {
+                        description: "coffre bench".into(),
+                        ..Default::default()
+                    })
+                    .await
+            });
+            next += 1;
+        }
+        let Some(done) = in_flight.join_next().await else {
+            break;
+        };
+        let key = done
+            .context("key creation task")?
+            .map_err(rpc_error)
+            .context("creating a bench key")?
+            .into_inner()
+            .key
+            .context("CreateKey answered no key")?;
+        keys.push(key.key_id);
+        if total > 100 && last_shown.elapsed() > Duration::from_secs(2) {
+            eprintln!("created {} of {total} keys", keys.len());
+            last_shown = Instant::now();
+        }
+    }
+    Ok(keys)
+}
+
+/// Runs `op` for the warm-up and the measured duration; merges the workers'
+/// histograms.
+async fn measure(
+    op: BenchOp,
+    args: &BenchArgs,
+    channels: &[Channel],
+    workload: &Arc<Workload>,
+) -> anyhow::Result<Measured> {
+    if op.needs_blobs() && workload.blobs.is_empty() {
+        bail!("{}: no wrapped data keys to open", op.name());
+    }
+    let concurrency = usize::from(args.concurrency);
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    // With --rate, each worker starts a request every `interval`, the
+    // workers staggered evenly.
+    let schedule = args.rate.map(|rate| {
+        let interval = Duration::from_secs_f64(concurrency as f64 / rate);
+        (interval, Duration::from_secs_f64(1.0 / rate))
+    });
+    let mut workers = tokio::task::JoinSet::new();
+    for i in 0..concurrency {
+        let channel = channels
+            .get(i % channels.len())
+            .cloned()
+            .context("no connection")?;
+        let workload = Arc::clone(workload);
+        let first_due = schedule.map(|(_, stagger)| start + stagger * (i as u32));
+        let interval = schedule.map(|(interval, _)| interval);
+        workers.spawn(worker(
+            op,
+            channel,
+            workload,
+            i as u64,
+            measure_from,
+            end,
+            first_due.zip(interval),
+        ));
+    }
+    let mut merged = Measured {
+        op,
+        requests: 0,
+        errors: 0,
+        items_per_request: match op {
+            BenchOp::BatchGenerate | BenchOp::BatchDecrypt => u64::from(args.batch_size),
+            _ => 1,
+        },
+        elapsed: args.duration,
+        latency_us: new_histogram()?,
+        first_error: None,
+    };
+    while let Some(done) = workers.join_next().await {
+        let w = done.context("bench worker")??;
+        merged.requests += w.requests;
+        merged.errors += w.errors;
+        merged
+            .latency_us
+            .add(&w.latency_us)
+            .context("merging histograms")?;
+        if merged.first_error.is_none() {
+            merged.first_error = w.first_error;
+        }
+    }
+    Ok(merged)
+}
+
+fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    // 1 µs to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram")
+}
+
+/// A small non-cryptographic generator to pick blobs (xorshift64*).
+struct Pick(u64);
+
+impl Pick {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let r = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (r % (n.max(1) as u64)) as usize
+    }
+}
+
+async fn worker(
+    op: BenchOp,
+    channel: Channel,
+    workload: Arc<Workload>,
+    seed: u64,
+    measure_from: Instant,
+    end: Instant,
+    schedule: Option<(Instant, Duration)>,
+) -> anyhow::Result<Measured> {
+    let mut health = HealthClient::new(channel.clone());
+    let mut data = DataKeyServiceClient::new(channel);
+    let mut pick = Pick(0x9E37_79B9_7F4A_7C15 ^ (seed.wrapping_add(1) << 17));
+    let mut out = Measured {
+        op,
+        requests: 0,
+        errors: 0,
+        items_per_request: 1,
+        elapsed: Duration::ZERO,
+        latency_us: new_histogram()?,
+        first_error: None,
+    };
+    let mut due = schedule.map(|(first, _)| first);
+    loop {
+        let started = match (due, schedule) {
+            (Some(at), Some((_, interval))) => {
+                tokio::time::sleep_until(at.into()).await;
+                due = Some(at + interval);
+                at
+            }
+            _ => Instant::now(),
+        };
+        if started >= end {
+            break;
+        }
+        let result = call(op, &mut health, &mut data, &workload, &mut pick).await;
+        if started < measure_from {
+            continue;
+        }
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        out.latency_us.saturating_record(micros.max(1));
+        out.requests += 1;
+        if let Err(e) = result {
+            out.errors += 1;
+            if out.first_error.is_none() {
+                out.first_error = Some(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One request of `op`; an error as text.
+async fn call(
+    op: BenchOp,
+    health: &mut HealthClient<Channel>,
+    data: &mut DataKeyServiceClient<Channel>,
+    w: &Workload,
+    pick: &mut Pick,
+) -> Result<(), String> {
+    let reason = REASON as i32;
+    let rpc = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    match op {
+        BenchOp::Null => health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(drop)
+            .map_err(rpc),
+        BenchOp::Generate => data
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key_id: pick_key(w, pick),
+                encryption_context: bench_context(),
+                justification: reason,
+                number_of_bytes: 32,
+            })
+            .await
+            .map(drop)
+            .map_err(rpc),
+        BenchOp::Encrypt => data
+            .encrypt(pb::EncryptRequest {
+                key_id: pick_key(w, pick),
+                plaintext: vec![0x5a; 32],
+                encryption_context: bench_context(),
+                justification: reason,
+            })
+            .await
+            .map(drop)
+            .map_err(rpc),
+        BenchOp::Decrypt => {
+            let blob = w.blobs.get(pick.below(w.blobs.len())).cloned();
+            data.decrypt(pb::DecryptRequest {
+                ciphertext_blob: blob.unwrap_or_default(),
+                encryption_context: bench_context(),
+                justification: reason,
+                key_id: String::new(),
+            })
+            .await
+            .map(drop)
+            .map_err(rpc)
+        }
+        BenchOp::Reencrypt => {
+            let blob = w.blobs.get(pick.below(w.blobs.len())).cloned();
+            data.re_encrypt(pb::ReEncryptRequest {
+                ciphertext_blob: blob.unwrap_or_default(),
+                source_encryption_context: bench_context(),
+                justification: reason,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+            .map_err(rpc)
+        }
+        BenchOp::BatchGenerate => {
+            let response = data
+                .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
+                    key_id: pick_key(w, pick),
+                    encryption_context: bench_context(),
+                    justification: reason,
+                    number_of_bytes: 32,
+                    count: w.batch_size,
+                    without_plaintext: false,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            match response.data_keys.iter().find_map(|k| k.error.as_ref()) {
+                Some(e) => Err(format!("item: {}", e.message)),
+                None => Ok(()),
+            }
+        }
+        BenchOp::BatchDecrypt => {
+            let items = (0..w.batch_size)
+                .map(|_| pb::BatchDecryptItem {
+                    ciphertext_blob: w
+                        .blobs
+                        .get(pick.below(w.blobs.len()))
+                        .cloned()
+                        .unwrap_or_default(),
+                    encryption_context: bench_context(),
+                    key_id: String::new(),
+                })
+                .collect();
+            let response = data
+                .batch_decrypt(pb::BatchDecryptRequest {
+                    items,
+                    justification: reason,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            match response.results.iter().find_map(|r| r.error.as_ref()) {
+                Some(e) => Err(format!("item: {}", e.message)),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+fn pick_key(w: &Workload, pick: &mut Pick) -> String {
+    let i = if w.keys.len() <= 1 {
+        0
+    } else {
+        pick.below(w.keys.len())
+    };
+    w.keys.get(i).cloned().unwrap_or_default()
+}
+
+fn print_header() {
+    println!(
+        "{:<15} {:>10} {:>12} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7}",
+        "op", "ops/s", "items/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors", "x null"
+    );
+}
+
+fn print_row(m: &Measured, first: Option<&Measured>) {
+    let vs_null = first
+        .filter(|f| f.op == BenchOp::Null && m.op != BenchOp::Null)
+        .map(|null| format!("{:.2}", m.ops_per_sec() / null.ops_per_sec().max(1e-9)))
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "{:<15} {:>10.0} {:>12.0} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>8} {:>7}",
+        m.op.name(),
+        m.ops_per_sec(),
+        m.ops_per_sec() * m.items_per_request as f64,
+        m.ms(0.5),
+        m.ms(0.9),
+        m.ms(0.99),
+        m.ms(0.999),
+        m.errors,
+        vs_null
+    );
+}
+
+fn json_line(m: &Measured, args: &BenchArgs) -> serde_json::Value {
+    serde_json::json!({
+        "op": m.op.name(),
+        "ops_per_sec": m.ops_per_sec(),
+        "items_per_sec": m.ops_per_sec() * m.items_per_request as f64,
+        "p50_ms": m.ms(0.5),
+        "p90_ms": m.ms(0.9),
+        "p99_ms": m.ms(0.99),
+        "p999_ms": m.ms(0.999),
+        "max_ms": m.latency_us.max() as f64 / 1000.0,
+        "requests": m.requests,
+        "errors": m.errors,
+        "duration_s": m.elapsed.as_secs_f64(),
+        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "rate": args.rate,
+        "batch_size": (m.items_per_request > 1).then_some(m.items_per_request),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn picks_stay_in_range_and_spread() {
+        let mut p = Pick(42);
+        let mut seen = [0u32; 10];
+        for _ in 0..10_000 {
+            if let Some(n) = seen.get_mut(p.below(10)) {
+                *n += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
+    }
+}
