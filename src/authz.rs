@@ -115,6 +115,11 @@ impl Operation {
         Operation::TailAuditEvents,
     ];
 
+    /// The operation's position in [`Operation::ALL`] (for counters).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Operation::CreateKey => "CreateKey",
@@ -292,6 +297,9 @@ mod tests {
             (TailAuditEvents, false, false, true),
         ];
         assert_eq!(expected.len(), Operation::ALL.len());
+        for (i, op) in Operation::ALL.iter().enumerate() {
+            assert_eq!(op.index(), i, "ALL is in declaration order");
+        }
         for (op, operator, service, auditor) in expected {
             assert_eq!(
                 authz.authorize(&Caller::new("op"), op).is_ok(),

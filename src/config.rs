@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! listen = "0.0.0.0:7443"
+//! metrics_listen = "127.0.0.1:9464"     # optional: Prometheus, plain HTTP
 //! data_dir = "/var/lib/coffre"          # sled store in DATA_DIR/store
 //! scheduler_interval_secs = 60           # automatic rotation, destruction
 //!
@@ -70,6 +71,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<String>,
+    /// Prometheus metrics over plain HTTP (GET /metrics); off when unset.
+    metrics_listen: Option<String>,
     data_dir: PathBuf,
     tls: RawTls,
     hsm: RawHsm,
@@ -116,6 +119,10 @@ pub struct AuditConfig {
     /// for all. Default: none (only a keyed digest).
     #[serde(default)]
     pub clear_context_keys: Vec<String>,
+    /// No record written: `coffre dev --audit-durability off`, to measure
+    /// what the log costs. No configuration file can set it.
+    #[serde(skip)]
+    pub discard: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -172,6 +179,7 @@ impl AuditConfig {
                 .retention_days
                 .map(|d| Duration::from_secs(u64::from(d) * 86_400)),
             housekeeping_interval: Duration::from_secs(1),
+            discard: self.discard,
         })
     }
 }
@@ -316,6 +324,8 @@ pub enum HsmConfig {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Where to serve Prometheus metrics (plain HTTP), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub tls: TlsPaths,
     pub hsm: HsmConfig,
@@ -448,7 +458,16 @@ impl Config {
             bail!("scheduler_interval_secs must be positive");
         }
         raw.audit.auditor_options()?;
+        let metrics_listen = raw
+            .metrics_listen
+            .map(|m| {
+                m.parse::<SocketAddr>().with_context(|| {
+                    format!("metrics_listen must be an address such as 127.0.0.1:9464, got {m:?}")
+                })
+            })
+            .transpose()?;
         Ok(Config {
+            metrics_listen,
             audit: raw.audit,
             attributes: raw.attributes,
             scheduler_interval,

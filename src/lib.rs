@@ -30,6 +30,7 @@ pub mod envelope;
 pub mod error;
 pub mod grpc;
 pub mod hsm;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod secret;

@@ -17,6 +17,7 @@ mod cli;
 mod e2e;
 mod format;
 mod lifecycle;
+mod observability;
 mod policy;
 mod processes;
 mod quorum;

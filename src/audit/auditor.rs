@@ -60,6 +60,10 @@ pub struct AuditorOptions {
     pub retention: Option<Duration>,
     /// How often the writer checks for pruning and idle checkpoints.
     pub housekeeping_interval: Duration,
+    /// Records are made but not written: for measuring what the audit log
+    /// costs (`coffre dev --audit-durability off`), never in production
+    /// (`coffre serve` has no way to set it).
+    pub discard: bool,
 }
 
 impl Default for AuditorOptions {
@@ -69,6 +73,7 @@ impl Default for AuditorOptions {
             clear_context: ClearContext::None,
             retention: None,
             housekeeping_interval: Duration::from_secs(1),
+            discard: false,
         }
     }
 }
@@ -136,6 +141,8 @@ struct Shared {
     head: watch::Sender<u64>,
     /// Set when the server stops: followers end their streams.
     closing: watch::Sender<bool>,
+    /// Records handed to the writer and not yet answered.
+    backlog: std::sync::atomic::AtomicU64,
 }
 
 /// The audit log of a running server. Dropping it (or [`Auditor::shutdown`])
@@ -147,6 +154,7 @@ pub struct Auditor {
     public_key: [u8; 32],
     digest: AuditDigestKey,
     clear_context: ClearContext,
+    discard: bool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -156,6 +164,10 @@ impl Auditor {
     pub fn open(path: &Path, keys: AuditKeys, options: AuditorOptions) -> Result<Self, AuditError> {
         let public_key = keys.signer.public_key();
         let clear_context = options.clear_context.clone();
+        let discard = options.discard;
+        if discard {
+            tracing::warn!("the audit log is OFF: requests leave no record (measurement only)");
+        }
         let mut log = AuditLog::open_with(path, keys.signer, options.log.clone())?;
         let (head, _) = watch::channel(log.seq());
         let shared = Arc::new(Shared {
@@ -164,6 +176,7 @@ impl Auditor {
             healthy: AtomicBool::new(true),
             head,
             closing: watch::channel(false).0,
+            backlog: std::sync::atomic::AtomicU64::new(0),
         });
         if let Some(retention) = options.retention {
             prune(&mut log, retention, &options.log);
@@ -180,6 +193,7 @@ impl Auditor {
             public_key,
             digest: keys.digest,
             clear_context,
+            discard,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -225,11 +239,18 @@ impl Auditor {
     /// Appends a record; returns its `seq` once it is written (per the
     /// durability mode). An error means the request must be refused.
     pub async fn record(&self, entry: AuditEntry) -> Result<u64, AuditError> {
+        if self.discard {
+            drop(entry);
+            return Ok(0);
+        }
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Job::Append(Box::new(entry), tx))
             .map_err(|_| AuditError::Stopped)?;
-        match rx.await {
+        self.shared.backlog.fetch_add(1, Ordering::Relaxed);
+        let answer = rx.await;
+        self.shared.backlog.fetch_sub(1, Ordering::Relaxed);
+        match answer {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(message)) => Err(AuditError::Io(std::io::Error::other(message))),
             Err(_) => Err(AuditError::Stopped),
@@ -248,6 +269,16 @@ impl Auditor {
             Ok(Err(message)) => Err(AuditError::Io(std::io::Error::other(message))),
             Err(_) => Err(AuditError::Stopped),
         }
+    }
+
+    /// Records waiting for the writer now.
+    pub fn backlog(&self) -> u64 {
+        self.shared.backlog.load(Ordering::Relaxed)
+    }
+
+    /// `seq` of the last acknowledged record.
+    pub fn last_seq(&self) -> u64 {
+        *self.shared.head.borrow()
     }
 
     /// `seq` of the last acknowledged record; changes are signalled.

@@ -25,7 +25,12 @@ use crate::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Operations to measure, one after the other, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "null,generate,decrypt")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "null,generate,decrypt"
+    )]
     pub ops: Vec<BenchOp>,
     /// How long each operation is measured (e.g. 10s, 500ms, 2m).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

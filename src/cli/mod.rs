@@ -81,10 +81,26 @@ pub struct DevArgs {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// How the audit log is written: `write` (each record handed to the
+    /// kernel before the response), `fsync` (on disk before the response),
+    /// or `off` (no record at all: only to measure what the log costs).
+    #[arg(long, value_enum, default_value_t = DevAuditMode::Write)]
+    pub audit_durability: DevAuditMode,
+    /// Serve Prometheus metrics over plain HTTP on this address (e.g.
+    /// 127.0.0.1:9464): GET /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Require M approvals from distinct operators for sensitive operations,
     /// and issue M operator certificates (operator.pem, operator-2.pem, …).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
     pub quorum: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DevAuditMode {
+    Write,
+    Fsync,
+    Off,
 }
 
 #[derive(Debug, Args)]

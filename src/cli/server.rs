@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
-use super::DevArgs;
+use super::{DevArgs, DevAuditMode};
 use crate::audit::{Auditor, AuditorOptions};
 use crate::authz::{Role, StaticRoles};
 use crate::config::{Config, HsmConfig};
@@ -56,6 +56,8 @@ pub struct DevOptions {
     /// The audit log (`DIR/audit.log`; its public key in
     /// `DIR/audit-public-key.pem`).
     pub audit: crate::config::AuditConfig,
+    /// Where to serve Prometheus metrics (none by default).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Where the audit log is and how it behaves.
@@ -88,7 +90,17 @@ impl From<DevArgs> for DevOptions {
             quorum: args.quorum,
             crl: args.crl,
             crl_reload_interval: Duration::from_secs(args.crl_reload_secs),
-            audit: crate::config::AuditConfig::default(),
+            audit: crate::config::AuditConfig {
+                durability: match args.audit_durability {
+                    DevAuditMode::Fsync => crate::config::AuditDurability::Fsync,
+                    DevAuditMode::Write | DevAuditMode::Off => {
+                        crate::config::AuditDurability::Write
+                    }
+                },
+                discard: args.audit_durability == DevAuditMode::Off,
+                ..crate::config::AuditConfig::default()
+            },
+            metrics_listen: args.metrics_listen,
         }
     }
 }
@@ -131,6 +143,9 @@ pub struct RunningServer {
     scheduler: Option<JoinHandle<()>>,
     client_auth: Arc<grpc::ClientAuth>,
     crl_watcher: Option<JoinHandle<()>>,
+    /// Where the metrics page is served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -148,6 +163,9 @@ impl RunningServer {
         }
         if let Some(w) = self.crl_watcher.take() {
             w.abort();
+        }
+        if let Some(m) = self.metrics_task.take() {
+            m.abort();
         }
         self.audit.close_followers();
         if let Some(tx) = self.shutdown.take() {
@@ -234,7 +252,15 @@ pub async fn start_dev(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         public_key_file: Some(dir.join(DEV_AUDIT_PUBLIC_KEY)),
         ..AuditSetup::in_dir(dir, &opts.audit)?
     };
-    let mut server = start_server(kms, opts.listen, tls, opts.scheduler_interval, audit).await?;
+    let mut server = start_server(
+        kms,
+        opts.listen,
+        tls,
+        opts.scheduler_interval,
+        audit,
+        opts.metrics_listen,
+    )
+    .await?;
     server.simulator = Some(simulator);
     Ok(server)
 }
@@ -245,6 +271,7 @@ pub async fn start_server(
     tls: grpc::ServerTls,
     scheduler_interval: Option<Duration>,
     audit: AuditSetup,
+    metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<RunningServer> {
     // Certificates, key, client CA and CRL are all checked here: a bad one
     // stops the start with a clear error.
@@ -256,10 +283,16 @@ pub async fn start_server(
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr().context("local address")?;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics_server = match metrics_listen {
+        Some(at) => Some(start_metrics(at, &kms, &auditor, &metrics).await?),
+        None => None,
+    };
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(grpc::serve(
         Arc::clone(&kms),
         Arc::clone(&auditor),
+        metrics,
         listener,
         tls,
         async move {
@@ -302,7 +335,60 @@ pub async fn start_server(
         scheduler,
         client_auth,
         crl_watcher,
+        metrics_addr: metrics_server.as_ref().map(|(addr, _)| *addr),
+        metrics_task: metrics_server.map(|(_, task)| task),
     })
+}
+
+/// Serves the metrics page on `at` (plain HTTP): the requests counted by
+/// the gRPC layer, the core's caches and HSM calls, the audit log's state.
+async fn start_metrics(
+    at: SocketAddr,
+    kms: &Arc<Kms>,
+    auditor: &Arc<Auditor>,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(at)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {at}"))?;
+    let addr = listener.local_addr().context("metrics address")?;
+    let (kms, auditor, metrics) = (Arc::clone(kms), Arc::clone(auditor), Arc::clone(metrics));
+    let render: crate::metrics::http::Render = Arc::new(move || {
+        use crate::metrics::render_value;
+        let mut out = String::with_capacity(16 * 1024);
+        metrics.render_requests(&mut out);
+        kms.render_metrics(&mut out);
+        let healthy = if auditor.is_healthy() { 1.0 } else { 0.0 };
+        render_value(
+            &mut out,
+            "coffre_audit_backlog",
+            "gauge",
+            "Audit records waiting for the writer.",
+            &[("", auditor.backlog() as f64)],
+        );
+        render_value(
+            &mut out,
+            "coffre_audit_records_total",
+            "counter",
+            "Audit records written (the log's last seq).",
+            &[("", auditor.last_seq() as f64)],
+        );
+        render_value(
+            &mut out,
+            "coffre_audit_healthy",
+            "gauge",
+            "1 while the audit log can be written.",
+            &[("", healthy)],
+        );
+        out
+    });
+    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    let task = tokio::spawn(crate::metrics::serve(
+        listener,
+        render,
+        std::future::pending(),
+    ));
+    Ok((addr, task))
 }
 
 /// Loads (or, on a new data directory, creates) the audit log's keys and
@@ -493,6 +579,7 @@ pub async fn run_serve(config_path: &Path) -> anyhow::Result<()> {
         tls,
         Some(config.scheduler_interval),
         audit,
+        config.metrics_listen,
     )
     .await?;
     tracing::info!(addr = %server.addr, "coffre serving");

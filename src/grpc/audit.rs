@@ -15,9 +15,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::auth::principal_of;
 use super::pb::{self, audit_service_server::AuditService};
@@ -35,9 +37,18 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub(super) struct RequestAudit {
     entry: AuditEntry,
     audit: Arc<Auditor>,
+    op: Operation,
+    started: Instant,
+    span: tracing::Span,
 }
 
 impl RequestAudit {
+    /// The span the request's work runs in: every log line it causes
+    /// carries the request id of its audit record.
+    pub(super) fn span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+
     pub(super) fn key(&mut self, key_id: &str) {
         if !key_id.is_empty() {
             self.entry.key_id = Some(key_id.to_string());
@@ -125,8 +136,8 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-fn audit_unavailable(request_id: &str, e: &crate::audit::AuditError) -> Status {
-    tracing::error!(request_id, error = %e, "audit log unavailable: request refused (fail closed)");
+fn audit_unavailable(e: &crate::audit::AuditError) -> Status {
+    tracing::error!(error = %e, "audit log unavailable: request refused (fail closed)");
     Status::unavailable("the audit log cannot be written; coffre refuses service until it can")
 }
 
@@ -146,8 +157,10 @@ impl Api {
             ),
             Err(_) => (String::new(), None),
         };
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let span = tracing::info_span!("request", request_id = %request_id, rpc = op.name());
         let entry = AuditEntry {
-            request_id: uuid::Uuid::new_v4().to_string(),
+            request_id,
             principal,
             role,
             operation: op.name().to_string(),
@@ -171,6 +184,9 @@ impl Api {
         let audit = RequestAudit {
             entry,
             audit: Arc::clone(&self.audit),
+            op,
+            started: Instant::now(),
+            span,
         };
         (audit, caller)
     }
@@ -187,10 +203,24 @@ impl Api {
             Err(s) => s.code(),
         };
         audit.set_result(code);
-        let request_id = audit.entry.request_id.clone();
-        let header = MetadataValue::try_from(request_id.as_str()).ok();
-        if let Err(e) = self.audit.record(audit.entry).await {
-            let mut status = audit_unavailable(&request_id, &e);
+        let header = MetadataValue::try_from(audit.entry.request_id.as_str()).ok();
+        let (op, started, span) = (audit.op, audit.started, audit.span);
+        let written = self.audit.record(audit.entry).await;
+        let code = if written.is_ok() {
+            code
+        } else {
+            tonic::Code::Unavailable
+        };
+        self.metrics.request(op, code as usize, started.elapsed());
+        span.in_scope(|| {
+            tracing::debug!(
+                code = code_name(code),
+                elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "request done"
+            )
+        });
+        if let Err(e) = written {
+            let mut status = span.in_scope(|| audit_unavailable(&e));
             if let Some(h) = header {
                 status.metadata_mut().insert(REQUEST_ID_HEADER, h);
             }
@@ -310,6 +340,7 @@ impl AuditService for Api {
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::ListAuditEvents, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             self.kms
@@ -357,6 +388,7 @@ impl AuditService for Api {
                     .unwrap_or_default(),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -366,6 +398,7 @@ impl AuditService for Api {
         request: Request<pb::GetCheckpointRequest>,
     ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
         let (audit, caller) = self.begin(Operation::GetAuditCheckpoint, &request);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             self.kms
@@ -380,6 +413,7 @@ impl AuditService for Api {
                 public_key_pem: self.audit.public_key_pem(),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }

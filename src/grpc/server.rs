@@ -34,6 +34,7 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 pub async fn serve(
     kms: Arc<Kms>,
     audit: Arc<crate::audit::Auditor>,
+    metrics: Arc<crate::metrics::Metrics>,
     listener: TcpListener,
     tls: PreparedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -45,7 +46,7 @@ pub async fn serve(
         .build_v1()
         .context("building the reflection service")?;
 
-    let api = Api::new(Arc::clone(&kms), Arc::clone(&audit));
+    let api = Api::new(Arc::clone(&kms), Arc::clone(&audit), metrics);
     let audit_service = pb::audit_service_server::AuditServiceServer::new(api.clone());
     let key_service = pb::key_service_server::KeyServiceServer::new(api.clone());
     let hsm_service = pb::hsm_service_server::HsmServiceServer::new(api.clone());

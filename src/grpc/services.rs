@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::audit::RequestAudit;
 use super::auth::PrincipalCache;
@@ -26,14 +27,16 @@ pub struct Api {
     pub(super) kms: Arc<Kms>,
     pub(super) principals: Arc<PrincipalCache>,
     pub(super) audit: Arc<Auditor>,
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Api {
-    pub fn new(kms: Arc<Kms>, audit: Arc<Auditor>) -> Self {
+    pub fn new(kms: Arc<Kms>, audit: Arc<Auditor>, metrics: Arc<crate::metrics::Metrics>) -> Self {
         Self {
             kms,
             principals: Arc::new(PrincipalCache::default()),
             audit,
+            metrics,
         }
     }
 }
@@ -85,6 +88,7 @@ impl Api {
         let (mut audit, caller) = self.begin(op, &request);
         audit.key(&request.get_ref().key_id);
         audit.justification(request.get_ref().justification);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.into_inner();
@@ -107,6 +111,7 @@ impl Api {
             audit.key_id(out.key_id, Some(out.key_version));
             Ok(out)
         }
+        .instrument(span)
         .await;
         (audit, result)
     }
@@ -221,6 +226,7 @@ impl ApprovalService for Api {
         request: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
         let (audit, caller) = self.begin(Operation::ListApprovals, &request);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let all = self
@@ -232,6 +238,7 @@ impl ApprovalService for Api {
                 approvals: all.iter().map(approval_to_pb).collect(),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -241,6 +248,7 @@ impl ApprovalService for Api {
         request: Request<pb::ApproveOperationRequest>,
     ) -> Result<Response<pb::ApproveOperationResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::ApproveOperation, &request);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let id = parse_approval_id(&request.get_ref().approval_id).map_err(status)?;
@@ -253,6 +261,7 @@ impl ApprovalService for Api {
                 approval: Some(approval_to_pb(&a)),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -262,6 +271,7 @@ impl ApprovalService for Api {
         request: Request<pb::RejectOperationRequest>,
     ) -> Result<Response<pb::RejectOperationResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::RejectOperation, &request);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let id = parse_approval_id(&request.get_ref().approval_id).map_err(status)?;
@@ -274,6 +284,7 @@ impl ApprovalService for Api {
                 approval: Some(approval_to_pb(&a)),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -294,6 +305,7 @@ impl KeyService for Api {
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::CreateKey, &request);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.into_inner();
@@ -311,6 +323,7 @@ impl KeyService for Api {
                 key: Some(convert::key_metadata(&view.key)),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -321,6 +334,7 @@ impl KeyService for Api {
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::GetKey, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let key = key_ref("key_id", &request.get_ref().key_id)?;
@@ -335,6 +349,7 @@ impl KeyService for Api {
                     .collect(),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -344,6 +359,7 @@ impl KeyService for Api {
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let (audit, caller) = self.begin(Operation::ListKeys, &request);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.get_ref();
@@ -363,6 +379,7 @@ impl KeyService for Api {
                 next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -373,6 +390,7 @@ impl KeyService for Api {
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::RotateKey, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let key = key_ref("key_id", &request.get_ref().key_id)?;
@@ -382,6 +400,7 @@ impl KeyService for Api {
                 key: Some(convert::key_metadata(&record)),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -392,6 +411,7 @@ impl KeyService for Api {
     ) -> Result<Response<pb::DisableKeyResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::DisableKey, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let key = key_ref("key_id", &request.get_ref().key_id)?;
@@ -401,6 +421,7 @@ impl KeyService for Api {
                 key: Some(convert::key_metadata(&record)),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -411,6 +432,7 @@ impl KeyService for Api {
     ) -> Result<Response<pb::EnableKeyResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::EnableKey, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let key = key_ref("key_id", &request.get_ref().key_id)?;
@@ -422,6 +444,7 @@ impl KeyService for Api {
                 pending_approval_id,
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -432,6 +455,7 @@ impl KeyService for Api {
     ) -> Result<Response<pb::ScheduleKeyDeletionResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::ScheduleKeyDeletion, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.get_ref();
@@ -445,6 +469,7 @@ impl KeyService for Api {
                 pending_approval_id,
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -455,6 +480,7 @@ impl KeyService for Api {
     ) -> Result<Response<pb::CancelKeyDeletionResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::CancelKeyDeletion, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let key = key_ref("key_id", &request.get_ref().key_id)?;
@@ -466,6 +492,7 @@ impl KeyService for Api {
                 pending_approval_id,
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -476,6 +503,7 @@ impl KeyService for Api {
     ) -> Result<Response<pb::SetRotationPolicyResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::SetRotationPolicy, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.into_inner();
@@ -491,6 +519,7 @@ impl KeyService for Api {
                 key: Some(convert::key_metadata(&record)),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -501,6 +530,7 @@ impl KeyService for Api {
     ) -> Result<Response<pb::UpdateKeyPolicyResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::UpdateKeyPolicy, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.into_inner();
@@ -517,6 +547,7 @@ impl KeyService for Api {
                 pending_approval_id,
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -527,6 +558,7 @@ impl KeyService for Api {
     ) -> Result<Response<pb::RetireKeyVersionsResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::RetireKeyVersions, &request);
         audit.key(&request.get_ref().key_id);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.get_ref();
@@ -541,6 +573,7 @@ impl KeyService for Api {
                 key: Some(convert::key_metadata(&record)),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -557,6 +590,7 @@ impl HsmService for Api {
         request: Request<pb::GetHsmInfoRequest>,
     ) -> Result<Response<pb::GetHsmInfoResponse>, Status> {
         let (audit, caller) = self.begin(Operation::GetHsmInfo, &request);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let info = self.kms.hsm_info(&caller).await.map_err(status)?;
@@ -568,6 +602,7 @@ impl HsmService for Api {
                 secure: self.kms.hsm().is_secure(),
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -690,6 +725,7 @@ impl DataKeyService for Api {
         let (mut audit, caller) = self.begin(Operation::BatchGenerateDataKey, &request);
         audit.key(&request.get_ref().key_id);
         audit.justification(request.get_ref().justification);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.into_inner();
@@ -734,6 +770,7 @@ impl DataKeyService for Api {
                 key_version: out.key_version,
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -744,6 +781,7 @@ impl DataKeyService for Api {
     ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
         let (mut audit, caller) = self.begin(Operation::BatchDecrypt, &request);
         audit.justification(request.get_ref().justification);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.into_inner();
@@ -842,6 +880,7 @@ impl DataKeyService for Api {
             audit.detail(batch_detail(results.len(), failed, Some(&keys)));
             Ok(pb::BatchDecryptResponse { results })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -853,6 +892,7 @@ impl DataKeyService for Api {
         let (mut audit, caller) = self.begin(Operation::Encrypt, &request);
         audit.key(&request.get_ref().key_id);
         audit.justification(request.get_ref().justification);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let mut req = request.into_inner();
@@ -873,6 +913,7 @@ impl DataKeyService for Api {
                 key_version: out.key_version,
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -884,6 +925,7 @@ impl DataKeyService for Api {
         let (mut audit, caller) = self.begin(Operation::Decrypt, &request);
         audit.blob(&request.get_ref().ciphertext_blob);
         audit.justification(request.get_ref().justification);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.into_inner();
@@ -909,6 +951,7 @@ impl DataKeyService for Api {
                 key_version: out.key_version,
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }
@@ -920,6 +963,7 @@ impl DataKeyService for Api {
         let (mut audit, caller) = self.begin(Operation::ReEncrypt, &request);
         audit.blob(&request.get_ref().ciphertext_blob);
         audit.justification(request.get_ref().justification);
+        let span = audit.span();
         let result = async {
             let caller = caller?;
             let req = request.into_inner();
@@ -959,6 +1003,7 @@ impl DataKeyService for Api {
                 key_version: out.key_version,
             })
         }
+        .instrument(span)
         .await;
         self.finish(audit, result).await
     }

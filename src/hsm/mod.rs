@@ -4,6 +4,7 @@
 //! and unwrap CMK material and to produce random bytes. Session handling
 //! (login, re-login after an HSM restart) is the backend's business.
 
+pub mod metered;
 pub mod sim;
 
 use std::fmt;

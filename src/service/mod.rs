@@ -112,6 +112,8 @@ pub struct Kms {
     started_compaction_check: std::sync::atomic::AtomicBool,
     /// A compaction failed and must be retried.
     compaction_due: std::sync::atomic::AtomicBool,
+    /// Calls to the HSM, counted and timed by the `MeteredHsm` around it.
+    hsm_counters: Arc<crate::metrics::HsmCounters>,
 }
 
 /// Held for the whole of a key change: serializes writers and keeps the
@@ -135,6 +137,11 @@ impl Kms {
         clock: Arc<dyn Clock>,
         options: KmsOptions,
     ) -> Self {
+        let hsm_counters = Arc::new(crate::metrics::HsmCounters::default());
+        let hsm: Arc<dyn Hsm> = Arc::new(crate::hsm::metered::MeteredHsm::new(
+            hsm,
+            Arc::clone(&hsm_counters),
+        ));
         Self {
             store,
             hsm,
@@ -154,7 +161,43 @@ impl Kms {
             root_rotation: Mutex::new(()),
             started_compaction_check: std::sync::atomic::AtomicBool::new(false),
             compaction_due: std::sync::atomic::AtomicBool::new(false),
+            hsm_counters,
         }
+    }
+
+    /// The core's metric families: caches and HSM calls.
+    pub fn render_metrics(&self, out: &mut String) {
+        let caches = [
+            ("key", self.keys.stats()),
+            ("alias", self.aliases.stats()),
+            ("material", self.materials.stats()),
+        ];
+        let hits: Vec<_> = caches
+            .iter()
+            .map(|(name, (h, _))| (format!("cache=\"{name}\""), *h as f64))
+            .collect();
+        let misses: Vec<_> = caches
+            .iter()
+            .map(|(name, (_, m))| (format!("cache=\"{name}\""), *m as f64))
+            .collect();
+        fn as_refs(v: &[(String, f64)]) -> Vec<(&str, f64)> {
+            v.iter().map(|(l, n)| (l.as_str(), *n)).collect()
+        }
+        crate::metrics::render_value(
+            out,
+            "coffre_cache_hits_total",
+            "counter",
+            "Lookups answered by a cache.",
+            &as_refs(&hits),
+        );
+        crate::metrics::render_value(
+            out,
+            "coffre_cache_misses_total",
+            "counter",
+            "Lookups a cache could not answer.",
+            &as_refs(&misses),
+        );
+        self.hsm_counters.render(out);
     }
 
     /// Where pending approvals are kept (required when quorum is on).

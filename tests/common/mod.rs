@@ -93,6 +93,7 @@ impl TestServer {
             tls,
             None,
             audit,
+            Some("127.0.0.1:0".parse().unwrap()),
         )
         .await
         .unwrap();
@@ -145,6 +146,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         crl: None,
         crl_reload_interval: Duration::from_secs(10),
         audit: Default::default(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
     }
 }
 
