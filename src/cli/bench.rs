@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// How long each operation is measured (e.g. 10s, 500ms, 2m).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
+    /// Measure every operation this many times, in turn, and report the
+    /// median throughput (and the median of the per-round ratios to null).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Load before each measurement, not measured.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub warmup: Duration,
@@ -173,23 +177,114 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             batch_size: args.batch_size,
         }
     });
-    let mut results = Vec::new();
+    // Each operation once per round, in the order given; on a noisy
+    // machine, the medians over rounds (and the ratios to `null` taken
+    // within each round) are what to quote.
+    let mut ops: Vec<BenchOp> = Vec::new();
     for op in &args.ops {
-        let measured = measure(*op, &args, &channels, &workload).await?;
-        if let Some(e) = &measured.first_error {
-            eprintln!("{}: {} errors; the first: {e}", op.name(), measured.errors);
+        if !ops.contains(op) {
+            ops.push(*op);
         }
+    }
+    let mut summaries: Vec<Summary> = Vec::new();
+    for round in 1..=args.rounds {
+        for (i, op) in ops.iter().enumerate() {
+            let measured = measure(*op, &args, &channels, &workload).await?;
+            if args.rounds > 1 {
+                eprintln!(
+                    "round {round}/{}: {:<15} {:>10.0} ops/s",
+                    args.rounds,
+                    op.name(),
+                    measured.ops_per_sec()
+                );
+            }
+            match summaries.get_mut(i) {
+                Some(s) => s.add(measured)?,
+                None => summaries.push(Summary::new(measured)),
+            }
+        }
+    }
+    let null_rates = summaries
+        .iter()
+        .find(|s| s.first.op == BenchOp::Null)
+        .map(|s| s.rates.clone());
+    if !args.connect.json {
+        print_header();
+    }
+    for s in &summaries {
+        if let Some(e) = &s.first.first_error {
+            eprintln!(
+                "{}: {} errors; the first: {e}",
+                s.first.op.name(),
+                s.first.errors
+            );
+        }
+        let vs_null = null_rates
+            .as_ref()
+            .filter(|_| s.first.op != BenchOp::Null)
+            .map(|null| {
+                median(
+                    s.rates
+                        .iter()
+                        .zip(null)
+                        .map(|(r, n)| r / n.max(1e-9))
+                        .collect(),
+                )
+            });
         if args.connect.json {
-            println!("{}", json_line(&measured, &args));
-        } else if results.is_empty() {
-            print_header();
+            println!("{}", json_line(s, vs_null, &args));
+        } else {
+            print_row(s, vs_null);
         }
-        if !args.connect.json {
-            print_row(&measured, results.first());
-        }
-        results.push(measured);
     }
     Ok(())
+}
+
+/// One operation over every round: merged histogram, summed counts, and
+/// the throughput of each round.
+#[derive(Debug)]
+struct Summary {
+    first: Measured,
+    rates: Vec<f64>,
+}
+
+impl Summary {
+    fn new(m: Measured) -> Self {
+        Self {
+            rates: vec![m.ops_per_sec()],
+            first: m,
+        }
+    }
+
+    fn add(&mut self, m: Measured) -> anyhow::Result<()> {
+        self.rates.push(m.ops_per_sec());
+        self.first.requests += m.requests;
+        self.first.errors += m.errors;
+        self.first.elapsed += m.elapsed;
+        self.first
+            .latency_us
+            .add(&m.latency_us)
+            .context("merging histograms")?;
+        if self.first.first_error.is_none() {
+            self.first.first_error = m.first_error;
+        }
+        Ok(())
+    }
+
+    fn ops_per_sec(&self) -> f64 {
+        median(self.rates.clone())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v.get(n / 2).copied().unwrap_or(0.0),
+        n => {
+            (v.get(n / 2 - 1).copied().unwrap_or(0.0) + v.get(n / 2).copied().unwrap_or(0.0)) / 2.0
+        }
+    }
 }
 
 /// Creates the keys (unless one was named) and the wrapped data keys the
@@ -546,16 +641,14 @@ fn print_header() {
     );
 }
 
-fn print_row(m: &Measured, first: Option<&Measured>) {
-    let vs_null = first
-        .filter(|f| f.op == BenchOp::Null && m.op != BenchOp::Null)
-        .map(|null| format!("{:.2}", m.ops_per_sec() / null.ops_per_sec().max(1e-9)))
-        .unwrap_or_else(|| "-".into());
+fn print_row(s: &Summary, vs_null: Option<f64>) {
+    let m = &s.first;
+    let vs_null = vs_null.map_or_else(|| "-".into(), |r| format!("{r:.2}"));
     println!(
         "{:<15} {:>10.0} {:>12.0} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>8} {:>7}",
         m.op.name(),
-        m.ops_per_sec(),
-        m.ops_per_sec() * m.items_per_request as f64,
+        s.ops_per_sec(),
+        s.ops_per_sec() * m.items_per_request as f64,
         m.ms(0.5),
         m.ms(0.9),
         m.ms(0.99),
@@ -565,11 +658,15 @@ fn print_row(m: &Measured, first: Option<&Measured>) {
     );
 }
 
-fn json_line(m: &Measured, args: &BenchArgs) -> serde_json::Value {
+fn json_line(s: &Summary, vs_null: Option<f64>, args: &BenchArgs) -> serde_json::Value {
+    let m = &s.first;
     serde_json::json!({
         "op": m.op.name(),
-        "ops_per_sec": m.ops_per_sec(),
-        "items_per_sec": m.ops_per_sec() * m.items_per_request as f64,
+        "ops_per_sec": s.ops_per_sec(),
+        "ops_per_sec_by_round": s.rates,
+        "vs_null": vs_null,
+        "rounds": s.rates.len(),
+        "items_per_sec": s.ops_per_sec() * m.items_per_request as f64,
         "p50_ms": m.ms(0.5),
         "p90_ms": m.ms(0.9),
         "p99_ms": m.ms(0.99),
@@ -577,7 +674,7 @@ fn json_line(m: &Measured, args: &BenchArgs) -> serde_json::Value {
         "max_ms": m.latency_us.max() as f64 / 1000.0,
         "requests": m.requests,
         "errors": m.errors,
-        "duration_s": m.elapsed.as_secs_f64(),
+        "measured_s": m.elapsed.as_secs_f64(),
         "concurrency": args.concurrency,
         "connections": args.connections,
         "rate": args.rate,
@@ -597,6 +694,13 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("1h").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), 0.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 
     #[test]

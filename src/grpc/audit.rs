@@ -136,6 +136,10 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+fn header_text(header: &Option<MetadataValue<tonic::metadata::Ascii>>) -> &str {
+    header.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("")
+}
+
 fn audit_unavailable(e: &crate::audit::AuditError) -> Status {
     tracing::error!(error = %e, "audit log unavailable: request refused (fail closed)");
     Status::unavailable("the audit log cannot be written; coffre refuses service until it can")
@@ -158,7 +162,10 @@ impl Api {
             Err(_) => (String::new(), None),
         };
         let request_id = uuid::Uuid::new_v4().to_string();
-        let span = tracing::info_span!("request", request_id = %request_id, rpc = op.name());
+        // A debug span: building one costs as much as a whole unwrap, so it
+        // exists only when debug logs are on (`RUST_LOG=coffre=debug`);
+        // `finish` names the request id on every failed request anyway.
+        let span = tracing::debug_span!("request", request_id = %request_id, rpc = op.name());
         let entry = AuditEntry {
             request_id,
             principal,
@@ -211,14 +218,22 @@ impl Api {
         } else {
             tonic::Code::Unavailable
         };
-        self.metrics.request(op, code as usize, started.elapsed());
-        span.in_scope(|| {
-            tracing::debug!(
+        let elapsed = started.elapsed();
+        self.metrics.request(op, code as usize, elapsed);
+        let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        if outcome_of(code) == Outcome::Failed {
+            // What failed was logged where it failed; this line ties it to
+            // the request id the caller and the audit record hold.
+            tracing::warn!(
+                request_id = %header_text(&header),
+                rpc = op.name(),
                 code = code_name(code),
-                elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                "request done"
-            )
-        });
+                elapsed_us,
+                "request failed"
+            );
+        } else {
+            span.in_scope(|| tracing::debug!(code = code_name(code), elapsed_us, "request done"));
+        }
         if let Err(e) = written {
             let mut status = span.in_scope(|| audit_unavailable(&e));
             if let Some(h) = header {
