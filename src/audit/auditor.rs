@@ -456,8 +456,16 @@ impl<'a> LineReader<'a> {
 fn publish(shared: &Shared, log: &AuditLog) {
     if let Ok(mut view) = shared.view.lock() {
         view.len = log.len();
-        if view.index.len() != log.index().len() || view.index.first() != log.index().first() {
-            view.index = log.index().to_vec();
+        let index = log.index();
+        if view.index.len() != index.len() || view.index.first() != index.first() {
+            // Usually the log's index only grew: copy the new entries, not
+            // the whole index (it grows with the log).
+            match index.get(view.index.len()..) {
+                Some(new) if view.index.first() == index.first() && !view.index.is_empty() => {
+                    view.index.extend_from_slice(new)
+                }
+                _ => view.index = index.to_vec(),
+            }
         }
         view.last_seq = log.seq();
         view.last_checkpoint = log.last_checkpoint().cloned();

@@ -402,13 +402,16 @@ impl AuditLog {
         let every_ms = i64::try_from(policy.every.as_millis()).unwrap_or(i64::MAX);
         for entry in entries {
             let time = self.options.clock.now();
-            let record = AuditRecord::new(seq + 1, time, std::mem::take(&mut head), entry);
-            if record.seq % LOG_INDEX_STRIDE == 1 {
-                new_index.push((record.seq, self.len + buf.len() as u64));
+            if (seq + 1) % LOG_INDEX_STRIDE == 1 {
+                new_index.push((seq + 1, self.len + buf.len() as u64));
             }
-            serde_json::to_writer(&mut buf, &record)
-                .map_err(|e| AuditError::Encode(e.to_string()))?;
-            buf.push(b'\n');
+            let record = AuditRecord::new_into_line(
+                seq + 1,
+                time,
+                std::mem::take(&mut head),
+                entry,
+                &mut buf,
+            );
             seq = record.seq;
             head.clone_from(&record.hash);
             since += 1;

@@ -124,7 +124,41 @@ struct Body<'a> {
 impl AuditRecord {
     /// Builds the record that follows `prev_hash` at `seq`, with its hash.
     pub fn new(seq: u64, time: Timestamp, prev_hash: String, entry: AuditEntry) -> Self {
-        let mut record = AuditRecord {
+        let mut record = Self::new_unhashed(seq, time, prev_hash, entry);
+        record.hash = record.compute_hash();
+        record
+    }
+
+    /// Builds the record that follows `prev_hash` at `seq` and appends its
+    /// log line (with `\n`) to `line`, encoding it once: the line is the
+    /// canonical body with `"hash"` added as its last field, which is
+    /// exactly what serializing the record gives (pinned by a test).
+    pub fn new_into_line(
+        seq: u64,
+        time: Timestamp,
+        prev_hash: String,
+        entry: AuditEntry,
+        line: &mut Vec<u8>,
+    ) -> Self {
+        let mut record = Self::new_unhashed(seq, time, prev_hash, entry);
+        let start = line.len();
+        record.write_body(line);
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(RECORD_HASH_PREFIX);
+        ctx.update(line.get(start..).unwrap_or_default());
+        record.hash = hex::encode(ctx.finish());
+        // The body ends with `}`: reopen it for the hash.
+        if line.last() == Some(&b'}') {
+            line.pop();
+        }
+        line.extend_from_slice(b",\"hash\":\"");
+        line.extend_from_slice(record.hash.as_bytes());
+        line.extend_from_slice(b"\"}\n");
+        record
+    }
+
+    fn new_unhashed(seq: u64, time: Timestamp, prev_hash: String, entry: AuditEntry) -> Self {
+        AuditRecord {
             seq,
             time,
             request_id: entry.request_id,
@@ -141,13 +175,18 @@ impl AuditRecord {
             status_code: entry.status_code,
             prev_hash,
             hash: String::new(),
-        };
-        record.hash = record.compute_hash();
-        record
+        }
     }
 
     /// The canonical bytes (module docs): prefix ‖ compact JSON without `hash`.
     pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = RECORD_HASH_PREFIX.to_vec();
+        self.write_body(&mut out);
+        out
+    }
+
+    /// Appends the compact JSON body (every field but `hash`).
+    fn write_body(&self, out: &mut Vec<u8>) {
         let body = Body {
             seq: self.seq,
             time: self.time,
@@ -165,13 +204,12 @@ impl AuditRecord {
             status_code: &self.status_code,
             prev_hash: &self.prev_hash,
         };
-        let mut out = RECORD_HASH_PREFIX.to_vec();
+        let start = out.len();
         // Serializing plain strings and integers into a Vec cannot fail; if it
         // ever did, the empty body gives a hash that no verifier accepts.
-        if serde_json::to_writer(&mut out, &body).is_err() {
-            out.truncate(RECORD_HASH_PREFIX.len());
+        if serde_json::to_writer(&mut *out, &body).is_err() {
+            out.truncate(start);
         }
-        out
     }
 
     /// Lowercase hex SHA-256 of [`Self::canonical_bytes`].
@@ -277,6 +315,30 @@ pub(crate) mod tests {
         let back: AuditRecord = serde_json::from_str(&line).unwrap();
         assert_eq!(back, r);
         assert!(back.hash_is_valid());
+    }
+
+    /// The line written in one pass is the record's own serialization, for
+    /// awkward strings (escapes, control characters, non-ASCII) too.
+    #[test]
+    fn the_one_pass_line_is_the_serialized_record() {
+        for n in 1..4 {
+            let mut e = entry(n);
+            e.detail = Some("quote \" backslash \\ tab \t nul \u{0} é 🗝".into());
+            e.context = Some([("k\n".to_string(), "v\u{1f}".to_string())].into());
+            e.key_id = (n != 2).then(|| "k".to_string());
+            let mut line = b"previous line\n".to_vec();
+            let r = AuditRecord::new_into_line(
+                n,
+                Timestamp(5),
+                GENESIS_HASH.into(),
+                e.clone(),
+                &mut line,
+            );
+            let expected = format!("previous line\n{}\n", serde_json::to_string(&r).unwrap());
+            assert_eq!(String::from_utf8(line).unwrap(), expected);
+            assert_eq!(r, AuditRecord::new(n, Timestamp(5), GENESIS_HASH.into(), e));
+            assert!(r.hash_is_valid());
+        }
     }
 
     #[test]

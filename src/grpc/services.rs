@@ -28,6 +28,7 @@ pub struct Api {
     pub(super) principals: Arc<PrincipalCache>,
     pub(super) audit: Arc<Auditor>,
     pub(super) metrics: Arc<crate::metrics::Metrics>,
+    pub(super) request_ids: Arc<super::audit::RequestIds>,
 }
 
 impl Api {
@@ -37,6 +38,7 @@ impl Api {
             principals: Arc::new(PrincipalCache::default()),
             audit,
             metrics,
+            request_ids: Arc::new(super::audit::RequestIds::new()),
         }
     }
 }
