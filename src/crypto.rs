@@ -144,10 +144,14 @@ pub fn seal(
     if plaintext.is_empty() || plaintext.len() > MAX_CIPHERTEXT_LEN {
         return Err(SealError::PlaintextLength(plaintext.len()));
     }
+    // One draw for both (one system call instead of two).
+    let mut random = [0u8; SALT_LEN + IV_LEN];
+    rng.fill(&mut random)?;
+    let (salt_part, iv_part) = random.split_at(SALT_LEN);
     let mut salt = [0u8; SALT_LEN];
     let mut iv = [0u8; IV_LEN];
-    rng.fill(&mut salt)?;
-    rng.fill(&mut iv)?;
+    salt.copy_from_slice(salt_part);
+    iv.copy_from_slice(iv_part);
     let header = Header {
         key_id,
         key_version,

@@ -101,6 +101,16 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
+/// Lowercase hex of a 32-byte digest, without the per-character iterator
+/// of `hex::encode` (this runs once or twice per request).
+fn hex32(bytes: &[u8]) -> String {
+    let mut out = [0u8; 64];
+    match hex::encode_to_slice(bytes, &mut out) {
+        Ok(()) => String::from_utf8_lossy(&out).into_owned(),
+        Err(_) => hex::encode(bytes),
+    }
+}
+
 /// The hashed view of a record: every field but `hash`, same order.
 #[derive(Serialize)]
 struct Body<'a> {
@@ -146,7 +156,7 @@ impl AuditRecord {
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(RECORD_HASH_PREFIX);
         ctx.update(line.get(start..).unwrap_or_default());
-        record.hash = hex::encode(ctx.finish());
+        record.hash = hex32(ctx.finish().as_ref());
         // The body ends with `}`: reopen it for the hash.
         if line.last() == Some(&b'}') {
             line.pop();
@@ -214,7 +224,7 @@ impl AuditRecord {
 
     /// Lowercase hex SHA-256 of [`Self::canonical_bytes`].
     pub fn compute_hash(&self) -> String {
-        hex::encode(digest::digest(&digest::SHA256, &self.canonical_bytes()))
+        hex32(digest::digest(&digest::SHA256, &self.canonical_bytes()).as_ref())
     }
 
     /// Whether the stored `hash` is the hash of the other fields.
@@ -235,7 +245,7 @@ impl AuditDigestKey {
 
     /// Lowercase hex HMAC-SHA256 of [`canonical_context`] of `context`.
     pub fn context_digest(&self, context: &EncryptionContext) -> String {
-        hex::encode(hmac::sign(&self.0, &canonical_context(context)))
+        hex32(hmac::sign(&self.0, &canonical_context(context)).as_ref())
     }
 }
 
