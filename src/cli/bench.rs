@@ -6,8 +6,9 @@
 //! connections; latencies go into an HDR histogram. `null` is a
 //! `grpc.health.v1.Health/Check` on the same channels: the floor a data-key
 //! RPC is compared with, measured in the same run. With `--rate`, requests
-//! start on a fixed schedule (open loop) and a latency counts from when the
-//! request was due, so a stalled server cannot hide its queue.
+//! start on a fixed schedule (open loop); a request that could not start on
+//! time because the previous one was still waiting has its latency counted
+//! from when it was due, so a stalled server cannot hide its queue.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -491,9 +492,18 @@ async fn worker(
     loop {
         let started = match (due, schedule) {
             (Some(at), Some((_, interval))) => {
-                tokio::time::sleep_until(at.into()).await;
                 due = Some(at + interval);
-                at
+                if Instant::now() < at {
+                    // On time: the timer's lateness (it ticks in
+                    // milliseconds) is the load generator's, not the
+                    // server's; the latency counts from the actual start.
+                    tokio::time::sleep_until(at.into()).await;
+                    Instant::now().max(at)
+                } else {
+                    // Behind (the previous answer came late): count from
+                    // when this request was due, so queueing shows.
+                    at
+                }
             }
             _ => Instant::now(),
         };

@@ -457,11 +457,26 @@ pub async fn datakey(cmd: DatakeyCommand) -> anyhow::Result<()> {
             key,
             bytes,
             without_plaintext,
+            count,
             data,
             connect: c,
         } => {
             let mut client = DataKeyServiceClient::new(connect(&c, "service").await?);
-            if without_plaintext {
+            if let Some(count) = count {
+                let resp = client
+                    .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
+                        key_id: key,
+                        encryption_context: context_map(&data),
+                        justification: justification(data.justification),
+                        number_of_bytes: bytes,
+                        count,
+                        without_plaintext,
+                    })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                output::data_keys(resp, c.json)
+            } else if without_plaintext {
                 let resp = client
                     .generate_data_key_without_plaintext(
                         pb::GenerateDataKeyWithoutPlaintextRequest {

@@ -417,6 +417,10 @@ pub enum DatakeyCommand {
         /// Only the wrapped form.
         #[arg(long)]
         without_plaintext: bool,
+        /// Make this many data keys (1 to 1000) in one BatchGenerateDataKey
+        /// request: one authorization, one audit record.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        count: Option<u32>,
         #[command(flatten)]
         data: DataArgs,
         #[command(flatten)]

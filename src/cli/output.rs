@@ -338,6 +338,59 @@ pub fn data_key(
     Ok(())
 }
 
+/// The data keys of one batch: one line (or JSON object) per key.
+pub fn data_keys(
+    resp: crate::grpc::pb::BatchGenerateDataKeyResponse,
+    json: bool,
+) -> anyhow::Result<()> {
+    let items: Vec<serde_json::Value> = resp
+        .data_keys
+        .into_iter()
+        .map(|k| {
+            let plaintext = zeroize::Zeroizing::new(k.plaintext);
+            match k.error {
+                Some(e) => json!({ "error": { "code": e.code, "message": e.message } }),
+                None if plaintext.is_empty() => {
+                    json!({ "ciphertext_blob": B64.encode(&k.ciphertext_blob) })
+                }
+                None => json!({
+                    "plaintext": B64.encode(&*plaintext),
+                    "ciphertext_blob": B64.encode(&k.ciphertext_blob),
+                }),
+            }
+        })
+        .collect();
+    if json {
+        return print_json(&json!({
+            "key_id": resp.key_id,
+            "key_version": resp.key_version,
+            "data_keys": items,
+        }));
+    }
+    println!("key id            {}", resp.key_id);
+    println!("key version       {}", resp.key_version);
+    for (i, item) in items.iter().enumerate() {
+        match (
+            item.get("plaintext"),
+            item.get("ciphertext_blob"),
+            item.get("error"),
+        ) {
+            (_, _, Some(e)) => println!("{:>4}  error {e}", i + 1),
+            (Some(p), Some(b), _) => println!(
+                "{:>4}  plaintext {}  ciphertext_blob {}",
+                i + 1,
+                p.as_str().unwrap_or(""),
+                b.as_str().unwrap_or("")
+            ),
+            (None, Some(b), _) => {
+                println!("{:>4}  ciphertext_blob {}", i + 1, b.as_str().unwrap_or(""))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 pub fn ciphertext(
     blob: Option<&[u8]>,
     key_id: &str,
