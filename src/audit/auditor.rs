@@ -111,6 +111,10 @@ pub struct EventPage {
     pub next_after_seq: Option<u64>,
 }
 
+/// How many batches a leading request writes before it hands the queue to
+/// the writer thread (so that its own response is not held up).
+const LEADER_BATCHES: usize = 4;
+
 /// How long the writer lets a batch fill when requests are coming in.
 const BATCH_WINDOW: Duration = Duration::from_micros(100);
 
@@ -118,8 +122,12 @@ const BATCH_WINDOW: Duration = Duration::from_micros(100);
 /// large log answers in bounded time (with a short page and a token).
 const SCAN_LIMIT: u64 = 100_000;
 
+type Reply = oneshot::Sender<Result<u64, String>>;
+
 enum Job {
-    Append(Box<AuditEntry>, oneshot::Sender<Result<u64, String>>),
+    Append(Box<AuditEntry>, Reply),
+    /// Write what the inline queue holds (a leader handed it over).
+    Drain,
     Checkpoint(oneshot::Sender<Result<Option<Checkpoint>, String>>),
     Shutdown,
 }
@@ -146,6 +154,30 @@ struct Shared {
     closing: watch::Sender<bool>,
     /// Records handed to the writer and not yet answered.
     backlog: std::sync::atomic::AtomicU64,
+    /// The log itself: the writer thread and, in `write` mode, the request
+    /// that leads a batch take it in turn.
+    log: Mutex<AuditLog>,
+    /// `write` mode: records waiting for a leader (see [`Auditor::record`]).
+    queue: Mutex<InlineQueue>,
+    /// Set, with the log held, before the final checkpoint: nothing is
+    /// appended after it.
+    stopped: AtomicBool,
+}
+
+#[derive(Default)]
+struct InlineQueue {
+    pending: Vec<(AuditEntry, Reply)>,
+    /// A leader (a request, or the writer thread) is writing the queue.
+    leading: bool,
+}
+
+impl std::fmt::Debug for InlineQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineQueue")
+            .field("pending", &self.pending.len())
+            .field("leading", &self.leading)
+            .finish()
+    }
 }
 
 /// The audit log of a running server. Dropping it (or [`Auditor::shutdown`])
@@ -158,6 +190,8 @@ pub struct Auditor {
     digest: AuditDigestKey,
     clear_context: ClearContext,
     discard: bool,
+    /// `write` mode: records are written by the requests themselves.
+    inline: bool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -172,6 +206,9 @@ impl Auditor {
             tracing::warn!("the audit log is OFF: requests leave no record (measurement only)");
         }
         let mut log = AuditLog::open_with(path, keys.signer, options.log.clone())?;
+        if let Some(retention) = options.retention {
+            prune(&mut log, retention, &options.log);
+        }
         let (head, _) = watch::channel(log.seq());
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
@@ -180,16 +217,19 @@ impl Auditor {
             head,
             closing: watch::channel(false).0,
             backlog: std::sync::atomic::AtomicU64::new(0),
+            log: Mutex::new(log),
+            queue: Mutex::new(InlineQueue::default()),
+            stopped: AtomicBool::new(false),
         });
-        if let Some(retention) = options.retention {
-            prune(&mut log, retention, &options.log);
+        if let Ok(log) = shared.log.lock() {
+            publish(&shared, &log);
         }
-        publish(&shared, &log);
+        let inline = options.log.durability == super::chain::Durability::Write;
         let (tx, rx) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("coffre-audit".into())
-            .spawn(move || writer(log, rx, thread_shared, options))?;
+            .spawn(move || writer(rx, thread_shared, options))?;
         Ok(Self {
             tx,
             shared,
@@ -197,6 +237,7 @@ impl Auditor {
             digest: keys.digest,
             clear_context,
             discard,
+            inline,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -247,10 +288,18 @@ impl Auditor {
             return Ok(0);
         }
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Append(Box::new(entry), tx))
-            .map_err(|_| AuditError::Stopped)?;
         self.shared.backlog.fetch_add(1, Ordering::Relaxed);
+        let queued = if self.inline {
+            self.queue_inline(entry, tx)
+        } else {
+            self.tx
+                .send(Job::Append(Box::new(entry), tx))
+                .map_err(|_| AuditError::Stopped)
+        };
+        if let Err(e) = queued {
+            self.shared.backlog.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
         let answer = rx.await;
         self.shared.backlog.fetch_sub(1, Ordering::Relaxed);
         match answer {
@@ -258,6 +307,43 @@ impl Auditor {
             Ok(Err(message)) => Err(AuditError::Io(std::io::Error::other(message))),
             Err(_) => Err(AuditError::Stopped),
         }
+    }
+
+    /// `write` mode: the record joins the queue; the first request to find
+    /// no leader becomes it and writes the queue (its own record and every
+    /// one queued meanwhile) in one `write`, then answers them. Records are
+    /// written by the requests' own threads: no hand-off to the writer
+    /// thread and back, which cost more than the writing itself. The
+    /// leader writes a few batches at most, and never waits for the log: if
+    /// the writer thread holds it (a checkpoint, retention), or more keeps
+    /// coming, the writer thread takes over the queue.
+    fn queue_inline(&self, entry: AuditEntry, reply: Reply) -> Result<(), AuditError> {
+        let lead = {
+            let mut q = self.shared.queue.lock().map_err(|_| AuditError::Stopped)?;
+            q.pending.push((entry, reply));
+            !std::mem::replace(&mut q.leading, true)
+        };
+        if lead {
+            for _ in 0..LEADER_BATCHES {
+                let Ok(mut log) = self.shared.log.try_lock() else {
+                    break;
+                };
+                if self.shared.stopped.load(Ordering::SeqCst) {
+                    drop(log);
+                    fail_queue(&self.shared, "the audit log is closed");
+                    return Ok(());
+                }
+                let Some(batch) = take_batch(&self.shared) else {
+                    return Ok(());
+                };
+                write_batch(&self.shared, &mut log, batch);
+            }
+            // Still leading: the writer thread drains the rest.
+            if self.tx.send(Job::Drain).is_err() {
+                fail_queue(&self.shared, "the audit writer has stopped");
+            }
+        }
+        Ok(())
     }
 
     /// Signs the current head now (if records came since the last
@@ -496,13 +582,57 @@ fn prune(log: &mut AuditLog, retention: Duration, options: &AuditLogOptions) {
 }
 
 /// The writer thread: see the module docs.
-fn writer(
-    mut log: AuditLog,
-    rx: mpsc::Receiver<Job>,
-    shared: Arc<Shared>,
-    options: AuditorOptions,
-) {
+/// The queued records, or `None` (and no leader any more) if there are
+/// none.
+fn take_batch(shared: &Shared) -> Option<Vec<(AuditEntry, Reply)>> {
+    let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+    if q.pending.is_empty() {
+        q.leading = false;
+        None
+    } else {
+        Some(std::mem::take(&mut q.pending))
+    }
+}
+
+/// Refuses every queued record (the writer is gone).
+fn fail_queue(shared: &Shared, message: &str) {
+    let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+    for (_, reply) in q.pending.drain(..) {
+        let _ = reply.send(Err(message.to_string()));
+    }
+    q.leading = false;
+}
+
+/// Appends a batch with one `write` (and one `fsync` in `fsync` mode),
+/// publishes the log's new state, then answers every record of it.
+fn write_batch(shared: &Shared, log: &mut AuditLog, batch: Vec<(AuditEntry, Reply)>) {
+    let (entries, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let result = log.append_batch(entries);
+    // Publish before answering: a caller that saw its record refused must
+    // find the log unhealthy on its next request.
+    publish(shared, log);
+    match result {
+        Ok(records) => {
+            for (record, reply) in records.iter().zip(replies) {
+                let _ = reply.send(Ok(record.seq));
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(message.clone()));
+            }
+        }
+    }
+}
+
+/// The writer thread: records in `fsync` mode (so that no request thread
+/// waits for the disk), the inline queue when a leader hands it over,
+/// checkpoints on demand, and housekeeping (idle checkpoints, recovery
+/// after a failed write, retention).
+fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditorOptions) {
     const MAX_BATCH: usize = 4096;
+    let lock = || shared.log.lock().unwrap_or_else(|e| e.into_inner());
     let mut last_housekeeping = std::time::Instant::now();
     let mut last_batch = 0usize;
     let every_ms = i64::try_from(options.log.checkpoints.every.as_millis()).unwrap_or(i64::MAX);
@@ -516,17 +646,19 @@ fn writer(
         // a moment: senders do not wake a writer that is not waiting, so
         // this trades a few tens of microseconds of latency for far fewer
         // wake-ups (each costs a system call on both sides).
-        if last_batch > 1 && first.is_some() {
+        if last_batch > 1 && matches!(first, Some(Job::Append(..))) {
             std::thread::sleep(BATCH_WINDOW);
         }
         let mut appends = Vec::new();
         let mut others = Vec::new();
+        let mut drain = false;
         let mut shutdown = false;
         if let Some(job) = first {
             let mut next = Some(job);
             while let Some(job) = next {
                 match job {
                     Job::Append(entry, reply) => appends.push((*entry, reply)),
+                    Job::Drain => drain = true,
                     Job::Shutdown => shutdown = true,
                     other => others.push(other),
                 }
@@ -539,35 +671,27 @@ fn writer(
         }
         last_batch = appends.len();
         if !appends.is_empty() {
-            let (entries, replies): (Vec<_>, Vec<_>) = appends.into_iter().unzip();
-            let result = log.append_batch(entries);
-            // Publish before answering: a caller that saw its record
-            // refused must find the log unhealthy on its next request.
-            publish(&shared, &log);
-            match result {
-                Ok(records) => {
-                    for (record, reply) in records.iter().zip(replies) {
-                        let _ = reply.send(Ok(record.seq));
-                    }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    for reply in replies {
-                        let _ = reply.send(Err(message.clone()));
-                    }
-                }
+            write_batch(&shared, &mut lock(), appends);
+        }
+        if drain || shutdown {
+            while let Some(batch) = take_batch(&shared) {
+                write_batch(&shared, &mut lock(), batch);
             }
         }
         for job in others {
             if let Job::Checkpoint(reply) = job {
-                let _ = reply.send(log.checkpoint().map_err(|e| e.to_string()));
+                let _ = reply.send(lock().checkpoint().map_err(|e| e.to_string()));
             }
         }
+        let mut log = lock();
         if shutdown {
+            shared.stopped.store(true, Ordering::SeqCst);
             if let Err(e) = log.checkpoint() {
                 tracing::error!(error = %e, "audit log: final checkpoint failed");
             }
             publish(&shared, &log);
+            drop(log);
+            fail_queue(&shared, "the audit log is closed");
             return;
         }
         if last_housekeeping.elapsed() >= options.housekeeping_interval {
@@ -654,5 +778,51 @@ mod tests {
         let text = std::fs::read(&path).unwrap();
         let report = crate::audit::verify(text.as_slice(), &auditor.public_key(), |_| {}).unwrap();
         assert_eq!((report.records, report.uncovered_records), (400, 0));
+    }
+
+    /// `write` mode: requests lead their batches; every record is written
+    /// once, in one chain, and nothing is appended after the shutdown.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_mode_requests_lead_their_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let options = AuditorOptions {
+            log: AuditLogOptions {
+                durability: Durability::Write,
+                checkpoints: CheckpointPolicy {
+                    every_records: 100,
+                    every: Duration::from_secs(3600),
+                },
+                ..AuditLogOptions::default()
+            },
+            ..AuditorOptions::default()
+        };
+        let auditor = Arc::new(Auditor::open(&path, keys(), options).unwrap());
+        assert!(auditor.inline);
+        let tasks: Vec<_> = (0..200)
+            .map(|t| {
+                let a = Arc::clone(&auditor);
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for n in 0..10 {
+                        seqs.push(a.record(entry(t * 10 + n)).await.unwrap());
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.extend(t.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=2000).collect::<Vec<u64>>());
+        assert_eq!(auditor.backlog(), 0);
+        assert_eq!(auditor.last_seq(), 2000);
+        auditor.shutdown();
+        assert!(auditor.record(entry(9999)).await.is_err(), "closed");
+        let text = std::fs::read(&path).unwrap();
+        let report = crate::audit::verify(text.as_slice(), &auditor.public_key(), |_| {}).unwrap();
+        assert_eq!((report.records, report.uncovered_records), (2000, 0));
     }
 }
