@@ -3,11 +3,13 @@
 //!
 //! # Group commit
 //!
-//! A request hands its [`AuditEntry`] to the writer thread and waits for the
-//! answer. The thread takes every entry queued at that moment, appends them
-//! with one `write` (and, in `fsync` mode, one `fsync`), then answers them
-//! all: concurrent requests share the system calls, and a request is
-//! answered only once its record is written. If the write fails, every
+//! A request queues its [`AuditEntry`] and waits for the answer. In `write`
+//! mode the first request that finds no batch in progress writes the queue
+//! itself (its own record and every one queued meanwhile) with one `write`,
+//! then answers them all; the others wait. In `fsync` mode the writer thread
+//! does it, with one `write` and one `fsync` per batch, so that no request
+//! thread waits for the disk. Either way concurrent requests share the
+//! system calls, and a request is answered only once its record is written. If the write fails, every
 //! request of the batch gets an error and must be refused (`UNAVAILABLE`):
 //! fail closed. The log recovers by itself when its storage accepts writes
 //! again (the torn bytes of the failed batch are truncated first).
