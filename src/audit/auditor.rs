@@ -813,10 +813,22 @@ mod tests {
                 })
             })
             .collect();
+        // Checkpoints on demand make the writer thread hold the log now and
+        // then: leaders that find it busy hand their queue over.
+        let checkpoints = {
+            let a = Arc::clone(&auditor);
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    a.checkpoint().await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
         let mut seqs = Vec::new();
         for t in tasks {
             seqs.extend(t.await.unwrap());
         }
+        checkpoints.await.unwrap();
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=2000).collect::<Vec<u64>>());
         assert_eq!(auditor.backlog(), 0);
@@ -826,5 +838,48 @@ mod tests {
         let text = std::fs::read(&path).unwrap();
         let report = crate::audit::verify(text.as_slice(), &auditor.public_key(), |_| {}).unwrap();
         assert_eq!((report.records, report.uncovered_records), (2000, 0));
+    }
+
+    /// A leader that finds the log held (by the writer thread, say, during
+    /// a checkpoint or retention) does not wait: the writer thread writes
+    /// its batch once the log is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_log_hands_the_batch_to_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let auditor = Arc::new(Auditor::open(&path, keys(), AuditorOptions::default()).unwrap());
+        // Another thread holds the log until told to let go.
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let a = Arc::clone(&auditor);
+            std::thread::spawn(move || {
+                let _held = a.shared.log.lock().unwrap();
+                locked_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            })
+        };
+        locked_rx.recv().unwrap();
+        let a = Arc::clone(&auditor);
+        let pending = tokio::spawn(async move { a.record(entry(1)).await });
+        // The record is queued, its leader gone, the writer thread waiting.
+        for _ in 0..200 {
+            if !pending.is_finished() && auditor.backlog() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!pending.is_finished(), "written while the log was held");
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        let seq = tokio::time::timeout(Duration::from_secs(10), pending)
+            .await
+            .expect("the writer thread wrote the handed-over batch")
+            .unwrap()
+            .unwrap();
+        assert_eq!(seq, 1);
+        // And the queue has no leader left: the next record leads again.
+        assert_eq!(auditor.record(entry(2)).await.unwrap(), 2);
     }
 }
