@@ -135,6 +135,38 @@ fn readme_walkthrough_with_the_real_binaries() {
     assert_eq!(opened["plaintext"], plaintext.as_str());
     assert_eq!(opened["key_version"], 1);
 
+    // A batch of data keys in one request; each opens alone.
+    let batch = run_json(
+        data,
+        &endpoint,
+        &[
+            "datakey",
+            "generate",
+            "--key",
+            "demo",
+            "--context",
+            "tenant=acme",
+            "--count",
+            "3",
+        ],
+    );
+    assert_eq!(batch["key_id"], key_id.as_str());
+    let keys = batch["data_keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 3);
+    let last = &keys[2];
+    let opened = run_json(
+        data,
+        &endpoint,
+        &[
+            "decrypt",
+            "--blob",
+            last["ciphertext_blob"].as_str().unwrap(),
+            "--context",
+            "tenant=acme",
+        ],
+    );
+    assert_eq!(opened["plaintext"], last["plaintext"]);
+
     let rotated = run_json(data, &endpoint, &["key", "rotate", "demo"]);
     assert_eq!(rotated["primary_version"], 2);
     let opened = run_json(
