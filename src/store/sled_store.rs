@@ -268,10 +268,23 @@ struct Handles {
 impl Handles {
     /// Opens (creating if needed) the sled database in `path`.
     fn open(path: &Path) -> Result<Handles, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| sled_error(&format!("opening {}", path.display()), e))?;
+        // The caller holds the store directory's own lock, so a sled lock
+        // held by someone else belongs to a store of this process that was
+        // just dropped: sled's flusher thread lets go of the database a
+        // moment after the drop. Wait for it (bounded) rather than fail.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(sled_error(&format!("opening {}", path.display()), e)),
+            }
+        };
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| sled_error(&format!("opening tree {name}"), e))
