@@ -9,22 +9,6 @@ use crate::common::{TestServer, ctx};
 
 const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
 
-async fn create_key(server: &TestServer, alias: &str) -> String {
-    server
-        .keys()
-        .await
-        .create_key(pb::CreateKeyRequest {
-            alias: alias.to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .key_id
-}
-
 fn item(blob: &[u8], context: &[(&str, &str)]) -> pb::BatchDecryptItem {
     pb::BatchDecryptItem {
         ciphertext_blob: blob.to_vec(),
@@ -36,7 +20,7 @@ fn item(blob: &[u8], context: &[(&str, &str)]) -> pb::BatchDecryptItem {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_generate_makes_keys_that_decrypt_one_by_one() {
     let server = TestServer::start().await;
-    let key_id = create_key(&server, "batch/gen").await;
+    let key_id = server.create_key("batch/gen").await.key_id;
     let context = [("tenant", "acme")];
     let mut data = server.data().await;
 
@@ -189,9 +173,9 @@ async fn batch_generate_makes_keys_that_decrypt_one_by_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_decrypt_answers_each_item_in_order() {
     let server = TestServer::start().await;
-    let a = create_key(&server, "batch/a").await;
-    let b = create_key(&server, "batch/b").await;
-    let off = create_key(&server, "batch/off").await;
+    let a = server.create_key("batch/a").await.key_id;
+    let b = server.create_key("batch/b").await.key_id;
+    let off = server.create_key("batch/off").await.key_id;
     let mut data = server.data().await;
     let mut generate = async |key: &str, context: &[(&str, &str)]| {
         let k = data

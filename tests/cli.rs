@@ -27,15 +27,24 @@ pub fn start_dev(dir: &Path) -> (Guard, String) {
 }
 
 pub fn start_dev_with(dir: &Path, extra: &[&str]) -> (Guard, String) {
-    let mut child = Command::new(COFFRE)
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .args(extra)
+    let mut cmd = dev_command(dir);
+    cmd.args(extra)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::inherit());
+    spawn_dev(cmd)
+}
+
+/// `coffre dev --listen 127.0.0.1:0 --data-dir DIR`, to add to.
+pub fn dev_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(COFFRE);
+    cmd.args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir);
+    cmd
+}
+
+/// Spawns a `coffre dev` command and reads its address from the banner.
+pub fn spawn_dev(mut cmd: Command) -> (Guard, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let guard = Guard(child);
     let mut lines = BufReader::new(stdout).lines();

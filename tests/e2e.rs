@@ -8,22 +8,6 @@ use crate::common::{TestServer, channel_as, ctx, try_channel};
 
 const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
 
-async fn create_key(server: &TestServer, alias: &str) -> pb::KeyMetadata {
-    server
-        .keys()
-        .await
-        .create_key(pb::CreateKeyRequest {
-            alias: alias.to_string(),
-            description: "test key".to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-}
-
 fn decrypt_req(blob: &[u8], context: &[(&str, &str)]) -> pb::DecryptRequest {
     pb::DecryptRequest {
         ciphertext_blob: blob.to_vec(),
@@ -36,7 +20,7 @@ fn decrypt_req(blob: &[u8], context: &[(&str, &str)]) -> pb::DecryptRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelope_lifecycle_survives_rotation_and_restart() {
     let mut server = TestServer::start().await;
-    let key = create_key(&server, "app/orders").await;
+    let key = server.create_key("app/orders").await;
     assert_eq!(key.state(), pb::KeyState::Enabled);
     assert_eq!(key.primary_version, 1);
     let context = [("tenant", "acme"), ("table", "orders")];
@@ -177,8 +161,8 @@ async fn envelope_lifecycle_survives_rotation_and_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn re_encrypt_to_another_key_and_context() {
     let server = TestServer::start().await;
-    let a = create_key(&server, "a").await;
-    let b = create_key(&server, "b").await;
+    let a = server.create_key("a").await;
+    let b = server.create_key("b").await;
     let mut data = server.data().await;
     let generated = data
         .generate_data_key(pb::GenerateDataKeyRequest {
@@ -235,7 +219,7 @@ async fn re_encrypt_to_another_key_and_context() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_is_immediate_and_enable_restores() {
     let server = TestServer::start().await;
-    let key = create_key(&server, "d").await;
+    let key = server.create_key("d").await;
     let mut data = server.data().await;
     let generated = data
         .generate_data_key(pb::GenerateDataKeyRequest {
@@ -290,7 +274,7 @@ async fn disable_is_immediate_and_enable_restores() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_input_gets_its_status_and_changes_nothing() {
     let server = TestServer::start().await;
-    let key = create_key(&server, "k").await;
+    let key = server.create_key("k").await;
     let mut data = server.data().await;
     let mut keys = server.keys().await;
     let good = data
@@ -625,7 +609,7 @@ async fn every_bad_input_gets_its_status_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_are_enforced() {
     let server = TestServer::start().await;
-    create_key(&server, "r").await;
+    server.create_key("r").await;
     let pki = server.data_dir().join("pki");
     let endpoint = server.endpoint();
 
@@ -762,7 +746,7 @@ async fn list_keys_pages_through_every_key() {
     let server = TestServer::start().await;
     let mut created = std::collections::BTreeSet::new();
     for i in 0..7 {
-        created.insert(create_key(&server, &format!("p{i}")).await.key_id);
+        created.insert(server.create_key(&format!("p{i}")).await.key_id);
     }
     let mut keys = server.keys().await;
     let mut seen = Vec::new();
@@ -854,7 +838,7 @@ async fn health_follows_the_hsm() {
 async fn a_tampered_hsm_makes_coffre_unavailable_not_corrupt() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let server = TestServer::start().await;
-    let key = create_key(&server, "t").await;
+    let key = server.create_key("t").await;
     let sim = server.server.as_ref().unwrap().simulator.clone().unwrap();
     sim.tamper().unwrap();
     let mut health =

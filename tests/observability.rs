@@ -4,13 +4,13 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use coffre::grpc::pb;
 use serde_json::Value;
 
-use crate::cli::Guard;
+use crate::cli::{Guard, dev_command, spawn_dev};
 use crate::common::{TestServer, ctx};
 
 const COFFRE: &str = env!("CARGO_BIN_EXE_coffre");
@@ -41,18 +41,7 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_caches_hsm_and_audit() {
     let mut server = TestServer::start().await;
-    let key = server
-        .keys()
-        .await
-        .create_key(pb::CreateKeyRequest {
-            alias: "metrics/demo".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let key = server.create_key("metrics/demo").await;
     let mut data = server.data().await;
     let generated = data
         .generate_data_key(pb::GenerateDataKeyRequest {
@@ -245,34 +234,9 @@ fn bench_logs_and_metrics_with_the_real_binaries() {
 
 /// `coffre dev` with JSON debug logs to `log` and metrics on `metrics`.
 fn start_dev_logging(data_dir: &Path, log: &Path, metrics: SocketAddr) -> (Guard, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(COFFRE)
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-json",
-            "--metrics-listen",
-        ])
-        .arg(metrics.to_string())
-        .arg("--data-dir")
-        .arg(data_dir)
+    let mut cmd = dev_command(data_dir);
+    cmd.args(["--log-json", "--metrics-listen", &metrics.to_string()])
         .env("RUST_LOG", "coffre=debug")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let guard = Guard(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let endpoint = loop {
-        assert!(Instant::now() < deadline, "coffre dev did not start");
-        let line = lines.next().expect("coffre dev exited").unwrap();
-        if let Some(rest) = line.strip_prefix("coffre dev is running on ") {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (guard, endpoint)
+        .stderr(std::fs::File::create(log).unwrap());
+    spawn_dev(cmd)
 }

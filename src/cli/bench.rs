@@ -207,22 +207,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let null_rates = summaries
         .iter()
-        .find(|s| s.first.op == BenchOp::Null)
+        .find(|s| s.total.op == BenchOp::Null)
         .map(|s| s.rates.clone());
     if !args.connect.json {
         print_header();
     }
     for s in &summaries {
-        if let Some(e) = &s.first.first_error {
+        if let Some(e) = &s.total.first_error {
             eprintln!(
                 "{}: {} errors; the first: {e}",
-                s.first.op.name(),
-                s.first.errors
+                s.total.op.name(),
+                s.total.errors
             );
         }
         let vs_null = null_rates
             .as_ref()
-            .filter(|_| s.first.op != BenchOp::Null)
+            .filter(|_| s.total.op != BenchOp::Null)
             .map(|null| {
                 median(
                     s.rates
@@ -245,7 +245,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 /// the throughput of each round.
 #[derive(Debug)]
 struct Summary {
-    first: Measured,
+    /// Counts, errors and the histogram summed over the rounds.
+    total: Measured,
     rates: Vec<f64>,
 }
 
@@ -253,21 +254,21 @@ impl Summary {
     fn new(m: Measured) -> Self {
         Self {
             rates: vec![m.ops_per_sec()],
-            first: m,
+            total: m,
         }
     }
 
     fn add(&mut self, m: Measured) -> anyhow::Result<()> {
         self.rates.push(m.ops_per_sec());
-        self.first.requests += m.requests;
-        self.first.errors += m.errors;
-        self.first.elapsed += m.elapsed;
-        self.first
+        self.total.requests += m.requests;
+        self.total.errors += m.errors;
+        self.total.elapsed += m.elapsed;
+        self.total
             .latency_us
             .add(&m.latency_us)
             .context("merging histograms")?;
-        if self.first.first_error.is_none() {
-            self.first.first_error = m.first_error;
+        if self.total.first_error.is_none() {
+            self.total.first_error = m.first_error;
         }
         Ok(())
     }
@@ -652,7 +653,7 @@ fn print_header() {
 }
 
 fn print_row(s: &Summary, vs_null: Option<f64>) {
-    let m = &s.first;
+    let m = &s.total;
     let vs_null = vs_null.map_or_else(|| "-".into(), |r| format!("{r:.2}"));
     println!(
         "{:<15} {:>10.0} {:>12.0} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>8} {:>7}",
@@ -669,7 +670,7 @@ fn print_row(s: &Summary, vs_null: Option<f64>) {
 }
 
 fn json_line(s: &Summary, vs_null: Option<f64>, args: &BenchArgs) -> serde_json::Value {
-    let m = &s.first;
+    let m = &s.total;
     serde_json::json!({
         "op": m.op.name(),
         "ops_per_sec": s.ops_per_sec(),

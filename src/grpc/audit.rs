@@ -147,27 +147,13 @@ fn outcome_of(code: tonic::Code) -> Outcome {
     }
 }
 
+/// The status name audit records and logs use, e.g. `INVALID_ARGUMENT`
+/// (one table, shared with the metrics' `code` label).
 fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code as C;
-    match code {
-        C::Ok => "OK",
-        C::Cancelled => "CANCELLED",
-        C::Unknown => "UNKNOWN",
-        C::InvalidArgument => "INVALID_ARGUMENT",
-        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        C::NotFound => "NOT_FOUND",
-        C::AlreadyExists => "ALREADY_EXISTS",
-        C::PermissionDenied => "PERMISSION_DENIED",
-        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        C::FailedPrecondition => "FAILED_PRECONDITION",
-        C::Aborted => "ABORTED",
-        C::OutOfRange => "OUT_OF_RANGE",
-        C::Unimplemented => "UNIMPLEMENTED",
-        C::Internal => "INTERNAL",
-        C::Unavailable => "UNAVAILABLE",
-        C::DataLoss => "DATA_LOSS",
-        C::Unauthenticated => "UNAUTHENTICATED",
-    }
+    crate::metrics::CODE_NAMES
+        .get(code as usize)
+        .copied()
+        .unwrap_or("UNKNOWN")
 }
 
 fn header_text(header: &Option<MetadataValue<tonic::metadata::Ascii>>) -> &str {
@@ -546,8 +532,25 @@ impl AuditService for Api {
 }
 
 #[cfg(test)]
-mod request_id_tests {
+mod tests {
     use super::RequestIds;
+
+    #[test]
+    fn status_names_follow_the_grpc_code_numbers() {
+        use super::code_name;
+        use tonic::Code;
+        for (code, name) in [
+            (Code::Ok, "OK"),
+            (Code::Cancelled, "CANCELLED"),
+            (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            (Code::PermissionDenied, "PERMISSION_DENIED"),
+            (Code::FailedPrecondition, "FAILED_PRECONDITION"),
+            (Code::Unavailable, "UNAVAILABLE"),
+            (Code::Unauthenticated, "UNAUTHENTICATED"),
+        ] {
+            assert_eq!(code_name(code), name);
+        }
+    }
 
     #[test]
     fn request_ids_are_distinct_version_4_uuids() {

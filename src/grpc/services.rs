@@ -786,7 +786,7 @@ impl DataKeyService for Api {
         let span = audit.span();
         let result = async {
             let caller = caller?;
-            let req = request.into_inner();
+            let mut req = request.into_inner();
             self.kms
                 .authorize_only(&caller, Operation::BatchDecrypt)
                 .map_err(status)?;
@@ -797,28 +797,27 @@ impl DataKeyService for Api {
                 )));
             }
             let reason = convert::access_reason(req.justification)?;
+            // One context for every item: the record carries its digest.
+            let one_context = req.items.first().is_some_and(|first| {
+                req.items
+                    .iter()
+                    .all(|i| i.encryption_context == first.encryption_context)
+            });
             // Each item is converted alone: a malformed item fails alone.
             let mut keys = BatchKeys::default();
             let converted: Vec<Result<_, Status>> = req
                 .items
-                .iter()
+                .iter_mut()
                 .map(|item| {
                     keys.add(&item.ciphertext_blob);
-                    let context = convert::context(item.encryption_context.clone())?;
+                    let context = convert::context(std::mem::take(&mut item.encryption_context))?;
                     let expected = optional_key_ref("key_id", &item.key_id)?;
                     Ok((context, expected))
                 })
                 .collect();
             keys.describe_into(&mut audit);
-            // One context for every item: the record carries its digest.
-            if let (Some(Ok((first, _))), Some(raw)) = (converted.first(), req.items.first()) {
-                if req
-                    .items
-                    .iter()
-                    .all(|i| i.encryption_context == raw.encryption_context)
-                {
-                    audit.context(first);
-                }
+            if let (true, Some(Ok((first, _)))) = (one_context, converted.first()) {
+                audit.context(first);
             }
             let mut slots = Vec::with_capacity(converted.len());
             let mut items = Vec::with_capacity(converted.len());

@@ -125,6 +125,22 @@ impl TestServer {
         KeyServiceClient::new(self.channel("operator").await)
     }
 
+    /// Creates a key with `alias` as the operator; its metadata.
+    pub async fn create_key(&self, alias: &str) -> coffre::grpc::pb::KeyMetadata {
+        self.keys()
+            .await
+            .create_key(coffre::grpc::pb::CreateKeyRequest {
+                alias: alias.to_string(),
+                description: "test key".to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+            .unwrap()
+    }
+
     pub async fn data(&self) -> DataKeyServiceClient<Channel> {
         DataKeyServiceClient::new(self.channel("service").await)
     }
