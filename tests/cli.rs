@@ -264,3 +264,86 @@ fn readme_walkthrough_with_the_real_binaries() {
     let shown = run_json(data, &endpoint, &["key", "show", &key_id]);
     assert_eq!(shown["primary_version"], 2);
 }
+
+/// `coffre dev --preload-keys N` (two store writes here), then `coffre bench
+/// --existing-keys`: every key is listed, each has its `CreateKey` audit
+/// record, and the bench runs on them without an error.
+#[test]
+fn dev_preloads_audited_keys_that_the_bench_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let count = coffre::cli::PRELOAD_CHUNK + 3;
+    let (guard, endpoint) = start_dev_with(data, &["--preload-keys", &count.to_string()]);
+
+    let listed = run_json(data, &endpoint, &["key", "list", "--all"]);
+    let keys = listed["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), count);
+    let ids: std::collections::BTreeSet<&str> =
+        keys.iter().map(|k| k["key_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), count, "distinct ids");
+    for key in [&keys[0], &keys[count / 2], &keys[count - 1]] {
+        assert_eq!(key["state"], "ENABLED", "{key}");
+        let id = key["key_id"].as_str().unwrap();
+        let events = run_json(data, &endpoint, &["audit", "events", "--key", id]);
+        let events = events["events"].as_array().unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["operation"], "CreateKey");
+        assert_eq!(events[0]["detail"], "preloaded by coffre dev");
+        assert_eq!(events[0]["status_code"], "OK");
+    }
+
+    let bench = Command::new(COFFRE)
+        .args([
+            "bench",
+            "--ops",
+            "decrypt",
+            "--existing-keys",
+            "20",
+            "--blobs",
+            "40",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "100ms",
+            "--concurrency",
+            "4",
+            "--connections",
+            "1",
+            "--json",
+            "--endpoint",
+            &endpoint,
+            "--data-dir",
+        ])
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        bench.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let row: Value = serde_json::from_slice(&bench.stdout).unwrap();
+    assert_eq!(row["errors"], 0, "{row}");
+    assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
+
+    // More keys than the store holds: a clear error, not a silent shortfall.
+    let (ok, _, stderr) = run(
+        data,
+        &endpoint,
+        &[
+            "bench",
+            "--ops",
+            "decrypt",
+            "--existing-keys",
+            "6000",
+            "--duration",
+            "100ms",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("lists {count} enabled keys, not 6000")),
+        "{stderr}"
+    );
+    drop(guard);
+}

@@ -57,8 +57,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub batch_size: u32,
     /// Use this key (id or alias) instead of creating keys as the operator.
-    #[arg(long, conflicts_with = "keys")]
+    #[arg(long, conflicts_with_all = ["keys", "existing_keys"])]
     pub key: Option<String>,
+    /// Use the first N enabled keys the server lists (as the operator)
+    /// instead of creating keys: keys are listed in the order of their
+    /// random ids, so this is a uniform sample of a large store (see
+    /// `coffre dev --preload-keys`).
+    #[arg(long, value_name = "N", conflicts_with = "keys", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub existing_keys: Option<u32>,
     /// Create this many keys (as the operator) and spread the load over them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub keys: u32,
@@ -292,9 +298,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Creates the keys (unless one was named) and the wrapped data keys the
 /// decrypting operations open, showing progress.
 async fn prepare(args: &BenchArgs, service: Option<Channel>) -> anyhow::Result<Workload> {
-    let keys = match &args.key {
-        Some(k) => vec![k.clone()],
-        None => create_keys(args).await?,
+    let keys = match (&args.key, args.existing_keys) {
+        (Some(k), _) => vec![k.clone()],
+        (None, Some(n)) => list_keys(args, n as usize).await?,
+        (None, None) => create_keys(args).await?,
     };
     let mut blobs = Vec::new();
     if args.ops.iter().any(|op| op.needs_blobs()) {
@@ -337,15 +344,50 @@ async fn prepare(args: &BenchArgs, service: Option<Channel>) -> anyhow::Result<W
     })
 }
 
-async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
-    use crate::grpc::pb::key_service_client::KeyServiceClient;
+/// A channel as the operator (unless a certificate was named).
+async fn operator_channel(args: &BenchArgs) -> anyhow::Result<Channel> {
     let mut operator_args = args.connect.clone();
     if operator_args.cert.is_none() {
         operator_args.identity = Some("operator".into());
     }
-    let channel = connect(&operator_args, "operator")
+    connect(&operator_args, "operator")
         .await
-        .context("creating the bench keys needs the operator identity (or pass --key)")?;
+        .context("creating or listing the bench keys needs the operator identity (or pass --key)")
+}
+
+/// The first `n` enabled keys in the server's listing order.
+async fn list_keys(args: &BenchArgs, n: usize) -> anyhow::Result<Vec<String>> {
+    use crate::grpc::pb::key_service_client::KeyServiceClient;
+    let mut client = KeyServiceClient::new(operator_channel(args).await?);
+    let mut keys = Vec::with_capacity(n);
+    let mut page_token = String::new();
+    while keys.len() < n {
+        let page = client
+            .list_keys(pb::ListKeysRequest {
+                page_size: 1000,
+                page_token,
+                state: pb::KeyState::Enabled as i32,
+                alias_prefix: String::new(),
+            })
+            .await
+            .map_err(rpc_error)
+            .context("listing the bench keys")?
+            .into_inner();
+        keys.extend(page.keys.into_iter().map(|k| k.key_id).take(n - keys.len()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    if keys.len() < n {
+        bail!("the server lists {} enabled keys, not {n}", keys.len());
+    }
+    Ok(keys)
+}
+
+async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
+    use crate::grpc::pb::key_service_client::KeyServiceClient;
+    let channel = operator_channel(args).await?;
     let total = args.keys as usize;
     let mut keys = Vec::with_capacity(total);
     let mut in_flight = tokio::task::JoinSet::new();

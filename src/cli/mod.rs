@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use server::{
     AuditSetup, DEV_AUDIT_PUBLIC_KEY, DEV_HSM_PIN, DEV_HSM_STATE, DEV_STORE_DIR, DevOptions,
-    RunningServer, dev_kms_options, run_dev, run_serve, start_dev, start_server,
+    PRELOAD_CHUNK, RunningServer, dev_kms_options, run_dev, run_serve, start_dev, start_server,
 };
 
 #[derive(Debug, Parser)]
@@ -94,6 +94,11 @@ pub struct DevArgs {
     /// and issue M operator certificates (operator.pem, operator-2.pem, …).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
     pub quorum: u32,
+    /// Create N more keys (as the dev operator, audited) before printing
+    /// the banner (the server already answers meanwhile): to benchmark a
+    /// large store. Each start with this flag adds N more.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub preload_keys: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -58,6 +58,8 @@ pub struct DevOptions {
     pub audit: crate::config::AuditConfig,
     /// Where to serve Prometheus metrics (none by default).
     pub metrics_listen: Option<SocketAddr>,
+    /// Keys to create for the dev operator before the banner (benchmarks).
+    pub preload_keys: u64,
 }
 
 /// Where the audit log is and how it behaves.
@@ -101,6 +103,7 @@ impl From<DevArgs> for DevOptions {
                 ..crate::config::AuditConfig::default()
             },
             metrics_listen: args.metrics_listen,
+            preload_keys: args.preload_keys,
         }
     }
 }
@@ -148,7 +151,78 @@ pub struct RunningServer {
     metrics_task: Option<JoinHandle<()>>,
 }
 
+/// Keys per store write of `coffre dev --preload-keys`.
+pub const PRELOAD_CHUNK: usize = 5_000;
+
 impl RunningServer {
+    /// `coffre dev --preload-keys N`: creates `count` keys (no alias, the
+    /// default policy) as the dev operator, [`PRELOAD_CHUNK`] per durable
+    /// store write, each with its audit record (`CreateKey`, detail
+    /// `preloaded by coffre dev`), and shows progress on standard error.
+    /// For benchmarks over a large store; the server is already serving.
+    pub async fn preload_keys(&self, count: u64) -> anyhow::Result<()> {
+        use crate::audit::{AuditEntry, Outcome};
+        let operator = crate::authz::Caller::new(pki::dev_principal("operator"));
+        let started = std::time::Instant::now();
+        let mut last_report = started;
+        let mut done = 0u64;
+        while done < count {
+            let n =
+                usize::try_from(count - done).map_or(PRELOAD_CHUNK, |left| left.min(PRELOAD_CHUNK));
+            let inputs = (0..n)
+                .map(|_| crate::service::CreateKeyInput {
+                    description: "preloaded by coffre dev".into(),
+                    ..Default::default()
+                })
+                .collect();
+            let created = self
+                .kms
+                .create_keys(&operator, inputs)
+                .await
+                .with_context(|| format!("preloading keys ({done} of {count} created)"))?;
+            for view in &created {
+                let entry = AuditEntry {
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                    principal: operator.principal.clone(),
+                    role: Some(Role::Operator.as_str().to_string()),
+                    operation: "CreateKey".into(),
+                    key_id: Some(view.key.id.to_string()),
+                    key_version: Some(1),
+                    context_digest: None,
+                    justification: None,
+                    context: None,
+                    detail: Some("preloaded by coffre dev".into()),
+                    outcome: Outcome::Allowed,
+                    status_code: "OK".into(),
+                };
+                self.audit
+                    .record(entry)
+                    .await
+                    .context("auditing a preloaded key")?;
+            }
+            done += created.len() as u64;
+            if done == count || last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = std::time::Instant::now();
+                let secs = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "preloaded {done} of {count} keys ({:.0} keys/s)",
+                    done as f64 / secs.max(1e-9)
+                );
+            }
+        }
+        // A bulk load leaves sled's log full of superseded fragments, which
+        // its cleaner would otherwise page in, and hold, for minutes after
+        // every start (measured in BENCHMARKS.md, "A million keys").
+        eprintln!("compacting the store…");
+        let started = std::time::Instant::now();
+        self.kms
+            .compact_store()
+            .await
+            .context("compacting the store after the preload")?;
+        eprintln!("compacted in {:.1} s", started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
     /// Re-reads the CRL now (what SIGHUP does): new connections are verified
     /// against it. If it does not load, the previous one stays in force and
     /// the error is returned.
@@ -504,6 +578,9 @@ pub async fn run_dev(
     extra_shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let server = start_dev(&opts).await?;
+    if opts.preload_keys > 0 {
+        server.preload_keys(opts.preload_keys).await?;
+    }
     print_dev_banner(&opts.data_dir, server.addr);
     if let Some(crl) = &opts.crl {
         println!(

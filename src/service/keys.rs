@@ -18,6 +18,8 @@ pub const MAX_DESCRIPTION_LEN: usize = 8192;
 pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_LEN: usize = 256;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// The most keys [`Kms::create_keys`] creates in one store write.
+pub const MAX_CREATE_BATCH: usize = 10_000;
 pub const MAX_PAGE_SIZE: usize = 1000;
 
 #[derive(Clone, Debug, Default)]
@@ -48,6 +50,76 @@ pub struct KeyPage {
 impl Kms {
     pub async fn create_key(&self, caller: &Caller, input: CreateKeyInput) -> Result<KeyView> {
         self.authorize(caller, Operation::CreateKey)?;
+        self.check_new_key(&input)?;
+        let id = KeyId::new_random();
+        // Wrapped under the write guard, so that an HSM root-key rotation
+        // (which checks the store under the same guard before destroying an
+        // old root key) cannot miss this version.
+        let guard = self.begin_write().await;
+        let (version, material) = self.new_version(id, 1).await?;
+        let record = self.new_key_record(caller, id, input, &version);
+        let (stored, first) = (record.clone(), version.clone());
+        self.blocking(move |s| s.create_key(&stored, &first).map_err(create_error))
+            .await?;
+        self.materials.insert((id, 1), Arc::new(material));
+        let key = self.publish(&guard, record);
+        tracing::info!(key_id = %id, principal = %caller.principal, "key created");
+        Ok(KeyView {
+            key,
+            versions: vec![version],
+        })
+    }
+
+    /// Creates up to [`MAX_CREATE_BATCH`] keys in one durable store write:
+    /// all of them or none. Each input is checked as [`Kms::create_key`]
+    /// checks one (the error names the first bad one) before any HSM call.
+    /// For bulk creation (`coffre dev --preload-keys`), where one durable
+    /// write per key would cost milliseconds each; the new keys are not put
+    /// in the caches, so that a bulk load does not evict the keys in use.
+    pub async fn create_keys(
+        &self,
+        caller: &Caller,
+        inputs: Vec<CreateKeyInput>,
+    ) -> Result<Vec<KeyView>> {
+        self.authorize(caller, Operation::CreateKey)?;
+        if inputs.is_empty() || inputs.len() > MAX_CREATE_BATCH {
+            return Err(Error::InvalidArgument(format!(
+                "a batch creates 1 to {MAX_CREATE_BATCH} keys, not {}",
+                inputs.len()
+            )));
+        }
+        for (i, input) in inputs.iter().enumerate() {
+            self.check_new_key(input)
+                .map_err(|e| Error::InvalidArgument(format!("key {i} of the batch: {e}")))?;
+        }
+        let guard = self.begin_write().await;
+        let mut created = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let id = KeyId::new_random();
+            // The material is dropped (zeroized) here: the batch is not cached.
+            let (version, _material) = self.new_version(id, 1).await?;
+            created.push((self.new_key_record(caller, id, input, &version), version));
+        }
+        let created = self
+            .blocking(move |s| {
+                let pairs: Vec<_> = created.iter().map(|(k, v)| (k, v)).collect();
+                s.create_keys(&pairs).map_err(create_error)?;
+                Ok(created)
+            })
+            .await?;
+        drop(guard);
+        tracing::info!(count = created.len(), principal = %caller.principal, "keys created");
+        Ok(created
+            .into_iter()
+            .map(|(key, version)| KeyView {
+                key: Arc::new(key),
+                versions: vec![version],
+            })
+            .collect())
+    }
+
+    /// What [`Kms::create_key`] refuses before touching the HSM.
+    fn check_new_key(&self, input: &CreateKeyInput) -> Result<()> {
         if let Some(alias) = &input.alias {
             validate_alias(alias).map_err(Error::InvalidArgument)?;
         }
@@ -60,28 +132,33 @@ impl Kms {
         if let Some(p) = input.rotation_period {
             super::lifecycle::check_rotation_period(p)?;
         }
-        let policy = input.policy.unwrap_or_else(|| self.default_policy.clone());
-        policy.validate().map_err(Error::InvalidArgument)?;
-        let protection_level = input.protection_level.unwrap_or(ProtectionLevel::Software);
-        if protection_level == ProtectionLevel::Hsm {
+        if let Some(policy) = &input.policy {
+            policy.validate().map_err(Error::InvalidArgument)?;
+        }
+        if input.protection_level == Some(ProtectionLevel::Hsm) {
             return Err(Error::InvalidArgument(
                 "protection level HSM is not supported by this HSM backend; use SOFTWARE"
                     .to_string(),
             ));
         }
+        Ok(())
+    }
 
-        let id = KeyId::new_random();
-        // Wrapped under the write guard, so that an HSM root-key rotation
-        // (which checks the store under the same guard before destroying an
-        // old root key) cannot miss this version.
-        let guard = self.begin_write().await;
-        let (version, material) = self.new_version(id, 1).await?;
-        let record = KeyRecord {
+    /// The record of a new key whose first version is `version`; `input`
+    /// passed [`Kms::check_new_key`].
+    fn new_key_record(
+        &self,
+        caller: &Caller,
+        id: KeyId,
+        input: CreateKeyInput,
+        version: &VersionRecord,
+    ) -> KeyRecord {
+        KeyRecord {
             id,
             alias: input.alias,
             description: input.description,
             state: KeyState::Enabled,
-            protection_level,
+            protection_level: input.protection_level.unwrap_or(ProtectionLevel::Software),
             created_at: version.created_at,
             created_by: caller.principal.clone(),
             primary_version: 1,
@@ -91,26 +168,8 @@ impl Kms {
             next_rotation_at: input.rotation_period.map(|p| version.created_at.plus(p)),
             deletion_at: None,
             destroyed_at: None,
-            policy,
-        };
-
-        let (stored, first) = (record.clone(), version.clone());
-        self.blocking(move |s| {
-            s.create_key(&stored, &first).map_err(|e| match e {
-                StoreError::AliasTaken(alias) => {
-                    Error::AlreadyExists(format!("the alias {alias:?} is already taken"))
-                }
-                other => Error::Store(other),
-            })
-        })
-        .await?;
-        self.materials.insert((id, 1), Arc::new(material));
-        let key = self.publish(&guard, record);
-        tracing::info!(key_id = %id, principal = %caller.principal, "key created");
-        Ok(KeyView {
-            key,
-            versions: vec![version],
-        })
+            policy: input.policy.unwrap_or_else(|| self.default_policy.clone()),
+        }
     }
 
     /// Fresh material from the HSM's generator, wrapped under its root key.
@@ -338,4 +397,13 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn create_error(e: StoreError) -> Error {
+    match e {
+        StoreError::AliasTaken(alias) => {
+            Error::AlreadyExists(format!("the alias {alias:?} is already taken"))
+        }
+        other => Error::Store(other),
+    }
 }

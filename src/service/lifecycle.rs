@@ -254,6 +254,13 @@ impl Kms {
     /// key's due time, in one durable write; a pass that crashes before the
     /// write left the key due (it is done by the next pass, after restart),
     /// one that crashes after it left the key not due (it is not done twice).
+    /// Rewrites the store's files ([`crate::store::KeyStore::compact`]):
+    /// after a bulk load, so that the store starts without the garbage of
+    /// its many writes. Reads and writes wait meanwhile.
+    pub async fn compact_store(&self) -> Result<()> {
+        self.blocking(|s| Ok(s.compact()?)).await
+    }
+
     pub async fn run_scheduler_once(&self) -> SchedulerReport {
         let mut report = SchedulerReport::default();
         let now = self.clock.now();

@@ -85,9 +85,9 @@ impl KeyStore for CountingStore {
         self.count();
         self.inner.list_secrets()
     }
-    fn create_key(&self, k: &KeyRecord, v: &VersionRecord) -> Result<(), StoreError> {
+    fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
         self.count();
-        self.inner.create_key(k, v)
+        self.inner.create_keys(keys)
     }
     fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.count();
@@ -404,6 +404,103 @@ async fn hsm_protection_level_is_refused_and_nothing_is_created() {
         .await
         .unwrap();
     assert!(page.keys.is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_of_keys_is_checked_whole_then_created_in_one_store_write() {
+    let f = fixture(KmsOptions::default());
+    async fn list(f: &Fixture) -> Vec<KeyRecord> {
+        f.kms
+            .list_keys(&op(), crate::store::KeyFilter::default(), None, 1000)
+            .await
+            .unwrap()
+            .keys
+    }
+    let good = || CreateKeyInput::default();
+    let refusals = [
+        (svc(), vec![good()], "PermissionDenied"),
+        (op(), vec![], "InvalidArgument"),
+        (
+            op(),
+            (0..=super::keys::MAX_CREATE_BATCH)
+                .map(|_| good())
+                .collect(),
+            "InvalidArgument",
+        ),
+        (
+            op(),
+            vec![
+                good(),
+                CreateKeyInput {
+                    alias: Some("not an alias!".into()),
+                    ..Default::default()
+                },
+            ],
+            "key 1 of the batch",
+        ),
+    ];
+    for (caller, inputs, expected) in refusals {
+        let hsm_before = f.hsm.calls.load(Ordering::SeqCst);
+        let err = f.kms.create_keys(&caller, inputs).await.unwrap_err();
+        assert!(format!("{err:?}").contains(expected), "{expected}: {err:?}");
+        assert_eq!(
+            f.hsm.calls.load(Ordering::SeqCst),
+            hsm_before,
+            "no HSM call"
+        );
+        assert!(list(&f).await.is_empty(), "nothing created");
+    }
+
+    // An alias clash with a stored key refuses the whole batch.
+    f.kms
+        .create_key(
+            &op(),
+            CreateKeyInput {
+                alias: Some("taken".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let clash = vec![
+        good(),
+        CreateKeyInput {
+            alias: Some("taken".into()),
+            ..Default::default()
+        },
+    ];
+    let err = f.kms.create_keys(&op(), clash).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
+    assert_eq!(list(&f).await.len(), 1);
+
+    let store_before = f.store.calls.load(Ordering::SeqCst);
+    let created = f
+        .kms
+        .create_keys(&op(), (0..50).map(|_| good()).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.calls.load(Ordering::SeqCst) - store_before,
+        1,
+        "one store write for the batch"
+    );
+    assert_eq!(created.len(), 50);
+    assert_eq!(list(&f).await.len(), 51);
+    assert_eq!(f.kms.materials.len(), 1, "a batch is not cached");
+    for view in &created {
+        assert_eq!(view.key.created_by, "op");
+        let out = f
+            .kms
+            .generate_data_key(&svc(), &KeyRef::Id(view.key.id), &context(), WHY, 32, true)
+            .await
+            .unwrap();
+        let plain = f
+            .kms
+            .decrypt(&svc(), &out.ciphertext_blob, &context(), WHY, None)
+            .await
+            .unwrap();
+        assert_eq!(plain.plaintext.expose(), out.plaintext.unwrap().expose());
+    }
 }
 
 /// A reader that loaded a key before a DisableKey and finishes after it must

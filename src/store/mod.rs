@@ -113,7 +113,16 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// destroyed; otherwise [`StoreError::Corrupt`] and nothing is written.
     /// [`StoreError::KeyExists`] / [`StoreError::AliasTaken`] also leave the
     /// store unchanged.
-    fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError>;
+    fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError> {
+        self.create_keys(&[(key, first_version)])
+    }
+
+    /// Creates several keys, each with its first version, as
+    /// [`KeyStore::create_key`] creates one, in one atomic and durable write:
+    /// all of them or none (a clash with a stored key or alias, or between
+    /// two of them, refuses the whole batch). For bulk creation, where one
+    /// durable write per key would dominate.
+    fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError>;
 
     fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
 

@@ -265,6 +265,12 @@ struct Handles {
     due: sled::Tree,
 }
 
+/// sled's page cache (its default is 1 GiB). The service caches the keys
+/// and CMK versions in use in front of the store, so the store's own cache
+/// only serves misses; a small one keeps a large store's memory bounded
+/// (measured in BENCHMARKS.md, "A million keys").
+const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 impl Handles {
     /// Opens (creating if needed) the sled database in `path`.
     fn open(path: &Path) -> Result<Handles, StoreError> {
@@ -274,10 +280,16 @@ impl Handles {
         // moment after the drop. Wait for it (bounded) rather than fail.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let db = loop {
-            match sled::Config::new().path(path).open() {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(SLED_CACHE_BYTES)
+                .open()
+            {
                 Ok(db) => break db,
+                // sled 0.34.7 reports a held lock as an `Other` error
+                // whose message names it (config.rs), not as `WouldBlock`.
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
+                    if e.to_string().contains("could not acquire lock")
                         && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(10));
@@ -1188,38 +1200,49 @@ impl KeyStore for SledStore {
         Ok(out)
     }
 
-    fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError> {
-        if first_version.key_id != key.id || first_version.version != key.primary_version {
-            return refuse(format!(
-                "key {} (primary version {}) with version {} of key {}",
-                key.id, key.primary_version, first_version.version, first_version.key_id
+    fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
+        let mut encoded = Vec::with_capacity(keys.len());
+        for &(key, first_version) in keys {
+            if first_version.key_id != key.id || first_version.version != key.primary_version {
+                return refuse(format!(
+                    "key {} (primary version {}) with version {} of key {}",
+                    key.id, key.primary_version, first_version.version, first_version.key_id
+                ));
+            }
+            if key.state == KeyState::Destroyed || first_version.destroyed_at.is_some() {
+                return refuse(format!("key {} created destroyed", key.id));
+            }
+            encoded.push((
+                key,
+                encode("key record", key)?,
+                version_key(key.id, first_version.version),
+                encode("version record", first_version)?,
             ));
         }
-        if key.state == KeyState::Destroyed || first_version.destroyed_at.is_some() {
-            return refuse(format!("key {} created destroyed", key.id));
-        }
-        let key_bytes = encode("key record", key)?;
-        let version_bytes = encode("version record", first_version)?;
-        let vkey = version_key(key.id, first_version.version);
+        // Each check sees the batch's earlier inserts (a transaction reads
+        // its own writes), so two keys of one batch cannot share an id or
+        // an alias either.
         self.write(|tx| {
-            if tx.keys.get(key.id.as_bytes())?.is_some() {
-                return abort(StoreError::KeyExists(key.id));
-            }
-            if let Some(alias) = &key.alias
-                && tx.aliases.get(alias.as_bytes())?.is_some()
-            {
-                return abort(StoreError::AliasTaken(alias.clone()));
-            }
-            if tx.versions.get(vkey)?.is_some() {
-                return abort(StoreError::Corrupt(format!(
-                    "version {} of key {} exists without its key",
-                    first_version.version, key.id
-                )));
-            }
-            tx.put_key(None, key, &key_bytes)?;
-            tx.versions.insert(&vkey, version_bytes.as_slice())?;
-            if let Some(alias) = &key.alias {
-                tx.aliases.insert(alias.as_bytes(), key.id.as_bytes())?;
+            for (key, key_bytes, vkey, version_bytes) in &encoded {
+                if tx.keys.get(key.id.as_bytes())?.is_some() {
+                    return abort(StoreError::KeyExists(key.id));
+                }
+                if let Some(alias) = &key.alias
+                    && tx.aliases.get(alias.as_bytes())?.is_some()
+                {
+                    return abort(StoreError::AliasTaken(alias.clone()));
+                }
+                if tx.versions.get(vkey)?.is_some() {
+                    return abort(StoreError::Corrupt(format!(
+                        "version {} of key {} exists without its key",
+                        key.primary_version, key.id
+                    )));
+                }
+                tx.put_key(None, key, key_bytes)?;
+                tx.versions.insert(vkey, version_bytes.as_slice())?;
+                if let Some(alias) = &key.alias {
+                    tx.aliases.insert(alias.as_bytes(), key.id.as_bytes())?;
+                }
             }
             Ok(())
         })
@@ -1687,6 +1710,86 @@ mod tests {
             store.list_keys(&KeyFilter::default(), None, 10).unwrap(),
             vec![k]
         );
+    }
+
+    #[test]
+    fn a_batch_of_keys_is_created_whole_or_not_at_all() {
+        let (dir, store) = new_store();
+        let taken = key(id(1), Some("taken"));
+        store.create_key(&taken, &version(taken.id, 1)).unwrap();
+        let all = |store: &SledStore| store.list_keys(&KeyFilter::default(), None, 100).unwrap();
+
+        // A clash anywhere in the batch — with a stored alias, a stored id,
+        // or between two keys of the batch — writes none of it.
+        let (k2, k3) = (key(id(2), Some("b")), key(id(3), Some("c")));
+        type Expected = fn(&StoreError) -> bool;
+        let clashes: [(KeyRecord, Expected); 4] = [
+            (
+                key(id(4), Some("taken")),
+                |e| matches!(e, StoreError::AliasTaken(a) if a == "taken"),
+            ),
+            (key(id(1), None), |e| matches!(e, StoreError::KeyExists(_))),
+            (
+                key(id(4), Some("b")),
+                |e| matches!(e, StoreError::AliasTaken(a) if a == "b"),
+            ),
+            (
+                key(id(2), None),
+                |e| matches!(e, StoreError::KeyExists(i) if *i == id(2)),
+            ),
+        ];
+        for (bad, expected) in clashes {
+            let (v2, v3, vb) = (version(k2.id, 1), version(k3.id, 1), version(bad.id, 1));
+            let err = store
+                .create_keys(&[(&k2, &v2), (&k3, &v3), (&bad, &vb)])
+                .unwrap_err();
+            assert!(expected(&err), "{bad:?}: {err:?}");
+            assert_eq!(all(&store), vec![taken.clone()]);
+            assert_eq!(store.key_id_for_alias("b").unwrap(), None);
+            assert_eq!(store.list_versions(k3.id).unwrap(), vec![]);
+        }
+        // An inconsistent record anywhere refuses the batch before writing.
+        let (v2, wrong) = (version(k2.id, 1), version(k2.id, 2));
+        let err = store.create_keys(&[(&k2, &v2), (&k3, &wrong)]).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        assert_eq!(all(&store), vec![taken.clone()]);
+
+        // A good batch: every key, version and alias, durable across reopen.
+        let batch: Vec<(KeyRecord, VersionRecord)> = (2..=60)
+            .map(|n| {
+                let alias = format!("bulk/{n}");
+                let k = key(id(n), (n % 2 == 0).then_some(alias.as_str()));
+                let v = version(k.id, 1);
+                (k, v)
+            })
+            .collect();
+        let pairs: Vec<_> = batch.iter().map(|(k, v)| (k, v)).collect();
+        store.create_keys(&pairs).unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(all(&store).len(), 60);
+        for (k, v) in &batch {
+            assert_eq!(store.get_key(k.id).unwrap().as_ref(), Some(k));
+            assert_eq!(store.list_versions(k.id).unwrap(), vec![v.clone()]);
+            if let Some(alias) = &k.alias {
+                assert_eq!(store.key_id_for_alias(alias).unwrap(), Some(k.id));
+            }
+        }
+    }
+
+    /// sled lets go of a dropped database's lock a moment later, from its
+    /// flusher thread; opening meanwhile waits instead of failing.
+    #[test]
+    fn open_waits_for_a_lock_that_is_about_to_be_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = sled::open(dir.path()).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let opened = Handles::open(dir.path());
+        release.join().unwrap();
+        assert!(opened.is_ok(), "{:?}", opened.err());
     }
 
     #[test]

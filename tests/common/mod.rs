@@ -163,6 +163,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         crl_reload_interval: Duration::from_secs(10),
         audit: Default::default(),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        preload_keys: 0,
     }
 }
 
