@@ -14,6 +14,7 @@ mod audit;
 mod audit_log;
 mod batch;
 mod cli;
+mod crash;
 mod e2e;
 mod format;
 mod lifecycle;
