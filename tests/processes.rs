@@ -232,3 +232,204 @@ fn coffre_serve_refuses_a_simulator_unless_allowed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not secure"), "{stderr}");
 }
+
+/// Polls `attempt` every 10 ms until it succeeds; how long that took.
+async fn time_until_ok<F, Fut>(mut attempt: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !attempt().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "coffre did not serve again within 30 s of the HSM's return"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+/// Faults injected into hsm-sim as its own process, with `hsm-sim fault`:
+/// 500 ms of latency (served, slower; a caller's shorter deadline is kept),
+/// one call in ten failing (clean UNAVAILABLE, exactly the acknowledged keys
+/// exist), an outage and an hsm-sim restart (coffre serves again within a
+/// second of the HSM's return), and a tamper response (coffre stops
+/// serving, cached keys included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hsm_sim_faults_as_its_own_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm_port = free_port();
+    let hsm_state = dir.path().join("hsm.state");
+    let hsm = start_hsm(&hsm_state, hsm_port);
+    let config = write_config(dir.path(), hsm_port);
+    let (_coffre, endpoint) = start_coffre(&config);
+    let pki = dir.path().join("pki");
+    let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
+    let mut data = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
+    let reason = pb::AccessReason::CustomerInitiatedAccess as i32;
+    let generate = |key: &str| pb::GenerateDataKeyRequest {
+        key_id: key.to_string(),
+        encryption_context: ctx(&[("t", "1")]),
+        justification: reason,
+        number_of_bytes: 32,
+    };
+    keys.create_key(pb::CreateKeyRequest {
+        alias: "warm".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dk = data
+        .generate_data_key(generate("warm"))
+        .await
+        .unwrap()
+        .into_inner();
+    let decrypt = pb::DecryptRequest {
+        ciphertext_blob: dk.ciphertext_blob.clone(),
+        encryption_context: ctx(&[("t", "1")]),
+        justification: reason,
+        key_id: String::new(),
+    };
+
+    // 500 ms per HSM call: served, only slower; a 200 ms deadline is kept.
+    hsm_fault(hsm_port, &["set", "--latency-ms", "500"]);
+    let started = Instant::now();
+    keys.create_key(pb::CreateKeyRequest {
+        alias: "slow".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "two HSM calls"
+    );
+    let mut request = tonic::Request::new(pb::CreateKeyRequest {
+        alias: "too-slow".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(200));
+    let started = Instant::now();
+    let err = keys.create_key(request).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    // Well before the HSM could have answered (two calls: 1 s).
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // Cached keys do not wait for the HSM.
+    let opened = data.decrypt(decrypt.clone()).await.unwrap().into_inner();
+    assert_eq!(opened.plaintext, dk.plaintext);
+    hsm_fault(hsm_port, &["clear"]);
+
+    // One HSM call in ten fails.
+    hsm_fault(hsm_port, &["set", "--error-rate", "0.1"]);
+    let mut created = Vec::new();
+    let mut failures = 0;
+    for i in 0..60 {
+        let alias = format!("flaky-{i}");
+        match keys
+            .create_key(pb::CreateKeyRequest {
+                alias: alias.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => created.push(alias),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(e.message().contains("HSM"), "{}", e.message());
+                failures += 1;
+            }
+        }
+    }
+    assert!(failures > 0 && !created.is_empty(), "{failures} failures");
+    hsm_fault(hsm_port, &["clear"]);
+    let mut listed: Vec<String> = keys
+        .list_keys(pb::ListKeysRequest {
+            page_size: 1000,
+            alias_prefix: "flaky-".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.alias)
+        .collect();
+    listed.sort();
+    created.sort();
+    assert_eq!(listed, created, "exactly the acknowledged keys exist");
+
+    // An outage, then the HSM's return: served again within a second.
+    hsm_fault(hsm_port, &["set", "--outage"]);
+    let err = keys
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let opened = data.decrypt(decrypt.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        opened.plaintext, dk.plaintext,
+        "cached keys serve through an outage"
+    );
+    hsm_fault(hsm_port, &["clear"]);
+    let back = time_until_ok(|| {
+        let mut keys = keys.clone();
+        async move {
+            keys.create_key(pb::CreateKeyRequest::default())
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    eprintln!("served again {back:?} after the outage ended");
+    assert!(back < Duration::from_secs(1), "{back:?}");
+
+    // hsm-sim stops, then comes back (a new process on the same state).
+    drop(hsm);
+    let err = keys
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let hsm = start_hsm(&hsm_state, hsm_port);
+    let back = time_until_ok(|| {
+        let mut keys = keys.clone();
+        async move {
+            keys.create_key(pb::CreateKeyRequest::default())
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    eprintln!("served again {back:?} after hsm-sim restarted");
+    assert!(back < Duration::from_secs(1), "{back:?}");
+
+    // Tamper: the root keys are gone; coffre stops serving cached keys too.
+    hsm_fault(hsm_port, &["tamper"]);
+    let stopped = time_until_ok(|| {
+        let mut data = data.clone();
+        let decrypt = decrypt.clone();
+        async move {
+            matches!(data.decrypt(decrypt).await, Err(e) if e.code() == Code::Unavailable)
+        }
+    })
+    .await;
+    eprintln!("cached keys refused {stopped:?} after the tamper response");
+    let shown = keys
+        .get_key(pb::GetKeyRequest {
+            key_id: "warm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.versions.len(), 1, "the store is unchanged");
+    drop(hsm);
+}

@@ -311,6 +311,20 @@ impl Auditor {
         }
     }
 
+    /// Queues a record without waiting for it to be written: for a request
+    /// abandoned by its caller, whose record is written from a `Drop`. The
+    /// writer thread writes it as any other (synced in `fsync` mode); if
+    /// the writer has stopped, the loss is logged.
+    pub fn record_detached(&self, entry: AuditEntry) {
+        if self.discard {
+            return;
+        }
+        let (reply, _) = oneshot::channel();
+        if self.tx.send(Job::Append(Box::new(entry), reply)).is_err() {
+            tracing::error!("the audit writer has stopped: an abandoned request's record is lost");
+        }
+    }
+
     /// `write` mode: the record joins the queue; the first request to find
     /// no leader becomes it and writes the queue (its own record and every
     /// one queued meanwhile) in one `write`, then answers them. Records are

@@ -68,12 +68,66 @@ impl RequestIds {
 }
 
 /// The audit record of one request, as the handler fills it in.
+///
+/// A handler that never reaches [`Api::finish`] — its future dropped
+/// because the caller cancelled, its deadline passed or its connection
+/// closed — still leaves its record: `Drop` queues it as `CANCELLED`
+/// (see there).
 pub(super) struct RequestAudit {
     entry: AuditEntry,
     audit: Arc<Auditor>,
     op: Operation,
     started: Instant,
     span: tracing::Span,
+    /// The record went to the log (by `finish`).
+    recorded: bool,
+}
+
+/// What a `CANCELLED` record says of the request it records.
+pub(super) const ABANDONED: &str = "the caller went away before the answer (cancelled, deadline \
+     exceeded or connection closed); the operation may have taken effect";
+
+impl Drop for RequestAudit {
+    /// The request was abandoned mid-way: record it anyway, without
+    /// waiting (a `Drop` cannot), through the audit writer thread. A key
+    /// change already handed to the store completes regardless; the record
+    /// names the request, its caller and what it had resolved (key,
+    /// context digest) and says the outcome is unknown.
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let mut entry = std::mem::replace(&mut self.entry, empty_entry());
+        entry.outcome = Outcome::Failed;
+        entry.status_code = code_name(tonic::Code::Cancelled).to_string();
+        entry.detail = Some(match entry.detail.take() {
+            Some(detail) => format!("{detail}; {ABANDONED}"),
+            None => ABANDONED.to_string(),
+        });
+        tracing::warn!(
+            request_id = %entry.request_id,
+            rpc = self.op.name(),
+            "request abandoned by its caller before the answer; recorded as CANCELLED"
+        );
+        self.audit.record_detached(entry);
+    }
+}
+
+fn empty_entry() -> AuditEntry {
+    AuditEntry {
+        request_id: String::new(),
+        principal: String::new(),
+        role: None,
+        operation: String::new(),
+        key_id: None,
+        key_version: None,
+        context_digest: None,
+        justification: None,
+        context: None,
+        detail: None,
+        outcome: Outcome::Failed,
+        status_code: String::new(),
+    }
 }
 
 impl RequestAudit {
@@ -214,6 +268,7 @@ impl Api {
             op,
             started: Instant::now(),
             span,
+            recorded: false,
         };
         (audit, caller)
     }
@@ -231,8 +286,13 @@ impl Api {
         };
         audit.set_result(code);
         let header = MetadataValue::try_from(audit.entry.request_id.as_str()).ok();
-        let (op, started, span) = (audit.op, audit.started, audit.span);
-        let written = self.audit.record(audit.entry).await;
+        let (op, started, span) = (audit.op, audit.started, audit.span.clone());
+        let entry = std::mem::replace(&mut audit.entry, empty_entry());
+        // Queued by `record` before its first await: from here on, the record
+        // is written even if this future is dropped.
+        audit.recorded = true;
+        drop(audit);
+        let written = self.audit.record(entry).await;
         let code = if written.is_ok() {
             code
         } else {

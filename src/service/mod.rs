@@ -54,7 +54,7 @@ pub use rootkey::RootRotationProgress;
 use crate::authz::{Authorizer, Caller, Operation, Role};
 use crate::crypto::Rng;
 use crate::error::{Error, Result};
-use crate::hsm::Hsm;
+use crate::hsm::{Hsm, HsmError};
 use crate::model::{Clock, KeyId, KeyRecord, KeyRef, cmk_wrap_aad};
 use crate::secret::CmkMaterial;
 use crate::store::{KeyFilter, KeyStore};
@@ -217,8 +217,14 @@ impl Kms {
 
     /// Readiness: the HSM performs a key operation in a session (a tampered
     /// token or a refused login fails here), and the store answers a read.
+    ///
+    /// A tamper response found here (the server probes every second) also
+    /// drops every cached CMK version: see [`Kms::forget_materials_if_tampered`].
     pub async fn check_ready(&self) -> Result<()> {
-        self.hsm.generate_random(16).await?;
+        if let Err(e) = self.hsm.generate_random(16).await {
+            self.forget_materials_if_tampered(&e);
+            return Err(e.into());
+        }
         self.blocking(|s| Ok(s.list_keys(&KeyFilter::default(), None, 1)?))
             .await?;
         Ok(())
@@ -334,6 +340,21 @@ impl Kms {
         record
     }
 
+    /// After a tamper response the HSM has destroyed its root keys to make
+    /// every key unusable; the CMK versions cached here would defeat that,
+    /// so they are dropped (and zeroized) too, and data-key requests fail
+    /// with `UNAVAILABLE` from then on. An outage, by contrast, leaves the
+    /// cache alone (SECURITY.md, "HSM faults").
+    fn forget_materials_if_tampered(&self, e: &HsmError) {
+        if matches!(e, HsmError::Tampered) && !self.materials.is_empty() {
+            tracing::error!(
+                cached = self.materials.len(),
+                "the HSM reports a tamper response: dropping every cached CMK version"
+            );
+            self.materials.clear();
+        }
+    }
+
     /// The material of one CMK version: cached, else unwrapped by the HSM.
     async fn material(&self, id: KeyId, version: u32) -> Result<Arc<CmkMaterial>> {
         if let Some(m) = self.materials.get(&(id, version)) {
@@ -350,7 +371,8 @@ impl Kms {
         let clear = self
             .hsm
             .unwrap(&record.wrapped_material, &cmk_wrap_aad(id, version))
-            .await?;
+            .await
+            .inspect_err(|e| self.forget_materials_if_tampered(e))?;
         let material = CmkMaterial::from_slice(clear.expose()).ok_or_else(|| {
             Error::Internal(format!(
                 "version {version} of key {id} unwrapped to {} bytes",
