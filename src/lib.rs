@@ -28,6 +28,7 @@ pub mod config;
 pub mod crypto;
 pub mod envelope;
 pub mod error;
+pub mod fsutil;
 pub mod grpc;
 pub mod hsm;
 pub mod metrics;

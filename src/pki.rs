@@ -10,7 +10,6 @@
 //! production the operator's own CA issues the certificates.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -92,6 +91,10 @@ pub fn ensure_dev_pki(data_dir: &Path) -> anyhow::Result<bool> {
         return Ok(false);
     }
     fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
+    // The new directory's entry, durable before the files in it.
+    fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", data_dir.display()))?;
 
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca_params = CertificateParams::default();
@@ -286,23 +289,16 @@ fn set_validity(params: &mut CertificateParams, days: i64) {
     params.not_after = now + time::Duration::days(days);
 }
 
+// Atomic and durable: a crash (or a file system turning read-only) while
+// the dev PKI is written leaves whole files or none, never an empty
+// certificate that stops the next start.
 fn write_public(path: &Path, contents: &str) -> anyhow::Result<()> {
-    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+    crate::fsutil::write_atomic(path, contents.as_bytes(), false)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
+    crate::fsutil::write_atomic(path, contents.as_bytes(), true)
         .with_context(|| format!("writing {}", path.display()))
 }
 

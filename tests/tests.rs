@@ -23,4 +23,5 @@ mod observability;
 mod policy;
 mod processes;
 mod quorum;
+mod storage_faults;
 mod tls;

@@ -481,7 +481,8 @@ async fn open_auditor(kms: &Kms, setup: &AuditSetup) -> anyhow::Result<Arc<Audit
     if let Some(file) = &setup.public_key_file {
         let pem = auditor.public_key_pem();
         if std::fs::read_to_string(file).ok().as_deref() != Some(pem.as_str()) {
-            std::fs::write(file, &pem).with_context(|| format!("writing {}", file.display()))?;
+            crate::fsutil::write_atomic(file, pem.as_bytes(), false)
+                .with_context(|| format!("writing {}", file.display()))?;
         }
     }
     tracing::info!(file = %setup.path.display(), "audit log open and verified");
@@ -723,19 +724,7 @@ fn dev_pin(path: &Path) -> anyhow::Result<Zeroizing<String>> {
         .fill(&mut bytes[..])
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let pin = Zeroizing::new(hex::encode(&bytes[..]));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    use std::io::Write;
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(pin.as_bytes())
-        .and_then(|()| file.sync_all())
+    crate::fsutil::write_atomic(path, pin.as_bytes(), true)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(pin)
 }

@@ -173,9 +173,11 @@
 //! record (see [`KeyStore`]'s methods) is refused with
 //! [`StoreError::Corrupt`] before anything is written.
 //!
-//! Checked by hand with the two `#[ignore]`d tests: on a full tmpfs a write
-//! returns `Io` and poisons the store; opening on a read-only file system
-//! returns `Io`.
+//! `tests/storage_faults.rs` runs `coffre dev` on a small ext4 file system
+//! that fills up, then turns read-only under it: writes fail with `Io` and
+//! poison the store, opening on the read-only file system fails with `Io`,
+//! and a restart on the repaired file system holds every acknowledged key.
+//! The two `#[ignore]`d tests below check the store alone, by hand.
 //!
 //! Known limitation of sled 0.34.7: its `Log` calls `sync_all().unwrap()`
 //! when the database is dropped, so a disk that fails exactly at shutdown can
