@@ -6,6 +6,7 @@
 //! metrics_listen = "127.0.0.1:9464"     # optional: Prometheus, plain HTTP
 //! data_dir = "/var/lib/coffre"          # sled store in DATA_DIR/store
 //! scheduler_interval_secs = 60           # automatic rotation, destruction
+//! allow_root = false                     # refuse to run as root (default)
 //!
 //! [tls]                                  # mTLS is always on
 //! cert = "/etc/coffre/server.pem"
@@ -95,6 +96,10 @@ struct RawConfig {
     quorum: RawQuorum,
     #[serde(default)]
     audit: AuditConfig,
+    /// Run even with effective uid 0 (refused by default: see
+    /// `crate::hardening`).
+    #[serde(default)]
+    allow_root: bool,
 }
 
 /// `[audit]`: the audit log.
@@ -337,6 +342,8 @@ pub struct Config {
     pub scheduler_interval: Duration,
     pub attributes: HashMap<String, std::collections::BTreeMap<String, String>>,
     pub audit: AuditConfig,
+    /// `allow_root = true`: run even as root (see `crate::hardening`).
+    pub allow_root: bool,
 }
 
 impl Config {
@@ -467,6 +474,7 @@ impl Config {
             })
             .transpose()?;
         Ok(Config {
+            allow_root: raw.allow_root,
             metrics_listen,
             audit: raw.audit,
             attributes: raw.attributes,

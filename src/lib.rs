@@ -29,7 +29,10 @@ pub mod crypto;
 pub mod envelope;
 pub mod error;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
+pub mod hardening;
 pub mod hsm;
 pub mod metrics;
 pub mod model;

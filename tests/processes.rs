@@ -87,6 +87,8 @@ fn write_config(dir: &Path, hsm_port: u16) -> std::path::PathBuf {
         r#"
 listen = "127.0.0.1:0"
 data_dir = "{data}"
+# CI runs the tests as root; production would not (see the root test below).
+allow_root = true
 
 [tls]
 cert = "{pki}/server.pem"
@@ -231,6 +233,67 @@ fn coffre_serve_refuses_a_simulator_unless_allowed() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not secure"), "{stderr}");
+}
+
+/// As root, `coffre serve` refuses to start unless the configuration (or
+/// `--allow-root`) allows it; as another user the setting changes nothing.
+#[test]
+fn coffre_serve_refuses_root_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm_port = free_port();
+    let _hsm = start_hsm(&dir.path().join("hsm.state"), hsm_port);
+    let config = write_config(dir.path(), hsm_port);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("allow_root = true", "");
+    std::fs::write(&config, text).unwrap();
+    if coffre::hardening::running_as_root() {
+        let out = Command::new(env!("CARGO_BIN_EXE_coffre"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("COFFRE_HSM_PIN", PIN)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("refuses to run as root"), "{stderr}");
+        // --allow-root is the other way to say so.
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_coffre"));
+        cmd.args(["serve", "--allow-root", "--config"])
+            .arg(&config)
+            .env("COFFRE_HSM_PIN", PIN)
+            .env("RUST_LOG", "warn");
+        let (_coffre, addr) = spawn_ready(cmd, "coffre listening on ");
+        assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    } else {
+        let (_coffre, endpoint) = start_coffre(&config);
+        assert!(endpoint.starts_with("https://127.0.0.1:"), "{endpoint}");
+    }
+}
+
+/// The server's own process cannot dump core: RLIMIT_CORE is 0 and it is
+/// not dumpable (Linux), read from /proc while it runs.
+#[cfg(target_os = "linux")]
+#[test]
+fn coffre_disables_core_dumps_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (guard, _endpoint) = crate::cli::start_dev(&dir.path().join("data"));
+    let pid = guard.0.id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    // Non-dumpable: /proc/PID/ belongs to root, whoever runs the process
+    // (for a root process this holds either way; the limit above is the
+    // check there).
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .uid();
+    assert_eq!(owner, 0);
 }
 
 /// Polls `attempt` every 10 ms until it succeeds; how long that took.

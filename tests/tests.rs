@@ -17,6 +17,7 @@ mod cli;
 mod crash;
 mod e2e;
 mod format;
+mod fuzz_corpora;
 mod hsm_faults;
 mod lifecycle;
 mod observability;

@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// The TOML configuration (see the crate docs of coffre::config).
     #[arg(long)]
     pub config: PathBuf,
+    /// Run even as root (refused by default; also `allow_root = true` in
+    /// the configuration).
+    #[arg(long)]
+    pub allow_root: bool,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -548,7 +552,7 @@ pub fn main() -> ExitCode {
             }
             Command::Serve(args) => {
                 server::init_logging(args.log_json);
-                run_serve(&args.config).await
+                run_serve(&args.config, args.allow_root).await
             }
             Command::Key(cmd) => client::key(cmd).await,
             Command::Datakey(cmd) => client::datakey(cmd).await,

@@ -578,6 +578,12 @@ pub async fn run_dev(
     opts: DevOptions,
     extra_shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    crate::hardening::disable_core_dumps()?;
+    if crate::hardening::running_as_root() {
+        tracing::warn!(
+            "coffre dev is running as root; coffre serve refuses to unless told to (allow_root)"
+        );
+    }
     let server = start_dev(&opts).await?;
     if opts.preload_keys > 0 {
         server.preload_keys(opts.preload_keys).await?;
@@ -600,8 +606,10 @@ pub async fn run_dev(
 }
 
 /// `coffre serve --config FILE`.
-pub async fn run_serve(config_path: &Path) -> anyhow::Result<()> {
+pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<()> {
+    crate::hardening::disable_core_dumps()?;
     let config = Config::load(config_path)?;
+    crate::hardening::refuse_root(allow_root || config.allow_root)?;
     let hsm: Arc<dyn Hsm> = match &config.hsm {
         HsmConfig::Simulator {
             endpoint,

@@ -45,7 +45,7 @@ pub use datakeys::{
 pub use keys::{CreateKeyInput, KeyPage, KeyView};
 pub use lifecycle::{
     DEFAULT_DELETION_DAYS, MAX_DELETION_DAYS, MAX_ROTATION_PERIOD, MIN_DELETION_DAYS,
-    MIN_ROTATION_PERIOD, SchedulerReport,
+    MIN_ROTATION_PERIOD, SchedulerReport, check_rotation_period,
 };
 pub use quorum::{QuorumOptions, parse_approval_id};
 pub use ratelimit::{RateLimit, RateLimits};
