@@ -17,7 +17,7 @@ const COFFRE: &str = env!("CARGO_BIN_EXE_coffre");
 const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
 
 /// GET `path` over plain HTTP/1.1; (status line, body).
-fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(

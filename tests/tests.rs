@@ -13,6 +13,7 @@ mod common;
 mod audit;
 mod audit_log;
 mod batch;
+mod canary;
 mod cli;
 mod crash;
 mod e2e;
