@@ -25,5 +25,6 @@ mod observability;
 mod policy;
 mod processes;
 mod quorum;
+mod soak;
 mod storage_faults;
 mod tls;

@@ -148,6 +148,10 @@ struct Measured {
     op: BenchOp,
     requests: u64,
     errors: u64,
+    /// Requests sent again after a connection-level failure (the server
+    /// closed the connection, at `MAX_CONNECTION_AGE` for instance), as any
+    /// client should; the retry's time is in the request's latency.
+    retries: u64,
     items_per_request: u64,
     elapsed: Duration,
     latency_us: Histogram<u64>,
@@ -219,6 +223,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         print_header();
     }
     for s in &summaries {
+        if s.total.retries > 0 {
+            eprintln!(
+                "{}: {} requests sent again after their connection closed",
+                s.total.op.name(),
+                s.total.retries
+            );
+        }
         if let Some(e) = &s.total.first_error {
             eprintln!(
                 "{}: {} errors; the first: {e}",
@@ -268,6 +279,7 @@ impl Summary {
         self.rates.push(m.ops_per_sec());
         self.total.requests += m.requests;
         self.total.errors += m.errors;
+        self.total.retries += m.retries;
         self.total.elapsed += m.elapsed;
         self.total
             .latency_us
@@ -469,6 +481,7 @@ async fn measure(
         op,
         requests: 0,
         errors: 0,
+        retries: 0,
         items_per_request: match op {
             BenchOp::BatchGenerate | BenchOp::BatchDecrypt => u64::from(args.batch_size),
             _ => 1,
@@ -481,6 +494,7 @@ async fn measure(
         let w = done.context("bench worker")??;
         merged.requests += w.requests;
         merged.errors += w.errors;
+        merged.retries += w.retries;
         merged
             .latency_us
             .add(&w.latency_us)
@@ -526,6 +540,7 @@ async fn worker(
         op,
         requests: 0,
         errors: 0,
+        retries: 0,
         items_per_request: 1,
         elapsed: Duration::ZERO,
         latency_us: new_histogram()?,
@@ -553,33 +568,66 @@ async fn worker(
         if started >= end {
             break;
         }
-        let result = call(op, &mut health, &mut data, &workload, &mut pick).await;
+        let mut result = call(op, &mut health, &mut data, &workload, &mut pick).await;
+        let mut retried = 0;
+        while retried < MAX_RETRIES && matches!(&result, Err(e) if e.retryable) {
+            retried += 1;
+            result = call(op, &mut health, &mut data, &workload, &mut pick).await;
+        }
         if started < measure_from {
             continue;
         }
+        out.retries += retried;
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         out.latency_us.saturating_record(micros.max(1));
         out.requests += 1;
         if let Err(e) = result {
             out.errors += 1;
             if out.first_error.is_none() {
-                out.first_error = Some(e);
+                out.first_error = Some(e.message);
             }
         }
     }
     Ok(out)
 }
 
-/// One request of `op`; an error as text.
+/// Times a request is sent again after a connection-level failure.
+const MAX_RETRIES: u64 = 2;
+
+/// A failed request: what the server (or the transport) said, and whether
+/// it failed at the connection level, before the server could act on it.
+struct CallError {
+    message: String,
+    retryable: bool,
+}
+
+impl From<tonic::Status> for CallError {
+    fn from(s: tonic::Status) -> Self {
+        // A connection closed under the request (GOAWAY at the server's
+        // maximum connection age, a reset): tonic reports UNAVAILABLE,
+        // CANCELLED or UNKNOWN "transport error". Nothing else is retried.
+        let retryable = match s.code() {
+            tonic::Code::Unavailable | tonic::Code::Cancelled => true,
+            tonic::Code::Unknown => s.message().contains("transport error"),
+            _ => false,
+        };
+        CallError {
+            message: format!("{:?}: {}", s.code(), s.message()),
+            retryable,
+        }
+    }
+}
+
+/// One request of `op`.
 async fn call(
     op: BenchOp,
     health: &mut HealthClient<Channel>,
     data: &mut DataKeyServiceClient<Channel>,
     w: &Workload,
     pick: &mut Pick,
-) -> Result<(), String> {
+) -> Result<(), CallError> {
     let reason = REASON as i32;
-    let rpc = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let rpc = CallError::from;
     match op {
         BenchOp::Null => health
             .check(tonic_health::pb::HealthCheckRequest {
@@ -646,7 +694,10 @@ async fn call(
                 .map_err(rpc)?
                 .into_inner();
             match response.data_keys.iter().find_map(|k| k.error.as_ref()) {
-                Some(e) => Err(format!("item: {}", e.message)),
+                Some(e) => Err(CallError {
+                    message: format!("item: {}", e.message),
+                    retryable: false,
+                }),
                 None => Ok(()),
             }
         }
@@ -671,7 +722,10 @@ async fn call(
                 .map_err(rpc)?
                 .into_inner();
             match response.results.iter().find_map(|r| r.error.as_ref()) {
-                Some(e) => Err(format!("item: {}", e.message)),
+                Some(e) => Err(CallError {
+                    message: format!("item: {}", e.message),
+                    retryable: false,
+                }),
                 None => Ok(()),
             }
         }
@@ -727,6 +781,7 @@ fn json_line(s: &Summary, vs_null: Option<f64>, args: &BenchArgs) -> serde_json:
         "max_ms": m.latency_us.max() as f64 / 1000.0,
         "requests": m.requests,
         "errors": m.errors,
+        "retries": m.retries,
         "measured_s": m.elapsed.as_secs_f64(),
         "concurrency": args.concurrency,
         "connections": args.connections,
