@@ -61,6 +61,41 @@ pub fn spawn_dev(mut cmd: Command) -> (Guard, String) {
     (guard, endpoint)
 }
 
+/// `coffre audit export` (which checks what it received against a fresh
+/// signed checkpoint) into the parent of `data`, then `coffre audit verify`
+/// on the exported file.
+pub fn export_and_verify(data: &Path, endpoint: &str) {
+    let out = data.join("../export.log");
+    let key = data.join("../audit-public-key.pem");
+    let export = Command::new(COFFRE)
+        .args(["audit", "export", "--out"])
+        .arg(&out)
+        .arg("--public-key-out")
+        .arg(&key)
+        .args(["--endpoint", endpoint, "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "audit export: {}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let verify = Command::new(COFFRE)
+        .args(["audit", "verify"])
+        .arg(&out)
+        .arg("--public-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
 /// Runs a client command; returns (success, stdout, stderr).
 pub fn run(dir: &Path, endpoint: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(COFFRE)

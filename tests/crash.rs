@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,10 +28,9 @@ use coffre::grpc::pb::{
 };
 use tonic::transport::Channel;
 
-use crate::cli::{Guard, dev_command, spawn_dev};
+use crate::cli::{export_and_verify, start_dev};
 use crate::common::channel_as;
 
-const COFFRE: &str = env!("CARGO_BIN_EXE_coffre");
 const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
 /// Keys of each kind the model keeps checking (older ones are let go once
 /// they have survived a restart), so that a long run's checks stay bounded.
@@ -145,10 +143,10 @@ fn sigkill_under_mixed_load_loses_nothing_acknowledged() {
     let model: Shared = Arc::default();
     let started = Instant::now();
     for cycle in 0..cycles {
-        let (mut guard, endpoint) = start(&data);
+        let (mut guard, endpoint) = start_dev(&data);
         let pki = data.join("pki");
         runtime.block_on(check_after_restart(&endpoint, &pki, &model, cycle));
-        check_audit_log(&data, &endpoint);
+        export_and_verify(&data, &endpoint);
 
         // Load, then SIGKILL at a random moment of it.
         let killed = Arc::new(AtomicBool::new(false));
@@ -183,14 +181,14 @@ fn sigkill_under_mixed_load_loses_nothing_acknowledged() {
         );
     }
     // The last kill is checked too.
-    let (_guard, endpoint) = start(&data);
+    let (_guard, endpoint) = start_dev(&data);
     runtime.block_on(check_after_restart(
         &endpoint,
         &data.join("pki"),
         &model,
         cycles,
     ));
-    check_audit_log(&data, &endpoint);
+    export_and_verify(&data, &endpoint);
     let m = model.lock().unwrap();
     assert!(
         m.acknowledged > cycles,
@@ -202,12 +200,6 @@ fn sigkill_under_mixed_load_loses_nothing_acknowledged() {
         m.acknowledged,
         started.elapsed()
     );
-}
-
-fn start(data: &Path) -> (Guard, String) {
-    let mut cmd = dev_command(data);
-    cmd.env("RUST_LOG", "error").stderr(Stdio::inherit());
-    spawn_dev(cmd)
 }
 
 /// Starts the load tasks; each runs until its first failed RPC.
@@ -609,38 +601,4 @@ async fn check_after_restart(endpoint: &str, pki: &Path, model: &Shared, cycle: 
         b.survived = true;
     }
     m.trim();
-}
-
-/// `coffre audit export` (which checks what it received against a fresh
-/// signed checkpoint), then `coffre audit verify` on the file.
-fn check_audit_log(data: &Path, endpoint: &str) {
-    let out = data.join("../export.log");
-    let key = data.join("../audit-public-key.pem");
-    let export = Command::new(COFFRE)
-        .args(["audit", "export", "--out"])
-        .arg(&out)
-        .arg("--public-key-out")
-        .arg(&key)
-        .args(["--endpoint", endpoint, "--data-dir"])
-        .arg(data)
-        .output()
-        .unwrap();
-    assert!(
-        export.status.success(),
-        "audit export: {}",
-        String::from_utf8_lossy(&export.stderr)
-    );
-    let verify = Command::new(COFFRE)
-        .args(["audit", "verify"])
-        .arg(&out)
-        .arg("--public-key")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "audit verify: {}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
 }

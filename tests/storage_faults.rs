@@ -24,10 +24,9 @@ use coffre::grpc::pb::{
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::cli::{Guard, dev_command, spawn_dev};
+use crate::cli::{Guard, dev_command, export_and_verify, start_dev};
 use crate::common::{channel_as, ctx};
 
-const COFFRE: &str = env!("CARGO_BIN_EXE_coffre");
 const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
 
 /// A small ext4 file system in a file, mounted for the test; unmounted
@@ -141,12 +140,6 @@ fn fill(dir: &Path, leave: usize) -> PathBuf {
     filler
 }
 
-fn start(data: &Path) -> (Guard, String) {
-    let mut cmd = dev_command(data);
-    cmd.env("RUST_LOG", "error").stderr(Stdio::inherit());
-    spawn_dev(cmd)
-}
-
 /// Stops `coffre dev` with SIGTERM and waits for it.
 fn stop(mut guard: Guard) {
     let pid = guard.0.id().to_string();
@@ -238,37 +231,6 @@ fn assert_fails_closed(e: &tonic::Status) {
     );
 }
 
-fn export_and_verify(data: &Path, endpoint: &str) {
-    let out = data.join("../export.log");
-    let key = data.join("../audit-public-key.pem");
-    let export = Command::new(COFFRE)
-        .args(["audit", "export", "--out"])
-        .arg(&out)
-        .arg("--public-key-out")
-        .arg(&key)
-        .args(["--endpoint", endpoint, "--data-dir"])
-        .arg(data)
-        .output()
-        .unwrap();
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
-    );
-    let verify = Command::new(COFFRE)
-        .args(["audit", "verify"])
-        .arg(&out)
-        .arg("--public-key")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_then_read_only_disk_fails_closed_and_loses_nothing_acknowledged() {
     let fs = Ext4::new(64);
@@ -276,7 +238,7 @@ async fn a_full_then_read_only_disk_fails_closed_and_loses_nothing_acknowledged(
     let mut acked = Acknowledged::default();
 
     // Full disk.
-    let (guard, endpoint) = start(&data);
+    let (guard, endpoint) = start_dev(&data);
     let mut c = clients(&endpoint, &data).await;
     for i in 0..5 {
         acked.add(&mut c, &format!("before-{i}")).await.unwrap();
@@ -304,7 +266,7 @@ async fn a_full_then_read_only_disk_fails_closed_and_loses_nothing_acknowledged(
     std::fs::remove_file(&filler).unwrap();
     stop(guard);
 
-    let (guard, endpoint) = start(&data);
+    let (guard, endpoint) = start_dev(&data);
     let mut c = clients(&endpoint, &data).await;
     acked.check(&mut c).await;
     let err = c
@@ -352,7 +314,7 @@ async fn a_full_then_read_only_disk_fails_closed_and_loses_nothing_acknowledged(
     assert!(stderr.contains("Read-only file system"), "{stderr}");
 
     fs.repair();
-    let (_guard, endpoint) = start(&data);
+    let (_guard, endpoint) = start_dev(&data);
     let mut c = clients(&endpoint, &data).await;
     acked.check(&mut c).await;
     let err = c
