@@ -6,8 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use coffre::grpc::pb::{self, audit_service_client::AuditServiceClient};
+use coffre::grpc::pb::{
+    self, audit_service_client::AuditServiceClient, key_service_client::KeyServiceClient,
+};
 use hsm_sim::Faults;
+use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 use crate::common::{TestServer, ctx};
@@ -30,6 +33,59 @@ fn decrypt(blob: &[u8]) -> pb::DecryptRequest {
         justification: REASON,
         key_id: String::new(),
     }
+}
+
+/// Creates keys `flaky-0` … `flaky-59` while the HSM fails now and then:
+/// each is created or refused with UNAVAILABLE naming the HSM, and both
+/// happen. The created aliases, sorted.
+pub(crate) async fn create_keys_through_errors(
+    keys: &mut KeyServiceClient<Channel>,
+) -> Vec<String> {
+    let mut created = Vec::new();
+    let mut failed = 0;
+    for i in 0..60 {
+        let alias = format!("flaky-{i}");
+        match keys
+            .create_key(pb::CreateKeyRequest {
+                alias: alias.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => created.push(alias),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(e.message().contains("HSM"), "{}", e.message());
+                failed += 1;
+            }
+        }
+    }
+    // P(no failure in 60) = 0.81^60 ≈ 3e-6 with two HSM calls per key.
+    assert!(failed > 0 && !created.is_empty(), "{failed} failed");
+    created.sort();
+    created
+}
+
+/// The `flaky-` keys the server lists are exactly `created`.
+pub(crate) async fn assert_exactly_these_exist(
+    keys: &mut KeyServiceClient<Channel>,
+    created: &[String],
+) {
+    let mut listed: Vec<String> = keys
+        .list_keys(pb::ListKeysRequest {
+            page_size: 1000,
+            alias_prefix: "flaky-".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.alias)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, created, "exactly the acknowledged keys exist");
 }
 
 fn simulator(server: &TestServer) -> std::sync::Arc<hsm_sim::Simulator> {
@@ -152,43 +208,9 @@ async fn random_hsm_errors_fail_requests_cleanly_and_create_nothing_partial() {
     })
     .unwrap();
     let mut keys = server.keys().await;
-    let mut created = Vec::new();
-    let mut failed = Vec::new();
-    for i in 0..60 {
-        let alias = format!("flaky-{i}");
-        match keys
-            .create_key(pb::CreateKeyRequest {
-                alias: alias.clone(),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(_) => created.push(alias),
-            Err(e) => {
-                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-                assert!(e.message().contains("HSM"), "{}", e.message());
-                failed.push(alias);
-            }
-        }
-    }
-    // P(no failure in 60) = 0.81^60 ≈ 3e-6 with two HSM calls per key.
-    assert!(!failed.is_empty() && !created.is_empty(), "{failed:?}");
+    let created = create_keys_through_errors(&mut keys).await;
     sim.set_faults(Faults::default()).unwrap();
-
-    let listed = keys
-        .list_keys(pb::ListKeysRequest {
-            page_size: 1000,
-            alias_prefix: "flaky-".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
-    let mut listed: Vec<String> = listed.into_iter().map(|k| k.alias).collect();
-    listed.sort();
-    created.sort();
-    assert_eq!(listed, created, "exactly the acknowledged keys exist");
+    assert_exactly_these_exist(&mut keys, &created).await;
     let mut data = server.data().await;
     for alias in &created {
         let dk = data

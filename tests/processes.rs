@@ -392,43 +392,9 @@ async fn hsm_sim_faults_as_its_own_process() {
 
     // One HSM call in ten fails.
     hsm_fault(hsm_port, &["set", "--error-rate", "0.1"]);
-    let mut created = Vec::new();
-    let mut failures = 0;
-    for i in 0..60 {
-        let alias = format!("flaky-{i}");
-        match keys
-            .create_key(pb::CreateKeyRequest {
-                alias: alias.clone(),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(_) => created.push(alias),
-            Err(e) => {
-                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-                assert!(e.message().contains("HSM"), "{}", e.message());
-                failures += 1;
-            }
-        }
-    }
-    assert!(failures > 0 && !created.is_empty(), "{failures} failures");
+    let created = crate::hsm_faults::create_keys_through_errors(&mut keys).await;
     hsm_fault(hsm_port, &["clear"]);
-    let mut listed: Vec<String> = keys
-        .list_keys(pb::ListKeysRequest {
-            page_size: 1000,
-            alias_prefix: "flaky-".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys
-        .into_iter()
-        .map(|k| k.alias)
-        .collect();
-    listed.sort();
-    created.sort();
-    assert_eq!(listed, created, "exactly the acknowledged keys exist");
+    crate::hsm_faults::assert_exactly_these_exist(&mut keys, &created).await;
 
     // An outage, then the HSM's return: served again within a second.
     hsm_fault(hsm_port, &["set", "--outage"]);

@@ -113,6 +113,8 @@ impl Drop for RequestAudit {
     }
 }
 
+/// A record with nothing filled in (no allocation): what `begin` starts
+/// from, and what `finish` and `Drop` leave behind when they take the entry.
 fn empty_entry() -> AuditEntry {
     AuditEntry {
         request_id: String::new(),
@@ -245,14 +247,7 @@ impl Api {
             principal,
             role,
             operation: op.name().to_string(),
-            key_id: None,
-            key_version: None,
-            context_digest: None,
-            justification: None,
-            context: None,
-            detail: None,
-            outcome: Outcome::Failed,
-            status_code: String::new(),
+            ..empty_entry()
         };
         // Fail closed before acting: while the log cannot be written, no
         // operation runs (only the request during which it failed may have
