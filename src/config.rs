@@ -17,11 +17,17 @@
 //! crl_reload_secs = 10                   # optional: how often to check the CRL
 //!
 //! [hsm]
-//! backend = "simulator"                  # a separate `hsm-sim serve` process
-//! endpoint = "http://127.0.0.1:7444"
+//! backend = "pkcs11"                     # a real HSM (see SECURITY.md, "PKCS#11")
+//! module = "/usr/lib/softhsm/libsofthsm2.so"   # the vendor's PKCS#11 library
+//! token_label = "coffre"                 # or slot = 0
 //! pin_env = "COFFRE_HSM_PIN"             # or pin_file = "/etc/coffre/hsm.pin"
+//! sessions = 8                           # session pool: calls in flight
 //! timeout_ms = 2000
-//! allow_insecure_simulator = true        # required to run on a simulator
+//!
+//! # or, for tests and demos:
+//! # backend = "simulator"                # a separate `hsm-sim serve` process
+//! # endpoint = "http://127.0.0.1:7444"
+//! # allow_insecure_simulator = true      # required to run on a simulator
 //!
 //! [roles]                                # principal → role; deny by default
 //! operator = ["spiffe://operator.example/alice"]
@@ -64,6 +70,7 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::authz::Role;
+pub use crate::hsm::pkcs11::TokenSelector;
 use crate::service::KmsOptions;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -224,6 +231,15 @@ struct RawHsm {
     timeout_ms: Option<u64>,
     #[serde(default)]
     allow_insecure_simulator: bool,
+    /// PKCS#11: the vendor's module.
+    module: Option<PathBuf>,
+    /// PKCS#11: the token, by label or by slot id.
+    token_label: Option<String>,
+    slot: Option<u64>,
+    /// PKCS#11: the session pool size.
+    sessions: Option<usize>,
+    /// Refused with a clear message: the PIN never goes in the file.
+    pin: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,12 +331,25 @@ impl PinSource {
     }
 }
 
+/// Default size of the PKCS#11 session pool: a call in flight per session.
+pub const DEFAULT_HSM_SESSIONS: usize = 8;
+/// Largest PKCS#11 session pool accepted.
+pub const MAX_HSM_SESSIONS: usize = 1024;
+
 #[derive(Clone, Debug)]
 pub enum HsmConfig {
     /// A separate `hsm-sim serve` process.
     Simulator {
         endpoint: String,
         pin: PinSource,
+        timeout: Duration,
+    },
+    /// A PKCS#11 module (a real HSM; SoftHSM2 in tests).
+    Pkcs11 {
+        module: PathBuf,
+        token: TokenSelector,
+        pin: PinSource,
+        sessions: usize,
         timeout: Duration,
     },
 }
@@ -373,25 +402,56 @@ impl Config {
                 let endpoint = raw
                     .hsm
                     .endpoint
+                    .clone()
                     .context("hsm.endpoint is required for the simulator backend")?;
                 check_loopback(&endpoint)?;
-                let pin = match (raw.hsm.pin_env, raw.hsm.pin_file) {
-                    (Some(var), None) => PinSource::Env(var),
-                    (None, Some(file)) => PinSource::File(file),
-                    (None, None) => PinSource::Env("COFFRE_HSM_PIN".to_string()),
-                    (Some(_), Some(_)) => bail!("set hsm.pin_env or hsm.pin_file, not both"),
-                };
-                let timeout = Duration::from_millis(raw.hsm.timeout_ms.unwrap_or(2000));
-                if timeout.is_zero() {
-                    bail!("hsm.timeout_ms must be positive");
+                for (set, name) in [
+                    (raw.hsm.module.is_some(), "module"),
+                    (raw.hsm.token_label.is_some(), "token_label"),
+                    (raw.hsm.slot.is_some(), "slot"),
+                    (raw.hsm.sessions.is_some(), "sessions"),
+                ] {
+                    if set {
+                        bail!("hsm.{name} is for the pkcs11 backend, not the simulator");
+                    }
                 }
                 HsmConfig::Simulator {
                     endpoint,
-                    pin,
-                    timeout,
+                    pin: pin_source(&raw.hsm)?,
+                    timeout: hsm_timeout(&raw.hsm)?,
                 }
             }
-            other => bail!("unknown hsm.backend {other:?} (supported: \"simulator\")"),
+            "pkcs11" => {
+                if raw.hsm.endpoint.is_some() {
+                    bail!("hsm.endpoint is for the simulator; the pkcs11 backend takes hsm.module");
+                }
+                if raw.hsm.allow_insecure_simulator {
+                    bail!("hsm.allow_insecure_simulator is for the simulator backend");
+                }
+                let module = raw.hsm.module.clone().context(
+                    "hsm.module (the vendor's PKCS#11 library) is required for the pkcs11 backend",
+                )?;
+                let token = match (raw.hsm.token_label.clone(), raw.hsm.slot) {
+                    (Some(label), None) if !label.is_empty() => TokenSelector::Label(label),
+                    (None, Some(slot)) => TokenSelector::Slot(slot),
+                    (None, None) | (Some(_), None) => {
+                        bail!("the pkcs11 backend needs hsm.token_label or hsm.slot")
+                    }
+                    (Some(_), Some(_)) => bail!("set hsm.token_label or hsm.slot, not both"),
+                };
+                let sessions = raw.hsm.sessions.unwrap_or(DEFAULT_HSM_SESSIONS);
+                if !(1..=MAX_HSM_SESSIONS).contains(&sessions) {
+                    bail!("hsm.sessions must be 1..={MAX_HSM_SESSIONS}");
+                }
+                HsmConfig::Pkcs11 {
+                    module,
+                    token,
+                    pin: pin_source(&raw.hsm)?,
+                    sessions,
+                    timeout: hsm_timeout(&raw.hsm)?,
+                }
+            }
+            other => bail!("unknown hsm.backend {other:?} (supported: \"pkcs11\", \"simulator\")"),
         };
 
         let mut roles = HashMap::new();
@@ -516,6 +576,29 @@ fn quorum_options(raw: RawQuorum) -> anyhow::Result<crate::service::QuorumOption
 
 /// The simulator speaks plain TCP (PIN and CMK material in clear): it must
 /// be on this host.
+fn pin_source(hsm: &RawHsm) -> anyhow::Result<PinSource> {
+    if hsm.pin.is_some() {
+        bail!(
+            "hsm.pin: the PIN never goes in the configuration file; \
+             set hsm.pin_env (an environment variable) or hsm.pin_file (a file readable only by coffre)"
+        );
+    }
+    Ok(match (&hsm.pin_env, &hsm.pin_file) {
+        (Some(var), None) => PinSource::Env(var.clone()),
+        (None, Some(file)) => PinSource::File(file.clone()),
+        (None, None) => PinSource::Env("COFFRE_HSM_PIN".to_string()),
+        (Some(_), Some(_)) => bail!("set hsm.pin_env or hsm.pin_file, not both"),
+    })
+}
+
+fn hsm_timeout(hsm: &RawHsm) -> anyhow::Result<Duration> {
+    let timeout = Duration::from_millis(hsm.timeout_ms.unwrap_or(2000));
+    if timeout.is_zero() {
+        bail!("hsm.timeout_ms must be positive");
+    }
+    Ok(timeout)
+}
+
 fn check_loopback(endpoint: &str) -> anyhow::Result<()> {
     let uri: tonic::transport::Uri = endpoint
         .parse()

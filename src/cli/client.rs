@@ -408,6 +408,11 @@ pub async fn hsm(cmd: HsmCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        HsmCommand::InitRootKey { .. }
+        | HsmCommand::Check { .. }
+        | HsmCommand::Conformance { .. } => {
+            anyhow::bail!("this command runs on the HSM directly, not through a server")
+        }
     }
 }
 

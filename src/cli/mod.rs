@@ -7,6 +7,7 @@
 mod audit;
 mod bench;
 mod client;
+mod hsm;
 mod output;
 mod server;
 
@@ -411,6 +412,38 @@ pub enum HsmCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Create the first root key on the PKCS#11 token a server configuration
+    /// names (once, at installation; refused if the token has one). Runs on
+    /// the HSM directly, not through a server.
+    InitRootKey {
+        #[command(flatten)]
+        local: LocalHsmArgs,
+    },
+    /// Check the PKCS#11 HSM a server configuration names, as `coffre serve`
+    /// does at start (module, token, login, mechanisms, every root key's
+    /// attributes), then wrap and unwrap a random value. Changes nothing.
+    Check {
+        #[command(flatten)]
+        local: LocalHsmArgs,
+    },
+    /// Run the HSM conformance suite against the PKCS#11 token a
+    /// configuration names. It rotates and destroys root keys: it refuses a
+    /// token that already holds one, so run it on a fresh test token.
+    Conformance {
+        #[command(flatten)]
+        local: LocalHsmArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LocalHsmArgs {
+    /// The server configuration whose [hsm] section to use (backend
+    /// "pkcs11"). The PIN comes from its pin_env or pin_file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -556,7 +589,7 @@ pub fn main() -> ExitCode {
             }
             Command::Key(cmd) => client::key(cmd).await,
             Command::Datakey(cmd) => client::datakey(cmd).await,
-            Command::Hsm(cmd) => client::hsm(cmd).await,
+            Command::Hsm(cmd) => hsm::run(cmd).await,
             Command::Approval(cmd) => client::approval(cmd).await,
             Command::Audit(cmd) => audit::run(cmd).await,
             Command::Encrypt(args) => client::encrypt(args).await,

@@ -18,6 +18,7 @@ use crate::authz::{Role, StaticRoles};
 use crate::config::{Config, HsmConfig};
 use crate::grpc;
 use crate::hsm::Hsm;
+use crate::hsm::pkcs11::{Pkcs11Hsm, Pkcs11Settings};
 use crate::hsm::sim::{LocalSimHsm, RemoteSimHsm};
 use crate::model::SystemClock;
 use crate::pki::{self, PkiPaths};
@@ -605,6 +606,37 @@ pub async fn run_dev(
         .await
 }
 
+/// Opens the PKCS#11 backend a configuration names: loads the module, finds
+/// the token, logs in, checks the mechanisms and every root key's
+/// attributes. Errors say which of these failed.
+pub async fn open_pkcs11(hsm: &HsmConfig) -> anyhow::Result<Pkcs11Hsm> {
+    let HsmConfig::Pkcs11 {
+        module,
+        token,
+        pin,
+        sessions,
+        timeout,
+    } = hsm
+    else {
+        bail!("the configuration's hsm.backend is not \"pkcs11\"");
+    };
+    let settings = Pkcs11Settings {
+        module: module.clone(),
+        token: token.clone(),
+        pin: pin.read()?.0,
+        sessions: *sessions,
+        timeout: *timeout,
+    };
+    let what = format!(
+        "opening the {token} through the PKCS#11 module {}",
+        module.display()
+    );
+    tokio::task::spawn_blocking(move || Pkcs11Hsm::open(settings))
+        .await
+        .context("the PKCS#11 start task failed")?
+        .context(what)
+}
+
 /// `coffre serve --config FILE`.
 pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<()> {
     crate::hardening::disable_core_dumps()?;
@@ -621,6 +653,12 @@ pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<(
                 .await
                 .with_context(|| format!("connecting to the simulated HSM at {endpoint}"))?;
             tracing::warn!("running on the simulated HSM: not for production");
+            Arc::new(hsm)
+        }
+        HsmConfig::Pkcs11 { .. } => {
+            let hsm = open_pkcs11(&config.hsm).await?;
+            let root = hsm.require_root_key()?;
+            tracing::info!(hsm = ?hsm, current_root_key = root, "PKCS#11 HSM ready");
             Arc::new(hsm)
         }
     };

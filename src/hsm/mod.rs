@@ -4,7 +4,9 @@
 //! and unwrap CMK material and to produce random bytes. Session handling
 //! (login, re-login after an HSM restart) is the backend's business.
 
+pub mod conformance;
 pub mod metered;
+pub mod pkcs11;
 pub mod sim;
 
 use std::fmt;
@@ -46,6 +48,11 @@ pub enum HsmError {
     /// Login refused (wrong PIN).
     #[error("HSM login refused: {0}")]
     LoginFailed(String),
+    /// The HSM is not set up as coffre requires (no such module or token, a
+    /// missing mechanism, no root key, a root key with unsafe attributes).
+    /// Refused at start, with what to fix.
+    #[error("HSM setup: {0}")]
+    Setup(String),
     /// The request was malformed for this HSM (a bug in coffre).
     #[error("HSM rejected the request: {0}")]
     Rejected(String),

@@ -1,0 +1,143 @@
+//! `coffre hsm ...`: `info` and `rotate-root` go through a running server;
+//! `init-root-key`, `check` and `conformance` open the PKCS#11 HSM a server
+//! configuration names, directly (at installation, before any server runs).
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use super::output::print_json;
+use super::server::open_pkcs11;
+use super::{HsmCommand, LocalHsmArgs, client};
+use crate::config::Config;
+use crate::hsm::pkcs11::Pkcs11Hsm;
+use crate::hsm::{Hsm, conformance};
+
+pub async fn run(cmd: HsmCommand) -> anyhow::Result<()> {
+    match cmd {
+        HsmCommand::InitRootKey { local } => init_root_key(&local).await,
+        HsmCommand::Check { local } => check(&local).await,
+        HsmCommand::Conformance { local } => conformance(&local).await,
+        remote => client::hsm(remote).await,
+    }
+}
+
+async fn open(local: &LocalHsmArgs) -> anyhow::Result<Pkcs11Hsm> {
+    let config = Config::load(&local.config)?;
+    open_pkcs11(&config.hsm).await
+}
+
+async fn init_root_key(local: &LocalHsmArgs) -> anyhow::Result<()> {
+    let hsm = open(local).await?;
+    let id = hsm.init_root_key().await?;
+    let report = hsm.report().await?;
+    if local.json {
+        return print_json(&json!({ "root_key_id": id, "token": report }));
+    }
+    println!(
+        "created root key {id} ({}{id}) on token {:?}, slot {}",
+        crate::hsm::pkcs11::ROOT_LABEL_PREFIX,
+        report.token_label,
+        report.slot
+    );
+    Ok(())
+}
+
+async fn check(local: &LocalHsmArgs) -> anyhow::Result<()> {
+    let hsm = open(local).await?;
+    let root = hsm.require_root_key()?;
+    // A round trip under the current root key: the path every CMK takes.
+    let probe = hsm.generate_random(32).await?;
+    let aad = b"coffre hsm check";
+    let wrapped = hsm.wrap(probe.expose(), aad).await?;
+    let back = hsm.unwrap(&wrapped.blob, aad).await?;
+    if back.expose() != probe.expose() {
+        bail!("the HSM unwrapped a probe to other bytes");
+    }
+    let report = hsm.report().await?;
+    if local.json {
+        return print_json(&json!({
+            "ok": true,
+            "token": report,
+            "root_key_attributes": "checked",
+            "round_trip": "ok",
+        }));
+    }
+    println!("module            {}", report.module);
+    println!("library           {}", report.library);
+    println!(
+        "token             {:?} (slot {}, model {:?}, serial {:?})",
+        report.token_label, report.slot, report.token_model, report.token_serial
+    );
+    println!(
+        "root keys         {:?} (current {root})",
+        report.root_key_ids
+    );
+    println!("attributes        every root key as SECURITY.md requires");
+    println!("round trip        wrap + unwrap under root key {root}: ok");
+    Ok(())
+}
+
+async fn conformance(local: &LocalHsmArgs) -> anyhow::Result<()> {
+    let hsm = open(local).await?;
+    let report = hsm.report().await?;
+    if let Some(id) = report.current_root_key_id {
+        bail!(
+            "the token {:?} already holds root key {id}: the conformance suite rotates and \
+             destroys root keys, so it runs only on a token without one (a test token)",
+            report.token_label
+        );
+    }
+    hsm.init_root_key()
+        .await
+        .context("creating the suite's first root key")?;
+    let hsm: Arc<dyn Hsm> = Arc::new(hsm);
+    let json = local.json;
+    let mut passed = Vec::new();
+    let mut last: Option<&str> = None;
+    let result = conformance::run(hsm, |check| {
+        if let Some(done) = last.take() {
+            passed.push(done.to_string());
+        }
+        if !json {
+            let mut err = std::io::stderr();
+            let _ = writeln!(err, "  checking: {check}");
+        }
+        last = conformance::CHECKS.iter().copied().find(|c| *c == check);
+    })
+    .await;
+    if result.is_ok() {
+        if let Some(done) = last.take() {
+            passed.push(done.to_string());
+        }
+    }
+    match result {
+        Ok(()) => {
+            if json {
+                return print_json(
+                    &json!({ "ok": true, "token": report.token_label, "passed": passed }),
+                );
+            }
+            println!(
+                "conformance: {} of {} checks passed on token {:?}",
+                passed.len(),
+                conformance::CHECKS.len(),
+                report.token_label
+            );
+            Ok(())
+        }
+        Err(failure) => {
+            if json {
+                print_json(&json!({
+                    "ok": false,
+                    "token": report.token_label,
+                    "passed": passed,
+                    "failed": { "check": failure.check, "detail": failure.detail },
+                }))?;
+            }
+            bail!("conformance failed: {failure}")
+        }
+    }
+}
