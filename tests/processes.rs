@@ -14,9 +14,9 @@ use tonic::Code;
 use crate::cli::Guard;
 use crate::common::{channel_as, ctx, workspace_binary};
 
-const PIN: &str = "process-test-pin-1234";
+pub(crate) const PIN: &str = "process-test-pin-1234";
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -26,7 +26,7 @@ fn free_port() -> u16 {
 
 /// Starts a process and waits for the line starting with `ready_prefix` on
 /// its stdout.
-fn spawn_ready(mut cmd: Command, ready_prefix: &str) -> (Guard, String) {
+pub(crate) fn spawn_ready(mut cmd: Command, ready_prefix: &str) -> (Guard, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -50,7 +50,7 @@ fn spawn_ready(mut cmd: Command, ready_prefix: &str) -> (Guard, String) {
     (guard, rest)
 }
 
-fn start_hsm(state: &Path, port: u16) -> Guard {
+pub(crate) fn start_hsm(state: &Path, port: u16) -> Guard {
     let mut cmd = Command::new(workspace_binary("hsm-sim"));
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--state"])
         .arg(state)

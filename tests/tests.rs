@@ -19,6 +19,7 @@ mod crash;
 mod e2e;
 mod format;
 mod fuzz_corpora;
+mod hsm_conformance;
 mod hsm_faults;
 mod lifecycle;
 mod observability;

@@ -391,14 +391,22 @@ impl Pkcs11Hsm {
         }
         let ctx = context_for(&settings.module)?;
         let (slot, token_label) = find_slot(&ctx, &settings.token)?;
-        let mechanisms = ctx
-            .get_mechanism_list(slot)
-            .map_err(|e| HsmError::Unavailable(format!("listing mechanisms: {}", describe(&e))))?;
+        // Asked one by one: listing them all makes cryptoki log an error
+        // for every vendor mechanism it does not know.
         for (name, m) in REQUIRED_MECHANISMS {
-            if !mechanisms.contains(&m) {
-                return Err(HsmError::Setup(format!(
-                    "the token {token_label:?} does not offer {name}, which coffre needs"
-                )));
+            match ctx.get_mechanism_info(slot, m) {
+                Ok(_) => {}
+                Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => {
+                    return Err(HsmError::Setup(format!(
+                        "the token {token_label:?} does not offer {name}, which coffre needs"
+                    )));
+                }
+                Err(e) => {
+                    return Err(HsmError::Unavailable(format!(
+                        "asking the token about {name}: {}",
+                        describe(&e)
+                    )));
+                }
             }
         }
         let pin = AuthPin::from(settings.pin.as_str());

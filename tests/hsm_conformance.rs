@@ -1,0 +1,511 @@
+//! One HSM conformance suite (`coffre::hsm::conformance`) against every
+//! backend: the in-process simulator, `hsm-sim` as its own process, and
+//! SoftHSM2 through PKCS#11 (via the real `coffre hsm conformance`
+//! binary). Then `coffre serve` on SoftHSM2 end to end, and the setups it
+//! must refuse at start.
+//!
+//! SoftHSM2 (Debian package `softhsm2`) and `pkcs11-tool` (package `opensc`,
+//! to make a root key with unsafe attributes) are outside components. With
+//! `COFFRE_REQUIRE_SOFTHSM=1` (set by `.ci/run`) a missing one fails the
+//! test. Without it, the SoftHSM2 tests say on the terminal that they did
+//! not run (uncaptured) and return.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use coffre::grpc::pb::{
+    self, data_key_service_client::DataKeyServiceClient, hsm_service_client::HsmServiceClient,
+    key_service_client::KeyServiceClient,
+};
+use coffre::hsm::sim::{LocalSimHsm, RemoteSimHsm};
+use coffre::hsm::{Hsm, HsmError, HsmInfo, HsmWrapped, conformance};
+use coffre::secret::SecretBytes;
+
+use crate::common::{channel_as, ctx};
+use crate::processes::{PIN, free_port, spawn_ready, start_hsm};
+
+// ---------------------------------------------------------------------------
+// The simulator, both ways
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_on_the_in_process_simulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm = LocalSimHsm::open(&dir.path().join("hsm.state"), "conformance-pin").unwrap();
+    let mut seen = Vec::new();
+    conformance::run(Arc::new(hsm), |c| seen.push(c.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(seen, conformance::CHECKS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_on_hsm_sim_as_its_own_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _sim = start_hsm(&dir.path().join("hsm.state"), port);
+    let hsm = RemoteSimHsm::connect(
+        &format!("http://127.0.0.1:{port}"),
+        PIN.to_string(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    conformance::run(Arc::new(hsm), |_| {}).await.unwrap();
+}
+
+/// The simulator with one wrong answer: an authentication failure reported
+/// as an outage. The suite must notice.
+#[derive(Debug)]
+struct MislabelsAuthFailures(LocalSimHsm);
+
+#[async_trait]
+impl Hsm for MislabelsAuthFailures {
+    fn is_secure(&self) -> bool {
+        false
+    }
+    async fn info(&self) -> Result<HsmInfo, HsmError> {
+        self.0.info().await
+    }
+    async fn generate_random(&self, len: usize) -> Result<SecretBytes, HsmError> {
+        self.0.generate_random(len).await
+    }
+    async fn wrap(&self, plaintext: &[u8], aad: &[u8]) -> Result<HsmWrapped, HsmError> {
+        self.0.wrap(plaintext, aad).await
+    }
+    async fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<SecretBytes, HsmError> {
+        match self.0.unwrap(wrapped, aad).await {
+            Err(HsmError::AuthenticationFailed) => Err(HsmError::Unavailable("device".into())),
+            other => other,
+        }
+    }
+    async fn rotate_root_key(&self) -> Result<u32, HsmError> {
+        self.0.rotate_root_key().await
+    }
+    async fn destroy_root_key(&self, id: u32) -> Result<(), HsmError> {
+        self.0.destroy_root_key(id).await
+    }
+}
+
+#[tokio::test]
+async fn the_suite_fails_a_backend_that_mislabels_authentication_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm = LocalSimHsm::open(&dir.path().join("hsm.state"), "conformance-pin").unwrap();
+    let failure = conformance::run(Arc::new(MislabelsAuthFailures(hsm)), |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(failure.check, conformance::CHECKS[4], "{failure}");
+    assert!(failure.detail.contains("Unavailable"), "{failure}");
+}
+
+// ---------------------------------------------------------------------------
+// SoftHSM2
+
+const USER_PIN: &str = "softhsm-user-pin-1234";
+const SO_PIN: &str = "softhsm-so-pin-5678";
+
+fn required() -> bool {
+    std::env::var("COFFRE_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1")
+}
+
+/// Says, past the test harness's capture, that a test did not run.
+fn not_run(test: &str, why: &str) {
+    let mut err = std::io::stderr();
+    let _ = writeln!(
+        err,
+        "\n*** {test}: NOT RUN: {why}. Install it (apt-get install softhsm2 opensc) or set \
+         COFFRE_REQUIRE_SOFTHSM=1 to make this a failure. ***\n"
+    );
+}
+
+/// A SoftHSM2 installation with its own token directory.
+struct SoftHsm {
+    dir: tempfile::TempDir,
+    module: PathBuf,
+}
+
+impl SoftHsm {
+    /// SoftHSM2 with an empty token directory, or `None` (said loudly) if
+    /// it is not installed and not required.
+    fn new(test: &str) -> Option<Self> {
+        let candidates = [
+            std::env::var("COFFRE_SOFTHSM_MODULE")
+                .ok()
+                .map(PathBuf::from),
+            Some(PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")),
+            Some(PathBuf::from(
+                "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+            )),
+            Some(PathBuf::from(
+                "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+            )),
+            Some(PathBuf::from("/usr/local/lib/softhsm/libsofthsm2.so")),
+        ];
+        let module = candidates.into_iter().flatten().find(|p| p.is_file());
+        let util = Command::new("softhsm2-util").arg("--version").output();
+        let (Some(module), Ok(_)) = (module, util) else {
+            assert!(
+                !required(),
+                "COFFRE_REQUIRE_SOFTHSM=1 but SoftHSM2 is not installed (libsofthsm2.so and \
+                 softhsm2-util; Debian package softhsm2)"
+            );
+            not_run(test, "SoftHSM2 is not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tokens")).unwrap();
+        std::fs::write(
+            dir.path().join("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n\
+                 slots.removable = false\n",
+                dir.path().join("tokens").display()
+            ),
+        )
+        .unwrap();
+        Some(Self { dir, module })
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.path().join("softhsm2.conf")
+    }
+
+    /// A command that sees this installation's tokens.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("SOFTHSM2_CONF", self.conf())
+            .env("COFFRE_HSM_PIN", USER_PIN)
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    fn init_token(&self, label: &str) {
+        let out = self
+            .command("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--so-pin", SO_PIN, "--pin", USER_PIN])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "softhsm2-util: {out:?}");
+    }
+
+    fn coffre(&self, args: &[&str]) -> Output {
+        self.command(env!("CARGO_BIN_EXE_coffre"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// A `coffre serve` configuration on this installation's token `label`,
+    /// with `extra` lines added to its [hsm] section.
+    fn config(&self, dir: &Path, label: &str, extra: &str) -> PathBuf {
+        coffre::pki::ensure_dev_pki(dir).unwrap();
+        let pki = dir.join("pki");
+        let text = format!(
+            r#"
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+allow_root = true
+
+[tls]
+cert = "{pki}/server.pem"
+key = "{pki}/server-key.pem"
+client_ca = "{pki}/ca.pem"
+
+[hsm]
+backend = "pkcs11"
+module = "{module}"
+token_label = "{label}"
+pin_env = "COFFRE_HSM_PIN"
+sessions = 4
+{extra}
+
+[default_key_policy]
+grants = [{{ principal = "spiffe://coffre.dev/service", operations = ["GenerateDataKey", "Decrypt"] }}]
+
+[roles]
+operator = ["spiffe://coffre.dev/operator"]
+service = ["spiffe://coffre.dev/service"]
+auditor = ["spiffe://coffre.dev/auditor"]
+"#,
+            data = dir.join("data").display(),
+            pki = pki.display(),
+            module = self.module.display(),
+        );
+        let path = dir.join(format!("coffre-{label}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn conformance_on_softhsm2_through_the_coffre_binary() {
+    let Some(softhsm) = SoftHsm::new("conformance_on_softhsm2_through_the_coffre_binary") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    softhsm.init_token("conformance");
+    let config = softhsm.config(dir.path(), "conformance", "");
+    let config = config.to_str().unwrap();
+
+    let out = softhsm.coffre(&["hsm", "conformance", "--config", config, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let passed: Vec<&str> = report["passed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(passed, conformance::CHECKS);
+
+    // The suite destroys root keys: it refuses a token that has one.
+    let out = softhsm.coffre(&["hsm", "conformance", "--config", config]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("already holds root key 2"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coffre_serve_on_softhsm2_end_to_end() {
+    let Some(softhsm) = SoftHsm::new("coffre_serve_on_softhsm2_end_to_end") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    softhsm.init_token("prod");
+    let config = softhsm.config(dir.path(), "prod", "");
+    let config_s = config.to_str().unwrap();
+
+    // Installation: the first root key, then the start checks by hand.
+    let out = softhsm.coffre(&["hsm", "init-root-key", "--config", config_s, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(made["root_key_id"], 1, "{made}");
+    let out = softhsm.coffre(&["hsm", "init-root-key", "--config", config_s]);
+    assert!(!out.status.success(), "a second first root key");
+    assert!(
+        stderr(&out).contains("already holds root key 1"),
+        "{}",
+        stderr(&out)
+    );
+    let out = softhsm.coffre(&["hsm", "check", "--config", config_s, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(check["ok"], true);
+    assert_eq!(check["token"]["root_key_ids"], serde_json::json!([1]));
+
+    let start = || {
+        let mut cmd = softhsm.command(env!("CARGO_BIN_EXE_coffre"));
+        cmd.args(["serve", "--config"]).arg(&config);
+        let (guard, addr) = spawn_ready(cmd, "coffre listening on ");
+        (guard, format!("https://{addr}"))
+    };
+    let (server, endpoint) = start();
+    let pki = dir.path().join("pki");
+    let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
+    let mut data = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
+    let mut hsm = HsmServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
+
+    let info = hsm
+        .get_hsm_info(pb::GetHsmInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.backend, "pkcs11");
+    assert_eq!(info.label, "prod");
+    assert!(info.secure, "a PKCS#11 token is a secure backend");
+    assert_eq!(info.current_root_key_id, 1);
+
+    keys.create_key(pb::CreateKeyRequest {
+        alias: "on-softhsm".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let reason = pb::AccessReason::CustomerInitiatedAccess as i32;
+    let generate = pb::GenerateDataKeyRequest {
+        key_id: "on-softhsm".into(),
+        encryption_context: ctx(&[("t", "1")]),
+        justification: reason,
+        number_of_bytes: 32,
+    };
+    let dk = data
+        .generate_data_key(generate.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let decrypt = |blob: Vec<u8>| pb::DecryptRequest {
+        ciphertext_blob: blob,
+        encryption_context: ctx(&[("t", "1")]),
+        justification: reason,
+        key_id: String::new(),
+    };
+    let back = data
+        .decrypt(decrypt(dk.ciphertext_blob.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.plaintext, dk.plaintext);
+
+    // Root-key rotation inside the token: every CMK version re-wrapped, the
+    // old root key destroyed on the token.
+    let mut stream = hsm
+        .rotate_root_key(pb::RotateRootKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(p) = stream.message().await.unwrap() {
+        last = Some(p);
+    }
+    let last = last.unwrap();
+    assert!(last.done, "{last:?}");
+    assert_eq!(last.new_root_key_id, 2);
+    assert_eq!(last.destroyed_root_key_ids, vec![1]);
+    drop((keys, data, hsm));
+    drop(server);
+
+    // The token now holds root key 2 only (checked by coffre, which reads
+    // the token itself).
+    let out = softhsm.coffre(&["hsm", "check", "--config", config_s, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(check["token"]["root_key_ids"], serde_json::json!([2]));
+
+    // Restarted: the CMK is unwrapped by the token again, under root key 2;
+    // the audit log (its signing key wrapped under the root key) verifies.
+    let (_server, endpoint) = start();
+    let mut data = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
+    let back = data
+        .decrypt(decrypt(dk.ciphertext_blob.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.plaintext, dk.plaintext);
+    let again = data.generate_data_key(generate).await.unwrap().into_inner();
+    assert_eq!(again.key_version, 1);
+}
+
+#[test]
+fn bad_pkcs11_setups_are_refused_at_start() {
+    let Some(softhsm) = SoftHsm::new("bad_pkcs11_setups_are_refused_at_start") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    softhsm.init_token("empty");
+    softhsm.init_token("weak");
+
+    // `coffre serve` must exit with `needle` in its error, before serving.
+    let refuses = |config: &Path, pin: &str, needle: &str| {
+        let out = softhsm
+            .command(env!("CARGO_BIN_EXE_coffre"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("COFFRE_HSM_PIN", pin)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{config:?} started");
+        let err = stderr(&out);
+        assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        assert!(!err.contains(pin), "the PIN appears in the error: {err}");
+    };
+
+    let missing_module = softhsm
+        .config(dir.path(), "empty", "")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = std::fs::read_to_string(&missing_module).unwrap().replace(
+        softhsm.module.to_str().unwrap(),
+        "/nonexistent/libvendor.so",
+    );
+    let missing_module = dir.path().join("missing-module.toml");
+    std::fs::write(&missing_module, text).unwrap();
+    refuses(
+        &missing_module,
+        USER_PIN,
+        "the PKCS#11 module /nonexistent/libvendor.so does not exist",
+    );
+
+    let no_token = softhsm.config(dir.path(), "no-such-token", "");
+    refuses(&no_token, USER_PIN, "no token labelled \"no-such-token\"");
+
+    let empty = softhsm.config(dir.path(), "empty", "");
+    refuses(&empty, "wrong-pin-0000", "PinIncorrect");
+    refuses(&empty, USER_PIN, "holds no coffre root key");
+    refuses(&empty, USER_PIN, "coffre hsm init-root-key");
+
+    // The PIN never goes in the configuration.
+    let pin_in_file = softhsm.config(dir.path(), "empty", "pin = \"1234\"");
+    let text = std::fs::read_to_string(&pin_in_file)
+        .unwrap()
+        .replace("pin_env = \"COFFRE_HSM_PIN\"\n", "");
+    std::fs::write(&pin_in_file, text).unwrap();
+    refuses(
+        &pin_in_file,
+        USER_PIN,
+        "the PIN never goes in the configuration file",
+    );
+
+    // A root key someone made with the wrong attributes (extractable, can
+    // wrap): pkcs11-tool, an independent PKCS#11 client, makes it.
+    let made = softhsm
+        .command("pkcs11-tool")
+        .arg("--module")
+        .arg(&softhsm.module)
+        .args(["--token-label", "weak", "--login", "--pin", USER_PIN])
+        .args([
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "coffre-root-1",
+        ])
+        .args([
+            "--usage-decrypt",
+            "--usage-wrap",
+            "--sensitive",
+            "--extractable",
+        ])
+        .output();
+    match made {
+        Ok(out) => assert!(out.status.success(), "pkcs11-tool: {out:?}"),
+        Err(e) => {
+            assert!(
+                !required(),
+                "COFFRE_REQUIRE_SOFTHSM=1 but pkcs11-tool (Debian package opensc) is missing: {e}"
+            );
+            not_run(
+                "bad_pkcs11_setups_are_refused_at_start (weak root key)",
+                "pkcs11-tool is not installed",
+            );
+            return;
+        }
+    }
+    let weak = softhsm.config(dir.path(), "weak", "");
+    refuses(
+        &weak,
+        USER_PIN,
+        "root key coffre-root-1 on token \"weak\" is not safe to use",
+    );
+    refuses(&weak, USER_PIN, "CKA_EXTRACTABLE is true, must be false");
+    refuses(&weak, USER_PIN, "CKA_WRAP is true, must be false");
+    let out = softhsm.coffre(&["hsm", "check", "--config", weak.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("CKA_NEVER_EXTRACTABLE is false"),
+        "{}",
+        stderr(&out)
+    );
+}
