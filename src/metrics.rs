@@ -185,13 +185,17 @@ pub struct HsmCounters {
 }
 
 /// The HSM calls counted, in the order of [`HsmCounters::calls`].
-pub const HSM_CALLS: [&str; 6] = [
+pub const HSM_CALLS: [&str; 10] = [
     "info",
     "generate_random",
     "wrap",
     "unwrap",
     "rotate_root_key",
     "destroy_root_key",
+    "create_key_object",
+    "seal_with_object",
+    "open_with_object",
+    "destroy_key_object",
 ];
 
 #[derive(Debug, Default)]

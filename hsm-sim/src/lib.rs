@@ -31,5 +31,7 @@ mod simulator;
 mod state;
 
 pub use error::SimError;
-pub use simulator::{Faults, MAX_RANDOM_LEN, MAX_SESSIONS, SessionId, SimInfo, Simulator};
+pub use simulator::{
+    Faults, MAX_RANDOM_LEN, MAX_SEAL_LEN, MAX_SESSIONS, ObjectSeal, SessionId, SimInfo, Simulator,
+};
 pub use state::PBKDF2_ITERATIONS;

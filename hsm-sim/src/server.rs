@@ -37,9 +37,20 @@ use tonic::{Request, Response, Status};
 use crate::proto;
 use crate::proto::fault_injection_server::{FaultInjection, FaultInjectionServer};
 use crate::proto::hsm_server::{Hsm, HsmServer};
-use crate::{Faults, SessionId, SimError, Simulator};
+use crate::{Faults, ObjectSeal, SessionId, SimError, Simulator};
 
 /// Maps a simulator error to the status a client sees.
+/// A 32-byte salt and a 12-byte IV from a request.
+fn salt_iv(salt: &[u8], iv: &[u8]) -> Result<([u8; 32], [u8; 12]), Status> {
+    let salt = salt
+        .try_into()
+        .map_err(|_| Status::invalid_argument("salt must be 32 bytes"))?;
+    let iv = iv
+        .try_into()
+        .map_err(|_| Status::invalid_argument("iv must be 12 bytes"))?;
+    Ok((salt, iv))
+}
+
 pub fn status(err: SimError) -> Status {
     match err {
         SimError::BadPin => Status::unauthenticated("wrong PIN"),
@@ -172,6 +183,76 @@ impl Hsm for HsmService {
         Ok(Response::new(proto::UnwrapResponse {
             plaintext: plaintext.to_vec(),
         }))
+    }
+
+    async fn create_key_object(
+        &self,
+        req: Request<proto::CreateKeyObjectRequest>,
+    ) -> Result<Response<proto::CreateKeyObjectResponse>, Status> {
+        let req = req.into_inner();
+        let s = session(&req.session)?;
+        self.sim
+            .create_key_object(&s, &req.name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::CreateKeyObjectResponse {}))
+    }
+
+    async fn seal_with_object(
+        &self,
+        req: Request<proto::SealWithObjectRequest>,
+    ) -> Result<Response<proto::SealWithObjectResponse>, Status> {
+        let req = req.into_inner();
+        let s = session(&req.session)?;
+        let (salt, iv) = salt_iv(&req.salt, &req.iv)?;
+        let seal = ObjectSeal {
+            object: &req.name,
+            salt: &salt,
+            iv: &iv,
+            aad: &req.aad,
+        };
+        let sealed = self
+            .sim
+            .seal_with_object(&s, seal, &req.plaintext)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::SealWithObjectResponse { sealed }))
+    }
+
+    async fn open_with_object(
+        &self,
+        req: Request<proto::OpenWithObjectRequest>,
+    ) -> Result<Response<proto::OpenWithObjectResponse>, Status> {
+        let req = req.into_inner();
+        let s = session(&req.session)?;
+        let (salt, iv) = salt_iv(&req.salt, &req.iv)?;
+        let seal = ObjectSeal {
+            object: &req.name,
+            salt: &salt,
+            iv: &iv,
+            aad: &req.aad,
+        };
+        let plaintext = self
+            .sim
+            .open_with_object(&s, seal, &req.sealed)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::OpenWithObjectResponse {
+            plaintext: plaintext.to_vec(),
+        }))
+    }
+
+    async fn destroy_key_object(
+        &self,
+        req: Request<proto::DestroyKeyObjectRequest>,
+    ) -> Result<Response<proto::DestroyKeyObjectResponse>, Status> {
+        let req = req.into_inner();
+        let s = session(&req.session)?;
+        self.sim
+            .destroy_key_object(&s, &req.name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::DestroyKeyObjectResponse {}))
     }
 
     async fn generate_random(

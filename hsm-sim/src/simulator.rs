@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use aes_gcm::{AeadInOut, Nonce, Tag};
-use ring::digest;
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::{digest, hkdf};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -22,6 +22,18 @@ use crate::state::{self, FileKey, RootKey, Token};
 pub const MAX_SESSIONS: usize = 4096;
 /// Largest `generate_random` request.
 pub const MAX_RANDOM_LEN: usize = 1024;
+/// Largest plaintext of [`Simulator::seal_with_object`].
+pub const MAX_SEAL_LEN: usize = 4096;
+
+/// Where [`Simulator::seal_with_object`] seals: the object, the derivation
+/// salt, the GCM IV and AAD.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectSeal<'a> {
+    pub object: &'a str,
+    pub salt: &'a [u8; 32],
+    pub iv: &'a [u8; 12],
+    pub aad: &'a [u8],
+}
 
 /// An opaque session handle: 16 random bytes, returned by
 /// [`Simulator::login`]. It is a bearer token, so its `Debug` is redacted.
@@ -444,6 +456,141 @@ impl Simulator {
         Ok(())
     }
 
+    // --- Key objects: CMK versions kept in the token -----------------------
+
+    /// Generates a 256-bit key object named `name` (1..=128 bytes). It never
+    /// leaves the token. A taken name is refused. The state file is written
+    /// before this returns.
+    pub async fn create_key_object(&self, session: &SessionId, name: &str) -> Result<(), SimError> {
+        self.enter(session).await?;
+        if name.is_empty() || name.len() > state::MAX_OBJECT_NAME_LEN {
+            return Err(SimError::InvalidInput(format!(
+                "object name must be 1..={} bytes",
+                state::MAX_OBJECT_NAME_LEN
+            )));
+        }
+        let key = RootKey::generate(&self.rng)?;
+        let mut token = lock(&self.token);
+        if token.tampered {
+            return Err(SimError::Tampered);
+        }
+        if token.objects.contains_key(name) {
+            return Err(SimError::InvalidInput(format!("object {name:?} exists")));
+        }
+        token.objects.insert(name.to_owned(), key);
+        if let Err(e) = self.persist(&token) {
+            token.objects.remove(name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Destroys a key object; an unknown name is not an error.
+    pub async fn destroy_key_object(
+        &self,
+        session: &SessionId,
+        name: &str,
+    ) -> Result<(), SimError> {
+        self.enter(session).await?;
+        let mut token = lock(&self.token);
+        if token.tampered {
+            return Err(SimError::Tampered);
+        }
+        let Some(key) = token.objects.remove(name) else {
+            return Ok(());
+        };
+        if let Err(e) = self.persist(&token) {
+            token.objects.insert(name.to_owned(), key);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The per-seal cipher: HKDF-SHA256(object key, salt, info =
+    /// "hsm-sim/v1/object-seal" ‖ name), as AES-256-GCM.
+    fn object_cipher(&self, name: &str, salt: &[u8; 32]) -> Result<Aes256Gcm, SimError> {
+        struct Len32;
+        impl hkdf::KeyType for Len32 {
+            fn len(&self) -> usize {
+                32
+            }
+        }
+        let token = lock(&self.token);
+        if token.tampered {
+            return Err(SimError::Tampered);
+        }
+        let object = token
+            .objects
+            .get(name)
+            .ok_or(SimError::AuthenticationFailed)?;
+        let info = [b"hsm-sim/v1/object-seal".as_slice(), name.as_bytes()];
+        let mut key = Zeroizing::new([0u8; 32]);
+        hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
+            .extract(object.material())
+            .expand(&info, Len32)
+            .and_then(|okm| okm.fill(&mut key[..]))
+            .map_err(|_| SimError::InvalidInput("HKDF refused the input".into()))?;
+        Aes256Gcm::new_from_slice(&key[..]).map_err(|_| SimError::AuthenticationFailed)
+    }
+
+    /// Seals `plaintext` (1..=4096 bytes) under a key derived from the object
+    /// and `salt`, AES-256-GCM with `iv` and `aad`: ciphertext ‖ tag.
+    pub async fn seal_with_object(
+        &self,
+        session: &SessionId,
+        seal: ObjectSeal<'_>,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, SimError> {
+        self.enter(session).await?;
+        if plaintext.is_empty() || plaintext.len() > MAX_SEAL_LEN {
+            return Err(SimError::InvalidInput(format!(
+                "plaintext must be 1..={MAX_SEAL_LEN} bytes"
+            )));
+        }
+        let cipher = match self.object_cipher(seal.object, seal.salt) {
+            Err(SimError::AuthenticationFailed) => {
+                return Err(SimError::InvalidInput(format!(
+                    "no object {:?}",
+                    seal.object
+                )));
+            }
+            other => other?,
+        };
+        let mut out = Zeroizing::new(plaintext.to_vec());
+        let tag = cipher
+            .encrypt_inout_detached(&Nonce::from(*seal.iv), seal.aad, out.as_mut_slice().into())
+            .map_err(|_| SimError::InvalidInput("AES-GCM refused the input".into()))?;
+        let mut sealed = std::mem::take(&mut *out);
+        sealed.extend_from_slice(tag.as_slice());
+        Ok(sealed)
+    }
+
+    /// Opens what [`Simulator::seal_with_object`] sealed. Any mismatch, or an
+    /// unknown object, is [`SimError::AuthenticationFailed`].
+    pub async fn open_with_object(
+        &self,
+        session: &SessionId,
+        seal: ObjectSeal<'_>,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, SimError> {
+        self.enter(session).await?;
+        let (body, tag) = sealed
+            .split_last_chunk::<{ format::TAG_LEN }>()
+            .filter(|(body, _)| !body.is_empty() && body.len() <= MAX_SEAL_LEN)
+            .ok_or(SimError::AuthenticationFailed)?;
+        let cipher = self.object_cipher(seal.object, seal.salt)?;
+        let mut out = Zeroizing::new(body.to_vec());
+        cipher
+            .decrypt_inout_detached(
+                &Nonce::from(*seal.iv),
+                seal.aad,
+                out.as_mut_slice().into(),
+                &Tag::from(*tag),
+            )
+            .map_err(|_| SimError::AuthenticationFailed)?;
+        Ok(out)
+    }
+
     /// Public facts about the token. Fails only during an injected outage.
     pub fn info(&self) -> Result<SimInfo, SimError> {
         if self.faults().outage {
@@ -490,6 +637,7 @@ impl Simulator {
     pub fn tamper(&self) -> Result<(), SimError> {
         let mut token = lock(&self.token);
         token.keys.clear(); // RootKey zeroizes on drop
+        token.objects.clear();
         token.tampered = true;
         self.persist(&token)
     }

@@ -11,7 +11,12 @@
 //!
 //! ```text
 //!  tampered u8 | current u32 | next_id u32 | label_len u16 | label | count u32 | count × (id u32 | key (32))
+//!  | objects u32 | objects × (name_len u16 | name | key (32))          (version 2 only)
 //! ```
+//!
+//! Version 2 added the key objects (CMK versions kept in the token, for
+//! coffre's protection level `HSM`). Version 1 files open (no objects); every
+//! write is version 2.
 //!
 //! A tag failure means the PIN is wrong (or the file was altered: the two are
 //! indistinguishable by design). Writes go to a temporary file in the same
@@ -33,7 +38,9 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::error::SimError;
 
 const MAGIC: [u8; 8] = *b"HSMSIMST";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// The version before key objects; still read.
+const VERSION_1: u8 = 1;
 const SALT_LEN: usize = 16;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -45,6 +52,8 @@ const MAX_ITERATIONS: u32 = 10_000_000;
 /// Length of a root key (AES-256).
 pub const ROOT_KEY_LEN: usize = 32;
 const MAX_LABEL_LEN: usize = 256;
+/// Longest key-object name.
+pub const MAX_OBJECT_NAME_LEN: usize = 128;
 
 /// One root key's material. Boxed so moves leave no copies; zeroized on drop.
 #[derive(Zeroize, ZeroizeOnDrop)]
@@ -60,6 +69,11 @@ impl RootKey {
     pub(crate) fn cipher(&self) -> Result<Aes256Gcm, SimError> {
         Aes256Gcm::new_from_slice(&self.0[..]).map_err(|_| SimError::AuthenticationFailed)
     }
+
+    /// The key material, for derivations inside the simulator.
+    pub(crate) fn material(&self) -> &[u8; ROOT_KEY_LEN] {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for RootKey {
@@ -73,6 +87,8 @@ impl std::fmt::Debug for RootKey {
 pub(crate) struct Token {
     pub(crate) label: String,
     pub(crate) keys: BTreeMap<u32, RootKey>,
+    /// Key objects by name: CMK versions that never leave the token.
+    pub(crate) objects: BTreeMap<String, RootKey>,
     pub(crate) current: u32,
     pub(crate) next_id: u32,
     pub(crate) tampered: bool,
@@ -91,6 +107,7 @@ impl Token {
         Ok(Self {
             label: label.to_owned(),
             keys,
+            objects: BTreeMap::new(),
             current: 1,
             next_id: 2,
             tampered: false,
@@ -115,10 +132,20 @@ impl Token {
             out.extend_from_slice(&id.to_be_bytes());
             out.extend_from_slice(&key.0[..]);
         }
+        let objects = u32::try_from(self.objects.len())
+            .map_err(|_| SimError::storage("encode", "too many objects"))?;
+        out.extend_from_slice(&objects.to_be_bytes());
+        for (name, key) in &self.objects {
+            let len = u16::try_from(name.len())
+                .map_err(|_| SimError::storage("encode", "object name too long"))?;
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&key.0[..]);
+        }
         Ok(out)
     }
 
-    fn decode(body: &[u8]) -> Result<Self, SimError> {
+    fn decode(body: &[u8], version: u8) -> Result<Self, SimError> {
         let bad = || SimError::storage("decode", "malformed state body");
         let mut r = Reader(body);
         let tampered = match r.take::<1>().ok_or_else(bad)? {
@@ -144,6 +171,24 @@ impl Token {
                 return Err(bad());
             }
         }
+        let mut objects = BTreeMap::new();
+        if version != VERSION_1 {
+            let count = u32::from_be_bytes(r.take().ok_or_else(bad)?);
+            for _ in 0..count {
+                let len = usize::from(u16::from_be_bytes(r.take().ok_or_else(bad)?));
+                if len == 0 || len > MAX_OBJECT_NAME_LEN {
+                    return Err(bad());
+                }
+                let name = r.slice(len).ok_or_else(bad)?;
+                let name = String::from_utf8(name.to_vec()).map_err(|_| bad())?;
+                let material = r.slice(ROOT_KEY_LEN).ok_or_else(bad)?;
+                let mut key = RootKey(Box::new([0u8; ROOT_KEY_LEN]));
+                key.0.copy_from_slice(material);
+                if objects.insert(name, key).is_some() {
+                    return Err(bad());
+                }
+            }
+        }
         if !r.0.is_empty() {
             return Err(bad());
         }
@@ -154,6 +199,7 @@ impl Token {
         Ok(Self {
             label,
             keys,
+            objects,
             current,
             next_id,
             tampered,
@@ -230,9 +276,10 @@ impl FileKey {
         if h.take::<8>() != Some(MAGIC) {
             return Err(bad("not an hsm-sim state file"));
         }
-        if h.take::<1>() != Some([VERSION]) {
-            return Err(bad("unsupported version"));
-        }
+        let version = match h.take::<1>() {
+            Some([v @ (VERSION | VERSION_1)]) => v,
+            _ => return Err(bad("unsupported version")),
+        };
         let iterations = u32::from_be_bytes(h.take().ok_or_else(|| bad("too short"))?);
         if !(PBKDF2_ITERATIONS..=MAX_ITERATIONS).contains(&iterations) {
             return Err(bad("PBKDF2 iteration count out of range"));
@@ -251,7 +298,7 @@ impl FileKey {
                 &Tag::from(*tag),
             )
             .map_err(|_| SimError::BadPin)?;
-        let token = Token::decode(&body)?;
+        let token = Token::decode(&body, version)?;
         Ok((fk, token))
     }
 
@@ -350,9 +397,38 @@ mod tests {
         let rng = SystemRandom::new();
         let token = Token::init("x", &rng).unwrap();
         let mut body = token.encode().unwrap().to_vec();
-        assert!(Token::decode(&body).is_ok());
+        assert!(Token::decode(&body, VERSION).is_ok());
         body.push(0);
-        assert!(Token::decode(&body).is_err());
+        assert!(Token::decode(&body, VERSION).is_err());
+    }
+
+    #[test]
+    fn key_objects_round_trip_and_version_1_bodies_still_open() {
+        let rng = SystemRandom::new();
+        let mut token = Token::init("x", &rng).unwrap();
+        let v2_empty = token.encode().unwrap().to_vec();
+        // A version-1 body is the same without the object count.
+        let v1 = &v2_empty[..v2_empty.len() - 4];
+        let old = Token::decode(v1, VERSION_1).unwrap();
+        assert!(old.objects.is_empty());
+        assert!(
+            Token::decode(v1, VERSION).is_err(),
+            "v2 needs the object count"
+        );
+
+        token
+            .objects
+            .insert("cmk-a".into(), RootKey::generate(&rng).unwrap());
+        token
+            .objects
+            .insert("cmk-b".into(), RootKey::generate(&rng).unwrap());
+        let fk = FileKey::generate("1234", &rng).unwrap();
+        let (_, back) = FileKey::open("1234", &fk.seal(&token, &rng).unwrap()).unwrap();
+        assert_eq!(
+            back.objects.keys().collect::<Vec<_>>(),
+            vec!["cmk-a", "cmk-b"]
+        );
+        assert_eq!(back.objects["cmk-b"].0, token.objects["cmk-b"].0);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::{Hsm, HsmError};
+use super::{Hsm, HsmError, ObjectSeal};
 
 /// A check that failed, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +25,7 @@ impl std::fmt::Display for Failure {
 }
 
 /// The checks, in the order they run.
-pub const CHECKS: [&str; 11] = [
+pub const CHECKS: [&str; 15] = [
     "info names the current root key",
     "random: 1, 32 and 1024 bytes, fresh each time; 0 and 1025 refused",
     "wrap and unwrap 1, 32, 64 and 1024 bytes under the current root key",
@@ -37,7 +37,15 @@ pub const CHECKS: [&str; 11] = [
     "rotation makes a new current root key; older blobs still unwrap",
     "destroying the current or an unknown root key is refused; a destroyed one unwraps nothing",
     "64 concurrent wraps and unwraps all round-trip",
+    "key objects: seal and open 1, 32 and 4096 bytes; a taken name is refused; 0 and 4097 bytes refused",
+    "key objects: another object, salt, IV or AAD, or any flipped bit, fails authentication",
+    "key objects: a destroyed object opens nothing, and destroying it again succeeds",
+    "key objects: 32 concurrent seals and opens all round-trip",
 ];
+
+/// Said through `progress` instead of the key-object checks when the
+/// backend does not hold key objects.
+pub const NO_KEY_OBJECTS: &str = "key objects: not offered by this backend (4 checks not run)";
 
 fn fail(check: usize, detail: impl Into<String>) -> Failure {
     Failure {
@@ -348,6 +356,258 @@ pub async fn run(hsm: Arc<dyn Hsm>, mut progress: impl FnMut(&str)) -> Result<()
             Err(e) => return Err(fail(c, format!("task failed: {e}"))),
         }
     }
+
+    if !hsm.supports_key_objects() {
+        progress(NO_KEY_OBJECTS);
+        return Ok(());
+    }
+    key_objects(hsm, &mut progress, step).await
+}
+
+async fn key_objects(
+    hsm: Arc<dyn Hsm>,
+    progress: &mut impl FnMut(&str),
+    first: usize,
+) -> Result<(), Failure> {
+    let mut step = first;
+    let mut next = |progress: &mut dyn FnMut(&str)| {
+        let s = step;
+        progress(CHECKS.get(s).copied().unwrap_or(""));
+        step += 1;
+        s
+    };
+    let tag = hsm
+        .generate_random(8)
+        .await
+        .map_err(|e| fail(first, e.to_string()))?;
+    let name = format!("conformance-{}", hex::encode(tag.expose()));
+    let other = format!("{name}-other");
+    let salt = [7u8; 32];
+    let iv = [9u8; 12];
+    let aad = b"coffre/conformance/object".as_slice();
+    let seal = ObjectSeal {
+        object: &name,
+        salt: &salt,
+        iv: &iv,
+        aad,
+    };
+
+    // seal and open
+    let c = next(progress);
+    hsm.create_key_object(&name)
+        .await
+        .map_err(|e| fail(c, format!("create {name}: {e}")))?;
+    hsm.create_key_object(&other)
+        .await
+        .map_err(|e| fail(c, format!("create {other}: {e}")))?;
+    match hsm.create_key_object(&name).await {
+        Err(HsmError::Rejected(_)) => {}
+        r => {
+            return Err(fail(
+                c,
+                format!("a second {name}: expected Rejected, got {r:?}"),
+            ));
+        }
+    }
+    for len in [1usize, 32, 4096] {
+        let plain = vec![0x5Au8; len];
+        let sealed = hsm
+            .seal_with_object(seal, &plain)
+            .await
+            .map_err(|e| fail(c, format!("seal {len} bytes: {e}")))?;
+        if sealed.len() != len + 16 {
+            return Err(fail(c, format!("{len} bytes sealed into {}", sealed.len())));
+        }
+        let back = hsm
+            .open_with_object(seal, &sealed)
+            .await
+            .map_err(|e| fail(c, format!("open {len} bytes: {e}")))?;
+        if back.expose() != plain.as_slice() {
+            return Err(fail(c, format!("{len} bytes did not round-trip")));
+        }
+    }
+    for len in [0usize, 4097] {
+        match hsm.seal_with_object(seal, &vec![1u8; len]).await {
+            Err(HsmError::Rejected(_)) => {}
+            r => {
+                return Err(fail(
+                    c,
+                    format!("seal {len} bytes: expected Rejected, got {r:?}"),
+                ));
+            }
+        }
+    }
+
+    // mismatches
+    let c = next(progress);
+    let secret = hsm
+        .generate_random(32)
+        .await
+        .map_err(|e| fail(c, e.to_string()))?;
+    let sealed = hsm
+        .seal_with_object(seal, secret.expose())
+        .await
+        .map_err(|e| fail(c, e.to_string()))?;
+    let other_salt = [8u8; 32];
+    let other_iv = [10u8; 12];
+    let variants = [
+        (
+            "another object",
+            ObjectSeal {
+                object: &other,
+                ..seal
+            },
+        ),
+        (
+            "an unknown object",
+            ObjectSeal {
+                object: "conformance-no-such-object",
+                ..seal
+            },
+        ),
+        (
+            "another salt",
+            ObjectSeal {
+                salt: &other_salt,
+                ..seal
+            },
+        ),
+        (
+            "another IV",
+            ObjectSeal {
+                iv: &other_iv,
+                ..seal
+            },
+        ),
+        (
+            "another AAD",
+            ObjectSeal {
+                aad: b"coffre/conformance/objecT",
+                ..seal
+            },
+        ),
+        ("no AAD", ObjectSeal { aad: b"", ..seal }),
+    ];
+    for (what, variant) in variants {
+        match hsm.open_with_object(variant, &sealed).await {
+            Err(HsmError::AuthenticationFailed) => {}
+            r => {
+                return Err(fail(
+                    c,
+                    format!("{what}: expected AuthenticationFailed, got {}", outcome(&r)),
+                ));
+            }
+        }
+    }
+    for i in 0..sealed.len() {
+        let mut bad = sealed.clone();
+        if let Some(b) = bad.get_mut(i) {
+            *b ^= 0x80 >> (i % 8);
+        }
+        match hsm.open_with_object(seal, &bad).await {
+            Err(HsmError::AuthenticationFailed) => {}
+            r => {
+                return Err(fail(
+                    c,
+                    format!(
+                        "byte {i} flipped: expected AuthenticationFailed, got {}",
+                        outcome(&r)
+                    ),
+                ));
+            }
+        }
+    }
+    for (what, bad) in [
+        ("empty", Vec::new()),
+        (
+            "tag only",
+            sealed
+                .get(sealed.len().saturating_sub(16)..)
+                .unwrap_or_default()
+                .to_vec(),
+        ),
+        (
+            "one byte short",
+            sealed
+                .get(..sealed.len().saturating_sub(1))
+                .unwrap_or_default()
+                .to_vec(),
+        ),
+    ] {
+        match hsm.open_with_object(seal, &bad).await {
+            Err(HsmError::AuthenticationFailed) => {}
+            r => {
+                return Err(fail(
+                    c,
+                    format!("{what}: expected AuthenticationFailed, got {}", outcome(&r)),
+                ));
+            }
+        }
+    }
+
+    // destruction
+    let c = next(progress);
+    hsm.destroy_key_object(&name)
+        .await
+        .map_err(|e| fail(c, format!("destroy: {e}")))?;
+    match hsm.open_with_object(seal, &sealed).await {
+        Err(HsmError::AuthenticationFailed) => {}
+        r => {
+            return Err(fail(
+                c,
+                format!(
+                    "after destruction: expected AuthenticationFailed, got {}",
+                    outcome(&r)
+                ),
+            ));
+        }
+    }
+    hsm.destroy_key_object(&name)
+        .await
+        .map_err(|e| fail(c, format!("destroying it again: {e}")))?;
+    match hsm.seal_with_object(seal, b"x").await {
+        Err(HsmError::Rejected(_)) => {}
+        r => {
+            return Err(fail(
+                c,
+                format!("seal under a destroyed object: expected Rejected, got {r:?}"),
+            ));
+        }
+    }
+
+    // concurrency
+    let c = next(progress);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..32u8 {
+        let hsm = hsm.clone();
+        let other = other.clone();
+        tasks.spawn(async move {
+            let plain = [i; 48];
+            let salt = [i; 32];
+            let iv = [i; 12];
+            let aad = [i, i];
+            let s = ObjectSeal {
+                object: &other,
+                salt: &salt,
+                iv: &iv,
+                aad: &aad,
+            };
+            let sealed = hsm.seal_with_object(s, &plain).await?;
+            let back = hsm.open_with_object(s, &sealed).await?;
+            Ok::<bool, HsmError>(back.expose() == plain)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Err(fail(c, "a concurrent round trip gave other bytes")),
+            Ok(Err(e)) => return Err(fail(c, e.to_string())),
+            Err(e) => return Err(fail(c, format!("task failed: {e}"))),
+        }
+    }
+    hsm.destroy_key_object(&other)
+        .await
+        .map_err(|e| fail(c, format!("cleaning up: {e}")))?;
     Ok(())
 }
 

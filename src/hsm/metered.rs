@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::{Hsm, HsmError, HsmInfo, HsmWrapped};
+use super::{Hsm, HsmError, HsmInfo, HsmWrapped, ObjectSeal};
 use crate::metrics::HsmCounters;
 use crate::secret::SecretBytes;
 
@@ -39,6 +39,10 @@ const WRAP: usize = 2;
 const UNWRAP: usize = 3;
 const ROTATE: usize = 4;
 const DESTROY: usize = 5;
+const CREATE_OBJECT: usize = 6;
+const SEAL: usize = 7;
+const OPEN: usize = 8;
+const DESTROY_OBJECT: usize = 9;
 
 #[async_trait]
 impl Hsm for MeteredHsm {
@@ -85,6 +89,46 @@ impl Hsm for MeteredHsm {
         let t = Instant::now();
         let r = self.inner.destroy_root_key(root_key_id).await;
         self.count(DESTROY, t, &r);
+        r
+    }
+
+    fn supports_key_objects(&self) -> bool {
+        self.inner.supports_key_objects()
+    }
+
+    async fn create_key_object(&self, name: &str) -> Result<(), HsmError> {
+        let t = Instant::now();
+        let r = self.inner.create_key_object(name).await;
+        self.count(CREATE_OBJECT, t, &r);
+        r
+    }
+
+    async fn seal_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let t = Instant::now();
+        let r = self.inner.seal_with_object(seal, plaintext).await;
+        self.count(SEAL, t, &r);
+        r
+    }
+
+    async fn open_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        sealed: &[u8],
+    ) -> Result<SecretBytes, HsmError> {
+        let t = Instant::now();
+        let r = self.inner.open_with_object(seal, sealed).await;
+        self.count(OPEN, t, &r);
+        r
+    }
+
+    async fn destroy_key_object(&self, name: &str) -> Result<(), HsmError> {
+        let t = Instant::now();
+        let r = self.inner.destroy_key_object(name).await;
+        self.count(DESTROY_OBJECT, t, &r);
         r
     }
 }

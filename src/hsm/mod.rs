@@ -58,6 +58,26 @@ pub enum HsmError {
     Rejected(String),
 }
 
+/// Where and how [`Hsm::seal_with_object`] seals: the key object's name, the
+/// salt the HSM derives the per-seal key with, the GCM IV and AAD.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectSeal<'a> {
+    pub object: &'a str,
+    pub salt: &'a [u8; 32],
+    pub iv: &'a [u8; 12],
+    pub aad: &'a [u8],
+}
+
+/// Longest key-object name.
+pub const MAX_OBJECT_NAME_LEN: usize = 128;
+/// Largest plaintext [`Hsm::seal_with_object`] takes (a caller secret of
+/// `Encrypt`).
+pub const MAX_SEAL_LEN: usize = 4096;
+
+fn no_key_objects() -> HsmError {
+    HsmError::Rejected("this HSM backend does not hold CMK versions (protection level HSM)".into())
+}
+
 /// Facts about the HSM that may be shown to operators.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HsmInfo {
@@ -92,4 +112,53 @@ pub trait Hsm: Send + Sync + fmt::Debug {
     /// Destroys a root key that is not the current one. Whatever it wrapped
     /// can never be unwrapped again.
     async fn destroy_root_key(&self, root_key_id: u32) -> Result<(), HsmError>;
+
+    // --- Protection level HSM: CMK versions as key objects in the HSM ---
+
+    /// Whether this backend can keep CMK versions as its own non-extractable
+    /// key objects (protection level `HSM`). The other methods below refuse
+    /// with [`HsmError::Rejected`] when it cannot.
+    fn supports_key_objects(&self) -> bool {
+        false
+    }
+
+    /// Generates a non-extractable AES-256 key object named `name` (at most
+    /// [`MAX_OBJECT_NAME_LEN`] bytes) inside the HSM. A name already taken
+    /// is refused.
+    async fn create_key_object(&self, name: &str) -> Result<(), HsmError> {
+        let _ = name;
+        Err(no_key_objects())
+    }
+
+    /// Seals `plaintext` (1..=[`MAX_SEAL_LEN`] bytes) inside the HSM: a
+    /// per-seal key derived there from the object and `seal.salt`, then
+    /// AES-256-GCM with `seal.iv` and `seal.aad`. Returns ciphertext ‖ tag.
+    async fn seal_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let _ = (seal, plaintext);
+        Err(no_key_objects())
+    }
+
+    /// Opens what [`Hsm::seal_with_object`] sealed with the same parameters.
+    /// Any mismatch, and an unknown object, is
+    /// [`HsmError::AuthenticationFailed`].
+    async fn open_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        sealed: &[u8],
+    ) -> Result<SecretBytes, HsmError> {
+        let _ = (seal, sealed);
+        Err(no_key_objects())
+    }
+
+    /// Destroys a key object: what it sealed never opens again. Destroying
+    /// an object that does not exist succeeds (so an interrupted
+    /// destruction can be run again).
+    async fn destroy_key_object(&self, name: &str) -> Result<(), HsmError> {
+        let _ = name;
+        Err(no_key_objects())
+    }
 }

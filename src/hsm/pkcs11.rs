@@ -73,7 +73,7 @@ use cryptoki::types::AuthPin;
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
-use super::{Hsm, HsmError, HsmInfo, HsmWrapped};
+use super::{Hsm, HsmError, HsmInfo, HsmWrapped, MAX_OBJECT_NAME_LEN, MAX_SEAL_LEN, ObjectSeal};
 use crate::secret::SecretBytes;
 
 /// Labels of coffre's root keys: this prefix and the id in decimal.
@@ -174,6 +174,39 @@ const REQUIRED_MECHANISMS: [(&str, MechanismType); 2] = [
     ("CKM_AES_KEY_GEN", MechanismType::AES_KEY_GEN),
     ("CKM_AES_GCM", MechanismType::AES_GCM),
 ];
+
+/// The mechanism protection level `HSM` needs besides those.
+const KEY_OBJECT_MECHANISM: (&str, MechanismType) = (
+    "CKM_AES_CBC_ENCRYPT_DATA",
+    MechanismType::AES_CBC_ENCRYPT_DATA,
+);
+
+/// The template of a CMK version kept in the token (protection level HSM):
+/// it can only derive the per-seal keys, never encrypt, decrypt or wrap
+/// anything itself, and never leaves the token.
+fn key_object_template(name: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Label(name.as_bytes().to_vec()),
+        Attribute::Id(name.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Derive(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Destroyable(true),
+    ]
+}
 
 /// The template coffre generates a root key with.
 fn root_key_template(id: u32) -> Vec<Attribute> {
@@ -302,6 +335,10 @@ struct Inner {
     timeout: Duration,
     /// Root keys by id, as last read from the token.
     roots: RwLock<BTreeMap<u32, RootKey>>,
+    /// CMK key objects (protection level HSM) by name, as found.
+    objects: RwLock<HashMap<String, ObjectHandle>>,
+    /// The token offers what protection level HSM needs.
+    key_objects: bool,
 }
 
 /// The PKCS#11 backend. Cheap to clone.
@@ -409,6 +446,16 @@ impl Pkcs11Hsm {
                 }
             }
         }
+        let key_objects = ctx
+            .get_mechanism_info(slot, KEY_OBJECT_MECHANISM.1)
+            .is_ok_and(|info| info.derive());
+        if !key_objects {
+            tracing::warn!(
+                token = %token_label,
+                "the token does not offer {} for derivation: protection level HSM is unavailable",
+                KEY_OBJECT_MECHANISM.0
+            );
+        }
         let pin = AuthPin::from(settings.pin.as_str());
         let hsm = Self {
             inner: Arc::new(Inner {
@@ -421,6 +468,8 @@ impl Pkcs11Hsm {
                 permits: Arc::new(Semaphore::new(settings.sessions)),
                 timeout: settings.timeout,
                 roots: RwLock::new(BTreeMap::new()),
+                objects: RwLock::new(HashMap::new()),
+                key_objects,
             }),
         };
         let session = hsm.inner.open_session()?;
@@ -580,13 +629,28 @@ impl Inner {
             .copied()
     }
 
-    /// Reads the token's root keys into `roots`.
+    /// Reads the token's root keys into `roots`: the AES token keys that can
+    /// encrypt (CMK key objects cannot) and carry a root key's label.
     fn refresh_roots(&self, s: &Session) -> Result<(), CkError> {
-        let handles = s.find_objects(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::Token(true),
-        ])?;
+        let found = Self::labelled_roots(
+            s,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Encrypt(true),
+            ],
+        )?;
+        *self.roots.write().unwrap_or_else(PoisonError::into_inner) = found;
+        Ok(())
+    }
+
+    /// The objects matching `template` whose label is a root key's.
+    fn labelled_roots(
+        s: &Session,
+        template: &[Attribute],
+    ) -> Result<BTreeMap<u32, RootKey>, CkError> {
+        let handles = s.find_objects(template)?;
         let mut found = BTreeMap::new();
         for handle in handles {
             let attrs = s.get_attributes(handle, &[AttributeType::Label])?;
@@ -603,20 +667,17 @@ impl Inner {
                 found.insert(id, RootKey { handle });
             }
         }
-        *self.roots.write().unwrap_or_else(PoisonError::into_inner) = found;
-        Ok(())
+        Ok(found)
     }
 
     /// Checks every root key against [`ROOT_KEY_POLICY`], its type and
     /// length. Refuses the token on the first key that falls short.
     fn check_roots(&self, s: &Session) -> Result<(), HsmError> {
-        let roots: Vec<(u32, RootKey)> = self
-            .roots
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(id, k)| (*id, *k))
-            .collect();
+        // Every object labelled as a root key, whatever its flags: one that
+        // cannot encrypt would be skipped by `refresh_roots`, but is still
+        // someone's mistake to report.
+        let roots = Self::labelled_roots(s, &[Attribute::Class(ObjectClass::SECRET_KEY)])
+            .map_err(|e| classify(&e))?;
         for (id, key) in roots {
             let mut kinds: Vec<AttributeType> = ROOT_KEY_POLICY.iter().map(|r| r.kind).collect();
             kinds.push(AttributeType::ValueLen);
@@ -635,6 +696,69 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// The handle of the CMK key object `name`, found on the token once.
+    fn object(&self, s: &Session, name: &str) -> Result<Option<ObjectHandle>, CkError> {
+        if let Some(h) = self
+            .objects
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+        {
+            return Ok(Some(*h));
+        }
+        let found = s.find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Token(true),
+            Attribute::Label(name.as_bytes().to_vec()),
+        ])?;
+        let handle = match found.as_slice() {
+            [] => return Ok(None),
+            [one] => *one,
+            // Two objects with one name: not made by coffre. Use neither.
+            _ => {
+                return Err(CkError::Pkcs11(
+                    RvError::KeyHandleInvalid,
+                    cryptoki::context::Function::FindObjects,
+                ));
+            }
+        };
+        self.objects
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), handle);
+        Ok(Some(handle))
+    }
+
+    /// A per-seal key derived inside the token from the CMK object and the
+    /// salt (`CKM_AES_CBC_ENCRYPT_DATA`, IV 0: the 32 derived bytes are the
+    /// CBC encryption of the salt), a session object that can only
+    /// `purpose` (encrypt or decrypt), non-extractable.
+    fn derive_seal_key(
+        s: &Session,
+        base: ObjectHandle,
+        salt: &[u8; 32],
+        encrypt: bool,
+    ) -> Result<ObjectHandle, CkError> {
+        let params = cryptoki::mechanism::ekdf::AesCbcDeriveParams::new([0u8; 16], salt);
+        s.derive_key(
+            &Mechanism::AesCbcEncryptData(params),
+            base,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(false),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(encrypt),
+                Attribute::Decrypt(!encrypt),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Derive(false),
+            ],
+        )
     }
 
     fn generate_root(&self, s: &Session, id: u32) -> Result<u32, CkError> {
@@ -940,6 +1064,165 @@ impl Hsm for Pkcs11Hsm {
             Ok(Ok(()))
         })
         .await?
+    }
+
+    fn supports_key_objects(&self) -> bool {
+        self.inner.key_objects
+    }
+
+    async fn create_key_object(&self, name: &str) -> Result<(), HsmError> {
+        self.check_object_name(name)?;
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        self.run(move |s| {
+            if inner.object(s, &name)?.is_some() {
+                return Ok(Err(HsmError::Rejected(format!("object {name:?} exists"))));
+            }
+            let handle = s.generate_key(&Mechanism::AesKeyGen, &key_object_template(&name))?;
+            inner
+                .objects
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(name.clone(), handle);
+            Ok(Ok(()))
+        })
+        .await?
+    }
+
+    async fn seal_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        self.check_object_name(seal.object)?;
+        if plaintext.is_empty() || plaintext.len() > MAX_SEAL_LEN {
+            return Err(HsmError::Rejected(format!(
+                "plaintext must be 1..={MAX_SEAL_LEN} bytes"
+            )));
+        }
+        let inner = self.inner.clone();
+        let owned = OwnedSeal::from(seal);
+        let plaintext = Zeroizing::new(plaintext.to_vec());
+        self.run(move |s| {
+            let Some(base) = inner.object(s, &owned.object)? else {
+                return Ok(Err(HsmError::Rejected(format!(
+                    "no object {:?}",
+                    owned.object
+                ))));
+            };
+            let key = Inner::derive_seal_key(s, base, &owned.salt, true)?;
+            let mut iv = owned.iv;
+            let sealed = GcmParams::new(&mut iv, &owned.aad, 128.into())
+                .and_then(|p| s.encrypt(&Mechanism::AesGcm(p), key, &plaintext));
+            // A session object; destroyed now rather than with the session.
+            let _ = s.destroy_object(key);
+            Ok(Ok(sealed?))
+        })
+        .await?
+    }
+
+    async fn open_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        sealed: &[u8],
+    ) -> Result<SecretBytes, HsmError> {
+        if self.check_object_name(seal.object).is_err()
+            || sealed.len() <= TAG_LEN
+            || sealed.len() > MAX_SEAL_LEN + TAG_LEN
+        {
+            return Err(HsmError::AuthenticationFailed);
+        }
+        let inner = self.inner.clone();
+        let owned = OwnedSeal::from(seal);
+        let sealed = sealed.to_vec();
+        self.run(move |s| {
+            let Some(base) = inner.object(s, &owned.object)? else {
+                return Ok(Err(HsmError::AuthenticationFailed));
+            };
+            let key = Inner::derive_seal_key(s, base, &owned.salt, false)?;
+            let mut iv = owned.iv;
+            let opened = GcmParams::new(&mut iv, &owned.aad, 128.into())
+                .and_then(|p| s.decrypt(&Mechanism::AesGcm(p), key, &sealed));
+            let _ = s.destroy_object(key);
+            match opened {
+                Ok(plain) => Ok(Ok(SecretBytes::from(Zeroizing::new(plain)))),
+                Err(e) if matches!(classify(&e), HsmError::AuthenticationFailed) => {
+                    Ok(Err(HsmError::AuthenticationFailed))
+                }
+                Err(
+                    e @ CkError::Pkcs11(
+                        RvError::GeneralError | RvError::FunctionFailed,
+                        cryptoki::context::Function::Decrypt,
+                    ),
+                ) => match s.get_session_info() {
+                    Ok(_) => Ok(Err(HsmError::AuthenticationFailed)),
+                    Err(_) => Err(e),
+                },
+                Err(e) => Err(e),
+            }
+        })
+        .await?
+    }
+
+    async fn destroy_key_object(&self, name: &str) -> Result<(), HsmError> {
+        self.check_object_name(name)?;
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        self.run(move |s| {
+            if let Some(handle) = inner.object(s, &name)? {
+                match s.destroy_object(handle) {
+                    // Destroyed by someone else since we found it.
+                    Ok(()) | Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            inner
+                .objects
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&name);
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// [`ObjectSeal`] owned, to move into a blocking call.
+struct OwnedSeal {
+    object: String,
+    salt: [u8; 32],
+    iv: [u8; IV_LEN],
+    aad: Vec<u8>,
+}
+
+impl From<ObjectSeal<'_>> for OwnedSeal {
+    fn from(s: ObjectSeal<'_>) -> Self {
+        Self {
+            object: s.object.to_owned(),
+            salt: *s.salt,
+            iv: *s.iv,
+            aad: s.aad.to_vec(),
+        }
+    }
+}
+
+impl Pkcs11Hsm {
+    fn check_object_name(&self, name: &str) -> Result<(), HsmError> {
+        if !self.inner.key_objects {
+            return Err(HsmError::Rejected(format!(
+                "the token {:?} does not offer {}: no protection level HSM",
+                self.inner.token_label, KEY_OBJECT_MECHANISM.0
+            )));
+        }
+        if name.is_empty()
+            || name.len() > MAX_OBJECT_NAME_LEN
+            || name.starts_with(ROOT_LABEL_PREFIX)
+        {
+            return Err(HsmError::Rejected(format!(
+                "invalid key object name {name:?}"
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -25,15 +25,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hsm_sim::proto::hsm_client::HsmClient;
 use hsm_sim::proto::{
-    DestroyRootKeyRequest, GenerateRandomRequest, GetInfoRequest, LoginRequest,
-    RotateRootKeyRequest, UnwrapRequest, WrapRequest,
+    CreateKeyObjectRequest, DestroyKeyObjectRequest, DestroyRootKeyRequest, GenerateRandomRequest,
+    GetInfoRequest, LoginRequest, OpenWithObjectRequest, RotateRootKeyRequest,
+    SealWithObjectRequest, UnwrapRequest, WrapRequest,
 };
 use hsm_sim::{MAX_RANDOM_LEN, SessionId, SimError, Simulator};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{Hsm, HsmError, HsmInfo, HsmWrapped};
+use super::{Hsm, HsmError, HsmInfo, HsmWrapped, ObjectSeal};
 use crate::secret::SecretBytes;
 
 fn check_random_len(len: usize) -> Result<(), HsmError> {
@@ -166,6 +167,45 @@ impl Hsm for LocalSimHsm {
     async fn destroy_root_key(&self, root_key_id: u32) -> Result<(), HsmError> {
         with_session!(self, |s| self.sim.destroy_root_key(&s, root_key_id))
     }
+
+    fn supports_key_objects(&self) -> bool {
+        true
+    }
+
+    async fn create_key_object(&self, name: &str) -> Result<(), HsmError> {
+        with_session!(self, |s| self.sim.create_key_object(&s, name))
+    }
+
+    async fn seal_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let seal = sim_seal(seal);
+        with_session!(self, |s| self.sim.seal_with_object(&s, seal, plaintext))
+    }
+
+    async fn open_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        sealed: &[u8],
+    ) -> Result<SecretBytes, HsmError> {
+        let seal = sim_seal(seal);
+        with_session!(self, |s| self.sim.open_with_object(&s, seal, sealed)).map(SecretBytes::from)
+    }
+
+    async fn destroy_key_object(&self, name: &str) -> Result<(), HsmError> {
+        with_session!(self, |s| self.sim.destroy_key_object(&s, name))
+    }
+}
+
+fn sim_seal(seal: ObjectSeal<'_>) -> hsm_sim::ObjectSeal<'_> {
+    hsm_sim::ObjectSeal {
+        object: seal.object,
+        salt: seal.salt,
+        iv: seal.iv,
+        aad: seal.aad,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -201,6 +241,10 @@ enum Op {
     Unwrap,
     Random,
     RootKey,
+    Object,
+    /// Opening with a key object: `INVALID_ARGUMENT` is an authentication
+    /// failure, as for Unwrap.
+    OpenObject,
 }
 
 impl RemoteSimHsm {
@@ -250,7 +294,9 @@ impl RemoteSimHsm {
     fn map_status(&self, op: Op, status: &Status) -> HsmError {
         let msg = status.message();
         match status.code() {
-            Code::InvalidArgument if op == Op::Unwrap => HsmError::AuthenticationFailed,
+            Code::InvalidArgument if matches!(op, Op::Unwrap | Op::OpenObject) => {
+                HsmError::AuthenticationFailed
+            }
             Code::FailedPrecondition if msg.contains("tampered") => HsmError::Tampered,
             Code::Unauthenticated => HsmError::LoginFailed(msg.to_owned()),
             Code::InvalidArgument
@@ -387,6 +433,76 @@ impl Hsm for RemoteSimHsm {
             c.destroy_root_key(DestroyRootKeyRequest {
                 session,
                 root_key_id,
+            })
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    fn supports_key_objects(&self) -> bool {
+        true
+    }
+
+    async fn create_key_object(&self, name: &str) -> Result<(), HsmError> {
+        self.call(Op::Object, |mut c, session| async move {
+            c.create_key_object(CreateKeyObjectRequest {
+                session,
+                name: name.to_owned(),
+            })
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn seal_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let response = self
+            .call(Op::Object, |mut c, session| async move {
+                c.seal_with_object(SealWithObjectRequest {
+                    session,
+                    name: seal.object.to_owned(),
+                    salt: seal.salt.to_vec(),
+                    iv: seal.iv.to_vec(),
+                    aad: seal.aad.to_vec(),
+                    plaintext: plaintext.to_vec(),
+                })
+                .await
+            })
+            .await?;
+        Ok(response.sealed)
+    }
+
+    async fn open_with_object(
+        &self,
+        seal: ObjectSeal<'_>,
+        sealed: &[u8],
+    ) -> Result<SecretBytes, HsmError> {
+        let response = self
+            .call(Op::OpenObject, |mut c, session| async move {
+                c.open_with_object(OpenWithObjectRequest {
+                    session,
+                    name: seal.object.to_owned(),
+                    salt: seal.salt.to_vec(),
+                    iv: seal.iv.to_vec(),
+                    aad: seal.aad.to_vec(),
+                    sealed: sealed.to_vec(),
+                })
+                .await
+            })
+            .await?;
+        Ok(SecretBytes::new(response.plaintext))
+    }
+
+    async fn destroy_key_object(&self, name: &str) -> Result<(), HsmError> {
+        self.call(Op::Object, |mut c, session| async move {
+            c.destroy_key_object(DestroyKeyObjectRequest {
+                session,
+                name: name.to_owned(),
             })
             .await
         })
