@@ -120,6 +120,14 @@ fn derive_cipher(
     Aes256Gcm::new_from_slice(&key[..]).map_err(|_| AuthenticationFailed)
 }
 
+/// The AAD of a blob: its header bytes ‖ the context digest (both suites).
+pub fn blob_aad(
+    header_bytes: &[u8],
+    digest: &ContextDigest,
+) -> [u8; envelope::HEADER_LEN + CONTEXT_DIGEST_LEN] {
+    aad(header_bytes, digest)
+}
+
 fn aad(
     header_bytes: &[u8],
     digest: &ContextDigest,
@@ -153,6 +161,7 @@ pub fn seal(
     salt.copy_from_slice(salt_part);
     iv.copy_from_slice(iv_part);
     let header = Header {
+        suite: envelope::SUITE_HKDF_SHA256_AES256GCM,
         key_id,
         key_version,
         salt,
@@ -261,6 +270,10 @@ pub fn open(
     blob: &ParsedBlob<'_>,
     digest: &ContextDigest,
 ) -> Result<SecretBytes, AuthenticationFailed> {
+    // A suite-2 blob is opened by the HSM, never with material in memory.
+    if blob.header.suite != envelope::SUITE_HKDF_SHA256_AES256GCM {
+        return Err(AuthenticationFailed);
+    }
     let cipher = derive_cipher(
         cmk,
         blob.header.key_id,

@@ -7,6 +7,10 @@
 //!  | "CF" | 01 | suite | key_id (16) | version u32 | salt (32) | iv (12) | ciphertext | tag (16) |
 //! ```
 //!
+//! Suites: 1 (HKDF-SHA256 in coffre, then AES-256-GCM: protection level
+//! `SOFTWARE`) and 2 (the same inside the HSM, under the CMK version's key
+//! object: protection level `HSM`).
+//!
 //! Parsing is strict: wrong magic, unknown format version or suite, a
 //! ciphertext outside `1..=MAX_CIPHERTEXT_LEN` bytes, or any trailing byte is
 //! refused. The whole header (bytes `0..68`) is authenticated as AAD, together
@@ -19,6 +23,12 @@ pub const MAGIC: [u8; 2] = *b"CF";
 pub const FORMAT_VERSION: u8 = 1;
 /// HKDF-SHA256 per-wrap key derivation, then AES-256-GCM.
 pub const SUITE_HKDF_SHA256_AES256GCM: u8 = 1;
+/// Protection level HSM: the HSM derives the per-wrap key from the CMK
+/// version's key object and the salt, and runs AES-256-GCM, inside itself
+/// (the derivation is the HSM backend's: `CKM_AES_CBC_ENCRYPT_DATA` over the
+/// salt for PKCS#11, HKDF-SHA256 in the simulator). Same layout and AAD as
+/// suite 1.
+pub const SUITE_HSM_AES256GCM: u8 = 2;
 
 pub const KEY_ID_LEN: usize = 16;
 pub const SALT_LEN: usize = 32;
@@ -51,6 +61,8 @@ pub enum ParseError {
 /// The fixed-width header of a v1 blob.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// [`SUITE_HKDF_SHA256_AES256GCM`] or [`SUITE_HSM_AES256GCM`].
+    pub suite: u8,
     pub key_id: KeyId,
     pub key_version: u32,
     pub salt: [u8; SALT_LEN],
@@ -66,7 +78,7 @@ impl Header {
             pos: 0,
         };
         w.put(&MAGIC);
-        w.put(&[FORMAT_VERSION, SUITE_HKDF_SHA256_AES256GCM]);
+        w.put(&[FORMAT_VERSION, self.suite]);
         w.put(self.key_id.as_bytes());
         w.put(&self.key_version.to_be_bytes());
         w.put(&self.salt);
@@ -122,7 +134,7 @@ pub fn parse(blob: &[u8]) -> Result<ParsedBlob<'_>, ParseError> {
         return Err(ParseError::Version(version));
     }
     let [suite]: [u8; 1] = r.take();
-    if suite != SUITE_HKDF_SHA256_AES256GCM {
+    if suite != SUITE_HKDF_SHA256_AES256GCM && suite != SUITE_HSM_AES256GCM {
         return Err(ParseError::Suite(suite));
     }
     let key_id = KeyId::from_bytes(r.take());
@@ -132,6 +144,7 @@ pub fn parse(blob: &[u8]) -> Result<ParsedBlob<'_>, ParseError> {
 
     Ok(ParsedBlob {
         header: Header {
+            suite,
             key_id,
             key_version,
             salt,
@@ -175,6 +188,7 @@ mod tests {
 
     fn sample() -> (Header, Vec<u8>) {
         let header = Header {
+            suite: SUITE_HKDF_SHA256_AES256GCM,
             key_id: KeyId::from_bytes([7; 16]),
             key_version: 0x0102_0304,
             salt: [9; 32],
@@ -218,9 +232,15 @@ mod tests {
         let mut bad = blob.clone();
         bad[2] = 2;
         assert_eq!(parse(&bad), Err(ParseError::Version(2)));
-        let mut bad = blob.clone();
-        bad[3] = 0;
-        assert_eq!(parse(&bad), Err(ParseError::Suite(0)));
+        for suite in [0u8, 3, 0xFF] {
+            let mut bad = blob.clone();
+            bad[3] = suite;
+            assert_eq!(parse(&bad), Err(ParseError::Suite(suite)));
+        }
+        // Suite 2 (protection level HSM) parses, and says so.
+        let mut hsm = blob.clone();
+        hsm[3] = SUITE_HSM_AES256GCM;
+        assert_eq!(parse(&hsm).map(|p| p.header.suite), Ok(SUITE_HSM_AES256GCM));
         assert_eq!(
             parse(&blob[..MIN_BLOB_LEN - 1]),
             Err(ParseError::Length(84))

@@ -172,7 +172,8 @@ impl fmt::Display for KeyState {
 pub enum ProtectionLevel {
     /// HSM-wrapped material, unwrapped into a bounded in-memory cache.
     Software,
-    /// Every wrap and unwrap inside the HSM (not yet supported by any backend).
+    /// The CMK version is a non-extractable key object in the HSM; every
+    /// data-key wrap and unwrap happens there (suite 2 blobs).
     Hsm,
 }
 
@@ -405,6 +406,12 @@ pub struct VersionRecord {
     /// Set when the material was erased (the key was destroyed).
     #[serde(default)]
     pub destroyed_at: Option<Timestamp>,
+    /// Protection level HSM: the name of the key object that holds this
+    /// version inside the HSM ([`hsm_object_name`]). Such a version has no
+    /// `wrapped_material` and no root key (`hsm_root_key_id` 0): it never
+    /// leaves the HSM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm_object: Option<String>,
 }
 
 impl fmt::Debug for VersionRecord {
@@ -416,8 +423,15 @@ impl fmt::Debug for VersionRecord {
             .field("hsm_root_key_id", &self.hsm_root_key_id)
             .field("wrapped_material_len", &self.wrapped_material.len())
             .field("destroyed_at", &self.destroyed_at)
+            .field("hsm_object", &self.hsm_object)
             .finish()
     }
+}
+
+/// The name of the HSM key object holding a CMK version of protection level
+/// HSM.
+pub fn hsm_object_name(key_id: KeyId, version: u32) -> String {
+    format!("coffre-cmk-{key_id}-v{version}")
 }
 
 /// The AAD under which the HSM wraps a CMK version's material: binds the

@@ -118,15 +118,20 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
             labels,
             rotation_period,
             policy,
+            protection_level,
             connect: c,
         } => {
             let policy = policy.map(|p| read_policy(&p)).transpose()?;
+            let protection_level = match protection_level {
+                super::ProtectionArg::Software => pb::ProtectionLevel::Software,
+                super::ProtectionArg::Hsm => pb::ProtectionLevel::Hsm,
+            };
             let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
             let resp = client
                 .create_key(pb::CreateKeyRequest {
                     alias: alias.unwrap_or_default(),
                     description,
-                    protection_level: pb::ProtectionLevel::Software as i32,
+                    protection_level: protection_level as i32,
                     labels: labels.into_iter().collect(),
                     rotation_period: rotation_period.map(seconds),
                     policy: policy.as_ref().map(policy_to_pb),

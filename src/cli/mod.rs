@@ -181,6 +181,11 @@ pub enum KeyCommand {
         /// The key's policy, a JSON file (default: the server's default policy).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
+        /// `software`: the CMK is wrapped by the HSM at rest and used from
+        /// coffre's memory (fast). `hsm`: the CMK never leaves the HSM, which
+        /// wraps and unwraps every data key (needs a backend that supports it).
+        #[arg(long, value_enum, default_value_t = ProtectionArg::Software)]
+        protection_level: ProtectionArg,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -433,6 +438,13 @@ pub enum HsmCommand {
         #[command(flatten)]
         local: LocalHsmArgs,
     },
+}
+
+/// `coffre key create --protection-level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtectionArg {
+    Software,
+    Hsm,
 }
 
 #[derive(Debug, Args)]

@@ -6,9 +6,13 @@ use super::Kms;
 use super::policy::no_access;
 use crate::authz::{Caller, Operation};
 use crate::crypto::{self, ContextDigest, SealError};
-use crate::envelope::{self, MAX_CIPHERTEXT_LEN};
+use crate::envelope::{self, Header, MAX_CIPHERTEXT_LEN};
 use crate::error::{Error, Result};
-use crate::model::{AccessReason, EncryptionContext, KeyId, KeyRecord, KeyRef, KeyState};
+use crate::hsm::{HsmError, ObjectSeal};
+use crate::model::{
+    AccessReason, EncryptionContext, KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel,
+    hsm_object_name,
+};
 use crate::secret::SecretBytes;
 
 pub const MIN_DATA_KEY_BYTES: usize = 16;
@@ -138,8 +142,31 @@ impl Kms {
             .usable_key(caller, key, op, justification, context)
             .await?;
         let version = record.primary_version;
-        let material = self.material(record.id, version).await?;
         let digest = crypto::context_digest(context);
+        if record.protection_level == ProtectionLevel::Hsm {
+            // Every wrap inside the HSM: one call per data key.
+            let mut items = Vec::with_capacity(count);
+            for _ in 0..count {
+                let mut data_key = SecretBytes::zeroed(number_of_bytes);
+                let item = match self.rng.fill(data_key.expose_mut()) {
+                    Err(e) => Err(seal_error(e)),
+                    Ok(()) => self
+                        .seal(&record, &digest, data_key.expose())
+                        .await
+                        .map(|blob| DataKeyItem {
+                            plaintext: with_plaintext.then_some(data_key),
+                            ciphertext_blob: blob,
+                        }),
+                };
+                items.push(item);
+            }
+            return Ok(BatchDataKeys {
+                key_id: record.id,
+                key_version: version,
+                items,
+            });
+        }
+        let material = self.material(record.id, version).await?;
         let items = (0..count)
             .map(|_| {
                 let mut data_key = SecretBytes::zeroed(number_of_bytes);
@@ -360,9 +387,58 @@ impl Kms {
         plaintext: &[u8],
     ) -> Result<Vec<u8>> {
         let version = record.primary_version;
+        if record.protection_level == ProtectionLevel::Hsm {
+            return self
+                .seal_in_hsm(record.id, version, digest, plaintext)
+                .await;
+        }
         let material = self.material(record.id, version).await?;
         crypto::seal(&self.rng, &material, record.id, version, digest, plaintext)
             .map_err(seal_error)
+    }
+
+    /// Suite 2: the same header and AAD as suite 1, sealed by the HSM under
+    /// the version's key object.
+    async fn seal_in_hsm(
+        &self,
+        id: KeyId,
+        version: u32,
+        digest: &ContextDigest,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        if plaintext.is_empty() || plaintext.len() > MAX_CIPHERTEXT_LEN {
+            return Err(seal_error(SealError::PlaintextLength(plaintext.len())));
+        }
+        let mut random = [0u8; envelope::SALT_LEN + envelope::IV_LEN];
+        self.rng.fill(&mut random).map_err(seal_error)?;
+        let (salt, iv) = random.split_at(envelope::SALT_LEN);
+        let header = Header {
+            suite: envelope::SUITE_HSM_AES256GCM,
+            key_id: id,
+            key_version: version,
+            salt: salt.try_into().map_err(|_| seal_error(SealError::Aead))?,
+            iv: iv.try_into().map_err(|_| seal_error(SealError::Aead))?,
+        };
+        let header_bytes = header.to_bytes();
+        let aad = crypto::blob_aad(&header_bytes, digest);
+        let name = hsm_object_name(id, version);
+        let sealed = self
+            .hsm
+            .seal_with_object(
+                ObjectSeal {
+                    object: &name,
+                    salt: &header.salt,
+                    iv: &header.iv,
+                    aad: &aad,
+                },
+                plaintext,
+            )
+            .await
+            .inspect_err(|e| self.forget_materials_if_tampered(e))?;
+        let mut blob = Vec::with_capacity(header_bytes.len() + sealed.len());
+        blob.extend_from_slice(&header_bytes);
+        blob.extend_from_slice(&sealed);
+        Ok(blob)
     }
 
     async fn open(
@@ -404,9 +480,42 @@ impl Kms {
                 record.min_decryption_version
             )));
         }
-        let material = self.material(id, version).await?;
-        let plaintext = crypto::open(&material, &parsed, &crypto::context_digest(context))
-            .map_err(|_| Error::InvalidCiphertext)?;
+        let digest = crypto::context_digest(context);
+        let hsm_suite = parsed.header.suite == envelope::SUITE_HSM_AES256GCM;
+        if hsm_suite != (record.protection_level == ProtectionLevel::Hsm) {
+            tracing::debug!(key_id = %id, suite = parsed.header.suite, "blob suite does not match the key's protection level");
+            return Err(Error::InvalidCiphertext);
+        }
+        let plaintext = if hsm_suite {
+            let aad = crypto::blob_aad(parsed.header_bytes, &digest);
+            let mut sealed = Vec::with_capacity(parsed.ciphertext.len() + envelope::TAG_LEN);
+            sealed.extend_from_slice(parsed.ciphertext);
+            sealed.extend_from_slice(parsed.tag);
+            let name = hsm_object_name(id, version);
+            let opened = self
+                .hsm
+                .open_with_object(
+                    ObjectSeal {
+                        object: &name,
+                        salt: &parsed.header.salt,
+                        iv: &parsed.header.iv,
+                        aad: &aad,
+                    },
+                    &sealed,
+                )
+                .await;
+            match opened {
+                Ok(p) => p,
+                Err(HsmError::AuthenticationFailed) => return Err(Error::InvalidCiphertext),
+                Err(e) => {
+                    self.forget_materials_if_tampered(&e);
+                    return Err(e.into());
+                }
+            }
+        } else {
+            let material = self.material(id, version).await?;
+            crypto::open(&material, &parsed, &digest).map_err(|_| Error::InvalidCiphertext)?
+        };
         Ok(DecryptOutput {
             plaintext,
             key_id: id,

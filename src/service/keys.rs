@@ -9,7 +9,7 @@ use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
 use crate::model::{
     KeyId, KeyPolicy, KeyRecord, KeyRef, KeyState, ProtectionLevel, VersionRecord, cmk_wrap_aad,
-    validate_alias,
+    hsm_object_name, validate_alias,
 };
 use crate::secret::{CMK_LEN, CmkMaterial};
 use crate::store::{KeyFilter, StoreError};
@@ -56,12 +56,20 @@ impl Kms {
         // (which checks the store under the same guard before destroying an
         // old root key) cannot miss this version.
         let guard = self.begin_write().await;
-        let (version, material) = self.new_version(id, 1).await?;
+        let level = input.protection_level.unwrap_or(ProtectionLevel::Software);
+        let (version, material) = self.new_version(id, 1, level).await?;
         let record = self.new_key_record(caller, id, input, &version);
         let (stored, first) = (record.clone(), version.clone());
-        self.blocking(move |s| s.create_key(&stored, &first).map_err(create_error))
-            .await?;
-        self.materials.insert((id, 1), Arc::new(material));
+        let created = self
+            .blocking(move |s| s.create_key(&stored, &first).map_err(create_error))
+            .await;
+        if let Err(e) = created {
+            self.forget_new_object(&version).await;
+            return Err(e);
+        }
+        if let Some(material) = material {
+            self.materials.insert((id, 1), Arc::new(material));
+        }
         let key = self.publish(&guard, record);
         tracing::info!(key_id = %id, principal = %caller.principal, "key created");
         Ok(KeyView {
@@ -96,17 +104,40 @@ impl Kms {
         let mut created = Vec::with_capacity(inputs.len());
         for input in inputs {
             let id = KeyId::new_random();
+            let level = input.protection_level.unwrap_or(ProtectionLevel::Software);
             // The material is dropped (zeroized) here: the batch is not cached.
-            let (version, _material) = self.new_version(id, 1).await?;
+            let (version, _material) = match self.new_version(id, 1, level).await {
+                Ok(v) => v,
+                Err(e) => {
+                    for (_, made) in &created {
+                        self.forget_new_object(made).await;
+                    }
+                    return Err(e);
+                }
+            };
             created.push((self.new_key_record(caller, id, input, &version), version));
         }
-        let created = self
+        let objects: Vec<VersionRecord> = created
+            .iter()
+            .filter(|(_, v)| v.hsm_object.is_some())
+            .map(|(_, v)| v.clone())
+            .collect();
+        let stored = self
             .blocking(move |s| {
                 let pairs: Vec<_> = created.iter().map(|(k, v)| (k, v)).collect();
                 s.create_keys(&pairs).map_err(create_error)?;
                 Ok(created)
             })
-            .await?;
+            .await;
+        let created = match stored {
+            Ok(created) => created,
+            Err(e) => {
+                for made in &objects {
+                    self.forget_new_object(made).await;
+                }
+                return Err(e);
+            }
+        };
         drop(guard);
         tracing::info!(count = created.len(), principal = %caller.principal, "keys created");
         Ok(created
@@ -135,7 +166,8 @@ impl Kms {
         if let Some(policy) = &input.policy {
             policy.validate().map_err(Error::InvalidArgument)?;
         }
-        if input.protection_level == Some(ProtectionLevel::Hsm) {
+        if input.protection_level == Some(ProtectionLevel::Hsm) && !self.hsm.supports_key_objects()
+        {
             return Err(Error::InvalidArgument(
                 "protection level HSM is not supported by this HSM backend; use SOFTWARE"
                     .to_string(),
@@ -172,8 +204,29 @@ impl Kms {
         }
     }
 
-    /// Fresh material from the HSM's generator, wrapped under its root key.
-    async fn new_version(&self, id: KeyId, version: u32) -> Result<(VersionRecord, CmkMaterial)> {
+    /// A new CMK version. `SOFTWARE`: fresh material from the HSM's
+    /// generator, wrapped under its root key (returned too, for the cache).
+    /// `HSM`: a key object generated inside the HSM, which never leaves it.
+    async fn new_version(
+        &self,
+        id: KeyId,
+        version: u32,
+        level: ProtectionLevel,
+    ) -> Result<(VersionRecord, Option<CmkMaterial>)> {
+        if level == ProtectionLevel::Hsm {
+            let name = hsm_object_name(id, version);
+            self.hsm.create_key_object(&name).await?;
+            let record = VersionRecord {
+                key_id: id,
+                version,
+                created_at: self.clock.now(),
+                hsm_root_key_id: 0,
+                wrapped_material: Vec::new(),
+                destroyed_at: None,
+                hsm_object: Some(name),
+            };
+            return Ok((record, None));
+        }
         let random = self.hsm.generate_random(CMK_LEN).await?;
         let material = CmkMaterial::from_slice(random.expose()).ok_or_else(|| {
             Error::Internal(format!("the HSM returned {} random bytes", random.len()))
@@ -189,8 +242,22 @@ impl Kms {
             hsm_root_key_id: wrapped.root_key_id,
             wrapped_material: wrapped.blob,
             destroyed_at: None,
+            hsm_object: None,
         };
-        Ok((record, material))
+        Ok((record, Some(material)))
+    }
+
+    /// After a store write refused a new version held by the HSM: destroy
+    /// its key object, which nothing refers to. Best effort: an object left
+    /// behind (the HSM failing now, or a crash before this) holds no data
+    /// and is logged with its name.
+    async fn forget_new_object(&self, version: &VersionRecord) {
+        let Some(name) = &version.hsm_object else {
+            return;
+        };
+        if let Err(e) = self.hsm.destroy_key_object(name).await {
+            tracing::warn!(object = %name, error = %e, "an unused HSM key object was left behind");
+        }
     }
 
     pub async fn get_key(&self, caller: &Caller, key: &KeyRef) -> Result<KeyView> {
@@ -270,7 +337,9 @@ impl Kms {
         let next_version = current.primary_version.checked_add(1).ok_or_else(|| {
             Error::FailedPrecondition(format!("key {id} has reached its last version"))
         })?;
-        let (version, material) = self.new_version(id, next_version).await?;
+        let (version, material) = self
+            .new_version(id, next_version, current.protection_level)
+            .await?;
         let mut updated = current.clone();
         updated.primary_version = next_version;
         if let Some(period) = updated.rotation_period_secs {
@@ -283,10 +352,18 @@ impl Kms {
         }
         adjust(&mut updated);
         let stored = updated.clone();
-        self.blocking(move |s| Ok(s.add_version(&current, &stored, &version)?))
-            .await?;
-        self.materials
-            .insert((id, next_version), Arc::new(material));
+        let new = version.clone();
+        let added = self
+            .blocking(move |s| Ok(s.add_version(&current, &stored, &new)?))
+            .await;
+        if let Err(e) = added {
+            self.forget_new_object(&version).await;
+            return Err(e);
+        }
+        if let Some(material) = material {
+            self.materials
+                .insert((id, next_version), Arc::new(material));
+        }
         Ok(self.publish(guard, updated))
     }
 

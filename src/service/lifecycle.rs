@@ -22,7 +22,9 @@ use std::time::Duration;
 use super::Kms;
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
-use crate::model::{KeyId, KeyRecord, KeyRef, KeyState, Timestamp};
+use crate::model::{
+    KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel, Timestamp, hsm_object_name,
+};
 use crate::store::approvals::SensitiveOperation;
 
 pub const MIN_DELETION_DAYS: u32 = 7;
@@ -344,6 +346,16 @@ impl Kms {
         tombstone.deletion_at = None;
         tombstone.next_rotation_at = None;
         tombstone.destroyed_at = Some(now);
+        if current.protection_level == ProtectionLevel::Hsm {
+            // The key objects first: if the HSM fails, the key stays
+            // PENDING_DELETION (unusable) and the next pass tries again;
+            // destroying an object twice is harmless.
+            for version in 1..=current.primary_version {
+                self.hsm
+                    .destroy_key_object(&hsm_object_name(id, version))
+                    .await?;
+            }
+        }
         let stored = tombstone.clone();
         self.blocking(move |s| Ok(s.destroy_key(&current, &stored)?))
             .await?;

@@ -495,3 +495,136 @@ async fn root_key_rotation_concurrent_with_new_versions_loses_none() {
         assert_eq!(out.plaintext.expose(), plaintext.expose());
     }
 }
+
+/// Whether the simulator whose state is in `dir` holds a key object `name`
+/// (read from its state file, as a restarted HSM would).
+async fn sim_holds_object(dir: &Path, name: &str) -> bool {
+    let sim = LocalSimHsm::open(&dir.join("hsm.state"), "lifecycle-pin").unwrap();
+    match sim.create_key_object(name).await {
+        Err(crate::hsm::HsmError::Rejected(m)) => {
+            assert!(m.contains("exists"), "{m}");
+            true
+        }
+        Ok(()) => {
+            sim.destroy_key_object(name).await.unwrap();
+            false
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn hsm_protection_level_keys_live_and_die_in_the_hsm() {
+    use crate::model::{ProtectionLevel, hsm_object_name};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let kms = open(dir.path(), Arc::clone(&clock));
+    let view = kms
+        .create_key(
+            &op(),
+            CreateKeyInput {
+                protection_level: Some(ProtectionLevel::Hsm),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let id = view.key.id;
+    let k = KeyRef::Id(id);
+    assert_eq!(view.key.protection_level, ProtectionLevel::Hsm);
+    let v1 = &view.versions[0];
+    assert_eq!(
+        v1.hsm_object.as_deref(),
+        Some(hsm_object_name(id, 1).as_str())
+    );
+    assert!(v1.wrapped_material.is_empty(), "no material leaves the HSM");
+    assert!(sim_holds_object(dir.path(), &hsm_object_name(id, 1)).await);
+
+    // Data keys: suite 2 blobs, opened by the HSM; the wrong context, a
+    // flipped byte, or the blob relabelled as suite 1 fail as any bad blob.
+    let dk = kms
+        .generate_data_key(&svc(), &k, &ctx(), WHY, 32, true)
+        .await
+        .unwrap();
+    assert_eq!(dk.ciphertext_blob[3], crate::envelope::SUITE_HSM_AES256GCM);
+    let plain = dk.plaintext.unwrap();
+    let back = kms
+        .decrypt(&svc(), &dk.ciphertext_blob, &ctx(), WHY, None)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext.expose(), plain.expose());
+    let other_ctx = EncryptionContext::new([("t".to_string(), "2".to_string())]).unwrap();
+    let mut flipped = dk.ciphertext_blob.clone();
+    flipped[80] ^= 1;
+    let mut as_suite_1 = dk.ciphertext_blob.clone();
+    as_suite_1[3] = crate::envelope::SUITE_HKDF_SHA256_AES256GCM;
+    for (what, blob, context) in [
+        ("other context", &dk.ciphertext_blob, &other_ctx),
+        ("flipped byte", &flipped, &ctx()),
+        ("suite 1 label", &as_suite_1, &ctx()),
+    ] {
+        let err = kms
+            .decrypt(&svc(), blob, context, WHY, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidCiphertext), "{what}: {err:?}");
+    }
+    let batch = kms
+        .generate_data_keys(&svc(), &k, &ctx(), WHY, 16, 5, true)
+        .await
+        .unwrap();
+    assert_eq!(batch.items.len(), 5);
+    for item in batch.items {
+        let item = item.unwrap();
+        let back = kms
+            .decrypt(&svc(), &item.ciphertext_blob, &ctx(), WHY, None)
+            .await
+            .unwrap();
+        assert_eq!(back.plaintext.expose(), item.plaintext.unwrap().expose());
+    }
+
+    // Rotation makes version 2 another key object; version 1 still opens;
+    // ReEncrypt moves the blob to version 2 inside the HSM.
+    let rotated = kms.rotate_key(&op(), &k).await.unwrap();
+    assert_eq!(rotated.primary_version, 2);
+    assert!(sim_holds_object(dir.path(), &hsm_object_name(id, 2)).await);
+    let moved = kms
+        .re_encrypt(&svc(), &dk.ciphertext_blob, &ctx(), None, None, None, WHY)
+        .await
+        .unwrap();
+    assert_eq!(moved.key_version, 2);
+    let back = kms
+        .decrypt(&svc(), &moved.ciphertext_blob, &ctx(), WHY, None)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext.expose(), plain.expose());
+
+    // An HSM root-key rotation leaves these versions alone (no root key
+    // wraps them) and they keep working.
+    let done = kms.rotate_root_key(&op(), |_| true).await.unwrap();
+    assert_eq!(done.rewrapped, 0, "{done:?}");
+    kms.decrypt(&svc(), &dk.ciphertext_blob, &ctx(), WHY, None)
+        .await
+        .unwrap();
+
+    // A restart changes nothing.
+    drop(kms);
+    let kms = open(dir.path(), Arc::clone(&clock));
+    let back = kms
+        .decrypt(&svc(), &dk.ciphertext_blob, &ctx(), WHY, None)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext.expose(), plain.expose());
+
+    // Destruction destroys the key objects in the HSM.
+    kms.schedule_key_deletion(&op(), &k, Some(7)).await.unwrap();
+    clock.advance(DAY * 7);
+    assert_eq!(kms.run_scheduler_once().await.destroyed, vec![id]);
+    drop(kms);
+    for v in [1, 2] {
+        assert!(
+            !sim_holds_object(dir.path(), &hsm_object_name(id, v)).await,
+            "version {v} survived its key"
+        );
+    }
+}

@@ -368,6 +368,11 @@ impl Kms {
                     "version {version} of key {id} is missing from the store"
                 ))
             })?;
+        if record.hsm_object.is_some() {
+            return Err(Error::Internal(format!(
+                "version {version} of key {id} is held by the HSM: its material is never unwrapped"
+            )));
+        }
         let clear = self
             .hsm
             .unwrap(&record.wrapped_material, &cmk_wrap_aad(id, version))

@@ -113,6 +113,10 @@ impl Kms {
             let Some(last) = page.last() else { break };
             cursor = Some((last.key_id, last.version));
             for current in page {
+                if current.hsm_object.is_some() {
+                    // Held by the HSM itself: no root key wraps it.
+                    continue;
+                }
                 let aad = cmk_wrap_aad(current.key_id, current.version);
                 let clear = self.hsm.unwrap(&current.wrapped_material, &aad).await?;
                 let wrapped = self.hsm.wrap(clear.expose(), &aad).await?;

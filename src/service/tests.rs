@@ -383,8 +383,10 @@ async fn concurrent_rotations_each_add_one_version() {
     assert_eq!(versions, (1..=9).collect::<Vec<_>>());
 }
 
+/// `CountingHsm` does not pass the key-object methods on, so it is a backend
+/// without protection level HSM.
 #[tokio::test]
-async fn hsm_protection_level_is_refused_and_nothing_is_created() {
+async fn hsm_protection_level_is_refused_by_a_backend_without_key_objects() {
     let f = fixture(KmsOptions::default());
     let err = f
         .kms

@@ -1522,7 +1522,11 @@ impl KeyStore for SledStore {
             let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
             let (id, number) = parse_version_key(&k)?;
             let record = decode_version(id, number, &v)?;
-            if record.destroyed_at.is_none() && record.hsm_root_key_id != root_key_id {
+            // Versions held by the HSM itself are wrapped by no root key.
+            if record.destroyed_at.is_none()
+                && record.hsm_object.is_none()
+                && record.hsm_root_key_id != root_key_id
+            {
                 out.push(record);
                 if out.len() >= limit {
                     break;
@@ -1543,7 +1547,7 @@ impl KeyStore for SledStore {
                 counts.destroyed += 1;
             } else {
                 counts.live += 1;
-                if record.hsm_root_key_id != root_key_id {
+                if record.hsm_object.is_none() && record.hsm_root_key_id != root_key_id {
                     counts.not_under_root += 1;
                 }
             }
@@ -1623,6 +1627,7 @@ mod tests {
             hsm_root_key_id: 7,
             wrapped_material: vec![n as u8; 60],
             destroyed_at: None,
+            hsm_object: None,
         }
     }
 

@@ -133,6 +133,7 @@ fn generate(def: &Definition) -> GoldenVector {
     let material: [u8; 32] = array(&derived_bytes(&format!("cmk/{}", def.name), 32));
     let key_id: [u8; 16] = array(&derived_bytes(&format!("key_id/{}", def.name), 16));
     let header = Header {
+        suite: coffre::envelope::SUITE_HKDF_SHA256_AES256GCM,
         key_id: KeyId::from_bytes(key_id),
         key_version: def.version,
         salt: array(&derived_bytes(&format!("salt/{}", def.name), 32)),

@@ -19,6 +19,7 @@ fn header() -> impl Strategy<Value = Header> {
         any::<[u8; 12]>(),
     )
         .prop_map(|(id, key_version, salt, iv)| Header {
+            suite: envelope::SUITE_HKDF_SHA256_AES256GCM,
             key_id: KeyId::from_bytes(id),
             key_version,
             salt,
@@ -39,6 +40,7 @@ fn context(entries: &[(String, String)]) -> EncryptionContext {
 fn valid_blob() -> (Vec<u8>, EncryptionContext) {
     let context = super::ctx(&[("tenant", "t1"), ("purpose", "mutations")]);
     let header = Header {
+        suite: envelope::SUITE_HKDF_SHA256_AES256GCM,
         key_id: KeyId::from_bytes([0x11; 16]),
         key_version: 3,
         salt: [0x22; 32],
