@@ -382,3 +382,64 @@ fn dev_preloads_audited_keys_that_the_bench_uses() {
     );
     drop(guard);
 }
+
+/// `coffre key create --protection-level hsm` on `coffre dev` (the
+/// in-process simulator holds the CMK), then data keys through the CLI.
+#[test]
+fn a_key_held_by_the_hsm_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (_server, endpoint) = start_dev(data);
+    let key = run_json(
+        data,
+        &endpoint,
+        &[
+            "key",
+            "create",
+            "--alias",
+            "vault",
+            "--protection-level",
+            "hsm",
+        ],
+    );
+    assert_eq!(key["protection_level"], "HSM");
+    let dk = run_json(
+        data,
+        &endpoint,
+        &[
+            "datakey",
+            "generate",
+            "--key",
+            "vault",
+            "--context",
+            "tenant=acme",
+        ],
+    );
+    let blob = dk["ciphertext_blob"].as_str().unwrap().to_string();
+    let opened = run_json(
+        data,
+        &endpoint,
+        &["decrypt", "--blob", &blob, "--context", "tenant=acme"],
+    );
+    assert_eq!(opened["plaintext"], dk["plaintext"]);
+    let (ok, _, stderr) = run(
+        data,
+        &endpoint,
+        &["decrypt", "--blob", &blob, "--context", "tenant=other"],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("InvalidArgument") || stderr.contains("invalid"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(
+        data,
+        &endpoint,
+        &["key", "create", "--protection-level", "vault"],
+    );
+    assert!(!ok, "an unknown protection level is refused");
+    assert!(
+        stderr.contains("software") && stderr.contains("hsm"),
+        "{stderr}"
+    );
+}

@@ -192,6 +192,35 @@ impl SoftHsm {
         assert!(out.status.success(), "softhsm2-util: {out:?}");
     }
 
+    /// `pkcs11-tool --list-objects` on token `label`, logged in; `None` (said
+    /// loudly, or a failure when required) if pkcs11-tool is missing.
+    fn list_objects(&self, label: &str) -> Option<String> {
+        let out = self
+            .command("pkcs11-tool")
+            .arg("--module")
+            .arg(&self.module)
+            .args(["--token-label", label, "--login", "--pin", USER_PIN])
+            .args(["--list-objects", "--type", "secrkey"])
+            .output();
+        match out {
+            Ok(out) => {
+                assert!(out.status.success(), "pkcs11-tool: {out:?}");
+                Some(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+            Err(e) => {
+                assert!(
+                    !required(),
+                    "COFFRE_REQUIRE_SOFTHSM=1 but pkcs11-tool (Debian package opensc) is missing: {e}"
+                );
+                not_run(
+                    "the pkcs11-tool check of a CMK object",
+                    "pkcs11-tool is not installed",
+                );
+                None
+            }
+        }
+    }
+
     fn coffre(&self, args: &[&str]) -> Output {
         self.command(env!("CARGO_BIN_EXE_coffre"))
             .args(args)
@@ -358,6 +387,59 @@ async fn coffre_serve_on_softhsm2_end_to_end() {
         .into_inner();
     assert_eq!(back.plaintext, dk.plaintext);
 
+    // Protection level HSM: the CMK is a key object in the token, and every
+    // data key is sealed and opened there.
+    let hsm_key = keys
+        .create_key(pb::CreateKeyRequest {
+            alias: "in-the-token".into(),
+            protection_level: pb::ProtectionLevel::Hsm as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(hsm_key.protection_level, pb::ProtectionLevel::Hsm as i32);
+    let in_token = pb::GenerateDataKeyRequest {
+        key_id: "in-the-token".into(),
+        ..generate.clone()
+    };
+    let hsm_dk = data
+        .generate_data_key(in_token.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hsm_dk.ciphertext_blob[3], 2, "suite 2: sealed in the HSM");
+    let back = data
+        .decrypt(decrypt(hsm_dk.ciphertext_blob.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.plaintext, hsm_dk.plaintext);
+    let mut wrong = decrypt(hsm_dk.ciphertext_blob.clone());
+    wrong.encryption_context = ctx(&[("t", "2")]);
+    let err = data.decrypt(wrong).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // An independent PKCS#11 client sees the CMK object as coffre made it.
+    if let Some(listing) = softhsm.list_objects("prod") {
+        let label = format!("coffre-cmk-{}-v1", hsm_key.key_id);
+        let block = listing
+            .split("Secret Key Object")
+            .find(|b| b.contains(&label))
+            .unwrap_or_else(|| panic!("{label} not listed by pkcs11-tool:\n{listing}"));
+        assert!(block.contains("Usage:      derive"), "{block}");
+        assert!(
+            !block.contains("encrypt") && !block.contains("wrap"),
+            "{block}"
+        );
+        assert!(
+            block.contains("sensitive, always sensitive, never extractable, local"),
+            "{block}"
+        );
+    }
+
     // Root-key rotation inside the token: every CMK version re-wrapped, the
     // old root key destroyed on the token.
     let mut stream = hsm
@@ -395,6 +477,14 @@ async fn coffre_serve_on_softhsm2_end_to_end() {
     assert_eq!(back.plaintext, dk.plaintext);
     let again = data.generate_data_key(generate).await.unwrap().into_inner();
     assert_eq!(again.key_version, 1);
+    // The key object survived the root-key rotation and the restart.
+    let back = data
+        .decrypt(decrypt(hsm_dk.ciphertext_blob.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.plaintext, hsm_dk.plaintext);
+    data.generate_data_key(in_token).await.unwrap();
 }
 
 #[test]
