@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// Create this many keys (as the operator) and spread the load over them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub keys: u32,
+    /// The protection level of the keys the bench creates: `hsm` measures
+    /// data keys sealed and opened inside the HSM.
+    #[arg(long, value_enum, default_value_t = super::ProtectionArg::Software, conflicts_with_all = ["key", "existing_keys"])]
+    pub protection_level: super::ProtectionArg,
     /// Wrapped data keys made before the run, for decrypt and re-encrypt
     /// (at least one per key); requests pick among them at random.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
@@ -403,6 +407,10 @@ async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
     let total = args.keys as usize;
     let mut keys = Vec::with_capacity(total);
     let mut in_flight = tokio::task::JoinSet::new();
+    let protection_level = match args.protection_level {
+        super::ProtectionArg::Software => pb::ProtectionLevel::Software,
+        super::ProtectionArg::Hsm => pb::ProtectionLevel::Hsm,
+    } as i32;
     let mut next = 0;
     let mut last_shown = Instant::now();
     while keys.len() < total {
@@ -412,6 +420,7 @@ async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
                 client
                     .create_key(pb::CreateKeyRequest {
                         description: "coffre bench".into(),
+                        protection_level,
                         ..Default::default()
                     })
                     .await
