@@ -55,6 +55,9 @@
 //! [quorum.operations]
 //! ScheduleKeyDeletion = 3                # per-operation override
 //!
+//! [audit]                                # all optional
+//! checkpoint_key = "hsm"                 # checkpoints signed in the PKCS#11 token
+//!
 //! [cache]
 //! keys = 100000
 //! versions = 100000
@@ -135,6 +138,20 @@ pub struct AuditConfig {
     /// what the log costs. No configuration file can set it.
     #[serde(skip)]
     pub discard: bool,
+    /// Which key signs checkpoints: `software` (default: an Ed25519 key kept
+    /// wrapped under the HSM root key and used in coffre's memory) or `hsm`
+    /// (an Ed25519 key pair generated in the PKCS#11 token, used there).
+    #[serde(default)]
+    pub checkpoint_key: CheckpointKey,
+}
+
+/// `[audit] checkpoint_key`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointKey {
+    #[default]
+    Software,
+    Hsm,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -525,6 +542,11 @@ impl Config {
             bail!("scheduler_interval_secs must be positive");
         }
         raw.audit.auditor_options()?;
+        if raw.audit.checkpoint_key == CheckpointKey::Hsm
+            && !matches!(hsm, HsmConfig::Pkcs11 { .. })
+        {
+            bail!("audit.checkpoint_key = \"hsm\" needs hsm.backend = \"pkcs11\"");
+        }
         let metrics_listen = raw
             .metrics_listen
             .map(|m| {
@@ -636,6 +658,90 @@ mod tests {
         operator = ["op"]
         service = ["svc"]
     "#;
+
+    const PKCS11: &str = r#"
+        data_dir = "/tmp/x"
+        [tls]
+        cert = "s.pem"
+        key = "k.pem"
+        client_ca = "ca.pem"
+        [hsm]
+        backend = "pkcs11"
+        module = "/usr/lib/softhsm/libsofthsm2.so"
+        token_label = "coffre"
+        pin_file = "/etc/coffre/hsm.pin"
+    "#;
+
+    #[test]
+    fn pkcs11_sections_are_checked() {
+        let c = Config::parse(PKCS11).unwrap();
+        match &c.hsm {
+            HsmConfig::Pkcs11 {
+                token,
+                sessions,
+                pin: PinSource::File(f),
+                ..
+            } => {
+                assert_eq!(token, &TokenSelector::Label("coffre".into()));
+                assert_eq!(*sessions, DEFAULT_HSM_SESSIONS);
+                assert_eq!(f, Path::new("/etc/coffre/hsm.pin"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let slot = PKCS11.replace("token_label = \"coffre\"", "slot = 3");
+        assert!(matches!(
+            Config::parse(&slot).unwrap().hsm,
+            HsmConfig::Pkcs11 {
+                token: TokenSelector::Slot(3),
+                ..
+            }
+        ));
+        let hsm_key = format!("{PKCS11}\n[audit]\ncheckpoint_key = \"hsm\"\n");
+        assert_eq!(
+            Config::parse(&hsm_key).unwrap().audit.checkpoint_key,
+            CheckpointKey::Hsm
+        );
+        for (bad, why) in [
+            (
+                PKCS11.replace("module = \"/usr/lib/softhsm/libsofthsm2.so\"", ""),
+                "hsm.module",
+            ),
+            (
+                PKCS11.replace("token_label = \"coffre\"", ""),
+                "token_label or hsm.slot",
+            ),
+            (
+                PKCS11.replace(
+                    "token_label = \"coffre\"",
+                    "token_label = \"coffre\"\nslot = 1",
+                ),
+                "not both",
+            ),
+            (
+                PKCS11.replace("pin_file = \"/etc/coffre/hsm.pin\"", "pin = \"1234\""),
+                "never goes in the configuration",
+            ),
+            (format!("{PKCS11}\nsessions = 0"), "hsm.sessions"),
+            (
+                format!("{PKCS11}\nendpoint = \"http://127.0.0.1:1\""),
+                "hsm.endpoint is for the simulator",
+            ),
+            (
+                format!("{GOOD}\n[audit]\ncheckpoint_key = \"hsm\"\n"),
+                "needs hsm.backend",
+            ),
+            (
+                GOOD.replace(
+                    "allow_insecure_simulator = true",
+                    "allow_insecure_simulator = true\nmodule = \"/x.so\"",
+                ),
+                "for the pkcs11 backend",
+            ),
+        ] {
+            let err = format!("{:#}", Config::parse(&bad).unwrap_err());
+            assert!(err.contains(why), "expected {why:?} in {err:?}");
+        }
+    }
 
     #[test]
     fn parses_a_good_configuration() {

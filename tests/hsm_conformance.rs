@@ -195,12 +195,17 @@ impl SoftHsm {
     /// `pkcs11-tool --list-objects` on token `label`, logged in; `None` (said
     /// loudly, or a failure when required) if pkcs11-tool is missing.
     fn list_objects(&self, label: &str) -> Option<String> {
+        self.list_objects_of(label, "secrkey")
+    }
+
+    /// `pkcs11-tool --list-objects --type KIND` (secrkey, privkey, pubkey).
+    fn list_objects_of(&self, label: &str, kind: &str) -> Option<String> {
         let out = self
             .command("pkcs11-tool")
             .arg("--module")
             .arg(&self.module)
             .args(["--token-label", label, "--login", "--pin", USER_PIN])
-            .args(["--list-objects", "--type", "secrkey"])
+            .args(["--list-objects", "--type", kind])
             .output();
         match out {
             Ok(out) => {
@@ -598,4 +603,101 @@ fn bad_pkcs11_setups_are_refused_at_start() {
         "{}",
         stderr(&out)
     );
+}
+
+/// `[audit] checkpoint_key = "hsm"`: checkpoints signed by an Ed25519 key
+/// generated in the token. The exported log verifies under that key, which
+/// an independent client (pkcs11-tool) reads from the token, and the key
+/// carries the attributes coffre requires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_checkpoints_signed_in_softhsm2() {
+    let Some(softhsm) = SoftHsm::new("audit_checkpoints_signed_in_softhsm2") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    std::fs::create_dir(&data).unwrap();
+    softhsm.init_token("signer");
+    let config = softhsm.config(&data, "signer", "");
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "\n[audit]\ncheckpoint_key = \"hsm\"\ncheckpoint_every_records = 3\n";
+    std::fs::write(&config, text).unwrap();
+    let config_s = config.to_str().unwrap();
+    let out = softhsm.coffre(&["hsm", "init-root-key", "--config", config_s]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let start = || {
+        let mut cmd = softhsm.command(env!("CARGO_BIN_EXE_coffre"));
+        cmd.args(["serve", "--config"]).arg(&config);
+        let (guard, addr) = spawn_ready(cmd, "coffre listening on ");
+        (guard, format!("https://{addr}"))
+    };
+    let (server, endpoint) = start();
+    let pki = data.join("pki");
+    let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
+    for n in 0..4 {
+        keys.create_key(pb::CreateKeyRequest {
+            alias: format!("signed-{n}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    crate::cli::export_and_verify(&data, &endpoint);
+    let pem = std::fs::read_to_string(dir.path().join("audit-public-key.pem")).unwrap();
+    let exported = coffre::audit::public_key_from_pem(&pem).unwrap();
+
+    // The token's public key, read by pkcs11-tool (a SubjectPublicKeyInfo
+    // PEM), is the one the log verifies under.
+    let der_path = dir.path().join("token-audit-key.pem");
+    let read = softhsm
+        .command("pkcs11-tool")
+        .arg("--module")
+        .arg(&softhsm.module)
+        .args(["--token-label", "signer", "--login", "--pin", USER_PIN])
+        .args([
+            "--read-object",
+            "--type",
+            "pubkey",
+            "--label",
+            "coffre-audit-signing",
+            "-o",
+        ])
+        .arg(&der_path)
+        .output();
+    match read {
+        Ok(out) => {
+            assert!(out.status.success(), "pkcs11-tool: {out:?}");
+            let pem = std::fs::read_to_string(&der_path).unwrap();
+            let token_key = coffre::audit::public_key_from_pem(&pem)
+                .unwrap_or_else(|| panic!("not an Ed25519 public key: {pem}"));
+            assert_eq!(token_key, exported, "the log's key is the token's");
+        }
+        Err(e) => {
+            assert!(!required(), "pkcs11-tool is missing: {e}");
+            not_run(
+                "reading the audit key with pkcs11-tool",
+                "pkcs11-tool is not installed",
+            );
+        }
+    }
+    if let Some(listing) = softhsm.list_objects_of("signer", "privkey") {
+        let block = listing
+            .split("Private Key Object")
+            .find(|b| b.contains("coffre-audit-signing"))
+            .unwrap_or_else(|| panic!("no private audit key listed:\n{listing}"));
+        assert!(block.contains("never extractable"), "{block}");
+        assert!(block.contains("Usage:      sign"), "{block}");
+    }
+
+    // Restarted: the log, checkpoints included, verifies under the token's
+    // key again before the server serves; and it goes on signing.
+    drop(keys);
+    drop(server);
+    let (_server, endpoint) = start();
+    let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
+    keys.create_key(pb::CreateKeyRequest::default())
+        .await
+        .unwrap();
+    crate::cli::export_and_verify(&data, &endpoint);
 }

@@ -75,11 +75,26 @@ impl Checkpoint {
     }
 }
 
-/// The checkpoint signing key (Ed25519). Secret: no `Clone`, redacted
-/// `Debug`. Its PKCS#8 form is meant to be stored wrapped under the HSM root
-/// key. (ring does not zeroize the key pair on drop; the PKCS#8 bytes we
-/// hand out are in a zeroizing [`SecretBytes`].)
-pub struct CheckpointSigner(Ed25519KeyPair);
+/// An Ed25519 key held elsewhere (an HSM) that signs checkpoints.
+pub trait ExternalSigner: Send + Sync + fmt::Debug {
+    /// The 32-byte Ed25519 public key.
+    fn public_key(&self) -> [u8; 32];
+    /// An Ed25519 signature of `msg`, or why there is none (the HSM is
+    /// unavailable, say). Bounded in time by the implementation.
+    fn sign(&self, msg: &[u8]) -> Result<[u8; 64], String>;
+}
+
+/// The checkpoint signing key (Ed25519): in coffre's memory, or in an HSM.
+/// Secret: no `Clone`, redacted `Debug`. The in-memory key's PKCS#8 form is
+/// meant to be stored wrapped under the HSM root key. (ring does not zeroize
+/// the key pair on drop; the PKCS#8 bytes we hand out are in a zeroizing
+/// [`SecretBytes`].)
+pub struct CheckpointSigner(SignerKind);
+
+enum SignerKind {
+    Local(Ed25519KeyPair),
+    External(std::sync::Arc<dyn ExternalSigner>),
+}
 
 impl CheckpointSigner {
     /// A new random key; returns the signer and its PKCS#8 (v2) document.
@@ -94,21 +109,36 @@ impl CheckpointSigner {
     /// From a 32-byte Ed25519 seed (as kept, HSM-wrapped, in the key store).
     pub fn from_seed(seed: &[u8]) -> Result<Self, AuditError> {
         Ed25519KeyPair::from_seed_unchecked(seed)
-            .map(Self)
+            .map(|k| Self(SignerKind::Local(k)))
             .map_err(|_| AuditError::InvalidKey)
     }
 
     /// From a PKCS#8 v2 document, as produced by [`Self::generate`].
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, AuditError> {
         Ed25519KeyPair::from_pkcs8(pkcs8)
-            .map(Self)
+            .map(|k| Self(SignerKind::Local(k)))
             .map_err(|_| AuditError::InvalidKey)
     }
 
+    /// A key held by an HSM.
+    pub fn external(signer: std::sync::Arc<dyn ExternalSigner>) -> Self {
+        Self(SignerKind::External(signer))
+    }
+
+    /// Whether the key is held outside coffre's memory.
+    pub fn is_external(&self) -> bool {
+        matches!(self.0, SignerKind::External(_))
+    }
+
     pub fn public_key(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        out.copy_from_slice(self.0.public_key().as_ref());
-        out
+        match &self.0 {
+            SignerKind::Local(k) => {
+                let mut out = [0u8; 32];
+                out.copy_from_slice(k.public_key().as_ref());
+                out
+            }
+            SignerKind::External(s) => s.public_key(),
+        }
     }
 
     /// The public key as a SubjectPublicKeyInfo PEM (`BEGIN PUBLIC KEY`).
@@ -116,16 +146,26 @@ impl CheckpointSigner {
         public_key_to_pem(&self.public_key())
     }
 
-    /// Signs the chain head at `seq`.
-    pub fn checkpoint(&self, seq: u64, head_hash: &str, time: Timestamp) -> Checkpoint {
+    /// Signs the chain head at `seq`. Only an external key can fail.
+    pub fn checkpoint(
+        &self,
+        seq: u64,
+        head_hash: &str,
+        time: Timestamp,
+    ) -> Result<Checkpoint, AuditError> {
         let msg = Checkpoint::signed_message(seq, head_hash, time);
-        let sig = self.0.sign(msg.as_bytes());
-        Checkpoint {
+        let signature = match &self.0 {
+            SignerKind::Local(k) => BASE64.encode(k.sign(msg.as_bytes()).as_ref()),
+            SignerKind::External(s) => {
+                BASE64.encode(s.sign(msg.as_bytes()).map_err(AuditError::Signing)?)
+            }
+        };
+        Ok(Checkpoint {
             seq,
             head_hash: head_hash.to_string(),
             time,
-            signature: BASE64.encode(sig.as_ref()),
-        }
+            signature,
+        })
     }
 }
 
@@ -244,7 +284,13 @@ pub struct AuditLog {
     /// `fsync`s done by appends and checkpoints (group commit makes this
     /// smaller than the number of records).
     syncs: u64,
+    /// After an external signer failed: no new attempt in an append before
+    /// this time (an HSM outage must not cost a timeout per record).
+    signing_retry_at: Option<Timestamp>,
 }
+
+/// How long appends wait before asking a failed external signer again.
+const SIGNING_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl AuditLog {
     /// [`Self::open_with`] with default options.
@@ -310,6 +356,7 @@ impl AuditLog {
             index,
             poisoned: false,
             syncs: 0,
+            signing_retry_at: None,
         })
     }
 
@@ -415,8 +462,26 @@ impl AuditLog {
             seq = record.seq;
             head.clone_from(&record.hash);
             since += 1;
-            if since >= policy.every_records || time.0.saturating_sub(last_time.0) >= every_ms {
-                let cp = self.signer.checkpoint(seq, &head, time);
+            let due =
+                since >= policy.every_records || time.0.saturating_sub(last_time.0) >= every_ms;
+            let cp = if due && self.signing_retry_at.is_none_or(|t| time >= t) {
+                match self.signer.checkpoint(seq, &head, time) {
+                    Ok(cp) => {
+                        self.signing_retry_at = None;
+                        Some(cp)
+                    }
+                    // The HSM holding the key does not answer: the records
+                    // stay hash-chained and the checkpoint comes later.
+                    Err(e) => {
+                        tracing::warn!(error = %e, seq, "checkpoint deferred: the signing key did not sign");
+                        self.signing_retry_at = Some(time.plus(SIGNING_RETRY));
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            if let Some(cp) = cp {
                 serde_json::to_writer(
                     &mut buf,
                     &CheckpointLine {
@@ -456,7 +521,8 @@ impl AuditLog {
             return Ok(None);
         }
         let time = self.options.clock.now();
-        let checkpoint = self.signer.checkpoint(self.seq, &self.head_hash, time);
+        let checkpoint = self.signer.checkpoint(self.seq, &self.head_hash, time)?;
+        self.signing_retry_at = None;
         let mut line = serde_json::to_vec(&CheckpointLine {
             checkpoint: checkpoint.clone(),
         })
@@ -694,6 +760,70 @@ pub(crate) mod tests {
         (opts, clock)
     }
 
+    /// A key "in an HSM" (here, ring behind the trait) that can be switched
+    /// off, as an HSM outage would.
+    #[derive(Debug)]
+    struct FlakySigner {
+        key: Ed25519KeyPair,
+        up: std::sync::atomic::AtomicBool,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ExternalSigner for FlakySigner {
+        fn public_key(&self) -> [u8; 32] {
+            self.key.public_key().as_ref().try_into().unwrap()
+        }
+        fn sign(&self, msg: &[u8]) -> Result<[u8; 64], String> {
+            use std::sync::atomic::Ordering;
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if !self.up.load(Ordering::SeqCst) {
+                return Err("HSM unavailable".into());
+            }
+            Ok(self.key.sign(msg).as_ref().try_into().unwrap())
+        }
+    }
+
+    #[test]
+    fn an_external_key_that_fails_defers_the_checkpoint_without_losing_a_record() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        let flaky = Arc::new(FlakySigner {
+            key: Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap(),
+            up: false.into(),
+            calls: 0.into(),
+        });
+        let (opts, clock) = options(2);
+        let signer = CheckpointSigner::external(flaky.clone());
+        assert!(signer.is_external());
+        let mut log = AuditLog::open_with(&path, signer, opts).unwrap();
+        // Down: records 1..=6 are written and chained; one attempt to sign,
+        // then none until the retry time.
+        for n in 1..=6 {
+            log.append(entry(n)).unwrap();
+        }
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), 1);
+        assert!(matches!(log.checkpoint(), Err(AuditError::Signing(_))));
+        // Back, and the retry time passed: the next append checkpoints.
+        flaky.up.store(true, Ordering::SeqCst);
+        clock.advance(SIGNING_RETRY);
+        log.append(entry(7)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let checkpoints: Vec<usize> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with("{\"checkpoint\""))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(checkpoints, vec![7], "one checkpoint, after record 7");
+        let report = verify(text.as_bytes(), &flaky.public_key(), |_| {}).unwrap();
+        assert_eq!(
+            (report.records, report.checkpoints, report.last_seq),
+            (7, 1, 7)
+        );
+    }
+
     #[test]
     fn append_and_reopen_continue_the_chain() {
         let dir = tempfile::tempdir().unwrap();
@@ -902,7 +1032,7 @@ pub(crate) mod tests {
             public_key_from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----")
                 .is_none()
         );
-        let cp = signer.checkpoint(7, GENESIS_HASH, Timestamp(5));
+        let cp = signer.checkpoint(7, GENESIS_HASH, Timestamp(5)).unwrap();
         assert!(cp.signature_is_valid(&pk));
         assert!(!cp.signature_is_valid(&[0u8; 32]));
     }

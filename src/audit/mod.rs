@@ -45,6 +45,7 @@ pub mod verify;
 pub use auditor::{Auditor, AuditorOptions, ClearContext, EventFilter, EventPage};
 pub use chain::{
     AuditLog, AuditLogOptions, Checkpoint, CheckpointPolicy, CheckpointSigner, Durability,
+    ExternalSigner, public_key_from_pem, public_key_to_pem,
 };
 pub use keys::AuditKeys;
 pub use record::{AuditDigestKey, AuditEntry, AuditRecord, GENESIS_HASH, Outcome};
@@ -71,6 +72,9 @@ pub enum AuditError {
     Stopped,
     #[error("invalid checkpoint signing key")]
     InvalidKey,
+    /// The key held by an HSM did not sign (unavailable, refused).
+    #[error("the checkpoint signing key did not sign: {0}")]
+    Signing(String),
     #[error("cannot encode an audit record: {0}")]
     Encode(String),
 }

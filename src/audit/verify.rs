@@ -430,7 +430,9 @@ mod tests {
         let (other, _) = test_signer();
         let mut forged = lines.clone();
         let c6: CheckpointLine = serde_json::from_str(&lines[7]).unwrap();
-        let cp = other.checkpoint(6, &c6.checkpoint.head_hash, c6.checkpoint.time);
+        let cp = other
+            .checkpoint(6, &c6.checkpoint.head_hash, c6.checkpoint.time)
+            .unwrap();
         forged[7] = serde_json::to_string(&CheckpointLine { checkpoint: cp }).unwrap();
         assert_eq!(
             fails_at(run(&forged, &pk), 8, 6),

@@ -70,6 +70,8 @@ pub struct AuditSetup {
     pub options: AuditorOptions,
     /// Where to write the checkpoint public key (PEM), if anywhere.
     pub public_key_file: Option<PathBuf>,
+    /// A checkpoint key held by the HSM, instead of the one kept in the store.
+    pub external_signer: Option<Arc<dyn crate::audit::ExternalSigner>>,
 }
 
 impl AuditSetup {
@@ -79,6 +81,7 @@ impl AuditSetup {
             path: config.path_in(dir),
             options: config.auditor_options()?,
             public_key_file: None,
+            external_signer: None,
         })
     }
 }
@@ -469,16 +472,31 @@ async fn start_metrics(
 /// Loads (or, on a new data directory, creates) the audit log's keys and
 /// opens the log, verifying it; writes the public key file if asked.
 async fn open_auditor(kms: &Kms, setup: &AuditSetup) -> anyhow::Result<Arc<Auditor>> {
-    let keys = kms
+    let mut keys = kms
         .audit_keys()
         .await
         .context("loading the audit log's signing key (HSM-wrapped, in the store)")?;
+    if let Some(signer) = &setup.external_signer {
+        keys.signer = crate::audit::CheckpointSigner::external(Arc::clone(signer));
+    }
     let path = setup.path.clone();
     let options = setup.options.clone();
     let auditor = tokio::task::spawn_blocking(move || Auditor::open(&path, keys, options))
         .await
         .context("opening the audit log")?
-        .with_context(|| format!("opening the audit log {}", setup.path.display()))?;
+        .with_context(|| {
+            format!(
+                "opening the audit log {}{}",
+                setup.path.display(),
+                if setup.external_signer.is_some() {
+                    " (its checkpoints must verify under the HSM's audit signing key: a log \
+                     begun with audit.checkpoint_key = \"software\" cannot continue under it; \
+                     start a new log file with audit.path and keep the old one)"
+                } else {
+                    ""
+                }
+            )
+        })?;
     if let Some(file) = &setup.public_key_file {
         let pem = auditor.public_key_pem();
         if std::fs::read_to_string(file).ok().as_deref() != Some(pem.as_str()) {
@@ -642,6 +660,7 @@ pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<(
     crate::hardening::disable_core_dumps()?;
     let config = Config::load(config_path)?;
     crate::hardening::refuse_root(allow_root || config.allow_root)?;
+    let mut external_signer: Option<Arc<dyn crate::audit::ExternalSigner>> = None;
     let hsm: Arc<dyn Hsm> = match &config.hsm {
         HsmConfig::Simulator {
             endpoint,
@@ -659,6 +678,15 @@ pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<(
             let hsm = open_pkcs11(&config.hsm).await?;
             let root = hsm.require_root_key()?;
             tracing::info!(hsm = ?hsm, current_root_key = root, "PKCS#11 HSM ready");
+            if config.audit.checkpoint_key == crate::config::CheckpointKey::Hsm {
+                let token = hsm.clone();
+                let signer = tokio::task::spawn_blocking(move || token.audit_signer(true))
+                    .await
+                    .context("the audit signing key task failed")?
+                    .context("loading the audit signing key from the HSM")?;
+                tracing::info!(signer = ?signer, "audit checkpoints are signed in the HSM");
+                external_signer = Some(Arc::new(signer));
+            }
             Arc::new(hsm)
         }
     };
@@ -696,7 +724,10 @@ pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<(
         .with_approval_store(approvals),
     );
     let tls = config.tls.load()?;
-    let audit = AuditSetup::in_dir(&config.data_dir, &config.audit)?;
+    let audit = AuditSetup {
+        external_signer,
+        ..AuditSetup::in_dir(&config.data_dir, &config.audit)?
+    };
     let server = start_server(
         kms,
         config.listen,

@@ -1187,6 +1187,232 @@ impl Hsm for Pkcs11Hsm {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The audit log's checkpoint-signing key in the token
+
+/// Label of the Ed25519 key pair that signs audit checkpoints.
+pub const AUDIT_KEY_LABEL: &str = "coffre-audit-signing";
+
+/// DER of the Ed25519 curve's OID (1.3.101.112), as `CKA_EC_PARAMS`.
+const ED25519_PARAMS: [u8; 5] = [0x06, 0x03, 0x2B, 0x65, 0x70];
+
+/// What the private half must be, checked every time it is loaded.
+const AUDIT_KEY_POLICY: [RequiredAttribute; 9] = [
+    req("CKA_TOKEN", AttributeType::Token, true),
+    req("CKA_PRIVATE", AttributeType::Private, true),
+    req("CKA_SENSITIVE", AttributeType::Sensitive, true),
+    req("CKA_EXTRACTABLE", AttributeType::Extractable, false),
+    req("CKA_ALWAYS_SENSITIVE", AttributeType::AlwaysSensitive, true),
+    req(
+        "CKA_NEVER_EXTRACTABLE",
+        AttributeType::NeverExtractable,
+        true,
+    ),
+    req("CKA_SIGN", AttributeType::Sign, true),
+    req("CKA_DECRYPT", AttributeType::Decrypt, false),
+    req("CKA_UNWRAP", AttributeType::Unwrap, false),
+];
+
+/// The token's checkpoint-signing key: an Ed25519 private key that never
+/// leaves it, used only through `CKM_EDDSA`.
+pub struct Pkcs11Signer {
+    inner: Arc<Inner>,
+    private: ObjectHandle,
+    public: [u8; 32],
+}
+
+impl fmt::Debug for Pkcs11Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Signer")
+            .field("token", &self.inner.token_label)
+            .field("public_key", &hex::encode(self.public))
+            .finish_non_exhaustive()
+    }
+}
+
+impl crate::audit::ExternalSigner for Pkcs11Signer {
+    fn public_key(&self) -> [u8; 32] {
+        self.public
+    }
+
+    /// On a thread of its own, so a hung HSM costs the audit writer at most
+    /// the configured timeout.
+    fn sign(&self, msg: &[u8]) -> Result<[u8; 64], String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let inner = self.inner.clone();
+        let key = self.private;
+        let msg = msg.to_vec();
+        std::thread::Builder::new()
+            .name("coffre-hsm-sign".into())
+            .spawn(move || {
+                let out = inner
+                    .take_session()
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| {
+                        let r = eddsa_sign(&s, key, &msg);
+                        inner.give_back(s);
+                        r
+                    });
+                let _ = tx.send(out);
+            })
+            .map_err(|e| format!("cannot start the signing thread: {e}"))?;
+        rx.recv_timeout(self.inner.timeout)
+            .map_err(|_| format!("the HSM did not sign within {:?}", self.inner.timeout))?
+    }
+}
+
+fn eddsa_sign(s: &Session, key: ObjectHandle, msg: &[u8]) -> Result<[u8; 64], String> {
+    use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+    let sig = s
+        .sign(
+            &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+            key,
+            msg,
+        )
+        .map_err(|e| describe(&e))?;
+    sig.try_into()
+        .map_err(|v: Vec<u8>| format!("the HSM returned a {}-byte Ed25519 signature", v.len()))
+}
+
+/// The 32-byte key of a `CKA_EC_POINT`: raw, or a DER OCTET STRING.
+fn ed25519_point(point: &[u8]) -> Option<[u8; 32]> {
+    match point {
+        [0x04, 0x20, rest @ ..] if rest.len() == 32 => rest.try_into().ok(),
+        raw if raw.len() == 32 => raw.try_into().ok(),
+        _ => None,
+    }
+}
+
+impl Pkcs11Hsm {
+    /// The token's checkpoint-signing key pair ([`AUDIT_KEY_LABEL`]),
+    /// generated in the token if `create` and it has none. Its private half
+    /// must pass [`AUDIT_KEY_POLICY`], and a test signature must verify under
+    /// its public half. Blocking.
+    pub fn audit_signer(&self, create: bool) -> Result<Pkcs11Signer, HsmError> {
+        let setup = |m: String| HsmError::Setup(m);
+        let s = self.inner.take_session()?;
+        let find = |class| {
+            s.find_objects(&[
+                Attribute::Class(class),
+                Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+            ])
+            .map_err(|e| classify(&e))
+        };
+        let (mut private, mut public) = (
+            find(ObjectClass::PRIVATE_KEY)?,
+            find(ObjectClass::PUBLIC_KEY)?,
+        );
+        if private.is_empty() && public.is_empty() {
+            if !create {
+                return Err(setup(format!(
+                    "the token {:?} holds no audit signing key ({AUDIT_KEY_LABEL})",
+                    self.inner.token_label
+                )));
+            }
+            let label = AUDIT_KEY_LABEL.as_bytes().to_vec();
+            let (pubk, privk) = s
+                .generate_key_pair(
+                    &Mechanism::EccEdwardsKeyPairGen,
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(false),
+                        Attribute::Verify(true),
+                        Attribute::EcParams(ED25519_PARAMS.to_vec()),
+                        Attribute::Label(label.clone()),
+                    ],
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Sign(true),
+                        Attribute::Decrypt(false),
+                        Attribute::Unwrap(false),
+                        Attribute::Derive(false),
+                        Attribute::Modifiable(false),
+                        Attribute::Label(label),
+                    ],
+                )
+                .map_err(|e| {
+                    setup(format!(
+                        "the token {:?} cannot make an Ed25519 key pair: {}",
+                        self.inner.token_label,
+                        describe(&e)
+                    ))
+                })?;
+            tracing::warn!(token = %self.inner.token_label, "generated the audit checkpoint signing key in the HSM");
+            private = vec![privk];
+            public = vec![pubk];
+        }
+        let ([private], [public]) = (private.as_slice(), public.as_slice()) else {
+            return Err(setup(format!(
+                "the token {:?} must hold exactly one private and one public key labelled                  {AUDIT_KEY_LABEL}; it holds {} and {}",
+                self.inner.token_label,
+                private.len(),
+                public.len()
+            )));
+        };
+        let kinds: Vec<AttributeType> = AUDIT_KEY_POLICY.iter().map(|r| r.kind).collect();
+        let attrs = s
+            .get_attributes(*private, &kinds)
+            .map_err(|e| classify(&e))?;
+        let mut problems = Vec::new();
+        for want in AUDIT_KEY_POLICY {
+            match attrs
+                .iter()
+                .find(|a| a.attribute_type() == want.kind)
+                .and_then(bool_value)
+            {
+                Some(v) if v == want.value => {}
+                other => problems.push(format!(
+                    "{} is {}, must be {}",
+                    want.name,
+                    other.map_or("not reported".to_string(), |v| v.to_string()),
+                    want.value
+                )),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(setup(format!(
+                "the audit signing key {AUDIT_KEY_LABEL} on token {:?} is not safe to use: {}",
+                self.inner.token_label,
+                problems.join("; ")
+            )));
+        }
+        let point = s
+            .get_attributes(*public, &[AttributeType::EcPoint])
+            .map_err(|e| classify(&e))?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::EcPoint(p) => ed25519_point(&p),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                setup(format!(
+                    "{AUDIT_KEY_LABEL}'s public key is not an Ed25519 point"
+                ))
+            })?;
+        // The pair must match and the mechanism work: one signature, checked
+        // with ring.
+        let probe = b"coffre audit signing key check";
+        let sig = eddsa_sign(&s, *private, probe).map_err(setup)?;
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &point)
+            .verify(probe, &sig)
+            .map_err(|_| {
+                setup(format!(
+                    "{AUDIT_KEY_LABEL}: a signature does not verify under its public key"
+                ))
+            })?;
+        let signer = Pkcs11Signer {
+            inner: self.inner.clone(),
+            private: *private,
+            public: point,
+        };
+        self.inner.give_back(s);
+        Ok(signer)
+    }
+}
+
 /// [`ObjectSeal`] owned, to move into a blocking call.
 struct OwnedSeal {
     object: String,
