@@ -80,6 +80,41 @@ async fn check(local: &LocalHsmArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The PKCS#11-only check `coffre hsm conformance` adds to the suite.
+pub const RELOGIN_CHECK: &str =
+    "PKCS#11: after the token logs coffre out, the next calls log in again by themselves";
+
+async fn relogin(token: &Pkcs11Hsm, hsm: &dyn Hsm) -> Result<(), conformance::Failure> {
+    let fail = |detail: String| conformance::Failure {
+        check: RELOGIN_CHECK,
+        detail,
+    };
+    let aad = b"coffre/conformance/relogin";
+    let wrapped = hsm
+        .wrap(&[3u8; 32], aad)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    token
+        .log_out()
+        .await
+        .map_err(|e| fail(format!("logging out: {e}")))?;
+    let back = hsm
+        .unwrap(&wrapped.blob, aad)
+        .await
+        .map_err(|e| fail(format!("unwrap after the logout: {e}")))?;
+    if back.expose() != [3u8; 32] {
+        return Err(fail("unwrapped other bytes after the logout".into()));
+    }
+    token
+        .log_out()
+        .await
+        .map_err(|e| fail(format!("logging out: {e}")))?;
+    hsm.wrap(&[4u8; 32], aad)
+        .await
+        .map_err(|e| fail(format!("wrap after the logout: {e}")))?;
+    Ok(())
+}
+
 async fn conformance(local: &LocalHsmArgs) -> anyhow::Result<()> {
     let hsm = open(local).await?;
     let report = hsm.report().await?;
@@ -93,11 +128,12 @@ async fn conformance(local: &LocalHsmArgs) -> anyhow::Result<()> {
     hsm.init_root_key()
         .await
         .context("creating the suite's first root key")?;
+    let token = hsm.clone();
     let hsm: Arc<dyn Hsm> = Arc::new(hsm);
     let json = local.json;
     let mut passed = Vec::new();
     let mut last: Option<&str> = None;
-    let result = conformance::run(hsm, |check| {
+    let result = conformance::run(Arc::clone(&hsm), |check| {
         if let Some(done) = last.take() {
             passed.push(done.to_string());
         }
@@ -113,6 +149,18 @@ async fn conformance(local: &LocalHsmArgs) -> anyhow::Result<()> {
             passed.push(done.to_string());
         }
     }
+    // PKCS#11 only: coffre's sessions logged out behind its back.
+    let result = match result {
+        Ok(()) => {
+            if !json {
+                let _ = writeln!(std::io::stderr(), "  checking: {RELOGIN_CHECK}");
+            }
+            relogin(&token, hsm.as_ref())
+                .await
+                .map(|()| passed.push(RELOGIN_CHECK.to_string()))
+        }
+        failed => failed,
+    };
     match result {
         Ok(()) => {
             if json {

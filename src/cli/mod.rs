@@ -8,6 +8,7 @@ mod audit;
 mod bench;
 mod client;
 mod hsm;
+pub use hsm::RELOGIN_CHECK;
 mod output;
 mod server;
 

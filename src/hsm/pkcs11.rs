@@ -280,8 +280,11 @@ fn describe(e: &CkError) -> String {
     }
 }
 
-/// Errors after which the session (or the login) is gone: drop the
-/// session, log in again, retry once.
+/// Errors after which the session, the login or the object handles are
+/// gone (the HSM restarted, logged coffre out, or failed over): drop the
+/// session, log in again, find the objects again, retry once. A private
+/// object used while logged out is reported as an invalid handle by some
+/// tokens (SoftHSM2 among them).
 fn session_lost(e: &CkError) -> bool {
     matches!(
         e,
@@ -291,7 +294,9 @@ fn session_lost(e: &CkError) -> bool {
                 | RvError::UserNotLoggedIn
                 | RvError::DeviceRemoved
                 | RvError::TokenNotPresent
-                | RvError::DeviceError,
+                | RvError::DeviceError
+                | RvError::KeyHandleInvalid
+                | RvError::ObjectHandleInvalid,
             _
         )
     )
@@ -508,6 +513,17 @@ impl Pkcs11Hsm {
         .await?
     }
 
+    /// Logs the application out of the token, as an HSM restart or a
+    /// session timeout on the HSM's side would: the next call must log in
+    /// again by itself. For `coffre hsm conformance`.
+    pub async fn log_out(&self) -> Result<(), HsmError> {
+        self.run(|s| match s.logout() {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserNotLoggedIn, _)) => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
     /// Facts about the token and its root keys, for `coffre hsm check`.
     pub async fn report(&self) -> Result<TokenReport, HsmError> {
         let inner = self.inner.clone();
@@ -545,7 +561,16 @@ impl Pkcs11Hsm {
                         drop(first);
                         inner.forget_idle();
                         let second = inner.open_session()?;
-                        let out = op(&second).map_err(|e| classify(&e));
+                        // Handles found before may not survive what happened.
+                        inner
+                            .objects
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .clear();
+                        let out = inner
+                            .refresh_roots(&second)
+                            .and_then(|()| op(&second))
+                            .map_err(|e| classify(&e));
                         inner.give_back(second);
                         out
                     }
