@@ -683,6 +683,12 @@ async fn audit_checkpoints_signed_in_softhsm2() {
             );
         }
     }
+    // `coffre hsm check` finds the same key, safe to use.
+    let out = softhsm.coffre(&["hsm", "check", "--config", config_s, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(check["audit_signing_key"], hex::encode(exported), "{check}");
+    assert_eq!(check["key_objects"], true, "{check}");
     if let Some(listing) = softhsm.list_objects_of("signer", "privkey") {
         let block = listing
             .split("Private Key Object")

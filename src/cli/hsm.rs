@@ -46,8 +46,27 @@ async fn init_root_key(local: &LocalHsmArgs) -> anyhow::Result<()> {
 }
 
 async fn check(local: &LocalHsmArgs) -> anyhow::Result<()> {
-    let hsm = open(local).await?;
+    let config = Config::load(&local.config)?;
+    let hsm = open_pkcs11(&config.hsm).await?;
     let root = hsm.require_root_key()?;
+    // The audit signing key, when the configuration keeps it in the token:
+    // its attributes and a probe signature (made by `coffre serve` at its
+    // first start, so absent before).
+    let audit_key = if config.audit.checkpoint_key == crate::config::CheckpointKey::Hsm {
+        let token = hsm.clone();
+        let signer = tokio::task::spawn_blocking(move || token.audit_signer(false))
+            .await
+            .context("the audit signing key task failed")?;
+        match signer {
+            Ok(s) => Some(hex::encode(crate::audit::ExternalSigner::public_key(&s))),
+            Err(crate::hsm::HsmError::Setup(m)) if m.contains("holds no audit signing key") => {
+                Some("none yet (coffre serve makes it at its first start)".to_string())
+            }
+            Err(e) => return Err(e).context("checking the audit signing key"),
+        }
+    } else {
+        None
+    };
     // A round trip under the current root key: the path every CMK takes.
     let probe = hsm.generate_random(32).await?;
     let aad = b"coffre hsm check";
@@ -63,6 +82,8 @@ async fn check(local: &LocalHsmArgs) -> anyhow::Result<()> {
             "token": report,
             "root_key_attributes": "checked",
             "round_trip": "ok",
+            "key_objects": hsm.supports_key_objects(),
+            "audit_signing_key": audit_key,
         }));
     }
     println!("module            {}", report.module);
@@ -77,6 +98,17 @@ async fn check(local: &LocalHsmArgs) -> anyhow::Result<()> {
     );
     println!("attributes        every root key as SECURITY.md requires");
     println!("round trip        wrap + unwrap under root key {root}: ok");
+    println!(
+        "protection HSM    {}",
+        if hsm.supports_key_objects() {
+            "available (CKM_AES_CBC_ENCRYPT_DATA)"
+        } else {
+            "not offered by this token"
+        }
+    );
+    if let Some(k) = audit_key {
+        println!("audit signing key {k}");
+    }
     Ok(())
 }
 
