@@ -283,8 +283,14 @@ impl Load {
                     // cycle, not thousands.
                     tokio::time::sleep(PACE).await;
                 }
-                // Nothing to work on yet.
-                Ok(false) => tokio::time::sleep(Duration::from_millis(5)).await,
+                // Nothing to work on yet (no request was made, so no error
+                // will tell this task that the server is gone: ask).
+                Ok(false) => {
+                    if self.killed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 Err(status) => {
                     if !self.killed.load(Ordering::SeqCst) {
                         self.model.lock().unwrap().failures.push(format!(
@@ -306,6 +312,13 @@ impl Load {
         let key = keys
             .create_key(pb::CreateKeyRequest {
                 description: format!("crash harness, cycle {}", self.cycle),
+                // Every other data-key key is held by the (simulated) HSM:
+                // its versions are key objects made before the store write.
+                protection_level: if n % 4 == 2 {
+                    pb::ProtectionLevel::Hsm as i32
+                } else {
+                    pb::ProtectionLevel::Software as i32
+                },
                 ..Default::default()
             })
             .await?

@@ -215,6 +215,12 @@ impl Kms {
     ) -> Result<(VersionRecord, Option<CmkMaterial>)> {
         if level == ProtectionLevel::Hsm {
             let name = hsm_object_name(id, version);
+            // The store has no such version (callers hold the write guard
+            // and checked), so an object of that name is an orphan: made
+            // for an earlier attempt whose store write never happened (a
+            // crash between the two). Never used to seal anything, and not
+            // to be trusted either: destroyed, then made afresh.
+            self.hsm.destroy_key_object(&name).await?;
             self.hsm.create_key_object(&name).await?;
             let record = VersionRecord {
                 key_id: id,
