@@ -68,13 +68,7 @@ async fn check(local: &LocalHsmArgs) -> anyhow::Result<()> {
         None
     };
     // A round trip under the current root key: the path every CMK takes.
-    let probe = hsm.generate_random(32).await?;
-    let aad = b"coffre hsm check";
-    let wrapped = hsm.wrap(probe.expose(), aad).await?;
-    let back = hsm.unwrap(&wrapped.blob, aad).await?;
-    if back.expose() != probe.expose() {
-        bail!("the HSM unwrapped a probe to other bytes");
-    }
+    hsm.self_test().await?;
     let report = hsm.report().await?;
     if local.json {
         return print_json(&json!({
@@ -126,6 +120,19 @@ async fn relogin(token: &Pkcs11Hsm, hsm: &dyn Hsm) -> Result<(), conformance::Fa
         .wrap(&[3u8; 32], aad)
         .await
         .map_err(|e| fail(e.to_string()))?;
+    token
+        .log_out()
+        .await
+        .map_err(|e| fail(format!("logging out: {e}")))?;
+    // The readiness probe's call first: a logged-out session sees no root
+    // key, which must not pass for a tamper response.
+    let info = hsm
+        .info()
+        .await
+        .map_err(|e| fail(format!("info after the logout: {e}")))?;
+    if info.root_key_ids.is_empty() {
+        return Err(fail("info after the logout lists no root key".into()));
+    }
     token
         .log_out()
         .await

@@ -677,6 +677,9 @@ pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<(
         HsmConfig::Pkcs11 { .. } => {
             let hsm = open_pkcs11(&config.hsm).await?;
             let root = hsm.require_root_key()?;
+            hsm.self_test()
+                .await
+                .context("the PKCS#11 self-test (wrap and unwrap a random value) failed")?;
             tracing::info!(hsm = ?hsm, current_root_key = root, "PKCS#11 HSM ready");
             if config.audit.checkpoint_key == crate::config::CheckpointKey::Hsm {
                 let token = hsm.clone();

@@ -181,6 +181,47 @@ const KEY_OBJECT_MECHANISM: (&str, MechanismType) = (
     MechanismType::AES_CBC_ENCRYPT_DATA,
 );
 
+/// What a CMK key object must be when coffre finds it on the token.
+const KEY_OBJECT_POLICY: [RequiredAttribute; 10] = [
+    req("CKA_TOKEN", AttributeType::Token, true),
+    req("CKA_PRIVATE", AttributeType::Private, true),
+    req("CKA_SENSITIVE", AttributeType::Sensitive, true),
+    req("CKA_EXTRACTABLE", AttributeType::Extractable, false),
+    req("CKA_ALWAYS_SENSITIVE", AttributeType::AlwaysSensitive, true),
+    req(
+        "CKA_NEVER_EXTRACTABLE",
+        AttributeType::NeverExtractable,
+        true,
+    ),
+    req("CKA_DERIVE", AttributeType::Derive, true),
+    req("CKA_ENCRYPT", AttributeType::Encrypt, false),
+    req("CKA_DECRYPT", AttributeType::Decrypt, false),
+    req("CKA_WRAP", AttributeType::Wrap, false),
+];
+
+/// Every entry of `policy` that `attrs` does not satisfy (a missing one
+/// included), one line each.
+fn policy_problems(policy: &[RequiredAttribute], attrs: &[Attribute]) -> Vec<String> {
+    policy
+        .iter()
+        .filter_map(|want| {
+            match attrs
+                .iter()
+                .find(|a| a.attribute_type() == want.kind)
+                .and_then(bool_value)
+            {
+                Some(v) if v == want.value => None,
+                other => Some(format!(
+                    "{} is {}, must be {}",
+                    want.name,
+                    other.map_or("not reported".to_string(), |v| v.to_string()),
+                    want.value
+                )),
+            }
+        })
+        .collect()
+}
+
 /// The template of a CMK version kept in the token (protection level HSM):
 /// it can only derive the per-seal keys, never encrypt, decrypt or wrap
 /// anything itself, and never leaves the token.
@@ -323,6 +364,16 @@ fn classify(e: &CkError) -> HsmError {
     }
 }
 
+/// Some tokens (AWS CloudHSM, by its documentation) put an IV of their own
+/// choosing in `CK_GCM_PARAMS` on encryption. coffre's blobs carry, and
+/// authenticate, the IV coffre chose: such a token cannot be used.
+fn iv_replaced(token: &str) -> HsmError {
+    HsmError::Setup(format!(
+        "the token {token:?} replaced the AES-GCM IV coffre gave it; coffre needs a token that \
+         uses the caller's IV (see SECURITY.md, \"PKCS#11\")"
+    ))
+}
+
 /// A root key found on the token.
 #[derive(Clone, Copy, Debug)]
 struct RootKey {
@@ -336,6 +387,8 @@ struct Inner {
     module: PathBuf,
     pin: AuthPin,
     idle: Mutex<Vec<Session>>,
+    /// Most sessions kept idle (the pool's size).
+    max_idle: usize,
     permits: Arc<Semaphore>,
     timeout: Duration,
     /// Root keys by id, as last read from the token.
@@ -344,6 +397,8 @@ struct Inner {
     objects: RwLock<HashMap<String, ObjectHandle>>,
     /// The token offers what protection level HSM needs.
     key_objects: bool,
+    /// The module is SoftHSM2, whose tag mismatches are general errors.
+    lenient_gcm_errors: bool,
 }
 
 /// The PKCS#11 backend. Cheap to clone.
@@ -461,6 +516,9 @@ impl Pkcs11Hsm {
                 KEY_OBJECT_MECHANISM.0
             );
         }
+        let lenient_gcm_errors = ctx
+            .get_library_info()
+            .is_ok_and(|i| i.manufacturer_id().contains("SoftHSM"));
         let pin = AuthPin::from(settings.pin.as_str());
         let hsm = Self {
             inner: Arc::new(Inner {
@@ -470,6 +528,8 @@ impl Pkcs11Hsm {
                 module: settings.module,
                 pin,
                 idle: Mutex::new(Vec::new()),
+                max_idle: settings.sessions,
+                lenient_gcm_errors,
                 permits: Arc::new(Semaphore::new(settings.sessions)),
                 timeout: settings.timeout,
                 roots: RwLock::new(BTreeMap::new()),
@@ -513,6 +573,24 @@ impl Pkcs11Hsm {
         .await?
     }
 
+    /// A wrap and an unwrap of a random value under the current root key:
+    /// the path every CMK takes, run before serving. Catches a token that
+    /// does not keep the caller's GCM IV, or cannot decrypt what it
+    /// encrypted.
+    pub async fn self_test(&self) -> Result<u32, HsmError> {
+        let probe = self.generate_random(32).await?;
+        let aad = b"coffre pkcs11 self-test";
+        let wrapped = self.wrap(probe.expose(), aad).await?;
+        let back = self.unwrap(&wrapped.blob, aad).await?;
+        if back.expose() != probe.expose() {
+            return Err(HsmError::Setup(format!(
+                "the token {:?} unwrapped a probe to other bytes",
+                self.inner.token_label
+            )));
+        }
+        Ok(wrapped.root_key_id)
+    }
+
     /// Logs the application out of the token, as an HSM restart or a
     /// session timeout on the HSM's side would: the next call must log in
     /// again by itself. For `coffre hsm conformance`.
@@ -549,7 +627,11 @@ impl Pkcs11Hsm {
                 .permits_owned()
                 .await
                 .map_err(|_| HsmError::Unavailable("the HSM session pool is closed".into()))?;
-            let result = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
+                // The slot is held for as long as the session is in use,
+                // even after the caller stopped waiting (timeout): a hung
+                // HSM then holds `sessions` threads, not one per request.
+                let _permit = permit;
                 let first = inner.take_session()?;
                 match op(&first) {
                     Ok(v) => {
@@ -581,9 +663,7 @@ impl Pkcs11Hsm {
                 }
             })
             .await
-            .map_err(|e| HsmError::Unavailable(format!("HSM call failed: {e}")))?;
-            drop(permit);
-            result
+            .map_err(|e| HsmError::Unavailable(format!("HSM call failed: {e}")))?
         };
         tokio::time::timeout(timeout, call).await.map_err(|_| {
             HsmError::Unavailable(format!("the HSM did not answer within {timeout:?}"))
@@ -625,10 +705,25 @@ impl Inner {
     }
 
     fn give_back(&self, session: Session) {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(session);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push(session);
+        }
+    }
+
+    /// An empty search is only believed in a logged-in session: a session
+    /// the token logged out sees no private object, and says no more.
+    fn ensure_logged_in(s: &Session) -> Result<(), CkError> {
+        use cryptoki::session::SessionState;
+        let state = s.get_session_info()?.session_state();
+        if matches!(state, SessionState::RwUser | SessionState::RoUser) {
+            Ok(())
+        } else {
+            Err(CkError::Pkcs11(
+                RvError::UserNotLoggedIn,
+                cryptoki::context::Function::GetSessionInfo,
+            ))
+        }
     }
 
     /// Drops every idle session: after one was lost, the others likely were.
@@ -666,6 +761,9 @@ impl Inner {
                 Attribute::Encrypt(true),
             ],
         )?;
+        if found.is_empty() {
+            Self::ensure_logged_in(s)?;
+        }
         *self.roots.write().unwrap_or_else(PoisonError::into_inner) = found;
         Ok(())
     }
@@ -739,8 +837,22 @@ impl Inner {
             Attribute::Label(name.as_bytes().to_vec()),
         ])?;
         let handle = match found.as_slice() {
-            [] => return Ok(None),
-            [one] => *one,
+            [] => {
+                Self::ensure_logged_in(s)?;
+                return Ok(None);
+            }
+            [one] => {
+                // Checked once, when first found: an object planted under a
+                // CMK's name with weaker attributes is never used.
+                let kinds: Vec<AttributeType> = KEY_OBJECT_POLICY.iter().map(|r| r.kind).collect();
+                let problems =
+                    policy_problems(&KEY_OBJECT_POLICY, &s.get_attributes(*one, &kinds)?);
+                if !problems.is_empty() {
+                    tracing::error!(object = %name, problems = %problems.join("; "), "refusing an HSM key object with unsafe attributes");
+                    return Ok(None);
+                }
+                *one
+            }
             // Two objects with one name: not made by coffre. Use neither.
             _ => {
                 return Err(CkError::Pkcs11(
@@ -996,6 +1108,9 @@ impl Hsm for Pkcs11Hsm {
             let mut iv_param = iv;
             let params = GcmParams::new(&mut iv_param, &full_aad, 128.into())?;
             let sealed = s.encrypt(&Mechanism::AesGcm(params), key.handle, &plaintext)?;
+            if iv_param != iv {
+                return Ok(Err(iv_replaced(&inner.token_label)));
+            }
             let mut blob = Vec::with_capacity(HEADER_LEN + sealed.len());
             blob.extend_from_slice(&header);
             blob.extend_from_slice(&sealed);
@@ -1033,16 +1148,16 @@ impl Hsm for Pkcs11Hsm {
                 Err(e) if matches!(classify(&e), HsmError::AuthenticationFailed) => {
                     Ok(Err(HsmError::AuthenticationFailed))
                 }
-                // SoftHSM2 (and some other modules) answer a GCM tag
-                // mismatch with CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED.
-                // If the session still answers, the token is fine and it
-                // was the blob; otherwise it is a device problem.
+                // SoftHSM2 answers a GCM tag mismatch with CKR_GENERAL_ERROR
+                // (or CKR_FUNCTION_FAILED). Only there, and only if the
+                // session still answers, is it the blob's fault; anywhere
+                // else it is a device problem.
                 Err(
                     e @ CkError::Pkcs11(
                         RvError::GeneralError | RvError::FunctionFailed,
                         cryptoki::context::Function::Decrypt,
                     ),
-                ) => match s.get_session_info() {
+                ) if inner.lenient_gcm_errors => match s.get_session_info() {
                     Ok(_) => Ok(Err(HsmError::AuthenticationFailed)),
                     Err(_) => Err(e),
                 },
@@ -1141,7 +1256,11 @@ impl Hsm for Pkcs11Hsm {
                 .and_then(|p| s.encrypt(&Mechanism::AesGcm(p), key, &plaintext));
             // A session object; destroyed now rather than with the session.
             let _ = s.destroy_object(key);
-            Ok(Ok(sealed?))
+            let sealed = sealed?;
+            if iv != owned.iv {
+                return Ok(Err(iv_replaced(&inner.token_label)));
+            }
+            Ok(Ok(sealed))
         })
         .await?
     }
@@ -1179,7 +1298,7 @@ impl Hsm for Pkcs11Hsm {
                         RvError::GeneralError | RvError::FunctionFailed,
                         cryptoki::context::Function::Decrypt,
                     ),
-                ) => match s.get_session_info() {
+                ) if inner.lenient_gcm_errors => match s.get_session_info() {
                     Ok(_) => Ok(Err(HsmError::AuthenticationFailed)),
                     Err(_) => Err(e),
                 },
@@ -1196,8 +1315,20 @@ impl Hsm for Pkcs11Hsm {
         self.run(move |s| {
             if let Some(handle) = inner.object(s, &name)? {
                 match s.destroy_object(handle) {
-                    // Destroyed by someone else since we found it.
-                    Ok(()) | Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
+                    Ok(()) => {}
+                    // A stale handle, or destroyed by someone else since
+                    // it was found: forget it and look again (in a session
+                    // known to be logged in); only "not there" is success.
+                    Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => {
+                        inner
+                            .objects
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&name);
+                        if let Some(fresh) = inner.object(s, &name)? {
+                            s.destroy_object(fresh)?;
+                        }
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -1381,22 +1512,7 @@ impl Pkcs11Hsm {
         let attrs = s
             .get_attributes(*private, &kinds)
             .map_err(|e| classify(&e))?;
-        let mut problems = Vec::new();
-        for want in AUDIT_KEY_POLICY {
-            match attrs
-                .iter()
-                .find(|a| a.attribute_type() == want.kind)
-                .and_then(bool_value)
-            {
-                Some(v) if v == want.value => {}
-                other => problems.push(format!(
-                    "{} is {}, must be {}",
-                    want.name,
-                    other.map_or("not reported".to_string(), |v| v.to_string()),
-                    want.value
-                )),
-            }
-        }
+        let problems = policy_problems(&AUDIT_KEY_POLICY, &attrs);
         if !problems.is_empty() {
             return Err(setup(format!(
                 "the audit signing key {AUDIT_KEY_LABEL} on token {:?} is not safe to use: {}",

@@ -158,7 +158,21 @@ impl Kms {
                             ciphertext_blob: blob,
                         }),
                 };
+                // An HSM that is down fails the rest at once, rather than
+                // one timeout per item.
+                let hsm_down = matches!(
+                    &item,
+                    Err(Error::Hsm(HsmError::Unavailable(_) | HsmError::Tampered))
+                );
                 items.push(item);
+                if hsm_down {
+                    while items.len() < count {
+                        items.push(Err(Error::Hsm(HsmError::Unavailable(
+                            "not tried: the HSM failed an earlier item of the batch".into(),
+                        ))));
+                    }
+                    break;
+                }
             }
             return Ok(BatchDataKeys {
                 key_id: record.id,

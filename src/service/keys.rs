@@ -64,7 +64,7 @@ impl Kms {
             .blocking(move |s| s.create_key(&stored, &first).map_err(create_error))
             .await;
         if let Err(e) = created {
-            self.forget_new_object(&version).await;
+            self.forget_new_object(&version, &e).await;
             return Err(e);
         }
         if let Some(material) = material {
@@ -110,7 +110,7 @@ impl Kms {
                 Ok(v) => v,
                 Err(e) => {
                     for (_, made) in &created {
-                        self.forget_new_object(made).await;
+                        self.forget_new_object(made, &e).await;
                     }
                     return Err(e);
                 }
@@ -133,7 +133,7 @@ impl Kms {
             Ok(created) => created,
             Err(e) => {
                 for made in &objects {
-                    self.forget_new_object(made).await;
+                    self.forget_new_object(made, &e).await;
                 }
                 return Err(e);
             }
@@ -257,10 +257,18 @@ impl Kms {
     /// its key object, which nothing refers to. Best effort: an object left
     /// behind (the HSM failing now, or a crash before this) holds no data
     /// and is logged with its name.
-    async fn forget_new_object(&self, version: &VersionRecord) {
+    async fn forget_new_object(&self, version: &VersionRecord, why: &Error) {
         let Some(name) = &version.hsm_object else {
             return;
         };
+        // An I/O error may come after the write reached the disk (sled
+        // commits, then the flush fails): the version may exist after a
+        // restart and must keep its object. A later attempt at the same
+        // version clears an orphan anyway (see `new_version`).
+        if matches!(why, Error::Store(StoreError::Io(_))) {
+            tracing::warn!(object = %name, "an HSM key object may be unused (the store write's outcome is unknown)");
+            return;
+        }
         if let Err(e) = self.hsm.destroy_key_object(name).await {
             tracing::warn!(object = %name, error = %e, "an unused HSM key object was left behind");
         }
@@ -363,7 +371,7 @@ impl Kms {
             .blocking(move |s| Ok(s.add_version(&current, &stored, &new)?))
             .await;
         if let Err(e) = added {
-            self.forget_new_object(&version).await;
+            self.forget_new_object(&version, &e).await;
             return Err(e);
         }
         if let Some(material) = material {

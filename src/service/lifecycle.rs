@@ -139,12 +139,24 @@ impl Kms {
         caller: &Caller,
         key: &KeyRef,
     ) -> Result<Arc<KeyRecord>> {
-        self.transition(caller, key, "deletion cancelled", |current, _| {
+        self.transition(caller, key, "deletion cancelled", |current, now| {
             if current.state != KeyState::PendingDeletion {
                 return Err(refuse(
                     current,
                     "have its deletion cancelled (it is not pending deletion)",
                 ));
+            }
+            // Once due, the scheduler may have destroyed some of an HSM
+            // key's objects already (it destroys them before writing the
+            // tombstone): such a key must not come back half-alive.
+            if current.protection_level == ProtectionLevel::Hsm
+                && current.deletion_at.is_some_and(|t| t <= now)
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "key {} is held by the HSM and its deletion time has passed: its key objects \
+                     may already be destroyed, so the deletion can no longer be cancelled",
+                    current.id
+                )));
             }
             let mut next = current.clone();
             next.state = KeyState::Disabled;

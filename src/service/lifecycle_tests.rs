@@ -619,6 +619,12 @@ async fn hsm_protection_level_keys_live_and_die_in_the_hsm() {
     // Destruction destroys the key objects in the HSM.
     kms.schedule_key_deletion(&op(), &k, Some(7)).await.unwrap();
     clock.advance(DAY * 7);
+    // Once due, its objects may be half destroyed: no way back.
+    let err = kms.cancel_key_deletion(&op(), &k).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("no longer be cancelled")),
+        "{err:?}"
+    );
     assert_eq!(kms.run_scheduler_once().await.destroyed, vec![id]);
     drop(kms);
     for v in [1, 2] {
