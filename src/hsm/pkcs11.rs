@@ -764,6 +764,30 @@ impl Inner {
         if found.is_empty() {
             Self::ensure_logged_in(s)?;
         }
+        // A root key that appeared since the last look (a rotation by
+        // another node, or someone else's object) is checked like those
+        // checked at start before it can become the current one.
+        let known: Vec<u32> = self
+            .roots
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        let mut found = found;
+        let mut kinds: Vec<AttributeType> = ROOT_KEY_POLICY.iter().map(|r| r.kind).collect();
+        kinds.push(AttributeType::ValueLen);
+        kinds.push(AttributeType::Copyable);
+        for (id, key) in found.clone() {
+            if known.contains(&id) {
+                continue;
+            }
+            let problems = root_key_problems(&s.get_attributes(key.handle, &kinds)?);
+            if !problems.is_empty() {
+                tracing::error!(root_key_id = id, problems = %problems.join("; "), "ignoring a root key with unsafe attributes");
+                found.remove(&id);
+            }
+        }
         *self.roots.write().unwrap_or_else(PoisonError::into_inner) = found;
         Ok(())
     }
