@@ -1425,15 +1425,7 @@ impl crate::audit::ExternalSigner for Pkcs11Signer {
         std::thread::Builder::new()
             .name("coffre-hsm-sign".into())
             .spawn(move || {
-                let out = inner
-                    .take_session()
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| {
-                        let r = eddsa_sign(&s, key, &msg);
-                        inner.give_back(s);
-                        r
-                    });
-                let _ = tx.send(out);
+                let _ = tx.send(sign_with_relogin(&inner, key, &msg));
             })
             .map_err(|e| format!("cannot start the signing thread: {e}"))?;
         rx.recv_timeout(self.inner.timeout)
@@ -1441,17 +1433,59 @@ impl crate::audit::ExternalSigner for Pkcs11Signer {
     }
 }
 
-fn eddsa_sign(s: &Session, key: ObjectHandle, msg: &[u8]) -> Result<[u8; 64], String> {
+/// Signs with a pooled session; if the session, the login or the key's
+/// handle was lost (an HSM restart or failover), logs in again, finds the
+/// private key by its label again, and signs once more.
+fn sign_with_relogin(inner: &Inner, key: ObjectHandle, msg: &[u8]) -> Result<[u8; 64], String> {
+    let s = inner.take_session().map_err(|e| e.to_string())?;
+    match raw_eddsa_sign(&s, key, msg) {
+        Ok(sig) => {
+            inner.give_back(s);
+            signature_64(sig)
+        }
+        Err(e) if session_lost(&e) => {
+            drop(s);
+            inner.forget_idle();
+            let s = inner.open_session().map_err(|e| e.to_string())?;
+            let found = s
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+                ])
+                .map_err(|e| describe(&e))?;
+            let [fresh] = found.as_slice() else {
+                return Err(format!(
+                    "after logging in again, {} private keys are labelled {AUDIT_KEY_LABEL}",
+                    found.len()
+                ));
+            };
+            let out = raw_eddsa_sign(&s, *fresh, msg).map_err(|e| describe(&e));
+            inner.give_back(s);
+            signature_64(out?)
+        }
+        Err(e) => {
+            inner.give_back(s);
+            Err(describe(&e))
+        }
+    }
+}
+
+fn raw_eddsa_sign(s: &Session, key: ObjectHandle, msg: &[u8]) -> Result<Vec<u8>, CkError> {
     use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
-    let sig = s
-        .sign(
-            &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
-            key,
-            msg,
-        )
-        .map_err(|e| describe(&e))?;
+    s.sign(
+        &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+        key,
+        msg,
+    )
+}
+
+fn signature_64(sig: Vec<u8>) -> Result<[u8; 64], String> {
     sig.try_into()
         .map_err(|v: Vec<u8>| format!("the HSM returned a {}-byte Ed25519 signature", v.len()))
+}
+
+fn eddsa_sign(s: &Session, key: ObjectHandle, msg: &[u8]) -> Result<[u8; 64], String> {
+    signature_64(raw_eddsa_sign(s, key, msg).map_err(|e| describe(&e))?)
 }
 
 /// The 32-byte key of a `CKA_EC_POINT`: raw, or a DER OCTET STRING.
