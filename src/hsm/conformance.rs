@@ -178,18 +178,11 @@ pub async fn run(hsm: Arc<dyn Hsm>, mut progress: impl FnMut(&str)) -> Result<()
         b"coffre/conformance/aaD",
         b"coffre/conformance/aad\0",
     ] {
-        match hsm.unwrap(&w1.blob, other).await {
-            Err(HsmError::AuthenticationFailed) => {}
-            r => {
-                return Err(fail(
-                    c,
-                    format!(
-                        "AAD {other:?}: expected AuthenticationFailed, got {}",
-                        outcome(&r)
-                    ),
-                ));
-            }
-        }
+        must_fail_authentication(
+            c,
+            format!("AAD {other:?}"),
+            hsm.unwrap(&w1.blob, other).await,
+        )?;
     }
 
     // 5: bit flips
@@ -199,18 +192,7 @@ pub async fn run(hsm: Arc<dyn Hsm>, mut progress: impl FnMut(&str)) -> Result<()
         if let Some(byte) = bad.get_mut(i) {
             *byte ^= 0x01 << (i % 8);
         }
-        match hsm.unwrap(&bad, aad).await {
-            Err(HsmError::AuthenticationFailed) => {}
-            r => {
-                return Err(fail(
-                    c,
-                    format!(
-                        "byte {i} flipped: expected AuthenticationFailed, got {}",
-                        outcome(&r)
-                    ),
-                ));
-            }
-        }
+        must_fail_authentication(c, format!("byte {i} flipped"), hsm.unwrap(&bad, aad).await)?;
     }
 
     // 6: lengths
@@ -231,15 +213,7 @@ pub async fn run(hsm: Arc<dyn Hsm>, mut progress: impl FnMut(&str)) -> Result<()
         ("empty", &[]),
     ];
     for (what, blob) in cases {
-        match hsm.unwrap(blob, aad).await {
-            Err(HsmError::AuthenticationFailed) => {}
-            r => {
-                return Err(fail(
-                    c,
-                    format!("{what}: expected AuthenticationFailed, got {}", outcome(&r)),
-                ));
-            }
-        }
+        must_fail_authentication(c, what, hsm.unwrap(blob, aad).await)?;
     }
 
     // 7: bad wrap sizes
@@ -311,18 +285,11 @@ pub async fn run(hsm: Arc<dyn Hsm>, mut progress: impl FnMut(&str)) -> Result<()
     hsm.destroy_root_key(first_root)
         .await
         .map_err(|e| fail(c, format!("destroying root key {first_root}: {e}")))?;
-    match hsm.unwrap(&w1.blob, aad).await {
-        Err(HsmError::AuthenticationFailed) => {}
-        r => {
-            return Err(fail(
-                c,
-                format!(
-                    "blob of a destroyed root key: expected AuthenticationFailed, got {}",
-                    outcome(&r)
-                ),
-            ));
-        }
-    }
+    must_fail_authentication(
+        c,
+        "blob of a destroyed root key",
+        hsm.unwrap(&w1.blob, aad).await,
+    )?;
     let info = hsm.info().await.map_err(|e| fail(c, e.to_string()))?;
     if info.root_key_ids.contains(&first_root) || info.current_root_key_id != new_root {
         return Err(fail(c, format!("after destruction: {info:?}")));
@@ -489,33 +456,18 @@ async fn key_objects(
         ("no AAD", ObjectSeal { aad: b"", ..seal }),
     ];
     for (what, variant) in variants {
-        match hsm.open_with_object(variant, &sealed).await {
-            Err(HsmError::AuthenticationFailed) => {}
-            r => {
-                return Err(fail(
-                    c,
-                    format!("{what}: expected AuthenticationFailed, got {}", outcome(&r)),
-                ));
-            }
-        }
+        must_fail_authentication(c, what, hsm.open_with_object(variant, &sealed).await)?;
     }
     for i in 0..sealed.len() {
         let mut bad = sealed.clone();
         if let Some(b) = bad.get_mut(i) {
             *b ^= 0x80 >> (i % 8);
         }
-        match hsm.open_with_object(seal, &bad).await {
-            Err(HsmError::AuthenticationFailed) => {}
-            r => {
-                return Err(fail(
-                    c,
-                    format!(
-                        "byte {i} flipped: expected AuthenticationFailed, got {}",
-                        outcome(&r)
-                    ),
-                ));
-            }
-        }
+        must_fail_authentication(
+            c,
+            format!("byte {i} flipped"),
+            hsm.open_with_object(seal, &bad).await,
+        )?;
     }
     for (what, bad) in [
         ("empty", Vec::new()),
@@ -534,15 +486,7 @@ async fn key_objects(
                 .to_vec(),
         ),
     ] {
-        match hsm.open_with_object(seal, &bad).await {
-            Err(HsmError::AuthenticationFailed) => {}
-            r => {
-                return Err(fail(
-                    c,
-                    format!("{what}: expected AuthenticationFailed, got {}", outcome(&r)),
-                ));
-            }
-        }
+        must_fail_authentication(c, what, hsm.open_with_object(seal, &bad).await)?;
     }
 
     // destruction
@@ -550,18 +494,11 @@ async fn key_objects(
     hsm.destroy_key_object(&name)
         .await
         .map_err(|e| fail(c, format!("destroy: {e}")))?;
-    match hsm.open_with_object(seal, &sealed).await {
-        Err(HsmError::AuthenticationFailed) => {}
-        r => {
-            return Err(fail(
-                c,
-                format!(
-                    "after destruction: expected AuthenticationFailed, got {}",
-                    outcome(&r)
-                ),
-            ));
-        }
-    }
+    must_fail_authentication(
+        c,
+        "after destruction",
+        hsm.open_with_object(seal, &sealed).await,
+    )?;
     hsm.destroy_key_object(&name)
         .await
         .map_err(|e| fail(c, format!("destroying it again: {e}")))?;
@@ -609,6 +546,22 @@ async fn key_objects(
         .await
         .map_err(|e| fail(c, format!("cleaning up: {e}")))?;
     Ok(())
+}
+
+/// `Ok` if `r` is the one generic authentication failure; a failure of
+/// check `c` saying what came instead (never the plaintext) otherwise.
+fn must_fail_authentication(
+    c: usize,
+    what: impl std::fmt::Display,
+    r: Result<crate::secret::SecretBytes, HsmError>,
+) -> Result<(), Failure> {
+    match r {
+        Err(HsmError::AuthenticationFailed) => Ok(()),
+        r => Err(fail(
+            c,
+            format!("{what}: expected AuthenticationFailed, got {}", outcome(&r)),
+        )),
+    }
 }
 
 /// An unwrap's outcome without its plaintext.

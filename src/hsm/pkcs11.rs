@@ -211,12 +211,8 @@ fn policy_problems(policy: &[RequiredAttribute], attrs: &[Attribute]) -> Vec<Str
                 .and_then(bool_value)
             {
                 Some(v) if v == want.value => None,
-                other => Some(format!(
-                    "{} is {}, must be {}",
-                    want.name,
-                    other.map_or("not reported".to_string(), |v| v.to_string()),
-                    want.value
-                )),
+                Some(v) => Some(format!("{} is {v}, must be {}", want.name, want.value)),
+                None => Some(format!("{} is not reported by the token", want.name)),
             }
         })
         .collect()
@@ -775,9 +771,7 @@ impl Inner {
             .copied()
             .collect();
         let mut found = found;
-        let mut kinds: Vec<AttributeType> = ROOT_KEY_POLICY.iter().map(|r| r.kind).collect();
-        kinds.push(AttributeType::ValueLen);
-        kinds.push(AttributeType::Copyable);
+        let kinds = root_key_attribute_types();
         for (id, key) in found.clone() {
             if known.contains(&id) {
                 continue;
@@ -826,9 +820,7 @@ impl Inner {
         let roots = Self::labelled_roots(s, &[Attribute::Class(ObjectClass::SECRET_KEY)])
             .map_err(|e| classify(&e))?;
         for (id, key) in roots {
-            let mut kinds: Vec<AttributeType> = ROOT_KEY_POLICY.iter().map(|r| r.kind).collect();
-            kinds.push(AttributeType::ValueLen);
-            kinds.push(AttributeType::Copyable);
+            let kinds = root_key_attribute_types();
             let attrs = s
                 .get_attributes(key.handle, &kinds)
                 .map_err(|e| classify(&e))?;
@@ -922,6 +914,36 @@ impl Inner {
         )
     }
 
+    /// What a `CKM_AES_GCM` decryption's result means: the plaintext, a
+    /// blob that does not authenticate (`Ok(Err(..))`), or a device error
+    /// (`Err`, which `run` retries or reports as unavailable).
+    fn gcm_opened(
+        &self,
+        s: &Session,
+        opened: Result<Vec<u8>, CkError>,
+    ) -> Result<Result<SecretBytes, HsmError>, CkError> {
+        match opened {
+            Ok(plain) => Ok(Ok(SecretBytes::from(Zeroizing::new(plain)))),
+            Err(e) if matches!(classify(&e), HsmError::AuthenticationFailed) => {
+                Ok(Err(HsmError::AuthenticationFailed))
+            }
+            // SoftHSM2 answers a GCM tag mismatch with CKR_GENERAL_ERROR (or
+            // CKR_FUNCTION_FAILED). Only there, and only if the session still
+            // answers, is it the blob's fault; anywhere else it is a device
+            // problem.
+            Err(
+                e @ CkError::Pkcs11(
+                    RvError::GeneralError | RvError::FunctionFailed,
+                    cryptoki::context::Function::Decrypt,
+                ),
+            ) if self.lenient_gcm_errors => match s.get_session_info() {
+                Ok(_) => Ok(Err(HsmError::AuthenticationFailed)),
+                Err(_) => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
     fn generate_root(&self, s: &Session, id: u32) -> Result<u32, CkError> {
         s.generate_key(&Mechanism::AesKeyGen, &root_key_template(id))?;
         self.refresh_roots(s)?;
@@ -960,21 +982,18 @@ impl Inner {
     }
 }
 
+/// The attributes [`root_key_problems`] reads.
+fn root_key_attribute_types() -> Vec<AttributeType> {
+    let mut kinds: Vec<AttributeType> = ROOT_KEY_POLICY.iter().map(|r| r.kind).collect();
+    kinds.push(AttributeType::ValueLen);
+    kinds.push(AttributeType::Copyable);
+    kinds
+}
+
 /// What is wrong with a root key's attributes, one line per problem (empty:
 /// nothing). A required attribute the token does not report is a problem.
 pub fn root_key_problems(attrs: &[Attribute]) -> Vec<String> {
-    let mut problems = Vec::new();
-    for want in ROOT_KEY_POLICY {
-        match attrs
-            .iter()
-            .find(|a| a.attribute_type() == want.kind)
-            .and_then(bool_value)
-        {
-            Some(v) if v == want.value => {}
-            Some(v) => problems.push(format!("{} is {v}, must be {}", want.name, want.value)),
-            None => problems.push(format!("{} is not reported by the token", want.name)),
-        }
-    }
+    let mut problems = policy_problems(&ROOT_KEY_POLICY, attrs);
     // CKA_COPYABLE is a PKCS#11 2.40 attribute some tokens do not report;
     // if reported, it must be false.
     if let Some(true) = attrs
@@ -1167,26 +1186,10 @@ impl Hsm for Pkcs11Hsm {
             };
             let mut iv_param = iv;
             let params = GcmParams::new(&mut iv_param, &full_aad, 128.into())?;
-            match s.decrypt(&Mechanism::AesGcm(params), key.handle, &sealed) {
-                Ok(plain) => Ok(Ok(SecretBytes::from(Zeroizing::new(plain)))),
-                Err(e) if matches!(classify(&e), HsmError::AuthenticationFailed) => {
-                    Ok(Err(HsmError::AuthenticationFailed))
-                }
-                // SoftHSM2 answers a GCM tag mismatch with CKR_GENERAL_ERROR
-                // (or CKR_FUNCTION_FAILED). Only there, and only if the
-                // session still answers, is it the blob's fault; anywhere
-                // else it is a device problem.
-                Err(
-                    e @ CkError::Pkcs11(
-                        RvError::GeneralError | RvError::FunctionFailed,
-                        cryptoki::context::Function::Decrypt,
-                    ),
-                ) if inner.lenient_gcm_errors => match s.get_session_info() {
-                    Ok(_) => Ok(Err(HsmError::AuthenticationFailed)),
-                    Err(_) => Err(e),
-                },
-                Err(e) => Err(e),
-            }
+            inner.gcm_opened(
+                s,
+                s.decrypt(&Mechanism::AesGcm(params), key.handle, &sealed),
+            )
         })
         .await?
     }
@@ -1312,22 +1315,7 @@ impl Hsm for Pkcs11Hsm {
             let opened = GcmParams::new(&mut iv, &owned.aad, 128.into())
                 .and_then(|p| s.decrypt(&Mechanism::AesGcm(p), key, &sealed));
             let _ = s.destroy_object(key);
-            match opened {
-                Ok(plain) => Ok(Ok(SecretBytes::from(Zeroizing::new(plain)))),
-                Err(e) if matches!(classify(&e), HsmError::AuthenticationFailed) => {
-                    Ok(Err(HsmError::AuthenticationFailed))
-                }
-                Err(
-                    e @ CkError::Pkcs11(
-                        RvError::GeneralError | RvError::FunctionFailed,
-                        cryptoki::context::Function::Decrypt,
-                    ),
-                ) if inner.lenient_gcm_errors => match s.get_session_info() {
-                    Ok(_) => Ok(Err(HsmError::AuthenticationFailed)),
-                    Err(_) => Err(e),
-                },
-                Err(e) => Err(e),
-            }
+            inner.gcm_opened(s, opened)
         })
         .await?
     }
