@@ -1,5 +1,6 @@
-//! The core's error type. Structured inside; mapped once, at the transport
-//! edge, to a status with a message that is safe to show the caller.
+//! The core's error type. Structured inside; mapped once, in
+//! `pipeline::Failure::from`, to a code and a message that is safe to show
+//! the caller.
 
 use crate::hsm::HsmError;
 use crate::model::{KeyId, KeyState};
@@ -42,6 +43,13 @@ pub enum Error {
     Hsm(#[from] HsmError),
     #[error("store error: {0}")]
     Store(#[from] StoreError),
+    /// The audit log cannot be written (fail closed: the request is
+    /// refused).
+    #[error("audit log cannot be written: {0}")]
+    AuditUnwritable(crate::audit::AuditError),
+    /// The audit log cannot be read.
+    #[error("audit log cannot be read: {0}")]
+    AuditUnreadable(crate::audit::AuditError),
     /// A bug: an invariant did not hold. Details go to the server log only.
     #[error("internal error: {0}")]
     Internal(String),

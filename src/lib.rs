@@ -36,6 +36,7 @@ pub mod hardening;
 pub mod hsm;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod pki;
 pub mod secret;
 pub mod service;

@@ -558,6 +558,22 @@ pub enum AccessReason {
     ThirdPartyDataRequest,
 }
 
+impl AccessReason {
+    /// The reason's name in the API and in audit records, e.g.
+    /// `CUSTOMER_INITIATED_ACCESS`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AccessReason::Unspecified => "ACCESS_REASON_UNSPECIFIED",
+            AccessReason::CustomerInitiatedAccess => "CUSTOMER_INITIATED_ACCESS",
+            AccessReason::CustomerInitiatedSupport => "CUSTOMER_INITIATED_SUPPORT",
+            AccessReason::ProviderInitiatedService => "PROVIDER_INITIATED_SERVICE",
+            AccessReason::ProviderSystemOperation => "PROVIDER_SYSTEM_OPERATION",
+            AccessReason::ProviderInitiatedReview => "PROVIDER_INITIATED_REVIEW",
+            AccessReason::ThirdPartyDataRequest => "THIRD_PARTY_DATA_REQUEST",
+        }
+    }
+}
+
 /// Longest alias accepted.
 pub const MAX_ALIAS_LEN: usize = 256;
 

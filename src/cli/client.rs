@@ -261,9 +261,8 @@ pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
                 .key
                 .and_then(|k| k.policy)
                 .context("the server returned no policy")?;
-            let policy = crate::grpc::convert::policy(raw).map_err(|s| {
-                anyhow::anyhow!("the server's policy does not parse: {}", s.message())
-            })?;
+            let policy = crate::grpc::convert::policy(raw)
+                .map_err(|s| anyhow::anyhow!("the server's policy does not parse: {}", s))?;
             println!("{}", serde_json::to_string_pretty(&policy)?);
             Ok(())
         }

@@ -367,10 +367,15 @@ pub async fn start_server(
         None => None,
     };
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(grpc::serve(
+    kms.attach_audit_log(Arc::clone(&auditor));
+    let pipeline = Arc::new(crate::pipeline::Pipeline::new(
         Arc::clone(&kms),
         Arc::clone(&auditor),
         metrics,
+    ));
+    let task = tokio::spawn(grpc::serve(
+        pipeline,
+        Arc::clone(&auditor),
         listener,
         tls,
         async move {

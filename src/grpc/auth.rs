@@ -4,9 +4,10 @@
 //! connection without a valid certificate never gets this far.
 
 use ring::digest;
-use tonic::{Request, Status};
+use tonic::Request;
 
 use crate::authz::Caller;
+use crate::pipeline::Failure;
 use crate::pki::principal_from_cert;
 use crate::service::BoundedCache;
 
@@ -22,20 +23,20 @@ impl Default for PrincipalCache {
 }
 
 /// The caller of a request, from its client certificate.
-pub fn principal_of<T>(request: &Request<T>, cache: &PrincipalCache) -> Result<Caller, Status> {
+pub fn principal_of<T>(request: &Request<T>, cache: &PrincipalCache) -> Result<Caller, Failure> {
     let certs = request
         .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        .ok_or_else(|| Failure::unauthenticated("a client certificate is required"))?;
     let leaf = certs
         .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        .ok_or_else(|| Failure::unauthenticated("a client certificate is required"))?;
     let mut fingerprint = [0u8; 32];
     fingerprint.copy_from_slice(digest::digest(&digest::SHA256, leaf.as_ref()).as_ref());
     if let Some(p) = cache.0.get(&fingerprint) {
         return Ok(Caller::new(p.as_ref()));
     }
     let principal = principal_from_cert(leaf.as_ref()).ok_or_else(|| {
-        Status::unauthenticated("the client certificate names no principal (URI SAN or CN)")
+        Failure::unauthenticated("the client certificate names no principal (URI SAN or CN)")
     })?;
     cache.0.insert(fingerprint, principal.as_str().into());
     Ok(Caller::new(principal))

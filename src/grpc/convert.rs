@@ -3,25 +3,25 @@
 
 use std::collections::HashMap;
 
-use tonic::Status;
-
 use super::pb;
+use crate::audit::{AuditRecord, Checkpoint, Outcome};
+use crate::error::{Error, Result};
 use crate::model::{
     AccessReason, ContextRule, DataKeyOperation, EncryptionContext, Grant, KeyId, KeyPolicy,
     KeyRecord, KeyRef, KeyState, ProtectionLevel, Timestamp, VersionRecord, VersionState,
 };
 
-pub fn key_ref(field: &str, raw: &str) -> Result<KeyRef, Status> {
+pub fn key_ref(field: &str, raw: &str) -> Result<KeyRef> {
     KeyRef::parse(raw).map_err(|m| {
         if raw.is_empty() {
-            Status::invalid_argument(format!("{field} is required"))
+            invalid(format!("{field} is required"))
         } else {
-            Status::invalid_argument(format!("{field}: {m}"))
+            invalid(format!("{field}: {m}"))
         }
     })
 }
 
-pub fn optional_key_ref(field: &str, raw: &str) -> Result<Option<KeyRef>, Status> {
+pub fn optional_key_ref(field: &str, raw: &str) -> Result<Option<KeyRef>> {
     if raw.is_empty() {
         Ok(None)
     } else {
@@ -29,8 +29,8 @@ pub fn optional_key_ref(field: &str, raw: &str) -> Result<Option<KeyRef>, Status
     }
 }
 
-pub fn context(raw: HashMap<String, String>) -> Result<EncryptionContext, Status> {
-    EncryptionContext::new(raw).map_err(|e| Status::invalid_argument(e.to_string()))
+pub fn context(raw: HashMap<String, String>) -> Result<EncryptionContext> {
+    EncryptionContext::new(raw).map_err(|e| invalid(e.to_string()))
 }
 
 fn reason_to_pb(r: AccessReason) -> pb::AccessReason {
@@ -96,7 +96,7 @@ pub fn policy_to_pb(p: &KeyPolicy) -> pb::KeyPolicy {
 }
 
 /// A policy from the wire, validated.
-pub fn policy(raw: pb::KeyPolicy) -> Result<KeyPolicy, Status> {
+pub fn policy(raw: pb::KeyPolicy) -> Result<KeyPolicy> {
     let mut grants = Vec::with_capacity(raw.grants.len());
     for g in raw.grants {
         let mut operations = std::collections::BTreeSet::new();
@@ -110,7 +110,7 @@ pub fn policy(raw: pb::KeyPolicy) -> Result<KeyPolicy, Status> {
                 Ok(pb::DataKeyOperation::Decrypt) => DataKeyOperation::Decrypt,
                 Ok(pb::DataKeyOperation::ReEncrypt) => DataKeyOperation::ReEncrypt,
                 _ => {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(invalid(format!(
                         "unknown data-key operation {o} in the grant of {:?}",
                         g.principal
                     )));
@@ -146,13 +146,19 @@ pub fn policy(raw: pb::KeyPolicy) -> Result<KeyPolicy, Status> {
         required_context,
         accepted_reasons,
     };
-    policy.validate().map_err(Status::invalid_argument)?;
+    policy.validate().map_err(invalid)?;
     Ok(policy)
 }
 
-pub fn access_reason(raw: i32) -> Result<AccessReason, Status> {
+/// The justification as the audit record names it before validation: a
+/// known reason, or the number of an unknown one.
+pub fn access_reason_note(raw: i32) -> std::result::Result<AccessReason, i32> {
+    access_reason(raw).map_err(|_| raw)
+}
+
+pub fn access_reason(raw: i32) -> Result<AccessReason> {
     let reason = pb::AccessReason::try_from(raw)
-        .map_err(|_| Status::invalid_argument(format!("unknown justification {raw}")))?;
+        .map_err(|_| invalid(format!("unknown justification {raw}")))?;
     Ok(match reason {
         pb::AccessReason::Unspecified => AccessReason::Unspecified,
         pb::AccessReason::CustomerInitiatedAccess => AccessReason::CustomerInitiatedAccess,
@@ -164,24 +170,22 @@ pub fn access_reason(raw: i32) -> Result<AccessReason, Status> {
     })
 }
 
-pub fn protection_level(raw: i32) -> Result<Option<ProtectionLevel>, Status> {
+pub fn protection_level(raw: i32) -> Result<Option<ProtectionLevel>> {
     match pb::ProtectionLevel::try_from(raw) {
         Ok(pb::ProtectionLevel::Unspecified) => Ok(None),
         Ok(pb::ProtectionLevel::Software) => Ok(Some(ProtectionLevel::Software)),
         Ok(pb::ProtectionLevel::Hsm) => Ok(Some(ProtectionLevel::Hsm)),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "unknown protection_level {raw}"
-        ))),
+        Err(_) => Err(invalid(format!("unknown protection_level {raw}"))),
     }
 }
 
-pub fn page_token(raw: &str) -> Result<Option<KeyId>, Status> {
+pub fn page_token(raw: &str) -> Result<Option<KeyId>> {
     if raw.is_empty() {
         return Ok(None);
     }
     raw.parse::<KeyId>()
         .map(Some)
-        .map_err(|_| Status::invalid_argument("invalid page_token"))
+        .map_err(|_| invalid("invalid page_token"))
 }
 
 pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
@@ -197,10 +201,10 @@ pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
 pub fn duration(
     field: &str,
     raw: Option<prost_types::Duration>,
-) -> Result<Option<std::time::Duration>, Status> {
+) -> Result<Option<std::time::Duration>> {
     let Some(d) = raw else { return Ok(None) };
     if d.seconds < 0 || d.nanos != 0 {
-        return Err(Status::invalid_argument(format!(
+        return Err(invalid(format!(
             "{field} must be a whole, positive number of seconds"
         )));
     }
@@ -209,14 +213,14 @@ pub fn duration(
     )))
 }
 
-pub fn key_state_filter(raw: i32) -> Result<Option<KeyState>, Status> {
+pub fn key_state_filter(raw: i32) -> Result<Option<KeyState>> {
     match pb::KeyState::try_from(raw) {
         Ok(pb::KeyState::Unspecified) => Ok(None),
         Ok(pb::KeyState::Enabled) => Ok(Some(KeyState::Enabled)),
         Ok(pb::KeyState::Disabled) => Ok(Some(KeyState::Disabled)),
         Ok(pb::KeyState::PendingDeletion) => Ok(Some(KeyState::PendingDeletion)),
         Ok(pb::KeyState::Destroyed) => Ok(Some(KeyState::Destroyed)),
-        Err(_) => Err(Status::invalid_argument(format!("unknown state {raw}"))),
+        Err(_) => Err(invalid(format!("unknown state {raw}"))),
     }
 }
 
@@ -268,5 +272,120 @@ pub fn key_version(key: &KeyRecord, v: &VersionRecord) -> pb::KeyVersion {
         }
         .into(),
         destroy_time: v.destroyed_at.map(timestamp),
+    }
+}
+
+/// A malformed field: the message names it.
+fn invalid(message: impl Into<String>) -> Error {
+    Error::InvalidArgument(message.into())
+}
+
+pub fn approval_to_pb(a: &crate::store::approvals::Approval) -> pb::Approval {
+    use crate::store::approvals::ApprovalStatus as S;
+    pb::Approval {
+        approval_id: a.id.to_string(),
+        operation: a.operation.describe(),
+        key_id: a
+            .operation
+            .key_id()
+            .map(|k| k.to_string())
+            .unwrap_or_default(),
+        proposer: a.proposer.clone(),
+        approved_by: a.approved_by.clone(),
+        approvals_required: a.approvals_required,
+        status: match a.status {
+            S::Pending => pb::ApprovalStatus::ApprovalPending,
+            S::Executing => pb::ApprovalStatus::ApprovalExecuting,
+            S::Executed => pb::ApprovalStatus::ApprovalExecuted,
+            S::Rejected => pb::ApprovalStatus::ApprovalRejected,
+            S::Expired => pb::ApprovalStatus::ApprovalExpired,
+            S::Failed => pb::ApprovalStatus::ApprovalFailed,
+        }
+        .into(),
+        create_time: Some(timestamp(a.created_at)),
+        expire_time: Some(timestamp(a.expires_at)),
+        rejected_by: a.rejected_by.clone().unwrap_or_default(),
+        result: a.result.clone().unwrap_or_default(),
+    }
+}
+
+pub fn progress_to_pb(p: &crate::service::RootRotationProgress) -> pb::RotateRootKeyProgress {
+    pb::RotateRootKeyProgress {
+        old_root_key_ids_count: u32::try_from(p.old_root_key_ids.len()).unwrap_or(u32::MAX),
+        new_root_key_id: p.new_root_key_id,
+        rewrapped: p.rewrapped,
+        remaining: p.remaining,
+        done: p.done,
+        destroyed_root_key_ids: p.destroyed_root_key_ids.clone(),
+        resumed: p.resumed,
+        pending_approval_id: String::new(),
+    }
+}
+
+fn outcome_to_pb(o: Outcome) -> pb::AuditOutcome {
+    match o {
+        Outcome::Allowed => pb::AuditOutcome::Allowed,
+        Outcome::Refused => pb::AuditOutcome::Refused,
+        Outcome::Failed => pb::AuditOutcome::Failed,
+    }
+}
+
+pub fn outcome_from_pb(raw: i32) -> Result<Option<Outcome>> {
+    match pb::AuditOutcome::try_from(raw) {
+        Ok(pb::AuditOutcome::Unspecified) => Ok(None),
+        Ok(pb::AuditOutcome::Allowed) => Ok(Some(Outcome::Allowed)),
+        Ok(pb::AuditOutcome::Refused) => Ok(Some(Outcome::Refused)),
+        Ok(pb::AuditOutcome::Failed) => Ok(Some(Outcome::Failed)),
+        Err(_) => Err(invalid(format!("unknown outcome {raw}"))),
+    }
+}
+
+/// An optional protobuf timestamp, to the millisecond.
+pub fn time_from_pb(field: &str, t: Option<prost_types::Timestamp>) -> Result<Option<Timestamp>> {
+    let Some(t) = t else { return Ok(None) };
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(invalid(format!("{field}: invalid timestamp")));
+    }
+    t.seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(t.nanos / 1_000_000)))
+        .map(|ms| Some(Timestamp(ms)))
+        .ok_or_else(|| invalid(format!("{field}: timestamp out of range")))
+}
+
+pub fn event_to_pb(r: AuditRecord) -> pb::AuditEvent {
+    let json = serde_json::to_string(&r).unwrap_or_default();
+    pb::AuditEvent {
+        seq: r.seq,
+        time: Some(timestamp(r.time)),
+        request_id: r.request_id,
+        principal: r.principal,
+        role: r.role.unwrap_or_default(),
+        operation: r.operation,
+        key_id: r.key_id.unwrap_or_default(),
+        key_version: r.key_version,
+        context_digest: r.context_digest.unwrap_or_default(),
+        justification: r.justification.unwrap_or_default(),
+        context: r
+            .context
+            .map(|c| c.into_iter().collect::<HashMap<_, _>>())
+            .unwrap_or_default(),
+        detail: r.detail.unwrap_or_default(),
+        outcome: outcome_to_pb(r.outcome).into(),
+        status_code: r.status_code,
+        prev_hash: r.prev_hash,
+        hash: r.hash,
+        json,
+    }
+}
+
+pub fn checkpoint_to_pb(c: Checkpoint) -> pb::AuditCheckpoint {
+    let json = serde_json::to_string(&serde_json::json!({ "checkpoint": &c })).unwrap_or_default();
+    pb::AuditCheckpoint {
+        seq: c.seq,
+        head_hash: c.head_hash,
+        time: Some(timestamp(c.time)),
+        signature: c.signature,
+        json,
     }
 }

@@ -15,10 +15,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use super::api::GrpcApi;
 use super::pb;
-use super::services::Api;
 use super::tls::PreparedTls;
-use crate::service::Kms;
+use crate::pipeline::Pipeline;
 
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,9 +32,8 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 
 /// Serves until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
-    kms: Arc<Kms>,
+    pipeline: Arc<Pipeline>,
     audit: Arc<crate::audit::Auditor>,
-    metrics: Arc<crate::metrics::Metrics>,
     listener: TcpListener,
     tls: PreparedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -46,7 +45,8 @@ pub async fn serve(
         .build_v1()
         .context("building the reflection service")?;
 
-    let api = Api::new(Arc::clone(&kms), Arc::clone(&audit), metrics);
+    let kms = Arc::clone(pipeline.kms());
+    let api = GrpcApi::new(pipeline);
     let audit_service = pb::audit_service_server::AuditServiceServer::new(api.clone());
     let key_service = pb::key_service_server::KeyServiceServer::new(api.clone());
     let hsm_service = pb::hsm_service_server::HsmServiceServer::new(api.clone());

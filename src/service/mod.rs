@@ -22,6 +22,8 @@
 //! cache's lock, which the writer's publish also takes. Otherwise it uses the
 //! record for its own request (it overlapped the write) without caching it.
 
+mod audit_keys;
+mod audit_reads;
 mod cache;
 mod datakeys;
 mod keys;
@@ -30,13 +32,13 @@ mod policy;
 mod quorum;
 mod ratelimit;
 mod rootkey;
-mod secrets;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{Mutex, MutexGuard};
 
+pub use audit_reads::{AuditCheckpoint, AuditReader, DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE};
 pub use cache::BoundedCache;
 pub use datakeys::{
     BatchDataKeys, DEFAULT_DATA_KEY_BYTES, DataKeyItem, DataKeyOutput, DecryptItem, DecryptOutput,
@@ -114,6 +116,8 @@ pub struct Kms {
     compaction_due: std::sync::atomic::AtomicBool,
     /// Calls to the HSM, counted and timed by the `MeteredHsm` around it.
     hsm_counters: Arc<crate::metrics::HsmCounters>,
+    /// The audit log, for its read side (`audit_reads.rs`).
+    audit_log: std::sync::OnceLock<Arc<crate::audit::Auditor>>,
 }
 
 /// Held for the whole of a key change: serializes writers and keeps the
@@ -162,6 +166,7 @@ impl Kms {
             started_compaction_check: std::sync::atomic::AtomicBool::new(false),
             compaction_due: std::sync::atomic::AtomicBool::new(false),
             hsm_counters,
+            audit_log: std::sync::OnceLock::new(),
         }
     }
 
@@ -261,8 +266,8 @@ impl Kms {
         self.authz.role_of(caller)
     }
 
-    /// Authorizes an operation that the core does not perform itself (the
-    /// audit log's read side): rate limit, then role.
+    /// Authorizes an operation before the core is given its items (a batch
+    /// whose items are converted one by one): rate limit, then role.
     pub fn authorize_only(&self, caller: &Caller, op: Operation) -> Result<Role> {
         self.authorize(caller, op)
     }

@@ -1,5 +1,5 @@
-//! The service's own secrets (today: the audit log's keys), stored wrapped
-//! by the HSM root key beside the CMK versions.
+//! The audit log's keys: a service secret stored wrapped by the HSM root key
+//! beside the CMK versions (re-wrapped by root-key rotation like them).
 
 use super::Kms;
 use crate::audit::AuditKeys;

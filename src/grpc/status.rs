@@ -1,0 +1,104 @@
+//! The gRPC form of a request's answer. Errors were mapped once, by the
+//! pipeline (`pipeline::Failure::from`); here a failure becomes a
+//! `tonic::Status` with the same code and message, and every answer gets
+//! the request's id in [`REQUEST_ID_HEADER`].
+
+use tonic::metadata::MetadataValue;
+use tonic::{Response, Status};
+
+use crate::pipeline::{Code, Failure, Reply};
+
+/// The response header that carries the request id (also on errors); the
+/// audit record of the request has the same `request_id`.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The status a failure becomes on the wire.
+pub fn status(failure: Failure) -> Status {
+    Status::new(code(failure.code()), failure.message().to_string())
+}
+
+fn code(code: Code) -> tonic::Code {
+    use tonic::Code as T;
+    match code {
+        Code::Ok => T::Ok,
+        Code::Cancelled => T::Cancelled,
+        Code::Unknown => T::Unknown,
+        Code::InvalidArgument => T::InvalidArgument,
+        Code::DeadlineExceeded => T::DeadlineExceeded,
+        Code::NotFound => T::NotFound,
+        Code::AlreadyExists => T::AlreadyExists,
+        Code::PermissionDenied => T::PermissionDenied,
+        Code::ResourceExhausted => T::ResourceExhausted,
+        Code::FailedPrecondition => T::FailedPrecondition,
+        Code::Aborted => T::Aborted,
+        Code::OutOfRange => T::OutOfRange,
+        Code::Unimplemented => T::Unimplemented,
+        Code::Internal => T::Internal,
+        Code::Unavailable => T::Unavailable,
+        Code::DataLoss => T::DataLoss,
+        Code::Unauthenticated => T::Unauthenticated,
+    }
+}
+
+/// A reply as a tonic response or status, with its request id.
+pub fn response<T>(reply: Reply<T>) -> Result<Response<T>, Status> {
+    let header = MetadataValue::try_from(reply.request_id.as_str()).ok();
+    match reply.result {
+        Ok(body) => {
+            let mut response = Response::new(body);
+            if let Some(h) = header {
+                response.metadata_mut().insert(REQUEST_ID_HEADER, h);
+            }
+            Ok(response)
+        }
+        Err(failure) => {
+            let mut status = status(failure);
+            if let Some(h) = header {
+                status.metadata_mut().insert(REQUEST_ID_HEADER, h);
+            }
+            Err(status)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::code;
+    use crate::pipeline::Code;
+
+    #[test]
+    fn codes_keep_their_grpc_numbers() {
+        for n in 0u8..=16 {
+            let ours = crate::metrics::CODE_NAMES
+                .get(usize::from(n))
+                .copied()
+                .unwrap_or_default();
+            let theirs = code(all()[usize::from(n)]);
+            assert_eq!(theirs as u8, n, "{ours}");
+            assert_eq!(all()[usize::from(n)].name(), ours);
+        }
+    }
+
+    fn all() -> [Code; 17] {
+        use Code::*;
+        [
+            Ok,
+            Cancelled,
+            Unknown,
+            InvalidArgument,
+            DeadlineExceeded,
+            NotFound,
+            AlreadyExists,
+            PermissionDenied,
+            ResourceExhausted,
+            FailedPrecondition,
+            Aborted,
+            OutOfRange,
+            Unimplemented,
+            Internal,
+            Unavailable,
+            DataLoss,
+            Unauthenticated,
+        ]
+    }
+}

@@ -1,0 +1,162 @@
+//! The audit record of one request, as the request fills it in.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Code;
+use crate::audit::{AuditEntry, Auditor, Outcome};
+use crate::authz::Operation;
+use crate::model::{AccessReason, EncryptionContext, KeyId, KeyRecord};
+
+/// The audit record of one request, as its body fills it in.
+///
+/// A request that never reaches the end of [`super::Open::run`] — its
+/// future dropped because the caller cancelled, its deadline passed or its
+/// connection closed — still leaves its record: `Drop` queues it as
+/// `CANCELLED`.
+#[derive(Debug)]
+pub struct RequestAudit {
+    entry: AuditEntry,
+    audit: Arc<Auditor>,
+    op: Operation,
+    started: Instant,
+    span: tracing::Span,
+    /// The record went to the log (by `finish`).
+    recorded: bool,
+}
+
+/// What a `CANCELLED` record says of the request it records.
+pub const ABANDONED: &str = "the caller went away before the answer (cancelled, deadline \
+     exceeded or connection closed); the operation may have taken effect";
+
+impl Drop for RequestAudit {
+    /// The request was abandoned mid-way: record it anyway, without
+    /// waiting (a `Drop` cannot), through the audit writer thread. A key
+    /// change already handed to the store completes regardless; the record
+    /// names the request, its caller and what it had resolved (key,
+    /// context digest) and says the outcome is unknown.
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let mut entry = std::mem::replace(&mut self.entry, empty_entry());
+        entry.outcome = Outcome::Failed;
+        entry.status_code = Code::Cancelled.name().to_string();
+        entry.detail = Some(match entry.detail.take() {
+            Some(detail) => format!("{detail}; {ABANDONED}"),
+            None => ABANDONED.to_string(),
+        });
+        tracing::warn!(
+            request_id = %entry.request_id,
+            rpc = self.op.name(),
+            "request abandoned by its caller before the answer; recorded as CANCELLED"
+        );
+        self.audit.record_detached(entry);
+    }
+}
+
+/// A record with nothing filled in (no allocation).
+pub(super) fn empty_entry() -> AuditEntry {
+    AuditEntry {
+        request_id: String::new(),
+        principal: String::new(),
+        role: None,
+        operation: String::new(),
+        key_id: None,
+        key_version: None,
+        context_digest: None,
+        justification: None,
+        context: None,
+        detail: None,
+        outcome: Outcome::Failed,
+        status_code: String::new(),
+    }
+}
+
+impl RequestAudit {
+    pub(super) fn new(
+        entry: AuditEntry,
+        audit: Arc<Auditor>,
+        op: Operation,
+        span: tracing::Span,
+    ) -> Self {
+        Self {
+            entry,
+            audit,
+            op,
+            started: Instant::now(),
+            span,
+            recorded: false,
+        }
+    }
+
+    pub(super) fn op(&self) -> Operation {
+        self.op
+    }
+
+    pub(super) fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The span the request's work runs in: every log line it causes
+    /// carries the request id of its audit record.
+    pub fn span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+
+    /// The key as the caller named it (id or alias, unvalidated); replaced
+    /// by [`Self::resolved_key`] once the core has found it.
+    pub fn named_key(&mut self, raw: &str) {
+        if !raw.is_empty() {
+            self.entry.key_id = Some(raw.to_string());
+        }
+    }
+
+    /// The key (and version, if one) the request resolved to.
+    pub fn resolved_key(&mut self, key_id: KeyId, version: Option<u32>) {
+        self.entry.key_id = Some(key_id.to_string());
+        if version.is_some() {
+            self.entry.key_version = version;
+        }
+    }
+
+    /// The key a request changed or read, at its primary version.
+    pub fn resolved(&mut self, key: &KeyRecord) {
+        self.resolved_key(key.id, Some(key.primary_version));
+    }
+
+    /// The key and version a wrapped key names in its header (not yet
+    /// authenticated: what the caller presented).
+    pub fn blob(&mut self, blob: &[u8]) {
+        if let Ok(parsed) = crate::envelope::parse(blob) {
+            self.resolved_key(parsed.header.key_id, Some(parsed.header.key_version));
+        }
+    }
+
+    pub fn context(&mut self, context: &EncryptionContext) {
+        self.entry.context_digest = Some(self.audit.context_digest(context));
+        self.entry.context = self.audit.clear_context(context);
+    }
+
+    /// The justification given: a known reason, or the number of an
+    /// unknown one (recorded as `UNKNOWN(n)`).
+    pub fn justification(&mut self, reason: Result<AccessReason, i32>) {
+        self.entry.justification = Some(match reason {
+            Ok(r) => r.name().to_string(),
+            Err(raw) => format!("UNKNOWN({raw})"),
+        });
+    }
+
+    pub fn detail(&mut self, detail: String) {
+        self.entry.detail = Some(detail);
+    }
+
+    /// Sets the outcome and hands the record over for writing; from here
+    /// on `Drop` does nothing.
+    pub(super) fn finish(mut self, code: Code) -> AuditEntry {
+        self.entry.outcome = code.outcome();
+        self.entry.status_code = code.name().to_string();
+        self.recorded = true;
+        std::mem::replace(&mut self.entry, empty_entry())
+    }
+}
