@@ -10,10 +10,8 @@ use coffre::grpc::pb::{
 };
 use serde_json::Value;
 
-use crate::cli::{run, run_json, start_dev};
-use crate::common::{channel_as, ctx};
-
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
+use crate::common::binary::{COFFRE, run, run_json, start_dev};
+use crate::common::{REASON, channel_as, ctx};
 
 #[test]
 fn lifecycle_commands_from_the_cli() {
@@ -187,7 +185,7 @@ fn root_key_rotation_survives_sigkill_and_resumes() {
     });
 
     // Start the rotation; SIGKILL the server once it has re-wrapped some.
-    let mut cli = Command::new(env!("CARGO_BIN_EXE_coffre"))
+    let mut cli = Command::new(COFFRE)
         .args(["hsm", "rotate-root", "--json", "--data-dir"])
         .arg(&data)
         .args(["--endpoint", &endpoint])

@@ -10,8 +10,8 @@
 
 mod common;
 
-mod audit;
 mod audit_log;
+mod audit_verify;
 mod batch;
 mod canary;
 mod cli;
