@@ -5,12 +5,11 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use coffre::grpc::pb::{
-    self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient,
-};
+use coffre::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
 use serde_json::Value;
 
 use crate::common::binary::{COFFRE, run, run_json, start_dev};
+use crate::common::clients::Clients;
 use crate::common::{REASON, channel_as, ctx};
 
 #[test]
@@ -158,27 +157,10 @@ fn root_key_rotation_survives_sigkill_and_resumes() {
     // Enough versions that the rotation takes a while.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let blobs: Vec<(Vec<u8>, Vec<u8>)> = runtime.block_on(async {
-        let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
-        let mut data_keys = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
+        let mut clients = Clients::connect(&endpoint, &pki).await;
         let mut blobs = Vec::new();
         for _ in 0..300 {
-            let key = keys
-                .create_key(pb::CreateKeyRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .key
-                .unwrap();
-            let out = data_keys
-                .generate_data_key(pb::GenerateDataKeyRequest {
-                    key_id: key.key_id,
-                    encryption_context: ctx(&[("k", "v")]),
-                    justification: REASON,
-                    number_of_bytes: 32,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let (_, out) = clients.key_with_data_key("", &[("k", "v")]).await.unwrap();
             blobs.push((out.ciphertext_blob, out.plaintext));
         }
         blobs

@@ -30,8 +30,8 @@ impl Clients {
         }
     }
 
-    /// Creates a software key named `alias` under the default policy; its
-    /// metadata.
+    /// Creates a software key named `alias` (no alias if empty) under the
+    /// default policy; its metadata.
     pub async fn create_key(&mut self, alias: &str) -> Result<pb::KeyMetadata, tonic::Status> {
         let created = self
             .keys
@@ -58,15 +58,15 @@ impl Clients {
         Ok(generated.into_inner())
     }
 
-    /// Creates the key `alias`, then a 32-byte data key under it bound to
-    /// `context`: the key's metadata and the data key.
+    /// Creates the key `alias` (none if empty), then a 32-byte data key under
+    /// its id bound to `context`: the key's metadata and the data key.
     pub async fn key_with_data_key(
         &mut self,
         alias: &str,
         context: &[(&str, &str)],
     ) -> Result<(pb::KeyMetadata, pb::GenerateDataKeyResponse), tonic::Status> {
         let key = self.create_key(alias).await?;
-        let data_key = self.generate_data_key(alias, context).await?;
+        let data_key = self.generate_data_key(&key.key_id, context).await?;
         Ok((key, data_key))
     }
 }
