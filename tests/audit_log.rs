@@ -12,11 +12,8 @@ use coffre::grpc::pb::audit_service_client::AuditServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::cli::{run, run_json, start_dev};
-use crate::common::{TestServer, ctx};
-
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
-const COFFRE: &str = env!("CARGO_BIN_EXE_coffre");
+use crate::common::binary::{COFFRE, run, run_json, start_dev};
+use crate::common::{REASON, TestServer, ctx};
 
 fn request_id(meta: &tonic::metadata::MetadataMap) -> String {
     meta.get(REQUEST_ID_HEADER)
@@ -55,16 +52,10 @@ async fn all_events(auditor: &mut AuditServiceClient<Channel>) -> Vec<pb::AuditE
     }
 }
 
+/// The name an audit record gives a status code: the library's table, which
+/// the metrics' `code` label uses too.
 fn code_name(c: Code) -> &'static str {
-    match c {
-        Code::Ok => "OK",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::NotFound => "NOT_FOUND",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Unavailable => "UNAVAILABLE",
-        other => panic!("unexpected code {other:?}"),
-    }
+    coffre::metrics::CODE_NAMES[c as usize]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,9 +5,7 @@
 use coffre::grpc::pb::{self, audit_service_client::AuditServiceClient};
 use tonic::Code;
 
-use crate::common::{TestServer, ctx};
-
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
+use crate::common::{REASON, TestServer, ctx};
 
 fn item(blob: &[u8], context: &[(&str, &str)]) -> pb::BatchDecryptItem {
     pb::BatchDecryptItem {

@@ -12,23 +12,13 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 
 use base64::Engine;
-use coffre::grpc::pb::{
-    self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient,
-};
+use coffre::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
 use coffre::hsm::Hsm;
 use coffre::store::KeyStore;
 
-use crate::cli::{dev_command, spawn_dev};
-use crate::common::{channel_as, ctx};
-
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use crate::common::binary::{dev_command, free_port, spawn_dev};
+use crate::common::clients::Clients;
+use crate::common::{REASON, channel_as, ctx};
 
 /// Every way a secret could be printed.
 fn encodings(secret: &[u8]) -> Vec<String> {
@@ -51,15 +41,14 @@ async fn no_secret_in_logs_errors_audit_or_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let log_path = dir.path().join("server.log");
-    let metrics = free_addr();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut cmd = dev_command(&data);
     cmd.args(["--metrics-listen", &metrics.to_string()])
         .env("RUST_LOG", "trace")
         .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()));
     let (guard, endpoint) = spawn_dev(cmd);
     let pki = data.join("pki");
-    let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
-    let mut svc = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
+    let mut clients = Clients::connect(&endpoint, &pki).await;
     let mut as_operator = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
 
     let mut secrets: Vec<Vec<u8>> = Vec::new();
@@ -71,13 +60,12 @@ async fn no_secret_in_logs_errors_audit_or_metrics() {
     };
 
     for alias in ["canary/a", "canary/b"] {
-        keys.create_key(pb::CreateKeyRequest {
-            alias: alias.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        clients.create_key(alias).await.unwrap();
     }
+    let Clients {
+        mut keys,
+        data: mut svc,
+    } = clients;
     let context = ctx(&[("tenant", "acme")]);
     let mut blobs = Vec::new();
     for n in [16, 32, 64] {

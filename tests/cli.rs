@@ -1,124 +1,14 @@
 //! The README walkthrough, with the real binary: `coffre dev` in its own
 //! process and the CLI commands against it, parsing their `--json` output.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::Value;
 
-const COFFRE: &str = env!("CARGO_BIN_EXE_coffre");
+use crate::common::binary::{COFFRE, run, run_json, start_dev, start_dev_with};
 
-/// A child process killed when dropped.
-#[derive(Debug)]
-pub struct Guard(pub Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `coffre dev` on port 0 and reads its address from the banner.
-pub fn start_dev(dir: &Path) -> (Guard, String) {
-    start_dev_with(dir, &[])
-}
-
-pub fn start_dev_with(dir: &Path, extra: &[&str]) -> (Guard, String) {
-    let mut cmd = dev_command(dir);
-    cmd.args(extra)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::inherit());
-    spawn_dev(cmd)
-}
-
-/// `coffre dev --listen 127.0.0.1:0 --data-dir DIR`, to add to.
-pub fn dev_command(dir: &Path) -> Command {
-    let mut cmd = Command::new(COFFRE);
-    cmd.args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir);
-    cmd
-}
-
-/// Spawns a `coffre dev` command and reads its address from the banner.
-pub fn spawn_dev(mut cmd: Command) -> (Guard, String) {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let guard = Guard(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let endpoint = loop {
-        assert!(Instant::now() < deadline, "coffre dev did not start");
-        let line = lines.next().expect("coffre dev exited").unwrap();
-        if let Some(rest) = line.strip_prefix("coffre dev is running on ") {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (guard, endpoint)
-}
-
-/// `coffre audit export` (which checks what it received against a fresh
-/// signed checkpoint) into the parent of `data`, then `coffre audit verify`
-/// on the exported file.
-pub fn export_and_verify(data: &Path, endpoint: &str) {
-    let out = data.join("../export.log");
-    let key = data.join("../audit-public-key.pem");
-    let export = Command::new(COFFRE)
-        .args(["audit", "export", "--out"])
-        .arg(&out)
-        .arg("--public-key-out")
-        .arg(&key)
-        .args(["--endpoint", endpoint, "--data-dir"])
-        .arg(data)
-        .output()
-        .unwrap();
-    assert!(
-        export.status.success(),
-        "audit export: {}",
-        String::from_utf8_lossy(&export.stderr)
-    );
-    let verify = Command::new(COFFRE)
-        .args(["audit", "verify"])
-        .arg(&out)
-        .arg("--public-key")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "audit verify: {}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
-}
-
-/// Runs a client command; returns (success, stdout, stderr).
-pub fn run(dir: &Path, endpoint: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(COFFRE)
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--endpoint", endpoint])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-pub fn run_json(dir: &Path, endpoint: &str, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let (ok, stdout, stderr) = run(dir, endpoint, &all);
-    assert!(ok, "coffre {args:?} failed: {stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
-}
+// `hsm_conformance` still calls it by this path.
+pub(crate) use crate::common::binary::export_and_verify;
 
 #[test]
 fn readme_walkthrough_with_the_real_binaries() {

@@ -30,10 +30,9 @@ use coffre::grpc::pb::{
 };
 use tonic::transport::Channel;
 
-use crate::cli::{export_and_verify, start_dev};
-use crate::common::channel_as;
+use crate::common::binary::{export_and_verify, start_dev};
+use crate::common::{REASON, channel_as};
 
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
 /// Keys of each kind the model keeps checking (older ones are let go once
 /// they have survived a restart), so that a long run's checks stay bounded.
 const MAX_KEYS: usize = 24;

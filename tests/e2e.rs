@@ -4,9 +4,7 @@
 use coffre::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
 use tonic::Code;
 
-use crate::common::{TestServer, channel_as, ctx, try_channel};
-
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
+use crate::common::{REASON, TestServer, channel_as, ctx, try_channel};
 
 fn decrypt_req(blob: &[u8], context: &[(&str, &str)]) -> pb::DecryptRequest {
     pb::DecryptRequest {

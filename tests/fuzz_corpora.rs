@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 
+use crate::common::REASON;
+
 type Target = fn(&[u8]);
 
 const TARGETS: [(&str, Target); 4] = [
@@ -159,7 +161,6 @@ async fn write_fuzz_seeds() {
             .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
             .collect()
     };
-    let reason = pb::AccessReason::CustomerInitiatedAccess as i32;
     let tagged = |tag: u8, message: &dyn Fn(&mut Vec<u8>)| {
         let mut out = vec![tag];
         message(&mut out);
@@ -169,7 +170,7 @@ async fn write_fuzz_seeds() {
         let decrypt = pb::DecryptRequest {
             ciphertext_blob: blob.clone(),
             encryption_context: ctx(context),
-            justification: reason,
+            justification: REASON,
             key_id: String::new(),
         };
         write(
@@ -183,7 +184,7 @@ async fn write_fuzz_seeds() {
                 encryption_context: ctx(context),
                 key_id: "alias/orders".into(),
             }],
-            justification: reason,
+            justification: REASON,
         };
         write(
             "request_mapping",
@@ -194,7 +195,7 @@ async fn write_fuzz_seeds() {
     let generate = pb::GenerateDataKeyRequest {
         key_id: "alias/orders".into(),
         encryption_context: ctx(&serde_json::json!({"tenant": "acme"})),
-        justification: reason,
+        justification: REASON,
         number_of_bytes: 32,
     };
     write(

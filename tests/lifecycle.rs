@@ -5,15 +5,12 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use coffre::grpc::pb::{
-    self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient,
-};
+use coffre::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
 use serde_json::Value;
 
-use crate::cli::{run, run_json, start_dev};
-use crate::common::{channel_as, ctx};
-
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
+use crate::common::binary::{COFFRE, run, run_json, start_dev};
+use crate::common::clients::Clients;
+use crate::common::{REASON, channel_as, ctx};
 
 #[test]
 fn lifecycle_commands_from_the_cli() {
@@ -160,34 +157,17 @@ fn root_key_rotation_survives_sigkill_and_resumes() {
     // Enough versions that the rotation takes a while.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let blobs: Vec<(Vec<u8>, Vec<u8>)> = runtime.block_on(async {
-        let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
-        let mut data_keys = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
+        let mut clients = Clients::connect(&endpoint, &pki).await;
         let mut blobs = Vec::new();
         for _ in 0..300 {
-            let key = keys
-                .create_key(pb::CreateKeyRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .key
-                .unwrap();
-            let out = data_keys
-                .generate_data_key(pb::GenerateDataKeyRequest {
-                    key_id: key.key_id,
-                    encryption_context: ctx(&[("k", "v")]),
-                    justification: REASON,
-                    number_of_bytes: 32,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let (_, out) = clients.key_with_data_key("", &[("k", "v")]).await.unwrap();
             blobs.push((out.ciphertext_blob, out.plaintext));
         }
         blobs
     });
 
     // Start the rotation; SIGKILL the server once it has re-wrapped some.
-    let mut cli = Command::new(env!("CARGO_BIN_EXE_coffre"))
+    let mut cli = Command::new(COFFRE)
         .args(["hsm", "rotate-root", "--json", "--data-dir"])
         .arg(&data)
         .args(["--endpoint", &endpoint])

@@ -10,11 +10,8 @@ use std::time::Duration;
 use coffre::grpc::pb;
 use serde_json::Value;
 
-use crate::cli::{Guard, dev_command, spawn_dev};
-use crate::common::{TestServer, ctx};
-
-const COFFRE: &str = env!("CARGO_BIN_EXE_coffre");
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
+use crate::common::binary::{COFFRE, Guard, dev_command, free_port, run, spawn_dev};
+use crate::common::{REASON, TestServer, ctx};
 
 /// GET `path` over plain HTTP/1.1; (status line, body).
 pub(crate) fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
@@ -41,18 +38,12 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_caches_hsm_and_audit() {
     let mut server = TestServer::start().await;
-    let key = server.create_key("metrics/demo").await;
-    let mut data = server.data().await;
-    let generated = data
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key_id: "metrics/demo".into(),
-            encryption_context: ctx(&[("tenant", "acme")]),
-            justification: REASON,
-            number_of_bytes: 0,
-        })
+    let (key, generated) = server
+        .clients()
         .await
-        .unwrap()
-        .into_inner();
+        .key_with_data_key("metrics/demo", &[("tenant", "acme")])
+        .await
+        .unwrap();
     // A fresh process: the key's material is no longer cached.
     server.restart().await;
     let addr = server.server.as_ref().unwrap().metrics_addr.unwrap();
@@ -128,12 +119,7 @@ async fn metrics_count_requests_caches_hsm_and_audit() {
 #[test]
 fn bench_logs_and_metrics_with_the_real_binaries() {
     let dir = tempfile::tempdir().unwrap();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let log_path = dir.path().join("server.log");
     let data_dir = dir.path().join("data");
     let (guard, endpoint) = start_dev_logging(&data_dir, &log_path, metrics);
@@ -202,7 +188,7 @@ fn bench_logs_and_metrics_with_the_real_binaries() {
     assert!(decrypts >= rows[2]["requests"].as_f64().unwrap(), "{page}");
 
     // A record's request id is on the log line of its request.
-    let (ok, events, stderr) = crate::cli::run(
+    let (ok, events, stderr) = run(
         &data_dir,
         &endpoint,
         &[

@@ -9,9 +9,7 @@ use coffre::grpc::pb::{
 };
 use tonic::{Code, Status};
 
-use crate::common::{TestServer, ctx};
-
-const WHY: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
+use crate::common::{REASON, TestServer, ctx};
 
 fn policy(grants: &[(&str, &[pb::DataKeyOperation])]) -> pb::KeyPolicy {
     pb::KeyPolicy {
@@ -31,7 +29,7 @@ fn policy(grants: &[(&str, &[pb::DataKeyOperation])]) -> pb::KeyPolicy {
         )]
         .into_iter()
         .collect(),
-        accepted_reasons: vec![WHY],
+        accepted_reasons: vec![REASON],
     }
 }
 
@@ -85,21 +83,21 @@ async fn key_policies_grants_context_binding_and_justifications() {
 
     // The granted service, its own tenant, an accepted reason: allowed.
     let dk = acme
-        .generate_data_key(gen_req("tenant-data", Some("acme"), WHY))
+        .generate_data_key(gen_req("tenant-data", Some("acme"), REASON))
         .await
         .unwrap()
         .into_inner();
     // Another tenant's context, no context, another reason: refused.
     let m = denied(
         &acme
-            .generate_data_key(gen_req("tenant-data", Some("globex"), WHY))
+            .generate_data_key(gen_req("tenant-data", Some("globex"), REASON))
             .await
             .unwrap_err(),
     );
     assert!(m.contains("tenant"), "{m}");
     let m = denied(
         &acme
-            .generate_data_key(gen_req("tenant-data", None, WHY))
+            .generate_data_key(gen_req("tenant-data", None, REASON))
             .await
             .unwrap_err(),
     );
@@ -124,7 +122,7 @@ async fn key_policies_grants_context_binding_and_justifications() {
                 key_id: "tenant-data".into(),
                 plaintext: b"x".to_vec(),
                 encryption_context: ctx(&[("tenant", "acme")]),
-                justification: WHY,
+                justification: REASON,
             })
             .await
             .unwrap_err(),
@@ -135,7 +133,7 @@ async fn key_policies_grants_context_binding_and_justifications() {
     let decrypt = |tenant: &str| pb::DecryptRequest {
         ciphertext_blob: dk.ciphertext_blob.clone(),
         encryption_context: ctx(&[("tenant", tenant)]),
-        justification: WHY,
+        justification: REASON,
         key_id: String::new(),
     };
     denied(&globex.decrypt(decrypt("acme")).await.unwrap_err());
@@ -146,13 +144,13 @@ async fn key_policies_grants_context_binding_and_justifications() {
     // grant) gets exactly the answer for a key that does not exist.
     let for_real = denied(
         &globex
-            .generate_data_key(gen_req("tenant-data", Some("globex"), WHY))
+            .generate_data_key(gen_req("tenant-data", Some("globex"), REASON))
             .await
             .unwrap_err(),
     );
     let for_none = denied(
         &globex
-            .generate_data_key(gen_req("no-such-key", Some("globex"), WHY))
+            .generate_data_key(gen_req("no-such-key", Some("globex"), REASON))
             .await
             .unwrap_err(),
     );
@@ -168,7 +166,7 @@ async fn key_policies_grants_context_binding_and_justifications() {
     .unwrap();
     let while_disabled = denied(
         &globex
-            .generate_data_key(gen_req("tenant-data", Some("globex"), WHY))
+            .generate_data_key(gen_req("tenant-data", Some("globex"), REASON))
             .await
             .unwrap_err(),
     );
@@ -195,7 +193,7 @@ async fn key_policies_grants_context_binding_and_justifications() {
         .unwrap();
     assert_eq!(updated.policy.unwrap().grants[1].operations.len(), 2);
     globex
-        .generate_data_key(gen_req("tenant-data", Some("globex"), WHY))
+        .generate_data_key(gen_req("tenant-data", Some("globex"), REASON))
         .await
         .unwrap();
     // A malformed policy is refused and changes nothing.
@@ -250,7 +248,7 @@ async fn every_rpc_against_every_role() {
     let blob = DataKeyServiceClient::new(server.channel("service").await)
         .generate_data_key(pb::GenerateDataKeyRequest {
             key_id: "m".into(),
-            justification: WHY,
+            justification: REASON,
             ..Default::default()
         })
         .await
@@ -359,7 +357,7 @@ async fn every_rpc_against_every_role() {
                                 operations: (1..=5).collect(),
                             }],
                             required_context: Default::default(),
-                            accepted_reasons: vec![WHY],
+                            accepted_reasons: vec![REASON],
                         }),
                     })
                     .await
@@ -367,7 +365,7 @@ async fn every_rpc_against_every_role() {
                 "GenerateDataKey" => d
                     .generate_data_key(pb::GenerateDataKeyRequest {
                         key_id: key(),
-                        justification: WHY,
+                        justification: REASON,
                         ..Default::default()
                     })
                     .await
@@ -376,7 +374,7 @@ async fn every_rpc_against_every_role() {
                     .generate_data_key_without_plaintext(
                         pb::GenerateDataKeyWithoutPlaintextRequest {
                             key_id: key(),
-                            justification: WHY,
+                            justification: REASON,
                             ..Default::default()
                         },
                     )
@@ -386,7 +384,7 @@ async fn every_rpc_against_every_role() {
                     .encrypt(pb::EncryptRequest {
                         key_id: key(),
                         plaintext: b"s".to_vec(),
-                        justification: WHY,
+                        justification: REASON,
                         ..Default::default()
                     })
                     .await
@@ -394,7 +392,7 @@ async fn every_rpc_against_every_role() {
                 "Decrypt" => d
                     .decrypt(pb::DecryptRequest {
                         ciphertext_blob: blob.clone(),
-                        justification: WHY,
+                        justification: REASON,
                         ..Default::default()
                     })
                     .await
@@ -402,7 +400,7 @@ async fn every_rpc_against_every_role() {
                 "ReEncrypt" => d
                     .re_encrypt(pb::ReEncryptRequest {
                         ciphertext_blob: blob.clone(),
-                        justification: WHY,
+                        justification: REASON,
                         ..Default::default()
                     })
                     .await
@@ -410,7 +408,7 @@ async fn every_rpc_against_every_role() {
                 "BatchGenerateDataKey" => d
                     .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
                         key_id: key(),
-                        justification: WHY,
+                        justification: REASON,
                         count: 3,
                         ..Default::default()
                     })
@@ -422,7 +420,7 @@ async fn every_rpc_against_every_role() {
                             ciphertext_blob: blob.clone(),
                             ..Default::default()
                         }],
-                        justification: WHY,
+                        justification: REASON,
                     })
                     .await
                     .map(|r| {
@@ -527,7 +525,7 @@ async fn a_runaway_service_is_rate_limited_without_starving_the_others() {
         .unwrap();
     let req = || pb::GenerateDataKeyRequest {
         key_id: "r".into(),
-        justification: WHY,
+        justification: REASON,
         ..Default::default()
     };
     let mut runaway = DataKeyServiceClient::new(server.channel("runaway").await);
@@ -569,7 +567,7 @@ async fn re_encrypt_to_another_key_needs_decrypt_on_the_source() {
             },
         ],
         required_context: Default::default(),
-        accepted_reasons: vec![WHY],
+        accepted_reasons: vec![REASON],
     };
     for (alias, ops) in [
         ("source", vec![Op::ReEncrypt]),
@@ -586,7 +584,7 @@ async fn re_encrypt_to_another_key_needs_decrypt_on_the_source() {
     let blob = DataKeyServiceClient::new(server.channel("writer").await)
         .generate_data_key(pb::GenerateDataKeyRequest {
             key_id: "source".into(),
-            justification: WHY,
+            justification: REASON,
             ..Default::default()
         })
         .await
@@ -597,7 +595,7 @@ async fn re_encrypt_to_another_key_needs_decrypt_on_the_source() {
     let move_to = |dest: &str| pb::ReEncryptRequest {
         ciphertext_blob: blob.clone(),
         destination_key_id: dest.into(),
-        justification: WHY,
+        justification: REASON,
         ..Default::default()
     };
     // Same key: allowed (the caller cannot read it either way).

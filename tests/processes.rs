@@ -1,65 +1,19 @@
 //! coffre and hsm-sim as separate processes, as in production:
 //! `hsm-sim serve` and `coffre serve --config FILE`.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use coffre::grpc::pb::{
-    self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient,
-};
+use coffre::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
 use tonic::Code;
 
-use crate::cli::Guard;
-use crate::common::{channel_as, ctx, workspace_binary};
+use crate::common::binary::{COFFRE, Guard, HSM_PIN, start_dev, workspace_binary};
+use crate::common::clients::{Clients, generate_request};
+use crate::common::{REASON, channel_as, ctx};
 
-pub(crate) const PIN: &str = "process-test-pin-1234";
-
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts a process and waits for the line starting with `ready_prefix` on
-/// its stdout.
-pub(crate) fn spawn_ready(mut cmd: Command, ready_prefix: &str) -> (Guard, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let guard = Guard(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let rest = loop {
-        assert!(Instant::now() < deadline, "process did not become ready");
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("process exited before printing {ready_prefix:?}"))
-            .unwrap();
-        if let Some(rest) = line.strip_prefix(ready_prefix) {
-            break rest.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (guard, rest)
-}
-
-pub(crate) fn start_hsm(state: &Path, port: u16) -> Guard {
-    let mut cmd = Command::new(workspace_binary("hsm-sim"));
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--state"])
-        .arg(state)
-        // The test drives `hsm-sim fault`, which needs the opt-in.
-        .arg("--allow-fault-injection")
-        .env("HSM_SIM_PIN", PIN)
-        .env("RUST_LOG", "warn");
-    spawn_ready(cmd, "hsm-sim listening on ").0
-}
+// `hsm_conformance` imports these from here.
+pub(crate) use crate::common::binary::{HSM_PIN as PIN, free_port, spawn_ready, start_hsm};
 
 fn hsm_fault(port: u16, args: &[&str]) {
     let status = Command::new(workspace_binary("hsm-sim"))
@@ -71,10 +25,10 @@ fn hsm_fault(port: u16, args: &[&str]) {
 }
 
 fn start_coffre(config: &Path) -> (Guard, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coffre"));
+    let mut cmd = Command::new(COFFRE);
     cmd.args(["serve", "--config"])
         .arg(config)
-        .env("COFFRE_HSM_PIN", PIN)
+        .env("COFFRE_HSM_PIN", HSM_PIN)
         .env("RUST_LOG", "warn");
     let (guard, addr) = spawn_ready(cmd, "coffre listening on ");
     (guard, format!("https://{addr}"))
@@ -128,33 +82,16 @@ async fn coffre_serve_with_hsm_sim_as_its_own_process() {
     let (coffre, endpoint) = start_coffre(&config);
     let pki = dir.path().join("pki");
 
-    let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
-    let mut data = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
-    let key = keys
-        .create_key(pb::CreateKeyRequest {
-            alias: "remote".into(),
-            ..Default::default()
-        })
+    let mut clients = Clients::connect(&endpoint, &pki).await;
+    let (key, dk) = clients
+        .key_with_data_key("remote", &[("t", "1")])
         .await
-        .unwrap()
-        .into_inner()
-        .key
         .unwrap();
-    let reason = pb::AccessReason::CustomerInitiatedAccess as i32;
-    let dk = data
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key_id: "remote".into(),
-            encryption_context: ctx(&[("t", "1")]),
-            justification: reason,
-            number_of_bytes: 32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let Clients { mut keys, .. } = clients;
     let decrypt = |blob: Vec<u8>| pb::DecryptRequest {
         ciphertext_blob: blob,
         encryption_context: ctx(&[("t", "1")]),
-        justification: reason,
+        justification: REASON,
         key_id: String::new(),
     };
 
@@ -204,10 +141,8 @@ async fn coffre_serve_with_hsm_sim_as_its_own_process() {
     assert_eq!(out.plaintext, dk.plaintext);
     let dk2 = data
         .generate_data_key(pb::GenerateDataKeyRequest {
-            key_id: "remote".into(),
-            encryption_context: ctx(&[("t", "1")]),
-            justification: reason,
             number_of_bytes: 16,
+            ..generate_request("remote", &[("t", "1")])
         })
         .await
         .unwrap()
@@ -224,10 +159,10 @@ fn coffre_serve_refuses_a_simulator_unless_allowed() {
         .unwrap()
         .replace("allow_insecure_simulator = true", "");
     std::fs::write(&config, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_coffre"))
+    let out = Command::new(COFFRE)
         .args(["serve", "--config"])
         .arg(&config)
-        .env("COFFRE_HSM_PIN", PIN)
+        .env("COFFRE_HSM_PIN", HSM_PIN)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -248,20 +183,20 @@ fn coffre_serve_refuses_root_unless_allowed() {
         .replace("allow_root = true", "");
     std::fs::write(&config, text).unwrap();
     if coffre::hardening::running_as_root() {
-        let out = Command::new(env!("CARGO_BIN_EXE_coffre"))
+        let out = Command::new(COFFRE)
             .args(["serve", "--config"])
             .arg(&config)
-            .env("COFFRE_HSM_PIN", PIN)
+            .env("COFFRE_HSM_PIN", HSM_PIN)
             .output()
             .unwrap();
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("refuses to run as root"), "{stderr}");
         // --allow-root is the other way to say so.
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_coffre"));
+        let mut cmd = Command::new(COFFRE);
         cmd.args(["serve", "--allow-root", "--config"])
             .arg(&config)
-            .env("COFFRE_HSM_PIN", PIN)
+            .env("COFFRE_HSM_PIN", HSM_PIN)
             .env("RUST_LOG", "warn");
         let (_coffre, addr) = spawn_ready(cmd, "coffre listening on ");
         assert!(addr.starts_with("127.0.0.1:"), "{addr}");
@@ -277,7 +212,7 @@ fn coffre_serve_refuses_root_unless_allowed() {
 #[test]
 fn coffre_disables_core_dumps_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let (guard, _endpoint) = crate::cli::start_dev(&dir.path().join("data"));
+    let (guard, _endpoint) = start_dev(&dir.path().join("data"));
     let pid = guard.0.id();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let core = limits
@@ -328,30 +263,18 @@ async fn hsm_sim_faults_as_its_own_process() {
     let config = write_config(dir.path(), hsm_port);
     let (_coffre, endpoint) = start_coffre(&config);
     let pki = dir.path().join("pki");
-    let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
-    let mut data = DataKeyServiceClient::new(channel_as(&endpoint, &pki, "service").await);
-    let reason = pb::AccessReason::CustomerInitiatedAccess as i32;
-    let generate = |key: &str| pb::GenerateDataKeyRequest {
-        key_id: key.to_string(),
-        encryption_context: ctx(&[("t", "1")]),
-        justification: reason,
-        number_of_bytes: 32,
-    };
-    keys.create_key(pb::CreateKeyRequest {
-        alias: "warm".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let dk = data
-        .generate_data_key(generate("warm"))
+    let mut clients = Clients::connect(&endpoint, &pki).await;
+    let (_, dk) = clients
+        .key_with_data_key("warm", &[("t", "1")])
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    let Clients {
+        mut keys, mut data, ..
+    } = clients;
     let decrypt = pb::DecryptRequest {
         ciphertext_blob: dk.ciphertext_blob.clone(),
         encryption_context: ctx(&[("t", "1")]),
-        justification: reason,
+        justification: REASON,
         key_id: String::new(),
     };
 

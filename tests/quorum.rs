@@ -2,7 +2,7 @@
 //! operator certificate; a sensitive command is held until another operator
 //! approves it.
 
-use crate::cli::{run, run_json, start_dev_with};
+use crate::common::binary::{run, run_json, start_dev_with};
 
 #[test]
 fn two_person_rule_from_the_cli() {

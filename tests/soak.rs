@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cli::{dev_command, spawn_dev};
-
-const COFFRE: &str = env!("CARGO_BIN_EXE_coffre");
+use crate::common::binary::{COFFRE, dev_command, spawn_dev};
 
 /// Resident memory of `pid` in KiB (Linux: /proc/PID/status).
 fn rss_kib(pid: u32) -> u64 {

@@ -18,16 +18,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coffre::grpc::pb::{
-    self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient,
-};
+use coffre::grpc::pb;
 use tonic::Code;
-use tonic::transport::Channel;
 
-use crate::cli::{Guard, dev_command, export_and_verify, start_dev};
-use crate::common::{channel_as, ctx};
-
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
+use crate::common::binary::{Guard, dev_command, export_and_verify, start_dev};
+use crate::common::clients::Clients;
+use crate::common::{REASON, ctx};
 
 /// A small ext4 file system in a file, mounted for the test; unmounted
 /// (and its loop device released) when dropped.
@@ -151,47 +147,27 @@ fn stop(mut guard: Guard) {
     }
 }
 
-struct Clients {
-    keys: KeyServiceClient<Channel>,
-    data: DataKeyServiceClient<Channel>,
-}
-
+/// Clients of `endpoint` with the certificates of `data_dir/pki`.
 async fn clients(endpoint: &str, data_dir: &Path) -> Clients {
-    let pki = data_dir.join("pki");
-    Clients {
-        keys: KeyServiceClient::new(channel_as(endpoint, &pki, "operator").await),
-        data: DataKeyServiceClient::new(channel_as(endpoint, &pki, "service").await),
-    }
+    Clients::connect(endpoint, &data_dir.join("pki")).await
 }
 
-/// What was acknowledged: key aliases, and data keys (blob, plaintext).
+/// What was acknowledged: key aliases, and data keys (the alias they were
+/// made under, which is also their context; blob; plaintext).
 #[derive(Default)]
 struct Acknowledged {
     keys: Vec<String>,
-    data_keys: Vec<(Vec<u8>, Vec<u8>)>,
+    data_keys: Vec<(String, Vec<u8>, Vec<u8>)>,
 }
 
 impl Acknowledged {
     /// Creates a key and a data key under it; records what succeeded.
     async fn add(&mut self, c: &mut Clients, alias: &str) -> Result<(), tonic::Status> {
-        c.keys
-            .create_key(pb::CreateKeyRequest {
-                alias: alias.to_string(),
-                ..Default::default()
-            })
-            .await?;
+        c.create_key(alias).await?;
         self.keys.push(alias.to_string());
-        let dk = c
-            .data
-            .generate_data_key(pb::GenerateDataKeyRequest {
-                key_id: alias.to_string(),
-                encryption_context: ctx(&[("k", alias)]),
-                justification: REASON,
-                number_of_bytes: 32,
-            })
-            .await?
-            .into_inner();
-        self.data_keys.push((dk.ciphertext_blob, dk.plaintext));
+        let dk = c.generate_data_key(alias, &[("k", alias)]).await?;
+        self.data_keys
+            .push((alias.to_string(), dk.ciphertext_blob, dk.plaintext));
         Ok(())
     }
 
@@ -205,7 +181,7 @@ impl Acknowledged {
                 .await
                 .unwrap_or_else(|e| panic!("acknowledged key {alias} is gone: {e:?}"));
         }
-        for ((blob, plaintext), alias) in self.data_keys.iter().zip(&self.keys) {
+        for (alias, blob, plaintext) in &self.data_keys {
             let out = c
                 .data
                 .decrypt(pb::DecryptRequest {
@@ -254,14 +230,7 @@ async fn a_full_then_read_only_disk_fails_closed_and_loses_nothing_acknowledged(
     let failure = failure.expect("the disk never filled up");
     assert_fails_closed(&failure);
     // Closed: nothing that writes is accepted now.
-    let err = c
-        .keys
-        .create_key(pb::CreateKeyRequest {
-            alias: "after-full".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = c.create_key("after-full").await.unwrap_err();
     assert_fails_closed(&err);
     std::fs::remove_file(&filler).unwrap();
     stop(guard);
@@ -282,23 +251,10 @@ async fn a_full_then_read_only_disk_fails_closed_and_loses_nothing_acknowledged(
 
     // The file system turns read-only under the running server.
     fs.fail_read_only();
-    let err = c
-        .keys
-        .create_key(pb::CreateKeyRequest {
-            alias: "while-read-only".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = c.create_key("while-read-only").await.unwrap_err();
     assert_fails_closed(&err);
     let err = c
-        .data
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            key_id: "after-restart".into(),
-            encryption_context: ctx(&[("k", "x")]),
-            justification: REASON,
-            number_of_bytes: 32,
-        })
+        .generate_data_key("after-restart", &[("k", "x")])
         .await
         .unwrap_err();
     assert_fails_closed(&err);

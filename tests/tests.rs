@@ -8,24 +8,59 @@
     clippy::indexing_slicing
 )]
 
+// Fixtures: the in-process `TestServer`, clients, and the drivers of the
+// real binaries (`common::binary`).
 mod common;
 
-mod audit;
+// The audit log of a running server: one record per request, before the
+// response; fail closed; export, list and tail.
 mod audit_log;
+// The offline chain of the audit log: `coffre audit verify` on a log the
+// library wrote, clean and edited.
+mod audit_verify;
+// BatchGenerateDataKey and BatchDecrypt over gRPC.
 mod batch;
+// No secret in logs (RUST_LOG=trace), errors, audit or metrics of a
+// `coffre dev` process.
 mod canary;
+// The README walkthrough with the real `coffre` binary and its CLI.
 mod cli;
+// Long-running: `coffre dev` SIGKILLed under load and restarted, 20 cycles
+// by default (COFFRE_CRASH_CYCLES, COFFRE_CRASH_SEED).
 mod crash;
+// The data-key and key RPCs end to end, in-process server over mTLS.
 mod e2e;
+// The wrapped-key format v1: golden blobs, Wycheproof, properties, tamper.
 mod format;
+// The fuzz targets' bodies over their corpora and random inputs (the seed
+// writer is #[ignore]d).
 mod fuzz_corpora;
+// One HSM conformance suite on each backend. Environment-sensitive: the
+// SoftHSM2 tests need softhsm2 and opensc, and without
+// COFFRE_REQUIRE_SOFTHSM=1 they return without running when those are
+// missing; the hsm-sim one needs the hsm-sim binary built.
 mod hsm_conformance;
+// HSM faults (latency, errors, outage, tamper) injected into the
+// in-process simulator.
 mod hsm_faults;
+// Deletion, retirement, rotation policy and a root-key rotation killed
+// midway, through the CLI.
 mod lifecycle;
+// The metrics page, JSON logs carrying audit request ids, `coffre bench`.
 mod observability;
+// Authorization: the RPC × role matrix, key policies, no existence oracle.
 mod policy;
+// `coffre serve` and `hsm-sim serve` as separate processes, faults
+// included; needs the hsm-sim binary built (`cargo test` at the workspace
+// root builds it).
 mod processes;
+// Quorum approvals between two operators, through the CLI.
 mod quorum;
+// Long-running (about 10 s): the short soak, flat memory under
+// `coffre bench`.
 mod soak;
+// Environment-sensitive: a full then read-only disk under `coffre dev`;
+// needs root, loop devices and e2fsprogs, and fails without them.
 mod storage_faults;
+// Client certificates at the TLS layer: expiry, CRL, reload (SIGHUP too).
 mod tls;

@@ -283,8 +283,9 @@ async fn a_stalled_handshake_does_not_hold_up_other_clients() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_crl_of_coffre_dev() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Command;
+
+    use crate::common::binary::{dev_command, spawn_dev};
 
     let dir = tempfile::tempdir().unwrap();
     pki::ensure_dev_pki(dir.path()).unwrap();
@@ -292,39 +293,15 @@ async fn sighup_reloads_the_crl_of_coffre_dev() {
     let crl = dir.path().join("clients.crl");
     std::fs::write(&crl, pki::dev_crl(&paths, &[]).unwrap()).unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_coffre"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--crl-reload-secs",
-            "3600",
-        ])
-        .arg("--crl")
+    let mut cmd = dev_command(dir.path());
+    cmd.args(["--crl-reload-secs", "3600", "--crl"])
         .arg(&crl)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
+        .env("RUST_LOG", "warn");
+    // Reading the banner blocks: off the runtime.
+    let (guard, endpoint) = tokio::task::spawn_blocking(move || spawn_dev(cmd))
+        .await
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let pid = child.id();
-    let _guard = crate::cli::Guard(child);
-    let endpoint = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let endpoint = loop {
-            let line = lines.next().expect("coffre dev exited").unwrap();
-            if let Some(rest) = line.strip_prefix("coffre dev is running on ") {
-                break rest.split_whitespace().next().unwrap().to_string();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        endpoint
-    })
-    .await
-    .unwrap();
+    let pid = guard.0.id();
     let pki_dir = dir.path().join("pki");
     assert!(identity_accepted(&endpoint, &pki_dir, "service").await);
 

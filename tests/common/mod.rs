@@ -1,7 +1,15 @@
 //! Shared fixtures: a real coffre server on loopback (port 0) with mTLS, and
 //! clients holding the dev PKI's certificates.
+//!
+//! - [`binary`]: the real binaries as processes (`coffre dev`, the CLI,
+//!   `hsm-sim serve`).
+//! - [`clients`]: the operator's and the service's clients of a server, and
+//!   the key-plus-data-key set-up.
 
 #![allow(dead_code)]
+
+pub mod binary;
+pub mod clients;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +18,10 @@ use coffre::cli::{DevOptions, RunningServer, start_dev};
 use coffre::grpc::pb::data_key_service_client::DataKeyServiceClient;
 use coffre::grpc::pb::key_service_client::KeyServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The justification of every request that needs one, unless a test is
+/// about justifications.
+pub const REASON: i32 = coffre::grpc::pb::AccessReason::CustomerInitiatedAccess as i32;
 
 /// A test identity: certificate name, role, attributes.
 pub type TestIdentity<'a> = (&'a str, coffre::authz::Role, &'a [(&'a str, &'a str)]);
@@ -145,6 +157,11 @@ impl TestServer {
         DataKeyServiceClient::new(self.channel("service").await)
     }
 
+    /// The operator's and the service's clients together.
+    pub async fn clients(&self) -> clients::Clients {
+        clients::Clients::connect(&self.endpoint(), &self.dir.path().join("pki")).await
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.server.take() {
             s.stop().await.unwrap();
@@ -204,25 +221,10 @@ pub async fn try_channel(
         .await
 }
 
-/// A context map from pairs.
+/// An encryption context as the wire carries it (a map), from pairs.
 pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-/// The path of a binary built by this workspace (coffre or hsm-sim), next to
-/// the test executable's directory (target/<profile>/).
-pub fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = profile_dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first (`cargo test` at the workspace root builds every member; \
-         or `cargo build -p {name}`)",
-        path.display()
-    );
-    path
 }

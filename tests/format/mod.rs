@@ -18,8 +18,9 @@ use coffre::envelope::{self, ParseError};
 use coffre::model::EncryptionContext;
 use coffre::secret::CmkMaterial;
 
-/// A context from string pairs (must be valid).
-fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
+/// An encryption context (the domain type) from string pairs, which must
+/// make a valid one.
+fn encryption_context(pairs: &[(&str, &str)]) -> EncryptionContext {
     EncryptionContext::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
         .expect("valid context")
 }

@@ -38,7 +38,7 @@ fn context(entries: &[(String, String)]) -> EncryptionContext {
 
 /// One valid blob, sealed once, whose mutations the parser must survive.
 fn valid_blob() -> (Vec<u8>, EncryptionContext) {
-    let context = super::ctx(&[("tenant", "t1"), ("purpose", "mutations")]);
+    let context = super::encryption_context(&[("tenant", "t1"), ("purpose", "mutations")]);
     let header = Header {
         suite: envelope::SUITE_HKDF_SHA256_AES256GCM,
         key_id: KeyId::from_bytes([0x11; 16]),
@@ -242,7 +242,7 @@ fn canonical_context_is_injective_exhaustively() {
 /// coffre's cannot drift together unnoticed.
 #[test]
 fn canonical_context_known_answer() {
-    let context = super::ctx(&[("é", ""), ("b", "12")]);
+    let context = super::encryption_context(&[("é", ""), ("b", "12")]);
     // "b" (0x62) sorts before "é" (0xc3 0xa9).
     let expected = [
         &b"\x00\x00\x00\x01b\x00\x00\x00\x0212"[..],

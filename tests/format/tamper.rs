@@ -6,7 +6,7 @@ use coffre::envelope::{self, MAX_BLOB_LEN, MIN_BLOB_LEN, ParseError};
 use coffre::model::{EncryptionContext, KeyId};
 use coffre::secret::CmkMaterial;
 
-use super::{Rejection, cmk, ctx, unwrap_blob};
+use super::{Rejection, cmk, encryption_context, unwrap_blob};
 
 const PLAINTEXT: &[u8; 16] = b"sixteen byte key";
 const VERSION: u32 = 5;
@@ -42,7 +42,10 @@ fn fixture_with(context: EncryptionContext) -> Fixture {
 }
 
 fn fixture() -> Fixture {
-    fixture_with(ctx(&[("tenant", "acme"), ("purpose", "tamper-test")]))
+    fixture_with(encryption_context(&[
+        ("tenant", "acme"),
+        ("purpose", "tamper-test"),
+    ]))
 }
 
 impl Fixture {
@@ -151,28 +154,28 @@ fn every_context_change_is_refused() {
     let others = [
         (
             "entry added",
-            ctx(&[
+            encryption_context(&[
                 ("tenant", "acme"),
                 ("purpose", "tamper-test"),
                 ("extra", ""),
             ]),
         ),
-        ("entry removed", ctx(&[("tenant", "acme")])),
+        ("entry removed", encryption_context(&[("tenant", "acme")])),
         (
             "value changed",
-            ctx(&[("tenant", "acme"), ("purpose", "tamper-tesT")]),
+            encryption_context(&[("tenant", "acme"), ("purpose", "tamper-tesT")]),
         ),
         (
             "key changed",
-            ctx(&[("tenant", "acme"), ("Purpose", "tamper-test")]),
+            encryption_context(&[("tenant", "acme"), ("Purpose", "tamper-test")]),
         ),
         (
             "key and value swapped",
-            ctx(&[("acme", "tenant"), ("purpose", "tamper-test")]),
+            encryption_context(&[("acme", "tenant"), ("purpose", "tamper-test")]),
         ),
         (
             "bytes moved between key and value",
-            ctx(&[("tenanta", "cme"), ("purpose", "tamper-test")]),
+            encryption_context(&[("tenanta", "cme"), ("purpose", "tamper-test")]),
         ),
         ("empty", EncryptionContext::default()),
     ];
@@ -184,11 +187,19 @@ fn every_context_change_is_refused() {
     // And the other way round: sealed under the empty context.
     let empty = fixture_with(EncryptionContext::default());
     assert_auth_failed(
-        unwrap_blob(&empty.material, &empty.blob, &ctx(&[("tenant", "acme")])),
+        unwrap_blob(
+            &empty.material,
+            &empty.blob,
+            &encryption_context(&[("tenant", "acme")]),
+        ),
         "empty at wrap, non-empty at unwrap",
     );
     assert_auth_failed(
-        unwrap_blob(&empty.material, &empty.blob, &ctx(&[("k", "")])),
+        unwrap_blob(
+            &empty.material,
+            &empty.blob,
+            &encryption_context(&[("k", "")]),
+        ),
         "empty at wrap, one empty value at unwrap",
     );
 }

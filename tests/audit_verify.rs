@@ -7,6 +7,8 @@ use coffre::audit::{
     AuditEntry, AuditLog, AuditLogOptions, CheckpointPolicy, CheckpointSigner, Outcome,
 };
 
+use crate::common::binary::COFFRE;
+
 fn entry(i: u32) -> AuditEntry {
     AuditEntry {
         request_id: format!("req-{i}"),
@@ -25,7 +27,7 @@ fn entry(i: u32) -> AuditEntry {
 }
 
 fn verify(log: &std::path::Path, key: &std::path::Path) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_coffre"))
+    let out = Command::new(COFFRE)
         .args(["audit", "verify"])
         .arg(log)
         .arg("--public-key")
