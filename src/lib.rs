@@ -5,19 +5,35 @@
 //! master keys (CMKs) that wrap those data keys never leave coffre and its
 //! HSM: what a hosted provider holds is ciphertext.
 //!
-//! Map of the crate (see ARCHITECTURE.md), dependencies pointing one way:
-//! transport → service core → traits ← backends.
+//! Map of the crate (ARCHITECTURE.md has the whole of it, with the
+//! invariants each part keeps). Dependencies point one way: fronts →
+//! pipeline → core → seams ← backends, with [`server`] assembling them.
 //!
-//! - [`grpc`]: the only module that knows tonic. Authenticates callers (mTLS),
-//!   converts messages to domain types, maps [`Error`] to statuses.
-//! - [`service`]: the core. Authorization, key lifecycle, data-key operations,
-//!   the CMK cache.
-//! - [`hsm`], [`store`]: the seams (`Hsm`, `KeyStore`) and their backends.
-//! - [`envelope`], [`crypto`]: the wrapped-key format v1 and its cryptography.
-//! - [`secret`], [`model`], [`error`]: shared types.
-//! - [`audit`]: the tamper-evident audit log (hash chain, signed checkpoints,
-//!   offline verifier). Not yet wired into the server.
-//! - [`cli`]: the `coffre` command (dev, serve, and the operator client).
+//! - [`grpc`]: the gRPC front, the only module that knows tonic:
+//!   authentication from the client certificate, wire conversions, one file
+//!   per service.
+//! - [`pipeline`]: what happens to every request, whatever its front:
+//!   request id, fail-closed audit record, the core, errors mapped once.
+//! - [`service`]: the core ([`service::Kms`]): authorization, key lifecycle,
+//!   data keys, quorum approvals, the caches, the audit log's read side.
+//! - [`authz`]: callers, roles, operations, the `Authorizer` seam.
+//! - [`hsm`], [`store`]: the `Hsm` and `KeyStore` seams, their backends and
+//!   the conformance suites every backend passes.
+//! - [`audit`]: the tamper-evident audit log (records, hash chain, signed
+//!   checkpoints, the offline verifier).
+//! - [`envelope`], [`crypto`]: the wrapped-key format v1 and its
+//!   cryptography.
+//! - [`model`], [`secret`], [`error`]: domain types, secret bytes, the core's
+//!   error.
+//! - [`server`]: the composition root (store, HSM, authorizer, TLS, audit,
+//!   tasks → a running server) and the data directory's layout.
+//! - [`config`]: `coffre serve`'s configuration, validated once.
+//! - [`pki`]: the dev PKI and principals from certificates.
+//! - [`metrics`]: Prometheus counters in atomics and their listener.
+//! - [`hardening`], [`fsutil`]: process hardening at start; whole-file
+//!   writes.
+//! - [`cli`]: the `coffre` command: argument parsing, client calls,
+//!   printing, and `coffre bench`.
 
 #![forbid(unsafe_code)]
 
@@ -39,6 +55,7 @@ pub mod model;
 pub mod pipeline;
 pub mod pki;
 pub mod secret;
+pub mod server;
 pub mod service;
 pub mod store;
 

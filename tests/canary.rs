@@ -226,11 +226,14 @@ async fn no_secret_in_logs_errors_audit_or_metrics() {
     drop(guard);
 
     // The CMK versions, read back from the store and unwrapped by the HSM.
-    let store = coffre::store::SledStore::open(&data.join(coffre::cli::DEV_STORE_DIR)).unwrap();
-    let pin = std::fs::read_to_string(data.join(coffre::cli::DEV_HSM_PIN)).unwrap();
-    let hsm =
-        coffre::hsm::sim::LocalSimHsm::open(&data.join(coffre::cli::DEV_HSM_STATE), pin.trim())
-            .unwrap();
+    let store =
+        coffre::store::SledStore::open(&coffre::server::DataDir::new(&data).store()).unwrap();
+    let pin = std::fs::read_to_string(coffre::server::DataDir::new(&data).hsm_pin()).unwrap();
+    let hsm = coffre::hsm::sim::LocalSimHsm::open(
+        &coffre::server::DataDir::new(&data).hsm_state(),
+        pin.trim(),
+    )
+    .unwrap();
     let listed = store
         .list_keys(&coffre::store::KeyFilter::default(), None, 100)
         .unwrap();

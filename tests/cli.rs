@@ -197,7 +197,7 @@ fn readme_walkthrough_with_the_real_binaries() {
 fn dev_preloads_audited_keys_that_the_bench_uses() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let count = coffre::cli::PRELOAD_CHUNK + 3;
+    let count = coffre::server::dev::PRELOAD_CHUNK + 3;
     let (guard, endpoint) = start_dev_with(data, &["--preload-keys", &count.to_string()]);
 
     let listed = run_json(data, &endpoint, &["key", "list", "--all"]);

@@ -495,7 +495,7 @@ async fn every_rpc_against_every_role() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runaway_service_is_rate_limited_without_starving_the_others() {
     use coffre::service::{RateLimit, RateLimits};
-    let mut options = coffre::cli::dev_kms_options();
+    let mut options = coffre::server::dev::dev_kms_options();
     options.default_policy = coffre::model::KeyPolicy::granting([
         "spiffe://coffre.dev/runaway".to_string(),
         "spiffe://coffre.dev/polite".to_string(),

@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use coffre::cli::{RunningServer, start_dev};
 use coffre::pki::{self, PkiPaths};
+use coffre::server::RunningServer;
+use coffre::server::dev::start as start_dev;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;

@@ -9,11 +9,11 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::output::print_json;
-use super::server::open_pkcs11;
 use super::{HsmCommand, LocalHsmArgs, client};
 use crate::config::Config;
 use crate::hsm::pkcs11::Pkcs11Hsm;
 use crate::hsm::{Hsm, conformance};
+use crate::server::production::open_pkcs11;
 
 pub async fn run(cmd: HsmCommand) -> anyhow::Result<()> {
     match cmd {

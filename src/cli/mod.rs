@@ -10,17 +10,15 @@ mod client;
 mod hsm;
 pub use hsm::RELOGIN_CHECK;
 mod output;
-mod server;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-pub use server::{
-    AuditSetup, DEV_AUDIT_PUBLIC_KEY, DEV_HSM_PIN, DEV_HSM_STATE, DEV_STORE_DIR, DevOptions,
-    PRELOAD_CHUNK, RunningServer, dev_kms_options, run_dev, run_serve, start_dev, start_server,
-};
+use crate::server::dev::DevOptions;
+use run::{init_logging, run_dev, run_serve};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -593,11 +591,11 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Dev(args) => {
-                server::init_logging(args.log_json);
+                init_logging(args.log_json);
                 run_dev(DevOptions::from(args), std::future::pending()).await
             }
             Command::Serve(args) => {
-                server::init_logging(args.log_json);
+                init_logging(args.log_json);
                 run_serve(&args.config, args.allow_root).await
             }
             Command::Key(cmd) => client::key(cmd).await,

@@ -14,9 +14,10 @@ pub mod clients;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use coffre::cli::{DevOptions, RunningServer, start_dev};
 use coffre::grpc::pb::data_key_service_client::DataKeyServiceClient;
 use coffre::grpc::pb::key_service_client::KeyServiceClient;
+use coffre::server::RunningServer;
+use coffre::server::dev::{DevOptions, dev_kms_options, start as start_dev};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// The justification of every request that needs one, unless a test is
@@ -45,25 +46,21 @@ impl TestServer {
     /// URIs `spiffe://coffre.dev/<name>`; certificates are issued for every
     /// name) and the dev default policy.
     pub async fn start_with(identities: &[TestIdentity<'_>]) -> Self {
-        Self::start_with_options(identities, coffre::cli::dev_kms_options()).await
+        Self::start_with_options(identities, dev_kms_options()).await
     }
 
     pub async fn start_with_options(
         identities: &[TestIdentity<'_>],
         options: coffre::service::KmsOptions,
     ) -> Self {
-        use std::sync::Arc;
-
         use coffre::authz::StaticRoles;
-        use coffre::hsm::sim::LocalSimHsm;
-        use coffre::model::SystemClock;
-        use coffre::pki::{PkiPaths, dev_principal, ensure_dev_pki, issue_client_cert};
-        use coffre::service::Kms;
-        use coffre::store::SledStore;
+        use coffre::pki::{dev_principal, ensure_dev_pki, issue_client_cert};
+        use coffre::server::DataDir;
 
         let dir = tempfile::tempdir().unwrap();
-        ensure_dev_pki(dir.path()).unwrap();
-        let paths = PkiPaths::new(dir.path());
+        let data = DataDir::new(dir.path());
+        ensure_dev_pki(data.root()).unwrap();
+        let paths = data.pki();
         let mut roles = Vec::new();
         let mut attributes = std::collections::HashMap::new();
         for (name, role, attrs) in identities {
@@ -79,34 +76,19 @@ impl TestServer {
                     .collect(),
             );
         }
-        let kms = Kms::new(
-            Arc::new(SledStore::open(&dir.path().join("store")).unwrap()),
-            Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-123").unwrap()),
-            Arc::new(StaticRoles::new(roles).with_attributes(attributes)),
-            Arc::new(SystemClock),
+        let server = coffre::server::dev::builder(
+            &data,
+            StaticRoles::new(roles).with_attributes(attributes),
             options,
-        )
-        .with_approval_store(
-            coffre::store::approvals::ApprovalStore::open(&dir.path().join("approvals")).unwrap(),
-        );
-        let tls = coffre::config::TlsPaths {
-            cert: paths.server_cert(),
-            key: paths.server_key(),
-            client_ca: paths.ca_cert(),
-            crl: None,
-            crl_reload_interval: Duration::from_secs(10),
-        }
-        .load()
-        .unwrap();
-        let audit = coffre::cli::AuditSetup::in_dir(dir.path(), &Default::default()).unwrap();
-        let server = coffre::cli::start_server(
-            Arc::new(kms),
-            "127.0.0.1:0".parse().unwrap(),
-            tls,
+            &Default::default(),
             None,
-            audit,
-            Some("127.0.0.1:0".parse().unwrap()),
+            Duration::from_secs(10),
+            "127.0.0.1:0".parse().unwrap(),
         )
+        .await
+        .unwrap()
+        .metrics(Some("127.0.0.1:0".parse().unwrap()))
+        .start()
         .await
         .unwrap();
         Self {
@@ -173,7 +155,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
     DevOptions {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        options: coffre::cli::dev_kms_options(),
+        options: dev_kms_options(),
         scheduler_interval: None,
         quorum: 1,
         crl: None,

@@ -1,0 +1,139 @@
+//! `coffre dev` and `coffre serve` from the command line: hardening, the
+//! server assembled by [`crate::server`], the banner, and the signals that
+//! stop it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{DevArgs, DevAuditMode};
+use crate::config::{AuditConfig, AuditDurability, Config};
+use crate::server::{DataDir, dev};
+
+/// Logs go to standard error; `RUST_LOG` filters them (default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests) is harmless: keep the first.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+impl From<DevArgs> for dev::DevOptions {
+    fn from(args: DevArgs) -> Self {
+        Self {
+            data_dir: args.data_dir,
+            listen: args.listen,
+            options: dev::dev_kms_options(),
+            scheduler_interval: Some(Duration::from_secs(10)),
+            quorum: args.quorum,
+            crl: args.crl,
+            crl_reload_interval: Duration::from_secs(args.crl_reload_secs),
+            audit: AuditConfig {
+                durability: match args.audit_durability {
+                    DevAuditMode::Fsync => AuditDurability::Fsync,
+                    DevAuditMode::Write | DevAuditMode::Off => AuditDurability::Write,
+                },
+                discard: args.audit_durability == DevAuditMode::Off,
+                ..AuditConfig::default()
+            },
+            metrics_listen: args.metrics_listen,
+            preload_keys: args.preload_keys,
+        }
+    }
+}
+
+/// `coffre dev`: runs until Ctrl-C / SIGTERM or `extra_shutdown`.
+pub async fn run_dev(
+    opts: dev::DevOptions,
+    extra_shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    crate::hardening::disable_core_dumps()?;
+    if crate::hardening::running_as_root() {
+        tracing::warn!(
+            "coffre dev is running as root; coffre serve refuses to unless told to (allow_root)"
+        );
+    }
+    let server = dev::start(&opts).await?;
+    if opts.preload_keys > 0 {
+        dev::preload_keys(&server, opts.preload_keys).await?;
+    }
+    print_dev_banner(&DataDir::new(&opts.data_dir), server.addr);
+    if let Some(crl) = &opts.crl {
+        println!(
+            "  client CRL       {}   (re-read on SIGHUP and when it changes)",
+            crl.display()
+        );
+    }
+    server
+        .run_until(async {
+            tokio::select! {
+                () = termination() => {}
+                () = extra_shutdown => {}
+            }
+        })
+        .await
+}
+
+/// `coffre serve --config FILE`.
+pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<()> {
+    crate::hardening::disable_core_dumps()?;
+    let config = Config::load(config_path)?;
+    crate::hardening::refuse_root(allow_root || config.allow_root)?;
+    let server = crate::server::production::start(&config).await?;
+    tracing::info!(addr = %server.addr, "coffre serving");
+    println!("coffre listening on {}", server.addr);
+    server.run_until(termination()).await
+}
+
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn print_dev_banner(dir: &DataDir, addr: SocketAddr) {
+    let audit_log = dir.audit_log();
+    let public_key = dir.audit_public_key();
+    let pki = dir.pki().dir;
+    let (audit_log, public_key, pki) = (audit_log.display(), public_key.display(), pki.display());
+    let dir = dir.root().display();
+    println!(
+        "\
+coffre dev is running on https://{addr}  (mTLS; Ctrl-C stops it)
+
+  data directory   {dir}   (store, simulated HSM state, dev PKI; reused on restart)
+  dev PKI          {pki}/  ca.pem, server.pem, operator.pem, service.pem, auditor.pem (+ -key.pem)
+  HSM              simulated, in-process — for development only
+  audit log        {audit_log}  (verify exports with {public_key})
+
+Try it from another terminal:
+  coffre key create --alias demo --data-dir {dir} --endpoint https://{addr}
+  coffre datakey generate --key demo --context tenant=acme --data-dir {dir} --endpoint https://{addr}
+  coffre decrypt --blob <ciphertext_blob> --context tenant=acme --data-dir {dir} --endpoint https://{addr}
+(with cargo: cargo run --release -- key create ...)"
+    );
+}

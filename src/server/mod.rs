@@ -1,0 +1,273 @@
+//! How the server is put together: the composition root.
+//!
+//! ```text
+//!            ┌──────────────────────── ServerBuilder ─────────────────────────┐
+//!  store ───▶│ Kms (core) ◀── hsm, authorizer, clock, options, approvals      │
+//!            │   │ audit keys (HSM-wrapped, in the store)                     │
+//!            │   ▼                                                            │
+//!            │ AuditTrail (opened and verified) ──▶ Pipeline ──▶ grpc::serve  │──▶ RunningServer
+//!            │ tasks: scheduler, CRL watcher, metrics page                    │
+//!            └────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! [`dev`] assembles `coffre dev` (a [`DataDir`] with the dev PKI and an
+//! in-process simulated HSM), [`production`] assembles `coffre serve` from a
+//! validated configuration; the integration tests use the same builder. The
+//! CLI only parses arguments, calls these and prints.
+
+mod data_dir;
+pub mod dev;
+pub mod production;
+mod tasks;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use data_dir::{AUDIT_LOG_FILE, DataDir};
+
+use crate::audit::{Auditor, AuditorOptions, ExternalSigner};
+use crate::authz::Authorizer;
+use crate::grpc;
+use crate::hsm::Hsm;
+use crate::model::{Clock, SystemClock};
+use crate::pipeline::Pipeline;
+use crate::service::{Kms, KmsOptions};
+use crate::store::KeyStore;
+use crate::store::approvals::ApprovalStore;
+
+/// Where the audit log is and how it behaves.
+#[derive(Clone, Debug)]
+pub struct AuditSetup {
+    pub path: PathBuf,
+    pub options: AuditorOptions,
+    /// Where to write the checkpoint public key (PEM), if anywhere.
+    pub public_key_file: Option<PathBuf>,
+    /// A checkpoint key held by the HSM, instead of the one kept in the store.
+    pub external_signer: Option<Arc<dyn ExternalSigner>>,
+}
+
+impl AuditSetup {
+    pub fn new(path: PathBuf, options: AuditorOptions) -> Self {
+        Self {
+            path,
+            options,
+            public_key_file: None,
+            external_signer: None,
+        }
+    }
+}
+
+/// Everything a server is made of; [`ServerBuilder::start`] puts it
+/// together and starts serving.
+#[derive(Debug)]
+#[must_use]
+pub struct ServerBuilder {
+    store: Arc<dyn KeyStore>,
+    hsm: Arc<dyn Hsm>,
+    authorizer: Arc<dyn Authorizer>,
+    clock: Arc<dyn Clock>,
+    options: KmsOptions,
+    approvals: Option<ApprovalStore>,
+    tls: grpc::ServerTls,
+    audit: AuditSetup,
+    listen: SocketAddr,
+    scheduler_interval: Option<Duration>,
+    metrics_listen: Option<SocketAddr>,
+    simulator: Option<Arc<hsm_sim::Simulator>>,
+}
+
+impl ServerBuilder {
+    /// A server on `listen` with the given backends, TLS identity and audit
+    /// log; the system clock, default options, no approvals store (quorum
+    /// off), no scheduler, no metrics page.
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        hsm: Arc<dyn Hsm>,
+        authorizer: Arc<dyn Authorizer>,
+        tls: grpc::ServerTls,
+        audit: AuditSetup,
+        listen: SocketAddr,
+    ) -> Self {
+        Self {
+            store,
+            hsm,
+            authorizer,
+            clock: Arc::new(SystemClock),
+            options: KmsOptions::default(),
+            approvals: None,
+            tls,
+            audit,
+            listen,
+            scheduler_interval: None,
+            metrics_listen: None,
+            simulator: None,
+        }
+    }
+
+    pub fn options(mut self, options: KmsOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Where pending approvals are kept (required for quorum).
+    pub fn approvals(mut self, approvals: ApprovalStore) -> Self {
+        self.approvals = Some(approvals);
+        self
+    }
+
+    /// How often the scheduler looks for due rotations and destructions
+    /// (`None`: never, for tests that drive it themselves).
+    pub fn scheduler(mut self, every: Option<Duration>) -> Self {
+        self.scheduler_interval = every;
+        self
+    }
+
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub fn metrics(mut self, listen: Option<SocketAddr>) -> Self {
+        self.metrics_listen = listen;
+        self
+    }
+
+    /// The in-process simulator behind `hsm`, kept for fault injection.
+    pub fn simulator(mut self, simulator: Arc<hsm_sim::Simulator>) -> Self {
+        self.simulator = Some(simulator);
+        self
+    }
+
+    /// Builds the core, opens and verifies the audit log, binds the
+    /// listeners and starts serving. Certificates, key, client CA and CRL
+    /// are checked here: a bad one stops the start with a clear error.
+    pub async fn start(self) -> anyhow::Result<RunningServer> {
+        let crl_reload_interval = self.tls.crl_reload_interval;
+        let tls = grpc::PreparedTls::new(&self.tls).context("configuring TLS")?;
+        let mut kms = Kms::new(
+            self.store,
+            self.hsm,
+            self.authorizer,
+            self.clock,
+            self.options,
+        );
+        if let Some(approvals) = self.approvals {
+            kms = kms.with_approval_store(approvals);
+        }
+        let kms = Arc::new(kms);
+        let audit = tasks::open_audit_trail(&kms, &self.audit).await?;
+        kms.attach_audit_log(Arc::clone(&audit));
+        let client_auth = tls.client_auth();
+        let listener = TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.listen))?;
+        let addr = listener.local_addr().context("local address")?;
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let metrics_server = match self.metrics_listen {
+            Some(at) => Some(tasks::start_metrics(at, &kms, &audit, &metrics).await?),
+            None => None,
+        };
+        let pipeline = Arc::new(Pipeline::new(Arc::clone(&kms), Arc::clone(&audit), metrics));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(grpc::serve(
+            pipeline,
+            Arc::clone(&audit),
+            listener,
+            tls,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let crl_watcher = client_auth
+            .crl_path()
+            .is_some()
+            .then(|| tasks::spawn_crl_watcher(Arc::clone(&client_auth), crl_reload_interval));
+        let scheduler = self
+            .scheduler_interval
+            .map(|every| tasks::spawn_scheduler(Arc::clone(&kms), Arc::clone(&audit), every));
+        Ok(RunningServer {
+            addr,
+            kms,
+            audit,
+            simulator: self.simulator,
+            shutdown: Some(tx),
+            task,
+            scheduler,
+            client_auth,
+            crl_watcher,
+            metrics_addr: metrics_server.as_ref().map(|(addr, _)| *addr),
+            metrics_task: metrics_server.map(|(_, task)| task),
+        })
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub kms: Arc<Kms>,
+    pub audit: Arc<Auditor>,
+    /// The in-process simulated HSM of `coffre dev` (for fault injection in
+    /// tests); `None` with a separate HSM.
+    pub simulator: Option<Arc<hsm_sim::Simulator>>,
+    /// Where the metrics page is served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+    scheduler: Option<JoinHandle<()>>,
+    client_auth: Arc<grpc::ClientAuth>,
+    crl_watcher: Option<JoinHandle<()>>,
+    metrics_task: Option<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Re-reads the CRL now (what SIGHUP does): new connections are verified
+    /// against it. If it does not load, the previous one stays in force and
+    /// the error is returned.
+    pub fn reload_crl(&self) -> anyhow::Result<()> {
+        self.client_auth.reload()
+    }
+
+    /// Stops accepting, drains in-flight requests, and waits.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        for task in [
+            self.scheduler.take(),
+            self.crl_watcher.take(),
+            self.metrics_task.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            task.abort();
+        }
+        self.audit.close_followers();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let served = self.task.await.context("server task");
+        // The final checkpoint signs every record written.
+        let audit = Arc::clone(&self.audit);
+        let _ = tokio::task::spawn_blocking(move || audit.shutdown()).await;
+        served?
+    }
+
+    /// Waits until the server stops by itself (an error) or `signal` fires.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            r = &mut self.task => r.context("server task")?,
+            () = signal => {
+                tracing::info!("shutting down");
+                self.stop().await
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `coffre serve`: a server assembled from a validated configuration. The
+//! HSM backend it names (the simulator as a separate process, or a PKCS#11
+//! token, checked and self-tested), the refusal of an insecure backend
+//! unless the configuration allows it, the store and approvals in the data
+//! directory, the roles, TLS and the audit log.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+
+use super::{AuditSetup, DataDir, RunningServer, ServerBuilder};
+use crate::audit::ExternalSigner;
+use crate::authz::StaticRoles;
+use crate::config::{CheckpointKey, Config, HsmConfig};
+use crate::hsm::Hsm;
+use crate::hsm::pkcs11::{Pkcs11Hsm, Pkcs11Settings};
+use crate::hsm::sim::RemoteSimHsm;
+
+/// Starts the server a configuration describes.
+pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
+    let (hsm, external_signer) = open_hsm(config).await?;
+    if !hsm.is_secure() {
+        if !config.allow_insecure_hsm {
+            bail!(
+                "the HSM backend is not secure; refusing to serve (see hsm.allow_insecure_simulator)"
+            );
+        }
+        tracing::warn!("the HSM backend is not secure (allowed by the configuration)");
+    }
+    let dir = DataDir::new(&config.data_dir);
+    dir.create()?;
+    let store = dir.open_store().await?;
+    if config.roles.is_empty() {
+        tracing::warn!("no principal has a role: every request will be refused");
+    }
+    let approvals = dir.open_approvals().await?;
+    let roles = StaticRoles::new(config.roles.clone()).with_attributes(config.attributes.clone());
+    let audit = AuditSetup {
+        external_signer,
+        ..AuditSetup::new(
+            config.audit.path_in(dir.root()),
+            config.audit.auditor_options()?,
+        )
+    };
+    ServerBuilder::new(
+        Arc::new(store),
+        hsm,
+        Arc::new(roles),
+        config.tls.load()?,
+        audit,
+        config.listen,
+    )
+    .options(config.options.clone())
+    .approvals(approvals)
+    .scheduler(Some(config.scheduler_interval))
+    .metrics(config.metrics_listen)
+    .start()
+    .await
+}
+
+/// The HSM backend the configuration names, ready to serve, and the audit
+/// checkpoint signer it holds if the configuration keeps that key there.
+async fn open_hsm(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn Hsm>, Option<Arc<dyn ExternalSigner>>)> {
+    match &config.hsm {
+        HsmConfig::Simulator {
+            endpoint,
+            pin,
+            timeout,
+        } => {
+            let pin = pin.read()?;
+            let hsm = RemoteSimHsm::connect(endpoint, pin.0.to_string(), *timeout)
+                .await
+                .with_context(|| format!("connecting to the simulated HSM at {endpoint}"))?;
+            tracing::warn!("running on the simulated HSM: not for production");
+            Ok((Arc::new(hsm), None))
+        }
+        HsmConfig::Pkcs11 { .. } => {
+            let hsm = open_pkcs11(&config.hsm).await?;
+            let root = hsm.require_root_key()?;
+            hsm.self_test()
+                .await
+                .context("the PKCS#11 self-test (wrap and unwrap a random value) failed")?;
+            tracing::info!(hsm = ?hsm, current_root_key = root, "PKCS#11 HSM ready");
+            let mut signer: Option<Arc<dyn ExternalSigner>> = None;
+            if config.audit.checkpoint_key == CheckpointKey::Hsm {
+                let token = hsm.clone();
+                let in_token = tokio::task::spawn_blocking(move || token.audit_signer(true))
+                    .await
+                    .context("the audit signing key task failed")?
+                    .context("loading the audit signing key from the HSM")?;
+                tracing::info!(signer = ?in_token, "audit checkpoints are signed in the HSM");
+                signer = Some(Arc::new(in_token));
+            }
+            Ok((Arc::new(hsm), signer))
+        }
+    }
+}
+
+/// Opens the PKCS#11 backend a configuration names: loads the module, finds
+/// the token, logs in, checks the mechanisms and every root key's
+/// attributes. Errors say which of these failed.
+pub async fn open_pkcs11(hsm: &HsmConfig) -> anyhow::Result<Pkcs11Hsm> {
+    let HsmConfig::Pkcs11 {
+        module,
+        token,
+        pin,
+        sessions,
+        timeout,
+    } = hsm
+    else {
+        bail!("the configuration's hsm.backend is not \"pkcs11\"");
+    };
+    let settings = Pkcs11Settings {
+        module: module.clone(),
+        token: token.clone(),
+        pin: pin.read()?.0,
+        sessions: *sessions,
+        timeout: *timeout,
+    };
+    let what = format!(
+        "opening the {token} through the PKCS#11 module {}",
+        module.display()
+    );
+    tokio::task::spawn_blocking(move || Pkcs11Hsm::open(settings))
+        .await
+        .context("the PKCS#11 start task failed")?
+        .context(what)
+}

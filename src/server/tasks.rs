@@ -1,0 +1,235 @@
+//! The server's background tasks and the audit log's opening: the
+//! scheduler (due rotations and destructions, each audited), the CRL
+//! watcher, the metrics page.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::AuditSetup;
+use crate::audit::{AuditEntry, Auditor, Outcome};
+use crate::authz::Role;
+use crate::grpc;
+use crate::model::KeyId;
+use crate::service::{Kms, SchedulerReport};
+
+/// Destruction after the waiting period and automatic rotation, every
+/// `every`; each action is audited.
+pub(super) fn spawn_scheduler(
+    kms: Arc<Kms>,
+    auditor: Arc<Auditor>,
+    every: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let report = kms.run_scheduler_once().await;
+            if report != SchedulerReport::default() {
+                tracing::info!(
+                    rotated = report.rotated.len(),
+                    destroyed = report.destroyed.len(),
+                    failed = report.failed,
+                    "scheduler pass"
+                );
+                audit_scheduler(&auditor, &report).await;
+            }
+        }
+    })
+}
+
+/// The scheduler's own actions are audited like requests, under the
+/// principal `coffre/scheduler`.
+async fn audit_scheduler(auditor: &Auditor, report: &SchedulerReport) {
+    let actions = report
+        .rotated
+        .iter()
+        .map(|id| ("RotateKey", id))
+        .chain(report.destroyed.iter().map(|id| ("DestroyKey", id)));
+    for (operation, id) in actions {
+        let entry = system_entry("coffre/scheduler", None, operation, Some(*id), "scheduled");
+        if let Err(e) = auditor.record(entry).await {
+            tracing::error!(error = %e, key_id = %id, operation, "cannot audit a scheduled action");
+        }
+    }
+}
+
+/// Serves the metrics page on `at` (plain HTTP): the requests counted by
+/// the gRPC layer, the core's caches and HSM calls, the audit log's state.
+pub(super) async fn start_metrics(
+    at: SocketAddr,
+    kms: &Arc<Kms>,
+    auditor: &Arc<Auditor>,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(at)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {at}"))?;
+    let addr = listener.local_addr().context("metrics address")?;
+    let (kms, auditor, metrics) = (Arc::clone(kms), Arc::clone(auditor), Arc::clone(metrics));
+    let render: crate::metrics::http::Render = Arc::new(move || {
+        use crate::metrics::render_value;
+        let mut out = String::with_capacity(16 * 1024);
+        metrics.render_requests(&mut out);
+        kms.render_metrics(&mut out);
+        let healthy = if auditor.is_healthy() { 1.0 } else { 0.0 };
+        render_value(
+            &mut out,
+            "coffre_audit_backlog",
+            "gauge",
+            "Audit records waiting for the writer.",
+            &[("", auditor.backlog() as f64)],
+        );
+        render_value(
+            &mut out,
+            "coffre_audit_records_total",
+            "counter",
+            "Audit records written (the log's last seq).",
+            &[("", auditor.last_seq() as f64)],
+        );
+        render_value(
+            &mut out,
+            "coffre_audit_healthy",
+            "gauge",
+            "1 while the audit log can be written.",
+            &[("", healthy)],
+        );
+        out
+    });
+    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    let task = tokio::spawn(crate::metrics::serve(
+        listener,
+        render,
+        std::future::pending(),
+    ));
+    Ok((addr, task))
+}
+
+/// Loads (or, on a new data directory, creates) the audit log's keys and
+/// opens the log, verifying it; writes the public key file if asked.
+pub(super) async fn open_audit_trail(
+    kms: &Kms,
+    setup: &AuditSetup,
+) -> anyhow::Result<Arc<Auditor>> {
+    let mut keys = kms
+        .audit_keys()
+        .await
+        .context("loading the audit log's signing key (HSM-wrapped, in the store)")?;
+    if let Some(signer) = &setup.external_signer {
+        keys.signer = crate::audit::CheckpointSigner::external(Arc::clone(signer));
+    }
+    let path = setup.path.clone();
+    let options = setup.options.clone();
+    let auditor = tokio::task::spawn_blocking(move || Auditor::open(&path, keys, options))
+        .await
+        .context("opening the audit log")?
+        .with_context(|| {
+            format!(
+                "opening the audit log {}{}",
+                setup.path.display(),
+                if setup.external_signer.is_some() {
+                    " (its checkpoints must verify under the HSM's audit signing key: a log \
+                     begun with audit.checkpoint_key = \"software\" cannot continue under it; \
+                     start a new log file with audit.path and keep the old one)"
+                } else {
+                    ""
+                }
+            )
+        })?;
+    if let Some(file) = &setup.public_key_file {
+        let pem = auditor.public_key_pem();
+        if std::fs::read_to_string(file).ok().as_deref() != Some(pem.as_str()) {
+            crate::fsutil::write_atomic(file, pem.as_bytes(), false)
+                .with_context(|| format!("writing {}", file.display()))?;
+        }
+    }
+    tracing::info!(file = %setup.path.display(), "audit log open and verified");
+    Ok(Arc::new(auditor))
+}
+
+/// Reloads the CRL on SIGHUP (unix) and whenever the file's modification
+/// time or length changes. A CRL that does not load is logged and the
+/// previous one stays in force.
+pub(super) fn spawn_crl_watcher(
+    client_auth: Arc<grpc::ClientAuth>,
+    every: Duration,
+) -> JoinHandle<()> {
+    // Registered before the server reports itself started, so that a SIGHUP
+    // sent as soon as it is up reloads rather than kills it.
+    #[cfg(unix)]
+    let mut hangup = {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the CRL is reloaded on change only");
+                None
+            }
+        }
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the CRL was just read
+        loop {
+            #[cfg(unix)]
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(s) => {
+                        if s.recv().await.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hup = std::future::pending::<()>();
+            let result = tokio::select! {
+                () = hup => {
+                    tracing::info!("SIGHUP: reloading the CRL");
+                    client_auth.reload().map(|()| true)
+                }
+                _ = tick.tick() => client_auth.reload_if_changed(),
+            };
+            match result {
+                Ok(true) => tracing::info!("reloaded the CRL"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "the CRL did not load; the previous one stays in force"
+                ),
+            }
+        }
+    })
+}
+
+/// The record of an action coffre takes by itself (the scheduler, a dev
+/// preload): no request, so a fresh request id.
+pub(super) fn system_entry(
+    principal: &str,
+    role: Option<Role>,
+    operation: &str,
+    key_id: Option<KeyId>,
+    detail: &str,
+) -> AuditEntry {
+    AuditEntry {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        principal: principal.to_string(),
+        role: role.map(|r| r.as_str().to_string()),
+        operation: operation.to_string(),
+        key_id: key_id.map(|k| k.to_string()),
+        key_version: None,
+        context_digest: None,
+        justification: None,
+        context: None,
+        detail: Some(detail.to_string()),
+        outcome: Outcome::Allowed,
+        status_code: "OK".into(),
+    }
+}
