@@ -283,8 +283,9 @@ pub const MAX_POLICY_CONTEXT_RULES: usize = 64;
 pub const MAX_POLICY_VALUES: usize = 256;
 
 impl KeyPolicy {
-    /// DESIGN.md: every reason but `THIRD_PARTY_DATA_REQUEST` (a foreign
-    /// authority's demand) and `ACCESS_REASON_UNSPECIFIED`.
+    /// The reasons a policy accepts unless it says otherwise: every reason
+    /// but `THIRD_PARTY_DATA_REQUEST` (a foreign authority's demand) and
+    /// `ACCESS_REASON_UNSPECIFIED`.
     pub fn default_reasons() -> std::collections::BTreeSet<AccessReason> {
         [
             AccessReason::CustomerInitiatedAccess,
@@ -545,7 +546,8 @@ pub enum ContextError {
     TooManyEntries,
 }
 
-/// Why a data key is being generated or unwrapped (DESIGN.md).
+/// Why a data key is being generated or unwrapped (`AccessReason` in
+/// `proto/coffre/v1/coffre.proto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum AccessReason {

@@ -1,7 +1,9 @@
 //! Certificates: the development PKI of `coffre dev`, and reading the
 //! principal out of a client certificate.
 //!
-//! The dev PKI lives in `DIR/pki/` with the file names DESIGN.md fixes:
+//! The dev PKI lives in `DIR/pki/` under fixed file names (clients and tests
+//! outside the project rely on them; `server::DataDir` maps the rest of the
+//! data directory):
 //! `ca.pem`, `server.pem`, `server-key.pem`, and one client pair per role:
 //! `operator.pem`/`operator-key.pem`, `service.pem`/`service-key.pem`,
 //! `auditor.pem`/`auditor-key.pem`. The CA's private key is kept beside them
@@ -30,7 +32,7 @@ pub const DEV_URI_PREFIX: &str = "spiffe://coffre.dev/";
 /// The client identities of the dev PKI, by file stem.
 pub const DEV_CLIENTS: [&str; 3] = ["operator", "service", "auditor"];
 
-/// Paths of a PKI directory laid out as DESIGN.md fixes.
+/// Paths of a PKI directory laid out as the module docs say.
 #[derive(Clone, Debug)]
 pub struct PkiPaths {
     pub dir: PathBuf,
