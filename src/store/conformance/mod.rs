@@ -5,17 +5,23 @@
 //! A backend gives the suite a [`StoreFactory`], which makes new, empty
 //! stores. [`run`] runs every check of [`CHECKS`] on a store of its own:
 //! each method's guarantees and refusals (a refused call writes nothing),
-//! durability across a reopen, and races between two handles on one store
-//! ([`races`]). The model-based test ([`model`], unit tests only: it needs
-//! proptest) compares random sequences of calls, reopens and compactions
-//! with a model of the contract.
+//! durability across a reopen, and races between two handles on one store.
+//! The model-based test (`model`, in unit tests only: it needs proptest)
+//! compares random sequences of calls, reopens and compactions with a model
+//! of the contract.
 //!
-//! The checks return a [`Failure`] naming the check instead of panicking,
-//! so that the suite can run outside a test harness too.
+//! The checks are grouped by topic: `creation.rs`, `queries.rs` (paging,
+//! filters, the due index), `changes.rs` (rotation, compare-and-swap,
+//! destruction, re-wrap), `maintenance.rs` (root-rotation work list,
+//! compaction, service secrets, durability) and `races.rs`; `fixtures.rs`
+//! builds their records. They return a [`Failure`] naming the check instead
+//! of panicking, so that the suite can run outside a test harness too.
 
 use std::sync::Arc;
 
-use super::{KeyStore, StoreError};
+use super::{KeyFilter, KeyStore, StoreError};
+use crate::model::{KeyId, KeyRecord, Timestamp};
+use fixtures::snapshot;
 
 /// `Ok` if `$result` is an error matching `$pattern`, else `Err` saying
 /// what `$what` returned instead.
@@ -27,11 +33,14 @@ macro_rules! refused {
     };
 }
 
-mod checks;
+mod changes;
+mod creation;
 pub mod fixtures;
+mod maintenance;
 #[cfg(test)]
 pub mod model;
-pub mod races;
+mod queries;
+mod races;
 
 /// A backend under test: it makes new, empty stores.
 pub trait StoreFactory: Sync {
@@ -90,23 +99,23 @@ impl std::fmt::Debug for Check {
 
 /// The checks, in the order [`run`] runs them.
 pub const CHECKS: &[Check] = &[
-    checks::CREATE,
-    checks::CREATE_INCONSISTENT,
-    checks::CREATE_CLASHES,
-    checks::CREATE_BATCH,
-    checks::LIST_KEYS_PAGING,
-    checks::LIST_KEYS_FILTERS,
-    checks::DUE_INDEX,
-    checks::ADD_VERSION,
-    checks::ADD_VERSION_REFUSALS,
-    checks::COMPARE_AND_SWAP,
-    checks::DESTROY,
-    checks::TOMBSTONE_IS_FINAL,
-    checks::REWRAP,
-    checks::ROOT_ROTATION_WORK_LIST,
-    checks::COMPACT,
-    checks::SECRETS,
-    checks::DURABLE,
+    creation::CREATE,
+    creation::CREATE_INCONSISTENT,
+    creation::CREATE_CLASHES,
+    creation::CREATE_BATCH,
+    queries::LIST_KEYS_PAGING,
+    queries::LIST_KEYS_FILTERS,
+    queries::DUE_INDEX,
+    changes::ADD_VERSION,
+    changes::ADD_VERSION_REFUSALS,
+    changes::COMPARE_AND_SWAP,
+    changes::DESTROY,
+    changes::TOMBSTONE_IS_FINAL,
+    changes::REWRAP,
+    maintenance::ROOT_ROTATION_WORK_LIST,
+    maintenance::COMPACT,
+    maintenance::SECRETS,
+    maintenance::DURABLE,
     races::CAS_ONE_WINNER,
     races::ROTATION_ONE_WINNER,
     races::ALIAS_CLASH,
@@ -167,4 +176,31 @@ fn open(factory: &dyn StoreFactory) -> Result<Opened, String> {
     let store = ok("opening a new store", factory.open())?;
     let handle = store.handle();
     Ok((store, handle))
+}
+
+/// Every key, through one unbounded `list_keys`.
+fn all(store: &dyn KeyStore) -> Result<Vec<KeyRecord>, String> {
+    ok(
+        "list_keys",
+        store.list_keys(&KeyFilter::default(), None, usize::MAX),
+    )
+}
+
+/// `keys` in ascending order of their id bytes, as `list_keys` returns them.
+fn sorted(mut keys: Vec<KeyRecord>) -> Vec<KeyRecord> {
+    keys.sort_by_key(|k| *k.id.as_bytes());
+    keys
+}
+
+/// The ids `due_keys(now, limit)` returns.
+fn due_ids(store: &dyn KeyStore, now: i64, limit: usize) -> Result<Vec<KeyId>, String> {
+    let due = ok("due_keys", store.due_keys(Timestamp(now), limit))?;
+    Ok(due.iter().map(|k| k.id).collect())
+}
+
+/// `Err` if the store's [`snapshot`] is no longer `before`, blaming `after`.
+fn unchanged(store: &dyn KeyStore, before: &str, after: &str) -> Result<(), String> {
+    ensure(snapshot(store) == before, || {
+        format!("{after} changed the store")
+    })
 }

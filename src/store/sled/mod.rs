@@ -5,11 +5,11 @@
 //! `CURRENT` file naming the live one; opening recovers from an interrupted
 //! compaction or migration, and [`KeyStore::compact`] copies the live
 //! generation into the next so that no erased data remains in the files
-//! ([`generations`]). Inside a generation: the trees and their key
-//! encodings ([`layout`]), the schema marker and its migration ([`schema`]).
-//! Each mutating call is one sled transaction, made durable by the `fsync`s
-//! of [`files`] before it returns; the [`KeyStore`] methods are in
-//! [`key_store`].
+//! (`generations.rs`). Inside a generation: the trees and their key
+//! encodings (`layout.rs`), the schema marker and its migration
+//! (`schema.rs`). Each mutating call is one sled transaction, made durable
+//! by the `fsync`s of `files.rs` before it returns; the [`KeyStore`]
+//! methods are in `key_store.rs`.
 //!
 //! This file holds the store itself: its gate (readers see only durable
 //! states), the poisoning after a failed write, and `open`.
@@ -198,7 +198,7 @@ fn io_error(context: &str, path: &Path, e: io::Error) -> StoreError {
 }
 
 impl SledStore {
-    /// Opens (creating if needed) the store in `dir`; see [`generations`]
+    /// Opens (creating if needed) the store in `dir`; see `generations.rs`
     /// for the layout, and what opening cleans up or migrates.
     ///
     /// Fails with [`StoreError::Io`] if the directory cannot be used (not a
