@@ -1,5 +1,6 @@
-//! File-system helpers for the files coffre writes outside its store and
-//! audit log (dev PKI, dev HSM PIN, the audit public key).
+//! File-system helpers: whole small files replaced atomically and durably
+//! (dev PKI, dev HSM PIN, the audit public key, pending approvals), and the
+//! `fsync`s they are built from, which the sled store uses too.
 
 use std::fs;
 use std::io::{self, Write};
@@ -29,15 +30,32 @@ pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> io::Result<(
     }
     #[cfg(not(unix))]
     let _ = private;
-    let written = options.open(&tmp).and_then(|mut file| {
-        file.write_all(contents)?;
-        file.sync_all()
-    });
+    let written = options
+        .open(&tmp)
+        .and_then(|file| write_and_sync(file, contents));
     if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
+    sync_dir(dir)
+}
+
+/// Writes `contents` to `path` (created, or truncated) and `fsync`s it. Not
+/// atomic: a crash can leave a part of it. For a temporary file that a
+/// caller then renames into place, as [`write_atomic`] does.
+pub fn write_synced(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_and_sync(fs::File::create(path)?, contents)
+}
+
+/// `fsync`s the directory `dir`, which makes its entries durable: a file
+/// created, renamed or removed in it.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
+}
+
+fn write_and_sync(mut file: fs::File, contents: &[u8]) -> io::Result<()> {
+    file.write_all(contents)?;
+    file.sync_all()
 }
 
 #[cfg(test)]
@@ -61,6 +79,18 @@ mod tests {
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "{names:?}");
         let err = write_atomic(&dir.path().join("missing/x"), b"", false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn write_synced_truncates_and_sync_dir_needs_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("CURRENT.tmp");
+        write_synced(&path, b"gen-000002\n").unwrap();
+        write_synced(&path, b"gen-3\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"gen-3\n");
+        sync_dir(dir.path()).unwrap();
+        let err = sync_dir(&dir.path().join("missing")).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 }

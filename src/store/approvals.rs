@@ -1,16 +1,16 @@
 //! Pending quorum approvals, durably: one JSON file per approval in a
-//! directory, replaced atomically (write a temporary file, fsync, rename,
-//! fsync the directory). Approvals are few and small; they hold no key
-//! material.
+//! directory, replaced atomically ([`fsutil::write_atomic`]: a temporary
+//! file, fsync, rename, fsync of the directory). Approvals are few and
+//! small; they hold no key material.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::StoreError;
+use crate::fsutil;
 use crate::model::{KeyId, KeyPolicy, Timestamp};
 
 /// An operation that needs M-of-N approvals when the configuration says so.
@@ -166,23 +166,14 @@ impl ApprovalStore {
         self.dir.join(format!("{id}.json"))
     }
 
-    /// Writes `approval` durably (atomic replace).
+    /// Writes `approval` durably (atomic replace). The temporary file has a
+    /// unique name, so concurrent writers never share one, and it does not
+    /// end in `.json`, so [`ApprovalStore::list`] never reads it.
     pub fn put(&self, approval: &Approval) -> Result<(), StoreError> {
         let path = self.path(approval.id);
-        // A unique temporary name: concurrent writers never share one file.
-        let tmp = self
-            .dir
-            .join(format!("{}.{}.tmp", approval.id, Uuid::new_v4().simple()));
         let bytes = serde_json::to_vec_pretty(approval)
             .map_err(|e| StoreError::Corrupt(format!("encoding an approval: {e}")))?;
-        let mut f = fs::File::create(&tmp).map_err(|e| io(e, "creating", &tmp))?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io(e, "writing", &tmp))?;
-        fs::rename(&tmp, &path).map_err(|e| io(e, "renaming", &path))?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io(e, "syncing", &self.dir))
+        fsutil::write_atomic(&path, &bytes, false).map_err(|e| io(e, "writing", &path))
     }
 
     pub fn get(&self, id: Uuid) -> Result<Option<Approval>, StoreError> {
@@ -250,6 +241,14 @@ mod tests {
         assert_eq!(store.get(pending.id).unwrap().unwrap(), pending);
         assert_eq!(store.list().unwrap().len(), 2);
         assert!(store.get(Uuid::new_v4()).unwrap().is_none());
+        // Replacing leaves no temporary file behind.
+        store.put(&pending).unwrap();
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.iter().all(|n| n.ends_with(".json")), "{names:?}");
 
         let reopened = ApprovalStore::open(dir.path()).unwrap();
         assert_eq!(

@@ -12,8 +12,9 @@ use std::fmt;
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
 
 pub mod approvals;
-pub mod sled_store;
-pub use sled_store::SledStore;
+pub mod conformance;
+pub mod sled;
+pub use sled::SledStore;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -196,7 +197,8 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// may be destroyed, and when, is the caller's policy.
     ///
     /// The records no longer hold the material once this returns, but the
-    /// backend's files may (sled's do: see `sled_store`'s "Erasure") until
+    /// backend's files may (sled's do: see SECURITY.md, "Destroyed material and
+    /// the store's files") until
     /// [`KeyStore::compact`] rewrites them. Copies outside the files
     /// (deleted blocks, backups) are only made useless once the HSM root key
     /// that wrapped the material is rotated away and destroyed.
@@ -218,7 +220,9 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     ) -> Result<(), StoreError>;
 
     /// Live (not destroyed) versions whose `hsm_root_key_id` differs from
-    /// `root_key_id`, in ascending (key id bytes, version) order, starting
+    /// `root_key_id` (a version held by the HSM, with an `hsm_object`, is
+    /// wrapped by no root key and never listed), in ascending (key id bytes,
+    /// version) order, starting
     /// strictly after `start_after`, at most `limit`: the work list of a
     /// root-key rotation, paged by passing the last (key id, version)
     /// returned. Scans the versions between the pages' bounds, destroyed and
@@ -231,7 +235,8 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     ) -> Result<Vec<VersionRecord>, StoreError>;
 
     /// Counts every stored version (a full scan): live ones, live ones not
-    /// under `root_key_id`, destroyed ones. For a root-key rotation's
+    /// under `root_key_id` (as [`KeyStore::versions_not_under_root`] lists
+    /// them), destroyed ones. For a root-key rotation's
     /// progress report.
     fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError>;
 

@@ -1,0 +1,264 @@
+//! Checks of what the service does to the store as a whole: the
+//! root-rotation work list and counts, compaction, the service secrets, and
+//! durability across a reopen.
+
+#[cfg(doc)]
+use crate::store::KeyStore;
+
+use super::fixtures::{id, key, rotate, snapshot, tombstone, version};
+use super::{Check, StoreFactory, due_ids, ensure, ok, open, same, unchanged};
+use crate::model::{KeyState, Timestamp};
+use crate::store::{VersionCounts, WrappedSecret};
+
+pub(super) const ROOT_ROTATION_WORK_LIST: Check = Check {
+    name: "versions_not_under_root pages live versions under another root key in (id, \
+           version) order; count_versions agrees",
+    run: root_rotation_work_list,
+};
+pub(super) const COMPACT: Check = Check {
+    name: "compact leaves every record as it was, and the store writable",
+    run: compact,
+};
+pub(super) const SECRETS: Check = Check {
+    name: "service secrets: put stores or replaces, get reads, list_secrets lists every one; \
+           keys are untouched",
+    run: secrets,
+};
+pub(super) const DURABLE: Check = Check {
+    name: "every acknowledged change survives a reopen",
+    run: durable,
+};
+
+fn root_rotation_work_list(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, store) = open(f)?;
+    for n in 1..=3 {
+        let k = key(id(n), None);
+        ok("create_key", store.create_key(&k, &version(k.id, 1)))?;
+        ok("add_version", rotate(&*store, &k, &version(k.id, 2)))?;
+    }
+    // Key 2 destroyed; version 1 of key 3 already under root 8; key 4's
+    // only version held by the HSM, wrapped by no root key.
+    let k2 = ok("get_key", store.get_key(id(2)))?.ok_or("key 2 is missing")?;
+    ok("destroy_key", store.destroy_key(&k2, &tombstone(&k2, 1)))?;
+    let mut moved = version(id(3), 1);
+    moved.hsm_root_key_id = 8;
+    ok(
+        "rewrap_version",
+        store.rewrap_version(&version(id(3), 1), &moved),
+    )?;
+    let mut in_hsm = version(id(4), 1);
+    in_hsm.hsm_root_key_id = 0;
+    in_hsm.wrapped_material.clear();
+    in_hsm.hsm_object = Some(crate::model::hsm_object_name(id(4), 1));
+    ok("create_key", store.create_key(&key(id(4), None), &in_hsm))?;
+
+    let mut expected = vec![(id(1), 1), (id(1), 2), (id(3), 2)];
+    expected.sort_by_key(|(i, n)| (*i.as_bytes(), *n));
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = ok(
+            "versions_not_under_root",
+            store.versions_not_under_root(8, cursor, 2),
+        )?;
+        ensure(page.len() <= 2, || {
+            format!("a page of {} versions", page.len())
+        })?;
+        let Some(last) = page.last() else { break };
+        cursor = Some((last.key_id, last.version));
+        seen.extend(page.iter().map(|v| (v.key_id, v.version)));
+        ensure(seen.len() <= expected.len(), || {
+            format!("paging returned more than expected: {seen:?}")
+        })?;
+    }
+    same("the work list for root 8", seen, expected)?;
+    same(
+        "limit 0",
+        ok(
+            "versions_not_under_root",
+            store.versions_not_under_root(8, None, 0),
+        )?,
+        vec![],
+    )?;
+    same(
+        "count_versions(8)",
+        ok("count_versions", store.count_versions(8))?,
+        VersionCounts {
+            live: 5,
+            not_under_root: 3,
+            destroyed: 2,
+        },
+    )?;
+    same(
+        "count_versions(7)",
+        ok("count_versions", store.count_versions(7))?,
+        VersionCounts {
+            live: 5,
+            not_under_root: 1,
+            destroyed: 2,
+        },
+    )
+}
+
+fn compact(f: &dyn StoreFactory) -> Result<(), String> {
+    let (mut s, store) = open(f)?;
+    let k = key(id(1), Some("a"));
+    ok("create_key", store.create_key(&k, &version(k.id, 1)))?;
+    let k = ok("add_version", rotate(&*store, &k, &version(k.id, 2)))?;
+    let doomed = key(id(2), Some("b"));
+    ok(
+        "create_key",
+        store.create_key(&doomed, &version(doomed.id, 1)),
+    )?;
+    ok(
+        "destroy_key",
+        store.destroy_key(&doomed, &tombstone(&doomed, 9)),
+    )?;
+    let secret = WrappedSecret {
+        hsm_root_key_id: 7,
+        wrapped: vec![3; 40],
+    };
+    ok("put_secret", store.put_secret("audit", &secret))?;
+    let before = snapshot(&*store);
+
+    ok("compact", store.compact())?;
+    s.check_compacted()?;
+    unchanged(&*store, &before, "compact")?;
+    same(
+        "the secrets after compact",
+        ok("list_secrets", store.list_secrets())?,
+        vec![("audit".to_owned(), secret)],
+    )?;
+    same(
+        "an alias after compact",
+        ok("key_id_for_alias", store.key_id_for_alias("b"))?,
+        Some(doomed.id),
+    )?;
+    let k3 = ok("add_version", rotate(&*store, &k, &version(k.id, 3)))?;
+    let after = snapshot(&*store);
+    drop(store);
+    ok("reopen", s.reopen())?;
+    let store = s.handle();
+    unchanged(&*store, &after, "a reopen after compact")?;
+    same(
+        "a write after compact",
+        ok("get_key", store.get_key(k.id))?,
+        Some(k3),
+    )?;
+    ok("compact", store.compact())?;
+    s.check_compacted()?;
+    unchanged(&*store, &after, "a second compact")
+}
+
+fn secrets(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, store) = open(f)?;
+    let k = key(id(1), None);
+    ok("create_key", store.create_key(&k, &version(k.id, 1)))?;
+    let before = snapshot(&*store);
+    same(
+        "no secrets",
+        ok("list_secrets", store.list_secrets())?,
+        vec![],
+    )?;
+    same(
+        "an absent secret",
+        ok("get_secret", store.get_secret("audit"))?,
+        None,
+    )?;
+    let one = |n: u8| WrappedSecret {
+        hsm_root_key_id: 7,
+        wrapped: vec![n; 48],
+    };
+    ok("put_secret", store.put_secret("audit", &one(1)))?;
+    ok("put_secret", store.put_secret("audit/hmac", &one(2)))?;
+    same(
+        "get_secret",
+        ok("get_secret", store.get_secret("audit"))?,
+        Some(one(1)),
+    )?;
+    ok("put_secret", store.put_secret("audit", &one(3)))?;
+    same(
+        "a replaced secret",
+        ok("get_secret", store.get_secret("audit"))?,
+        Some(one(3)),
+    )?;
+    let mut listed = ok("list_secrets", store.list_secrets())?;
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    same(
+        "list_secrets",
+        listed,
+        vec![
+            ("audit".to_owned(), one(3)),
+            ("audit/hmac".to_owned(), one(2)),
+        ],
+    )?;
+    same(
+        "a secret whose name is a prefix of another's",
+        ok("get_secret", store.get_secret("aud"))?,
+        None,
+    )?;
+    unchanged(&*store, &before, "storing service secrets")
+}
+
+fn durable(f: &dyn StoreFactory) -> Result<(), String> {
+    let (mut s, store) = open(f)?;
+    let mut a = key(id(1), Some("a"));
+    a.rotation_period_secs = Some(60);
+    a.next_rotation_at = Some(Timestamp(50));
+    ok("create_key", store.create_key(&a, &version(a.id, 1)))?;
+    let a2 = ok("add_version", rotate(&*store, &a, &version(a.id, 2)))?;
+    let b = key(id(2), None);
+    let c = key(id(3), Some("c"));
+    ok(
+        "create_keys",
+        store.create_keys(&[(&b, &version(b.id, 1)), (&c, &version(c.id, 1))]),
+    )?;
+    let mut disabled = b.clone();
+    disabled.state = KeyState::Disabled;
+    ok(
+        "compare_and_swap_key",
+        store.compare_and_swap_key(&b, &disabled),
+    )?;
+    ok("destroy_key", store.destroy_key(&c, &tombstone(&c, 77)))?;
+    let mut moved = version(a.id, 1);
+    moved.hsm_root_key_id = 8;
+    ok(
+        "rewrap_version",
+        store.rewrap_version(&version(a.id, 1), &moved),
+    )?;
+    let secret = WrappedSecret {
+        hsm_root_key_id: 8,
+        wrapped: vec![5; 32],
+    };
+    ok("put_secret", store.put_secret("audit", &secret))?;
+    let before = snapshot(&*store);
+    drop(store);
+
+    ok("reopen", s.reopen())?;
+    let store = s.handle();
+    unchanged(&*store, &before, "a reopen")?;
+    same(
+        "the rotated key",
+        ok("get_key", store.get_key(a.id))?,
+        Some(a2),
+    )?;
+    same(
+        "an alias",
+        ok("key_id_for_alias", store.key_id_for_alias("a"))?,
+        Some(a.id),
+    )?;
+    same(
+        "a destroyed key's alias",
+        ok("key_id_for_alias", store.key_id_for_alias("c"))?,
+        Some(c.id),
+    )?;
+    same("the due index", due_ids(&*store, i64::MAX, 10)?, vec![a.id])?;
+    same(
+        "a secret",
+        ok("get_secret", store.get_secret("audit"))?,
+        Some(secret),
+    )?;
+    // And the reopened store takes writes.
+    let e = key(id(4), None);
+    ok("create_key", store.create_key(&e, &version(e.id, 1)))
+}

@@ -1,0 +1,350 @@
+//! Races between two handles on one store ([`super::OpenStore::second_handle`]):
+//! several threads on each, started together, make conflicting changes. Of
+//! the calls based on one stored state exactly one wins, the others are
+//! refused, and the store holds the winner's change.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+
+use super::fixtures::{id, key, tombstone, version};
+use super::{Check, OpenStore, StoreFactory, ensure, ok, open, same};
+use crate::model::{KeyId, KeyState, Timestamp};
+use crate::store::{KeyStore, StoreError};
+
+pub(super) const CAS_ONE_WINNER: Check = Check {
+    name: "two handles: of concurrent compare-and-swaps from one record exactly one wins, \
+           the others get Conflict",
+    run: cas_one_winner,
+};
+pub(super) const ROTATION_ONE_WINNER: Check = Check {
+    name: "two handles: concurrent rotations store each version number once, the winner's",
+    run: rotation_one_winner,
+};
+pub(super) const ALIAS_CLASH: Check = Check {
+    name: "two handles: of concurrent creates of one alias or one id exactly one wins, the \
+           others get AliasTaken or KeyExists",
+    run: alias_clash,
+};
+pub(super) const DESTROY_AGAINST_CANCEL: Check = Check {
+    name: "two handles: destroying a key while its deletion is cancelled: exactly one wins, \
+           and the store holds its record and versions",
+    run: destroy_against_cancel,
+};
+pub(super) const HANDLES_SEE_EACH_OTHER: Check = Check {
+    name: "two handles: a change acknowledged through one is seen through the other",
+    run: handles_see_each_other,
+};
+
+/// Threads per handle.
+const THREADS: usize = 2;
+/// Rounds of each race.
+const ROUNDS: usize = 8;
+
+/// Runs `body(handle, thread)` on `THREADS` threads per handle, started
+/// together, and returns their results in thread order.
+fn race<T: Send>(
+    handles: &[Arc<dyn KeyStore>; 2],
+    body: impl Fn(&dyn KeyStore, usize) -> T + Sync,
+) -> Result<Vec<T>, String> {
+    let n = handles.len() * THREADS;
+    let start = Barrier::new(n);
+    std::thread::scope(|scope| {
+        let running: Vec<_> = (0..n)
+            .map(|t| {
+                let (start, body) = (&start, &body);
+                let handle = handles.get(t % 2).map(Arc::clone);
+                scope.spawn(move || {
+                    start.wait();
+                    handle.map(|h| body(&*h, t))
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|r| match r.join() {
+                Ok(Some(out)) => Ok(out),
+                Ok(None) => Err("no handle for a thread".to_owned()),
+                Err(_) => Err("a racing thread panicked".to_owned()),
+            })
+            .collect()
+    })
+}
+
+/// A store made for one check, and two handles on it.
+type TwoHandles = (Box<dyn OpenStore>, [Arc<dyn KeyStore>; 2]);
+
+fn two_handles(factory: &dyn StoreFactory) -> Result<TwoHandles, String> {
+    let (s, first) = open(factory)?;
+    let second = ok("second_handle", s.second_handle())?;
+    Ok((s, [first, second]))
+}
+
+fn cas_one_winner(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, handles) = two_handles(f)?;
+    let [a, _] = &handles;
+    let k = key(id(1), Some("race"));
+    ok("create_key", a.create_key(&k, &version(k.id, 1)))?;
+    for round in 0..ROUNDS {
+        let current = ok("get_key", a.get_key(k.id))?.ok_or("the key is missing")?;
+        let results = race(&handles, |store, t| {
+            let mut new = current.clone();
+            new.description = format!("round {round}, thread {t}");
+            new.state = if t % 2 == 0 {
+                KeyState::Disabled
+            } else {
+                KeyState::Enabled
+            };
+            (new.clone(), store.compare_and_swap_key(&current, &new))
+        })?;
+        let winners: Vec<_> = results.iter().filter(|(_, r)| r.is_ok()).collect();
+        let [(winner, _)] = winners.as_slice() else {
+            return Err(format!(
+                "round {round}: {} winners: {results:?}",
+                winners.len()
+            ));
+        };
+        for (_, r) in &results {
+            ensure(matches!(r, Ok(()) | Err(StoreError::Conflict(_))), || {
+                format!("round {round}: a loser got {r:?}, expected Conflict")
+            })?;
+        }
+        for store in &handles {
+            same(
+                "the stored record",
+                ok("get_key", store.get_key(k.id))?.as_ref(),
+                Some(winner),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn rotation_one_winner(f: &dyn StoreFactory) -> Result<(), String> {
+    const WINS: u32 = 3;
+    let (_s, handles) = two_handles(f)?;
+    let [a, _] = &handles;
+    let k = key(id(1), None);
+    ok("create_key", a.create_key(&k, &version(k.id, 1)))?;
+    let results = race(&handles, |store, t| {
+        let mut landed = Vec::new();
+        let mut tries = 0;
+        while landed.len() < WINS as usize {
+            tries += 1;
+            if tries > 1000 {
+                return Err("no progress in 1000 tries".to_owned());
+            }
+            let current = match store.get_key(k.id) {
+                Ok(Some(current)) => current,
+                other => return Err(format!("get_key: {other:?}")),
+            };
+            let mut next = version(k.id, current.primary_version + 1);
+            next.wrapped_material = vec![t as u8; 60];
+            let mut updated = current.clone();
+            updated.primary_version = next.version;
+            match store.add_version(&current, &updated, &next) {
+                Ok(()) => landed.push(next),
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(format!("add_version: {e:?}")),
+            }
+        }
+        Ok(landed)
+    })?;
+    let mut won = BTreeMap::new();
+    won.insert(1, version(k.id, 1));
+    for landed in results {
+        for v in landed? {
+            if let Some(other) = won.insert(v.version, v) {
+                return Err(format!("version {} was won twice", other.version));
+            }
+        }
+    }
+    let total = 1 + WINS * (2 * THREADS) as u32;
+    same(
+        "the versions",
+        ok("list_versions", a.list_versions(k.id))?,
+        won.into_values().collect::<Vec<_>>(),
+    )?;
+    same(
+        "the primary version",
+        ok("get_key", a.get_key(k.id))?.map(|k| k.primary_version),
+        Some(total),
+    )
+}
+
+fn alias_clash(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, handles) = two_handles(f)?;
+    let [a, _] = &handles;
+    for round in 0..ROUNDS {
+        let alias = format!("race/{round}");
+        // One alias, a different id per thread.
+        let results = race(&handles, |store, _| {
+            let k = key(KeyId::new_random(), Some(&alias));
+            let outcome = store.create_key(&k, &version(k.id, 1));
+            (k.id, outcome)
+        })?;
+        let winners: Vec<KeyId> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(i, _)| *i)
+            .collect();
+        let [winner] = winners.as_slice() else {
+            return Err(format!(
+                "alias round {round}: winners {winners:?}: {results:?}"
+            ));
+        };
+        for (loser, r) in &results {
+            if loser == winner {
+                continue;
+            }
+            ensure(
+                matches!(r, Err(StoreError::AliasTaken(a)) if *a == alias),
+                || format!("alias round {round}: a loser got {r:?}, expected AliasTaken"),
+            )?;
+            same("a loser's key", ok("get_key", a.get_key(*loser))?, None)?;
+        }
+        same(
+            "the alias",
+            ok("key_id_for_alias", a.key_id_for_alias(&alias))?,
+            Some(*winner),
+        )?;
+
+        // One id, a different alias per thread.
+        let shared = KeyId::new_random();
+        let results = race(&handles, |store, t| {
+            let k = key(shared, Some(&format!("race/{round}/{t}")));
+            (k.clone(), store.create_key(&k, &version(shared, 1)))
+        })?;
+        let winners: Vec<_> = results.iter().filter(|(_, r)| r.is_ok()).collect();
+        let [(winner, _)] = winners.as_slice() else {
+            return Err(format!(
+                "id round {round}: {} winners: {results:?}",
+                winners.len()
+            ));
+        };
+        for (k, r) in &results {
+            if k == winner {
+                continue;
+            }
+            ensure(
+                matches!(r, Err(StoreError::KeyExists(i)) if *i == shared),
+                || format!("id round {round}: a loser got {r:?}, expected KeyExists"),
+            )?;
+            if let Some(alias) = &k.alias {
+                same(
+                    "a loser's alias",
+                    ok("key_id_for_alias", a.key_id_for_alias(alias))?,
+                    None,
+                )?;
+            }
+        }
+        same(
+            "the key",
+            ok("get_key", a.get_key(shared))?.as_ref(),
+            Some(winner),
+        )?;
+    }
+    Ok(())
+}
+
+fn destroy_against_cancel(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, handles) = two_handles(f)?;
+    let [a, _] = &handles;
+    for round in 0..ROUNDS as u8 {
+        let k = key(id(round), None);
+        ok("create_key", a.create_key(&k, &version(k.id, 1)))?;
+        let mut pending = k.clone();
+        pending.state = KeyState::PendingDeletion;
+        pending.deletion_at = Some(Timestamp(1_000));
+        ok("compare_and_swap_key", a.compare_and_swap_key(&k, &pending))?;
+        let mut cancelled = pending.clone();
+        cancelled.state = KeyState::Disabled;
+        cancelled.deletion_at = None;
+        let tomb = tombstone(&pending, 2_000);
+        // Even threads destroy, odd ones cancel, on both handles.
+        let results = race(&handles, |store, t| {
+            if t % 2 == 0 {
+                (true, store.destroy_key(&pending, &tomb))
+            } else {
+                (false, store.compare_and_swap_key(&pending, &cancelled))
+            }
+        })?;
+        let winners: Vec<bool> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(destroyed, _)| *destroyed)
+            .collect();
+        let [destroyed] = winners.as_slice() else {
+            return Err(format!("round {round}: winners {winners:?}: {results:?}"));
+        };
+        for (_, r) in &results {
+            ensure(matches!(r, Ok(()) | Err(StoreError::Conflict(_))), || {
+                format!("round {round}: a loser got {r:?}, expected Conflict")
+            })?;
+        }
+        let mut v = version(k.id, 1);
+        let expected = if *destroyed {
+            v.wrapped_material.clear();
+            v.destroyed_at = tomb.destroyed_at;
+            tomb.clone()
+        } else {
+            cancelled.clone()
+        };
+        for store in &handles {
+            same(
+                "the key",
+                ok("get_key", store.get_key(k.id))?,
+                Some(expected.clone()),
+            )?;
+            same(
+                "the versions",
+                ok("list_versions", store.list_versions(k.id))?,
+                vec![v.clone()],
+            )?;
+        }
+        same(
+            "due keys",
+            ok("due_keys", a.due_keys(Timestamp(i64::MAX), 10))?,
+            vec![],
+        )?;
+    }
+    Ok(())
+}
+
+fn handles_see_each_other(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, [a, b]) = two_handles(f)?;
+    let k = key(id(1), Some("a"));
+    ok("create_key", a.create_key(&k, &version(k.id, 1)))?;
+    same(
+        "a create through A, read through B",
+        ok("get_key", b.get_key(k.id))?,
+        Some(k.clone()),
+    )?;
+    same(
+        "an alias created through A, read through B",
+        ok("key_id_for_alias", b.key_id_for_alias("a"))?,
+        Some(k.id),
+    )?;
+    let mut disabled = k.clone();
+    disabled.state = KeyState::Disabled;
+    ok(
+        "compare_and_swap_key",
+        b.compare_and_swap_key(&k, &disabled),
+    )?;
+    same(
+        "a compare-and-swap through B, read through A",
+        ok("get_key", a.get_key(k.id))?,
+        Some(disabled.clone()),
+    )?;
+    let mut enabled = disabled.clone();
+    enabled.state = KeyState::Enabled;
+    refused!(
+        "a compare-and-swap through A from the record B replaced",
+        a.compare_and_swap_key(&k, &enabled),
+        StoreError::Conflict(_)
+    )?;
+    same(
+        "the whole store through each handle",
+        super::fixtures::snapshot(&*a),
+        super::fixtures::snapshot(&*b),
+    )
+}

@@ -1,0 +1,222 @@
+//! The store conformance suite ([`crate::store::conformance`]) on
+//! [`SledStore`]: every check, the model-based test, and a broken store
+//! that the suite must fail.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use tempfile::TempDir;
+
+use super::SledStore;
+use super::generations::generation_dirs;
+use super::test_support::live_path;
+use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
+use crate::store::conformance::{self, OpenStore, StoreFactory, model};
+use crate::store::{KeyFilter, KeyStore, StoreError, VersionCounts, WrappedSecret};
+
+/// Stores in temporary directories.
+struct SledFactory;
+
+/// One open store. A second handle is another `Arc` of it: a second
+/// `SledStore::open` of the directory is refused by its lock.
+struct OpenSled {
+    dir: TempDir,
+    store: Option<Arc<SledStore>>,
+}
+
+impl StoreFactory for SledFactory {
+    fn open(&self) -> Result<Box<dyn OpenStore>, StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Io(e.to_string()))?;
+        let store = SledStore::open(dir.path())?;
+        Ok(Box::new(OpenSled {
+            dir,
+            store: Some(Arc::new(store)),
+        }))
+    }
+}
+
+impl OpenStore for OpenSled {
+    fn handle(&self) -> Arc<dyn KeyStore> {
+        self.store.clone().expect("the store is open")
+    }
+
+    fn second_handle(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
+        Ok(self.handle())
+    }
+
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        let store = self.store.take().expect("the store is open");
+        if Arc::strong_count(&store) > 1 {
+            self.store = Some(store);
+            return Err(StoreError::Io(
+                "reopen while another handle is in use".to_owned(),
+            ));
+        }
+        drop(store);
+        self.store = Some(Arc::new(SledStore::open(self.dir.path())?));
+        Ok(())
+    }
+
+    fn check_compacted(&self) -> Result<(), String> {
+        let live = live_path(self.dir.path());
+        for name in generation_dirs(self.dir.path()).map_err(|e| e.to_string())? {
+            let path = self.dir.path().join(&name);
+            if path != live {
+                return Err(format!("{name} is left beside the live {}", live.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn the_conformance_suite_passes_on_sled() {
+    let mut seen = Vec::new();
+    let result = conformance::run(&SledFactory, |c| seen.push(c.to_owned()));
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+    let names: Vec<&str> = conformance::CHECKS.iter().map(|c| c.name).collect();
+    assert_eq!(seen, names);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn behaves_like_the_model(ops in model::ops()) {
+        model::run(&SledFactory, &ops)?;
+    }
+}
+
+/// A sled store with one wrong answer: its compare-and-swap does not
+/// compare, it swaps from whatever is stored.
+#[derive(Debug)]
+struct SwapsWithoutComparing(SledStore);
+
+impl KeyStore for SwapsWithoutComparing {
+    fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
+        match self.0.get_key(current.id)? {
+            Some(stored) => self.0.compare_and_swap_key(&stored, new),
+            None => Err(StoreError::NoSuchKey(current.id)),
+        }
+    }
+    fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
+        self.0.create_keys(keys)
+    }
+    fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.0.get_key(id)
+    }
+    fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
+        self.0.key_id_for_alias(alias)
+    }
+    fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        start_after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.0.list_keys(filter, start_after, limit)
+    }
+    fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+        self.0.due_keys(now, limit)
+    }
+    fn add_version(
+        &self,
+        current: &KeyRecord,
+        updated: &KeyRecord,
+        version: &VersionRecord,
+    ) -> Result<(), StoreError> {
+        self.0.add_version(current, updated, version)
+    }
+    fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
+        self.0.get_version(id, version)
+    }
+    fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+        self.0.list_versions(id)
+    }
+    fn destroy_key(&self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), StoreError> {
+        self.0.destroy_key(current, tombstone)
+    }
+    fn rewrap_version(
+        &self,
+        current: &VersionRecord,
+        new: &VersionRecord,
+    ) -> Result<(), StoreError> {
+        self.0.rewrap_version(current, new)
+    }
+    fn versions_not_under_root(
+        &self,
+        root_key_id: u32,
+        start_after: Option<(KeyId, u32)>,
+        limit: usize,
+    ) -> Result<Vec<VersionRecord>, StoreError> {
+        self.0
+            .versions_not_under_root(root_key_id, start_after, limit)
+    }
+    fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError> {
+        self.0.count_versions(root_key_id)
+    }
+    fn compact(&self) -> Result<(), StoreError> {
+        self.0.compact()
+    }
+    fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
+        self.0.get_secret(name)
+    }
+    fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
+        self.0.put_secret(name, secret)
+    }
+    fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
+        self.0.list_secrets()
+    }
+}
+
+struct BrokenFactory;
+
+struct OpenBroken {
+    _dir: TempDir,
+    store: Arc<SwapsWithoutComparing>,
+}
+
+impl StoreFactory for BrokenFactory {
+    fn open(&self) -> Result<Box<dyn OpenStore>, StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Io(e.to_string()))?;
+        let store = SwapsWithoutComparing(SledStore::open(dir.path())?);
+        Ok(Box::new(OpenBroken {
+            _dir: dir,
+            store: Arc::new(store),
+        }))
+    }
+}
+
+impl OpenStore for OpenBroken {
+    fn handle(&self) -> Arc<dyn KeyStore> {
+        self.store.clone()
+    }
+    fn second_handle(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
+        Ok(self.store.clone())
+    }
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        Err(StoreError::Io(
+            "not needed by the checks that fail first".to_owned(),
+        ))
+    }
+}
+
+#[test]
+fn the_suite_fails_a_store_whose_compare_and_swap_does_not_compare() {
+    let failure = conformance::run(&BrokenFactory, |_| {}).unwrap_err();
+    let expected = conformance::CHECKS
+        .iter()
+        .find(|c| c.name.starts_with("compare_and_swap_key"))
+        .unwrap();
+    assert_eq!(failure.check, expected.name, "{failure}");
+    assert!(failure.detail.contains("stale"), "{failure}");
+}

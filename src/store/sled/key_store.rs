@@ -1,0 +1,484 @@
+//! [`KeyStore`] for [`SledStore`]: each method's checks, and its
+//! transaction.
+//!
+//! Each mutating call is one sled transaction over `keys`, `versions`,
+//! `aliases` and `due` (through [`SledStore::write`]), or one insert into
+//! `meta` for a service secret, made durable before it returns. A request
+//! that would write an inconsistent record (see [`KeyStore`]'s methods) is
+//! refused with [`StoreError::Corrupt`] before anything is written.
+
+use std::ops::Bound;
+
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree,
+};
+
+use super::layout::{
+    SECRET_PREFIX, decode, decode_key, decode_version, due_key, encode, key_id_from_slice,
+    parse_due_key, parse_version_key, secret_key, version_key,
+};
+use super::{Handles, SledStore, sled_error};
+use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
+use crate::store::{KeyFilter, KeyStore, StoreError, VersionCounts, WrappedSecret};
+
+/// The trees of one transaction.
+pub(super) struct Tx<'a> {
+    pub(super) keys: &'a TransactionalTree,
+    pub(super) versions: &'a TransactionalTree,
+    pub(super) aliases: &'a TransactionalTree,
+    pub(super) due: &'a TransactionalTree,
+}
+
+impl Tx<'_> {
+    /// The stored record of `current.id` must equal `current`.
+    fn check_current(&self, current: &KeyRecord) -> ConflictableTransactionResult<(), StoreError> {
+        let Some(bytes) = self.keys.get(current.id.as_bytes())? else {
+            return abort(StoreError::NoSuchKey(current.id));
+        };
+        match decode_key(current.id, &bytes) {
+            Ok(stored) if stored == *current => Ok(()),
+            Ok(_) => abort(StoreError::Conflict(current.id)),
+            Err(e) => abort(e),
+        }
+    }
+
+    /// Writes `new` over `old` (`None`: a new key) in `keys` and moves its
+    /// due-index entry.
+    fn put_key(
+        &self,
+        old: Option<&KeyRecord>,
+        new: &KeyRecord,
+        new_bytes: &[u8],
+    ) -> ConflictableTransactionResult<(), StoreError> {
+        if let Some(at) = old.and_then(KeyRecord::next_due) {
+            self.due.remove(&due_key(at, new.id)[..])?;
+        }
+        if let Some(at) = new.next_due() {
+            self.due.insert(&due_key(at, new.id)[..], &[][..])?;
+        }
+        self.keys.insert(new.id.as_bytes(), new_bytes)?;
+        Ok(())
+    }
+}
+
+fn abort<T>(e: StoreError) -> ConflictableTransactionResult<T, StoreError> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn refuse<T>(message: String) -> Result<T, StoreError> {
+    Err(StoreError::Corrupt(format!("refusing to write: {message}")))
+}
+
+impl KeyStore for SledStore {
+    fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
+        let live = self.read_gate()?;
+        let bytes = live
+            .sled
+            .meta
+            .get(secret_key(name))
+            .map_err(|e| sled_error("reading a service secret", e))?;
+        bytes.map(|b| decode("service secret", &b)).transpose()
+    }
+
+    fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
+        if name.is_empty() || secret.wrapped.is_empty() {
+            return refuse(format!("an empty service secret {name:?}"));
+        }
+        let value = encode("service secret", secret)?;
+        let live = self.write_gate();
+        self.check_usable()?;
+        if let Err(e) = live.sled.meta.insert(secret_key(name), value) {
+            self.mark_failed();
+            return Err(sled_error("writing a service secret", e));
+        }
+        if let Err(e) = self.make_durable(&live) {
+            self.mark_failed();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
+        let live = self.read_gate()?;
+        let mut out = Vec::new();
+        for entry in live.sled.meta.scan_prefix(SECRET_PREFIX) {
+            let (k, v) = entry.map_err(|e| sled_error("listing service secrets", e))?;
+            let name = std::str::from_utf8(k.get(SECRET_PREFIX.len()..).unwrap_or_default())
+                .map_err(|_| StoreError::Corrupt("a service secret's name is not UTF-8".into()))?;
+            out.push((name.to_string(), decode("service secret", &v)?));
+        }
+        Ok(out)
+    }
+
+    fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
+        let mut encoded = Vec::with_capacity(keys.len());
+        for &(key, first_version) in keys {
+            if first_version.key_id != key.id || first_version.version != key.primary_version {
+                return refuse(format!(
+                    "key {} (primary version {}) with version {} of key {}",
+                    key.id, key.primary_version, first_version.version, first_version.key_id
+                ));
+            }
+            if key.state == KeyState::Destroyed || first_version.destroyed_at.is_some() {
+                return refuse(format!("key {} created destroyed", key.id));
+            }
+            encoded.push((
+                key,
+                encode("key record", key)?,
+                version_key(key.id, first_version.version),
+                encode("version record", first_version)?,
+            ));
+        }
+        // Each check sees the batch's earlier inserts (a transaction reads
+        // its own writes), so two keys of one batch cannot share an id or
+        // an alias either.
+        self.write(|tx| {
+            for (key, key_bytes, vkey, version_bytes) in &encoded {
+                if tx.keys.get(key.id.as_bytes())?.is_some() {
+                    return abort(StoreError::KeyExists(key.id));
+                }
+                if let Some(alias) = &key.alias
+                    && tx.aliases.get(alias.as_bytes())?.is_some()
+                {
+                    return abort(StoreError::AliasTaken(alias.clone()));
+                }
+                if tx.versions.get(vkey)?.is_some() {
+                    return abort(StoreError::Corrupt(format!(
+                        "version {} of key {} exists without its key",
+                        key.primary_version, key.id
+                    )));
+                }
+                tx.put_key(None, key, key_bytes)?;
+                tx.versions.insert(vkey, version_bytes.as_slice())?;
+                if let Some(alias) = &key.alias {
+                    tx.aliases.insert(alias.as_bytes(), key.id.as_bytes())?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let live = self.read_gate()?;
+        let bytes = live
+            .sled
+            .keys
+            .get(id.as_bytes())
+            .map_err(|e| sled_error("reading a key", e))?;
+        bytes.map(|b| decode_key(id, &b)).transpose()
+    }
+
+    fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
+        let live = self.read_gate()?;
+        let bytes = live
+            .sled
+            .aliases
+            .get(alias.as_bytes())
+            .map_err(|e| sled_error("reading an alias", e))?;
+        bytes
+            .map(|b| key_id_from_slice(&format!("the key id of alias {alias:?}"), &b))
+            .transpose()
+    }
+
+    fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        start_after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let live = self.read_gate()?;
+        let lower = match start_after {
+            Some(id) => Bound::Excluded(id.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        for entry in live
+            .sled
+            .keys
+            .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+        {
+            let (k, v) = entry.map_err(|e| sled_error("listing keys", e))?;
+            let id = key_id_from_slice("a key id in the keys tree", &k)?;
+            let record = decode_key(id, &v)?;
+            if filter.matches(&record) {
+                out.push(record);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+        let live = self.read_gate()?;
+        let upper = due_key(now, KeyId::from_bytes([0xff; 16]));
+        let mut out = Vec::new();
+        for entry in live.sled.due.range(..=&upper[..]).take(limit) {
+            let (k, _) = entry.map_err(|e| sled_error("reading the due index", e))?;
+            let (at, id) = parse_due_key(&k)?;
+            let bytes = live
+                .sled
+                .keys
+                .get(id.as_bytes())
+                .map_err(|e| sled_error("reading a due key", e))?
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("the due index names key {id}, which is missing"))
+                })?;
+            let record = decode_key(id, &bytes)?;
+            if record.next_due() != Some(at) {
+                return Err(StoreError::Corrupt(format!(
+                    "the due index says key {id} is due at {}, the key says {:?}",
+                    at.as_millis(),
+                    record.next_due().map(Timestamp::as_millis)
+                )));
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    fn add_version(
+        &self,
+        current: &KeyRecord,
+        updated: &KeyRecord,
+        version: &VersionRecord,
+    ) -> Result<(), StoreError> {
+        if version.key_id != current.id {
+            return refuse(format!(
+                "a version of key {} added to key {}",
+                version.key_id, current.id
+            ));
+        }
+        if updated.id != current.id
+            || updated.alias != current.alias
+            || updated.primary_version != version.version
+        {
+            return refuse(format!(
+                "rotation of key {} to an updated record with another id, alias or primary \
+                 version than the new version {}",
+                current.id, version.version
+            ));
+        }
+        if current.state == KeyState::Destroyed
+            || updated.state == KeyState::Destroyed
+            || version.destroyed_at.is_some()
+        {
+            return refuse(format!(
+                "rotation of key {} from, to or with destroyed records",
+                current.id
+            ));
+        }
+        if current.primary_version.checked_add(1) != Some(version.version) {
+            return Err(StoreError::Conflict(current.id));
+        }
+        let key_bytes = encode("key record", updated)?;
+        let version_bytes = encode("version record", version)?;
+        let vkey = version_key(current.id, version.version);
+        self.write(|tx| {
+            tx.check_current(current)?;
+            if tx.versions.get(vkey)?.is_some() {
+                return abort(StoreError::Conflict(current.id));
+            }
+            tx.versions.insert(&vkey, version_bytes.as_slice())?;
+            tx.put_key(Some(current), updated, &key_bytes)
+        })
+    }
+
+    fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
+        let live = self.read_gate()?;
+        let bytes = live
+            .sled
+            .versions
+            .get(version_key(id, version))
+            .map_err(|e| sled_error("reading a version", e))?;
+        bytes.map(|b| decode_version(id, version, &b)).transpose()
+    }
+
+    fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+        let live = self.read_gate()?;
+        live.sled.versions_of(id)
+    }
+
+    fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
+        if new.id != current.id
+            || new.alias != current.alias
+            || new.primary_version != current.primary_version
+        {
+            return refuse(format!(
+                "a change of the id, alias or primary version of key {} by compare-and-swap",
+                current.id
+            ));
+        }
+        if current.state == KeyState::Destroyed || new.state == KeyState::Destroyed {
+            return refuse(format!(
+                "a compare-and-swap from or to DESTROYED of key {} (destruction goes through \
+                 destroy_key and is final)",
+                current.id
+            ));
+        }
+        let key_bytes = encode("key record", new)?;
+        self.write(|tx| {
+            tx.check_current(current)?;
+            tx.put_key(Some(current), new, &key_bytes)
+        })
+    }
+
+    fn destroy_key(&self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), StoreError> {
+        if tombstone.id != current.id
+            || tombstone.alias != current.alias
+            || tombstone.primary_version != current.primary_version
+        {
+            return refuse(format!(
+                "a tombstone with another id, alias or primary version for key {}",
+                current.id
+            ));
+        }
+        if tombstone.state != KeyState::Destroyed || tombstone.destroyed_at.is_none() {
+            return refuse(format!(
+                "a tombstone of key {} that is not DESTROYED with a destruction time",
+                current.id
+            ));
+        }
+        if current.state == KeyState::Destroyed {
+            return refuse(format!("destroying key {} twice", current.id));
+        }
+        let key_bytes = encode("key record", tombstone)?;
+        let id = current.id;
+        self.write_prepared(
+            // Versions are only ever added, as the new primary, while the
+            // stored key changes: if the transaction finds the stored key
+            // equal to `current`, this list is still complete.
+            |sled| {
+                sled.versions_of(id)?
+                    .into_iter()
+                    .map(|mut v| {
+                        v.wrapped_material = Vec::new();
+                        v.destroyed_at = tombstone.destroyed_at;
+                        Ok((version_key(id, v.version), encode("version record", &v)?))
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            },
+            |tx, erased| {
+                tx.check_current(current)?;
+                for (vkey, bytes) in erased {
+                    tx.versions.insert(&vkey[..], bytes.as_slice())?;
+                }
+                tx.put_key(Some(current), tombstone, &key_bytes)
+            },
+        )
+    }
+
+    fn rewrap_version(
+        &self,
+        current: &VersionRecord,
+        new: &VersionRecord,
+    ) -> Result<(), StoreError> {
+        let mut unchanged = new.clone();
+        unchanged.hsm_root_key_id = current.hsm_root_key_id;
+        unchanged.wrapped_material = current.wrapped_material.clone();
+        if unchanged != *current || new.wrapped_material.is_empty() {
+            return refuse(format!(
+                "a re-wrap of version {} of key {} that changes more than its wrapped material \
+                 and root key id, or erases the material",
+                current.version, current.key_id
+            ));
+        }
+        if current.destroyed_at.is_some() {
+            return Err(StoreError::Conflict(current.key_id));
+        }
+        let (id, number) = (current.key_id, current.version);
+        let vkey = version_key(id, number);
+        let new_bytes = encode("version record", new)?;
+        self.write(|tx| {
+            let Some(bytes) = tx.versions.get(vkey)? else {
+                return abort(StoreError::NoSuchVersion(id, number));
+            };
+            match decode_version(id, number, &bytes) {
+                Ok(stored) if stored == *current => {}
+                Ok(_) => return abort(StoreError::Conflict(id)),
+                Err(e) => return abort(e),
+            }
+            tx.versions.insert(&vkey, new_bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    fn versions_not_under_root(
+        &self,
+        root_key_id: u32,
+        start_after: Option<(KeyId, u32)>,
+        limit: usize,
+    ) -> Result<Vec<VersionRecord>, StoreError> {
+        let live = self.read_gate()?;
+        let lower = match start_after {
+            Some((id, n)) => Bound::Excluded(version_key(id, n).to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        for entry in live
+            .sled
+            .versions
+            .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+        {
+            let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
+            let (id, number) = parse_version_key(&k)?;
+            let record = decode_version(id, number, &v)?;
+            // Versions held by the HSM itself are wrapped by no root key.
+            if record.destroyed_at.is_none()
+                && record.hsm_object.is_none()
+                && record.hsm_root_key_id != root_key_id
+            {
+                out.push(record);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError> {
+        let live = self.read_gate()?;
+        let mut counts = VersionCounts::default();
+        for entry in live.sled.versions.iter() {
+            let (k, v) = entry.map_err(|e| sled_error("counting versions", e))?;
+            let (id, number) = parse_version_key(&k)?;
+            let record = decode_version(id, number, &v)?;
+            if record.destroyed_at.is_some() {
+                counts.destroyed += 1;
+            } else {
+                counts.live += 1;
+                if record.hsm_object.is_none() && record.hsm_root_key_id != root_key_id {
+                    counts.not_under_root += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    fn compact(&self) -> Result<(), StoreError> {
+        let mut live = self.write_gate();
+        self.check_usable()?;
+        self.switch_generation(&mut live)
+    }
+}
+
+impl Handles {
+    /// Every version of `id`, read outside any transaction.
+    fn versions_of(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.versions.scan_prefix(id.as_bytes()) {
+            let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
+            let (_, number) = parse_version_key(&k)?;
+            out.push(decode_version(id, number, &v)?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,135 @@
+//! How records are laid out in a generation's sled trees: the key
+//! encodings, and the JSON records checked against the slot they were read
+//! from.
+//!
+//! ```text
+//! tree       key                                   value
+//! ---------  ------------------------------------  ----------------------------
+//! meta       b"schema"                             u32 BE, currently 2
+//! meta       b"secret/" || name                    JSON WrappedSecret
+//! keys       KeyId (16 bytes)                      JSON KeyRecord
+//! versions   KeyId (16 bytes) || version (u32 BE)  JSON VersionRecord
+//! aliases    alias (UTF-8)                         KeyId (16 bytes)
+//! due        due time (i64 BE, sign bit flipped)   empty
+//!              || KeyId (16 bytes)
+//! ```
+//!
+//! `due` indexes [`KeyRecord::next_due`]: one entry per key that has a due
+//! time, written in the same transaction as the key record (the old entry
+//! removed, the new one inserted), so the scheduler reads only what is due.
+//! Flipping the sign bit makes byte order numeric order, negative times
+//! included.
+//!
+//! Big-endian versions make a prefix scan of `versions` ascend by version, and
+//! raw id bytes make `keys` ascend by id. Every decoded record is checked
+//! against the key it was stored under (a record moved to another slot is
+//! reported as [`StoreError::Corrupt`]), and an undecodable one is
+//! [`StoreError::Corrupt`] too.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
+use crate::store::StoreError;
+
+pub(super) const VERSION_KEY_LEN: usize = 16 + 4;
+const DUE_KEY_LEN: usize = 8 + 16;
+
+pub(super) fn encode<T: Serialize>(what: &str, record: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(format!("encoding {what}: {e}")))
+}
+
+pub(super) fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("decoding {what}: {e}")))
+}
+
+pub(super) fn version_key(id: KeyId, version: u32) -> [u8; VERSION_KEY_LEN] {
+    let mut k = [0u8; VERSION_KEY_LEN];
+    let (id_part, version_part) = k.split_at_mut(16);
+    id_part.copy_from_slice(id.as_bytes());
+    version_part.copy_from_slice(&version.to_be_bytes());
+    k
+}
+
+pub(super) fn key_id_from_slice(what: &str, bytes: &[u8]) -> Result<KeyId, StoreError> {
+    <[u8; 16]>::try_from(bytes)
+        .map(KeyId::from_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, expected 16", bytes.len())))
+}
+
+/// Decodes a key record and checks that it belongs where it was found.
+pub(super) fn decode_key(id: KeyId, bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+    let record: KeyRecord = decode(&format!("key {id}"), bytes)?;
+    if record.id != id {
+        return Err(StoreError::Corrupt(format!(
+            "key record stored under {id} has id {}",
+            record.id
+        )));
+    }
+    Ok(record)
+}
+
+/// Decodes a version record and checks that it belongs where it was found.
+pub(super) fn decode_version(
+    id: KeyId,
+    version: u32,
+    bytes: &[u8],
+) -> Result<VersionRecord, StoreError> {
+    let record: VersionRecord = decode(&format!("version {version} of key {id}"), bytes)?;
+    if record.key_id != id || record.version != version {
+        return Err(StoreError::Corrupt(format!(
+            "version record stored as {id} v{version} claims {} v{}",
+            record.key_id, record.version
+        )));
+    }
+    Ok(record)
+}
+
+/// The due-index key: the time as an `i64` with its sign bit flipped, big
+/// endian (so byte order is numeric order, negatives first), then the id.
+pub(super) fn due_key(at: Timestamp, id: KeyId) -> [u8; DUE_KEY_LEN] {
+    let mut k = [0u8; DUE_KEY_LEN];
+    let (time_part, id_part) = k.split_at_mut(8);
+    time_part.copy_from_slice(&((at.as_millis() as u64) ^ (1 << 63)).to_be_bytes());
+    id_part.copy_from_slice(id.as_bytes());
+    k
+}
+
+pub(super) fn parse_due_key(bytes: &[u8]) -> Result<(Timestamp, KeyId), StoreError> {
+    let corrupt = || {
+        StoreError::Corrupt(format!(
+            "a due-index key is {} bytes, expected {DUE_KEY_LEN}",
+            bytes.len()
+        ))
+    };
+    if bytes.len() != DUE_KEY_LEN {
+        return Err(corrupt());
+    }
+    let (time_part, id_part) = bytes.split_at(8);
+    let time = <[u8; 8]>::try_from(time_part).map_err(|_| corrupt())?;
+    let at = Timestamp((u64::from_be_bytes(time) ^ (1 << 63)) as i64);
+    Ok((at, key_id_from_slice("a key id in the due index", id_part)?))
+}
+
+pub(super) fn parse_version_key(bytes: &[u8]) -> Result<(KeyId, u32), StoreError> {
+    if bytes.len() != VERSION_KEY_LEN {
+        return Err(StoreError::Corrupt(format!(
+            "a version key is {} bytes, expected {VERSION_KEY_LEN}",
+            bytes.len()
+        )));
+    }
+    let (id_part, number) = bytes.split_at(16);
+    let id = key_id_from_slice("a key id in the versions tree", id_part)?;
+    let number = <[u8; 4]>::try_from(number)
+        .map(u32::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt("a version number is not 4 bytes".to_owned()))?;
+    Ok((id, number))
+}
+
+pub(super) const SECRET_PREFIX: &[u8] = b"secret/";
+
+pub(super) fn secret_key(name: &str) -> Vec<u8> {
+    let mut key = SECRET_PREFIX.to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
