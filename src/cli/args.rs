@@ -391,6 +391,9 @@ pub enum StateFilter {
     Destroyed,
 }
 
+/// `coffre hsm ...`: the first two go through a running server, the
+/// others open the token directly ([`TokenCommand`], on the same level of
+/// the command line).
 #[derive(Debug, Subcommand)]
 pub enum HsmCommand {
     /// The HSM backend, its root key ids (never their material).
@@ -404,6 +407,14 @@ pub enum HsmCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    #[command(flatten)]
+    Token(TokenCommand),
+}
+
+/// The `coffre hsm` commands that open the PKCS#11 token a server
+/// configuration names, without a server.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
     /// Create the first root key on the PKCS#11 token a server configuration
     /// names (once, at installation; refused if the token has one). Runs on
     /// the HSM directly, not through a server.

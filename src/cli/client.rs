@@ -13,14 +13,13 @@ use zeroize::Zeroizing;
 
 use super::output::{self, KeyOut, VersionOut};
 use super::{
-    ApprovalCommand, ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, HsmCommand,
+    ApprovalCommand, ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs,
     Justification, KeyCommand, PolicyCommand, StateFilter,
 };
 use crate::grpc::convert::policy_to_pb;
 use crate::grpc::pb;
 use crate::grpc::pb::approval_service_client::ApprovalServiceClient;
 use crate::grpc::pb::data_key_service_client::DataKeyServiceClient;
-use crate::grpc::pb::hsm_service_client::HsmServiceClient;
 use crate::grpc::pb::key_service_client::KeyServiceClient;
 use crate::pki::PkiPaths;
 
@@ -356,68 +355,6 @@ fn seconds(s: u64) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(s).unwrap_or(i64::MAX),
         nanos: 0,
-    }
-}
-
-pub async fn hsm(cmd: HsmCommand) -> anyhow::Result<()> {
-    match cmd {
-        HsmCommand::Info { connect: c } => {
-            let mut client = HsmServiceClient::new(connect(&c, "operator").await?);
-            let info = client
-                .get_hsm_info(pb::GetHsmInfoRequest {})
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            output::hsm_info(&info, c.json)
-        }
-        HsmCommand::RotateRoot { connect: c } => {
-            let mut client = HsmServiceClient::new(connect(&c, "operator").await?);
-            let mut stream = client
-                .rotate_root_key(pb::RotateRootKeyRequest {})
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let mut bar = output::Progress::new(!c.json);
-            let mut last = None;
-            while let Some(p) = stream.message().await.map_err(rpc_error)? {
-                if !p.pending_approval_id.is_empty() {
-                    return output::pending(&p.pending_approval_id, c.json);
-                }
-                bar.update(&p);
-                if c.json {
-                    output::progress_json(&p)?;
-                }
-                last = Some(p);
-            }
-            bar.finish();
-            let last = last.context("the server sent no progress")?;
-            if !last.done {
-                bail!(
-                    "the rotation stopped before the end ({} re-wrapped, {} remaining); run it again to resume",
-                    last.rewrapped,
-                    last.remaining
-                );
-            }
-            if !c.json {
-                println!(
-                    "root key {} is current; {} versions re-wrapped; destroyed old root keys {:?}{}",
-                    last.new_root_key_id,
-                    last.rewrapped,
-                    last.destroyed_root_key_ids,
-                    if last.resumed {
-                        " (resumed an interrupted rotation)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            Ok(())
-        }
-        HsmCommand::InitRootKey { .. }
-        | HsmCommand::Check { .. }
-        | HsmCommand::Conformance { .. } => {
-            anyhow::bail!("this command runs on the HSM directly, not through a server")
-        }
     }
 }
 
