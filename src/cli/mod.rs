@@ -6,11 +6,14 @@
 //! client does. This file starts the runtime and sends each command to its
 //! module.
 
+mod approval;
 mod args;
 mod audit;
 mod bench;
 mod client;
+mod datakey;
 mod hsm;
+mod key;
 mod output;
 mod server;
 
@@ -52,13 +55,13 @@ pub fn main() -> ExitCode {
                 server::init_logging(args.log_json);
                 run_serve(&args.config, args.allow_root).await
             }
-            Command::Key(cmd) => client::key(cmd).await,
-            Command::Datakey(cmd) => client::datakey(cmd).await,
+            Command::Key(cmd) => key::run(cmd).await,
+            Command::Datakey(cmd) => datakey::generate(cmd).await,
             Command::Hsm(cmd) => hsm::run(cmd).await,
-            Command::Approval(cmd) => client::approval(cmd).await,
+            Command::Approval(cmd) => approval::run(cmd).await,
             Command::Audit(cmd) => audit::run(cmd).await,
-            Command::Encrypt(args) => client::encrypt(args).await,
-            Command::Decrypt(args) => client::decrypt(args).await,
+            Command::Encrypt(args) => datakey::encrypt(args).await,
+            Command::Decrypt(args) => datakey::decrypt(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });
