@@ -10,6 +10,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use zeroize::Zeroizing;
 
 use super::ConnectArgs;
+use crate::metrics::CODE_NAMES;
 use crate::pki::PkiPaths;
 
 /// Opens an mTLS channel as `default_identity` unless told otherwise.
@@ -61,19 +62,35 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
         .with_context(|| format!("cannot connect to {}", args.endpoint))
 }
 
+/// The codes a user is told by name (in lower case, `not found`); any other
+/// reads as a plain `error`.
+const NAMED_CODES: [tonic::Code; 8] = [
+    tonic::Code::InvalidArgument,
+    tonic::Code::NotFound,
+    tonic::Code::PermissionDenied,
+    tonic::Code::FailedPrecondition,
+    tonic::Code::Unavailable,
+    tonic::Code::AlreadyExists,
+    tonic::Code::Unauthenticated,
+    tonic::Code::DeadlineExceeded,
+];
+
+/// A status code as the user reads it: `NOT_FOUND` is `not found`.
+fn code_words(code: tonic::Code) -> String {
+    let name = NAMED_CODES
+        .contains(&code)
+        .then(|| usize::try_from(i32::from(code)).ok())
+        .flatten()
+        .and_then(|n| CODE_NAMES.get(n));
+    name.map_or_else(
+        || "error".to_string(),
+        |n| n.to_lowercase().replace('_', " "),
+    )
+}
+
 /// A gRPC error, readable.
 pub(super) fn rpc_error(status: tonic::Status) -> anyhow::Error {
-    let code = match status.code() {
-        tonic::Code::InvalidArgument => "invalid argument",
-        tonic::Code::NotFound => "not found",
-        tonic::Code::PermissionDenied => "permission denied",
-        tonic::Code::FailedPrecondition => "failed precondition",
-        tonic::Code::Unavailable => "unavailable",
-        tonic::Code::AlreadyExists => "already exists",
-        tonic::Code::Unauthenticated => "unauthenticated",
-        tonic::Code::DeadlineExceeded => "deadline exceeded",
-        _ => "error",
-    };
+    let code = code_words(status.code());
     let msg = status.message();
     if msg.is_empty() {
         anyhow::anyhow!("{code} ({:?})", status.code())
@@ -96,4 +113,37 @@ pub(super) fn read_input(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
             .with_context(|| format!("reading {}", path.display()))?;
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_codes_read_in_lower_case_words() {
+        let cases = [
+            (tonic::Code::InvalidArgument, "invalid argument"),
+            (tonic::Code::NotFound, "not found"),
+            (tonic::Code::PermissionDenied, "permission denied"),
+            (tonic::Code::FailedPrecondition, "failed precondition"),
+            (tonic::Code::Unavailable, "unavailable"),
+            (tonic::Code::AlreadyExists, "already exists"),
+            (tonic::Code::Unauthenticated, "unauthenticated"),
+            (tonic::Code::DeadlineExceeded, "deadline exceeded"),
+            (tonic::Code::Internal, "error"),
+            (tonic::Code::ResourceExhausted, "error"),
+            (tonic::Code::Ok, "error"),
+        ];
+        for (code, words) in cases {
+            assert_eq!(code_words(code), words, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn an_error_reads_its_code_then_its_message() {
+        let e = rpc_error(tonic::Status::not_found("no key \"a\""));
+        assert_eq!(e.to_string(), "not found: no key \"a\"");
+        let e = rpc_error(tonic::Status::internal(""));
+        assert_eq!(e.to_string(), "error (Internal)");
+    }
 }
