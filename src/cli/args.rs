@@ -4,9 +4,11 @@
 
 use std::path::PathBuf;
 
+use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::bench;
+use crate::grpc::pb;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -487,19 +489,36 @@ pub struct DataArgs {
     #[arg(long = "context", value_parser = parse_pair)]
     pub context: Vec<(String, String)>,
     /// Why the key is used.
-    #[arg(long, value_enum, default_value_t = Justification::CustomerInitiatedAccess)]
-    pub justification: Justification,
+    #[arg(long, value_enum, default_value_t = pb::AccessReason::CustomerInitiatedAccess)]
+    pub justification: pb::AccessReason,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Justification {
-    Unspecified,
-    CustomerInitiatedAccess,
-    CustomerInitiatedSupport,
-    ProviderInitiatedService,
-    ProviderSystemOperation,
-    ProviderInitiatedReview,
-    ThirdPartyDataRequest,
+/// `--justification`: clap parses the wire's enum directly, so the client
+/// sends what the user chose with no conversion in between.
+impl ValueEnum for pb::AccessReason {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            Self::Unspecified,
+            Self::CustomerInitiatedAccess,
+            Self::CustomerInitiatedSupport,
+            Self::ProviderInitiatedService,
+            Self::ProviderSystemOperation,
+            Self::ProviderInitiatedReview,
+            Self::ThirdPartyDataRequest,
+        ]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(match self {
+            Self::Unspecified => "unspecified",
+            Self::CustomerInitiatedAccess => "customer-initiated-access",
+            Self::CustomerInitiatedSupport => "customer-initiated-support",
+            Self::ProviderInitiatedService => "provider-initiated-service",
+            Self::ProviderSystemOperation => "provider-system-operation",
+            Self::ProviderInitiatedReview => "provider-initiated-review",
+            Self::ThirdPartyDataRequest => "third-party-data-request",
+        }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -602,5 +621,15 @@ mod tests {
         assert_eq!(parse_pair("a="), Ok(("a".into(), String::new())));
         assert!(parse_pair("=b").is_err());
         assert!(parse_pair("ab").is_err());
+    }
+
+    #[test]
+    fn every_access_reason_has_a_spelling() {
+        let listed = pb::AccessReason::value_variants();
+        // Every value the wire defines (they are numbered from 0 up).
+        let defined: Vec<_> = (0..64)
+            .filter_map(|n| pb::AccessReason::try_from(n).ok())
+            .collect();
+        assert_eq!(listed, &defined[..]);
     }
 }

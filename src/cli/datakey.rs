@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use super::client::{connect, read_input, rpc_error};
 use super::output;
-use super::{ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, Justification};
+use super::{ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs};
 use crate::grpc::pb;
 use crate::grpc::pb::data_key_service_client::DataKeyServiceClient;
 
@@ -30,7 +30,7 @@ pub async fn generate(cmd: DatakeyCommand) -> anyhow::Result<()> {
     } = cmd;
     let mut client = client(&c).await?;
     let encryption_context = context_map(&data);
-    let justification = justification(data.justification);
+    let justification = data.justification as i32;
     if let Some(count) = count {
         let resp = client
             .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
@@ -95,18 +95,6 @@ fn context_map(data: &DataArgs) -> HashMap<String, String> {
     data.context.iter().cloned().collect()
 }
 
-fn justification(j: Justification) -> i32 {
-    (match j {
-        Justification::Unspecified => pb::AccessReason::Unspecified,
-        Justification::CustomerInitiatedAccess => pb::AccessReason::CustomerInitiatedAccess,
-        Justification::CustomerInitiatedSupport => pb::AccessReason::CustomerInitiatedSupport,
-        Justification::ProviderInitiatedService => pb::AccessReason::ProviderInitiatedService,
-        Justification::ProviderSystemOperation => pb::AccessReason::ProviderSystemOperation,
-        Justification::ProviderInitiatedReview => pb::AccessReason::ProviderInitiatedReview,
-        Justification::ThirdPartyDataRequest => pb::AccessReason::ThirdPartyDataRequest,
-    }) as i32
-}
-
 /// Writes `bytes` to `path` (mode 0600), or to standard output when it is
 /// `-`.
 fn write_output(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
@@ -138,7 +126,7 @@ pub async fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
             key_id: args.key,
             plaintext: plaintext.to_vec(),
             encryption_context: context_map(&args.data),
-            justification: justification(args.data.justification),
+            justification: args.data.justification as i32,
         })
         .await
         .map_err(rpc_error)?
@@ -168,7 +156,7 @@ pub async fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
         .decrypt(pb::DecryptRequest {
             ciphertext_blob: blob,
             encryption_context: context_map(&args.data),
-            justification: justification(args.data.justification),
+            justification: args.data.justification as i32,
             key_id: args.key.unwrap_or_default(),
         })
         .await

@@ -23,8 +23,8 @@ use clap::Parser;
 
 pub use args::{
     ApprovalCommand, AuditCommand, Cli, Command, ConnectArgs, DataArgs, DatakeyCommand,
-    DecryptArgs, DevArgs, DevAuditMode, EncryptArgs, HsmCommand, Justification, KeyCommand,
-    LocalHsmArgs, OutcomeArg, PolicyCommand, ProtectionArg, ServeArgs, StateFilter, TokenCommand,
+    DecryptArgs, DevArgs, DevAuditMode, EncryptArgs, HsmCommand, KeyCommand, LocalHsmArgs,
+    OutcomeArg, PolicyCommand, ProtectionArg, ServeArgs, StateFilter, TokenCommand,
 };
 pub use hsm::RELOGIN_CHECK;
 pub use server::{
