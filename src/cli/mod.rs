@@ -1,7 +1,7 @@
 //! The `coffre` command: the server (`dev`, `serve`) and the operator
 //! client (`key`, `datakey`, `encrypt`, `decrypt`, ...), all in one binary.
 //!
-//! Flags are parsed once by clap into the types of [`args`]; the client
+//! Flags are parsed once by clap into the types of `args.rs`; the client
 //! commands talk to the server over gRPC with mTLS, exactly as any other
 //! client does. This file starts the runtime and sends each command to its
 //! module.
