@@ -1,27 +1,16 @@
-//! The operator/service client commands: gRPC over mTLS, like any client.
+//! What every client command shares: the mTLS channel to the server, the
+//! readable form of a gRPC error, and reading an input file.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroizing;
 
-use super::output::{self, KeyOut, VersionOut};
-use super::{
-    ApprovalCommand, ConnectArgs, DataArgs, DatakeyCommand, DecryptArgs, EncryptArgs, HsmCommand,
-    Justification, KeyCommand, PolicyCommand, StateFilter,
-};
-use crate::grpc::convert::policy_to_pb;
-use crate::grpc::pb;
-use crate::grpc::pb::approval_service_client::ApprovalServiceClient;
-use crate::grpc::pb::data_key_service_client::DataKeyServiceClient;
-use crate::grpc::pb::hsm_service_client::HsmServiceClient;
-use crate::grpc::pb::key_service_client::KeyServiceClient;
+use super::ConnectArgs;
+use crate::metrics::CODE_NAMES;
 use crate::pki::PkiPaths;
 
 /// Opens an mTLS channel as `default_identity` unless told otherwise.
@@ -73,19 +62,35 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
         .with_context(|| format!("cannot connect to {}", args.endpoint))
 }
 
+/// The codes a user is told by name (in lower case, `not found`); any other
+/// reads as a plain `error`.
+const NAMED_CODES: [tonic::Code; 8] = [
+    tonic::Code::InvalidArgument,
+    tonic::Code::NotFound,
+    tonic::Code::PermissionDenied,
+    tonic::Code::FailedPrecondition,
+    tonic::Code::Unavailable,
+    tonic::Code::AlreadyExists,
+    tonic::Code::Unauthenticated,
+    tonic::Code::DeadlineExceeded,
+];
+
+/// A status code as the user reads it: `NOT_FOUND` is `not found`.
+fn code_words(code: tonic::Code) -> String {
+    let name = NAMED_CODES
+        .contains(&code)
+        .then(|| usize::try_from(i32::from(code)).ok())
+        .flatten()
+        .and_then(|n| CODE_NAMES.get(n));
+    name.map_or_else(
+        || "error".to_string(),
+        |n| n.to_lowercase().replace('_', " "),
+    )
+}
+
 /// A gRPC error, readable.
 pub(super) fn rpc_error(status: tonic::Status) -> anyhow::Error {
-    let code = match status.code() {
-        tonic::Code::InvalidArgument => "invalid argument",
-        tonic::Code::NotFound => "not found",
-        tonic::Code::PermissionDenied => "permission denied",
-        tonic::Code::FailedPrecondition => "failed precondition",
-        tonic::Code::Unavailable => "unavailable",
-        tonic::Code::AlreadyExists => "already exists",
-        tonic::Code::Unauthenticated => "unauthenticated",
-        tonic::Code::DeadlineExceeded => "deadline exceeded",
-        _ => "error",
-    };
+    let code = code_words(status.code());
     let msg = status.message();
     if msg.is_empty() {
         anyhow::anyhow!("{code} ({:?})", status.code())
@@ -94,442 +99,8 @@ pub(super) fn rpc_error(status: tonic::Status) -> anyhow::Error {
     }
 }
 
-fn context_map(data: &DataArgs) -> HashMap<String, String> {
-    data.context.iter().cloned().collect()
-}
-
-fn justification(j: Justification) -> i32 {
-    (match j {
-        Justification::Unspecified => pb::AccessReason::Unspecified,
-        Justification::CustomerInitiatedAccess => pb::AccessReason::CustomerInitiatedAccess,
-        Justification::CustomerInitiatedSupport => pb::AccessReason::CustomerInitiatedSupport,
-        Justification::ProviderInitiatedService => pb::AccessReason::ProviderInitiatedService,
-        Justification::ProviderSystemOperation => pb::AccessReason::ProviderSystemOperation,
-        Justification::ProviderInitiatedReview => pb::AccessReason::ProviderInitiatedReview,
-        Justification::ThirdPartyDataRequest => pb::AccessReason::ThirdPartyDataRequest,
-    }) as i32
-}
-
-pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
-    match cmd {
-        KeyCommand::Create {
-            alias,
-            description,
-            labels,
-            rotation_period,
-            policy,
-            protection_level,
-            connect: c,
-        } => {
-            let policy = policy.map(|p| read_policy(&p)).transpose()?;
-            let protection_level = match protection_level {
-                super::ProtectionArg::Software => pb::ProtectionLevel::Software,
-                super::ProtectionArg::Hsm => pb::ProtectionLevel::Hsm,
-            };
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .create_key(pb::CreateKeyRequest {
-                    alias: alias.unwrap_or_default(),
-                    description,
-                    protection_level: protection_level as i32,
-                    labels: labels.into_iter().collect(),
-                    rotation_period: rotation_period.map(seconds),
-                    policy: policy.as_ref().map(policy_to_pb),
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let key = resp.key.context("the server returned no key")?;
-            output::key(&KeyOut::from(&key), &[], c.json)
-        }
-        KeyCommand::List {
-            page_size,
-            page_token,
-            all,
-            state,
-            alias_prefix,
-            connect: c,
-        } => {
-            let state = state.map_or(pb::KeyState::Unspecified, |s| match s {
-                StateFilter::Enabled => pb::KeyState::Enabled,
-                StateFilter::Disabled => pb::KeyState::Disabled,
-                StateFilter::PendingDeletion => pb::KeyState::PendingDeletion,
-                StateFilter::Destroyed => pb::KeyState::Destroyed,
-            });
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let mut token = page_token;
-            let mut keys = Vec::new();
-            loop {
-                let resp = client
-                    .list_keys(pb::ListKeysRequest {
-                        page_size,
-                        page_token: token,
-                        state: state as i32,
-                        alias_prefix: alias_prefix.clone().unwrap_or_default(),
-                    })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                keys.extend(resp.keys.iter().map(KeyOut::from));
-                token = resp.next_page_token;
-                if !all || token.is_empty() {
-                    break;
-                }
-            }
-            output::key_list(&keys, &token, c.json)
-        }
-        KeyCommand::Show { key, connect: c } => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .get_key(pb::GetKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let key = resp.key.context("the server returned no key")?;
-            let versions: Vec<VersionOut> = resp.versions.iter().map(VersionOut::from).collect();
-            output::key(&KeyOut::from(&key), &versions, c.json)
-        }
-        KeyCommand::Versions { key, connect: c } => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .get_key(pb::GetKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let versions: Vec<VersionOut> = resp.versions.iter().map(VersionOut::from).collect();
-            output::versions(&versions, c.json)
-        }
-        KeyCommand::ScheduleDeletion {
-            key,
-            days,
-            connect: c,
-        } => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .schedule_key_deletion(pb::ScheduleKeyDeletionRequest {
-                    key_id: key,
-                    pending_window_days: days,
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            if !resp.pending_approval_id.is_empty() {
-                return output::pending(&resp.pending_approval_id, c.json);
-            }
-            let key = resp.key.context("the server returned no key")?;
-            output::key(&KeyOut::from(&key), &[], c.json)
-        }
-        KeyCommand::CancelDeletion { key, connect: c } => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .cancel_key_deletion(pb::CancelKeyDeletionRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            if !resp.pending_approval_id.is_empty() {
-                return output::pending(&resp.pending_approval_id, c.json);
-            }
-            let key = resp.key.context("the server returned no key")?;
-            output::key(&KeyOut::from(&key), &[], c.json)
-        }
-        KeyCommand::SetRotation {
-            key,
-            period,
-            off,
-            connect: c,
-        } => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .set_rotation_policy(pb::SetRotationPolicyRequest {
-                    key_id: key,
-                    rotation_period: if off { None } else { period.map(seconds) },
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let key = resp.key.context("the server returned no key")?;
-            output::key(&KeyOut::from(&key), &[], c.json)
-        }
-        KeyCommand::Policy(PolicyCommand::Show { key, connect: c }) => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .get_key(pb::GetKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let raw = resp
-                .key
-                .and_then(|k| k.policy)
-                .context("the server returned no policy")?;
-            let policy = crate::grpc::convert::policy(raw)
-                .map_err(|s| anyhow::anyhow!("the server's policy does not parse: {}", s))?;
-            println!("{}", serde_json::to_string_pretty(&policy)?);
-            Ok(())
-        }
-        KeyCommand::Policy(PolicyCommand::Set {
-            key,
-            file,
-            connect: c,
-        }) => {
-            let policy = read_policy(&file)?;
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .update_key_policy(pb::UpdateKeyPolicyRequest {
-                    key_id: key,
-                    policy: Some(policy_to_pb(&policy)),
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            if !resp.pending_approval_id.is_empty() {
-                return output::pending(&resp.pending_approval_id, c.json);
-            }
-            let key = resp.key.context("the server returned no key")?;
-            output::key(&KeyOut::from(&key), &[], c.json)
-        }
-        KeyCommand::RetireVersions {
-            key,
-            below,
-            connect: c,
-        } => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .retire_key_versions(pb::RetireKeyVersionsRequest {
-                    key_id: key,
-                    min_decryption_version: below,
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let key = resp.key.context("the server returned no key")?;
-            output::key(&KeyOut::from(&key), &[], c.json)
-        }
-        KeyCommand::Rotate { key, connect: c } => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .rotate_key(pb::RotateKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let key = resp.key.context("the server returned no key")?;
-            output::key(&KeyOut::from(&key), &[], c.json)
-        }
-        KeyCommand::Disable { key, connect: c } => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .disable_key(pb::DisableKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let key = resp.key.context("the server returned no key")?;
-            output::key(&KeyOut::from(&key), &[], c.json)
-        }
-        KeyCommand::Enable { key, connect: c } => {
-            let mut client = KeyServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .enable_key(pb::EnableKeyRequest { key_id: key })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            if !resp.pending_approval_id.is_empty() {
-                return output::pending(&resp.pending_approval_id, c.json);
-            }
-            let key = resp.key.context("the server returned no key")?;
-            output::key(&KeyOut::from(&key), &[], c.json)
-        }
-    }
-}
-
-/// A policy from a JSON file (the format `coffre key policy show` prints).
-fn read_policy(path: &Path) -> anyhow::Result<crate::model::KeyPolicy> {
-    let bytes = read_input(path)?;
-    let policy: crate::model::KeyPolicy = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a valid policy", path.display()))?;
-    policy
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(policy)
-}
-
-fn seconds(s: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(s).unwrap_or(i64::MAX),
-        nanos: 0,
-    }
-}
-
-pub async fn hsm(cmd: HsmCommand) -> anyhow::Result<()> {
-    match cmd {
-        HsmCommand::Info { connect: c } => {
-            let mut client = HsmServiceClient::new(connect(&c, "operator").await?);
-            let info = client
-                .get_hsm_info(pb::GetHsmInfoRequest {})
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            output::hsm_info(&info, c.json)
-        }
-        HsmCommand::RotateRoot { connect: c } => {
-            let mut client = HsmServiceClient::new(connect(&c, "operator").await?);
-            let mut stream = client
-                .rotate_root_key(pb::RotateRootKeyRequest {})
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let mut bar = output::Progress::new(!c.json);
-            let mut last = None;
-            while let Some(p) = stream.message().await.map_err(rpc_error)? {
-                if !p.pending_approval_id.is_empty() {
-                    return output::pending(&p.pending_approval_id, c.json);
-                }
-                bar.update(&p);
-                if c.json {
-                    output::progress_json(&p)?;
-                }
-                last = Some(p);
-            }
-            bar.finish();
-            let last = last.context("the server sent no progress")?;
-            if !last.done {
-                bail!(
-                    "the rotation stopped before the end ({} re-wrapped, {} remaining); run it again to resume",
-                    last.rewrapped,
-                    last.remaining
-                );
-            }
-            if !c.json {
-                println!(
-                    "root key {} is current; {} versions re-wrapped; destroyed old root keys {:?}{}",
-                    last.new_root_key_id,
-                    last.rewrapped,
-                    last.destroyed_root_key_ids,
-                    if last.resumed {
-                        " (resumed an interrupted rotation)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            Ok(())
-        }
-        HsmCommand::InitRootKey { .. }
-        | HsmCommand::Check { .. }
-        | HsmCommand::Conformance { .. } => {
-            anyhow::bail!("this command runs on the HSM directly, not through a server")
-        }
-    }
-}
-
-pub async fn approval(cmd: ApprovalCommand) -> anyhow::Result<()> {
-    match cmd {
-        ApprovalCommand::List { all, connect: c } => {
-            let mut client = ApprovalServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .list_approvals(pb::ListApprovalsRequest {
-                    include_closed: all,
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            output::approvals(&resp.approvals, c.json)
-        }
-        ApprovalCommand::Approve { id, connect: c } => {
-            let mut client = ApprovalServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .approve_operation(pb::ApproveOperationRequest { approval_id: id })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let a = resp.approval.context("the server returned no approval")?;
-            output::approvals(std::slice::from_ref(&a), c.json)?;
-            if a.status() == pb::ApprovalStatus::ApprovalFailed {
-                bail!("the approved operation failed: {}", a.result);
-            }
-            Ok(())
-        }
-        ApprovalCommand::Reject { id, connect: c } => {
-            let mut client = ApprovalServiceClient::new(connect(&c, "operator").await?);
-            let resp = client
-                .reject_operation(pb::RejectOperationRequest { approval_id: id })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            let a = resp.approval.context("the server returned no approval")?;
-            output::approvals(std::slice::from_ref(&a), c.json)
-        }
-    }
-}
-
-pub async fn datakey(cmd: DatakeyCommand) -> anyhow::Result<()> {
-    match cmd {
-        DatakeyCommand::Generate {
-            key,
-            bytes,
-            without_plaintext,
-            count,
-            data,
-            connect: c,
-        } => {
-            let mut client = DataKeyServiceClient::new(connect(&c, "service").await?);
-            if let Some(count) = count {
-                let resp = client
-                    .batch_generate_data_key(pb::BatchGenerateDataKeyRequest {
-                        key_id: key,
-                        encryption_context: context_map(&data),
-                        justification: justification(data.justification),
-                        number_of_bytes: bytes,
-                        count,
-                        without_plaintext,
-                    })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                output::data_keys(resp, c.json)
-            } else if without_plaintext {
-                let resp = client
-                    .generate_data_key_without_plaintext(
-                        pb::GenerateDataKeyWithoutPlaintextRequest {
-                            key_id: key,
-                            encryption_context: context_map(&data),
-                            justification: justification(data.justification),
-                            number_of_bytes: bytes,
-                        },
-                    )
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                output::data_key(
-                    None,
-                    &resp.ciphertext_blob,
-                    &resp.key_id,
-                    resp.key_version,
-                    c.json,
-                )
-            } else {
-                let resp = client
-                    .generate_data_key(pb::GenerateDataKeyRequest {
-                        key_id: key,
-                        encryption_context: context_map(&data),
-                        justification: justification(data.justification),
-                        number_of_bytes: bytes,
-                    })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                let plaintext = Zeroizing::new(resp.plaintext);
-                output::data_key(
-                    Some(&plaintext),
-                    &resp.ciphertext_blob,
-                    &resp.key_id,
-                    resp.key_version,
-                    c.json,
-                )
-            }
-        }
-    }
-}
-
-fn read_input(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+/// The bytes of `path`, or of standard input when it is `-`.
+pub(super) fn read_input(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     let mut buf = Zeroizing::new(Vec::new());
     if path == Path::new("-") {
         std::io::stdin()
@@ -544,80 +115,35 @@ fn read_input(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     Ok(buf)
 }
 
-fn write_output(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    if path == Path::new("-") {
-        let mut out = std::io::stdout().lock();
-        out.write_all(bytes).context("writing standard output")?;
-        return out.flush().context("writing standard output");
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut f = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-pub async fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
-    let plaintext = read_input(&args.input)?;
-    let mut client = DataKeyServiceClient::new(connect(&args.connect, "service").await?);
-    let resp = client
-        .encrypt(pb::EncryptRequest {
-            key_id: args.key,
-            plaintext: plaintext.to_vec(),
-            encryption_context: context_map(&args.data),
-            justification: justification(args.data.justification),
-        })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
-    if let Some(path) = &args.output {
-        write_output(path, &resp.ciphertext_blob)?;
-    }
-    output::ciphertext(
-        args.output.is_none().then_some(&resp.ciphertext_blob[..]),
-        &resp.key_id,
-        resp.key_version,
-        args.connect.json,
-    )
-}
-
-pub async fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
-    let blob = match (&args.blob, &args.input) {
-        (Some(b64), _) => B64
-            .decode(b64.trim())
-            .context("--blob is not valid base64")?,
-        (None, Some(path)) => read_input(path)?.to_vec(),
-        (None, None) => bail!("give the blob with --blob or --in"),
-    };
-    let mut client = DataKeyServiceClient::new(connect(&args.connect, "service").await?);
-    let resp = client
-        .decrypt(pb::DecryptRequest {
-            ciphertext_blob: blob,
-            encryption_context: context_map(&args.data),
-            justification: justification(args.data.justification),
-            key_id: args.key.unwrap_or_default(),
-        })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
-    let plaintext = Zeroizing::new(resp.plaintext);
-    if let Some(path) = &args.output {
-        write_output(path, &plaintext)?;
-        if path == Path::new("-") {
-            return Ok(());
+    #[test]
+    fn named_codes_read_in_lower_case_words() {
+        let cases = [
+            (tonic::Code::InvalidArgument, "invalid argument"),
+            (tonic::Code::NotFound, "not found"),
+            (tonic::Code::PermissionDenied, "permission denied"),
+            (tonic::Code::FailedPrecondition, "failed precondition"),
+            (tonic::Code::Unavailable, "unavailable"),
+            (tonic::Code::AlreadyExists, "already exists"),
+            (tonic::Code::Unauthenticated, "unauthenticated"),
+            (tonic::Code::DeadlineExceeded, "deadline exceeded"),
+            (tonic::Code::Internal, "error"),
+            (tonic::Code::ResourceExhausted, "error"),
+            (tonic::Code::Ok, "error"),
+        ];
+        for (code, words) in cases {
+            assert_eq!(code_words(code), words, "{code:?}");
         }
     }
-    output::plaintext(
-        args.output.is_none().then_some(&plaintext[..]),
-        &resp.key_id,
-        resp.key_version,
-        args.connect.json,
-    )
+
+    #[test]
+    fn an_error_reads_its_code_then_its_message() {
+        let e = rpc_error(tonic::Status::not_found("no key \"a\""));
+        assert_eq!(e.to_string(), "not found: no key \"a\"");
+        let e = rpc_error(tonic::Status::internal(""));
+        assert_eq!(e.to_string(), "error (Internal)");
+    }
 }

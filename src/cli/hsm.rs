@@ -7,21 +7,85 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use serde_json::json;
+use tonic::transport::Channel;
 
-use super::output::print_json;
-use super::{HsmCommand, LocalHsmArgs, client};
+use super::client::{connect, rpc_error};
+use super::output::{self, print_json};
+use super::{ConnectArgs, HsmCommand, LocalHsmArgs, TokenCommand};
 use crate::config::Config;
+use crate::grpc::pb;
+use crate::grpc::pb::hsm_service_client::HsmServiceClient;
 use crate::hsm::pkcs11::Pkcs11Hsm;
 use crate::hsm::{Hsm, conformance};
 use crate::server::production::open_pkcs11;
 
 pub async fn run(cmd: HsmCommand) -> anyhow::Result<()> {
     match cmd {
-        HsmCommand::InitRootKey { local } => init_root_key(&local).await,
-        HsmCommand::Check { local } => check(&local).await,
-        HsmCommand::Conformance { local } => conformance(&local).await,
-        remote => client::hsm(remote).await,
+        HsmCommand::Info { connect } => info(&connect).await,
+        HsmCommand::RotateRoot { connect } => rotate_root(&connect).await,
+        HsmCommand::Token(TokenCommand::InitRootKey { local }) => init_root_key(&local).await,
+        HsmCommand::Token(TokenCommand::Check { local }) => check(&local).await,
+        HsmCommand::Token(TokenCommand::Conformance { local }) => conformance(&local).await,
     }
+}
+
+/// The HSM service, as the operator unless `--as` names another identity.
+async fn client(c: &ConnectArgs) -> anyhow::Result<HsmServiceClient<Channel>> {
+    Ok(HsmServiceClient::new(connect(c, "operator").await?))
+}
+
+async fn info(c: &ConnectArgs) -> anyhow::Result<()> {
+    let info = client(c)
+        .await?
+        .get_hsm_info(pb::GetHsmInfoRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    output::hsm_info(&info, c.json)
+}
+
+async fn rotate_root(c: &ConnectArgs) -> anyhow::Result<()> {
+    let mut stream = client(c)
+        .await?
+        .rotate_root_key(pb::RotateRootKeyRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let mut bar = output::Progress::new(!c.json);
+    let mut last = None;
+    while let Some(p) = stream.message().await.map_err(rpc_error)? {
+        if !p.pending_approval_id.is_empty() {
+            return output::pending(&p.pending_approval_id, c.json);
+        }
+        bar.update(&p);
+        if c.json {
+            output::progress_json(&p)?;
+        }
+        last = Some(p);
+    }
+    bar.finish();
+    let last = last.context("the server sent no progress")?;
+    if !last.done {
+        bail!(
+            "the rotation stopped before the end ({} re-wrapped, {} remaining); run it again to resume",
+            last.rewrapped,
+            last.remaining
+        );
+    }
+    if !c.json {
+        println!(
+            "root key {} is current; {} versions re-wrapped; destroyed old root keys {:?}{}",
+            last.new_root_key_id,
+            last.rewrapped,
+            last.destroyed_root_key_ids,
+            if last.resumed {
+                " (resumed an interrupted rotation)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
 }
 
 async fn open(local: &LocalHsmArgs) -> anyhow::Result<Pkcs11Hsm> {

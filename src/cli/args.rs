@@ -1,0 +1,635 @@
+//! The command line: every subcommand, flag, default, environment variable
+//! and help text, as clap types. Parsing happens here, once; the command
+//! modules receive validated values.
+
+use std::path::PathBuf;
+
+use clap::builder::PossibleValue;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use super::bench;
+use crate::grpc::pb;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coffre",
+    version,
+    about = "A sovereign key management service: envelope encryption over gRPC, master keys behind an HSM",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything on this machine for a first try: dev PKI, in-process
+    /// simulated HSM, sled store, all under --data-dir.
+    Dev(DevArgs),
+    /// Run the server from a configuration file (production).
+    Serve(ServeArgs),
+    /// Manage customer master keys (operator).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Data keys (service).
+    #[command(subcommand)]
+    Datakey(DatakeyCommand),
+    /// The HSM behind coffre (operator).
+    #[command(subcommand)]
+    Hsm(HsmCommand),
+    /// Approve or reject sensitive operations (M-of-N quorum; operator).
+    #[command(subcommand)]
+    Approval(ApprovalCommand),
+    /// The audit log (auditor).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Wrap a small secret (at most 4096 bytes) under a key (service).
+    Encrypt(EncryptArgs),
+    /// Unwrap a ciphertext blob (service).
+    Decrypt(DecryptArgs),
+    /// Load a running server and measure throughput and latency (see
+    /// BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the store, the simulated HSM's state and the dev PKI live.
+    #[arg(long, default_value = "./coffre-data", env = "COFFRE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// A client certificate revocation list (PEM or DER) to honour; re-read
+    /// on SIGHUP and when the file changes. None by default.
+    #[arg(long, value_name = "FILE")]
+    pub crl: Option<PathBuf>,
+    /// How often to check the CRL file for changes, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), requires = "crl")]
+    pub crl_reload_secs: u64,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+    /// How the audit log is written: `write` (each record handed to the
+    /// kernel before the response), `fsync` (on disk before the response),
+    /// or `off` (no record at all: only to measure what the log costs).
+    #[arg(long, value_enum, default_value_t = DevAuditMode::Write)]
+    pub audit_durability: DevAuditMode,
+    /// Serve Prometheus metrics over plain HTTP on this address (e.g.
+    /// 127.0.0.1:9464): GET /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Require M approvals from distinct operators for sensitive operations,
+    /// and issue M operator certificates (operator.pem, operator-2.pem, …).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub quorum: u32,
+    /// Create N more keys (as the dev operator, audited) before printing
+    /// the banner (the server already answers meanwhile): to benchmark a
+    /// large store. Each start with this flag adds N more.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub preload_keys: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DevAuditMode {
+    Write,
+    Fsync,
+    Off,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The TOML configuration (see the crate docs of coffre::config).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Run even as root (refused by default; also `allow_root = true` in
+    /// the configuration).
+    #[arg(long)]
+    pub allow_root: bool,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// How a client command reaches the server.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// The server, e.g. https://127.0.0.1:7443.
+    #[arg(
+        long,
+        global = true,
+        env = "COFFRE_ENDPOINT",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub endpoint: String,
+    /// The `coffre dev` data directory whose dev PKI (DIR/pki/) to use.
+    #[arg(
+        long,
+        global = true,
+        env = "COFFRE_DATA_DIR",
+        default_value = "./coffre-data"
+    )]
+    pub data_dir: PathBuf,
+    /// Identity to use from the dev PKI (operator, service, auditor, …);
+    /// defaults to the role the command needs.
+    #[arg(long = "as", global = true, value_name = "NAME")]
+    pub identity: Option<String>,
+    /// CA certificate of the server (overrides the dev PKI).
+    #[arg(long, global = true, env = "COFFRE_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (overrides the dev PKI).
+    #[arg(long, global = true, env = "COFFRE_CERT", requires = "cert_key")]
+    pub cert: Option<PathBuf>,
+    /// Private key of the client certificate (overrides the dev PKI).
+    #[arg(long, global = true, env = "COFFRE_CERT_KEY", requires = "cert")]
+    pub cert_key: Option<PathBuf>,
+    /// Machine-readable output: one JSON object.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Per-call deadline, in seconds.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a key (ENABLED, version 1).
+    Create {
+        /// Unique alias: letters, digits, '/', '_' and '-'.
+        #[arg(long)]
+        alias: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A label, KEY=VALUE; repeat for more.
+        #[arg(long = "label", value_parser = parse_pair)]
+        labels: Vec<(String, String)>,
+        /// Rotate automatically every PERIOD (e.g. 90d, 1y, 12h; 1 day to 10 years).
+        #[arg(long, value_parser = parse_period)]
+        rotation_period: Option<u64>,
+        /// The key's policy, a JSON file (default: the server's default policy).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// `software`: the CMK is wrapped by the HSM at rest and used from
+        /// coffre's memory (fast). `hsm`: the CMK never leaves the HSM, which
+        /// wraps and unwraps every data key (needs a backend that supports it).
+        #[arg(long, value_enum, default_value_t = ProtectionArg::Software)]
+        protection_level: ProtectionArg,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List keys, a page at a time.
+    List {
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        /// From the previous page's output.
+        #[arg(long, default_value = "")]
+        page_token: String,
+        /// Follow every page.
+        #[arg(long)]
+        all: bool,
+        /// Only keys in this state.
+        #[arg(long, value_enum)]
+        state: Option<StateFilter>,
+        /// Only keys whose alias starts with this.
+        #[arg(long)]
+        alias_prefix: Option<String>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Show a key and its versions.
+    Show {
+        /// Key id (UUID) or alias.
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Add a new primary version; older versions keep decrypting.
+    Rotate {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Refuse every data-key operation with this key, from now on.
+    Disable {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Serve data-key operations again.
+    Enable {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Destroy the key after a waiting period (7 to 30 days); until then it
+    /// can be cancelled.
+    ScheduleDeletion {
+        key: String,
+        /// Waiting period in days, 7 to 30.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Cancel a scheduled deletion: the key becomes DISABLED.
+    CancelDeletion {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List a key's versions with their state.
+    Versions {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Set (or with --off, clear) automatic rotation.
+    SetRotation {
+        key: String,
+        /// e.g. 90d, 1y, 12h; 1 day to 10 years.
+        #[arg(long, value_parser = parse_period, required_unless_present = "off")]
+        period: Option<u64>,
+        #[arg(long, conflicts_with = "period")]
+        off: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Show or replace a key's policy (JSON).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Retire the versions below --below: they stop decrypting
+    /// (re-encrypt blobs forward first).
+    RetireVersions {
+        key: String,
+        /// The new min_decryption_version.
+        #[arg(long)]
+        below: u32,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify an exported audit log offline: every record's hash, the hash
+    /// chain, and every checkpoint's Ed25519 signature. Names the first bad
+    /// record and exits non-zero on failure.
+    Verify {
+        /// The log, JSON lines (records and checkpoints).
+        file: PathBuf,
+        /// The audit public key (PEM), e.g. DIR/audit-public-key.pem.
+        #[arg(long)]
+        public_key: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export the server's audit log (records and checkpoints, JSON lines)
+    /// for offline verification. Asks for a fresh checkpoint first, so the
+    /// export is signed to its end, and checks it before reporting success.
+    Export {
+        /// Where to write the log (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the server's audit public key (PEM) here.
+        #[arg(long)]
+        public_key_out: Option<PathBuf>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List audit records, filtered, oldest first.
+    Events {
+        /// Only records about this key (UUID, or the alias as requested).
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+        /// The RPC name, e.g. Decrypt.
+        #[arg(long)]
+        operation: Option<String>,
+        #[arg(long, value_enum)]
+        outcome: Option<OutcomeArg>,
+        /// Only records from this period before now (e.g. 1h, 7d).
+        #[arg(long, value_parser = parse_period)]
+        since: Option<u64>,
+        /// At most this many records (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue after a previous page (its next_page_token).
+        #[arg(long)]
+        page_token: Option<String>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Stream audit records as JSON lines (one stored record per line) as
+    /// they are written, for a SIEM. Resumable with --after-seq.
+    Tail {
+        /// Start after this seq (0: the whole log first).
+        #[arg(long, default_value_t = 0)]
+        after_seq: u64,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Sign the current chain head and show the checkpoint.
+    Checkpoint {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum OutcomeArg {
+    Allowed,
+    Refused,
+    Failed,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalCommand {
+    /// Pending approvals (--all: also closed ones).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Approve; at the required count the operation runs.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Reject: the operation will not run.
+    Reject {
+        id: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print the policy as JSON (the format `set` takes).
+    Show {
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Replace the policy with the JSON in FILE ('-': standard input).
+    Set {
+        key: String,
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StateFilter {
+    Enabled,
+    Disabled,
+    PendingDeletion,
+    Destroyed,
+}
+
+/// `coffre hsm ...`: the first two go through a running server, the
+/// others open the token directly ([`TokenCommand`], on the same level of
+/// the command line).
+#[derive(Debug, Subcommand)]
+pub enum HsmCommand {
+    /// The HSM backend, its root key ids (never their material).
+    Info {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Rotate the HSM root key and re-wrap every CMK version under it, with
+    /// progress; safe to interrupt and run again (it resumes).
+    RotateRoot {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    #[command(flatten)]
+    Token(TokenCommand),
+}
+
+/// The `coffre hsm` commands that open the PKCS#11 token a server
+/// configuration names, without a server.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create the first root key on the PKCS#11 token a server configuration
+    /// names (once, at installation; refused if the token has one). Runs on
+    /// the HSM directly, not through a server.
+    InitRootKey {
+        #[command(flatten)]
+        local: LocalHsmArgs,
+    },
+    /// Check the PKCS#11 HSM a server configuration names, as `coffre serve`
+    /// does at start (module, token, login, mechanisms, every root key's
+    /// attributes), then wrap and unwrap a random value. Changes nothing.
+    Check {
+        #[command(flatten)]
+        local: LocalHsmArgs,
+    },
+    /// Run the HSM conformance suite against the PKCS#11 token a
+    /// configuration names. It rotates and destroys root keys: it refuses a
+    /// token that already holds one, so run it on a fresh test token.
+    Conformance {
+        #[command(flatten)]
+        local: LocalHsmArgs,
+    },
+}
+
+/// `coffre key create --protection-level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtectionArg {
+    Software,
+    Hsm,
+}
+
+#[derive(Debug, Args)]
+pub struct LocalHsmArgs {
+    /// The server configuration whose [hsm] section to use (backend
+    /// "pkcs11"). The PIN comes from its pin_env or pin_file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatakeyCommand {
+    /// Generate a data key: its plaintext and its wrapped form.
+    Generate {
+        /// Key id (UUID) or alias.
+        #[arg(long)]
+        key: String,
+        /// Bytes of data key, 16 to 64.
+        #[arg(long, default_value_t = 32)]
+        bytes: u32,
+        /// Only the wrapped form.
+        #[arg(long)]
+        without_plaintext: bool,
+        /// Make this many data keys (1 to 1000) in one BatchGenerateDataKey
+        /// request: one authorization, one audit record.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        count: Option<u32>,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+/// What every data-key request carries.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// An encryption-context entry, KEY=VALUE; repeat for more.
+    #[arg(long = "context", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+    /// Why the key is used.
+    #[arg(long, value_enum, default_value_t = pb::AccessReason::CustomerInitiatedAccess)]
+    pub justification: pb::AccessReason,
+}
+
+/// `--justification`: clap parses the wire's enum directly, so the client
+/// sends what the user chose with no conversion in between.
+impl ValueEnum for pb::AccessReason {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            Self::Unspecified,
+            Self::CustomerInitiatedAccess,
+            Self::CustomerInitiatedSupport,
+            Self::ProviderInitiatedService,
+            Self::ProviderSystemOperation,
+            Self::ProviderInitiatedReview,
+            Self::ThirdPartyDataRequest,
+        ]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(match self {
+            Self::Unspecified => "unspecified",
+            Self::CustomerInitiatedAccess => "customer-initiated-access",
+            Self::CustomerInitiatedSupport => "customer-initiated-support",
+            Self::ProviderInitiatedService => "provider-initiated-service",
+            Self::ProviderSystemOperation => "provider-system-operation",
+            Self::ProviderInitiatedReview => "provider-initiated-review",
+            Self::ThirdPartyDataRequest => "third-party-data-request",
+        }))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    #[arg(long)]
+    pub key: String,
+    /// File holding the secret (1 to 4096 bytes); '-' reads standard input.
+    #[arg(long = "in", value_name = "FILE")]
+    pub input: PathBuf,
+    /// Write the raw blob here instead of printing it in base64.
+    #[arg(long = "out", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// The blob, in base64.
+    #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+    pub blob: Option<String>,
+    /// File holding the raw blob; '-' reads standard input.
+    #[arg(long = "in", value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Write the raw plaintext here instead of printing it in base64.
+    #[arg(long = "out", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Require the blob to belong to this key (UUID or alias).
+    #[arg(long)]
+    pub key: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// A period such as `90d`, `1y`, `12h`, `3600s` (seconds when no unit).
+fn parse_period(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("expected a period such as 90d, 1y or 12h, got {s:?}"))?;
+    let unit_secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        "y" => 365 * 86_400,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {s:?} (use s, m, h, d, w or y)"
+            ));
+        }
+    };
+    n.checked_mul(unit_secs)
+        .ok_or_else(|| format!("period {s:?} is too long"))
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    if k.is_empty() {
+        return Err(format!("empty key in {s:?}"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn periods_parse() {
+        assert_eq!(parse_period("90d"), Ok(90 * 86_400));
+        assert_eq!(parse_period("1y"), Ok(365 * 86_400));
+        assert_eq!(parse_period("12h"), Ok(12 * 3600));
+        assert_eq!(parse_period("3600"), Ok(3600));
+        assert!(parse_period("3x").is_err());
+        assert!(parse_period("d").is_err());
+        assert!(parse_period("99999999999999999999y").is_err());
+    }
+
+    #[test]
+    fn pairs_parse() {
+        assert_eq!(parse_pair("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_pair("a="), Ok(("a".into(), String::new())));
+        assert!(parse_pair("=b").is_err());
+        assert!(parse_pair("ab").is_err());
+    }
+
+    #[test]
+    fn every_access_reason_has_a_spelling() {
+        let listed = pb::AccessReason::value_variants();
+        // Every value the wire defines (they are numbered from 0 up).
+        let defined: Vec<_> = (0..64)
+            .filter_map(|n| pb::AccessReason::try_from(n).ok())
+            .collect();
+        assert_eq!(listed, &defined[..]);
+    }
+}

@@ -1,0 +1,231 @@
+//! `coffre key ...`: the operator's calls to the key service, one per
+//! subcommand, and how their answers are printed.
+
+use std::path::Path;
+
+use anyhow::Context;
+use tonic::transport::Channel;
+
+use super::client::{connect, read_input, rpc_error};
+use super::output::{self, KeyOut, VersionOut};
+use super::{ConnectArgs, KeyCommand, PolicyCommand, ProtectionArg, StateFilter};
+use crate::grpc::convert::policy_to_pb;
+use crate::grpc::pb;
+use crate::grpc::pb::key_service_client::KeyServiceClient;
+use crate::model::KeyPolicy;
+
+pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Create {
+            alias,
+            description,
+            labels,
+            rotation_period,
+            policy,
+            protection_level,
+            connect: c,
+        } => {
+            let policy = policy.map(|p| read_policy(&p)).transpose()?;
+            let protection_level = match protection_level {
+                ProtectionArg::Software => pb::ProtectionLevel::Software,
+                ProtectionArg::Hsm => pb::ProtectionLevel::Hsm,
+            };
+            let request = pb::CreateKeyRequest {
+                alias: alias.unwrap_or_default(),
+                description,
+                protection_level: protection_level as i32,
+                labels: labels.into_iter().collect(),
+                rotation_period: rotation_period.map(seconds),
+                policy: policy.as_ref().map(policy_to_pb),
+            };
+            let resp = client(&c).await?.create_key(request).await;
+            print_key(resp.map_err(rpc_error)?.into_inner().key, &c)
+        }
+        KeyCommand::List {
+            page_size,
+            page_token,
+            all,
+            state,
+            alias_prefix,
+            connect: c,
+        } => {
+            let state = state.map_or(pb::KeyState::Unspecified, |s| match s {
+                StateFilter::Enabled => pb::KeyState::Enabled,
+                StateFilter::Disabled => pb::KeyState::Disabled,
+                StateFilter::PendingDeletion => pb::KeyState::PendingDeletion,
+                StateFilter::Destroyed => pb::KeyState::Destroyed,
+            });
+            let mut client = client(&c).await?;
+            let mut token = page_token;
+            let mut keys = Vec::new();
+            loop {
+                let resp = client
+                    .list_keys(pb::ListKeysRequest {
+                        page_size,
+                        page_token: token,
+                        state: state as i32,
+                        alias_prefix: alias_prefix.clone().unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                keys.extend(resp.keys.iter().map(KeyOut::from));
+                token = resp.next_page_token;
+                if !all || token.is_empty() {
+                    break;
+                }
+            }
+            output::key_list(&keys, &token, c.json)
+        }
+        KeyCommand::Show { key, connect: c } => {
+            let resp = get_key(&c, key).await?;
+            let key = returned(resp.key)?;
+            let versions: Vec<VersionOut> = resp.versions.iter().map(VersionOut::from).collect();
+            output::key(&KeyOut::from(&key), &versions, c.json)
+        }
+        KeyCommand::Versions { key, connect: c } => {
+            let resp = get_key(&c, key).await?;
+            let versions: Vec<VersionOut> = resp.versions.iter().map(VersionOut::from).collect();
+            output::versions(&versions, c.json)
+        }
+        KeyCommand::ScheduleDeletion {
+            key,
+            days,
+            connect: c,
+        } => {
+            let request = pb::ScheduleKeyDeletionRequest {
+                key_id: key,
+                pending_window_days: days,
+            };
+            let resp = client(&c).await?.schedule_key_deletion(request).await;
+            let resp = resp.map_err(rpc_error)?.into_inner();
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+        }
+        KeyCommand::CancelDeletion { key, connect: c } => {
+            let request = pb::CancelKeyDeletionRequest { key_id: key };
+            let resp = client(&c).await?.cancel_key_deletion(request).await;
+            let resp = resp.map_err(rpc_error)?.into_inner();
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+        }
+        KeyCommand::SetRotation {
+            key,
+            period,
+            off,
+            connect: c,
+        } => {
+            let request = pb::SetRotationPolicyRequest {
+                key_id: key,
+                rotation_period: if off { None } else { period.map(seconds) },
+            };
+            let resp = client(&c).await?.set_rotation_policy(request).await;
+            print_key(resp.map_err(rpc_error)?.into_inner().key, &c)
+        }
+        KeyCommand::Policy(PolicyCommand::Show { key, connect: c }) => {
+            let raw = get_key(&c, key)
+                .await?
+                .key
+                .and_then(|k| k.policy)
+                .context("the server returned no policy")?;
+            let policy = crate::grpc::convert::policy(raw)
+                .map_err(|s| anyhow::anyhow!("the server's policy does not parse: {}", s))?;
+            println!("{}", serde_json::to_string_pretty(&policy)?);
+            Ok(())
+        }
+        KeyCommand::Policy(PolicyCommand::Set {
+            key,
+            file,
+            connect: c,
+        }) => {
+            let policy = read_policy(&file)?;
+            let request = pb::UpdateKeyPolicyRequest {
+                key_id: key,
+                policy: Some(policy_to_pb(&policy)),
+            };
+            let resp = client(&c).await?.update_key_policy(request).await;
+            let resp = resp.map_err(rpc_error)?.into_inner();
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+        }
+        KeyCommand::RetireVersions {
+            key,
+            below,
+            connect: c,
+        } => {
+            let request = pb::RetireKeyVersionsRequest {
+                key_id: key,
+                min_decryption_version: below,
+            };
+            let resp = client(&c).await?.retire_key_versions(request).await;
+            print_key(resp.map_err(rpc_error)?.into_inner().key, &c)
+        }
+        KeyCommand::Rotate { key, connect: c } => {
+            let request = pb::RotateKeyRequest { key_id: key };
+            let resp = client(&c).await?.rotate_key(request).await;
+            print_key(resp.map_err(rpc_error)?.into_inner().key, &c)
+        }
+        KeyCommand::Disable { key, connect: c } => {
+            let request = pb::DisableKeyRequest { key_id: key };
+            let resp = client(&c).await?.disable_key(request).await;
+            print_key(resp.map_err(rpc_error)?.into_inner().key, &c)
+        }
+        KeyCommand::Enable { key, connect: c } => {
+            let request = pb::EnableKeyRequest { key_id: key };
+            let resp = client(&c).await?.enable_key(request).await;
+            let resp = resp.map_err(rpc_error)?.into_inner();
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+        }
+    }
+}
+
+/// The key service, as the operator unless `--as` names another identity.
+async fn client(c: &ConnectArgs) -> anyhow::Result<KeyServiceClient<Channel>> {
+    Ok(KeyServiceClient::new(connect(c, "operator").await?))
+}
+
+/// `GetKey`: the key and its versions.
+async fn get_key(c: &ConnectArgs, key: String) -> anyhow::Result<pb::GetKeyResponse> {
+    let request = pb::GetKeyRequest { key_id: key };
+    let resp = client(c).await?.get_key(request).await;
+    Ok(resp.map_err(rpc_error)?.into_inner())
+}
+
+/// The key a response must carry.
+fn returned(key: Option<pb::KeyMetadata>) -> anyhow::Result<pb::KeyMetadata> {
+    key.context("the server returned no key")
+}
+
+/// Prints the key a response carries, without its versions.
+fn print_key(key: Option<pb::KeyMetadata>, c: &ConnectArgs) -> anyhow::Result<()> {
+    output::key(&KeyOut::from(&returned(key)?), &[], c.json)
+}
+
+/// For an operation a quorum may hold back: the approval it waits for, or
+/// else the key as the operation left it.
+fn print_pending_or_key(
+    pending_approval_id: &str,
+    key: Option<pb::KeyMetadata>,
+    c: &ConnectArgs,
+) -> anyhow::Result<()> {
+    if pending_approval_id.is_empty() {
+        print_key(key, c)
+    } else {
+        output::pending(pending_approval_id, c.json)
+    }
+}
+
+/// A policy from a JSON file (the format `coffre key policy show` prints).
+fn read_policy(path: &Path) -> anyhow::Result<KeyPolicy> {
+    let bytes = read_input(path)?;
+    let policy: KeyPolicy = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a valid policy", path.display()))?;
+    policy
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(policy)
+}
+
+fn seconds(s: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(s).unwrap_or(i64::MAX),
+        nanos: 0,
+    }
+}
