@@ -170,9 +170,9 @@ impl AuditConfig {
             .unwrap_or_else(|| data_dir.join(AUDIT_LOG_FILE))
     }
 
-    pub fn auditor_options(&self) -> anyhow::Result<crate::audit::AuditorOptions> {
+    pub fn auditor_options(&self) -> anyhow::Result<crate::audit::AuditTrailOptions> {
         use crate::audit::{
-            AuditLogOptions, AuditorOptions, CheckpointPolicy, ClearContext, Durability,
+            AuditLogOptions, AuditTrailOptions, CheckpointPolicy, ClearContext, Durability,
         };
         let every_records = self.checkpoint_every_records.unwrap_or(1000);
         let every_secs = self.checkpoint_every_secs.unwrap_or(60);
@@ -191,7 +191,7 @@ impl AuditConfig {
         } else {
             ClearContext::Keys(self.clear_context_keys.iter().cloned().collect())
         };
-        Ok(AuditorOptions {
+        Ok(AuditTrailOptions {
             log: AuditLogOptions {
                 durability: match self.durability {
                     AuditDurability::Write => Durability::Write,

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
 use super::{DevArgs, DevAuditMode};
-use crate::audit::{Auditor, AuditorOptions};
+use crate::audit::{AuditTrail, AuditTrailOptions};
 use crate::authz::{Role, StaticRoles};
 use crate::config::{Config, HsmConfig};
 use crate::grpc;
@@ -67,7 +67,7 @@ pub struct DevOptions {
 #[derive(Clone, Debug)]
 pub struct AuditSetup {
     pub path: PathBuf,
-    pub options: AuditorOptions,
+    pub options: AuditTrailOptions,
     /// Where to write the checkpoint public key (PEM), if anywhere.
     pub public_key_file: Option<PathBuf>,
     /// A checkpoint key held by the HSM, instead of the one kept in the store.
@@ -141,7 +141,7 @@ async fn open_approvals(dir: &Path) -> anyhow::Result<crate::store::approvals::A
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub kms: Arc<Kms>,
-    pub audit: Arc<Auditor>,
+    pub audit: Arc<AuditTrail>,
     /// The in-process simulated HSM of `coffre dev` (for fault injection in
     /// tests); `None` with a separate HSM.
     pub simulator: Option<Arc<hsm_sim::Simulator>>,
@@ -423,7 +423,7 @@ pub async fn start_server(
 async fn start_metrics(
     at: SocketAddr,
     kms: &Arc<Kms>,
-    auditor: &Arc<Auditor>,
+    auditor: &Arc<AuditTrail>,
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(at)
@@ -471,7 +471,7 @@ async fn start_metrics(
 
 /// Loads (or, on a new data directory, creates) the audit log's keys and
 /// opens the log, verifying it; writes the public key file if asked.
-async fn open_auditor(kms: &Kms, setup: &AuditSetup) -> anyhow::Result<Arc<Auditor>> {
+async fn open_auditor(kms: &Kms, setup: &AuditSetup) -> anyhow::Result<Arc<AuditTrail>> {
     let mut keys = kms
         .audit_keys()
         .await
@@ -481,7 +481,7 @@ async fn open_auditor(kms: &Kms, setup: &AuditSetup) -> anyhow::Result<Arc<Audit
     }
     let path = setup.path.clone();
     let options = setup.options.clone();
-    let auditor = tokio::task::spawn_blocking(move || Auditor::open(&path, keys, options))
+    let auditor = tokio::task::spawn_blocking(move || AuditTrail::open(&path, keys, options))
         .await
         .context("opening the audit log")?
         .with_context(|| {
@@ -510,7 +510,7 @@ async fn open_auditor(kms: &Kms, setup: &AuditSetup) -> anyhow::Result<Arc<Audit
 
 /// The scheduler's own actions are audited like requests, under the
 /// principal `coffre/scheduler`.
-async fn audit_scheduler(auditor: &Auditor, report: &SchedulerReport) {
+async fn audit_scheduler(auditor: &AuditTrail, report: &SchedulerReport) {
     use crate::audit::{AuditEntry, Outcome};
     let actions = report
         .rotated

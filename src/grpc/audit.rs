@@ -25,7 +25,7 @@ use super::auth::principal_of;
 use super::pb::{self, audit_service_server::AuditService};
 use super::services::Api;
 use super::{convert, status};
-use crate::audit::{AuditEntry, AuditRecord, Auditor, Checkpoint, EventFilter, Outcome};
+use crate::audit::{AuditEntry, AuditRecord, AuditTrail, Checkpoint, EventFilter, Outcome};
 use crate::authz::{Caller, Operation};
 use crate::model::{EncryptionContext, KeyId, Timestamp};
 
@@ -75,7 +75,7 @@ impl RequestIds {
 /// (see there).
 pub(super) struct RequestAudit {
     entry: AuditEntry,
-    audit: Arc<Auditor>,
+    audit: Arc<AuditTrail>,
     op: Operation,
     started: Instant,
     span: tracing::Span,

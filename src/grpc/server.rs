@@ -33,7 +33,7 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// Serves until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
     kms: Arc<Kms>,
-    audit: Arc<crate::audit::Auditor>,
+    audit: Arc<crate::audit::AuditTrail>,
     metrics: Arc<crate::metrics::Metrics>,
     listener: TcpListener,
     tls: PreparedTls,

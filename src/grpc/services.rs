@@ -14,7 +14,7 @@ use super::pb::{
     hsm_service_server::HsmService, key_service_server::KeyService,
 };
 use super::status;
-use crate::audit::Auditor;
+use crate::audit::AuditTrail;
 use crate::authz::Operation;
 use crate::service::{
     CreateKeyInput, DEFAULT_DATA_KEY_BYTES, DataKeyOutput, Kms, MAX_BATCH_ITEMS, parse_approval_id,
@@ -26,13 +26,17 @@ use crate::store::KeyFilter;
 pub struct Api {
     pub(super) kms: Arc<Kms>,
     pub(super) principals: Arc<PrincipalCache>,
-    pub(super) audit: Arc<Auditor>,
+    pub(super) audit: Arc<AuditTrail>,
     pub(super) metrics: Arc<crate::metrics::Metrics>,
     pub(super) request_ids: Arc<super::audit::RequestIds>,
 }
 
 impl Api {
-    pub fn new(kms: Arc<Kms>, audit: Arc<Auditor>, metrics: Arc<crate::metrics::Metrics>) -> Self {
+    pub fn new(
+        kms: Arc<Kms>,
+        audit: Arc<AuditTrail>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             kms,
             principals: Arc::new(PrincipalCache::default()),

@@ -16,11 +16,11 @@
 //!
 //! # Readers
 //!
-//! [`Auditor::list_events`] and [`Auditor::export`] read the file with
+//! [`AuditTrail::list_events`] and [`AuditTrail::export`] read the file with
 //! positioned reads (`pread`), up to the length of the acknowledged content
 //! at the time they start, so they never see a torn line and never block the
 //! writer. A sparse index (one record in
-//! [`super::chain::LOG_INDEX_STRIDE`]) lets a page
+//! [`super::log::LOG_INDEX_STRIDE`]) lets a page
 //! start near its `seq` without reading the whole file.
 
 use std::collections::BTreeMap;
@@ -35,8 +35,9 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 use super::AuditError;
-use super::chain::{AuditLog, AuditLogOptions, Checkpoint, PruneReport, read_exact_at};
+use super::checkpoint::{Checkpoint, public_key_to_pem};
 use super::keys::AuditKeys;
+use super::log::{AuditLog, AuditLogOptions, Durability, PruneReport, read_exact_at, record_seq};
 use super::record::{AuditDigestKey, AuditEntry, AuditRecord, Outcome};
 use crate::model::{EncryptionContext, Timestamp};
 
@@ -54,7 +55,7 @@ pub enum ClearContext {
 
 /// Configuration of the server's audit log.
 #[derive(Clone, Debug)]
-pub struct AuditorOptions {
+pub struct AuditTrailOptions {
     pub log: AuditLogOptions,
     pub clear_context: ClearContext,
     /// Records older than this are pruned (as far as a checkpoint allows);
@@ -68,7 +69,7 @@ pub struct AuditorOptions {
     pub discard: bool,
 }
 
-impl Default for AuditorOptions {
+impl Default for AuditTrailOptions {
     fn default() -> Self {
         Self {
             log: AuditLogOptions::default(),
@@ -80,7 +81,7 @@ impl Default for AuditorOptions {
     }
 }
 
-/// Which records [`Auditor::list_events`] returns; `None` matches all.
+/// Which records [`AuditTrail::list_events`] returns; `None` matches all.
 #[derive(Clone, Debug, Default)]
 pub struct EventFilter {
     pub start_time: Option<Timestamp>,
@@ -105,7 +106,7 @@ impl EventFilter {
     }
 }
 
-/// A page of [`Auditor::list_events`].
+/// A page of [`AuditTrail::list_events`].
 #[derive(Clone, Debug, Default)]
 pub struct EventPage {
     pub records: Vec<AuditRecord>,
@@ -159,7 +160,7 @@ struct Shared {
     /// The log itself: the writer thread and, in `write` mode, the request
     /// that leads a batch take it in turn.
     log: Mutex<AuditLog>,
-    /// `write` mode: records waiting for a leader (see [`Auditor::record`]).
+    /// `write` mode: records waiting for a leader (see [`AuditTrail::record`]).
     queue: Mutex<InlineQueue>,
     /// Set, with the log held, before the final checkpoint: nothing is
     /// appended after it.
@@ -182,10 +183,10 @@ impl std::fmt::Debug for InlineQueue {
     }
 }
 
-/// The audit log of a running server. Dropping it (or [`Auditor::shutdown`])
+/// The audit log of a running server. Dropping it (or [`AuditTrail::shutdown`])
 /// writes a final checkpoint.
 #[derive(Debug)]
-pub struct Auditor {
+pub struct AuditTrail {
     tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
     public_key: [u8; 32],
@@ -197,10 +198,14 @@ pub struct Auditor {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Auditor {
+impl AuditTrail {
     /// Opens (verifying it) or creates the log at `path` and starts its
     /// writer thread.
-    pub fn open(path: &Path, keys: AuditKeys, options: AuditorOptions) -> Result<Self, AuditError> {
+    pub fn open(
+        path: &Path,
+        keys: AuditKeys,
+        options: AuditTrailOptions,
+    ) -> Result<Self, AuditError> {
         let public_key = keys.signer.public_key();
         let clear_context = options.clear_context.clone();
         let discard = options.discard;
@@ -226,7 +231,7 @@ impl Auditor {
         if let Ok(log) = shared.log.lock() {
             publish(&shared, &log);
         }
-        let inline = options.log.durability == super::chain::Durability::Write;
+        let inline = options.log.durability == Durability::Write;
         let (tx, rx) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -253,7 +258,7 @@ impl Auditor {
     }
 
     pub fn public_key_pem(&self) -> String {
-        super::chain::public_key_to_pem(&self.public_key)
+        public_key_to_pem(&self.public_key)
     }
 
     /// Whether the last write succeeded (for health checks).
@@ -424,7 +429,7 @@ impl Auditor {
         let mut last_seen = after_seq;
         let mut reader = LineReader::new(&file, start, view.len);
         while let Some(line) = reader.next_line()? {
-            let Some(seq) = super::chain::record_seq(line) else {
+            let Some(seq) = record_seq(line) else {
                 continue; // a checkpoint
             };
             if seq <= after_seq {
@@ -504,7 +509,7 @@ impl Auditor {
     }
 }
 
-impl Drop for Auditor {
+impl Drop for AuditTrail {
     fn drop(&mut self) {
         self.shutdown();
     }
@@ -646,7 +651,7 @@ fn write_batch(shared: &Shared, log: &mut AuditLog, batch: Vec<(AuditEntry, Repl
 /// waits for the disk), the inline queue when a leader hands it over,
 /// checkpoints on demand, and housekeeping (idle checkpoints, recovery
 /// after a failed write, retention).
-fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditorOptions) {
+fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptions) {
     const MAX_BATCH: usize = 4096;
     let lock = || shared.log.lock().unwrap_or_else(|e| e.into_inner());
     let mut last_housekeeping = std::time::Instant::now();
@@ -737,7 +742,7 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditorOptions)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::chain::{CheckpointPolicy, Durability};
+    use crate::audit::log::CheckpointPolicy;
     use crate::audit::record::tests::entry;
 
     fn keys() -> AuditKeys {
@@ -748,7 +753,7 @@ mod tests {
     async fn fsync_mode_group_commits_concurrent_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let options = AuditorOptions {
+        let options = AuditTrailOptions {
             log: AuditLogOptions {
                 durability: Durability::Fsync,
                 checkpoints: CheckpointPolicy {
@@ -757,9 +762,9 @@ mod tests {
                 },
                 ..AuditLogOptions::default()
             },
-            ..AuditorOptions::default()
+            ..AuditTrailOptions::default()
         };
-        let auditor = Arc::new(Auditor::open(&path, keys(), options).unwrap());
+        let auditor = Arc::new(AuditTrail::open(&path, keys(), options).unwrap());
         let tasks: Vec<_> = (0..400)
             .map(|n| {
                 let a = Arc::clone(&auditor);
@@ -802,7 +807,7 @@ mod tests {
     async fn write_mode_requests_lead_their_batches() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let options = AuditorOptions {
+        let options = AuditTrailOptions {
             log: AuditLogOptions {
                 durability: Durability::Write,
                 checkpoints: CheckpointPolicy {
@@ -811,9 +816,9 @@ mod tests {
                 },
                 ..AuditLogOptions::default()
             },
-            ..AuditorOptions::default()
+            ..AuditTrailOptions::default()
         };
-        let auditor = Arc::new(Auditor::open(&path, keys(), options).unwrap());
+        let auditor = Arc::new(AuditTrail::open(&path, keys(), options).unwrap());
         assert!(auditor.inline);
         let tasks: Vec<_> = (0..200)
             .map(|t| {
@@ -861,7 +866,8 @@ mod tests {
     async fn a_busy_log_hands_the_batch_to_the_writer_thread() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let auditor = Arc::new(Auditor::open(&path, keys(), AuditorOptions::default()).unwrap());
+        let auditor =
+            Arc::new(AuditTrail::open(&path, keys(), AuditTrailOptions::default()).unwrap());
         // Another thread holds the log until told to let go.
         let (locked_tx, locked_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
