@@ -79,7 +79,7 @@ impl AuditSetup {
     pub fn in_dir(dir: &Path, config: &crate::config::AuditConfig) -> anyhow::Result<Self> {
         Ok(Self {
             path: config.path_in(dir),
-            options: config.auditor_options()?,
+            options: config.trail.clone(),
             public_key_file: None,
             external_signer: None,
         })
@@ -96,16 +96,13 @@ impl From<DevArgs> for DevOptions {
             quorum: args.quorum,
             crl: args.crl,
             crl_reload_interval: Duration::from_secs(args.crl_reload_secs),
-            audit: crate::config::AuditConfig {
-                durability: match args.audit_durability {
-                    DevAuditMode::Fsync => crate::config::AuditDurability::Fsync,
-                    DevAuditMode::Write | DevAuditMode::Off => {
-                        crate::config::AuditDurability::Write
-                    }
+            audit: crate::config::AuditConfig::dev(
+                match args.audit_durability {
+                    DevAuditMode::Fsync => crate::audit::Durability::Fsync,
+                    DevAuditMode::Write | DevAuditMode::Off => crate::audit::Durability::Write,
                 },
-                discard: args.audit_durability == DevAuditMode::Off,
-                ..crate::config::AuditConfig::default()
-            },
+                args.audit_durability == DevAuditMode::Off,
+            ),
             metrics_listen: args.metrics_listen,
             preload_keys: args.preload_keys,
         }
@@ -641,7 +638,7 @@ pub async fn open_pkcs11(hsm: &HsmConfig) -> anyhow::Result<Pkcs11Hsm> {
     let settings = Pkcs11Settings {
         module: module.clone(),
         token: token.clone(),
-        pin: pin.read()?.0,
+        pin: pin.read()?.into_zeroizing(),
         sessions: *sessions,
         timeout: *timeout,
     };
@@ -668,7 +665,7 @@ pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<(
             timeout,
         } => {
             let pin = pin.read()?;
-            let hsm = RemoteSimHsm::connect(endpoint, pin.0.to_string(), *timeout)
+            let hsm = RemoteSimHsm::connect(endpoint, pin.expose().to_string(), *timeout)
                 .await
                 .with_context(|| format!("connecting to the simulated HSM at {endpoint}"))?;
             tracing::warn!("running on the simulated HSM: not for production");
@@ -694,7 +691,7 @@ pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<(
         }
     };
     if !hsm.is_secure() {
-        if !config.allow_insecure_hsm {
+        if !config.allow_insecure_simulator {
             bail!(
                 "the HSM backend is not secure; refusing to serve (see hsm.allow_insecure_simulator)"
             );
