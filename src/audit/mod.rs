@@ -14,9 +14,11 @@
 //! - [`log`]: [`AuditLog`], the append-only writer over a JSON-lines file
 //!   (open and verify, group-commit batches, checkpoints, recovery after a
 //!   failed write, retention).
-//! - [`trail`]: [`AuditTrail`], the server's audit log: the writer thread,
-//!   the asynchronous API request handlers record through, and the readers
-//!   (`list_events`, `export`, followers).
+//! - [`reader`]: the trail's read side: pages of records ([`EventFilter`],
+//!   [`EventPage`]) and the export, from a snapshot of the file.
+//! - [`trail`]: [`AuditTrail`], the server's audit log: the writer thread
+//!   with its group commit, the asynchronous API request handlers record
+//!   through, checkpoints on demand, retention, followers.
 //! - [`keys`]: [`AuditKeys`], the checkpoint key and the digest key, from
 //!   one HSM-wrapped service secret.
 //!
@@ -53,6 +55,7 @@
 pub mod checkpoint;
 pub mod keys;
 pub mod log;
+pub mod reader;
 pub mod record;
 pub mod trail;
 pub mod verify;
@@ -62,8 +65,9 @@ pub use checkpoint::{
 };
 pub use keys::AuditKeys;
 pub use log::{AuditLog, AuditLogOptions, CheckpointPolicy, Durability};
+pub use reader::{EventFilter, EventPage};
 pub use record::{AuditDigestKey, AuditEntry, AuditRecord, GENESIS_HASH, Outcome};
-pub use trail::{AuditTrail, AuditTrailOptions, ClearContext, EventFilter, EventPage};
+pub use trail::{AuditTrail, AuditTrailOptions, ClearContext};
 pub use verify::{VerifyError, VerifyFailure, VerifyReport, verify, verify_with_checkpoint};
 
 /// Errors of the audit log writer.

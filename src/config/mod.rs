@@ -1,14 +1,14 @@
 //! The server configuration of `coffre serve --config FILE` (TOML), parsed
 //! once into validated values.
 //!
-//! - [`raw`]: the file as serde reads it (`Raw*` structs, no logic).
+//! - `raw.rs`: the file as serde reads it (`Raw*` structs, no logic).
 //! - this file: [`Config`], [`Config::load`], and [`Config::parse`], which
 //!   hands each section to its validator; roles, caches, quorum and rate
 //!   limits are checked here.
-//! - [`hsm`]: `[hsm]` into [`HsmConfig`], with the [`PinSource`] and the
+//! - `hsm.rs`: `[hsm]` into [`HsmConfig`], with the [`PinSource`] and the
 //!   [`Pin`] it yields.
-//! - [`audit`]: `[audit]` into [`AuditConfig`], the audit trail's options.
-//! - [`tls`]: `[tls]` into [`TlsPaths`].
+//! - `audit.rs`: `[audit]` into [`AuditConfig`], the audit trail's options.
+//! - `tls.rs`: `[tls]` into [`TlsPaths`].
 //!
 //! ```toml
 //! listen = "0.0.0.0:7443"
