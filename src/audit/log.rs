@@ -1,7 +1,7 @@
 //! The append-only writer: [`AuditLog`] over one JSON-lines file.
 //!
 //! Opening verifies the whole existing file with the offline verifier
-//! ([`super::verify`]) and truncates a torn last line; appends are written
+//! ([`mod@super::verify`]) and truncates a torn last line; appends are written
 //! in batches (one `write`, and in `fsync` mode one `fsync`, per batch),
 //! with the signed checkpoints ([`super::checkpoint`]) the policy asks for
 //! between the records; a failed write poisons the log until the file is

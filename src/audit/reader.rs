@@ -1,7 +1,7 @@
 //! The read side of the [`super::AuditTrail`]: pages of records
 //! (`list_events`) and the raw export.
 //!
-//! Readers work on a [`Snapshot`]: a handle on the file and what the writer
+//! Readers work on a `Snapshot`: a handle on the file and what the writer
 //! had acknowledged in it when the read started. They read with positioned
 //! reads (`pread`), up to that length, so they never see a torn line and
 //! never block the writer. The sparse index (one record in
