@@ -484,7 +484,7 @@ async fn fail_closed_while_the_log_cannot_be_written_then_recover() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
-    let pk = coffre::audit::chain::public_key_from_pem(
+    let pk = coffre::audit::public_key_from_pem(
         &std::fs::read_to_string(server.data_dir().join("audit-public-key.pem")).unwrap(),
     )
     .unwrap();

@@ -1,10 +1,26 @@
-//! The audit log (issue #5): one record per request, in a hash chain, with
-//! signed checkpoints, verifiable offline.
+//! The audit log: one record per request, in a hash chain, with signed
+//! checkpoints, verifiable offline.
 //!
-//! - [`record`]: [`AuditRecord`] and its canonical encoding (what is hashed).
-//! - [`chain`]: [`AuditLog`], the append-only writer over a JSON-lines file,
-//!   and [`Checkpoint`]s signed by a [`CheckpointSigner`] (Ed25519).
-//! - [`mod@verify`]: the offline verifier an auditor runs on an exported log.
+//! The files, each depending only on those above it:
+//!
+//! - [`record`]: [`AuditEntry`] (what a writer supplies), [`AuditRecord`]
+//!   (one line) and its canonical encoding, the hash chain's link
+//!   (`prev_hash`, [`GENESIS_HASH`]), and the keyed context digest.
+//! - [`checkpoint`]: the signed [`Checkpoint`] and its v1 encoding, the
+//!   [`CheckpointSigner`] (in memory, or an [`ExternalSigner`] in an HSM),
+//!   and the public key's PEM form.
+//! - [`mod@verify`]: the offline verifier an auditor runs on an exported log;
+//!   it knows the formats above and nothing of the writer.
+//! - [`log`]: [`AuditLog`], the append-only writer over a JSON-lines file
+//!   (open and verify, group-commit batches, checkpoints, recovery after a
+//!   failed write, retention).
+//! - [`reader`]: the trail's read side: pages of records ([`EventFilter`],
+//!   [`EventPage`]) and the export, from a snapshot of the file.
+//! - [`trail`]: [`AuditTrail`], the server's audit log: the writer thread
+//!   with its group commit, the asynchronous API request handlers record
+//!   through, checkpoints on demand, retention, followers.
+//! - [`keys`]: [`AuditKeys`], the checkpoint key and the digest key, from
+//!   one HSM-wrapped service secret.
 //!
 //! # File format
 //!
@@ -36,19 +52,22 @@
 //! The writer bounds the unprotected tail by checkpointing every N records or
 //! T seconds.
 
-pub mod auditor;
-pub mod chain;
+pub mod checkpoint;
 pub mod keys;
+pub mod log;
+pub mod reader;
 pub mod record;
+pub mod trail;
 pub mod verify;
 
-pub use auditor::{Auditor, AuditorOptions, ClearContext, EventFilter, EventPage};
-pub use chain::{
-    AuditLog, AuditLogOptions, Checkpoint, CheckpointPolicy, CheckpointSigner, Durability,
-    ExternalSigner, public_key_from_pem, public_key_to_pem,
+pub use checkpoint::{
+    Checkpoint, CheckpointSigner, ExternalSigner, public_key_from_pem, public_key_to_pem,
 };
 pub use keys::AuditKeys;
+pub use log::{AuditLog, AuditLogOptions, CheckpointPolicy, Durability};
+pub use reader::{EventFilter, EventPage};
 pub use record::{AuditDigestKey, AuditEntry, AuditRecord, GENESIS_HASH, Outcome};
+pub use trail::{AuditTrail, AuditTrailOptions, ClearContext};
 pub use verify::{VerifyError, VerifyFailure, VerifyReport, verify, verify_with_checkpoint};
 
 /// Errors of the audit log writer.

@@ -33,8 +33,9 @@ use std::fmt;
 use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 
+use crate::authz::Role;
 use crate::crypto::canonical_context;
-use crate::model::{EncryptionContext, Timestamp};
+use crate::model::{EncryptionContext, KeyId, Timestamp};
 
 /// The `prev_hash` of the first record of a log: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -76,6 +77,53 @@ pub struct AuditEntry {
     pub outcome: Outcome,
     /// The gRPC status code name, e.g. `OK`, `PERMISSION_DENIED`.
     pub status_code: String,
+}
+
+impl AuditEntry {
+    /// A record with nothing filled in: no request id, principal or
+    /// operation, and the outcome `Failed` with no status code, so that an
+    /// entry nobody completed never reads as an allowed request. A request's
+    /// record starts as this and is filled in as the request goes.
+    pub fn empty() -> Self {
+        Self {
+            request_id: String::new(),
+            principal: String::new(),
+            role: None,
+            operation: String::new(),
+            key_id: None,
+            key_version: None,
+            context_digest: None,
+            justification: None,
+            context: None,
+            detail: None,
+            outcome: Outcome::Failed,
+            status_code: String::new(),
+        }
+    }
+
+    /// The record of an action coffre's own tasks performed on a key (the
+    /// scheduler's rotations and destructions, the keys `coffre dev`
+    /// preloads): allowed, status `OK`, under a fresh request id (a random
+    /// UUID, the shape of a request's).
+    pub fn system(
+        principal: &str,
+        role: Option<Role>,
+        operation: &str,
+        key_id: KeyId,
+        detail: &str,
+    ) -> Self {
+        Self {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            principal: principal.to_string(),
+            role: role.map(|r| r.as_str().to_string()),
+            operation: operation.to_string(),
+            key_id: Some(key_id.to_string()),
+            detail: Some(detail.to_string()),
+            outcome: Outcome::Allowed,
+            status_code: "OK".to_string(),
+            ..Self::empty()
+        }
+    }
 }
 
 /// One line of the audit log. Field order is part of the canonical encoding
@@ -267,13 +315,30 @@ pub(crate) mod tests {
             operation: "GenerateDataKey".into(),
             key_id: Some("0b5c1e8e-4a57-4c1c-9d0a-2f3c4b5a6d7e".into()),
             key_version: Some(1),
-            context_digest: None,
-            justification: None,
-            context: None,
-            detail: None,
             outcome: Outcome::Allowed,
             status_code: "OK".into(),
+            ..AuditEntry::empty()
         }
+    }
+
+    #[test]
+    fn an_empty_entry_is_a_failure_and_a_system_entry_an_allowed_action() {
+        let empty = AuditEntry::empty();
+        assert_eq!(empty.outcome, Outcome::Failed);
+        assert!(empty.request_id.is_empty() && empty.status_code.is_empty());
+        let id = KeyId::new_random();
+        let a = AuditEntry::system("coffre/scheduler", None, "RotateKey", id, "scheduled");
+        let b = AuditEntry::system("CN=op", Some(Role::Operator), "CreateKey", id, "preloaded");
+        assert_eq!(
+            (a.outcome, a.status_code.as_str(), a.role.as_deref()),
+            (Outcome::Allowed, "OK", None)
+        );
+        assert_eq!(b.role.as_deref(), Some("operator"));
+        assert_eq!(a.key_id, Some(id.to_string()));
+        assert_eq!(a.detail.as_deref(), Some("scheduled"));
+        assert_eq!(a.key_version, None);
+        assert!(uuid::Uuid::parse_str(&a.request_id).is_ok());
+        assert_ne!(a.request_id, b.request_id, "one request id per record");
     }
 
     #[test]

@@ -23,7 +23,7 @@
 
 use std::io::BufRead;
 
-use super::chain::{Checkpoint, CheckpointLine};
+use super::checkpoint::{Checkpoint, CheckpointLine};
 use super::record::{AuditRecord, GENESIS_HASH};
 
 /// What a successful verification found.
@@ -254,23 +254,28 @@ fn verify_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::chain::AuditLog;
-    use crate::audit::chain::tests::{options, test_signer};
+    use crate::audit::checkpoint::tests::test_signer;
     use crate::audit::record::tests::entry;
+    use crate::model::Timestamp;
 
-    /// Nine records, a checkpoint every three:
+    /// Nine records, a checkpoint every three, built from the formats alone
+    /// (the writer's own logs are verified in `log.rs`'s tests):
     /// lines r1 r2 r3 C3 r4 r5 r6 C6 r7 r8 r9 C9 (r5 is line 6, C6 line 8).
     fn exported_log() -> (Vec<String>, [u8; 32]) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
         let (signer, pk) = test_signer();
-        let (opts, _) = options(3);
-        let mut log = AuditLog::open_with(&path, signer, opts).unwrap();
+        let time = Timestamp(1_700_000_000_000);
+        let mut lines = Vec::new();
+        let mut head = GENESIS_HASH.to_string();
         for n in 1..=9 {
-            log.append(entry(n)).unwrap();
+            let record = AuditRecord::new(n, time, head, entry(n));
+            head = record.hash.clone();
+            lines.push(line_of(&record));
+            if n % 3 == 0 {
+                let checkpoint = signer.checkpoint(n, &head, time).unwrap();
+                lines.push(serde_json::to_string(&CheckpointLine { checkpoint }).unwrap());
+            }
         }
-        let text = std::fs::read_to_string(&path).unwrap();
-        (text.lines().map(str::to_string).collect(), pk)
+        (lines, pk)
     }
 
     fn run(lines: &[String], pk: &[u8; 32]) -> Result<VerifyReport, VerifyError> {

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::client::{connect, rpc_error};
 use super::{AuditCommand, OutcomeArg};
-use crate::audit::chain::public_key_from_pem;
+use crate::audit::public_key_from_pem;
 use crate::audit::{Checkpoint, verify, verify_with_checkpoint};
 use crate::grpc::pb;
 use crate::grpc::pb::audit_service_client::AuditServiceClient;

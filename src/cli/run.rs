@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::{DevArgs, DevAuditMode};
-use crate::config::{AuditConfig, AuditDurability, Config};
+use crate::audit::Durability;
+use crate::config::{AuditConfig, Config};
 use crate::server::{DataDir, dev};
 
 /// Logs go to standard error; `RUST_LOG` filters them (default `info`).
@@ -36,14 +37,13 @@ impl From<DevArgs> for dev::DevOptions {
             quorum: args.quorum,
             crl: args.crl,
             crl_reload_interval: Duration::from_secs(args.crl_reload_secs),
-            audit: AuditConfig {
-                durability: match args.audit_durability {
-                    DevAuditMode::Fsync => AuditDurability::Fsync,
-                    DevAuditMode::Write | DevAuditMode::Off => AuditDurability::Write,
+            audit: AuditConfig::dev(
+                match args.audit_durability {
+                    DevAuditMode::Fsync => Durability::Fsync,
+                    DevAuditMode::Write | DevAuditMode::Off => Durability::Write,
                 },
-                discard: args.audit_durability == DevAuditMode::Off,
-                ..AuditConfig::default()
-            },
+                args.audit_durability == DevAuditMode::Off,
+            ),
             metrics_listen: args.metrics_listen,
             preload_keys: args.preload_keys,
         }

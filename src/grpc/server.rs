@@ -33,7 +33,7 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// Serves until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
     pipeline: Arc<Pipeline>,
-    audit: Arc<crate::audit::Auditor>,
+    audit: Arc<crate::audit::AuditTrail>,
     listener: TcpListener,
     tls: PreparedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,

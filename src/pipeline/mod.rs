@@ -48,7 +48,7 @@ pub use ids::RequestIds;
 pub use outcome::{Code, Failure};
 pub use record::{ABANDONED, RequestAudit};
 
-use crate::audit::{AuditEntry, Auditor, Outcome};
+use crate::audit::{AuditEntry, AuditTrail, Outcome};
 use crate::authz::{Caller, Operation};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -60,7 +60,7 @@ use crate::service::Kms;
 #[derive(Debug)]
 pub struct Pipeline {
     kms: Arc<Kms>,
-    audit: Arc<Auditor>,
+    audit: Arc<AuditTrail>,
     metrics: Arc<Metrics>,
     ids: RequestIds,
 }
@@ -112,7 +112,7 @@ pub struct Open {
 }
 
 impl Pipeline {
-    pub fn new(kms: Arc<Kms>, audit: Arc<Auditor>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(kms: Arc<Kms>, audit: Arc<AuditTrail>, metrics: Arc<Metrics>) -> Self {
         Self {
             kms,
             audit,
@@ -158,7 +158,7 @@ impl Pipeline {
             principal,
             role,
             operation: op.name().to_string(),
-            ..record::empty_entry()
+            ..AuditEntry::empty()
         };
         let mut audit = RequestAudit::new(entry, Arc::clone(&self.audit), op, span);
         audit.named_key(facts.key);

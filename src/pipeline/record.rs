@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Code;
-use crate::audit::{AuditEntry, Auditor, Outcome};
+use crate::audit::{AuditEntry, AuditTrail, Outcome};
 use crate::authz::Operation;
 use crate::model::{AccessReason, EncryptionContext, KeyId, KeyRecord};
 
@@ -17,7 +17,7 @@ use crate::model::{AccessReason, EncryptionContext, KeyId, KeyRecord};
 #[derive(Debug)]
 pub struct RequestAudit {
     entry: AuditEntry,
-    audit: Arc<Auditor>,
+    audit: Arc<AuditTrail>,
     op: Operation,
     started: Instant,
     span: tracing::Span,
@@ -39,7 +39,7 @@ impl Drop for RequestAudit {
         if self.recorded {
             return;
         }
-        let mut entry = std::mem::replace(&mut self.entry, empty_entry());
+        let mut entry = std::mem::replace(&mut self.entry, AuditEntry::empty());
         entry.outcome = Outcome::Failed;
         entry.status_code = Code::Cancelled.name().to_string();
         entry.detail = Some(match entry.detail.take() {
@@ -55,28 +55,10 @@ impl Drop for RequestAudit {
     }
 }
 
-/// A record with nothing filled in (no allocation).
-pub(super) fn empty_entry() -> AuditEntry {
-    AuditEntry {
-        request_id: String::new(),
-        principal: String::new(),
-        role: None,
-        operation: String::new(),
-        key_id: None,
-        key_version: None,
-        context_digest: None,
-        justification: None,
-        context: None,
-        detail: None,
-        outcome: Outcome::Failed,
-        status_code: String::new(),
-    }
-}
-
 impl RequestAudit {
     pub(super) fn new(
         entry: AuditEntry,
-        audit: Arc<Auditor>,
+        audit: Arc<AuditTrail>,
         op: Operation,
         span: tracing::Span,
     ) -> Self {
@@ -157,6 +139,6 @@ impl RequestAudit {
         self.entry.outcome = code.outcome();
         self.entry.status_code = code.name().to_string();
         self.recorded = true;
-        std::mem::replace(&mut self.entry, empty_entry())
+        std::mem::replace(&mut self.entry, AuditEntry::empty())
     }
 }

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use zeroize::Zeroizing;
 
 use super::{AuditSetup, DataDir, RunningServer, ServerBuilder};
+use crate::audit::AuditEntry;
 use crate::authz::{Caller, Role, StaticRoles};
 use crate::config::AuditConfig;
 use crate::hsm::sim::LocalSimHsm;
@@ -87,7 +88,7 @@ pub async fn builder(
     .load()?;
     let audit = AuditSetup {
         public_key_file: Some(dir.audit_public_key()),
-        ..AuditSetup::new(audit.path_in(dir.root()), audit.auditor_options()?)
+        ..AuditSetup::new(audit.path_in(dir.root()), audit.trail.clone())
     };
     Ok(ServerBuilder::new(
         Arc::new(store),
@@ -169,14 +170,16 @@ pub async fn preload_keys(server: &RunningServer, count: u64) -> anyhow::Result<
             .await
             .with_context(|| format!("preloading keys ({done} of {count} created)"))?;
         for view in &created {
-            let mut entry = super::tasks::system_entry(
-                &operator.principal,
-                Some(Role::Operator),
-                "CreateKey",
-                Some(view.key.id),
-                "preloaded by coffre dev",
-            );
-            entry.key_version = Some(1);
+            let entry = AuditEntry {
+                key_version: Some(1),
+                ..AuditEntry::system(
+                    &operator.principal,
+                    Some(Role::Operator),
+                    "CreateKey",
+                    view.key.id,
+                    "preloaded by coffre dev",
+                )
+            };
             server
                 .audit
                 .record(entry)

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 
 pub use data_dir::{AUDIT_LOG_FILE, DataDir};
 
-use crate::audit::{Auditor, AuditorOptions, ExternalSigner};
+use crate::audit::{AuditTrail, AuditTrailOptions, ExternalSigner};
 use crate::authz::Authorizer;
 use crate::grpc;
 use crate::hsm::Hsm;
@@ -47,7 +47,7 @@ use crate::store::approvals::ApprovalStore;
 #[derive(Clone, Debug)]
 pub struct AuditSetup {
     pub path: PathBuf,
-    pub options: AuditorOptions,
+    pub options: AuditTrailOptions,
     /// Where to write the checkpoint public key (PEM), if anywhere.
     pub public_key_file: Option<PathBuf>,
     /// A checkpoint key held by the HSM, instead of the one kept in the store.
@@ -55,7 +55,7 @@ pub struct AuditSetup {
 }
 
 impl AuditSetup {
-    pub fn new(path: PathBuf, options: AuditorOptions) -> Self {
+    pub fn new(path: PathBuf, options: AuditTrailOptions) -> Self {
         Self {
             path,
             options,
@@ -215,7 +215,7 @@ impl ServerBuilder {
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub kms: Arc<Kms>,
-    pub audit: Arc<Auditor>,
+    pub audit: Arc<AuditTrail>,
     /// The in-process simulated HSM of `coffre dev` (for fault injection in
     /// tests); `None` with a separate HSM.
     pub simulator: Option<Arc<hsm_sim::Simulator>>,

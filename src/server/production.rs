@@ -20,7 +20,7 @@ use crate::hsm::sim::RemoteSimHsm;
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let (hsm, external_signer) = open_hsm(config).await?;
     if !hsm.is_secure() {
-        if !config.allow_insecure_hsm {
+        if !config.allow_insecure_simulator {
             bail!(
                 "the HSM backend is not secure; refusing to serve (see hsm.allow_insecure_simulator)"
             );
@@ -37,10 +37,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let roles = StaticRoles::new(config.roles.clone()).with_attributes(config.attributes.clone());
     let audit = AuditSetup {
         external_signer,
-        ..AuditSetup::new(
-            config.audit.path_in(dir.root()),
-            config.audit.auditor_options()?,
-        )
+        ..AuditSetup::new(config.audit.path_in(dir.root()), config.audit.trail.clone())
     };
     ServerBuilder::new(
         Arc::new(store),
@@ -70,7 +67,7 @@ async fn open_hsm(
             timeout,
         } => {
             let pin = pin.read()?;
-            let hsm = RemoteSimHsm::connect(endpoint, pin.0.to_string(), *timeout)
+            let hsm = RemoteSimHsm::connect(endpoint, pin.expose().to_string(), *timeout)
                 .await
                 .with_context(|| format!("connecting to the simulated HSM at {endpoint}"))?;
             tracing::warn!("running on the simulated HSM: not for production");
@@ -115,7 +112,7 @@ pub async fn open_pkcs11(hsm: &HsmConfig) -> anyhow::Result<Pkcs11Hsm> {
     let settings = Pkcs11Settings {
         module: module.clone(),
         token: token.clone(),
-        pin: pin.read()?.0,
+        pin: pin.read()?.into_zeroizing(),
         sessions: *sessions,
         timeout: *timeout,
     };

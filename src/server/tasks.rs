@@ -11,17 +11,15 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::AuditSetup;
-use crate::audit::{AuditEntry, Auditor, Outcome};
-use crate::authz::Role;
+use crate::audit::{AuditEntry, AuditTrail};
 use crate::grpc;
-use crate::model::KeyId;
 use crate::service::{Kms, SchedulerReport};
 
 /// Destruction after the waiting period and automatic rotation, every
 /// `every`; each action is audited.
 pub(super) fn spawn_scheduler(
     kms: Arc<Kms>,
-    auditor: Arc<Auditor>,
+    trail: Arc<AuditTrail>,
     every: Duration,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -37,7 +35,7 @@ pub(super) fn spawn_scheduler(
                     failed = report.failed,
                     "scheduler pass"
                 );
-                audit_scheduler(&auditor, &report).await;
+                audit_scheduler(&trail, &report).await;
             }
         }
     })
@@ -45,15 +43,15 @@ pub(super) fn spawn_scheduler(
 
 /// The scheduler's own actions are audited like requests, under the
 /// principal `coffre/scheduler`.
-async fn audit_scheduler(auditor: &Auditor, report: &SchedulerReport) {
+async fn audit_scheduler(trail: &AuditTrail, report: &SchedulerReport) {
     let actions = report
         .rotated
         .iter()
         .map(|id| ("RotateKey", id))
         .chain(report.destroyed.iter().map(|id| ("DestroyKey", id)));
     for (operation, id) in actions {
-        let entry = system_entry("coffre/scheduler", None, operation, Some(*id), "scheduled");
-        if let Err(e) = auditor.record(entry).await {
+        let entry = AuditEntry::system("coffre/scheduler", None, operation, *id, "scheduled");
+        if let Err(e) = trail.record(entry).await {
             tracing::error!(error = %e, key_id = %id, operation, "cannot audit a scheduled action");
         }
     }
@@ -64,33 +62,33 @@ async fn audit_scheduler(auditor: &Auditor, report: &SchedulerReport) {
 pub(super) async fn start_metrics(
     at: SocketAddr,
     kms: &Arc<Kms>,
-    auditor: &Arc<Auditor>,
+    trail: &Arc<AuditTrail>,
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(at)
         .await
         .with_context(|| format!("cannot listen for metrics on {at}"))?;
     let addr = listener.local_addr().context("metrics address")?;
-    let (kms, auditor, metrics) = (Arc::clone(kms), Arc::clone(auditor), Arc::clone(metrics));
+    let (kms, trail, metrics) = (Arc::clone(kms), Arc::clone(trail), Arc::clone(metrics));
     let render: crate::metrics::http::Render = Arc::new(move || {
         use crate::metrics::render_value;
         let mut out = String::with_capacity(16 * 1024);
         metrics.render_requests(&mut out);
         kms.render_metrics(&mut out);
-        let healthy = if auditor.is_healthy() { 1.0 } else { 0.0 };
+        let healthy = if trail.is_healthy() { 1.0 } else { 0.0 };
         render_value(
             &mut out,
             "coffre_audit_backlog",
             "gauge",
             "Audit records waiting for the writer.",
-            &[("", auditor.backlog() as f64)],
+            &[("", trail.backlog() as f64)],
         );
         render_value(
             &mut out,
             "coffre_audit_records_total",
             "counter",
             "Audit records written (the log's last seq).",
-            &[("", auditor.last_seq() as f64)],
+            &[("", trail.last_seq() as f64)],
         );
         render_value(
             &mut out,
@@ -115,7 +113,7 @@ pub(super) async fn start_metrics(
 pub(super) async fn open_audit_trail(
     kms: &Kms,
     setup: &AuditSetup,
-) -> anyhow::Result<Arc<Auditor>> {
+) -> anyhow::Result<Arc<AuditTrail>> {
     let mut keys = kms
         .audit_keys()
         .await
@@ -125,7 +123,7 @@ pub(super) async fn open_audit_trail(
     }
     let path = setup.path.clone();
     let options = setup.options.clone();
-    let auditor = tokio::task::spawn_blocking(move || Auditor::open(&path, keys, options))
+    let trail = tokio::task::spawn_blocking(move || AuditTrail::open(&path, keys, options))
         .await
         .context("opening the audit log")?
         .with_context(|| {
@@ -142,14 +140,14 @@ pub(super) async fn open_audit_trail(
             )
         })?;
     if let Some(file) = &setup.public_key_file {
-        let pem = auditor.public_key_pem();
+        let pem = trail.public_key_pem();
         if std::fs::read_to_string(file).ok().as_deref() != Some(pem.as_str()) {
             crate::fsutil::write_atomic(file, pem.as_bytes(), false)
                 .with_context(|| format!("writing {}", file.display()))?;
         }
     }
     tracing::info!(file = %setup.path.display(), "audit log open and verified");
-    Ok(Arc::new(auditor))
+    Ok(Arc::new(trail))
 }
 
 /// Reloads the CRL on SIGHUP (unix) and whenever the file's modification
@@ -207,29 +205,4 @@ pub(super) fn spawn_crl_watcher(
             }
         }
     })
-}
-
-/// The record of an action coffre takes by itself (the scheduler, a dev
-/// preload): no request, so a fresh request id.
-pub(super) fn system_entry(
-    principal: &str,
-    role: Option<Role>,
-    operation: &str,
-    key_id: Option<KeyId>,
-    detail: &str,
-) -> AuditEntry {
-    AuditEntry {
-        request_id: uuid::Uuid::new_v4().to_string(),
-        principal: principal.to_string(),
-        role: role.map(|r| r.as_str().to_string()),
-        operation: operation.to_string(),
-        key_id: key_id.map(|k| k.to_string()),
-        key_version: None,
-        context_digest: None,
-        justification: None,
-        context: None,
-        detail: Some(detail.to_string()),
-        outcome: Outcome::Allowed,
-        status_code: "OK".into(),
-    }
 }

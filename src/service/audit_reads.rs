@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::Kms;
-use crate::audit::{Auditor, Checkpoint, EventFilter, EventPage};
+use crate::audit::{AuditTrail, Checkpoint, EventFilter, EventPage};
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
 
@@ -29,7 +29,7 @@ pub struct AuditCheckpoint {
 /// read that outlives one call (an export, a tail). It can only read.
 #[derive(Debug, Clone)]
 pub struct AuditReader {
-    log: Arc<Auditor>,
+    log: Arc<AuditTrail>,
 }
 
 impl AuditReader {
@@ -68,7 +68,7 @@ impl AuditReader {
 impl Kms {
     /// Gives the core the audit log to read from (once, at assembly: the
     /// log is opened with keys the core provides, so it comes after it).
-    pub fn attach_audit_log(&self, log: Arc<Auditor>) {
+    pub fn attach_audit_log(&self, log: Arc<AuditTrail>) {
         if self.audit_log.set(log).is_err() {
             tracing::warn!("the audit log was attached twice; keeping the first");
         }

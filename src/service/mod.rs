@@ -117,7 +117,7 @@ pub struct Kms {
     /// Calls to the HSM, counted and timed by the `MeteredHsm` around it.
     hsm_counters: Arc<crate::metrics::HsmCounters>,
     /// The audit log, for its read side (`audit_reads.rs`).
-    audit_log: std::sync::OnceLock<Arc<crate::audit::Auditor>>,
+    audit_log: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
 }
 
 /// Held for the whole of a key change: serializes writers and keeps the

@@ -1,5 +1,6 @@
-//! The server's audit log: one writer thread that owns the [`AuditLog`],
-//! and the asynchronous API that request handlers and auditors use.
+//! The server's audit log, [`AuditTrail`]: one writer thread that owns the
+//! [`AuditLog`], and the asynchronous API that request handlers and
+//! auditors use.
 //!
 //! # Group commit
 //!
@@ -9,19 +10,16 @@
 //! then answers them all; the others wait. In `fsync` mode the writer thread
 //! does it, with one `write` and one `fsync` per batch, so that no request
 //! thread waits for the disk. Either way concurrent requests share the
-//! system calls, and a request is answered only once its record is written. If the write fails, every
-//! request of the batch gets an error and must be refused (`UNAVAILABLE`):
-//! fail closed. The log recovers by itself when its storage accepts writes
-//! again (the torn bytes of the failed batch are truncated first).
+//! system calls, and a request is answered only once its record is
+//! written. If the write fails, every request of the batch gets an error
+//! and must be refused (`UNAVAILABLE`): fail closed. The log recovers by
+//! itself when its storage accepts writes again (the torn bytes of the
+//! failed batch are truncated first).
 //!
 //! # Readers
 //!
-//! [`Auditor::list_events`] and [`Auditor::export`] read the file with
-//! positioned reads (`pread`), up to the length of the acknowledged content
-//! at the time they start, so they never see a torn line and never block the
-//! writer. A sparse index (one record in
-//! [`super::chain::LOG_INDEX_STRIDE`]) lets a page
-//! start near its `seq` without reading the whole file.
+//! [`AuditTrail::list_events`] and [`AuditTrail::export`] read a snapshot
+//! of the file without blocking the writer: see [`super::reader`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -35,9 +33,11 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 use super::AuditError;
-use super::chain::{AuditLog, AuditLogOptions, Checkpoint, PruneReport, read_exact_at};
+use super::checkpoint::{Checkpoint, public_key_to_pem};
 use super::keys::AuditKeys;
-use super::record::{AuditDigestKey, AuditEntry, AuditRecord, Outcome};
+use super::log::{AuditLog, AuditLogOptions, Durability, PruneReport};
+use super::reader::{EventFilter, EventPage, Snapshot};
+use super::record::{AuditDigestKey, AuditEntry};
 use crate::model::{EncryptionContext, Timestamp};
 
 /// Which encryption-context entries a record shows in clear.
@@ -54,7 +54,7 @@ pub enum ClearContext {
 
 /// Configuration of the server's audit log.
 #[derive(Clone, Debug)]
-pub struct AuditorOptions {
+pub struct AuditTrailOptions {
     pub log: AuditLogOptions,
     pub clear_context: ClearContext,
     /// Records older than this are pruned (as far as a checkpoint allows);
@@ -68,7 +68,7 @@ pub struct AuditorOptions {
     pub discard: bool,
 }
 
-impl Default for AuditorOptions {
+impl Default for AuditTrailOptions {
     fn default() -> Self {
         Self {
             log: AuditLogOptions::default(),
@@ -80,49 +80,12 @@ impl Default for AuditorOptions {
     }
 }
 
-/// Which records [`Auditor::list_events`] returns; `None` matches all.
-#[derive(Clone, Debug, Default)]
-pub struct EventFilter {
-    pub start_time: Option<Timestamp>,
-    pub end_time: Option<Timestamp>,
-    pub key_id: Option<String>,
-    pub principal: Option<String>,
-    pub operation: Option<String>,
-    pub outcome: Option<Outcome>,
-}
-
-impl EventFilter {
-    fn matches(&self, r: &AuditRecord) -> bool {
-        self.start_time.is_none_or(|t| r.time >= t)
-            && self.end_time.is_none_or(|t| r.time < t)
-            && self
-                .key_id
-                .as_ref()
-                .is_none_or(|k| r.key_id.as_ref() == Some(k))
-            && self.principal.as_ref().is_none_or(|p| &r.principal == p)
-            && self.operation.as_ref().is_none_or(|o| &r.operation == o)
-            && self.outcome.is_none_or(|o| r.outcome == o)
-    }
-}
-
-/// A page of [`Auditor::list_events`].
-#[derive(Clone, Debug, Default)]
-pub struct EventPage {
-    pub records: Vec<AuditRecord>,
-    /// Pass as `after_seq` for the next page; `None` at the end of the log.
-    pub next_after_seq: Option<u64>,
-}
-
 /// How many batches a leading request writes before it hands the queue to
 /// the writer thread (so that its own response is not held up).
 const LEADER_BATCHES: usize = 4;
 
 /// How long the writer lets a batch fill when requests are coming in.
 const BATCH_WINDOW: Duration = Duration::from_micros(100);
-
-/// Records examined per page at most, so that a selective filter over a
-/// large log answers in bounded time (with a short page and a token).
-const SCAN_LIMIT: u64 = 100_000;
 
 type Reply = oneshot::Sender<Result<u64, String>>;
 
@@ -159,7 +122,7 @@ struct Shared {
     /// The log itself: the writer thread and, in `write` mode, the request
     /// that leads a batch take it in turn.
     log: Mutex<AuditLog>,
-    /// `write` mode: records waiting for a leader (see [`Auditor::record`]).
+    /// `write` mode: records waiting for a leader (see [`AuditTrail::record`]).
     queue: Mutex<InlineQueue>,
     /// Set, with the log held, before the final checkpoint: nothing is
     /// appended after it.
@@ -182,10 +145,10 @@ impl std::fmt::Debug for InlineQueue {
     }
 }
 
-/// The audit log of a running server. Dropping it (or [`Auditor::shutdown`])
+/// The audit log of a running server. Dropping it (or [`AuditTrail::shutdown`])
 /// writes a final checkpoint.
 #[derive(Debug)]
-pub struct Auditor {
+pub struct AuditTrail {
     tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
     public_key: [u8; 32],
@@ -197,10 +160,14 @@ pub struct Auditor {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Auditor {
+impl AuditTrail {
     /// Opens (verifying it) or creates the log at `path` and starts its
     /// writer thread.
-    pub fn open(path: &Path, keys: AuditKeys, options: AuditorOptions) -> Result<Self, AuditError> {
+    pub fn open(
+        path: &Path,
+        keys: AuditKeys,
+        options: AuditTrailOptions,
+    ) -> Result<Self, AuditError> {
         let public_key = keys.signer.public_key();
         let clear_context = options.clear_context.clone();
         let discard = options.discard;
@@ -226,7 +193,7 @@ impl Auditor {
         if let Ok(log) = shared.log.lock() {
             publish(&shared, &log);
         }
-        let inline = options.log.durability == super::chain::Durability::Write;
+        let inline = options.log.durability == Durability::Write;
         let (tx, rx) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -253,7 +220,7 @@ impl Auditor {
     }
 
     pub fn public_key_pem(&self) -> String {
-        super::chain::public_key_to_pem(&self.public_key)
+        public_key_to_pem(&self.public_key)
     }
 
     /// Whether the last write succeeded (for health checks).
@@ -410,44 +377,7 @@ impl Auditor {
         after_seq: u64,
         limit: usize,
     ) -> Result<EventPage, AuditError> {
-        let (file, view) = self.snapshot()?;
-        // Start at the last indexed record at or before `after_seq + 1`.
-        let target = after_seq.saturating_add(1);
-        let start = view
-            .index
-            .iter()
-            .rev()
-            .find(|(seq, _)| *seq <= target)
-            .map_or(0, |(_, offset)| *offset);
-        let mut page = EventPage::default();
-        let mut scanned = 0u64;
-        let mut last_seen = after_seq;
-        let mut reader = LineReader::new(&file, start, view.len);
-        while let Some(line) = reader.next_line()? {
-            let Some(seq) = super::chain::record_seq(line) else {
-                continue; // a checkpoint
-            };
-            if seq <= after_seq {
-                continue;
-            }
-            let record: AuditRecord = serde_json::from_slice(line)
-                .map_err(|e| AuditError::Encode(format!("record {seq}: {e}")))?;
-            last_seen = seq;
-            scanned += 1;
-            if filter.matches(&record) {
-                page.records.push(record);
-                if page.records.len() >= limit {
-                    break;
-                }
-            }
-            if scanned >= SCAN_LIMIT {
-                break;
-            }
-        }
-        if last_seen < view.last_seq {
-            page.next_after_seq = Some(last_seen);
-        }
-        Ok(page)
+        self.snapshot()?.list_events(filter, after_seq, limit)
     }
 
     /// The acknowledged content (records and checkpoints, as JSON lines),
@@ -456,20 +386,9 @@ impl Auditor {
     pub fn export(
         &self,
         chunk: usize,
-        mut sink: impl FnMut(Vec<u8>) -> bool,
+        sink: impl FnMut(Vec<u8>) -> bool,
     ) -> Result<u64, AuditError> {
-        let (file, view) = self.snapshot()?;
-        let mut offset = 0u64;
-        while offset < view.len {
-            let n = usize::try_from((view.len - offset).min(chunk as u64)).unwrap_or(chunk);
-            let mut buf = vec![0u8; n];
-            read_exact_at(&file, &mut buf, offset)?;
-            offset += n as u64;
-            if !sink(buf) {
-                break;
-            }
-        }
-        Ok(offset)
+        self.snapshot()?.export(chunk, sink)
     }
 
     /// `fsync`s done by the writer since start (`fsync` mode).
@@ -488,10 +407,14 @@ impl Auditor {
 
     /// A file handle and the view that goes with it, taken together so that
     /// a concurrent prune (which replaces the file) cannot mix them.
-    fn snapshot(&self) -> Result<(File, View), AuditError> {
+    fn snapshot(&self) -> Result<Snapshot, AuditError> {
         let view = self.shared.view.lock().map_err(|_| AuditError::Poisoned)?;
-        let file = File::open(&self.shared.path)?;
-        Ok((file, view.clone()))
+        Ok(Snapshot {
+            file: File::open(&self.shared.path)?,
+            len: view.len,
+            index: view.index.clone(),
+            last_seq: view.last_seq,
+        })
     }
 
     /// Stops the writer after the queued records, with a final checkpoint.
@@ -504,57 +427,9 @@ impl Auditor {
     }
 }
 
-impl Drop for Auditor {
+impl Drop for AuditTrail {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// Reads lines from `[start, end)` of a file with positioned reads.
-struct LineReader<'a> {
-    file: &'a File,
-    offset: u64,
-    end: u64,
-    buf: Vec<u8>,
-    pos: usize,
-    line: Vec<u8>,
-}
-
-impl<'a> LineReader<'a> {
-    fn new(file: &'a File, start: u64, end: u64) -> Self {
-        Self {
-            file,
-            offset: start,
-            end,
-            buf: Vec::new(),
-            pos: 0,
-            line: Vec::new(),
-        }
-    }
-
-    /// The next complete line, without its `\n`.
-    fn next_line(&mut self) -> Result<Option<&[u8]>, AuditError> {
-        self.line.clear();
-        loop {
-            let rest = self.buf.get(self.pos..).unwrap_or_default();
-            if let Some(i) = rest.iter().position(|&b| b == b'\n') {
-                self.line
-                    .extend_from_slice(rest.get(..i).unwrap_or_default());
-                self.pos += i + 1;
-                return Ok(Some(&self.line));
-            }
-            self.line.extend_from_slice(rest);
-            self.pos = self.buf.len();
-            if self.offset >= self.end {
-                // The acknowledged content ends with `\n`: nothing is left.
-                return Ok(None);
-            }
-            let n = usize::try_from((self.end - self.offset).min(256 * 1024)).unwrap_or(0);
-            self.buf.resize(n, 0);
-            read_exact_at(self.file, &mut self.buf, self.offset)?;
-            self.offset += n as u64;
-            self.pos = 0;
-        }
     }
 }
 
@@ -646,7 +521,7 @@ fn write_batch(shared: &Shared, log: &mut AuditLog, batch: Vec<(AuditEntry, Repl
 /// waits for the disk), the inline queue when a leader hands it over,
 /// checkpoints on demand, and housekeeping (idle checkpoints, recovery
 /// after a failed write, retention).
-fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditorOptions) {
+fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptions) {
     const MAX_BATCH: usize = 4096;
     let lock = || shared.log.lock().unwrap_or_else(|e| e.into_inner());
     let mut last_housekeeping = std::time::Instant::now();
@@ -737,7 +612,7 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditorOptions)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::chain::{CheckpointPolicy, Durability};
+    use crate::audit::log::CheckpointPolicy;
     use crate::audit::record::tests::entry;
 
     fn keys() -> AuditKeys {
@@ -748,7 +623,7 @@ mod tests {
     async fn fsync_mode_group_commits_concurrent_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let options = AuditorOptions {
+        let options = AuditTrailOptions {
             log: AuditLogOptions {
                 durability: Durability::Fsync,
                 checkpoints: CheckpointPolicy {
@@ -757,9 +632,9 @@ mod tests {
                 },
                 ..AuditLogOptions::default()
             },
-            ..AuditorOptions::default()
+            ..AuditTrailOptions::default()
         };
-        let auditor = Arc::new(Auditor::open(&path, keys(), options).unwrap());
+        let auditor = Arc::new(AuditTrail::open(&path, keys(), options).unwrap());
         let tasks: Vec<_> = (0..400)
             .map(|n| {
                 let a = Arc::clone(&auditor);
@@ -802,7 +677,7 @@ mod tests {
     async fn write_mode_requests_lead_their_batches() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let options = AuditorOptions {
+        let options = AuditTrailOptions {
             log: AuditLogOptions {
                 durability: Durability::Write,
                 checkpoints: CheckpointPolicy {
@@ -811,9 +686,9 @@ mod tests {
                 },
                 ..AuditLogOptions::default()
             },
-            ..AuditorOptions::default()
+            ..AuditTrailOptions::default()
         };
-        let auditor = Arc::new(Auditor::open(&path, keys(), options).unwrap());
+        let auditor = Arc::new(AuditTrail::open(&path, keys(), options).unwrap());
         assert!(auditor.inline);
         let tasks: Vec<_> = (0..200)
             .map(|t| {
@@ -861,7 +736,8 @@ mod tests {
     async fn a_busy_log_hands_the_batch_to_the_writer_thread() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let auditor = Arc::new(Auditor::open(&path, keys(), AuditorOptions::default()).unwrap());
+        let auditor =
+            Arc::new(AuditTrail::open(&path, keys(), AuditTrailOptions::default()).unwrap());
         // Another thread holds the log until told to let go.
         let (locked_tx, locked_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();

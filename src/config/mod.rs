@@ -1,0 +1,571 @@
+//! The server configuration of `coffre serve --config FILE` (TOML), parsed
+//! once into validated values.
+//!
+//! - `raw.rs`: the file as serde reads it (`Raw*` structs, no logic).
+//! - this file: [`Config`], [`Config::load`], and [`Config::parse`], which
+//!   hands each section to its validator; roles, caches, quorum and rate
+//!   limits are checked here.
+//! - `hsm.rs`: `[hsm]` into [`HsmConfig`], with the [`PinSource`] and the
+//!   [`Pin`] it yields.
+//! - `audit.rs`: `[audit]` into [`AuditConfig`], the audit trail's options.
+//! - `tls.rs`: `[tls]` into [`TlsPaths`].
+//!
+//! ```toml
+//! listen = "0.0.0.0:7443"
+//! metrics_listen = "127.0.0.1:9464"     # optional: Prometheus, plain HTTP
+//! data_dir = "/var/lib/coffre"          # sled store in DATA_DIR/store
+//! scheduler_interval_secs = 60           # automatic rotation, destruction
+//! allow_root = false                     # refuse to run as root (default)
+//!
+//! [tls]                                  # mTLS is always on
+//! cert = "/etc/coffre/server.pem"
+//! key = "/etc/coffre/server-key.pem"
+//! client_ca = "/etc/coffre/clients-ca.pem"
+//! crl = "/etc/coffre/clients.crl"        # optional: PEM or DER; re-read on
+//!                                        # SIGHUP and when its mtime changes
+//! crl_reload_secs = 10                   # optional: how often to check the CRL
+//!
+//! [hsm]
+//! backend = "pkcs11"                     # a real HSM (see SECURITY.md, "PKCS#11")
+//! module = "/usr/lib/softhsm/libsofthsm2.so"   # the vendor's PKCS#11 library
+//! token_label = "coffre"                 # or slot = 0
+//! pin_env = "COFFRE_HSM_PIN"             # or pin_file = "/etc/coffre/hsm.pin"
+//! sessions = 8                           # session pool: calls in flight
+//! timeout_ms = 2000
+//!
+//! # or, for tests and demos:
+//! # backend = "simulator"                # a separate `hsm-sim serve` process
+//! # endpoint = "http://127.0.0.1:7444"
+//! # allow_insecure_simulator = true      # required to run on a simulator
+//!
+//! [roles]                                # principal → role; deny by default
+//! operator = ["spiffe://operator.example/alice"]
+//! service = ["spiffe://provider.example/storage"]
+//! auditor = ["spiffe://audit.example/bob"]
+//!
+//! [attributes."spiffe://provider.example/storage"]   # for policy context rules
+//! tenant = "acme"
+//!
+//! [default_key_policy]                   # keys created without a policy
+//! grants = [{ principal = "spiffe://provider.example/storage", operations = ["GenerateDataKey", "Decrypt"] }]
+//! accepted_reasons = ["CUSTOMER_INITIATED_ACCESS", "PROVIDER_SYSTEM_OPERATION"]
+//! [default_key_policy.required_context.tenant]
+//! equals_caller_attribute = "tenant"
+//!
+//! [rate_limits]                         # per principal token buckets; none by default
+//! default = { per_second = 2000, burst = 4000 }
+//! [rate_limits.principals."spiffe://provider.example/batch"]
+//! per_second = 100
+//! burst = 200
+//!
+//! [quorum]                               # M-of-N approvals for sensitive operations
+//! approvals_required = 2                 # ScheduleKeyDeletion, CancelKeyDeletion, EnableKey,
+//! expiry_secs = 86400                    # UpdateKeyPolicy, RotateRootKey
+//! [quorum.operations]
+//! ScheduleKeyDeletion = 3                # per-operation override
+//!
+//! [audit]                                # all optional
+//! checkpoint_key = "hsm"                 # checkpoints signed in the PKCS#11 token
+//!
+//! [cache]
+//! keys = 100000
+//! versions = 100000
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::authz::Role;
+use crate::service::{KmsOptions, QuorumOptions};
+
+mod audit;
+mod hsm;
+mod raw;
+mod tls;
+
+pub use crate::hsm::pkcs11::TokenSelector;
+pub use audit::AuditConfig;
+pub use hsm::{DEFAULT_HSM_SESSIONS, HsmConfig, MAX_HSM_SESSIONS, Pin, PinSource};
+pub use raw::CheckpointKey;
+pub use tls::TlsPaths;
+
+use raw::{RawCache, RawConfig, RawQuorum, RawRoles};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
+/// A validated server configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Where to serve Prometheus metrics (plain HTTP), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub tls: TlsPaths,
+    pub hsm: HsmConfig,
+    pub roles: HashMap<String, Role>,
+    pub options: KmsOptions,
+    /// `hsm.allow_insecure_simulator`: the operator explicitly accepted an
+    /// HSM backend that says it is not secure (the simulator). Checked
+    /// against `Hsm::is_secure` at start.
+    pub allow_insecure_simulator: bool,
+    pub scheduler_interval: Duration,
+    pub attributes: HashMap<String, BTreeMap<String, String>>,
+    pub audit: AuditConfig,
+    /// `allow_root = true`: run even as root (see `crate::hardening`).
+    pub allow_root: bool,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in the configuration {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let raw: RawConfig = toml::from_str(text)?;
+        let listen = raw
+            .listen
+            .as_deref()
+            .unwrap_or(DEFAULT_LISTEN)
+            .parse()
+            .context("listen must be an address such as 127.0.0.1:7443")?;
+        let hsm = hsm::validate(&raw.hsm)?;
+        let roles = roles(raw.roles)?;
+        let options = kms_options(
+            raw.cache,
+            raw.default_key_policy,
+            raw.rate_limits,
+            raw.quorum,
+            &roles,
+        )?;
+        let tls = tls::validate(raw.tls)?;
+        let scheduler_interval = Duration::from_secs(raw.scheduler_interval_secs.unwrap_or(60));
+        if scheduler_interval.is_zero() {
+            bail!("scheduler_interval_secs must be positive");
+        }
+        let audit = audit::validate(raw.audit, &hsm)?;
+        let metrics_listen = raw
+            .metrics_listen
+            .map(|m| {
+                m.parse::<SocketAddr>().with_context(|| {
+                    format!("metrics_listen must be an address such as 127.0.0.1:9464, got {m:?}")
+                })
+            })
+            .transpose()?;
+        Ok(Config {
+            listen,
+            metrics_listen,
+            data_dir: raw.data_dir,
+            tls,
+            hsm,
+            roles,
+            options,
+            allow_insecure_simulator: raw.hsm.allow_insecure_simulator,
+            scheduler_interval,
+            attributes: raw.attributes,
+            audit,
+            allow_root: raw.allow_root,
+        })
+    }
+}
+
+/// `[roles]`: one role per principal.
+fn roles(raw: RawRoles) -> anyhow::Result<HashMap<String, Role>> {
+    let mut roles = HashMap::new();
+    for (role, principals) in [
+        (Role::Operator, raw.operator),
+        (Role::Service, raw.service),
+        (Role::Auditor, raw.auditor),
+    ] {
+        for p in principals {
+            if p.is_empty() {
+                bail!("an empty principal in roles.{role}");
+            }
+            if let Some(previous) = roles.insert(p.clone(), role) {
+                bail!("principal {p:?} has two roles ({previous} and {role}): give it one");
+            }
+        }
+    }
+    Ok(roles)
+}
+
+/// `[cache]`, `[default_key_policy]`, `[rate_limits]` and `[quorum]`: the
+/// core's options. A quorum needs as many operators as it requires.
+fn kms_options(
+    cache: RawCache,
+    default_key_policy: Option<crate::model::KeyPolicy>,
+    rate_limits: crate::service::RateLimits,
+    quorum: RawQuorum,
+    roles: &HashMap<String, Role>,
+) -> anyhow::Result<KmsOptions> {
+    let operators = roles.values().filter(|r| **r == Role::Operator).count();
+    let quorum = quorum_options(quorum)?;
+    if let Some(m) = quorum.approvals_required.values().max() {
+        if usize::try_from(*m).unwrap_or(usize::MAX) > operators.max(1) {
+            bail!(
+                "quorum: {m} approvals are required but only {operators} operators are configured: \
+                 the operations could never be approved"
+            );
+        }
+    }
+    for (who, limit) in rate_limits
+        .default
+        .iter()
+        .map(|l| ("default", l))
+        .chain(rate_limits.principals.iter().map(|(p, l)| (p.as_str(), l)))
+    {
+        limit
+            .validate()
+            .map_err(|e| anyhow::anyhow!("rate_limits ({who}): {e}"))?;
+    }
+    let default_policy = default_key_policy.unwrap_or_default();
+    default_policy
+        .validate()
+        .map_err(|e| anyhow::anyhow!("default_key_policy: {e}"))?;
+    let defaults = KmsOptions::default();
+    Ok(KmsOptions {
+        key_cache_capacity: cache.keys.unwrap_or(defaults.key_cache_capacity).max(1),
+        material_cache_capacity: cache
+            .versions
+            .unwrap_or(defaults.material_cache_capacity)
+            .max(1),
+        default_policy,
+        rate_limits,
+        quorum,
+    })
+}
+
+fn quorum_options(raw: RawQuorum) -> anyhow::Result<QuorumOptions> {
+    let base = raw.approvals_required.unwrap_or(1);
+    let mut q = QuorumOptions::uniform(base);
+    for (kind, m) in raw.operations {
+        q.approvals_required.insert(kind, m);
+    }
+    if q.approvals_required.values().any(|m| *m == 0 || *m > 16) {
+        bail!("quorum: approvals_required must be 1 to 16");
+    }
+    if let Some(secs) = raw.expiry_secs {
+        if secs < 60 {
+            bail!("quorum.expiry_secs must be at least 60");
+        }
+        q.expiry = Duration::from_secs(secs);
+    }
+    Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const GOOD: &str = r#"
+        data_dir = "/tmp/x"
+        [tls]
+        cert = "s.pem"
+        key = "k.pem"
+        client_ca = "ca.pem"
+        [hsm]
+        backend = "simulator"
+        endpoint = "http://127.0.0.1:7444"
+        allow_insecure_simulator = true
+        [roles]
+        operator = ["op"]
+        service = ["svc"]
+    "#;
+
+    const PKCS11: &str = r#"
+        data_dir = "/tmp/x"
+        [tls]
+        cert = "s.pem"
+        key = "k.pem"
+        client_ca = "ca.pem"
+        [hsm]
+        backend = "pkcs11"
+        module = "/usr/lib/softhsm/libsofthsm2.so"
+        token_label = "coffre"
+        pin_file = "/etc/coffre/hsm.pin"
+    "#;
+
+    #[test]
+    fn pkcs11_sections_are_checked() {
+        let c = Config::parse(PKCS11).unwrap();
+        match &c.hsm {
+            HsmConfig::Pkcs11 {
+                token,
+                sessions,
+                pin: PinSource::File(f),
+                ..
+            } => {
+                assert_eq!(token, &TokenSelector::Label("coffre".into()));
+                assert_eq!(*sessions, DEFAULT_HSM_SESSIONS);
+                assert_eq!(f, Path::new("/etc/coffre/hsm.pin"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let slot = PKCS11.replace("token_label = \"coffre\"", "slot = 3");
+        assert!(matches!(
+            Config::parse(&slot).unwrap().hsm,
+            HsmConfig::Pkcs11 {
+                token: TokenSelector::Slot(3),
+                ..
+            }
+        ));
+        let hsm_key = format!("{PKCS11}\n[audit]\ncheckpoint_key = \"hsm\"\n");
+        assert_eq!(
+            Config::parse(&hsm_key).unwrap().audit.checkpoint_key,
+            CheckpointKey::Hsm
+        );
+        for (bad, why) in [
+            (
+                PKCS11.replace("module = \"/usr/lib/softhsm/libsofthsm2.so\"", ""),
+                "hsm.module",
+            ),
+            (
+                PKCS11.replace("token_label = \"coffre\"", ""),
+                "token_label or hsm.slot",
+            ),
+            (
+                PKCS11.replace(
+                    "token_label = \"coffre\"",
+                    "token_label = \"coffre\"\nslot = 1",
+                ),
+                "not both",
+            ),
+            (
+                PKCS11.replace("pin_file = \"/etc/coffre/hsm.pin\"", "pin = \"1234\""),
+                "never goes in the configuration",
+            ),
+            (format!("{PKCS11}\nsessions = 0"), "hsm.sessions"),
+            (
+                format!("{PKCS11}\nendpoint = \"http://127.0.0.1:1\""),
+                "hsm.endpoint is for the simulator",
+            ),
+            (
+                format!("{GOOD}\n[audit]\ncheckpoint_key = \"hsm\"\n"),
+                "needs hsm.backend",
+            ),
+            (
+                GOOD.replace(
+                    "allow_insecure_simulator = true",
+                    "allow_insecure_simulator = true\nmodule = \"/x.so\"",
+                ),
+                "for the pkcs11 backend",
+            ),
+        ] {
+            let err = format!("{:#}", Config::parse(&bad).unwrap_err());
+            assert!(err.contains(why), "expected {why:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn parses_a_good_configuration() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.roles.get("op"), Some(&Role::Operator));
+        assert_eq!(c.roles.get("svc"), Some(&Role::Service));
+        assert!(
+            matches!(c.hsm, HsmConfig::Simulator { pin: PinSource::Env(ref v), .. } if v == "COFFRE_HSM_PIN")
+        );
+    }
+
+    #[test]
+    fn refuses_the_simulator_unless_allowed() {
+        let text = GOOD.replace("allow_insecure_simulator = true", "");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("not secure"), "{err}");
+    }
+
+    #[test]
+    fn parses_attributes_and_a_default_policy() {
+        let text = format!(
+            "{GOOD}\n{}",
+            r#"
+[attributes."svc"]
+tenant = "acme"
+
+[default_key_policy]
+grants = [{ principal = "svc", operations = ["GenerateDataKey", "Decrypt"] }]
+accepted_reasons = ["CUSTOMER_INITIATED_ACCESS"]
+[default_key_policy.required_context.tenant]
+equals_caller_attribute = "tenant"
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.attributes["svc"]["tenant"], "acme");
+        let p = &c.options.default_policy;
+        assert_eq!(p.grants.len(), 1);
+        assert_eq!(p.grants[0].operations.len(), 2);
+        assert_eq!(
+            p.required_context["tenant"]
+                .equals_caller_attribute
+                .as_deref(),
+            Some("tenant")
+        );
+        let bad = text.replace("\"Decrypt\"", "\"Destroy\"");
+        assert!(Config::parse(&bad).is_err(), "unknown operation refused");
+    }
+
+    #[test]
+    fn parses_rate_limits_and_refuses_bad_ones() {
+        let text = format!(
+            "{GOOD}\n{}",
+            r#"
+[rate_limits]
+default = { per_second = 100, burst = 200 }
+[rate_limits.principals."svc"]
+per_second = 5
+burst = 10
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.options.rate_limits.principals["svc"].burst, 10.0);
+        let bad = text.replace("burst = 10", "burst = 0");
+        let err = format!("{:#}", Config::parse(&bad).unwrap_err());
+        assert!(err.contains("rate_limits"), "{err}");
+    }
+
+    #[test]
+    fn parses_quorum() {
+        use crate::store::approvals::SensitiveKind;
+        let text = format!(
+            "{}\n{}",
+            GOOD.replace(r#"operator = ["op"]"#, r#"operator = ["op", "op2", "op3"]"#),
+            "[quorum]\napprovals_required = 2\n[quorum.operations]\nScheduleKeyDeletion = 3\n"
+        );
+        let q = Config::parse(&text).unwrap().options.quorum;
+        assert_eq!(q.required(SensitiveKind::ScheduleKeyDeletion), 3);
+        assert_eq!(q.required(SensitiveKind::EnableKey), 2);
+        assert!(Config::parse(&text.replace("= 3", "= 0")).is_err());
+        let err = format!(
+            "{:#}",
+            Config::parse(&text.replace("= 3", "= 4")).unwrap_err()
+        );
+        assert!(
+            err.contains("only 3 operators"),
+            "an unreachable quorum: {err}"
+        );
+        assert_eq!(
+            Config::parse(GOOD)
+                .unwrap()
+                .options
+                .quorum
+                .required(SensitiveKind::RotateRootKey),
+            1
+        );
+    }
+
+    #[test]
+    fn refuses_a_simulator_off_this_host() {
+        for bad in ["http://10.0.0.5:7444", "http://hsm.example:7444"] {
+            let text = GOOD.replace("http://127.0.0.1:7444", bad);
+            let err = format!("{:#}", Config::parse(&text).unwrap_err());
+            assert!(err.contains("loopback"), "{err}");
+        }
+        let text = GOOD.replace("http://127.0.0.1:7444", "http://[::1]:7444");
+        assert!(Config::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn reads_the_crl_settings() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.tls.crl, None);
+        let text = GOOD.replace(
+            r#"client_ca = "ca.pem""#,
+            "client_ca = \"ca.pem\"\ncrl = \"clients.crl\"\ncrl_reload_secs = 3",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.tls.crl.as_deref(), Some(Path::new("clients.crl")));
+        assert_eq!(c.tls.crl_reload_interval, Duration::from_secs(3));
+
+        for bad in [
+            "crl_reload_secs = 3",
+            "crl = \"x.crl\"\ncrl_reload_secs = 0",
+        ] {
+            let text = GOOD.replace(
+                r#"client_ca = "ca.pem""#,
+                &format!("client_ca = \"ca.pem\"\n{bad}"),
+            );
+            assert!(Config::parse(&text).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refuses_two_roles_and_unknown_fields() {
+        let text = GOOD.replace(r#"service = ["svc"]"#, r#"service = ["op"]"#);
+        assert!(
+            Config::parse(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("two roles")
+        );
+        let text = format!("{GOOD}\n[extra]\nx = 1\n");
+        assert!(Config::parse(&text).is_err());
+    }
+
+    #[test]
+    fn audit_is_validated_once_into_the_trails_options() {
+        use crate::audit::{ClearContext, Durability};
+        let defaults = Config::parse(GOOD).unwrap().audit;
+        assert_eq!(
+            format!("{defaults:?}"),
+            format!("{:?}", AuditConfig::default()),
+            "no [audit] section: the defaults"
+        );
+        assert_eq!(
+            defaults.path_in(Path::new("/d")),
+            Path::new("/d").join(crate::server::AUDIT_LOG_FILE)
+        );
+        let text = format!(
+            "{GOOD}\n{}",
+            r#"
+[audit]
+path = "/var/log/coffre-audit.log"
+durability = "fsync"
+checkpoint_every_records = 5
+checkpoint_every_secs = 7
+retention_days = 2
+clear_context_keys = ["tenant"]
+"#
+        );
+        let a = Config::parse(&text).unwrap().audit;
+        assert_eq!(
+            a.path_in(Path::new("/d")),
+            Path::new("/var/log/coffre-audit.log")
+        );
+        assert_eq!(a.checkpoint_key, CheckpointKey::Software);
+        assert_eq!(a.trail.log.durability, Durability::Fsync);
+        assert_eq!(a.trail.log.checkpoints.every_records, 5);
+        assert_eq!(a.trail.log.checkpoints.every, Duration::from_secs(7));
+        assert_eq!(a.trail.retention, Some(Duration::from_secs(2 * 86_400)));
+        assert_eq!(
+            a.trail.clear_context,
+            ClearContext::Keys(["tenant".to_string()].into())
+        );
+        assert!(!a.trail.discard, "no file can turn the log off");
+        let all = text.replace(r#"["tenant"]"#, r#"["tenant", "*"]"#);
+        assert_eq!(
+            Config::parse(&all).unwrap().audit.trail.clear_context,
+            ClearContext::All
+        );
+        for (bad, why) in [
+            (
+                "checkpoint_every_records = 5",
+                "checkpoint_every_records = 0",
+            ),
+            ("checkpoint_every_secs = 7", "checkpoint_every_secs = 0"),
+            ("retention_days = 2", "retention_days = 0"),
+        ] {
+            let err = format!("{:#}", Config::parse(&text.replace(bad, why)).unwrap_err());
+            assert!(err.contains("at least 1"), "{why}: {err}");
+        }
+        let dev = AuditConfig::dev(Durability::Fsync, true);
+        assert_eq!(dev.trail.log.durability, Durability::Fsync);
+        assert!(dev.trail.discard);
+        assert_eq!(dev.path, None);
+    }
+}

@@ -1,0 +1,154 @@
+//! The configuration file as TOML gives it: serde structs mirroring its
+//! sections, and nothing else. Unknown fields are refused here; every other
+//! check is made once, on the way to [`super::Config`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::model::KeyPolicy;
+use crate::service::RateLimits;
+use crate::store::approvals::SensitiveKind;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) listen: Option<String>,
+    /// Prometheus metrics over plain HTTP (GET /metrics); off when unset.
+    pub(super) metrics_listen: Option<String>,
+    pub(super) data_dir: PathBuf,
+    pub(super) tls: RawTls,
+    pub(super) hsm: RawHsm,
+    #[serde(default)]
+    pub(super) roles: RawRoles,
+    #[serde(default)]
+    pub(super) cache: RawCache,
+    /// Seconds between scheduler passes (rotation, destruction); default 60.
+    pub(super) scheduler_interval_secs: Option<u64>,
+    /// The policy of keys created without one (default: no grants, the
+    /// default reasons).
+    pub(super) default_key_policy: Option<KeyPolicy>,
+    /// principal → {attribute → value}, for policies that bind a context
+    /// value to the caller (e.g. tenant).
+    #[serde(default)]
+    pub(super) attributes: HashMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    pub(super) rate_limits: RateLimits,
+    #[serde(default)]
+    pub(super) quorum: RawQuorum,
+    #[serde(default)]
+    pub(super) audit: RawAudit,
+    /// Run even with effective uid 0 (refused by default: see
+    /// `crate::hardening`).
+    #[serde(default)]
+    pub(super) allow_root: bool,
+}
+
+/// `[audit]`: the audit log.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    /// The log file (default `DATA_DIR/audit.log`).
+    pub(super) path: Option<PathBuf>,
+    /// `write` (default: each record reaches the OS before the response; it
+    /// survives a crash of coffre) or `fsync` (it reaches the disk; group
+    /// commit: concurrent requests share one fsync).
+    #[serde(default)]
+    pub(super) durability: AuditDurability,
+    /// A signed checkpoint after this many records (default 1000)…
+    pub(super) checkpoint_every_records: Option<u64>,
+    /// …or after this many seconds (default 60), whichever comes first.
+    pub(super) checkpoint_every_secs: Option<u64>,
+    /// Records older than this are pruned, down to a signed anchor
+    /// checkpoint (default: keep everything).
+    pub(super) retention_days: Option<u32>,
+    /// Encryption-context keys whose values records show in clear; `"*"`
+    /// for all. Default: none (only a keyed digest).
+    #[serde(default)]
+    pub(super) clear_context_keys: Vec<String>,
+    /// Which key signs checkpoints: `software` (default: an Ed25519 key kept
+    /// wrapped under the HSM root key and used in coffre's memory) or `hsm`
+    /// (an Ed25519 key pair generated in the PKCS#11 token, used there).
+    #[serde(default)]
+    pub(super) checkpoint_key: CheckpointKey,
+}
+
+/// `[audit] checkpoint_key`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointKey {
+    #[default]
+    Software,
+    Hsm,
+}
+
+/// `[audit] durability`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum AuditDurability {
+    #[default]
+    Write,
+    Fsync,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQuorum {
+    /// M for every sensitive operation (default 1: no quorum).
+    pub(super) approvals_required: Option<u32>,
+    /// Per-operation overrides.
+    #[serde(default)]
+    pub(super) operations: BTreeMap<SensitiveKind, u32>,
+    /// How long a proposal stays open (default 24 h).
+    pub(super) expiry_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+    pub(super) client_ca: PathBuf,
+    pub(super) crl: Option<PathBuf>,
+    pub(super) crl_reload_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHsm {
+    pub(super) backend: String,
+    pub(super) endpoint: Option<String>,
+    pub(super) pin_env: Option<String>,
+    pub(super) pin_file: Option<PathBuf>,
+    pub(super) timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub(super) allow_insecure_simulator: bool,
+    /// PKCS#11: the vendor's module.
+    pub(super) module: Option<PathBuf>,
+    /// PKCS#11: the token, by label or by slot id.
+    pub(super) token_label: Option<String>,
+    pub(super) slot: Option<u64>,
+    /// PKCS#11: the session pool size.
+    pub(super) sessions: Option<usize>,
+    /// Refused with a clear message: the PIN never goes in the file.
+    pub(super) pin: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoles {
+    #[serde(default)]
+    pub(super) operator: Vec<String>,
+    #[serde(default)]
+    pub(super) service: Vec<String>,
+    #[serde(default)]
+    pub(super) auditor: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    pub(super) keys: Option<usize>,
+    pub(super) versions: Option<usize>,
+}
