@@ -12,7 +12,7 @@
 //! |------------------------------------------------------|--------------------------|
 //! | outage, injected error, timeout, transport failure, internal error | `Unavailable` |
 //! | unwrap authentication failure (`INVALID_ARGUMENT` on Unwrap) | `AuthenticationFailed` |
-//! | tampered (`FAILED_PRECONDITION` "tampered")          | `Tampered`               |
+//! | tampered (reason `Tampered`, read by [`hsm_sim::status::reason`]) | `Tampered`  |
 //! | wrong PIN, session lost again after a re-login       | `LoginFailed`            |
 //! | other invalid argument or precondition               | `Rejected`               |
 

@@ -11,6 +11,7 @@ use hsm_sim::proto::{
     GetInfoRequest, LoginRequest, OpenWithObjectRequest, RotateRootKeyRequest,
     SealWithObjectRequest, UnwrapRequest, WrapRequest,
 };
+use hsm_sim::status::{Reason, reason};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 use zeroize::Zeroizing;
@@ -53,6 +54,29 @@ enum Op {
     /// Opening with a key object: `INVALID_ARGUMENT` is an authentication
     /// failure, as for Unwrap.
     OpenObject,
+}
+
+/// The [`HsmError`] for a status of a call of kind `op`: from the
+/// simulator, whose [`Reason`] says what happened where the code alone does
+/// not (a tamper response), or from the transport on the way to it.
+fn map_status(endpoint: &str, op: Op, status: &Status) -> HsmError {
+    if reason(status) == Some(Reason::Tampered) {
+        return HsmError::Tampered;
+    }
+    let msg = status.message();
+    match status.code() {
+        Code::InvalidArgument if matches!(op, Op::Unwrap | Op::OpenObject) => {
+            HsmError::AuthenticationFailed
+        }
+        Code::Unauthenticated => HsmError::LoginFailed(msg.to_owned()),
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::NotFound
+        | Code::OutOfRange
+        | Code::PermissionDenied
+        | Code::Unimplemented => HsmError::Rejected(format!("hsm-sim: {msg}")),
+        code => HsmError::Unavailable(format!("hsm-sim at {endpoint} ({code:?}): {msg}")),
+    }
 }
 
 impl RemoteSimHsm {
@@ -99,26 +123,6 @@ impl RemoteSimHsm {
         }
     }
 
-    fn map_status(&self, op: Op, status: &Status) -> HsmError {
-        let msg = status.message();
-        match status.code() {
-            Code::InvalidArgument if matches!(op, Op::Unwrap | Op::OpenObject) => {
-                HsmError::AuthenticationFailed
-            }
-            Code::FailedPrecondition if msg.contains("tampered") => HsmError::Tampered,
-            Code::Unauthenticated => HsmError::LoginFailed(msg.to_owned()),
-            Code::InvalidArgument
-            | Code::FailedPrecondition
-            | Code::NotFound
-            | Code::OutOfRange
-            | Code::PermissionDenied
-            | Code::Unimplemented => HsmError::Rejected(format!("hsm-sim: {msg}")),
-            code => {
-                HsmError::Unavailable(format!("hsm-sim at {} ({code:?}): {msg}", self.endpoint))
-            }
-        }
-    }
-
     async fn login(&self) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         let mut client = self.client.clone();
         let request = LoginRequest {
@@ -127,7 +131,7 @@ impl RemoteSimHsm {
         let response = self
             .deadline(client.login(request))
             .await
-            .map_err(|s| self.map_status(Op::Login, &s))?;
+            .map_err(|s| map_status(&self.endpoint, Op::Login, &s))?;
         Ok(Zeroizing::new(response.session))
     }
 
@@ -157,9 +161,9 @@ impl RemoteSimHsm {
                 let session = self.relogin(&session).await?;
                 self.deadline(f(self.client.clone(), session.to_vec()))
                     .await
-                    .map_err(|s| self.map_status(op, &s))
+                    .map_err(|s| map_status(&self.endpoint, op, &s))
             }
-            other => other.map_err(|s| self.map_status(op, &s)),
+            other => other.map_err(|s| map_status(&self.endpoint, op, &s)),
         }
     }
 }
@@ -175,7 +179,7 @@ impl Hsm for RemoteSimHsm {
         let info = self
             .deadline(client.get_info(GetInfoRequest {}))
             .await
-            .map_err(|s| self.map_status(Op::Info, &s))?;
+            .map_err(|s| map_status(&self.endpoint, Op::Info, &s))?;
         Ok(HsmInfo {
             backend: format!("hsm-sim ({})", self.endpoint),
             label: info.label,
@@ -273,10 +277,7 @@ impl Hsm for RemoteSimHsm {
             .call(Op::Object, |mut c, session| async move {
                 c.seal_with_object(SealWithObjectRequest {
                     session,
-                    name: seal.object.to_owned(),
-                    salt: seal.salt.to_vec(),
-                    iv: seal.iv.to_vec(),
-                    aad: seal.aad.to_vec(),
+                    seal: Some(object_seal(seal)),
                     plaintext: plaintext.to_vec(),
                 })
                 .await
@@ -294,10 +295,7 @@ impl Hsm for RemoteSimHsm {
             .call(Op::OpenObject, |mut c, session| async move {
                 c.open_with_object(OpenWithObjectRequest {
                     session,
-                    name: seal.object.to_owned(),
-                    salt: seal.salt.to_vec(),
-                    iv: seal.iv.to_vec(),
-                    aad: seal.aad.to_vec(),
+                    seal: Some(object_seal(seal)),
                     sealed: sealed.to_vec(),
                 })
                 .await
@@ -316,5 +314,46 @@ impl Hsm for RemoteSimHsm {
         })
         .await?;
         Ok(())
+    }
+}
+
+/// Where to seal or open, as the simulator's protocol says it.
+fn object_seal(seal: ObjectSeal<'_>) -> hsm_sim::proto::ObjectSeal {
+    hsm_sim::proto::ObjectSeal {
+        name: seal.object.to_owned(),
+        salt: seal.salt.to_vec(),
+        iv: seal.iv.to_vec(),
+        aad: seal.aad.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hsm_sim::SimError;
+    use hsm_sim::status::{REASON_KEY, to_status};
+    use tonic::metadata::MetadataValue;
+
+    use super::*;
+
+    #[test]
+    fn a_tamper_is_known_by_its_reason_not_its_message() {
+        let map = |op, status: &Status| map_status("http://sim", op, status);
+        assert!(matches!(
+            map(Op::Unwrap, &to_status(SimError::Tampered)),
+            HsmError::Tampered
+        ));
+        let mut reworded = Status::failed_precondition("keys zeroized");
+        reworded
+            .metadata_mut()
+            .insert(REASON_KEY, MetadataValue::from_static("tampered"));
+        assert!(matches!(map(Op::Wrap, &reworded), HsmError::Tampered));
+
+        // The words without the reason: a refused precondition, not a tamper.
+        let prose = Status::failed_precondition("token tampered: root keys destroyed");
+        assert!(matches!(map(Op::Wrap, &prose), HsmError::Rejected(_)));
+        assert!(matches!(
+            map(Op::RootKey, &to_status(SimError::CurrentRootKey(1))),
+            HsmError::Rejected(_)
+        ));
     }
 }
