@@ -15,6 +15,9 @@
 //! | tampered (reason `Tampered`, read by [`hsm_sim::status::reason`]) | `Tampered`  |
 //! | wrong PIN, session lost again after a re-login       | `LoginFailed`            |
 //! | other invalid argument or precondition               | `Rejected`               |
+//!
+//! The limits coffre states for every backend are the simulator's own: the
+//! build fails if the two crates disagree.
 
 mod local;
 mod remote;
@@ -25,6 +28,13 @@ pub use remote::RemoteSimHsm;
 use hsm_sim::MAX_RANDOM_LEN;
 
 use super::HsmError;
+
+const _: () = {
+    assert!(super::MAX_SEAL_LEN == hsm_sim::MAX_SEAL_LEN);
+    assert!(super::MAX_OBJECT_NAME_LEN == hsm_sim::MAX_OBJECT_NAME_LEN);
+    assert!(super::pkcs11::MAX_RANDOM_LEN == hsm_sim::MAX_RANDOM_LEN);
+    assert!(super::pkcs11::MAX_PLAINTEXT_LEN == hsm_sim::format::MAX_PLAINTEXT_LEN);
+};
 
 fn check_random_len(len: usize) -> Result<(), HsmError> {
     if len == 0 || len > MAX_RANDOM_LEN {
