@@ -9,7 +9,7 @@
 //! re-login), an `Ok(Err(..))` coffre's answer.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{PoisonError, RwLock, RwLockWriteGuard};
 
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
@@ -53,7 +53,7 @@ impl KeyObjects {
         self.write().clear();
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, ObjectHandle>> {
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, ObjectHandle>> {
         self.handles.write().unwrap_or_else(PoisonError::into_inner)
     }
 

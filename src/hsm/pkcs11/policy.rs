@@ -53,7 +53,7 @@
 //! A key object's name never starts with [`ROOT_LABEL_PREFIX`], so it cannot
 //! pass for a root key.
 //!
-//! The per-seal key ([`seal_key_template`]) is a session object that can
+//! The per-seal key (`seal_key_template`) is a session object that can
 //! only encrypt (sealing) or only decrypt (opening), is sensitive and not
 //! extractable, and wraps, unwraps and derives nothing; coffre destroys it
 //! after the one call.

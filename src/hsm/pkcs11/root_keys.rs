@@ -8,7 +8,7 @@
 //! re-login), an `Ok(Err(..))` coffre's answer.
 
 use std::collections::BTreeMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::Mechanism;
@@ -56,7 +56,7 @@ impl RootKeys {
         self.read().get(&id).copied()
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u32, RootKey>> {
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<u32, RootKey>> {
         self.by_id.read().unwrap_or_else(PoisonError::into_inner)
     }
 
