@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "hsm_sim.v1.WrapRequest",
             "hsm_sim.v1.UnwrapResponse",
             "hsm_sim.v1.GenerateRandomResponse",
+            "hsm_sim.v1.SealWithObjectRequest",
+            "hsm_sim.v1.OpenWithObjectResponse",
         ])
         .compile_fds(fds)?;
     Ok(())

@@ -11,9 +11,11 @@
 //! - [`format`](mod@format): the wrapped-blob format, version 1.
 //! - `state.rs`: the state file, sealed under a PIN-derived key (PBKDF2 +
 //!   AES-256-GCM), written crash-safely.
-//! - [`server`]: the gRPC services and the error → status mapping; the
-//!   fault-injection service is refused unless
-//!   [`server::ServerOptions::allow_fault_injection`] is set.
+//! - [`server`]: the gRPC services; the fault-injection service is refused
+//!   unless [`server::ServerOptions::allow_fault_injection`] is set.
+//! - [`status`]: errors on the wire, both ways: [`SimError`] → status with a
+//!   typed [`status::Reason`] in its metadata, and the reason read back by
+//!   clients.
 //! - [`proto`]: generated types, clients and servers, for clients.
 //! - the `hsm-sim` binary (`main.rs`): `serve`, `fault`, `info`.
 //!
@@ -29,9 +31,10 @@ pub mod proto;
 pub mod server;
 mod simulator;
 mod state;
+pub mod status;
 
 pub use error::SimError;
 pub use simulator::{
     Faults, MAX_RANDOM_LEN, MAX_SEAL_LEN, MAX_SESSIONS, ObjectSeal, SessionId, SimInfo, Simulator,
 };
-pub use state::PBKDF2_ITERATIONS;
+pub use state::{MAX_OBJECT_NAME_LEN, PBKDF2_ITERATIONS};

@@ -52,6 +52,24 @@ impl fmt::Debug for GenerateRandomResponse {
     }
 }
 
+impl fmt::Debug for SealWithObjectRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealWithObjectRequest")
+            .field("session", &"<redacted>")
+            .field("seal", &self.seal)
+            .field("plaintext_len", &self.plaintext.len())
+            .finish()
+    }
+}
+
+impl fmt::Debug for OpenWithObjectResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenWithObjectResponse")
+            .field("plaintext_len", &self.plaintext.len())
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +91,17 @@ mod tests {
             },
             GenerateRandomResponse {
                 random: vec![0xAB; 4]
+            },
+        );
+        let shown = format!(
+            "{shown} {:?} {:?}",
+            SealWithObjectRequest {
+                session: vec![1; 16],
+                seal: Some(ObjectSeal::default()),
+                plaintext: vec![0xAB; 4],
+            },
+            OpenWithObjectResponse {
+                plaintext: vec![0xAB; 4]
             },
         );
         assert!(!shown.contains("s3cr3t"), "{shown}");

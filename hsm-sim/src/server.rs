@@ -1,18 +1,8 @@
 //! The gRPC face of a [`Simulator`]: the `hsm_sim.v1.Hsm` and
 //! `hsm_sim.v1.FaultInjection` services.
 //!
-//! Errors are mapped once, in [`status`]:
-//!
-//! | [`SimError`]                                   | status                                  |
-//! |------------------------------------------------|-----------------------------------------|
-//! | `BadPin`, `NotLoggedIn`                        | `UNAUTHENTICATED`                       |
-//! | `AuthenticationFailed`                         | `INVALID_ARGUMENT` (generic message)    |
-//! | `InvalidInput`                                 | `INVALID_ARGUMENT`                      |
-//! | `UnknownRootKey`                               | `NOT_FOUND`                             |
-//! | `CurrentRootKey`                               | `FAILED_PRECONDITION`                   |
-//! | `Tampered`                                     | `FAILED_PRECONDITION`, message has "tampered" |
-//! | `Unavailable` (injected outage/error)          | `UNAVAILABLE`                           |
-//! | `Storage`, `Random`                            | `INTERNAL` (generic; details logged)    |
+//! Errors are mapped once, in [`crate::status`], which also says how a
+//! client reads them back.
 //!
 //! A malformed session handle (not 16 bytes) is `UNAUTHENTICATED`, like an
 //! unknown one.
@@ -37,43 +27,49 @@ use tonic::{Request, Response, Status};
 use crate::proto;
 use crate::proto::fault_injection_server::{FaultInjection, FaultInjectionServer};
 use crate::proto::hsm_server::{Hsm, HsmServer};
+use crate::status::to_status;
 use crate::{Faults, ObjectSeal, SessionId, SimError, Simulator};
 
-/// Maps a simulator error to the status a client sees.
-/// A 32-byte salt and a 12-byte IV from a request.
-fn salt_iv(salt: &[u8], iv: &[u8]) -> Result<([u8; 32], [u8; 12]), Status> {
-    let salt = salt
-        .try_into()
-        .map_err(|_| Status::invalid_argument("salt must be 32 bytes"))?;
-    let iv = iv
-        .try_into()
-        .map_err(|_| Status::invalid_argument("iv must be 12 bytes"))?;
-    Ok((salt, iv))
+/// A request's [`proto::ObjectSeal`], its salt and IV checked for length.
+struct SealParams<'a> {
+    name: &'a str,
+    salt: [u8; 32],
+    iv: [u8; 12],
+    aad: &'a [u8],
 }
 
-pub fn status(err: SimError) -> Status {
-    match err {
-        SimError::BadPin => Status::unauthenticated("wrong PIN"),
-        SimError::NotLoggedIn => Status::unauthenticated("not logged in"),
-        SimError::AuthenticationFailed => {
-            Status::invalid_argument("wrapped material failed authentication")
-        }
-        SimError::InvalidInput(m) => Status::invalid_argument(m),
-        SimError::UnknownRootKey(id) => Status::not_found(format!("unknown root key {id}")),
-        SimError::CurrentRootKey(id) => Status::failed_precondition(format!(
-            "root key {id} is current: rotate before destroying it"
-        )),
-        SimError::Tampered => Status::failed_precondition("token tampered: root keys destroyed"),
-        SimError::Unavailable(m) => Status::unavailable(m),
-        e @ (SimError::Storage(_) | SimError::Random) => {
-            tracing::error!(error = %e, "internal simulator error");
-            Status::internal("internal HSM error")
+impl<'a> SealParams<'a> {
+    fn parse(seal: &'a proto::ObjectSeal) -> Result<Self, Status> {
+        let invalid = |m: &str| to_status(SimError::InvalidInput(m.to_owned()));
+        Ok(Self {
+            name: &seal.name,
+            salt: seal
+                .salt
+                .as_slice()
+                .try_into()
+                .map_err(|_| invalid("salt must be 32 bytes"))?,
+            iv: seal
+                .iv
+                .as_slice()
+                .try_into()
+                .map_err(|_| invalid("iv must be 12 bytes"))?,
+            aad: &seal.aad,
+        })
+    }
+
+    fn seal(&self) -> ObjectSeal<'_> {
+        ObjectSeal {
+            object: self.name,
+            salt: &self.salt,
+            iv: &self.iv,
+            aad: self.aad,
         }
     }
 }
 
+/// The session a request names; a malformed handle is an unknown one.
 fn session(bytes: &[u8]) -> Result<SessionId, Status> {
-    SessionId::from_bytes(bytes).ok_or_else(|| Status::unauthenticated("not logged in"))
+    SessionId::from_bytes(bytes).ok_or_else(|| to_status(SimError::NotLoggedIn))
 }
 
 /// The `Hsm` service.
@@ -122,7 +118,7 @@ impl Hsm for HsmService {
     ) -> Result<Response<proto::LoginResponse>, Status> {
         let req = req.into_inner();
         let pin = zeroize::Zeroizing::new(req.pin);
-        let s = self.sim.login(&pin).await.map_err(status)?;
+        let s = self.sim.login(&pin).await.map_err(to_status)?;
         Ok(Response::new(proto::LoginResponse {
             session: s.as_bytes().to_vec(),
         }))
@@ -133,7 +129,7 @@ impl Hsm for HsmService {
         req: Request<proto::LogoutRequest>,
     ) -> Result<Response<proto::LogoutResponse>, Status> {
         let s = session(&req.into_inner().session)?;
-        self.sim.logout(&s).map_err(status)?;
+        self.sim.logout(&s).map_err(to_status)?;
         Ok(Response::new(proto::LogoutResponse {}))
     }
 
@@ -141,7 +137,7 @@ impl Hsm for HsmService {
         &self,
         _req: Request<proto::GetInfoRequest>,
     ) -> Result<Response<proto::GetInfoResponse>, Status> {
-        let info = self.sim.info().map_err(status)?;
+        let info = self.sim.info().map_err(to_status)?;
         Ok(Response::new(proto::GetInfoResponse {
             root_key_ids: info.root_key_ids,
             current_root_key_id: info.current_root_key_id,
@@ -161,7 +157,7 @@ impl Hsm for HsmService {
             .sim
             .wrap(&s, &plaintext, &req.aad)
             .await
-            .map_err(status)?;
+            .map_err(to_status)?;
         Ok(Response::new(proto::WrapResponse {
             wrapped,
             root_key_id,
@@ -178,7 +174,7 @@ impl Hsm for HsmService {
             .sim
             .unwrap(&s, &req.wrapped, &req.aad)
             .await
-            .map_err(status)?;
+            .map_err(to_status)?;
         // The encoded response owns a copy from here on; this one is wiped.
         Ok(Response::new(proto::UnwrapResponse {
             plaintext: plaintext.to_vec(),
@@ -194,7 +190,7 @@ impl Hsm for HsmService {
         self.sim
             .create_key_object(&s, &req.name)
             .await
-            .map_err(status)?;
+            .map_err(to_status)?;
         Ok(Response::new(proto::CreateKeyObjectResponse {}))
     }
 
@@ -204,18 +200,13 @@ impl Hsm for HsmService {
     ) -> Result<Response<proto::SealWithObjectResponse>, Status> {
         let req = req.into_inner();
         let s = session(&req.session)?;
-        let (salt, iv) = salt_iv(&req.salt, &req.iv)?;
-        let seal = ObjectSeal {
-            object: &req.name,
-            salt: &salt,
-            iv: &iv,
-            aad: &req.aad,
-        };
+        let wire = req.seal.unwrap_or_default();
+        let seal = SealParams::parse(&wire)?;
         let sealed = self
             .sim
-            .seal_with_object(&s, seal, &req.plaintext)
+            .seal_with_object(&s, seal.seal(), &req.plaintext)
             .await
-            .map_err(status)?;
+            .map_err(to_status)?;
         Ok(Response::new(proto::SealWithObjectResponse { sealed }))
     }
 
@@ -225,18 +216,13 @@ impl Hsm for HsmService {
     ) -> Result<Response<proto::OpenWithObjectResponse>, Status> {
         let req = req.into_inner();
         let s = session(&req.session)?;
-        let (salt, iv) = salt_iv(&req.salt, &req.iv)?;
-        let seal = ObjectSeal {
-            object: &req.name,
-            salt: &salt,
-            iv: &iv,
-            aad: &req.aad,
-        };
+        let wire = req.seal.unwrap_or_default();
+        let seal = SealParams::parse(&wire)?;
         let plaintext = self
             .sim
-            .open_with_object(&s, seal, &req.sealed)
+            .open_with_object(&s, seal.seal(), &req.sealed)
             .await
-            .map_err(status)?;
+            .map_err(to_status)?;
         Ok(Response::new(proto::OpenWithObjectResponse {
             plaintext: plaintext.to_vec(),
         }))
@@ -251,7 +237,7 @@ impl Hsm for HsmService {
         self.sim
             .destroy_key_object(&s, &req.name)
             .await
-            .map_err(status)?;
+            .map_err(to_status)?;
         Ok(Response::new(proto::DestroyKeyObjectResponse {}))
     }
 
@@ -262,8 +248,8 @@ impl Hsm for HsmService {
         let req = req.into_inner();
         let s = session(&req.session)?;
         let len = usize::try_from(req.length)
-            .map_err(|_| Status::invalid_argument("length out of range"))?;
-        let random = self.sim.generate_random(&s, len).await.map_err(status)?;
+            .map_err(|_| to_status(SimError::InvalidInput("length out of range".into())))?;
+        let random = self.sim.generate_random(&s, len).await.map_err(to_status)?;
         Ok(Response::new(proto::GenerateRandomResponse {
             random: random.to_vec(),
         }))
@@ -274,7 +260,7 @@ impl Hsm for HsmService {
         req: Request<proto::RotateRootKeyRequest>,
     ) -> Result<Response<proto::RotateRootKeyResponse>, Status> {
         let s = session(&req.into_inner().session)?;
-        let root_key_id = self.sim.rotate_root_key(&s).await.map_err(status)?;
+        let root_key_id = self.sim.rotate_root_key(&s).await.map_err(to_status)?;
         Ok(Response::new(proto::RotateRootKeyResponse { root_key_id }))
     }
 
@@ -287,7 +273,7 @@ impl Hsm for HsmService {
         self.sim
             .destroy_root_key(&s, req.root_key_id)
             .await
-            .map_err(status)?;
+            .map_err(to_status)?;
         Ok(Response::new(proto::DestroyRootKeyResponse {}))
     }
 }
@@ -327,7 +313,7 @@ impl FaultInjection for FaultService {
                 error_rate: req.error_rate,
                 outage: req.outage,
             })
-            .map_err(status)?;
+            .map_err(to_status)?;
         tracing::info!(faults = ?self.sim.faults(), "faults set");
         Ok(Response::new(self.state()))
     }
@@ -346,7 +332,7 @@ impl FaultInjection for FaultService {
     ) -> Result<Response<proto::TamperResponse>, Status> {
         self.check_allowed()?;
         tracing::warn!("tamper response triggered: zeroizing every root key");
-        self.sim.tamper().map_err(status)?;
+        self.sim.tamper().map_err(to_status)?;
         Ok(Response::new(proto::TamperResponse {}))
     }
 }

@@ -127,7 +127,10 @@ async fn binary_serves_and_obeys_fault_cli() {
     cli(&["fault", "--endpoint", &url, "tamper"]);
     let err = wrap(&mut hsm).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("tampered"));
+    assert_eq!(
+        hsm_sim::status::reason(&err),
+        Some(hsm_sim::status::Reason::Tampered)
+    );
 
     // Graceful shutdown on SIGTERM.
     drop(hsm);

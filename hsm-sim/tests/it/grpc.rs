@@ -171,7 +171,7 @@ async fn grpc_round_trip_and_status_mapping() {
         .await
         .unwrap();
 
-    // Tamper: FAILED_PRECONDITION mentioning "tampered".
+    // Tamper: FAILED_PRECONDITION, with the reason `Tampered`.
     faults.tamper(TamperRequest {}).await.unwrap();
     assert!(
         faults
@@ -190,7 +190,10 @@ async fn grpc_round_trip_and_status_mapping() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("tampered"));
+    assert_eq!(
+        hsm_sim::status::reason(&err),
+        Some(hsm_sim::status::Reason::Tampered)
+    );
     let info = hsm.get_info(GetInfoRequest {}).await.unwrap().into_inner();
     assert!(info.tampered);
     assert!(info.root_key_ids.is_empty());
