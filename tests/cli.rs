@@ -8,7 +8,6 @@ use serde_json::Value;
 use crate::common::binary::{COFFRE, run, run_json, start_dev, start_dev_with};
 
 // `hsm_conformance` still calls it by this path.
-pub(crate) use crate::common::binary::export_and_verify;
 
 #[test]
 fn readme_walkthrough_with_the_real_binaries() {

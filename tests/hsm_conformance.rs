@@ -25,8 +25,10 @@ use coffre::hsm::sim::{LocalSimHsm, RemoteSimHsm};
 use coffre::hsm::{Hsm, HsmError, HsmInfo, HsmWrapped, conformance};
 use coffre::secret::SecretBytes;
 
+use crate::common::binary::{
+    COFFRE, HSM_PIN, export_and_verify, free_port, spawn_ready, start_hsm,
+};
 use crate::common::{channel_as, ctx};
-use crate::processes::{PIN, free_port, spawn_ready, start_hsm};
 
 // ---------------------------------------------------------------------------
 // The simulator, both ways
@@ -49,7 +51,7 @@ async fn conformance_on_hsm_sim_as_its_own_process() {
     let _sim = start_hsm(&dir.path().join("hsm.state"), port);
     let hsm = RemoteSimHsm::connect(
         &format!("http://127.0.0.1:{port}"),
-        PIN.to_string(),
+        HSM_PIN.to_string(),
         Duration::from_secs(5),
     )
     .await
@@ -227,10 +229,7 @@ impl SoftHsm {
     }
 
     fn coffre(&self, args: &[&str]) -> Output {
-        self.command(env!("CARGO_BIN_EXE_coffre"))
-            .args(args)
-            .output()
-            .unwrap()
+        self.command(COFFRE).args(args).output().unwrap()
     }
 
     /// A `coffre serve` configuration on this installation's token `label`,
@@ -342,7 +341,7 @@ async fn coffre_serve_on_softhsm2_end_to_end() {
     assert_eq!(check["token"]["root_key_ids"], serde_json::json!([1]));
 
     let start = || {
-        let mut cmd = softhsm.command(env!("CARGO_BIN_EXE_coffre"));
+        let mut cmd = softhsm.command(COFFRE);
         cmd.args(["serve", "--config"]).arg(&config);
         let (guard, addr) = spawn_ready(cmd, "coffre listening on ");
         (guard, format!("https://{addr}"))
@@ -369,7 +368,7 @@ async fn coffre_serve_on_softhsm2_end_to_end() {
     })
     .await
     .unwrap();
-    let reason = pb::AccessReason::CustomerInitiatedAccess as i32;
+    let reason = crate::common::REASON;
     let generate = pb::GenerateDataKeyRequest {
         key_id: "on-softhsm".into(),
         encryption_context: ctx(&[("t", "1")]),
@@ -506,7 +505,7 @@ fn bad_pkcs11_setups_are_refused_at_start() {
     // `coffre serve` must exit with `needle` in its error, before serving.
     let refuses = |config: &Path, pin: &str, needle: &str| {
         let out = softhsm
-            .command(env!("CARGO_BIN_EXE_coffre"))
+            .command(COFFRE)
             .args(["serve", "--config"])
             .arg(config)
             .env("COFFRE_HSM_PIN", pin)
@@ -515,7 +514,10 @@ fn bad_pkcs11_setups_are_refused_at_start() {
         assert!(!out.status.success(), "{config:?} started");
         let err = stderr(&out);
         assert!(err.contains(needle), "expected {needle:?} in: {err}");
-        assert!(!err.contains(pin), "the PIN appears in the error: {err}");
+        assert!(
+            !err.contains(pin),
+            "the HSM_PIN appears in the error: {err}"
+        );
     };
 
     let missing_module = softhsm
@@ -543,7 +545,7 @@ fn bad_pkcs11_setups_are_refused_at_start() {
     refuses(&empty, USER_PIN, "holds no coffre root key");
     refuses(&empty, USER_PIN, "coffre hsm init-root-key");
 
-    // The PIN never goes in the configuration.
+    // The HSM_PIN never goes in the configuration.
     let pin_in_file = softhsm.config(dir.path(), "empty", "pin = \"1234\"");
     let text = std::fs::read_to_string(&pin_in_file)
         .unwrap()
@@ -552,7 +554,7 @@ fn bad_pkcs11_setups_are_refused_at_start() {
     refuses(
         &pin_in_file,
         USER_PIN,
-        "the PIN never goes in the configuration file",
+        "the HSM_PIN never goes in the configuration file",
     );
 
     // A root key someone made with the wrong attributes (extractable, can
@@ -629,7 +631,7 @@ async fn audit_checkpoints_signed_in_softhsm2() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     let start = || {
-        let mut cmd = softhsm.command(env!("CARGO_BIN_EXE_coffre"));
+        let mut cmd = softhsm.command(COFFRE);
         cmd.args(["serve", "--config"]).arg(&config);
         let (guard, addr) = spawn_ready(cmd, "coffre listening on ");
         (guard, format!("https://{addr}"))
@@ -645,7 +647,7 @@ async fn audit_checkpoints_signed_in_softhsm2() {
         .await
         .unwrap();
     }
-    crate::cli::export_and_verify(&data, &endpoint);
+    export_and_verify(&data, &endpoint);
     let pem = std::fs::read_to_string(dir.path().join("audit-public-key.pem")).unwrap();
     let exported = coffre::audit::public_key_from_pem(&pem).unwrap();
 
@@ -707,5 +709,5 @@ async fn audit_checkpoints_signed_in_softhsm2() {
     keys.create_key(pb::CreateKeyRequest::default())
         .await
         .unwrap();
-    crate::cli::export_and_verify(&data, &endpoint);
+    export_and_verify(&data, &endpoint);
 }

@@ -6,16 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use coffre::grpc::pb::{
-    self, audit_service_client::AuditServiceClient, key_service_client::KeyServiceClient,
-};
+use coffre::grpc::pb::{self, audit_service_client::AuditServiceClient};
 use hsm_sim::Faults;
-use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-use crate::common::{TestServer, ctx};
-
-const REASON: i32 = pb::AccessReason::CustomerInitiatedAccess as i32;
+use crate::common::clients::{assert_exactly_these_exist, create_keys_through_errors};
+use crate::common::{REASON, TestServer, ctx};
 
 fn generate(key: &str) -> pb::GenerateDataKeyRequest {
     pb::GenerateDataKeyRequest {
@@ -33,59 +29,6 @@ fn decrypt(blob: &[u8]) -> pb::DecryptRequest {
         justification: REASON,
         key_id: String::new(),
     }
-}
-
-/// Creates keys `flaky-0` … `flaky-59` while the HSM fails now and then:
-/// each is created or refused with UNAVAILABLE naming the HSM, and both
-/// happen. The created aliases, sorted.
-pub(crate) async fn create_keys_through_errors(
-    keys: &mut KeyServiceClient<Channel>,
-) -> Vec<String> {
-    let mut created = Vec::new();
-    let mut failed = 0;
-    for i in 0..60 {
-        let alias = format!("flaky-{i}");
-        match keys
-            .create_key(pb::CreateKeyRequest {
-                alias: alias.clone(),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(_) => created.push(alias),
-            Err(e) => {
-                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-                assert!(e.message().contains("HSM"), "{}", e.message());
-                failed += 1;
-            }
-        }
-    }
-    // P(no failure in 60) = 0.81^60 ≈ 3e-6 with two HSM calls per key.
-    assert!(failed > 0 && !created.is_empty(), "{failed} failed");
-    created.sort();
-    created
-}
-
-/// The `flaky-` keys the server lists are exactly `created`.
-pub(crate) async fn assert_exactly_these_exist(
-    keys: &mut KeyServiceClient<Channel>,
-    created: &[String],
-) {
-    let mut listed: Vec<String> = keys
-        .list_keys(pb::ListKeysRequest {
-            page_size: 1000,
-            alias_prefix: "flaky-".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys
-        .into_iter()
-        .map(|k| k.alias)
-        .collect();
-    listed.sort();
-    assert_eq!(listed, created, "exactly the acknowledged keys exist");
 }
 
 fn simulator(server: &TestServer) -> std::sync::Arc<hsm_sim::Simulator> {

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use coffre::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
 use tonic::Code;
 
-use crate::common::binary::{COFFRE, Guard, HSM_PIN, start_dev, workspace_binary};
+use crate::common::binary::{
+    COFFRE, Guard, HSM_PIN, free_port, spawn_ready, start_dev, start_hsm, workspace_binary,
+};
 use crate::common::clients::{Clients, generate_request};
 use crate::common::{REASON, channel_as, ctx};
 
 // `hsm_conformance` imports these from here.
-pub(crate) use crate::common::binary::{HSM_PIN as PIN, free_port, spawn_ready, start_hsm};
 
 fn hsm_fault(port: u16, args: &[&str]) {
     let status = Command::new(workspace_binary("hsm-sim"))
@@ -315,9 +316,9 @@ async fn hsm_sim_faults_as_its_own_process() {
 
     // One HSM call in ten fails.
     hsm_fault(hsm_port, &["set", "--error-rate", "0.1"]);
-    let created = crate::hsm_faults::create_keys_through_errors(&mut keys).await;
+    let created = crate::common::clients::create_keys_through_errors(&mut keys).await;
     hsm_fault(hsm_port, &["clear"]);
-    crate::hsm_faults::assert_exactly_these_exist(&mut keys, &created).await;
+    crate::common::clients::assert_exactly_these_exist(&mut keys, &created).await;
 
     // An outage, then the HSM's return: served again within a second.
     hsm_fault(hsm_port, &["set", "--outage"]);

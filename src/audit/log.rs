@@ -552,7 +552,7 @@ fn sync_parent_dir(path: &Path) -> Result<(), AuditError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(parent)?.sync_all()?;
+    crate::fsutil::sync_dir(parent)?;
     Ok(())
 }
 
