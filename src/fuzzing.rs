@@ -79,7 +79,7 @@ pub fn context(data: &[u8]) {
     }
     // Through the gRPC mapping (a protobuf map) too.
     let as_map: HashMap<String, String> = forward.entries().clone().into_iter().collect();
-    let mapped = convert::context(as_map).expect("a valid context refused by the mapping");
+    let mapped = convert::context_from_pb(as_map).expect("a valid context refused by the mapping");
     assert_eq!(
         crypto::context_digest(&mapped),
         crypto::context_digest(&forward)
@@ -115,7 +115,7 @@ pub fn request_mapping(data: &[u8]) {
             };
             let _ = envelope::parse(&r.ciphertext_blob);
             check_context(r.encryption_context);
-            let _ = convert::access_reason(r.justification);
+            let _ = convert::reason_from_pb(r.justification);
             let _ = convert::optional_key_ref("key_id", &r.key_id);
         }
         1 => {
@@ -124,22 +124,22 @@ pub fn request_mapping(data: &[u8]) {
             };
             let _ = convert::key_ref("key_id", &r.key_id);
             check_context(r.encryption_context);
-            let _ = convert::access_reason(r.justification);
+            let _ = convert::reason_from_pb(r.justification);
         }
         2 => {
             let Ok(r) = pb::CreateKeyRequest::decode(body) else {
                 return;
             };
-            let _ = convert::protection_level(r.protection_level);
-            if let Ok(Some(d)) = convert::duration("rotation_period", r.rotation_period) {
+            let _ = convert::protection_level_from_pb(r.protection_level);
+            if let Ok(Some(d)) = convert::duration_from_pb("rotation_period", r.rotation_period) {
                 let _ = crate::service::check_rotation_period(d);
             }
             if let Some(p) = r.policy
-                && let Ok(policy) = convert::policy(p)
+                && let Ok(policy) = convert::policy_from_pb(p)
             {
                 let _ = policy.validate();
                 // What the mapping accepted maps back to itself.
-                let again = convert::policy(convert::policy_to_pb(&policy)).unwrap();
+                let again = convert::policy_from_pb(convert::policy_to_pb(&policy)).unwrap();
                 assert_eq!(again, policy);
             }
         }
@@ -148,7 +148,7 @@ pub fn request_mapping(data: &[u8]) {
                 return;
             };
             let _ = convert::page_token(&r.page_token);
-            let _ = convert::key_state_filter(r.state);
+            let _ = convert::state_filter_from_pb(r.state);
         }
         4 => {
             let Ok(r) = pb::BatchDecryptRequest::decode(body) else {
@@ -166,7 +166,7 @@ pub fn request_mapping(data: &[u8]) {
             };
             let _ = convert::key_ref("key_id", &r.key_id);
             if let Some(p) = r.policy {
-                let _ = convert::policy(p).map(|p| p.validate());
+                let _ = convert::policy_from_pb(p).map(|p| p.validate());
             }
         }
     }
@@ -174,7 +174,7 @@ pub fn request_mapping(data: &[u8]) {
 
 fn check_context(raw: HashMap<String, String>) {
     let entries = raw.len();
-    if let Ok(context) = convert::context(raw) {
+    if let Ok(context) = convert::context_from_pb(raw) {
         assert_eq!(
             context.entries().len(),
             entries,

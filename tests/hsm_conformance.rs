@@ -514,10 +514,7 @@ fn bad_pkcs11_setups_are_refused_at_start() {
         assert!(!out.status.success(), "{config:?} started");
         let err = stderr(&out);
         assert!(err.contains(needle), "expected {needle:?} in: {err}");
-        assert!(
-            !err.contains(pin),
-            "the HSM_PIN appears in the error: {err}"
-        );
+        assert!(!err.contains(pin), "the PIN appears in the error: {err}");
     };
 
     let missing_module = softhsm
@@ -545,7 +542,7 @@ fn bad_pkcs11_setups_are_refused_at_start() {
     refuses(&empty, USER_PIN, "holds no coffre root key");
     refuses(&empty, USER_PIN, "coffre hsm init-root-key");
 
-    // The HSM_PIN never goes in the configuration.
+    // The PIN never goes in the configuration.
     let pin_in_file = softhsm.config(dir.path(), "empty", "pin = \"1234\"");
     let text = std::fs::read_to_string(&pin_in_file)
         .unwrap()
@@ -554,7 +551,7 @@ fn bad_pkcs11_setups_are_refused_at_start() {
     refuses(
         &pin_in_file,
         USER_PIN,
-        "the HSM_PIN never goes in the configuration file",
+        "the PIN never goes in the configuration file",
     );
 
     // A root key someone made with the wrong attributes (extractable, can

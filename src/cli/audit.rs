@@ -37,7 +37,7 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
             let start_time = since.map(|secs| {
                 let now = crate::model::Clock::now(&crate::model::SystemClock);
                 let ms = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-                crate::grpc::convert::timestamp(Timestamp(now.0.saturating_sub(ms)))
+                crate::grpc::convert::timestamp_to_pb(Timestamp(now.0.saturating_sub(ms)))
             });
             let response = client
                 .list_events(pb::ListEventsRequest {

@@ -126,7 +126,7 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
                 .key
                 .and_then(|k| k.policy)
                 .context("the server returned no policy")?;
-            let policy = crate::grpc::convert::policy(raw)
+            let policy = crate::grpc::convert::policy_from_pb(raw)
                 .map_err(|s| anyhow::anyhow!("the server's policy does not parse: {}", s))?;
             println!("{}", serde_json::to_string_pretty(&policy)?);
             Ok(())

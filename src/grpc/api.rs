@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::auth::{PrincipalCache, principal_of};
-use super::convert::access_reason_note;
+use super::convert::reason_note_from_pb;
 use super::pb;
 use super::status::response;
 use crate::authz::{Caller, Operation};
@@ -42,7 +42,7 @@ impl GrpcApi {
         RequestFacts {
             caller: principal_of(request, &self.principals),
             key: body.key_id(),
-            justification: body.justification().map(access_reason_note),
+            justification: body.justification().map(reason_note_from_pb),
             blob: body.blob(),
         }
     }

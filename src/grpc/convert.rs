@@ -1,5 +1,9 @@
-//! Conversions between generated messages and domain values. Raw fields are
-//! validated here, once; the core receives only validated values.
+//! Conversions between generated messages and domain values, every one of
+//! them: `X_from_pb` validates a wire field into a domain value (a bad one is
+//! `Error::InvalidArgument`, naming the field), `X_to_pb` writes a domain
+//! value to the wire; `key_ref`, `optional_key_ref` and `page_token` parse
+//! string fields. Raw fields are validated here, once; the core receives only
+//! validated values.
 
 use std::collections::HashMap;
 
@@ -29,7 +33,7 @@ pub fn optional_key_ref(field: &str, raw: &str) -> Result<Option<KeyRef>> {
     }
 }
 
-pub fn context(raw: HashMap<String, String>) -> Result<EncryptionContext> {
+pub fn context_from_pb(raw: HashMap<String, String>) -> Result<EncryptionContext> {
     EncryptionContext::new(raw).map_err(|e| invalid(e.to_string()))
 }
 
@@ -120,7 +124,7 @@ pub fn policy_to_pb(p: &KeyPolicy) -> pb::KeyPolicy {
 }
 
 /// A policy from the wire, validated.
-pub fn policy(raw: pb::KeyPolicy) -> Result<KeyPolicy> {
+pub fn policy_from_pb(raw: pb::KeyPolicy) -> Result<KeyPolicy> {
     let mut grants = Vec::with_capacity(raw.grants.len());
     for g in raw.grants {
         let mut operations = std::collections::BTreeSet::new();
@@ -149,7 +153,7 @@ pub fn policy(raw: pb::KeyPolicy) -> Result<KeyPolicy> {
     }
     let mut accepted_reasons = std::collections::BTreeSet::new();
     for r in raw.accepted_reasons {
-        accepted_reasons.insert(access_reason(r)?);
+        accepted_reasons.insert(reason_from_pb(r)?);
     }
     let required_context = raw
         .required_context
@@ -176,11 +180,11 @@ pub fn policy(raw: pb::KeyPolicy) -> Result<KeyPolicy> {
 
 /// The justification as the audit record names it before validation: a
 /// known reason, or the number of an unknown one.
-pub fn access_reason_note(raw: i32) -> std::result::Result<AccessReason, i32> {
-    access_reason(raw).map_err(|_| raw)
+pub fn reason_note_from_pb(raw: i32) -> std::result::Result<AccessReason, i32> {
+    reason_from_pb(raw).map_err(|_| raw)
 }
 
-pub fn access_reason(raw: i32) -> Result<AccessReason> {
+pub fn reason_from_pb(raw: i32) -> Result<AccessReason> {
     REASONS
         .iter()
         .find(|(_, wire)| *wire as i32 == raw)
@@ -188,7 +192,7 @@ pub fn access_reason(raw: i32) -> Result<AccessReason> {
         .ok_or_else(|| invalid(format!("unknown justification {raw}")))
 }
 
-pub fn protection_level(raw: i32) -> Result<Option<ProtectionLevel>> {
+pub fn protection_level_from_pb(raw: i32) -> Result<Option<ProtectionLevel>> {
     match pb::ProtectionLevel::try_from(raw) {
         Ok(pb::ProtectionLevel::Unspecified) => Ok(None),
         Ok(pb::ProtectionLevel::Software) => Ok(Some(ProtectionLevel::Software)),
@@ -206,7 +210,7 @@ pub fn page_token(raw: &str) -> Result<Option<KeyId>> {
         .map_err(|_| invalid("invalid page_token"))
 }
 
-pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+pub fn timestamp_to_pb(t: Timestamp) -> prost_types::Timestamp {
     let millis = t.as_millis();
     prost_types::Timestamp {
         seconds: millis.div_euclid(1000),
@@ -216,7 +220,7 @@ pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
 }
 
 /// An optional protobuf duration: whole seconds, non-negative.
-pub fn duration(
+pub fn duration_from_pb(
     field: &str,
     raw: Option<prost_types::Duration>,
 ) -> Result<Option<std::time::Duration>> {
@@ -231,7 +235,7 @@ pub fn duration(
     )))
 }
 
-pub fn key_state_filter(raw: i32) -> Result<Option<KeyState>> {
+pub fn state_filter_from_pb(raw: i32) -> Result<Option<KeyState>> {
     match pb::KeyState::try_from(raw) {
         Ok(pb::KeyState::Unspecified) => Ok(None),
         Ok(pb::KeyState::Enabled) => Ok(Some(KeyState::Enabled)),
@@ -242,7 +246,7 @@ pub fn key_state_filter(raw: i32) -> Result<Option<KeyState>> {
     }
 }
 
-fn state(s: KeyState) -> pb::KeyState {
+fn state_to_pb(s: KeyState) -> pb::KeyState {
     match s {
         KeyState::Enabled => pb::KeyState::Enabled,
         KeyState::Disabled => pb::KeyState::Disabled,
@@ -251,18 +255,18 @@ fn state(s: KeyState) -> pb::KeyState {
     }
 }
 
-pub fn key_metadata(k: &KeyRecord) -> pb::KeyMetadata {
+pub fn key_to_pb(k: &KeyRecord) -> pb::KeyMetadata {
     pb::KeyMetadata {
         key_id: k.id.to_string(),
         alias: k.alias.clone().unwrap_or_default(),
         description: k.description.clone(),
-        state: state(k.state).into(),
+        state: state_to_pb(k.state).into(),
         protection_level: match k.protection_level {
             ProtectionLevel::Software => pb::ProtectionLevel::Software,
             ProtectionLevel::Hsm => pb::ProtectionLevel::Hsm,
         }
         .into(),
-        create_time: Some(timestamp(k.created_at)),
+        create_time: Some(timestamp_to_pb(k.created_at)),
         created_by: k.created_by.clone(),
         primary_version: k.primary_version,
         min_decryption_version: k.min_decryption_version,
@@ -271,17 +275,17 @@ pub fn key_metadata(k: &KeyRecord) -> pb::KeyMetadata {
             seconds: i64::try_from(s).unwrap_or(i64::MAX),
             nanos: 0,
         }),
-        next_rotation_time: k.next_rotation_at.map(timestamp),
-        deletion_time: k.deletion_at.map(timestamp),
-        destroy_time: k.destroyed_at.map(timestamp),
+        next_rotation_time: k.next_rotation_at.map(timestamp_to_pb),
+        deletion_time: k.deletion_at.map(timestamp_to_pb),
+        destroy_time: k.destroyed_at.map(timestamp_to_pb),
         policy: Some(policy_to_pb(&k.policy)),
     }
 }
 
-pub fn key_version(key: &KeyRecord, v: &VersionRecord) -> pb::KeyVersion {
+pub fn version_to_pb(key: &KeyRecord, v: &VersionRecord) -> pb::KeyVersion {
     pb::KeyVersion {
         version: v.version,
-        create_time: Some(timestamp(v.created_at)),
+        create_time: Some(timestamp_to_pb(v.created_at)),
         hsm_root_key_id: v.hsm_root_key_id,
         state: match v.state(key) {
             VersionState::Enabled => pb::KeyVersionState::VersionEnabled,
@@ -289,7 +293,7 @@ pub fn key_version(key: &KeyRecord, v: &VersionRecord) -> pb::KeyVersion {
             VersionState::Destroyed => pb::KeyVersionState::VersionDestroyed,
         }
         .into(),
-        destroy_time: v.destroyed_at.map(timestamp),
+        destroy_time: v.destroyed_at.map(timestamp_to_pb),
     }
 }
 
@@ -320,8 +324,8 @@ pub fn approval_to_pb(a: &crate::store::approvals::Approval) -> pb::Approval {
             S::Failed => pb::ApprovalStatus::ApprovalFailed,
         }
         .into(),
-        create_time: Some(timestamp(a.created_at)),
-        expire_time: Some(timestamp(a.expires_at)),
+        create_time: Some(timestamp_to_pb(a.created_at)),
+        expire_time: Some(timestamp_to_pb(a.expires_at)),
         rejected_by: a.rejected_by.clone().unwrap_or_default(),
         result: a.result.clone().unwrap_or_default(),
     }
@@ -375,7 +379,7 @@ pub fn event_to_pb(r: AuditRecord) -> pb::AuditEvent {
     let json = serde_json::to_string(&r).unwrap_or_default();
     pb::AuditEvent {
         seq: r.seq,
-        time: Some(timestamp(r.time)),
+        time: Some(timestamp_to_pb(r.time)),
         request_id: r.request_id,
         principal: r.principal,
         role: r.role.unwrap_or_default(),
@@ -402,7 +406,7 @@ pub fn checkpoint_to_pb(c: Checkpoint) -> pb::AuditCheckpoint {
     pb::AuditCheckpoint {
         seq: c.seq,
         head_hash: c.head_hash,
-        time: Some(timestamp(c.time)),
+        time: Some(timestamp_to_pb(c.time)),
         signature: c.signature,
         json,
     }
@@ -431,10 +435,10 @@ mod tests {
         for (i, (ours, wire)) in REASONS.iter().enumerate() {
             assert_eq!(row_of(*ours), i);
             assert_eq!(reason_to_pb(*ours), *wire);
-            assert_eq!(access_reason(*wire as i32).ok(), Some(*ours));
+            assert_eq!(reason_from_pb(*wire as i32).ok(), Some(*ours));
             assert_eq!(ours.name(), wire.as_str_name());
         }
-        assert!(access_reason(7).is_err());
-        assert_eq!(access_reason_note(42), Err(42));
+        assert!(reason_from_pb(7).is_err());
+        assert_eq!(reason_note_from_pb(42), Err(42));
     }
 }

@@ -15,6 +15,7 @@
 //! validated configuration; the integration tests use the same builder. The
 //! CLI only parses arguments, calls these and prints.
 
+mod audit;
 mod data_dir;
 pub mod dev;
 pub mod production;
@@ -22,7 +23,6 @@ mod tasks;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,9 +31,10 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use audit::AuditSetup;
 pub use data_dir::{AUDIT_LOG_FILE, DataDir};
 
-use crate::audit::{AuditTrail, AuditTrailOptions, ExternalSigner};
+use crate::audit::AuditTrail;
 use crate::authz::Authorizer;
 use crate::grpc;
 use crate::hsm::Hsm;
@@ -42,28 +43,6 @@ use crate::pipeline::Pipeline;
 use crate::service::{Kms, KmsOptions};
 use crate::store::KeyStore;
 use crate::store::approvals::ApprovalStore;
-
-/// Where the audit log is and how it behaves.
-#[derive(Clone, Debug)]
-pub struct AuditSetup {
-    pub path: PathBuf,
-    pub options: AuditTrailOptions,
-    /// Where to write the checkpoint public key (PEM), if anywhere.
-    pub public_key_file: Option<PathBuf>,
-    /// A checkpoint key held by the HSM, instead of the one kept in the store.
-    pub external_signer: Option<Arc<dyn ExternalSigner>>,
-}
-
-impl AuditSetup {
-    pub fn new(path: PathBuf, options: AuditTrailOptions) -> Self {
-        Self {
-            path,
-            options,
-            public_key_file: None,
-            external_signer: None,
-        }
-    }
-}
 
 /// Everything a server is made of; [`ServerBuilder::start`] puts it
 /// together and starts serving.
@@ -164,7 +143,7 @@ impl ServerBuilder {
             kms = kms.with_approval_store(approvals);
         }
         let kms = Arc::new(kms);
-        let audit = tasks::open_audit_trail(&kms, &self.audit).await?;
+        let audit = audit::open_trail(&kms, &self.audit).await?;
         kms.attach_audit_log(Arc::clone(&audit));
         let client_auth = tls.client_auth();
         let listener = TcpListener::bind(self.listen)

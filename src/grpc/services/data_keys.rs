@@ -103,9 +103,9 @@ impl GrpcApi {
         with_plaintext: bool,
     ) -> Result<DataKeyOutput> {
         let key = key_ref("key_id", &req.key_id)?;
-        let context = convert::context(req.encryption_context)?;
+        let context = convert::context_from_pb(req.encryption_context)?;
         audit.context(&context);
-        let reason = convert::access_reason(req.justification)?;
+        let reason = convert::reason_from_pb(req.justification)?;
         let bytes = number_of_bytes(req.number_of_bytes);
         let out = self
             .kms()
@@ -169,9 +169,9 @@ impl DataKeyService for GrpcApi {
         let op = Operation::BatchGenerateDataKey;
         self.handle(op, request, async |caller, req, audit| {
             let key = key_ref("key_id", &req.key_id)?;
-            let context = convert::context(req.encryption_context)?;
+            let context = convert::context_from_pb(req.encryption_context)?;
             audit.context(&context);
-            let reason = convert::access_reason(req.justification)?;
+            let reason = convert::reason_from_pb(req.justification)?;
             let count = usize::try_from(req.count).unwrap_or(usize::MAX);
             let bytes = number_of_bytes(req.number_of_bytes);
             let out = self
@@ -225,7 +225,7 @@ impl DataKeyService for GrpcApi {
                     req.items.len()
                 )));
             }
-            let reason = convert::access_reason(req.justification)?;
+            let reason = convert::reason_from_pb(req.justification)?;
             // One context for every item: the record carries its digest.
             let one_context = req.items.first().is_some_and(|first| {
                 req.items
@@ -239,7 +239,8 @@ impl DataKeyService for GrpcApi {
                 .iter_mut()
                 .map(|item| {
                     keys.add(&item.ciphertext_blob);
-                    let context = convert::context(std::mem::take(&mut item.encryption_context))?;
+                    let context =
+                        convert::context_from_pb(std::mem::take(&mut item.encryption_context))?;
                     let expected = optional_key_ref("key_id", &item.key_id)?;
                     Ok((context, expected))
                 })
@@ -316,9 +317,10 @@ impl DataKeyService for GrpcApi {
             request,
             async |caller, mut req, audit| {
                 let key = key_ref("key_id", &req.key_id)?;
-                let context = convert::context(std::mem::take(&mut req.encryption_context))?;
+                let context =
+                    convert::context_from_pb(std::mem::take(&mut req.encryption_context))?;
                 audit.context(&context);
-                let reason = convert::access_reason(req.justification)?;
+                let reason = convert::reason_from_pb(req.justification)?;
                 let plaintext = zeroize::Zeroizing::new(std::mem::take(&mut req.plaintext));
                 let out = self
                     .kms()
@@ -340,9 +342,9 @@ impl DataKeyService for GrpcApi {
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
         self.handle(Operation::Decrypt, request, async |caller, req, audit| {
-            let context = convert::context(req.encryption_context)?;
+            let context = convert::context_from_pb(req.encryption_context)?;
             audit.context(&context);
-            let reason = convert::access_reason(req.justification)?;
+            let reason = convert::reason_from_pb(req.justification)?;
             let expected = optional_key_ref("key_id", &req.key_id)?;
             let out = self
                 .kms()
@@ -369,14 +371,16 @@ impl DataKeyService for GrpcApi {
         request: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
         self.handle(Operation::ReEncrypt, request, async |caller, req, audit| {
-            let source_context = convert::context(req.source_encryption_context)?;
+            let source_context = convert::context_from_pb(req.source_encryption_context)?;
             audit.context(&source_context);
             let destination_context = if req.destination_encryption_context.is_empty() {
                 None
             } else {
-                Some(convert::context(req.destination_encryption_context)?)
+                Some(convert::context_from_pb(
+                    req.destination_encryption_context,
+                )?)
             };
-            let reason = convert::access_reason(req.justification)?;
+            let reason = convert::reason_from_pb(req.justification)?;
             let source = optional_key_ref("source_key_id", &req.source_key_id)?;
             let destination = optional_key_ref("destination_key_id", &req.destination_key_id)?;
             let out = self

@@ -26,7 +26,7 @@ impl GrpcApi {
         match result {
             Ok(record) => {
                 audit.resolved(&record);
-                Ok((Some(convert::key_metadata(&record)), String::new()))
+                Ok((Some(convert::key_to_pb(&record)), String::new()))
             }
             Err(Error::ApprovalPending(approval)) => {
                 audit.detail(format!("pending approval {}", approval.id));
@@ -37,7 +37,7 @@ impl GrpcApi {
                             .get_key(caller, &KeyRef::Id(id))
                             .await
                             .ok()
-                            .map(|v| convert::key_metadata(&v.key))
+                            .map(|v| convert::key_to_pb(&v.key))
                     }
                     None => None,
                 };
@@ -58,15 +58,15 @@ impl KeyService for GrpcApi {
             let input = CreateKeyInput {
                 alias: (!req.alias.is_empty()).then_some(req.alias),
                 description: req.description,
-                protection_level: convert::protection_level(req.protection_level)?,
+                protection_level: convert::protection_level_from_pb(req.protection_level)?,
                 labels: req.labels.into_iter().collect(),
-                rotation_period: convert::duration("rotation_period", req.rotation_period)?,
-                policy: req.policy.map(convert::policy).transpose()?,
+                rotation_period: convert::duration_from_pb("rotation_period", req.rotation_period)?,
+                policy: req.policy.map(convert::policy_from_pb).transpose()?,
             };
             let view = self.kms().create_key(caller, input).await?;
             audit.resolved(&view.key);
             Ok(pb::CreateKeyResponse {
-                key: Some(convert::key_metadata(&view.key)),
+                key: Some(convert::key_to_pb(&view.key)),
             })
         })
         .await
@@ -83,11 +83,11 @@ impl KeyService for GrpcApi {
                 .await?;
             audit.resolved(&view.key);
             Ok(pb::GetKeyResponse {
-                key: Some(convert::key_metadata(&view.key)),
+                key: Some(convert::key_to_pb(&view.key)),
                 versions: view
                     .versions
                     .iter()
-                    .map(|v| convert::key_version(&view.key, v))
+                    .map(|v| convert::version_to_pb(&view.key, v))
                     .collect(),
             })
         })
@@ -102,7 +102,7 @@ impl KeyService for GrpcApi {
             let start_after = convert::page_token(&req.page_token)?;
             let page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
             let filter = KeyFilter {
-                state: convert::key_state_filter(req.state)?,
+                state: convert::state_filter_from_pb(req.state)?,
                 alias_prefix: (!req.alias_prefix.is_empty()).then_some(req.alias_prefix),
             };
             let page = self
@@ -110,7 +110,7 @@ impl KeyService for GrpcApi {
                 .list_keys(caller, filter, start_after, page_size)
                 .await?;
             Ok(pb::ListKeysResponse {
-                keys: page.keys.iter().map(convert::key_metadata).collect(),
+                keys: page.keys.iter().map(convert::key_to_pb).collect(),
                 next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
             })
         })
@@ -128,7 +128,7 @@ impl KeyService for GrpcApi {
                 .await?;
             audit.resolved(&record);
             Ok(pb::RotateKeyResponse {
-                key: Some(convert::key_metadata(&record)),
+                key: Some(convert::key_to_pb(&record)),
             })
         })
         .await
@@ -148,7 +148,7 @@ impl KeyService for GrpcApi {
                     .await?;
                 audit.resolved(&record);
                 Ok(pb::DisableKeyResponse {
-                    key: Some(convert::key_metadata(&record)),
+                    key: Some(convert::key_to_pb(&record)),
                 })
             },
         )
@@ -213,11 +213,11 @@ impl KeyService for GrpcApi {
         let op = Operation::SetRotationPolicy;
         self.handle(op, request, async |caller, req, audit| {
             let key = key_ref("key_id", &req.key_id)?;
-            let period = convert::duration("rotation_period", req.rotation_period)?;
+            let period = convert::duration_from_pb("rotation_period", req.rotation_period)?;
             let record = self.kms().set_rotation_policy(caller, &key, period).await?;
             audit.resolved(&record);
             Ok(pb::SetRotationPolicyResponse {
-                key: Some(convert::key_metadata(&record)),
+                key: Some(convert::key_to_pb(&record)),
             })
         })
         .await
@@ -233,7 +233,7 @@ impl KeyService for GrpcApi {
             let policy = req
                 .policy
                 .ok_or_else(|| Error::InvalidArgument("policy is required".into()))?;
-            let policy = convert::policy(policy)?;
+            let policy = convert::policy_from_pb(policy)?;
             let result = self.kms().update_key_policy(caller, &key, policy).await;
             let (key, pending_approval_id) = self.key_or_pending(audit, caller, result).await?;
             Ok(pb::UpdateKeyPolicyResponse {
@@ -257,7 +257,7 @@ impl KeyService for GrpcApi {
                 .await?;
             audit.resolved(&record);
             Ok(pb::RetireKeyVersionsResponse {
-                key: Some(convert::key_metadata(&record)),
+                key: Some(convert::key_to_pb(&record)),
             })
         })
         .await
