@@ -1,6 +1,7 @@
 //! `[hsm]`: which HSM backend coffre runs on, and where its PIN comes from
 //! (never the configuration file).
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,7 +9,25 @@ use anyhow::{Context, bail};
 use zeroize::Zeroizing;
 
 use super::raw::RawHsm;
-use crate::hsm::pkcs11::TokenSelector;
+
+/// Which PKCS#11 token to use (`hsm.token_label` or `hsm.slot`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenSelector {
+    /// The token with this label (`CKA_LABEL` of the token, trailing spaces
+    /// ignored). Exactly one token may carry it.
+    Label(String),
+    /// The slot with this id.
+    Slot(u64),
+}
+
+impl fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSelector::Label(l) => write!(f, "token labelled {l:?}"),
+            TokenSelector::Slot(s) => write!(f, "slot {s}"),
+        }
+    }
+}
 
 /// Default size of the PKCS#11 session pool: a call in flight per session.
 pub const DEFAULT_HSM_SESSIONS: usize = 8;

@@ -87,9 +87,8 @@ mod hsm;
 mod raw;
 mod tls;
 
-pub use crate::hsm::pkcs11::TokenSelector;
 pub use audit::AuditConfig;
-pub use hsm::{DEFAULT_HSM_SESSIONS, HsmConfig, MAX_HSM_SESSIONS, Pin, PinSource};
+pub use hsm::{DEFAULT_HSM_SESSIONS, HsmConfig, MAX_HSM_SESSIONS, Pin, PinSource, TokenSelector};
 pub use raw::CheckpointKey;
 pub use tls::TlsPaths;
 

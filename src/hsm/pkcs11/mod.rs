@@ -52,29 +52,11 @@ use root_keys::{RootKeys, Unwrapping};
 use session::{Sessions, classify, context_for, describe};
 
 use super::{Hsm, HsmError, HsmInfo, HsmWrapped, ObjectSeal};
+pub use crate::config::TokenSelector;
 use crate::secret::SecretBytes;
 
 /// Largest random request, as for the simulator.
 pub const MAX_RANDOM_LEN: usize = 1024;
-
-/// Which token to use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TokenSelector {
-    /// The token with this label (`CKA_LABEL` of the token, trailing spaces
-    /// ignored). Exactly one token may carry it.
-    Label(String),
-    /// The slot with this id.
-    Slot(u64),
-}
-
-impl fmt::Display for TokenSelector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TokenSelector::Label(l) => write!(f, "token labelled {l:?}"),
-            TokenSelector::Slot(s) => write!(f, "slot {s}"),
-        }
-    }
-}
 
 /// How to reach the HSM.
 pub struct Pkcs11Settings {
