@@ -17,27 +17,9 @@ pub fn status(failure: Failure) -> Status {
     Status::new(code(failure.code()), failure.message().to_string())
 }
 
+/// `Code` keeps gRPC's numbers, so the conversion is the number.
 fn code(code: Code) -> tonic::Code {
-    use tonic::Code as T;
-    match code {
-        Code::Ok => T::Ok,
-        Code::Cancelled => T::Cancelled,
-        Code::Unknown => T::Unknown,
-        Code::InvalidArgument => T::InvalidArgument,
-        Code::DeadlineExceeded => T::DeadlineExceeded,
-        Code::NotFound => T::NotFound,
-        Code::AlreadyExists => T::AlreadyExists,
-        Code::PermissionDenied => T::PermissionDenied,
-        Code::ResourceExhausted => T::ResourceExhausted,
-        Code::FailedPrecondition => T::FailedPrecondition,
-        Code::Aborted => T::Aborted,
-        Code::OutOfRange => T::OutOfRange,
-        Code::Unimplemented => T::Unimplemented,
-        Code::Internal => T::Internal,
-        Code::Unavailable => T::Unavailable,
-        Code::DataLoss => T::DataLoss,
-        Code::Unauthenticated => T::Unauthenticated,
-    }
+    tonic::Code::from(code as i32)
 }
 
 /// A reply as a tonic response or status, with its request id.

@@ -52,8 +52,18 @@ pub fn dev_kms_options() -> KmsOptions {
     }
 }
 
-/// A builder for a server on `dir`'s dev PKI, simulated HSM, store and
-/// approvals, with `roles`; the audit log in `dir` as `audit` says. The
+/// Creates `dir` and its dev PKI if they do not exist yet.
+pub fn ensure_dev_dir(dir: &DataDir) -> anyhow::Result<()> {
+    dir.create()?;
+    if pki::ensure_dev_pki(dir.root())? {
+        tracing::info!(dir = %dir.pki().dir.display(), "created the development PKI");
+    }
+    Ok(())
+}
+
+/// A builder for a server on `dir`'s dev PKI (made by [`ensure_dev_dir`],
+/// with a client certificate for every principal of `roles`), simulated
+/// HSM, store and approvals; the audit log in `dir` as `audit` says. The
 /// caller adds what else it needs (scheduler, metrics) and starts it.
 pub async fn builder(
     dir: &DataDir,
@@ -64,10 +74,6 @@ pub async fn builder(
     crl_reload_interval: Duration,
     listen: SocketAddr,
 ) -> anyhow::Result<ServerBuilder> {
-    dir.create()?;
-    if pki::ensure_dev_pki(dir.root())? {
-        tracing::info!(dir = %dir.pki().dir.display(), "created the development PKI");
-    }
     let pin = dev_pin(dir)?;
     let state = dir.hsm_state();
     let hsm = tokio::task::spawn_blocking(move || LocalSimHsm::open(&state, &pin))
@@ -106,8 +112,7 @@ pub async fn builder(
 /// Starts the dev server: everything under `opts.data_dir`.
 pub async fn start(opts: &DevOptions) -> anyhow::Result<RunningServer> {
     let dir = DataDir::new(&opts.data_dir);
-    dir.create()?;
-    pki::ensure_dev_pki(dir.root())?;
+    ensure_dev_dir(&dir)?;
     let mut roles = vec![
         (pki::dev_principal("operator"), Role::Operator),
         (pki::dev_principal("service"), Role::Service),

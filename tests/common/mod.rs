@@ -54,12 +54,12 @@ impl TestServer {
         options: coffre::service::KmsOptions,
     ) -> Self {
         use coffre::authz::StaticRoles;
-        use coffre::pki::{dev_principal, ensure_dev_pki, issue_client_cert};
+        use coffre::pki::{dev_principal, issue_client_cert};
         use coffre::server::DataDir;
 
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(dir.path());
-        ensure_dev_pki(data.root()).unwrap();
+        coffre::server::dev::ensure_dev_dir(&data).unwrap();
         let paths = data.pki();
         let mut roles = Vec::new();
         let mut attributes = std::collections::HashMap::new();
