@@ -60,6 +60,9 @@ pub mod record;
 pub mod trail;
 pub mod verify;
 
+#[cfg(test)]
+mod golden_tests;
+
 pub use checkpoint::{
     Checkpoint, CheckpointSigner, ExternalSigner, public_key_from_pem, public_key_to_pem,
 };
