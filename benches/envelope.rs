@@ -77,6 +77,7 @@ fn benches(c: &mut Criterion) {
     if let (Ok((signer, _)), true) = (CheckpointSigner::generate(), dir.is_dir()) {
         if let Ok(mut log) = AuditLog::open(&dir.join("audit.log"), signer) {
             let entry = || AuditEntry {
+                key_name: None,
                 request_id: "0b5c1e8e-4a57-4c1c-9d0a-2f3c4b5a6d7e".into(),
                 principal: "spiffe://coffre.dev/service".into(),
                 role: Some("service".into()),

@@ -16,6 +16,7 @@ fn entry(i: u32) -> AuditEntry {
         role: Some("service".into()),
         operation: "GenerateDataKey".into(),
         key_id: Some("0d2b2bb1-8da6-42dc-8b48-8e80421a883d".into()),
+        key_name: None,
         key_version: Some(1),
         context_digest: None,
         justification: Some("CUSTOMER_INITIATED_ACCESS".into()),

@@ -1,18 +1,42 @@
-//! The signed checkpoint: its v1 encoding, the key that signs it, and the
-//! PEM form of that key's public half.
+//! The signed checkpoint: its encodings (v1, v2), the key that signs it, and
+//! the PEM form and fingerprint of that key's public half.
 //!
-//! # Checkpoint encoding (v1)
+//! # Checkpoint encoding, version 2 (written since #15)
 //!
-//! A checkpoint line is `{"checkpoint":{"seq":S,"head_hash":H,"time":T,"signature":B}}`
-//! where `S` is the `seq` of the record just before it, `H` that record's
+//! A checkpoint line is
+//!
+//! ```text
+//! {"checkpoint":{"version":2,"log_id":L,"key_fingerprint":F,"seq":S,"head_hash":H,"time":T,"signature":B}}
+//! ```
+//!
+//! where `L` is the log's identity (a random UUID v4 in lowercase hyphenated
+//! form, drawn when the log gets its first v2 checkpoint and kept for the
+//! log's life, retention pruning included), `F` the key fingerprint
+//! ([`key_fingerprint`]: lowercase hex SHA-256 of the public key's DER
+//! SubjectPublicKeyInfo, as `openssl pkey -pubin -outform DER | sha256sum`
+//! prints it), `S` the `seq` of the record just before it, `H` that record's
 //! `hash`, `T` milliseconds since the Unix epoch, and `B` the standard base64
 //! (padded) Ed25519 signature over the UTF-8 string
+//!
+//! ```text
+//! coffre-audit-checkpoint/v2\n{L}\n{F}\n{S}\n{H}\n{T}
+//! ```
+//!
+//! with `S` and `T` in decimal, no trailing newline. The line is compact
+//! JSON with the fields in exactly this order (the verifier refuses any
+//! other encoding).
+//!
+//! # Checkpoint encoding, version 1 (logs written before #15)
+//!
+//! `{"checkpoint":{"seq":S,"head_hash":H,"time":T,"signature":B}}`, signing
 //!
 //! ```text
 //! coffre-audit-checkpoint/v1\n{S}\n{H}\n{T}
 //! ```
 //!
-//! with `S` and `T` in decimal, no trailing newline.
+//! It carries no log identity: a v1 checkpoint of one log cannot be told
+//! from one of another log under the same key. Old logs keep verifying; a
+//! log may go from v1 to v2 checkpoints (the upgrade), never back.
 //!
 //! The public key travels as an Ed25519 SubjectPublicKeyInfo PEM
 //! (`BEGIN PUBLIC KEY`, RFC 8410): [`public_key_to_pem`],
@@ -23,7 +47,8 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use ring::rand::SystemRandom;
+use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 
@@ -37,10 +62,23 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
-/// A signed statement: the chain's head at `seq` was `head_hash`.
+/// The checkpoint format written today.
+pub const CHECKPOINT_VERSION: u32 = 2;
+
+/// A signed statement: the chain's head at `seq` was `head_hash` (and, from
+/// version 2, in the log `log_id`, under the key `key_fingerprint`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
+    /// `Some(2)` for version 2; absent in version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// The log's identity (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<String>,
+    /// [`key_fingerprint`] of the signing key (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_fingerprint: Option<String>,
     pub seq: u64,
     pub head_hash: String,
     pub time: Timestamp,
@@ -55,22 +93,153 @@ pub(crate) struct CheckpointLine {
     pub(crate) checkpoint: Checkpoint,
 }
 
+/// What a checkpoint says of its log, by format version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckpointIdentity<'a> {
+    /// Version 1: no log identity.
+    V1,
+    /// Version 2: the log and the key.
+    V2 {
+        log_id: &'a str,
+        key_fingerprint: &'a str,
+    },
+}
+
 impl Checkpoint {
-    /// The exact bytes signed (module docs).
-    pub fn signed_message(seq: u64, head_hash: &str, time: Timestamp) -> String {
+    /// The exact bytes a version 1 checkpoint signs (module docs).
+    pub fn signed_message_v1(seq: u64, head_hash: &str, time: Timestamp) -> String {
         format!("coffre-audit-checkpoint/v1\n{seq}\n{head_hash}\n{}", time.0)
     }
 
-    /// Whether the signature verifies under `public_key`.
+    /// The exact bytes a version 2 checkpoint signs (module docs).
+    pub fn signed_message_v2(
+        log_id: &str,
+        key_fingerprint: &str,
+        seq: u64,
+        head_hash: &str,
+        time: Timestamp,
+    ) -> String {
+        format!(
+            "coffre-audit-checkpoint/v2\n{log_id}\n{key_fingerprint}\n{seq}\n{head_hash}\n{}",
+            time.0
+        )
+    }
+
+    /// The format version and what it names, or why the fields do not form
+    /// a known version (a v2 without its log id, a log id that is not a
+    /// UUID, an unknown version).
+    pub fn identity(&self) -> Result<CheckpointIdentity<'_>, String> {
+        match (&self.version, &self.log_id, &self.key_fingerprint) {
+            (None, None, None) => Ok(CheckpointIdentity::V1),
+            (Some(2), Some(log_id), Some(fp)) => {
+                if !is_log_id(log_id) {
+                    return Err(format!("log_id {log_id:?} is not a lowercase UUID"));
+                }
+                if fp.len() != 64 || !fp.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                    return Err("key_fingerprint is not 64 lowercase hex digits".into());
+                }
+                Ok(CheckpointIdentity::V2 {
+                    log_id,
+                    key_fingerprint: fp,
+                })
+            }
+            (Some(2), _, _) => {
+                Err("a version 2 checkpoint needs log_id and key_fingerprint".into())
+            }
+            (Some(v), _, _) => Err(format!("unknown checkpoint version {v}")),
+            (None, _, _) => Err("log_id and key_fingerprint need \"version\":2".into()),
+        }
+    }
+
+    /// The message this checkpoint's signature covers, by its version.
+    fn message(&self) -> Option<String> {
+        Some(match self.identity().ok()? {
+            CheckpointIdentity::V1 => Self::signed_message_v1(self.seq, &self.head_hash, self.time),
+            CheckpointIdentity::V2 {
+                log_id,
+                key_fingerprint,
+            } => Self::signed_message_v2(
+                log_id,
+                key_fingerprint,
+                self.seq,
+                &self.head_hash,
+                self.time,
+            ),
+        })
+    }
+
+    /// Whether the signature verifies under `public_key` (for version 2,
+    /// the fingerprint it names must also be `public_key`'s).
     pub fn signature_is_valid(&self, public_key: &[u8; 32]) -> bool {
         let Ok(sig) = BASE64.decode(&self.signature) else {
             return false;
         };
-        let msg = Self::signed_message(self.seq, &self.head_hash, self.time);
+        let Some(msg) = self.message() else {
+            return false;
+        };
+        if let Some(fp) = &self.key_fingerprint {
+            if *fp != key_fingerprint(public_key) {
+                return false;
+            }
+        }
         signature::UnparsedPublicKey::new(&signature::ED25519, public_key)
             .verify(msg.as_bytes(), &sig)
             .is_ok()
     }
+
+    /// The checkpoint as its log line, without the `\n`.
+    pub fn to_line(&self) -> Result<String, AuditError> {
+        serde_json::to_string(&CheckpointLine {
+            checkpoint: self.clone(),
+        })
+        .map_err(|e| AuditError::Encode(e.to_string()))
+    }
+
+    /// A checkpoint from its log line (`{"checkpoint":{...}}`, as `coffre
+    /// audit checkpoint --json` prints it) or from the bare object; the
+    /// text must be its canonical encoding (surrounding whitespace aside).
+    pub fn from_line(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.starts_with("{\"checkpoint\"") {
+            let line: CheckpointLine = serde_json::from_str(text).map_err(|e| e.to_string())?;
+            if line.checkpoint.to_line().ok().as_deref() != Some(text) {
+                return Err("not the canonical encoding of a checkpoint".into());
+            }
+            Ok(line.checkpoint)
+        } else {
+            let cp: Checkpoint = serde_json::from_str(text).map_err(|e| e.to_string())?;
+            if serde_json::to_string(&cp).ok().as_deref() != Some(text) {
+                return Err("not the canonical encoding of a checkpoint".into());
+            }
+            Ok(cp)
+        }
+    }
+}
+
+/// Whether `s` is a log id: a UUID in lowercase hyphenated form.
+pub fn is_log_id(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).is_ok_and(|u| u.hyphenated().to_string() == s)
+}
+
+/// A fresh log id: a random UUID v4 (from ring's `SystemRandom`).
+pub fn new_log_id() -> Result<String, AuditError> {
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| AuditError::Encode("no randomness for a log id".into()))?;
+    Ok(uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string())
+}
+
+/// The key's fingerprint: lowercase hex SHA-256 of its DER
+/// SubjectPublicKeyInfo (what `openssl pkey -pubin -in KEY.pem -outform DER
+/// | sha256sum` prints).
+pub fn key_fingerprint(key: &[u8; 32]) -> String {
+    let mut der = ED25519_SPKI_PREFIX.to_vec();
+    der.extend_from_slice(key);
+    hex::encode(digest::digest(&digest::SHA256, &der).as_ref())
 }
 
 /// An Ed25519 key held elsewhere (an HSM) that signs checkpoints.
@@ -144,25 +313,61 @@ impl CheckpointSigner {
         public_key_to_pem(&self.public_key())
     }
 
-    /// Signs the chain head at `seq`. Only an external key can fail.
+    /// [`key_fingerprint`] of the public key.
+    pub fn fingerprint(&self) -> String {
+        key_fingerprint(&self.public_key())
+    }
+
+    /// Signs the chain head at `seq` of the log `log_id` (a version 2
+    /// checkpoint). Only an external key can fail.
     pub fn checkpoint(
+        &self,
+        log_id: &str,
+        seq: u64,
+        head_hash: &str,
+        time: Timestamp,
+    ) -> Result<Checkpoint, AuditError> {
+        let fingerprint = self.fingerprint();
+        let msg = Checkpoint::signed_message_v2(log_id, &fingerprint, seq, head_hash, time);
+        let signature = self.sign(&msg)?;
+        Ok(Checkpoint {
+            version: Some(CHECKPOINT_VERSION),
+            log_id: Some(log_id.to_string()),
+            key_fingerprint: Some(fingerprint),
+            seq,
+            head_hash: head_hash.to_string(),
+            time,
+            signature,
+        })
+    }
+
+    /// A version 1 checkpoint, as logs before #15 hold: for tests of the
+    /// old format only.
+    #[cfg(test)]
+    pub(crate) fn checkpoint_v1(
         &self,
         seq: u64,
         head_hash: &str,
         time: Timestamp,
     ) -> Result<Checkpoint, AuditError> {
-        let msg = Checkpoint::signed_message(seq, head_hash, time);
-        let signature = match &self.0 {
+        let msg = Checkpoint::signed_message_v1(seq, head_hash, time);
+        Ok(Checkpoint {
+            version: None,
+            log_id: None,
+            key_fingerprint: None,
+            seq,
+            head_hash: head_hash.to_string(),
+            time,
+            signature: self.sign(&msg)?,
+        })
+    }
+
+    fn sign(&self, msg: &str) -> Result<String, AuditError> {
+        Ok(match &self.0 {
             SignerKind::Local(k) => BASE64.encode(k.sign(msg.as_bytes()).as_ref()),
             SignerKind::External(s) => {
                 BASE64.encode(s.sign(msg.as_bytes()).map_err(AuditError::Signing)?)
             }
-        };
-        Ok(Checkpoint {
-            seq,
-            head_hash: head_hash.to_string(),
-            time,
-            signature,
         })
     }
 }
@@ -202,6 +407,8 @@ pub(crate) mod tests {
     use super::*;
     use crate::audit::record::GENESIS_HASH;
 
+    pub(crate) const TEST_LOG_ID: &str = "9d1f0c52-6a1e-4b7e-8f3a-2c4d5e6f7a8b";
+
     pub(crate) fn test_signer() -> (CheckpointSigner, [u8; 32]) {
         let (signer, _pkcs8) = CheckpointSigner::generate().unwrap();
         let pk = signer.public_key();
@@ -219,7 +426,9 @@ pub(crate) mod tests {
             public_key_from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----")
                 .is_none()
         );
-        let cp = signer.checkpoint(7, GENESIS_HASH, Timestamp(5)).unwrap();
+        let cp = signer
+            .checkpoint(TEST_LOG_ID, 7, GENESIS_HASH, Timestamp(5))
+            .unwrap();
         assert!(cp.signature_is_valid(&pk));
         assert!(!cp.signature_is_valid(&[0u8; 32]));
     }

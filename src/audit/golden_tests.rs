@@ -67,6 +67,17 @@ fn entries() -> Vec<AuditEntry> {
     out
 }
 
+/// The entries of the current format: v1's, and a record naming its key by
+/// an alias (`key_name`, added in v2).
+fn entries_v2() -> Vec<AuditEntry> {
+    let mut out = entries();
+    let mut e = out[2].clone();
+    e.request_id = "golden-9".into();
+    e.key_name = Some("golden/key".into());
+    out.push(e);
+    out
+}
+
 /// Writes the golden files of the current format as `audit-v{version}`.
 fn write_golden(version: &str) {
     let dir = data_dir();
@@ -89,7 +100,12 @@ fn write_golden(version: &str) {
     )
     .unwrap();
     let mut log = AuditLog::open_with(&path, signer, options).unwrap();
-    for e in entries() {
+    let entries = if version == "1" {
+        entries()
+    } else {
+        entries_v2()
+    };
+    for e in entries {
         clock.advance(Duration::from_secs(1));
         log.append(e).unwrap();
     }
@@ -111,4 +127,51 @@ fn write_golden_logs_when_asked() {
     if let Ok(version) = std::env::var("COFFRE_WRITE_AUDIT_GOLDEN") {
         write_golden(&version);
     }
+}
+
+fn verify_golden(name: &str) -> super::VerifyReport {
+    let dir = data_dir();
+    let version = name
+        .trim_start_matches("audit-")
+        .split(['-', '.'])
+        .next()
+        .unwrap();
+    let pem = std::fs::read_to_string(dir.join(format!("audit-{version}-public-key.pem"))).unwrap();
+    let key = super::public_key_from_pem(&pem).unwrap();
+    let text = std::fs::read(dir.join(name)).unwrap();
+    super::verify(&text[..], &key, |_| {}).unwrap()
+}
+
+#[test]
+fn golden_logs_of_every_format_verify() {
+    use super::verify::{Policy, PolicyFailure};
+    let strict = Policy::default();
+    let anchored = Policy {
+        allow_anchored: true,
+        ..strict
+    };
+    // Format v1 (before #15): no log identity.
+    let v1 = verify_golden("audit-v1.log");
+    assert_eq!((v1.records, v1.checkpoints, v1.v1_checkpoints), (8, 3, 3));
+    assert_eq!(
+        (v1.first_seq, v1.last_seq, v1.log_id.as_deref()),
+        (Some(1), 8, None)
+    );
+    strict.check(&v1).unwrap();
+    let v1a = verify_golden("audit-v1-anchored.log");
+    assert_eq!(v1a.anchor.as_ref().map(|a| a.seq), Some(3));
+    assert!(matches!(
+        strict.check(&v1a),
+        Err(PolicyFailure::Anchored { seq: 3, .. })
+    ));
+    anchored.check(&v1a).unwrap();
+    // Format v2: checkpoints name the log and the key.
+    let v2 = verify_golden("audit-v2.log");
+    assert_eq!((v2.records, v2.checkpoints, v2.v1_checkpoints), (9, 3, 0));
+    let id = v2.log_id.clone().unwrap();
+    assert!(super::checkpoint::is_log_id(&id));
+    strict.check(&v2).unwrap();
+    let v2a = verify_golden("audit-v2-anchored.log");
+    assert_eq!(v2a.log_id.as_deref(), Some(id.as_str()));
+    anchored.check(&v2a).unwrap();
 }

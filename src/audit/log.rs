@@ -9,6 +9,7 @@
 //! retention rewrites the file to start from a signed anchor checkpoint
 //! ([`AuditLog::prune`]).
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -16,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::AuditError;
-use super::checkpoint::{Checkpoint, CheckpointLine, CheckpointSigner};
+use super::checkpoint::{Checkpoint, CheckpointLine, CheckpointSigner, new_log_id};
 use super::record::{AuditEntry, AuditRecord};
-use super::verify::verify;
+use super::verify::{VerifyFailure, verify, verify_with_checkpoints};
 use crate::model::{Clock, SystemClock, Timestamp};
 
 /// When an append is acknowledged.
@@ -50,11 +51,32 @@ impl Default for CheckpointPolicy {
     }
 }
 
+/// Where the writer reports each checkpoint once it is durable in the log,
+/// so that coffre remembers the highest checkpoint it has signed outside
+/// the log (in its store: `server::audit`), and refuses to start on a log
+/// that is behind it.
+pub trait HighWaterMark: Send + Sync + fmt::Debug {
+    /// `checkpoint` is durable in the log: remember it. Must not block (it
+    /// is called by whoever writes the batch, a request's task included).
+    fn remember(&self, checkpoint: &Checkpoint);
+    /// `seq` of the last checkpoint durably remembered, if any.
+    fn remembered(&self) -> Option<u64>;
+}
+
 #[derive(Clone, Debug)]
 pub struct AuditLogOptions {
     pub durability: Durability,
     pub checkpoints: CheckpointPolicy,
     pub clock: Arc<dyn Clock>,
+    /// Where checkpoints are remembered. With one, the writer signs a new
+    /// checkpoint only once the previous one is remembered, so the mark is
+    /// never more than one checkpoint behind the log.
+    pub mark: Option<Arc<dyn HighWaterMark>>,
+    /// The highest checkpoint remembered (from the store, at start): the
+    /// log must contain it or extend past it ([`AuditError::BehindMark`]),
+    /// and may be at most one checkpoint ahead of it
+    /// ([`AuditError::MarkRolledBack`]).
+    pub high_water: Option<Checkpoint>,
 }
 
 impl Default for AuditLogOptions {
@@ -63,6 +85,8 @@ impl Default for AuditLogOptions {
             durability: Durability::default(),
             checkpoints: CheckpointPolicy::default(),
             clock: Arc::new(SystemClock),
+            mark: None,
+            high_water: None,
         }
     }
 }
@@ -89,6 +113,9 @@ pub struct AuditLog {
     file: File,
     signer: CheckpointSigner,
     options: AuditLogOptions,
+    /// The log's identity: from its checkpoints, or drawn at random for a
+    /// log that has no version 2 checkpoint yet.
+    log_id: String,
     /// `seq` of the last record (0 when empty).
     seq: u64,
     head_hash: String,
@@ -150,11 +177,58 @@ impl AuditLog {
             file.set_len(complete)?;
             file.sync_data()?;
         }
-        let report = verify(
-            BufReader::new(Read::take(&file, complete)),
-            &signer.public_key(),
-            |_| {},
-        )?;
+        let reader = BufReader::new(Read::take(&file, complete));
+        // A mark older than the log's anchor (retention pruned past it):
+        // the log cannot show it, but must be the same log.
+        let mark = match (&options.high_water, first_checkpoint(&file, complete)?) {
+            (Some(mark), Some(anchor)) if mark.seq < anchor.seq => {
+                if mark.log_id.is_none() || mark.log_id != anchor.log_id {
+                    return Err(AuditError::BehindMark(format!(
+                        "the audit log {} starts after the last checkpoint coffre signed \
+                         (seq {}) and is not the same log: replaced. Restore the log from a \
+                         backup or an export and start again",
+                        path.display(),
+                        mark.seq
+                    )));
+                }
+                None
+            }
+            (mark, _) => mark.as_ref(),
+        };
+        let report = match mark {
+            None => verify(reader, &signer.public_key(), |_| {})?,
+            Some(mark) => verify_with_checkpoints(
+                reader,
+                &signer.public_key(),
+                std::slice::from_ref(mark),
+                |_| {},
+            )
+            .map_err(|e| behind_mark(path, mark, e))?,
+        };
+        if let (Some(mark), Some(previous)) = (&options.high_water, &report.previous_checkpoint) {
+            // The log holds two checkpoints after the mark: the store was
+            // written after each of them, so it is an older copy.
+            if mark.seq < previous.seq {
+                return Err(AuditError::MarkRolledBack(format!(
+                    "the store remembers the audit checkpoint at seq {}, but the audit log {} \
+                     holds checkpoints at seq {} and {} after it: coffre stores each checkpoint \
+                     before it signs the next, so the store was rolled back to an older copy \
+                     (restore the current store, or investigate; see SECURITY.md)",
+                    mark.seq,
+                    path.display(),
+                    previous.seq,
+                    report.last_checkpoint.as_ref().map_or(0, |c| c.seq),
+                )));
+            }
+        }
+        let log_id = match &report.log_id {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_log_id()?;
+                tracing::info!(file = %path.display(), log_id = %id, "audit log identity drawn (no version 2 checkpoint yet)");
+                id
+            }
+        };
         let index = build_index(&file, complete)?;
         if !existed && options.durability == Durability::Fsync {
             sync_parent_dir(path)?;
@@ -164,11 +238,19 @@ impl AuditLog {
             Some(cp) => (report.last_seq.saturating_sub(cp.seq), cp.time),
             None => (report.records, now),
         };
+        if let (Some(mark), Some(cp)) = (&options.mark, &report.last_checkpoint) {
+            // Adopt the log's last checkpoint (a first start with a mark, or
+            // a mark one checkpoint behind after a crash).
+            if mark.remembered().is_none_or(|s| s < cp.seq) {
+                mark.remember(cp);
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file,
             signer,
             options,
+            log_id,
             seq: report.last_seq,
             head_hash: report.head_hash,
             since_checkpoint,
@@ -198,6 +280,20 @@ impl AuditLog {
 
     pub fn public_key(&self) -> [u8; 32] {
         self.signer.public_key()
+    }
+
+    /// The log's identity (checkpoint format version 2).
+    pub fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    /// Whether a new checkpoint may be signed: without a mark, always; with
+    /// one, once the last checkpoint has been remembered.
+    fn mark_caught_up(&self) -> bool {
+        match (&self.options.mark, &self.last_checkpoint) {
+            (Some(mark), Some(cp)) => mark.remembered().is_some_and(|s| s >= cp.seq),
+            _ => true,
+        }
     }
 
     /// Length of the acknowledged content, in bytes (always a line boundary).
@@ -269,6 +365,9 @@ impl AuditLog {
         let mut new_index = Vec::new();
         let policy = self.options.checkpoints;
         let every_ms = i64::try_from(policy.every.as_millis()).unwrap_or(i64::MAX);
+        // One checkpoint per batch at most while a mark is kept: the next
+        // waits until this one is remembered.
+        let mut may_sign = self.mark_caught_up();
         for entry in entries {
             let time = self.options.clock.now();
             if (seq + 1) % LOG_INDEX_STRIDE == 1 {
@@ -286,8 +385,8 @@ impl AuditLog {
             since += 1;
             let due =
                 since >= policy.every_records || time.0.saturating_sub(last_time.0) >= every_ms;
-            let cp = if due && self.signing_retry_at.is_none_or(|t| time >= t) {
-                match self.signer.checkpoint(seq, &head, time) {
+            let cp = if due && may_sign && self.signing_retry_at.is_none_or(|t| time >= t) {
+                match self.signer.checkpoint(&self.log_id, seq, &head, time) {
                     Ok(cp) => {
                         self.signing_retry_at = None;
                         Some(cp)
@@ -315,16 +414,22 @@ impl AuditLog {
                 since = 0;
                 last_time = time;
                 last_cp = Some(cp);
+                may_sign = self.options.mark.is_none();
             }
             records.push(record);
         }
-        self.write_all(&buf)?;
+        // A checkpoint is remembered only once it is durable in the log.
+        let sync = last_cp.is_some() && self.options.mark.is_some();
+        self.write_all(&buf, sync)?;
         self.seq = seq;
         self.head_hash = head;
         self.since_checkpoint = since;
         self.last_checkpoint_time = last_time;
-        if last_cp.is_some() {
-            self.last_checkpoint = last_cp;
+        if let Some(cp) = last_cp {
+            if let Some(mark) = &self.options.mark {
+                mark.remember(&cp);
+            }
+            self.last_checkpoint = Some(cp);
         }
         self.index.extend(new_index);
         Ok(records)
@@ -332,25 +437,29 @@ impl AuditLog {
 
     /// Writes a checkpoint of the current head now (at shutdown, on an
     /// auditor's request, when the time interval passed on an idle log).
-    /// Returns the last checkpoint without writing if no record came since;
-    /// `None` on a log without records.
+    /// Returns the last checkpoint without writing if no record came since,
+    /// or while the high-water mark has not remembered it yet; `None` on a
+    /// log without records.
     pub fn checkpoint(&mut self) -> Result<Option<Checkpoint>, AuditError> {
         self.recover()?;
-        if self.since_checkpoint == 0 && self.last_checkpoint.is_some() {
+        if (self.since_checkpoint == 0 || !self.mark_caught_up()) && self.last_checkpoint.is_some()
+        {
             return Ok(self.last_checkpoint.clone());
         }
         if self.seq == 0 {
             return Ok(None);
         }
         let time = self.options.clock.now();
-        let checkpoint = self.signer.checkpoint(self.seq, &self.head_hash, time)?;
+        let checkpoint = self
+            .signer
+            .checkpoint(&self.log_id, self.seq, &self.head_hash, time)?;
         self.signing_retry_at = None;
-        let mut line = serde_json::to_vec(&CheckpointLine {
-            checkpoint: checkpoint.clone(),
-        })
-        .map_err(|e| AuditError::Encode(e.to_string()))?;
+        let mut line = checkpoint.to_line()?.into_bytes();
         line.push(b'\n');
-        self.write_all(&line)?;
+        self.write_all(&line, self.options.mark.is_some())?;
+        if let Some(mark) = &self.options.mark {
+            mark.remember(&checkpoint);
+        }
         self.since_checkpoint = 0;
         self.last_checkpoint_time = time;
         self.last_checkpoint = Some(checkpoint.clone());
@@ -376,9 +485,10 @@ impl AuditLog {
         Ok(())
     }
 
-    fn write_all(&mut self, bytes: &[u8]) -> Result<(), AuditError> {
+    /// Writes `bytes`; syncs them in `Fsync` mode, or when `sync` asks.
+    fn write_all(&mut self, bytes: &[u8], sync: bool) -> Result<(), AuditError> {
         let result = self.file.write_all(bytes).and_then(|()| {
-            if self.options.durability == Durability::Fsync {
+            if sync || self.options.durability == Durability::Fsync {
                 self.syncs += 1;
                 self.file.sync_data()
             } else {
@@ -485,6 +595,50 @@ impl AuditLog {
     }
 }
 
+/// The checkpoint on the first line of the first `len` bytes (an anchor),
+/// read with `pread` (the file's cursor is left where it is).
+fn first_checkpoint(file: &File, len: u64) -> std::io::Result<Option<Checkpoint>> {
+    let mut buf = vec![0u8; usize::try_from(len.min(8192)).unwrap_or(8192)];
+    read_exact_at(file, &mut buf, 0)?;
+    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+        return Ok(None);
+    };
+    let line = buf.get(..end).unwrap_or_default();
+    if !line.starts_with(b"{\"checkpoint\"") {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice::<CheckpointLine>(line)
+        .ok()
+        .map(|l| l.checkpoint))
+}
+
+/// The error for a log that does not contain the remembered checkpoint.
+fn behind_mark(path: &Path, mark: &Checkpoint, e: super::VerifyError) -> AuditError {
+    let what = match &e.failure {
+        VerifyFailure::Truncated { last_seq, .. } => {
+            format!("it ends at seq {last_seq}: deleted, truncated or replaced by a new chain")
+        }
+        VerifyFailure::KnownCheckpointMismatch => {
+            "it does not hold that checkpoint: replaced by another log".to_string()
+        }
+        VerifyFailure::BadSignature | VerifyFailure::WrongKey { .. } => {
+            return AuditError::Corrupt(e);
+        }
+        _ => return AuditError::Corrupt(e),
+    };
+    AuditError::BehindMark(format!(
+        "the audit log {} is behind the last checkpoint coffre signed (seq {}{}, remembered \
+         in the store): {what}. coffre will not start a new chain over a lost one: restore the \
+         log from a backup or an export (coffre audit export) and start again",
+        path.display(),
+        mark.seq,
+        mark.log_id
+            .as_ref()
+            .map(|id| format!(", log {id}"))
+            .unwrap_or_default(),
+    ))
+}
+
 /// The length of the file up to and including its last `\n`.
 fn complete_length(file: &File, total: u64) -> std::io::Result<u64> {
     let mut end = total;
@@ -577,6 +731,7 @@ pub(crate) mod tests {
                 every: Duration::from_secs(3600),
             },
             clock: clock.clone(),
+            ..AuditLogOptions::default()
         };
         (opts, clock)
     }
@@ -772,7 +927,10 @@ pub(crate) mod tests {
         let report = log.prune(Timestamp(t0 + 7 * 60_000)).unwrap().unwrap();
         assert_eq!((report.removed_records, report.anchor.seq), (6, 6));
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("{\"checkpoint\":{\"seq\":6,"), "{text}");
+        assert!(
+            text.starts_with("{\"checkpoint\":{\"version\":2,"),
+            "{text}"
+        );
         let v = verify(text.as_bytes(), &pk, |_| {}).unwrap();
         assert_eq!(v.anchor.as_ref().map(|a| a.seq), Some(6));
         assert_eq!((v.records, v.last_seq), (4, 10));
@@ -840,5 +998,155 @@ pub(crate) mod tests {
             AuditLog::open_with(&path, b, opts),
             Err(AuditError::Corrupt(_))
         ));
+    }
+
+    /// A mark in memory: remembers what it is told when `up`.
+    #[derive(Debug, Default)]
+    struct MemoryMark {
+        up: std::sync::atomic::AtomicBool,
+        seen: std::sync::Mutex<Vec<Checkpoint>>,
+        remembered: std::sync::Mutex<Option<u64>>,
+    }
+
+    impl HighWaterMark for MemoryMark {
+        fn remember(&self, checkpoint: &Checkpoint) {
+            self.seen.lock().unwrap().push(checkpoint.clone());
+            if self.up.load(std::sync::atomic::Ordering::SeqCst) {
+                *self.remembered.lock().unwrap() = Some(checkpoint.seq);
+            }
+        }
+        fn remembered(&self) -> Option<u64> {
+            *self.remembered.lock().unwrap()
+        }
+    }
+
+    fn seeded() -> CheckpointSigner {
+        CheckpointSigner::from_seed(&[9u8; 32]).unwrap()
+    }
+
+    /// A log of `n` records with a checkpoint every 2; its checkpoints.
+    fn log_with_checkpoints(path: &Path, n: u64) -> Vec<Checkpoint> {
+        let (opts, _) = options(2);
+        let mut log = AuditLog::open_with(path, seeded(), opts).unwrap();
+        let mut cps = Vec::new();
+        for i in 1..=n {
+            log.append(entry(i)).unwrap();
+            if i % 2 == 0 {
+                cps.push(log.last_checkpoint().unwrap().clone());
+            }
+        }
+        cps
+    }
+
+    #[test]
+    fn a_log_behind_the_high_water_mark_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let cps = log_with_checkpoints(&path, 6);
+        let mark = cps.last().unwrap().clone();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let with_mark = |o: AuditLogOptions| AuditLogOptions {
+            high_water: Some(mark.clone()),
+            ..o
+        };
+        // Intact: opens, with the same log id.
+        let log = AuditLog::open_with(&path, seeded(), with_mark(options(2).0)).unwrap();
+        assert_eq!(Some(log.log_id()), mark.log_id.as_deref());
+        drop(log);
+        // Deleted (a fresh chain), truncated, replaced by another log.
+        let cut: String = text.lines().take(5).map(|l| format!("{l}\n")).collect();
+        let other = dir.path().join("other.log");
+        log_with_checkpoints(&other, 8);
+        let replaced = std::fs::read_to_string(&other).unwrap();
+        for (what, content) in [
+            ("deleted", String::new()),
+            ("truncated", cut),
+            ("replaced", replaced),
+        ] {
+            std::fs::write(&path, &content).unwrap();
+            let err = AuditLog::open_with(&path, seeded(), with_mark(options(2).0)).unwrap_err();
+            assert!(matches!(err, AuditError::BehindMark(_)), "{what}: {err}");
+            assert!(err.to_string().contains("restore"), "{what}: {err}");
+            // Refusing changed nothing.
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), content, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_store_two_checkpoints_behind_the_log_was_rolled_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let cps = log_with_checkpoints(&path, 6);
+        let open = |mark: &Checkpoint| {
+            let m = Arc::new(MemoryMark::default());
+            m.up.store(true, std::sync::atomic::Ordering::SeqCst);
+            *m.remembered.lock().unwrap() = Some(mark.seq);
+            let opts = AuditLogOptions {
+                high_water: Some(mark.clone()),
+                mark: Some(m.clone()),
+                ..options(2).0
+            };
+            (AuditLog::open_with(&path, seeded(), opts), m)
+        };
+        // One behind (a crash between the log's fsync and the store's
+        // write): accepted, and the log's last checkpoint remembered.
+        let (log, m) = open(&cps[1]);
+        log.unwrap();
+        assert_eq!(m.remembered(), Some(6));
+        // Two behind: the store is an older copy.
+        let (log, _) = open(&cps[0]);
+        assert!(matches!(log, Err(AuditError::MarkRolledBack(_))), "{log:?}");
+    }
+
+    #[test]
+    fn no_checkpoint_is_signed_until_the_previous_one_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mark = Arc::new(MemoryMark::default());
+        let opts = AuditLogOptions {
+            mark: Some(mark.clone()),
+            ..options(2).0
+        };
+        let mut log = AuditLog::open_with(&path, seeded(), opts).unwrap();
+        // The store is down: the first checkpoint is written, no other.
+        for i in 1..=7 {
+            log.append(entry(i)).unwrap();
+        }
+        assert_eq!(log.checkpoint().unwrap().map(|c| c.seq), Some(2));
+        assert_eq!(mark.seen.lock().unwrap().len(), 1);
+        // Back: the next append signs the head, and it is remembered.
+        mark.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        mark.remember(&log.last_checkpoint().unwrap().clone());
+        log.append(entry(8)).unwrap();
+        assert_eq!(log.last_checkpoint().map(|c| c.seq), Some(8));
+        assert_eq!(mark.remembered(), Some(8));
+        assert_eq!(log.since_checkpoint(), 0);
+    }
+
+    #[test]
+    fn a_log_keeps_its_identity_across_reopen_and_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let cps = log_with_checkpoints(&path, 6);
+        let id = cps[0].log_id.clone().unwrap();
+        assert!(cps.iter().all(|c| c.log_id.as_deref() == Some(id.as_str())));
+        let (opts, clock) = options(2);
+        let mut log = AuditLog::open_with(&path, seeded(), opts).unwrap();
+        assert_eq!(log.log_id(), id);
+        clock.advance(Duration::from_secs(10));
+        log.append(entry(7)).unwrap();
+        log.prune(clock.now()).unwrap().unwrap();
+        log.append(entry(8)).unwrap();
+        assert_eq!(
+            log.last_checkpoint().unwrap().log_id.as_deref(),
+            Some(id.as_str())
+        );
+        drop(log);
+        let log = AuditLog::open_with(&path, seeded(), options(2).0).unwrap();
+        assert_eq!(log.log_id(), id);
+        // A new log gets another identity.
+        let other =
+            AuditLog::open_with(&dir.path().join("new.log"), seeded(), options(2).0).unwrap();
+        assert_ne!(other.log_id(), id);
     }
 }

@@ -26,11 +26,14 @@
 //!
 //! UTF-8, one JSON object per line, each line ending in `\n`. A line is
 //! either a record (the fields of [`AuditRecord`], as an object) or a
-//! checkpoint, wrapped as `{"checkpoint": {...}}`. Records carry `seq`
+//! checkpoint, wrapped as `{"checkpoint": {...}}`. Every line is the
+//! canonical (compact, fixed field order) encoding of what it holds, byte
+//! for byte. Records carry `seq`
 //! 1, 2, 3, ... without gaps; the first record's `prev_hash` is 64 zeros
 //! (`GENESIS_HASH`), every other record's `prev_hash` is the previous record's
-//! `hash`. A checkpoint signs (`seq`, `head_hash`) of the record just before
-//! it.
+//! `hash`. A checkpoint signs (log id, key fingerprint, `seq`, `head_hash`)
+//! of the record just before it (version 2; version 1, before #15, signed
+//! `seq` and `head_hash` only): [`checkpoint`] has both layouts.
 //!
 //! A log may instead start with an *anchor* checkpoint (a log whose older
 //! records were archived away): its signature is checked, and the first
@@ -50,7 +53,18 @@
 //! independently (a previous export, a published head): pass it to
 //! [`verify::verify_with_checkpoint`], and a log that does not reach it fails.
 //! The writer bounds the unprotected tail by checkpointing every N records or
-//! T seconds.
+//! T seconds; `coffre audit verify` refuses a tail longer than
+//! `--max-unsigned` ([`verify::DEFAULT_MAX_UNSIGNED`]), a log that does not
+//! start at seq 1 (unless `--allow-anchored`), an empty log and a log
+//! without a signed checkpoint ([`verify::Policy`]).
+//!
+//! The server keeps a *high-water mark* outside the log: after each
+//! checkpoint is durable, it is stored, HSM-wrapped, in the key store
+//! ([`log::HighWaterMark`], `server::audit`), and coffre refuses to start on
+//! a log that does not contain the remembered checkpoint (deleted, truncated,
+//! replaced), or that holds two checkpoints after it (the store was rolled
+//! back). A new checkpoint is signed only once the previous one is
+//! remembered, so a crash leaves the mark at most one checkpoint behind.
 
 pub mod checkpoint;
 pub mod keys;
@@ -64,14 +78,18 @@ pub mod verify;
 mod golden_tests;
 
 pub use checkpoint::{
-    Checkpoint, CheckpointSigner, ExternalSigner, public_key_from_pem, public_key_to_pem,
+    Checkpoint, CheckpointSigner, ExternalSigner, key_fingerprint, public_key_from_pem,
+    public_key_to_pem,
 };
 pub use keys::AuditKeys;
-pub use log::{AuditLog, AuditLogOptions, CheckpointPolicy, Durability};
+pub use log::{AuditLog, AuditLogOptions, CheckpointPolicy, Durability, HighWaterMark};
 pub use reader::{EventFilter, EventPage};
 pub use record::{AuditDigestKey, AuditEntry, AuditRecord, GENESIS_HASH, Outcome};
 pub use trail::{AuditTrail, AuditTrailOptions, ClearContext};
-pub use verify::{VerifyError, VerifyFailure, VerifyReport, verify, verify_with_checkpoint};
+pub use verify::{
+    Policy, PolicyFailure, VerifyError, VerifyFailure, VerifyReport, verify,
+    verify_with_checkpoint, verify_with_checkpoints,
+};
 
 /// Errors of the audit log writer.
 #[derive(Debug, thiserror::Error)]
@@ -99,4 +117,10 @@ pub enum AuditError {
     Signing(String),
     #[error("cannot encode an audit record: {0}")]
     Encode(String),
+    /// The log does not contain the checkpoint the store remembers.
+    #[error("{0}")]
+    BehindMark(String),
+    /// The log holds two checkpoints after the one the store remembers.
+    #[error("{0}")]
+    MarkRolledBack(String),
 }

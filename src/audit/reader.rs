@@ -16,6 +16,8 @@ use super::record::{AuditRecord, Outcome};
 use crate::model::Timestamp;
 
 /// Which records [`super::AuditTrail::list_events`] returns; `None` matches all.
+/// `key_id` matches a record's `key_id` (the key's UUID) or its `key_name`
+/// (the alias as the caller gave it).
 #[derive(Clone, Debug, Default)]
 pub struct EventFilter {
     pub start_time: Option<Timestamp>,
@@ -33,7 +35,7 @@ impl EventFilter {
             && self
                 .key_id
                 .as_ref()
-                .is_none_or(|k| r.key_id.as_ref() == Some(k))
+                .is_none_or(|k| r.key_id.as_ref() == Some(k) || r.key_name.as_ref() == Some(k))
             && self.principal.as_ref().is_none_or(|p| &r.principal == p)
             && self.operation.as_ref().is_none_or(|o| &r.operation == o)
             && self.outcome.is_none_or(|o| r.outcome == o)

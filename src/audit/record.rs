@@ -10,17 +10,31 @@
 //!
 //! where `body` is the compact JSON object of every field of
 //! [`AuditRecord`] except `hash`, in declaration order: `seq`, `time`,
-//! `request_id`, `principal`, `role`, `operation`, `key_id`, `key_version`,
-//! `context_digest`, `justification`, `context`, `detail`, `outcome`,
-//! `status_code`, `prev_hash`. No whitespace; absent optional fields are
-//! `null` (never omitted); `context` is an object with its keys in byte
-//! order; integers
+//! `request_id`, `principal`, `role`, `operation`, `key_id`, [`key_name`],
+//! `key_version`, `context_digest`, `justification`, `context`, `detail`,
+//! `outcome`, `status_code`, `prev_hash`. No whitespace; the fields of the
+//! first release are `null` when absent (never omitted); fields added since
+//! (marked [added] below: `key_name`) are omitted when absent, so that every
+//! record written before them keeps its encoding and its hash; `context` is
+//! an object with its keys in byte order; integers
 //! in decimal; `time` is milliseconds since the Unix epoch; `outcome` is
 //! `"allowed"`, `"refused"` or `"failed"`; strings are escaped as `serde_json`
 //! does: `\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`, other characters below
 //! U+0020 as `\u00XX` (lowercase hex), everything else as literal UTF-8.
 //! `hash` is the lowercase hex SHA-256 of those bytes. A verifier in another
 //! language rebuilds `body` from the parsed line by these rules.
+//!
+//! The log line is `body` with `,"hash":"<hash>"` before its closing brace:
+//! the canonical encoding of the whole record. The verifier refuses a line
+//! that is anything else (whitespace, another field order, other escapes, a
+//! duplicate key), byte for byte.
+//!
+//! [added] `key_name`: the key as the caller named it (an alias), present
+//! only when it differs from `key_id`. `key_id` is the key's UUID whenever
+//! the key exists, refusals included; for a name that matches no key it is
+//! the name as given.
+//!
+//! [`key_name`]: AuditRecord::key_name
 //!
 //! Records never hold key material. The encryption context appears only as a
 //! keyed digest ([`AuditDigestKey::context_digest`]), so that an auditor can
@@ -63,7 +77,10 @@ pub struct AuditEntry {
     pub principal: String,
     pub role: Option<String>,
     pub operation: String,
+    /// The key's UUID when the key exists; else the name as given.
     pub key_id: Option<String>,
+    /// The name the caller gave (an alias), when it differs from `key_id`.
+    pub key_name: Option<String>,
     pub key_version: Option<u32>,
     /// From [`AuditDigestKey::context_digest`]; never the context itself.
     pub context_digest: Option<String>,
@@ -91,6 +108,7 @@ impl AuditEntry {
             role: None,
             operation: String::new(),
             key_id: None,
+            key_name: None,
             key_version: None,
             context_digest: None,
             justification: None,
@@ -138,6 +156,9 @@ pub struct AuditRecord {
     pub role: Option<String>,
     pub operation: String,
     pub key_id: Option<String>,
+    /// [added] Omitted when absent (module docs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
     pub key_version: Option<u32>,
     pub context_digest: Option<String>,
     pub justification: Option<String>,
@@ -169,6 +190,8 @@ struct Body<'a> {
     role: &'a Option<String>,
     operation: &'a str,
     key_id: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_name: &'a Option<String>,
     key_version: Option<u32>,
     context_digest: &'a Option<String>,
     justification: &'a Option<String>,
@@ -224,6 +247,7 @@ impl AuditRecord {
             role: entry.role,
             operation: entry.operation,
             key_id: entry.key_id,
+            key_name: entry.key_name,
             key_version: entry.key_version,
             context_digest: entry.context_digest,
             justification: entry.justification,
@@ -253,6 +277,7 @@ impl AuditRecord {
             role: &self.role,
             operation: &self.operation,
             key_id: &self.key_id,
+            key_name: &self.key_name,
             key_version: self.key_version,
             context_digest: &self.context_digest,
             justification: &self.justification,
@@ -278,6 +303,11 @@ impl AuditRecord {
     /// Whether the stored `hash` is the hash of the other fields.
     pub fn hash_is_valid(&self) -> bool {
         self.hash == self.compute_hash()
+    }
+
+    /// The record's log line, without the `\n`: its canonical encoding.
+    pub fn to_line(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
     }
 }
 
@@ -354,6 +384,7 @@ pub(crate) mod tests {
             Box::new(|r| r.role = None),
             Box::new(|r| r.operation.push('x')),
             Box::new(|r| r.key_id = None),
+            Box::new(|r| r.key_name = Some("alias".into())),
             Box::new(|r| r.key_version = Some(2)),
             Box::new(|r| r.context_digest = Some("00".into())),
             Box::new(|r| r.justification = Some("j".into())),

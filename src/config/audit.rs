@@ -78,6 +78,7 @@ pub(super) fn validate(raw: RawAudit, hsm: &HsmConfig) -> anyhow::Result<AuditCo
                 every: Duration::from_secs(every_secs),
             },
             clock: Arc::new(SystemClock),
+            ..AuditLogOptions::default()
         },
         clear_context,
         retention: raw

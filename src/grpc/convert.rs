@@ -402,7 +402,9 @@ pub fn event_to_pb(r: AuditRecord) -> pb::AuditEvent {
 }
 
 pub fn checkpoint_to_pb(c: Checkpoint) -> pb::AuditCheckpoint {
-    let json = serde_json::to_string(&serde_json::json!({ "checkpoint": &c })).unwrap_or_default();
+    // The checkpoint's log line, canonical (what `coffre audit verify
+    // --checkpoint` reads back).
+    let json = c.to_line().unwrap_or_default();
     pb::AuditCheckpoint {
         seq: c.seq,
         head_hash: c.head_hash,
