@@ -272,15 +272,31 @@ pub enum KeyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Verify an exported audit log offline: every record's hash, the hash
-    /// chain, and every checkpoint's Ed25519 signature. Names the first bad
-    /// record and exits non-zero on failure.
+    /// Verify an exported audit log offline: every line's canonical
+    /// encoding, every record's hash, the hash chain, and every checkpoint's
+    /// Ed25519 signature and log identity. The log must start at seq 1, hold
+    /// a record and a signed checkpoint, and end with at most --max-unsigned
+    /// unsigned records. Names the first bad line and exits non-zero on
+    /// failure.
     Verify {
         /// The log, JSON lines (records and checkpoints).
         file: PathBuf,
         /// The audit public key (PEM), e.g. DIR/audit-public-key.pem.
         #[arg(long)]
         public_key: PathBuf,
+        /// Accept a log that starts from an anchor checkpoint (its older
+        /// records archived by retention) instead of seq 1; the anchor's seq
+        /// and time are printed.
+        #[arg(long)]
+        allow_anchored: bool,
+        /// The most records allowed after the last signed checkpoint.
+        #[arg(long, value_name = "N", default_value_t = crate::audit::verify::DEFAULT_MAX_UNSIGNED)]
+        max_unsigned: u64,
+        /// A checkpoint kept from before (the line `coffre audit checkpoint
+        /// --json` prints, or one from an earlier export) that the log must
+        /// contain or extend. Repeatable.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -294,6 +310,12 @@ pub enum AuditCommand {
         /// Also write the server's audit public key (PEM) here.
         #[arg(long)]
         public_key_out: Option<PathBuf>,
+        /// The audit public key (PEM) to verify the export against, obtained
+        /// out of band: the export fails if the server presents another.
+        /// Without it, the key the server sends is trusted (and its
+        /// fingerprint printed, to compare).
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
         #[command(flatten)]
         connect: ConnectArgs,
     },

@@ -10,8 +10,10 @@ use serde_json::json;
 
 use super::client::{connect, rpc_error};
 use super::{AuditCommand, OutcomeArg};
-use crate::audit::public_key_from_pem;
-use crate::audit::{Checkpoint, verify, verify_with_checkpoint};
+use crate::audit::{
+    Checkpoint, Policy, key_fingerprint, public_key_from_pem, verify, verify_with_checkpoint,
+    verify_with_checkpoints,
+};
 use crate::grpc::pb;
 use crate::grpc::pb::audit_service_client::AuditServiceClient;
 use crate::model::Timestamp;
@@ -21,8 +23,9 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
         AuditCommand::Export {
             out,
             public_key_out,
+            public_key,
             connect: c,
-        } => export(&out, public_key_out.as_deref(), &c).await,
+        } => export(&out, public_key_out.as_deref(), public_key.as_deref(), &c).await,
         AuditCommand::Events {
             key,
             principal,
@@ -105,83 +108,166 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
         AuditCommand::Verify {
             file,
             public_key,
+            allow_anchored,
+            max_unsigned,
+            checkpoint,
             json,
-        } => {
-            let pem = std::fs::read_to_string(&public_key)
-                .with_context(|| format!("reading {}", public_key.display()))?;
-            let key = public_key_from_pem(&pem).with_context(|| {
-                format!(
-                    "{} is not an Ed25519 public key (PEM)",
-                    public_key.display()
-                )
-            })?;
-            let total = std::fs::metadata(&file)
-                .with_context(|| format!("reading {}", file.display()))?
-                .len();
-            let reader = BufReader::new(
-                File::open(&file).with_context(|| format!("opening {}", file.display()))?,
-            );
-            // Progress on a terminal, every 50,000 records.
-            let tty = !json && std::io::stderr().is_terminal();
-            let progress = |n: u64| {
-                if tty && n % 50_000 == 0 {
-                    eprint!("\rverified {n} records of a {total}-byte log…");
-                }
-            };
-            let outcome = verify(reader, &key, progress);
-            if tty {
-                eprintln!();
-            }
-            match outcome {
-                Ok(report) => {
-                    let covered = report.last_checkpoint.as_ref().map_or(0, |c| c.seq);
-                    let uncovered = report.last_seq.saturating_sub(covered);
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&json!({
-                                "valid": true,
-                                "records": report.records,
-                                "checkpoints": report.checkpoints,
-                                "last_seq": report.last_seq,
-                                "head_hash": report.head_hash,
-                                "last_checkpoint_seq": covered,
-                                "records_after_last_checkpoint": uncovered,
-                            }))?
-                        );
-                    } else {
-                        println!(
-                            "OK: {} records, {} checkpoints; chain head at seq {} ({})",
-                            report.records, report.checkpoints, report.last_seq, report.head_hash
-                        );
-                        println!(
-                            "the last signed checkpoint covers seq {covered}; {uncovered} later records are chained but not yet signed"
-                        );
-                    }
-                    Ok(())
-                }
-                Err(e) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&json!({
-                                "valid": false,
-                                "line": e.line,
-                                "seq": e.seq,
-                                "failure": e.failure.to_string(),
-                            }))?
-                        );
-                    }
-                    let seq = e.seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
-                    bail!(
-                        "the audit log does not verify: line {}{seq}: {}",
-                        e.line,
-                        e.failure
-                    )
-                }
-            }
-        }
+        } => verify_command(
+            &file,
+            &public_key,
+            Policy {
+                allow_anchored,
+                max_unsigned,
+            },
+            &checkpoint,
+            json,
+        ),
     }
+}
+
+/// Reads an Ed25519 public key (PEM).
+fn read_public_key(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    public_key_from_pem(&pem)
+        .with_context(|| format!("{} is not an Ed25519 public key (PEM)", path.display()))
+}
+
+/// `coffre audit verify`.
+fn verify_command(
+    file: &std::path::Path,
+    public_key: &std::path::Path,
+    policy: Policy,
+    checkpoint_files: &[std::path::PathBuf],
+    json: bool,
+) -> anyhow::Result<()> {
+    let key = read_public_key(public_key)?;
+    let fingerprint = key_fingerprint(&key);
+    let mut known = Vec::with_capacity(checkpoint_files.len());
+    for path in checkpoint_files {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cp = Checkpoint::from_line(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a checkpoint: {e}", path.display()))?;
+        known.push(cp);
+    }
+    let total = std::fs::metadata(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
+    let reader =
+        BufReader::new(File::open(file).with_context(|| format!("opening {}", file.display()))?);
+    // Progress on a terminal, every 50,000 records.
+    let tty = !json && std::io::stderr().is_terminal();
+    let progress = |n: u64| {
+        if tty && n % 50_000 == 0 {
+            eprint!("\rverified {n} records of a {total}-byte log…");
+        }
+    };
+    let outcome = verify_with_checkpoints(reader, &key, &known, progress);
+    if tty {
+        eprintln!();
+    }
+    let report = match outcome {
+        Ok(report) => report,
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "valid": false,
+                        "line": e.line,
+                        "seq": e.seq,
+                        "failure": e.failure.to_string(),
+                        "key_fingerprint": fingerprint,
+                    }))?
+                );
+            }
+            let seq = e.seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
+            let place = if e.line == 0 {
+                format!("a --checkpoint{seq}")
+            } else {
+                format!("line {}{seq}", e.line)
+            };
+            bail!(
+                "the audit log does not verify: {place}: {} (key fingerprint {fingerprint})",
+                e.failure
+            )
+        }
+    };
+    let covered = report.last_checkpoint.as_ref().map_or(0, |c| c.seq);
+    let anchor = report.anchor.as_ref().map(|a| (a.seq, a.time.to_rfc3339()));
+    if let Err(failure) = policy.check(&report) {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "valid": false,
+                    "failure": failure.to_string(),
+                    "records": report.records,
+                    "first_seq": report.first_seq,
+                    "last_seq": report.last_seq,
+                    "anchor": anchor.as_ref().map(|(seq, time)| json!({"seq": seq, "time": time})),
+                    "key_fingerprint": fingerprint,
+                }))?
+            );
+        }
+        bail!("the audit log is not accepted: {failure} (key fingerprint {fingerprint})");
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "valid": true,
+                "records": report.records,
+                "checkpoints": report.checkpoints,
+                "first_seq": report.first_seq,
+                "last_seq": report.last_seq,
+                "head_hash": report.head_hash,
+                "anchor": anchor.as_ref().map(|(seq, time)| json!({"seq": seq, "time": time})),
+                "log_id": report.log_id,
+                "v1_checkpoints": report.v1_checkpoints,
+                "key_fingerprint": fingerprint,
+                "last_checkpoint_seq": covered,
+                "records_after_last_checkpoint": report.uncovered_records,
+                "known_checkpoints": known.iter().map(|k| k.seq).collect::<Vec<_>>(),
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "OK: {} records (seq {} to {}), {} checkpoints; chain head at seq {} ({})",
+        report.records,
+        report.first_seq.unwrap_or(0),
+        report.last_seq,
+        report.checkpoints,
+        report.last_seq,
+        report.head_hash
+    );
+    if let Some((seq, time)) = &anchor {
+        println!(
+            "anchored: the log starts from the checkpoint at seq {seq}, signed {time}; the records before it are not in this file"
+        );
+    }
+    match &report.log_id {
+        Some(id) if report.v1_checkpoints > 0 => println!(
+            "log id {id} ({} older checkpoints of format v1 carry no log identity)",
+            report.v1_checkpoints
+        ),
+        Some(id) => println!("log id {id}"),
+        None => println!(
+            "no log id: its checkpoints are of format v1 (written before coffre named its logs)"
+        ),
+    }
+    println!("audit public key fingerprint (SHA-256) {fingerprint}");
+    println!(
+        "the last signed checkpoint covers seq {covered}; {} later records are chained but not yet signed",
+        report.uncovered_records
+    );
+    if !known.is_empty() {
+        let seqs: Vec<String> = known.iter().map(|k| k.seq.to_string()).collect();
+        println!("contains the given checkpoints at seq {}", seqs.join(", "));
+    }
+    Ok(())
 }
 
 fn print_events(r: &pb::ListEventsResponse, json: bool) -> anyhow::Result<()> {
@@ -235,25 +321,35 @@ fn print_events(r: &pb::ListEventsResponse, json: bool) -> anyhow::Result<()> {
 async fn export(
     out: &std::path::Path,
     public_key_out: Option<&std::path::Path>,
+    pinned: Option<&std::path::Path>,
     c: &super::ConnectArgs,
 ) -> anyhow::Result<()> {
+    let pinned = pinned.map(read_public_key).transpose()?;
     let mut client = AuditServiceClient::new(connect(c, "auditor").await?);
     let head = client
         .get_checkpoint(pb::GetCheckpointRequest {})
         .await
         .map_err(rpc_error)?
         .into_inner();
-    let key = public_key_from_pem(&head.public_key_pem)
+    let sent = public_key_from_pem(&head.public_key_pem)
         .context("the server's audit public key is not an Ed25519 key")?;
+    let key = match pinned {
+        Some(pinned) if pinned != sent => bail!(
+            "the server presents the audit public key {}, not the one given with --public-key \
+             ({}): nothing exported",
+            key_fingerprint(&sent),
+            key_fingerprint(&pinned)
+        ),
+        Some(pinned) => pinned,
+        None => sent,
+    };
+    let fingerprint = key_fingerprint(&key);
     let known: Option<Checkpoint> = head
         .checkpoint
         .as_ref()
         .map(|cp| {
-            serde_json::from_str::<serde_json::Value>(&cp.json)
-                .ok()
-                .and_then(|v| v.get("checkpoint").cloned())
-                .and_then(|v| serde_json::from_value(v).ok())
-                .context("the server sent a malformed checkpoint")
+            Checkpoint::from_line(&cp.json)
+                .map_err(|e| anyhow::anyhow!("the server sent a malformed checkpoint: {e}"))
         })
         .transpose()?;
     let mut stream = client
@@ -310,6 +406,10 @@ async fn export(
                 "checkpoints": report.checkpoints,
                 "last_seq": report.last_seq,
                 "checkpoint_seq": known.as_ref().map(|k| k.seq),
+                "first_seq": report.first_seq,
+                "log_id": report.log_id,
+                "key_fingerprint": fingerprint,
+                "key_pinned": pinned.is_some(),
             }))?
         );
     } else {
@@ -319,6 +419,14 @@ async fn export(
             report.checkpoints,
             out.display(),
             known.as_ref().map_or(0, |k| k.seq)
+        );
+        println!(
+            "audit public key fingerprint (SHA-256) {fingerprint}{}",
+            if pinned.is_some() {
+                " (the key given with --public-key)"
+            } else {
+                " (as the server sent it: compare it with one obtained out of band, or pass --public-key)"
+            }
         );
     }
     Ok(())

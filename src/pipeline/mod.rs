@@ -184,7 +184,14 @@ impl Pipeline {
 
     /// Writes the record with the request's outcome, counts it, logs a
     /// failure; the reply is `UNAVAILABLE` if the record was not written.
-    async fn close<T>(&self, audit: RequestAudit, result: Result<T, Failure>) -> Reply<T> {
+    async fn close<T>(&self, mut audit: RequestAudit, result: Result<T, Failure>) -> Reply<T> {
+        // Refused before the core resolved the alias: the record still
+        // names the key by its id (for auditors; the answer is unchanged).
+        if let Some(alias) = audit.unresolved_alias() {
+            if let Some(id) = self.kms.key_id_for_audit(alias).await {
+                audit.resolved_key(id, None);
+            }
+        }
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(f) => f.code(),

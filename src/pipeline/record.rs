@@ -40,6 +40,7 @@ impl Drop for RequestAudit {
             return;
         }
         let mut entry = std::mem::replace(&mut self.entry, AuditEntry::empty());
+        settle_name(&mut entry);
         entry.outcome = Outcome::Failed;
         entry.status_code = Code::Cancelled.name().to_string();
         entry.detail = Some(match entry.detail.take() {
@@ -86,12 +87,23 @@ impl RequestAudit {
         self.span.clone()
     }
 
-    /// The key as the caller named it (id or alias, unvalidated); replaced
-    /// by [`Self::resolved_key`] once the core has found it.
+    /// The key as the caller named it (id or alias, unvalidated). It stays
+    /// in the record as `key_name` if it is not the key's id; `key_id` is
+    /// replaced by [`Self::resolved_key`] once the core has found the key,
+    /// or, for a request that ended before (a refusal), by the pipeline's
+    /// lookup of [`Self::unresolved_alias`].
     pub fn named_key(&mut self, raw: &str) {
         if !raw.is_empty() {
             self.entry.key_id = Some(raw.to_string());
+            self.entry.key_name = Some(raw.to_string());
         }
+    }
+
+    /// The alias the caller named, while no key id has replaced it.
+    pub fn unresolved_alias(&self) -> Option<&str> {
+        let name = self.entry.key_name.as_deref()?;
+        (self.entry.key_id.as_deref() == Some(name) && name.parse::<KeyId>().is_err())
+            .then_some(name)
     }
 
     /// The key (and version, if one) the request resolved to.
@@ -139,6 +151,15 @@ impl RequestAudit {
         self.entry.outcome = code.outcome();
         self.entry.status_code = code.name().to_string();
         self.recorded = true;
-        std::mem::replace(&mut self.entry, AuditEntry::empty())
+        let mut entry = std::mem::replace(&mut self.entry, AuditEntry::empty());
+        settle_name(&mut entry);
+        entry
+    }
+}
+
+/// `key_name` stays only where it says more than `key_id` (an alias).
+fn settle_name(entry: &mut AuditEntry) {
+    if entry.key_name.is_some() && entry.key_name == entry.key_id {
+        entry.key_name = None;
     }
 }

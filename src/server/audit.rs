@@ -2,11 +2,14 @@
 //! which key signs its checkpoints.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::mpsc;
 
-use crate::audit::{AuditTrail, AuditTrailOptions, ExternalSigner};
+use crate::audit::{AuditTrail, AuditTrailOptions, Checkpoint, ExternalSigner, HighWaterMark};
 use crate::service::Kms;
 
 /// Where the audit log is and how it behaves.
@@ -31,9 +34,110 @@ impl AuditSetup {
     }
 }
 
+/// The audit log's high-water mark in the store: each checkpoint, once
+/// durable in the log, is handed to a task that wraps it under the HSM root
+/// key and stores it ([`Kms::put_audit_mark`]); `remembered` is the `seq`
+/// of the last one stored (0: none). The log signs no new checkpoint until
+/// the previous one is stored, so the store is at most one behind.
+#[derive(Debug)]
+struct StoreMark {
+    tx: mpsc::UnboundedSender<Checkpoint>,
+    remembered: Arc<AtomicU64>,
+}
+
+impl HighWaterMark for StoreMark {
+    fn remember(&self, checkpoint: &Checkpoint) {
+        // The task has stopped only when the server is stopping.
+        let _ = self.tx.send(checkpoint.clone());
+    }
+
+    fn remembered(&self) -> Option<u64> {
+        let seq = self.remembered.load(Ordering::Acquire);
+        (seq > 0).then_some(seq)
+    }
+}
+
+/// How long the mark's task waits before storing again after a failure
+/// (the HSM or the store unavailable); checkpoints wait meanwhile.
+const MARK_RETRY: Duration = Duration::from_secs(1);
+
+fn start_mark(kms: &Arc<Kms>, stored: Option<u64>) -> Arc<StoreMark> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Checkpoint>();
+    let remembered = Arc::new(AtomicU64::new(stored.unwrap_or(0)));
+    let done = Arc::clone(&remembered);
+    // Weak: the trail (inside the core) holds the sender; the task must not
+    // keep the core alive.
+    let kms: Weak<Kms> = Arc::downgrade(kms);
+    tokio::spawn(async move {
+        while let Some(mut checkpoint) = rx.recv().await {
+            while let Ok(newer) = rx.try_recv() {
+                checkpoint = newer;
+            }
+            loop {
+                let Some(core) = kms.upgrade() else {
+                    return;
+                };
+                let result = match checkpoint.to_line() {
+                    Ok(line) => core
+                        .put_audit_mark(line.as_bytes())
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                drop(core);
+                match result {
+                    Ok(()) => {
+                        done.fetch_max(checkpoint.seq, Ordering::AcqRel);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            seq = checkpoint.seq,
+                            error = %e,
+                            "cannot store the audit log's high-water mark; the next checkpoint waits for it"
+                        );
+                        tokio::time::sleep(MARK_RETRY).await;
+                    }
+                }
+            }
+        }
+    });
+    Arc::new(StoreMark { tx, remembered })
+}
+
+/// The mark the store holds, if it applies to this signing key.
+async fn stored_mark(kms: &Kms, public_key: &[u8; 32]) -> anyhow::Result<Option<Checkpoint>> {
+    let Some(clear) = kms
+        .audit_mark()
+        .await
+        .context("loading the audit log's high-water mark (HSM-wrapped, in the store)")?
+    else {
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(clear.expose())
+        .context("the stored audit high-water mark is not UTF-8")?;
+    let mark = Checkpoint::from_line(text)
+        .map_err(|e| anyhow::anyhow!("the stored audit high-water mark is unreadable: {e}"))?;
+    if !mark.signature_is_valid(public_key) {
+        // Not this key's: the key changed (audit.checkpoint_key), and the
+        // log under the new key is a new log (see the error of open_trail).
+        tracing::warn!(
+            seq = mark.seq,
+            "the audit high-water mark in the store was signed by another audit key; \
+             the audit signing key changed, so this log is not checked against it"
+        );
+        return Ok(None);
+    }
+    Ok(Some(mark))
+}
+
 /// Loads (or, on a new data directory, creates) the audit log's keys and
-/// opens the log, verifying it; writes the public key file if asked.
-pub(super) async fn open_trail(kms: &Kms, setup: &AuditSetup) -> anyhow::Result<Arc<AuditTrail>> {
+/// opens the log, verifying it against the high-water mark in the store;
+/// writes the public key file if asked.
+pub(super) async fn open_trail(
+    kms: &Arc<Kms>,
+    setup: &AuditSetup,
+) -> anyhow::Result<Arc<AuditTrail>> {
     let mut keys = kms
         .audit_keys()
         .await
@@ -42,7 +146,20 @@ pub(super) async fn open_trail(kms: &Kms, setup: &AuditSetup) -> anyhow::Result<
         keys.signer = crate::audit::CheckpointSigner::external(Arc::clone(signer));
     }
     let path = setup.path.clone();
-    let options = setup.options.clone();
+    let mut options = setup.options.clone();
+    if !options.discard {
+        let mark = stored_mark(kms, &keys.signer.public_key()).await?;
+        match &mark {
+            Some(m) => tracing::debug!(seq = m.seq, "audit high-water mark loaded"),
+            None => tracing::info!(
+                file = %path.display(),
+                "no audit high-water mark in the store yet (a new data directory, or one from \
+                 before coffre kept one): adopting the log's current head"
+            ),
+        }
+        options.log.mark = Some(start_mark(kms, mark.as_ref().map(|m| m.seq)));
+        options.log.high_water = mark;
+    }
     let trail = tokio::task::spawn_blocking(move || AuditTrail::open(&path, keys, options))
         .await
         .context("opening the audit log")?
