@@ -93,3 +93,35 @@ fn verify_a_clean_log_and_name_the_first_bad_record() {
     let (ok, _, stderr) = verify(&log_path, &other_key);
     assert!(!ok, "{stderr}");
 }
+
+/// The golden logs of every released format (tests/data/README.md) verify
+/// with the binary; the anchored copies only with --allow-anchored.
+#[test]
+fn golden_logs_of_every_format_verify() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    for version in ["v1", "v2"] {
+        let key = data.join(format!("audit-{version}-public-key.pem"));
+        let (ok, stdout, stderr) = verify(&data.join(format!("audit-{version}.log")), &key);
+        assert!(ok, "{version}: {stdout}{stderr}");
+        assert!(stdout.contains("(seq 1 to "), "{version}: {stdout}");
+        let log_id = if version == "v1" {
+            "no log id"
+        } else {
+            "log id "
+        };
+        assert!(stdout.contains(log_id), "{version}: {stdout}");
+        let anchored = data.join(format!("audit-{version}-anchored.log"));
+        let (ok, _, stderr) = verify(&anchored, &key);
+        assert!(
+            !ok && stderr.contains("does not start at seq 1"),
+            "{version}: {stderr}"
+        );
+        let out = Command::new(COFFRE)
+            .args(["audit", "verify", "--allow-anchored", "--public-key"])
+            .arg(&key)
+            .arg(&anchored)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{version}: {out:?}");
+    }
+}

@@ -18,6 +18,10 @@ mod audit_log;
 // The offline chain of the audit log: `coffre audit verify` on a log the
 // library wrote, clean and edited.
 mod audit_verify;
+// Issue #15 with the real binary: `audit verify` refuses cut, empty,
+// unsigned and non-canonical logs; refusals by alias name the key id;
+// `coffre dev` refuses a deleted audit log.
+mod audit_cut;
 // BatchGenerateDataKey and BatchDecrypt over gRPC.
 mod batch;
 // No secret in logs (RUST_LOG=trace), errors, audit or metrics of a
