@@ -326,11 +326,21 @@ async fn export(
 ) -> anyhow::Result<()> {
     let pinned = pinned.map(read_public_key).transpose()?;
     let mut client = AuditServiceClient::new(connect(c, "auditor").await?);
-    let head = client
+    let mut head = client
         .get_checkpoint(pb::GetCheckpointRequest {})
         .await
         .map_err(rpc_error)?
         .into_inner();
+    if head.checkpoint.is_none() {
+        // The log held no record yet; now it holds this request's: sign it,
+        // so that the export carries a checkpoint (`audit verify` refuses a
+        // log without one).
+        head = client
+            .get_checkpoint(pb::GetCheckpointRequest {})
+            .await
+            .map_err(rpc_error)?
+            .into_inner();
+    }
     let sent = public_key_from_pem(&head.public_key_pem)
         .context("the server's audit public key is not an Ed25519 key")?;
     let key = match pinned {
