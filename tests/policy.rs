@@ -451,6 +451,7 @@ async fn every_rpc_against_every_role() {
                 "ApproveOperation" => a
                     .approve_operation(pb::ApproveOperationRequest {
                         approval_id: uuid_nil(),
+                        operation_sha256: "0".repeat(64),
                     })
                     .await
                     .map(drop),

@@ -35,15 +35,46 @@ fn two_person_rule_from_the_cli() {
 
     let listed = run_json(data, &endpoint, &["approval", "list"]);
     assert_eq!(listed["approvals"].as_array().unwrap().len(), 2);
+    // The table shows the digest's prefix; `show` the change and the digest.
+    let (ok, table, _) = run(data, &endpoint, &["approval", "list"]);
+    assert!(ok && table.contains("DIGEST"), "{table}");
+    let shown = run_json(data, &endpoint, &["approval", "show", &id]);
+    let digest = shown["operation_sha256"].as_str().unwrap().to_string();
+    assert_eq!(digest.len(), 64, "{shown}");
+    assert!(table.contains(&digest[..12]), "{table}");
+    let (ok, text, _) = run(data, &endpoint, &["approval", "show", &id]);
+    assert!(
+        ok && text.contains("ENABLED → PENDING_DELETION") && text.contains(&digest),
+        "{text}"
+    );
 
+    // Without --digest and without a terminal: refused, saying why.
+    let (ok, _, stderr) = run(
+        data,
+        &endpoint,
+        &["approval", "approve", &id, "--as", "operator-2"],
+    );
+    assert!(!ok && stderr.contains("--digest is required"), "{stderr}");
     // The proposer cannot approve their own request.
-    let (ok, _, stderr) = run(data, &endpoint, &["approval", "approve", &id]);
+    let (ok, _, stderr) = run(
+        data,
+        &endpoint,
+        &["approval", "approve", &id, "--digest", &digest],
+    );
     assert!(!ok && stderr.contains("already approved"), "{stderr}");
     // A second operator can; the operation runs.
     let approved = run_json(
         data,
         &endpoint,
-        &["approval", "approve", &id, "--as", "operator-2"],
+        &[
+            "approval",
+            "approve",
+            &id,
+            "--digest",
+            &digest,
+            "--as",
+            "operator-2",
+        ],
     );
     assert_eq!(approved["approvals"][0]["status"], "EXECUTED", "{approved}");
     assert_eq!(
@@ -62,10 +93,22 @@ fn two_person_rule_from_the_cli() {
         &["approval", "reject", &other, "--as", "operator-2"],
     );
     assert_eq!(rejected["approvals"][0]["status"], "REJECTED");
+    let other_digest = listed["approvals"][1]["operation_sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (ok, _, stderr) = run(
         data,
         &endpoint,
-        &["approval", "approve", &other, "--as", "operator-2"],
+        &[
+            "approval",
+            "approve",
+            &other,
+            "--digest",
+            &other_digest,
+            "--as",
+            "operator-2",
+        ],
     );
     assert!(
         !ok && (stderr.contains("REJECTED") || stderr.contains("Rejected")),

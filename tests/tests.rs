@@ -15,6 +15,9 @@ mod common;
 // The audit log of a running server: one record per request, before the
 // response; fail closed; export, list and tail.
 mod audit_log;
+// Approvals that show what is approved (policy, diff, digest), the digest
+// an approver must present, RetireKeyVersions under the quorum, duplicates.
+mod approvals_review;
 // The offline chain of the audit log: `coffre audit verify` on a log the
 // library wrote, clean and edited.
 mod audit_verify;

@@ -368,16 +368,30 @@ pub enum OutcomeArg {
 
 #[derive(Debug, Subcommand)]
 pub enum ApprovalCommand {
-    /// Pending approvals (--all: also closed ones).
+    /// Pending approvals (--all: also closed ones): id, operation, key,
+    /// digest prefix, approvals/required, expiry.
     List {
         #[arg(long)]
         all: bool,
         #[command(flatten)]
         connect: ConnectArgs,
     },
-    /// Approve; at the required count the operation runs.
+    /// One approval in full: the change (for a policy, the whole proposed
+    /// policy and its difference from the current one) and its digest.
+    Show {
+        id: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Approve the operation whose digest you reviewed; at the required
+    /// count the operation runs. Without --digest, on a terminal, shows the
+    /// operation and asks for confirmation.
     Approve {
         id: String,
+        /// The operation's full `operation_sha256`, as `coffre approval
+        /// show ID` prints it. Refused if the operation is not that one.
+        #[arg(long, value_name = "HEX")]
+        digest: Option<String>,
         #[command(flatten)]
         connect: ConnectArgs,
     },

@@ -440,30 +440,50 @@ pub fn pending(approval_id: &str, json: bool) -> anyhow::Result<()> {
         return print_json(&json!({ "pending_approval_id": approval_id }));
     }
     println!("this operation needs more approvals: it is pending as {approval_id}");
-    println!("other operators approve it with: coffre approval approve {approval_id}");
+    println!("other operators review it with: coffre approval show {approval_id}");
+    println!(
+        "and approve it with: coffre approval approve {approval_id} --digest <operation_sha256>"
+    );
     Ok(())
+}
+
+/// A policy from the wire as the JSON `coffre key policy show` prints.
+fn policy_json(p: Option<&pb::KeyPolicy>) -> serde_json::Value {
+    match p.map(|p| crate::grpc::convert::policy_from_pb(p.clone())) {
+        Some(Ok(policy)) => serde_json::to_value(&policy).unwrap_or(serde_json::Value::Null),
+        Some(Err(e)) => json!({ "unreadable": e.to_string() }),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn approval_json(a: &pb::Approval) -> serde_json::Value {
+    json!({
+        "approval_id": a.approval_id,
+        "operation": a.operation,
+        "key_id": a.key_id,
+        "proposer": a.proposer,
+        "approved_by": a.approved_by,
+        "approvals_required": a.approvals_required,
+        "status": a.status().as_str_name().trim_start_matches("APPROVAL_"),
+        "created": time(a.create_time.as_ref()),
+        "expires": time(a.expire_time.as_ref()),
+        "rejected_by": a.rejected_by,
+        "result": a.result,
+        "operation_sha256": a.operation_sha256,
+        "changes": a.changes,
+        "proposed_policy": policy_json(a.proposed_policy.as_ref()),
+        "current_policy": policy_json(a.current_policy.as_ref()),
+    })
+}
+
+/// The operation's kind: the first word of its title.
+fn kind(a: &pb::Approval) -> &str {
+    a.operation.split_whitespace().next().unwrap_or("")
 }
 
 pub fn approvals(approvals: &[pb::Approval], json: bool) -> anyhow::Result<()> {
     if json {
-        let list: Vec<serde_json::Value> = approvals
-            .iter()
-            .map(|a| {
-                json!({
-                    "approval_id": a.approval_id,
-                    "operation": a.operation,
-                    "key_id": a.key_id,
-                    "proposer": a.proposer,
-                    "approved_by": a.approved_by,
-                    "approvals_required": a.approvals_required,
-                    "status": a.status().as_str_name().trim_start_matches("APPROVAL_"),
-                    "created": time(a.create_time.as_ref()),
-                    "expires": time(a.expire_time.as_ref()),
-                    "rejected_by": a.rejected_by,
-                    "result": a.result,
-                })
-            })
-            .collect();
+        let list: Vec<serde_json::Value> = approvals.iter().map(approval_json).collect();
         return print_json(&json!({ "approvals": list }));
     }
     let rows: Vec<Vec<String>> = approvals
@@ -475,8 +495,10 @@ pub fn approvals(approvals: &[pb::Approval], json: bool) -> anyhow::Result<()> {
                     .as_str_name()
                     .trim_start_matches("APPROVAL_")
                     .to_string(),
+                kind(a).to_string(),
+                a.key_id.clone(),
+                a.operation_sha256.chars().take(12).collect(),
                 format!("{}/{}", a.approved_by.len(), a.approvals_required),
-                a.operation.clone(),
                 time(a.expire_time.as_ref()),
                 a.result.clone(),
             ]
@@ -486,12 +508,56 @@ pub fn approvals(approvals: &[pb::Approval], json: bool) -> anyhow::Result<()> {
         &[
             "APPROVAL",
             "STATUS",
-            "VOTES",
             "OPERATION",
+            "KEY",
+            "DIGEST",
+            "VOTES",
             "EXPIRES",
             "RESULT",
         ],
         &rows,
     );
+    Ok(())
+}
+
+/// One approval in full, for the approver to decide on: what changes, the
+/// whole proposed policy, the digest to approve.
+pub fn approval_detail(a: &pb::Approval, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&approval_json(a));
+    }
+    println!("approval          {}", a.approval_id);
+    println!(
+        "status            {}",
+        a.status().as_str_name().trim_start_matches("APPROVAL_")
+    );
+    println!("operation         {}", a.operation);
+    if !a.key_id.is_empty() {
+        println!("key               {}", a.key_id);
+    }
+    println!("proposer          {}", a.proposer);
+    println!(
+        "approvals         {}/{} ({})",
+        a.approved_by.len(),
+        a.approvals_required,
+        a.approved_by.join(", ")
+    );
+    println!("created           {}", time(a.create_time.as_ref()));
+    println!("expires           {}", time(a.expire_time.as_ref()));
+    if !a.result.is_empty() {
+        println!("result            {}", a.result);
+    }
+    println!("changes:");
+    for line in &a.changes {
+        println!("  {line}");
+    }
+    if a.proposed_policy.is_some() {
+        println!("proposed policy (in full):");
+        let text = serde_json::to_string_pretty(&policy_json(a.proposed_policy.as_ref()))?;
+        for line in text.lines() {
+            println!("  {line}");
+        }
+    }
+    println!("operation_sha256  {}", a.operation_sha256);
     Ok(())
 }

@@ -60,7 +60,7 @@
 //!
 //! [quorum]                               # M-of-N approvals for sensitive operations
 //! approvals_required = 2                 # ScheduleKeyDeletion, CancelKeyDeletion, EnableKey,
-//! expiry_secs = 86400                    # UpdateKeyPolicy, RotateRootKey
+//! expiry_secs = 86400                    # UpdateKeyPolicy, RetireKeyVersions, RotateRootKey
 //! [quorum.operations]
 //! ScheduleKeyDeletion = 3                # per-operation override
 //!
@@ -439,6 +439,11 @@ burst = 10
         let q = Config::parse(&text).unwrap().options.quorum;
         assert_eq!(q.required(SensitiveKind::ScheduleKeyDeletion), 3);
         assert_eq!(q.required(SensitiveKind::EnableKey), 2);
+        // RetireKeyVersions is sensitive: under the base M, and named too.
+        assert_eq!(q.required(SensitiveKind::RetireKeyVersions), 2);
+        let retire = text.replace("ScheduleKeyDeletion = 3", "RetireKeyVersions = 3");
+        let q = Config::parse(&retire).unwrap().options.quorum;
+        assert_eq!(q.required(SensitiveKind::RetireKeyVersions), 3);
         assert!(Config::parse(&text.replace("= 3", "= 0")).is_err());
         let err = format!(
             "{:#}",

@@ -302,9 +302,27 @@ fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidArgument(message.into())
 }
 
+/// An approval as approvers see it: the whole operation (its digest, for
+/// a policy change the proposed and the current policy) and the difference
+/// it makes, rendered by the core (`service::canonical`).
 pub fn approval_to_pb(a: &crate::store::approvals::Approval) -> pb::Approval {
-    use crate::store::approvals::ApprovalStatus as S;
+    use crate::service::canonical;
+    use crate::store::approvals::{ApprovalStatus as S, SensitiveOperation};
+    let proposed_policy = match &a.operation {
+        SensitiveOperation::UpdateKeyPolicy { policy, .. } => Some(policy_to_pb(policy)),
+        _ => None,
+    };
+    let current_policy = match (&a.operation, &a.key_before) {
+        (SensitiveOperation::UpdateKeyPolicy { .. }, Some(before)) => {
+            Some(policy_to_pb(&before.policy))
+        }
+        _ => None,
+    };
     pb::Approval {
+        operation_sha256: canonical::operation_sha256(&a.operation),
+        proposed_policy,
+        current_policy,
+        changes: canonical::approval_changes(a),
         approval_id: a.id.to_string(),
         operation: a.operation.describe(),
         key_id: a

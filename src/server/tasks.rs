@@ -15,7 +15,10 @@ use crate::grpc;
 use crate::service::{Kms, SchedulerReport};
 
 /// Destruction after the waiting period and automatic rotation, every
-/// `every`; each action is audited.
+/// `every`; each action is audited before it takes effect ("destroying",
+/// "rotating", under the write guard; an action whose record cannot be
+/// written is not taken) and after it. No pass runs while the audit log
+/// cannot be written.
 pub(super) fn spawn_scheduler(
     kms: Arc<Kms>,
     trail: Arc<AuditTrail>,
@@ -26,7 +29,11 @@ pub(super) fn spawn_scheduler(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let report = kms.run_scheduler_once().await;
+            if !trail.is_healthy() {
+                tracing::warn!("scheduler: the audit log cannot be written; pass skipped");
+                continue;
+            }
+            let report = kms.run_scheduler_announcing(&Announcer(&trail)).await;
             if report != SchedulerReport::default() {
                 tracing::info!(
                     rotated = report.rotated.len(),
@@ -40,8 +47,37 @@ pub(super) fn spawn_scheduler(
     })
 }
 
+/// Records a scheduled action before it takes effect; an error stops it.
+struct Announcer<'a>(&'a AuditTrail);
+
+impl crate::service::Announce for Announcer<'_> {
+    async fn announce(
+        &self,
+        operation: &'static str,
+        id: crate::model::KeyId,
+    ) -> crate::error::Result<()> {
+        announce(self.0, operation, id).await
+    }
+}
+
+async fn announce(
+    trail: &AuditTrail,
+    operation: &'static str,
+    id: crate::model::KeyId,
+) -> crate::error::Result<()> {
+    let detail = match operation {
+        "DestroyKey" => "destroying: the waiting period is over",
+        _ => "rotating: the rotation period is over",
+    };
+    let entry = AuditEntry::system("coffre/scheduler", None, operation, id, detail);
+    trail.record(entry).await.map(drop).map_err(|e| {
+        tracing::error!(error = %e, key_id = %id, operation, "cannot audit a scheduled action; not taken");
+        crate::error::Error::AuditUnwritable(e)
+    })
+}
+
 /// The scheduler's own actions are audited like requests, under the
-/// principal `coffre/scheduler`.
+/// principal `coffre/scheduler`, before (see [`announce`]) and after.
 async fn audit_scheduler(trail: &AuditTrail, report: &SchedulerReport) {
     let actions = report
         .rotated

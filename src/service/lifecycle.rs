@@ -43,6 +43,26 @@ pub struct SchedulerReport {
     pub failed: usize,
 }
 
+/// Told of each scheduled action once decided, before it takes effect
+/// (under the write guard); an error stops the action.
+pub trait Announce: Send + Sync {
+    /// `action` is `"DestroyKey"` or `"RotateKey"`.
+    fn announce(
+        &self,
+        action: &'static str,
+        key: KeyId,
+    ) -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+/// Announces nothing (tests, and callers that audit nothing).
+struct Silent;
+
+impl Announce for Silent {
+    async fn announce(&self, _: &'static str, _: KeyId) -> Result<()> {
+        Ok(())
+    }
+}
+
 fn refuse(record: &KeyRecord, what: &str) -> Error {
     Error::FailedPrecondition(format!(
         "key {} is {}: it cannot {what}",
@@ -60,9 +80,25 @@ impl Kms {
         what: &'static str,
         change: impl FnOnce(&KeyRecord, Timestamp) -> Result<Option<KeyRecord>>,
     ) -> Result<Arc<KeyRecord>> {
+        self.transition_if(caller, key, what, None, change).await
+    }
+
+    /// [`Self::transition`], run only if the stored record still has the
+    /// fingerprint an approved proposal recorded (`expected`), checked under
+    /// the write guard: no other change can come between the check and this
+    /// one.
+    pub(super) async fn transition_if(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        what: &'static str,
+        expected: Option<&str>,
+        change: impl FnOnce(&KeyRecord, Timestamp) -> Result<Option<KeyRecord>>,
+    ) -> Result<Arc<KeyRecord>> {
         let id = self.resolve(key).await?.id;
         let guard = self.begin_write().await;
         let current = self.fresh_record(id).await?;
+        super::quorum::check_fingerprint(&current, expected)?;
         let Some(next) = change(&current, self.clock.now())? else {
             return Ok(self.publish(&guard, current));
         };
@@ -95,7 +131,7 @@ impl Kms {
             },
         )
         .await?;
-        self.exec_schedule_key_deletion(caller, &KeyRef::Id(id), days)
+        self.exec_schedule_key_deletion(caller, &KeyRef::Id(id), days, None)
             .await
     }
 
@@ -104,11 +140,13 @@ impl Kms {
         caller: &Caller,
         key: &KeyRef,
         days: u32,
+        expected: Option<&str>,
     ) -> Result<Arc<KeyRecord>> {
-        self.transition(
+        self.transition_if(
             caller,
             key,
             "deletion scheduled",
+            expected,
             |current, now| match current.state {
                 KeyState::Enabled | KeyState::Disabled => {
                     let mut next = current.clone();
@@ -131,15 +169,18 @@ impl Kms {
         let id = self.resolve(key).await?.id;
         self.gate(caller, SensitiveOperation::CancelKeyDeletion { key_id: id })
             .await?;
-        self.exec_cancel_key_deletion(caller, &KeyRef::Id(id)).await
+        self.exec_cancel_key_deletion(caller, &KeyRef::Id(id), None)
+            .await
     }
 
     pub(super) async fn exec_cancel_key_deletion(
         &self,
         caller: &Caller,
         key: &KeyRef,
+        expected: Option<&str>,
     ) -> Result<Arc<KeyRecord>> {
-        self.transition(caller, key, "deletion cancelled", |current, now| {
+        let what = "deletion cancelled";
+        self.transition_if(caller, key, what, expected, |current, now| {
             if current.state != KeyState::PendingDeletion {
                 return Err(refuse(
                     current,
@@ -208,7 +249,7 @@ impl Kms {
             },
         )
         .await?;
-        self.exec_update_key_policy(caller, &KeyRef::Id(id), policy)
+        self.exec_update_key_policy(caller, &KeyRef::Id(id), policy, None)
             .await
     }
 
@@ -217,8 +258,10 @@ impl Kms {
         caller: &Caller,
         key: &KeyRef,
         policy: crate::model::KeyPolicy,
+        expected: Option<&str>,
     ) -> Result<Arc<KeyRecord>> {
-        self.transition(caller, key, "policy updated", move |current, _| {
+        let what = "policy updated";
+        self.transition_if(caller, key, what, expected, move |current, _| {
             if current.state == KeyState::Destroyed {
                 return Err(refuse(current, "have its policy changed"));
             }
@@ -233,7 +276,9 @@ impl Kms {
     }
 
     /// Versions below `min` stop decrypting (and come back if `min` is
-    /// lowered again, while the key is not destroyed).
+    /// lowered again, while the key is not destroyed). Sensitive both ways:
+    /// under the quorum, raising `min` could make data unreadable at once
+    /// and lowering it revives versions retired on purpose.
     pub async fn retire_key_versions(
         &self,
         caller: &Caller,
@@ -241,22 +286,34 @@ impl Kms {
         min: u32,
     ) -> Result<Arc<KeyRecord>> {
         self.authorize(caller, Operation::RetireKeyVersions)?;
-        self.transition(caller, key, "versions retired", |current, _| {
-            if !matches!(current.state, KeyState::Enabled | KeyState::Disabled) {
-                return Err(refuse(current, "have versions retired"));
-            }
-            if min == 0 || min > current.primary_version {
-                return Err(Error::InvalidArgument(format!(
-                    "min_decryption_version must be 1 to the primary version {}, got {min}",
-                    current.primary_version
-                )));
-            }
-            if current.min_decryption_version == min {
-                return Ok(None);
-            }
-            let mut next = current.clone();
-            next.min_decryption_version = min;
-            Ok(Some(next))
+        let id = self.resolve(key).await?.id;
+        // A bad or no-op request is answered before any proposal.
+        let current = self.fresh_record(id).await?;
+        let Some(_) = retire(&current, min)? else {
+            return Ok(Arc::new(current));
+        };
+        self.gate(
+            caller,
+            SensitiveOperation::RetireKeyVersions {
+                key_id: id,
+                min_decryption_version: min,
+            },
+        )
+        .await?;
+        self.exec_retire_key_versions(caller, &KeyRef::Id(id), min, None)
+            .await
+    }
+
+    pub(super) async fn exec_retire_key_versions(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        min: u32,
+        expected: Option<&str>,
+    ) -> Result<Arc<KeyRecord>> {
+        let what = "versions retired";
+        self.transition_if(caller, key, what, expected, |current, _| {
+            retire(current, min)
         })
         .await
     }
@@ -276,6 +333,15 @@ impl Kms {
     }
 
     pub async fn run_scheduler_once(&self) -> SchedulerReport {
+        self.run_scheduler_announcing(&Silent).await
+    }
+
+    /// [`Self::run_scheduler_once`], calling `announce(action, key)` under
+    /// the write guard once an action is decided and before it takes effect
+    /// (`"DestroyKey"`, `"RotateKey"`): the server records it in the audit
+    /// log there. If `announce` fails, the action is not taken (the key
+    /// stays due for the next pass).
+    pub async fn run_scheduler_announcing(&self, announce: &impl Announce) -> SchedulerReport {
         let mut report = SchedulerReport::default();
         let now = self.clock.now();
         // Bounded batches; a key that keeps failing does not block the others.
@@ -294,10 +360,14 @@ impl Kms {
             for key in due {
                 attempts += 1;
                 let (outcome, done_list) = match key.state {
-                    KeyState::PendingDeletion => {
-                        (self.destroy_due(key.id, now).await, &mut report.destroyed)
-                    }
-                    KeyState::Enabled => (self.rotate_due(key.id, now).await, &mut report.rotated),
+                    KeyState::PendingDeletion => (
+                        self.destroy_due(key.id, now, announce).await,
+                        &mut report.destroyed,
+                    ),
+                    KeyState::Enabled => (
+                        self.rotate_due(key.id, now, announce).await,
+                        &mut report.rotated,
+                    ),
                     _ => continue,
                 };
                 match outcome {
@@ -345,7 +415,12 @@ impl Kms {
     }
 
     /// Destroys `id` if it is still pending deletion and due at `now`.
-    async fn destroy_due(&self, id: KeyId, now: Timestamp) -> Result<bool> {
+    async fn destroy_due(
+        &self,
+        id: KeyId,
+        now: Timestamp,
+        announce: &impl Announce,
+    ) -> Result<bool> {
         let guard = self.begin_write().await;
         let current = self.fresh_record(id).await?;
         let due = current.state == KeyState::PendingDeletion
@@ -358,6 +433,7 @@ impl Kms {
         tombstone.deletion_at = None;
         tombstone.next_rotation_at = None;
         tombstone.destroyed_at = Some(now);
+        announce.announce("DestroyKey", id).await?;
         if current.protection_level == ProtectionLevel::Hsm {
             // The key objects first: if the HSM fails, the key stays
             // PENDING_DELETION (unusable) and the next pass tries again;
@@ -380,7 +456,12 @@ impl Kms {
 
     /// Rotates `id` if it is still enabled and its rotation is due at `now`;
     /// the next rotation moves to the first period boundary after `now`.
-    async fn rotate_due(&self, id: KeyId, now: Timestamp) -> Result<bool> {
+    async fn rotate_due(
+        &self,
+        id: KeyId,
+        now: Timestamp,
+        announce: &impl Announce,
+    ) -> Result<bool> {
         let guard = self.begin_write().await;
         let current = self.fresh_record(id).await?;
         let (Some(due_at), Some(period)) = (current.next_rotation_at, current.rotation_period_secs)
@@ -396,6 +477,7 @@ impl Kms {
         // Missed periods (the server was down) give one rotation, not a burst.
         let behind = (now.0 - due_at.0) / period_ms + 1;
         let next_at = Timestamp(due_at.0.saturating_add(behind.saturating_mul(period_ms)));
+        announce.announce("RotateKey", id).await?;
         let updated = self
             .add_primary_version(&guard, current, |next| {
                 next.next_rotation_at = Some(next_at)
@@ -404,6 +486,26 @@ impl Kms {
         tracing::info!(key_id = %id, version = updated.primary_version, next_rotation = %next_at.to_rfc3339(), "key rotated automatically");
         Ok(true)
     }
+}
+
+/// `current` with `min_decryption_version` set to `min`; `None`: it
+/// already is.
+fn retire(current: &KeyRecord, min: u32) -> Result<Option<KeyRecord>> {
+    if !matches!(current.state, KeyState::Enabled | KeyState::Disabled) {
+        return Err(refuse(current, "have versions retired"));
+    }
+    if min == 0 || min > current.primary_version {
+        return Err(Error::InvalidArgument(format!(
+            "min_decryption_version must be 1 to the primary version {}, got {min}",
+            current.primary_version
+        )));
+    }
+    if current.min_decryption_version == min {
+        return Ok(None);
+    }
+    let mut next = current.clone();
+    next.min_decryption_version = min;
+    Ok(Some(next))
 }
 
 pub fn check_rotation_period(p: Duration) -> Result<()> {

@@ -25,6 +25,7 @@
 mod audit_keys;
 mod audit_reads;
 mod cache;
+pub mod canonical;
 mod datakeys;
 mod keys;
 mod lifecycle;
@@ -46,7 +47,7 @@ pub use datakeys::{
 };
 pub use keys::{CreateKeyInput, KeyPage, KeyView};
 pub use lifecycle::{
-    DEFAULT_DELETION_DAYS, MAX_DELETION_DAYS, MAX_ROTATION_PERIOD, MIN_DELETION_DAYS,
+    Announce, DEFAULT_DELETION_DAYS, MAX_DELETION_DAYS, MAX_ROTATION_PERIOD, MIN_DELETION_DAYS,
     MIN_ROTATION_PERIOD, SchedulerReport, check_rotation_period,
 };
 pub use quorum::{QuorumOptions, parse_approval_id};
@@ -102,6 +103,9 @@ pub struct Kms {
     approvals: Option<Arc<crate::store::approvals::ApprovalStore>>,
     /// Serializes approvals: an operation runs exactly once.
     approval_lock: Mutex<()>,
+    /// Serializes proposals, so that two identical ones cannot both open
+    /// (taken under the write guard by EnableKey: never the other way).
+    proposal_lock: Mutex<()>,
     keys: BoundedCache<KeyId, Arc<KeyRecord>>,
     aliases: BoundedCache<String, KeyId>,
     materials: BoundedCache<(KeyId, u32), Arc<CmkMaterial>>,
@@ -157,6 +161,7 @@ impl Kms {
             quorum: options.quorum.clone(),
             approvals: None,
             approval_lock: Mutex::new(()),
+            proposal_lock: Mutex::new(()),
             keys: BoundedCache::new(options.key_cache_capacity),
             aliases: BoundedCache::new(options.key_cache_capacity),
             materials: BoundedCache::new(options.material_cache_capacity),

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::StoreError;
 use crate::fsutil;
-use crate::model::{KeyId, KeyPolicy, Timestamp};
+use crate::model::{KeyId, KeyPolicy, KeyState, Timestamp};
 
 /// An operation that needs M-of-N approvals when the configuration says so.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +31,12 @@ pub enum SensitiveOperation {
         key_id: KeyId,
         policy: KeyPolicy,
     },
+    /// Sets `min_decryption_version`, raising it (versions stop decrypting)
+    /// or lowering it (retired versions decrypt again).
+    RetireKeyVersions {
+        key_id: KeyId,
+        min_decryption_version: u32,
+    },
     RotateRootKey,
 }
 
@@ -41,6 +47,7 @@ impl SensitiveOperation {
             SensitiveOperation::CancelKeyDeletion { .. } => SensitiveKind::CancelKeyDeletion,
             SensitiveOperation::EnableKey { .. } => SensitiveKind::EnableKey,
             SensitiveOperation::UpdateKeyPolicy { .. } => SensitiveKind::UpdateKeyPolicy,
+            SensitiveOperation::RetireKeyVersions { .. } => SensitiveKind::RetireKeyVersions,
             SensitiveOperation::RotateRootKey => SensitiveKind::RotateRootKey,
         }
     }
@@ -50,12 +57,15 @@ impl SensitiveOperation {
             SensitiveOperation::ScheduleKeyDeletion { key_id, .. }
             | SensitiveOperation::CancelKeyDeletion { key_id }
             | SensitiveOperation::EnableKey { key_id }
-            | SensitiveOperation::UpdateKeyPolicy { key_id, .. } => Some(*key_id),
+            | SensitiveOperation::UpdateKeyPolicy { key_id, .. }
+            | SensitiveOperation::RetireKeyVersions { key_id, .. } => Some(*key_id),
             SensitiveOperation::RotateRootKey => None,
         }
     }
 
-    /// One line for people.
+    /// One line for people. The whole operation is in
+    /// `service::canonical` (`canonical_operation`, `approval_changes`):
+    /// this line is a title, never what an approver decides on.
     pub fn describe(&self) -> String {
         match self {
             SensitiveOperation::ScheduleKeyDeletion {
@@ -67,9 +77,15 @@ impl SensitiveOperation {
             }
             SensitiveOperation::EnableKey { key_id } => format!("EnableKey {key_id}"),
             SensitiveOperation::UpdateKeyPolicy { key_id, policy } => format!(
-                "UpdateKeyPolicy {key_id} ({} grants, {} context rules)",
+                "UpdateKeyPolicy {key_id} ({} grants, {} context rules; see the changes)",
                 policy.grants.len(),
                 policy.required_context.len()
+            ),
+            SensitiveOperation::RetireKeyVersions {
+                key_id,
+                min_decryption_version,
+            } => format!(
+                "RetireKeyVersions {key_id} (min_decryption_version {min_decryption_version})"
             ),
             SensitiveOperation::RotateRootKey => "RotateRootKey".to_string(),
         }
@@ -82,17 +98,42 @@ pub enum SensitiveKind {
     CancelKeyDeletion,
     EnableKey,
     UpdateKeyPolicy,
+    RetireKeyVersions,
     RotateRootKey,
 }
 
 impl SensitiveKind {
-    pub const ALL: [SensitiveKind; 5] = [
+    pub const ALL: [SensitiveKind; 6] = [
         SensitiveKind::ScheduleKeyDeletion,
         SensitiveKind::CancelKeyDeletion,
         SensitiveKind::EnableKey,
         SensitiveKind::UpdateKeyPolicy,
+        SensitiveKind::RetireKeyVersions,
         SensitiveKind::RotateRootKey,
     ];
+
+    /// The RPC's name, as `[quorum.operations]` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SensitiveKind::ScheduleKeyDeletion => "ScheduleKeyDeletion",
+            SensitiveKind::CancelKeyDeletion => "CancelKeyDeletion",
+            SensitiveKind::EnableKey => "EnableKey",
+            SensitiveKind::UpdateKeyPolicy => "UpdateKeyPolicy",
+            SensitiveKind::RetireKeyVersions => "RetireKeyVersions",
+            SensitiveKind::RotateRootKey => "RotateRootKey",
+        }
+    }
+}
+
+/// The key as it was when an operation on it was proposed: what the
+/// approvers' view of the change is relative to (the operation runs only if
+/// the key is still so, see `key_fingerprint`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyBefore {
+    pub state: KeyState,
+    pub policy: KeyPolicy,
+    pub min_decryption_version: u32,
+    pub primary_version: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +169,10 @@ pub struct Approval {
     /// old proposal cannot undo a newer change.
     #[serde(default)]
     pub key_fingerprint: Option<String>,
+    /// For operations on a key: the key when proposed (absent from
+    /// approvals recorded before it existed).
+    #[serde(default)]
+    pub key_before: Option<KeyBefore>,
 }
 
 /// The directory of approvals.
@@ -227,6 +272,7 @@ mod tests {
             expires_at: Timestamp(2),
             result: None,
             key_fingerprint: None,
+            key_before: None,
         }
     }
 

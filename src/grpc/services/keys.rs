@@ -12,6 +12,7 @@ use crate::grpc::pb::{self, key_service_server::KeyService};
 use crate::model::{KeyRecord, KeyRef};
 use crate::pipeline::RequestAudit;
 use crate::service::CreateKeyInput;
+use crate::service::canonical;
 use crate::store::KeyFilter;
 
 impl GrpcApi {
@@ -29,7 +30,12 @@ impl GrpcApi {
                 Ok((Some(convert::key_to_pb(&record)), String::new()))
             }
             Err(Error::ApprovalPending(approval)) => {
-                audit.detail(format!("pending approval {}", approval.id));
+                audit.detail(format!(
+                    "pending approval {}: recorded, 1 of {} approvals; {}",
+                    approval.id,
+                    approval.approvals_required,
+                    canonical::operation_audit(&approval.operation)
+                ));
                 let key = match approval.operation.key_id() {
                     Some(id) => {
                         audit.resolved_key(id, None);
@@ -63,8 +69,20 @@ impl KeyService for GrpcApi {
                 rotation_period: convert::duration_from_pb("rotation_period", req.rotation_period)?,
                 policy: req.policy.map(convert::policy_from_pb).transpose()?,
             };
+            let chosen = input.policy.is_some();
             let view = self.kms().create_key(caller, input).await?;
             audit.resolved(&view.key);
+            // The policy the key got (chosen or the default): its digest and
+            // the policy itself, which holds no secret.
+            audit.detail(format!(
+                "{} {}",
+                if chosen {
+                    "policy set"
+                } else {
+                    "default policy"
+                },
+                canonical::policy_audit(&view.key.policy)
+            ));
             Ok(pb::CreateKeyResponse {
                 key: Some(convert::key_to_pb(&view.key)),
             })
@@ -234,7 +252,14 @@ impl KeyService for GrpcApi {
                 .policy
                 .ok_or_else(|| Error::InvalidArgument("policy is required".into()))?;
             let policy = convert::policy_from_pb(policy)?;
+            audit.detail(format!("proposed {}", canonical::policy_audit(&policy)));
             let result = self.kms().update_key_policy(caller, &key, policy).await;
+            if let Ok(record) = &result {
+                audit.detail(format!(
+                    "applied {}",
+                    canonical::policy_audit(&record.policy)
+                ));
+            }
             let (key, pending_approval_id) = self.key_or_pending(audit, caller, result).await?;
             Ok(pb::UpdateKeyPolicyResponse {
                 key,
@@ -251,13 +276,13 @@ impl KeyService for GrpcApi {
         let op = Operation::RetireKeyVersions;
         self.handle(op, request, async |caller, req, audit| {
             let key = key_ref("key_id", &req.key_id)?;
-            let record = self
-                .kms()
-                .retire_key_versions(caller, &key, req.min_decryption_version)
-                .await?;
-            audit.resolved(&record);
+            let min = req.min_decryption_version;
+            audit.detail(format!("min_decryption_version={min}"));
+            let result = self.kms().retire_key_versions(caller, &key, min).await;
+            let (key, pending_approval_id) = self.key_or_pending(audit, caller, result).await?;
             Ok(pb::RetireKeyVersionsResponse {
-                key: Some(convert::key_to_pb(&record)),
+                key,
+                pending_approval_id,
             })
         })
         .await
