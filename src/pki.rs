@@ -674,6 +674,119 @@ mod tests {
         assert_eq!(principal_from_cert(b"garbage"), None);
     }
 
+    /// Whether the certificate in `cert` (PEM file) is signed by the CA in
+    /// `ca` (PEM file).
+    fn signed_by(cert: &Path, ca: &Path) -> bool {
+        let cert = pem_to_der(&fs::read_to_string(cert).unwrap());
+        let ca = pem_to_der(&fs::read_to_string(ca).unwrap());
+        let (_, cert) = X509Certificate::from_der(&cert).unwrap();
+        let (_, ca) = X509Certificate::from_der(&ca).unwrap();
+        cert.verify_signature(Some(ca.public_key())).is_ok()
+    }
+
+    #[test]
+    fn each_role_has_its_ca_and_an_old_dev_pki_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure_dev_pki(dir.path()).unwrap();
+        let paths = PkiPaths::new(dir.path());
+        for role in ROLES {
+            assert!(paths.role_ca_cert(role).is_file());
+            assert!(paths.role_ca_key(role).is_file());
+            assert!(signed_by(
+                &paths.client_cert(role.as_str()),
+                &paths.role_ca_cert(role)
+            ));
+            assert!(!signed_by(
+                &paths.client_cert(role.as_str()),
+                &paths.ca_cert()
+            ));
+        }
+        // A directory without role CAs, as before they existed: its client
+        // certificates come from CAs it no longer has.
+        issue_client_cert(&paths, "operator-2").unwrap();
+        for role in ROLES {
+            fs::remove_file(paths.role_ca_cert(role)).unwrap();
+            fs::remove_file(paths.role_ca_key(role)).unwrap();
+        }
+        assert!(!ensure_dev_pki(dir.path()).unwrap());
+        for (name, role) in [
+            ("operator", Role::Operator),
+            ("operator-2", Role::Operator),
+            ("service", Role::Service),
+            ("auditor", Role::Auditor),
+        ] {
+            assert!(
+                signed_by(&paths.client_cert(name), &paths.role_ca_cert(role)),
+                "{name} re-issued by its role's new CA"
+            );
+        }
+        // Once: a second start keeps the certificates.
+        let before = fs::read(paths.client_cert("operator")).unwrap();
+        ensure_dev_pki(dir.path()).unwrap();
+        assert_eq!(before, fs::read(paths.client_cert("operator")).unwrap());
+    }
+
+    #[test]
+    fn client_identity_needs_client_auth_and_a_cn_without_colon() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure_dev_pki(dir.path()).unwrap();
+        let paths = PkiPaths::new(dir.path());
+        let now = OffsetDateTime::now_utc();
+        let spec = DevCertSpec::client("alice", now, now + time::Duration::days(1));
+        let der = |spec: &DevCertSpec| {
+            pem_to_der(
+                &issue_dev_cert(&paths, Role::Operator, spec)
+                    .unwrap()
+                    .cert_pem,
+            )
+        };
+        assert_eq!(
+            client_identity(&der(&spec)).as_deref(),
+            Ok("spiffe://coffre.dev/alice")
+        );
+        let no_eku = DevCertSpec {
+            client_auth_eku: false,
+            ..spec.clone()
+        };
+        assert_eq!(
+            client_identity(&der(&no_eku)),
+            Err(IdentityError::NoClientAuth)
+        );
+        let cn_uri = DevCertSpec {
+            common_name: "spiffe://coffre.dev/alice".into(),
+            uri: None,
+            ..spec.clone()
+        };
+        assert_eq!(
+            client_identity(&der(&cn_uri)),
+            Err(IdentityError::CommonNameLooksLikeUri)
+        );
+        let cn_only = DevCertSpec { uri: None, ..spec };
+        assert_eq!(client_identity(&der(&cn_only)).as_deref(), Ok("alice"));
+        assert_eq!(client_identity(b"garbage"), Err(IdentityError::Unparsable));
+    }
+
+    #[test]
+    fn overlapping_anchors_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure_dev_pki(dir.path()).unwrap();
+        let paths = PkiPaths::new(dir.path());
+        let ca = |role| pem_to_der(&fs::read_to_string(paths.role_ca_cert(role)).unwrap());
+        let (op, svc) = (ca(Role::Operator), ca(Role::Service));
+        assert_eq!(anchors_overlap(&[svc.clone()], &[op.clone()]), None);
+        assert!(anchors_overlap(&[svc.clone()], &[svc.clone()]).is_some());
+        // A client certificate issued by the service CA is "issued by" it.
+        let now = OffsetDateTime::now_utc();
+        let leaf = issue_dev_cert(
+            &paths,
+            Role::Service,
+            &DevCertSpec::client("x", now, now + time::Duration::days(1)),
+        )
+        .unwrap();
+        let why = anchors_overlap(&[svc], &[pem_to_der(&leaf.cert_pem)]).unwrap();
+        assert!(why.contains("issued by"), "{why}");
+    }
+
     fn pem_to_der(pem: &str) -> Vec<u8> {
         use base64::Engine;
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();

@@ -150,3 +150,127 @@ pub(super) fn validate(raw: RawTls, roles: &HashMap<String, Role>) -> anyhow::Re
         crl_grace,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::Config;
+
+    fn config(tls: &str, roles: &str) -> anyhow::Result<Config> {
+        Config::parse(&format!(
+            r#"
+            data_dir = "/tmp/x"
+            [tls]
+            cert = "s.pem"
+            key = "k.pem"
+            {tls}
+            [hsm]
+            backend = "simulator"
+            endpoint = "http://127.0.0.1:7444"
+            allow_insecure_simulator = true
+            [roles]
+            {roles}
+            "#
+        ))
+    }
+
+    const ROLES: &str = r#"operator = ["spiffe://op.example/alice"]
+            service = ["spiffe://provider.example/storage"]"#;
+
+    fn err(tls: &str, roles: &str) -> String {
+        format!("{:#}", config(tls, roles).unwrap_err())
+    }
+
+    #[test]
+    fn role_cas_are_read_per_role() {
+        let c = config(
+            "operator_ca = \"op.pem\"\nservice_ca = \"svc.pem\"\nauditor_ca = \"aud.pem\"",
+            ROLES,
+        )
+        .unwrap();
+        assert_eq!(
+            c.tls.client_cas,
+            ClientCaPaths::PerRole(vec![
+                (Role::Operator, "op.pem".into()),
+                (Role::Service, "svc.pem".into()),
+                (Role::Auditor, "aud.pem".into()),
+            ])
+        );
+        assert!(!c.tls.allow_shared_client_ca);
+        assert_eq!(c.tls.crl_grace, Duration::ZERO);
+        // A role without principals needs no CA.
+        config("operator_ca = \"op.pem\"\nservice_ca = \"svc.pem\"", ROLES).unwrap();
+    }
+
+    #[test]
+    fn client_cas_are_checked() {
+        assert!(err("", ROLES).contains("names no client CA"));
+        assert!(
+            err("client_ca = \"ca.pem\"\noperator_ca = \"op.pem\"", ROLES).contains("both set")
+        );
+        let missing = err("operator_ca = \"op.pem\"", ROLES);
+        assert!(missing.contains("tls.service_ca is not set"), "{missing}");
+        // The shared layout parses; `coffre serve` refuses it when loading
+        // the files unless the flag is set.
+        let shared = config("client_ca = \"ca.pem\"", ROLES).unwrap();
+        let load = format!("{:#}", shared.tls.load().unwrap_err());
+        assert!(load.contains("allow_shared_client_ca = true"), "{load}");
+        let allowed = config(
+            "client_ca = \"ca.pem\"\nallow_shared_client_ca = true",
+            ROLES,
+        )
+        .unwrap();
+        // Allowed: it goes on to read the (missing) file.
+        let load = format!("{:#}", allowed.tls.load().unwrap_err());
+        assert!(load.contains("reading the client CA"), "{load}");
+    }
+
+    #[test]
+    fn the_crl_grace_is_bounded_and_needs_a_crl() {
+        let shared = "client_ca = \"ca.pem\"\n";
+        let c = config(
+            &format!("{shared}crl = \"c.crl\"\ncrl_grace_secs = 3600"),
+            ROLES,
+        )
+        .unwrap();
+        assert_eq!(c.tls.crl_grace, Duration::from_secs(3600));
+        assert!(err(&format!("{shared}crl_grace_secs = 10"), ROLES).contains("tls.crl is not"));
+        let week = MAX_CRL_GRACE.as_secs();
+        config(
+            &format!("{shared}crl = \"c.crl\"\ncrl_grace_secs = {week}"),
+            ROLES,
+        )
+        .unwrap();
+        assert!(
+            err(
+                &format!("{shared}crl = \"c.crl\"\ncrl_grace_secs = {}", week + 1),
+                ROLES
+            )
+            .contains("at most")
+        );
+    }
+
+    #[test]
+    fn role_principals_are_uris_or_plain_names() {
+        let shared = "client_ca = \"ca.pem\"";
+        for good in [
+            "spiffe://op.example/alice",
+            "urn:example:alice",
+            "billing-service",
+        ] {
+            config(shared, &format!("operator = [{good:?}]")).unwrap();
+        }
+        for bad in [
+            ":alice",
+            "1spiffe://x",
+            "spiffe:",
+            "we ird:x",
+            "a b",
+            "sp_iffe://x",
+        ] {
+            let e = err(shared, &format!("operator = [{bad:?}]"));
+            assert!(e.contains("roles.operator"), "{bad}: {e}");
+        }
+    }
+}

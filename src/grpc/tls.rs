@@ -788,3 +788,118 @@ impl ClientCertVerifier for ReloadableVerifier {
         self.get().supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::pki::{self, DevCrlSpec, PkiPaths};
+
+    /// A client auth on a dev PKI's role CAs with `crl` as its CRL file.
+    fn client_auth(dir: &Path, crl: &str, grace: Duration) -> anyhow::Result<ClientAuth> {
+        let paths = PkiPaths::new(dir);
+        let mut cas = Vec::new();
+        for role in pki::ROLES {
+            cas.extend(
+                parse_bundle(&std::fs::read(paths.role_ca_cert(role)).unwrap(), "ca").unwrap(),
+            );
+        }
+        let file = dir.join("crl.pem");
+        std::fs::write(&file, crl).unwrap();
+        ClientAuth::new(
+            Arc::new(rustls::crypto::ring::default_provider()),
+            cas,
+            Some(file),
+            grace,
+            Some(dir.join("crl-state.json")),
+        )
+    }
+
+    fn crls(paths: &PkiPaths, spec: DevCrlSpec) -> String {
+        pki::ROLES
+            .iter()
+            .map(|r| pki::dev_crl_from(paths, *r, &[], spec).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_crl_that_goes_stale_refuses_handshakes_after_its_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::ensure_dev_pki(dir.path()).unwrap();
+        let paths = PkiPaths::new(dir.path());
+        let now = time::OffsetDateTime::now_utc();
+        let next = now + time::Duration::days(2);
+        let spec = DevCrlSpec {
+            this_update: now - time::Duration::hours(1),
+            next_update: next,
+            crl_number: 7,
+        };
+        let leaf =
+            CertificateDer::from_pem_slice(&std::fs::read(paths.client_cert("operator")).unwrap())
+                .unwrap();
+        let at = |t: time::OffsetDateTime| {
+            UnixTime::since_unix_epoch(Duration::from_secs(t.unix_timestamp() as u64))
+        };
+        for grace in [Duration::ZERO, Duration::from_secs(3600)] {
+            let auth = client_auth(dir.path(), &crls(&paths, spec), grace).unwrap();
+            let v = &auth.verifier;
+            v.verify_client_cert(&leaf, &[], at(now)).unwrap();
+            let within = next + time::Duration::seconds(grace.as_secs() as i64 / 2);
+            if !grace.is_zero() {
+                v.verify_client_cert(&leaf, &[], at(within)).unwrap();
+            }
+            let past = next + time::Duration::seconds(grace.as_secs() as i64 + 60);
+            let err = v.verify_client_cert(&leaf, &[], at(past)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    rustls::Error::InvalidCertificate(
+                        CertificateError::ExpiredRevocationList
+                            | CertificateError::ExpiredRevocationListContext { .. }
+                    )
+                ),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn crl_marks_order_by_number_then_this_update() {
+        let mark = |n: Option<&str>, t| CrlMark {
+            crl_number: n.map(str::to_string),
+            this_update: t,
+            issuer: String::new(),
+        };
+        assert!(mark(Some("9"), 50).is_older_than(&mark(Some("10"), 10)));
+        assert!(!mark(Some("10"), 10).is_older_than(&mark(Some("9"), 50)));
+        assert!(mark(Some("10"), 9).is_older_than(&mark(Some("10"), 10)));
+        assert!(!mark(Some("10"), 10).is_older_than(&mark(Some("10"), 10)));
+        assert!(mark(None, 9).is_older_than(&mark(Some("10"), 10)));
+        assert!(!mark(None, 11).is_older_than(&mark(None, 10)));
+        // Numbers of 20 octets compare as numbers.
+        let big = "1461501637330902918203684832716283019655932542975";
+        assert!(mark(Some("2"), 0).is_older_than(&mark(Some(big), 0)));
+    }
+
+    #[test]
+    fn a_stale_crl_is_refused_at_load_unless_within_its_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::ensure_dev_pki(dir.path()).unwrap();
+        let paths = PkiPaths::new(dir.path());
+        let now = time::OffsetDateTime::now_utc();
+        let stale = DevCrlSpec {
+            this_update: now - time::Duration::days(3),
+            next_update: now - time::Duration::hours(2),
+            crl_number: 1,
+        };
+        let err = client_auth(dir.path(), &crls(&paths, stale), Duration::ZERO).unwrap_err();
+        assert!(format!("{err:#}").contains("nextUpdate"), "{err:#}");
+        // Within a three-hour grace it loads.
+        client_auth(
+            dir.path(),
+            &crls(&paths, stale),
+            Duration::from_secs(3 * 3600),
+        )
+        .unwrap();
+    }
+}
