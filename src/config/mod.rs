@@ -20,10 +20,15 @@
 //! [tls]                                  # mTLS is always on
 //! cert = "/etc/coffre/server.pem"
 //! key = "/etc/coffre/server-key.pem"
-//! client_ca = "/etc/coffre/clients-ca.pem"
+//! operator_ca = "/etc/coffre/operators-ca.pem"  # a CA per role: its certificates
+//! service_ca = "/etc/coffre/services-ca.pem"    # may act in that role only (every
+//! auditor_ca = "/etc/coffre/auditors-ca.pem"    # role with principals needs one)
+//! # client_ca = "…"                      # one CA for every role: refused unless
+//! # allow_shared_client_ca = true        # (which also accepts overlapping role CAs)
 //! crl = "/etc/coffre/clients.crl"        # optional: PEM or DER; re-read on
 //!                                        # SIGHUP and when its mtime changes
 //! crl_reload_secs = 10                   # optional: how often to check the CRL
+//! crl_grace_secs = 0                     # optional: accepted past nextUpdate (max a week)
 //!
 //! [hsm]
 //! backend = "pkcs11"                     # a real HSM (see SECURITY.md, "PKCS#11")
@@ -38,7 +43,8 @@
 //! # endpoint = "http://127.0.0.1:7444"
 //! # allow_insecure_simulator = true      # required to run on a simulator
 //!
-//! [roles]                                # principal → role; deny by default
+//! [roles]                                # principal → role; deny by default; a URI
+//!                                        # (scheme:…) or a plain name without ':'
 //! operator = ["spiffe://operator.example/alice"]
 //! service = ["spiffe://provider.example/storage"]
 //! auditor = ["spiffe://audit.example/bob"]
