@@ -773,8 +773,9 @@ mod tests {
         let paths = PkiPaths::new(dir.path());
         let ca = |role| pem_to_der(&fs::read_to_string(paths.role_ca_cert(role)).unwrap());
         let (op, svc) = (ca(Role::Operator), ca(Role::Service));
-        assert_eq!(anchors_overlap(&[svc.clone()], &[op.clone()]), None);
-        assert!(anchors_overlap(&[svc.clone()], &[svc.clone()]).is_some());
+        let one = std::slice::from_ref;
+        assert_eq!(anchors_overlap(one(&svc), one(&op)), None);
+        assert!(anchors_overlap(one(&svc), one(&svc)).is_some());
         // A client certificate issued by the service CA is "issued by" it.
         let now = OffsetDateTime::now_utc();
         let leaf = issue_dev_cert(
