@@ -28,7 +28,10 @@
 //! - CRL rollback: a CRL whose `crlNumber` (or, without one, `thisUpdate`)
 //!   is lower than the highest seen from its issuer is refused (the previous
 //!   CRL stays, the error is logged and counted), so a replayed old CRL
-//!   cannot lift a revocation. The highest seen per issuer is persisted in
+//!   cannot lift a revocation. This covers CRLs issued by a configured
+//!   client CA, whose signature is checked at load; one from an
+//!   intermediate CA is checked by webpki at each handshake only, so its
+//!   number is not trusted at load and not tracked. The highest seen per issuer is persisted in
 //!   the data directory (`crl-state.json`), so a restart does not forget it.
 //! - TLS session resumption is off (no session cache, no tickets): a resumed
 //!   session skips the client-certificate check, so every new connection
@@ -658,6 +661,7 @@ fn read_crls(
                 .map(|(_, c)| c)
                 .filter(|c| c.subject().as_raw() == crl.issuer().as_raw())
         });
+        let verified = issuer.is_some();
         match issuer {
             Some(ca) => crl
                 .verify_signature(ca.public_key())
@@ -688,14 +692,18 @@ fn read_crls(
             );
         }
         fresh_until = fresh_until.min(until);
-        marks.push((
-            hex::encode(crl.issuer().as_raw()),
-            CrlMark {
-                crl_number: crl.crl_number().map(|n| n.to_string()),
-                this_update: crl.last_update().timestamp(),
-                issuer: crl.issuer().to_string(),
-            },
-        ));
+        // Only a CRL whose signature was checked here counts for rollback:
+        // an unsigned one with a huge number must not block the real ones.
+        if verified {
+            marks.push((
+                hex::encode(crl.issuer().as_raw()),
+                CrlMark {
+                    crl_number: crl.crl_number().map(|n| n.to_string()),
+                    this_update: crl.last_update().timestamp(),
+                    issuer: crl.issuer().to_string(),
+                },
+            ));
+        }
         revoked += crl.iter_revoked_certificates().count();
     }
     tracing::info!(
@@ -861,6 +869,49 @@ mod tests {
                 "{err:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_crls_checked_at_load_count_for_rollback() {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa, Issuer,
+            KeyIdMethod, KeyPair, SerialNumber,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        pki::ensure_dev_pki(dir.path()).unwrap();
+        let paths = PkiPaths::new(dir.path());
+        // A CRL from a CA that is not configured (an intermediate, say),
+        // with a huge number: not trusted at load, so not remembered.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "not configured");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = Issuer::new(params, key);
+        let now = time::OffsetDateTime::now_utc();
+        let foreign = CertificateRevocationListParams {
+            this_update: now - time::Duration::hours(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(u64::MAX),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .unwrap()
+        .pem()
+        .unwrap();
+        let file = format!("{}{foreign}", crls(&paths, DevCrlSpec::fresh()));
+        let auth = client_auth(dir.path(), &file, Duration::ZERO).unwrap();
+        let marks = auth.lock_marks();
+        assert_eq!(marks.issuers.len(), 3, "the three role CAs only");
+        assert!(
+            marks
+                .issuers
+                .values()
+                .all(|m| m.issuer != "CN=not configured")
+        );
     }
 
     #[test]
