@@ -246,7 +246,9 @@ allow_root = true
 [tls]
 cert = "{pki}/server.pem"
 key = "{pki}/server-key.pem"
-client_ca = "{pki}/ca.pem"
+operator_ca = "{pki}/operator-ca.pem"
+service_ca = "{pki}/service-ca.pem"
+auditor_ca = "{pki}/auditor-ca.pem"
 
 [hsm]
 backend = "pkcs11"

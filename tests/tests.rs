@@ -55,6 +55,9 @@ mod hsm_faults;
 mod lifecycle;
 // The metrics page, JSON logs carrying audit request ids, `coffre bench`.
 mod observability;
+// Identity bound to its role's CA, clientAuth, CN never a URI; CRL
+// staleness and rollback (issue #15, H1 and M4).
+mod identity;
 // Authorization: the RPC × role matrix, key policies, no existence oracle.
 mod policy;
 // `coffre serve` and `hsm-sim serve` as separate processes, faults

@@ -195,8 +195,15 @@ async fn a_revoked_certificate_is_refused_after_reload_and_a_bad_crl_keeps_the_p
     assert!(format!("{err:#}").contains("signature"), "{err:#}");
     assert!(!identity_accepted(&endpoint, &pki_dir, "service").await);
 
-    // A CRL without the entry (DER this time) lets it back in.
-    let empty_pem = pki::dev_crl(&paths, &[]).unwrap();
+    // A CRL without the entry (DER this time: one CRL, the service CA's)
+    // lets it back in.
+    let empty_pem = pki::dev_crl_from(
+        &paths,
+        coffre::authz::Role::Service,
+        &[],
+        pki::DevCrlSpec::fresh(),
+    )
+    .unwrap();
     let (_, der) = x509_parser::pem::parse_x509_pem(empty_pem.as_bytes()).unwrap();
     std::fs::write(&crl, &der.contents).unwrap();
     server.reload_crl().unwrap();

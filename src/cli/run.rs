@@ -127,6 +127,7 @@ coffre dev is running on https://{addr}  (mTLS; Ctrl-C stops it)
 
   data directory   {dir}   (store, simulated HSM state, dev PKI; reused on restart)
   dev PKI          {pki}/  ca.pem, server.pem, operator.pem, service.pem, auditor.pem (+ -key.pem)
+                   each role's certificates from its own CA: operator-ca.pem, service-ca.pem, auditor-ca.pem
   HSM              simulated, in-process — for development only
   audit log        {audit_log}  (verify exports with {public_key})
 

@@ -20,10 +20,15 @@
 //! [tls]                                  # mTLS is always on
 //! cert = "/etc/coffre/server.pem"
 //! key = "/etc/coffre/server-key.pem"
-//! client_ca = "/etc/coffre/clients-ca.pem"
+//! operator_ca = "/etc/coffre/operators-ca.pem"  # a CA per role: its certificates
+//! service_ca = "/etc/coffre/services-ca.pem"    # may act in that role only (every
+//! auditor_ca = "/etc/coffre/auditors-ca.pem"    # role with principals needs one)
+//! # client_ca = "…"                      # one CA for every role: refused unless
+//! # allow_shared_client_ca = true        # (which also accepts overlapping role CAs)
 //! crl = "/etc/coffre/clients.crl"        # optional: PEM or DER; re-read on
 //!                                        # SIGHUP and when its mtime changes
 //! crl_reload_secs = 10                   # optional: how often to check the CRL
+//! crl_grace_secs = 0                     # optional: accepted past nextUpdate (max a week)
 //!
 //! [hsm]
 //! backend = "pkcs11"                     # a real HSM (see SECURITY.md, "PKCS#11")
@@ -38,7 +43,8 @@
 //! # endpoint = "http://127.0.0.1:7444"
 //! # allow_insecure_simulator = true      # required to run on a simulator
 //!
-//! [roles]                                # principal → role; deny by default
+//! [roles]                                # principal → role; deny by default; a URI
+//!                                        # (scheme:…) or a plain name without ':'
 //! operator = ["spiffe://operator.example/alice"]
 //! service = ["spiffe://provider.example/storage"]
 //! auditor = ["spiffe://audit.example/bob"]
@@ -90,7 +96,7 @@ mod tls;
 pub use audit::AuditConfig;
 pub use hsm::{DEFAULT_HSM_SESSIONS, HsmConfig, MAX_HSM_SESSIONS, Pin, PinSource, TokenSelector};
 pub use raw::CheckpointKey;
-pub use tls::TlsPaths;
+pub use tls::{ClientCaPaths, MAX_CRL_GRACE, TlsPaths};
 
 use raw::{RawCache, RawConfig, RawQuorum, RawRoles};
 
@@ -142,7 +148,7 @@ impl Config {
             raw.quorum,
             &roles,
         )?;
-        let tls = tls::validate(raw.tls)?;
+        let tls = tls::validate(raw.tls, &roles)?;
         let scheduler_interval = Duration::from_secs(raw.scheduler_interval_secs.unwrap_or(60));
         if scheduler_interval.is_zero() {
             bail!("scheduler_interval_secs must be positive");
@@ -185,12 +191,34 @@ fn roles(raw: RawRoles) -> anyhow::Result<HashMap<String, Role>> {
             if p.is_empty() {
                 bail!("an empty principal in roles.{role}");
             }
+            check_principal_name(&p).with_context(|| format!("in roles.{role}"))?;
             if let Some(previous) = roles.insert(p.clone(), role) {
                 bail!("principal {p:?} has two roles ({previous} and {role}): give it one");
             }
         }
     }
     Ok(roles)
+}
+
+/// A `[roles]` entry is a URI (`scheme:…`, as a URI SAN gives it) or a
+/// plain name without `:` (as a CN gives it), so that a certificate's CN
+/// can never equal a URI principal.
+fn check_principal_name(p: &str) -> anyhow::Result<()> {
+    if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("principal {p:?} contains a space or a control character");
+    }
+    let Some((scheme, rest)) = p.split_once(':') else {
+        return Ok(());
+    };
+    let mut chars = scheme.chars();
+    let scheme_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !scheme_ok || rest.is_empty() {
+        bail!(
+            "principal {p:?} is neither a URI (scheme:…, e.g. spiffe://operator.example/alice) nor a plain name without ':'"
+        );
+    }
+    Ok(())
 }
 
 /// `[cache]`, `[default_key_policy]`, `[rate_limits]` and `[quorum]`: the

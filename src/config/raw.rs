@@ -109,9 +109,21 @@ pub(super) struct RawQuorum {
 pub(super) struct RawTls {
     pub(super) cert: PathBuf,
     pub(super) key: PathBuf,
-    pub(super) client_ca: PathBuf,
+    /// One CA bundle for every role: accepted only with
+    /// `allow_shared_client_ca = true`.
+    pub(super) client_ca: Option<PathBuf>,
+    /// The CAs whose certificates may act as operators, services, auditors.
+    pub(super) operator_ca: Option<PathBuf>,
+    pub(super) service_ca: Option<PathBuf>,
+    pub(super) auditor_ca: Option<PathBuf>,
+    /// Accept `client_ca` (one anchor for every role), or role CAs that
+    /// overlap (one issued by another, or the same).
+    #[serde(default)]
+    pub(super) allow_shared_client_ca: bool,
     pub(super) crl: Option<PathBuf>,
     pub(super) crl_reload_secs: Option<u64>,
+    /// How long past its nextUpdate a CRL is still accepted (default 0).
+    pub(super) crl_grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

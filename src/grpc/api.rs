@@ -25,10 +25,12 @@ pub struct GrpcApi {
 }
 
 impl GrpcApi {
-    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+    /// `binding` checks that a principal's certificate comes from its
+    /// role's CA (`super::tls`).
+    pub fn new(pipeline: Arc<Pipeline>, binding: Arc<super::IdentityBinding>) -> Self {
         Self {
             pipeline,
-            principals: Arc::new(PrincipalCache::default()),
+            principals: Arc::new(PrincipalCache::new(binding)),
         }
     }
 
@@ -40,7 +42,7 @@ impl GrpcApi {
     pub(super) fn facts<'a, T: AuditedRequest>(&self, request: &'a Request<T>) -> RequestFacts<'a> {
         let body = request.get_ref();
         RequestFacts {
-            caller: principal_of(request, &self.principals),
+            caller: principal_of(request, &self.principals, |c| self.kms().role_of(c)),
             key: body.key_id(),
             justification: body.justification().map(reason_note_from_pb),
             blob: body.blob(),

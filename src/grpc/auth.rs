@@ -1,43 +1,84 @@
 //! Authentication: the caller's principal from its verified client
 //! certificate. TLS (rustls, `super::tls`) has already verified the chain
-//! against the configured client CA, its validity period and the CRL; a
-//! connection without a valid certificate never gets this far.
+//! against the client CAs, its validity period and the CRL; a connection
+//! without a valid certificate never gets this far. Here:
+//!
+//! - the leaf must carry the extendedKeyUsage extension with clientAuth;
+//! - the principal is its first URI SAN, else its CN, and a CN with `:` is
+//!   refused (a CN never stands for a URI principal: `pki::client_identity`);
+//! - a principal that has a role must present a chain that verifies against
+//!   that role's CAs alone ([`IdentityBinding`]): a certificate for an
+//!   operator's name issued by the services' CA is refused.
+//!
+//! A refusal is `UNAUTHENTICATED` with a message saying why; the pipeline
+//! audits it like any refused request. What was accepted is cached by a
+//! SHA-256 of the whole presented chain (leaf and intermediates), so the
+//! checks run once per chain, not per request.
+
+use std::sync::Arc;
 
 use ring::digest;
 use tonic::Request;
 
-use crate::authz::Caller;
-use crate::pipeline::Failure;
-use crate::pki::principal_from_cert;
+use super::tls::IdentityBinding;
+use crate::authz::{Caller, Role};
+use crate::pipeline::{Code, Failure};
+use crate::pki::client_identity;
 use crate::service::BoundedCache;
 
-/// Principals already extracted, by SHA-256 of the certificate: parsing X.509
-/// on every request would dominate a cached data-key request.
+/// Principals already accepted, by SHA-256 of the presented chain: parsing
+/// and verifying X.509 on every request would dominate a cached data-key
+/// request.
 #[derive(Debug)]
-pub struct PrincipalCache(BoundedCache<[u8; 32], std::sync::Arc<str>>);
+pub struct PrincipalCache {
+    accepted: BoundedCache<[u8; 32], Arc<str>>,
+    binding: Arc<IdentityBinding>,
+}
 
-impl Default for PrincipalCache {
-    fn default() -> Self {
-        Self(BoundedCache::new(10_000))
+impl PrincipalCache {
+    pub fn new(binding: Arc<IdentityBinding>) -> Self {
+        Self {
+            accepted: BoundedCache::new(10_000),
+            binding,
+        }
     }
 }
 
-/// The caller of a request, from its client certificate.
-pub fn principal_of<T>(request: &Request<T>, cache: &PrincipalCache) -> Result<Caller, Failure> {
+/// The caller of a request, from its client certificate chain; `role_of`
+/// gives the configured role of a principal.
+pub fn principal_of<T>(
+    request: &Request<T>,
+    cache: &PrincipalCache,
+    role_of: impl FnOnce(&Caller) -> Option<Role>,
+) -> Result<Caller, Failure> {
     let certs = request
         .peer_certs()
         .ok_or_else(|| Failure::unauthenticated("a client certificate is required"))?;
-    let leaf = certs
-        .first()
+    let (leaf, intermediates) = certs
+        .split_first()
         .ok_or_else(|| Failure::unauthenticated("a client certificate is required"))?;
+    let mut chain = digest::Context::new(&digest::SHA256);
+    for cert in certs.iter() {
+        chain.update(&(cert.as_ref().len() as u64).to_be_bytes());
+        chain.update(cert.as_ref());
+    }
     let mut fingerprint = [0u8; 32];
-    fingerprint.copy_from_slice(digest::digest(&digest::SHA256, leaf.as_ref()).as_ref());
-    if let Some(p) = cache.0.get(&fingerprint) {
+    fingerprint.copy_from_slice(chain.finish().as_ref());
+    if let Some(p) = cache.accepted.get(&fingerprint) {
         return Ok(Caller::new(p.as_ref()));
     }
-    let principal = principal_from_cert(leaf.as_ref()).ok_or_else(|| {
-        Failure::unauthenticated("the client certificate names no principal (URI SAN or CN)")
-    })?;
-    cache.0.insert(fingerprint, principal.as_str().into());
-    Ok(Caller::new(principal))
+    let principal =
+        client_identity(leaf.as_ref()).map_err(|e| Failure::unauthenticated(e.message()))?;
+    let caller = Caller::new(principal);
+    // A principal without a role needs no anchor: the core refuses it.
+    if let Some(role) = role_of(&caller) {
+        cache
+            .binding
+            .check(role, leaf, intermediates)
+            .map_err(|why| Failure::new(Code::Unauthenticated, why))?;
+    }
+    cache
+        .accepted
+        .insert(fingerprint, caller.principal.as_str().into());
+    Ok(caller)
 }

@@ -18,7 +18,9 @@ pub use api::GrpcApi;
 pub use auth::principal_of;
 pub use server::serve;
 pub use status::{REQUEST_ID_HEADER, status};
-pub use tls::{ClientAuth, DEFAULT_CRL_RELOAD_INTERVAL, PreparedTls, ServerTls};
+pub use tls::{
+    ClientAuth, ClientCaPems, DEFAULT_CRL_RELOAD_INTERVAL, IdentityBinding, PreparedTls, ServerTls,
+};
 
 /// The generated protobuf and tonic code of `coffre.v1`.
 #[allow(

@@ -46,7 +46,7 @@ pub async fn serve(
         .context("building the reflection service")?;
 
     let kms = Arc::clone(pipeline.kms());
-    let api = GrpcApi::new(pipeline);
+    let api = GrpcApi::new(pipeline, tls.binding());
     let audit_service = pb::audit_service_server::AuditServiceServer::new(api.clone());
     let key_service = pb::key_service_server::KeyServiceServer::new(api.clone());
     let hsm_service = pb::hsm_service_server::HsmServiceServer::new(api.clone());

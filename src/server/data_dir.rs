@@ -6,9 +6,10 @@
 //!   approvals/              pending quorum approvals, one JSON file each
 //!   audit.log               the audit log (unless `audit.path` says otherwise)
 //!   audit-public-key.pem    its checkpoint key, for offline verification (dev)
-//!   pki/                    the dev PKI (`pki::PkiPaths`: ca.pem, server.pem, …)
+//!   pki/                    the dev PKI (`pki::PkiPaths`: ca.pem, operator-ca.pem, server.pem, …)
 //!   hsm-sim.state           the dev simulated HSM's state (PIN-encrypted)
 //!   hsm-sim.pin             the dev simulated HSM's PIN (0600)
+//!   crl-state.json          the highest CRL number seen per issuer (rollback guard)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -63,6 +64,12 @@ impl DataDir {
 
     pub fn hsm_pin(&self) -> PathBuf {
         self.root.join("hsm-sim.pin")
+    }
+
+    /// The highest CRL number (and thisUpdate) seen per issuer: a CRL older
+    /// than it is refused, across restarts (`grpc::tls`).
+    pub fn crl_state(&self) -> PathBuf {
+        self.root.join("crl-state.json")
     }
 
     /// Creates the directory (mode 0700) if it does not exist.

@@ -84,14 +84,26 @@ pub async fn builder(
     let store = dir.open_store().await?;
     let approvals = dir.open_approvals().await?;
     let paths = dir.pki();
+    // A CA per role: `coffre dev` has the shape production should have.
     let tls = crate::config::TlsPaths {
         cert: paths.server_cert(),
         key: paths.server_key(),
-        client_ca: paths.ca_cert(),
+        client_cas: crate::config::ClientCaPaths::PerRole(
+            pki::ROLES
+                .into_iter()
+                .map(|role| (role, paths.role_ca_cert(role)))
+                .collect(),
+        ),
+        allow_shared_client_ca: false,
         crl,
         crl_reload_interval,
+        crl_grace: Duration::ZERO,
     }
     .load()?;
+    let tls = crate::grpc::ServerTls {
+        crl_state: Some(dir.crl_state()),
+        ..tls
+    };
     let audit = AuditSetup {
         public_key_file: Some(dir.audit_public_key()),
         ..AuditSetup::new(audit.path_in(dir.root()), audit.trail.clone())

@@ -152,7 +152,7 @@ impl ServerBuilder {
         let addr = listener.local_addr().context("local address")?;
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let metrics_server = match self.metrics_listen {
-            Some(at) => Some(tasks::start_metrics(at, &kms, &audit, &metrics).await?),
+            Some(at) => Some(tasks::start_metrics(at, &kms, &audit, &metrics, &client_auth).await?),
             None => None,
         };
         let pipeline = Arc::new(Pipeline::new(Arc::clone(&kms), Arc::clone(&audit), metrics));

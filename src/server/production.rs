@@ -43,7 +43,10 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         Arc::new(store),
         hsm,
         Arc::new(roles),
-        config.tls.load()?,
+        crate::grpc::ServerTls {
+            crl_state: Some(dir.crl_state()),
+            ..config.tls.load()?
+        },
         audit,
         config.listen,
     )

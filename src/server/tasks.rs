@@ -99,12 +99,14 @@ pub(super) async fn start_metrics(
     kms: &Arc<Kms>,
     trail: &Arc<AuditTrail>,
     metrics: &Arc<crate::metrics::Metrics>,
+    client_auth: &Arc<grpc::ClientAuth>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(at)
         .await
         .with_context(|| format!("cannot listen for metrics on {at}"))?;
     let addr = listener.local_addr().context("metrics address")?;
     let (kms, trail, metrics) = (Arc::clone(kms), Arc::clone(trail), Arc::clone(metrics));
+    let client_auth = Arc::clone(client_auth);
     let render: crate::metrics::http::Render = Arc::new(move || {
         use crate::metrics::render_value;
         let mut out = String::with_capacity(16 * 1024);
@@ -132,6 +134,7 @@ pub(super) async fn start_metrics(
             "1 while the audit log can be written.",
             &[("", healthy)],
         );
+        render_crl(&mut out, &client_auth);
         out
     });
     tracing::info!(%addr, "metrics on http://{addr}/metrics");
@@ -141,6 +144,36 @@ pub(super) async fn start_metrics(
         std::future::pending(),
     ));
     Ok((addr, task))
+}
+
+/// The CRL's metrics: refused reloads, refused rollbacks (alert on any),
+/// and until when the CRL in force is fresh (alert before it passes).
+fn render_crl(out: &mut String, client_auth: &grpc::ClientAuth) {
+    use crate::metrics::render_value;
+    let Some(fresh_until) = client_auth.crl_fresh_until() else {
+        return;
+    };
+    render_value(
+        out,
+        "coffre_crl_reloads_refused_total",
+        "counter",
+        "CRL reloads refused (unreadable, badly signed, stale or rolled back); the previous CRL stayed.",
+        &[("", client_auth.crl_reloads_refused() as f64)],
+    );
+    render_value(
+        out,
+        "coffre_crl_rollbacks_refused_total",
+        "counter",
+        "CRLs refused because they were older than one already seen from their issuer.",
+        &[("", client_auth.crl_rollbacks_refused() as f64)],
+    );
+    render_value(
+        out,
+        "coffre_crl_fresh_until_seconds",
+        "gauge",
+        "Unix time after which the CRL in force is stale (earliest nextUpdate plus the grace) and every handshake is refused.",
+        &[("", fresh_until as f64)],
+    );
 }
 
 /// Reloads the CRL on SIGHUP (unix) and whenever the file's modification

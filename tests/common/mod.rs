@@ -54,7 +54,7 @@ impl TestServer {
         options: coffre::service::KmsOptions,
     ) -> Self {
         use coffre::authz::StaticRoles;
-        use coffre::pki::{dev_principal, issue_client_cert};
+        use coffre::pki::{dev_principal, issue_client_cert_for};
         use coffre::server::DataDir;
 
         let dir = tempfile::tempdir().unwrap();
@@ -65,7 +65,7 @@ impl TestServer {
         let mut attributes = std::collections::HashMap::new();
         for (name, role, attrs) in identities {
             if !paths.client_cert(name).exists() {
-                issue_client_cert(&paths, name).unwrap();
+                issue_client_cert_for(&paths, name, *role).unwrap();
             }
             roles.push((dev_principal(name), *role));
             attributes.insert(
