@@ -63,12 +63,14 @@ pub(super) async fn start_metrics(
     kms: &Arc<Kms>,
     trail: &Arc<AuditTrail>,
     metrics: &Arc<crate::metrics::Metrics>,
+    integrity: &Arc<crate::store::integrity::RecordMac>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(at)
         .await
         .with_context(|| format!("cannot listen for metrics on {at}"))?;
     let addr = listener.local_addr().context("metrics address")?;
     let (kms, trail, metrics) = (Arc::clone(kms), Arc::clone(trail), Arc::clone(metrics));
+    let integrity = Arc::clone(integrity);
     let render: crate::metrics::http::Render = Arc::new(move || {
         use crate::metrics::render_value;
         let mut out = String::with_capacity(16 * 1024);
@@ -95,6 +97,13 @@ pub(super) async fn start_metrics(
             "gauge",
             "1 while the audit log can be written.",
             &[("", healthy)],
+        );
+        render_value(
+            &mut out,
+            "coffre_store_integrity_failures_total",
+            "counter",
+            "Stored records (keys, versions, approvals) refused because they failed their MAC.",
+            &[("", integrity.failures() as f64)],
         );
         out
     });
