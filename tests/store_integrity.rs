@@ -25,6 +25,22 @@ fn live_generation(data_dir: &Path) -> PathBuf {
     store.join(current.trim())
 }
 
+/// The store's sled database, behind coffre's back, once the stopped
+/// server's sled has let go of its lock (a moment after the drop).
+fn raw_db(data_dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(live_generation(data_dir)) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// The value of `coffre_store_integrity_failures_total` on the metrics page.
 fn integrity_failures(server: &TestServer) -> f64 {
     let addr = server.server.as_ref().unwrap().metrics_addr.unwrap();
@@ -98,7 +114,7 @@ async fn a_key_record_edited_on_disk_is_refused_after_a_restart() {
     // DISABLED → ENABLED in the record's JSON, behind the store's back; the
     // seal in front of it is left as it was (no one else has the key).
     {
-        let db = sled::open(live_generation(server.data_dir())).unwrap();
+        let db = raw_db(server.data_dir());
         let keys = db.open_tree("keys").unwrap();
         let stored = keys.get(id.as_bytes()).unwrap().unwrap().to_vec();
         let (from, to) = (&b"\"DISABLED\""[..], &b"\"ENABLED\""[..]);
@@ -151,7 +167,7 @@ async fn deleting_the_mac_key_to_reseal_edited_records_stops_the_start() {
     let mut server = TestServer::start().await;
     disabled_key(&mut server).await;
     {
-        let db = sled::open(live_generation(server.data_dir())).unwrap();
+        let db = raw_db(server.data_dir());
         let meta = db.open_tree("meta").unwrap();
         assert!(meta.remove(b"secret/store-integrity").unwrap().is_some());
         db.flush().unwrap();
@@ -168,7 +184,7 @@ async fn deleting_the_mac_key_to_reseal_edited_records_stops_the_start() {
 /// removed, schema 2, no MAC key; and a new audit log (the old one records
 /// that integrity was enabled).
 fn unseal(data_dir: &Path, forget_the_audit_log: bool) {
-    let db = sled::open(live_generation(data_dir)).unwrap();
+    let db = raw_db(data_dir);
     for tree in ["keys", "versions"] {
         let tree = db.open_tree(tree).unwrap();
         for entry in tree.iter() {
@@ -187,7 +203,7 @@ fn unseal(data_dir: &Path, forget_the_audit_log: bool) {
 }
 
 fn all_sealed(data_dir: &Path) -> usize {
-    let db = sled::open(live_generation(data_dir)).unwrap();
+    let db = raw_db(data_dir);
     let mut n = 0;
     for tree in ["keys", "versions"] {
         for entry in db.open_tree(tree).unwrap().iter() {

@@ -123,6 +123,11 @@ impl Kms {
                     files = unsealed_approvals,
                     "approval files without a seal: they are refused, never executed"
                 );
+                if let Some(a) = approvals {
+                    tokio::task::spawn_blocking(move || a.fail_interrupted())
+                        .await
+                        .map_err(|e| Error::Internal(format!("approvals task failed: {e}")))??;
+                }
                 return Ok(mac);
             }
             if sealed.is_some() {

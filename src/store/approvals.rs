@@ -175,8 +175,11 @@ impl ApprovalStore {
         Ok(store)
     }
 
-    /// Approvals left `Executing` by a crash become `Failed`.
-    fn fail_interrupted(&self) -> Result<(), StoreError> {
+    /// Approvals left `Executing` by a crash become `Failed` (done by
+    /// [`ApprovalStore::open`], [`ApprovalStore::install_integrity`] or
+    /// [`ApprovalStore::migrate`]; public for a start that leaves unsealed
+    /// files unsealed).
+    pub fn fail_interrupted(&self) -> Result<(), StoreError> {
         for mut a in self.list()? {
             if a.status == ApprovalStatus::Executing {
                 a.status = ApprovalStatus::Failed;
@@ -193,8 +196,8 @@ impl ApprovalStore {
     /// Installs the store's MAC key (once, at start): from now on every
     /// approval is written sealed and must verify when read. Returns how
     /// many files are not sealed (they are refused as they are read, unless
-    /// [`ApprovalStore::migrate`] seals them), then fails the approvals a
-    /// crash left executing, as [`ApprovalStore::open`] does.
+    /// [`ApprovalStore::migrate`] seals them). If none, fails the approvals
+    /// a crash left executing, as [`ApprovalStore::open`] does.
     pub fn install_integrity(&self, mac: &Arc<RecordMac>) -> Result<u64, StoreError> {
         if self.integrity.set(Arc::clone(mac)).is_err() {
             return Err(StoreError::Corrupt(
@@ -208,7 +211,9 @@ impl ApprovalStore {
                 unsealed += 1;
             }
         }
-        self.fail_interrupted()?;
+        if unsealed == 0 {
+            self.fail_interrupted()?;
+        }
         Ok(unsealed)
     }
 

@@ -82,6 +82,18 @@ impl OpenStore for OpenSled {
         Ok(())
     }
 
+    fn reopen_under_integrity_key(&mut self, mac: &Arc<RecordMac>) -> Result<(), StoreError> {
+        drop(self.store.take());
+        let store = SledStore::open(self.dir.path())?;
+        match store.install_integrity(mac, false)? {
+            IntegrityState::Sealed => {
+                self.store = Some(Arc::new(store));
+                Ok(())
+            }
+            other => Err(StoreError::Corrupt(format!("installing gave {other:?}"))),
+        }
+    }
+
     fn check_compacted(&self) -> Result<(), String> {
         let live = live_path(self.dir.path());
         for name in generation_dirs(self.dir.path()).map_err(|e| e.to_string())? {

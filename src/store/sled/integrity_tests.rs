@@ -15,7 +15,7 @@ use std::sync::Arc;
 use super::SledStore;
 use super::layout::version_key;
 use super::schema::SCHEMA_KEY;
-use super::test_support::{id, key, live_path, poke, version};
+use super::test_support::{id, key, live_path, version};
 use crate::model::{Grant, KeyState};
 use crate::store::integrity::{IntegrityState, RECORD_MAC_KEY_LEN, RecordMac, is_sealed};
 use crate::store::{KeyStore, StoreError};
@@ -49,8 +49,31 @@ fn reopen(dir: &Path, m: &Arc<RecordMac>) -> SledStore {
     store
 }
 
+/// The live generation's sled database, behind the store's back, once the
+/// store just closed has let go of it (sled's flusher holds its lock for a
+/// moment after the drop).
+fn raw(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(live_path(dir)) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn poke(dir: &Path, tree: &str, k: &[u8], v: &[u8]) {
+    let db = raw(dir);
+    db.open_tree(tree).unwrap().insert(k, v).unwrap();
+    db.flush().unwrap();
+}
+
 fn peek(dir: &Path, tree: &str, k: &[u8]) -> Vec<u8> {
-    let db = sled::open(live_path(dir)).unwrap();
+    let db = raw(dir);
     let v = db
         .open_tree(tree)
         .unwrap()
@@ -258,4 +281,36 @@ fn compaction_keeps_the_seals() {
         key(id(2), Some("two"))
     );
     assert_eq!(m.failures(), 0);
+}
+
+/// What sealing costs a store read (a cache miss of the service): `get_key`
+/// and `get_version` on an unsealed and on a sealed store, same records.
+/// A measurement, not a check: `cargo test --lib cold_read_cost --
+/// --ignored --nocapture` (debug build numbers; see BENCHMARKS.md).
+#[test]
+#[ignore]
+fn cold_read_cost() {
+    const READS: u32 = 20_000;
+    let time = |store: &SledStore| {
+        let started = std::time::Instant::now();
+        for _ in 0..READS {
+            assert!(store.get_key(id(2)).unwrap().is_some());
+            assert!(store.get_version(id(2), 1).unwrap().is_some());
+        }
+        started.elapsed() / READS
+    };
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = SledStore::open(plain_dir.path()).unwrap();
+    plain
+        .create_key(&key(id(2), Some("two")), &version(id(2), 1))
+        .unwrap();
+    let sealed_dir = tempfile::tempdir().unwrap();
+    let m = mac(1);
+    sealed_store(sealed_dir.path(), &m);
+    let sealed = reopen(sealed_dir.path(), &m);
+    let (a, b) = (time(&plain), time(&sealed));
+    let (a2, b2) = (time(&plain), time(&sealed));
+    println!(
+        "key + version read: unsealed {a:?} / {a2:?}, sealed {b:?} / {b2:?} per pair of reads"
+    );
 }
