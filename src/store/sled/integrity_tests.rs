@@ -97,13 +97,16 @@ fn edit_json(dir: &Path, tree: &str, k: &[u8], f: impl FnOnce(&mut serde_json::V
     poke(dir, tree, k, &new);
 }
 
+/// An edit of a record's JSON.
+type Edit = fn(&mut serde_json::Value);
+
 fn is_integrity_failure<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
     matches!(r, Err(StoreError::IntegrityFailure(_)))
 }
 
 #[test]
 fn an_edited_key_record_is_refused_and_counted() {
-    let cases: [(&str, fn(&mut serde_json::Value)); 3] = [
+    let cases: [(&str, Edit); 3] = [
         ("state", |j| j["state"] = "ENABLED".into()),
         ("grant", |j| {
             j["policy"]["grants"] = serde_json::to_value(vec![Grant {
