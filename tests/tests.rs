@@ -69,6 +69,9 @@ mod quorum;
 // Long-running (about 10 s): the short soak, flat memory under
 // `coffre bench`.
 mod soak;
+// Integrity of what is stored: records edited on disk refused after a
+// restart, the MAC key's deletion detected, the one-time migration.
+mod store_integrity;
 // Environment-sensitive: a full then read-only disk under `coffre dev`;
 // needs root, loop devices and e2fsprogs, and fails without them.
 mod storage_faults;

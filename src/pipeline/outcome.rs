@@ -149,6 +149,11 @@ impl From<Error> for Failure {
                     StoreError::Conflict(_) => {
                         Self::new(C::Aborted, "concurrent update of the key; retry")
                     }
+                    StoreError::IntegrityFailure(_) => Self::new(
+                        C::DataLoss,
+                        "a stored record failed its integrity check and was refused; see the \
+                         server log",
+                    ),
                     _ => Self::new(C::Internal, "internal error (store); see the server log"),
                 }
             }

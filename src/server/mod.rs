@@ -3,7 +3,7 @@
 //! ```text
 //!            ┌──────────────────────── ServerBuilder ─────────────────────────┐
 //!  store ───▶│ Kms (core) ◀── hsm, authorizer, clock, options, approvals      │
-//!            │   │ audit keys (HSM-wrapped, in the store)                     │
+//!            │   │ audit keys, store MAC key (HSM-wrapped, in the store)      │
 //!            │   ▼                                                            │
 //!            │ AuditTrail (opened and verified) ──▶ Pipeline ──▶ grpc::serve  │──▶ RunningServer
 //!            │ tasks: scheduler, CRL watcher, metrics page                    │
@@ -144,6 +144,12 @@ impl ServerBuilder {
         }
         let kms = Arc::new(kms);
         let audit = audit::open_trail(&kms, &self.audit).await?;
+        // Before anything reads a key record: the store refuses them until
+        // its MAC key is installed.
+        let integrity = kms
+            .store_integrity(&audit)
+            .await
+            .context("checking the integrity of the store (its MAC key is HSM-wrapped)")?;
         kms.attach_audit_log(Arc::clone(&audit));
         let client_auth = tls.client_auth();
         let listener = TcpListener::bind(self.listen)
@@ -152,7 +158,9 @@ impl ServerBuilder {
         let addr = listener.local_addr().context("local address")?;
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let metrics_server = match self.metrics_listen {
-            Some(at) => Some(tasks::start_metrics(at, &kms, &audit, &metrics, &client_auth).await?),
+            Some(at) => Some(
+                tasks::start_metrics(at, &kms, &audit, &metrics, &client_auth, &integrity).await?,
+            ),
             None => None,
         };
         let pipeline = Arc::new(Pipeline::new(Arc::clone(&kms), Arc::clone(&audit), metrics));

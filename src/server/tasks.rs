@@ -100,6 +100,7 @@ pub(super) async fn start_metrics(
     trail: &Arc<AuditTrail>,
     metrics: &Arc<crate::metrics::Metrics>,
     client_auth: &Arc<grpc::ClientAuth>,
+    integrity: &Arc<crate::store::integrity::RecordMac>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(at)
         .await
@@ -107,6 +108,7 @@ pub(super) async fn start_metrics(
     let addr = listener.local_addr().context("metrics address")?;
     let (kms, trail, metrics) = (Arc::clone(kms), Arc::clone(trail), Arc::clone(metrics));
     let client_auth = Arc::clone(client_auth);
+    let integrity = Arc::clone(integrity);
     let render: crate::metrics::http::Render = Arc::new(move || {
         use crate::metrics::render_value;
         let mut out = String::with_capacity(16 * 1024);
@@ -135,6 +137,13 @@ pub(super) async fn start_metrics(
             &[("", healthy)],
         );
         render_crl(&mut out, &client_auth);
+        render_value(
+            &mut out,
+            "coffre_store_integrity_failures_total",
+            "counter",
+            "Stored records (keys, versions, approvals) refused because they failed their MAC.",
+            &[("", integrity.failures() as f64)],
+        );
         out
     });
     tracing::info!(%addr, "metrics on http://{addr}/metrics");

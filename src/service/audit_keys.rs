@@ -1,13 +1,25 @@
-//! The audit log's keys: a service secret stored wrapped by the HSM root key
-//! beside the CMK versions (re-wrapped by root-key rotation like them).
+//! The service's secrets, each stored wrapped by the HSM root key beside the
+//! CMK versions (re-wrapped by root-key rotation like them): the audit log's
+//! keys, and the MAC key of the store's records (`store::integrity`), with
+//! its migration of a store from before integrity.
+
+use std::sync::Arc;
 
 use super::Kms;
-use crate::audit::AuditKeys;
 use crate::audit::keys::{AUDIT_SECRET_LEN, AUDIT_SECRET_NAME};
+use crate::audit::{AuditEntry, AuditKeys, AuditTrail, EventFilter, Outcome};
 use crate::error::{Error, Result};
 use crate::model::{KeyId, secret_wrap_aad, validate_alias};
 use crate::secret::SecretBytes;
-use crate::store::WrappedSecret;
+use crate::store::integrity::{
+    IntegrityState, RECORD_MAC_KEY_LEN, RecordMac, STORE_INTEGRITY_SECRET_NAME,
+};
+use crate::store::{StoreError, WrappedSecret};
+
+/// The principal and operation of the audit record that says a store's
+/// integrity was enabled (its records sealed for the first time).
+pub const INTEGRITY_PRINCIPAL: &str = "coffre/store";
+pub const INTEGRITY_OPERATION: &str = "EnableStoreIntegrity";
 
 /// The service secret holding the audit log's high-water mark: the last
 /// checkpoint coffre signed and made durable (its JSON line), HSM-wrapped.
@@ -84,6 +96,134 @@ impl Kms {
             .flatten()
     }
 
+    /// The MAC key of the store's records, installed in the store and the
+    /// approvals; called once at start, after the audit log is open, before
+    /// the server accepts requests.
+    ///
+    /// - The secret is stored: the HSM unwraps it (its AAD names it, so no
+    ///   other secret can stand in) and it is installed. Records that are
+    ///   not sealed are migrated only if `audit` holds no "store integrity
+    ///   enabled" record: a crash during the first migration. Otherwise an
+    ///   unsealed key store refuses the start (its schema marker was set
+    ///   back), and unsealed approval files are refused as they are read.
+    /// - The secret is missing: if `audit` holds that record, someone
+    ///   deleted it to have edited records sealed anew, and the start is
+    ///   refused. Otherwise (a store from before integrity, or a new one) a
+    ///   key of 256 bits from the HSM's generator is wrapped and stored
+    ///   first, then every record is sealed, then the audit record written.
+    pub async fn store_integrity(&self, audit: &Arc<AuditTrail>) -> Result<Arc<RecordMac>> {
+        let name = STORE_INTEGRITY_SECRET_NAME;
+        let aad = secret_wrap_aad(name);
+        let stored = self.blocking(move |s| Ok(s.get_secret(name)?)).await?;
+        let (mac, fresh) = match stored {
+            Some(secret) => {
+                let clear = self.hsm.unwrap(&secret.wrapped, &aad).await?;
+                (Arc::new(RecordMac::new(clear.expose())?), false)
+            }
+            None => {
+                if let Some(seq) = integrity_record(audit).await? {
+                    return Err(refusal(format!(
+                        "the store's integrity key (service secret {name:?}) is missing, but \
+                         audit record {seq} says store integrity was enabled: the data \
+                         directory was edited or partly restored; refusing to start (restore \
+                         the whole data directory from a backup)"
+                    )));
+                }
+                let clear = self.hsm.generate_random(RECORD_MAC_KEY_LEN).await?;
+                let wrapped = self.hsm.wrap(clear.expose(), &aad).await?;
+                let secret = WrappedSecret {
+                    hsm_root_key_id: wrapped.root_key_id,
+                    wrapped: wrapped.blob,
+                };
+                self.blocking(move |s| Ok(s.put_secret(name, &secret)?))
+                    .await?;
+                (Arc::new(RecordMac::new(clear.expose())?), true)
+            }
+        };
+        let approvals = self.approvals.clone();
+        let (store_state, unsealed_approvals) = {
+            let mac = Arc::clone(&mac);
+            let approvals = approvals.clone();
+            self.blocking(move |s| {
+                let state = s.install_integrity(&mac, fresh)?;
+                let unsealed = match &approvals {
+                    Some(a) => a.install_integrity(&mac)?,
+                    None => 0,
+                };
+                Ok((state, unsealed))
+            })
+            .await?
+        };
+        let mut sealed = match store_state {
+            IntegrityState::Migrated { records } => Some(records),
+            IntegrityState::Sealed => None,
+            IntegrityState::NeedsMigration => Some(0),
+        };
+        if !fresh && (sealed.is_some() || unsealed_approvals > 0) {
+            if let Some(seq) = integrity_record(audit).await? {
+                if sealed.is_some() {
+                    return Err(refusal(format!(
+                        "the key store's records are not sealed, but audit record {seq} says \
+                         store integrity was enabled: its schema marker was set back; \
+                         refusing to start"
+                    )));
+                }
+                tracing::error!(
+                    files = unsealed_approvals,
+                    "approval files without a seal: they are refused, never executed"
+                );
+                if let Some(a) = approvals {
+                    tokio::task::spawn_blocking(move || a.fail_interrupted())
+                        .await
+                        .map_err(|e| Error::Internal(format!("approvals task failed: {e}")))??;
+                }
+                return Ok(mac);
+            }
+            if sealed.is_some() {
+                let m = Arc::clone(&mac);
+                let state = self
+                    .blocking(move |s| Ok(s.install_integrity(&m, true)?))
+                    .await?;
+                if let IntegrityState::Migrated { records } = state {
+                    sealed = Some(records);
+                }
+            }
+        }
+        let Some(records) = sealed.or((unsealed_approvals > 0).then_some(0)) else {
+            return Ok(mac);
+        };
+        let approval_files = match approvals {
+            Some(a) if fresh || unsealed_approvals > 0 => {
+                tokio::task::spawn_blocking(move || a.migrate())
+                    .await
+                    .map_err(|e| Error::Internal(format!("approvals task failed: {e}")))??
+            }
+            _ => 0,
+        };
+        let detail = format!(
+            "store integrity enabled: {records} key and version records and {approval_files} \
+             approvals sealed"
+        );
+        audit
+            .record(AuditEntry {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                principal: INTEGRITY_PRINCIPAL.to_string(),
+                operation: INTEGRITY_OPERATION.to_string(),
+                detail: Some(detail.clone()),
+                outcome: Outcome::Allowed,
+                status_code: "OK".to_string(),
+                ..AuditEntry::empty()
+            })
+            .await
+            .map_err(Error::AuditUnwritable)?;
+        tracing::info!(
+            records,
+            approval_files,
+            "{detail} (MAC key stored HSM-wrapped)"
+        );
+        Ok(mac)
+    }
+
     /// Re-wraps every service secret not under `root_key_id` (a root-key
     /// rotation's step beside the CMK versions). Returns how many remain
     /// under another root key afterwards (0 unless the store failed).
@@ -120,4 +260,38 @@ impl Kms {
             .await?;
         Ok(u64::try_from(left).unwrap_or(u64::MAX))
     }
+}
+
+fn refusal(message: String) -> Error {
+    tracing::error!("{message}");
+    Error::Store(StoreError::IntegrityFailure(message))
+}
+
+/// The sequence number of the audit record that says store integrity was
+/// enabled, if the log holds one (a scan of the log: only when something
+/// is to be migrated, not at every start).
+async fn integrity_record(audit: &Arc<AuditTrail>) -> Result<Option<u64>> {
+    let audit = Arc::clone(audit);
+    tokio::task::spawn_blocking(move || {
+        let filter = EventFilter {
+            principal: Some(INTEGRITY_PRINCIPAL.to_string()),
+            operation: Some(INTEGRITY_OPERATION.to_string()),
+            ..EventFilter::default()
+        };
+        let mut after = 0;
+        loop {
+            let page = audit
+                .list_events(&filter, after, 1)
+                .map_err(Error::AuditUnreadable)?;
+            if let Some(r) = page.records.first() {
+                return Ok(Some(r.seq));
+            }
+            match page.next_after_seq {
+                Some(next) => after = next,
+                None => return Ok(None),
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("audit task failed: {e}")))?
 }

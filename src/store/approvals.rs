@@ -2,14 +2,24 @@
 //! directory, replaced atomically ([`fsutil::write_atomic`]: a temporary
 //! file, fsync, rename, fsync of the directory). Approvals are few and
 //! small; they hold no key material.
+//!
+//! Once the store's MAC key is installed ([`ApprovalStore::install_integrity`],
+//! at the server's start) each file is sealed: a first line
+//! `coffre-mac-v1 <hex tag>` over the table `approvals`, the approval's id
+//! and the JSON that follows ([`crate::store::integrity`]). A file that fails
+//! its MAC (edited, planted, copied under another id, unsealed) is refused
+//! by [`ApprovalStore::get`] and skipped by [`ApprovalStore::list`], logged
+//! and counted: it is never shown as valid nor executed.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::StoreError;
+use super::integrity::{RecordMac, Table, is_sealed_text, strip_text_seal_unchecked};
 use crate::fsutil;
 use crate::model::{KeyId, KeyPolicy, KeyState, Timestamp};
 
@@ -179,6 +189,8 @@ pub struct Approval {
 #[derive(Debug)]
 pub struct ApprovalStore {
     dir: PathBuf,
+    /// The store's MAC key, once installed.
+    integrity: OnceLock<Arc<RecordMac>>,
 }
 
 fn io(e: std::io::Error, what: &str, path: &Path) -> StoreError {
@@ -189,22 +201,112 @@ impl ApprovalStore {
     /// Opens (creating) the directory. Approvals left `Executing` by a crash
     /// become `Failed` ("interrupted"): an operation never runs twice, and
     /// the operator sees that it must check the outcome.
+    ///
+    /// In a directory of sealed files this waits for the MAC key: it is done
+    /// by [`ApprovalStore::install_integrity`] instead.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(|e| io(e, "creating", dir))?;
         let store = Self {
             dir: dir.to_path_buf(),
+            integrity: OnceLock::new(),
         };
-        for mut a in store.list()? {
+        let any_sealed = store
+            .files()?
+            .iter()
+            .any(|(_, path)| fs::read(path).is_ok_and(|b| is_sealed_text(&b)));
+        if !any_sealed {
+            store.fail_interrupted()?;
+        }
+        Ok(store)
+    }
+
+    /// Approvals left `Executing` by a crash become `Failed` (done by
+    /// [`ApprovalStore::open`], [`ApprovalStore::install_integrity`] or
+    /// [`ApprovalStore::migrate`]; public for a start that leaves unsealed
+    /// files unsealed).
+    pub fn fail_interrupted(&self) -> Result<(), StoreError> {
+        for mut a in self.list()? {
             if a.status == ApprovalStatus::Executing {
                 a.status = ApprovalStatus::Failed;
                 a.result = Some(
                     "interrupted by a restart while executing; check the outcome before proposing again"
                         .into(),
                 );
-                store.put(&a)?;
+                self.put(&a)?;
             }
         }
-        Ok(store)
+        Ok(())
+    }
+
+    /// Installs the store's MAC key (once, at start): from now on every
+    /// approval is written sealed and must verify when read. Returns how
+    /// many files are not sealed (they are refused as they are read, unless
+    /// [`ApprovalStore::migrate`] seals them). If none, fails the approvals
+    /// a crash left executing, as [`ApprovalStore::open`] does.
+    pub fn install_integrity(&self, mac: &Arc<RecordMac>) -> Result<u64, StoreError> {
+        if self.integrity.set(Arc::clone(mac)).is_err() {
+            return Err(StoreError::Corrupt(
+                "the approvals' integrity key is already installed".into(),
+            ));
+        }
+        let mut unsealed = 0u64;
+        for (_, path) in self.files()? {
+            let bytes = fs::read(&path).map_err(|e| io(e, "reading", &path))?;
+            if !is_sealed_text(&bytes) {
+                unsealed += 1;
+            }
+        }
+        if unsealed == 0 {
+            self.fail_interrupted()?;
+        }
+        Ok(unsealed)
+    }
+
+    /// Seals every file under the installed key, whatever it holds now
+    /// (unsealed, or sealed under another key): the migration of a
+    /// directory from before integrity, which trusts what is stored, so
+    /// allowed only when integrity was never enabled. Each file must still
+    /// be an approval whose id is its name. Returns how many were written.
+    pub fn migrate(&self) -> Result<u64, StoreError> {
+        if self.integrity.get().is_none() {
+            return Err(StoreError::Corrupt(
+                "migrating approvals without an integrity key".into(),
+            ));
+        }
+        let mut sealed = 0u64;
+        for (id, path) in self.files()? {
+            let bytes = fs::read(&path).map_err(|e| io(e, "reading", &path))?;
+            let approval: Approval = serde_json::from_slice(strip_text_seal_unchecked(&bytes))
+                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+            if approval.id != id {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds approval {}",
+                    path.display(),
+                    approval.id
+                )));
+            }
+            self.put(&approval)?;
+            sealed += 1;
+        }
+        self.fail_interrupted()?;
+        Ok(sealed)
+    }
+
+    /// The approval files (`<uuid>.json`), by id.
+    fn files(&self) -> Result<Vec<(Uuid, PathBuf)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(|e| io(e, "listing", &self.dir))? {
+            let entry = entry.map_err(|e| io(e, "listing", &self.dir))?;
+            let name = entry.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            let Ok(id) = stem.parse::<Uuid>() else {
+                continue;
+            };
+            out.push((id, entry.path()));
+        }
+        Ok(out)
     }
 
     fn path(&self, id: Uuid) -> PathBuf {
@@ -216,36 +318,54 @@ impl ApprovalStore {
     /// end in `.json`, so [`ApprovalStore::list`] never reads it.
     pub fn put(&self, approval: &Approval) -> Result<(), StoreError> {
         let path = self.path(approval.id);
-        let bytes = serde_json::to_vec_pretty(approval)
+        let json = serde_json::to_vec_pretty(approval)
             .map_err(|e| StoreError::Corrupt(format!("encoding an approval: {e}")))?;
+        let bytes = match self.integrity.get() {
+            Some(mac) => mac.seal_text(Table::Approvals, approval.id.as_bytes(), &json),
+            None => json,
+        };
         fsutil::write_atomic(&path, &bytes, false).map_err(|e| io(e, "writing", &path))
     }
 
     pub fn get(&self, id: Uuid) -> Result<Option<Approval>, StoreError> {
         let path = self.path(id);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display()))),
+            Ok(bytes) => {
+                let json = match self.integrity.get() {
+                    Some(mac) => mac.open_text(Table::Approvals, id.as_bytes(), &bytes)?,
+                    None if is_sealed_text(&bytes) => {
+                        return Err(StoreError::IntegrityFailure(format!(
+                            "approval {id} is sealed and no integrity key is installed"
+                        )));
+                    }
+                    None => &bytes,
+                };
+                let approval: Approval = serde_json::from_slice(json)
+                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+                if approval.id != id {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} holds approval {}",
+                        path.display(),
+                        approval.id
+                    )));
+                }
+                Ok(Some(approval))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(e, "reading", &path)),
         }
     }
 
-    /// Every approval, oldest first.
+    /// Every approval, oldest first. One that fails its integrity check is
+    /// left out (logged and counted by the check), so that a planted file
+    /// cannot hide the others.
     pub fn list(&self) -> Result<Vec<Approval>, StoreError> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(|e| io(e, "listing", &self.dir))? {
-            let entry = entry.map_err(|e| io(e, "listing", &self.dir))?;
-            let name = entry.file_name();
-            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            let Ok(id) = stem.parse::<Uuid>() else {
-                continue;
-            };
-            if let Some(a) = self.get(id)? {
-                out.push(a);
+        for (id, _) in self.files()? {
+            match self.get(id) {
+                Ok(Some(a)) => out.push(a),
+                Ok(None) | Err(StoreError::IntegrityFailure(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         out.sort_by_key(|a| (a.created_at, a.id));

@@ -8,11 +8,16 @@
 //! (`spawn_blocking`) and never on the cached data-key path.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
+use integrity::{IntegrityState, RecordMac};
 
 pub mod approvals;
+#[cfg(test)]
+mod approvals_integrity_tests;
 pub mod conformance;
+pub mod integrity;
 pub mod sled;
 pub use sled::SledStore;
 
@@ -33,6 +38,12 @@ pub enum StoreError {
     /// A stored record does not decode: corruption or an incompatible version.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// A stored record failed its MAC (see [`integrity`]): edited, moved to
+    /// another slot, planted without the key, or unsealed in a sealed
+    /// store. The record is refused, never used; the message names the
+    /// table and id, never the content.
+    #[error("integrity check failed: {0}")]
+    IntegrityFailure(String),
     /// The storage layer failed (I/O error, disk full, read-only medium).
     #[error("storage failure: {0}")]
     Io(String),
@@ -262,4 +273,33 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// Every service secret, by name: what a root-key rotation re-wraps
     /// besides the CMK versions.
     fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError>;
+
+    /// Installs the MAC key of the records (see [`integrity`]), once, at
+    /// start, before any other call: from then on every key and version
+    /// record is written sealed with `mac` and every one read must verify
+    /// under it, its slot included ([`StoreError::IntegrityFailure`]
+    /// otherwise). Service secrets are not sealed (the HSM's wrap
+    /// authenticates them, bound to their name).
+    ///
+    /// If the stored records are sealed: [`IntegrityState::Sealed`] (their
+    /// MACs are checked as they are read, not here). If they are not (a
+    /// store from before integrity): with `migrate`, every record is
+    /// (re)sealed under `mac` in one atomic, durable write that also marks
+    /// the store sealed, and [`IntegrityState::Migrated`]; without,
+    /// [`IntegrityState::NeedsMigration`] and nothing is installed nor
+    /// written. Migration trusts what is stored: the caller allows it only
+    /// when integrity was never enabled on this store.
+    ///
+    /// The default refuses: a backend that cannot seal its records cannot
+    /// serve.
+    fn install_integrity(
+        &self,
+        mac: &Arc<RecordMac>,
+        migrate: bool,
+    ) -> Result<IntegrityState, StoreError> {
+        let _ = (mac, migrate);
+        Err(StoreError::Corrupt(format!(
+            "the store backend {self:?} cannot protect its records' integrity"
+        )))
+    }
 }

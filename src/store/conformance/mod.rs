@@ -13,12 +13,14 @@
 //! The checks are grouped by topic: `creation.rs`, `queries.rs` (paging,
 //! filters, the due index), `changes.rs` (rotation, compare-and-swap,
 //! destruction, re-wrap), `maintenance.rs` (root-rotation work list,
-//! compaction, service secrets, durability) and `races.rs`; `fixtures.rs`
+//! compaction, service secrets, durability), `races.rs` and `integrity.rs`
+//! (records bound to their MAC key); `fixtures.rs`
 //! builds their records. They return a [`Failure`] naming the check instead
 //! of panicking, so that the suite can run outside a test harness too.
 
 use std::sync::Arc;
 
+use super::integrity::RecordMac;
 use super::{KeyFilter, KeyStore, StoreError};
 use crate::model::{KeyId, KeyRecord, Timestamp};
 use fixtures::snapshot;
@@ -36,6 +38,7 @@ macro_rules! refused {
 mod changes;
 mod creation;
 pub mod fixtures;
+mod integrity;
 mod maintenance;
 #[cfg(test)]
 pub mod model;
@@ -62,6 +65,17 @@ pub trait OpenStore: Send {
     /// Closes the store and opens it again, as a restart does. Every handle
     /// given out before must have been dropped.
     fn reopen(&mut self) -> Result<(), StoreError>;
+
+    /// Closes the store and opens it again with `mac` installed as its
+    /// integrity key instead of the factory's (the records stay sealed
+    /// under the factory's); [`OpenStore::reopen`] returns to the factory's
+    /// key. Every backend must be able to, for the suite's integrity check.
+    fn reopen_under_integrity_key(&mut self, mac: &Arc<RecordMac>) -> Result<(), StoreError> {
+        let _ = mac;
+        Err(StoreError::Corrupt(
+            "this backend cannot be reopened under another integrity key".to_owned(),
+        ))
+    }
 
     /// What the backend promises after a successful [`KeyStore::compact`]
     /// beyond unchanged records (sled: only the live generation is left).
@@ -121,6 +135,7 @@ pub const CHECKS: &[Check] = &[
     races::ALIAS_CLASH,
     races::DESTROY_AGAINST_CANCEL,
     races::HANDLES_SEE_EACH_OTHER,
+    integrity::SEALED_UNDER_ITS_KEY,
 ];
 
 /// Runs every check of [`CHECKS`] in order, each on a new store, calling

@@ -104,6 +104,7 @@ fn kind<T>(r: Result<T, StoreError>) -> Result<T, Kind> {
         StoreError::Conflict(_) => Kind::Conflict,
         StoreError::Corrupt(_) => Kind::Corrupt,
         StoreError::Io(m) => panic!("unexpected I/O error: {m}"),
+        StoreError::IntegrityFailure(m) => panic!("unexpected integrity failure: {m}"),
     })
 }
 

@@ -1,6 +1,7 @@
 //! The store conformance suite ([`crate::store::conformance`]) on
-//! [`SledStore`]: every check, the model-based test, and a broken store
-//! that the suite must fail.
+//! [`SledStore`] with its records sealed (as the server runs it): every
+//! check, the model-based test, and a broken store that the suite must
+//! fail.
 
 #![allow(
     clippy::unwrap_used,
@@ -19,10 +20,27 @@ use super::generations::generation_dirs;
 use super::test_support::live_path;
 use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
 use crate::store::conformance::{self, OpenStore, StoreFactory, model};
+use crate::store::integrity::{IntegrityState, RECORD_MAC_KEY_LEN, RecordMac};
 use crate::store::{KeyFilter, KeyStore, StoreError, VersionCounts, WrappedSecret};
 
-/// Stores in temporary directories.
+/// Stores in temporary directories, sealed under a fixed test key.
 struct SledFactory;
+
+const TEST_KEY: [u8; RECORD_MAC_KEY_LEN] = [0x5a; RECORD_MAC_KEY_LEN];
+
+/// Opens the store in `dir` and installs [`TEST_KEY`], migrating a new
+/// store and expecting a reopened one to be sealed already.
+fn open_sealed(dir: &std::path::Path, new: bool) -> Result<SledStore, StoreError> {
+    let store = SledStore::open(dir)?;
+    let mac = Arc::new(RecordMac::new(&TEST_KEY)?);
+    match store.install_integrity(&mac, new)? {
+        IntegrityState::Migrated { .. } if new => Ok(store),
+        IntegrityState::Sealed if !new => Ok(store),
+        other => Err(StoreError::Corrupt(format!(
+            "installing the integrity key gave {other:?}"
+        ))),
+    }
+}
 
 /// One open store. A second handle is another `Arc` of it: a second
 /// `SledStore::open` of the directory is refused by its lock.
@@ -34,7 +52,7 @@ struct OpenSled {
 impl StoreFactory for SledFactory {
     fn open(&self) -> Result<Box<dyn OpenStore>, StoreError> {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Io(e.to_string()))?;
-        let store = SledStore::open(dir.path())?;
+        let store = open_sealed(dir.path(), true)?;
         Ok(Box::new(OpenSled {
             dir,
             store: Some(Arc::new(store)),
@@ -60,8 +78,20 @@ impl OpenStore for OpenSled {
             ));
         }
         drop(store);
-        self.store = Some(Arc::new(SledStore::open(self.dir.path())?));
+        self.store = Some(Arc::new(open_sealed(self.dir.path(), false)?));
         Ok(())
+    }
+
+    fn reopen_under_integrity_key(&mut self, mac: &Arc<RecordMac>) -> Result<(), StoreError> {
+        drop(self.store.take());
+        let store = SledStore::open(self.dir.path())?;
+        match store.install_integrity(mac, false)? {
+            IntegrityState::Sealed => {
+                self.store = Some(Arc::new(store));
+                Ok(())
+            }
+            other => Err(StoreError::Corrupt(format!("installing gave {other:?}"))),
+        }
     }
 
     fn check_compacted(&self) -> Result<(), String> {
@@ -188,7 +218,7 @@ struct OpenBroken {
 impl StoreFactory for BrokenFactory {
     fn open(&self) -> Result<Box<dyn OpenStore>, StoreError> {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Io(e.to_string()))?;
-        let store = SwapsWithoutComparing(SledStore::open(dir.path())?);
+        let store = SwapsWithoutComparing(open_sealed(dir.path(), true)?);
         Ok(Box::new(OpenBroken {
             _dir: dir,
             store: Arc::new(store),

@@ -80,10 +80,10 @@ fn corrupt_records_are_reported_not_panicked_on() {
 fn unknown_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(SledStore::open(dir.path()).unwrap());
-    poke(dir.path(), "meta", SCHEMA_KEY, &3u32.to_be_bytes());
+    poke(dir.path(), "meta", SCHEMA_KEY, &4u32.to_be_bytes());
     let err = SledStore::open(dir.path()).unwrap_err();
     assert!(
-        matches!(&err, StoreError::Corrupt(m) if m.contains("schema version 3")),
+        matches!(&err, StoreError::Corrupt(m) if m.contains("schema version 4")),
         "{err:?}"
     );
 }

@@ -13,12 +13,15 @@ use sled::transaction::{
     ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree,
 };
 
+use std::sync::Arc;
+
 use super::layout::{
-    SECRET_PREFIX, decode, decode_key, decode_version, due_key, encode, key_id_from_slice,
-    parse_due_key, parse_version_key, secret_key, version_key,
+    Codec, SECRET_PREFIX, decode, due_key, encode, key_id_from_slice, parse_due_key,
+    parse_version_key, secret_key, version_key,
 };
 use super::{Handles, SledStore, sled_error};
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
+use crate::store::integrity::{IntegrityState, RecordMac};
 use crate::store::{KeyFilter, KeyStore, StoreError, VersionCounts, WrappedSecret};
 
 /// The trees of one transaction.
@@ -31,11 +34,15 @@ pub(super) struct Tx<'a> {
 
 impl Tx<'_> {
     /// The stored record of `current.id` must equal `current`.
-    fn check_current(&self, current: &KeyRecord) -> ConflictableTransactionResult<(), StoreError> {
+    fn check_current(
+        &self,
+        codec: Codec<'_>,
+        current: &KeyRecord,
+    ) -> ConflictableTransactionResult<(), StoreError> {
         let Some(bytes) = self.keys.get(current.id.as_bytes())? else {
             return abort(StoreError::NoSuchKey(current.id));
         };
-        match decode_key(current.id, &bytes) {
+        match codec.decode_key(current.id, &bytes) {
             Ok(stored) if stored == *current => Ok(()),
             Ok(_) => abort(StoreError::Conflict(current.id)),
             Err(e) => abort(e),
@@ -111,6 +118,7 @@ impl KeyStore for SledStore {
     }
 
     fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
+        let codec = self.codec()?;
         let mut encoded = Vec::with_capacity(keys.len());
         for &(key, first_version) in keys {
             if first_version.key_id != key.id || first_version.version != key.primary_version {
@@ -124,9 +132,9 @@ impl KeyStore for SledStore {
             }
             encoded.push((
                 key,
-                encode("key record", key)?,
+                codec.encode_key(key)?,
                 version_key(key.id, first_version.version),
-                encode("version record", first_version)?,
+                codec.encode_version(first_version)?,
             ));
         }
         // Each check sees the batch's earlier inserts (a transaction reads
@@ -159,25 +167,51 @@ impl KeyStore for SledStore {
     }
 
     fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let codec = self.codec()?;
         let live = self.read_gate()?;
         let bytes = live
             .sled
             .keys
             .get(id.as_bytes())
             .map_err(|e| sled_error("reading a key", e))?;
-        bytes.map(|b| decode_key(id, &b)).transpose()
+        bytes.map(|b| codec.decode_key(id, &b)).transpose()
     }
 
+    /// The alias index is not sealed (it holds only ids); the key record
+    /// it leads to is, and names its alias: a mapping that leads to a key
+    /// of another alias (an index entry pointed elsewhere) is refused.
     fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
+        let codec = self.codec()?;
         let live = self.read_gate()?;
         let bytes = live
             .sled
             .aliases
             .get(alias.as_bytes())
             .map_err(|e| sled_error("reading an alias", e))?;
-        bytes
-            .map(|b| key_id_from_slice(&format!("the key id of alias {alias:?}"), &b))
-            .transpose()
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let id = key_id_from_slice(&format!("the key id of alias {alias:?}"), &bytes)?;
+        let record = live
+            .sled
+            .keys
+            .get(id.as_bytes())
+            .map_err(|e| sled_error("reading the key of an alias", e))?
+            .map(|b| codec.decode_key(id, &b))
+            .transpose()?;
+        match record {
+            Some(record) if record.alias.as_deref() == Some(alias) => Ok(Some(id)),
+            _ => {
+                tracing::error!(
+                    table = "aliases",
+                    %id,
+                    "an alias leads to a key record that does not carry it: refused"
+                );
+                Err(StoreError::IntegrityFailure(format!(
+                    "the alias index leads to key {id}, whose record does not carry that alias"
+                )))
+            }
+        }
     }
 
     fn list_keys(
@@ -186,6 +220,7 @@ impl KeyStore for SledStore {
         start_after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<KeyRecord>, StoreError> {
+        let codec = self.codec()?;
         let live = self.read_gate()?;
         let lower = match start_after {
             Some(id) => Bound::Excluded(id.as_bytes().to_vec()),
@@ -202,7 +237,7 @@ impl KeyStore for SledStore {
         {
             let (k, v) = entry.map_err(|e| sled_error("listing keys", e))?;
             let id = key_id_from_slice("a key id in the keys tree", &k)?;
-            let record = decode_key(id, &v)?;
+            let record = codec.decode_key(id, &v)?;
             if filter.matches(&record) {
                 out.push(record);
                 if out.len() >= limit {
@@ -214,6 +249,7 @@ impl KeyStore for SledStore {
     }
 
     fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+        let codec = self.codec()?;
         let live = self.read_gate()?;
         let upper = due_key(now, KeyId::from_bytes([0xff; 16]));
         let mut out = Vec::new();
@@ -228,7 +264,7 @@ impl KeyStore for SledStore {
                 .ok_or_else(|| {
                     StoreError::Corrupt(format!("the due index names key {id}, which is missing"))
                 })?;
-            let record = decode_key(id, &bytes)?;
+            let record = codec.decode_key(id, &bytes)?;
             if record.next_due() != Some(at) {
                 return Err(StoreError::Corrupt(format!(
                     "the due index says key {id} is due at {}, the key says {:?}",
@@ -275,11 +311,12 @@ impl KeyStore for SledStore {
         if current.primary_version.checked_add(1) != Some(version.version) {
             return Err(StoreError::Conflict(current.id));
         }
-        let key_bytes = encode("key record", updated)?;
-        let version_bytes = encode("version record", version)?;
+        let codec = self.codec()?;
+        let key_bytes = codec.encode_key(updated)?;
+        let version_bytes = codec.encode_version(version)?;
         let vkey = version_key(current.id, version.version);
         self.write(|tx| {
-            tx.check_current(current)?;
+            tx.check_current(codec, current)?;
             if tx.versions.get(vkey)?.is_some() {
                 return abort(StoreError::Conflict(current.id));
             }
@@ -289,18 +326,22 @@ impl KeyStore for SledStore {
     }
 
     fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
+        let codec = self.codec()?;
         let live = self.read_gate()?;
         let bytes = live
             .sled
             .versions
             .get(version_key(id, version))
             .map_err(|e| sled_error("reading a version", e))?;
-        bytes.map(|b| decode_version(id, version, &b)).transpose()
+        bytes
+            .map(|b| codec.decode_version(id, version, &b))
+            .transpose()
     }
 
     fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+        let codec = self.codec()?;
         let live = self.read_gate()?;
-        live.sled.versions_of(id)
+        live.sled.versions_of(codec, id)
     }
 
     fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
@@ -320,9 +361,10 @@ impl KeyStore for SledStore {
                 current.id
             ));
         }
-        let key_bytes = encode("key record", new)?;
+        let codec = self.codec()?;
+        let key_bytes = codec.encode_key(new)?;
         self.write(|tx| {
-            tx.check_current(current)?;
+            tx.check_current(codec, current)?;
             tx.put_key(Some(current), new, &key_bytes)
         })
     }
@@ -346,24 +388,25 @@ impl KeyStore for SledStore {
         if current.state == KeyState::Destroyed {
             return refuse(format!("destroying key {} twice", current.id));
         }
-        let key_bytes = encode("key record", tombstone)?;
+        let codec = self.codec()?;
+        let key_bytes = codec.encode_key(tombstone)?;
         let id = current.id;
         self.write_prepared(
             // Versions are only ever added, as the new primary, while the
             // stored key changes: if the transaction finds the stored key
             // equal to `current`, this list is still complete.
             |sled| {
-                sled.versions_of(id)?
+                sled.versions_of(codec, id)?
                     .into_iter()
                     .map(|mut v| {
                         v.wrapped_material = Vec::new();
                         v.destroyed_at = tombstone.destroyed_at;
-                        Ok((version_key(id, v.version), encode("version record", &v)?))
+                        Ok((version_key(id, v.version), codec.encode_version(&v)?))
                     })
                     .collect::<Result<Vec<_>, StoreError>>()
             },
             |tx, erased| {
-                tx.check_current(current)?;
+                tx.check_current(codec, current)?;
                 for (vkey, bytes) in erased {
                     tx.versions.insert(&vkey[..], bytes.as_slice())?;
                 }
@@ -392,12 +435,13 @@ impl KeyStore for SledStore {
         }
         let (id, number) = (current.key_id, current.version);
         let vkey = version_key(id, number);
-        let new_bytes = encode("version record", new)?;
+        let codec = self.codec()?;
+        let new_bytes = codec.encode_version(new)?;
         self.write(|tx| {
             let Some(bytes) = tx.versions.get(vkey)? else {
                 return abort(StoreError::NoSuchVersion(id, number));
             };
-            match decode_version(id, number, &bytes) {
+            match codec.decode_version(id, number, &bytes) {
                 Ok(stored) if stored == *current => {}
                 Ok(_) => return abort(StoreError::Conflict(id)),
                 Err(e) => return abort(e),
@@ -413,6 +457,7 @@ impl KeyStore for SledStore {
         start_after: Option<(KeyId, u32)>,
         limit: usize,
     ) -> Result<Vec<VersionRecord>, StoreError> {
+        let codec = self.codec()?;
         let live = self.read_gate()?;
         let lower = match start_after {
             Some((id, n)) => Bound::Excluded(version_key(id, n).to_vec()),
@@ -429,7 +474,7 @@ impl KeyStore for SledStore {
         {
             let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
             let (id, number) = parse_version_key(&k)?;
-            let record = decode_version(id, number, &v)?;
+            let record = codec.decode_version(id, number, &v)?;
             // Versions held by the HSM itself are wrapped by no root key.
             if record.destroyed_at.is_none()
                 && record.hsm_object.is_none()
@@ -445,12 +490,13 @@ impl KeyStore for SledStore {
     }
 
     fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError> {
+        let codec = self.codec()?;
         let live = self.read_gate()?;
         let mut counts = VersionCounts::default();
         for entry in live.sled.versions.iter() {
             let (k, v) = entry.map_err(|e| sled_error("counting versions", e))?;
             let (id, number) = parse_version_key(&k)?;
-            let record = decode_version(id, number, &v)?;
+            let record = codec.decode_version(id, number, &v)?;
             if record.destroyed_at.is_some() {
                 counts.destroyed += 1;
             } else {
@@ -468,16 +514,24 @@ impl KeyStore for SledStore {
         self.check_usable()?;
         self.switch_generation(&mut live)
     }
+
+    fn install_integrity(
+        &self,
+        mac: &Arc<RecordMac>,
+        migrate: bool,
+    ) -> Result<IntegrityState, StoreError> {
+        self.seal_records(mac, migrate)
+    }
 }
 
 impl Handles {
     /// Every version of `id`, read outside any transaction.
-    fn versions_of(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+    fn versions_of(&self, codec: Codec<'_>, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
         let mut out = Vec::new();
         for entry in self.versions.scan_prefix(id.as_bytes()) {
             let (k, v) = entry.map_err(|e| sled_error("listing versions", e))?;
             let (_, number) = parse_version_key(&k)?;
-            out.push(decode_version(id, number, &v)?);
+            out.push(codec.decode_version(id, number, &v)?);
         }
         Ok(out)
     }

@@ -5,10 +5,10 @@
 //! ```text
 //! tree       key                                   value
 //! ---------  ------------------------------------  ----------------------------
-//! meta       b"schema"                             u32 BE, currently 2
+//! meta       b"schema"                             u32 BE: 2 unsealed, 3 sealed
 //! meta       b"secret/" || name                    JSON WrappedSecret
-//! keys       KeyId (16 bytes)                      JSON KeyRecord
-//! versions   KeyId (16 bytes) || version (u32 BE)  JSON VersionRecord
+//! keys       KeyId (16 bytes)                      sealed JSON KeyRecord
+//! versions   KeyId (16 bytes) || version (u32 BE)  sealed JSON VersionRecord
 //! aliases    alias (UTF-8)                         KeyId (16 bytes)
 //! due        due time (i64 BE, sign bit flipped)   empty
 //!              || KeyId (16 bytes)
@@ -25,12 +25,20 @@
 //! against the key it was stored under (a record moved to another slot is
 //! reported as [`StoreError::Corrupt`]), and an undecodable one is
 //! [`StoreError::Corrupt`] too.
+//!
+//! "Sealed" is [`crate::store::integrity`]'s format: the record's JSON after
+//! a MAC over the tree's name, the sled key (the slot) and the JSON. A store
+//! of schema 3 holds only sealed records, and is read and written only once
+//! its MAC key is installed ([`Codec`]). Schema 2 (unsealed) is what a new
+//! store starts as, and what the store's own tests use; the server seals
+//! it at its first start (`SledStore::install_integrity`).
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
 use crate::store::StoreError;
+use crate::store::integrity::{RecordMac, Table, is_sealed};
 
 pub(super) const VERSION_KEY_LEN: usize = 16 + 4;
 const DUE_KEY_LEN: usize = 8 + 16;
@@ -57,32 +65,74 @@ pub(super) fn key_id_from_slice(what: &str, bytes: &[u8]) -> Result<KeyId, Store
         .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, expected 16", bytes.len())))
 }
 
-/// Decodes a key record and checks that it belongs where it was found.
-pub(super) fn decode_key(id: KeyId, bytes: &[u8]) -> Result<KeyRecord, StoreError> {
-    let record: KeyRecord = decode(&format!("key {id}"), bytes)?;
-    if record.id != id {
-        return Err(StoreError::Corrupt(format!(
-            "key record stored under {id} has id {}",
-            record.id
-        )));
-    }
-    Ok(record)
+/// How records are sealed and opened: with the store's MAC key once it is
+/// installed, unsealed before (schema 2 only: a sealed record is refused
+/// then, see `SledStore::codec`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Codec<'a> {
+    pub(super) mac: Option<&'a RecordMac>,
 }
 
-/// Decodes a version record and checks that it belongs where it was found.
-pub(super) fn decode_version(
-    id: KeyId,
-    version: u32,
-    bytes: &[u8],
-) -> Result<VersionRecord, StoreError> {
-    let record: VersionRecord = decode(&format!("version {version} of key {id}"), bytes)?;
-    if record.key_id != id || record.version != version {
-        return Err(StoreError::Corrupt(format!(
-            "version record stored as {id} v{version} claims {} v{}",
-            record.key_id, record.version
-        )));
+impl Codec<'_> {
+    fn seal(&self, table: Table, slot: &[u8], json: Vec<u8>) -> Vec<u8> {
+        match self.mac {
+            Some(mac) => mac.seal(table, slot, &json),
+            None => json,
+        }
     }
-    Ok(record)
+
+    fn open<'b>(&self, table: Table, slot: &[u8], bytes: &'b [u8]) -> Result<&'b [u8], StoreError> {
+        match self.mac {
+            Some(mac) => mac.open(table, slot, bytes),
+            None if is_sealed(bytes) => Err(StoreError::IntegrityFailure(format!(
+                "a sealed {} record, and no integrity key installed",
+                table.name()
+            ))),
+            None => Ok(bytes),
+        }
+    }
+
+    pub(super) fn encode_key(&self, record: &KeyRecord) -> Result<Vec<u8>, StoreError> {
+        let json = encode("key record", record)?;
+        Ok(self.seal(Table::Keys, record.id.as_bytes(), json))
+    }
+
+    pub(super) fn encode_version(&self, record: &VersionRecord) -> Result<Vec<u8>, StoreError> {
+        let json = encode("version record", record)?;
+        let slot = version_key(record.key_id, record.version);
+        Ok(self.seal(Table::Versions, &slot, json))
+    }
+
+    /// Opens a key record and checks that it belongs where it was found.
+    pub(super) fn decode_key(&self, id: KeyId, bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+        let json = self.open(Table::Keys, id.as_bytes(), bytes)?;
+        let record: KeyRecord = decode(&format!("key {id}"), json)?;
+        if record.id != id {
+            return Err(StoreError::Corrupt(format!(
+                "key record stored under {id} has id {}",
+                record.id
+            )));
+        }
+        Ok(record)
+    }
+
+    /// Opens a version record and checks that it belongs where it was found.
+    pub(super) fn decode_version(
+        &self,
+        id: KeyId,
+        version: u32,
+        bytes: &[u8],
+    ) -> Result<VersionRecord, StoreError> {
+        let json = self.open(Table::Versions, &version_key(id, version), bytes)?;
+        let record: VersionRecord = decode(&format!("version {version} of key {id}"), json)?;
+        if record.key_id != id || record.version != version {
+            return Err(StoreError::Corrupt(format!(
+                "version record stored as {id} v{version} claims {} v{}",
+                record.key_id, record.version
+            )));
+        }
+        Ok(record)
+    }
 }
 
 /// The due-index key: the time as an `i64` with its sign bit flipped, big

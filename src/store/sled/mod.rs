@@ -19,11 +19,12 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionResult, TransactionError};
 
+use super::integrity::RecordMac;
 use super::{KeyStore, StoreError};
 use crate::fsutil::sync_dir;
 use files::{remove_if_present, sync_data_dir};
@@ -32,6 +33,7 @@ use generations::{
     read_current, remove_generations, remove_legacy_files, write_current,
 };
 use key_store::Tx;
+use layout::Codec;
 
 mod files;
 mod generations;
@@ -47,6 +49,8 @@ mod compaction_tests;
 mod conformance_tests;
 #[cfg(test)]
 mod fault_tests;
+#[cfg(test)]
+mod integrity_tests;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
@@ -79,6 +83,10 @@ pub struct SledStore {
     gate: RwLock<Live>,
     /// Set once a write may have left non-durable state in memory.
     failed: AtomicBool,
+    /// The records' MAC key, once installed (`install_integrity`).
+    mac: OnceLock<Arc<RecordMac>>,
+    /// The schema marker says the records are sealed (schema 3).
+    sealed: AtomicBool,
     /// `DIR/LOCK`, locked for the store's lifetime: one process per
     /// directory. Last field, so released after sled's handles are closed.
     lock: File,
@@ -189,6 +197,7 @@ impl fmt::Debug for SledStore {
         f.debug_struct("SledStore")
             .field("dir", &self.dir)
             .field("failed", &self.failed.load(Ordering::Relaxed))
+            .field("sealed", &self.sealed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -282,6 +291,8 @@ impl SledStore {
                 sled,
             }),
             failed: AtomicBool::new(false),
+            mac: OnceLock::new(),
+            sealed: AtomicBool::new(false),
             lock,
             #[cfg(test)]
             fail_compaction_at: std::sync::Mutex::new(None),
@@ -315,6 +326,27 @@ impl SledStore {
         } else {
             Ok(())
         }
+    }
+
+    /// How records are sealed: with the installed MAC key; unsealed only in
+    /// a store that is not sealed yet. A sealed store without its key is
+    /// refused, reads and writes alike.
+    fn codec(&self) -> Result<Codec<'_>, StoreError> {
+        match self.mac.get() {
+            Some(mac) => Ok(Codec { mac: Some(mac) }),
+            None if self.sealed.load(Ordering::Acquire) => {
+                Err(StoreError::IntegrityFailure(format!(
+                    "the records of store {} are sealed and no integrity key is installed",
+                    self.dir.display()
+                )))
+            }
+            None => Ok(Codec { mac: None }),
+        }
+    }
+
+    /// The records' MAC key, if installed (for its failure count).
+    pub fn integrity(&self) -> Option<&Arc<RecordMac>> {
+        self.mac.get()
     }
 
     fn mark_failed(&self) {

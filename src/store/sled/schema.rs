@@ -1,22 +1,35 @@
-//! The schema marker of a generation's sled database, and the migration
-//! from the schema before the due index.
+//! The schema marker of a generation's sled database, and the migrations
+//! from the schema before the due index and from the unsealed records.
 //!
 //! The `meta` tree's `b"schema"` entry (a `u32`, big endian) is written when
 //! a directory is first opened; a directory with another schema, or with
 //! data but no marker, is refused as [`StoreError::Corrupt`]. Schema 1 had
 //! no `due` tree; opening a schema-1 store builds the index from the keys
-//! and sets the marker to 2 in one transaction.
+//! and sets the marker to 2 in one transaction. Schema 2 has unsealed
+//! records; schema 3 only sealed ones ([`crate::store::integrity`]). A new
+//! store starts as 2; [`SledStore::seal_records`] (the server's start,
+//! with the MAC key) seals every record and sets 3 in one transaction.
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use super::layout::{decode_key, due_key, key_id_from_slice};
-use super::{Live, SledStore, sled_error};
-use crate::store::StoreError;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-/// The on-disk schema this build reads and writes.
-/// 2 added the `due` tree; a version-1 store is migrated when opened.
-pub const SCHEMA_VERSION: u32 = 2;
+use super::layout::{Codec, decode, due_key, key_id_from_slice, parse_version_key};
+use super::{Live, SledStore, sled_error};
+use crate::model::{KeyRecord, VersionRecord};
+use crate::store::StoreError;
+use crate::store::integrity::{IntegrityState, RecordMac, Table, strip_seal_unchecked};
+
+/// The on-disk schema of a store this build serves: 3, sealed records.
+/// 2 added the `due` tree (a version-1 store is migrated when opened); 3
+/// seals every key and version record (a version-2 store is sealed when
+/// its MAC key is installed with migration allowed).
+pub const SCHEMA_VERSION: u32 = 3;
+
+/// The schema of a store whose records are not sealed (yet).
+pub const UNSEALED_SCHEMA: u32 = 2;
 
 /// The `meta` tree's key of the schema marker.
 pub(super) const SCHEMA_KEY: &[u8] = b"schema";
@@ -43,13 +56,16 @@ impl SledStore {
                         ))
                     })?;
                 if version == SCHEMA_VERSION {
+                    self.sealed.store(true, Ordering::Release);
+                    Ok(())
+                } else if version == UNSEALED_SCHEMA {
                     Ok(())
                 } else if version == 1 {
                     self.migrate_from_v1(&live)
                 } else {
                     Err(StoreError::Corrupt(format!(
-                        "store {} has schema version {version}; this build supports only \
-                         version {SCHEMA_VERSION}",
+                        "store {} has schema version {version}; this build supports \
+                         versions 1 to {SCHEMA_VERSION}",
                         self.dir.display()
                     )))
                 }
@@ -64,7 +80,7 @@ impl SledStore {
                 let out = live
                     .sled
                     .meta
-                    .insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())
+                    .insert(SCHEMA_KEY, &UNSEALED_SCHEMA.to_be_bytes())
                     .map_err(|e| sled_error("writing the schema marker", e))
                     .and_then(|_| self.make_durable(&live));
                 if out.is_err() {
@@ -88,7 +104,7 @@ impl SledStore {
         for entry in sled.keys.iter() {
             let (k, v) = entry.map_err(|e| sled_error("reading keys to migrate", e))?;
             let id = key_id_from_slice("a key id in the keys tree", &k)?;
-            if let Some(at) = decode_key(id, &v)?.next_due() {
+            if let Some(at) = (Codec { mac: None }).decode_key(id, &v)?.next_due() {
                 entries.push(due_key(at, id));
             }
         }
@@ -96,7 +112,7 @@ impl SledStore {
             for k in &entries {
                 due.insert(&k[..], &[][..])?;
             }
-            meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            meta.insert(SCHEMA_KEY, &UNSEALED_SCHEMA.to_be_bytes())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
         let out = match result {
@@ -108,5 +124,89 @@ impl SledStore {
             self.mark_failed();
         }
         out
+    }
+
+    /// [`crate::store::KeyStore::install_integrity`] for sled: a sealed
+    /// store (schema 3) gets its key; an unsealed one, with `migrate`, has
+    /// every key and version record sealed under `mac` (from its JSON,
+    /// checked to decode and to belong to its slot; a seal under another
+    /// key is replaced: migration trusts what is stored) and its marker set
+    /// to 3, in one transaction made durable before the key is installed.
+    /// With `migrate` a sealed store is sealed anew the same way.
+    pub(super) fn seal_records(
+        &self,
+        mac: &Arc<RecordMac>,
+        migrate: bool,
+    ) -> Result<IntegrityState, StoreError> {
+        let live = self.write_gate();
+        self.check_usable()?;
+        if self.mac.get().is_some() {
+            return Err(StoreError::Corrupt(format!(
+                "the integrity key of store {} is already installed",
+                self.dir.display()
+            )));
+        }
+        if !migrate {
+            if !self.sealed.load(Ordering::Acquire) {
+                return Ok(IntegrityState::NeedsMigration);
+            }
+            let _ = self.mac.set(Arc::clone(mac));
+            return Ok(IntegrityState::Sealed);
+        }
+        let sled = &live.sled;
+        let mut keys = Vec::new();
+        for entry in sled.keys.iter() {
+            let (k, v) = entry.map_err(|e| sled_error("reading keys to seal", e))?;
+            let id = key_id_from_slice("a key id in the keys tree", &k)?;
+            let json = strip_seal_unchecked(&v);
+            let record: KeyRecord = decode(&format!("key {id}"), json)?;
+            if record.id != id {
+                return Err(StoreError::Corrupt(format!(
+                    "key record stored under {id} has id {}",
+                    record.id
+                )));
+            }
+            let sealed = mac.seal(Table::Keys, id.as_bytes(), json);
+            keys.push((k, sealed));
+        }
+        let mut versions = Vec::new();
+        for entry in sled.versions.iter() {
+            let (k, v) = entry.map_err(|e| sled_error("reading versions to seal", e))?;
+            let (id, number) = parse_version_key(&k)?;
+            let json = strip_seal_unchecked(&v);
+            let record: VersionRecord = decode(&format!("version {number} of key {id}"), json)?;
+            if record.key_id != id || record.version != number {
+                return Err(StoreError::Corrupt(format!(
+                    "version record stored as {id} v{number} claims {} v{}",
+                    record.key_id, record.version
+                )));
+            }
+            let sealed = mac.seal(Table::Versions, &k, json);
+            versions.push((k, sealed));
+        }
+        let result = (&sled.meta, &sled.keys, &sled.versions).transaction(|(meta, k, v)| {
+            for (slot, sealed) in &keys {
+                k.insert(slot, sealed.as_slice())?;
+            }
+            for (slot, sealed) in &versions {
+                v.insert(slot, sealed.as_slice())?;
+            }
+            meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        });
+        let out = match result {
+            Ok(()) => self.make_durable(&live),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(sled_error("sealing the records", e)),
+        };
+        if let Err(e) = out {
+            self.mark_failed();
+            return Err(e);
+        }
+        self.sealed.store(true, Ordering::Release);
+        let _ = self.mac.set(Arc::clone(mac));
+        Ok(IntegrityState::Migrated {
+            records: u64::try_from(keys.len() + versions.len()).unwrap_or(u64::MAX),
+        })
     }
 }
