@@ -92,7 +92,29 @@ pub use hsm::{DEFAULT_HSM_SESSIONS, HsmConfig, MAX_HSM_SESSIONS, Pin, PinSource,
 pub use raw::CheckpointKey;
 pub use tls::TlsPaths;
 
-use raw::{RawCache, RawConfig, RawQuorum, RawRoles};
+use raw::{RawCache, RawConfig, RawLimits, RawQuorum, RawRoles};
+
+use crate::grpc::ServerLimits;
+use crate::service::{RateLimit, RateLimits};
+
+/// `coffre serve`'s rate limit for every principal without one of its own
+/// (`[rate_limits] default`); `coffre dev` has none unless told.
+pub const DEFAULT_RATE_LIMIT: RateLimit = RateLimit {
+    per_second: 2000.0,
+    burst: 4000.0,
+};
+/// Batch items per principal (`[rate_limits] batch`), on top of the
+/// principal's own bucket (which a batch also charges one token per item).
+pub const DEFAULT_BATCH_LIMIT: RateLimit = RateLimit {
+    per_second: 2000.0,
+    burst: 4000.0,
+};
+/// The one bucket of every certificate without a principal
+/// (`[rate_limits] unauthenticated`).
+pub const DEFAULT_UNAUTHENTICATED_LIMIT: RateLimit = RateLimit {
+    per_second: 50.0,
+    burst: 100.0,
+};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 
@@ -116,6 +138,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `allow_root = true`: run even as root (see `crate::hardening`).
     pub allow_root: bool,
+    /// `[limits]`: the listener's bounds, the audit volume's alert.
+    pub limits: ServerLimits,
 }
 
 impl Config {
@@ -148,6 +172,7 @@ impl Config {
             bail!("scheduler_interval_secs must be positive");
         }
         let audit = audit::validate(raw.audit, &hsm)?;
+        let limits = limits(raw.limits)?;
         let metrics_listen = raw
             .metrics_listen
             .map(|m| {
@@ -169,6 +194,7 @@ impl Config {
             attributes: raw.attributes,
             audit,
             allow_root: raw.allow_root,
+            limits,
         })
     }
 }
@@ -212,12 +238,15 @@ fn kms_options(
             );
         }
     }
-    for (who, limit) in rate_limits
-        .default
-        .iter()
-        .map(|l| ("default", l))
-        .chain(rate_limits.principals.iter().map(|(p, l)| (p.as_str(), l)))
-    {
+    let rate_limits = RateLimits {
+        default: rate_limits.default.or(Some(DEFAULT_RATE_LIMIT)),
+        unauthenticated: rate_limits
+            .unauthenticated
+            .or(Some(DEFAULT_UNAUTHENTICATED_LIMIT)),
+        batch: rate_limits.batch.or(Some(DEFAULT_BATCH_LIMIT)),
+        principals: rate_limits.principals,
+    };
+    for (who, limit) in rate_limits.all() {
         limit
             .validate()
             .map_err(|e| anyhow::anyhow!("rate_limits ({who}): {e}"))?;
@@ -238,6 +267,108 @@ fn kms_options(
         quorum,
     })
 }
+
+/// `[limits]`: each key positive; the defaults of [`ServerLimits`] for
+/// what is unset.
+fn limits(raw: RawLimits) -> anyhow::Result<ServerLimits> {
+    fn positive<T: PartialOrd + Default + Copy>(
+        name: &str,
+        v: Option<T>,
+        d: T,
+    ) -> anyhow::Result<T> {
+        match v {
+            Some(v) if v <= T::default() => bail!("limits.{name} must be positive"),
+            Some(v) => Ok(v),
+            None => Ok(d),
+        }
+    }
+    fn duration(
+        name: &str,
+        v: Option<u64>,
+        unit: fn(u64) -> Duration,
+        d: Duration,
+    ) -> anyhow::Result<Duration> {
+        match v {
+            Some(0) => bail!("limits.{name} must be positive"),
+            Some(v) => Ok(unit(v)),
+            None => Ok(d),
+        }
+    }
+    let (ms, secs): (fn(u64) -> Duration, fn(u64) -> Duration) =
+        (Duration::from_millis, Duration::from_secs);
+    let d = ServerLimits::default();
+    let limits = ServerLimits {
+        handshake_timeout: duration(
+            "handshake_timeout_ms",
+            raw.handshake_timeout_ms,
+            ms,
+            d.handshake_timeout,
+        )?,
+        max_handshakes: positive("max_handshakes", raw.max_handshakes, d.max_handshakes)?,
+        max_handshakes_per_ip: positive(
+            "max_handshakes_per_ip",
+            raw.max_handshakes_per_ip,
+            d.max_handshakes_per_ip,
+        )?,
+        max_concurrent_streams: positive(
+            "max_concurrent_streams",
+            raw.max_concurrent_streams,
+            d.max_concurrent_streams,
+        )?,
+        max_requests_per_connection: positive(
+            "max_requests_per_connection",
+            raw.max_requests_per_connection,
+            d.max_requests_per_connection,
+        )?,
+        request_timeout: duration(
+            "request_timeout_ms",
+            raw.request_timeout_ms,
+            ms,
+            d.request_timeout,
+        )?,
+        keepalive_interval: duration(
+            "keepalive_interval_secs",
+            raw.keepalive_interval_secs,
+            secs,
+            d.keepalive_interval,
+        )?,
+        keepalive_timeout: duration(
+            "keepalive_timeout_secs",
+            raw.keepalive_timeout_secs,
+            secs,
+            d.keepalive_timeout,
+        )?,
+        max_message_bytes: positive(
+            "max_message_bytes",
+            raw.max_message_bytes,
+            d.max_message_bytes,
+        )?,
+        audit_min_free_bytes: raw.audit_min_free_bytes.unwrap_or(d.audit_min_free_bytes),
+        audit_min_free_percent: raw
+            .audit_min_free_percent
+            .unwrap_or(d.audit_min_free_percent),
+    };
+    if limits.handshake_timeout > Duration::from_secs(60) {
+        bail!("limits.handshake_timeout_ms must be at most 60000");
+    }
+    if limits.max_handshakes_per_ip > limits.max_handshakes {
+        bail!("limits.max_handshakes_per_ip must not exceed limits.max_handshakes");
+    }
+    if limits.max_message_bytes < MIN_MESSAGE_BYTES {
+        bail!(
+            "limits.max_message_bytes must be at least {MIN_MESSAGE_BYTES} (a key's policy alone may take {} bytes)",
+            crate::model::MAX_POLICY_BYTES
+        );
+    }
+    if limits.audit_min_free_percent > 100 {
+        bail!("limits.audit_min_free_percent must be 0 to 100");
+    }
+    Ok(limits)
+}
+
+/// The smallest `limits.max_message_bytes`: room for a few keys at their
+/// largest policy.
+const MIN_MESSAGE_BYTES: usize = 4 * crate::model::MAX_POLICY_BYTES;
 
 fn quorum_options(raw: RawQuorum) -> anyhow::Result<QuorumOptions> {
     let base = raw.approvals_required.unwrap_or(1);
