@@ -560,6 +560,92 @@ burst = 10
     }
 
     #[test]
+    fn serve_has_default_limits_and_retention() {
+        let c = Config::parse(GOOD).unwrap();
+        let limits = &c.options.rate_limits;
+        assert_eq!(limits.default, Some(DEFAULT_RATE_LIMIT));
+        assert_eq!(limits.batch, Some(DEFAULT_BATCH_LIMIT));
+        assert_eq!(limits.unauthenticated, Some(DEFAULT_UNAUTHENTICATED_LIMIT));
+        assert_eq!(
+            c.audit.trail.retention,
+            Some(Duration::from_secs(
+                u64::from(audit::DEFAULT_RETENTION_DAYS) * 86_400
+            ))
+        );
+        assert_eq!(c.limits, ServerLimits::default());
+        // What the file says wins.
+        let text = format!(
+            "{GOOD}\n{}",
+            r#"
+[rate_limits]
+batch = { per_second = 10, burst = 1000 }
+unauthenticated = { per_second = 1, burst = 1 }
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.options.rate_limits.batch.unwrap().burst, 1000.0);
+        assert_eq!(c.options.rate_limits.unauthenticated.unwrap().burst, 1.0);
+        assert_eq!(c.options.rate_limits.default, Some(DEFAULT_RATE_LIMIT));
+    }
+
+    #[test]
+    fn parses_limits_and_refuses_bad_ones() {
+        let text = format!(
+            "{GOOD}\n{}",
+            r#"
+[limits]
+handshake_timeout_ms = 2000
+max_handshakes = 512
+max_handshakes_per_ip = 4
+max_concurrent_streams = 64
+max_requests_per_connection = 32
+request_timeout_ms = 10000
+keepalive_interval_secs = 20
+keepalive_timeout_secs = 5
+max_message_bytes = 8388608
+audit_min_free_bytes = 2147483648
+audit_min_free_percent = 5
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(
+            c.limits,
+            ServerLimits {
+                handshake_timeout: Duration::from_secs(2),
+                max_handshakes: 512,
+                max_handshakes_per_ip: 4,
+                max_concurrent_streams: 64,
+                max_requests_per_connection: 32,
+                request_timeout: Duration::from_secs(10),
+                keepalive_interval: Duration::from_secs(20),
+                keepalive_timeout: Duration::from_secs(5),
+                max_message_bytes: 8 * 1024 * 1024,
+                audit_min_free_bytes: 2 * 1024 * 1024 * 1024,
+                audit_min_free_percent: 5,
+            }
+        );
+        for (from, to) in [
+            ("handshake_timeout_ms = 2000", "handshake_timeout_ms = 0"),
+            (
+                "handshake_timeout_ms = 2000",
+                "handshake_timeout_ms = 90000",
+            ),
+            ("max_handshakes = 512", "max_handshakes = 2"),
+            ("max_concurrent_streams = 64", "max_concurrent_streams = 0"),
+            ("max_message_bytes = 8388608", "max_message_bytes = 1024"),
+            ("audit_min_free_percent = 5", "audit_min_free_percent = 101"),
+            ("keepalive_timeout_secs = 5", "keepalive_timeout = 5"),
+        ] {
+            let bad = text.replace(from, to);
+            let err = format!("{:#}", Config::parse(&bad).unwrap_err());
+            assert!(
+                err.contains("limits") || err.contains("unknown field"),
+                "{to}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn parses_quorum() {
         use crate::store::approvals::SensitiveKind;
         let text = format!(
@@ -641,9 +727,15 @@ burst = 10
     fn audit_is_validated_once_into_the_trails_options() {
         use crate::audit::{ClearContext, Durability};
         let defaults = Config::parse(GOOD).unwrap().audit;
+        // `coffre serve` prunes by default (AuditConfig::default, which
+        // `coffre dev` starts from, keeps everything).
+        let mut expected = AuditConfig::default();
+        expected.trail.retention = Some(Duration::from_secs(
+            u64::from(audit::DEFAULT_RETENTION_DAYS) * 86_400,
+        ));
         assert_eq!(
             format!("{defaults:?}"),
-            format!("{:?}", AuditConfig::default()),
+            format!("{expected:?}"),
             "no [audit] section: the defaults"
         );
         assert_eq!(
