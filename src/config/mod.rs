@@ -3,8 +3,8 @@
 //!
 //! - `raw.rs`: the file as serde reads it (`Raw*` structs, no logic).
 //! - this file: [`Config`], [`Config::load`], and [`Config::parse`], which
-//!   hands each section to its validator; roles, caches, quorum and rate
-//!   limits are checked here.
+//!   hands each section to its validator; roles, caches, quorum, rate
+//!   limits (with `coffre serve`'s defaults) and `[limits]` are checked here.
 //! - `hsm.rs`: `[hsm]` into [`HsmConfig`], with the [`PinSource`] and the
 //!   [`Pin`] it yields.
 //! - `audit.rs`: `[audit]` into [`AuditConfig`], the audit trail's options.
@@ -52,11 +52,29 @@
 //! [default_key_policy.required_context.tenant]
 //! equals_caller_attribute = "tenant"
 //!
-//! [rate_limits]                         # per principal token buckets; none by default
-//! default = { per_second = 2000, burst = 4000 }
+//! [rate_limits]                          # token buckets, charged first (before any field
+//!                                        # is read); the values shown are the defaults
+//! default = { per_second = 2000, burst = 4000 }       # every principal without its own
+//! batch = { per_second = 2000, burst = 4000 }         # batch items, per principal, on top
+//!                                        # of its bucket (a batch of N costs N in both)
+//! unauthenticated = { per_second = 50, burst = 100 }  # one bucket for every certificate
+//!                                        # that names no principal
 //! [rate_limits.principals."spiffe://provider.example/batch"]
 //! per_second = 100
 //! burst = 200
+//!
+//! [limits]                               # the listener, all optional (defaults shown)
+//! handshake_timeout_ms = 3000            # a TLS handshake not done by then is dropped
+//! max_handshakes = 256                   # pending in all; beyond, the oldest is dropped
+//! max_handshakes_per_ip = 8              # pending per source address; likewise
+//! max_concurrent_streams = 128           # HTTP/2 streams per connection
+//! max_requests_per_connection = 64       # served at once per connection (others wait)
+//! request_timeout_ms = 30000             # up to the response headers
+//! keepalive_interval_secs = 30           # HTTP/2 pings on idle connections, and how
+//! keepalive_timeout_secs = 10            # long an answer may take before closing
+//! max_message_bytes = 16777216           # largest message sent or accepted (>= 256 KiB)
+//! audit_min_free_bytes = 1073741824      # warn (log once a minute, and the metric
+//! audit_min_free_percent = 10            # coffre_audit_volume_free_bytes) below either
 //!
 //! [quorum]                               # M-of-N approvals for sensitive operations
 //! approvals_required = 2                 # ScheduleKeyDeletion, CancelKeyDeletion, EnableKey,
@@ -66,6 +84,7 @@
 //!
 //! [audit]                                # all optional
 //! checkpoint_key = "hsm"                 # checkpoints signed in the PKCS#11 token
+//! retention_days = 400                   # the default: prune older records
 //!
 //! [cache]
 //! keys = 100000
