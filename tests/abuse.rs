@@ -289,14 +289,21 @@ async fn refusals_beyond_the_limit_are_coalesced_in_the_audit_log() {
 async fn coalesced_refusals_are_not_lost_at_shutdown() {
     let mut server = TestServer::start_with_options(DEV, limited(bucket(1.0), None)).await;
     let mut data = server.data().await;
-    data.generate_data_key(generate("")).await.unwrap_err();
+    let encrypt = || pb::EncryptRequest {
+        key_id: String::new(),
+        plaintext: b"secret".to_vec(),
+        encryption_context: ctx(&[("tenant", "acme")]),
+        justification: REASON,
+    };
+    let err = data.encrypt(encrypt()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
     for _ in 0..20 {
-        let err = data.generate_data_key(generate("")).await.unwrap_err();
+        let err = data.encrypt(encrypt()).await.unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted);
     }
     drop(data);
     server.restart().await;
-    let (stands_for, _) = refusals_recorded(&server, "GenerateDataKey", 20).await;
+    let (stands_for, _) = refusals_recorded(&server, "Encrypt", 20).await;
     assert_eq!(stands_for, 20);
     server.stop().await;
 }
@@ -368,5 +375,71 @@ async fn batch_decrypt_stops_at_the_first_hsm_outage() {
         calls, 1,
         "one HSM call for the whole batch, not one per item"
     );
+    server.stop().await;
+}
+
+/// A certificate from the client CA that names no principal (no URI SAN,
+/// no CN), written as `pki/<name>.pem` and `pki/<name>-key.pem`.
+fn issue_principal_less_cert(server: &TestServer, name: &str) {
+    let pki = server.data_dir().join("pki");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca-key.pem")).unwrap())
+            .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
+        ca_key,
+    )
+    .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationName, "no principal here");
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(pki.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(pki.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+}
+
+/// M2: requests whose certificate names no principal meet the rate limit
+/// too, in one shared bucket (before the fix they were refused before the
+/// limiter, unlimited, each with its own audit record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_without_a_principal_share_one_limited_bucket() {
+    let mut options = coffre::server::dev::dev_kms_options();
+    options.rate_limits = RateLimits {
+        unauthenticated: Some(bucket(3.0)),
+        ..RateLimits::default()
+    };
+    let server = TestServer::start_with_options(DEV, options).await;
+    issue_principal_less_cert(&server, "nobody");
+    let mut nobody =
+        pb::data_key_service_client::DataKeyServiceClient::new(server.channel("nobody").await);
+    let mut codes = Vec::new();
+    for _ in 0..10 {
+        codes.push(
+            nobody
+                .generate_data_key(generate("k"))
+                .await
+                .unwrap_err()
+                .code(),
+        );
+    }
+    assert!(
+        codes[..3].iter().all(|c| *c == Code::Unauthenticated),
+        "{codes:?}"
+    );
+    assert!(
+        codes[3..].iter().all(|c| *c == Code::ResourceExhausted),
+        "{codes:?}"
+    );
+    // Principals are not in that bucket.
+    server.create_key("k").await;
+    server
+        .data()
+        .await
+        .generate_data_key(generate("k"))
+        .await
+        .unwrap();
     server.stop().await;
 }

@@ -313,8 +313,8 @@ fn limits(raw: RawLimits) -> anyhow::Result<ServerLimits> {
             None => Ok(d),
         }
     }
-    let (ms, secs): (fn(u64) -> Duration, fn(u64) -> Duration) =
-        (Duration::from_millis, Duration::from_secs);
+    let ms: fn(u64) -> Duration = Duration::from_millis;
+    let secs: fn(u64) -> Duration = Duration::from_secs;
     let d = ServerLimits::default();
     let limits = ServerLimits {
         handshake_timeout: duration(
