@@ -281,6 +281,9 @@ impl Default for KeyPolicy {
 pub const MAX_POLICY_GRANTS: usize = 256;
 pub const MAX_POLICY_CONTEXT_RULES: usize = 64;
 pub const MAX_POLICY_VALUES: usize = 256;
+/// The whole policy, serialized (JSON): every key record holds one, caches
+/// keep up to 100,000 records and `ListKeys` returns up to 1,000.
+pub const MAX_POLICY_BYTES: usize = 64 * 1024;
 
 impl KeyPolicy {
     /// The reasons a policy accepts unless it says otherwise: every reason
@@ -355,6 +358,14 @@ impl KeyPolicy {
                     "the rule for {k:?} names an empty caller attribute"
                 ));
             }
+        }
+        // Each part is bounded above; together they could still make
+        // megabytes. A policy that cannot be serialized is refused too.
+        let size = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if size > MAX_POLICY_BYTES {
+            return Err(format!(
+                "a policy takes at most {MAX_POLICY_BYTES} bytes serialized, this one {size}"
+            ));
         }
         Ok(())
     }
@@ -469,6 +480,25 @@ pub(crate) mod hex_bytes {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_policy_is_refused_above_its_total_size() {
+        use std::collections::BTreeSet;
+        let rule = |n: usize| ContextRule {
+            values: (0..n)
+                .map(|i| format!("{i:0>1000}"))
+                .collect::<BTreeSet<_>>(),
+            equals_caller_attribute: None,
+        };
+        // 60 values of 1 KiB: within every per-part limit and the total.
+        let mut policy = KeyPolicy::default();
+        policy.required_context.insert("tenant".into(), rule(60));
+        assert_eq!(policy.validate(), Ok(()));
+        // 2 rules of 60: each part within its limit, the whole above 64 KiB.
+        policy.required_context.insert("region".into(), rule(60));
+        let err = policy.validate().unwrap_err();
+        assert!(err.contains("at most 65536 bytes"), "{err}");
+    }
+
     use super::*;
 
     #[test]

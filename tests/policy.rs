@@ -506,7 +506,7 @@ async fn a_runaway_service_is_rate_limited_without_starving_the_others() {
             per_second: 0.01,
             burst: 5.0,
         }),
-        principals: Default::default(),
+        ..Default::default()
     };
     let server = TestServer::start_with_options(
         &[

@@ -12,6 +12,9 @@
 // real binaries (`common::binary`).
 mod common;
 
+// Availability under abuse: idle connections, rate limit first and per
+// batch item, coalesced refusals, a batch stopped by an HSM outage.
+mod abuse;
 // The audit log of a running server: one record per request, before the
 // response; fail closed; export, list and tail.
 mod audit_log;

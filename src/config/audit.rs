@@ -14,6 +14,11 @@ use crate::audit::{
 };
 use crate::model::SystemClock;
 
+/// `[audit] retention_days` when unset: a year and a month of margin. An
+/// unbounded log fills its volume, and a full volume stops the service
+/// (fail closed).
+pub const DEFAULT_RETENTION_DAYS: u32 = 400;
+
 /// The audit log's configuration. The default is what an empty (or absent)
 /// `[audit]` section gives.
 #[derive(Clone, Debug, Default)]
@@ -81,9 +86,9 @@ pub(super) fn validate(raw: RawAudit, hsm: &HsmConfig) -> anyhow::Result<AuditCo
             ..AuditLogOptions::default()
         },
         clear_context,
-        retention: raw
-            .retention_days
-            .map(|d| Duration::from_secs(u64::from(d) * 86_400)),
+        retention: Some(Duration::from_secs(
+            u64::from(raw.retention_days.unwrap_or(DEFAULT_RETENTION_DAYS)) * 86_400,
+        )),
         housekeeping_interval: Duration::from_secs(1),
         discard: false,
     };

@@ -3,8 +3,8 @@
 //!
 //! - `raw.rs`: the file as serde reads it (`Raw*` structs, no logic).
 //! - this file: [`Config`], [`Config::load`], and [`Config::parse`], which
-//!   hands each section to its validator; roles, caches, quorum and rate
-//!   limits are checked here.
+//!   hands each section to its validator; roles, caches, quorum, rate
+//!   limits (with `coffre serve`'s defaults) and `[limits]` are checked here.
 //! - `hsm.rs`: `[hsm]` into [`HsmConfig`], with the [`PinSource`] and the
 //!   [`Pin`] it yields.
 //! - `audit.rs`: `[audit]` into [`AuditConfig`], the audit trail's options.
@@ -58,11 +58,29 @@
 //! [default_key_policy.required_context.tenant]
 //! equals_caller_attribute = "tenant"
 //!
-//! [rate_limits]                         # per principal token buckets; none by default
-//! default = { per_second = 2000, burst = 4000 }
+//! [rate_limits]                          # token buckets, charged first (before any field
+//!                                        # is read); the values shown are the defaults
+//! default = { per_second = 2000, burst = 4000 }       # every principal without its own
+//! batch = { per_second = 2000, burst = 4000 }         # batch items, per principal, on top
+//!                                        # of its bucket (a batch of N costs N in both)
+//! unauthenticated = { per_second = 50, burst = 100 }  # one bucket for every certificate
+//!                                        # that names no principal
 //! [rate_limits.principals."spiffe://provider.example/batch"]
 //! per_second = 100
 //! burst = 200
+//!
+//! [limits]                               # the listener, all optional (defaults shown)
+//! handshake_timeout_ms = 3000            # a TLS handshake not done by then is dropped
+//! max_handshakes = 256                   # pending in all; beyond, the oldest is dropped
+//! max_handshakes_per_ip = 8              # pending per source address; likewise
+//! max_concurrent_streams = 128           # HTTP/2 streams per connection
+//! max_requests_per_connection = 64       # served at once per connection (others wait)
+//! request_timeout_ms = 30000             # up to the response headers
+//! keepalive_interval_secs = 30           # HTTP/2 pings on idle connections, and how
+//! keepalive_timeout_secs = 10            # long an answer may take before closing
+//! max_message_bytes = 16777216           # largest message sent or accepted (>= 256 KiB)
+//! audit_min_free_bytes = 1073741824      # warn (log once a minute, and the metric
+//! audit_min_free_percent = 10            # coffre_audit_volume_free_bytes) below either
 //!
 //! [quorum]                               # M-of-N approvals for sensitive operations
 //! approvals_required = 2                 # ScheduleKeyDeletion, CancelKeyDeletion, EnableKey,
@@ -72,6 +90,7 @@
 //!
 //! [audit]                                # all optional
 //! checkpoint_key = "hsm"                 # checkpoints signed in the PKCS#11 token
+//! retention_days = 400                   # the default: prune older records
 //!
 //! [cache]
 //! keys = 100000
@@ -98,7 +117,29 @@ pub use hsm::{DEFAULT_HSM_SESSIONS, HsmConfig, MAX_HSM_SESSIONS, Pin, PinSource,
 pub use raw::CheckpointKey;
 pub use tls::{ClientCaPaths, MAX_CRL_GRACE, TlsPaths};
 
-use raw::{RawCache, RawConfig, RawQuorum, RawRoles};
+use raw::{RawCache, RawConfig, RawLimits, RawQuorum, RawRoles};
+
+use crate::grpc::ServerLimits;
+use crate::service::{RateLimit, RateLimits};
+
+/// `coffre serve`'s rate limit for every principal without one of its own
+/// (`[rate_limits] default`); `coffre dev` has none unless told.
+pub const DEFAULT_RATE_LIMIT: RateLimit = RateLimit {
+    per_second: 2000.0,
+    burst: 4000.0,
+};
+/// Batch items per principal (`[rate_limits] batch`), on top of the
+/// principal's own bucket (which a batch also charges one token per item).
+pub const DEFAULT_BATCH_LIMIT: RateLimit = RateLimit {
+    per_second: 2000.0,
+    burst: 4000.0,
+};
+/// The one bucket of every certificate without a principal
+/// (`[rate_limits] unauthenticated`).
+pub const DEFAULT_UNAUTHENTICATED_LIMIT: RateLimit = RateLimit {
+    per_second: 50.0,
+    burst: 100.0,
+};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 
@@ -122,6 +163,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `allow_root = true`: run even as root (see `crate::hardening`).
     pub allow_root: bool,
+    /// `[limits]`: the listener's bounds, the audit volume's alert.
+    pub limits: ServerLimits,
 }
 
 impl Config {
@@ -154,6 +197,7 @@ impl Config {
             bail!("scheduler_interval_secs must be positive");
         }
         let audit = audit::validate(raw.audit, &hsm)?;
+        let limits = limits(raw.limits)?;
         let metrics_listen = raw
             .metrics_listen
             .map(|m| {
@@ -175,6 +219,7 @@ impl Config {
             attributes: raw.attributes,
             audit,
             allow_root: raw.allow_root,
+            limits,
         })
     }
 }
@@ -240,12 +285,15 @@ fn kms_options(
             );
         }
     }
-    for (who, limit) in rate_limits
-        .default
-        .iter()
-        .map(|l| ("default", l))
-        .chain(rate_limits.principals.iter().map(|(p, l)| (p.as_str(), l)))
-    {
+    let rate_limits = RateLimits {
+        default: rate_limits.default.or(Some(DEFAULT_RATE_LIMIT)),
+        unauthenticated: rate_limits
+            .unauthenticated
+            .or(Some(DEFAULT_UNAUTHENTICATED_LIMIT)),
+        batch: rate_limits.batch.or(Some(DEFAULT_BATCH_LIMIT)),
+        principals: rate_limits.principals,
+    };
+    for (who, limit) in rate_limits.all() {
         limit
             .validate()
             .map_err(|e| anyhow::anyhow!("rate_limits ({who}): {e}"))?;
@@ -266,6 +314,108 @@ fn kms_options(
         quorum,
     })
 }
+
+/// `[limits]`: each key positive; the defaults of [`ServerLimits`] for
+/// what is unset.
+fn limits(raw: RawLimits) -> anyhow::Result<ServerLimits> {
+    fn positive<T: PartialOrd + Default + Copy>(
+        name: &str,
+        v: Option<T>,
+        d: T,
+    ) -> anyhow::Result<T> {
+        match v {
+            Some(v) if v <= T::default() => bail!("limits.{name} must be positive"),
+            Some(v) => Ok(v),
+            None => Ok(d),
+        }
+    }
+    fn duration(
+        name: &str,
+        v: Option<u64>,
+        unit: fn(u64) -> Duration,
+        d: Duration,
+    ) -> anyhow::Result<Duration> {
+        match v {
+            Some(0) => bail!("limits.{name} must be positive"),
+            Some(v) => Ok(unit(v)),
+            None => Ok(d),
+        }
+    }
+    let ms: fn(u64) -> Duration = Duration::from_millis;
+    let secs: fn(u64) -> Duration = Duration::from_secs;
+    let d = ServerLimits::default();
+    let limits = ServerLimits {
+        handshake_timeout: duration(
+            "handshake_timeout_ms",
+            raw.handshake_timeout_ms,
+            ms,
+            d.handshake_timeout,
+        )?,
+        max_handshakes: positive("max_handshakes", raw.max_handshakes, d.max_handshakes)?,
+        max_handshakes_per_ip: positive(
+            "max_handshakes_per_ip",
+            raw.max_handshakes_per_ip,
+            d.max_handshakes_per_ip,
+        )?,
+        max_concurrent_streams: positive(
+            "max_concurrent_streams",
+            raw.max_concurrent_streams,
+            d.max_concurrent_streams,
+        )?,
+        max_requests_per_connection: positive(
+            "max_requests_per_connection",
+            raw.max_requests_per_connection,
+            d.max_requests_per_connection,
+        )?,
+        request_timeout: duration(
+            "request_timeout_ms",
+            raw.request_timeout_ms,
+            ms,
+            d.request_timeout,
+        )?,
+        keepalive_interval: duration(
+            "keepalive_interval_secs",
+            raw.keepalive_interval_secs,
+            secs,
+            d.keepalive_interval,
+        )?,
+        keepalive_timeout: duration(
+            "keepalive_timeout_secs",
+            raw.keepalive_timeout_secs,
+            secs,
+            d.keepalive_timeout,
+        )?,
+        max_message_bytes: positive(
+            "max_message_bytes",
+            raw.max_message_bytes,
+            d.max_message_bytes,
+        )?,
+        audit_min_free_bytes: raw.audit_min_free_bytes.unwrap_or(d.audit_min_free_bytes),
+        audit_min_free_percent: raw
+            .audit_min_free_percent
+            .unwrap_or(d.audit_min_free_percent),
+    };
+    if limits.handshake_timeout > Duration::from_secs(60) {
+        bail!("limits.handshake_timeout_ms must be at most 60000");
+    }
+    if limits.max_handshakes_per_ip > limits.max_handshakes {
+        bail!("limits.max_handshakes_per_ip must not exceed limits.max_handshakes");
+    }
+    if limits.max_message_bytes < MIN_MESSAGE_BYTES {
+        bail!(
+            "limits.max_message_bytes must be at least {MIN_MESSAGE_BYTES} (a key's policy alone may take {} bytes)",
+            crate::model::MAX_POLICY_BYTES
+        );
+    }
+    if limits.audit_min_free_percent > 100 {
+        bail!("limits.audit_min_free_percent must be 0 to 100");
+    }
+    Ok(limits)
+}
+
+/// The smallest `limits.max_message_bytes`: room for a few keys at their
+/// largest policy.
+const MIN_MESSAGE_BYTES: usize = 4 * crate::model::MAX_POLICY_BYTES;
 
 fn quorum_options(raw: RawQuorum) -> anyhow::Result<QuorumOptions> {
     let base = raw.approvals_required.unwrap_or(1);
@@ -457,6 +607,92 @@ burst = 10
     }
 
     #[test]
+    fn serve_has_default_limits_and_retention() {
+        let c = Config::parse(GOOD).unwrap();
+        let limits = &c.options.rate_limits;
+        assert_eq!(limits.default, Some(DEFAULT_RATE_LIMIT));
+        assert_eq!(limits.batch, Some(DEFAULT_BATCH_LIMIT));
+        assert_eq!(limits.unauthenticated, Some(DEFAULT_UNAUTHENTICATED_LIMIT));
+        assert_eq!(
+            c.audit.trail.retention,
+            Some(Duration::from_secs(
+                u64::from(audit::DEFAULT_RETENTION_DAYS) * 86_400
+            ))
+        );
+        assert_eq!(c.limits, ServerLimits::default());
+        // What the file says wins.
+        let text = format!(
+            "{GOOD}\n{}",
+            r#"
+[rate_limits]
+batch = { per_second = 10, burst = 1000 }
+unauthenticated = { per_second = 1, burst = 1 }
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.options.rate_limits.batch.unwrap().burst, 1000.0);
+        assert_eq!(c.options.rate_limits.unauthenticated.unwrap().burst, 1.0);
+        assert_eq!(c.options.rate_limits.default, Some(DEFAULT_RATE_LIMIT));
+    }
+
+    #[test]
+    fn parses_limits_and_refuses_bad_ones() {
+        let text = format!(
+            "{GOOD}\n{}",
+            r#"
+[limits]
+handshake_timeout_ms = 2000
+max_handshakes = 512
+max_handshakes_per_ip = 4
+max_concurrent_streams = 64
+max_requests_per_connection = 32
+request_timeout_ms = 10000
+keepalive_interval_secs = 20
+keepalive_timeout_secs = 5
+max_message_bytes = 8388608
+audit_min_free_bytes = 2147483648
+audit_min_free_percent = 5
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(
+            c.limits,
+            ServerLimits {
+                handshake_timeout: Duration::from_secs(2),
+                max_handshakes: 512,
+                max_handshakes_per_ip: 4,
+                max_concurrent_streams: 64,
+                max_requests_per_connection: 32,
+                request_timeout: Duration::from_secs(10),
+                keepalive_interval: Duration::from_secs(20),
+                keepalive_timeout: Duration::from_secs(5),
+                max_message_bytes: 8 * 1024 * 1024,
+                audit_min_free_bytes: 2 * 1024 * 1024 * 1024,
+                audit_min_free_percent: 5,
+            }
+        );
+        for (from, to) in [
+            ("handshake_timeout_ms = 2000", "handshake_timeout_ms = 0"),
+            (
+                "handshake_timeout_ms = 2000",
+                "handshake_timeout_ms = 90000",
+            ),
+            ("max_handshakes = 512", "max_handshakes = 2"),
+            ("max_concurrent_streams = 64", "max_concurrent_streams = 0"),
+            ("max_message_bytes = 8388608", "max_message_bytes = 1024"),
+            ("audit_min_free_percent = 5", "audit_min_free_percent = 101"),
+            ("keepalive_timeout_secs = 5", "keepalive_timeout = 5"),
+        ] {
+            let bad = text.replace(from, to);
+            let err = format!("{:#}", Config::parse(&bad).unwrap_err());
+            assert!(
+                err.contains("limits") || err.contains("unknown field"),
+                "{to}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn parses_quorum() {
         use crate::store::approvals::SensitiveKind;
         let text = format!(
@@ -543,9 +779,15 @@ burst = 10
     fn audit_is_validated_once_into_the_trails_options() {
         use crate::audit::{ClearContext, Durability};
         let defaults = Config::parse(GOOD).unwrap().audit;
+        // `coffre serve` prunes by default (AuditConfig::default, which
+        // `coffre dev` starts from, keeps everything).
+        let mut expected = AuditConfig::default();
+        expected.trail.retention = Some(Duration::from_secs(
+            u64::from(audit::DEFAULT_RETENTION_DAYS) * 86_400,
+        ));
         assert_eq!(
             format!("{defaults:?}"),
-            format!("{:?}", AuditConfig::default()),
+            format!("{expected:?}"),
             "no [audit] section: the defaults"
         );
         assert_eq!(

@@ -33,8 +33,13 @@ pub(super) struct RawConfig {
     /// value to the caller (e.g. tenant).
     #[serde(default)]
     pub(super) attributes: HashMap<String, BTreeMap<String, String>>,
+    /// Per-principal rate limits; `coffre serve` fills in what is unset
+    /// with its defaults (`super::DEFAULT_RATE_LIMIT` and the others).
     #[serde(default)]
     pub(super) rate_limits: RateLimits,
+    /// The listener's bounds and the audit volume's free-space alert.
+    #[serde(default)]
+    pub(super) limits: RawLimits,
     #[serde(default)]
     pub(super) quorum: RawQuorum,
     #[serde(default)]
@@ -43,6 +48,23 @@ pub(super) struct RawConfig {
     /// `crate::hardening`).
     #[serde(default)]
     pub(super) allow_root: bool,
+}
+
+/// `[limits]`: every key optional (defaults in `grpc::ServerLimits`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) handshake_timeout_ms: Option<u64>,
+    pub(super) max_handshakes: Option<usize>,
+    pub(super) max_handshakes_per_ip: Option<usize>,
+    pub(super) max_concurrent_streams: Option<u32>,
+    pub(super) max_requests_per_connection: Option<usize>,
+    pub(super) request_timeout_ms: Option<u64>,
+    pub(super) keepalive_interval_secs: Option<u64>,
+    pub(super) keepalive_timeout_secs: Option<u64>,
+    pub(super) max_message_bytes: Option<usize>,
+    pub(super) audit_min_free_bytes: Option<u64>,
+    pub(super) audit_min_free_percent: Option<u8>,
 }
 
 /// `[audit]`: the audit log.
@@ -61,7 +83,8 @@ pub(super) struct RawAudit {
     /// …or after this many seconds (default 60), whichever comes first.
     pub(super) checkpoint_every_secs: Option<u64>,
     /// Records older than this are pruned, down to a signed anchor
-    /// checkpoint (default: keep everything).
+    /// checkpoint (default for `coffre serve`: 400 days,
+    /// `super::audit::DEFAULT_RETENTION_DAYS`).
     pub(super) retention_days: Option<u32>,
     /// Encryption-context keys whose values records show in clear; `"*"`
     /// for all. Default: none (only a keyed digest).

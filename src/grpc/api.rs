@@ -14,6 +14,7 @@ use super::status::response;
 use crate::authz::{Caller, Operation};
 use crate::error::Error;
 use crate::pipeline::{Pipeline, RequestAudit, RequestFacts};
+use crate::service::MAX_BATCH_ITEMS;
 
 /// coffre's services (keys, data keys, HSM, approvals, audit) over one
 /// request pipeline; each generated service trait is implemented in its own
@@ -46,6 +47,7 @@ impl GrpcApi {
             key: body.key_id(),
             justification: body.justification().map(reason_note_from_pb),
             blob: body.blob(),
+            items: body.items(),
         }
     }
 
@@ -84,6 +86,16 @@ pub(super) trait AuditedRequest: Send + 'static {
     fn blob(&self) -> Option<&[u8]> {
         None
     }
+    /// How many items the rate limit charges: 1, or a batch's size as sent
+    /// (at most [`MAX_BATCH_ITEMS`]; a larger batch is refused anyway).
+    fn items(&self) -> u32 {
+        1
+    }
+}
+
+/// A batch's size as the rate limit charges it.
+fn batch_items(n: usize) -> u32 {
+    u32::try_from(n.clamp(1, MAX_BATCH_ITEMS)).unwrap_or(1)
 }
 
 /// Requests that name a key in `key_id`.
@@ -145,13 +157,27 @@ macro_rules! names_key_and_reason {
 names_key_and_reason!(
     pb::GenerateDataKeyRequest,
     pb::GenerateDataKeyWithoutPlaintextRequest,
-    pb::BatchGenerateDataKeyRequest,
     pb::EncryptRequest,
 );
+
+impl AuditedRequest for pb::BatchGenerateDataKeyRequest {
+    fn key_id(&self) -> &str {
+        &self.key_id
+    }
+    fn justification(&self) -> Option<i32> {
+        Some(self.justification)
+    }
+    fn items(&self) -> u32 {
+        batch_items(usize::try_from(self.count).unwrap_or(MAX_BATCH_ITEMS))
+    }
+}
 
 impl AuditedRequest for pb::BatchDecryptRequest {
     fn justification(&self) -> Option<i32> {
         Some(self.justification)
+    }
+    fn items(&self) -> u32 {
+        batch_items(self.items.len())
     }
 }
 

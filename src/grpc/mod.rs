@@ -16,7 +16,7 @@ mod tls;
 
 pub use api::GrpcApi;
 pub use auth::principal_of;
-pub use server::serve;
+pub use server::{MAX_CONNECTION_AGE, ServerLimits, serve};
 pub use status::{REQUEST_ID_HEADER, status};
 pub use tls::{
     ClientAuth, ClientCaPems, DEFAULT_CRL_RELOAD_INTERVAL, IdentityBinding, PreparedTls, ServerTls,

@@ -1,13 +1,27 @@
 //! The gRPC server: mTLS always on (our own rustls acceptor, see
-//! [`super::tls`]), coffre's services, health and reflection.
+//! [`super::tls`]), coffre's services, health and reflection, and the
+//! bounds that keep it available under abuse ([`ServerLimits`]).
+//!
+//! Accepting never waits: every TCP connection is accepted at once and its
+//! TLS handshake runs in a task of its own under `handshake_timeout`. At most
+//! `max_handshakes_per_ip` handshakes are pending per source address and
+//! `max_handshakes` in all; beyond either bound the oldest pending handshake
+//! (of that address, or of all) is dropped, so idle or slow connections can
+//! never keep a real client from connecting. Established connections are
+//! bounded by HTTP/2 (`max_concurrent_streams`, keepalive pings), a
+//! per-connection concurrency limit, a request timeout and a maximum
+//! response size on every service.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -18,17 +32,68 @@ use tonic_health::ServingStatus;
 use super::api::GrpcApi;
 use super::pb;
 use super::tls::PreparedTls;
+use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this many handshakes in progress; beyond, the accept loop waits
-/// (new connections queue in the kernel's backlog).
-const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// How long one client connection may live before the server closes it
 /// (gracefully): a revoked certificate is refused at the next handshake.
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+
+/// The bounds of the gRPC listener (`[limits]` in the configuration; the
+/// defaults are what an absent section gives, and what `coffre dev` uses).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerLimits {
+    /// A client that has not finished its TLS handshake by then is dropped.
+    pub handshake_timeout: Duration,
+    /// Pending handshakes in all; beyond, the oldest is dropped.
+    pub max_handshakes: usize,
+    /// Pending handshakes per source address; beyond, that address's oldest
+    /// is dropped.
+    pub max_handshakes_per_ip: usize,
+    /// HTTP/2 streams (requests) open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Requests served at once on one connection (the others wait).
+    pub max_requests_per_connection: usize,
+    /// A request (up to its response headers; a stream's messages are not
+    /// bounded by it) is cancelled after this long, whatever its deadline.
+    pub request_timeout: Duration,
+    /// HTTP/2 pings on an idle connection, and how long to wait for the
+    /// answer before closing it.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// The largest message the server sends (and accepts).
+    pub max_message_bytes: usize,
+    /// Alert (log and metric) when the audit log's volume has less free
+    /// space than this many bytes…
+    pub audit_min_free_bytes: u64,
+    /// …or than this percentage of its size.
+    pub audit_min_free_percent: u8,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(3),
+            max_handshakes: 256,
+            max_handshakes_per_ip: 8,
+            max_concurrent_streams: 128,
+            max_requests_per_connection: 64,
+            request_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_message_bytes: 16 * 1024 * 1024,
+            audit_min_free_bytes: 1024 * 1024 * 1024,
+            audit_min_free_percent: 10,
+        }
+    }
+}
+
+/// How often the audit volume's free space is looked at, and how often at
+/// most the warning is logged while it stays low.
+const FREE_SPACE_CHECK: Duration = Duration::from_secs(10);
+const FREE_SPACE_WARNING: Duration = Duration::from_secs(60);
+/// How often coalesced rate-limit refusals are written out.
+const REFUSAL_FLUSH: Duration = Duration::from_millis(250);
 
 /// Serves until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
@@ -36,6 +101,7 @@ pub async fn serve(
     audit: Arc<crate::audit::AuditTrail>,
     listener: TcpListener,
     tls: PreparedTls,
+    limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -46,12 +112,42 @@ pub async fn serve(
         .context("building the reflection service")?;
 
     let kms = Arc::clone(pipeline.kms());
-    let api = GrpcApi::new(pipeline, tls.binding());
-    let audit_service = pb::audit_service_server::AuditServiceServer::new(api.clone());
-    let key_service = pb::key_service_server::KeyServiceServer::new(api.clone());
-    let hsm_service = pb::hsm_service_server::HsmServiceServer::new(api.clone());
-    let approval_service = pb::approval_service_server::ApprovalServiceServer::new(api.clone());
-    let data_key_service = pb::data_key_service_server::DataKeyServiceServer::new(api);
+    let metrics = Arc::clone(pipeline.metrics());
+    let api = GrpcApi::new(Arc::clone(&pipeline), tls.binding());
+    let max = limits.max_message_bytes;
+    let audit_service = pb::audit_service_server::AuditServiceServer::new(api.clone())
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max);
+    let key_service = pb::key_service_server::KeyServiceServer::new(api.clone())
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max);
+    let hsm_service = pb::hsm_service_server::HsmServiceServer::new(api.clone())
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max);
+    let approval_service = pb::approval_service_server::ApprovalServiceServer::new(api.clone())
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max);
+    let data_key_service = pb::data_key_service_server::DataKeyServiceServer::new(api)
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max);
+
+    // Rate-limit refusals beyond the first of each second are counted;
+    // their counts are written when their second closes.
+    let flusher = {
+        let pipeline = Arc::clone(&pipeline);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(REFUSAL_FLUSH);
+            loop {
+                every.tick().await;
+                pipeline.flush_refusals(false);
+            }
+        })
+    };
+    let free_space = tokio::spawn(watch_free_space(
+        Arc::clone(&audit),
+        Arc::clone(&metrics),
+        limits.clone(),
+    ));
 
     // Health follows the HSM: NOT_SERVING while it does not answer.
     let watcher = {
@@ -82,13 +178,23 @@ pub async fn serve(
         })
     };
 
-    let (incoming, acceptor) = tls_incoming(listener, TlsAcceptor::from(tls.config));
+    let (incoming, acceptor) = tls_incoming(
+        listener,
+        TlsAcceptor::from(tls.config),
+        limits.clone(),
+        metrics,
+    );
     // Revocation and expiry are checked at the handshake: bound how long a
     // connection lives so that a revoked certificate is cut off within
     // minutes, not whenever the client reconnects.
     let result = Server::builder()
         .max_connection_age(MAX_CONNECTION_AGE)
         .max_connection_age_grace(Duration::from_secs(30))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .concurrency_limit_per_connection(limits.max_requests_per_connection)
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(key_service)
@@ -101,27 +207,163 @@ pub async fn serve(
         .context("serving gRPC");
     watcher.abort();
     acceptor.abort();
+    flusher.abort();
+    free_space.abort();
+    // Every request has been answered: the counts of refusals still in an
+    // open second are written now, before the audit log closes.
+    pipeline.flush_refusals(true);
     result
 }
 
-/// Accepts TCP connections and completes their TLS handshakes concurrently,
-/// each under [`HANDSHAKE_TIMEOUT`]; yields the established TLS streams. A
-/// failed handshake (no certificate, another CA, expired, revoked, not TLS)
-/// is logged and dropped: it never stops the loop.
+/// Watches the free space of the audit log's volume: the metric
+/// `coffre_audit_volume_free_bytes`, and a warning at most once a minute
+/// while it is below the limits (a full volume stops the service: the log
+/// fails closed).
+async fn watch_free_space(
+    audit: Arc<crate::audit::AuditTrail>,
+    metrics: Arc<Metrics>,
+    limits: ServerLimits,
+) {
+    let dir = match audit.path().parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let mut warned: Option<Instant> = None;
+    let mut every = tokio::time::interval(FREE_SPACE_CHECK);
+    loop {
+        every.tick().await;
+        let probe = dir.clone();
+        let space = tokio::task::spawn_blocking(move || {
+            Ok::<_, std::io::Error>((fs2::available_space(&probe)?, fs2::total_space(&probe)?))
+        })
+        .await;
+        let (free, total) = match space {
+            Ok(Ok(space)) => space,
+            Ok(Err(e)) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot read the audit volume's free space");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        metrics.audit_volume(free, total);
+        if free_space_is_low(free, total, &limits)
+            && warned.is_none_or(|at| at.elapsed() >= FREE_SPACE_WARNING)
+        {
+            warned = Some(Instant::now());
+            tracing::warn!(
+                dir = %dir.display(),
+                free_bytes = free,
+                total_bytes = total,
+                "the audit log's volume is running out of space: when it is full, coffre refuses \
+                 every request (fail closed); free space or lower audit.retention_days"
+            );
+        }
+    }
+}
+
+/// Below `audit_min_free_bytes` or `audit_min_free_percent` of the volume.
+fn free_space_is_low(free: u64, total: u64, limits: &ServerLimits) -> bool {
+    let percent =
+        u128::from(free) * 100 < u128::from(total) * u128::from(limits.audit_min_free_percent);
+    free < limits.audit_min_free_bytes || percent
+}
+
+/// The handshakes in progress: by arrival (oldest first), and how many per
+/// source address. Dropping an entry's sender cancels its handshake.
+#[derive(Debug, Default)]
+struct Handshakes {
+    order: BTreeMap<u64, (IpAddr, oneshot::Sender<()>)>,
+    per_ip: HashMap<IpAddr, usize>,
+    next: u64,
+}
+
+impl Handshakes {
+    /// Removes one (finished, or dropped to make room); `false` if it was
+    /// already gone.
+    fn remove(&mut self, seq: u64) -> bool {
+        let Some((ip, _cancel)) = self.order.remove(&seq) else {
+            return false;
+        };
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+        true
+    }
+
+    /// Makes room for one more from `ip` (dropping the oldest of `ip`, then
+    /// the oldest of all, as the bounds require) and registers it. Returns
+    /// its number, the receiver its task watches, and how many were dropped.
+    fn admit(&mut self, ip: IpAddr, limits: &ServerLimits) -> (u64, oneshot::Receiver<()>, u64) {
+        let mut dropped = 0;
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_handshakes_per_ip.max(1) {
+            let oldest = self
+                .order
+                .iter()
+                .find(|(_, (from, _))| *from == ip)
+                .map(|(seq, _)| *seq);
+            if let Some(seq) = oldest
+                && self.remove(seq)
+            {
+                dropped += 1;
+            }
+        }
+        while self.order.len() >= limits.max_handshakes.max(1) {
+            let Some(seq) = self.order.keys().next().copied() else {
+                break;
+            };
+            if self.remove(seq) {
+                dropped += 1;
+            }
+        }
+        let seq = self.next;
+        self.next += 1;
+        let (cancel, cancelled) = oneshot::channel();
+        self.order.insert(seq, (ip, cancel));
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        (seq, cancelled, dropped)
+    }
+}
+
+/// A handshake's place in [`Handshakes`], given back when its task ends
+/// (finished, timed out, dropped or aborted).
+struct Slot {
+    table: Arc<Mutex<Handshakes>>,
+    metrics: Arc<Metrics>,
+    seq: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.remove(self.seq);
+        self.metrics
+            .handshakes_in_flight
+            .store(table.order.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Accepts TCP connections without waiting and completes their TLS
+/// handshakes concurrently, each under `handshake_timeout` and within the
+/// bounds of [`ServerLimits`] (see the module docs); yields the established
+/// TLS streams. A failed handshake (no certificate, another CA, expired,
+/// revoked, not TLS, too slow, dropped) is logged and dropped: it never
+/// stops the loop.
 fn tls_incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    limits: ServerLimits,
+    metrics: Arc<Metrics>,
 ) -> (
     ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>,
     JoinHandle<()>,
 ) {
     let (tx, rx) = mpsc::channel(64);
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let table = Arc::new(Mutex::new(Handshakes::default()));
     let task = tokio::spawn(async move {
         loop {
-            let Ok(permit) = Arc::clone(&pending).acquire_owned().await else {
-                return;
-            };
             let (tcp, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -135,11 +377,36 @@ fn tls_incoming(
                 return;
             }
             let _ = tcp.set_nodelay(true);
+            let ip = peer.ip().to_canonical();
+            let (seq, cancelled, dropped) = {
+                let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
+                let admitted = t.admit(ip, &limits);
+                metrics
+                    .handshakes_in_flight
+                    .store(t.order.len() as u64, Ordering::Relaxed);
+                admitted
+            };
+            if dropped > 0 {
+                metrics
+                    .handshakes_dropped
+                    .fetch_add(dropped, Ordering::Relaxed);
+                tracing::info!(%peer, dropped, "too many pending TLS handshakes: dropped the oldest");
+            }
+            let slot = Slot {
+                table: Arc::clone(&table),
+                metrics: Arc::clone(&metrics),
+                seq,
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let metrics = Arc::clone(&metrics);
+            let timeout = limits.handshake_timeout;
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                drop(permit);
+                let handshake = tokio::select! {
+                    h = tokio::time::timeout(timeout, acceptor.accept(tcp)) => h,
+                    _ = cancelled => return,
+                };
+                drop(slot);
                 match handshake {
                     Ok(Ok(stream)) => {
                         // The server has stopped if the receiver is gone.
@@ -149,6 +416,7 @@ fn tls_incoming(
                         tracing::info!(%peer, error = %e, "TLS handshake refused");
                     }
                     Err(_) => {
+                        metrics.handshakes_timed_out.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(%peer, "TLS handshake timed out");
                     }
                 }
@@ -156,4 +424,61 @@ fn tls_incoming(
         }
     });
     (ReceiverStream::new(rx), task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn per_address_then_global_bounds_drop_the_oldest() {
+        let limits = ServerLimits {
+            max_handshakes: 5,
+            max_handshakes_per_ip: 2,
+            ..ServerLimits::default()
+        };
+        let mut t = Handshakes::default();
+        let (a0, mut a0_rx, d) = t.admit(ip(1), &limits);
+        assert_eq!(d, 0);
+        let (_, _a1_rx, _) = t.admit(ip(1), &limits);
+        // A third from the same address drops that address's oldest.
+        let (_, _a2_rx, d) = t.admit(ip(1), &limits);
+        assert_eq!(d, 1);
+        assert!(!t.order.contains_key(&a0));
+        assert!(
+            a0_rx.try_recv().is_err(),
+            "its sender is gone: the task stops"
+        );
+        assert_eq!(t.per_ip[&ip(1)], 2);
+        // Other addresses fill the global bound; the next drops the oldest.
+        let (b0, _b0_rx, _) = t.admit(ip(2), &limits);
+        let (_, _c0_rx, _) = t.admit(ip(3), &limits);
+        assert_eq!(t.order.len(), 4);
+        let (_, _d0_rx, _) = t.admit(ip(4), &limits);
+        assert_eq!(t.order.len(), 5);
+        let (_, _e0_rx, d) = t.admit(ip(5), &limits);
+        assert_eq!(d, 1);
+        assert_eq!(t.order.len(), 5);
+        assert_eq!(t.per_ip[&ip(1)], 1, "the oldest of all was from ip 1");
+        // Finishing removes once; a second removal is a no-op.
+        assert!(t.remove(b0));
+        assert!(!t.remove(b0));
+        assert!(!t.per_ip.contains_key(&ip(2)));
+    }
+
+    #[test]
+    fn free_space_alerts_on_bytes_or_percent() {
+        let limits = ServerLimits {
+            audit_min_free_bytes: 1000,
+            audit_min_free_percent: 10,
+            ..ServerLimits::default()
+        };
+        assert!(free_space_is_low(999, 1_000_000_000, &limits));
+        assert!(free_space_is_low(50_000, 1_000_000, &limits));
+        assert!(!free_space_is_low(100_000, 1_000_000, &limits));
+    }
 }

@@ -12,7 +12,13 @@
 //! - `coffre_hsm_requests_total{call}`, `coffre_hsm_errors_total{call}`,
 //!   `coffre_hsm_duration_seconds{call}`: every call to the HSM;
 //! - `coffre_audit_backlog` (records waiting for the writer),
-//!   `coffre_audit_records_total`, `coffre_audit_healthy`.
+//!   `coffre_audit_records_total`, `coffre_audit_healthy`;
+//! - `coffre_audit_volume_free_bytes`, `coffre_audit_volume_size_bytes`: the
+//!   audit log's volume (measured every 10 s; a warning is logged at most
+//!   once a minute while the free space is below `[limits]`
+//!   `audit_min_free_bytes` or `audit_min_free_percent`);
+//! - `coffre_tls_handshakes_in_flight`, `coffre_tls_handshakes_dropped_total`,
+//!   `coffre_tls_handshakes_timed_out_total`: the accept loop's bounds.
 //!
 //! Metrics carry no key id, principal or context: labels come from fixed
 //! sets (RPC names, status codes, cache and HSM call names), so the page
@@ -101,6 +107,15 @@ impl Histogram {
 pub struct Metrics {
     requests: Vec<[AtomicU64; CODE_NAMES.len()]>,
     latency: Vec<Histogram>,
+    /// TLS handshakes in progress (a gauge, set by the accept loop).
+    pub handshakes_in_flight: AtomicU64,
+    /// Pending handshakes dropped to make room (per-address or global bound).
+    pub handshakes_dropped: AtomicU64,
+    /// Handshakes not finished within the handshake timeout.
+    pub handshakes_timed_out: AtomicU64,
+    /// The audit volume's free and total bytes (`u64::MAX`: not measured yet).
+    audit_free: AtomicU64,
+    audit_total: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -114,6 +129,11 @@ impl Default for Metrics {
                 .iter()
                 .map(|_| Histogram::default())
                 .collect(),
+            handshakes_in_flight: AtomicU64::new(0),
+            handshakes_dropped: AtomicU64::new(0),
+            handshakes_timed_out: AtomicU64::new(0),
+            audit_free: AtomicU64::new(u64::MAX),
+            audit_total: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -141,8 +161,60 @@ impl Metrics {
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
-    /// The request families in the text exposition format.
+    /// What the audit volume has left, as last measured.
+    pub fn audit_volume(&self, free: u64, total: u64) {
+        self.audit_free.store(free, Ordering::Relaxed);
+        self.audit_total.store(total, Ordering::Relaxed);
+    }
+
+    /// The listener's and the audit volume's families.
+    fn render_server(&self, out: &mut String) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        render_value(
+            out,
+            "coffre_tls_handshakes_in_flight",
+            "gauge",
+            "TLS handshakes in progress.",
+            &[("", load(&self.handshakes_in_flight))],
+        );
+        render_value(
+            out,
+            "coffre_tls_handshakes_dropped_total",
+            "counter",
+            "Pending TLS handshakes dropped to make room for new connections.",
+            &[("", load(&self.handshakes_dropped))],
+        );
+        render_value(
+            out,
+            "coffre_tls_handshakes_timed_out_total",
+            "counter",
+            "TLS handshakes not finished within the handshake timeout.",
+            &[("", load(&self.handshakes_timed_out))],
+        );
+        let free = self.audit_free.load(Ordering::Relaxed);
+        let total = self.audit_total.load(Ordering::Relaxed);
+        if free != u64::MAX {
+            render_value(
+                out,
+                "coffre_audit_volume_free_bytes",
+                "gauge",
+                "Free bytes on the audit log's volume (a full volume stops the service).",
+                &[("", free as f64)],
+            );
+            render_value(
+                out,
+                "coffre_audit_volume_size_bytes",
+                "gauge",
+                "Size of the audit log's volume.",
+                &[("", total as f64)],
+            );
+        }
+    }
+
+    /// The request families in the text exposition format, then the
+    /// listener's and the audit volume's.
     pub fn render_requests(&self, out: &mut String) {
+        self.render_server(out);
         out.push_str("# HELP coffre_requests_total Requests answered, by RPC and gRPC status.\n");
         out.push_str("# TYPE coffre_requests_total counter\n");
         for (op, codes) in Operation::ALL.iter().zip(&self.requests) {

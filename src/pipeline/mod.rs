@@ -5,14 +5,18 @@
 //! ```text
 //!  front                     Pipeline::handle                                  core
 //!  ─────                     ────────────────                                  ────
-//!  wire → RequestFacts ──▶ 1. a request id (RequestIds: no system call)
-//!   (caller from the       2. the audit record opened: id, principal, role,
-//!    TLS identity or the      operation, and what the request names before
-//!    front's credential)      any validation (key, justification, blob header)
+//!  wire → RequestFacts ──▶ 0. the rate limit, before anything else: one token
+//!   (caller from the          (a batch: one per item), from the caller's bucket
+//!    TLS identity or the      or, without a principal, the shared one
+//!    front's credential)   1. a request id (RequestIds: no system call)
+//!                          2. the audit record opened: id, principal, role,
+//!                             operation, and what the request names before
+//!                             any validation (key, justification, blob header)
 //!                          3. fail closed: while the audit log cannot be
-//!                             written, or without a caller, the body never runs
-//!                          4. the body: the front's conversions and one  ──▶ Kms (rate limit,
-//!                             call into the core, noting what it resolves        role, policy,
+//!                             written, without a caller, or over its rate
+//!                             limit, the body never runs
+//!                          4. the body: the front's conversions and one  ──▶ Kms (role,
+//!                             call into the core, noting what it resolves        policy,
 //!                             (key and version, context digest, detail)          state, work)
 //!                          5. the outcome: the error mapped once to a code
 //!                             and a message safe to show (outcome.rs)
@@ -23,7 +27,12 @@
 //! ```
 //!
 //! Invariant: **exactly one audit record per request, before its
-//! response.** A front cannot answer without a [`Reply`], and only
+//! response — except rate-limit refusals, which are counted.** The first
+//! refusal of a (principal, operation) in a second is recorded like any
+//! request; the further ones in that second are counted and written as one
+//! record whose `detail` holds the count (`refusals.rs`), when the second
+//! closes or at the next refusal after it, and at shutdown at the latest
+//! ([`Pipeline::flush_refusals`]). A front cannot answer without a [`Reply`], and only
 //! [`Open::run`] makes one, after step 6. A request whose future is
 //! dropped half-way (the caller cancelled, its deadline passed, its
 //! connection closed) is recorded by [`RequestAudit`]'s `Drop` as
@@ -39,6 +48,7 @@
 mod ids;
 mod outcome;
 mod record;
+mod refusals;
 
 use std::sync::Arc;
 
@@ -47,6 +57,7 @@ use tracing::Instrument;
 pub use ids::RequestIds;
 pub use outcome::{Code, Failure};
 pub use record::{ABANDONED, RequestAudit};
+pub use refusals::coalesced_detail;
 
 use crate::audit::{AuditEntry, AuditTrail, Outcome};
 use crate::authz::{Caller, Operation};
@@ -63,6 +74,7 @@ pub struct Pipeline {
     audit: Arc<AuditTrail>,
     metrics: Arc<Metrics>,
     ids: RequestIds,
+    refusals: refusals::Refusals,
 }
 
 /// What a front knows of a request before its body runs.
@@ -78,6 +90,10 @@ pub struct RequestFacts<'a> {
     /// A wrapped key whose header names the key and version (not yet
     /// authenticated: what the caller presented).
     pub blob: Option<&'a [u8]>,
+    /// How many items the request carries, as the caller sent them (1
+    /// unless a batch; a batch of 0 counts as 1): what the rate limit
+    /// charges.
+    pub items: u32,
 }
 
 impl RequestFacts<'_> {
@@ -88,6 +104,7 @@ impl RequestFacts<'_> {
             key: "",
             justification: None,
             blob: None,
+            items: 1,
         }
     }
 }
@@ -109,6 +126,9 @@ pub struct Open {
     pipeline: Arc<Pipeline>,
     audit: RequestAudit,
     caller: Result<Caller, Failure>,
+    /// A rate-limit refusal counted in a coalesced record: it gets no
+    /// record of its own.
+    counted: bool,
 }
 
 impl Pipeline {
@@ -118,11 +138,39 @@ impl Pipeline {
             audit,
             metrics,
             ids: RequestIds::new(),
+            refusals: refusals::Refusals::default(),
         }
     }
 
     pub fn kms(&self) -> &Arc<Kms> {
         &self.kms
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Writes the coalesced records of the rate-limit windows that have
+    /// closed (`all`: of every window, at shutdown). Servers call it a few
+    /// times a second and once when they stop, before the audit log closes.
+    pub fn flush_refusals(&self, all: bool) {
+        for closed in self.refusals.due(std::time::Instant::now(), all) {
+            self.write_coalesced(closed);
+        }
+    }
+
+    fn write_coalesced(&self, closed: refusals::Coalesced) {
+        let entry = AuditEntry {
+            request_id: self.ids.next(),
+            principal: closed.principal,
+            role: closed.role,
+            operation: closed.op.name().to_string(),
+            detail: Some(coalesced_detail(closed.count)),
+            outcome: Code::ResourceExhausted.outcome(),
+            status_code: Code::ResourceExhausted.name().to_string(),
+            ..AuditEntry::empty()
+        };
+        self.audit.record_detached(entry);
     }
 
     /// Runs one request: opens its record, runs `body` with the caller and
@@ -141,6 +189,17 @@ impl Pipeline {
     /// refused before it decides how to answer (a stream that runs on after
     /// the handler returns). [`Open::run`] completes it.
     pub fn open(self: &Arc<Self>, op: Operation, facts: RequestFacts<'_>) -> Open {
+        // Step 0: the rate limit, before anything else is done for the
+        // request (not even a request id).
+        let batch = matches!(
+            op,
+            Operation::BatchGenerateDataKey | Operation::BatchDecrypt
+        );
+        let admitted = self.kms.admit(
+            facts.caller.as_ref().ok().map(|c| c.principal.as_str()),
+            facts.items,
+            batch,
+        );
         let (principal, role) = match &facts.caller {
             Ok(c) => (
                 c.principal.clone(),
@@ -169,6 +228,29 @@ impl Pipeline {
             audit.blob(blob);
         }
         let mut caller = facts.caller;
+        let mut counted = false;
+        if let Err(refused) = admitted {
+            let named = caller.as_ref().ok().map(|c| c.principal.as_str());
+            let failure = Failure::new(Code::ResourceExhausted, refused.message(named));
+            let (verdict, closed) = self.refusals.refuse(
+                audit.principal(),
+                audit.role(),
+                op,
+                std::time::Instant::now(),
+            );
+            if let Some(closed) = closed {
+                self.write_coalesced(closed);
+            }
+            counted = verdict == refusals::Verdict::Counted;
+            if !counted {
+                tracing::warn!(
+                    principal = audit.principal(),
+                    operation = op.name(),
+                    "rate limit exceeded"
+                );
+            }
+            caller = Err(failure);
+        }
         // Fail closed before acting: while the log cannot be written, no
         // operation runs (only the request during which it failed may have
         // taken effect; its caller got UNAVAILABLE).
@@ -179,6 +261,7 @@ impl Pipeline {
             pipeline: Arc::clone(self),
             audit,
             caller,
+            counted,
         }
     }
 
@@ -247,6 +330,21 @@ impl Open {
         mut self,
         body: impl AsyncFnOnce(&Caller, &mut RequestAudit) -> Result<T, Error>,
     ) -> Reply<T> {
+        if self.counted {
+            // A refusal counted in its window's coalesced record: no record
+            // of its own, no log line (the first refusal of the window had
+            // both).
+            let (op, started) = (self.audit.op(), self.audit.started());
+            let request_id = self.audit.discard();
+            self.pipeline
+                .metrics
+                .request(op, Code::ResourceExhausted as usize, started.elapsed());
+            let result = match self.caller {
+                Err(refused) => Err(refused),
+                Ok(_) => Err(Failure::new(Code::ResourceExhausted, "rate limit exceeded")),
+            };
+            return Reply { request_id, result };
+        }
         let result = match &self.caller {
             Ok(caller) => {
                 let span = self.audit.span();

@@ -145,6 +145,22 @@ impl RequestAudit {
         self.entry.detail = Some(detail);
     }
 
+    /// The principal the record names (empty: none).
+    pub(super) fn principal(&self) -> &str {
+        &self.entry.principal
+    }
+
+    pub(super) fn role(&self) -> Option<&str> {
+        self.entry.role.as_deref()
+    }
+
+    /// Drops the record unwritten: a rate-limit refusal counted in a
+    /// coalesced record (`super::refusals`). Returns its request id.
+    pub(super) fn discard(mut self) -> String {
+        self.recorded = true;
+        std::mem::take(&mut self.entry.request_id)
+    }
+
     /// Sets the outcome and hands the record over for writing; from here
     /// on `Drop` does nothing.
     pub(super) fn finish(mut self, code: Code) -> AuditEntry {

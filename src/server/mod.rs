@@ -61,6 +61,7 @@ pub struct ServerBuilder {
     scheduler_interval: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
     simulator: Option<Arc<hsm_sim::Simulator>>,
+    limits: grpc::ServerLimits,
 }
 
 impl ServerBuilder {
@@ -88,7 +89,15 @@ impl ServerBuilder {
             scheduler_interval: None,
             metrics_listen: None,
             simulator: None,
+            limits: grpc::ServerLimits::default(),
         }
+    }
+
+    /// The listener's bounds (handshakes, HTTP/2, timeouts, message size)
+    /// and the audit volume's free-space alert; the defaults otherwise.
+    pub fn limits(mut self, limits: grpc::ServerLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     pub fn options(mut self, options: KmsOptions) -> Self {
@@ -170,6 +179,7 @@ impl ServerBuilder {
             Arc::clone(&audit),
             listener,
             tls,
+            self.limits,
             async move {
                 let _ = rx.await;
             },

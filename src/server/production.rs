@@ -54,6 +54,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     .approvals(approvals)
     .scheduler(Some(config.scheduler_interval))
     .metrics(config.metrics_listen)
+    .limits(config.limits.clone())
     .start()
     .await
 }

@@ -1,7 +1,7 @@
 //! The audit log's read side, for auditors. The log is written by the
 //! request pipeline (one record per request, `crate::pipeline`); it is read
 //! through the core so that reads are authorized here, like every other
-//! operation: rate limit, then role.
+//! operation: its role (the pipeline charged the rate limit before).
 
 use std::sync::Arc;
 

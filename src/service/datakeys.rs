@@ -260,6 +260,10 @@ impl Kms {
     /// Up to 1000 blobs, each decided and opened as `decrypt` would: one
     /// result per item, in order. Only a caller without the role, or a
     /// batch of the wrong size, fails the whole request.
+    ///
+    /// The first item that finds the HSM down (unavailable or tampered)
+    /// fails the rest of the batch at once with `UNAVAILABLE`, untried,
+    /// rather than one HSM timeout per item.
     pub async fn decrypt_batch(
         &self,
         caller: &Caller,
@@ -275,8 +279,8 @@ impl Kms {
         }
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            out.push(
-                self.open(
+            let opened = self
+                .open(
                     caller,
                     item.blob,
                     item.context,
@@ -284,8 +288,20 @@ impl Kms {
                     item.expected_key,
                     Operation::Decrypt,
                 )
-                .await,
+                .await;
+            let hsm_down = matches!(
+                &opened,
+                Err(Error::Hsm(HsmError::Unavailable(_) | HsmError::Tampered))
             );
+            out.push(opened);
+            if hsm_down {
+                while out.len() < items.len() {
+                    out.push(Err(Error::Hsm(HsmError::Unavailable(
+                        "not tried: the HSM failed an earlier item of the batch".into(),
+                    ))));
+                }
+                break;
+            }
         }
         Ok(out)
     }

@@ -138,6 +138,10 @@ impl Kms {
                 return Err(e);
             }
         };
+        // Not cached, but no longer missing either.
+        for (key, _) in &created {
+            self.forget_missing(key);
+        }
         drop(guard);
         tracing::info!(count = created.len(), principal = %caller.principal, "keys created");
         Ok(created

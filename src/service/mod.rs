@@ -51,7 +51,7 @@ pub use lifecycle::{
     MIN_ROTATION_PERIOD, SchedulerReport, check_rotation_period,
 };
 pub use quorum::{QuorumOptions, parse_approval_id};
-pub use ratelimit::{RateLimit, RateLimits};
+pub use ratelimit::{RateLimit, RateLimits, Refusal};
 pub use rootkey::RootRotationProgress;
 
 use crate::authz::{Authorizer, Caller, Operation, Role};
@@ -71,7 +71,8 @@ pub struct KmsOptions {
     pub material_cache_capacity: usize,
     /// The policy of a key created without one.
     pub default_policy: crate::model::KeyPolicy,
-    /// Per-principal rate limits (none by default).
+    /// Per-principal rate limits (none by default: `coffre serve` sets its
+    /// own, see `crate::config`), charged by the pipeline.
     pub rate_limits: RateLimits,
     /// M-of-N approvals for sensitive operations (none by default).
     pub quorum: QuorumOptions,
@@ -109,6 +110,10 @@ pub struct Kms {
     keys: BoundedCache<KeyId, Arc<KeyRecord>>,
     aliases: BoundedCache<String, KeyId>,
     materials: BoundedCache<(KeyId, u32), Arc<CmkMaterial>>,
+    /// Ids and aliases the store did not know, and when it said so: a
+    /// lookup of one within [`NEGATIVE_TTL`] does no store read (see
+    /// [`Kms::resolve`]).
+    missing: BoundedCache<Missing, std::time::Instant>,
     write_lock: Mutex<()>,
     /// Odd while a key change is in progress; see the module docs.
     write_epoch: AtomicU64,
@@ -122,6 +127,18 @@ pub struct Kms {
     hsm_counters: Arc<crate::metrics::HsmCounters>,
     /// The audit log, for its read side (`audit_reads.rs`).
     audit_log: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
+}
+
+/// How long "no such key" is believed without asking the store again.
+pub const NEGATIVE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How many unknown ids and aliases are remembered at most.
+const NEGATIVE_CAPACITY: usize = 10_000;
+
+/// A key the store did not have, as it was named.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Missing {
+    Id(KeyId),
+    Alias(String),
 }
 
 /// Held for the whole of a key change: serializes writers and keeps the
@@ -165,6 +182,7 @@ impl Kms {
             keys: BoundedCache::new(options.key_cache_capacity),
             aliases: BoundedCache::new(options.key_cache_capacity),
             materials: BoundedCache::new(options.material_cache_capacity),
+            missing: BoundedCache::new(NEGATIVE_CAPACITY),
             write_lock: Mutex::new(()),
             write_epoch: AtomicU64::new(0),
             root_rotation: Mutex::new(()),
@@ -181,6 +199,7 @@ impl Kms {
             ("key", self.keys.stats()),
             ("alias", self.aliases.stats()),
             ("material", self.materials.stats()),
+            ("missing", self.missing.stats()),
         ];
         let hits: Vec<_> = caches
             .iter()
@@ -271,21 +290,28 @@ impl Kms {
         self.authz.role_of(caller)
     }
 
+    /// Charges the rate limits for a request of `items` items (1 unless a
+    /// batch) from `principal` (`None`: a certificate without one). The
+    /// request pipeline calls this first, before any field is converted;
+    /// the core's own [`Kms::authorize`] does not charge again.
+    pub fn admit(
+        &self,
+        principal: Option<&str>,
+        items: u32,
+        batch: bool,
+    ) -> std::result::Result<(), Refusal> {
+        self.limiter.admit(principal, items, batch)
+    }
+
     /// Authorizes an operation before the core is given its items (a batch
-    /// whose items are converted one by one): rate limit, then role.
+    /// whose items are converted one by one): the role.
     pub fn authorize_only(&self, caller: &Caller, op: Operation) -> Result<Role> {
         self.authorize(caller, op)
     }
 
+    /// The role check. The rate limit was charged before the request
+    /// reached the core (`Kms::admit`, by the pipeline).
     fn authorize(&self, caller: &Caller, op: Operation) -> Result<Role> {
-        if let Err(wait) = self.limiter.check(&caller.principal) {
-            tracing::warn!(principal = %caller.principal, operation = op.name(), "rate limit exceeded");
-            return Err(Error::ResourceExhausted(format!(
-                "rate limit exceeded for {}; retry in {} ms",
-                caller.principal,
-                wait.as_millis().max(1)
-            )));
-        }
         self.authz.authorize(caller, op).map_err(|denied| {
             tracing::warn!(principal = %caller.principal, operation = op.name(), reason = %denied, "request refused");
             Error::PermissionDenied(denied.0)
@@ -305,17 +331,34 @@ impl Kms {
     }
 
     /// The key a caller names, from the cache or the store.
+    ///
+    /// "No such key" is cached too, for [`NEGATIVE_TTL`], so that a stream
+    /// of requests naming keys that do not exist costs no store reads, and a
+    /// refusal for an unknown key does the same work as one for a key the
+    /// caller may not use: a cache lookup (security review L4, M3). A key
+    /// created meanwhile is found at once: [`Kms::publish`] forgets the
+    /// negative entries of its id and alias, and a reader whose lookup
+    /// overlapped a key change does not cache its "no such key" (the write
+    /// epoch, as for records).
     async fn resolve(&self, key: &KeyRef) -> Result<Arc<KeyRecord>> {
         let id = match key {
             KeyRef::Id(id) => *id,
             KeyRef::Alias(alias) => match self.aliases.get(alias) {
                 Some(id) => id,
                 None => {
+                    let missing = Missing::Alias(alias.clone());
+                    if self.known_missing(&missing) {
+                        return Err(Error::KeyNotFound(key.to_string()));
+                    }
+                    let epoch = self.read_epoch();
                     let lookup = alias.clone();
                     let found = self
                         .blocking(move |s| Ok(s.key_id_for_alias(&lookup)?))
                         .await?;
-                    let id = found.ok_or_else(|| Error::KeyNotFound(key.to_string()))?;
+                    let Some(id) = found else {
+                        self.remember_missing(missing, epoch);
+                        return Err(Error::KeyNotFound(key.to_string()));
+                    };
                     self.aliases.insert(alias.clone(), id);
                     id
                 }
@@ -330,8 +373,12 @@ impl Kms {
         if let Some(record) = self.keys.get(&id) {
             return Ok(Some(record));
         }
+        if self.known_missing(&Missing::Id(id)) {
+            return Ok(None);
+        }
         let epoch = self.read_epoch();
         let Some(record) = self.blocking(move |s| Ok(s.get_key(id)?)).await? else {
+            self.remember_missing(Missing::Id(id), epoch);
             return Ok(None);
         };
         let record = Arc::new(record);
@@ -339,10 +386,39 @@ impl Kms {
         Ok(Some(record))
     }
 
+    /// The store said, less than [`NEGATIVE_TTL`] ago, that it has no such key.
+    fn known_missing(&self, missing: &Missing) -> bool {
+        self.missing
+            .get(missing)
+            .is_some_and(|at| at.elapsed() < NEGATIVE_TTL)
+    }
+
+    /// Caches "no such key" from a read that started at `epoch`, unless a
+    /// key change overlapped it.
+    fn remember_missing(&self, missing: Missing, epoch: u64) {
+        if epoch % 2 == 1 {
+            return;
+        }
+        self.missing
+            .insert_if(missing, std::time::Instant::now(), || {
+                self.write_epoch.load(Ordering::SeqCst) == epoch
+            });
+    }
+
+    /// Forgets that the key's id and alias were missing: a writer calls
+    /// this, holding its [`WriteGuard`], once the key is durable.
+    fn forget_missing(&self, record: &KeyRecord) {
+        if let Some(alias) = &record.alias {
+            self.missing.remove(&Missing::Alias(alias.clone()));
+        }
+        self.missing.remove(&Missing::Id(record.id));
+    }
+
     /// Publishes a record that is durable in the store. Only writers call
     /// this, holding their [`WriteGuard`].
     fn publish(&self, _writing: &WriteGuard<'_>, record: KeyRecord) -> Arc<KeyRecord> {
         let record = Arc::new(record);
+        self.forget_missing(&record);
         if let Some(alias) = &record.alias {
             self.aliases.insert(alias.clone(), record.id);
         }

@@ -557,3 +557,69 @@ async fn a_slow_reader_cannot_undo_a_disable() {
         assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
     }
 }
+
+/// L4 and M3: "no such key" is cached, so a refusal for a key that does not
+/// exist does the same work as one for a key the caller may not use — no
+/// store read once the first lookup is cached — and a key created with
+/// that alias is found at once.
+#[tokio::test]
+async fn an_unknown_key_costs_what_a_forbidden_one_costs() {
+    let f = fixture(KmsOptions::default());
+    f.kms
+        .create_key(
+            &op(),
+            CreateKeyInput {
+                alias: Some("forbidden".into()),
+                policy: Some(crate::model::KeyPolicy::granting([
+                    "someone-else".to_string()
+                ])),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let refuse = async |name: &str| {
+        let key = KeyRef::parse(name).unwrap();
+        f.kms
+            .generate_data_key(&svc(), &key, &context(), WHY, 32, true)
+            .await
+            .unwrap_err()
+    };
+    let unknown_id = KeyId::new_random().to_string();
+    let names = ["forbidden", "no-such-alias", unknown_id.as_str()];
+    // The first lookup of each may read the store.
+    for name in names {
+        refuse(name).await;
+    }
+    for name in names {
+        let before = f.store.calls.load(Ordering::SeqCst);
+        for _ in 0..10 {
+            let err = refuse(name).await;
+            assert!(
+                matches!(err, Error::PermissionDenied(_) | Error::KeyNotFound(_)),
+                "{err:?}"
+            );
+        }
+        assert_eq!(
+            f.store.calls.load(Ordering::SeqCst),
+            before,
+            "{name}: refusals read the store"
+        );
+    }
+    // Created now: found at once, not "missing" for the rest of the TTL.
+    f.kms
+        .create_key(
+            &op(),
+            CreateKeyInput {
+                alias: Some("no-such-alias".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let key = KeyRef::parse("no-such-alias").unwrap();
+    f.kms
+        .generate_data_key(&svc(), &key, &context(), WHY, 32, true)
+        .await
+        .unwrap();
+}

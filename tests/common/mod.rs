@@ -53,6 +53,15 @@ impl TestServer {
         identities: &[TestIdentity<'_>],
         options: coffre::service::KmsOptions,
     ) -> Self {
+        Self::start_with_limits(identities, options, Default::default()).await
+    }
+
+    /// As [`Self::start_with_options`], with the listener's bounds too.
+    pub async fn start_with_limits(
+        identities: &[TestIdentity<'_>],
+        options: coffre::service::KmsOptions,
+        limits: coffre::grpc::ServerLimits,
+    ) -> Self {
         use coffre::authz::StaticRoles;
         use coffre::pki::{dev_principal, issue_client_cert_for};
         use coffre::server::DataDir;
@@ -88,6 +97,7 @@ impl TestServer {
         .await
         .unwrap()
         .metrics(Some("127.0.0.1:0".parse().unwrap()))
+        .limits(limits)
         .start()
         .await
         .unwrap();
