@@ -23,6 +23,7 @@ fn entry(i: u32) -> AuditEntry {
         detail: None,
         outcome: Outcome::Allowed,
         status_code: "OK".into(),
+        items: None,
     }
 }
 

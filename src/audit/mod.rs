@@ -66,7 +66,7 @@ pub use checkpoint::{
 pub use keys::AuditKeys;
 pub use log::{AuditLog, AuditLogOptions, CheckpointPolicy, Durability};
 pub use reader::{EventFilter, EventPage};
-pub use record::{AuditDigestKey, AuditEntry, AuditRecord, GENESIS_HASH, Outcome};
+pub use record::{AuditDigestKey, AuditEntry, AuditItem, AuditRecord, GENESIS_HASH, Outcome};
 pub use trail::{AuditTrail, AuditTrailOptions, ClearContext};
 pub use verify::{VerifyError, VerifyFailure, VerifyReport, verify, verify_with_checkpoint};
 
