@@ -148,14 +148,25 @@ async fn binary_serves_and_obeys_fault_cli() {
 fn serve_refuses_a_non_loopback_listener_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("s");
-    let out = Command::new(BIN)
+    let mut refused = Command::new(BIN)
         .args(["serve", "--listen", "0.0.0.0:0", "--state"])
         .arg(&state)
         .env("HSM_SIM_PIN", PIN)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Had it served (the old behaviour) its first stdout line would be
+    // "hsm-sim listening on …"; refused, stdout closes at once.
+    let stdout = refused.stdout.take().unwrap();
+    let mut stderr_pipe = refused.stderr.take().unwrap();
+    let mut guard = Guard(refused);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    assert_eq!(first, "", "it never listened");
+    assert!(!guard.0.wait().unwrap().success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut stderr_pipe, &mut stderr).unwrap();
     for said in [
         "0.0.0.0:0",
         "plain gRPC",
@@ -164,7 +175,6 @@ fn serve_refuses_a_non_loopback_listener_unless_allowed() {
     ] {
         assert!(stderr.contains(said), "{said:?} in {stderr}");
     }
-    assert!(out.stdout.is_empty(), "it never listened");
     assert!(!state.exists(), "nothing changed");
 
     let mut child = Command::new(BIN)
