@@ -13,12 +13,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
-        // Messages carrying clear data keys or plaintexts get a hand-written,
-        // redacted Debug (src/grpc/redact.rs).
+        // Messages carrying clear data keys or plaintexts, and those that
+        // hold them, get a hand-written, redacted Debug (src/grpc/redact.rs,
+        // whose test finds every such message in the descriptors).
         .skip_debug([
             "coffre.v1.GenerateDataKeyResponse",
             "coffre.v1.EncryptRequest",
             "coffre.v1.DecryptResponse",
+            "coffre.v1.GeneratedDataKey",
+            "coffre.v1.BatchGenerateDataKeyResponse",
+            "coffre.v1.BatchDecryptResult",
+            "coffre.v1.BatchDecryptResponse",
         ])
         .compile_fds(fds)?;
     Ok(())

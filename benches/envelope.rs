@@ -90,6 +90,7 @@ fn benches(c: &mut Criterion) {
                 detail: None,
                 outcome: Outcome::Allowed,
                 status_code: "OK".into(),
+                items: None,
             };
             c.bench_function("audit append, 1 record per write (write mode)", |b| {
                 b.iter(|| black_box(log.append(entry())))

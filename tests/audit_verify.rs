@@ -24,6 +24,7 @@ fn entry(i: u32) -> AuditEntry {
         detail: None,
         outcome: Outcome::Allowed,
         status_code: "OK".into(),
+        items: None,
     }
 }
 

@@ -242,6 +242,7 @@ impl SoftHsm {
 listen = "127.0.0.1:0"
 data_dir = "{data}"
 allow_root = true
+allow_single_operator = true
 
 [tls]
 cert = "{pki}/server.pem"

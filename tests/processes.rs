@@ -44,6 +44,8 @@ listen = "127.0.0.1:0"
 data_dir = "{data}"
 # CI runs the tests as root; production would not (see the root test below).
 allow_root = true
+# The tests drive one operator; production has a [quorum].
+allow_single_operator = true
 
 [tls]
 cert = "{pki}/server.pem"

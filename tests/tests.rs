@@ -38,6 +38,9 @@ mod cli;
 // Long-running: `coffre dev` SIGKILLed under load and restarted, 20 cycles
 // by default (COFFRE_CRASH_CYCLES, COFFRE_CRASH_SEED).
 mod crash;
+// Issue #15 defaults: ReEncrypt decides before it unwraps, BatchDecrypt's
+// per-item record, hsm-sim's loopback refusal.
+mod defaults;
 // The data-key and key RPCs end to end, in-process server over mTLS.
 mod e2e;
 // The wrapped-key format v1: golden blobs, Wycheproof, properties, tamper.

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! hsm-sim serve --listen ADDR --state FILE [--pin-env VAR] [--pin-file FILE] [--label L]
-//!               [--allow-fault-injection]
+//!               [--allow-fault-injection] [--allow-non-loopback]
 //! hsm-sim fault --endpoint URL set [--latency-ms N] [--error-rate F] [--outage]
 //! hsm-sim fault --endpoint URL clear | show [--json] | tamper
 //! hsm-sim info --endpoint URL [--json]
@@ -16,6 +16,13 @@
 //! `--allow-fault-injection`: the gRPC fault-injection service is
 //! unauthenticated and `tamper` destroys every root key for good, so servers
 //! refuse it by default (`PERMISSION_DENIED`).
+//!
+//! Trust model: hsm-sim is for development and tests only. Its gRPC is
+//! plain (no TLS, no server authentication): `Login` carries the PIN,
+//! `Wrap` and `SealWithObject` carry key material in clear, and
+//! `GenerateRandom` returns the bytes that become CMKs. Only this host may
+//! reach it, so `serve` refuses a non-loopback `--listen` unless
+//! `--allow-non-loopback` says the network in between is trusted.
 
 #![forbid(unsafe_code)]
 
@@ -92,6 +99,32 @@ struct ServeArgs {
     /// root key, and the API has no authentication.
     #[arg(long)]
     allow_fault_injection: bool,
+    /// Listen on an address beyond loopback. Refused by default: the PIN,
+    /// CMK plaintexts and the random bytes that become CMKs cross the
+    /// connection in clear.
+    #[arg(long)]
+    allow_non_loopback: bool,
+}
+
+/// Refuses a listener beyond loopback unless allowed (the module docs'
+/// trust model).
+fn check_listen(listen: SocketAddr, allowed: bool) -> anyhow::Result<()> {
+    if listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !allowed {
+        bail!(
+            "refusing to listen on {listen}: hsm-sim is for development and tests only and \
+             speaks plain gRPC (no TLS, no server authentication; the PIN and key material \
+             cross in clear), so only loopback is allowed; pass --allow-non-loopback to \
+             accept that risk on a trusted network"
+        );
+    }
+    tracing::warn!(
+        %listen,
+        "listening beyond loopback (--allow-non-loopback): hsm-sim is for testing only (no TLS)"
+    );
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,6 +220,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    check_listen(args.listen, args.allow_non_loopback)?;
     let pin = read_pin(&args)?;
     let state = args.state.clone();
     let label = args.label.clone();
@@ -199,9 +233,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "listening beyond loopback: hsm-sim is for testing only (no TLS)");
-    }
     {
         // Exactly one line on stdout, flushed: harnesses read the address
         // from it (`--listen 127.0.0.1:0`).

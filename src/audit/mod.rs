@@ -84,7 +84,7 @@ pub use checkpoint::{
 pub use keys::AuditKeys;
 pub use log::{AuditLog, AuditLogOptions, CheckpointPolicy, Durability, HighWaterMark};
 pub use reader::{EventFilter, EventPage};
-pub use record::{AuditDigestKey, AuditEntry, AuditRecord, GENESIS_HASH, Outcome};
+pub use record::{AuditDigestKey, AuditEntry, AuditItem, AuditRecord, GENESIS_HASH, Outcome};
 pub use trail::{AuditTrail, AuditTrailOptions, ClearContext};
 pub use verify::{
     Policy, PolicyFailure, VerifyError, VerifyFailure, VerifyReport, verify,

@@ -54,6 +54,9 @@ pub struct EventPage {
 /// large log answers in bounded time (with a short page and a token).
 const SCAN_LIMIT: u64 = 100_000;
 
+/// The record bytes after which a page ends (see `list_events`).
+const PAGE_BYTES: usize = 1 << 20;
+
 /// The log as a reader sees it: a file handle and the writer's view of it,
 /// taken together so that a concurrent prune (which replaces the file)
 /// cannot mix them.
@@ -86,6 +89,7 @@ impl Snapshot {
             .map_or(0, |(_, offset)| *offset);
         let mut page = EventPage::default();
         let mut scanned = 0u64;
+        let mut bytes = 0usize;
         let mut last_seen = after_seq;
         let mut reader = LineReader::new(&self.file, start, self.len);
         while let Some(line) = reader.next_line()? {
@@ -101,7 +105,11 @@ impl Snapshot {
             scanned += 1;
             if filter.matches(&record) {
                 page.records.push(record);
-                if page.records.len() >= limit {
+                bytes = bytes.saturating_add(line.len());
+                // A page also stops at PAGE_BYTES of records (a BatchDecrypt
+                // record lists up to 1,000 items), so that it stays well
+                // under a gRPC message's 4 MiB however large its records.
+                if page.records.len() >= limit || bytes >= PAGE_BYTES {
                     break;
                 }
             }

@@ -12,11 +12,11 @@
 //! [`AuditRecord`] except `hash`, in declaration order: `seq`, `time`,
 //! `request_id`, `principal`, `role`, `operation`, `key_id`, [`key_name`],
 //! `key_version`, `context_digest`, `justification`, `context`, `detail`,
-//! `outcome`, `status_code`, `prev_hash`. No whitespace; the fields of the
-//! first release are `null` when absent (never omitted); fields added since
-//! (marked [added] below: `key_name`) are omitted when absent, so that every
-//! record written before them keeps its encoding and its hash; `context` is
-//! an object with its keys in byte order; integers
+//! `outcome`, `status_code`, `prev_hash`, then `items`. No whitespace; the
+//! fields of the first release are `null` when absent (never omitted); fields
+//! added since (marked [added] below: `key_name`, `items`) are omitted when
+//! absent, so that every record written before them keeps its encoding and
+//! its hash; `context` is an object with its keys in byte order; integers
 //! in decimal; `time` is milliseconds since the Unix epoch; `outcome` is
 //! `"allowed"`, `"refused"` or `"failed"`; strings are escaped as `serde_json`
 //! does: `\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`, other characters below
@@ -35,6 +35,15 @@
 //! the name as given.
 //!
 //! [`key_name`]: AuditRecord::key_name
+//!
+//! [added] `items` (BatchDecrypt): one object per item of the batch, in request
+//! order: `{"i":index,"k":key_id,"v":key_version,"c":context_digest,
+//! "s":status_code}` in that order. `k` and `v` appear only for a blob that
+//! authenticated (a refused or failed item names no key: what its header
+//! claims is not evidence); `c` appears only when the item's context was
+//! valid and differs from the record's own `context_digest` (a batch with
+//! one context states it once, at the top); `s` is the item's status code
+//! name, as the caller saw it.
 //!
 //! Records never hold key material. The encryption context appears only as a
 //! keyed digest ([`AuditDigestKey::context_digest`]), so that an auditor can
@@ -94,6 +103,29 @@ pub struct AuditEntry {
     pub outcome: Outcome,
     /// The gRPC status code name, e.g. `OK`, `PERMISSION_DENIED`.
     pub status_code: String,
+    /// BatchDecrypt: what happened to each item (module docs, `items`).
+    pub items: Option<Vec<AuditItem>>,
+}
+
+/// One item of a batch in its request's record (module docs, `items`):
+/// a few short fields, since a batch holds up to 1,000 of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditItem {
+    /// Its position in the request, from 0.
+    #[serde(rename = "i")]
+    pub index: u32,
+    /// The key that authenticated the blob: only for an opened blob.
+    #[serde(rename = "k", default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(rename = "v", default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<u32>,
+    /// The item's context digest, when valid and not the record's own.
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub context_digest: Option<String>,
+    /// The status code name the caller got for this item.
+    #[serde(rename = "s")]
+    pub status_code: String,
 }
 
 impl AuditEntry {
@@ -116,6 +148,7 @@ impl AuditEntry {
             detail: None,
             outcome: Outcome::Failed,
             status_code: String::new(),
+            items: None,
         }
     }
 
@@ -167,6 +200,9 @@ pub struct AuditRecord {
     pub outcome: Outcome,
     pub status_code: String,
     pub prev_hash: String,
+    /// Added field (module docs): only when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<AuditItem>>,
     pub hash: String,
 }
 
@@ -200,6 +236,8 @@ struct Body<'a> {
     outcome: Outcome,
     status_code: &'a str,
     prev_hash: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    items: &'a Option<Vec<AuditItem>>,
 }
 
 impl AuditRecord {
@@ -256,6 +294,7 @@ impl AuditRecord {
             outcome: entry.outcome,
             status_code: entry.status_code,
             prev_hash,
+            items: entry.items,
             hash: String::new(),
         }
     }
@@ -286,6 +325,7 @@ impl AuditRecord {
             outcome: self.outcome,
             status_code: &self.status_code,
             prev_hash: &self.prev_hash,
+            items: &self.items,
         };
         let start = out.len();
         // Serializing plain strings and integers into a Vec cannot fail; if it
@@ -393,6 +433,7 @@ pub(crate) mod tests {
             Box::new(|r| r.outcome = Outcome::Refused),
             Box::new(|r| r.status_code.push('x')),
             Box::new(|r| r.prev_hash = "1".repeat(64)),
+            Box::new(|r| r.items = Some(Vec::new())),
         ];
         for (i, edit) in edits.drain(..).enumerate() {
             let mut m = r.clone();
@@ -423,6 +464,45 @@ pub(crate) mod tests {
         assert!(back.hash_is_valid());
     }
 
+    /// `items` follows `prev_hash`, compact, only when present: a record
+    /// without it encodes exactly as before the field existed.
+    #[test]
+    fn batch_items_are_encoded_after_prev_hash_only_when_present() {
+        let plain = AuditRecord::new(1, Timestamp(1000), GENESIS_HASH.into(), entry(1));
+        let line = serde_json::to_string(&plain).unwrap();
+        assert!(!line.contains("items"), "{line}");
+        let mut e = entry(1);
+        e.items = Some(vec![
+            AuditItem {
+                index: 0,
+                key_id: Some("k1".into()),
+                key_version: Some(3),
+                context_digest: None,
+                status_code: "OK".into(),
+            },
+            AuditItem {
+                index: 1,
+                key_id: None,
+                key_version: None,
+                context_digest: Some("cd".into()),
+                status_code: "PERMISSION_DENIED".into(),
+            },
+        ]);
+        let r = AuditRecord::new(1, Timestamp(1000), GENESIS_HASH.into(), e);
+        let body = String::from_utf8(r.canonical_bytes()).unwrap();
+        assert!(
+            body.ends_with(&format!(
+                "\"prev_hash\":\"{GENESIS_HASH}\",\"items\":[{{\"i\":0,\"k\":\"k1\",\"v\":3,\"s\":\"OK\"}},\
+                 {{\"i\":1,\"c\":\"cd\",\"s\":\"PERMISSION_DENIED\"}}]}}"
+            )),
+            "{body}"
+        );
+        assert_ne!(r.hash, plain.hash);
+        let back: AuditRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert!(back.hash_is_valid());
+    }
+
     /// The line written in one pass is the record's own serialization, for
     /// awkward strings (escapes, control characters, non-ASCII) too.
     #[test]
@@ -432,6 +512,24 @@ pub(crate) mod tests {
             e.detail = Some("quote \" backslash \\ tab \t nul \u{0} é 🗝".into());
             e.context = Some([("k\n".to_string(), "v\u{1f}".to_string())].into());
             e.key_id = (n != 2).then(|| "k".to_string());
+            e.items = (n == 3).then(|| {
+                vec![
+                    AuditItem {
+                        index: 0,
+                        key_id: Some("k".into()),
+                        key_version: Some(2),
+                        context_digest: Some("ab".into()),
+                        status_code: "OK".into(),
+                    },
+                    AuditItem {
+                        index: 1,
+                        key_id: None,
+                        key_version: None,
+                        context_digest: None,
+                        status_code: "INVALID_ARGUMENT".into(),
+                    },
+                ]
+            });
             let mut line = b"previous line\n".to_vec();
             let r = AuditRecord::new_into_line(
                 n,

@@ -16,6 +16,8 @@
 //! data_dir = "/var/lib/coffre"          # sled store in DATA_DIR/store
 //! scheduler_interval_secs = 60           # automatic rotation, destruction
 //! allow_root = false                     # refuse to run as root (default)
+//! allow_single_operator = false          # refuse to serve without a two-person
+//!                                        # rule (default; see [quorum])
 //!
 //! [tls]                                  # mTLS is always on
 //! cert = "/etc/coffre/server.pem"
@@ -82,7 +84,9 @@
 //! audit_min_free_bytes = 1073741824      # warn (log once a minute, and the metric
 //! audit_min_free_percent = 10            # coffre_audit_volume_free_bytes) below either
 //!
-//! [quorum]                               # M-of-N approvals for sensitive operations
+//! [quorum]                               # M-of-N approvals for sensitive operations;
+//!                                        # required (M ≥ 2 for every operation) unless
+//!                                        # allow_single_operator = true
 //! approvals_required = 2                 # ScheduleKeyDeletion, CancelKeyDeletion, EnableKey,
 //! expiry_secs = 86400                    # UpdateKeyPolicy, RetireKeyVersions, RotateRootKey
 //! [quorum.operations]
@@ -165,6 +169,11 @@ pub struct Config {
     pub allow_root: bool,
     /// `[limits]`: the listener's bounds, the audit volume's alert.
     pub limits: ServerLimits,
+    /// `allow_single_operator = true`: the operator accepted that one
+    /// operator alone may run the sensitive operations. Without it, a
+    /// configuration whose quorum lets any of them run on one approval is
+    /// refused.
+    pub allow_single_operator: bool,
 }
 
 impl Config {
@@ -191,6 +200,7 @@ impl Config {
             raw.quorum,
             &roles,
         )?;
+        require_two_person_rule(&options.quorum, raw.allow_single_operator)?;
         let tls = tls::validate(raw.tls, &roles)?;
         let scheduler_interval = Duration::from_secs(raw.scheduler_interval_secs.unwrap_or(60));
         if scheduler_interval.is_zero() {
@@ -220,6 +230,7 @@ impl Config {
             audit,
             allow_root: raw.allow_root,
             limits,
+            allow_single_operator: raw.allow_single_operator,
         })
     }
 }
@@ -417,6 +428,35 @@ fn limits(raw: RawLimits) -> anyhow::Result<ServerLimits> {
 /// largest policy.
 const MIN_MESSAGE_BYTES: usize = 4 * crate::model::MAX_POLICY_BYTES;
 
+/// The two-person rule is the default of `coffre serve`: a quorum that lets
+/// one operator alone run a sensitive operation (re-grant any key to any
+/// principal, schedule a deletion, rotate the root key) is refused unless
+/// the configuration says `allow_single_operator = true`.
+fn require_two_person_rule(quorum: &QuorumOptions, allowed: bool) -> anyhow::Result<()> {
+    use crate::store::approvals::SensitiveKind;
+    let alone: Vec<String> = SensitiveKind::ALL
+        .into_iter()
+        .filter(|k| quorum.required(*k) < 2)
+        .map(|k| format!("{k:?}"))
+        .collect();
+    if alone.is_empty() {
+        return Ok(());
+    }
+    if !allowed {
+        bail!(
+            "one operator alone could run {}: set [quorum] approvals_required = 2 (or more, with \
+             as many operators in [roles]) for a two-person rule, or set \
+             allow_single_operator = true to accept a single operator",
+            alone.join(", ")
+        );
+    }
+    tracing::warn!(
+        operations = %alone.join(", "),
+        "one operator alone may run sensitive operations (allow_single_operator = true)"
+    );
+    Ok(())
+}
+
 fn quorum_options(raw: RawQuorum) -> anyhow::Result<QuorumOptions> {
     let base = raw.approvals_required.unwrap_or(1);
     let mut q = QuorumOptions::uniform(base);
@@ -442,6 +482,7 @@ mod tests {
 
     const GOOD: &str = r#"
         data_dir = "/tmp/x"
+        allow_single_operator = true
         [tls]
         cert = "s.pem"
         key = "k.pem"
@@ -457,6 +498,7 @@ mod tests {
 
     const PKCS11: &str = r#"
         data_dir = "/tmp/x"
+        allow_single_operator = true
         [tls]
         cert = "s.pem"
         key = "k.pem"
@@ -724,6 +766,42 @@ audit_min_free_percent = 5
                 .quorum
                 .required(SensitiveKind::RotateRootKey),
             1
+        );
+    }
+
+    #[test]
+    fn a_single_operator_is_refused_unless_allowed() {
+        let strict = GOOD
+            .replace("allow_single_operator = true\n", "")
+            .replace(r#"operator = ["op"]"#, r#"operator = ["op", "op2"]"#);
+        assert!(!strict.contains("allow_single_operator"));
+        // No [quorum], a quorum of one, or one operation left to one operator.
+        for quorum in [
+            "",
+            "[quorum]\napprovals_required = 1\n",
+            "[quorum]\napprovals_required = 2\n[quorum.operations]\nRotateRootKey = 1\n",
+        ] {
+            let text = format!("{strict}\n{quorum}");
+            let err = format!("{:#}", Config::parse(&text).unwrap_err());
+            assert!(
+                err.contains("approvals_required = 2")
+                    && err.contains("allow_single_operator = true"),
+                "both ways out named: {err}"
+            );
+            assert!(err.contains("RotateRootKey"), "{err}");
+            let allowed = format!("allow_single_operator = true\n{text}");
+            let c = Config::parse(&allowed).unwrap();
+            assert!(c.allow_single_operator);
+        }
+        // A two-person rule for every operation needs no flag.
+        let text = format!("{strict}\n[quorum]\napprovals_required = 2\n");
+        let c = Config::parse(&text).unwrap();
+        assert!(!c.allow_single_operator);
+        assert_eq!(
+            c.options
+                .quorum
+                .required(crate::store::approvals::SensitiveKind::UpdateKeyPolicy),
+            2
         );
     }
 

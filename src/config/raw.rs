@@ -48,6 +48,11 @@ pub(super) struct RawConfig {
     /// `crate::hardening`).
     #[serde(default)]
     pub(super) allow_root: bool,
+    /// Serve even though one operator alone may run the sensitive
+    /// operations (no `[quorum]`, or one requiring a single approval):
+    /// refused by default.
+    #[serde(default)]
+    pub(super) allow_single_operator: bool,
 }
 
 /// `[limits]`: every key optional (defaults in `grpc::ServerLimits`).
@@ -118,7 +123,8 @@ pub(super) enum AuditDurability {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawQuorum {
-    /// M for every sensitive operation (default 1: no quorum).
+    /// M for every sensitive operation (default 1: no quorum, which
+    /// `coffre serve` refuses unless `allow_single_operator = true`).
     pub(super) approvals_required: Option<u32>,
     /// Per-operation overrides.
     #[serde(default)]

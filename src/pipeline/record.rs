@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Code;
-use crate::audit::{AuditEntry, AuditTrail, Outcome};
+use crate::audit::{AuditEntry, AuditItem, AuditTrail, Outcome};
 use crate::authz::Operation;
 use crate::model::{AccessReason, EncryptionContext, KeyId, KeyRecord};
 
@@ -159,6 +159,17 @@ impl RequestAudit {
     pub(super) fn discard(mut self) -> String {
         self.recorded = true;
         std::mem::take(&mut self.entry.request_id)
+    }
+
+    /// The keyed digest this log gives `context` (for a batch item whose
+    /// context is not the record's own).
+    pub fn context_digest(&self, context: &EncryptionContext) -> String {
+        self.audit.context_digest(context)
+    }
+
+    /// What happened to each item of a batch (`AuditEntry::items`).
+    pub fn items(&mut self, items: Vec<AuditItem>) {
+        self.entry.items = Some(items);
     }
 
     /// Sets the outcome and hands the record over for writing; from here

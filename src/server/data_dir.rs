@@ -11,6 +11,14 @@
 //!   hsm-sim.pin             the dev simulated HSM's PIN (0600)
 //!   crl-state.json          the highest CRL number seen per issuer (rollback guard)
 //! ```
+//!
+//! At the start of `coffre serve`, [`DataDir::secure`] refuses a directory
+//! another user owns, and tightens what is wider than it should be: the
+//! directory and its subdirectories to 0700, the files that hold wrapped
+//! keys, secrets or records (the store, approvals, the audit log, the dev
+//! HSM's state and PIN, the PKI's private keys) to 0600. It logs each
+//! change. Files made afterwards are private because `coffre serve` runs
+//! with umask 077.
 
 use std::path::{Path, PathBuf};
 
@@ -93,6 +101,62 @@ impl DataDir {
             .with_context(|| format!("creating {}", dir.display()))
     }
 
+    /// Refuses the directory if another user owns it, then tightens modes
+    /// that are wider than the module docs say (never widens one). `extra`:
+    /// files kept elsewhere that are just as private (a configured audit
+    /// log path). Returns what it changed, each as (path, old mode, new
+    /// mode), and logs each at `warn`.
+    #[cfg(unix)]
+    pub fn secure(&self, extra: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, u32, u32)>> {
+        use std::os::unix::fs::MetadataExt;
+        let root = &self.root;
+        let meta = std::fs::symlink_metadata(root)
+            .with_context(|| format!("reading the data directory {}", root.display()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            bail!(
+                "the data directory {} is owned by uid {}, not by this user (uid {me}): \
+                 refusing to keep keys and records there",
+                root.display(),
+                meta.uid()
+            );
+        }
+        let mut changed = Vec::new();
+        tighten(root, 0o700, &mut changed)?;
+        // Directories whose every file is private.
+        for dir in [self.store(), self.approvals()] {
+            tighten_tree(&dir, &mut changed)?;
+        }
+        let pki = self.pki();
+        let mut files = vec![self.audit_log(), self.hsm_state(), self.hsm_pin()];
+        files.extend(extra.iter().cloned());
+        if let Ok(entries) = std::fs::read_dir(&pki.dir) {
+            tighten(&pki.dir, 0o700, &mut changed)?;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with("-key.pem"))
+                {
+                    files.push(path);
+                }
+            }
+        }
+        for file in files {
+            tighten(&file, 0o600, &mut changed)?;
+        }
+        for (path, old, new) in &changed {
+            tracing::warn!(
+                path = %path.display(),
+                old = format!("{old:o}"),
+                new = format!("{new:o}"),
+                "tightened the permissions of a data directory entry"
+            );
+        }
+        Ok(changed)
+    }
+
     /// Opens the key store (off the async runtime: it reads and syncs).
     pub async fn open_store(&self) -> anyhow::Result<SledStore> {
         let dir = self.store();
@@ -111,5 +175,163 @@ impl DataDir {
             .await
             .context("opening the approvals")?
             .context(what)
+    }
+}
+
+/// Sets `path`'s permission bits to `mode` if it has any bit `mode` lacks
+/// (group or other access, execute on a file); a missing path is fine, a
+/// symbolic link is left alone (its target is not ours to change).
+#[cfg(unix)]
+fn tighten(path: &Path, mode: u32, changed: &mut Vec<(PathBuf, u32, u32)>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let old = meta.permissions().mode() & 0o7777;
+    if old & !mode == 0 {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the permissions of {} to {mode:o}", path.display()))?;
+    changed.push((path.to_path_buf(), old, mode));
+    Ok(())
+}
+
+/// A directory 0700 and everything under it private (0700 / 0600).
+#[cfg(unix)]
+fn tighten_tree(dir: &Path, changed: &mut Vec<(PathBuf, u32, u32)>) -> anyhow::Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return tighten(dir, 0o600, changed);
+    }
+    tighten(dir, 0o700, changed)?;
+    let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => tighten_tree(&path, changed)?,
+            Ok(t) if t.is_file() => tighten(&path, 0o600, changed)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn set(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A data directory left wide by an umask or a copy: the directory
+    /// becomes 0700, the audit log, approvals, store files, PIN and private
+    /// keys 0600; what was already narrower, and the public key, stay.
+    #[test]
+    fn secure_tightens_what_is_too_wide_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("data"));
+        dir.create().unwrap();
+        let root = dir.root().to_path_buf();
+        set(&root, 0o755);
+        std::fs::create_dir_all(dir.store().join("gen-1")).unwrap();
+        std::fs::create_dir_all(dir.approvals()).unwrap();
+        std::fs::create_dir_all(dir.pki().dir).unwrap();
+        let sled_file = dir.store().join("gen-1").join("db");
+        let approval = dir.approvals().join("a.json");
+        let server_key = dir.pki().dir.join("server-key.pem");
+        let server_cert = dir.pki().dir.join("server.pem");
+        let elsewhere = tmp.path().join("audit-elsewhere.log");
+        for (f, m) in [
+            (&dir.audit_log(), 0o644),
+            (&sled_file, 0o664),
+            (&approval, 0o644),
+            (&dir.hsm_pin(), 0o640),
+            (&dir.hsm_state(), 0o400),
+            (&server_key, 0o644),
+            (&server_cert, 0o644),
+            (&dir.audit_public_key(), 0o644),
+            (&elsewhere, 0o666),
+        ] {
+            std::fs::write(f, b"x").unwrap();
+            set(f, m);
+        }
+        set(&dir.store(), 0o775);
+
+        let changed = dir.secure(std::slice::from_ref(&elsewhere)).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&dir.store()), 0o700);
+        assert_eq!(mode(&dir.store().join("gen-1")), 0o700);
+        for f in [
+            &dir.audit_log(),
+            &sled_file,
+            &approval,
+            &dir.hsm_pin(),
+            &server_key,
+            &elsewhere,
+        ] {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+        assert_eq!(mode(&dir.hsm_state()), 0o400, "narrower stays");
+        assert_eq!(mode(&server_cert), 0o644, "a certificate is public");
+        assert_eq!(
+            mode(&dir.audit_public_key()),
+            0o644,
+            "a public key is public"
+        );
+        assert!(
+            changed
+                .iter()
+                .any(|(p, old, new)| p == &root && *old == 0o755 && *new == 0o700),
+            "{changed:?}"
+        );
+        // Run again: nothing left to change.
+        assert!(dir.secure(&[]).unwrap().is_empty());
+    }
+
+    /// A directory another user owns is refused, and left as it was.
+    #[test]
+    fn a_directory_of_another_user_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let other = if nix::unistd::geteuid().is_root() {
+            // As root (CI): a directory handed to nobody.
+            let d = tmp.path().join("nobodys");
+            std::fs::create_dir(&d).unwrap();
+            set(&d, 0o755);
+            std::os::unix::fs::chown(&d, Some(65534), Some(65534)).unwrap();
+            d
+        } else {
+            // As anyone else: root's own directory.
+            PathBuf::from("/")
+        };
+        let before = mode(&other);
+        let err = format!("{:#}", DataDir::new(&other).secure(&[]).unwrap_err());
+        assert!(err.contains("owned by uid"), "{err}");
+        assert_eq!(mode(&other), before, "nothing changed");
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error_and_missing_files_are_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(DataDir::new(tmp.path().join("none")).secure(&[]).is_err());
+        let dir = DataDir::new(tmp.path());
+        set(tmp.path(), 0o700);
+        assert!(dir.secure(&[]).unwrap().is_empty());
     }
 }

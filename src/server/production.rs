@@ -28,7 +28,13 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         tracing::warn!("the HSM backend is not secure (allowed by the configuration)");
     }
     let dir = DataDir::new(&config.data_dir);
+    // Everything coffre creates from here on is private to its user; what
+    // an earlier run or a copy left wider is tightened.
+    #[cfg(unix)]
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     dir.create()?;
+    #[cfg(unix)]
+    dir.secure(&[config.audit.path_in(dir.root())])?;
     let store = dir.open_store().await?;
     if config.roles.is_empty() {
         tracing::warn!("no principal has a role: every request will be refused");

@@ -322,8 +322,12 @@ impl Kms {
         justification: AccessReason,
     ) -> Result<ReEncryptOutput> {
         self.authorize(caller, Operation::ReEncrypt)?;
-        let opened = self
-            .open(
+        // Every decision before the unwrap (invariant 3): the source blob's
+        // key admits ReEncrypt, the destination key admits ReEncrypt, and a
+        // move to another key needs Decrypt on the source too. A refused
+        // request costs no HSM call and touches no CMK material.
+        let openable = self
+            .openable(
                 caller,
                 blob,
                 source_context,
@@ -332,7 +336,8 @@ impl Kms {
                 Operation::ReEncrypt,
             )
             .await?;
-        let destination = destination.cloned().unwrap_or(KeyRef::Id(opened.key_id));
+        let source_id = openable.record.id;
+        let destination = destination.cloned().unwrap_or(KeyRef::Id(source_id));
         let destination_context = destination_context.unwrap_or(source_context);
         let record = self
             .usable_key(
@@ -343,24 +348,20 @@ impl Kms {
                 destination_context,
             )
             .await?;
-        if record.id != opened.key_id {
+        if record.id != source_id {
             // Moving a blob to another key lets the caller read it there: it
             // needs the right to decrypt under the source key too, or a
             // ReEncrypt grant would work as a Decrypt grant.
-            let named = opened.key_id.to_string();
-            let source = self
-                .record(opened.key_id)
-                .await?
-                .ok_or_else(|| no_access(&named))?;
             self.check_policy(
                 caller,
-                &source,
-                &named,
+                &openable.record,
+                &source_id.to_string(),
                 Operation::Decrypt,
                 justification,
                 source_context,
             )?;
         }
+        let opened = self.unwrap_blob(&openable, source_context).await?;
         let digest = crypto::context_digest(destination_context);
         let new_blob = self
             .seal(&record, &digest, opened.plaintext.expose())
@@ -480,6 +481,25 @@ impl Kms {
         expected_key: Option<&KeyRef>,
         op: Operation,
     ) -> Result<DecryptOutput> {
+        let openable = self
+            .openable(caller, blob, context, justification, expected_key, op)
+            .await?;
+        self.unwrap_blob(&openable, context).await
+    }
+
+    /// Everything `open` decides before it unwraps: the blob parses, its key
+    /// exists and admits `op` for this caller (policy, state), the version
+    /// is live and the suite matches the key's protection level. No HSM
+    /// call and no CMK material yet.
+    async fn openable<'b>(
+        &self,
+        caller: &Caller,
+        blob: &'b [u8],
+        context: &EncryptionContext,
+        justification: AccessReason,
+        expected_key: Option<&KeyRef>,
+        op: Operation,
+    ) -> Result<Openable<'b>> {
         let parsed = envelope::parse(blob).map_err(|e| {
             tracing::debug!(reason = %e, "ciphertext blob refused");
             Error::InvalidCiphertext
@@ -510,13 +530,26 @@ impl Kms {
                 record.min_decryption_version
             )));
         }
-        let digest = crypto::context_digest(context);
         let hsm_suite = parsed.header.suite == envelope::SUITE_HSM_AES256GCM;
         if hsm_suite != (record.protection_level == ProtectionLevel::Hsm) {
             tracing::debug!(key_id = %id, suite = parsed.header.suite, "blob suite does not match the key's protection level");
             return Err(Error::InvalidCiphertext);
         }
-        let plaintext = if hsm_suite {
+        Ok(Openable { parsed, record })
+    }
+
+    /// Unwraps a blob `openable` admitted: the HSM opens it (suite 2) or the
+    /// CMK version does (suite 1). Only an authenticated blob gives a result.
+    async fn unwrap_blob(
+        &self,
+        openable: &Openable<'_>,
+        context: &EncryptionContext,
+    ) -> Result<DecryptOutput> {
+        let parsed = &openable.parsed;
+        let id = parsed.header.key_id;
+        let version = parsed.header.key_version;
+        let digest = crypto::context_digest(context);
+        let plaintext = if openable.record.protection_level == ProtectionLevel::Hsm {
             let aad = crypto::blob_aad(parsed.header_bytes, &digest);
             let mut sealed = Vec::with_capacity(parsed.ciphertext.len() + envelope::TAG_LEN);
             sealed.extend_from_slice(parsed.ciphertext);
@@ -544,7 +577,7 @@ impl Kms {
             }
         } else {
             let material = self.material(id, version).await?;
-            crypto::open(&material, &parsed, &digest).map_err(|_| Error::InvalidCiphertext)?
+            crypto::open(&material, parsed, &digest).map_err(|_| Error::InvalidCiphertext)?
         };
         Ok(DecryptOutput {
             plaintext,
@@ -552,6 +585,13 @@ impl Kms {
             key_version: version,
         })
     }
+}
+
+/// A blob the caller may open, checked and not yet unwrapped (see
+/// `Kms::openable`).
+struct Openable<'b> {
+    parsed: envelope::ParsedBlob<'b>,
+    record: Arc<KeyRecord>,
 }
 
 fn ensure_enabled(caller: &Caller, record: &KeyRecord, op: Operation) -> Result<()> {

@@ -141,6 +141,68 @@ async fn binary_serves_and_obeys_fault_cli() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// A listener beyond loopback is refused, with the trust model, before the
+/// token is opened or created; `--allow-non-loopback` accepts it. Before the
+/// fix hsm-sim only warned and served.
+#[test]
+fn serve_refuses_a_non_loopback_listener_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s");
+    let mut refused = Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0", "--state"])
+        .arg(&state)
+        .env("HSM_SIM_PIN", PIN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Had it served (the old behaviour) its first stdout line would be
+    // "hsm-sim listening on …"; refused, stdout closes at once.
+    let stdout = refused.stdout.take().unwrap();
+    let mut stderr_pipe = refused.stderr.take().unwrap();
+    let mut guard = Guard(refused);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    assert_eq!(first, "", "it never listened");
+    assert!(!guard.0.wait().unwrap().success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut stderr_pipe, &mut stderr).unwrap();
+    for said in [
+        "0.0.0.0:0",
+        "plain gRPC",
+        "tests only",
+        "--allow-non-loopback",
+    ] {
+        assert!(stderr.contains(said), "{said:?} in {stderr}");
+    }
+    assert!(!state.exists(), "nothing changed");
+
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--allow-non-loopback",
+            "--state",
+        ])
+        .arg(&state)
+        .env("HSM_SIM_PIN", PIN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let guard = Guard(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("hsm-sim listening on 0.0.0.0:"),
+        "{line:?}"
+    );
+    drop(guard);
+}
+
 #[test]
 fn serve_without_pin_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

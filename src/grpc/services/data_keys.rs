@@ -4,13 +4,14 @@ use std::collections::BTreeMap;
 
 use tonic::{Request, Response, Status};
 
+use crate::audit::AuditItem;
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
 use crate::grpc::GrpcApi;
 use crate::grpc::convert::{self, key_ref, optional_key_ref};
 use crate::grpc::pb::{self, data_key_service_server::DataKeyService};
 use crate::model::KeyId;
-use crate::pipeline::{Failure, RequestAudit};
+use crate::pipeline::{Code, Failure, RequestAudit};
 use crate::service::{DEFAULT_DATA_KEY_BYTES, DataKeyOutput, DecryptItem, MAX_BATCH_ITEMS};
 
 fn number_of_bytes(raw: u32) -> usize {
@@ -273,9 +274,15 @@ impl DataKeyService for GrpcApi {
                     .into_iter()
             };
             let mut failed = 0;
+            // The record names each item: its authenticated key version
+            // (opened blobs only), its context digest (when the batch has
+            // more than one context) and its status.
+            let mut recorded = Vec::with_capacity(slots.len());
             let results: Vec<pb::BatchDecryptResult> = slots
                 .into_iter()
-                .map(|slot| {
+                .zip(&converted)
+                .enumerate()
+                .map(|(index, (slot, converted))| {
                     let outcome = match slot {
                         Some(refused) => Err(refused),
                         None => opened
@@ -285,24 +292,43 @@ impl DataKeyService for GrpcApi {
                             })
                             .map_err(Failure::from),
                     };
-                    match outcome {
-                        Ok(out) => pb::BatchDecryptResult {
-                            plaintext: out.plaintext.expose().to_vec(),
-                            key_id: out.key_id.to_string(),
-                            key_version: out.key_version,
-                            error: None,
+                    let mut item = AuditItem {
+                        index: u32::try_from(index).unwrap_or(u32::MAX),
+                        key_id: None,
+                        key_version: None,
+                        context_digest: match converted {
+                            Ok((context, _)) if !one_context => Some(audit.context_digest(context)),
+                            _ => None,
                         },
+                        status_code: String::new(),
+                    };
+                    let result = match outcome {
+                        Ok(out) => {
+                            item.key_id = Some(out.key_id.to_string());
+                            item.key_version = Some(out.key_version);
+                            item.status_code = Code::Ok.name().to_string();
+                            pb::BatchDecryptResult {
+                                plaintext: out.plaintext.expose().to_vec(),
+                                key_id: out.key_id.to_string(),
+                                key_version: out.key_version,
+                                error: None,
+                            }
+                        }
                         Err(failure) => {
                             failed += 1;
+                            item.status_code = failure.code().name().to_string();
                             pb::BatchDecryptResult {
                                 error: Some(item_error(failure)),
                                 ..Default::default()
                             }
                         }
-                    }
+                    };
+                    recorded.push(item);
+                    result
                 })
                 .collect();
             audit.detail(batch_detail(results.len(), failed, Some(&keys)));
+            audit.items(recorded);
             Ok(pb::BatchDecryptResponse { results })
         })
         .await
