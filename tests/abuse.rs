@@ -378,15 +378,15 @@ async fn batch_decrypt_stops_at_the_first_hsm_outage() {
     server.stop().await;
 }
 
-/// A certificate from the client CA that names no principal (no URI SAN,
-/// no CN), written as `pki/<name>.pem` and `pki/<name>-key.pem`.
+/// A certificate from the service role's CA that names no principal (no
+/// URI SAN, no CN), written as `pki/<name>.pem` and `pki/<name>-key.pem`.
 fn issue_principal_less_cert(server: &TestServer, name: &str) {
     let pki = server.data_dir().join("pki");
     let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca-key.pem")).unwrap())
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.join("service-ca-key.pem")).unwrap())
             .unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(
-        &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(pki.join("service-ca.pem")).unwrap(),
         ca_key,
     )
     .unwrap();

@@ -197,9 +197,14 @@ async fn every_request_leaves_exactly_one_record_before_its_response() {
         expected_codes
     );
 
-    let events = all_events(&mut auditor).await;
     // Exactly the requests sent, in order, each once (the auditor's own
-    // ListEvents is recorded after its answer is built).
+    // ListEvents is recorded after its answer is built), after the system
+    // record of the new store's integrity.
+    let events: Vec<_> = all_events(&mut auditor)
+        .await
+        .into_iter()
+        .filter(|e| e.principal != coffre::service::INTEGRITY_PRINCIPAL)
+        .collect();
     let ids: Vec<&str> = events.iter().map(|e| e.request_id.as_str()).collect();
     let sent_ids: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids, sent_ids);
@@ -250,14 +255,15 @@ async fn every_request_leaves_exactly_one_record_before_its_response() {
     );
     let report: serde_json::Value = serde_json::from_slice(&export.stdout).unwrap();
     // Signed up to the export's own GetCheckpoint request; its record and
-    // the ExportLog request's follow, chained but not yet signed.
+    // the ExportLog request's follow, chained but not yet signed (and the
+    // store's integrity record comes first).
     let (last, signed) = (
         report["last_seq"].as_u64().unwrap(),
         report["checkpoint_seq"].as_u64().unwrap(),
     );
     assert_eq!(
         (last, signed),
-        (events.len() as u64 + 3, events.len() as u64 + 1)
+        (events.len() as u64 + 4, events.len() as u64 + 2)
     );
     let verify = Command::new(COFFRE)
         .args(["audit", "verify"])
@@ -500,14 +506,15 @@ async fn fail_closed_while_the_log_cannot_be_written_then_recover() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(records.len() as u64, report.records);
-    assert_eq!(records[0].operation, "CreateKey");
+    assert_eq!(records[0].operation, coffre::service::INTEGRITY_OPERATION);
+    assert_eq!(records[1].operation, "CreateKey");
     let tail: Vec<(&str, &str)> = records[records.len() - 2..]
         .iter()
         .map(|r| (r.operation.as_str(), r.status_code.as_str()))
         .collect();
     assert_eq!(tail, [("GenerateDataKey", "OK"), ("GetKey", "NOT_FOUND")]);
     assert!(
-        records[1..records.len() - 2]
+        records[2..records.len() - 2]
             .iter()
             .all(|r| r.status_code == "UNAVAILABLE"),
         "{records:?}"

@@ -234,6 +234,17 @@ async fn no_secret_in_logs_errors_audit_or_metrics() {
         pin.trim(),
     )
     .unwrap();
+    // The store's records are sealed: its MAC key, unwrapped by the HSM,
+    // is one more secret that must appear nowhere.
+    let name = coffre::store::integrity::STORE_INTEGRITY_SECRET_NAME;
+    let sealed = store.get_secret(name).unwrap().unwrap();
+    let mac_key = hsm
+        .unwrap(&sealed.wrapped, &coffre::model::secret_wrap_aad(name))
+        .await
+        .unwrap();
+    let mac =
+        std::sync::Arc::new(coffre::store::integrity::RecordMac::new(mac_key.expose()).unwrap());
+    store.install_integrity(&mac, false).unwrap();
     let listed = store
         .list_keys(&coffre::store::KeyFilter::default(), None, 100)
         .unwrap();
@@ -251,6 +262,7 @@ async fn no_secret_in_logs_errors_audit_or_metrics() {
         }
     }
     assert_eq!(secrets.len(), 3 + 5 + 1 + 2);
+    secrets.push(mac_key.expose().to_vec());
 
     let log = std::fs::read_to_string(&log_path).unwrap();
     let audit = std::fs::read_to_string(data.join("audit.log")).unwrap();

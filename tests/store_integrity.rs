@@ -198,6 +198,10 @@ fn unseal(data_dir: &Path, forget_the_audit_log: bool) {
     meta.remove(b"secret/store-integrity").unwrap();
     db.flush().unwrap();
     if forget_the_audit_log {
+        // A data directory from before #15 has no audit high-water mark
+        // either (with it, a missing log refuses the start).
+        meta.remove(b"secret/audit-high-water-mark").unwrap();
+        db.flush().unwrap();
         std::fs::remove_file(DataDir::new(data_dir).audit_log()).unwrap();
     }
 }

@@ -205,10 +205,12 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC");
-    watcher.abort();
-    acceptor.abort();
-    flusher.abort();
-    free_space.abort();
+    // Aborted and awaited: what they hold (the core, hence the store) is
+    // dropped before `serve` returns, so that the store can be reopened.
+    for task in [watcher, acceptor, flusher, free_space] {
+        task.abort();
+        let _ = task.await;
+    }
     // Every request has been answered: the counts of refusals still in an
     // open second are written now, before the audit log closes.
     pipeline.flush_refusals(true);

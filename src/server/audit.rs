@@ -40,13 +40,34 @@ impl AuditSetup {
 /// of the last one stored (0: none). The log signs no new checkpoint until
 /// the previous one is stored, so the store is at most one behind.
 #[derive(Debug)]
-struct StoreMark {
+pub(super) struct StoreMark {
     tx: mpsc::UnboundedSender<Checkpoint>,
     remembered: Arc<AtomicU64>,
+    /// The `seq` of the last checkpoint handed to the task.
+    sent: AtomicU64,
+}
+
+impl StoreMark {
+    /// Waits (at most `limit`) until the last checkpoint handed over is
+    /// stored: a server that stops after its final checkpoint leaves the
+    /// store's mark on it, and no task holding the core behind it.
+    pub(super) async fn settle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.remembered.load(Ordering::Acquire) >= self.sent.load(Ordering::Acquire) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 impl HighWaterMark for StoreMark {
     fn remember(&self, checkpoint: &Checkpoint) {
+        self.sent.fetch_max(checkpoint.seq, Ordering::AcqRel);
         // The task has stopped only when the server is stopping.
         let _ = self.tx.send(checkpoint.clone());
     }
@@ -102,7 +123,11 @@ fn start_mark(kms: &Arc<Kms>, stored: Option<u64>) -> Arc<StoreMark> {
             }
         }
     });
-    Arc::new(StoreMark { tx, remembered })
+    Arc::new(StoreMark {
+        tx,
+        remembered,
+        sent: AtomicU64::new(0),
+    })
 }
 
 /// The mark the store holds, if it applies to this signing key.
@@ -134,10 +159,11 @@ async fn stored_mark(kms: &Kms, public_key: &[u8; 32]) -> anyhow::Result<Option<
 /// Loads (or, on a new data directory, creates) the audit log's keys and
 /// opens the log, verifying it against the high-water mark in the store;
 /// writes the public key file if asked.
+/// Returns the trail and, unless records are discarded, the mark's handle.
 pub(super) async fn open_trail(
     kms: &Arc<Kms>,
     setup: &AuditSetup,
-) -> anyhow::Result<Arc<AuditTrail>> {
+) -> anyhow::Result<(Arc<AuditTrail>, Option<Arc<StoreMark>>)> {
     let mut keys = kms
         .audit_keys()
         .await
@@ -147,6 +173,7 @@ pub(super) async fn open_trail(
     }
     let path = setup.path.clone();
     let mut options = setup.options.clone();
+    let mut store_mark = None;
     if !options.discard {
         let mark = stored_mark(kms, &keys.signer.public_key()).await?;
         match &mark {
@@ -157,7 +184,9 @@ pub(super) async fn open_trail(
                  before coffre kept one): adopting the log's current head"
             ),
         }
-        options.log.mark = Some(start_mark(kms, mark.as_ref().map(|m| m.seq)));
+        let handle = start_mark(kms, mark.as_ref().map(|m| m.seq));
+        store_mark = Some(Arc::clone(&handle));
+        options.log.mark = Some(handle);
         options.log.high_water = mark;
     }
     let trail = tokio::task::spawn_blocking(move || AuditTrail::open(&path, keys, options))
@@ -184,5 +213,5 @@ pub(super) async fn open_trail(
         }
     }
     tracing::info!(file = %setup.path.display(), "audit log open and verified");
-    Ok(Arc::new(trail))
+    Ok((Arc::new(trail), store_mark))
 }

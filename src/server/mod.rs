@@ -152,7 +152,7 @@ impl ServerBuilder {
             kms = kms.with_approval_store(approvals);
         }
         let kms = Arc::new(kms);
-        let audit = audit::open_trail(&kms, &self.audit).await?;
+        let (audit, store_mark) = audit::open_trail(&kms, &self.audit).await?;
         // Before anything reads a key record: the store refuses them until
         // its MAC key is installed.
         let integrity = kms
@@ -203,9 +203,14 @@ impl ServerBuilder {
             crl_watcher,
             metrics_addr: metrics_server.as_ref().map(|(addr, _)| *addr),
             metrics_task: metrics_server.map(|(_, task)| task),
+            store_mark,
         })
     }
 }
+
+/// How long `stop` waits for the audit high-water mark of the final
+/// checkpoint to be stored.
+const MARK_SETTLE: Duration = Duration::from_secs(5);
 
 /// A running server.
 #[derive(Debug)]
@@ -224,6 +229,8 @@ pub struct RunningServer {
     client_auth: Arc<grpc::ClientAuth>,
     crl_watcher: Option<JoinHandle<()>>,
     metrics_task: Option<JoinHandle<()>>,
+    /// The audit high-water mark's task, waited for at stop.
+    store_mark: Option<Arc<audit::StoreMark>>,
 }
 
 impl RunningServer {
@@ -245,6 +252,7 @@ impl RunningServer {
         .flatten()
         {
             task.abort();
+            let _ = task.await;
         }
         self.audit.close_followers();
         if let Some(tx) = self.shutdown.take() {
@@ -254,6 +262,14 @@ impl RunningServer {
         // The final checkpoint signs every record written.
         let audit = Arc::clone(&self.audit);
         let _ = tokio::task::spawn_blocking(move || audit.shutdown()).await;
+        if let Some(mark) = &self.store_mark
+            && !mark.settle(MARK_SETTLE).await
+        {
+            tracing::warn!(
+                "the audit log's last checkpoint is not yet remembered in the store; the next \
+                 start accepts a mark one checkpoint behind"
+            );
+        }
         served?
     }
 

@@ -23,6 +23,7 @@
 //! record for its own request (it overlapped the write) without caching it.
 
 mod audit_keys;
+pub use audit_keys::{INTEGRITY_OPERATION, INTEGRITY_PRINCIPAL};
 mod audit_reads;
 mod cache;
 pub mod canonical;
