@@ -276,6 +276,7 @@ fn serve_config(tls: &str) -> String {
     format!(
         r#"
 data_dir = "/tmp/unused"
+allow_single_operator = true
 [tls]
 {tls}
 [hsm]

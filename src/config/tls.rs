@@ -161,6 +161,7 @@ mod tests {
         Config::parse(&format!(
             r#"
             data_dir = "/tmp/x"
+            allow_single_operator = true
             [tls]
             cert = "s.pem"
             key = "k.pem"
