@@ -35,6 +35,7 @@ pub mod status;
 
 pub use error::SimError;
 pub use simulator::{
-    Faults, MAX_RANDOM_LEN, MAX_SEAL_LEN, MAX_SESSIONS, ObjectSeal, SessionId, SimInfo, Simulator,
+    Faults, LOGIN_BACKOFF, MAX_RANDOM_LEN, MAX_SEAL_LEN, MAX_SESSIONS, ObjectSeal, SessionId,
+    SimInfo, Simulator,
 };
 pub use state::{MAX_OBJECT_NAME_LEN, PBKDF2_ITERATIONS};

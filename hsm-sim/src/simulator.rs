@@ -151,7 +151,15 @@ pub struct Simulator {
     token: Mutex<Token>,
     sessions: Mutex<Sessions>,
     faults: Mutex<Faults>,
+    /// Wrong PINs wait their turn here: see [`LOGIN_BACKOFF`].
+    failed_logins: tokio::sync::Mutex<()>,
 }
+
+/// How long a wrong PIN holds the gate before its refusal is answered.
+/// Wrong PINs pass the gate one at a time, so that guessing runs at most
+/// one PIN per `LOGIN_BACKOFF` however many callers try at once, while a
+/// right PIN never waits (a guesser cannot lock coffre out).
+pub const LOGIN_BACKOFF: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl fmt::Debug for Simulator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -240,6 +248,7 @@ impl Simulator {
             rng,
             token: Mutex::new(token),
             sessions: Mutex::new(Sessions::default()),
+            failed_logins: tokio::sync::Mutex::new(()),
             faults: Mutex::new(Faults::default()),
         })
     }
@@ -298,6 +307,8 @@ impl Simulator {
         self.inject_faults().await?;
         let offered = pin_digest(pin);
         if !bool::from(offered.ct_eq(&*self.pin_digest)) {
+            let _gate = self.failed_logins.lock().await;
+            tokio::time::sleep(LOGIN_BACKOFF).await;
             return Err(SimError::BadPin);
         }
         let id = self.random_array::<16>()?;

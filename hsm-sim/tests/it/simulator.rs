@@ -357,3 +357,34 @@ fn debug_shows_no_key_or_pin() {
     assert!(!shown.contains(PIN));
     assert!(!shown.contains("key:"), "{shown}");
 }
+
+/// Wrong PINs are answered one at a time, each after `LOGIN_BACKOFF`, so
+/// guessing is slow however many callers try at once; the right PIN does
+/// not queue behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_pins_are_slowed_down_and_the_right_one_is_not() {
+    let (_d, _p, sim) = token();
+    let sim = std::sync::Arc::new(sim);
+    let started = Instant::now();
+    let guesses: Vec<_> = (0..4)
+        .map(|i| {
+            let sim = std::sync::Arc::clone(&sim);
+            tokio::spawn(async move { sim.login(&format!("guess-{i}")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The right PIN gets its session while the guesses still queue.
+    let session = sim.login(PIN).await.unwrap();
+    let pending = guesses.iter().filter(|g| !g.is_finished()).count();
+    assert!(pending >= 2, "{pending} guesses still pending");
+    sim.logout(&session).unwrap();
+    for guess in guesses {
+        assert!(matches!(guess.await.unwrap(), Err(SimError::BadPin)));
+    }
+    // Four wrong PINs, one after the other.
+    assert!(
+        started.elapsed() >= hsm_sim::LOGIN_BACKOFF * 4,
+        "{:?}",
+        started.elapsed()
+    );
+}
