@@ -130,6 +130,26 @@ async fn a_key_record_edited_on_disk_is_refused_after_a_restart() {
     }
     restart(&mut server).await;
     assert_refused(&mut server, &key_id).await;
+    // One tampered record is refused where it is used; it does not take
+    // the node out of service, and the readiness probe (every second) does
+    // not count it again and again.
+    let counted = integrity_failures(&server);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(integrity_failures(&server), counted);
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(server.channel("service").await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "coffre.v1.DataKeyService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     server.stop().await;
 }
 
