@@ -181,6 +181,45 @@ async fn a_silent_connection_is_dropped_at_the_handshake_timeout() {
     server.stop().await;
 }
 
+/// M1: a connection that never sends its ClientHello holds its handshake
+/// slot for `client_hello_timeout`, not for the whole `handshake_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_dropped_at_the_client_hello_timeout() {
+    let limits = coffre::grpc::ServerLimits {
+        handshake_timeout: Duration::from_secs(30),
+        client_hello_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let server =
+        TestServer::start_with_limits(DEV, coffre::server::dev::dev_kms_options(), limits).await;
+    let addr = server.server.as_ref().unwrap().addr;
+    // Half a ClientHello: a TLS record header announcing more than comes.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, &[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    // Closed well before the 30 s handshake bound (10 s leaves room for a
+    // loaded machine; before the ClientHello bound it stayed open 30 s).
+    let closed = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut slow, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the slow connection was not closed: {closed:?}"
+    );
+    let metrics = server.server.as_ref().unwrap().metrics_addr.unwrap();
+    assert_eq!(
+        metric(metrics, "coffre_tls_handshakes_timed_out_total"),
+        Some(1.0)
+    );
+    // A real client still gets in.
+    server.create_key("after").await;
+    server.stop().await;
+}
+
 /// M3: a batch of 1,000 is charged 1,000 tokens. With a burst of 1,000 it
 /// passes once and leaves nothing; with 999 it is refused whole and takes
 /// nothing. Before the fix a batch cost one or two tokens.

@@ -73,6 +73,7 @@
 //!
 //! [limits]                               # the listener, all optional (defaults shown)
 //! handshake_timeout_ms = 3000            # a TLS handshake not done by then is dropped
+//! client_hello_timeout_ms = 1000         # nor a ClientHello not received by then
 //! max_handshakes = 256                   # pending in all; beyond, the oldest is dropped
 //! max_handshakes_per_ip = 8              # pending per source address; likewise
 //! max_concurrent_streams = 128           # HTTP/2 streams per connection
@@ -362,6 +363,12 @@ fn limits(raw: RawLimits) -> anyhow::Result<ServerLimits> {
             ms,
             d.handshake_timeout,
         )?,
+        client_hello_timeout: duration(
+            "client_hello_timeout_ms",
+            raw.client_hello_timeout_ms,
+            ms,
+            d.client_hello_timeout,
+        )?,
         max_handshakes: positive("max_handshakes", raw.max_handshakes, d.max_handshakes)?,
         max_handshakes_per_ip: positive(
             "max_handshakes_per_ip",
@@ -408,6 +415,9 @@ fn limits(raw: RawLimits) -> anyhow::Result<ServerLimits> {
     };
     if limits.handshake_timeout > Duration::from_secs(60) {
         bail!("limits.handshake_timeout_ms must be at most 60000");
+    }
+    if limits.client_hello_timeout > limits.handshake_timeout {
+        bail!("limits.client_hello_timeout_ms must not exceed limits.handshake_timeout_ms");
     }
     if limits.max_handshakes_per_ip > limits.max_handshakes {
         bail!("limits.max_handshakes_per_ip must not exceed limits.max_handshakes");
@@ -684,6 +694,7 @@ unauthenticated = { per_second = 1, burst = 1 }
             r#"
 [limits]
 handshake_timeout_ms = 2000
+client_hello_timeout_ms = 500
 max_handshakes = 512
 max_handshakes_per_ip = 4
 max_concurrent_streams = 64
@@ -701,6 +712,7 @@ audit_min_free_percent = 5
             c.limits,
             ServerLimits {
                 handshake_timeout: Duration::from_secs(2),
+                client_hello_timeout: Duration::from_millis(500),
                 max_handshakes: 512,
                 max_handshakes_per_ip: 4,
                 max_concurrent_streams: 64,
@@ -720,6 +732,10 @@ audit_min_free_percent = 5
                 "handshake_timeout_ms = 90000",
             ),
             ("max_handshakes = 512", "max_handshakes = 2"),
+            (
+                "client_hello_timeout_ms = 500",
+                "client_hello_timeout_ms = 2500",
+            ),
             ("max_concurrent_streams = 64", "max_concurrent_streams = 0"),
             ("max_message_bytes = 8388608", "max_message_bytes = 1024"),
             ("audit_min_free_percent = 5", "audit_min_free_percent = 101"),

@@ -60,6 +60,7 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub(super) handshake_timeout_ms: Option<u64>,
+    pub(super) client_hello_timeout_ms: Option<u64>,
     pub(super) max_handshakes: Option<usize>,
     pub(super) max_handshakes_per_ip: Option<usize>,
     pub(super) max_concurrent_streams: Option<u32>,

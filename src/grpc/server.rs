@@ -23,8 +23,8 @@ use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -45,6 +45,10 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 pub struct ServerLimits {
     /// A client that has not finished its TLS handshake by then is dropped.
     pub handshake_timeout: Duration,
+    /// A client that has not sent its whole ClientHello by then is dropped
+    /// (at most `handshake_timeout`): a silent connection holds a
+    /// handshake slot this long, not the whole handshake's time.
+    pub client_hello_timeout: Duration,
     /// Pending handshakes in all; beyond, the oldest is dropped.
     pub max_handshakes: usize,
     /// Pending handshakes per source address; beyond, that address's oldest
@@ -74,6 +78,7 @@ impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(3),
+            client_hello_timeout: Duration::from_secs(1),
             max_handshakes: 256,
             max_handshakes_per_ip: 8,
             max_concurrent_streams: 128,
@@ -402,10 +407,25 @@ fn tls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let metrics = Arc::clone(&metrics);
-            let timeout = limits.handshake_timeout;
+            let (timeout, hello) = (limits.handshake_timeout, limits.client_hello_timeout);
             tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + timeout;
+                let hello_by = tokio::time::Instant::now() + hello.min(timeout);
+                // The ClientHello first, under its own shorter bound, then
+                // the rest of the handshake under the whole one.
+                let handshake = async {
+                    let lazy = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+                    match tokio::time::timeout_at(hello_by, lazy).await {
+                        Ok(Ok(start)) => {
+                            let config = Arc::clone(acceptor.config());
+                            tokio::time::timeout_at(deadline, start.into_stream(config)).await
+                        }
+                        Ok(Err(e)) => Ok(Err(e)),
+                        Err(elapsed) => Err(elapsed),
+                    }
+                };
                 let handshake = tokio::select! {
-                    h = tokio::time::timeout(timeout, acceptor.accept(tcp)) => h,
+                    h = handshake => h,
                     _ = cancelled => return,
                 };
                 drop(slot);
