@@ -374,10 +374,12 @@ impl ApprovalStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn approval(status: ApprovalStatus) -> Approval {
+    /// A pending-style approval of an EnableKey by `alice` (the approvals'
+    /// unit tests and `approvals_integrity_tests` share it).
+    pub(in crate::store) fn approval(status: ApprovalStatus) -> Approval {
         Approval {
             id: Uuid::new_v4(),
             operation: SensitiveOperation::EnableKey {

@@ -16,31 +16,13 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::approvals::{Approval, ApprovalStatus, ApprovalStore, SensitiveOperation};
+use super::approvals::tests::approval;
+use super::approvals::{ApprovalStatus, ApprovalStore};
 use super::integrity::{RECORD_MAC_KEY_LEN, RecordMac, is_sealed_text};
-use crate::model::{KeyId, Timestamp};
+use crate::model::Timestamp;
 
 fn mac(byte: u8) -> Arc<RecordMac> {
     Arc::new(RecordMac::new(&[byte; RECORD_MAC_KEY_LEN]).unwrap())
-}
-
-fn approval(status: ApprovalStatus) -> Approval {
-    Approval {
-        id: Uuid::new_v4(),
-        operation: SensitiveOperation::EnableKey {
-            key_id: KeyId::new_random(),
-        },
-        proposer: "alice".into(),
-        approved_by: vec!["alice".into()],
-        approvals_required: 2,
-        rejected_by: None,
-        status,
-        created_at: Timestamp(1),
-        expires_at: Timestamp(2),
-        result: None,
-        key_fingerprint: None,
-        key_before: None,
-    }
 }
 
 fn file(dir: &Path, id: Uuid) -> std::path::PathBuf {
