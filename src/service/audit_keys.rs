@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::Kms;
+use super::{Kms, Missing};
 use crate::audit::keys::{AUDIT_SECRET_LEN, AUDIT_SECRET_NAME};
 use crate::audit::{AuditEntry, AuditKeys, AuditTrail, EventFilter, Outcome};
 use crate::error::{Error, Result};
@@ -84,16 +84,36 @@ impl Kms {
     /// a request refused before the core resolved its alias is recorded
     /// under the key's id): no authorization, as nothing of it reaches the
     /// caller; `None` if no key has the alias or the lookup fails.
+    ///
+    /// It shares the negative cache of [`Kms::resolve`]: a stream of
+    /// refusals naming an alias that does not exist costs no store read
+    /// here either (security review L4, M3).
     pub async fn key_id_for_audit(&self, alias: &str) -> Option<KeyId> {
-        if let Some(id) = self.aliases.get(&alias.to_string()) {
+        let alias = alias.to_string();
+        if let Some(id) = self.aliases.get(&alias) {
             return Some(id);
         }
-        validate_alias(alias).ok()?;
-        let lookup = alias.to_string();
-        self.blocking(move |s| Ok(s.key_id_for_alias(&lookup)?))
+        validate_alias(&alias).ok()?;
+        let missing = Missing::Alias(alias.clone());
+        if self.known_missing(&missing) {
+            return None;
+        }
+        let epoch = self.read_epoch();
+        let lookup = alias.clone();
+        match self
+            .blocking(move |s| Ok(s.key_id_for_alias(&lookup)?))
             .await
-            .ok()
-            .flatten()
+        {
+            Ok(Some(id)) => {
+                self.aliases.insert(alias, id);
+                Some(id)
+            }
+            Ok(None) => {
+                self.remember_missing(missing, epoch);
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// The MAC key of the store's records, installed in the store and the

@@ -623,3 +623,37 @@ async fn an_unknown_key_costs_what_a_forbidden_one_costs() {
         .await
         .unwrap();
 }
+
+/// The audit record's lookup of an alias (`Kms::key_id_for_audit`, for a
+/// request refused before the core resolved it) shares the negative cache:
+/// a stream of refusals naming an alias that does not exist reads the store
+/// once, and a key created with that alias is named at once.
+#[tokio::test]
+async fn the_audit_lookup_of_an_unknown_alias_reads_the_store_once() {
+    let f = fixture(KmsOptions::default());
+    assert_eq!(f.kms.key_id_for_audit("no-such-alias").await, None);
+    let before = f.store.calls.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        assert_eq!(f.kms.key_id_for_audit("no-such-alias").await, None);
+    }
+    assert_eq!(
+        f.store.calls.load(Ordering::SeqCst),
+        before,
+        "refusals of an unknown alias read the store"
+    );
+    let created = f
+        .kms
+        .create_key(
+            &op(),
+            CreateKeyInput {
+                alias: Some("no-such-alias".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        f.kms.key_id_for_audit("no-such-alias").await,
+        Some(created.key.id)
+    );
+}
