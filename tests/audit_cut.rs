@@ -240,8 +240,9 @@ fn a_refusal_by_alias_is_recorded_under_the_key_id() {
 
 /// Runs `coffre dev` on `data` until it prints its banner (it started) or
 /// exits (refused): (started, its standard error so far).
-fn try_start_dev(data: &Path) -> (bool, String) {
+fn try_start_dev(data: &Path, extra: &[&str]) -> (bool, String) {
     let mut cmd = dev_command(data);
+    cmd.args(extra);
     let err = data.join("../dev-stderr.txt");
     let mut child = cmd
         .env("RUST_LOG", "warn")
@@ -292,12 +293,38 @@ fn coffre_dev_refuses_to_start_after_its_audit_log_is_deleted() {
         }
     }
     // Intact: it starts again.
-    let (started, stderr) = try_start_dev(&data);
+    let (started, stderr) = try_start_dev(&data, &[]);
     assert!(started, "{stderr}");
-    // Deleted: a new chain would start silently; it refuses instead.
-    std::fs::remove_file(data.join("audit.log")).unwrap();
-    let (started, stderr) = try_start_dev(&data);
+    // Deleted: a new chain would start silently; it refuses instead, and
+    // says what to do if the log cannot be restored.
+    let log = data.join("audit.log");
+    std::fs::remove_file(&log).unwrap();
+    let (started, stderr) = try_start_dev(&data, &[]);
     assert!(!started, "coffre dev started on a deleted audit log");
     assert!(stderr.contains("is behind the last checkpoint"), "{stderr}");
     assert!(stderr.contains("restore"), "{stderr}");
+    assert!(stderr.contains("--accept-audit-log-loss"), "{stderr}");
+    assert!(!log.exists() || std::fs::read(&log).unwrap().is_empty());
+
+    // Truly lost: the operator accepts the loss for one start. The new log
+    // begins with the record of that decision, naming the lost checkpoint,
+    // and is signed at once (the process is killed right after its banner).
+    let (started, stderr) = try_start_dev(&data, &["--accept-audit-log-loss"]);
+    assert!(started, "{stderr}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["seq"], 1, "{first}");
+    assert_eq!(first["operation"], "AcceptAuditLogLoss", "{first}");
+    assert_eq!(first["principal"], "coffre/operator-override", "{first}");
+    let detail = first["detail"].as_str().unwrap();
+    assert!(detail.contains("checkpoint at seq "), "{detail}");
+    let (ok, out, err) = verify(&log, &data.join("audit-public-key.pem"), &[]);
+    assert!(ok, "{out}{err}");
+    // The mark now follows the new log: the next start needs no flag.
+    let (started, stderr) = try_start_dev(&data, &[]);
+    assert!(started, "{stderr}");
+    // The flag was one start's decision: a second loss is refused again.
+    std::fs::remove_file(&log).unwrap();
+    let (started, stderr) = try_start_dev(&data, &[]);
+    assert!(!started, "{stderr}");
 }

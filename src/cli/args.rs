@@ -89,6 +89,11 @@ pub struct DevArgs {
     /// large store. Each start with this flag adds N more.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preload_keys: u64,
+    /// For this start only: the audit log is behind the high-water mark in
+    /// the store and truly lost. The mark is set aside and the loss becomes
+    /// the log's next record.
+    #[arg(long)]
+    pub accept_audit_log_loss: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -110,6 +115,12 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// For this start only: the audit log is behind the high-water mark in
+    /// the store and truly lost (no backup, no export to restore). The mark
+    /// is set aside and the loss becomes the log's next record. Never needed
+    /// twice.
+    #[arg(long)]
+    pub accept_audit_log_loss: bool,
 }
 
 /// How a client command reaches the server.

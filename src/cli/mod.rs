@@ -51,7 +51,10 @@ pub fn main() -> ExitCode {
             }
             Command::Serve(args) => {
                 init_logging(args.log_json);
-                run_serve(&args.config, args.allow_root).await
+                let once = crate::server::production::StartOnce {
+                    accept_audit_log_loss: args.accept_audit_log_loss,
+                };
+                run_serve(&args.config, args.allow_root, once).await
             }
             Command::Key(cmd) => key::run(cmd).await,
             Command::Datakey(cmd) => datakey::generate(cmd).await,

@@ -46,6 +46,7 @@ impl From<DevArgs> for dev::DevOptions {
             ),
             metrics_listen: args.metrics_listen,
             preload_keys: args.preload_keys,
+            accept_audit_log_loss: args.accept_audit_log_loss,
         }
     }
 }
@@ -83,11 +84,15 @@ pub async fn run_dev(
 }
 
 /// `coffre serve --config FILE`.
-pub async fn run_serve(config_path: &Path, allow_root: bool) -> anyhow::Result<()> {
+pub async fn run_serve(
+    config_path: &Path,
+    allow_root: bool,
+    once: crate::server::production::StartOnce,
+) -> anyhow::Result<()> {
     crate::hardening::disable_core_dumps()?;
     let config = Config::load(config_path)?;
     crate::hardening::refuse_root(allow_root || config.allow_root)?;
-    let server = crate::server::production::start(&config).await?;
+    let server = crate::server::production::start_with(&config, once).await?;
     tracing::info!(addr = %server.addr, "coffre serving");
     println!("coffre listening on {}", server.addr);
     server.run_until(termination()).await

@@ -21,6 +21,11 @@ pub struct AuditSetup {
     pub public_key_file: Option<PathBuf>,
     /// A checkpoint key held by the HSM, instead of the one kept in the store.
     pub external_signer: Option<Arc<dyn ExternalSigner>>,
+    /// The operator accepts, for this start only, that the audit log is
+    /// behind the high-water mark in the store (the log was lost and
+    /// cannot be restored): the mark is set aside, the log is opened as it
+    /// is, and the loss is the log's next record (`--accept-audit-log-loss`).
+    pub accept_log_loss: bool,
 }
 
 impl AuditSetup {
@@ -30,6 +35,7 @@ impl AuditSetup {
             options,
             public_key_file: None,
             external_signer: None,
+            accept_log_loss: false,
         }
     }
 }
@@ -156,14 +162,116 @@ async fn stored_mark(kms: &Kms, public_key: &[u8; 32]) -> anyhow::Result<Option<
     Ok(Some(mark))
 }
 
+/// The principal and operation of the record that says an operator
+/// accepted the loss of the audit log (`--accept-audit-log-loss`).
+pub const LOG_LOSS_PRINCIPAL: &str = "coffre/operator-override";
+pub const LOG_LOSS_OPERATION: &str = "AcceptAuditLogLoss";
+
 /// Loads (or, on a new data directory, creates) the audit log's keys and
 /// opens the log, verifying it against the high-water mark in the store;
 /// writes the public key file if asked.
 /// Returns the trail and, unless records are discarded, the mark's handle.
+///
+/// A log behind the mark is refused, unless the operator accepted its loss
+/// for this start ([`AuditSetup::accept_log_loss`]): then the mark is set
+/// aside, the log opened as it is, and its next record, before any request,
+/// names the checkpoint that was lost. A store rolled back behind the log
+/// is refused in every case.
 pub(super) async fn open_trail(
     kms: &Arc<Kms>,
     setup: &AuditSetup,
 ) -> anyhow::Result<(Arc<AuditTrail>, Option<Arc<StoreMark>>)> {
+    let (trail, store_mark) = match open_once(kms, setup, true).await {
+        Err(OpenError::BehindMark(e, mark)) if setup.accept_log_loss => {
+            tracing::error!(
+                error = %e,
+                "--accept-audit-log-loss: the audit log is behind the high-water mark; \
+                 setting the mark aside and recording the loss"
+            );
+            let (trail, store_mark) = open_once(kms, setup, false)
+                .await
+                .map_err(OpenError::into_inner)?;
+            let detail = format!(
+                "audit log loss accepted by the operator at start: the store remembered the \
+                 checkpoint at seq {} ({}, log id {}), which this log does not contain",
+                mark.seq,
+                mark.time.to_rfc3339(),
+                mark.log_id.as_deref().unwrap_or("none"),
+            );
+            trail
+                .record(crate::audit::AuditEntry {
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                    principal: LOG_LOSS_PRINCIPAL.to_string(),
+                    operation: LOG_LOSS_OPERATION.to_string(),
+                    detail: Some(detail),
+                    outcome: crate::audit::Outcome::Allowed,
+                    status_code: "OK".to_string(),
+                    ..crate::audit::AuditEntry::empty()
+                })
+                .await
+                .context("recording the accepted loss of the audit log")?;
+            // Signed and remembered at once: a crash before the next
+            // checkpoint must not find the old mark again.
+            trail
+                .checkpoint()
+                .await
+                .context("signing a checkpoint after the accepted loss of the audit log")?;
+            if let Some(mark) = &store_mark
+                && !mark.settle(Duration::from_secs(10)).await
+            {
+                anyhow::bail!(
+                    "the new audit high-water mark could not be stored within 10 s (HSM or \
+                     store unavailable); nothing was served, start again"
+                );
+            }
+            (trail, store_mark)
+        }
+        Err(OpenError::BehindMark(e, _)) => {
+            return Err(e.context(
+                "if the log is truly lost (no backup, no export), start once with \
+                 --accept-audit-log-loss: the loss is then the new log's first record",
+            ));
+        }
+        other => other.map_err(OpenError::into_inner)?,
+    };
+    if setup.accept_log_loss && store_mark.is_some() {
+        tracing::warn!(
+            "--accept-audit-log-loss was given; it applies to this start only and is not \
+             needed again"
+        );
+    }
+    finish_open(setup, trail, store_mark)
+}
+
+enum OpenError {
+    /// The log is behind the store's mark (which is given).
+    BehindMark(anyhow::Error, Checkpoint),
+    Other(anyhow::Error),
+}
+
+impl OpenError {
+    fn into_inner(self) -> anyhow::Error {
+        match self {
+            Self::BehindMark(e, _) | Self::Other(e) => e,
+        }
+    }
+}
+
+impl From<anyhow::Error> for OpenError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Other(e)
+    }
+}
+
+type Opened = (AuditTrail, Option<Arc<StoreMark>>);
+
+/// One attempt to open the log: against the store's mark, or (`honour_mark`
+/// false) with the mark set aside and a fresh one started from the log.
+async fn open_once(
+    kms: &Arc<Kms>,
+    setup: &AuditSetup,
+    honour_mark: bool,
+) -> Result<Opened, OpenError> {
     let mut keys = kms
         .audit_keys()
         .await
@@ -174,26 +282,36 @@ pub(super) async fn open_trail(
     let path = setup.path.clone();
     let mut options = setup.options.clone();
     let mut store_mark = None;
+    let mut high_water = None;
     if !options.discard {
-        let mark = stored_mark(kms, &keys.signer.public_key()).await?;
+        let mark = if honour_mark {
+            stored_mark(kms, &keys.signer.public_key()).await?
+        } else {
+            None
+        };
         match &mark {
             Some(m) => tracing::debug!(seq = m.seq, "audit high-water mark loaded"),
-            None => tracing::info!(
+            None if honour_mark => tracing::info!(
                 file = %path.display(),
                 "no audit high-water mark in the store yet (a new data directory, or one from \
                  before coffre kept one): adopting the log's current head"
             ),
+            None => {}
         }
         let handle = start_mark(kms, mark.as_ref().map(|m| m.seq));
         store_mark = Some(Arc::clone(&handle));
         options.log.mark = Some(handle);
-        options.log.high_water = mark;
+        options.log.high_water = mark.clone();
+        high_water = mark;
     }
-    let trail = tokio::task::spawn_blocking(move || AuditTrail::open(&path, keys, options))
+    let opened = tokio::task::spawn_blocking(move || AuditTrail::open(&path, keys, options))
         .await
-        .context("opening the audit log")?
-        .with_context(|| {
-            format!(
+        .context("opening the audit log")?;
+    let trail = match opened {
+        Ok(trail) => trail,
+        Err(e) => {
+            let behind = matches!(e, crate::audit::AuditError::BehindMark(_));
+            let e = anyhow::Error::new(e).context(format!(
                 "opening the audit log {}{}",
                 setup.path.display(),
                 if setup.external_signer.is_some() {
@@ -203,8 +321,21 @@ pub(super) async fn open_trail(
                 } else {
                     ""
                 }
-            )
-        })?;
+            ));
+            return Err(match high_water {
+                Some(mark) if behind => OpenError::BehindMark(e, mark),
+                _ => OpenError::Other(e),
+            });
+        }
+    };
+    Ok((trail, store_mark))
+}
+
+fn finish_open(
+    setup: &AuditSetup,
+    trail: AuditTrail,
+    store_mark: Option<Arc<StoreMark>>,
+) -> anyhow::Result<(Arc<AuditTrail>, Option<Arc<StoreMark>>)> {
     if let Some(file) = &setup.public_key_file {
         let pem = trail.public_key_pem();
         if std::fs::read_to_string(file).ok().as_deref() != Some(pem.as_str()) {

@@ -41,6 +41,9 @@ pub struct DevOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Keys to create for the dev operator before the banner (benchmarks).
     pub preload_keys: u64,
+    /// Start once on an audit log behind the store's high-water mark,
+    /// recording the loss (`--accept-audit-log-loss`).
+    pub accept_audit_log_loss: bool,
 }
 
 /// Dev mode: keys created without a policy may be used by the dev
@@ -156,6 +159,7 @@ pub async fn start(opts: &DevOptions) -> anyhow::Result<RunningServer> {
     .await?
     .scheduler(opts.scheduler_interval)
     .metrics(opts.metrics_listen)
+    .accept_audit_log_loss(opts.accept_audit_log_loss)
     .start()
     .await
 }

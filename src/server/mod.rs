@@ -135,6 +135,13 @@ impl ServerBuilder {
         self
     }
 
+    /// For this start only, accept an audit log behind the store's
+    /// high-water mark (a log truly lost): see [`AuditSetup::accept_log_loss`].
+    pub fn accept_audit_log_loss(mut self, accept: bool) -> Self {
+        self.audit.accept_log_loss = accept;
+        self
+    }
+
     /// Builds the core, opens and verifies the audit log, binds the
     /// listeners and starts serving. Certificates, key, client CA and CRL
     /// are checked here: a bad one stops the start with a clear error.

@@ -18,6 +18,19 @@ use crate::hsm::sim::RemoteSimHsm;
 
 /// Starts the server a configuration describes.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
+    start_with(config, StartOnce::default()).await
+}
+
+/// What an operator allows for one start only, from `coffre serve`'s flags
+/// (never from the configuration file, so that it cannot stay on).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StartOnce {
+    /// `--accept-audit-log-loss`: see [`crate::server::ServerBuilder::accept_audit_log_loss`].
+    pub accept_audit_log_loss: bool,
+}
+
+/// [`start`], with what the operator allows for this start only.
+pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<RunningServer> {
     let (hsm, external_signer) = open_hsm(config).await?;
     if !hsm.is_secure() {
         if !config.allow_insecure_simulator {
@@ -61,6 +74,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     .scheduler(Some(config.scheduler_interval))
     .metrics(config.metrics_listen)
     .limits(config.limits.clone())
+    .accept_audit_log_loss(once.accept_audit_log_loss)
     .start()
     .await
 }
