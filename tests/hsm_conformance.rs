@@ -342,6 +342,13 @@ async fn coffre_serve_on_softhsm2_end_to_end() {
     let check: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(check["ok"], true);
     assert_eq!(check["token"]["root_key_ids"], serde_json::json!([1]));
+    // Review L6: the root key coffre generated carries its list of allowed
+    // mechanisms (read back from SoftHSM2), so the token refuses any other.
+    assert_eq!(
+        check["token"]["unrestricted_root_key_ids"],
+        serde_json::json!([]),
+        "{check}"
+    );
 
     let start = || {
         let mut cmd = softhsm.command(COFFRE);

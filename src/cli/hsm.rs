@@ -155,6 +155,15 @@ async fn check(local: &LocalHsmArgs) -> anyhow::Result<()> {
         report.root_key_ids
     );
     println!("attributes        every root key as SECURITY.md requires");
+    if report.unrestricted_root_key_ids.is_empty() {
+        println!("mechanisms        every root key restricted to CKM_AES_GCM");
+    } else {
+        println!(
+            "mechanisms        root keys {:?} allow every mechanism (made before coffre set \
+             CKA_ALLOWED_MECHANISMS): `coffre hsm rotate-root` replaces them",
+            report.unrestricted_root_key_ids
+        );
+    }
     println!("round trip        wrap + unwrap under root key {root}: ok");
     println!(
         "protection HSM    {}",

@@ -21,8 +21,8 @@ use cryptoki::session::Session;
 
 use super::blob::{IV_LEN, TAG_LEN};
 use super::policy::{
-    KEY_OBJECT_MECHANISM, KEY_OBJECT_POLICY, ROOT_LABEL_PREFIX, attribute_types,
-    key_object_template, policy_problems, seal_key_template,
+    KEY_OBJECT_MECHANISM, ROOT_LABEL_PREFIX, allows_every_mechanism, key_object_attribute_types,
+    key_object_problems, key_object_template, seal_key_template,
 };
 use super::session::{Sessions, iv_replaced};
 use crate::hsm::{HsmError, MAX_OBJECT_NAME_LEN, MAX_SEAL_LEN, ObjectSeal};
@@ -100,12 +100,19 @@ impl KeyObjects {
             [one] => {
                 // Checked once, when first found: an object planted under a
                 // CMK's name with weaker attributes is never used.
-                let kinds = attribute_types(&KEY_OBJECT_POLICY);
-                let problems =
-                    policy_problems(&KEY_OBJECT_POLICY, &s.get_attributes(*one, &kinds)?);
+                let attrs = s.get_attributes(*one, &key_object_attribute_types())?;
+                let problems = key_object_problems(&attrs);
                 if !problems.is_empty() {
                     tracing::error!(object = %name, problems = %problems.join("; "), "refusing an HSM key object with unsafe attributes");
                     return Ok(None);
+                }
+                if allows_every_mechanism(&attrs) {
+                    tracing::warn!(
+                        object = %name,
+                        "this HSM key object allows every mechanism (made before coffre set \
+                         CKA_ALLOWED_MECHANISMS); rotate its key to get one restricted to \
+                         CKM_AES_CBC_ENCRYPT_DATA"
+                    );
                 }
                 *one
             }

@@ -93,6 +93,9 @@ pub struct TokenReport {
     pub token_serial: String,
     pub root_key_ids: Vec<u32>,
     pub current_root_key_id: Option<u32>,
+    /// Root keys without a `CKA_ALLOWED_MECHANISMS` list (made before
+    /// coffre set one): usable with any mechanism the token offers.
+    pub unrestricted_root_key_ids: Vec<u32>,
 }
 
 /// The PKCS#11 backend. Cheap to clone.
@@ -283,7 +286,8 @@ impl Pkcs11Hsm {
     pub async fn report(&self) -> Result<TokenReport, HsmError> {
         self.run(|inner, s| {
             inner.roots.refresh(s)?;
-            Ok(inner.report())
+            let unrestricted = inner.roots.unrestricted(s)?;
+            Ok(inner.report(unrestricted))
         })
         .await
     }
@@ -324,7 +328,7 @@ impl Pkcs11Hsm {
 }
 
 impl Inner {
-    fn report(&self) -> TokenReport {
+    fn report(&self, unrestricted_root_key_ids: Vec<u32>) -> TokenReport {
         let ctx = self.sessions.ctx();
         let slot = self.sessions.slot();
         let info = ctx.get_library_info().ok();
@@ -354,6 +358,7 @@ impl Inner {
                 .unwrap_or_default(),
             current_root_key_id: root_key_ids.last().copied(),
             root_key_ids,
+            unrestricted_root_key_ids,
         }
     }
 }

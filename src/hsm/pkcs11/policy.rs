@@ -30,7 +30,12 @@
 //!   be false.)
 //! - `CKA_TOKEN` true, `CKA_PRIVATE` true: persistent, and invisible
 //!   without the user PIN.
-//! - `CKA_VALUE_LEN` 32: AES-256.
+//! - `CKA_VALUE_LEN` 32 and `CKA_KEY_TYPE` `CKK_AES`: AES-256.
+//! - `CKA_ALLOWED_MECHANISMS` = `[CKM_AES_GCM]`: set at generation, so a
+//!   token that honours it refuses every other mechanism with the key. A
+//!   root key found with a list that allows anything else is refused; one
+//!   with no list (made before coffre set it) is used, with a warning at
+//!   start that says to rotate it.
 //!
 //! # CMK key objects ([`KEY_OBJECT_POLICY`])
 //!
@@ -44,12 +49,22 @@
 //! - `CKA_SENSITIVE` true, `CKA_EXTRACTABLE` false, `CKA_ALWAYS_SENSITIVE`
 //!   and `CKA_NEVER_EXTRACTABLE` true, `CKA_TOKEN` and `CKA_PRIVATE` true: as
 //!   for a root key, the version never leaves the token.
-//! - The template also sets `CKA_UNWRAP` / `CKA_SIGN` / `CKA_VERIFY`,
-//!   `CKA_MODIFIABLE` and `CKA_COPYABLE` false, and `CKA_DESTROYABLE` true
-//!   (the core destroys a deleted key's versions).
+//! - `CKA_UNWRAP` / `CKA_SIGN` / `CKA_VERIFY` and `CKA_MODIFIABLE` false,
+//!   `CKA_COPYABLE` false if reported, `CKA_KEY_TYPE` `CKK_AES` and
+//!   `CKA_VALUE_LEN` 32; the template also sets `CKA_DESTROYABLE` true (the
+//!   core destroys a deleted key's versions).
+//! - `CKA_ALLOWED_MECHANISMS` = `[CKM_AES_CBC_ENCRYPT_DATA]`: a token that
+//!   honours it refuses the base-key derivations (`CKM_XOR_BASE_AND_DATA`,
+//!   `CKM_CONCATENATE_*`, `CKM_EXTRACT_KEY_FROM_KEY`) that could otherwise
+//!   yield an extractable copy of the CMK (security review L6). cryptoki
+//!   has no `CKA_DERIVE_TEMPLATE` yet, so the derived key's template is
+//!   coffre's own (`seal_key_template`), not one the token enforces.
 //!
-//! The policy is checked once per object, when coffre first finds it: an
-//! object planted under a CMK's name with weaker attributes is never used.
+//! The whole policy is checked once per object, when coffre first finds
+//! it: an object planted under a CMK's name with weaker attributes (say
+//! `CKA_MODIFIABLE` true, or a list of mechanisms allowing more) is never
+//! used. An object with no list of mechanisms (made before coffre set one)
+//! is used, with a warning.
 //! A key object's name never starts with [`ROOT_LABEL_PREFIX`], so it cannot
 //! pass for a root key.
 //!
@@ -136,7 +151,9 @@ pub const ROOT_KEY_POLICY: [RequiredAttribute; 15] = [
 ];
 
 /// What a CMK key object must be when coffre finds it on the token.
-pub const KEY_OBJECT_POLICY: [RequiredAttribute; 10] = [
+/// [`key_object_problems`] adds `CKA_COPYABLE`, `CKA_VALUE_LEN`,
+/// `CKA_KEY_TYPE` and `CKA_ALLOWED_MECHANISMS`.
+pub const KEY_OBJECT_POLICY: [RequiredAttribute; 14] = [
     req("CKA_TOKEN", AttributeType::Token, true),
     req("CKA_PRIVATE", AttributeType::Private, true),
     req("CKA_SENSITIVE", AttributeType::Sensitive, true),
@@ -151,7 +168,14 @@ pub const KEY_OBJECT_POLICY: [RequiredAttribute; 10] = [
     req("CKA_ENCRYPT", AttributeType::Encrypt, false),
     req("CKA_DECRYPT", AttributeType::Decrypt, false),
     req("CKA_WRAP", AttributeType::Wrap, false),
+    req("CKA_UNWRAP", AttributeType::Unwrap, false),
+    req("CKA_SIGN", AttributeType::Sign, false),
+    req("CKA_VERIFY", AttributeType::Verify, false),
+    req("CKA_MODIFIABLE", AttributeType::Modifiable, false),
 ];
+
+/// The one mechanism a root key may be used with.
+pub const ROOT_KEY_MECHANISM: (&str, MechanismType) = ("CKM_AES_GCM", MechanismType::AES_GCM);
 
 /// What the audit signing key's private half must be, checked every time
 /// it is loaded.
@@ -196,6 +220,7 @@ pub(super) fn root_key_template(id: u32) -> Vec<Attribute> {
         Attribute::Modifiable(false),
         Attribute::Copyable(false),
         Attribute::Destroyable(true),
+        Attribute::AllowedMechanisms(vec![ROOT_KEY_MECHANISM.1]),
     ]
 }
 
@@ -223,6 +248,7 @@ pub(super) fn key_object_template(name: &str) -> Vec<Attribute> {
         Attribute::Modifiable(false),
         Attribute::Copyable(false),
         Attribute::Destroyable(true),
+        Attribute::AllowedMechanisms(vec![KEY_OBJECT_MECHANISM.1]),
     ]
 }
 
@@ -241,6 +267,7 @@ pub(super) fn seal_key_template(encrypt: bool) -> Vec<Attribute> {
         Attribute::Wrap(false),
         Attribute::Unwrap(false),
         Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
     ]
 }
 
@@ -295,11 +322,25 @@ pub(super) fn policy_problems(policy: &[RequiredAttribute], attrs: &[Attribute])
         .collect()
 }
 
+/// The attributes a key's shape is read from ([`shape_problems`]).
+const SHAPE_ATTRIBUTES: [AttributeType; 4] = [
+    AttributeType::ValueLen,
+    AttributeType::Copyable,
+    AttributeType::KeyType,
+    AttributeType::AllowedMechanisms,
+];
+
 /// The attributes [`root_key_problems`] reads.
 pub(super) fn root_key_attribute_types() -> Vec<AttributeType> {
     let mut kinds = attribute_types(&ROOT_KEY_POLICY);
-    kinds.push(AttributeType::ValueLen);
-    kinds.push(AttributeType::Copyable);
+    kinds.extend(SHAPE_ATTRIBUTES);
+    kinds
+}
+
+/// The attributes [`key_object_problems`] reads.
+pub(super) fn key_object_attribute_types() -> Vec<AttributeType> {
+    let mut kinds = attribute_types(&KEY_OBJECT_POLICY);
+    kinds.extend(SHAPE_ATTRIBUTES);
     kinds
 }
 
@@ -307,6 +348,30 @@ pub(super) fn root_key_attribute_types() -> Vec<AttributeType> {
 /// nothing). A required attribute the token does not report is a problem.
 pub fn root_key_problems(attrs: &[Attribute]) -> Vec<String> {
     let mut problems = policy_problems(&ROOT_KEY_POLICY, attrs);
+    problems.extend(shape_problems(attrs, ROOT_KEY_MECHANISM));
+    problems
+}
+
+/// What is wrong with a CMK key object's attributes, one line per problem.
+pub fn key_object_problems(attrs: &[Attribute]) -> Vec<String> {
+    let mut problems = policy_problems(&KEY_OBJECT_POLICY, attrs);
+    problems.extend(shape_problems(attrs, KEY_OBJECT_MECHANISM));
+    problems
+}
+
+/// Whether the key carries no list of allowed mechanisms (the token does
+/// not report one, or it is empty: every mechanism allowed). Not a
+/// problem, for keys made before coffre set it, but worth a warning.
+pub fn allows_every_mechanism(attrs: &[Attribute]) -> bool {
+    !attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::AllowedMechanisms(list) if !list.is_empty()))
+}
+
+/// An AES-256 key, not copyable, whose list of allowed mechanisms (if it
+/// has one) holds `mechanism` only.
+fn shape_problems(attrs: &[Attribute], mechanism: (&str, MechanismType)) -> Vec<String> {
+    let mut problems = Vec::new();
     if let Some(true) = attrs
         .iter()
         .find(|a| a.attribute_type() == AttributeType::Copyable)
@@ -322,6 +387,26 @@ pub fn root_key_problems(attrs: &[Attribute]) -> Vec<String> {
         problems.push(format!(
             "CKA_VALUE_LEN is {}, must be 32 (AES-256)",
             len.map_or("not reported".to_string(), |l| l.to_string())
+        ));
+    }
+    match attrs.iter().find_map(|a| match a {
+        Attribute::KeyType(t) => Some(*t),
+        _ => None,
+    }) {
+        Some(t) if t == KeyType::AES => {}
+        Some(t) => problems.push(format!("CKA_KEY_TYPE is {t}, must be CKK_AES")),
+        None => problems.push("CKA_KEY_TYPE is not reported by the token".into()),
+    }
+    if let Some(list) = attrs.iter().find_map(|a| match a {
+        Attribute::AllowedMechanisms(list) => Some(list),
+        _ => None,
+    }) && list.iter().any(|m| *m != mechanism.1)
+    {
+        let names: Vec<String> = list.iter().map(ToString::to_string).collect();
+        problems.push(format!(
+            "CKA_ALLOWED_MECHANISMS is [{}], must be [{}] only",
+            names.join(", "),
+            mechanism.0
         ));
     }
     problems

@@ -18,7 +18,8 @@ use cryptoki::session::Session;
 
 use super::blob::{self, IV_LEN};
 use super::policy::{
-    ROOT_LABEL_PREFIX, root_key_attribute_types, root_key_problems, root_key_template,
+    ROOT_LABEL_PREFIX, allows_every_mechanism, root_key_attribute_types, root_key_problems,
+    root_key_template,
 };
 use super::session::{Sessions, classify, iv_replaced};
 use crate::hsm::{HsmError, HsmWrapped};
@@ -95,6 +96,20 @@ impl RootKeys {
         Ok(())
     }
 
+    /// The ids of the root keys that allow every mechanism (no
+    /// `CKA_ALLOWED_MECHANISMS` list: made before coffre set one), lowest
+    /// first.
+    pub(super) fn unrestricted(&self, s: &Session) -> Result<Vec<u32>, CkError> {
+        let mut ids = Vec::new();
+        for (id, key) in self.read().iter() {
+            let attrs = s.get_attributes(key.handle, &[AttributeType::AllowedMechanisms])?;
+            if allows_every_mechanism(&attrs) {
+                ids.push(*id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Checks every root key against the policy, its type and length.
     /// Refuses the token on the first key that falls short.
     pub(super) fn check_all(&self, s: &Session, token_label: &str) -> Result<(), HsmError> {
@@ -115,6 +130,14 @@ impl RootKeys {
                      {}. coffre refuses to start; see SECURITY.md, \"PKCS#11\"",
                     problems.join("; ")
                 )));
+            }
+            if allows_every_mechanism(&attrs) {
+                tracing::warn!(
+                    root_key_id = id,
+                    "root key {ROOT_LABEL_PREFIX}{id} allows every mechanism (made before coffre \
+                     set CKA_ALLOWED_MECHANISMS); `coffre hsm rotate-root` replaces it with one \
+                     restricted to CKM_AES_GCM"
+                );
             }
         }
         Ok(())
