@@ -596,8 +596,8 @@ pub struct DecryptArgs {
     /// {"blob": BASE64, "context": {"k": "v"}, "key": KEY}; "context" and
     /// "key" default to --context and --key. Writes one JSON line per input
     /// line, in order, to --out or standard output; exits non-zero if any
-    /// line failed.
-    #[arg(long, value_name = "FILE")]
+    /// line failed. (Its output is JSON already: no --json.)
+    #[arg(long, value_name = "FILE", conflicts_with = "json")]
     pub batch: Option<PathBuf>,
     /// Write the raw plaintext here instead of printing it in base64 ('-':
     /// standard output, and nothing else is printed there); with --batch,
@@ -629,7 +629,8 @@ pub struct ReencryptArgs {
     /// {"blob": BASE64, "context": {..}, "key": KEY, "to": KEY,
     /// "to_context": {..}}; all but "blob" default to the flags. Writes one
     /// JSON line per input line, in order; exits non-zero if any failed.
-    #[arg(long, value_name = "FILE")]
+    /// (Its output is JSON already: no --json.)
+    #[arg(long, value_name = "FILE", conflicts_with = "json")]
     pub batch: Option<PathBuf>,
     /// Write the raw new blob here instead of printing it in base64 ('-':
     /// standard output, and nothing else is printed there); with --batch,

@@ -360,3 +360,90 @@ async fn describe_alias(c: &ConnectArgs, id: &str) -> Option<String> {
         .into_inner();
     resp.key.map(|k| k.alias)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::KeyId;
+
+    fn blob_of(id: KeyId) -> Vec<u8> {
+        let header = envelope::Header {
+            suite: envelope::SUITE_HKDF_SHA256_AES256GCM,
+            key_id: id,
+            key_version: 3,
+            salt: [0; envelope::SALT_LEN],
+            iv: [0; envelope::IV_LEN],
+        };
+        envelope::encode(&header, &[1; 32], &[0; envelope::TAG_LEN])
+    }
+
+    fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn base64_errors_name_the_form_not_a_code() {
+        let e = decode_blob("Q0YB-AQ_").unwrap_err();
+        assert!(
+            e.contains("character 5 is '-'") && e.contains("URL-safe"),
+            "{e}"
+        );
+        assert!(e.contains(BASE64_FORM), "{e}");
+        let e = decode_blob("Q0YBA").unwrap_err();
+        assert!(e.contains(BASE64_FORM), "{e}");
+        assert!(!e.contains("Invalid"), "{e}");
+        let e = decode_blob("Q0\u{e9}B").unwrap_err();
+        assert!(e.contains("outside the alphabet"), "{e}");
+        assert!(decode_blob("  ").unwrap_err().contains("is empty"));
+        assert_eq!(decode_blob(" Q0YB\n").unwrap(), b"CF\x01");
+    }
+
+    #[test]
+    fn the_hint_names_the_blob_s_key() {
+        let id = KeyId::new_random();
+        let blob = blob_of(id);
+        let acme = ctx(&[("tenant", "acme")]);
+        // Another key named by its UUID: no description needed.
+        let other = KeyId::new_random().to_string();
+        let h = blob_hint(&blob, Some(&other), None, &acme).unwrap();
+        assert!(
+            h.contains(&format!(
+                "belongs to key {id}, version 3, not to --key {other}"
+            )),
+            "{h}"
+        );
+        // An alias, described: the blob's alias differs.
+        let h = blob_hint(&blob, Some("billing"), Some("demo"), &acme).unwrap();
+        assert!(
+            h.contains("(alias \"demo\")") && h.contains("not to --key billing"),
+            "{h}"
+        );
+        // The alias it has: then the context is the reason.
+        let h = blob_hint(&blob, Some("demo"), Some("demo"), &acme).unwrap();
+        assert!(
+            h.contains("as --key says") && h.contains("must match exactly"),
+            "{h}"
+        );
+        // An alias not described: both possibilities.
+        let h = blob_hint(&blob, Some("billing"), None, &acme).unwrap();
+        assert!(
+            h.contains("if --key billing is another key") && h.contains("given: tenant=acme"),
+            "{h}"
+        );
+        // No --key, no context.
+        let h = blob_hint(&blob, None, None, &BTreeMap::new()).unwrap();
+        assert!(
+            h.contains(&id.to_string()) && h.contains("no context was given"),
+            "{h}"
+        );
+        // Not a blob at all.
+        let h = blob_hint(b"hello", None, None, &acme).unwrap();
+        assert!(h.contains("not a coffre blob"), "{h}");
+    }
+}

@@ -653,3 +653,75 @@ impl ProgressLine {
         let _ = std::io::stderr().flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn defaults() -> Defaults {
+        Defaults {
+            context: [("tenant".to_string(), "acme".to_string())].into(),
+            key: Some("demo".to_string()),
+            to: Some("billing".to_string()),
+            to_context: Context::new(),
+        }
+    }
+
+    #[test]
+    fn a_line_takes_the_flags_for_what_it_does_not_say() {
+        let d = defaults();
+        let item = parse_decrypt(Ok(r#"{"blob": "Q0YB"}"#.to_string()), &d).unwrap();
+        assert_eq!(item.blob, b"CF\x01");
+        assert_eq!(item.context, d.context);
+        assert_eq!(item.key.as_deref(), Some("demo"));
+        // Its own fields win; an empty context is a context.
+        let item = parse_reencrypt(
+            Ok(r#"{"ciphertext_blob": "Q0YB", "context": {}, "to": "x", "to_context": {"a": "b"}}"#
+                .to_string()),
+            &d,
+        )
+        .unwrap();
+        assert!(item.context.is_empty());
+        assert_eq!(item.to.as_deref(), Some("x"));
+        assert_eq!(item.to_context.get("a").map(String::as_str), Some("b"));
+    }
+
+    #[test]
+    fn a_bad_line_says_what_is_expected() {
+        let d = defaults();
+        let e = parse_decrypt(Ok(r#"{"blob": "Q0YB", "to": "x"}"#.to_string()), &d).unwrap_err();
+        assert_eq!(e.code, "INVALID_ARGUMENT");
+        assert!(e.message.contains("unknown field `to`"), "{}", e.message);
+        assert!(!e.message.contains("at line 1"), "{}", e.message);
+        let e = parse_decrypt(Ok("not json".to_string()), &d).unwrap_err();
+        assert!(
+            e.message.contains("expected {\"blob\": BASE64"),
+            "{}",
+            e.message
+        );
+        let e = parse_reencrypt(Ok(r#"{"blob": "%%"}"#.to_string()), &d).unwrap_err();
+        assert!(
+            e.message.contains("standard base64 alphabet"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn item_errors_carry_the_code_by_name() {
+        let e = LineError::from_code(7, "no");
+        assert_eq!(e.code, "PERMISSION_DENIED");
+        assert_eq!(LineError::from_code(99, "?").code, "UNKNOWN");
+        let line = serde_json::to_string(&ErrLine {
+            line: 4,
+            ok: false,
+            error: &e,
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"line":4,"ok":false,"error":{"code":"PERMISSION_DENIED","message":"no"}}"#
+        );
+    }
+}
