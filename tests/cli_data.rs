@@ -297,6 +297,29 @@ fn batch_decrypt_gives_one_result_per_line_in_order() {
         "a progress bar went to a pipe: {err:?}"
     );
 
+    // A request refused as a whole (an operator may not decrypt): every
+    // line gets its error, in order.
+    let (ok, out, _) = run_with_stdin(
+        data,
+        &endpoint,
+        &[
+            "decrypt",
+            "--batch",
+            "-",
+            "--context",
+            "tenant=acme",
+            "--as",
+            "operator",
+        ],
+        input.as_bytes(),
+    );
+    assert!(!ok);
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["error"]["code"], "PERMISSION_DENIED", "{lines:?}");
+    assert_eq!(lines[2]["error"]["code"], "INVALID_ARGUMENT", "{lines:?}");
+    assert_eq!(lines[4]["error"]["code"], "PERMISSION_DENIED", "{lines:?}");
+
     // A file, to --out: the same results; all good lines: exit 0.
     let input_file = data.join("good.jsonl");
     std::fs::write(
@@ -522,6 +545,9 @@ fn data_commands_help_reads_well() {
     let usage = out.lines().find(|l| l.starts_with("Usage:")).unwrap();
     assert!(!usage.contains("--context"), "{usage}");
     assert!(out.contains("--context <KEY=VALUE>"), "{out}");
+    // --batch prints JSON lines: --json is refused rather than mixed in.
+    let (_, err) = help(&["decrypt", "--batch", "-", "--json"]);
+    assert!(err.contains("cannot be used with"), "{err}");
     // decrypt and reencrypt name their three sources in the usage.
     for cmd in ["decrypt", "reencrypt"] {
         let (_, err) = help(&[cmd]);
