@@ -35,6 +35,8 @@ mod batch;
 mod canary;
 // The README walkthrough with the real `coffre` binary and its CLI.
 mod cli;
+// The data commands (encrypt/decrypt/reencrypt, --batch) with the real binary.
+mod cli_data;
 // Long-running: `coffre dev` SIGKILLed under load and restarted, 20 cycles
 // by default (COFFRE_CRASH_CYCLES, COFFRE_CRASH_SEED).
 mod crash;

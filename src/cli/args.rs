@@ -46,8 +46,12 @@ pub enum Command {
     Audit(AuditCommand),
     /// Wrap a small secret (at most 4096 bytes) under a key (service).
     Encrypt(EncryptArgs),
-    /// Unwrap a ciphertext blob (service).
+    /// Unwrap a ciphertext blob, or a file of them (--batch) (service).
     Decrypt(DecryptArgs),
+    /// Move a blob to the newest version of its key, or to another key or
+    /// context, without its plaintext leaving the server; --batch for a
+    /// file of them (service).
+    Reencrypt(ReencryptArgs),
     /// Load a running server and measure throughput and latency (see
     /// BENCHMARKS.md).
     Bench(bench::BenchArgs),
@@ -532,8 +536,9 @@ pub enum DatakeyCommand {
 /// What every data-key request carries.
 #[derive(Debug, Clone, Args)]
 pub struct DataArgs {
-    /// An encryption-context entry, KEY=VALUE; repeat for more.
-    #[arg(long = "context", value_parser = parse_pair)]
+    /// An encryption-context entry, KEY=VALUE (optional; repeat for more).
+    /// Decrypting needs exactly the entries given when the blob was made.
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
     pub context: Vec<(String, String)>,
     /// Why the key is used.
     #[arg(long, value_enum, default_value_t = pb::AccessReason::CustomerInitiatedAccess)]
@@ -570,12 +575,14 @@ impl ValueEnum for pb::AccessReason {
 
 #[derive(Debug, Args)]
 pub struct EncryptArgs {
+    /// The key to wrap under: its id (UUID) or alias.
     #[arg(long)]
     pub key: String,
     /// File holding the secret (1 to 4096 bytes); '-' reads standard input.
     #[arg(long = "in", value_name = "FILE")]
     pub input: PathBuf,
-    /// Write the raw blob here instead of printing it in base64.
+    /// Write the raw blob here instead of printing it in base64 ('-':
+    /// standard output, and nothing else is printed there).
     #[arg(long = "out", value_name = "FILE")]
     pub output: Option<PathBuf>,
     #[command(flatten)]
@@ -585,19 +592,73 @@ pub struct EncryptArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("source").required(true).args(["blob", "input", "batch"])
+))]
 pub struct DecryptArgs {
-    /// The blob, in base64.
-    #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+    /// The blob, in base64 (as `coffre encrypt` and `coffre datakey
+    /// generate` print it).
+    #[arg(long, value_name = "BASE64")]
     pub blob: Option<String>,
     /// File holding the raw blob; '-' reads standard input.
     #[arg(long = "in", value_name = "FILE")]
     pub input: Option<PathBuf>,
-    /// Write the raw plaintext here instead of printing it in base64.
+    /// A file of JSON lines ('-': standard input), one blob per line:
+    /// {"blob": BASE64, "context": {"k": "v"}, "key": KEY}; "context" and
+    /// "key" default to --context and --key. Writes one JSON line per input
+    /// line, in order, to --out or standard output; exits non-zero if any
+    /// line failed. (Its output is JSON already: no --json.)
+    #[arg(long, value_name = "FILE", conflicts_with = "json")]
+    pub batch: Option<PathBuf>,
+    /// Write the raw plaintext here instead of printing it in base64 ('-':
+    /// standard output, and nothing else is printed there); with --batch,
+    /// the JSON lines.
     #[arg(long = "out", value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Require the blob to belong to this key (UUID or alias).
     #[arg(long)]
     pub key: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("source").required(true).args(["blob", "input", "batch"])
+))]
+pub struct ReencryptArgs {
+    /// The blob, in base64 (as `coffre encrypt` and `coffre datakey
+    /// generate` print it).
+    #[arg(long, value_name = "BASE64")]
+    pub blob: Option<String>,
+    /// File holding the raw blob; '-' reads standard input.
+    #[arg(long = "in", value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// A file of JSON lines ('-': standard input), one blob per line:
+    /// {"blob": BASE64, "context": {..}, "key": KEY, "to": KEY,
+    /// "to_context": {..}}; all but "blob" default to the flags. Writes one
+    /// JSON line per input line, in order; exits non-zero if any failed.
+    /// (Its output is JSON already: no --json.)
+    #[arg(long, value_name = "FILE", conflicts_with = "json")]
+    pub batch: Option<PathBuf>,
+    /// Write the raw new blob here instead of printing it in base64 ('-':
+    /// standard output, and nothing else is printed there); with --batch,
+    /// the JSON lines.
+    #[arg(long = "out", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Require the blob to belong to this key (UUID or alias).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// The key to wrap under (UUID or alias); default: the blob's own key,
+    /// at its newest version.
+    #[arg(long, value_name = "KEY")]
+    pub to: Option<String>,
+    /// An entry of the new blob's encryption context, KEY=VALUE (repeat for
+    /// more); default: the same context as the blob's (--context).
+    #[arg(long = "to-context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub to_context: Vec<(String, String)>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]

@@ -14,7 +14,9 @@ mod client;
 mod datakey;
 mod hsm;
 mod key;
+mod lines;
 mod output;
+mod reencrypt;
 mod run;
 
 use std::process::ExitCode;
@@ -63,6 +65,7 @@ pub fn main() -> ExitCode {
             Command::Audit(cmd) => audit::run(cmd).await,
             Command::Encrypt(args) => datakey::encrypt(args).await,
             Command::Decrypt(args) => datakey::decrypt(args).await,
+            Command::Reencrypt(args) => reencrypt::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });
