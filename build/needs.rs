@@ -30,7 +30,7 @@ pub struct Need {
     pub require: &'static str,
     /// What it is, for people.
     pub what: &'static str,
-    /// How to get it.
+    /// How to run the tests that need it ("To run it, {how}.").
     pub how: &'static str,
     detect: fn(Env<'_>) -> Result<(), String>,
 }
@@ -52,7 +52,7 @@ pub const SOFTHSM: Need = Need {
     cfg: "coffre_has_softhsm",
     require: "COFFRE_REQUIRE_SOFTHSM",
     what: "SoftHSM2 and pkcs11-tool",
-    how: "apt-get install softhsm2 opensc",
+    how: "install them (apt-get install softhsm2 opensc)",
     detect: |env| {
         let mut missing = Vec::new();
         if let Err(e) = softhsm_module(env) {
@@ -73,7 +73,7 @@ pub const CHATTR: Need = Need {
     cfg: "coffre_has_chattr",
     require: "COFFRE_REQUIRE_ROOT",
     what: "root for chattr +i (CAP_LINUX_IMMUTABLE) and chattr",
-    how: "run it as root, on ext4, xfs or btrfs (apt-get install e2fsprogs)",
+    how: "run it as root, on ext4, xfs or btrfs, with e2fsprogs installed",
     detect: |env| {
         let mut missing = Vec::new();
         if !has_capability(CAP_LINUX_IMMUTABLE) {
@@ -91,7 +91,7 @@ pub const LOOP_MOUNT: Need = Need {
     cfg: "coffre_has_loop_mount",
     require: "COFFRE_REQUIRE_ROOT",
     what: "root for a loop mount (CAP_SYS_ADMIN, /dev/loop-control), e2fsprogs and util-linux",
-    how: "run it as root, with loop devices (apt-get install e2fsprogs mount util-linux)",
+    how: "run it as root with loop devices, with e2fsprogs, mount and util-linux installed",
     detect: |env| {
         let mut missing = Vec::new();
         if !has_capability(CAP_SYS_ADMIN) {
@@ -117,7 +117,7 @@ pub const POSTGRES: Need = Need {
     cfg: "coffre_has_postgres",
     require: "COFFRE_REQUIRE_POSTGRES",
     what: "PostgreSQL 15+ (initdb, pg_ctl)",
-    how: "apt-get install postgresql",
+    how: "install PostgreSQL (apt-get install postgresql)",
     detect: |env| {
         let mut missing = Vec::new();
         for tool in ["initdb", "pg_ctl"] {

@@ -233,7 +233,7 @@ pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> 
 pub fn require(need: &needs::Need) {
     if let Err(missing) = need.detect(&|var| std::env::var(var).ok()) {
         panic!(
-            "this test needs {}, and this machine lacks it: {missing}. To run it: {}. Without \
+            "this test needs {}, and this machine lacks it: {missing}. To run it, {}. Without \
              it (and without {}=1 at build time) `cargo test` reports it as ignored, not run",
             need.what, need.how, need.require
         );
