@@ -273,7 +273,8 @@ pub fn build_script_lines(env: Env<'_>) -> Vec<String> {
             Err(missing) if need.required(env) => {
                 lines.push(format!("cargo:rustc-cfg={}", need.cfg));
                 lines.push(format!(
-                    "cargo:warning={}=1 but {} is missing ({missing}): its tests will run and fail",
+                    "cargo:warning={}=1, but this machine lacks {} ({missing}): its tests \
+                     will run and fail",
                     need.require, need.what
                 ));
             }
