@@ -1,10 +1,17 @@
 //! Compiles proto/coffre/v1 with protox (pure Rust, no system protoc) and
-//! generates the tonic services with tonic-prost-build.
+//! generates the tonic services with tonic-prost-build; and sets the cfgs
+//! that say which outside components the tests can use here (`build/needs.rs`).
 
 use std::path::PathBuf;
 
+#[path = "build/needs.rs"]
+mod needs;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/coffre");
+    for line in needs::build_script_lines(&|var| std::env::var(var).ok()) {
+        println!("{line}");
+    }
     let fds = protox::compile(["proto/coffre/v1/coffre.proto"], ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // Serialized descriptors, for server reflection.

@@ -438,7 +438,12 @@ fn chattr(flag: &str, path: &std::path::Path) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_chattr),
+    ignore = "not run: needs root for chattr +i (CAP_LINUX_IMMUTABLE) and chattr"
+)]
 async fn fail_closed_while_the_log_cannot_be_written_then_recover() {
+    crate::common::require(&crate::common::needs::CHATTR);
     let server = TestServer::start().await;
     let mut keys = server.keys().await;
     let mut data = server.data().await;

@@ -5,12 +5,13 @@
 //! must refuse at start.
 //!
 //! SoftHSM2 (Debian package `softhsm2`) and `pkcs11-tool` (package `opensc`,
-//! to make a root key with unsafe attributes) are outside components. With
-//! `COFFRE_REQUIRE_SOFTHSM=1` (set by `.ci/run`) a missing one fails the
-//! test. Without it, the SoftHSM2 tests say on the terminal that they did
-//! not run (uncaptured) and return.
+//! an independent PKCS#11 client) are outside components. Where the build
+//! did not find them (`build/needs.rs`, cfg `coffre_has_softhsm`), the
+//! SoftHSM2 tests are `#[ignore]`d with that reason, so `cargo test` reports
+//! them as ignored, not passed. With `COFFRE_REQUIRE_SOFTHSM=1` at build
+//! time (set by `.ci/run`) they are never ignored, and a missing component
+//! fails them, saying what to install.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use coffre::secret::SecretBytes;
 use crate::common::binary::{
     COFFRE, HSM_PIN, export_and_verify, free_port, spawn_ready, start_hsm,
 };
-use crate::common::{channel_as, ctx};
+use crate::common::{channel_as, ctx, needs, require};
 
 // ---------------------------------------------------------------------------
 // The simulator, both ways
@@ -109,20 +110,6 @@ async fn the_suite_fails_a_backend_that_mislabels_authentication_failures() {
 const USER_PIN: &str = "softhsm-user-pin-1234";
 const SO_PIN: &str = "softhsm-so-pin-5678";
 
-fn required() -> bool {
-    std::env::var("COFFRE_REQUIRE_SOFTHSM").is_ok_and(|v| v == "1")
-}
-
-/// Says, past the test harness's capture, that a test did not run.
-fn not_run(test: &str, why: &str) {
-    let mut err = std::io::stderr();
-    let _ = writeln!(
-        err,
-        "\n*** {test}: NOT RUN: {why}. Install it (apt-get install softhsm2 opensc) or set \
-         COFFRE_REQUIRE_SOFTHSM=1 to make this a failure. ***\n"
-    );
-}
-
 /// A SoftHSM2 installation with its own token directory.
 struct SoftHsm {
     dir: tempfile::TempDir,
@@ -130,33 +117,11 @@ struct SoftHsm {
 }
 
 impl SoftHsm {
-    /// SoftHSM2 with an empty token directory, or `None` (said loudly) if
-    /// it is not installed and not required.
-    fn new(test: &str) -> Option<Self> {
-        let candidates = [
-            std::env::var("COFFRE_SOFTHSM_MODULE")
-                .ok()
-                .map(PathBuf::from),
-            Some(PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")),
-            Some(PathBuf::from(
-                "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-            )),
-            Some(PathBuf::from(
-                "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-            )),
-            Some(PathBuf::from("/usr/local/lib/softhsm/libsofthsm2.so")),
-        ];
-        let module = candidates.into_iter().flatten().find(|p| p.is_file());
-        let util = Command::new("softhsm2-util").arg("--version").output();
-        let (Some(module), Ok(_)) = (module, util) else {
-            assert!(
-                !required(),
-                "COFFRE_REQUIRE_SOFTHSM=1 but SoftHSM2 is not installed (libsofthsm2.so and \
-                 softhsm2-util; Debian package softhsm2)"
-            );
-            not_run(test, "SoftHSM2 is not installed");
-            return None;
-        };
+    /// SoftHSM2 with an empty token directory; fails, saying what to
+    /// install, if SoftHSM2 or pkcs11-tool is missing.
+    fn new() -> Self {
+        require(&needs::SOFTHSM);
+        let module = needs::softhsm_module(&|var| std::env::var(var).ok()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("tokens")).unwrap();
         std::fs::write(
@@ -168,7 +133,7 @@ impl SoftHsm {
             ),
         )
         .unwrap();
-        Some(Self { dir, module })
+        Self { dir, module }
     }
 
     fn conf(&self) -> PathBuf {
@@ -194,38 +159,23 @@ impl SoftHsm {
         assert!(out.status.success(), "softhsm2-util: {out:?}");
     }
 
-    /// `pkcs11-tool --list-objects` on token `label`, logged in; `None` (said
-    /// loudly, or a failure when required) if pkcs11-tool is missing.
-    fn list_objects(&self, label: &str) -> Option<String> {
+    /// `pkcs11-tool --list-objects` on token `label`, logged in.
+    fn list_objects(&self, label: &str) -> String {
         self.list_objects_of(label, "secrkey")
     }
 
     /// `pkcs11-tool --list-objects --type KIND` (secrkey, privkey, pubkey).
-    fn list_objects_of(&self, label: &str, kind: &str) -> Option<String> {
+    fn list_objects_of(&self, label: &str, kind: &str) -> String {
         let out = self
             .command("pkcs11-tool")
             .arg("--module")
             .arg(&self.module)
             .args(["--token-label", label, "--login", "--pin", USER_PIN])
             .args(["--list-objects", "--type", kind])
-            .output();
-        match out {
-            Ok(out) => {
-                assert!(out.status.success(), "pkcs11-tool: {out:?}");
-                Some(String::from_utf8_lossy(&out.stdout).into_owned())
-            }
-            Err(e) => {
-                assert!(
-                    !required(),
-                    "COFFRE_REQUIRE_SOFTHSM=1 but pkcs11-tool (Debian package opensc) is missing: {e}"
-                );
-                not_run(
-                    "the pkcs11-tool check of a CMK object",
-                    "pkcs11-tool is not installed",
-                );
-                None
-            }
-        }
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pkcs11-tool: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn coffre(&self, args: &[&str]) -> Output {
@@ -282,10 +232,12 @@ fn stderr(out: &Output) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(coffre_has_softhsm),
+    ignore = "not run: needs SoftHSM2 and pkcs11-tool (apt-get install softhsm2 opensc)"
+)]
 fn conformance_on_softhsm2_through_the_coffre_binary() {
-    let Some(softhsm) = SoftHsm::new("conformance_on_softhsm2_through_the_coffre_binary") else {
-        return;
-    };
+    let softhsm = SoftHsm::new();
     let dir = tempfile::tempdir().unwrap();
     softhsm.init_token("conformance");
     let config = softhsm.config(dir.path(), "conformance", "");
@@ -316,10 +268,12 @@ fn conformance_on_softhsm2_through_the_coffre_binary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_softhsm),
+    ignore = "not run: needs SoftHSM2 and pkcs11-tool (apt-get install softhsm2 opensc)"
+)]
 async fn coffre_serve_on_softhsm2_end_to_end() {
-    let Some(softhsm) = SoftHsm::new("coffre_serve_on_softhsm2_end_to_end") else {
-        return;
-    };
+    let softhsm = SoftHsm::new();
     let dir = tempfile::tempdir().unwrap();
     softhsm.init_token("prod");
     let config = softhsm.config(dir.path(), "prod", "");
@@ -439,22 +393,21 @@ async fn coffre_serve_on_softhsm2_end_to_end() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 
     // An independent PKCS#11 client sees the CMK object as coffre made it.
-    if let Some(listing) = softhsm.list_objects("prod") {
-        let label = format!("coffre-cmk-{}-v1", hsm_key.key_id);
-        let block = listing
-            .split("Secret Key Object")
-            .find(|b| b.contains(&label))
-            .unwrap_or_else(|| panic!("{label} not listed by pkcs11-tool:\n{listing}"));
-        assert!(block.contains("Usage:      derive"), "{block}");
-        assert!(
-            !block.contains("encrypt") && !block.contains("wrap"),
-            "{block}"
-        );
-        assert!(
-            block.contains("sensitive, always sensitive, never extractable, local"),
-            "{block}"
-        );
-    }
+    let listing = softhsm.list_objects("prod");
+    let label = format!("coffre-cmk-{}-v1", hsm_key.key_id);
+    let block = listing
+        .split("Secret Key Object")
+        .find(|b| b.contains(&label))
+        .unwrap_or_else(|| panic!("{label} not listed by pkcs11-tool:\n{listing}"));
+    assert!(block.contains("Usage:      derive"), "{block}");
+    assert!(
+        !block.contains("encrypt") && !block.contains("wrap"),
+        "{block}"
+    );
+    assert!(
+        block.contains("sensitive, always sensitive, never extractable, local"),
+        "{block}"
+    );
 
     // Root-key rotation inside the token: every CMK version re-wrapped, the
     // old root key destroyed on the token.
@@ -504,10 +457,12 @@ async fn coffre_serve_on_softhsm2_end_to_end() {
 }
 
 #[test]
+#[cfg_attr(
+    not(coffre_has_softhsm),
+    ignore = "not run: needs SoftHSM2 and pkcs11-tool (apt-get install softhsm2 opensc)"
+)]
 fn bad_pkcs11_setups_are_refused_at_start() {
-    let Some(softhsm) = SoftHsm::new("bad_pkcs11_setups_are_refused_at_start") else {
-        return;
-    };
+    let softhsm = SoftHsm::new();
     let dir = tempfile::tempdir().unwrap();
     softhsm.init_token("empty");
     softhsm.init_token("weak");
@@ -585,20 +540,8 @@ fn bad_pkcs11_setups_are_refused_at_start() {
             "--extractable",
         ])
         .output();
-    match made {
-        Ok(out) => assert!(out.status.success(), "pkcs11-tool: {out:?}"),
-        Err(e) => {
-            assert!(
-                !required(),
-                "COFFRE_REQUIRE_SOFTHSM=1 but pkcs11-tool (Debian package opensc) is missing: {e}"
-            );
-            not_run(
-                "bad_pkcs11_setups_are_refused_at_start (weak root key)",
-                "pkcs11-tool is not installed",
-            );
-            return;
-        }
-    }
+    let made = made.unwrap();
+    assert!(made.status.success(), "pkcs11-tool: {made:?}");
     let weak = softhsm.config(dir.path(), "weak", "");
     refuses(
         &weak,
@@ -621,10 +564,12 @@ fn bad_pkcs11_setups_are_refused_at_start() {
 /// an independent client (pkcs11-tool) reads from the token, and the key
 /// carries the attributes coffre requires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_softhsm),
+    ignore = "not run: needs SoftHSM2 and pkcs11-tool (apt-get install softhsm2 opensc)"
+)]
 async fn audit_checkpoints_signed_in_softhsm2() {
-    let Some(softhsm) = SoftHsm::new("audit_checkpoints_signed_in_softhsm2") else {
-        return;
-    };
+    let softhsm = SoftHsm::new();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node");
     std::fs::create_dir(&data).unwrap();
@@ -676,36 +621,25 @@ async fn audit_checkpoints_signed_in_softhsm2() {
         ])
         .arg(&der_path)
         .output();
-    match read {
-        Ok(out) => {
-            assert!(out.status.success(), "pkcs11-tool: {out:?}");
-            let pem = std::fs::read_to_string(&der_path).unwrap();
-            let token_key = coffre::audit::public_key_from_pem(&pem)
-                .unwrap_or_else(|| panic!("not an Ed25519 public key: {pem}"));
-            assert_eq!(token_key, exported, "the log's key is the token's");
-        }
-        Err(e) => {
-            assert!(!required(), "pkcs11-tool is missing: {e}");
-            not_run(
-                "reading the audit key with pkcs11-tool",
-                "pkcs11-tool is not installed",
-            );
-        }
-    }
+    let read = read.unwrap();
+    assert!(read.status.success(), "pkcs11-tool: {read:?}");
+    let pem = std::fs::read_to_string(&der_path).unwrap();
+    let token_key = coffre::audit::public_key_from_pem(&pem)
+        .unwrap_or_else(|| panic!("not an Ed25519 public key: {pem}"));
+    assert_eq!(token_key, exported, "the log's key is the token's");
     // `coffre hsm check` finds the same key, safe to use.
     let out = softhsm.coffre(&["hsm", "check", "--config", config_s, "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let check: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(check["audit_signing_key"], hex::encode(exported), "{check}");
     assert_eq!(check["key_objects"], true, "{check}");
-    if let Some(listing) = softhsm.list_objects_of("signer", "privkey") {
-        let block = listing
-            .split("Private Key Object")
-            .find(|b| b.contains("coffre-audit-signing"))
-            .unwrap_or_else(|| panic!("no private audit key listed:\n{listing}"));
-        assert!(block.contains("never extractable"), "{block}");
-        assert!(block.contains("Usage:      sign"), "{block}");
-    }
+    let listing = softhsm.list_objects_of("signer", "privkey");
+    let block = listing
+        .split("Private Key Object")
+        .find(|b| b.contains("coffre-audit-signing"))
+        .unwrap_or_else(|| panic!("no private audit key listed:\n{listing}"));
+    assert!(block.contains("never extractable"), "{block}");
+    assert!(block.contains("Usage:      sign"), "{block}");
 
     // Restarted: the log, checkpoints included, verifies under the token's
     // key again before the server serves; and it goes on signing.

@@ -16,7 +16,8 @@ mod common;
 // batch item, coalesced refusals, a batch stopped by an HSM outage.
 mod abuse;
 // The audit log of a running server: one record per request, before the
-// response; fail closed; export, list and tail.
+// response; fail closed (needs root for chattr: ignored, not run, without
+// it unless COFFRE_REQUIRE_ROOT=1); export, list and tail.
 mod audit_log;
 // Approvals that show what is approved (policy, diff, digest), the digest
 // an approver must present, RetireKeyVersions under the quorum, duplicates.
@@ -51,9 +52,9 @@ mod format;
 // writer is #[ignore]d).
 mod fuzz_corpora;
 // One HSM conformance suite on each backend. Environment-sensitive: the
-// SoftHSM2 tests need softhsm2 and opensc, and without
-// COFFRE_REQUIRE_SOFTHSM=1 they return without running when those are
-// missing; the hsm-sim one needs the hsm-sim binary built.
+// SoftHSM2 tests need softhsm2 and opensc, and are ignored (not run) where
+// the build did not find them unless COFFRE_REQUIRE_SOFTHSM=1; the hsm-sim
+// one needs the hsm-sim binary built.
 mod hsm_conformance;
 // HSM faults (latency, errors, outage, tamper) injected into the
 // in-process simulator.
@@ -74,6 +75,8 @@ mod policy;
 mod processes;
 // Quorum approvals between two operators, through the CLI.
 mod quorum;
+// Tests needing the machine (SoftHSM2, root) are not run where it lacks that, and fail when forced.
+mod requirements;
 // Long-running (about 10 s): the short soak, flat memory under
 // `coffre bench`.
 mod soak;
@@ -81,7 +84,8 @@ mod soak;
 // restart, the MAC key's deletion detected, the one-time migration.
 mod store_integrity;
 // Environment-sensitive: a full then read-only disk under `coffre dev`;
-// needs root, loop devices and e2fsprogs, and fails without them.
+// needs root, loop devices and e2fsprogs: ignored (not run) without them
+// unless COFFRE_REQUIRE_ROOT=1.
 mod storage_faults;
 // Client certificates at the TLS layer: expiry, CRL, reload (SIGHUP too).
 mod tls;

@@ -5,11 +5,15 @@
 //!   `hsm-sim serve`).
 //! - [`clients`]: the operator's and the service's clients of a server, and
 //!   the key-plus-data-key set-up.
+//! - [`needs`]: what some tests need from the machine (`build/needs.rs`,
+//!   shared with the build script), and [`require`], their check at start.
 
 #![allow(dead_code)]
 
 pub mod binary;
 pub mod clients;
+#[path = "../../build/needs.rs"]
+pub mod needs;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -220,4 +224,19 @@ pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> 
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// The start of a test that needs `need` from the machine: fails, saying
+/// what is missing and how to get it, unless the machine has it. Such a test
+/// is `#[ignore]`d when the build did not find `need` (see `build/needs.rs`);
+/// it gets here anyway when `need.require` was `1` at build time, when run
+/// with `--include-ignored`, or when the machine changed since the build.
+pub fn require(need: &needs::Need) {
+    if let Err(missing) = need.detect(&|var| std::env::var(var).ok()) {
+        panic!(
+            "this test needs {}, and this machine lacks it: {missing}. To run it, {}. Without \
+             it (and without {}=1 at build time) `cargo test` reports it as ignored, not run",
+            need.what, need.how, need.require
+        );
+    }
 }

@@ -291,7 +291,7 @@ fn compaction_keeps_the_seals() {
 /// A measurement, not a check: `cargo test --lib cold_read_cost --
 /// --ignored --nocapture` (debug build numbers; see BENCHMARKS.md).
 #[test]
-#[ignore]
+#[ignore = "a measurement, not a check: cargo test --lib cold_read_cost -- --ignored --nocapture"]
 fn cold_read_cost() {
     const READS: u32 = 20_000;
     let time = |store: &SledStore| {
