@@ -70,6 +70,12 @@ impl KeyService for GrpcApi {
                 policy: req.policy.map(convert::policy_from_pb).transpose()?,
             };
             let chosen = input.policy.is_some();
+            // Only a policy the caller chose has something to warn about.
+            let warnings = input
+                .policy
+                .as_ref()
+                .map(|p| self.kms().policy_warnings(p))
+                .unwrap_or_default();
             let view = self.kms().create_key(caller, input).await?;
             audit.resolved(&view.key);
             // The policy the key got (chosen or the default): its digest and
@@ -85,6 +91,7 @@ impl KeyService for GrpcApi {
             ));
             Ok(pb::CreateKeyResponse {
                 key: Some(convert::key_to_pb(&view.key)),
+                warnings,
             })
         })
         .await
@@ -253,6 +260,8 @@ impl KeyService for GrpcApi {
                 .ok_or_else(|| Error::InvalidArgument("policy is required".into()))?;
             let policy = convert::policy_from_pb(policy)?;
             audit.detail(format!("proposed {}", canonical::policy_audit(&policy)));
+            // Sent with the answer, applied or pending alike.
+            let warnings = self.kms().policy_warnings(&policy);
             let result = self.kms().update_key_policy(caller, &key, policy).await;
             if let Ok(record) = &result {
                 audit.detail(format!(
@@ -264,6 +273,7 @@ impl KeyService for GrpcApi {
             Ok(pb::UpdateKeyPolicyResponse {
                 key,
                 pending_approval_id,
+                warnings,
             })
         })
         .await
