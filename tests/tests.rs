@@ -35,6 +35,10 @@ mod batch;
 mod canary;
 // The README walkthrough with the real `coffre` binary and its CLI.
 mod cli;
+// Issue #16, CLI errors with the real binary: --json error objects, request
+// ids found in the audit log, wrong-PKI and refused connections in words,
+// periods as given, policy warnings and proto names, empty tables.
+mod cli_errors;
 // Long-running: `coffre dev` SIGKILLed under load and restarted, 20 cycles
 // by default (COFFRE_CRASH_CYCLES, COFFRE_CRASH_SEED).
 mod crash;

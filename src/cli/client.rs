@@ -42,6 +42,7 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
         ca: ca_path.clone(),
         cert: cert_path.clone(),
         ca_given: args.ca.is_some(),
+        cert_given: args.cert.is_some(),
     });
     let ca = read(&ca_path, "CA certificate")?;
     let cert = read(&cert_path, "client certificate")?;
@@ -132,6 +133,9 @@ impl fmt::Display for CliError {
         let code = code_words(self.code);
         if self.message.is_empty() {
             write!(f, "{code} ({})", self.code_name())?;
+        } else if code == "error" {
+            // Not a code people are told by name: `main`'s `error:` says it.
+            f.write_str(&self.message)?;
         } else {
             write!(f, "{code}: {}", self.message)?;
         }
@@ -163,6 +167,7 @@ struct Peer {
     ca: PathBuf,
     cert: PathBuf,
     ca_given: bool,
+    cert_given: bool,
 }
 
 static PEER: Mutex<Option<Peer>> = Mutex::new(None);
@@ -181,6 +186,7 @@ fn peer() -> Option<Peer> {
         ca: p.ca.clone(),
         cert: p.cert.clone(),
         ca_given: p.ca_given,
+        cert_given: p.cert_given,
     })
 }
 
@@ -241,14 +247,14 @@ fn diagnose(err: &(dyn std::error::Error + 'static), peer: &Peer) -> Option<CliE
                      name: use the name it was issued for (the dev PKI's is localhost or \
                      127.0.0.1)"
                 )),
-                rustls::Error::AlertReceived(alert) => unavailable(format!(
-                    "the server at {endpoint} refused this client's certificate {} (TLS alert \
-                     {alert:?}): it was not issued by a CA that server trusts; {trust_hint}, or \
-                     pass --cert and --cert-key",
-                    peer.cert.display()
-                )),
+                rustls::Error::AlertReceived(_) => refused_client(peer, ""),
                 _ => None,
             };
+        }
+        // A TLS alert from the server that only h2's error displays (it
+        // hides its io::Error from `source()`).
+        if e.to_string().contains("received fatal alert") {
+            return refused_client(peer, "");
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             match io.kind() {
@@ -270,6 +276,40 @@ fn diagnose(err: &(dyn std::error::Error + 'static), peer: &Peer) -> Option<CliE
         }
     }
     None
+}
+
+/// The server ended the handshake with an alert (`how` empty), or closed
+/// the connection before answering (`how` says so): it does not accept this
+/// client's certificate.
+fn refused_client(peer: &Peer, how: &str) -> Option<CliError> {
+    let dir = peer.data_dir.display();
+    let what = if how.is_empty() {
+        format!(
+            "refused this client's certificate {} (a TLS alert)",
+            peer.cert.display()
+        )
+    } else {
+        format!(
+            "{how}: it may have refused this client's certificate {}",
+            peer.cert.display()
+        )
+    };
+    let hint = if peer.cert_given {
+        "pass a --cert and --cert-key that server's role CAs issued".to_string()
+    } else {
+        format!(
+            "pass that server's data directory as --data-dir (not {dir}), or pass --cert and \
+             --cert-key"
+        )
+    };
+    Some(CliError::local(
+        tonic::Code::Unavailable,
+        format!(
+            "the server at {} {what}: it takes only certificates issued by its own role CAs; \
+             {hint}",
+            peer.endpoint,
+        ),
+    ))
 }
 
 /// The messages of an error's source chain joined by ": ", each said once:
@@ -330,15 +370,22 @@ pub(super) fn rpc_error(status: tonic::Status) -> anyhow::Error {
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    if request_id.is_none() {
-        let source = std::error::Error::source(&status);
-        if let Some(explained) = source.and_then(|s| peer().and_then(|p| diagnose(s, &p))) {
+    let source = std::error::Error::source(&status);
+    let parts = std::iter::once(status.message().to_string())
+        .chain(source.into_iter().flat_map(sources).map(|e| e.to_string()));
+    let message = join_unrepeated(parts);
+    // No request id: the server never answered; a transport failure.
+    if let (None, Some(source), Some(peer)) = (&request_id, source, peer()) {
+        if let Some(explained) = diagnose(source, &peer) {
             return explained.into();
         }
-    }
-    let mut message = status.message().to_string();
-    if let Some(source) = std::error::Error::source(&status) {
-        message = join_unrepeated([message, chain_text(source)]);
+        let closed = ["connection closed", "connection reset", "broken pipe"];
+        if closed.iter().any(|c| message.contains(c)) {
+            if let Some(explained) = refused_client(&peer, "closed the connection before answering")
+            {
+                return explained.into();
+            }
+        }
     }
     CliError {
         code: status.code(),
