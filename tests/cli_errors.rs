@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::common::binary::{COFFRE, free_port, run, run_json, start_dev};
+use crate::common::binary::{COFFRE, free_port, run, run_json, start_dev, start_dev_with};
 
 const SERVICE: &str = "spiffe://coffre.dev/service";
 const OPERATOR: &str = "spiffe://coffre.dev/operator";
@@ -156,6 +156,14 @@ fn errors_under_json_are_one_object_with_code_and_request_id() {
         1,
     );
     assert_eq!(error["code"], "INVALID_ARGUMENT", "{error}");
+    // The context the command added shows, in JSON and in text.
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-policy.json"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -364,6 +372,37 @@ fn policies_warn_of_unknown_principals_and_read_proto_names() {
         stderr.contains("warning:") && stderr.contains("its role is operator"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_pending_policy_update_carries_its_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (_server, endpoint) = start_dev_with(data, &["--quorum", "2"]);
+    run_json(data, &endpoint, &["key", "create", "--alias", "q1"]);
+    let typo = "spiffe://coffre.dev/srvice";
+    let bad = proto_policy(dir.path(), "bad.json", typo);
+    let args = ["key", "policy", "set", "q1", "--file", &bad, "--json"];
+    let (code, stdout, stderr) = run_status(data, &endpoint, &args);
+    assert_eq!(code, Some(0), "{stderr}");
+    let pending: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(pending["pending_approval_id"].is_string(), "{pending}");
+    let warnings = pending["warnings"].as_array().unwrap();
+    assert!(warnings[0].as_str().unwrap().contains(typo), "{pending}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains(typo),
+        "{stderr}"
+    );
+    // A known principal: pending, no warning.
+    let good = proto_policy(dir.path(), "good.json", SERVICE);
+    let (code, stdout, stderr) = run_status(
+        data,
+        &endpoint,
+        &["key", "policy", "set", "q1", "--file", &good],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("pending"), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
 }
 
 #[test]
