@@ -155,8 +155,10 @@ impl Kms {
     /// attribute a grantee does not have. Advice for the operator who sets
     /// the policy (`CreateKey`, `UpdateKeyPolicy`): the policy is accepted
     /// all the same, since roles may be configured later. Empty when the
-    /// policy has nothing to say.
-    pub fn policy_warnings(&self, policy: &KeyPolicy) -> Vec<String> {
+    /// policy has nothing to say. Only a caller who may set policies hears
+    /// them (they tell which principals have a role).
+    pub fn policy_warnings(&self, caller: &Caller, policy: &KeyPolicy) -> Result<Vec<String>> {
+        self.authorize(caller, Operation::UpdateKeyPolicy)?;
         let mut warnings = Vec::new();
         for grant in &policy.grants {
             let grantee = Caller::new(grant.principal.clone());
@@ -187,7 +189,7 @@ impl Kms {
                 }
             }
         }
-        warnings
+        Ok(warnings)
     }
 }
 

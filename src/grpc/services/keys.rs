@@ -70,13 +70,16 @@ impl KeyService for GrpcApi {
                 policy: req.policy.map(convert::policy_from_pb).transpose()?,
             };
             let chosen = input.policy.is_some();
-            // Only a policy the caller chose has something to warn about.
-            let warnings = input
-                .policy
-                .as_ref()
-                .map(|p| self.kms().policy_warnings(p))
-                .unwrap_or_default();
             let view = self.kms().create_key(caller, input).await?;
+            // Only a policy the caller chose has something to warn about
+            // (and the key exists now: a refusal only drops the warnings).
+            let warnings = if chosen {
+                self.kms()
+                    .policy_warnings(caller, &view.key.policy)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             audit.resolved(&view.key);
             // The policy the key got (chosen or the default): its digest and
             // the policy itself, which holds no secret.
@@ -261,7 +264,7 @@ impl KeyService for GrpcApi {
             let policy = convert::policy_from_pb(policy)?;
             audit.detail(format!("proposed {}", canonical::policy_audit(&policy)));
             // Sent with the answer, applied or pending alike.
-            let warnings = self.kms().policy_warnings(&policy);
+            let warnings = self.kms().policy_warnings(caller, &policy)?;
             let result = self.kms().update_key_policy(caller, &key, policy).await;
             if let Ok(record) = &result {
                 audit.detail(format!(
