@@ -673,3 +673,34 @@ pub fn approval_detail(a: &pb::Approval, json: bool) -> anyhow::Result<()> {
     println!("operation_sha256  {}", a.operation_sha256);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_cells_are_cut_and_columns_fit_their_content() {
+        let rows = vec![
+            vec!["a".to_string(), "x".repeat(50), "end".to_string()],
+            vec!["bb".to_string(), "short".to_string(), "end".to_string()],
+        ];
+        let text = render_table(&["K", "ALIAS", "S"], &rows, &[(1, 10)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "K   ALIAS       S");
+        assert_eq!(lines[1], format!("a   {}…  end", "x".repeat(9)));
+        assert_eq!(lines[2], "bb  short       end");
+    }
+
+    #[test]
+    fn periods_read_in_the_largest_unit_that_divides_them() {
+        assert_eq!(human_period(90 * 86_400), "90d");
+        assert_eq!(human_period(365 * 86_400), "1y");
+        assert_eq!(human_period(7200), "2h");
+        assert_eq!(human_period(61), "61s");
+    }
+
+    #[test]
+    fn no_colour_off_a_terminal() {
+        assert!(!colour(false));
+    }
+}
