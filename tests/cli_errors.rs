@@ -372,6 +372,35 @@ fn policies_warn_of_unknown_principals_and_read_proto_names() {
         stderr.contains("warning:") && stderr.contains("its role is operator"),
         "{stderr}"
     );
+    // A context rule bound to an attribute the grantee lacks (coffre dev
+    // configures none) refuses every request: said too.
+    let bound = dir.path().join("bound.json");
+    let policy = serde_json::json!({
+        "grants": [{ "principal": SERVICE, "operations": ["Decrypt"] }],
+        "required_context": { "tenant": { "equals_caller_attribute": "tenant" } },
+    });
+    std::fs::write(&bound, policy.to_string()).unwrap();
+    let key = run_json(
+        data,
+        &endpoint,
+        &[
+            "key",
+            "policy",
+            "set",
+            "w2",
+            "--file",
+            bound.to_str().unwrap(),
+        ],
+    );
+    let warnings = key["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{key}");
+    assert!(
+        warnings[0]
+            .as_str()
+            .unwrap()
+            .contains("has no attribute \"tenant\""),
+        "{key}"
+    );
 }
 
 #[test]
