@@ -38,6 +38,10 @@ mod canary;
 mod cli;
 // The data commands (encrypt/decrypt/reencrypt, --batch) with the real binary.
 mod cli_data;
+// Issue #16, CLI errors with the real binary: --json error objects, request
+// ids found in the audit log, wrong-PKI and refused connections in words,
+// periods as given, policy warnings and proto names, empty tables.
+mod cli_errors;
 // Long-running: `coffre dev` SIGKILLed under load and restarted, 20 cycles
 // by default (COFFRE_CRASH_CYCLES, COFFRE_CRASH_SEED).
 mod crash;

@@ -180,8 +180,8 @@ pub enum KeyCommand {
         #[arg(long = "label", value_parser = parse_pair)]
         labels: Vec<(String, String)>,
         /// Rotate automatically every PERIOD (e.g. 90d, 1y, 12h; 1 day to 10 years).
-        #[arg(long, value_parser = parse_period)]
-        rotation_period: Option<u64>,
+        #[arg(long, value_parser = parse_given_period)]
+        rotation_period: Option<Period>,
         /// The key's policy, a JSON file (default: the server's default policy).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
@@ -263,8 +263,8 @@ pub enum KeyCommand {
     SetRotation {
         key: String,
         /// e.g. 90d, 1y, 12h; 1 day to 10 years.
-        #[arg(long, value_parser = parse_period, required_unless_present = "off")]
-        period: Option<u64>,
+        #[arg(long, value_parser = parse_given_period, required_unless_present = "off")]
+        period: Option<Period>,
         #[arg(long, conflicts_with = "period")]
         off: bool,
         #[command(flatten)]
@@ -691,6 +691,22 @@ fn parse_period(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("period {s:?} is too long"))
 }
 
+/// A period from the command line: its length, and the words it was given
+/// in (`90d`), which the output echoes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Period {
+    pub secs: u64,
+    pub text: String,
+}
+
+/// [`parse_period`], keeping the text as given (trimmed).
+fn parse_given_period(s: &str) -> Result<Period, String> {
+    Ok(Period {
+        secs: parse_period(s)?,
+        text: s.trim().to_string(),
+    })
+}
+
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -721,6 +737,8 @@ mod tests {
         assert!(parse_period("3x").is_err());
         assert!(parse_period("d").is_err());
         assert!(parse_period("99999999999999999999y").is_err());
+        let given = parse_given_period(" 90d ").unwrap();
+        assert_eq!((given.secs, given.text.as_str()), (90 * 86_400, "90d"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::io::{BufReader, IsTerminal, Write};
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use super::client::{connect, rpc_error};
+use super::client::{CliError, connect, rpc_error};
 use super::{AuditCommand, OutcomeArg};
 use crate::audit::{
     Checkpoint, Policy, key_fingerprint, public_key_from_pem, verify, verify_with_checkpoint,
@@ -188,10 +188,15 @@ fn verify_command(
             } else {
                 format!("line {}{seq}", e.line)
             };
-            bail!(
-                "the audit log does not verify: {place}: {} (key fingerprint {fingerprint})",
-                e.failure
-            )
+            let failure = CliError::local(
+                tonic::Code::DataLoss,
+                format!(
+                    "the audit log does not verify: {place}: {} (key fingerprint {fingerprint})",
+                    e.failure
+                ),
+            );
+            // Under --json the report above is the answer: no second object.
+            return Err(if json { failure.answered() } else { failure }.into());
         }
     };
     let covered = report.last_checkpoint.as_ref().map_or(0, |c| c.seq);
@@ -211,7 +216,11 @@ fn verify_command(
                 }))?
             );
         }
-        bail!("the audit log is not accepted: {failure} (key fingerprint {fingerprint})");
+        let failure = CliError::local(
+            tonic::Code::FailedPrecondition,
+            format!("the audit log is not accepted: {failure} (key fingerprint {fingerprint})"),
+        );
+        return Err(if json { failure.answered() } else { failure }.into());
     }
     if json {
         println!(
@@ -286,31 +295,57 @@ fn print_events(r: &pb::ListEventsResponse, json: bool) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    println!(
-        "{:>8}  {:<20}  {:<28}  {:<24}  {:<36}  {:<8}  STATUS",
-        "SEQ", "TIME", "PRINCIPAL", "OPERATION", "KEY", "OUTCOME"
+    let rows: Vec<Vec<String>> = r
+        .events
+        .iter()
+        .map(|e| {
+            let time = e
+                .time
+                .as_ref()
+                .map(|t| Timestamp(t.seconds.saturating_mul(1000)).to_rfc3339())
+                .unwrap_or_default();
+            let outcome = match pb::AuditOutcome::try_from(e.outcome) {
+                Ok(pb::AuditOutcome::Allowed) => "allowed",
+                Ok(pb::AuditOutcome::Refused) => "refused",
+                Ok(pb::AuditOutcome::Failed) => "failed",
+                _ => "?",
+            };
+            let key = match e.key_version {
+                Some(v) => format!("{} v{v}", e.key_id),
+                None => e.key_id.clone(),
+            };
+            vec![
+                format!("{:>8}", e.seq),
+                time,
+                e.principal.clone(),
+                e.operation.clone(),
+                key,
+                outcome.to_string(),
+                e.status_code.clone(),
+            ]
+        })
+        .collect();
+    // Columns sized to their content; a principal or key name longer than
+    // its limit is cut with `…` (`--json` has every field whole).
+    let empty = if r.next_page_token.is_empty() {
+        "no events match"
+    } else {
+        "no events match on this page"
+    };
+    super::output::table_limited(
+        &[
+            "     SEQ",
+            "TIME",
+            "PRINCIPAL",
+            "OPERATION",
+            "KEY",
+            "OUTCOME",
+            "STATUS",
+        ],
+        &rows,
+        &[(2, 40), (3, 32), (4, 48)],
+        empty,
     );
-    for e in &r.events {
-        let time = e
-            .time
-            .as_ref()
-            .map(|t| Timestamp(t.seconds.saturating_mul(1000)).to_rfc3339())
-            .unwrap_or_default();
-        let outcome = match pb::AuditOutcome::try_from(e.outcome) {
-            Ok(pb::AuditOutcome::Allowed) => "allowed",
-            Ok(pb::AuditOutcome::Refused) => "refused",
-            Ok(pb::AuditOutcome::Failed) => "failed",
-            _ => "?",
-        };
-        let key = match e.key_version {
-            Some(v) => format!("{} v{v}", e.key_id),
-            None => e.key_id.clone(),
-        };
-        println!(
-            "{:>8}  {:<20}  {:<28}  {:<24}  {:<36}  {:<8}  {}",
-            e.seq, time, e.principal, e.operation, key, outcome, e.status_code
-        );
-    }
     if !r.next_page_token.is_empty() {
         println!("more: --page-token {}", r.next_page_token);
     }

@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::Context;
 use tonic::transport::Channel;
 
-use super::client::{connect, read_input, rpc_error};
+use super::args::Period;
+use super::client::{CliError, connect, read_input, rpc_error};
 use super::output::{self, KeyOut, VersionOut};
 use super::{ConnectArgs, KeyCommand, PolicyCommand, ProtectionArg, StateFilter};
 use crate::grpc::convert::policy_to_pb;
@@ -26,6 +27,7 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             connect: c,
         } => {
             let policy = policy.map(|p| read_policy(&p)).transpose()?;
+            check_period("--rotation-period", rotation_period.as_ref())?;
             let protection_level = match protection_level {
                 ProtectionArg::Software => pb::ProtectionLevel::Software,
                 ProtectionArg::Hsm => pb::ProtectionLevel::Hsm,
@@ -35,11 +37,16 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
                 description,
                 protection_level: protection_level as i32,
                 labels: labels.into_iter().collect(),
-                rotation_period: rotation_period.map(seconds),
+                rotation_period: rotation_period.as_ref().map(|p| seconds(p.secs)),
                 policy: policy.as_ref().map(policy_to_pb),
             };
             let resp = client(&c).await?.create_key(request).await;
-            print_key(resp.map_err(rpc_error)?.into_inner().key, &c)
+            let resp = resp.map_err(rpc_error)?.into_inner();
+            output::warnings(&resp.warnings);
+            let mut key =
+                KeyOut::from(&returned(resp.key)?).with_given_period(rotation_period.as_ref());
+            key.warnings = resp.warnings;
+            output::key(&key, &[], c.json)
         }
         KeyCommand::List {
             page_size,
@@ -99,7 +106,12 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             };
             let resp = client(&c).await?.schedule_key_deletion(request).await;
             let resp = resp.map_err(rpc_error)?.into_inner();
-            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+            if !resp.pending_approval_id.is_empty() {
+                return output::pending(&resp.pending_approval_id, c.json);
+            }
+            let mut key = KeyOut::from(&returned(resp.key)?);
+            key.deletion_window_days = Some(days);
+            output::key(&key, &[], c.json)
         }
         KeyCommand::CancelDeletion { key, connect: c } => {
             let request = pb::CancelKeyDeletionRequest { key_id: key };
@@ -113,12 +125,16 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             off,
             connect: c,
         } => {
+            let period = if off { None } else { period };
+            check_period("--period", period.as_ref())?;
             let request = pb::SetRotationPolicyRequest {
                 key_id: key,
-                rotation_period: if off { None } else { period.map(seconds) },
+                rotation_period: period.as_ref().map(|p| seconds(p.secs)),
             };
             let resp = client(&c).await?.set_rotation_policy(request).await;
-            print_key(resp.map_err(rpc_error)?.into_inner().key, &c)
+            let key = returned(resp.map_err(rpc_error)?.into_inner().key)?;
+            let key = KeyOut::from(&key).with_given_period(period.as_ref());
+            output::key(&key, &[], c.json)
         }
         KeyCommand::Policy(PolicyCommand::Show { key, connect: c }) => {
             let raw = get_key(&c, key)
@@ -143,7 +159,13 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             };
             let resp = client(&c).await?.update_key_policy(request).await;
             let resp = resp.map_err(rpc_error)?.into_inner();
-            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+            output::warnings(&resp.warnings);
+            if !resp.pending_approval_id.is_empty() {
+                return output::pending_warned(&resp.pending_approval_id, &resp.warnings, c.json);
+            }
+            let mut key = KeyOut::from(&returned(resp.key)?);
+            key.warnings = resp.warnings;
+            output::key(&key, &[], c.json)
         }
         KeyCommand::RetireVersions {
             key,
@@ -212,15 +234,133 @@ fn print_pending_or_key(
     }
 }
 
-/// A policy from a JSON file (the format `coffre key policy show` prints).
+/// A policy from a JSON file: the format `coffre key policy show` prints,
+/// or the proto's JSON form (field names in lowerCamelCase, enum values by
+/// their proto names, `GENERATE_DATA_KEY` as well as `GenerateDataKey`), so
+/// that a policy a gRPC client built can be given as it is.
 fn read_policy(path: &Path) -> anyhow::Result<KeyPolicy> {
     let bytes = read_input(path)?;
-    let policy: KeyPolicy = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a valid policy", path.display()))?;
-    policy
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let invalid = |why: String| {
+        CliError::local(
+            tonic::Code::InvalidArgument,
+            format!("{} is not a valid policy: {why}", path.display()),
+        )
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let policy: KeyPolicy =
+        serde_json::from_value(from_proto_json(value)).map_err(|e| invalid(e.to_string()))?;
+    policy.validate().map_err(invalid)?;
     Ok(policy)
+}
+
+/// The proto JSON spellings of a policy (`grants[].operations`,
+/// `acceptedReasons`, `requiredContext.*.equalsCallerAttribute`, enum
+/// names) rewritten to the ones [`KeyPolicy`] reads; anything else as it is.
+fn from_proto_json(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let renamed = |key: String| match key.as_str() {
+        "requiredContext" => "required_context".to_string(),
+        "acceptedReasons" => "accepted_reasons".to_string(),
+        "equalsCallerAttribute" => "equals_caller_attribute".to_string(),
+        _ => key,
+    };
+    let Value::Object(top) = value else {
+        return value;
+    };
+    let mut out = serde_json::Map::new();
+    for (key, v) in top {
+        let key = renamed(key);
+        let v = match (key.as_str(), v) {
+            ("grants", Value::Array(grants)) => Value::Array(
+                grants
+                    .into_iter()
+                    .map(|g| match g {
+                        Value::Object(grant) => Value::Object(
+                            grant
+                                .into_iter()
+                                .map(|(k, v)| match (k.as_str(), v) {
+                                    ("operations", Value::Array(ops)) => (
+                                        k,
+                                        Value::Array(ops.into_iter().map(operation_name).collect()),
+                                    ),
+                                    (_, v) => (k, v),
+                                })
+                                .collect(),
+                        ),
+                        other => other,
+                    })
+                    .collect(),
+            ),
+            ("accepted_reasons", Value::Array(reasons)) => {
+                Value::Array(reasons.into_iter().map(reason_name).collect())
+            }
+            ("required_context", Value::Object(rules)) => Value::Object(
+                rules
+                    .into_iter()
+                    .map(|(name, rule)| match rule {
+                        Value::Object(fields) => (
+                            name,
+                            Value::Object(
+                                fields.into_iter().map(|(k, v)| (renamed(k), v)).collect(),
+                            ),
+                        ),
+                        other => (name, other),
+                    })
+                    .collect(),
+            ),
+            (_, v) => v,
+        };
+        out.insert(key, v);
+    }
+    Value::Object(out)
+}
+
+/// `GENERATE_DATA_KEY` (the proto's name) as `GenerateDataKey`; any other
+/// value as it is, for serde to accept or refuse.
+fn operation_name(v: serde_json::Value) -> serde_json::Value {
+    let found = v.as_str().and_then(|name| {
+        crate::model::DataKeyOperation::ALL.into_iter().find(|op| {
+            let wire = crate::grpc::convert::operation_to_pb(*op);
+            wire.as_str_name() == name
+        })
+    });
+    match found.and_then(|op| serde_json::to_value(op).ok()) {
+        Some(ours) => ours,
+        None => v,
+    }
+}
+
+/// `ACCESS_REASON_UNSPECIFIED` (the proto's name) as `UNSPECIFIED`; the
+/// other reasons are spelt alike.
+fn reason_name(v: serde_json::Value) -> serde_json::Value {
+    let found = v.as_str().and_then(|name| {
+        pb::AccessReason::from_str_name(name)
+            .and_then(|wire| crate::grpc::convert::reason_from_pb(wire as i32).ok())
+    });
+    match found.and_then(|r| serde_json::to_value(r).ok()) {
+        Some(ours) => ours,
+        None => v,
+    }
+}
+
+/// A period flag's value, refused here when the server would refuse it, in
+/// the words it was given (`--period 1h`, not `3600 s`).
+fn check_period(flag: &str, period: Option<&Period>) -> anyhow::Result<()> {
+    use crate::service::{MAX_ROTATION_PERIOD, MIN_ROTATION_PERIOD};
+    let Some(p) = period else {
+        return Ok(());
+    };
+    if p.secs < MIN_ROTATION_PERIOD.as_secs() || p.secs > MAX_ROTATION_PERIOD.as_secs() {
+        anyhow::bail!(CliError::local(
+            tonic::Code::InvalidArgument,
+            format!(
+                "{flag} {}: a rotation period must be 1 day to 10 years",
+                p.text
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn seconds(s: u64) -> prost_types::Duration {

@@ -17,11 +17,12 @@ mod key;
 mod lines;
 mod output;
 mod reencrypt;
+mod report;
 mod run;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::server::dev::DevOptions;
 pub use args::{
@@ -34,7 +35,10 @@ use run::{init_logging, run_dev, run_serve};
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, json) = match parse() {
+        Ok(parsed) => parsed,
+        Err(code) => return code,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -72,8 +76,21 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            report::error(&e, json);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The command line, and whether it asks for `--json` (then an error is a
+/// JSON object on stdout too). A bad command line under `--json` is an
+/// `INVALID_ARGUMENT` object, exit status 2 as clap's own.
+fn parse() -> Result<(Cli, bool), ExitCode> {
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, report::json_flag(&m))));
+    match parsed {
+        Ok(parsed) => Ok(parsed),
+        Err(e) => Err(report::usage_error(&e)),
     }
 }

@@ -1,4 +1,7 @@
-//! Output: aligned tables for people, one JSON object for scripts.
+//! Output: aligned tables for people, one JSON object for scripts. A table
+//! with no row says so in a line instead of printing only its header, and a
+//! cell too long for its column is cut with `…` (`--json` has it whole);
+//! colour only on a terminal, never with `NO_COLOR` set.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -22,12 +25,58 @@ pub struct KeyOut {
     pub labels: std::collections::BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rotation_period_secs: Option<i64>,
+    /// The rotation period as the operator gave it (`90d`), else in the
+    /// largest unit that divides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation_period: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_rotation: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deletion: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destroyed: Option<String>,
+    /// The deletion window the operator gave (`--days`), after a
+    /// `schedule-deletion`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletion_window_days: Option<u32>,
+    /// What the server found wrong with the policy it was given (a grant
+    /// naming a principal no role knows, ...), after `create` or `policy set`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+impl KeyOut {
+    /// The rotation period in the words `given` (e.g. `90d`), when it is the
+    /// period the server answered with.
+    pub fn with_given_period(mut self, given: Option<&crate::cli::args::Period>) -> Self {
+        if let Some(p) = given {
+            if self.rotation_period_secs == i64::try_from(p.secs).ok() {
+                self.rotation_period = Some(p.text.clone());
+            }
+        }
+        self
+    }
+}
+
+/// Whether to colour output on a stream that is (`tty`) or is not a
+/// terminal: only on a terminal, and not when `NO_COLOR` is set to anything
+/// (<https://no-color.org>) or `TERM` is `dumb`.
+pub fn colour(tty: bool) -> bool {
+    tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        && std::env::var_os("TERM").is_none_or(|t| t != "dumb")
+}
+
+/// Prints the server's warnings on standard error, one line each.
+pub fn warnings(warnings: &[String]) {
+    use std::io::IsTerminal;
+    let prefix = if colour(std::io::stderr().is_terminal()) {
+        "\x1b[1;33mwarning:\x1b[0m"
+    } else {
+        "warning:"
+    };
+    for w in warnings {
+        eprintln!("{prefix} {w}");
+    }
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> String {
@@ -49,9 +98,12 @@ impl From<&pb::KeyMetadata> for KeyOut {
             description: k.description.clone(),
             labels: k.labels.clone().into_iter().collect(),
             rotation_period_secs: k.rotation_period.as_ref().map(|d| d.seconds),
+            rotation_period: k.rotation_period.as_ref().map(|d| human_period(d.seconds)),
             next_rotation: k.next_rotation_time.as_ref().map(|t| time(Some(t))),
             deletion: k.deletion_time.as_ref().map(|t| time(Some(t))),
             destroyed: k.destroy_time.as_ref().map(|t| time(Some(t))),
+            deletion_window_days: None,
+            warnings: Vec::new(),
         }
     }
 }
@@ -84,26 +136,62 @@ pub(super) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints rows as columns padded to their widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+/// Prints rows as columns padded to their widest cell; `empty` instead
+/// when there is no row.
+fn table(header: &[&str], rows: &[Vec<String>], empty: &str) {
+    table_limited(header, rows, &[], empty);
+}
+
+/// [`table`], with the columns `limits` names (index, most characters) cut
+/// to that width with `…`, so that one long cell does not push every other
+/// column off the screen.
+pub(super) fn table_limited(
+    header: &[&str],
+    rows: &[Vec<String>],
+    limits: &[(usize, usize)],
+    empty: &str,
+) {
+    if rows.is_empty() {
+        println!("{empty}");
+        return;
+    }
+    print!("{}", render_table(header, rows, limits));
+}
+
+/// The lines of [`table_limited`].
+fn render_table(header: &[&str], rows: &[Vec<String>], limits: &[(usize, usize)]) -> String {
+    let cut = |i: usize, cell: &str| -> String {
+        match limits.iter().find(|(col, _)| *col == i) {
+            Some((_, max)) if cell.chars().count() > *max => {
+                let kept: String = cell.chars().take(max.saturating_sub(1)).collect();
+                format!("{kept}…")
+            }
+            _ => cell.to_string(),
+        }
+    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().enumerate().map(|(i, c)| cut(i, c)).collect())
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &cells {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let line = |cells: &[String]| {
         let padded: Vec<String> = cells
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        format!("{}\n", padded.join("  ").trim_end())
     };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for row in rows {
-        line(row.clone());
+    let mut out = line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    for row in &cells {
+        out.push_str(&line(row));
     }
+    out
 }
 
 pub fn key(key: &KeyOut, versions: &[VersionOut], json: bool) -> anyhow::Result<()> {
@@ -134,14 +222,18 @@ pub fn key(key: &KeyOut, versions: &[VersionOut], json: bool) -> anyhow::Result<
     for (k, v) in &key.labels {
         println!("label             {k}={v}");
     }
-    if let Some(p) = key.rotation_period_secs {
-        println!("rotation          every {}", human_period(p));
+    if let Some(p) = &key.rotation_period {
+        println!("rotation          every {p}");
     }
     if let Some(t) = &key.next_rotation {
         println!("next rotation     {t}");
     }
     if let Some(t) = &key.deletion {
-        println!("destroyed at      {t}   (cancel with `coffre key cancel-deletion`)");
+        let window = key
+            .deletion_window_days
+            .map(|d| format!("in {d} days; "))
+            .unwrap_or_default();
+        println!("destroyed at      {t}   ({window}cancel with `coffre key cancel-deletion`)");
     }
     if let Some(t) = &key.destroyed {
         println!("destroyed         {t}");
@@ -178,7 +270,11 @@ fn version_table(versions: &[VersionOut]) {
             ]
         })
         .collect();
-    table(&["VERSION", "STATE", "CREATED", "HSM ROOT KEY"], &rows);
+    table(
+        &["VERSION", "STATE", "CREATED", "HSM ROOT KEY"],
+        &rows,
+        "no versions",
+    );
 }
 
 pub fn versions(versions: &[VersionOut], json: bool) -> anyhow::Result<()> {
@@ -302,7 +398,12 @@ pub fn key_list(keys: &[KeyOut], next_page_token: &str, json: bool) -> anyhow::R
             ]
         })
         .collect();
-    table(&["KEY ID", "ALIAS", "STATE", "VERSION", "CREATED"], &rows);
+    table_limited(
+        &["KEY ID", "ALIAS", "STATE", "VERSION", "CREATED"],
+        &rows,
+        &[(1, 40)],
+        "no keys match",
+    );
     if !next_page_token.is_empty() {
         println!("\nmore keys: --page-token {next_page_token}   (or --all)");
     }
@@ -436,8 +537,18 @@ pub fn plaintext(
 }
 
 pub fn pending(approval_id: &str, json: bool) -> anyhow::Result<()> {
+    pending_warned(approval_id, &[], json)
+}
+
+/// [`pending`], with the server's warnings about the proposal (in the
+/// JSON object too, as `warnings`, when there are some).
+pub fn pending_warned(approval_id: &str, warnings: &[String], json: bool) -> anyhow::Result<()> {
     if json {
-        return print_json(&json!({ "pending_approval_id": approval_id }));
+        let mut value = json!({ "pending_approval_id": approval_id });
+        if let (false, Some(obj)) = (warnings.is_empty(), value.as_object_mut()) {
+            obj.insert("warnings".into(), json!(warnings));
+        }
+        return print_json(&value);
     }
     println!("this operation needs more approvals: it is pending as {approval_id}");
     println!("other operators review it with: coffre approval show {approval_id}");
@@ -516,6 +627,7 @@ pub fn approvals(approvals: &[pb::Approval], json: bool) -> anyhow::Result<()> {
             "RESULT",
         ],
         &rows,
+        "no approvals match",
     );
     Ok(())
 }
@@ -560,4 +672,35 @@ pub fn approval_detail(a: &pb::Approval, json: bool) -> anyhow::Result<()> {
     }
     println!("operation_sha256  {}", a.operation_sha256);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_cells_are_cut_and_columns_fit_their_content() {
+        let rows = vec![
+            vec!["a".to_string(), "x".repeat(50), "end".to_string()],
+            vec!["bb".to_string(), "short".to_string(), "end".to_string()],
+        ];
+        let text = render_table(&["K", "ALIAS", "S"], &rows, &[(1, 10)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "K   ALIAS       S");
+        assert_eq!(lines[1], format!("a   {}…  end", "x".repeat(9)));
+        assert_eq!(lines[2], "bb  short       end");
+    }
+
+    #[test]
+    fn periods_read_in_the_largest_unit_that_divides_them() {
+        assert_eq!(human_period(90 * 86_400), "90d");
+        assert_eq!(human_period(365 * 86_400), "1y");
+        assert_eq!(human_period(7200), "2h");
+        assert_eq!(human_period(61), "61s");
+    }
+
+    #[test]
+    fn no_colour_off_a_terminal() {
+        assert!(!colour(false));
+    }
 }

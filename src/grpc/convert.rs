@@ -73,7 +73,7 @@ pub fn reason_to_pb(r: AccessReason) -> pb::AccessReason {
         .map_or(pb::AccessReason::Unspecified, |(_, wire)| *wire)
 }
 
-fn operation_to_pb(o: DataKeyOperation) -> pb::DataKeyOperation {
+pub fn operation_to_pb(o: DataKeyOperation) -> pb::DataKeyOperation {
     match o {
         DataKeyOperation::GenerateDataKey => pb::DataKeyOperation::GenerateDataKey,
         DataKeyOperation::GenerateDataKeyWithoutPlaintext => {

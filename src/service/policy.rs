@@ -147,6 +147,52 @@ impl Kms {
     }
 }
 
+impl Kms {
+    /// What in `policy` will not work as written, judged against the roles
+    /// and attributes this server is configured with: a grant naming a
+    /// principal no role knows (a typo leaves a key nobody can use), or one
+    /// whose role may not use data keys, or a context rule bound to an
+    /// attribute a grantee does not have. Advice for the operator who sets
+    /// the policy (`CreateKey`, `UpdateKeyPolicy`): the policy is accepted
+    /// all the same, since roles may be configured later. Empty when the
+    /// policy has nothing to say. Only a caller who may set policies hears
+    /// them (they tell which principals have a role).
+    pub fn policy_warnings(&self, caller: &Caller, policy: &KeyPolicy) -> Result<Vec<String>> {
+        self.authorize(caller, Operation::UpdateKeyPolicy)?;
+        let mut warnings = Vec::new();
+        for grant in &policy.grants {
+            let grantee = Caller::new(grant.principal.clone());
+            match self.authz.role_of(&grantee) {
+                None => warnings.push(format!(
+                    "the grant to {:?} names a principal no role on this server knows: \
+                     nobody can use it (a typo? the configured principals are in [roles])",
+                    grant.principal
+                )),
+                Some(role) if role != crate::authz::Role::Service => warnings.push(format!(
+                    "the grant to {:?} has no effect: its role is {role}, and only the \
+                     service role may use data keys",
+                    grant.principal
+                )),
+                Some(_) => {
+                    for (context_key, rule) in &policy.required_context {
+                        let Some(attribute) = &rule.equals_caller_attribute else {
+                            continue;
+                        };
+                        if self.authz.attribute(&grantee, attribute).is_none() {
+                            warnings.push(format!(
+                                "{:?} has no attribute {attribute:?} on this server: the rule \
+                                 on context key {context_key:?} will refuse every request it makes",
+                                grant.principal
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(warnings)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

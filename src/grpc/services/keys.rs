@@ -71,6 +71,15 @@ impl KeyService for GrpcApi {
             };
             let chosen = input.policy.is_some();
             let view = self.kms().create_key(caller, input).await?;
+            // Only a policy the caller chose has something to warn about
+            // (and the key exists now: a refusal only drops the warnings).
+            let warnings = if chosen {
+                self.kms()
+                    .policy_warnings(caller, &view.key.policy)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             audit.resolved(&view.key);
             // The policy the key got (chosen or the default): its digest and
             // the policy itself, which holds no secret.
@@ -85,6 +94,7 @@ impl KeyService for GrpcApi {
             ));
             Ok(pb::CreateKeyResponse {
                 key: Some(convert::key_to_pb(&view.key)),
+                warnings,
             })
         })
         .await
@@ -253,6 +263,8 @@ impl KeyService for GrpcApi {
                 .ok_or_else(|| Error::InvalidArgument("policy is required".into()))?;
             let policy = convert::policy_from_pb(policy)?;
             audit.detail(format!("proposed {}", canonical::policy_audit(&policy)));
+            // Sent with the answer, applied or pending alike.
+            let warnings = self.kms().policy_warnings(caller, &policy)?;
             let result = self.kms().update_key_policy(caller, &key, policy).await;
             if let Ok(record) = &result {
                 audit.detail(format!(
@@ -264,6 +276,7 @@ impl KeyService for GrpcApi {
             Ok(pb::UpdateKeyPolicyResponse {
                 key,
                 pending_approval_id,
+                warnings,
             })
         })
         .await
