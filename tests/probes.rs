@@ -189,13 +189,14 @@ async fn readyz_follows_an_hsm_outage_and_its_end() {
     server.stop().await;
 }
 
-/// Less free space on the audit log's volume than `[limits]` asks for:
+/// Less free space on the audit log's volume than both `[limits]` floors:
 /// `/readyz` is 503 with the numbers and what to do, without the data
 /// directory's path, and `grpc.health.v1` agrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_while_the_audit_volume_is_low() {
     let limits = coffre::grpc::ServerLimits {
         audit_min_free_bytes: u64::MAX,
+        audit_min_free_percent: 100,
         ..Default::default()
     };
     let server = TestServer::start_with_limits(

@@ -78,7 +78,10 @@ pub struct ServerLimits {
     /// Alert (log and metric) when the audit log's volume has less free
     /// space than this many bytes…
     pub audit_min_free_bytes: u64,
-    /// …or than this percentage of its size.
+    /// …or than this percentage of its size. Below both, the node is not
+    /// ready (`/readyz` 503, `grpc.health.v1` NOT_SERVING): it is about to
+    /// refuse every request, and the orchestrator should send them
+    /// elsewhere.
     pub audit_min_free_percent: u8,
 }
 
@@ -266,7 +269,9 @@ fn reflection_descriptors() -> tonic_reflection::server::Builder<'static> {
 
 /// The readiness check: the HSM and the store answer (`Kms::check_hsm`,
 /// `Kms::check_store`, run together), the audit log's last write succeeded,
-/// and its volume's free space, as last measured, is not below `[limits]`.
+/// and its volume's free space, as last measured, is not below both of
+/// `[limits]`' floors (below one of them is an alert only: a 10% floor on a
+/// large volume leaves gigabytes, no reason to stop serving).
 /// Each failing component gets a fixed sentence; the errors behind them
 /// are returned beside the report, for the log only (they may name an
 /// endpoint, a module or a file).
@@ -305,12 +310,12 @@ async fn readiness(
         });
     }
     if let Some((free, total)) = metrics.audit_volume_measured()
-        && free_space_is_low(free, total, limits)
+        && free_space_is_critical(free, total, limits)
     {
         problems.push(Problem {
             component: Component::AuditVolume,
             reason: format!(
-                "{} free of {} on the audit log's volume, below audit_min_free_bytes ({}) or \
+                "{} free of {} on the audit log's volume, below audit_min_free_bytes ({}) and \
                  audit_min_free_percent ({}%); when it is full every request is refused: free \
                  space or lower audit.retention_days",
                 human_bytes(free),
@@ -386,11 +391,19 @@ async fn watch_free_space(
     }
 }
 
-/// Below `audit_min_free_bytes` or `audit_min_free_percent` of the volume.
+/// Below `audit_min_free_bytes` or `audit_min_free_percent` of the volume:
+/// the alert.
 fn free_space_is_low(free: u64, total: u64, limits: &ServerLimits) -> bool {
-    let percent =
-        u128::from(free) * 100 < u128::from(total) * u128::from(limits.audit_min_free_percent);
-    free < limits.audit_min_free_bytes || percent
+    free < limits.audit_min_free_bytes || below_percent(free, total, limits)
+}
+
+/// Below both: not ready.
+fn free_space_is_critical(free: u64, total: u64, limits: &ServerLimits) -> bool {
+    free < limits.audit_min_free_bytes && below_percent(free, total, limits)
+}
+
+fn below_percent(free: u64, total: u64, limits: &ServerLimits) -> bool {
+    u128::from(free) * 100 < u128::from(total) * u128::from(limits.audit_min_free_percent)
 }
 
 /// The handshakes in progress: by arrival (oldest first), and how many per
@@ -620,5 +633,17 @@ mod tests {
         assert!(free_space_is_low(999, 1_000_000_000, &limits));
         assert!(free_space_is_low(50_000, 1_000_000, &limits));
         assert!(!free_space_is_low(100_000, 1_000_000, &limits));
+    }
+
+    /// Readiness fails only below both floors: 8% free of a large volume
+    /// (below the percentage, gigabytes above the bytes) stays ready.
+    #[test]
+    fn readiness_fails_on_free_space_only_below_both_floors() {
+        let limits = ServerLimits::default();
+        let gib = 1024 * 1024 * 1024;
+        assert!(free_space_is_low(20 * gib, 250 * gib, &limits));
+        assert!(!free_space_is_critical(20 * gib, 250 * gib, &limits));
+        assert!(!free_space_is_critical(gib / 2, 2 * gib, &limits));
+        assert!(free_space_is_critical(gib / 2, 250 * gib, &limits));
     }
 }
