@@ -6,7 +6,7 @@
 //! descriptors) need a client certificate from one of the client CAs, as
 //! every connection does, but no role, and they are not audited nor
 //! rate-limited: they say nothing about keys. The readiness check behind
-//! `grpc.health.v1` ([`readiness`], every second) is also what the metrics
+//! `grpc.health.v1` (`readiness`, every second) is also what the metrics
 //! listener's `/readyz` answers ([`crate::metrics::probes`]).
 //!
 //! Accepting never waits: every TCP connection is accepted at once and its
