@@ -77,6 +77,8 @@ mod policy;
 // included; needs the hsm-sim binary built (`cargo test` at the workspace
 // root builds it).
 mod processes;
+// Issue #16: /healthz and /readyz on the metrics listener, reflection v1alpha.
+mod probes;
 // Quorum approvals between two operators, through the CLI.
 mod quorum;
 // Tests needing the machine (SoftHSM2, root) are not run where it lacks that, and fail when forced.

@@ -81,7 +81,8 @@ pub struct DevArgs {
     #[arg(long, value_enum, default_value_t = DevAuditMode::Write)]
     pub audit_durability: DevAuditMode,
     /// Serve Prometheus metrics over plain HTTP on this address (e.g.
-    /// 127.0.0.1:9464): GET /metrics.
+    /// 127.0.0.1:9464): GET /metrics, and the probes GET /healthz (alive)
+    /// and /readyz (ready to serve; 503 with the reason otherwise).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Require M approvals from distinct operators for sensitive operations,

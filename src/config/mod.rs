@@ -12,7 +12,8 @@
 //!
 //! ```toml
 //! listen = "0.0.0.0:7443"
-//! metrics_listen = "127.0.0.1:9464"     # optional: Prometheus, plain HTTP
+//! metrics_listen = "127.0.0.1:9464"     # optional: Prometheus, plain HTTP; also the
+//!                                       # probes GET /healthz and /readyz
 //! data_dir = "/var/lib/coffre"          # sled store in DATA_DIR/store
 //! scheduler_interval_secs = 60           # automatic rotation, destruction
 //! allow_root = false                     # refuse to run as root (default)
@@ -83,7 +84,8 @@
 //! keepalive_timeout_secs = 10            # long an answer may take before closing
 //! max_message_bytes = 16777216           # largest message sent or accepted (>= 256 KiB)
 //! audit_min_free_bytes = 1073741824      # warn (log once a minute, and the metric
-//! audit_min_free_percent = 10            # coffre_audit_volume_free_bytes) below either
+//! audit_min_free_percent = 10            # coffre_audit_volume_free_bytes) below either;
+//!                                        # not ready (/readyz 503, health NOT_SERVING) below both
 //!
 //! [quorum]                               # M-of-N approvals for sensitive operations;
 //!                                        # required (M ≥ 2 for every operation) unless

@@ -15,7 +15,8 @@ use crate::store::approvals::SensitiveKind;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub(super) listen: Option<String>,
-    /// Prometheus metrics over plain HTTP (GET /metrics); off when unset.
+    /// Prometheus metrics over plain HTTP (GET /metrics) and the probes
+    /// (GET /healthz, /readyz); off when unset.
     pub(super) metrics_listen: Option<String>,
     pub(super) data_dir: PathBuf,
     pub(super) tls: RawTls,

@@ -2,6 +2,13 @@
 //! [`super::tls`]), coffre's services, health and reflection, and the
 //! bounds that keep it available under abuse ([`ServerLimits`]).
 //!
+//! Health and reflection (`grpc.reflection.v1` and `v1alpha`, the same
+//! descriptors) need a client certificate from one of the client CAs, as
+//! every connection does, but no role, and they are not audited nor
+//! rate-limited: they say nothing about keys. The readiness check behind
+//! `grpc.health.v1` (`readiness`, every second) is also what the metrics
+//! listener's `/readyz` answers ([`crate::metrics::probes`]).
+//!
 //! Accepting never waits: every TCP connection is accepted at once and its
 //! TLS handshake runs in a task of its own under `handshake_timeout`. At most
 //! `max_handshakes_per_ip` handshakes are pending per source address and
@@ -33,6 +40,7 @@ use super::api::GrpcApi;
 use super::pb;
 use super::tls::PreparedTls;
 use crate::metrics::Metrics;
+use crate::metrics::probes::{Component, Problem, Report, human_bytes};
 use crate::pipeline::Pipeline;
 
 /// How long one client connection may live before the server closes it
@@ -70,7 +78,10 @@ pub struct ServerLimits {
     /// Alert (log and metric) when the audit log's volume has less free
     /// space than this many bytes…
     pub audit_min_free_bytes: u64,
-    /// …or than this percentage of its size.
+    /// …or than this percentage of its size. Below both, the node is not
+    /// ready (`/readyz` 503, `grpc.health.v1` NOT_SERVING): it is about to
+    /// refuse every request, and the orchestrator should send them
+    /// elsewhere.
     pub audit_min_free_percent: u8,
 }
 
@@ -110,11 +121,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both versions of reflection, each listing both (older tools and
+    // grpcio-reflection's Python client speak v1alpha only).
+    let reflection = reflection_descriptors()
         .build_v1()
-        .context("building the reflection service")?;
+        .context("building the reflection service (v1)")?;
+    let reflection_v1alpha = reflection_descriptors()
+        .build_v1alpha()
+        .context("building the reflection service (v1alpha)")?;
 
     let kms = Arc::clone(pipeline.kms());
     let metrics = Arc::clone(pipeline.metrics());
@@ -154,24 +168,44 @@ pub async fn serve(
         limits.clone(),
     ));
 
-    // Health follows the HSM: NOT_SERVING while it does not answer.
+    // One readiness check a second feeds both grpc.health.v1 and the
+    // metrics listener's /readyz, so that they never disagree.
     let watcher = {
         let kms = Arc::clone(&kms);
+        let metrics = Arc::clone(&metrics);
         let reporter = health_reporter.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let status = match kms.check_ready().await {
-                    Ok(()) if audit.is_healthy() => ServingStatus::Serving,
-                    Ok(()) => {
-                        tracing::warn!("not ready: the audit log cannot be written");
-                        ServingStatus::NotServing
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "not ready");
-                        ServingStatus::NotServing
-                    }
+                let (report, details) = readiness(&kms, &audit, &metrics, &limits).await;
+                let status = if report.is_ready() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
                 };
+                // Logged when it changes, with the errors behind it.
+                if metrics.readiness.publish(report.clone()) {
+                    match &report {
+                        Report::NotReady(problems) => {
+                            for p in problems {
+                                tracing::warn!(
+                                    component = p.component.name(),
+                                    "not ready: {}",
+                                    p.reason
+                                );
+                            }
+                            for (component, error) in &details {
+                                tracing::warn!(component = component.name(), %error, "not ready");
+                            }
+                        }
+                        _ => tracing::info!("ready"),
+                    }
+                } else {
+                    for (component, error) in &details {
+                        tracing::debug!(component = component.name(), %error, "still not ready");
+                    }
+                }
                 if last != Some(status) {
                     for name in ["", "coffre.v1.KeyService", "coffre.v1.DataKeyService"] {
                         reporter.set_service_status(name, status).await;
@@ -202,6 +236,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(key_service)
         .add_service(data_key_service)
         .add_service(hsm_service)
@@ -220,6 +255,94 @@ pub async fn serve(
     // open second are written now, before the audit log closes.
     pipeline.flush_refusals(true);
     result
+}
+
+/// What both reflection services describe: coffre's services, health and
+/// (added by the builder) reflection itself, in both versions.
+fn reflection_descriptors() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+}
+
+/// The readiness check: the HSM and the store answer (`Kms::check_hsm`,
+/// `Kms::check_store`, run together), the audit log's last write succeeded,
+/// and its volume's free space, as last measured, is not below both of
+/// `[limits]`' floors (below one of them is an alert only: a 10% floor on a
+/// large volume leaves gigabytes, no reason to stop serving).
+/// Each failing component gets a fixed sentence; the errors behind them
+/// are returned beside the report, for the log only (they may name an
+/// endpoint, a module or a file).
+///
+/// Issue #17 adds the cluster's freshness here (strict mode: a node that
+/// has not caught up within `max_staleness_ms` is not ready).
+async fn readiness(
+    kms: &crate::service::Kms,
+    audit: &crate::audit::AuditTrail,
+    metrics: &Metrics,
+    limits: &ServerLimits,
+) -> (Report, Vec<(Component, String)>) {
+    let (hsm, store) = tokio::join!(kms.check_hsm(), kms.check_store());
+    let mut problems = Vec::new();
+    let mut details = Vec::new();
+    if let Err(e) = hsm {
+        problems.push(Problem {
+            component: Component::Hsm,
+            reason: hsm_reason(&e).to_string(),
+        });
+        details.push((Component::Hsm, e.to_string()));
+    }
+    if let Err(e) = store {
+        details.push((Component::Store, e.to_string()));
+        problems.push(Problem {
+            component: Component::Store,
+            reason: "the key store does not answer a read; see the server log".to_string(),
+        });
+    }
+    if !audit.is_healthy() {
+        problems.push(Problem {
+            component: Component::AuditLog,
+            reason: "the audit log cannot be written, so every request is refused (fail \
+                     closed) until it can; see the server log"
+                .to_string(),
+        });
+    }
+    if let Some((free, total)) = metrics.audit_volume_measured()
+        && free_space_is_critical(free, total, limits)
+    {
+        problems.push(Problem {
+            component: Component::AuditVolume,
+            reason: format!(
+                "{} free of {} on the audit log's volume, below audit_min_free_bytes ({}) and \
+                 audit_min_free_percent ({}%); when it is full every request is refused: free \
+                 space or lower audit.retention_days",
+                human_bytes(free),
+                human_bytes(total),
+                human_bytes(limits.audit_min_free_bytes),
+                limits.audit_min_free_percent,
+            ),
+        });
+    }
+    (Report::from_problems(problems), details)
+}
+
+/// What `/readyz` says of a failed HSM check.
+fn hsm_reason(e: &crate::error::Error) -> &'static str {
+    use crate::hsm::HsmError;
+    match e {
+        crate::error::Error::Hsm(HsmError::Unavailable(_)) => {
+            "the HSM does not answer (outage, timeout or refused session); see the server log"
+        }
+        crate::error::Error::Hsm(HsmError::Tampered) => {
+            "the HSM has lost its root keys (tamper response); no key can be used"
+        }
+        crate::error::Error::Hsm(HsmError::LoginFailed(_)) => {
+            "the HSM refuses the login (check the PIN); see the server log"
+        }
+        _ => "the HSM fails a key operation; see the server log",
+    }
 }
 
 /// Watches the free space of the audit log's volume: the metric
@@ -268,11 +391,19 @@ async fn watch_free_space(
     }
 }
 
-/// Below `audit_min_free_bytes` or `audit_min_free_percent` of the volume.
+/// Below `audit_min_free_bytes` or `audit_min_free_percent` of the volume:
+/// the alert.
 fn free_space_is_low(free: u64, total: u64, limits: &ServerLimits) -> bool {
-    let percent =
-        u128::from(free) * 100 < u128::from(total) * u128::from(limits.audit_min_free_percent);
-    free < limits.audit_min_free_bytes || percent
+    free < limits.audit_min_free_bytes || below_percent(free, total, limits)
+}
+
+/// Below both: not ready.
+fn free_space_is_critical(free: u64, total: u64, limits: &ServerLimits) -> bool {
+    free < limits.audit_min_free_bytes && below_percent(free, total, limits)
+}
+
+fn below_percent(free: u64, total: u64, limits: &ServerLimits) -> bool {
+    u128::from(free) * 100 < u128::from(total) * u128::from(limits.audit_min_free_percent)
 }
 
 /// The handshakes in progress: by arrival (oldest first), and how many per
@@ -502,5 +633,17 @@ mod tests {
         assert!(free_space_is_low(999, 1_000_000_000, &limits));
         assert!(free_space_is_low(50_000, 1_000_000, &limits));
         assert!(!free_space_is_low(100_000, 1_000_000, &limits));
+    }
+
+    /// Readiness fails only below both floors: 8% free of a large volume
+    /// (below the percentage, gigabytes above the bytes) stays ready.
+    #[test]
+    fn readiness_fails_on_free_space_only_below_both_floors() {
+        let limits = ServerLimits::default();
+        let gib = 1024 * 1024 * 1024;
+        assert!(free_space_is_low(20 * gib, 250 * gib, &limits));
+        assert!(!free_space_is_critical(20 * gib, 250 * gib, &limits));
+        assert!(!free_space_is_critical(gib / 2, 2 * gib, &limits));
+        assert!(free_space_is_critical(gib / 2, 250 * gib, &limits));
     }
 }

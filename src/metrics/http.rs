@@ -1,8 +1,17 @@
-//! The metrics listener: plain HTTP/1.1, `GET /metrics` only. It is meant
-//! for a scraper on the operator's network (bind it to loopback or a
-//! management interface); it serves counters, never key material, but it
-//! is unauthenticated, so a listener beyond loopback is logged at `warn`
-//! when it starts.
+//! The metrics listener: plain HTTP/1.1, `GET` (or `HEAD`) on three paths:
+//!
+//! | path       | answer                                                        |
+//! |------------|---------------------------------------------------------------|
+//! | `/metrics` | the Prometheus page                                           |
+//! | `/healthz` | `200 ok`: the process is alive (liveness; checks nothing)     |
+//! | `/readyz`  | `200 ok` while ready, else `503` with one line per failing component (see [`super::probes`]) |
+//!
+//! Any other method on them is `405` (with `Allow: GET, HEAD`), any other
+//! path `404`. It is meant for a scraper and the orchestrator's probes on
+//! the operator's network (bind it to loopback or a management interface);
+//! it serves counters and component states, never key material, but it is
+//! unauthenticated, so a listener beyond loopback is logged at `warn` when
+//! it starts.
 //!
 //! Bounded, so that it cannot take the file descriptors the gRPC listener
 //! and the audit log need: at most [`MAX_CONNECTIONS`] at once (one more is
@@ -22,8 +31,28 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::probes::Report;
+
 /// Produces the page (the text exposition format).
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Produces the last readiness report (cheap: no check runs per probe).
+pub type Ready = Arc<dyn Fn() -> Report + Send + Sync>;
+
+/// What the listener serves.
+#[derive(Clone)]
+pub struct Pages {
+    /// `/metrics`.
+    pub metrics: Render,
+    /// `/readyz`.
+    pub ready: Ready,
+}
+
+impl std::fmt::Debug for Pages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pages").finish_non_exhaustive()
+    }
+}
 
 /// How long a scraper may take to send its request.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,10 +66,10 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    render: Render,
+    pages: Pages,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    serve_bounded(listener, render, shutdown, MAX_CONNECTIONS).await;
+    serve_bounded(listener, pages, shutdown, MAX_CONNECTIONS).await;
 }
 
 /// Whether `addr` can be reached only from this host.
@@ -50,7 +79,7 @@ fn is_loopback(addr: SocketAddr) -> bool {
 
 async fn serve_bounded(
     listener: TcpListener,
-    render: Render,
+    pages: Pages,
     shutdown: impl std::future::Future<Output = ()>,
     max_connections: usize,
 ) {
@@ -86,12 +115,12 @@ async fn serve_bounded(
             drop(tcp);
             continue;
         };
-        let render = Arc::clone(&render);
+        let pages = pages.clone();
         connections.spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
-                let render = Arc::clone(&render);
-                async move { Ok::<_, Infallible>(answer(&req, &render)) }
+                let response = answer(&req, &pages);
+                async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -108,31 +137,60 @@ async fn serve_bounded(
     connections.abort_all();
 }
 
-fn answer(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(),
-        ),
-        (&Method::GET, _) => (
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// The answer to one request. `HEAD` gets the same status and headers as
+/// `GET`; hyper leaves the body out.
+fn answer(req: &Request<Incoming>, pages: &Pages) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
+    let readable = matches!(*req.method(), Method::GET | Method::HEAD);
+    let (status, content_type, body) = match (known, readable) {
+        (false, _) => (
             StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found: try /metrics\n".to_string(),
+            TEXT,
+            "not found: try /metrics, /healthz or /readyz\n".to_string(),
         ),
-        _ => (
+        (true, false) => (
             StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "only GET\n".to_string(),
+            TEXT,
+            "only GET and HEAD\n".to_string(),
         ),
+        (true, true) => match path {
+            "/metrics" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                (pages.metrics)(),
+            ),
+            "/readyz" => {
+                let report = (pages.ready)();
+                let status = if report.is_ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, TEXT, report.body())
+            }
+            _ => (StatusCode::OK, TEXT, "ok\n".to_string()),
+        },
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    let headers = response.headers_mut();
     if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, v);
+        headers.insert(hyper::header::CONTENT_TYPE, v);
     }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+    }
+    // A probe's answer is about now: no cache may keep it.
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
     response
 }
 
@@ -160,11 +218,14 @@ mod tests {
     async fn connections_beyond_the_bound_are_closed() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let render: Render = Arc::new(|| "up 1\n".to_string());
+        let pages = Pages {
+            metrics: Arc::new(|| "up 1\n".to_string()),
+            ready: Arc::new(|| Report::Ready),
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve_bounded(
             listener,
-            render,
+            pages,
             async move {
                 let _ = stopped.await;
             },

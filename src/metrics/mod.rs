@@ -1,6 +1,7 @@
 //! Prometheus metrics: counters and histograms kept in atomics (no lock and
 //! no allocation on the request path), rendered in the text exposition
-//! format on a separate plain-HTTP listener ([`serve`]).
+//! format on a separate plain-HTTP listener ([`serve`]), which also answers
+//! the orchestrators' probes `/healthz` and `/readyz` ([`probes`]).
 //!
 //! What is exported:
 //! - `coffre_requests_total{rpc,code}` and
@@ -18,13 +19,16 @@
 //!   once a minute while the free space is below `[limits]`
 //!   `audit_min_free_bytes` or `audit_min_free_percent`);
 //! - `coffre_tls_handshakes_in_flight`, `coffre_tls_handshakes_dropped_total`,
-//!   `coffre_tls_handshakes_timed_out_total`: the accept loop's bounds.
+//!   `coffre_tls_handshakes_timed_out_total`: the accept loop's bounds;
+//! - `coffre_ready`: 1 while the last readiness check passed (what `/readyz`
+//!   and `grpc.health.v1` say).
 //!
 //! Metrics carry no key id, principal or context: labels come from fixed
 //! sets (RPC names, status codes, cache and HSM call names), so the page
 //! cannot leak what the audit log protects, and its size is bounded.
 
 pub mod http;
+pub mod probes;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,6 +120,8 @@ pub struct Metrics {
     /// The audit volume's free and total bytes (`u64::MAX`: not measured yet).
     audit_free: AtomicU64,
     audit_total: AtomicU64,
+    /// The last readiness check (`/readyz`, `grpc.health.v1`).
+    pub readiness: probes::Readiness,
 }
 
 impl Default for Metrics {
@@ -134,6 +140,7 @@ impl Default for Metrics {
             handshakes_timed_out: AtomicU64::new(0),
             audit_free: AtomicU64::new(u64::MAX),
             audit_total: AtomicU64::new(u64::MAX),
+            readiness: probes::Readiness::default(),
         }
     }
 }
@@ -167,6 +174,14 @@ impl Metrics {
         self.audit_total.store(total, Ordering::Relaxed);
     }
 
+    /// The audit volume's (free, total) bytes as last measured, if it has
+    /// been.
+    pub fn audit_volume_measured(&self) -> Option<(u64, u64)> {
+        let free = self.audit_free.load(Ordering::Relaxed);
+        let total = self.audit_total.load(Ordering::Relaxed);
+        (free != u64::MAX).then_some((free, total))
+    }
+
     /// The listener's and the audit volume's families.
     fn render_server(&self, out: &mut String) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
@@ -191,9 +206,19 @@ impl Metrics {
             "TLS handshakes not finished within the handshake timeout.",
             &[("", load(&self.handshakes_timed_out))],
         );
-        let free = self.audit_free.load(Ordering::Relaxed);
-        let total = self.audit_total.load(Ordering::Relaxed);
-        if free != u64::MAX {
+        let ready = if self.readiness.current().is_ready() {
+            1.0
+        } else {
+            0.0
+        };
+        render_value(
+            out,
+            "coffre_ready",
+            "gauge",
+            "1 while the last readiness check passed (HSM, store, audit log and its volume).",
+            &[("", ready)],
+        );
+        if let Some((free, total)) = self.audit_volume_measured() {
             render_value(
                 out,
                 "coffre_audit_volume_free_bytes",

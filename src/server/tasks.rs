@@ -1,6 +1,6 @@
 //! The server's background tasks and the audit log's opening: the
 //! scheduler (due rotations and destructions, each audited), the CRL
-//! watcher, the metrics page.
+//! watcher, the metrics page and the probes beside it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -93,7 +93,9 @@ async fn audit_scheduler(trail: &AuditTrail, report: &SchedulerReport) {
 }
 
 /// Serves the metrics page on `at` (plain HTTP): the requests counted by
-/// the gRPC layer, the core's caches and HSM calls, the audit log's state.
+/// the gRPC layer, the core's caches and HSM calls, the audit log's state;
+/// and the probes `/healthz` and `/readyz` (the readiness the gRPC server
+/// publishes in `metrics.readiness`).
 pub(super) async fn start_metrics(
     at: SocketAddr,
     kms: &Arc<Kms>,
@@ -106,6 +108,10 @@ pub(super) async fn start_metrics(
         .await
         .with_context(|| format!("cannot listen for metrics on {at}"))?;
     let addr = listener.local_addr().context("metrics address")?;
+    let ready: crate::metrics::http::Ready = {
+        let metrics = Arc::clone(metrics);
+        Arc::new(move || metrics.readiness.current())
+    };
     let (kms, trail, metrics) = (Arc::clone(kms), Arc::clone(trail), Arc::clone(metrics));
     let client_auth = Arc::clone(client_auth);
     let integrity = Arc::clone(integrity);
@@ -146,10 +152,17 @@ pub(super) async fn start_metrics(
         );
         out
     });
-    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    tracing::info!(
+        %addr,
+        "metrics on http://{addr}/metrics, probes on http://{addr}/healthz and /readyz"
+    );
+    let pages = crate::metrics::http::Pages {
+        metrics: render,
+        ready,
+    };
     let task = tokio::spawn(crate::metrics::serve(
         listener,
-        render,
+        pages,
         std::future::pending(),
     ));
     Ok((addr, task))

@@ -251,13 +251,24 @@ impl Kms {
     /// A tamper response found here (the server probes every second) also
     /// drops every cached CMK version: see [`Kms::forget_materials_if_tampered`].
     pub async fn check_ready(&self) -> Result<()> {
+        self.check_hsm().await?;
+        self.check_store().await
+    }
+
+    /// The HSM half of [`Kms::check_ready`]: a key operation in a session.
+    pub async fn check_hsm(&self) -> Result<()> {
         if let Err(e) = self.hsm.generate_random(16).await {
             self.forget_materials_if_tampered(&e);
             return Err(e.into());
         }
-        // A read that decodes no key record: one record failing its MAC
-        // is that record's problem (refused, counted when it is used), not
-        // a reason to report the whole node NOT_SERVING every second.
+        Ok(())
+    }
+
+    /// The store half of [`Kms::check_ready`]: a read that decodes no key
+    /// record. One record failing its MAC is that record's problem
+    /// (refused, counted when it is used), not a reason to report the
+    /// whole node NOT_SERVING every second.
+    pub async fn check_store(&self) -> Result<()> {
         self.blocking(|s| Ok(s.get_secret(crate::audit::keys::AUDIT_SECRET_NAME)?))
             .await?;
         Ok(())
