@@ -233,7 +233,12 @@ async fn readyz_is_503_while_the_audit_volume_is_low() {
 /// after the first refused request `/readyz` is 503 `audit-log: …`; once
 /// the file is writable again the writer recovers and `/readyz` is 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_chattr),
+    ignore = "not run: needs root for chattr +i (CAP_LINUX_IMMUTABLE) and chattr"
+)]
 async fn readyz_is_503_while_the_audit_log_cannot_be_written() {
+    crate::common::require(&crate::common::needs::CHATTR);
     use coffre::grpc::pb;
     let server = TestServer::start().await;
     let addr = metrics_addr(&server);
