@@ -163,6 +163,12 @@ pub struct ConnectArgs {
     /// Machine-readable output: one JSON object.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print only this field of the JSON output, raw (a string without its
+    /// quotes), for shell variables: `blob=$(coffre datakey generate ...
+    /// --field ciphertext_blob)`. Implies --json; `a.b` and `list.0.c`
+    /// reach into objects and lists.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub field: Option<String>,
     /// Per-call deadline, in seconds.
     #[arg(long, global = true, default_value_t = 30)]
     pub timeout: u64,

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::client::{CliError, connect, rpc_error};
+use super::output::{print_json, print_json_line};
 use super::{AuditCommand, OutcomeArg};
 use crate::audit::{
     Checkpoint, Policy, key_fingerprint, public_key_from_pem, verify, verify_with_checkpoint,
@@ -90,8 +91,8 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
                 .map_err(rpc_error)?
                 .into_inner();
             match (&r.checkpoint, c.json) {
-                (Some(cp), true) => println!("{}", cp.json),
-                (None, true) => println!("null"),
+                (Some(cp), true) => print_json_line(&cp.json)?,
+                (None, true) => print_json_line("null")?,
                 (Some(cp), false) => println!(
                     "checkpoint at seq {} (head {}), signed {}",
                     cp.seq,
@@ -171,16 +172,13 @@ fn verify_command(
         Ok(report) => report,
         Err(e) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({
-                        "valid": false,
-                        "line": e.line,
-                        "seq": e.seq,
-                        "failure": e.failure.to_string(),
-                        "key_fingerprint": fingerprint,
-                    }))?
-                );
+                print_json(&json!({
+                    "valid": false,
+                    "line": e.line,
+                    "seq": e.seq,
+                    "failure": e.failure.to_string(),
+                    "key_fingerprint": fingerprint,
+                }))?;
             }
             let seq = e.seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
             let place = if e.line == 0 {
@@ -203,18 +201,15 @@ fn verify_command(
     let anchor = report.anchor.as_ref().map(|a| (a.seq, a.time.to_rfc3339()));
     if let Err(failure) = policy.check(&report) {
         if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json!({
-                    "valid": false,
-                    "failure": failure.to_string(),
-                    "records": report.records,
-                    "first_seq": report.first_seq,
-                    "last_seq": report.last_seq,
-                    "anchor": anchor.as_ref().map(|(seq, time)| json!({"seq": seq, "time": time})),
-                    "key_fingerprint": fingerprint,
-                }))?
-            );
+            print_json(&json!({
+                "valid": false,
+                "failure": failure.to_string(),
+                "records": report.records,
+                "first_seq": report.first_seq,
+                "last_seq": report.last_seq,
+                "anchor": anchor.as_ref().map(|(seq, time)| json!({"seq": seq, "time": time})),
+                "key_fingerprint": fingerprint,
+            }))?;
         }
         let failure = CliError::local(
             tonic::Code::FailedPrecondition,
@@ -223,24 +218,21 @@ fn verify_command(
         return Err(if json { failure.answered() } else { failure }.into());
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "valid": true,
-                "records": report.records,
-                "checkpoints": report.checkpoints,
-                "first_seq": report.first_seq,
-                "last_seq": report.last_seq,
-                "head_hash": report.head_hash,
-                "anchor": anchor.as_ref().map(|(seq, time)| json!({"seq": seq, "time": time})),
-                "log_id": report.log_id,
-                "v1_checkpoints": report.v1_checkpoints,
-                "key_fingerprint": fingerprint,
-                "last_checkpoint_seq": covered,
-                "records_after_last_checkpoint": report.uncovered_records,
-                "known_checkpoints": known.iter().map(|k| k.seq).collect::<Vec<_>>(),
-            }))?
-        );
+        print_json(&json!({
+            "valid": true,
+            "records": report.records,
+            "checkpoints": report.checkpoints,
+            "first_seq": report.first_seq,
+            "last_seq": report.last_seq,
+            "head_hash": report.head_hash,
+            "anchor": anchor.as_ref().map(|(seq, time)| json!({"seq": seq, "time": time})),
+            "log_id": report.log_id,
+            "v1_checkpoints": report.v1_checkpoints,
+            "key_fingerprint": fingerprint,
+            "last_checkpoint_seq": covered,
+            "records_after_last_checkpoint": report.uncovered_records,
+            "known_checkpoints": known.iter().map(|k| k.seq).collect::<Vec<_>>(),
+        }))?;
         return Ok(());
     }
     println!(
@@ -286,13 +278,10 @@ fn print_events(r: &pb::ListEventsResponse, json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|e| serde_json::from_str(&e.json).unwrap_or(serde_json::Value::Null))
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "events": events,
-                "next_page_token": r.next_page_token,
-            }))?
-        );
+        print_json(&json!({
+            "events": events,
+            "next_page_token": r.next_page_token,
+        }))?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = r
@@ -442,21 +431,18 @@ async fn export(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if c.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "file": out.display().to_string(),
-                "bytes": bytes,
-                "records": report.records,
-                "checkpoints": report.checkpoints,
-                "last_seq": report.last_seq,
-                "checkpoint_seq": known.as_ref().map(|k| k.seq),
-                "first_seq": report.first_seq,
-                "log_id": report.log_id,
-                "key_fingerprint": fingerprint,
-                "key_pinned": pinned.is_some(),
-            }))?
-        );
+        print_json(&json!({
+            "file": out.display().to_string(),
+            "bytes": bytes,
+            "records": report.records,
+            "checkpoints": report.checkpoints,
+            "last_seq": report.last_seq,
+            "checkpoint_seq": known.as_ref().map(|k| k.seq),
+            "first_seq": report.first_seq,
+            "log_id": report.log_id,
+            "key_fingerprint": fingerprint,
+            "key_pinned": pinned.is_some(),
+        }))?;
     } else {
         println!(
             "exported {} records and {} checkpoints ({bytes} bytes) to {}; verified up to the checkpoint at seq {}",

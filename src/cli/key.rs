@@ -144,8 +144,7 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
                 .context("the server returned no policy")?;
             let policy = crate::grpc::convert::policy_from_pb(raw)
                 .map_err(|s| anyhow::anyhow!("the server's policy does not parse: {}", s))?;
-            println!("{}", serde_json::to_string_pretty(&policy)?);
-            Ok(())
+            output::print_json(&serde_json::to_value(&policy)?)
         }
         KeyCommand::Policy(PolicyCommand::Set {
             key,

@@ -85,10 +85,30 @@ pub fn main() -> ExitCode {
 /// The command line, and whether it asks for `--json` (then an error is a
 /// JSON object on stdout too). A bad command line under `--json` is an
 /// `INVALID_ARGUMENT` object, exit status 2 as clap's own.
+///
+/// `--field NAME` implies `--json` (added to the line) and selects what
+/// [`output::print_json`] prints; it is refused for the commands that print
+/// a stream rather than one object.
 fn parse() -> Result<(Cli, bool), ExitCode> {
-    let parsed = Cli::command()
-        .try_get_matches()
-        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, report::json_flag(&m))));
+    let mut line: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let field_given = line
+        .iter()
+        .any(|a| a == "--field" || a.to_string_lossy().starts_with("--field="));
+    if field_given && !line.iter().any(|a| a == "--json") {
+        line.push("--json".into());
+    }
+    let parsed = Cli::command().try_get_matches_from(line).and_then(|m| {
+        if let Some(field) = report::field_arg(&m) {
+            if let Some(stream) = report::streaming_command(&m) {
+                return Err(Cli::command().error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("--field selects from one JSON object; {stream} prints a stream"),
+                ));
+            }
+            output::select_field(field);
+        }
+        Ok((Cli::from_arg_matches(&m)?, report::json_flag(&m)))
+    });
     match parsed {
         Ok(parsed) => Ok(parsed),
         Err(e) => Err(report::usage_error(&e)),

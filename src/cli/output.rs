@@ -131,9 +131,62 @@ impl From<&pb::KeyVersion> for VersionOut {
     }
 }
 
+/// `--field NAME`, set once by `main` from the command line.
+static FIELD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes every JSON output print only `field` (see [`print_json`]).
+pub(super) fn select_field(field: String) {
+    let _ = FIELD.set(field);
+}
+
+/// Prints a command's JSON output: the whole object, or with `--field` only
+/// that field, raw: a string without its quotes, anything else as compact
+/// JSON. A field the output does not have is an error naming those it has.
 pub(super) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    match FIELD.get() {
+        None => println!("{}", serde_json::to_string_pretty(value)?),
+        Some(path) => println!("{}", field_text(value, path)?),
+    }
     Ok(())
+}
+
+/// A JSON text printed as it is (a checkpoint line must stay byte for byte
+/// what the server signed), or its `--field`.
+pub(super) fn print_json_line(text: &str) -> anyhow::Result<()> {
+    match FIELD.get() {
+        None => println!("{text}"),
+        Some(path) => println!("{}", field_text(&serde_json::from_str(text)?, path)?),
+    }
+    Ok(())
+}
+
+fn field_text(value: &serde_json::Value, path: &str) -> anyhow::Result<String> {
+    let mut at = value;
+    for part in path.split('.') {
+        let next = match at {
+            serde_json::Value::Object(map) => map.get(part),
+            serde_json::Value::Array(list) => part.parse::<usize>().ok().and_then(|i| list.get(i)),
+            _ => None,
+        };
+        at = next.ok_or_else(|| {
+            let has = match at {
+                serde_json::Value::Object(map) => {
+                    let keys: Vec<&str> = map.keys().map(String::as_str).collect();
+                    format!("it has: {}", keys.join(", "))
+                }
+                serde_json::Value::Array(list) => format!("it is a list of {}", list.len()),
+                other => format!("it is {other}"),
+            };
+            super::client::CliError::local(
+                tonic::Code::InvalidArgument,
+                format!("--field {path}: the output has no {part:?} ({has})"),
+            )
+        })?;
+    }
+    Ok(match at {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
 }
 
 /// Prints rows as columns padded to their widest cell; `empty` instead
@@ -702,5 +755,24 @@ mod tests {
     #[test]
     fn no_colour_off_a_terminal() {
         assert!(!colour(false));
+    }
+
+    #[test]
+    fn a_field_is_printed_raw_and_a_missing_one_names_what_there_is() {
+        let out = serde_json::json!({
+            "key_id": "k-1",
+            "key_version": 2,
+            "data_keys": [{"ciphertext_blob": "Q0YB"}],
+        });
+        assert_eq!(field_text(&out, "key_id").unwrap(), "k-1");
+        assert_eq!(field_text(&out, "key_version").unwrap(), "2");
+        assert_eq!(
+            field_text(&out, "data_keys.0.ciphertext_blob").unwrap(),
+            "Q0YB"
+        );
+        let err = field_text(&out, "ciphertext_blob").unwrap_err().to_string();
+        assert!(err.contains("data_keys, key_id, key_version"), "{err}");
+        let err = field_text(&out, "data_keys.3").unwrap_err().to_string();
+        assert!(err.contains("a list of 1"), "{err}");
     }
 }

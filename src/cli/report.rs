@@ -26,6 +26,36 @@ pub fn json_flag(matches: &clap::ArgMatches) -> bool {
     here || matches.subcommand().is_some_and(|(_, sub)| json_flag(sub))
 }
 
+/// The `--field` of the leaf subcommand, if given.
+pub fn field_arg(matches: &clap::ArgMatches) -> Option<String> {
+    let here = matches
+        .try_get_one::<String>("field")
+        .ok()
+        .flatten()
+        .cloned();
+    here.or_else(|| matches.subcommand().and_then(|(_, sub)| field_arg(sub)))
+}
+
+/// The command, if the line names one that prints a stream of JSON (lines
+/// or progress) rather than one object.
+pub fn streaming_command(matches: &clap::ArgMatches) -> Option<String> {
+    let mut names = Vec::new();
+    let mut at = matches;
+    let mut batch = false;
+    while let Some((name, sub)) = at.subcommand() {
+        names.push(name.to_string());
+        batch |= sub
+            .try_get_one::<std::path::PathBuf>("batch")
+            .ok()
+            .flatten()
+            .is_some();
+        at = sub;
+    }
+    let path = names.join(" ");
+    let streams = matches!(path.as_str(), "bench" | "audit tail" | "hsm rotate-root") || batch;
+    streams.then(|| format!("coffre {path}{}", if batch { " --batch" } else { "" }))
+}
+
 /// A command line clap refused: its own report (help and version too), and
 /// under `--json` an `INVALID_ARGUMENT` object as well.
 pub fn usage_error(e: &clap::Error) -> ExitCode {
