@@ -89,6 +89,13 @@ pub struct DevArgs {
     /// large store. Each start with this flag adds N more.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preload_keys: u64,
+    /// Give dev principals an attribute, for policies whose context rules
+    /// use `equals_caller_attribute` (repeatable): a role (`service`: every
+    /// dev principal of it), a dev principal (`operator-2`) or a whole
+    /// principal URI. The dev service has tenant=acme unless
+    /// `--attribute service:tenant=…` replaces it.
+    #[arg(long = "attribute", value_name = "PRINCIPAL_OR_ROLE:KEY=VALUE")]
+    pub attributes: Vec<crate::server::dev::DevAttribute>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,6 +118,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub log_json: bool,
 }
+
+/// `--endpoint`'s default.
+pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7443";
+/// `--data-dir`'s default (client commands).
+pub const DEFAULT_DATA_DIR: &str = "./coffre-data";
 
 /// How a client command reaches the server.
 #[derive(Debug, Clone, Args)]

@@ -92,19 +92,16 @@ async fn audit_scheduler(trail: &AuditTrail, report: &SchedulerReport) {
     }
 }
 
-/// Serves the metrics page on `at` (plain HTTP): the requests counted by
+/// Serves the metrics page on `listener` (plain HTTP): the requests counted by
 /// the gRPC layer, the core's caches and HSM calls, the audit log's state.
 pub(super) async fn start_metrics(
-    at: SocketAddr,
+    listener: TcpListener,
     kms: &Arc<Kms>,
     trail: &Arc<AuditTrail>,
     metrics: &Arc<crate::metrics::Metrics>,
     client_auth: &Arc<grpc::ClientAuth>,
     integrity: &Arc<crate::store::integrity::RecordMac>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(at)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {at}"))?;
     let addr = listener.local_addr().context("metrics address")?;
     let (kms, trail, metrics) = (Arc::clone(kms), Arc::clone(trail), Arc::clone(metrics));
     let client_auth = Arc::clone(client_auth);

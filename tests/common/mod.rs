@@ -173,6 +173,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         audit: Default::default(),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         preload_keys: 0,
+        attributes: Vec::new(),
     }
 }
 
