@@ -99,13 +99,13 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             };
             let resp = client(&c).await?.schedule_key_deletion(request).await;
             let resp = resp.map_err(rpc_error)?.into_inner();
-            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c).await
         }
         KeyCommand::CancelDeletion { key, connect: c } => {
             let request = pb::CancelKeyDeletionRequest { key_id: key };
             let resp = client(&c).await?.cancel_key_deletion(request).await;
             let resp = resp.map_err(rpc_error)?.into_inner();
-            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c).await
         }
         KeyCommand::SetRotation {
             key,
@@ -143,7 +143,7 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             };
             let resp = client(&c).await?.update_key_policy(request).await;
             let resp = resp.map_err(rpc_error)?.into_inner();
-            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c).await
         }
         KeyCommand::RetireVersions {
             key,
@@ -171,7 +171,7 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             let request = pb::EnableKeyRequest { key_id: key };
             let resp = client(&c).await?.enable_key(request).await;
             let resp = resp.map_err(rpc_error)?.into_inner();
-            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c).await
         }
     }
 }
@@ -200,7 +200,7 @@ fn print_key(key: Option<pb::KeyMetadata>, c: &ConnectArgs) -> anyhow::Result<()
 
 /// For an operation a quorum may hold back: the approval it waits for, or
 /// else the key as the operation left it.
-fn print_pending_or_key(
+async fn print_pending_or_key(
     pending_approval_id: &str,
     key: Option<pb::KeyMetadata>,
     c: &ConnectArgs,
@@ -208,7 +208,7 @@ fn print_pending_or_key(
     if pending_approval_id.is_empty() {
         print_key(key, c)
     } else {
-        output::pending(pending_approval_id, c.json)
+        super::approval::print_pending(pending_approval_id, c).await
     }
 }
 
