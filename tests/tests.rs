@@ -35,6 +35,9 @@ mod batch;
 mod canary;
 // The README walkthrough with the real `coffre` binary and its CLI.
 mod cli;
+// Issue #16, `coffre dev` with the real binary: --attribute and the
+// tenant policy, busy port and data directory in use, quorum hints, bench.
+mod dev_server;
 // Long-running: `coffre dev` SIGKILLed under load and restarted, 20 cycles
 // by default (COFFRE_CRASH_CYCLES, COFFRE_CRASH_SEED).
 mod crash;

@@ -154,12 +154,17 @@ coffre dev is running on https://{addr}  (mTLS; Ctrl-C stops it)
             opts.quorum
         );
     }
+    // The context the examples use: the dev service's own tenant.
+    let tenant = dev::resolve_attributes(opts.quorum, &opts.attributes)?
+        .get(&crate::pki::dev_principal("service"))
+        .and_then(|a| a.get("tenant").cloned())
+        .unwrap_or_else(|| dev::DEFAULT_SERVICE_ATTRIBUTE.1.to_string());
     println!(
         "
 Try it from another terminal:
   coffre key create --alias demo {connect}
-  coffre datakey generate --key demo --context tenant=acme {connect}
-  coffre decrypt --blob <ciphertext_blob> --context tenant=acme {connect}
+  coffre datakey generate --key demo --context tenant={tenant} {connect}
+  coffre decrypt --blob <ciphertext_blob> --context tenant={tenant} {connect}
 (with cargo: cargo run --release -- key create ...)"
     );
     Ok(())
