@@ -290,12 +290,14 @@ fn run_id() -> &'static str {
 async fn created_keys_note(args: &BenchArgs, keys: &[String]) -> anyhow::Result<()> {
     let run = format!("bench/{}", run_id());
     if !args.cleanup {
+        let which = match keys.len() {
+            1 => format!("1 key, alias {run}/1"),
+            n => format!("{n} keys, aliases {run}/1 to {run}/{n}"),
+        };
         eprintln!(
-            "keys: this run created {} keys, aliases {run}/1 to {run}/{} (label created-by=coffre-bench); \
-             list them with `coffre key list --alias-prefix {run}/` (every run: bench/) and remove them \
-             with `coffre key schedule-deletion KEY --days 7`, or pass --cleanup next time",
-            keys.len(),
-            keys.len()
+            "keys: this run created {which} (label created-by=coffre-bench); list them with \
+             `coffre key list --alias-prefix {run}/` (every run's: bench/) and remove them with \
+             `coffre key schedule-deletion KEY --days 7`, or pass --cleanup next time"
         );
         return Ok(());
     }
@@ -387,11 +389,11 @@ impl AuditWatch {
             (Some(bytes), Some(seq)) if seq > 0 => (bytes / seq).max(1),
             _ => RECORD_BYTES_GUESS,
         };
-        let rate = args.rate.unwrap_or(RATE_GUESS);
+        let (rate, up_to) = args.rate.map_or((RATE_GUESS, "up to "), |r| (r, ""));
         let records = rate * seconds;
         let bytes = records * per_record as f64;
         eprintln!(
-            "audit: the run loads the server for about {seconds:.0} s; at {rate:.0} requests/s and \
+            "audit: the run loads the server for about {seconds:.0} s; at {up_to}{rate:.0} requests/s and \
              {per_record} bytes a record, that is about {records:.0} records, {}{}",
             human_bytes(bytes as u64),
             if bytes > 1e9 {
