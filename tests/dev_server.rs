@@ -251,6 +251,19 @@ fn the_quorum_banner_and_the_hint_name_the_second_operator() {
         run_json(&data, &endpoint, &["key", "show", "q"])["state"],
         "PENDING_DELETION"
     );
+
+    // RetireKeyVersions is held too, and says so (it printed the unchanged
+    // key before).
+    create_key(&data, &endpoint, "r");
+    run_json(&data, &endpoint, &["key", "rotate", "r"]);
+    let (ok, stdout, stderr) = run(
+        &data,
+        &endpoint,
+        &["key", "retire-versions", "r", "--below", "2"],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("it is pending as"), "{stdout}");
+    assert!(stdout.contains("--as operator-2"), "{stdout}");
 }
 
 #[test]

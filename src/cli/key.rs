@@ -155,7 +155,8 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
                 min_decryption_version: below,
             };
             let resp = client(&c).await?.retire_key_versions(request).await;
-            print_key(resp.map_err(rpc_error)?.into_inner().key, &c)
+            let resp = resp.map_err(rpc_error)?.into_inner();
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c).await
         }
         KeyCommand::Rotate { key, connect: c } => {
             let request = pb::RotateKeyRequest { key_id: key };
