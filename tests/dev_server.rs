@@ -338,3 +338,33 @@ fn bench_says_where_its_audit_records_go_and_labels_its_keys() {
     );
     assert_eq!(listed["keys"].as_array().unwrap().len(), 1, "{listed}");
 }
+
+#[test]
+fn a_store_held_by_another_process_is_named_as_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    drop(start_with_banner(&data, &[]));
+    // Another process (this one, for the test) holds the store's own
+    // lock, as a `coffre serve` on the same directory would.
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(data.join("store/LOCK"))
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fs2::FileExt::try_lock_exclusive(&lock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed dev's lock"
+        );
+        std::thread::yield_now();
+    }
+    let stderr = dev_fails(&["--listen", "127.0.0.1:0"], &data);
+    assert!(
+        stderr.contains(&format!(
+            "error: {} is in use by another coffre process; stop it or give another --data-dir",
+            data.display()
+        )),
+        "{stderr}"
+    );
+}

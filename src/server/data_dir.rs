@@ -212,10 +212,40 @@ impl DataDir {
     pub async fn open_store(&self) -> anyhow::Result<SledStore> {
         let dir = self.store();
         let what = format!("opening the store in {}", dir.display());
-        tokio::task::spawn_blocking(move || SledStore::open(&dir))
+        let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir))
             .await
-            .context("opening the store")?
-            .context(what)
+            .context("opening the store")?;
+        match opened {
+            Ok(store) => Ok(store),
+            Err(e) if locked(&self.store().join("LOCK")) => {
+                let pid = self
+                    .holder_pid()
+                    .map(|pid| format!(" (pid {pid})"))
+                    .unwrap_or_default();
+                Err(anyhow::Error::new(e).context(what).context(format!(
+                    "{} is in use by another coffre process{pid}; stop it or give another \
+                     --data-dir",
+                    self.root.display()
+                )))
+            }
+            Err(e) => Err(e).context(what),
+        }
+    }
+
+    /// The pid [`DataDir::lock`]'s holder wrote, while it holds it (a
+    /// stopped `coffre dev` leaves its pid behind: not named), unless it is
+    /// this process.
+    fn holder_pid(&self) -> Option<u32> {
+        let path = self.lock_file();
+        if !locked(&path) {
+            return None;
+        }
+        // This process's own lock (`coffre dev` takes it first) names no
+        // other holder.
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|pid| *pid != std::process::id())
     }
 
     /// Opens the pending approvals.
@@ -227,6 +257,19 @@ impl DataDir {
             .context("opening the approvals")?
             .context(what)
     }
+}
+
+/// Whether another process holds `path`'s `flock` (the reason an open
+/// failed): a probe that takes it and at once lets it go.
+fn locked(path: &Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return false;
+    };
+    fs2::FileExt::try_lock_exclusive(&file).is_err()
 }
 
 /// Sets `path`'s permission bits to `mode` if it has any bit `mode` lacks
