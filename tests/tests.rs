@@ -42,6 +42,9 @@ mod cli_data;
 // ids found in the audit log, wrong-PKI and refused connections in words,
 // periods as given, policy warnings and proto names, empty tables.
 mod cli_errors;
+// Issue #16, `coffre dev` with the real binary: --attribute and the
+// tenant policy, busy port and data directory in use, quorum hints, bench.
+mod dev_server;
 // Long-running: `coffre dev` SIGKILLed under load and restarted, 20 cycles
 // by default (COFFRE_CRASH_CYCLES, COFFRE_CRASH_SEED).
 mod crash;

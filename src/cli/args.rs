@@ -99,6 +99,13 @@ pub struct DevArgs {
     /// the log's next record.
     #[arg(long)]
     pub accept_audit_log_loss: bool,
+    /// Give dev principals an attribute, for policies whose context rules
+    /// use `equals_caller_attribute` (repeatable): a role (`service`: every
+    /// dev principal of it), a dev principal (`operator-2`) or a whole
+    /// principal URI. The dev service has tenant=acme unless
+    /// `--attribute service:tenant=…` replaces it.
+    #[arg(long = "attribute", value_name = "PRINCIPAL_OR_ROLE:KEY=VALUE")]
+    pub attributes: Vec<crate::server::dev::DevAttribute>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,6 +134,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub accept_audit_log_loss: bool,
 }
+
+/// `--endpoint`'s default.
+pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7443";
+/// `--data-dir`'s default (client commands).
+pub const DEFAULT_DATA_DIR: &str = "./coffre-data";
 
 /// How a client command reaches the server.
 #[derive(Debug, Clone, Args)]

@@ -76,6 +76,11 @@ pub struct BenchArgs {
     /// (at least one per key); requests pick among them at random.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub blobs: u32,
+    /// At the end, schedule the deletion (7 days, the shortest wait) of the
+    /// keys this run created; without it they stay, under the aliases
+    /// `bench/RUN/N` it names.
+    #[arg(long, conflicts_with_all = ["key", "existing_keys"])]
+    pub cleanup: bool,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -183,6 +188,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         channels.push(connect(&args.connect, "service").await?);
     }
     let needs_keys = args.ops.iter().any(|op| *op != BenchOp::Null);
+    let audit = AuditWatch::start(&args).await;
     let workload = Arc::new(if needs_keys {
         prepare(&args, channels.first().cloned()).await?
     } else {
@@ -259,7 +265,208 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             print_row(s, vs_null);
         }
     }
+    audit.finish(&args).await;
+    if args.key.is_none() && args.existing_keys.is_none() && !workload.keys.is_empty() {
+        created_keys_note(&args, &workload.keys).await?;
+    }
     Ok(())
+}
+
+/// Bench keys are `bench/RUN/N`: `RUN` is the start time (Unix seconds)
+/// and the process id, so that runs never collide and an operator finds
+/// them all with `--alias-prefix bench/`.
+fn run_id() -> &'static str {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("{secs}-{}", std::process::id())
+    })
+}
+
+/// After the run: where the keys it created are, and (with `--cleanup`)
+/// their deletion scheduled.
+async fn created_keys_note(args: &BenchArgs, keys: &[String]) -> anyhow::Result<()> {
+    let run = format!("bench/{}", run_id());
+    if !args.cleanup {
+        let which = match keys.len() {
+            1 => format!("1 key, alias {run}/1"),
+            n => format!("{n} keys, aliases {run}/1 to {run}/{n}"),
+        };
+        eprintln!(
+            "keys: this run created {which} (label created-by=coffre-bench); list them with \
+             `coffre key list --alias-prefix {run}/` (every run's: bench/) and remove them with \
+             `coffre key schedule-deletion KEY --days 7`, or pass --cleanup next time"
+        );
+        return Ok(());
+    }
+    use crate::grpc::pb::key_service_client::KeyServiceClient;
+    let mut client = KeyServiceClient::new(operator_channel(args).await?);
+    let (mut scheduled, mut pending) = (0usize, 0usize);
+    for key in keys {
+        let resp = client
+            .schedule_key_deletion(pb::ScheduleKeyDeletionRequest {
+                key_id: key.clone(),
+                pending_window_days: 7,
+            })
+            .await
+            .map_err(rpc_error)
+            .with_context(|| format!("--cleanup: scheduling the deletion of {key}"))?
+            .into_inner();
+        if resp.pending_approval_id.is_empty() {
+            scheduled += 1;
+        } else {
+            pending += 1;
+        }
+    }
+    eprintln!(
+        "keys: the deletion of the {scheduled} keys this run created ({run}/…) is scheduled in 7 days{}",
+        if pending > 0 {
+            format!("; {pending} more wait for approvals (`coffre approval list`)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// What `coffre bench` says about the audit records it causes: every
+/// data-key request is one record in the server's audit log. The log is
+/// found on this machine as `coffre dev` keeps it (`DIR/audit.log` of
+/// `--data-dir`); the record count comes from signed checkpoints fetched
+/// as the auditor (when this client has the auditor's certificate).
+#[derive(Debug)]
+struct AuditWatch {
+    log: Option<std::path::PathBuf>,
+    bytes_before: Option<u64>,
+    seq_before: Option<u64>,
+}
+
+/// A guess of the bytes per record when the log gives none.
+const RECORD_BYTES_GUESS: u64 = 500;
+/// The rate an estimate assumes without `--rate`: a laptop's order of
+/// magnitude for the data-key operations (BENCHMARKS.md).
+const RATE_GUESS: f64 = 20_000.0;
+
+impl AuditWatch {
+    async fn start(args: &BenchArgs) -> Self {
+        let log = crate::server::DataDir::new(&args.connect.data_dir).audit_log();
+        let bytes_before = std::fs::metadata(&log).ok().map(|m| m.len());
+        let seq_before = audit_seq(args).await;
+        let watch = Self {
+            log: bytes_before.is_some().then_some(log),
+            bytes_before,
+            seq_before,
+        };
+        watch.announce(args);
+        watch
+    }
+
+    fn announce(&self, args: &BenchArgs) {
+        let mut audited: Vec<BenchOp> = Vec::new();
+        for op in &args.ops {
+            if *op != BenchOp::Null && !audited.contains(op) {
+                audited.push(*op);
+            }
+        }
+        let audited_ops = u32::try_from(audited.len()).unwrap_or(u32::MAX);
+        let seconds = (args.warmup + args.duration).as_secs_f64()
+            * f64::from(audited_ops)
+            * f64::from(args.rounds);
+        let place = match (&self.log, self.bytes_before) {
+            (Some(log), Some(bytes)) => {
+                format!("{} (now {})", log.display(), human_bytes(bytes))
+            }
+            _ => "the server's audit log (not on this machine: it is where the server keeps it)"
+                .to_string(),
+        };
+        eprintln!("audit: every data-key request of this run is one audit record in {place}");
+        if seconds <= 0.0 {
+            return;
+        }
+        let per_record = match (self.bytes_before, self.seq_before) {
+            (Some(bytes), Some(seq)) if seq > 0 => (bytes / seq).max(1),
+            _ => RECORD_BYTES_GUESS,
+        };
+        let (rate, up_to) = args.rate.map_or((RATE_GUESS, "up to "), |r| (r, ""));
+        let records = rate * seconds;
+        let bytes = records * per_record as f64;
+        eprintln!(
+            "audit: the run loads the server for about {seconds:.0} s; at {up_to}{rate:.0} requests/s and \
+             {per_record} bytes a record, that is about {records:.0} records, {}{}",
+            human_bytes(bytes as u64),
+            if bytes > 1e9 {
+                " — use a throwaway --data-dir, or `coffre dev --audit-durability off` to measure \
+                 without the log"
+            } else {
+                ""
+            }
+        );
+    }
+
+    async fn finish(&self, args: &BenchArgs) {
+        let bytes = match (&self.log, self.bytes_before) {
+            (Some(log), Some(before)) => std::fs::metadata(log)
+                .ok()
+                .map(|m| (log, m.len().saturating_sub(before))),
+            _ => None,
+        };
+        let records = match (self.seq_before, audit_seq(args).await) {
+            (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+            _ => None,
+        };
+        match (records, bytes) {
+            (Some(n), Some((log, b))) => eprintln!(
+                "audit: this run wrote {n} audit records ({}) to {}",
+                human_bytes(b),
+                log.display()
+            ),
+            (None, Some((log, b))) => {
+                eprintln!(
+                    "audit: this run wrote {} to {}",
+                    human_bytes(b),
+                    log.display()
+                )
+            }
+            (Some(n), None) => {
+                eprintln!("audit: this run wrote {n} audit records to the server's log")
+            }
+            (None, None) => eprintln!(
+                "audit: the records of this run are in the server's audit log (`coffre audit events` \
+                 as the auditor counts them)"
+            ),
+        }
+    }
+}
+
+/// The sequence number of a fresh signed checkpoint (records so far), as
+/// the auditor; `None` without the auditor's certificate or access.
+async fn audit_seq(args: &BenchArgs) -> Option<u64> {
+    use crate::grpc::pb::audit_service_client::AuditServiceClient;
+    let mut auditor = args.connect.clone();
+    if auditor.cert.is_some() {
+        return None;
+    }
+    auditor.identity = Some("auditor".into());
+    let channel = connect(&auditor, "auditor").await.ok()?;
+    let resp = AuditServiceClient::new(channel)
+        .get_checkpoint(pb::GetCheckpointRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    Some(resp.checkpoint.map_or(0, |c| c.seq))
+}
+
+/// `1.5 GB`, `312 kB`, `80 B` (powers of 1000).
+fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    match n {
+        _ if n >= 1e9 => format!("{:.1} GB", n / 1e9),
+        _ if n >= 1e6 => format!("{:.1} MB", n / 1e6),
+        _ if n >= 1e3 => format!("{:.0} kB", n / 1e3),
+        _ => format!("{n:.0} B"),
+    }
 }
 
 /// One operation over every round: merged histogram, summed counts, and
@@ -413,14 +620,19 @@ async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
     } as i32;
     let mut next = 0;
     let mut last_shown = Instant::now();
+    let run = run_id();
     while keys.len() < total {
         while next < total && in_flight.len() < 16 {
             let mut client = KeyServiceClient::new(channel.clone());
+            let alias = format!("bench/{run}/{}", next + 1);
+            let description = format!("created by coffre bench (run {run})");
             in_flight.spawn(async move {
                 client
                     .create_key(pb::CreateKeyRequest {
-                        description: "coffre bench".into(),
+                        alias,
+                        description,
                         protection_level,
+                        labels: [("created-by".to_string(), "coffre-bench".to_string())].into(),
                         ..Default::default()
                     })
                     .await

@@ -55,7 +55,7 @@ async fn rotate_root(c: &ConnectArgs) -> anyhow::Result<()> {
     let mut last = None;
     while let Some(p) = stream.message().await.map_err(rpc_error)? {
         if !p.pending_approval_id.is_empty() {
-            return output::pending(&p.pending_approval_id, c.json);
+            return super::approval::print_pending(&p.pending_approval_id, c).await;
         }
         bar.update(&p);
         if c.json {

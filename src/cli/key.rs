@@ -107,7 +107,7 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             let resp = client(&c).await?.schedule_key_deletion(request).await;
             let resp = resp.map_err(rpc_error)?.into_inner();
             if !resp.pending_approval_id.is_empty() {
-                return output::pending(&resp.pending_approval_id, c.json);
+                return super::approval::print_pending(&resp.pending_approval_id, &c).await;
             }
             let mut key = KeyOut::from(&returned(resp.key)?);
             key.deletion_window_days = Some(days);
@@ -117,7 +117,7 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             let request = pb::CancelKeyDeletionRequest { key_id: key };
             let resp = client(&c).await?.cancel_key_deletion(request).await;
             let resp = resp.map_err(rpc_error)?.into_inner();
-            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c).await
         }
         KeyCommand::SetRotation {
             key,
@@ -160,7 +160,10 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             let resp = resp.map_err(rpc_error)?.into_inner();
             output::warnings(&resp.warnings);
             if !resp.pending_approval_id.is_empty() {
-                return output::pending_warned(&resp.pending_approval_id, &resp.warnings, c.json);
+                if c.json {
+                    return output::pending_warned(&resp.pending_approval_id, &resp.warnings, true);
+                }
+                return super::approval::print_pending(&resp.pending_approval_id, &c).await;
             }
             let mut key = KeyOut::from(&returned(resp.key)?);
             key.warnings = resp.warnings;
@@ -176,7 +179,8 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
                 min_decryption_version: below,
             };
             let resp = client(&c).await?.retire_key_versions(request).await;
-            print_key(resp.map_err(rpc_error)?.into_inner().key, &c)
+            let resp = resp.map_err(rpc_error)?.into_inner();
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c).await
         }
         KeyCommand::Rotate { key, connect: c } => {
             let request = pb::RotateKeyRequest { key_id: key };
@@ -192,7 +196,7 @@ pub async fn run(cmd: KeyCommand) -> anyhow::Result<()> {
             let request = pb::EnableKeyRequest { key_id: key };
             let resp = client(&c).await?.enable_key(request).await;
             let resp = resp.map_err(rpc_error)?.into_inner();
-            print_pending_or_key(&resp.pending_approval_id, resp.key, &c)
+            print_pending_or_key(&resp.pending_approval_id, resp.key, &c).await
         }
     }
 }
@@ -221,7 +225,7 @@ fn print_key(key: Option<pb::KeyMetadata>, c: &ConnectArgs) -> anyhow::Result<()
 
 /// For an operation a quorum may hold back: the approval it waits for, or
 /// else the key as the operation left it.
-fn print_pending_or_key(
+async fn print_pending_or_key(
     pending_approval_id: &str,
     key: Option<pb::KeyMetadata>,
     c: &ConnectArgs,
@@ -229,7 +233,7 @@ fn print_pending_or_key(
     if pending_approval_id.is_empty() {
         print_key(key, c)
     } else {
-        output::pending(pending_approval_id, c.json)
+        super::approval::print_pending(pending_approval_id, c).await
     }
 }
 

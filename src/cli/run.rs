@@ -47,6 +47,7 @@ impl From<DevArgs> for dev::DevOptions {
             metrics_listen: args.metrics_listen,
             preload_keys: args.preload_keys,
             accept_audit_log_loss: args.accept_audit_log_loss,
+            attributes: args.attributes,
         }
     }
 }
@@ -66,7 +67,7 @@ pub async fn run_dev(
     if opts.preload_keys > 0 {
         dev::preload_keys(&server, opts.preload_keys).await?;
     }
-    print_dev_banner(&DataDir::new(&opts.data_dir), server.addr);
+    print_dev_banner(&DataDir::new(&opts.data_dir), server.addr, &opts)?;
     if let Some(crl) = &opts.crl {
         println!(
             "  client CRL       {}   (re-read on SIGHUP and when it changes)",
@@ -120,26 +121,78 @@ async fn termination() {
     }
 }
 
-fn print_dev_banner(dir: &DataDir, addr: SocketAddr) {
+fn print_dev_banner(dir: &DataDir, addr: SocketAddr, opts: &dev::DevOptions) -> anyhow::Result<()> {
     let audit_log = dir.audit_log();
     let public_key = dir.audit_public_key();
     let pki = dir.pki().dir;
     let (audit_log, public_key, pki) = (audit_log.display(), public_key.display(), pki.display());
-    let dir = dir.root().display();
+    let root = dir.root().display();
+    let operators: Vec<String> = (2..=opts.quorum)
+        .map(|n| format!("operator-{n}.pem"))
+        .collect();
+    let more_operators = if operators.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", operators.join(", "))
+    };
+    let connect = format!("--data-dir {root} --endpoint https://{addr}");
     println!(
         "\
 coffre dev is running on https://{addr}  (mTLS; Ctrl-C stops it)
 
-  data directory   {dir}   (store, simulated HSM state, dev PKI; reused on restart)
-  dev PKI          {pki}/  ca.pem, server.pem, operator.pem, service.pem, auditor.pem (+ -key.pem)
+  data directory   {root}   (store, simulated HSM state, dev PKI; reused on restart)
+  dev PKI          {pki}/  ca.pem, server.pem, operator.pem{more_operators}, service.pem, auditor.pem (+ -key.pem)
                    each role's certificates from its own CA: operator-ca.pem, service-ca.pem, auditor-ca.pem
   HSM              simulated, in-process — for development only
-  audit log        {audit_log}  (verify exports with {public_key})
-
+  audit log        {audit_log}  (verify exports with {public_key})"
+    );
+    println!(
+        "  attributes       {}   (for equals_caller_attribute; --attribute PRINCIPAL_OR_ROLE:KEY=VALUE)",
+        attributes_line(opts)?
+    );
+    if opts.quorum > 1 {
+        println!(
+            "  quorum           {} approvals from distinct operators for sensitive operations:
+                   operator.pem{more_operators} in {pki}/
+                   act as another operator with --as NAME (its NAME.pem and NAME-key.pem), e.g.
+                   coffre approval list --as operator-2 {connect}",
+            opts.quorum
+        );
+    }
+    // The context the examples use: the dev service's own tenant.
+    let tenant = dev::resolve_attributes(opts.quorum, &opts.attributes)?
+        .get(&crate::pki::dev_principal("service"))
+        .and_then(|a| a.get("tenant").cloned())
+        .unwrap_or_else(|| dev::DEFAULT_SERVICE_ATTRIBUTE.1.to_string());
+    println!(
+        "
 Try it from another terminal:
-  coffre key create --alias demo --data-dir {dir} --endpoint https://{addr}
-  coffre datakey generate --key demo --context tenant=acme --data-dir {dir} --endpoint https://{addr}
-  coffre decrypt --blob <ciphertext_blob> --context tenant=acme --data-dir {dir} --endpoint https://{addr}
+  coffre key create --alias demo {connect}
+  coffre datakey generate --key demo --context tenant={tenant} {connect}
+  coffre decrypt --blob <ciphertext_blob> --context tenant={tenant} {connect}
 (with cargo: cargo run --release -- key create ...)"
     );
+    Ok(())
+}
+
+/// `service: tenant=acme; operator-2: team=blue`: every principal's
+/// attributes, by the short name of a dev principal where it is one.
+fn attributes_line(opts: &dev::DevOptions) -> anyhow::Result<String> {
+    let resolved = dev::resolve_attributes(opts.quorum, &opts.attributes)?;
+    let mut parts: Vec<(String, String)> = resolved
+        .into_iter()
+        .map(|(principal, attrs)| {
+            let name = principal
+                .strip_prefix(&crate::pki::dev_principal(""))
+                .map_or_else(|| principal.clone(), str::to_string);
+            let pairs: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            (name, pairs.join(", "))
+        })
+        .collect();
+    parts.sort();
+    Ok(parts
+        .into_iter()
+        .map(|(name, pairs)| format!("{name}: {pairs}"))
+        .collect::<Vec<_>>()
+        .join("; "))
 }

@@ -10,6 +10,7 @@
 //!   hsm-sim.state           the dev simulated HSM's state (PIN-encrypted)
 //!   hsm-sim.pin             the dev simulated HSM's PIN (0600)
 //!   crl-state.json          the highest CRL number seen per issuer (rollback guard)
+//!   coffre.lock             flock'ed by the `coffre dev` using the directory; holds its pid
 //! ```
 //!
 //! At the start of `coffre serve`, [`DataDir::secure`] refuses a directory
@@ -30,6 +31,13 @@ use crate::store::approvals::ApprovalStore;
 
 /// The audit log's file name, when the configuration names none.
 pub const AUDIT_LOG_FILE: &str = "audit.log";
+
+/// [`DataDir::lock`] held: released when dropped (or when the process
+/// ends, however it ends).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
 
 /// A data directory (`coffre dev --data-dir`, `data_dir` of `coffre serve`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +86,49 @@ impl DataDir {
     /// than it is refused, across restarts (`grpc::tls`).
     pub fn crl_state(&self) -> PathBuf {
         self.root.join("crl-state.json")
+    }
+
+    /// `coffre.lock`: held (`flock`) by the `coffre dev` process using the
+    /// directory, with its pid in it.
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("coffre.lock")
+    }
+
+    /// Takes [`DataDir::lock_file`] for as long as the returned guard
+    /// lives, and writes this process's pid in it. Another process holding
+    /// it is refused plainly, with its pid when the file names one. The
+    /// directory must exist.
+    pub fn lock(&self) -> anyhow::Result<DirLock> {
+        use std::io::Write;
+        let path = self.lock_file();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if let Err(e) = fs2::FileExt::try_lock_exclusive(&file) {
+            if e.raw_os_error() != fs2::lock_contended_error().raw_os_error()
+                && e.kind() != std::io::ErrorKind::WouldBlock
+            {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+            let pid = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            bail!(
+                "{} is in use by another coffre process{pid}; stop it or give another --data-dir",
+                self.root.display()
+            );
+        }
+        file.set_len(0)
+            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .and_then(|()| file.flush())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(DirLock { _file: file })
     }
 
     /// Creates the directory (mode 0700) if it does not exist.
@@ -161,10 +212,40 @@ impl DataDir {
     pub async fn open_store(&self) -> anyhow::Result<SledStore> {
         let dir = self.store();
         let what = format!("opening the store in {}", dir.display());
-        tokio::task::spawn_blocking(move || SledStore::open(&dir))
+        let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir))
             .await
-            .context("opening the store")?
-            .context(what)
+            .context("opening the store")?;
+        match opened {
+            Ok(store) => Ok(store),
+            Err(e) if locked(&self.store().join("LOCK")) => {
+                let pid = self
+                    .holder_pid()
+                    .map(|pid| format!(" (pid {pid})"))
+                    .unwrap_or_default();
+                Err(anyhow::Error::new(e).context(what).context(format!(
+                    "{} is in use by another coffre process{pid}; stop it or give another \
+                     --data-dir",
+                    self.root.display()
+                )))
+            }
+            Err(e) => Err(e).context(what),
+        }
+    }
+
+    /// The pid [`DataDir::lock`]'s holder wrote, while it holds it (a
+    /// stopped `coffre dev` leaves its pid behind: not named), unless it is
+    /// this process.
+    fn holder_pid(&self) -> Option<u32> {
+        let path = self.lock_file();
+        if !locked(&path) {
+            return None;
+        }
+        // This process's own lock (`coffre dev` takes it first) names no
+        // other holder.
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|pid| *pid != std::process::id())
     }
 
     /// Opens the pending approvals.
@@ -176,6 +257,19 @@ impl DataDir {
             .context("opening the approvals")?
             .context(what)
     }
+}
+
+/// Whether another process holds `path`'s `flock` (the reason an open
+/// failed): a probe that takes it and at once lets it go.
+fn locked(path: &Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return false;
+    };
+    fs2::FileExt::try_lock_exclusive(&file).is_err()
 }
 
 /// Sets `path`'s permission bits to `mode` if it has any bit `mode` lacks

@@ -3,6 +3,7 @@
 //! sled store, the approvals and the audit log. Restarting on the same
 //! directory keeps every key.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,6 +45,119 @@ pub struct DevOptions {
     /// Start once on an audit log behind the store's high-water mark,
     /// recording the loss (`--accept-audit-log-loss`).
     pub accept_audit_log_loss: bool,
+    /// `--attribute`: attributes of dev principals, for policies that bind
+    /// a context value to the caller (`equals_caller_attribute`). The dev
+    /// `service` has `tenant=acme` unless one of these sets its `tenant`.
+    pub attributes: Vec<DevAttribute>,
+}
+
+/// The attribute every start gives the dev `service` identity unless
+/// `--attribute service:tenant=…` says otherwise: the README's
+/// `tenant=acme` examples work as written.
+pub const DEFAULT_SERVICE_ATTRIBUTE: (&str, &str) = ("tenant", "acme");
+
+/// One `--attribute PRINCIPAL_OR_ROLE:KEY=VALUE`: `target` is a role
+/// (`operator`, `service`, `auditor`: every dev principal of that role), a
+/// dev principal's name (`operator-2`), or a whole principal
+/// (`spiffe://…`, as `[attributes]` of `coffre serve` names it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevAttribute {
+    pub target: String,
+    pub key: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for DevAttribute {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let form = "expected PRINCIPAL_OR_ROLE:KEY=VALUE, e.g. service:tenant=acme";
+        let (left, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{form}; got {s:?}"))?;
+        // A whole principal may hold ':' (a URI): the key is after the last.
+        let (target, key) = left
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{form}; got {s:?} (no ':' before the key)"))?;
+        if target.is_empty() || target.ends_with("//") {
+            return Err(format!("{form}; got {s:?} (no principal or role)"));
+        }
+        if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{form}; got {s:?} (the key must be non-empty, without spaces)"
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(format!(
+                "{form}; got {s:?} (control characters in the value)"
+            ));
+        }
+        Ok(Self {
+            target: target.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
+}
+
+/// The dev principals of a server with `quorum` operators, by short name
+/// (`operator`, `operator-2`, …, `service`, `auditor`) and role.
+pub fn dev_principals(quorum: u32) -> Vec<(String, Role)> {
+    let mut all = vec![("operator".to_string(), Role::Operator)];
+    all.extend((2..=quorum).map(|n| (format!("operator-{n}"), Role::Operator)));
+    all.push(("service".to_string(), Role::Service));
+    all.push(("auditor".to_string(), Role::Auditor));
+    all
+}
+
+/// Every principal's attributes, keyed by principal (as `[attributes]` of
+/// `coffre serve`): the default `tenant=acme` of the dev service, then each
+/// `--attribute` in order (a later one replaces an earlier value). A
+/// target that names no dev principal, role or whole principal is refused.
+pub fn resolve_attributes(
+    quorum: u32,
+    attributes: &[DevAttribute],
+) -> anyhow::Result<HashMap<String, BTreeMap<String, String>>> {
+    let principals = dev_principals(quorum);
+    let mut out: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    let (key, value) = DEFAULT_SERVICE_ATTRIBUTE;
+    out.entry(pki::dev_principal("service"))
+        .or_default()
+        .insert(key.to_string(), value.to_string());
+    for a in attributes {
+        let targets: Vec<String> = if let Some(role) =
+            [Role::Operator, Role::Service, Role::Auditor]
+                .into_iter()
+                .find(|r| r.as_str() == a.target)
+        {
+            principals
+                .iter()
+                .filter(|(_, r)| *r == role)
+                .map(|(name, _)| pki::dev_principal(name))
+                .collect()
+        } else if principals.iter().any(|(name, _)| *name == a.target) {
+            vec![pki::dev_principal(&a.target)]
+        } else if a.target.contains("://") {
+            vec![a.target.clone()]
+        } else {
+            let names: Vec<&str> = principals.iter().map(|(n, _)| n.as_str()).collect();
+            bail!(
+                "--attribute {}:{}=…: no dev principal or role is called {:?}; the dev \
+                 principals are {} (more operators with --quorum), the roles operator, \
+                 service and auditor",
+                a.target,
+                a.key,
+                a.target,
+                names.join(", ")
+            );
+        };
+        for principal in targets {
+            out.entry(principal)
+                .or_default()
+                .insert(a.key.clone(), a.value.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Dev mode: keys created without a policy may be used by the dev
@@ -126,13 +240,19 @@ pub async fn builder(
 
 /// Starts the dev server: everything under `opts.data_dir`.
 pub async fn start(opts: &DevOptions) -> anyhow::Result<RunningServer> {
+    let attributes = resolve_attributes(opts.quorum, &opts.attributes)?;
+    // The ports first, then the directory's lock: a busy port or a
+    // directory another coffre uses stops the start before anything is
+    // created (a new data directory stays absent) or opened.
+    let listener = bind(opts.listen, "--listen").await?;
+    let metrics_listener = match opts.metrics_listen {
+        Some(at) => Some(bind(at, "--metrics-listen").await?),
+        None => None,
+    };
     let dir = DataDir::new(&opts.data_dir);
+    dir.create()?;
+    let lock = dir.lock()?;
     ensure_dev_dir(&dir)?;
-    let mut roles = vec![
-        (pki::dev_principal("operator"), Role::Operator),
-        (pki::dev_principal("service"), Role::Service),
-        (pki::dev_principal("auditor"), Role::Auditor),
-    ];
     // `--quorum M`: M operators (operator.pem, operator-2.pem, …), and M
     // approvals for every sensitive operation.
     let paths = dir.pki();
@@ -141,15 +261,17 @@ pub async fn start(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         if !paths.client_cert(&name).exists() {
             pki::issue_client_cert(&paths, &name)?;
         }
-        roles.push((pki::dev_principal(&name), Role::Operator));
     }
+    let roles = dev_principals(opts.quorum)
+        .into_iter()
+        .map(|(name, role)| (pki::dev_principal(&name), role));
     let mut options = opts.options.clone();
     if opts.quorum > 1 {
         options.quorum = QuorumOptions::uniform(opts.quorum);
     }
-    builder(
+    let builder = builder(
         &dir,
-        StaticRoles::new(roles),
+        StaticRoles::new(roles).with_attributes(attributes),
         options,
         &opts.audit,
         opts.crl.clone(),
@@ -157,11 +279,26 @@ pub async fn start(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         opts.listen,
     )
     .await?
+    .bound_listener(listener)
     .scheduler(opts.scheduler_interval)
-    .metrics(opts.metrics_listen)
-    .accept_audit_log_loss(opts.accept_audit_log_loss)
-    .start()
-    .await
+    .accept_audit_log_loss(opts.accept_audit_log_loss);
+    let builder = match metrics_listener {
+        Some(listener) => builder.bound_metrics_listener(listener),
+        None => builder,
+    };
+    builder.hold(lock).start().await
+}
+
+/// Binds `at` for `flag`; a port in use says what to do.
+async fn bind(at: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(at).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "{at} is in use — is another coffre dev running? stop it, or give {flag} another \
+             address (and another --data-dir)"
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {at} ({flag})")),
+    }
 }
 
 /// Keys per store write of `coffre dev --preload-keys`.
@@ -254,4 +391,52 @@ fn dev_pin(dir: &DataDir) -> anyhow::Result<Zeroizing<String>> {
     crate::fsutil::write_atomic(&path, pin.as_bytes(), true)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(pin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(s: &str) -> DevAttribute {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn attributes_parse_with_a_role_a_name_or_a_whole_principal() {
+        assert_eq!(
+            attr("service:tenant=acme"),
+            DevAttribute {
+                target: "service".into(),
+                key: "tenant".into(),
+                value: "acme".into(),
+            }
+        );
+        let uri = attr("spiffe://provider.example/storage:tenant=a=b");
+        assert_eq!(uri.target, "spiffe://provider.example/storage");
+        assert_eq!((uri.key.as_str(), uri.value.as_str()), ("tenant", "a=b"));
+        for bad in [
+            "service",
+            "tenant=acme",
+            ":tenant=acme",
+            "service:=acme",
+            "spiffe://:k=v",
+        ] {
+            assert!(bad.parse::<DevAttribute>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_dev_service_has_tenant_acme_unless_told_otherwise() {
+        let service = pki::dev_principal("service");
+        let all = resolve_attributes(1, &[]).unwrap();
+        assert_eq!(all[&service]["tenant"], "acme");
+        let all = resolve_attributes(1, &[attr("service:tenant=globex")]).unwrap();
+        assert_eq!(all[&service]["tenant"], "globex");
+        // A role gives it to every dev principal of the role.
+        let all = resolve_attributes(2, &[attr("operator:team=blue")]).unwrap();
+        assert_eq!(all[&pki::dev_principal("operator-2")]["team"], "blue");
+        assert_eq!(all[&pki::dev_principal("operator")]["team"], "blue");
+        let e = resolve_attributes(1, &[attr("operator-2:team=blue")]).unwrap_err();
+        assert!(e.to_string().contains("no dev principal or role"), "{e}");
+    }
 }

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use audit::AuditSetup;
-pub use data_dir::{AUDIT_LOG_FILE, DataDir};
+pub use data_dir::{AUDIT_LOG_FILE, DataDir, DirLock};
 
 use crate::audit::AuditTrail;
 use crate::authz::Authorizer;
@@ -62,6 +62,11 @@ pub struct ServerBuilder {
     metrics_listen: Option<SocketAddr>,
     simulator: Option<Arc<hsm_sim::Simulator>>,
     limits: grpc::ServerLimits,
+    /// Listeners bound before anything else was opened (`coffre dev`).
+    listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    /// Held for as long as the server runs.
+    dir_lock: Option<DirLock>,
 }
 
 impl ServerBuilder {
@@ -90,7 +95,31 @@ impl ServerBuilder {
             metrics_listen: None,
             simulator: None,
             limits: grpc::ServerLimits::default(),
+            listener: None,
+            metrics_listener: None,
+            dir_lock: None,
         }
+    }
+
+    /// Serves on `listener`, bound already, instead of binding `listen`
+    /// at the end of [`ServerBuilder::start`]: a caller that binds first
+    /// finds a busy port before it creates or opens anything.
+    pub fn bound_listener(mut self, listener: TcpListener) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// Serves the metrics page on `listener`, bound already (see
+    /// [`ServerBuilder::bound_listener`]).
+    pub fn bound_metrics_listener(mut self, listener: TcpListener) -> Self {
+        self.metrics_listener = Some(listener);
+        self
+    }
+
+    /// Keeps the data directory's lock until the server is stopped.
+    pub fn hold(mut self, lock: DirLock) -> Self {
+        self.dir_lock = Some(lock);
+        self
     }
 
     /// The listener's bounds (handshakes, HTTP/2, timeouts, message size)
@@ -168,14 +197,27 @@ impl ServerBuilder {
             .context("checking the integrity of the store (its MAC key is HSM-wrapped)")?;
         kms.attach_audit_log(Arc::clone(&audit));
         let client_auth = tls.client_auth();
-        let listener = TcpListener::bind(self.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", self.listen))?;
+        let listener = match self.listener {
+            Some(listener) => listener,
+            None => TcpListener::bind(self.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", self.listen))?,
+        };
         let addr = listener.local_addr().context("local address")?;
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let metrics_server = match self.metrics_listen {
-            Some(at) => Some(
-                tasks::start_metrics(at, &kms, &audit, &metrics, &client_auth, &integrity).await?,
+        let metrics_listener = match (self.metrics_listener, self.metrics_listen) {
+            (Some(listener), _) => Some(listener),
+            (None, Some(at)) => Some(
+                TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {at}"))?,
+            ),
+            (None, None) => None,
+        };
+        let metrics_server = match metrics_listener {
+            Some(listener) => Some(
+                tasks::start_metrics(listener, &kms, &audit, &metrics, &client_auth, &integrity)
+                    .await?,
             ),
             None => None,
         };
@@ -211,6 +253,7 @@ impl ServerBuilder {
             metrics_addr: metrics_server.as_ref().map(|(addr, _)| *addr),
             metrics_task: metrics_server.map(|(_, task)| task),
             store_mark,
+            _dir_lock: self.dir_lock,
         })
     }
 }
@@ -238,6 +281,8 @@ pub struct RunningServer {
     metrics_task: Option<JoinHandle<()>>,
     /// The audit high-water mark's task, waited for at stop.
     store_mark: Option<Arc<audit::StoreMark>>,
+    /// The data directory's lock (`coffre dev`), released with the server.
+    _dir_lock: Option<DirLock>,
 }
 
 impl RunningServer {

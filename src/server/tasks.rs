@@ -92,21 +92,18 @@ async fn audit_scheduler(trail: &AuditTrail, report: &SchedulerReport) {
     }
 }
 
-/// Serves the metrics page on `at` (plain HTTP): the requests counted by
-/// the gRPC layer, the core's caches and HSM calls, the audit log's state;
-/// and the probes `/healthz` and `/readyz` (the readiness the gRPC server
-/// publishes in `metrics.readiness`).
+/// Serves the metrics page on `listener` (plain HTTP): the requests counted
+/// by the gRPC layer, the core's caches and HSM calls, the audit log's
+/// state; and the probes `/healthz` and `/readyz` (the readiness the gRPC
+/// server publishes in `metrics.readiness`).
 pub(super) async fn start_metrics(
-    at: SocketAddr,
+    listener: TcpListener,
     kms: &Arc<Kms>,
     trail: &Arc<AuditTrail>,
     metrics: &Arc<crate::metrics::Metrics>,
     client_auth: &Arc<grpc::ClientAuth>,
     integrity: &Arc<crate::store::integrity::RecordMac>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(at)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {at}"))?;
     let addr = listener.local_addr().context("metrics address")?;
     let ready: crate::metrics::http::Ready = {
         let metrics = Arc::clone(metrics);

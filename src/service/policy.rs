@@ -89,10 +89,29 @@ pub(super) fn evaluate(
             )));
         }
         if let Some(attr) = &rule.equals_caller_attribute {
-            if attribute(attr).as_deref() != Some(value.as_str()) {
-                return Err(Refusal::Context(format!(
-                    "requires the encryption context value of {name:?} to equal your {attr:?} attribute"
-                )));
+            // The caller's own attribute and its own context value only:
+            // nothing here is another principal's or the key's secret.
+            match attribute(attr) {
+                None => {
+                    return Err(Refusal::Context(format!(
+                        "requires the encryption context value of {name:?} to equal your \
+                         attribute `{attr}`, and you have no attribute `{attr}` (the server's \
+                         configuration gives attributes: [attributes] in coffre serve, \
+                         --attribute in coffre dev)",
+                        attr = attr.escape_debug()
+                    )));
+                }
+                Some(mine) if mine != *value => {
+                    return Err(Refusal::Context(format!(
+                        "requires the encryption context value of {name:?} to equal your \
+                         attribute `{attr}`: your attribute `{attr}` is `{mine}`, the context \
+                         says `{value}`",
+                        attr = attr.escape_debug(),
+                        mine = mine.escape_debug(),
+                        value = value.escape_debug()
+                    )));
+                }
+                Some(_) => {}
             }
         }
     }
@@ -351,5 +370,32 @@ mod tests {
             ),
             Err(Refusal::Context(_))
         ));
+    }
+
+    #[test]
+    fn a_missing_attribute_reads_apart_from_a_different_one() {
+        let p = policy();
+        let c = ctx(&[("tenant", "globex"), ("class", "public")]);
+        let Err(Refusal::Context(none)) = evaluate(
+            &p,
+            "svc",
+            |_| None,
+            DataKeyOperation::Decrypt,
+            OK_REASON,
+            &c,
+        ) else {
+            panic!("a caller without the attribute is refused");
+        };
+        assert!(none.contains("you have no attribute `tenant`"), "{none}");
+        let Err(Refusal::Context(other)) =
+            evaluate(&p, "svc", attrs, DataKeyOperation::Decrypt, OK_REASON, &c)
+        else {
+            panic!("another tenant is refused");
+        };
+        assert!(
+            other.contains("your attribute `tenant` is `acme`, the context says `globex`"),
+            "{other}"
+        );
+        assert!(!other.contains("you have no attribute"), "{other}");
     }
 }

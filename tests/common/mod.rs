@@ -178,6 +178,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         preload_keys: 0,
         accept_audit_log_loss: false,
+        attributes: Vec::new(),
     }
 }
 
