@@ -35,6 +35,9 @@ mod batch;
 mod canary;
 // The README walkthrough with the real `coffre` binary and its CLI.
 mod cli;
+// README.md run as written: every sh block, in order, in bash, with the
+// real binary; the blocks it cannot run say why in the README.
+mod readme;
 // Long-running: `coffre dev` SIGKILLed under load and restarted, 20 cycles
 // by default (COFFRE_CRASH_CYCLES, COFFRE_CRASH_SEED).
 mod crash;
