@@ -45,6 +45,9 @@ mod cli_errors;
 // Issue #16, `coffre dev` with the real binary: --attribute and the
 // tenant policy, busy port and data directory in use, quorum hints, bench.
 mod dev_server;
+// README.md run as written: every sh block, in order, in bash, with the
+// real binary; the blocks it cannot run say why in the README.
+mod readme;
 // Long-running: `coffre dev` SIGKILLed under load and restarted, 20 cycles
 // by default (COFFRE_CRASH_CYCLES, COFFRE_CRASH_SEED).
 mod crash;
