@@ -145,8 +145,7 @@ fn translate(line: &str, n: usize, ports: &Ports) -> String {
 
 /// The script's prologue: the helpers the translated lines call.
 fn prologue() -> String {
-    format!(
-        r#"set -euo pipefail
+    r#"set -euo pipefail
 shopt -s expand_aliases
 export PATH="$PWD/target/release:$PATH"
 export NO_COLOR=1
@@ -154,9 +153,9 @@ __line=0
 trap 'echo "README.md line $__line failed (exit $?)" >&2' ERR
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 # A coffre dev in the background; wait for its banner (or its exit).
-__dev() {{
+__dev() {
   local log
-  log=$(mktemp "${{TMPDIR:-/tmp}}/readme-dev.XXXXXX")
+  log=$(mktemp "${TMPDIR:-/tmp}/readme-dev.XXXXXX")
   "$@" >"$log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 600); do
@@ -167,9 +166,9 @@ __dev() {{
     sleep 0.1
   done
   echo "README.md line $__line: coffre dev did not start in 60 s" >&2; cat "$log" >&2; return 1
-}}
+}
 # A command that must fail and say something.
-__refused() {{
+__refused() {
   local want="$1"; shift
   local out
   if out=$("$@" 2>&1); then
@@ -179,9 +178,9 @@ __refused() {{
   if [[ "$out" != *"$want"* ]]; then
     echo "README.md line $__line: expected «$want» in:" >&2; echo "$out" >&2; return 1
   fi
-}}
+}
 "#
-    )
+    .to_string()
 }
 
 /// `target/release/coffre` in the scratch directory: the binary under test,
