@@ -372,12 +372,12 @@ fn policies_warn_of_unknown_principals_and_read_proto_names() {
         stderr.contains("warning:") && stderr.contains("its role is operator"),
         "{stderr}"
     );
-    // A context rule bound to an attribute the grantee lacks (coffre dev
-    // configures none) refuses every request: said too.
+    // A context rule bound to an attribute the grantee lacks (the dev
+    // service has tenant=acme, no region) refuses every request: said too.
     let bound = dir.path().join("bound.json");
     let policy = serde_json::json!({
         "grants": [{ "principal": SERVICE, "operations": ["Decrypt"] }],
-        "required_context": { "tenant": { "equals_caller_attribute": "tenant" } },
+        "required_context": { "region": { "equals_caller_attribute": "region" } },
     });
     std::fs::write(&bound, policy.to_string()).unwrap();
     let key = run_json(
@@ -398,7 +398,7 @@ fn policies_warn_of_unknown_principals_and_read_proto_names() {
         warnings[0]
             .as_str()
             .unwrap()
-            .contains("has no attribute \"tenant\""),
+            .contains("has no attribute \"region\""),
         "{key}"
     );
 }
