@@ -64,6 +64,9 @@ struct CountingStore {
     calls: AtomicUsize,
     /// When set, the next `get_key` says it is paused, then waits to resume.
     pause_next_get: std::sync::Mutex<Option<Pause>>,
+    /// When set, the next `swap_secret` or `put_secret` first stores this
+    /// secret, as a writer racing it would.
+    put_before_next_swap: std::sync::Mutex<Option<(String, crate::store::WrappedSecret)>>,
 }
 
 impl CountingStore {
@@ -79,7 +82,30 @@ impl KeyStore for CountingStore {
     }
     fn put_secret(&self, name: &str, s: &crate::store::WrappedSecret) -> Result<(), StoreError> {
         self.count();
+        if let Some((n, racing)) = self.put_before_next_swap.lock().unwrap().take() {
+            self.inner.put_secret(&n, &racing)?;
+        }
         self.inner.put_secret(name, s)
+    }
+    fn create_secret(
+        &self,
+        name: &str,
+        s: &crate::store::WrappedSecret,
+    ) -> Result<crate::store::WrappedSecret, StoreError> {
+        self.count();
+        self.inner.create_secret(name, s)
+    }
+    fn swap_secret(
+        &self,
+        name: &str,
+        current: &crate::store::WrappedSecret,
+        new: &crate::store::WrappedSecret,
+    ) -> Result<bool, StoreError> {
+        self.count();
+        if let Some((n, s)) = self.put_before_next_swap.lock().unwrap().take() {
+            self.inner.put_secret(&n, &s)?;
+        }
+        self.inner.swap_secret(name, current, new)
     }
     fn list_secrets(&self) -> Result<Vec<(String, crate::store::WrappedSecret)>, StoreError> {
         self.count();
@@ -182,6 +208,7 @@ fn fixture(mut options: KmsOptions) -> Fixture {
         inner: SledStore::open(&dir.path().join("store")).unwrap(),
         calls: AtomicUsize::new(0),
         pause_next_get: std::sync::Mutex::new(None),
+        put_before_next_swap: std::sync::Mutex::new(None),
     });
     let roles = StaticRoles::new([
         ("op".to_string(), Role::Operator),
@@ -656,4 +683,56 @@ async fn the_audit_lookup_of_an_unknown_alias_reads_the_store_once() {
         f.kms.key_id_for_audit("no-such-alias").await,
         Some(created.key.id)
     );
+}
+
+/// Two cores starting at once on one empty store (two nodes' first start)
+/// end with one audit key, and both sign with it: the secret is created
+/// if absent, and the loser uses the winner's (several-nodes design, 1.2).
+#[tokio::test]
+async fn two_first_starts_end_with_one_audit_key() {
+    for round in 0..8 {
+        let f = fixture(KmsOptions::default());
+        let other = Kms::new(
+            Arc::clone(&f.store) as Arc<dyn KeyStore>,
+            Arc::clone(&f.hsm) as Arc<dyn Hsm>,
+            Arc::new(StaticRoles::new([("op".to_string(), Role::Operator)])),
+            Arc::new(SystemClock),
+            KmsOptions::default(),
+        );
+        let (a, b) = tokio::join!(f.kms.audit_keys(), other.audit_keys());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(
+            a.signer.public_key(),
+            b.signer.public_key(),
+            "round {round}: two audit keys"
+        );
+        let stored = f.kms.audit_keys().await.unwrap();
+        assert_eq!(stored.signer.public_key(), a.signer.public_key());
+    }
+}
+
+/// A root-key rotation re-wraps the service secrets by compare-and-swap: a
+/// newer audit high-water mark stored while the old one was being
+/// re-wrapped is kept, not replaced by the re-wrapped older one (review of
+/// #15: the mark must never go back).
+#[tokio::test]
+async fn a_rotation_never_puts_back_an_older_audit_mark() {
+    let f = fixture(KmsOptions::default());
+    f.kms.put_audit_mark(b"checkpoint 1").await.unwrap();
+    let next_root = f.hsm.rotate_root_key().await.unwrap();
+    // The newer mark, stored (under the new root key, as any write now
+    // is) while the rotation re-wraps the older one.
+    let aad = crate::model::secret_wrap_aad(super::audit_keys::AUDIT_MARK_NAME);
+    let newer = f.hsm.wrap(b"checkpoint 2", &aad).await.unwrap();
+    assert_eq!(newer.root_key_id, next_root);
+    *f.store.put_before_next_swap.lock().unwrap() = Some((
+        super::audit_keys::AUDIT_MARK_NAME.to_string(),
+        crate::store::WrappedSecret {
+            hsm_root_key_id: newer.root_key_id,
+            wrapped: newer.blob,
+        },
+    ));
+    f.kms.rewrap_secrets(next_root).await.unwrap();
+    let mark = f.kms.audit_mark().await.unwrap().unwrap();
+    assert_eq!(mark.expose(), b"checkpoint 2", "the older mark came back");
 }

@@ -270,6 +270,28 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// Stores (or replaces) the service secret `name`; durable on return.
     fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError>;
 
+    /// Stores `secret` as `name` unless a secret of that name is stored
+    /// already, and returns the one stored: `secret`, or the one that was
+    /// there (two first starts racing end with one audit key, and both use
+    /// it). Durable on return.
+    fn create_secret(
+        &self,
+        name: &str,
+        secret: &WrappedSecret,
+    ) -> Result<WrappedSecret, StoreError>;
+
+    /// Replaces the service secret `name` with `new` only if it is still
+    /// `current`; `false` (nothing written) if another writer changed or
+    /// removed it meanwhile. A root-key rotation re-wraps with it, so that
+    /// it never puts back an older value stored meanwhile (the audit
+    /// high-water mark). Durable on return.
+    fn swap_secret(
+        &self,
+        name: &str,
+        current: &WrappedSecret,
+        new: &WrappedSecret,
+    ) -> Result<bool, StoreError>;
+
     /// Every service secret, by name: what a root-key rotation re-wraps
     /// besides the CMK versions.
     fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError>;

@@ -24,6 +24,11 @@ pub(super) const SECRETS: Check = Check {
            keys are untouched",
     run: secrets,
 };
+pub(super) const SECRETS_CREATE_AND_SWAP: Check = Check {
+    name: "service secrets: create_secret stores only if absent and returns the stored one; \
+           swap_secret replaces only from the current value",
+    run: secrets_create_and_swap,
+};
 pub(super) const DURABLE: Check = Check {
     name: "every acknowledged change survives a reopen",
     run: durable,
@@ -198,6 +203,54 @@ fn secrets(f: &dyn StoreFactory) -> Result<(), String> {
         None,
     )?;
     unchanged(&*store, &before, "storing service secrets")
+}
+
+fn secrets_create_and_swap(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, store) = open(f)?;
+    let one = |n: u8| WrappedSecret {
+        hsm_root_key_id: 7,
+        wrapped: vec![n; 48],
+    };
+    same(
+        "create_secret on an absent name returns it",
+        ok("create_secret", store.create_secret("audit", &one(1)))?,
+        one(1),
+    )?;
+    same(
+        "create_secret on a stored name returns the stored one",
+        ok("create_secret", store.create_secret("audit", &one(2)))?,
+        one(1),
+    )?;
+    same(
+        "the secret after a second create",
+        ok("get_secret", store.get_secret("audit"))?,
+        Some(one(1)),
+    )?;
+    same(
+        "swap_secret from the current value",
+        ok("swap_secret", store.swap_secret("audit", &one(1), &one(3)))?,
+        true,
+    )?;
+    same(
+        "the swapped secret",
+        ok("get_secret", store.get_secret("audit"))?,
+        Some(one(3)),
+    )?;
+    same(
+        "swap_secret from a stale value",
+        ok("swap_secret", store.swap_secret("audit", &one(1), &one(4)))?,
+        false,
+    )?;
+    same(
+        "swap_secret of an absent name",
+        ok("swap_secret", store.swap_secret("absent", &one(1), &one(4)))?,
+        false,
+    )?;
+    same(
+        "the secrets after refused swaps",
+        ok("list_secrets", store.list_secrets())?,
+        vec![("audit".to_owned(), one(3))],
+    )
 }
 
 fn durable(f: &dyn StoreFactory) -> Result<(), String> {

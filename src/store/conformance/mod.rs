@@ -129,12 +129,14 @@ pub const CHECKS: &[Check] = &[
     maintenance::ROOT_ROTATION_WORK_LIST,
     maintenance::COMPACT,
     maintenance::SECRETS,
+    maintenance::SECRETS_CREATE_AND_SWAP,
     maintenance::DURABLE,
     races::CAS_ONE_WINNER,
     races::ROTATION_ONE_WINNER,
     races::ALIAS_CLASH,
     races::DESTROY_AGAINST_CANCEL,
     races::HANDLES_SEE_EACH_OTHER,
+    races::SECRET_ONE_WINNER,
     integrity::SEALED_UNDER_ITS_KEY,
 ];
 

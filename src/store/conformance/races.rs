@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use super::fixtures::{id, key, tombstone, version};
 use super::{Check, OpenStore, StoreFactory, ensure, ok, open, same};
 use crate::model::{KeyId, KeyState, Timestamp};
-use crate::store::{KeyStore, StoreError};
+use crate::store::{KeyStore, StoreError, WrappedSecret};
 
 pub(super) const CAS_ONE_WINNER: Check = Check {
     name: "two handles: of concurrent compare-and-swaps from one record exactly one wins, \
@@ -33,6 +33,12 @@ pub(super) const DESTROY_AGAINST_CANCEL: Check = Check {
 pub(super) const HANDLES_SEE_EACH_OTHER: Check = Check {
     name: "two handles: a change acknowledged through one is seen through the other",
     run: handles_see_each_other,
+};
+
+pub(super) const SECRET_ONE_WINNER: Check = Check {
+    name: "two handles: of concurrent create_secret calls of one name exactly one value is \
+           stored, and every caller gets it",
+    run: secret_one_winner,
 };
 
 /// Threads per handle.
@@ -114,6 +120,33 @@ fn cas_one_winner(f: &dyn StoreFactory) -> Result<(), String> {
                 ok("get_key", store.get_key(k.id))?.as_ref(),
                 Some(winner),
             )?;
+        }
+    }
+    Ok(())
+}
+
+fn secret_one_winner(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, handles) = two_handles(f)?;
+    let [a, _] = &handles;
+    for round in 0..ROUNDS {
+        let name = format!("first-start-{round}");
+        let results = race(&handles, |store, t| {
+            let mine = WrappedSecret {
+                hsm_root_key_id: 1,
+                wrapped: vec![u8::try_from(t + 1).unwrap_or(u8::MAX); 48],
+            };
+            store.create_secret(&name, &mine)
+        })?;
+        let mut got = Vec::new();
+        for r in results {
+            got.push(ok("create_secret", r)?);
+        }
+        let stored = ok("get_secret", a.get_secret(&name))?
+            .ok_or_else(|| format!("round {round}: no secret stored"))?;
+        for g in &got {
+            ensure(*g == stored, || {
+                format!("round {round}: a caller got {g:?}, the store holds {stored:?}")
+            })?;
         }
     }
     Ok(())

@@ -203,6 +203,21 @@ impl KeyStore for SwapsWithoutComparing {
     fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
         self.0.put_secret(name, secret)
     }
+    fn create_secret(
+        &self,
+        name: &str,
+        secret: &WrappedSecret,
+    ) -> Result<WrappedSecret, StoreError> {
+        self.0.create_secret(name, secret)
+    }
+    fn swap_secret(
+        &self,
+        name: &str,
+        current: &WrappedSecret,
+        new: &WrappedSecret,
+    ) -> Result<bool, StoreError> {
+        self.0.swap_secret(name, current, new)
+    }
     fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
         self.0.list_secrets()
     }

@@ -105,6 +105,75 @@ impl KeyStore for SledStore {
         Ok(())
     }
 
+    fn create_secret(
+        &self,
+        name: &str,
+        secret: &WrappedSecret,
+    ) -> Result<WrappedSecret, StoreError> {
+        if name.is_empty() || secret.wrapped.is_empty() {
+            return refuse(format!("an empty service secret {name:?}"));
+        }
+        let value = encode("service secret", secret)?;
+        let live = self.write_gate();
+        self.check_usable()?;
+        let swapped = live
+            .sled
+            .meta
+            .compare_and_swap(secret_key(name), None::<&[u8]>, Some(value));
+        match swapped {
+            Err(e) => {
+                self.mark_failed();
+                Err(sled_error("creating a service secret", e))
+            }
+            Ok(Err(existing)) => match existing.current {
+                Some(bytes) => decode("service secret", &bytes),
+                None => Err(StoreError::Corrupt(format!(
+                    "service secret {name:?}: the store refused to create it but holds none"
+                ))),
+            },
+            Ok(Ok(())) => {
+                if let Err(e) = self.make_durable(&live) {
+                    self.mark_failed();
+                    return Err(e);
+                }
+                Ok(secret.clone())
+            }
+        }
+    }
+
+    fn swap_secret(
+        &self,
+        name: &str,
+        current: &WrappedSecret,
+        new: &WrappedSecret,
+    ) -> Result<bool, StoreError> {
+        if name.is_empty() || new.wrapped.is_empty() {
+            return refuse(format!("an empty service secret {name:?}"));
+        }
+        let old = encode("service secret", current)?;
+        let value = encode("service secret", new)?;
+        let live = self.write_gate();
+        self.check_usable()?;
+        let swapped = live
+            .sled
+            .meta
+            .compare_and_swap(secret_key(name), Some(old), Some(value));
+        match swapped {
+            Err(e) => {
+                self.mark_failed();
+                Err(sled_error("replacing a service secret", e))
+            }
+            Ok(Err(_)) => Ok(false),
+            Ok(Ok(())) => {
+                if let Err(e) = self.make_durable(&live) {
+                    self.mark_failed();
+                    return Err(e);
+                }
+                Ok(true)
+            }
+        }
+    }
+
     fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
         let live = self.read_gate()?;
         let mut out = Vec::new();
