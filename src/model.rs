@@ -441,9 +441,14 @@ impl fmt::Debug for VersionRecord {
 }
 
 /// The name of the HSM key object holding a CMK version of protection level
-/// HSM.
-pub fn hsm_object_name(key_id: KeyId, version: u32) -> String {
-    format!("coffre-cmk-{key_id}-v{version}")
+/// HSM, made for one attempt: `attempt` (random bytes drawn for it) makes
+/// it unique, so that no attempt ever destroys an object another one made
+/// under the same key and version (two nodes rotating one key at once, or
+/// a retry after a crash). The name is kept in [`VersionRecord::hsm_object`],
+/// which is what every later use reads; versions made before the attempt
+/// suffix keep their names (`coffre-cmk-{id}-v{n}`).
+pub fn hsm_object_name(key_id: KeyId, version: u32, attempt: &[u8; 8]) -> String {
+    format!("coffre-cmk-{key_id}-v{version}-{}", hex::encode(attempt))
 }
 
 /// The AAD under which the HSM wraps a CMK version's material: binds the

@@ -11,7 +11,6 @@ use crate::error::{Error, Result};
 use crate::hsm::{HsmError, ObjectSeal};
 use crate::model::{
     AccessReason, EncryptionContext, KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel,
-    hsm_object_name,
 };
 use crate::secret::SecretBytes;
 
@@ -428,6 +427,29 @@ impl Kms {
             .map_err(seal_error)
     }
 
+    /// The HSM object of a version of protection level HSM, as its record
+    /// names it: cached (a version's object never changes), else read from
+    /// the store once.
+    async fn object_name(&self, id: KeyId, version: u32) -> Result<Arc<str>> {
+        if let Some(name) = self.objects.get(&(id, version)) {
+            return Ok(name);
+        }
+        let record = self
+            .blocking(move |s| Ok(s.get_version(id, version)?))
+            .await?
+            .ok_or_else(|| Error::Internal(format!("key {id} has no version {version} stored")))?;
+        let name: Arc<str> = record
+            .hsm_object
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "version {version} of key {id} (protection level HSM) names no HSM object"
+                ))
+            })?
+            .into();
+        self.objects.insert((id, version), Arc::clone(&name));
+        Ok(name)
+    }
+
     /// Suite 2: the same header and AAD as suite 1, sealed by the HSM under
     /// the version's key object.
     async fn seal_in_hsm(
@@ -452,7 +474,7 @@ impl Kms {
         };
         let header_bytes = header.to_bytes();
         let aad = crypto::blob_aad(&header_bytes, digest);
-        let name = hsm_object_name(id, version);
+        let name = self.object_name(id, version).await?;
         let sealed = self
             .hsm
             .seal_with_object(
@@ -554,7 +576,7 @@ impl Kms {
             let mut sealed = Vec::with_capacity(parsed.ciphertext.len() + envelope::TAG_LEN);
             sealed.extend_from_slice(parsed.ciphertext);
             sealed.extend_from_slice(parsed.tag);
-            let name = hsm_object_name(id, version);
+            let name = self.object_name(id, version).await?;
             let opened = self
                 .hsm
                 .open_with_object(

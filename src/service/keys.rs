@@ -211,20 +211,22 @@ impl Kms {
     /// A new CMK version. `SOFTWARE`: fresh material from the HSM's
     /// generator, wrapped under its root key (returned too, for the cache).
     /// `HSM`: a key object generated inside the HSM, which never leaves it.
-    async fn new_version(
+    pub(super) async fn new_version(
         &self,
         id: KeyId,
         version: u32,
         level: ProtectionLevel,
     ) -> Result<(VersionRecord, Option<CmkMaterial>)> {
         if level == ProtectionLevel::Hsm {
-            let name = hsm_object_name(id, version);
-            // The store has no such version (callers hold the write guard
-            // and checked), so an object of that name is an orphan: made
-            // for an earlier attempt whose store write never happened (a
-            // crash between the two). Never used to seal anything, and not
-            // to be trusted either: destroyed, then made afresh.
-            self.hsm.destroy_key_object(&name).await?;
+            // A name of this attempt's own: an object another attempt made
+            // for the same version (a crash before its store write, another
+            // node rotating at the same moment) is never touched, so the
+            // one whose store write wins keeps its object.
+            let mut attempt = [0u8; 8];
+            self.rng.fill(&mut attempt).map_err(|e| {
+                Error::Internal(format!("no randomness for an HSM object name: {e:?}"))
+            })?;
+            let name = hsm_object_name(id, version, &attempt);
             self.hsm.create_key_object(&name).await?;
             let record = VersionRecord {
                 key_id: id,
@@ -267,8 +269,9 @@ impl Kms {
         };
         // An I/O error may come after the write reached the disk (sled
         // commits, then the flush fails): the version may exist after a
-        // restart and must keep its object. A later attempt at the same
-        // version clears an orphan anyway (see `new_version`).
+        // restart and must keep its object. If it does not, the object
+        // stays unused: a later attempt makes one of its own name (see
+        // `new_version`) and never touches this one.
         if matches!(why, Error::Store(StoreError::Io(_))) {
             tracing::warn!(object = %name, "an HSM key object may be unused (the store write's outcome is unknown)");
             return;

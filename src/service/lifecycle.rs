@@ -22,9 +22,7 @@ use std::time::Duration;
 use super::Kms;
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
-use crate::model::{
-    KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel, Timestamp, hsm_object_name,
-};
+use crate::model::{KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel, Timestamp};
 use crate::store::approvals::SensitiveOperation;
 
 pub const MIN_DELETION_DAYS: u32 = 7;
@@ -438,10 +436,10 @@ impl Kms {
             // The key objects first: if the HSM fails, the key stays
             // PENDING_DELETION (unusable) and the next pass tries again;
             // destroying an object twice is harmless.
-            for version in 1..=current.primary_version {
-                self.hsm
-                    .destroy_key_object(&hsm_object_name(id, version))
-                    .await?;
+            // By the names the versions record (each attempt's own).
+            let versions = self.blocking(move |s| Ok(s.list_versions(id)?)).await?;
+            for name in versions.iter().filter_map(|v| v.hsm_object.as_deref()) {
+                self.hsm.destroy_key_object(name).await?;
             }
         }
         let stored = tombstone.clone();

@@ -515,7 +515,7 @@ async fn sim_holds_object(dir: &Path, name: &str) -> bool {
 
 #[tokio::test]
 async fn hsm_protection_level_keys_live_and_die_in_the_hsm() {
-    use crate::model::{ProtectionLevel, hsm_object_name};
+    use crate::model::ProtectionLevel;
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(START));
     let kms = open(dir.path(), Arc::clone(&clock));
@@ -533,12 +533,15 @@ async fn hsm_protection_level_keys_live_and_die_in_the_hsm() {
     let k = KeyRef::Id(id);
     assert_eq!(view.key.protection_level, ProtectionLevel::Hsm);
     let v1 = &view.versions[0];
-    assert_eq!(
-        v1.hsm_object.as_deref(),
-        Some(hsm_object_name(id, 1).as_str())
+    let v1_object = v1.hsm_object.clone().unwrap();
+    // The attempt's own name: the key, the version, 8 random bytes.
+    let prefix = format!("coffre-cmk-{id}-v1-");
+    assert!(
+        v1_object.starts_with(&prefix) && v1_object.len() == prefix.len() + 16,
+        "{v1_object}"
     );
     assert!(v1.wrapped_material.is_empty(), "no material leaves the HSM");
-    assert!(sim_holds_object(dir.path(), &hsm_object_name(id, 1)).await);
+    assert!(sim_holds_object(dir.path(), &v1_object).await);
 
     // Data keys: suite 2 blobs, opened by the HSM; the wrong context, a
     // flipped byte, or the blob relabelled as suite 1 fail as any bad blob.
@@ -587,7 +590,17 @@ async fn hsm_protection_level_keys_live_and_die_in_the_hsm() {
     // ReEncrypt moves the blob to version 2 inside the HSM.
     let rotated = kms.rotate_key(&op(), &k).await.unwrap();
     assert_eq!(rotated.primary_version, 2);
-    assert!(sim_holds_object(dir.path(), &hsm_object_name(id, 2)).await);
+    let objects: Vec<String> = kms
+        .get_key(&op(), &k)
+        .await
+        .unwrap()
+        .versions
+        .iter()
+        .map(|v| v.hsm_object.clone().unwrap())
+        .collect();
+    assert_eq!(objects.len(), 2);
+    assert!(objects[1].starts_with(&format!("coffre-cmk-{id}-v2-")));
+    assert!(sim_holds_object(dir.path(), &objects[1]).await);
     let moved = kms
         .re_encrypt(&svc(), &dk.ciphertext_blob, &ctx(), None, None, None, WHY)
         .await
@@ -627,10 +640,32 @@ async fn hsm_protection_level_keys_live_and_die_in_the_hsm() {
     );
     assert_eq!(kms.run_scheduler_once().await.destroyed, vec![id]);
     drop(kms);
-    for v in [1, 2] {
+    for object in &objects {
         assert!(
-            !sim_holds_object(dir.path(), &hsm_object_name(id, v)).await,
-            "version {v} survived its key"
+            !sim_holds_object(dir.path(), object).await,
+            "{object} survived its key"
         );
     }
+}
+
+/// Several-nodes design 1.2: two attempts at the same HSM-level version
+/// (two nodes rotating one key at once, or a retry after a crash) each get
+/// an object of their own, so the loser's cleanup never destroys the
+/// winner's object. Before, both used `coffre-cmk-<id>-v<n>` and each began
+/// by destroying whatever had that name.
+#[tokio::test]
+async fn two_attempts_at_one_hsm_version_never_destroy_each_other() {
+    use crate::model::ProtectionLevel;
+    let dir = tempfile::tempdir().unwrap();
+    let kms = open(dir.path(), Arc::new(ManualClock::new(START)));
+    let id = crate::model::KeyId::new_random();
+    let (winner, _) = kms.new_version(id, 5, ProtectionLevel::Hsm).await.unwrap();
+    let (loser, _) = kms.new_version(id, 5, ProtectionLevel::Hsm).await.unwrap();
+    let (w, l) = (winner.hsm_object.unwrap(), loser.hsm_object.unwrap());
+    assert_ne!(w, l, "two attempts share one object name");
+    assert!(
+        sim_holds_object(dir.path(), &w).await,
+        "the second attempt destroyed the first's object"
+    );
+    assert!(sim_holds_object(dir.path(), &l).await);
 }

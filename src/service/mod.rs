@@ -111,6 +111,9 @@ pub struct Kms {
     keys: BoundedCache<KeyId, Arc<KeyRecord>>,
     aliases: BoundedCache<String, KeyId>,
     materials: BoundedCache<(KeyId, u32), Arc<CmkMaterial>>,
+    /// The HSM object of each version of protection level HSM, as its
+    /// record names it (immutable once written).
+    objects: BoundedCache<(KeyId, u32), Arc<str>>,
     /// Ids and aliases the store did not know, and when it said so: a
     /// lookup of one within [`NEGATIVE_TTL`] does no store read (see
     /// [`Kms::resolve`]).
@@ -183,6 +186,7 @@ impl Kms {
             keys: BoundedCache::new(options.key_cache_capacity),
             aliases: BoundedCache::new(options.key_cache_capacity),
             materials: BoundedCache::new(options.material_cache_capacity),
+            objects: BoundedCache::new(options.material_cache_capacity),
             missing: BoundedCache::new(NEGATIVE_CAPACITY),
             write_lock: Mutex::new(()),
             write_epoch: AtomicU64::new(0),

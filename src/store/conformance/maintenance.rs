@@ -54,7 +54,7 @@ fn root_rotation_work_list(f: &dyn StoreFactory) -> Result<(), String> {
     let mut in_hsm = version(id(4), 1);
     in_hsm.hsm_root_key_id = 0;
     in_hsm.wrapped_material.clear();
-    in_hsm.hsm_object = Some(crate::model::hsm_object_name(id(4), 1));
+    in_hsm.hsm_object = Some(crate::model::hsm_object_name(id(4), 1, &[7; 8]));
     ok("create_key", store.create_key(&key(id(4), None), &in_hsm))?;
 
     let mut expected = vec![(id(1), 1), (id(1), 2), (id(3), 2)];
