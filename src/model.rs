@@ -207,6 +207,12 @@ pub struct KeyRecord {
     /// Once DESTROYED: when its material was erased.
     #[serde(default)]
     pub destroyed_at: Option<Timestamp>,
+    /// While PENDING_DELETION: when the destruction began, committed before
+    /// any HSM object of the key is destroyed. From then on the deletion
+    /// cannot be cancelled, and a destruction interrupted (a crash, an HSM
+    /// outage) is resumed by the next scheduler pass, on whichever node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroy_started_at: Option<Timestamp>,
     /// Who may use the key, for what, with which context and why.
     #[serde(default)]
     pub policy: KeyPolicy,

@@ -204,6 +204,7 @@ impl Kms {
             next_rotation_at: input.rotation_period.map(|p| version.created_at.plus(p)),
             deletion_at: None,
             destroyed_at: None,
+            destroy_started_at: None,
             policy: input.policy.unwrap_or_else(|| self.default_policy.clone()),
         }
     }

@@ -185,9 +185,20 @@ impl Kms {
                     "have its deletion cancelled (it is not pending deletion)",
                 ));
             }
-            // Once due, the scheduler may have destroyed some of an HSM
-            // key's objects already (it destroys them before writing the
-            // tombstone): such a key must not come back half-alive.
+            // The scheduler committed that it began destroying the key's
+            // HSM objects: some may be gone, so it must not come back
+            // half-alive. The intent is in the store, so every node sees
+            // it, whatever its clock says.
+            if let Some(at) = current.destroy_started_at {
+                return Err(Error::FailedPrecondition(format!(
+                    "the destruction of key {} began at {}: its key objects may already be \
+                     destroyed, so the deletion can no longer be cancelled",
+                    current.id,
+                    at.to_rfc3339()
+                )));
+            }
+            // Once due, the scheduler may begin at any moment: refused
+            // too, so that a cancellation never races it.
             if current.protection_level == ProtectionLevel::Hsm
                 && current.deletion_at.is_some_and(|t| t <= now)
             {
@@ -426,22 +437,36 @@ impl Kms {
         if !due {
             return Ok(false);
         }
-        let mut tombstone = current.clone();
-        tombstone.state = KeyState::Destroyed;
-        tombstone.deletion_at = None;
-        tombstone.next_rotation_at = None;
-        tombstone.destroyed_at = Some(now);
         announce.announce("DestroyKey", id).await?;
+        let mut current = current;
         if current.protection_level == ProtectionLevel::Hsm {
-            // The key objects first: if the HSM fails, the key stays
+            // The intent first, durable: from then on no cancellation (on
+            // any node) can bring the key back while its objects go, and
+            // an interrupted destruction is resumed from here.
+            if current.destroy_started_at.is_none() {
+                let mut started = current.clone();
+                started.destroy_started_at = Some(now);
+                let (from, to) = (current, started.clone());
+                self.blocking(move |s| Ok(s.compare_and_swap_key(&from, &to)?))
+                    .await?;
+                current = started.clone();
+                self.publish(&guard, started);
+            }
+            // Then the key objects: if the HSM fails, the key stays
             // PENDING_DELETION (unusable) and the next pass tries again;
-            // destroying an object twice is harmless.
-            // By the names the versions record (each attempt's own).
+            // destroying an object twice is harmless. By the names the
+            // versions record (each attempt's own).
             let versions = self.blocking(move |s| Ok(s.list_versions(id)?)).await?;
             for name in versions.iter().filter_map(|v| v.hsm_object.as_deref()) {
                 self.hsm.destroy_key_object(name).await?;
             }
         }
+        let mut tombstone = current.clone();
+        tombstone.state = KeyState::Destroyed;
+        tombstone.deletion_at = None;
+        tombstone.next_rotation_at = None;
+        tombstone.destroy_started_at = None;
+        tombstone.destroyed_at = Some(now);
         let stored = tombstone.clone();
         self.blocking(move |s| Ok(s.destroy_key(&current, &stored)?))
             .await?;

@@ -669,3 +669,85 @@ async fn two_attempts_at_one_hsm_version_never_destroy_each_other() {
     );
     assert!(sim_holds_object(dir.path(), &l).await);
 }
+
+/// Several-nodes design 1.2: the destruction of an HSM-level key commits
+/// its intent before any object is destroyed. Interrupted (an HSM outage
+/// here, a crash or another node's pass alike), the key cannot have its
+/// deletion cancelled, whatever the caller's clock says, and the next pass
+/// resumes it, after a restart too.
+#[tokio::test]
+async fn an_interrupted_destruction_is_never_cancelled_and_is_resumed() {
+    use crate::model::ProtectionLevel;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let hsm = Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "lifecycle-pin").unwrap());
+    let kms = Kms::new(
+        Arc::new(SledStore::open(&dir.path().join("store")).unwrap()),
+        Arc::clone(&hsm) as Arc<dyn crate::hsm::Hsm>,
+        Arc::new(StaticRoles::new([
+            ("op".to_string(), Role::Operator),
+            ("svc".to_string(), Role::Service),
+        ])),
+        Arc::clone(&clock) as Arc<dyn crate::model::Clock>,
+        KmsOptions::default(),
+    );
+    let view = kms
+        .create_key(
+            &op(),
+            CreateKeyInput {
+                protection_level: Some(ProtectionLevel::Hsm),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let id = view.key.id;
+    let object = view.versions[0].hsm_object.clone().unwrap();
+    let k = KeyRef::Id(id);
+    kms.schedule_key_deletion(&op(), &k, Some(7)).await.unwrap();
+    clock.advance(DAY * 8);
+    hsm.simulator()
+        .set_faults(hsm_sim::Faults {
+            outage: true,
+            ..hsm_sim::Faults::default()
+        })
+        .unwrap();
+    let report = kms.run_scheduler_once().await;
+    assert!(report.destroyed.is_empty(), "{report:?}");
+    assert_eq!(report.failed, 1, "{report:?}");
+    let record = kms.get_key(&op(), &k).await.unwrap().key;
+    assert_eq!(record.state, KeyState::PendingDeletion);
+    assert!(record.destroy_started_at.is_some(), "{record:?}");
+
+    // A caller whose clock is a day behind (another node) still cannot
+    // cancel: the intent is in the store.
+    clock.set(START.plus(DAY * 2));
+    let err = kms.cancel_key_deletion(&op(), &k).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("began")),
+        "{err:?}"
+    );
+
+    // A restart, the HSM back: the next pass finishes the destruction.
+    drop(kms);
+    hsm.simulator()
+        .set_faults(hsm_sim::Faults::default())
+        .unwrap();
+    clock.set(START.plus(DAY * 9));
+    let kms = Kms::new(
+        Arc::new(SledStore::open(&dir.path().join("store")).unwrap()),
+        Arc::clone(&hsm) as Arc<dyn crate::hsm::Hsm>,
+        Arc::new(StaticRoles::new([("op".to_string(), Role::Operator)])),
+        Arc::clone(&clock) as Arc<dyn crate::model::Clock>,
+        KmsOptions::default(),
+    );
+    assert_eq!(kms.run_scheduler_once().await.destroyed, vec![id]);
+    let record = kms.get_key(&op(), &k).await.unwrap().key;
+    assert_eq!(record.state, KeyState::Destroyed);
+    assert_eq!(record.destroy_started_at, None);
+    drop(kms);
+    assert!(
+        !sim_holds_object(dir.path(), &object).await,
+        "its object survived"
+    );
+}

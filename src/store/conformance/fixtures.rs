@@ -37,6 +37,7 @@ pub fn key(id: KeyId, alias: Option<&str>) -> KeyRecord {
         next_rotation_at: None,
         deletion_at: None,
         destroyed_at: None,
+        destroy_started_at: None,
         policy: KeyPolicy::default(),
     }
 }
