@@ -149,6 +149,10 @@ impl From<Error> for Failure {
                     StoreError::Conflict(_) => {
                         Self::new(C::Aborted, "concurrent update of the key; retry")
                     }
+                    StoreError::RootKeyRetired(_) => Self::new(
+                        C::Unavailable,
+                        "an HSM root-key rotation is finishing; retry",
+                    ),
                     StoreError::IntegrityFailure(_) => Self::new(
                         C::DataLoss,
                         "a stored record failed its integrity check and was refused; see the \

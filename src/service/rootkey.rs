@@ -14,7 +14,9 @@
 //!    wrapped under a root key the HSM still holds — never unwrappable.
 //!    Then the same for the service's own secrets (the audit log's key).
 //! 3. Only when the store holds no live version (and no secret) under
-//!    another root key, destroy the other root keys.
+//!    another root key, fence the old root keys off in the store
+//!    (`KeyStore::fence_root_keys`: from then on nothing wrapped under them
+//!    is stored), then destroy them.
 //!
 //! New versions created meanwhile are wrapped under the current root key
 //! already. The clear material never changes, so the caches stay valid.
@@ -150,13 +152,16 @@ impl Kms {
         // The service's own secrets (the audit key) are re-wrapped too.
         let secrets_left = self.rewrap_secrets(new_root).await?;
 
-        // Under the write guard: no version can be created or rotated (and
-        // wrapped under an old root key) between this check and the
-        // destruction of the old root keys.
+        // The root-key fence, in the store: it checks that nothing live is
+        // under an old root key and retires the old ones in one step, after
+        // which the store refuses anything wrapped under them, whichever
+        // process writes it (a version wrapped a moment before the HSM
+        // rotated). The write guard keeps this process's writers out too.
         let _no_new_versions = self.begin_write().await;
+        let retire = state.old_root_key_ids.clone();
         let left = secrets_left
             + self
-                .blocking(move |s| Ok(s.count_versions(new_root)?.not_under_root))
+                .blocking(move |s| Ok(s.fence_root_keys(new_root, &retire)?))
                 .await?;
         if left > 0 {
             return Err(Error::FailedPrecondition(format!(

@@ -188,6 +188,10 @@ impl KeyStore for CountingStore {
         self.count();
         self.inner.compact()
     }
+    fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError> {
+        self.count();
+        self.inner.fence_root_keys(current, retire)
+    }
 }
 
 struct Fixture {

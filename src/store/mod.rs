@@ -47,6 +47,12 @@ pub enum StoreError {
     /// The storage layer failed (I/O error, disk full, read-only medium).
     #[error("storage failure: {0}")]
     Io(String),
+    /// A record wrapped under a root key that a rotation has fenced off
+    /// ([`KeyStore::fence_root_keys`]): it is about to be destroyed, so
+    /// nothing may be stored under it any more. Wrap under the current
+    /// root key and write again.
+    #[error("root key {0} is retired: wrap under the current root key and retry")]
+    RootKeyRetired(u32),
 }
 
 /// Which keys [`KeyStore::list_keys`] returns. The default selects every key.
@@ -291,6 +297,18 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
         current: &WrappedSecret,
         new: &WrappedSecret,
     ) -> Result<bool, StoreError>;
+
+    /// The root-key fence of a rotation to `current`: atomically with
+    /// respect to every write, checks that no live version and no service
+    /// secret is wrapped under another root key than `current` (versions
+    /// held by the HSM itself aside), and if so records every id of
+    /// `retire` as retired, durably. From then on a version or secret
+    /// wrapped under a retired root key is refused
+    /// ([`StoreError::RootKeyRetired`]), so that nothing is ever left under
+    /// a root key once it is destroyed, whichever process wrote it. Returns
+    /// how many records are still under another root key (0: fenced;
+    /// otherwise nothing was recorded).
+    fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError>;
 
     /// Every service secret, by name: what a root-key rotation re-wraps
     /// besides the CMK versions.

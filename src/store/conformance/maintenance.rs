@@ -29,6 +29,11 @@ pub(super) const SECRETS_CREATE_AND_SWAP: Check = Check {
            swap_secret replaces only from the current value",
     run: secrets_create_and_swap,
 };
+pub(super) const ROOT_FENCE: Check = Check {
+    name: "fence_root_keys retires old root keys only once nothing live is under them, and \
+           from then on (across a reopen) refuses versions and secrets wrapped under them",
+    run: root_fence,
+};
 pub(super) const DURABLE: Check = Check {
     name: "every acknowledged change survives a reopen",
     run: durable,
@@ -250,6 +255,80 @@ fn secrets_create_and_swap(f: &dyn StoreFactory) -> Result<(), String> {
         "the secrets after refused swaps",
         ok("list_secrets", store.list_secrets())?,
         vec![("audit".to_owned(), one(3))],
+    )
+}
+
+fn root_fence(f: &dyn StoreFactory) -> Result<(), String> {
+    use crate::store::StoreError;
+    let (mut s, store) = open(f)?;
+    // Root key 7 (the fixtures'), then a rotation to 9.
+    let a = key(id(1), None);
+    ok("create_key", store.create_key(&a, &version(a.id, 1)))?;
+    let old_secret = WrappedSecret {
+        hsm_root_key_id: 7,
+        wrapped: vec![1; 48],
+    };
+    ok("put_secret", store.put_secret("audit", &old_secret))?;
+    same(
+        "fence_root_keys with a version and a secret under the old root key",
+        ok("fence_root_keys", store.fence_root_keys(9, &[7]))?,
+        2,
+    )?;
+    // Refused fence: nothing recorded, root key 7 still writable.
+    let b = key(id(2), None);
+    ok(
+        "create_key under root key 7",
+        store.create_key(&b, &version(b.id, 1)),
+    )?;
+    for k in [&a, &b] {
+        let current = version(k.id, 1);
+        let mut next = current.clone();
+        next.hsm_root_key_id = 9;
+        next.wrapped_material = vec![9; 60];
+        ok("rewrap_version", store.rewrap_version(&current, &next))?;
+    }
+    let new_secret = WrappedSecret {
+        hsm_root_key_id: 9,
+        wrapped: vec![2; 48],
+    };
+    same(
+        "swap_secret to the current root key",
+        ok(
+            "swap_secret",
+            store.swap_secret("audit", &old_secret, &new_secret),
+        )?,
+        true,
+    )?;
+    same(
+        "fence_root_keys once everything is under the current root key",
+        ok("fence_root_keys", store.fence_root_keys(9, &[7]))?,
+        0,
+    )?;
+    drop(store);
+    ok("reopen", s.reopen())?;
+    let store = s.handle();
+    let retired = |what: &str, r: Result<(), StoreError>| match r {
+        Err(StoreError::RootKeyRetired(7)) => Ok(()),
+        other => Err(format!("{what} under a retired root key: {other:?}")),
+    };
+    let c = key(id(3), None);
+    retired("create_key", store.create_key(&c, &version(c.id, 1)))?;
+    let mut under_7 = version(a.id, 2);
+    under_7.hsm_root_key_id = 7;
+    let mut a2 = a.clone();
+    a2.primary_version = 2;
+    retired("add_version", store.add_version(&a, &a2, &under_7))?;
+    retired("put_secret", store.put_secret("other", &old_secret))?;
+    same(
+        "the store after refused writes",
+        ok("get_key", store.get_key(c.id))?,
+        None,
+    )?;
+    let mut under_9 = version(c.id, 1);
+    under_9.hsm_root_key_id = 9;
+    ok(
+        "create_key under the current root key",
+        store.create_key(&c, &under_9),
     )
 }
 

@@ -130,6 +130,7 @@ pub const CHECKS: &[Check] = &[
     maintenance::COMPACT,
     maintenance::SECRETS,
     maintenance::SECRETS_CREATE_AND_SWAP,
+    maintenance::ROOT_FENCE,
     maintenance::DURABLE,
     races::CAS_ONE_WINNER,
     races::ROTATION_ONE_WINNER,

@@ -105,6 +105,7 @@ fn kind<T>(r: Result<T, StoreError>) -> Result<T, Kind> {
         StoreError::Corrupt(_) => Kind::Corrupt,
         StoreError::Io(m) => panic!("unexpected I/O error: {m}"),
         StoreError::IntegrityFailure(m) => panic!("unexpected integrity failure: {m}"),
+        StoreError::RootKeyRetired(r) => panic!("unexpected retired root key {r}"),
     })
 }
 

@@ -197,6 +197,9 @@ impl KeyStore for SwapsWithoutComparing {
     fn compact(&self) -> Result<(), StoreError> {
         self.0.compact()
     }
+    fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError> {
+        self.0.fence_root_keys(current, retire)
+    }
     fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
         self.0.get_secret(name)
     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use super::layout::{
     Codec, SECRET_PREFIX, decode, due_key, encode, key_id_from_slice, parse_due_key,
-    parse_version_key, secret_key, version_key,
+    parse_version_key, retired_root_key, secret_key, version_key,
 };
 use super::{Handles, SledStore, sled_error};
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
@@ -72,6 +72,22 @@ fn abort<T>(e: StoreError) -> ConflictableTransactionResult<T, StoreError> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
+/// Refuses records wrapped under a root key a rotation fenced off
+/// ([`KeyStore::fence_root_keys`]); 0 is no root key (held by the HSM).
+/// Called under the write gate, so no fence comes between it and the write.
+fn refuse_retired(h: &Handles, roots: &[u32]) -> Result<(), StoreError> {
+    for &root in roots.iter().filter(|r| **r != 0) {
+        let marker = h
+            .meta
+            .get(retired_root_key(root))
+            .map_err(|e| sled_error("reading the root-key fence", e))?;
+        if marker.is_some() {
+            return Err(StoreError::RootKeyRetired(root));
+        }
+    }
+    Ok(())
+}
+
 fn refuse<T>(message: String) -> Result<T, StoreError> {
     Err(StoreError::Corrupt(format!("refusing to write: {message}")))
 }
@@ -94,6 +110,7 @@ impl KeyStore for SledStore {
         let value = encode("service secret", secret)?;
         let live = self.write_gate();
         self.check_usable()?;
+        refuse_retired(&live.sled, &[secret.hsm_root_key_id])?;
         if let Err(e) = live.sled.meta.insert(secret_key(name), value) {
             self.mark_failed();
             return Err(sled_error("writing a service secret", e));
@@ -116,6 +133,7 @@ impl KeyStore for SledStore {
         let value = encode("service secret", secret)?;
         let live = self.write_gate();
         self.check_usable()?;
+        refuse_retired(&live.sled, &[secret.hsm_root_key_id])?;
         let swapped = live
             .sled
             .meta
@@ -154,6 +172,7 @@ impl KeyStore for SledStore {
         let value = encode("service secret", new)?;
         let live = self.write_gate();
         self.check_usable()?;
+        refuse_retired(&live.sled, &[new.hsm_root_key_id])?;
         let swapped = live
             .sled
             .meta
@@ -172,6 +191,45 @@ impl KeyStore for SledStore {
                 Ok(true)
             }
         }
+    }
+
+    fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError> {
+        let codec = self.codec()?;
+        let live = self.write_gate();
+        self.check_usable()?;
+        let mut left = 0u64;
+        for entry in live.sled.versions.iter() {
+            let (k, v) = entry.map_err(|e| sled_error("counting versions", e))?;
+            let (id, number) = parse_version_key(&k)?;
+            let record = codec.decode_version(id, number, &v)?;
+            if record.destroyed_at.is_none()
+                && record.hsm_object.is_none()
+                && record.hsm_root_key_id != current
+            {
+                left += 1;
+            }
+        }
+        for entry in live.sled.meta.scan_prefix(SECRET_PREFIX) {
+            let (_, v) = entry.map_err(|e| sled_error("listing service secrets", e))?;
+            let secret: WrappedSecret = decode("service secret", &v)?;
+            if secret.hsm_root_key_id != current {
+                left += 1;
+            }
+        }
+        if left > 0 {
+            return Ok(left);
+        }
+        for &root in retire.iter().filter(|r| **r != current && **r != 0) {
+            if let Err(e) = live.sled.meta.insert(retired_root_key(root), &[1u8][..]) {
+                self.mark_failed();
+                return Err(sled_error("writing the root-key fence", e));
+            }
+        }
+        if let Err(e) = self.make_durable(&live) {
+            self.mark_failed();
+            return Err(e);
+        }
+        Ok(0)
     }
 
     fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
@@ -206,33 +264,37 @@ impl KeyStore for SledStore {
                 codec.encode_version(first_version)?,
             ));
         }
+        let roots: Vec<u32> = keys.iter().map(|(_, v)| v.hsm_root_key_id).collect();
         // Each check sees the batch's earlier inserts (a transaction reads
         // its own writes), so two keys of one batch cannot share an id or
         // an alias either.
-        self.write(|tx| {
-            for (key, key_bytes, vkey, version_bytes) in &encoded {
-                if tx.keys.get(key.id.as_bytes())?.is_some() {
-                    return abort(StoreError::KeyExists(key.id));
+        self.write_prepared(
+            |h| refuse_retired(h, &roots),
+            |tx, ()| {
+                for (key, key_bytes, vkey, version_bytes) in &encoded {
+                    if tx.keys.get(key.id.as_bytes())?.is_some() {
+                        return abort(StoreError::KeyExists(key.id));
+                    }
+                    if let Some(alias) = &key.alias
+                        && tx.aliases.get(alias.as_bytes())?.is_some()
+                    {
+                        return abort(StoreError::AliasTaken(alias.clone()));
+                    }
+                    if tx.versions.get(vkey)?.is_some() {
+                        return abort(StoreError::Corrupt(format!(
+                            "version {} of key {} exists without its key",
+                            key.primary_version, key.id
+                        )));
+                    }
+                    tx.put_key(None, key, key_bytes)?;
+                    tx.versions.insert(vkey, version_bytes.as_slice())?;
+                    if let Some(alias) = &key.alias {
+                        tx.aliases.insert(alias.as_bytes(), key.id.as_bytes())?;
+                    }
                 }
-                if let Some(alias) = &key.alias
-                    && tx.aliases.get(alias.as_bytes())?.is_some()
-                {
-                    return abort(StoreError::AliasTaken(alias.clone()));
-                }
-                if tx.versions.get(vkey)?.is_some() {
-                    return abort(StoreError::Corrupt(format!(
-                        "version {} of key {} exists without its key",
-                        key.primary_version, key.id
-                    )));
-                }
-                tx.put_key(None, key, key_bytes)?;
-                tx.versions.insert(vkey, version_bytes.as_slice())?;
-                if let Some(alias) = &key.alias {
-                    tx.aliases.insert(alias.as_bytes(), key.id.as_bytes())?;
-                }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     }
 
     fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -384,14 +446,18 @@ impl KeyStore for SledStore {
         let key_bytes = codec.encode_key(updated)?;
         let version_bytes = codec.encode_version(version)?;
         let vkey = version_key(current.id, version.version);
-        self.write(|tx| {
-            tx.check_current(codec, current)?;
-            if tx.versions.get(vkey)?.is_some() {
-                return abort(StoreError::Conflict(current.id));
-            }
-            tx.versions.insert(&vkey, version_bytes.as_slice())?;
-            tx.put_key(Some(current), updated, &key_bytes)
-        })
+        let roots = [version.hsm_root_key_id];
+        self.write_prepared(
+            |h| refuse_retired(h, &roots),
+            |tx, ()| {
+                tx.check_current(codec, current)?;
+                if tx.versions.get(vkey)?.is_some() {
+                    return abort(StoreError::Conflict(current.id));
+                }
+                tx.versions.insert(&vkey, version_bytes.as_slice())?;
+                tx.put_key(Some(current), updated, &key_bytes)
+            },
+        )
     }
 
     fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
@@ -506,18 +572,22 @@ impl KeyStore for SledStore {
         let vkey = version_key(id, number);
         let codec = self.codec()?;
         let new_bytes = codec.encode_version(new)?;
-        self.write(|tx| {
-            let Some(bytes) = tx.versions.get(vkey)? else {
-                return abort(StoreError::NoSuchVersion(id, number));
-            };
-            match codec.decode_version(id, number, &bytes) {
-                Ok(stored) if stored == *current => {}
-                Ok(_) => return abort(StoreError::Conflict(id)),
-                Err(e) => return abort(e),
-            }
-            tx.versions.insert(&vkey, new_bytes.as_slice())?;
-            Ok(())
-        })
+        let roots = [new.hsm_root_key_id];
+        self.write_prepared(
+            |h| refuse_retired(h, &roots),
+            |tx, ()| {
+                let Some(bytes) = tx.versions.get(vkey)? else {
+                    return abort(StoreError::NoSuchVersion(id, number));
+                };
+                match codec.decode_version(id, number, &bytes) {
+                    Ok(stored) if stored == *current => {}
+                    Ok(_) => return abort(StoreError::Conflict(id)),
+                    Err(e) => return abort(e),
+                }
+                tx.versions.insert(&vkey, new_bytes.as_slice())?;
+                Ok(())
+            },
+        )
     }
 
     fn versions_not_under_root(

@@ -178,6 +178,13 @@ pub(super) fn parse_version_key(bytes: &[u8]) -> Result<(KeyId, u32), StoreError
 
 pub(super) const SECRET_PREFIX: &[u8] = b"secret/";
 
+/// The marker of a root key fenced off by a rotation, in `meta`.
+pub(super) fn retired_root_key(id: u32) -> Vec<u8> {
+    let mut key = b"root/retired/".to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
 pub(super) fn secret_key(name: &str) -> Vec<u8> {
     let mut key = SECRET_PREFIX.to_vec();
     key.extend_from_slice(name.as_bytes());
