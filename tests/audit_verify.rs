@@ -101,7 +101,7 @@ fn verify_a_clean_log_and_name_the_first_bad_record() {
 fn golden_logs_of_every_format_verify() {
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     for version in ["v1", "v2"] {
-        let key = data.join(format!("audit-{version}-public-key.pem"));
+        let key = data.join(format!("audit-{version}-fixture-public-key.pem"));
         let (ok, stdout, stderr) = verify(&data.join(format!("audit-{version}.log")), &key);
         assert!(ok, "{version}: {stdout}{stderr}");
         assert!(stdout.contains("(seq 1 to "), "{version}: {stdout}");

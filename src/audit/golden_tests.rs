@@ -95,7 +95,7 @@ fn write_golden(version: &str) {
     };
     let signer = CheckpointSigner::from_seed(&SEED).unwrap();
     std::fs::write(
-        dir.join(format!("audit-v{version}-public-key.pem")),
+        dir.join(format!("audit-v{version}-fixture-public-key.pem")),
         signer.public_key_pem(),
     )
     .unwrap();
@@ -136,7 +136,8 @@ fn verify_golden(name: &str) -> super::VerifyReport {
         .split(['-', '.'])
         .next()
         .unwrap();
-    let pem = std::fs::read_to_string(dir.join(format!("audit-{version}-public-key.pem"))).unwrap();
+    let pem = std::fs::read_to_string(dir.join(format!("audit-{version}-fixture-public-key.pem")))
+        .unwrap();
     let key = super::public_key_from_pem(&pem).unwrap();
     let text = std::fs::read(dir.join(name)).unwrap();
     super::verify(&text[..], &key, |_| {}).unwrap()

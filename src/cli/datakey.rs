@@ -173,19 +173,14 @@ pub async fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     let resp = match result {
         Ok(resp) => resp.into_inner(),
         Err(status) => {
-            let hint = refused_blob_hint(
-                &status,
+            return Err(refused_blob_error(
+                status,
                 &blob,
                 args.key.as_deref(),
                 &args.data,
                 &args.connect,
             )
-            .await;
-            let err = rpc_error(status);
-            return Err(match hint {
-                Some(hint) => err.context(hint),
-                None => err,
-            });
+            .await);
         }
     };
     let plaintext = Zeroizing::new(resp.plaintext);
@@ -257,11 +252,29 @@ pub(super) fn decode_blob(b64: &str) -> Result<Vec<u8>, String> {
     })
 }
 
+/// The error of a data command whose blob the server refused: the
+/// server's answer ([`rpc_error`]), with [`refused_blob_hint`] as its
+/// context when there is one.
+pub(super) async fn refused_blob_error(
+    status: tonic::Status,
+    blob: &[u8],
+    expected_key: Option<&str>,
+    data: &DataArgs,
+    c: &ConnectArgs,
+) -> anyhow::Error {
+    let hint = refused_blob_hint(&status, blob, expected_key, data, c).await;
+    let err = rpc_error(status);
+    match hint {
+        Some(hint) => err.context(hint),
+        None => err,
+    }
+}
+
 /// What to add to the server's answer when it refused a blob as invalid
 /// (`INVALID_ARGUMENT`, one generic message by design): the key the blob's
 /// header names in clear (with its alias when the dev PKI's operator can
 /// describe it), and the reminder that the context must match exactly.
-pub(super) async fn refused_blob_hint(
+async fn refused_blob_hint(
     status: &tonic::Status,
     blob: &[u8],
     expected_key: Option<&str>,

@@ -7,8 +7,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::json;
 
 use super::args::ReencryptArgs;
-use super::client::rpc_error;
-use super::datakey::{client, context_map, is_stdout, read_blob, refused_blob_hint, write_output};
+use super::datakey::{client, context_map, is_stdout, read_blob, refused_blob_error, write_output};
 use super::output::print_json;
 use crate::grpc::pb;
 
@@ -32,19 +31,14 @@ pub async fn run(args: ReencryptArgs) -> anyhow::Result<()> {
     let resp = match result {
         Ok(resp) => resp.into_inner(),
         Err(status) => {
-            let hint = refused_blob_hint(
-                &status,
+            return Err(refused_blob_error(
+                status,
                 &blob,
                 args.key.as_deref(),
                 &args.data,
                 &args.connect,
             )
-            .await;
-            let err = rpc_error(status);
-            return Err(match hint {
-                Some(hint) => err.context(hint),
-                None => err,
-            });
+            .await);
         }
     };
     if let Some(path) = &args.output {
