@@ -237,20 +237,21 @@ async fn no_secret_in_logs_errors_audit_or_metrics() {
     // The store's records are sealed: its MAC key, unwrapped by the HSM,
     // is one more secret that must appear nowhere.
     let name = coffre::store::integrity::STORE_INTEGRITY_SECRET_NAME;
-    let sealed = store.get_secret(name).unwrap().unwrap();
+    let sealed = store.get_secret(name).await.unwrap().unwrap();
     let mac_key = hsm
         .unwrap(&sealed.wrapped, &coffre::model::secret_wrap_aad(name))
         .await
         .unwrap();
     let mac =
         std::sync::Arc::new(coffre::store::integrity::RecordMac::new(mac_key.expose()).unwrap());
-    store.install_integrity(&mac, false).unwrap();
+    store.install_integrity(&mac, false).await.unwrap();
     let listed = store
         .list_keys(&coffre::store::KeyFilter::default(), None, 100)
+        .await
         .unwrap();
     assert_eq!(listed.len(), 2);
     for key in listed {
-        for v in store.list_versions(key.id).unwrap() {
+        for v in store.list_versions(key.id).await.unwrap() {
             let cmk = hsm
                 .unwrap(
                     &v.wrapped_material,

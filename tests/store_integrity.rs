@@ -164,18 +164,21 @@ async fn a_key_re_enabled_with_the_store_api_and_another_key_is_refused() {
         // own and re-enables the key through the API.
         let store = SledStore::open(&DataDir::new(server.data_dir()).store()).unwrap();
         assert!(matches!(
-            store.get_key(id),
+            store.get_key(id).await,
             Err(StoreError::IntegrityFailure(_))
         ));
         let own = std::sync::Arc::new(RecordMac::new(&[7; RECORD_MAC_KEY_LEN]).unwrap());
         assert!(matches!(
-            store.install_integrity(&own, true).unwrap(),
+            store.install_integrity(&own, true).await.unwrap(),
             IntegrityState::Migrated { .. }
         ));
-        let current = store.get_key(id).unwrap().unwrap();
+        let current = store.get_key(id).await.unwrap().unwrap();
         let mut enabled = current.clone();
         enabled.state = coffre::model::KeyState::Enabled;
-        store.compare_and_swap_key(&current, &enabled).unwrap();
+        store
+            .compare_and_swap_key(&current, &enabled)
+            .await
+            .unwrap();
     }
     restart(&mut server).await;
     assert_refused(&mut server, &key_id).await;

@@ -36,7 +36,7 @@ impl Kms {
     pub async fn audit_keys(&self) -> Result<AuditKeys> {
         let name = AUDIT_SECRET_NAME;
         let aad = secret_wrap_aad(name);
-        let stored = self.blocking(move |s| Ok(s.get_secret(name)?)).await?;
+        let stored = self.store.get_secret(name).await?;
         let clear = match stored {
             Some(secret) => self.hsm.unwrap(&secret.wrapped, &aad).await?,
             None => {
@@ -49,9 +49,7 @@ impl Kms {
                 // Insert-if-absent: of two first starts on one store, both
                 // end with the one key that was stored.
                 let mine = secret.clone();
-                let stored = self
-                    .blocking(move |s| Ok(s.create_secret(name, &secret)?))
-                    .await?;
+                let stored = self.store.create_secret(name, &secret).await?;
                 if stored == mine {
                     tracing::info!("generated the audit log's signing key (stored HSM-wrapped)");
                     fresh
@@ -71,7 +69,7 @@ impl Kms {
     /// `None` on a data directory that has none yet.
     pub async fn audit_mark(&self) -> Result<Option<SecretBytes>> {
         let name = AUDIT_MARK_NAME;
-        let stored = self.blocking(move |s| Ok(s.get_secret(name)?)).await?;
+        let stored = self.store.get_secret(name).await?;
         match stored {
             Some(secret) => Ok(Some(
                 self.hsm
@@ -91,8 +89,10 @@ impl Kms {
             hsm_root_key_id: wrapped.root_key_id,
             wrapped: wrapped.blob,
         };
-        self.blocking(move |s| Ok(s.put_secret(name, &secret)?))
+        self.store
+            .put_secret(name, &secret)
             .await
+            .map_err(Error::from)
     }
 
     /// The id of the key an alias names, for an audit record only (so that
@@ -116,8 +116,10 @@ impl Kms {
         let epoch = self.read_epoch();
         let lookup = alias.clone();
         match self
-            .blocking(move |s| Ok(s.key_id_for_alias(&lookup)?))
+            .store
+            .key_id_for_alias(&lookup)
             .await
+            .map_err(Error::from)
         {
             Ok(Some(id)) => {
                 self.aliases.insert(alias, id);
@@ -149,7 +151,7 @@ impl Kms {
     pub async fn store_integrity(&self, audit: &Arc<AuditTrail>) -> Result<Arc<RecordMac>> {
         let name = STORE_INTEGRITY_SECRET_NAME;
         let aad = secret_wrap_aad(name);
-        let stored = self.blocking(move |s| Ok(s.get_secret(name)?)).await?;
+        let stored = self.store.get_secret(name).await?;
         let (mac, fresh) = match stored {
             Some(secret) => {
                 let clear = self.hsm.unwrap(&secret.wrapped, &aad).await?;
@@ -171,9 +173,7 @@ impl Kms {
                     wrapped: wrapped.blob,
                 };
                 let mine = secret.clone();
-                let stored = self
-                    .blocking(move |s| Ok(s.create_secret(name, &secret)?))
-                    .await?;
+                let stored = self.store.create_secret(name, &secret).await?;
                 if stored == mine {
                     (Arc::new(RecordMac::new(clear.expose())?), true)
                 } else {
@@ -184,18 +184,15 @@ impl Kms {
             }
         };
         let approvals = self.approvals.clone();
-        let (store_state, unsealed_approvals) = {
-            let mac = Arc::clone(&mac);
-            let approvals = approvals.clone();
-            self.blocking(move |s| {
-                let state = s.install_integrity(&mac, fresh)?;
-                let unsealed = match &approvals {
-                    Some(a) => a.install_integrity(&mac)?,
-                    None => 0,
-                };
-                Ok((state, unsealed))
-            })
-            .await?
+        let store_state = self.store.install_integrity(&mac, fresh).await?;
+        let unsealed_approvals = match approvals.clone() {
+            Some(a) => {
+                let mac = Arc::clone(&mac);
+                tokio::task::spawn_blocking(move || a.install_integrity(&mac))
+                    .await
+                    .map_err(|e| Error::Internal(format!("approvals task failed: {e}")))??
+            }
+            None => 0,
         };
         let mut sealed = match store_state {
             IntegrityState::Migrated { records } => Some(records),
@@ -224,9 +221,7 @@ impl Kms {
             }
             if sealed.is_some() {
                 let m = Arc::clone(&mac);
-                let state = self
-                    .blocking(move |s| Ok(s.install_integrity(&m, true)?))
-                    .await?;
+                let state = self.store.install_integrity(&m, true).await?;
                 if let IntegrityState::Migrated { records } = state {
                     sealed = Some(records);
                 }
@@ -271,7 +266,7 @@ impl Kms {
     /// rotation's step beside the CMK versions). Returns how many remain
     /// under another root key afterwards (0 unless the store failed).
     pub(super) async fn rewrap_secrets(&self, root_key_id: u32) -> Result<u64> {
-        let all = self.blocking(|s| Ok(s.list_secrets()?)).await?;
+        let all = self.store.list_secrets().await?;
         for (name, mut secret) in all {
             // Compare-and-swap from the value re-wrapped: a secret stored
             // meanwhile (the audit high-water mark, after each checkpoint)
@@ -301,27 +296,24 @@ impl Kms {
                     wrapped: wrapped.blob,
                 };
                 let (key, current) = (name.clone(), secret.clone());
-                let swapped = self
-                    .blocking(move |s| Ok(s.swap_secret(&key, &current, &next)?))
-                    .await?;
+                let swapped = self.store.swap_secret(&key, &current, &next).await?;
                 if swapped {
                     break;
                 }
                 let key = name.clone();
-                match self.blocking(move |s| Ok(s.get_secret(&key)?)).await? {
+                match self.store.get_secret(&key).await? {
                     Some(now) => secret = now,
                     None => break,
                 }
             }
         }
         let left = self
-            .blocking(move |s| {
-                Ok(s.list_secrets()?
-                    .iter()
-                    .filter(|(_, w)| w.hsm_root_key_id != root_key_id)
-                    .count())
-            })
-            .await?;
+            .store
+            .list_secrets()
+            .await?
+            .iter()
+            .filter(|(_, w)| w.hsm_root_key_id != root_key_id)
+            .count();
         Ok(u64::try_from(left).unwrap_or(u64::MAX))
     }
 }

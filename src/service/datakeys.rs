@@ -434,10 +434,10 @@ impl Kms {
         if let Some(name) = self.objects.get(&(id, version)) {
             return Ok(name);
         }
-        let record = self
-            .blocking(move |s| Ok(s.get_version(id, version)?))
-            .await?
-            .ok_or_else(|| Error::Internal(format!("key {id} has no version {version} stored")))?;
+        let record =
+            self.store.get_version(id, version).await?.ok_or_else(|| {
+                Error::Internal(format!("key {id} has no version {version} stored"))
+            })?;
         let name: Arc<str> = record
             .hsm_object
             .ok_or_else(|| {

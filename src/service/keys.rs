@@ -59,10 +59,11 @@ impl Kms {
         let level = input.protection_level.unwrap_or(ProtectionLevel::Software);
         let (version, material) = self.new_version(id, 1, level).await?;
         let record = self.new_key_record(caller, id, input, &version);
-        let (stored, first) = (record.clone(), version.clone());
         let created = self
-            .blocking(move |s| s.create_key(&stored, &first).map_err(create_error))
-            .await;
+            .store
+            .create_key(&record, &version)
+            .await
+            .map_err(create_error);
         if let Err(e) = created {
             self.forget_new_object(&version, &e).await;
             return Err(e);
@@ -122,13 +123,13 @@ impl Kms {
             .filter(|(_, v)| v.hsm_object.is_some())
             .map(|(_, v)| v.clone())
             .collect();
+        let pairs: Vec<_> = created.iter().map(|(k, v)| (k, v)).collect();
         let stored = self
-            .blocking(move |s| {
-                let pairs: Vec<_> = created.iter().map(|(k, v)| (k, v)).collect();
-                s.create_keys(&pairs).map_err(create_error)?;
-                Ok(created)
-            })
-            .await;
+            .store
+            .create_keys(&pairs)
+            .await
+            .map_err(create_error)
+            .map(|()| created);
         let created = match stored {
             Ok(created) => created,
             Err(e) => {
@@ -287,15 +288,12 @@ impl Kms {
         // Read through to the store: operators see the durable truth.
         let id = self.resolve(key).await?.id;
         let epoch = self.read_epoch();
-        let (record, versions) = self
-            .blocking(move |s| {
-                let record = s
-                    .get_key(id)?
-                    .ok_or_else(|| Error::KeyNotFound(id.to_string()))?;
-                let versions = s.list_versions(id)?;
-                Ok((record, versions))
-            })
-            .await?;
+        let record = self
+            .store
+            .get_key(id)
+            .await?
+            .ok_or_else(|| Error::KeyNotFound(id.to_string()))?;
+        let versions = self.store.list_versions(id).await?;
         let key = Arc::new(record);
         self.cache_if_current(&key, epoch);
         Ok(KeyView { key, versions })
@@ -320,7 +318,8 @@ impl Kms {
         };
         // One more than asked tells whether another page follows.
         let mut keys = self
-            .blocking(move |s| Ok(s.list_keys(&filter, start_after, limit + 1)?))
+            .store
+            .list_keys(&filter, start_after, limit + 1)
             .await?;
         let next = if keys.len() > limit {
             keys.truncate(limit);
@@ -376,8 +375,10 @@ impl Kms {
         let stored = updated.clone();
         let new = version.clone();
         let added = self
-            .blocking(move |s| Ok(s.add_version(&current, &stored, &new)?))
-            .await;
+            .store
+            .add_version(&current, &stored, &new)
+            .await
+            .map_err(Error::from);
         if let Err(e) = added {
             self.forget_new_object(&version, &e).await;
             return Err(e);
@@ -426,8 +427,7 @@ impl Kms {
         let mut next = current.clone();
         next.state = KeyState::Enabled;
         let stored = next.clone();
-        self.blocking(move |s| Ok(s.compare_and_swap_key(&current, &stored)?))
-            .await?;
+        self.store.compare_and_swap_key(&current, &stored).await?;
         tracing::info!(key_id = %id, principal = %caller.principal, "key enabled");
         Ok(self.publish(&guard, next))
     }
@@ -474,11 +474,10 @@ impl Kms {
 
     /// The stored record, bypassing the cache (writers only).
     pub(super) async fn fresh_record(&self, id: KeyId) -> Result<KeyRecord> {
-        self.blocking(move |s| {
-            s.get_key(id)?
-                .ok_or_else(|| Error::KeyNotFound(id.to_string()))
-        })
-        .await
+        self.store
+            .get_key(id)
+            .await?
+            .ok_or_else(|| Error::KeyNotFound(id.to_string()))
     }
 }
 

@@ -101,8 +101,7 @@ impl Kms {
             return Ok(self.publish(&guard, current));
         };
         let stored = next.clone();
-        self.blocking(move |s| Ok(s.compare_and_swap_key(&current, &stored)?))
-            .await?;
+        self.store.compare_and_swap_key(&current, &stored).await?;
         tracing::info!(key_id = %id, state = %next.state, principal = %caller.principal, change = what, "key changed");
         Ok(self.publish(&guard, next))
     }
@@ -338,7 +337,7 @@ impl Kms {
     /// after a bulk load, so that the store starts without the garbage of
     /// its many writes. Reads and writes wait meanwhile.
     pub async fn compact_store(&self) -> Result<()> {
-        self.blocking(|s| Ok(s.compact()?)).await
+        self.store.compact().await.map_err(Error::from)
     }
 
     pub async fn run_scheduler_once(&self) -> SchedulerReport {
@@ -356,7 +355,7 @@ impl Kms {
         // Bounded batches; a key that keeps failing does not block the others.
         let mut attempts = 0usize;
         loop {
-            let due = match self.blocking(move |s| Ok(s.due_keys(now, 64)?)).await {
+            let due = match self.store.due_keys(now, 64).await.map_err(Error::from) {
                 Ok(due) => due,
                 Err(e) => {
                     tracing::error!(error = %e, "scheduler: cannot read due keys");
@@ -409,12 +408,13 @@ impl Kms {
                 alias_prefix: None,
             };
             compact = self
-                .blocking(move |s| Ok(!s.list_keys(&filter, None, 1)?.is_empty()))
+                .store
+                .list_keys(&filter, None, 1)
                 .await
-                .unwrap_or(true);
+                .map_or(true, |keys| !keys.is_empty());
         }
         if compact {
-            if let Err(e) = self.blocking(|s| Ok(s.compact()?)).await {
+            if let Err(e) = self.store.compact().await.map_err(Error::from) {
                 tracing::error!(error = %e, "compaction after destruction failed; retried on the next pass");
                 self.compaction_due.store(true, Ordering::SeqCst);
                 report.failed += 1;
@@ -447,8 +447,7 @@ impl Kms {
                 let mut started = current.clone();
                 started.destroy_started_at = Some(now);
                 let (from, to) = (current, started.clone());
-                self.blocking(move |s| Ok(s.compare_and_swap_key(&from, &to)?))
-                    .await?;
+                self.store.compare_and_swap_key(&from, &to).await?;
                 current = started.clone();
                 self.publish(&guard, started);
             }
@@ -456,7 +455,7 @@ impl Kms {
             // PENDING_DELETION (unusable) and the next pass tries again;
             // destroying an object twice is harmless. By the names the
             // versions record (each attempt's own).
-            let versions = self.blocking(move |s| Ok(s.list_versions(id)?)).await?;
+            let versions = self.store.list_versions(id).await?;
             for name in versions.iter().filter_map(|v| v.hsm_object.as_deref()) {
                 self.hsm.destroy_key_object(name).await?;
             }
@@ -468,8 +467,7 @@ impl Kms {
         tombstone.destroy_started_at = None;
         tombstone.destroyed_at = Some(now);
         let stored = tombstone.clone();
-        self.blocking(move |s| Ok(s.destroy_key(&current, &stored)?))
-            .await?;
+        self.store.destroy_key(&current, &stored).await?;
         // The material leaves the caches too (zeroized once no request holds it).
         self.materials.remove_where(|(key, _)| *key == id);
         self.publish(&guard, tombstone);

@@ -425,7 +425,7 @@ async fn root_key_rotation_interrupted_then_resumed() {
     let after = kms.hsm_info(&op()).await.unwrap();
     assert_eq!(after.root_key_ids, vec![done.new_root_key_id]);
     // The audit key was re-wrapped too: same key, under the new root.
-    let secrets = kms.store.list_secrets().unwrap();
+    let secrets = kms.store.list_secrets().await.unwrap();
     assert_eq!(secrets.len(), 1);
     assert_eq!(secrets[0].1.hsm_root_key_id, done.new_root_key_id);
     assert_eq!(

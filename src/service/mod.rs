@@ -6,7 +6,7 @@
 //!
 //! Hot path: a data-key request whose key record and CMK version are cached
 //! does no storage or HSM I/O, takes only shared locks, and needs no
-//! `spawn_blocking`. A miss loads the record from the store (off the runtime)
+//! store call. A miss loads the record from the (async) store
 //! and unwraps the version in the HSM, then caches both.
 //!
 //! Consistency: this process is the only writer of its store. Every key
@@ -273,7 +273,8 @@ impl Kms {
     /// (refused, counted when it is used), not a reason to report the
     /// whole node NOT_SERVING every second.
     pub async fn check_store(&self) -> Result<()> {
-        self.blocking(|s| Ok(s.get_secret(crate::audit::keys::AUDIT_SECRET_NAME)?))
+        self.store
+            .get_secret(crate::audit::keys::AUDIT_SECRET_NAME)
             .await?;
         Ok(())
     }
@@ -337,18 +338,6 @@ impl Kms {
         })
     }
 
-    /// Runs a blocking store call off the async runtime.
-    async fn blocking<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&dyn KeyStore) -> Result<T> + Send + 'static,
-    {
-        let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || f(store.as_ref()))
-            .await
-            .map_err(|e| Error::Internal(format!("store task failed: {e}")))?
-    }
-
     /// The key a caller names, from the cache or the store.
     ///
     /// "No such key" is cached too, for [`NEGATIVE_TTL`], so that a stream
@@ -371,9 +360,7 @@ impl Kms {
                     }
                     let epoch = self.read_epoch();
                     let lookup = alias.clone();
-                    let found = self
-                        .blocking(move |s| Ok(s.key_id_for_alias(&lookup)?))
-                        .await?;
+                    let found = self.store.key_id_for_alias(&lookup).await?;
                     let Some(id) = found else {
                         self.remember_missing(missing, epoch);
                         return Err(Error::KeyNotFound(key.to_string()));
@@ -396,7 +383,7 @@ impl Kms {
             return Ok(None);
         }
         let epoch = self.read_epoch();
-        let Some(record) = self.blocking(move |s| Ok(s.get_key(id)?)).await? else {
+        let Some(record) = self.store.get_key(id).await? else {
             self.remember_missing(Missing::Id(id), epoch);
             return Ok(None);
         };
@@ -465,14 +452,11 @@ impl Kms {
         if let Some(m) = self.materials.get(&(id, version)) {
             return Ok(m);
         }
-        let record = self
-            .blocking(move |s| Ok(s.get_version(id, version)?))
-            .await?
-            .ok_or_else(|| {
-                Error::Internal(format!(
-                    "version {version} of key {id} is missing from the store"
-                ))
-            })?;
+        let record = self.store.get_version(id, version).await?.ok_or_else(|| {
+            Error::Internal(format!(
+                "version {version} of key {id} is missing from the store"
+            ))
+        })?;
         if record.hsm_object.is_some() {
             return Err(Error::Internal(format!(
                 "version {version} of key {id} is held by the HSM: its material is never unwrapped"

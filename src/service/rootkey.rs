@@ -100,9 +100,7 @@ impl Kms {
         };
         tracing::warn!(new_root_key_id = new_root, resumed, principal = %caller.principal, "HSM root-key rotation started");
 
-        state.remaining = self
-            .blocking(move |s| Ok(s.count_versions(new_root)?.not_under_root))
-            .await?;
+        state.remaining = self.store.count_versions(new_root).await?.not_under_root;
         if !progress(&state) {
             return Ok(state);
         }
@@ -110,7 +108,8 @@ impl Kms {
         let mut cursor: Option<(KeyId, u32)> = None;
         loop {
             let page = self
-                .blocking(move |s| Ok(s.versions_not_under_root(new_root, cursor, BATCH)?))
+                .store
+                .versions_not_under_root(new_root, cursor, BATCH)
                 .await?;
             let Some(last) = page.last() else { break };
             cursor = Some((last.key_id, last.version));
@@ -133,8 +132,10 @@ impl Kms {
                 next.wrapped_material = wrapped.blob;
                 next.hsm_root_key_id = new_root;
                 let outcome = self
-                    .blocking(move |s| Ok(s.rewrap_version(&current, &next)?))
-                    .await;
+                    .store
+                    .rewrap_version(&current, &next)
+                    .await
+                    .map_err(Error::from);
                 match outcome {
                     Ok(()) => state.rewrapped += 1,
                     // Destroyed or changed meanwhile: the final check below
@@ -159,10 +160,7 @@ impl Kms {
         // rotated). The write guard keeps this process's writers out too.
         let _no_new_versions = self.begin_write().await;
         let retire = state.old_root_key_ids.clone();
-        let left = secrets_left
-            + self
-                .blocking(move |s| Ok(s.fence_root_keys(new_root, &retire)?))
-                .await?;
+        let left = secrets_left + self.store.fence_root_keys(new_root, &retire).await?;
         if left > 0 {
             return Err(Error::FailedPrecondition(format!(
                 "{left} key versions are still wrapped under an old root key; run the rotation again"

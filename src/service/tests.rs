@@ -75,122 +75,136 @@ impl CountingStore {
     }
 }
 
+#[async_trait::async_trait]
 impl KeyStore for CountingStore {
-    fn get_secret(&self, name: &str) -> Result<Option<crate::store::WrappedSecret>, StoreError> {
+    async fn get_secret(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::store::WrappedSecret>, StoreError> {
         self.count();
-        self.inner.get_secret(name)
+        self.inner.get_secret(name).await
     }
-    fn put_secret(&self, name: &str, s: &crate::store::WrappedSecret) -> Result<(), StoreError> {
+    async fn put_secret(
+        &self,
+        name: &str,
+        s: &crate::store::WrappedSecret,
+    ) -> Result<(), StoreError> {
         self.count();
-        if let Some((n, racing)) = self.put_before_next_swap.lock().unwrap().take() {
-            self.inner.put_secret(&n, &racing)?;
+        let racing = self.put_before_next_swap.lock().unwrap().take();
+        if let Some((n, racing)) = racing {
+            self.inner.put_secret(&n, &racing).await?;
         }
-        self.inner.put_secret(name, s)
+        self.inner.put_secret(name, s).await
     }
-    fn create_secret(
+    async fn create_secret(
         &self,
         name: &str,
         s: &crate::store::WrappedSecret,
     ) -> Result<crate::store::WrappedSecret, StoreError> {
         self.count();
-        self.inner.create_secret(name, s)
+        self.inner.create_secret(name, s).await
     }
-    fn swap_secret(
+    async fn swap_secret(
         &self,
         name: &str,
         current: &crate::store::WrappedSecret,
         new: &crate::store::WrappedSecret,
     ) -> Result<bool, StoreError> {
         self.count();
-        if let Some((n, s)) = self.put_before_next_swap.lock().unwrap().take() {
-            self.inner.put_secret(&n, &s)?;
+        let racing = self.put_before_next_swap.lock().unwrap().take();
+        if let Some((n, s)) = racing {
+            self.inner.put_secret(&n, &s).await?;
         }
-        self.inner.swap_secret(name, current, new)
+        self.inner.swap_secret(name, current, new).await
     }
-    fn list_secrets(&self) -> Result<Vec<(String, crate::store::WrappedSecret)>, StoreError> {
+    async fn list_secrets(&self) -> Result<Vec<(String, crate::store::WrappedSecret)>, StoreError> {
         self.count();
-        self.inner.list_secrets()
+        self.inner.list_secrets().await
     }
-    fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
+    async fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
         self.count();
-        self.inner.create_keys(keys)
+        self.inner.create_keys(keys).await
     }
-    fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+    async fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.count();
         let pause = self.pause_next_get.lock().unwrap().take();
-        let read = self.inner.get_key(id);
+        let read = self.inner.get_key(id).await;
         if let Some((paused, resume)) = pause {
-            paused.send(()).unwrap();
-            resume.recv().unwrap();
+            tokio::task::spawn_blocking(move || {
+                paused.send(()).unwrap();
+                resume.recv().unwrap();
+            })
+            .await
+            .unwrap();
         }
         read
     }
-    fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
+    async fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
         self.count();
-        self.inner.key_id_for_alias(alias)
+        self.inner.key_id_for_alias(alias).await
     }
-    fn list_keys(
+    async fn list_keys(
         &self,
         filter: &KeyFilter,
         after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         self.count();
-        self.inner.list_keys(filter, after, limit)
+        self.inner.list_keys(filter, after, limit).await
     }
-    fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
         self.count();
-        self.inner.due_keys(now, limit)
+        self.inner.due_keys(now, limit).await
     }
-    fn add_version(
+    async fn add_version(
         &self,
         c: &KeyRecord,
         u: &KeyRecord,
         v: &VersionRecord,
     ) -> Result<(), StoreError> {
         self.count();
-        self.inner.add_version(c, u, v)
+        self.inner.add_version(c, u, v).await
     }
-    fn get_version(&self, id: KeyId, v: u32) -> Result<Option<VersionRecord>, StoreError> {
+    async fn get_version(&self, id: KeyId, v: u32) -> Result<Option<VersionRecord>, StoreError> {
         self.count();
-        self.inner.get_version(id, v)
+        self.inner.get_version(id, v).await
     }
-    fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+    async fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
         self.count();
-        self.inner.list_versions(id)
+        self.inner.list_versions(id).await
     }
-    fn compare_and_swap_key(&self, c: &KeyRecord, n: &KeyRecord) -> Result<(), StoreError> {
+    async fn compare_and_swap_key(&self, c: &KeyRecord, n: &KeyRecord) -> Result<(), StoreError> {
         self.count();
-        self.inner.compare_and_swap_key(c, n)
+        self.inner.compare_and_swap_key(c, n).await
     }
-    fn destroy_key(&self, c: &KeyRecord, t: &KeyRecord) -> Result<(), StoreError> {
+    async fn destroy_key(&self, c: &KeyRecord, t: &KeyRecord) -> Result<(), StoreError> {
         self.count();
-        self.inner.destroy_key(c, t)
+        self.inner.destroy_key(c, t).await
     }
-    fn rewrap_version(&self, c: &VersionRecord, n: &VersionRecord) -> Result<(), StoreError> {
+    async fn rewrap_version(&self, c: &VersionRecord, n: &VersionRecord) -> Result<(), StoreError> {
         self.count();
-        self.inner.rewrap_version(c, n)
+        self.inner.rewrap_version(c, n).await
     }
-    fn versions_not_under_root(
+    async fn versions_not_under_root(
         &self,
         root: u32,
         after: Option<(KeyId, u32)>,
         limit: usize,
     ) -> Result<Vec<VersionRecord>, StoreError> {
         self.count();
-        self.inner.versions_not_under_root(root, after, limit)
+        self.inner.versions_not_under_root(root, after, limit).await
     }
-    fn count_versions(&self, root: u32) -> Result<VersionCounts, StoreError> {
+    async fn count_versions(&self, root: u32) -> Result<VersionCounts, StoreError> {
         self.count();
-        self.inner.count_versions(root)
+        self.inner.count_versions(root).await
     }
-    fn compact(&self) -> Result<(), StoreError> {
+    async fn compact(&self) -> Result<(), StoreError> {
         self.count();
-        self.inner.compact()
+        self.inner.compact().await
     }
-    fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError> {
+    async fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError> {
         self.count();
-        self.inner.fence_root_keys(current, retire)
+        self.inner.fence_root_keys(current, retire).await
     }
 }
 

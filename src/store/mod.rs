@@ -4,8 +4,13 @@
 //! form) and the alias index. Every mutating call returns only once the change
 //! is durable: a change that was acknowledged survives a crash or power cut.
 //!
-//! Calls are blocking; the service core runs them off the async runtime
-//! (`spawn_blocking`) and never on the cached data-key path.
+//! Calls are async, and never made on the cached data-key path. A
+//! mutating call, once started, runs to its end even if its caller goes
+//! away (its future dropped: a client cancelled, a deadline passed): each
+//! backend runs it on a task of its own (sled on the blocking pool, a
+//! database client on a spawned task), so a change handed to the store is
+//! never cut in the middle of its commit, and its outcome is either
+//! durable or nothing.
 
 use std::fmt;
 use std::sync::Arc;
@@ -122,6 +127,7 @@ impl fmt::Debug for WrappedSecret {
 /// DESTROYED is final: a destroyed key's record (its tombstone, which keeps
 /// its metadata and alias) and its erased versions are never rewritten. Only
 /// [`KeyStore::destroy_key`] makes a key DESTROYED.
+#[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + fmt::Debug {
     /// Creates a key with its first version, atomically: either the key, its
     /// version, its alias and its entry in the due index all exist
@@ -131,8 +137,12 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// destroyed; otherwise [`StoreError::Corrupt`] and nothing is written.
     /// [`StoreError::KeyExists`] / [`StoreError::AliasTaken`] also leave the
     /// store unchanged.
-    fn create_key(&self, key: &KeyRecord, first_version: &VersionRecord) -> Result<(), StoreError> {
-        self.create_keys(&[(key, first_version)])
+    async fn create_key(
+        &self,
+        key: &KeyRecord,
+        first_version: &VersionRecord,
+    ) -> Result<(), StoreError> {
+        self.create_keys(&[(key, first_version)]).await
     }
 
     /// Creates several keys, each with its first version, as
@@ -140,19 +150,19 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// all of them or none (a clash with a stored key or alias, or between
     /// two of them, refuses the whole batch). For bulk creation, where one
     /// durable write per key would dominate.
-    fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError>;
+    async fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError>;
 
-    fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    async fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
 
     /// The key that holds `alias`. An alias stays taken by a DESTROYED key
     /// (its tombstone keeps it), so it is never reused.
-    fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError>;
+    async fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError>;
 
     /// At most `limit` keys that pass `filter`, in ascending order of their
     /// 16 id bytes, starting strictly after `start_after` (which need not
     /// exist nor pass the filter). The next page starts after the last key
     /// returned. May scan keys that the filter rejects.
-    fn list_keys(
+    async fn list_keys(
         &self,
         filter: &KeyFilter,
         start_after: Option<KeyId>,
@@ -164,7 +174,7 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// index maintained atomically with every write of a key record, so the
     /// cost is proportional to the answer, not to the number of keys. An
     /// index entry that does not match its key is [`StoreError::Corrupt`].
-    fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError>;
+    async fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError>;
 
     /// Rotation: adds `version` and replaces the stored key record with
     /// `updated`, atomically, if the stored key still equals `current`.
@@ -178,17 +188,21 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// [`StoreError::Conflict`] if `version.version != current.primary_version
     /// + 1`, if the version already exists, or if the stored key differs from
     /// `current`; [`StoreError::NoSuchKey`] if the key does not exist.
-    fn add_version(
+    async fn add_version(
         &self,
         current: &KeyRecord,
         updated: &KeyRecord,
         version: &VersionRecord,
     ) -> Result<(), StoreError>;
 
-    fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError>;
+    async fn get_version(
+        &self,
+        id: KeyId,
+        version: u32,
+    ) -> Result<Option<VersionRecord>, StoreError>;
 
     /// Every version of a key, in ascending order.
-    fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError>;
+    async fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError>;
 
     /// Replaces the stored record `current` with `new` if the stored one
     /// still equals `current`; otherwise [`StoreError::Conflict`]
@@ -198,7 +212,11 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// and neither may be DESTROYED (destruction goes through
     /// [`KeyStore::destroy_key`]; a tombstone is final); otherwise
     /// [`StoreError::Corrupt`] and nothing is written.
-    fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError>;
+    async fn compare_and_swap_key(
+        &self,
+        current: &KeyRecord,
+        new: &KeyRecord,
+    ) -> Result<(), StoreError>;
 
     /// Destruction: atomically replaces the stored key `current` with
     /// `tombstone` and every version of the key with a copy whose
@@ -219,7 +237,11 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// [`KeyStore::compact`] rewrites them. Copies outside the files
     /// (deleted blocks, backups) are only made useless once the HSM root key
     /// that wrapped the material is rotated away and destroyed.
-    fn destroy_key(&self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), StoreError>;
+    async fn destroy_key(
+        &self,
+        current: &KeyRecord,
+        tombstone: &KeyRecord,
+    ) -> Result<(), StoreError>;
 
     /// HSM root-key rotation: replaces the stored version `current` with
     /// `new` if the stored one still equals `current`.
@@ -230,7 +252,7 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// if the stored version differs from `current` or is destroyed (also
     /// when `current` itself is destroyed), [`StoreError::NoSuchVersion`] if
     /// it does not exist. The key record is not touched.
-    fn rewrap_version(
+    async fn rewrap_version(
         &self,
         current: &VersionRecord,
         new: &VersionRecord,
@@ -244,7 +266,7 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// root-key rotation, paged by passing the last (key id, version)
     /// returned. Scans the versions between the pages' bounds, destroyed and
     /// already re-wrapped ones included.
-    fn versions_not_under_root(
+    async fn versions_not_under_root(
         &self,
         root_key_id: u32,
         start_after: Option<(KeyId, u32)>,
@@ -255,7 +277,7 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// under `root_key_id` (as [`KeyStore::versions_not_under_root`] lists
     /// them), destroyed ones. For a root-key rotation's
     /// progress report.
-    fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError>;
+    async fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError>;
 
     /// Rewrites the store so that no data of removed or overwritten records
     /// remains in its files (for instance the material that
@@ -268,19 +290,19 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// may then refuse further calls until reopened, as after any failed
     /// write. It says nothing of copies outside the store's files (deleted
     /// blocks, SSD spare areas, copy-on-write snapshots, backups).
-    fn compact(&self) -> Result<(), StoreError>;
+    async fn compact(&self) -> Result<(), StoreError>;
 
     /// The service secret `name` (see [`WrappedSecret`]), if stored.
-    fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError>;
+    async fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError>;
 
     /// Stores (or replaces) the service secret `name`; durable on return.
-    fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError>;
+    async fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError>;
 
     /// Stores `secret` as `name` unless a secret of that name is stored
     /// already, and returns the one stored: `secret`, or the one that was
     /// there (two first starts racing end with one audit key, and both use
     /// it). Durable on return.
-    fn create_secret(
+    async fn create_secret(
         &self,
         name: &str,
         secret: &WrappedSecret,
@@ -291,7 +313,7 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// removed it meanwhile. A root-key rotation re-wraps with it, so that
     /// it never puts back an older value stored meanwhile (the audit
     /// high-water mark). Durable on return.
-    fn swap_secret(
+    async fn swap_secret(
         &self,
         name: &str,
         current: &WrappedSecret,
@@ -308,11 +330,11 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// a root key once it is destroyed, whichever process wrote it. Returns
     /// how many records are still under another root key (0: fenced;
     /// otherwise nothing was recorded).
-    fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError>;
+    async fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError>;
 
     /// Every service secret, by name: what a root-key rotation re-wraps
     /// besides the CMK versions.
-    fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError>;
+    async fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError>;
 
     /// Installs the MAC key of the records (see [`integrity`]), once, at
     /// start, before any other call: from then on every key and version
@@ -332,7 +354,7 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     ///
     /// The default refuses: a backend that cannot seal its records cannot
     /// serve.
-    fn install_integrity(
+    async fn install_integrity(
         &self,
         mac: &Arc<RecordMac>,
         migrate: bool,

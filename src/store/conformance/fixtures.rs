@@ -56,14 +56,14 @@ pub fn version(id: KeyId, n: u32) -> VersionRecord {
 }
 
 /// Rotation as the service does it: `current` with the new primary.
-pub fn rotate(
+pub async fn rotate(
     store: &dyn KeyStore,
     current: &KeyRecord,
     v: &VersionRecord,
 ) -> Result<KeyRecord, StoreError> {
     let mut updated = current.clone();
     updated.primary_version = v.version;
-    store.add_version(current, &updated, v)?;
+    store.add_version(current, &updated, v).await?;
     Ok(updated)
 }
 
@@ -79,14 +79,16 @@ pub fn tombstone(current: &KeyRecord, at: i64) -> KeyRecord {
 
 /// Everything a store holds about the test ids 0 to 9 (keys, due index,
 /// versions and their material), for "nothing changed" checks.
-pub fn snapshot(store: &dyn KeyStore) -> String {
+pub async fn snapshot(store: &dyn KeyStore) -> String {
     let mut out = format!(
         "{:?}\n{:?}\n",
-        store.list_keys(&KeyFilter::default(), None, usize::MAX),
-        store.due_keys(Timestamp(i64::MAX), usize::MAX)
+        store
+            .list_keys(&KeyFilter::default(), None, usize::MAX)
+            .await,
+        store.due_keys(Timestamp(i64::MAX), usize::MAX).await
     );
     for n in 0..10 {
-        let versions = store.list_versions(id(n));
+        let versions = store.list_versions(id(n)).await;
         out.push_str(&format!("{versions:?}\n"));
         for v in versions.iter().flatten() {
             out.push_str(&hex::encode(&v.wrapped_material));

@@ -14,18 +14,18 @@ use crate::store::integrity::{RECORD_MAC_KEY_LEN, RecordMac};
 pub(super) const SEALED_UNDER_ITS_KEY: Check = Check {
     name: "records written under one integrity key are refused under another, and \
            readable again under their own; the key is installed once",
-    run: sealed_under_its_key,
+    run: |f| Box::pin(sealed_under_its_key(f)),
 };
 
-fn sealed_under_its_key(f: &dyn StoreFactory) -> Result<(), String> {
-    let (mut opened, store) = open(f)?;
+async fn sealed_under_its_key(f: &dyn StoreFactory) -> Result<(), String> {
+    let (mut opened, store) = open(f).await?;
     let k = key(id(1), Some("sealed"));
-    ok("create_key", store.create_key(&k, &version(k.id, 1)))?;
+    ok("create_key", store.create_key(&k, &version(k.id, 1)).await)?;
     let again = Arc::new(ok(
         "a MAC key",
         RecordMac::new(&[0xee; RECORD_MAC_KEY_LEN]),
     )?);
-    ensure(store.install_integrity(&again, true).is_err(), || {
+    ensure(store.install_integrity(&again, true).await.is_err(), || {
         "a second install_integrity was accepted".to_owned()
     })?;
     drop(store);
@@ -35,31 +35,31 @@ fn sealed_under_its_key(f: &dyn StoreFactory) -> Result<(), String> {
     )?);
     ok(
         "reopening under another integrity key",
-        opened.reopen_under_integrity_key(&other),
+        opened.reopen_under_integrity_key(&other).await,
     )?;
     let wrong = opened.handle();
     let integrity = |e: &StoreError| matches!(e, StoreError::IntegrityFailure(_));
     refused!(
         "get_key under another key",
-        wrong.get_key(k.id),
+        wrong.get_key(k.id).await,
         StoreError::IntegrityFailure(_)
     )?;
     refused(
         "get_version under another key",
         "IntegrityFailure",
-        wrong.get_version(k.id, 1),
+        wrong.get_version(k.id, 1).await,
         integrity,
     )?;
     refused(
         "list_keys under another key",
         "IntegrityFailure",
-        wrong.list_keys(&Default::default(), None, 10),
+        wrong.list_keys(&Default::default(), None, 10).await,
         integrity,
     )?;
     refused(
         "key_id_for_alias under another key",
         "IntegrityFailure",
-        wrong.key_id_for_alias("sealed"),
+        wrong.key_id_for_alias("sealed").await,
         integrity,
     )?;
     ensure(other.failures() >= 4, || {
@@ -69,11 +69,11 @@ fn sealed_under_its_key(f: &dyn StoreFactory) -> Result<(), String> {
         )
     })?;
     drop(wrong);
-    ok("reopening", opened.reopen())?;
+    ok("reopening", opened.reopen().await)?;
     let store = opened.handle();
     same(
         "the key under its own key",
-        ok("get_key", store.get_key(k.id))?,
+        ok("get_key", store.get_key(k.id).await)?,
         Some(k),
     )
 }

@@ -46,13 +46,15 @@ mod queries;
 mod races;
 
 /// A backend under test: it makes new, empty stores.
+#[async_trait::async_trait]
 pub trait StoreFactory: Sync {
     /// Opens a new, empty store that no other call of `open` shares.
-    fn open(&self) -> Result<Box<dyn OpenStore>, StoreError>;
+    async fn open(&self) -> Result<Box<dyn OpenStore>, StoreError>;
 }
 
 /// One store made by a [`StoreFactory`], and the ways to reach it.
-pub trait OpenStore: Send {
+#[async_trait::async_trait]
+pub trait OpenStore: Send + Sync {
     /// The store. Each call gives the same handle until [`OpenStore::reopen`].
     fn handle(&self) -> Arc<dyn KeyStore>;
 
@@ -60,17 +62,17 @@ pub trait OpenStore: Send {
     /// another `Arc` of its one open store (a second `SledStore::open` of the
     /// directory is refused by its lock); a database server would give a
     /// second connection pool.
-    fn second_handle(&self) -> Result<Arc<dyn KeyStore>, StoreError>;
+    async fn second_handle(&self) -> Result<Arc<dyn KeyStore>, StoreError>;
 
     /// Closes the store and opens it again, as a restart does. Every handle
     /// given out before must have been dropped.
-    fn reopen(&mut self) -> Result<(), StoreError>;
+    async fn reopen(&mut self) -> Result<(), StoreError>;
 
     /// Closes the store and opens it again with `mac` installed as its
     /// integrity key instead of the factory's (the records stay sealed
     /// under the factory's); [`OpenStore::reopen`] returns to the factory's
     /// key. Every backend must be able to, for the suite's integrity check.
-    fn reopen_under_integrity_key(&mut self, mac: &Arc<RecordMac>) -> Result<(), StoreError> {
+    async fn reopen_under_integrity_key(&mut self, mac: &Arc<RecordMac>) -> Result<(), StoreError> {
         let _ = mac;
         Err(StoreError::Corrupt(
             "this backend cannot be reopened under another integrity key".to_owned(),
@@ -97,12 +99,16 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// What a check's body returns: its outcome, once awaited.
+pub type CheckFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
 /// One check: its name (what it asserts) and its body, which gets a new,
 /// empty store from the factory.
 #[derive(Clone, Copy)]
 pub struct Check {
     pub name: &'static str,
-    pub run: fn(&dyn StoreFactory) -> Result<(), String>,
+    pub run: for<'a> fn(&'a dyn StoreFactory) -> CheckFuture<'a>,
 }
 
 impl std::fmt::Debug for Check {
@@ -144,10 +150,13 @@ pub const CHECKS: &[Check] = &[
 /// Runs every check of [`CHECKS`] in order, each on a new store, calling
 /// `progress` with each check's name before it runs. Stops at the first
 /// failure.
-pub fn run(factory: &dyn StoreFactory, mut progress: impl FnMut(&str)) -> Result<(), Failure> {
+pub async fn run(
+    factory: &dyn StoreFactory,
+    mut progress: impl FnMut(&str),
+) -> Result<(), Failure> {
     for check in CHECKS {
         progress(check.name);
-        (check.run)(factory).map_err(|detail| Failure {
+        (check.run)(factory).await.map_err(|detail| Failure {
             check: check.name,
             detail,
         })?;
@@ -190,17 +199,19 @@ fn refused<T: std::fmt::Debug>(
 type Opened = (Box<dyn OpenStore>, Arc<dyn KeyStore>);
 
 /// A new store from `factory`, with its handle.
-fn open(factory: &dyn StoreFactory) -> Result<Opened, String> {
-    let store = ok("opening a new store", factory.open())?;
+async fn open(factory: &dyn StoreFactory) -> Result<Opened, String> {
+    let store = ok("opening a new store", factory.open().await)?;
     let handle = store.handle();
     Ok((store, handle))
 }
 
 /// Every key, through one unbounded `list_keys`.
-fn all(store: &dyn KeyStore) -> Result<Vec<KeyRecord>, String> {
+async fn all(store: &dyn KeyStore) -> Result<Vec<KeyRecord>, String> {
     ok(
         "list_keys",
-        store.list_keys(&KeyFilter::default(), None, usize::MAX),
+        store
+            .list_keys(&KeyFilter::default(), None, usize::MAX)
+            .await,
     )
 }
 
@@ -211,14 +222,14 @@ fn sorted(mut keys: Vec<KeyRecord>) -> Vec<KeyRecord> {
 }
 
 /// The ids `due_keys(now, limit)` returns.
-fn due_ids(store: &dyn KeyStore, now: i64, limit: usize) -> Result<Vec<KeyId>, String> {
-    let due = ok("due_keys", store.due_keys(Timestamp(now), limit))?;
+async fn due_ids(store: &dyn KeyStore, now: i64, limit: usize) -> Result<Vec<KeyId>, String> {
+    let due = ok("due_keys", store.due_keys(Timestamp(now), limit).await)?;
     Ok(due.iter().map(|k| k.id).collect())
 }
 
 /// `Err` if the store's [`snapshot`] is no longer `before`, blaming `after`.
-fn unchanged(store: &dyn KeyStore, before: &str, after: &str) -> Result<(), String> {
-    ensure(snapshot(store) == before, || {
+async fn unchanged(store: &dyn KeyStore, before: &str, after: &str) -> Result<(), String> {
+    ensure(snapshot(store).await == before, || {
         format!("{after} changed the store")
     })
 }

@@ -255,7 +255,7 @@ fn filters() -> Vec<KeyFilter> {
     out
 }
 
-fn assert_same_state(store: &dyn KeyStore, model: &Model) -> Result<(), TestCaseError> {
+async fn assert_same_state(store: &dyn KeyStore, model: &Model) -> Result<(), TestCaseError> {
     for filter in filters() {
         let all: Vec<KeyRecord> = model
             .keys
@@ -263,7 +263,10 @@ fn assert_same_state(store: &dyn KeyStore, model: &Model) -> Result<(), TestCase
             .filter(|k| filter.matches(k))
             .cloned()
             .collect();
-        prop_assert_eq!(&store.list_keys(&filter, None, usize::MAX).unwrap(), &all);
+        prop_assert_eq!(
+            &store.list_keys(&filter, None, usize::MAX).await.unwrap(),
+            &all
+        );
         // Paging after any key, matching the filter or not.
         for n in 0..IDS {
             let expected: Vec<KeyRecord> = all
@@ -272,30 +275,36 @@ fn assert_same_state(store: &dyn KeyStore, model: &Model) -> Result<(), TestCase
                 .take(2)
                 .cloned()
                 .collect();
-            prop_assert_eq!(store.list_keys(&filter, Some(id(n)), 2).unwrap(), expected);
+            prop_assert_eq!(
+                store.list_keys(&filter, Some(id(n)), 2).await.unwrap(),
+                expected
+            );
         }
     }
     for now in TIMES {
         let due = model.due_keys(Timestamp(now));
-        prop_assert_eq!(&store.due_keys(Timestamp(now), usize::MAX).unwrap(), &due);
         prop_assert_eq!(
-            store.due_keys(Timestamp(now), 2).unwrap(),
+            &store.due_keys(Timestamp(now), usize::MAX).await.unwrap(),
+            &due
+        );
+        prop_assert_eq!(
+            store.due_keys(Timestamp(now), 2).await.unwrap(),
             due[..due.len().min(2)].to_vec()
         );
     }
     for n in 0..IDS {
         let i = id(n);
-        prop_assert_eq!(store.get_key(i).unwrap(), model.keys.get(&i).cloned());
+        prop_assert_eq!(store.get_key(i).await.unwrap(), model.keys.get(&i).cloned());
         let versions: Vec<VersionRecord> = model
             .versions
             .range((i, 0)..=(i, u32::MAX))
             .map(|(_, v)| v.clone())
             .collect();
-        prop_assert_eq!(store.list_versions(i).unwrap(), versions);
+        prop_assert_eq!(store.list_versions(i).await.unwrap(), versions);
     }
     for a in ALIASES {
         prop_assert_eq!(
-            store.key_id_for_alias(a).unwrap(),
+            store.key_id_for_alias(a).await.unwrap(),
             model.aliases.get(a).copied()
         );
     }
@@ -309,6 +318,7 @@ fn assert_same_state(store: &dyn KeyStore, model: &Model) -> Result<(), TestCase
         prop_assert_eq!(
             &store
                 .versions_not_under_root(root, None, usize::MAX)
+                .await
                 .unwrap(),
             &todo
         );
@@ -316,6 +326,7 @@ fn assert_same_state(store: &dyn KeyStore, model: &Model) -> Result<(), TestCase
             prop_assert_eq!(
                 &store
                     .versions_not_under_root(root, Some((first.key_id, first.version)), 2)
+                    .await
                     .unwrap()[..],
                 &todo[1..todo.len().min(3)]
             );
@@ -326,7 +337,7 @@ fn assert_same_state(store: &dyn KeyStore, model: &Model) -> Result<(), TestCase
             .filter(|v| v.destroyed_at.is_some())
             .count() as u64;
         prop_assert_eq!(
-            store.count_versions(root).unwrap(),
+            store.count_versions(root).await.unwrap(),
             VersionCounts {
                 live: model.versions.len() as u64 - destroyed,
                 not_under_root: todo.len() as u64,
@@ -343,9 +354,10 @@ pub fn ops() -> impl Strategy<Value = Vec<Op>> {
 }
 
 /// Runs `ops` on a new store from `factory`, and on the model.
-pub fn run(factory: &dyn StoreFactory, ops: &[Op]) -> Result<(), TestCaseError> {
+pub async fn run(factory: &dyn StoreFactory, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut opened = factory
         .open()
+        .await
         .map_err(|e| TestCaseError::fail(format!("opening a new store: {e:?}")))?;
     let mut store = opened.handle();
     let mut model = Model::default();
@@ -362,7 +374,7 @@ pub fn run(factory: &dyn StoreFactory, ops: &[Op]) -> Result<(), TestCaseError> 
                 k.rotation_period_secs = rotate_at.map(|_| 86_400);
                 k.next_rotation_at = rotate_at.map(Timestamp);
                 let v = version(k.id, if consistent { 1 } else { 2 });
-                prop_assert_eq!(kind(store.create_key(&k, &v)), model.create(&k, &v));
+                prop_assert_eq!(kind(store.create_key(&k, &v).await), model.create(&k, &v));
             }
             Op::AddVersion {
                 id: n,
@@ -377,7 +389,7 @@ pub fn run(factory: &dyn StoreFactory, ops: &[Op]) -> Result<(), TestCaseError> 
                 updated.primary_version = next;
                 updated.next_rotation_at = rotate_at.map(Timestamp);
                 prop_assert_eq!(
-                    kind(store.add_version(&current, &updated, &v)),
+                    kind(store.add_version(&current, &updated, &v).await),
                     model.add_version(&current, &updated, &v)
                 );
             }
@@ -397,7 +409,7 @@ pub fn run(factory: &dyn StoreFactory, ops: &[Op]) -> Result<(), TestCaseError> 
                     new.next_rotation_at = due.map(Timestamp);
                 }
                 prop_assert_eq!(
-                    kind(store.compare_and_swap_key(&current, &new)),
+                    kind(store.compare_and_swap_key(&current, &new).await),
                     model.cas(&current, &new)
                 );
             }
@@ -408,7 +420,7 @@ pub fn run(factory: &dyn StoreFactory, ops: &[Op]) -> Result<(), TestCaseError> 
                 tombstone.deletion_at = None;
                 tombstone.destroyed_at = Some(Timestamp(1_800_000_000_000));
                 prop_assert_eq!(
-                    kind(store.destroy_key(&current, &tombstone)),
+                    kind(store.destroy_key(&current, &tombstone).await),
                     model.destroy(&current, &tombstone)
                 );
             }
@@ -430,7 +442,7 @@ pub fn run(factory: &dyn StoreFactory, ops: &[Op]) -> Result<(), TestCaseError> 
                 new.hsm_root_key_id = root;
                 new.wrapped_material = vec![0xa0 | root as u8; 61];
                 prop_assert_eq!(
-                    kind(store.rewrap_version(&current, &new)),
+                    kind(store.rewrap_version(&current, &new).await),
                     model.rewrap(&current, &new)
                 );
             }
@@ -438,17 +450,19 @@ pub fn run(factory: &dyn StoreFactory, ops: &[Op]) -> Result<(), TestCaseError> 
                 drop(store);
                 opened
                     .reopen()
+                    .await
                     .map_err(|e| TestCaseError::fail(format!("reopen: {e:?}")))?;
                 store = opened.handle();
             }
             Op::Compact => {
                 store
                     .compact()
+                    .await
                     .map_err(|e| TestCaseError::fail(format!("compact: {e:?}")))?;
                 opened.check_compacted().map_err(TestCaseError::fail)?;
             }
         }
-        assert_same_state(&*store, &model)?;
+        assert_same_state(&*store, &model).await?;
     }
     Ok(())
 }

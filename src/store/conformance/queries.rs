@@ -1,32 +1,29 @@
 //! Checks of the queries over many keys: [`KeyStore::list_keys`] (paging
 //! and filters) and [`KeyStore::due_keys`] (the due index).
 
-#[cfg(doc)]
-use crate::store::KeyStore;
-
 use super::fixtures::{id, key, tombstone, version};
 use super::{Check, StoreFactory, due_ids, ensure, ok, open, same, sorted};
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
-use crate::store::KeyFilter;
+use crate::store::{KeyFilter, KeyStore};
 
 pub(super) const LIST_KEYS_PAGING: Check = Check {
     name: "list_keys: ascending id bytes, strictly after start_after, at most limit; \
            pages visit every key once",
-    run: list_keys_paging,
+    run: |f| Box::pin(list_keys_paging(f)),
 };
 pub(super) const LIST_KEYS_FILTERS: Check = Check {
     name: "list_keys filters by state and alias prefix; a key without an alias matches no \
            prefix; start_after need not pass the filter",
-    run: list_keys_filters,
+    run: |f| Box::pin(list_keys_filters(f)),
 };
 pub(super) const DUE_INDEX: Check = Check {
     name: "due_keys: due at or before now, earliest first, ties by id, at most limit; \
            follows every write of a key",
-    run: due_index,
+    run: |f| Box::pin(due_index(f)),
 };
 
-fn list_keys_paging(f: &dyn StoreFactory) -> Result<(), String> {
-    let (_s, store) = open(f)?;
+async fn list_keys_paging(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, store) = open(f).await?;
     let keys: Vec<(KeyRecord, VersionRecord)> = (0..45)
         .map(|n| {
             let k = key(KeyId::new_random(), Some(&format!("k{n}")));
@@ -35,7 +32,7 @@ fn list_keys_paging(f: &dyn StoreFactory) -> Result<(), String> {
         })
         .collect();
     let pairs: Vec<_> = keys.iter().map(|(k, v)| (k, v)).collect();
-    ok("create_keys", store.create_keys(&pairs))?;
+    ok("create_keys", store.create_keys(&pairs).await)?;
     let mut ids: Vec<KeyId> = keys.iter().map(|(k, _)| k.id).collect();
     ids.sort_by_key(|i| *i.as_bytes());
 
@@ -44,7 +41,7 @@ fn list_keys_paging(f: &dyn StoreFactory) -> Result<(), String> {
     loop {
         let page = ok(
             "list_keys",
-            store.list_keys(&KeyFilter::default(), cursor, 10),
+            store.list_keys(&KeyFilter::default(), cursor, 10).await,
         )?;
         ensure(page.len() <= 10, || {
             format!("a page of {} keys", page.len())
@@ -57,7 +54,10 @@ fn list_keys_paging(f: &dyn StoreFactory) -> Result<(), String> {
     same("the keys seen by paging", &seen, &ids)?;
     same(
         "limit 0",
-        ok("list_keys", store.list_keys(&KeyFilter::default(), None, 0))?,
+        ok(
+            "list_keys",
+            store.list_keys(&KeyFilter::default(), None, 0).await,
+        )?,
         vec![],
     )?;
     let (Some(&last), Some(&before_last)) = (ids.last(), ids.iter().rev().nth(1)) else {
@@ -67,13 +67,15 @@ fn list_keys_paging(f: &dyn StoreFactory) -> Result<(), String> {
         "after the last key",
         ok(
             "list_keys",
-            store.list_keys(&KeyFilter::default(), Some(last), 10),
+            store.list_keys(&KeyFilter::default(), Some(last), 10).await,
         )?,
         vec![],
     )?;
     let tail = ok(
         "list_keys",
-        store.list_keys(&KeyFilter::default(), Some(before_last), 10),
+        store
+            .list_keys(&KeyFilter::default(), Some(before_last), 10)
+            .await,
     )?;
     same(
         "after the last key but one",
@@ -88,7 +90,9 @@ fn list_keys_paging(f: &dyn StoreFactory) -> Result<(), String> {
     if probe != *last.as_bytes() && probe > *before_last.as_bytes() {
         let got = ok(
             "list_keys",
-            store.list_keys(&KeyFilter::default(), Some(KeyId::from_bytes(probe)), 10),
+            store
+                .list_keys(&KeyFilter::default(), Some(KeyId::from_bytes(probe)), 10)
+                .await,
         )?;
         same(
             "after an id that is not stored",
@@ -99,8 +103,8 @@ fn list_keys_paging(f: &dyn StoreFactory) -> Result<(), String> {
     Ok(())
 }
 
-fn list_keys_filters(f: &dyn StoreFactory) -> Result<(), String> {
-    let (_s, store) = open(f)?;
+async fn list_keys_filters(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, store) = open(f).await?;
     for (n, alias) in [
         (1, Some("app/x")),
         (2, Some("app/y")),
@@ -109,7 +113,9 @@ fn list_keys_filters(f: &dyn StoreFactory) -> Result<(), String> {
     ] {
         ok(
             "create_key",
-            store.create_key(&key(id(n), alias), &version(id(n), 1)),
+            store
+                .create_key(&key(id(n), alias), &version(id(n), 1))
+                .await,
         )?;
     }
     let k2 = key(id(2), Some("app/y"));
@@ -117,16 +123,8 @@ fn list_keys_filters(f: &dyn StoreFactory) -> Result<(), String> {
     disabled.state = KeyState::Disabled;
     ok(
         "compare_and_swap_key",
-        store.compare_and_swap_key(&k2, &disabled),
+        store.compare_and_swap_key(&k2, &disabled).await,
     )?;
-    let ids = |filter: &KeyFilter, after: Option<KeyId>, limit: usize| {
-        let mut got: Vec<KeyId> = ok("list_keys", store.list_keys(filter, after, limit))?
-            .iter()
-            .map(|k| k.id)
-            .collect();
-        got.sort_by_key(|i| *i.as_bytes());
-        Ok::<_, String>(got)
-    };
     let expect = |ns: &[u8]| {
         let mut want: Vec<KeyId> = ns.iter().map(|n| id(*n)).collect();
         want.sort_by_key(|i| *i.as_bytes());
@@ -146,32 +144,44 @@ fn list_keys_filters(f: &dyn StoreFactory) -> Result<(), String> {
     };
     same(
         "no filter",
-        ids(&KeyFilter::default(), None, 10)?,
+        ids(&*store, &KeyFilter::default(), None, 10).await?,
         expect(&[1, 2, 3, 4]),
     )?;
     same(
         "prefix app/",
-        ids(&prefix("app/"), None, 10)?,
+        ids(&*store, &prefix("app/"), None, 10).await?,
         expect(&[1, 2]),
     )?;
     same(
         "the empty prefix",
-        ids(&prefix(""), None, 10)?,
+        ids(&*store, &prefix(""), None, 10).await?,
         expect(&[1, 2, 4]),
     )?;
     same(
         "DISABLED",
-        ids(&state(KeyState::Disabled), None, 10)?,
+        ids(&*store, &state(KeyState::Disabled), None, 10).await?,
         expect(&[2]),
     )?;
     same(
         "ENABLED",
-        ids(&state(KeyState::Enabled), None, 10)?,
+        ids(&*store, &state(KeyState::Enabled), None, 10).await?,
         expect(&[1, 3, 4]),
     )?;
-    same("ENABLED and app/", ids(&both, None, 10)?, expect(&[1]))?;
-    same("limit 0", ids(&prefix("app/"), None, 0)?, vec![])?;
-    same("limit 1", ids(&prefix("app/"), None, 1)?.len(), 1)?;
+    same(
+        "ENABLED and app/",
+        ids(&*store, &both, None, 10).await?,
+        expect(&[1]),
+    )?;
+    same(
+        "limit 0",
+        ids(&*store, &prefix("app/"), None, 0).await?,
+        vec![],
+    )?;
+    same(
+        "limit 1",
+        ids(&*store, &prefix("app/"), None, 1).await?.len(),
+        1,
+    )?;
     // Paging after a key the filter rejects (key 3 has no alias).
     let enabled = sorted(vec![
         key(id(1), Some("app/x")),
@@ -186,7 +196,9 @@ fn list_keys_filters(f: &dyn StoreFactory) -> Result<(), String> {
             .collect();
         let got: Vec<KeyId> = ok(
             "list_keys",
-            store.list_keys(&state(KeyState::Enabled), Some(after), usize::MAX),
+            store
+                .list_keys(&state(KeyState::Enabled), Some(after), usize::MAX)
+                .await,
         )?
         .iter()
         .map(|k| k.id)
@@ -196,8 +208,8 @@ fn list_keys_filters(f: &dyn StoreFactory) -> Result<(), String> {
     Ok(())
 }
 
-fn due_index(f: &dyn StoreFactory) -> Result<(), String> {
-    let (_s, store) = open(f)?;
+async fn due_index(f: &dyn StoreFactory) -> Result<(), String> {
+    let (_s, store) = open(f).await?;
     // id(3) sorts before id(1), which sorts before id(2).
     let mut a = key(id(1), None);
     a.rotation_period_secs = Some(60);
@@ -211,25 +223,29 @@ fn due_index(f: &dyn StoreFactory) -> Result<(), String> {
     let mut never = key(id(4), None);
     never.next_rotation_at = None;
     for k in [&a, &b, &c, &never] {
-        ok("create_key", store.create_key(k, &version(k.id, 1)))?;
+        ok("create_key", store.create_key(k, &version(k.id, 1)).await)?;
     }
-    same("due at i64::MIN", due_ids(&*store, i64::MIN, 10)?, vec![])?;
-    same("due at -101", due_ids(&*store, -101, 10)?, vec![])?;
-    same("due at 299", due_ids(&*store, 299, 10)?, vec![id(2)])?;
+    same(
+        "due at i64::MIN",
+        due_ids(&*store, i64::MIN, 10).await?,
+        vec![],
+    )?;
+    same("due at -101", due_ids(&*store, -101, 10).await?, vec![])?;
+    same("due at 299", due_ids(&*store, 299, 10).await?, vec![id(2)])?;
     same(
         "due at 300, a tie in id order",
-        due_ids(&*store, 300, 10)?,
+        due_ids(&*store, 300, 10).await?,
         vec![id(2), id(3), id(1)],
     )?;
     same(
         "due at 300, limit 2",
-        due_ids(&*store, 300, 2)?,
+        due_ids(&*store, 300, 2).await?,
         vec![id(2), id(3)],
     )?;
-    same("limit 0", due_ids(&*store, i64::MAX, 0)?, vec![])?;
+    same("limit 0", due_ids(&*store, i64::MAX, 0).await?, vec![])?;
     same(
         "due_keys returns the records",
-        ok("due_keys", store.due_keys(Timestamp(-100), 10))?,
+        ok("due_keys", store.due_keys(Timestamp(-100), 10).await)?,
         vec![b.clone()],
     )?;
 
@@ -237,36 +253,67 @@ fn due_index(f: &dyn StoreFactory) -> Result<(), String> {
     let mut a2 = a.clone();
     a2.primary_version = 2;
     a2.next_rotation_at = Some(Timestamp(360));
-    ok("add_version", store.add_version(&a, &a2, &version(a.id, 2)))?;
+    ok(
+        "add_version",
+        store.add_version(&a, &a2, &version(a.id, 2)).await,
+    )?;
     same(
         "due at 300 after a rotation",
-        due_ids(&*store, 300, 10)?,
+        due_ids(&*store, 300, 10).await?,
         vec![id(2), id(3)],
     )?;
     // DISABLED is never due; PENDING_DELETION is due at deletion_at.
     let mut b2 = b.clone();
     b2.state = KeyState::Disabled;
-    ok("compare_and_swap_key", store.compare_and_swap_key(&b, &b2))?;
+    ok(
+        "compare_and_swap_key",
+        store.compare_and_swap_key(&b, &b2).await,
+    )?;
     same(
         "due after disabling",
-        due_ids(&*store, 300, 10)?,
+        due_ids(&*store, 300, 10).await?,
         vec![id(3)],
     )?;
     let mut b3 = b2.clone();
     b3.state = KeyState::PendingDeletion;
     b3.deletion_at = Some(Timestamp(1000));
-    ok("compare_and_swap_key", store.compare_and_swap_key(&b2, &b3))?;
-    same("due at 999", due_ids(&*store, 999, 10)?, vec![id(3), id(1)])?;
+    ok(
+        "compare_and_swap_key",
+        store.compare_and_swap_key(&b2, &b3).await,
+    )?;
+    same(
+        "due at 999",
+        due_ids(&*store, 999, 10).await?,
+        vec![id(3), id(1)],
+    )?;
     same(
         "due at i64::MAX",
-        due_ids(&*store, i64::MAX, 10)?,
+        due_ids(&*store, i64::MAX, 10).await?,
         vec![id(3), id(1), id(2)],
     )?;
     // Destruction takes the key out of the index.
-    ok("destroy_key", store.destroy_key(&b3, &tombstone(&b3, 1000)))?;
+    ok(
+        "destroy_key",
+        store.destroy_key(&b3, &tombstone(&b3, 1000)).await,
+    )?;
     same(
         "due after a destruction",
-        due_ids(&*store, i64::MAX, 10)?,
+        due_ids(&*store, i64::MAX, 10).await?,
         vec![id(3), id(1)],
     )
+}
+
+/// The ids `list_keys(filter, after, limit)` returns, in byte order.
+async fn ids(
+    store: &dyn KeyStore,
+    filter: &KeyFilter,
+    after: Option<KeyId>,
+    limit: usize,
+) -> Result<Vec<KeyId>, String> {
+    let mut got: Vec<KeyId> = ok("list_keys", store.list_keys(filter, after, limit).await)?
+        .iter()
+        .map(|k| k.id)
+        .collect();
+    got.sort_by_key(|i| *i.as_bytes());
+    Ok(got)
 }

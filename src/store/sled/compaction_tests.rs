@@ -16,7 +16,7 @@ use super::layout::version_key;
 use super::test_support::*;
 use super::*;
 use crate::model::KeyId;
-use crate::store::{KeyStore, StoreError};
+use crate::store::StoreError;
 
 #[test]
 fn a_new_store_has_one_generation() {

@@ -17,7 +17,7 @@ use tempfile::TempDir;
 
 use super::SledStore;
 use super::generations::generation_dirs;
-use super::test_support::live_path;
+use super::test_support::{block_on, live_path};
 use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
 use crate::store::conformance::{self, OpenStore, StoreFactory, model};
 use crate::store::integrity::{IntegrityState, RECORD_MAC_KEY_LEN, RecordMac};
@@ -30,10 +30,10 @@ const TEST_KEY: [u8; RECORD_MAC_KEY_LEN] = [0x5a; RECORD_MAC_KEY_LEN];
 
 /// Opens the store in `dir` and installs [`TEST_KEY`], migrating a new
 /// store and expecting a reopened one to be sealed already.
-fn open_sealed(dir: &std::path::Path, new: bool) -> Result<SledStore, StoreError> {
+async fn open_sealed(dir: &std::path::Path, new: bool) -> Result<SledStore, StoreError> {
     let store = SledStore::open(dir)?;
     let mac = Arc::new(RecordMac::new(&TEST_KEY)?);
-    match store.install_integrity(&mac, new)? {
+    match store.install_integrity(&mac, new).await? {
         IntegrityState::Migrated { .. } if new => Ok(store),
         IntegrityState::Sealed if !new => Ok(store),
         other => Err(StoreError::Corrupt(format!(
@@ -49,10 +49,11 @@ struct OpenSled {
     store: Option<Arc<SledStore>>,
 }
 
+#[async_trait::async_trait]
 impl StoreFactory for SledFactory {
-    fn open(&self) -> Result<Box<dyn OpenStore>, StoreError> {
+    async fn open(&self) -> Result<Box<dyn OpenStore>, StoreError> {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Io(e.to_string()))?;
-        let store = open_sealed(dir.path(), true)?;
+        let store = open_sealed(dir.path(), true).await?;
         Ok(Box::new(OpenSled {
             dir,
             store: Some(Arc::new(store)),
@@ -60,16 +61,17 @@ impl StoreFactory for SledFactory {
     }
 }
 
+#[async_trait::async_trait]
 impl OpenStore for OpenSled {
     fn handle(&self) -> Arc<dyn KeyStore> {
         self.store.clone().expect("the store is open")
     }
 
-    fn second_handle(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
+    async fn second_handle(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
         Ok(self.handle())
     }
 
-    fn reopen(&mut self) -> Result<(), StoreError> {
+    async fn reopen(&mut self) -> Result<(), StoreError> {
         let store = self.store.take().expect("the store is open");
         if Arc::strong_count(&store) > 1 {
             self.store = Some(store);
@@ -78,14 +80,14 @@ impl OpenStore for OpenSled {
             ));
         }
         drop(store);
-        self.store = Some(Arc::new(open_sealed(self.dir.path(), false)?));
+        self.store = Some(Arc::new(open_sealed(self.dir.path(), false).await?));
         Ok(())
     }
 
-    fn reopen_under_integrity_key(&mut self, mac: &Arc<RecordMac>) -> Result<(), StoreError> {
+    async fn reopen_under_integrity_key(&mut self, mac: &Arc<RecordMac>) -> Result<(), StoreError> {
         drop(self.store.take());
         let store = SledStore::open(self.dir.path())?;
-        match store.install_integrity(mac, false)? {
+        match store.install_integrity(mac, false).await? {
             IntegrityState::Sealed => {
                 self.store = Some(Arc::new(store));
                 Ok(())
@@ -109,7 +111,7 @@ impl OpenStore for OpenSled {
 #[test]
 fn the_conformance_suite_passes_on_sled() {
     let mut seen = Vec::new();
-    let result = conformance::run(&SledFactory, |c| seen.push(c.to_owned()));
+    let result = block_on(conformance::run(&SledFactory, |c| seen.push(c.to_owned())));
     if let Err(failure) = result {
         panic!("{failure}");
     }
@@ -122,7 +124,7 @@ proptest! {
 
     #[test]
     fn behaves_like_the_model(ops in model::ops()) {
-        model::run(&SledFactory, &ops)?;
+        block_on(model::run(&SledFactory, &ops))?;
     }
 }
 
@@ -131,58 +133,71 @@ proptest! {
 #[derive(Debug)]
 struct SwapsWithoutComparing(SledStore);
 
+#[async_trait::async_trait]
 impl KeyStore for SwapsWithoutComparing {
-    fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
-        match self.0.get_key(current.id)? {
-            Some(stored) => self.0.compare_and_swap_key(&stored, new),
+    async fn compare_and_swap_key(
+        &self,
+        current: &KeyRecord,
+        new: &KeyRecord,
+    ) -> Result<(), StoreError> {
+        match self.0.get_key(current.id).await? {
+            Some(stored) => self.0.compare_and_swap_key(&stored, new).await,
             None => Err(StoreError::NoSuchKey(current.id)),
         }
     }
-    fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
-        self.0.create_keys(keys)
+    async fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
+        self.0.create_keys(keys).await
     }
-    fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        self.0.get_key(id)
+    async fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.0.get_key(id).await
     }
-    fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
-        self.0.key_id_for_alias(alias)
+    async fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
+        self.0.key_id_for_alias(alias).await
     }
-    fn list_keys(
+    async fn list_keys(
         &self,
         filter: &KeyFilter,
         start_after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        self.0.list_keys(filter, start_after, limit)
+        self.0.list_keys(filter, start_after, limit).await
     }
-    fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
-        self.0.due_keys(now, limit)
+    async fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+        self.0.due_keys(now, limit).await
     }
-    fn add_version(
+    async fn add_version(
         &self,
         current: &KeyRecord,
         updated: &KeyRecord,
         version: &VersionRecord,
     ) -> Result<(), StoreError> {
-        self.0.add_version(current, updated, version)
+        self.0.add_version(current, updated, version).await
     }
-    fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
-        self.0.get_version(id, version)
+    async fn get_version(
+        &self,
+        id: KeyId,
+        version: u32,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        self.0.get_version(id, version).await
     }
-    fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
-        self.0.list_versions(id)
+    async fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+        self.0.list_versions(id).await
     }
-    fn destroy_key(&self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), StoreError> {
-        self.0.destroy_key(current, tombstone)
+    async fn destroy_key(
+        &self,
+        current: &KeyRecord,
+        tombstone: &KeyRecord,
+    ) -> Result<(), StoreError> {
+        self.0.destroy_key(current, tombstone).await
     }
-    fn rewrap_version(
+    async fn rewrap_version(
         &self,
         current: &VersionRecord,
         new: &VersionRecord,
     ) -> Result<(), StoreError> {
-        self.0.rewrap_version(current, new)
+        self.0.rewrap_version(current, new).await
     }
-    fn versions_not_under_root(
+    async fn versions_not_under_root(
         &self,
         root_key_id: u32,
         start_after: Option<(KeyId, u32)>,
@@ -190,39 +205,40 @@ impl KeyStore for SwapsWithoutComparing {
     ) -> Result<Vec<VersionRecord>, StoreError> {
         self.0
             .versions_not_under_root(root_key_id, start_after, limit)
+            .await
     }
-    fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError> {
-        self.0.count_versions(root_key_id)
+    async fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError> {
+        self.0.count_versions(root_key_id).await
     }
-    fn compact(&self) -> Result<(), StoreError> {
-        self.0.compact()
+    async fn compact(&self) -> Result<(), StoreError> {
+        self.0.compact().await
     }
-    fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError> {
-        self.0.fence_root_keys(current, retire)
+    async fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError> {
+        self.0.fence_root_keys(current, retire).await
     }
-    fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
-        self.0.get_secret(name)
+    async fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
+        self.0.get_secret(name).await
     }
-    fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
-        self.0.put_secret(name, secret)
+    async fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
+        self.0.put_secret(name, secret).await
     }
-    fn create_secret(
+    async fn create_secret(
         &self,
         name: &str,
         secret: &WrappedSecret,
     ) -> Result<WrappedSecret, StoreError> {
-        self.0.create_secret(name, secret)
+        self.0.create_secret(name, secret).await
     }
-    fn swap_secret(
+    async fn swap_secret(
         &self,
         name: &str,
         current: &WrappedSecret,
         new: &WrappedSecret,
     ) -> Result<bool, StoreError> {
-        self.0.swap_secret(name, current, new)
+        self.0.swap_secret(name, current, new).await
     }
-    fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
-        self.0.list_secrets()
+    async fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
+        self.0.list_secrets().await
     }
 }
 
@@ -233,10 +249,11 @@ struct OpenBroken {
     store: Arc<SwapsWithoutComparing>,
 }
 
+#[async_trait::async_trait]
 impl StoreFactory for BrokenFactory {
-    fn open(&self) -> Result<Box<dyn OpenStore>, StoreError> {
+    async fn open(&self) -> Result<Box<dyn OpenStore>, StoreError> {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Io(e.to_string()))?;
-        let store = SwapsWithoutComparing(open_sealed(dir.path(), true)?);
+        let store = SwapsWithoutComparing(open_sealed(dir.path(), true).await?);
         Ok(Box::new(OpenBroken {
             _dir: dir,
             store: Arc::new(store),
@@ -244,14 +261,15 @@ impl StoreFactory for BrokenFactory {
     }
 }
 
+#[async_trait::async_trait]
 impl OpenStore for OpenBroken {
     fn handle(&self) -> Arc<dyn KeyStore> {
         self.store.clone()
     }
-    fn second_handle(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
+    async fn second_handle(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
         Ok(self.store.clone())
     }
-    fn reopen(&mut self) -> Result<(), StoreError> {
+    async fn reopen(&mut self) -> Result<(), StoreError> {
         Err(StoreError::Io(
             "not needed by the checks that fail first".to_owned(),
         ))
@@ -260,7 +278,7 @@ impl OpenStore for OpenBroken {
 
 #[test]
 fn the_suite_fails_a_store_whose_compare_and_swap_does_not_compare() {
-    let failure = conformance::run(&BrokenFactory, |_| {}).unwrap_err();
+    let failure = block_on(conformance::run(&BrokenFactory, |_| {})).unwrap_err();
     let expected = conformance::CHECKS
         .iter()
         .find(|c| c.name.starts_with("compare_and_swap_key"))

@@ -22,7 +22,7 @@ use super::schema::SCHEMA_KEY;
 use super::test_support::*;
 use super::*;
 use crate::model::{KeyId, KeyState, Timestamp};
-use crate::store::{KeyFilter, KeyStore, StoreError};
+use crate::store::{KeyFilter, StoreError};
 
 /// sled lets go of a dropped database's lock a moment later, from its
 /// flusher thread; opening meanwhile waits instead of failing.

@@ -11,7 +11,7 @@
 //! next one and switches `CURRENT` (see "Compaction"). `CURRENT` is replaced
 //! atomically (written to `CURRENT.tmp`, `fsync`ed, renamed, then the
 //! directory `fsync`ed), and only ever names a complete, durable generation.
-//! [`SledStore::open`]:
+//! [`SledEngine::open`]:
 //!
 //! - with `CURRENT`: serves the generation it names (refused as
 //!   [`StoreError::Corrupt`] if that holds no database), and erases
@@ -74,7 +74,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::files::{scrub_remove, sync_data_dir};
-use super::{Handles, Live, SledStore, io_error, sled_error};
+use super::{Handles, Live, SledEngine, io_error, sled_error};
 use crate::fsutil::{sync_dir, write_synced};
 #[cfg(doc)]
 use crate::store::KeyStore;
@@ -100,7 +100,7 @@ fn parse_generation_name(name: &str) -> Option<u32> {
     (generation_name(n) == name && n > 0).then_some(n)
 }
 
-impl SledStore {
+impl SledEngine {
     /// Copies the live generation into the next one, makes that one live
     /// (CURRENT, then memory) and removes the old one. See
     /// [`KeyStore::compact`] and the module docs' "Compaction".
@@ -191,7 +191,7 @@ impl SledStore {
 /// Copies every tree of `from` into a new sled database in `path` (which
 /// must not exist), checks the copy, makes it durable and returns it open.
 /// On failure the new database is leaked, not dropped: after a failed write
-/// sled's `Drop` may hang (see [`SledStore`]'s `Drop`).
+/// sled's `Drop` may hang (see [`SledEngine`]'s `Drop`).
 fn copy_generation(from: &Handles, path: &Path) -> Result<Handles, StoreError> {
     std::fs::create_dir(path).map_err(|e| io_error("creating", path, e))?;
     let to = Handles::open(path)?;

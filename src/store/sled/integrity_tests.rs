@@ -17,8 +17,8 @@ use super::layout::version_key;
 use super::schema::SCHEMA_KEY;
 use super::test_support::{id, key, live_path, version};
 use crate::model::{Grant, KeyState};
+use crate::store::StoreError;
 use crate::store::integrity::{IntegrityState, RECORD_MAC_KEY_LEN, RecordMac, is_sealed};
-use crate::store::{KeyStore, StoreError};
 
 fn mac(byte: u8) -> Arc<RecordMac> {
     Arc::new(RecordMac::new(&[byte; RECORD_MAC_KEY_LEN]).unwrap())

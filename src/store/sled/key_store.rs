@@ -1,8 +1,8 @@
-//! [`KeyStore`] for [`SledStore`]: each method's checks, and its
+//! [`KeyStore`] for [`SledEngine`]: each method's checks, and its
 //! transaction.
 //!
 //! Each mutating call is one sled transaction over `keys`, `versions`,
-//! `aliases` and `due` (through [`SledStore::write`]), or one insert into
+//! `aliases` and `due` (through [`SledEngine::write`]), or one insert into
 //! `meta` for a service secret, made durable before it returns. A request
 //! that would write an inconsistent record (see [`KeyStore`]'s methods) is
 //! refused with [`StoreError::Corrupt`] before anything is written.
@@ -19,10 +19,10 @@ use super::layout::{
     Codec, SECRET_PREFIX, decode, due_key, encode, key_id_from_slice, parse_due_key,
     parse_version_key, retired_root_key, secret_key, version_key,
 };
-use super::{Handles, SledStore, sled_error};
+use super::{Handles, SledEngine, sled_error};
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
 use crate::store::integrity::{IntegrityState, RecordMac};
-use crate::store::{KeyFilter, KeyStore, StoreError, VersionCounts, WrappedSecret};
+use crate::store::{KeyFilter, StoreError, VersionCounts, WrappedSecret};
 
 /// The trees of one transaction.
 pub(super) struct Tx<'a> {
@@ -92,8 +92,8 @@ fn refuse<T>(message: String) -> Result<T, StoreError> {
     Err(StoreError::Corrupt(format!("refusing to write: {message}")))
 }
 
-impl KeyStore for SledStore {
-    fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
+impl SledEngine {
+    pub fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
         let live = self.read_gate()?;
         let bytes = live
             .sled
@@ -103,7 +103,7 @@ impl KeyStore for SledStore {
         bytes.map(|b| decode("service secret", &b)).transpose()
     }
 
-    fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
+    pub fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
         if name.is_empty() || secret.wrapped.is_empty() {
             return refuse(format!("an empty service secret {name:?}"));
         }
@@ -122,7 +122,7 @@ impl KeyStore for SledStore {
         Ok(())
     }
 
-    fn create_secret(
+    pub fn create_secret(
         &self,
         name: &str,
         secret: &WrappedSecret,
@@ -159,7 +159,7 @@ impl KeyStore for SledStore {
         }
     }
 
-    fn swap_secret(
+    pub fn swap_secret(
         &self,
         name: &str,
         current: &WrappedSecret,
@@ -193,7 +193,7 @@ impl KeyStore for SledStore {
         }
     }
 
-    fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError> {
+    pub fn fence_root_keys(&self, current: u32, retire: &[u32]) -> Result<u64, StoreError> {
         let codec = self.codec()?;
         let live = self.write_gate();
         self.check_usable()?;
@@ -232,7 +232,7 @@ impl KeyStore for SledStore {
         Ok(0)
     }
 
-    fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
+    pub fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
         let live = self.read_gate()?;
         let mut out = Vec::new();
         for entry in live.sled.meta.scan_prefix(SECRET_PREFIX) {
@@ -244,7 +244,12 @@ impl KeyStore for SledStore {
         Ok(out)
     }
 
-    fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
+    /// [`crate::store::KeyStore::create_key`], blocking.
+    pub fn create_key(&self, key: &KeyRecord, first: &VersionRecord) -> Result<(), StoreError> {
+        self.create_keys(&[(key, first)])
+    }
+
+    pub fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
         let codec = self.codec()?;
         let mut encoded = Vec::with_capacity(keys.len());
         for &(key, first_version) in keys {
@@ -297,7 +302,7 @@ impl KeyStore for SledStore {
         )
     }
 
-    fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+    pub fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
         let codec = self.codec()?;
         let live = self.read_gate()?;
         let bytes = live
@@ -311,7 +316,7 @@ impl KeyStore for SledStore {
     /// The alias index is not sealed (it holds only ids); the key record
     /// it leads to is, and names its alias: a mapping that leads to a key
     /// of another alias (an index entry pointed elsewhere) is refused.
-    fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
+    pub fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
         let codec = self.codec()?;
         let live = self.read_gate()?;
         let bytes = live
@@ -345,7 +350,7 @@ impl KeyStore for SledStore {
         }
     }
 
-    fn list_keys(
+    pub fn list_keys(
         &self,
         filter: &KeyFilter,
         start_after: Option<KeyId>,
@@ -379,7 +384,7 @@ impl KeyStore for SledStore {
         Ok(out)
     }
 
-    fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+    pub fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
         let codec = self.codec()?;
         let live = self.read_gate()?;
         let upper = due_key(now, KeyId::from_bytes([0xff; 16]));
@@ -408,7 +413,7 @@ impl KeyStore for SledStore {
         Ok(out)
     }
 
-    fn add_version(
+    pub fn add_version(
         &self,
         current: &KeyRecord,
         updated: &KeyRecord,
@@ -460,7 +465,11 @@ impl KeyStore for SledStore {
         )
     }
 
-    fn get_version(&self, id: KeyId, version: u32) -> Result<Option<VersionRecord>, StoreError> {
+    pub fn get_version(
+        &self,
+        id: KeyId,
+        version: u32,
+    ) -> Result<Option<VersionRecord>, StoreError> {
         let codec = self.codec()?;
         let live = self.read_gate()?;
         let bytes = live
@@ -473,13 +482,17 @@ impl KeyStore for SledStore {
             .transpose()
     }
 
-    fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
+    pub fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
         let codec = self.codec()?;
         let live = self.read_gate()?;
         live.sled.versions_of(codec, id)
     }
 
-    fn compare_and_swap_key(&self, current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
+    pub fn compare_and_swap_key(
+        &self,
+        current: &KeyRecord,
+        new: &KeyRecord,
+    ) -> Result<(), StoreError> {
         if new.id != current.id
             || new.alias != current.alias
             || new.primary_version != current.primary_version
@@ -504,7 +517,11 @@ impl KeyStore for SledStore {
         })
     }
 
-    fn destroy_key(&self, current: &KeyRecord, tombstone: &KeyRecord) -> Result<(), StoreError> {
+    pub fn destroy_key(
+        &self,
+        current: &KeyRecord,
+        tombstone: &KeyRecord,
+    ) -> Result<(), StoreError> {
         if tombstone.id != current.id
             || tombstone.alias != current.alias
             || tombstone.primary_version != current.primary_version
@@ -550,7 +567,7 @@ impl KeyStore for SledStore {
         )
     }
 
-    fn rewrap_version(
+    pub fn rewrap_version(
         &self,
         current: &VersionRecord,
         new: &VersionRecord,
@@ -590,7 +607,7 @@ impl KeyStore for SledStore {
         )
     }
 
-    fn versions_not_under_root(
+    pub fn versions_not_under_root(
         &self,
         root_key_id: u32,
         start_after: Option<(KeyId, u32)>,
@@ -628,7 +645,7 @@ impl KeyStore for SledStore {
         Ok(out)
     }
 
-    fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError> {
+    pub fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError> {
         let codec = self.codec()?;
         let live = self.read_gate()?;
         let mut counts = VersionCounts::default();
@@ -648,13 +665,13 @@ impl KeyStore for SledStore {
         Ok(counts)
     }
 
-    fn compact(&self) -> Result<(), StoreError> {
+    pub fn compact(&self) -> Result<(), StoreError> {
         let mut live = self.write_gate();
         self.check_usable()?;
         self.switch_generation(&mut live)
     }
 
-    fn install_integrity(
+    pub fn install_integrity(
         &self,
         mac: &Arc<RecordMac>,
         migrate: bool,

@@ -31,7 +31,7 @@
 //! of schema 3 holds only sealed records, and is read and written only once
 //! its MAC key is installed ([`Codec`]). Schema 2 (unsealed) is what a new
 //! store starts as, and what the store's own tests use; the server seals
-//! it at its first start (`SledStore::install_integrity`).
+//! it at its first start (`SledEngine::install_integrity`).
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -67,7 +67,7 @@ pub(super) fn key_id_from_slice(what: &str, bytes: &[u8]) -> Result<KeyId, Store
 
 /// How records are sealed and opened: with the store's MAC key once it is
 /// installed, unsealed before (schema 2 only: a sealed record is refused
-/// then, see `SledStore::codec`).
+/// then, see `SledEngine::codec`).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Codec<'a> {
     pub(super) mac: Option<&'a RecordMac>,

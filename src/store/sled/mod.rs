@@ -1,5 +1,6 @@
-//! [`SledStore`]: the embedded [`KeyStore`], on sled 0.34.7 in one data
-//! directory.
+//! The embedded store, on sled 0.34.7 in one data directory: the blocking
+//! [`SledEngine`], and [`SledStore`], the async [`KeyStore`] over it
+//! (`store.rs`).
 //!
 //! The directory holds generations, each a complete sled database, and a
 //! `CURRENT` file naming the live one; opening recovers from an interrupted
@@ -24,8 +25,10 @@ use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionResult, TransactionError};
 
+use super::StoreError;
+#[cfg(doc)]
+use super::KeyStore;
 use super::integrity::RecordMac;
-use super::{KeyStore, StoreError};
 use crate::fsutil::sync_dir;
 use files::{remove_if_present, sync_data_dir};
 use generations::{
@@ -40,8 +43,10 @@ mod generations;
 mod key_store;
 mod layout;
 mod schema;
+mod store;
 
 pub use schema::SCHEMA_VERSION;
+pub use store::SledStore;
 
 #[cfg(test)]
 mod compaction_tests;
@@ -56,7 +61,9 @@ mod test_support;
 #[cfg(test)]
 mod tests;
 
-/// The sled-backed [`KeyStore`].
+/// The sled store, blocking: each method is the [`KeyStore`] method of the
+/// same name made blocking ([`SledStore`] runs them on tokio's blocking
+/// pool).
 ///
 /// A [`RwLock`], the gate, orders everything; it holds the live
 /// generation's handles. A writer holds it exclusively across transaction,
@@ -76,7 +83,7 @@ mod tests;
 /// disk. Reopening the directory (in a new process: see `Drop`) recovers
 /// exactly what was durable. Such an `Io` error from a mutating call means
 /// "outcome unknown": the change may or may not have been persisted.
-pub struct SledStore {
+pub struct SledEngine {
     dir: PathBuf,
     /// The live generation. Exclusive for a write through its `fsync`s and
     /// for a compaction, shared for reads.
@@ -104,7 +111,7 @@ struct Live {
     sled: Arc<Handles>,
 }
 
-/// sled's handles, in an [`Arc`] so that [`SledStore`]'s `Drop` can leak
+/// sled's handles, in an [`Arc`] so that [`SledEngine`]'s `Drop` can leak
 /// them; see there.
 struct Handles {
     db: sled::Db,
@@ -170,7 +177,7 @@ impl Handles {
     }
 }
 
-impl Drop for SledStore {
+impl Drop for SledEngine {
     /// After a failed write, sled 0.34.7 can no longer flush: its `Tree`'s
     /// `Drop` calls `flush`, which then waits forever for the log buffer that
     /// failed (observed on a full file system). So a failed store leaks its
@@ -192,9 +199,9 @@ impl Drop for SledStore {
     }
 }
 
-impl fmt::Debug for SledStore {
+impl fmt::Debug for SledEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SledStore")
+        f.debug_struct("SledEngine")
             .field("dir", &self.dir)
             .field("failed", &self.failed.load(Ordering::Relaxed))
             .field("sealed", &self.sealed.load(Ordering::Relaxed))
@@ -206,7 +213,7 @@ fn io_error(context: &str, path: &Path, e: io::Error) -> StoreError {
     StoreError::Io(format!("{context} {}: {e}", path.display()))
 }
 
-impl SledStore {
+impl SledEngine {
     /// Opens (creating if needed) the store in `dir`; see `generations.rs`
     /// for the layout, and what opening cleans up or migrates.
     ///
@@ -215,7 +222,7 @@ impl SledStore {
     /// cannot be removed) and with [`StoreError::Corrupt`] if it holds
     /// another schema version or an inconsistent layout (`CURRENT` naming a
     /// missing generation, generations without `CURRENT`).
-    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+    pub fn open(dir: &Path) -> Result<SledEngine, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
         let lock = lock_dir(dir)?;
         remove_if_present(&dir.join(CURRENT_TMP))
@@ -235,7 +242,7 @@ impl SledStore {
                 .and_then(|()| remove_legacy_files(dir))
                 .and_then(|()| sync_dir(dir))
                 .map_err(|e| leftovers("removing stale generations from", e))?;
-            let store = SledStore::serving(dir, lock, generation, path)?;
+            let store = SledEngine::serving(dir, lock, generation, path)?;
             store.check_schema()?;
             return Ok(store);
         }
@@ -244,7 +251,7 @@ impl SledStore {
             remove_generations(dir, None)
                 .and_then(|()| sync_dir(dir))
                 .map_err(|e| leftovers("removing stale generations from", e))?;
-            let store = SledStore::serving(dir, lock, 0, dir.to_path_buf())?;
+            let store = SledEngine::serving(dir, lock, 0, dir.to_path_buf())?;
             store.check_schema()?;
             store.compact()?;
             return Ok(store);
@@ -260,7 +267,7 @@ impl SledStore {
                 generations.join(", ")
             )));
         }
-        let store = SledStore::serving(dir, lock, 1, dir.join(&first))?;
+        let store = SledEngine::serving(dir, lock, 1, dir.join(&first))?;
         if store.read_gate()?.sled.holds_records() {
             return Err(StoreError::Corrupt(format!(
                 "{} holds records but {} has no CURRENT file naming it",
@@ -281,9 +288,9 @@ impl SledStore {
         lock: File,
         generation: u32,
         path: PathBuf,
-    ) -> Result<SledStore, StoreError> {
+    ) -> Result<SledEngine, StoreError> {
         let sled = Arc::new(Handles::open(&path)?);
-        Ok(SledStore {
+        Ok(SledEngine {
             dir: dir.to_path_buf(),
             gate: RwLock::new(Live {
                 generation,
@@ -368,7 +375,7 @@ impl SledStore {
         self.write_prepared(|_| Ok(()), |tx, ()| body(tx))
     }
 
-    /// Like [`SledStore::write`], with a `prepare` step that reads the
+    /// Like [`SledEngine::write`], with a `prepare` step that reads the
     /// (durable) trees outside the transaction but under the write gate, so
     /// that no other write of this store comes between it and `body`.
     fn write_prepared<P, T>(

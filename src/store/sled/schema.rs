@@ -7,7 +7,7 @@
 //! no `due` tree; opening a schema-1 store builds the index from the keys
 //! and sets the marker to 2 in one transaction. Schema 2 has unsealed
 //! records; schema 3 only sealed ones ([`crate::store::integrity`]). A new
-//! store starts as 2; [`SledStore::seal_records`] (the server's start,
+//! store starts as 2; [`SledEngine::seal_records`] (the server's start,
 //! with the MAC key) seals every record and sets 3 in one transaction.
 
 use sled::Transactional;
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::layout::{Codec, decode, due_key, key_id_from_slice, parse_version_key};
-use super::{Live, SledStore, sled_error};
+use super::{Live, SledEngine, sled_error};
 use crate::model::{KeyRecord, VersionRecord};
 use crate::store::StoreError;
 use crate::store::integrity::{IntegrityState, RecordMac, Table, strip_seal_unchecked};
@@ -34,7 +34,7 @@ pub const UNSEALED_SCHEMA: u32 = 2;
 /// The `meta` tree's key of the schema marker.
 pub(super) const SCHEMA_KEY: &[u8] = b"schema";
 
-impl SledStore {
+impl SledEngine {
     /// Checks the schema marker, writing it in a new store and migrating a
     /// schema-1 store.
     pub(super) fn check_schema(&self) -> Result<(), StoreError> {

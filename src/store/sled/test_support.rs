@@ -14,9 +14,35 @@ use tempfile::TempDir;
 
 use super::SledStore;
 use super::generations::{CURRENT, LOCK, generation_name, read_current};
-use crate::model::{KeyId, KeyRecord, KeyState, Timestamp};
-use crate::store::KeyStore;
-pub(super) use crate::store::conformance::fixtures::{id, key, rotate, snapshot, version};
+use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
+use crate::store::StoreError;
+use crate::store::conformance::fixtures;
+pub(super) use crate::store::conformance::fixtures::{id, key, version};
+
+/// Runs `future` to its end on a runtime of its own: sled's tests are
+/// synchronous, and call the async [`crate::store::KeyStore`] only
+/// through the suite's fixtures.
+pub(super) fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// [`fixtures::snapshot`], blocking.
+pub(super) fn snapshot(store: &SledStore) -> String {
+    block_on(fixtures::snapshot(store))
+}
+
+/// [`fixtures::rotate`], blocking.
+pub(super) fn rotate(
+    store: &SledStore,
+    current: &KeyRecord,
+    v: &VersionRecord,
+) -> Result<KeyRecord, StoreError> {
+    block_on(fixtures::rotate(store, current, v))
+}
 
 pub(super) fn new_store() -> (TempDir, SledStore) {
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@
 use super::test_support::*;
 use super::*;
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
-use crate::store::{KeyFilter, KeyStore, StoreError, VersionCounts};
+use crate::store::{KeyFilter, StoreError, VersionCounts};
 
 #[test]
 fn create_get_and_alias() {
