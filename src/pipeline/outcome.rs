@@ -149,6 +149,10 @@ impl From<Error> for Failure {
                     StoreError::Conflict(_) => {
                         Self::new(C::Aborted, "concurrent update of the key; retry")
                     }
+                    StoreError::ApprovalConflict(_) => Self::new(
+                        C::Aborted,
+                        "other operators are changing this approval at the same moment; retry",
+                    ),
                     StoreError::RootKeyRetired(_) => Self::new(
                         C::Unavailable,
                         "an HSM root-key rotation is finishing; retry",

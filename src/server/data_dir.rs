@@ -3,7 +3,8 @@
 //! ```text
 //! DIR/                      0700
 //!   store/                  the key store (sled: generations under CURRENT)
-//!   approvals/              pending quorum approvals, one JSON file each
+//!   approvals/              legacy: approvals of an older coffre, one JSON file each
+//!                           (moved into the store at start, then removed)
 //!   audit.log               the audit log (unless `audit.path` says otherwise)
 //!   audit-public-key.pem    its checkpoint key, for offline verification (dev)
 //!   pki/                    the dev PKI (`pki::PkiPaths`: ca.pem, operator-ca.pem, server.pem, …)
@@ -248,14 +249,20 @@ impl DataDir {
             .filter(|pid| *pid != std::process::id())
     }
 
-    /// Opens the pending approvals.
-    pub async fn open_approvals(&self) -> anyhow::Result<ApprovalStore> {
+    /// Opens the legacy approvals directory, if there is one: approvals
+    /// are kept in the key store, and the server moves those of an older
+    /// data directory into it at start (then removes the directory).
+    pub async fn open_legacy_approvals(&self) -> anyhow::Result<Option<ApprovalStore>> {
         let dir = self.approvals();
+        if !dir.exists() {
+            return Ok(None);
+        }
         let what = format!("opening the approvals in {}", dir.display());
-        tokio::task::spawn_blocking(move || ApprovalStore::open(&dir))
+        let files = tokio::task::spawn_blocking(move || ApprovalStore::open(&dir))
             .await
             .context("opening the approvals")?
-            .context(what)
+            .context(what)?;
+        Ok(Some(files))
     }
 }
 

@@ -199,7 +199,7 @@ pub async fn builder(
         .context("opening the simulated HSM")?;
     let simulator = Arc::clone(hsm.simulator());
     let store = dir.open_store().await?;
-    let approvals = dir.open_approvals().await?;
+    let legacy_approvals = dir.open_legacy_approvals().await?;
     let paths = dir.pki();
     // A CA per role: `coffre dev` has the shape production should have.
     let tls = crate::config::TlsPaths {
@@ -234,7 +234,7 @@ pub async fn builder(
         listen,
     )
     .options(options)
-    .approvals(approvals)
+    .legacy_approvals(legacy_approvals)
     .simulator(simulator))
 }
 

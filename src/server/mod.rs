@@ -54,7 +54,7 @@ pub struct ServerBuilder {
     authorizer: Arc<dyn Authorizer>,
     clock: Arc<dyn Clock>,
     options: KmsOptions,
-    approvals: Option<ApprovalStore>,
+    legacy_approvals: Option<ApprovalStore>,
     tls: grpc::ServerTls,
     audit: AuditSetup,
     listen: SocketAddr,
@@ -87,7 +87,7 @@ impl ServerBuilder {
             authorizer,
             clock: Arc::new(SystemClock),
             options: KmsOptions::default(),
-            approvals: None,
+            legacy_approvals: None,
             tls,
             audit,
             listen,
@@ -139,9 +139,11 @@ impl ServerBuilder {
         self
     }
 
-    /// Where pending approvals are kept (required for quorum).
-    pub fn approvals(mut self, approvals: ApprovalStore) -> Self {
-        self.approvals = Some(approvals);
+    /// A legacy approvals directory (approvals are kept in the key store;
+    /// older data directories kept them as files): moved into the store at
+    /// start.
+    pub fn legacy_approvals(mut self, files: Option<ApprovalStore>) -> Self {
+        self.legacy_approvals = files;
         self
     }
 
@@ -184,8 +186,8 @@ impl ServerBuilder {
             self.clock,
             self.options,
         );
-        if let Some(approvals) = self.approvals {
-            kms = kms.with_approval_store(approvals);
+        if let Some(files) = self.legacy_approvals {
+            kms = kms.with_legacy_approvals(files);
         }
         let kms = Arc::new(kms);
         let (audit, store_mark) = audit::open_trail(&kms, &self.audit).await?;

@@ -52,7 +52,7 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
     if config.roles.is_empty() {
         tracing::warn!("no principal has a role: every request will be refused");
     }
-    let approvals = dir.open_approvals().await?;
+    let legacy_approvals = dir.open_legacy_approvals().await?;
     let roles = StaticRoles::new(config.roles.clone()).with_attributes(config.attributes.clone());
     let audit = AuditSetup {
         external_signer,
@@ -70,7 +70,7 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
         config.listen,
     )
     .options(config.options.clone())
-    .approvals(approvals)
+    .legacy_approvals(legacy_approvals)
     .scheduler(Some(config.scheduler_interval))
     .metrics(config.metrics_listen)
     .limits(config.limits.clone())

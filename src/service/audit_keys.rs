@@ -148,7 +148,64 @@ impl Kms {
     ///   refused. Otherwise (a store from before integrity, or a new one) a
     ///   key of 256 bits from the HSM's generator is wrapped and stored
     ///   first, then every record is sealed, then the audit record written.
+    ///
+    /// Then the approvals: those of a legacy approvals directory move into
+    /// the store ([`Kms::import_legacy_approvals`]), and those a crash left
+    /// executing fail ([`Kms::fail_interrupted_approvals`]).
     pub async fn store_integrity(&self, audit: &Arc<AuditTrail>) -> Result<Arc<RecordMac>> {
+        let mac = self.install_store_integrity(audit).await?;
+        self.import_legacy_approvals().await?;
+        let failed = self.fail_interrupted_approvals().await?;
+        if failed > 0 {
+            tracing::warn!(
+                failed,
+                "approvals interrupted while executing are now FAILED; check their outcome"
+            );
+        }
+        Ok(mac)
+    }
+
+    /// Moves every approval of the legacy approvals directory (one file
+    /// each, from before approvals were in the store) into the store, then
+    /// removes its file, and the directory once empty. A file that fails
+    /// its MAC stays where it is (refused, never executed, logged by the
+    /// check); an approval the store holds already is not written again.
+    pub(super) async fn import_legacy_approvals(&self) -> Result<u64> {
+        let Some(legacy) = self.legacy_approvals.clone() else {
+            return Ok(0);
+        };
+        let listing = Arc::clone(&legacy);
+        let found = tokio::task::spawn_blocking(move || listing.list())
+            .await
+            .map_err(|e| Error::Internal(format!("approvals task failed: {e}")))??;
+        let mut moved = 0;
+        for approval in found {
+            if self.store.get_approval(approval.id).await?.is_none() {
+                // Nothing is a twin at the end of time: import as is.
+                self.store
+                    .create_approval(&approval, crate::model::Timestamp(i64::MAX))
+                    .await?;
+            }
+            let (files, id) = (Arc::clone(&legacy), approval.id);
+            tokio::task::spawn_blocking(move || files.remove(id))
+                .await
+                .map_err(|e| Error::Internal(format!("approvals task failed: {e}")))??;
+            moved += 1;
+        }
+        let gone = tokio::task::spawn_blocking(move || legacy.remove_dir_if_empty())
+            .await
+            .map_err(|e| Error::Internal(format!("approvals task failed: {e}")))??;
+        if moved > 0 || gone {
+            tracing::info!(
+                moved,
+                directory_removed = gone,
+                "moved the approvals of the legacy approvals directory into the store"
+            );
+        }
+        Ok(moved)
+    }
+
+    async fn install_store_integrity(&self, audit: &Arc<AuditTrail>) -> Result<Arc<RecordMac>> {
         let name = STORE_INTEGRITY_SECRET_NAME;
         let aad = secret_wrap_aad(name);
         let stored = self.store.get_secret(name).await?;
@@ -183,7 +240,7 @@ impl Kms {
                 }
             }
         };
-        let approvals = self.approvals.clone();
+        let approvals = self.legacy_approvals.clone();
         let store_state = self.store.install_integrity(&mac, fresh).await?;
         let unsealed_approvals = match approvals.clone() {
             Some(a) => {

@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Kms;
+use super::quorum::Approved;
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
 use crate::model::{KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel, Timestamp};
@@ -81,27 +82,43 @@ impl Kms {
         self.transition_if(caller, key, what, None, change).await
     }
 
-    /// [`Self::transition`], run only if the stored record still has the
-    /// fingerprint an approved proposal recorded (`expected`), checked under
-    /// the write guard: no other change can come between the check and this
-    /// one.
+    /// [`Self::transition`] of an approved operation (`approved`), or of a
+    /// direct one (`None`). An approved one runs only if the stored record
+    /// still has the fingerprint its proposal recorded, and its effect and
+    /// its approval's outcome are one write
+    /// ([`crate::store::KeyStore::swap_approval_and_key`]): of two
+    /// approvers completing one approval, on this node or another, one
+    /// runs it and the other gets [`crate::store::StoreError::ApprovalConflict`].
     pub(super) async fn transition_if(
         &self,
         caller: &Caller,
         key: &KeyRef,
         what: &'static str,
-        expected: Option<&str>,
+        approved: Option<&Approved<'_>>,
         change: impl FnOnce(&KeyRecord, Timestamp) -> Result<Option<KeyRecord>>,
     ) -> Result<Arc<KeyRecord>> {
         let id = self.resolve(key).await?.id;
         let guard = self.begin_write().await;
         let current = self.fresh_record(id).await?;
-        super::quorum::check_fingerprint(&current, expected)?;
+        if let Some(approved) = approved {
+            super::quorum::check_fingerprint(&current, approved.fingerprint())?;
+        }
         let Some(next) = change(&current, self.clock.now())? else {
+            if let Some(approved) = approved {
+                let done = approved.executed(&current);
+                self.store.swap_approval(approved.current, &done).await?;
+            }
             return Ok(self.publish(&guard, current));
         };
-        let stored = next.clone();
-        self.store.compare_and_swap_key(&current, &stored).await?;
+        match approved {
+            None => self.store.compare_and_swap_key(&current, &next).await?,
+            Some(approved) => {
+                let done = approved.executed(&next);
+                self.store
+                    .swap_approval_and_key((approved.current, &done), (&current, &next))
+                    .await?;
+            }
+        }
         tracing::info!(key_id = %id, state = %next.state, principal = %caller.principal, change = what, "key changed");
         Ok(self.publish(&guard, next))
     }
@@ -137,13 +154,13 @@ impl Kms {
         caller: &Caller,
         key: &KeyRef,
         days: u32,
-        expected: Option<&str>,
+        approved: Option<&Approved<'_>>,
     ) -> Result<Arc<KeyRecord>> {
         self.transition_if(
             caller,
             key,
             "deletion scheduled",
-            expected,
+            approved,
             |current, now| match current.state {
                 KeyState::Enabled | KeyState::Disabled => {
                     let mut next = current.clone();
@@ -174,10 +191,10 @@ impl Kms {
         &self,
         caller: &Caller,
         key: &KeyRef,
-        expected: Option<&str>,
+        approved: Option<&Approved<'_>>,
     ) -> Result<Arc<KeyRecord>> {
         let what = "deletion cancelled";
-        self.transition_if(caller, key, what, expected, |current, now| {
+        self.transition_if(caller, key, what, approved, |current, now| {
             if current.state != KeyState::PendingDeletion {
                 return Err(refuse(
                     current,
@@ -266,10 +283,10 @@ impl Kms {
         caller: &Caller,
         key: &KeyRef,
         policy: crate::model::KeyPolicy,
-        expected: Option<&str>,
+        approved: Option<&Approved<'_>>,
     ) -> Result<Arc<KeyRecord>> {
         let what = "policy updated";
-        self.transition_if(caller, key, what, expected, move |current, _| {
+        self.transition_if(caller, key, what, approved, move |current, _| {
             if current.state == KeyState::Destroyed {
                 return Err(refuse(current, "have its policy changed"));
             }
@@ -317,10 +334,10 @@ impl Kms {
         caller: &Caller,
         key: &KeyRef,
         min: u32,
-        expected: Option<&str>,
+        approved: Option<&Approved<'_>>,
     ) -> Result<Arc<KeyRecord>> {
         let what = "versions retired";
-        self.transition_if(caller, key, what, expected, |current, _| {
+        self.transition_if(caller, key, what, approved, |current, _| {
             retire(current, min)
         })
         .await

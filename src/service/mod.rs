@@ -102,12 +102,11 @@ pub struct Kms {
     default_policy: crate::model::KeyPolicy,
     limiter: ratelimit::RateLimiter,
     quorum: QuorumOptions,
-    approvals: Option<Arc<crate::store::approvals::ApprovalStore>>,
-    /// Serializes approvals: an operation runs exactly once.
-    approval_lock: Mutex<()>,
-    /// Serializes proposals, so that two identical ones cannot both open
-    /// (taken under the write guard by EnableKey: never the other way).
-    proposal_lock: Mutex<()>,
+    /// The approval files of a data directory from before approvals were
+    /// in the store: imported into the store once, at start.
+    legacy_approvals: Option<Arc<crate::store::approvals::ApprovalStore>>,
+    /// This process's id, which an approval it is executing names.
+    incarnation: uuid::Uuid,
     keys: BoundedCache<KeyId, Arc<KeyRecord>>,
     aliases: BoundedCache<String, KeyId>,
     materials: BoundedCache<(KeyId, u32), Arc<CmkMaterial>>,
@@ -180,9 +179,8 @@ impl Kms {
             default_policy: options.default_policy.clone(),
             limiter: ratelimit::RateLimiter::new(options.rate_limits.clone()),
             quorum: options.quorum.clone(),
-            approvals: None,
-            approval_lock: Mutex::new(()),
-            proposal_lock: Mutex::new(()),
+            legacy_approvals: None,
+            incarnation: uuid::Uuid::new_v4(),
             keys: BoundedCache::new(options.key_cache_capacity),
             aliases: BoundedCache::new(options.key_cache_capacity),
             materials: BoundedCache::new(options.material_cache_capacity),
@@ -234,9 +232,10 @@ impl Kms {
         self.hsm_counters.render(out);
     }
 
-    /// Where pending approvals are kept (required when quorum is on).
-    pub fn with_approval_store(mut self, store: crate::store::approvals::ApprovalStore) -> Self {
-        self.approvals = Some(Arc::new(store));
+    /// The approvals directory of a data directory from before approvals
+    /// were kept in the key store: [`Kms::store_integrity`] moves them in.
+    pub fn with_legacy_approvals(mut self, files: crate::store::approvals::ApprovalStore) -> Self {
+        self.legacy_approvals = Some(Arc::new(files));
         self
     }
 

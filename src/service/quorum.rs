@@ -7,10 +7,13 @@
 //! approval — and the call answers [`Error::ApprovalPending`] with it. A
 //! proposal identical to a pending one (same `operation_sha256`) is refused.
 //! Distinct operators approve or reject it; at M approvals it runs, exactly
-//! once: approvals are serialized by one lock, and the record goes
-//! `PENDING → EXECUTING → EXECUTED|FAILED` durably (a crash while
-//! `EXECUTING` leaves it `FAILED`, never re-run). Proposals expire (default
-//! 24 h).
+//! once, whichever node each approver reaches: approvals live in the key
+//! store, and every change of one is a compare-and-swap there (no process
+//! lock). An operation on a key and its approval's outcome are one atomic
+//! write (`PENDING → EXECUTED|FAILED`, with the key's change); a root-key
+//! rotation, which runs for minutes, goes `PENDING → EXECUTING →
+//! EXECUTED|FAILED` (a crash while `EXECUTING` leaves it `FAILED`, never
+//! re-run). Proposals expire (default 24 h).
 //!
 //! What an approver approves is the whole operation: an approval presents
 //! the `operation_sha256` of the operation it saw (`canonical.rs`), and is
@@ -20,10 +23,12 @@
 //!   now (raising M in the configuration affects open proposals);
 //! - only approvers who still have the operator role count;
 //! - the key's fingerprint (state, policy, minimum decryption version) is
-//!   checked inside the transition, under the write guard, so no concurrent
-//!   change slips in between the check and the operation.
+//!   checked on the stored record, and the write is a compare-and-swap from
+//!   that record, so no concurrent change slips in between the check and
+//!   the operation.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -34,6 +39,7 @@ use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
 use crate::model::KeyRef;
 use crate::model::{KeyRecord, KeyState};
+use crate::store::StoreError;
 use crate::store::approvals::{
     Approval, ApprovalStatus, KeyBefore, SensitiveKind, SensitiveOperation,
 };
@@ -73,34 +79,67 @@ impl QuorumOptions {
     }
 }
 
+/// How many times an approver decides again after losing a race for an
+/// approval (another approver changed it first) before giving up.
+const APPROVAL_ATTEMPTS: usize = 8;
+
+/// An approved operation on a key as it runs: the approval as stored
+/// (`current`) and with its approvals counted (`next`). The operation's
+/// effect and `next` as EXECUTED are written together
+/// ([`crate::store::KeyStore::swap_approval_and_key`]).
+pub(super) struct Approved<'a> {
+    pub(super) current: &'a Approval,
+    pub(super) next: &'a Approval,
+    /// The result the approval records, from the key after the operation.
+    pub(super) summary: fn(&KeyRecord) -> String,
+}
+
+impl Approved<'_> {
+    /// The fingerprint the key must still have (see `key_fingerprint`).
+    pub(super) fn fingerprint(&self) -> Option<&str> {
+        self.current.key_fingerprint.as_deref()
+    }
+
+    /// `next`, EXECUTED, with the result `key` gives.
+    pub(super) fn executed(&self, key: &KeyRecord) -> Approval {
+        let mut done = self.next.clone();
+        done.status = ApprovalStatus::Executed;
+        done.result = Some((self.summary)(key));
+        done
+    }
+}
+
+fn twin_refusal(twin: &Approval, digest: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "an identical proposal is already pending: approval {} (operation_sha256 {digest}); \
+         approve or reject it instead of proposing again",
+        twin.id
+    ))
+}
+
 impl Kms {
     /// Records `op` as pending if it needs more than one approval; the
     /// caller then returns [`Error::ApprovalPending`]. `Ok(())`: run it now.
     /// A proposal identical to one still pending is refused, nothing
-    /// created.
+    /// created: the store refuses a pending twin atomically
+    /// ([`crate::store::KeyStore::create_approval`]), whichever node made it.
     pub(super) async fn gate(&self, caller: &Caller, op: SensitiveOperation) -> Result<()> {
         let required = self.quorum.required(op.kind());
         if required <= 1 {
             return Ok(());
         }
-        let store = self.approval_store()?;
-        let _one_proposal_at_a_time = self.proposal_lock.lock().await;
         let now = self.clock.now();
         let digest = operation_sha256(&op);
-        let listing = std::sync::Arc::clone(&store);
-        let open = tokio::task::spawn_blocking(move || listing.list())
-            .await
-            .map_err(|e| Error::Internal(format!("approval task: {e}")))??;
+        // The store compares operations as stored; this also catches one
+        // that differs only where the canonical form does not (the order
+        // of a policy's grants, say).
+        let open = self.store.list_approvals().await?;
         if let Some(twin) = open.iter().find(|a| {
             a.status == ApprovalStatus::Pending
                 && now <= a.expires_at
                 && operation_sha256(&a.operation) == digest
         }) {
-            return Err(Error::FailedPrecondition(format!(
-                "an identical proposal is already pending: approval {} (operation_sha256 {digest}); \
-                 approve or reject it instead of proposing again",
-                twin.id
-            )));
+            return Err(twin_refusal(twin, &digest));
         }
         let (key_fingerprint, key_before) = match op.key_id() {
             Some(id) => {
@@ -122,47 +161,49 @@ impl Kms {
             result: None,
             key_fingerprint,
             key_before,
+            executor: None,
         };
-        let stored = approval.clone();
-        tokio::task::spawn_blocking(move || store.put(&stored))
-            .await
-            .map_err(|e| Error::Internal(format!("approval task: {e}")))??;
+        if let Some(twin) = self.store.create_approval(&approval, now).await? {
+            return Err(twin_refusal(&twin, &digest));
+        }
         tracing::warn!(approval_id = %approval.id, operation = %approval.operation.describe(), operation_sha256 = %digest, proposer = %caller.principal, required, "sensitive operation awaits approval");
         Err(Error::ApprovalPending(Box::new(approval)))
     }
 
-    fn approval_store(&self) -> Result<std::sync::Arc<crate::store::approvals::ApprovalStore>> {
-        self.approvals
-            .clone()
-            .ok_or_else(|| Error::Internal("quorum is configured but no approval store is".into()))
-    }
-
     async fn load_approval(&self, id: Uuid) -> Result<Approval> {
-        let Some(store) = self.approvals.clone() else {
-            return Err(Error::NotFound(format!("approval {id}")));
-        };
-        tokio::task::spawn_blocking(move || store.get(id))
-            .await
-            .map_err(|e| Error::Internal(format!("approval task: {e}")))??
+        self.store
+            .get_approval(id)
+            .await?
             .ok_or_else(|| Error::NotFound(format!("approval {id}")))
     }
 
-    async fn save_approval(&self, approval: &Approval) -> Result<()> {
-        let store = self.approval_store()?;
-        let a = approval.clone();
-        tokio::task::spawn_blocking(move || store.put(&a))
-            .await
-            .map_err(|e| Error::Internal(format!("approval task: {e}")))??;
-        Ok(())
+    /// `approval` marked expired if it is an open proposal past its time.
+    fn expired(&self, approval: &Approval) -> Option<Approval> {
+        (approval.status == ApprovalStatus::Pending && self.clock.now() > approval.expires_at).then(
+            || {
+                let mut a = approval.clone();
+                a.status = ApprovalStatus::Expired;
+                a
+            },
+        )
     }
 
-    /// Marks an open proposal past its time as expired.
-    fn expire_if_due(&self, approval: &mut Approval) -> bool {
-        if approval.status == ApprovalStatus::Pending && self.clock.now() > approval.expires_at {
-            approval.status = ApprovalStatus::Expired;
-            return true;
+    /// The stored approval `id`, marked expired first if it is past its
+    /// time (by compare-and-swap: an approver who closed it meanwhile
+    /// wins, and its outcome is what is returned).
+    async fn current_approval(&self, id: Uuid) -> Result<Approval> {
+        for _ in 0..APPROVAL_ATTEMPTS {
+            let a = self.load_approval(id).await?;
+            let Some(expired) = self.expired(&a) else {
+                return Ok(a);
+            };
+            match self.store.swap_approval(&a, &expired).await {
+                Ok(()) => return Ok(expired),
+                Err(StoreError::ApprovalConflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        false
+        Err(StoreError::ApprovalConflict(id).into())
     }
 
     pub async fn list_approvals(
@@ -171,23 +212,10 @@ impl Kms {
         include_closed: bool,
     ) -> Result<Vec<Approval>> {
         self.authorize(caller, Operation::ListApprovals)?;
-        let Some(store) = self.approvals.clone() else {
-            return Ok(Vec::new());
-        };
-        let all = tokio::task::spawn_blocking(move || store.list())
-            .await
-            .map_err(|e| Error::Internal(format!("approval task: {e}")))??;
         let mut out = Vec::new();
-        for mut a in all {
-            if self.expire_if_due(&mut a) {
-                // Re-read under the lock: an approval may have closed it
-                // meanwhile, and its outcome must not be overwritten.
-                let _one_at_a_time = self.approval_lock.lock().await;
-                let mut fresh = self.load_approval(a.id).await?;
-                if self.expire_if_due(&mut fresh) {
-                    self.save_approval(&fresh).await?;
-                }
-                a = fresh;
+        for mut a in self.store.list_approvals().await? {
+            if self.expired(&a).is_some() {
+                a = self.current_approval(a.id).await?;
             }
             if include_closed || a.status == ApprovalStatus::Pending {
                 out.push(a);
@@ -198,27 +226,37 @@ impl Kms {
 
     pub async fn reject(&self, caller: &Caller, id: Uuid) -> Result<Approval> {
         self.authorize(caller, Operation::RejectOperation)?;
-        let _one_at_a_time = self.approval_lock.lock().await;
-        let mut a = self.load_approval(id).await?;
-        if self.expire_if_due(&mut a) {
-            self.save_approval(&a).await?;
+        for _ in 0..APPROVAL_ATTEMPTS {
+            let a = self.current_approval(id).await?;
+            if a.status != ApprovalStatus::Pending {
+                return Err(Error::FailedPrecondition(format!(
+                    "approval {id} is {:?}: it can no longer be rejected",
+                    a.status
+                )));
+            }
+            let mut rejected = a.clone();
+            rejected.status = ApprovalStatus::Rejected;
+            rejected.rejected_by = Some(caller.principal.clone());
+            match self.store.swap_approval(&a, &rejected).await {
+                Ok(()) => {
+                    tracing::warn!(approval_id = %id, principal = %caller.principal, "sensitive operation rejected");
+                    return Ok(rejected);
+                }
+                Err(StoreError::ApprovalConflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        if a.status != ApprovalStatus::Pending {
-            return Err(Error::FailedPrecondition(format!(
-                "approval {id} is {:?}: it can no longer be rejected",
-                a.status
-            )));
-        }
-        a.status = ApprovalStatus::Rejected;
-        a.rejected_by = Some(caller.principal.clone());
-        self.save_approval(&a).await?;
-        tracing::warn!(approval_id = %id, principal = %caller.principal, "sensitive operation rejected");
-        Ok(a)
+        Err(StoreError::ApprovalConflict(id).into())
     }
 
     /// Adds the caller's approval of the operation whose digest is
     /// `operation_sha256` (what the approver saw); at the required count,
     /// runs the operation (exactly once) and records its outcome.
+    ///
+    /// No lock: every step is a compare-and-swap of the approval in the
+    /// store. An approver who loses a race (another approval, a rejection,
+    /// the operation run by another approver, on any node) reads the
+    /// approval again and decides again.
     pub async fn approve(
         &self,
         caller: &Caller,
@@ -232,10 +270,33 @@ impl Kms {
                  ListApprovals or `coffre approval show {id}` gives it"
             )));
         }
-        let _one_at_a_time = self.approval_lock.lock().await;
-        let mut a = self.load_approval(id).await?;
-        if self.expire_if_due(&mut a) {
-            self.save_approval(&a).await?;
+        for _ in 0..APPROVAL_ATTEMPTS {
+            let a = self.current_approval(id).await?;
+            let next = self.counted(caller, &a, operation_sha256_seen)?;
+            let outcome = if next.status == ApprovalStatus::Executing {
+                self.run_approved(caller, &a, next).await
+            } else {
+                match self.store.swap_approval(&a, &next).await {
+                    Ok(()) => {
+                        tracing::info!(approval_id = %id, principal = %caller.principal, required = next.approvals_required, "approval added");
+                        Ok(next)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            };
+            match outcome {
+                Err(Error::Store(StoreError::ApprovalConflict(_))) => continue,
+                other => return other,
+            }
+        }
+        Err(StoreError::ApprovalConflict(id).into())
+    }
+
+    /// `a` with the caller's approval added and counted: EXECUTING once
+    /// the count is reached (not stored yet), or why it is refused.
+    fn counted(&self, caller: &Caller, a: &Approval, seen: &str) -> Result<Approval> {
+        let id = a.id;
+        if a.status == ApprovalStatus::Expired {
             return Err(Error::FailedPrecondition(format!(
                 "approval {id} expired at {}",
                 a.expires_at.to_rfc3339()
@@ -247,7 +308,7 @@ impl Kms {
                 a.status
             )));
         }
-        if !operation_sha256(&a.operation).eq_ignore_ascii_case(operation_sha256_seen.trim()) {
+        if !operation_sha256(&a.operation).eq_ignore_ascii_case(seen.trim()) {
             tracing::warn!(approval_id = %id, principal = %caller.principal, "approval refused: the operation is not the one the approver saw");
             return Err(Error::FailedPrecondition(format!(
                 "approval {id}: the operation changed since you saw it (its operation_sha256 is not \
@@ -261,13 +322,14 @@ impl Kms {
                 caller.principal
             )));
         }
-        a.approved_by.push(caller.principal.clone());
+        let mut next = a.clone();
+        next.approved_by.push(caller.principal.clone());
         // M may have been raised in the configuration since the proposal.
-        a.approvals_required = a
+        next.approvals_required = next
             .approvals_required
-            .max(self.quorum.required(a.operation.kind()));
+            .max(self.quorum.required(next.operation.kind()));
         // Only approvers who are operators now count.
-        let lapsed: Vec<&String> = a
+        let lapsed: Vec<&String> = next
             .approved_by
             .iter()
             .filter(|p| {
@@ -276,13 +338,15 @@ impl Kms {
                     .is_err()
             })
             .collect();
-        let counted = a.approved_by.len().saturating_sub(lapsed.len());
-        let reached = u32::try_from(counted).unwrap_or(u32::MAX) >= a.approvals_required;
-        if !reached {
-            a.result = (!lapsed.is_empty()).then(|| {
+        let counted = next.approved_by.len().saturating_sub(lapsed.len());
+        if u32::try_from(counted).unwrap_or(u32::MAX) >= next.approvals_required {
+            next.status = ApprovalStatus::Executing;
+            next.result = None;
+        } else {
+            next.result = (!lapsed.is_empty()).then(|| {
                 format!(
                     "{counted} of {} approvals count: {} no longer have the operator role",
-                    a.approvals_required,
+                    next.approvals_required,
                     lapsed
                         .iter()
                         .map(|p| p.as_str())
@@ -290,116 +354,210 @@ impl Kms {
                         .join(", ")
                 )
             });
-            self.save_approval(&a).await?;
-            tracing::info!(approval_id = %id, principal = %caller.principal, counted, required = a.approvals_required, "approval added");
-            return Ok(a);
         }
-        a.status = ApprovalStatus::Executing;
-        self.save_approval(&a).await?;
-        let outcome = self.execute(caller, &a).await;
-        match outcome {
-            Ok(summary) => {
-                a.status = ApprovalStatus::Executed;
-                a.result = Some(summary);
-            }
-            Err(e) => {
-                a.status = ApprovalStatus::Failed;
-                a.result = Some(e.to_string());
-            }
-        }
-        self.save_approval(&a).await?;
-        tracing::warn!(approval_id = %id, status = ?a.status, approved_by = ?a.approved_by, "approved sensitive operation ran");
-        Ok(a)
+        Ok(next)
     }
 
-    /// Runs an approved operation (authorization and quorum already done),
-    /// if the key is still as it was when proposed: the fingerprint is
-    /// checked inside the transition, under the write guard.
-    async fn execute(&self, caller: &Caller, approval: &Approval) -> Result<String> {
-        let expected = approval.key_fingerprint.as_deref();
-        match &approval.operation {
+    /// Runs the operation of `current`, whose approvals `next` reached the
+    /// count, and returns the approval closed (EXECUTED, or FAILED with
+    /// why). [`StoreError::ApprovalConflict`] (another approver changed
+    /// `current` first: nothing ran) is returned as an error, for
+    /// [`Kms::approve`] to decide again.
+    async fn run_approved(
+        &self,
+        caller: &Caller,
+        current: &Approval,
+        next: Approval,
+    ) -> Result<Approval> {
+        let id = current.id;
+        if next.operation == SensitiveOperation::RotateRootKey {
+            return self.run_approved_root_rotation(caller, current, next).await;
+        }
+        // A key operation: its effect and the approval's outcome are one
+        // write, so there is no EXECUTING state in the store.
+        let approved = Approved {
+            current,
+            next: &next,
+            summary: summary_of(&next.operation),
+        };
+        match self.execute_on_key(caller, &approved).await {
+            Ok(record) => {
+                let done = approved.executed(&record);
+                tracing::warn!(approval_id = %id, status = ?done.status, approved_by = ?done.approved_by, "approved sensitive operation ran");
+                Ok(done)
+            }
+            Err(Error::Store(StoreError::ApprovalConflict(c))) => {
+                Err(StoreError::ApprovalConflict(c).into())
+            }
+            Err(e) => {
+                let mut failed = next.clone();
+                failed.status = ApprovalStatus::Failed;
+                failed.result = Some(e.to_string());
+                self.store.swap_approval(current, &failed).await?;
+                tracing::warn!(approval_id = %id, error = %e, approved_by = ?failed.approved_by, "approved sensitive operation failed");
+                Ok(failed)
+            }
+        }
+    }
+
+    /// RotateRootKey, approved: it runs for minutes and has HSM side
+    /// effects, so it cannot share a write with its approval. The approval
+    /// goes EXECUTING (naming this process) by compare-and-swap, which
+    /// only one approver wins; then the rotation runs; then the outcome is
+    /// recorded. A crash in between leaves it EXECUTING, and a later start
+    /// marks it FAILED ("interrupted"), never running it again.
+    async fn run_approved_root_rotation(
+        &self,
+        caller: &Caller,
+        current: &Approval,
+        mut next: Approval,
+    ) -> Result<Approval> {
+        next.status = ApprovalStatus::Executing;
+        next.executor = Some(self.incarnation.to_string());
+        self.store.swap_approval(current, &next).await?;
+        let mut closed = next.clone();
+        match self.exec_rotate_root_key(caller, |_| true).await {
+            Ok(done) => {
+                closed.status = ApprovalStatus::Executed;
+                closed.result = Some(format!(
+                    "root key {} is current; {} versions re-wrapped; destroyed {:?}",
+                    done.new_root_key_id, done.rewrapped, done.destroyed_root_key_ids
+                ));
+            }
+            Err(e) => {
+                closed.status = ApprovalStatus::Failed;
+                closed.result = Some(e.to_string());
+            }
+        }
+        self.store.swap_approval(&next, &closed).await?;
+        tracing::warn!(approval_id = %current.id, status = ?closed.status, approved_by = ?closed.approved_by, "approved sensitive operation ran");
+        Ok(closed)
+    }
+
+    /// Runs an approved operation on a key (authorization and quorum
+    /// already done), if the key is still as it was when proposed.
+    async fn execute_on_key(
+        &self,
+        caller: &Caller,
+        approved: &Approved<'_>,
+    ) -> Result<Arc<KeyRecord>> {
+        let some = Some(approved);
+        match &approved.current.operation {
             SensitiveOperation::ScheduleKeyDeletion {
                 key_id,
                 pending_window_days,
             } => {
-                let k = self
-                    .exec_schedule_key_deletion(
-                        caller,
-                        &KeyRef::Id(*key_id),
-                        *pending_window_days,
-                        expected,
-                    )
-                    .await?;
-                Ok(format!(
-                    "key {} is PENDING_DELETION until {}",
-                    k.id,
-                    k.deletion_at.map(|t| t.to_rfc3339()).unwrap_or_default()
-                ))
+                self.exec_schedule_key_deletion(
+                    caller,
+                    &KeyRef::Id(*key_id),
+                    *pending_window_days,
+                    some,
+                )
+                .await
             }
             SensitiveOperation::CancelKeyDeletion { key_id } => {
-                let k = self
-                    .exec_cancel_key_deletion(caller, &KeyRef::Id(*key_id), expected)
-                    .await?;
-                Ok(format!("key {} is {}", k.id, k.state))
+                self.exec_cancel_key_deletion(caller, &KeyRef::Id(*key_id), some)
+                    .await
             }
             SensitiveOperation::EnableKey { key_id } => {
-                let k = self
-                    .transition_if(
-                        caller,
-                        &KeyRef::Id(*key_id),
-                        "enabled",
-                        expected,
-                        |current, _| match current.state {
-                            KeyState::Enabled => Ok(None),
-                            KeyState::Disabled => {
-                                let mut next = current.clone();
-                                next.state = KeyState::Enabled;
-                                Ok(Some(next))
-                            }
-                            state => Err(Error::FailedPrecondition(format!(
-                                "key {} is {state}: it cannot become ENABLED",
-                                current.id
-                            ))),
-                        },
-                    )
-                    .await?;
-                Ok(format!("key {} is {}", k.id, k.state))
+                self.transition_if(
+                    caller,
+                    &KeyRef::Id(*key_id),
+                    "enabled",
+                    some,
+                    |current, _| match current.state {
+                        KeyState::Enabled => Ok(None),
+                        KeyState::Disabled => {
+                            let mut next = current.clone();
+                            next.state = KeyState::Enabled;
+                            Ok(Some(next))
+                        }
+                        state => Err(Error::FailedPrecondition(format!(
+                            "key {} is {state}: it cannot become ENABLED",
+                            current.id
+                        ))),
+                    },
+                )
+                .await
             }
             SensitiveOperation::UpdateKeyPolicy { key_id, policy } => {
-                let k = self
-                    .exec_update_key_policy(caller, &KeyRef::Id(*key_id), policy.clone(), expected)
-                    .await?;
-                Ok(format!(
-                    "key {} has the policy policy_sha256={}",
-                    k.id,
-                    super::canonical::policy_sha256(&k.policy)
-                ))
+                self.exec_update_key_policy(caller, &KeyRef::Id(*key_id), policy.clone(), some)
+                    .await
             }
             SensitiveOperation::RetireKeyVersions {
                 key_id,
                 min_decryption_version,
             } => {
-                let k = self
-                    .exec_retire_key_versions(
-                        caller,
-                        &KeyRef::Id(*key_id),
-                        *min_decryption_version,
-                        expected,
-                    )
-                    .await?;
-                Ok(format!(
-                    "key {} has min_decryption_version {}",
-                    k.id, k.min_decryption_version
-                ))
+                self.exec_retire_key_versions(
+                    caller,
+                    &KeyRef::Id(*key_id),
+                    *min_decryption_version,
+                    some,
+                )
+                .await
             }
-            SensitiveOperation::RotateRootKey => {
-                let done = self.exec_rotate_root_key(caller, |_| true).await?;
-                Ok(format!(
-                    "root key {} is current; {} versions re-wrapped; destroyed {:?}",
-                    done.new_root_key_id, done.rewrapped, done.destroyed_root_key_ids
-                ))
+            SensitiveOperation::RotateRootKey => Err(Error::Internal(
+                "RotateRootKey is not an operation on a key".into(),
+            )),
+        }
+    }
+
+    /// Approvals a crash left EXECUTING (a root-key rotation) become
+    /// FAILED ("interrupted"): never run again, and the operator sees that
+    /// the outcome must be checked. Called once at start. On a store shared
+    /// by several nodes, only those of a process that is gone may be
+    /// failed; that needs the cluster's node registry, so today it fails
+    /// those of every other process, which is right for one node.
+    pub async fn fail_interrupted_approvals(&self) -> Result<u64> {
+        let mut failed = 0;
+        for a in self.store.list_approvals().await? {
+            let ours = a.executor.as_deref() == Some(self.incarnation.to_string().as_str());
+            if a.status != ApprovalStatus::Executing || ours {
+                continue;
+            }
+            let mut closed = a.clone();
+            closed.status = ApprovalStatus::Failed;
+            closed.result = Some(
+                "interrupted by a restart while executing; check the outcome before proposing again"
+                    .into(),
+            );
+            match self.store.swap_approval(&a, &closed).await {
+                Ok(()) => failed += 1,
+                Err(StoreError::ApprovalConflict(_)) => {}
+                Err(e) => return Err(e.into()),
             }
         }
+        Ok(failed)
+    }
+}
+
+/// What an executed approval records as its result, per operation, from
+/// the key after it.
+fn summary_of(op: &SensitiveOperation) -> fn(&KeyRecord) -> String {
+    match op {
+        SensitiveOperation::ScheduleKeyDeletion { .. } => |k| {
+            format!(
+                "key {} is PENDING_DELETION until {}",
+                k.id,
+                k.deletion_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+            )
+        },
+        SensitiveOperation::UpdateKeyPolicy { .. } => |k| {
+            format!(
+                "key {} has the policy policy_sha256={}",
+                k.id,
+                super::canonical::policy_sha256(&k.policy)
+            )
+        },
+        SensitiveOperation::RetireKeyVersions { .. } => |k| {
+            format!(
+                "key {} has min_decryption_version {}",
+                k.id, k.min_decryption_version
+            )
+        },
+        SensitiveOperation::CancelKeyDeletion { .. }
+        | SensitiveOperation::EnableKey { .. }
+        | SensitiveOperation::RotateRootKey => |k| format!("key {} is {}", k.id, k.state),
     }
 }
 
@@ -432,7 +590,8 @@ fn fingerprint_v1(record: &KeyRecord) -> String {
 }
 
 /// Refuses to run an approved operation on a key that changed since the
-/// proposal (called under the write guard, on the stored record).
+/// proposal (called on the stored record, which the write then compares
+/// against).
 pub(super) fn check_fingerprint(record: &KeyRecord, expected: Option<&str>) -> Result<()> {
     let Some(expected) = expected else {
         return Ok(());

@@ -9,7 +9,7 @@ use crate::authz::StaticRoles;
 use crate::hsm::sim::LocalSimHsm;
 use crate::model::{KeyState, ManualClock, Timestamp};
 use crate::store::SledStore;
-use crate::store::approvals::{ApprovalStatus, ApprovalStore, SensitiveOperation};
+use crate::store::approvals::{ApprovalStatus, SensitiveOperation};
 
 fn caller(name: &str) -> Caller {
     Caller::new(name)
@@ -21,6 +21,18 @@ fn open(dir: &std::path::Path, clock: Arc<ManualClock>, m: u32) -> Kms {
 
 /// A Kms in `dir` whose operators are `operators` (and `svc` a service).
 fn open_with(dir: &std::path::Path, clock: Arc<ManualClock>, m: u32, operators: &[&str]) -> Kms {
+    let store = SledStore::open(&dir.join("store")).unwrap();
+    open_on(store, dir, clock, m, operators)
+}
+
+/// [`open_with`] on a store the test keeps a handle of.
+fn open_on(
+    store: SledStore,
+    dir: &std::path::Path,
+    clock: Arc<ManualClock>,
+    m: u32,
+    operators: &[&str],
+) -> Kms {
     let roles = StaticRoles::new(
         operators
             .iter()
@@ -28,7 +40,7 @@ fn open_with(dir: &std::path::Path, clock: Arc<ManualClock>, m: u32, operators: 
             .chain([("svc".to_string(), Role::Service)]),
     );
     Kms::new(
-        Arc::new(SledStore::open(&dir.join("store")).unwrap()),
+        Arc::new(store),
         Arc::new(LocalSimHsm::open(&dir.join("hsm.state"), "quorum-pin").unwrap()),
         Arc::new(roles),
         clock,
@@ -37,7 +49,6 @@ fn open_with(dir: &std::path::Path, clock: Arc<ManualClock>, m: u32, operators: 
             ..KmsOptions::default()
         },
     )
-    .with_approval_store(ApprovalStore::open(&dir.join("approvals")).unwrap())
 }
 
 /// The digest an approver sees in ListApprovals.
@@ -270,7 +281,8 @@ fn policy_for(principal: &str) -> crate::model::KeyPolicy {
 async fn an_approval_needs_the_digest_of_the_operation_it_approves() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(Timestamp(1_800_000_000_000)));
-    let kms = open(dir.path(), clock, 2);
+    let store = SledStore::open(&dir.path().join("store")).unwrap();
+    let kms = open_on(store.clone(), dir.path(), clock, 2, &["op1", "op2", "op3", "op4"]);
     let key = new_key(&kms).await;
     let a = pending(
         kms.update_key_policy(&caller("op1"), &key, policy_for("svc-a"))
@@ -293,9 +305,12 @@ async fn an_approval_needs_the_digest_of_the_operation_it_approves() {
     // The record is changed behind the approvers' backs (same counts, the
     // grant swapped): the digest they saw no longer matches.
     let seen = sha(&a);
-    let path = dir.path().join("approvals").join(format!("{}.json", a.id));
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("svc-a", "svc-evil")).unwrap();
+    let text = String::from_utf8(store.read_raw("approvals", a.id.as_bytes()).unwrap()).unwrap();
+    store.write_raw(
+        "approvals",
+        a.id.as_bytes(),
+        text.replace("svc-a", "svc-evil").as_bytes(),
+    );
     let swapped = kms.approve(&caller("op2"), a.id, &seen).await.unwrap_err();
     assert!(
         matches!(&swapped, Error::FailedPrecondition(m) if m.contains("changed since you saw it")),

@@ -206,6 +206,44 @@ impl KeyStore for CountingStore {
         self.count();
         self.inner.fence_root_keys(current, retire).await
     }
+    async fn create_approval(
+        &self,
+        approval: &crate::store::approvals::Approval,
+        now: Timestamp,
+    ) -> Result<Option<crate::store::approvals::Approval>, StoreError> {
+        self.count();
+        self.inner.create_approval(approval, now).await
+    }
+    async fn get_approval(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<Option<crate::store::approvals::Approval>, StoreError> {
+        self.count();
+        self.inner.get_approval(id).await
+    }
+    async fn list_approvals(&self) -> Result<Vec<crate::store::approvals::Approval>, StoreError> {
+        self.count();
+        self.inner.list_approvals().await
+    }
+    async fn swap_approval(
+        &self,
+        current: &crate::store::approvals::Approval,
+        new: &crate::store::approvals::Approval,
+    ) -> Result<(), StoreError> {
+        self.count();
+        self.inner.swap_approval(current, new).await
+    }
+    async fn swap_approval_and_key(
+        &self,
+        approval: (
+            &crate::store::approvals::Approval,
+            &crate::store::approvals::Approval,
+        ),
+        key: (&KeyRecord, &KeyRecord),
+    ) -> Result<(), StoreError> {
+        self.count();
+        self.inner.swap_approval_and_key(approval, key).await
+    }
 }
 
 struct Fixture {

@@ -1,5 +1,7 @@
-//! Pending quorum approvals, durably: one JSON file per approval in a
-//! directory, replaced atomically ([`fsutil::write_atomic`]: a temporary
+//! The legacy approvals directory: quorum approvals as coffre kept them
+//! before they moved into the key store ([`crate::store::KeyStore`]'s
+//! approval methods), which reads them once at start to move them in. One
+//! JSON file per approval in a directory, replaced atomically ([`fsutil::write_atomic`]: a temporary
 //! file, fsync, rename, fsync of the directory). Approvals are few and
 //! small; they hold no key material.
 //!
@@ -183,6 +185,10 @@ pub struct Approval {
     /// approvals recorded before it existed).
     #[serde(default)]
     pub key_before: Option<KeyBefore>,
+    /// While EXECUTING: the process running it (its incarnation id), so
+    /// that a start fails only executions that no live process runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
 }
 
 /// The directory of approvals.
@@ -356,6 +362,34 @@ impl ApprovalStore {
         }
     }
 
+    /// Removes the file of approval `id` durably (once it is in the store).
+    pub fn remove(&self, id: Uuid) -> Result<(), StoreError> {
+        let path = self.path(id);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e, "removing", &path)),
+        }
+        crate::fsutil::sync_dir(&self.dir).map_err(|e| io(e, "syncing", &self.dir))
+    }
+
+    /// Removes the directory if no approval file is left in it (other
+    /// files, a refused approval for one, keep it). `true` if removed.
+    pub fn remove_dir_if_empty(&self) -> Result<bool, StoreError> {
+        if !self.files()?.is_empty() {
+            return Ok(false);
+        }
+        let entries = fs::read_dir(&self.dir).map_err(|e| io(e, "listing", &self.dir))?;
+        if entries.count() > 0 {
+            return Ok(false);
+        }
+        fs::remove_dir(&self.dir).map_err(|e| io(e, "removing", &self.dir))?;
+        if let Some(parent) = self.dir.parent() {
+            crate::fsutil::sync_dir(parent).map_err(|e| io(e, "syncing", parent))?;
+        }
+        Ok(true)
+    }
+
     /// Every approval, oldest first. One that fails its integrity check is
     /// left out (logged and counted by the check), so that a planted file
     /// cannot hide the others.
@@ -395,6 +429,7 @@ pub(super) mod tests {
             result: None,
             key_fingerprint: None,
             key_before: None,
+            executor: None,
         }
     }
 

@@ -15,7 +15,10 @@
 use std::fmt;
 use std::sync::Arc;
 
+use uuid::Uuid;
+
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
+use approvals::Approval;
 use integrity::{IntegrityState, RecordMac};
 
 pub mod approvals;
@@ -58,6 +61,14 @@ pub enum StoreError {
     /// root key and write again.
     #[error("root key {0} is retired: wrap under the current root key and retry")]
     RootKeyRetired(u32),
+    #[error("an approval with id {0} already exists")]
+    ApprovalExists(Uuid),
+    #[error("no approval with id {0}")]
+    NoSuchApproval(Uuid),
+    /// An approval's compare-and-swap lost a race: another approver (on
+    /// this node or another) changed it first. Re-read and decide again.
+    #[error("conflicting concurrent update of approval {0}")]
+    ApprovalConflict(Uuid),
 }
 
 /// Which keys [`KeyStore::list_keys`] returns. The default selects every key.
@@ -336,9 +347,54 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// besides the CMK versions.
     async fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError>;
 
+    /// Stores `approval` (a new proposal), unless a *twin* is stored: an
+    /// approval of the same operation that is PENDING and not expired at
+    /// `now` (`now <= expires_at`). Returns the twin if there is one, and
+    /// writes nothing; [`StoreError::ApprovalExists`] if its id is taken.
+    /// Atomic with respect to every other approval write, so two identical
+    /// proposals made at once on two nodes end with one. Durable on return.
+    async fn create_approval(
+        &self,
+        approval: &Approval,
+        now: Timestamp,
+    ) -> Result<Option<Approval>, StoreError>;
+
+    async fn get_approval(&self, id: Uuid) -> Result<Option<Approval>, StoreError>;
+
+    /// Every approval, oldest first (by `created_at`, then id). One whose
+    /// record fails its integrity check is left out (the MAC key counts
+    /// it, and the server alarms), so that a planted record cannot hide
+    /// the others; other errors fail the call.
+    async fn list_approvals(&self) -> Result<Vec<Approval>, StoreError>;
+
+    /// Replaces the stored approval `current` with `new` if the stored one
+    /// still equals `current`: [`StoreError::ApprovalConflict`] otherwise,
+    /// [`StoreError::NoSuchApproval`] if there is none. Every change of an
+    /// approval (an approval added, a rejection, expiry, PENDING →
+    /// EXECUTING → EXECUTED or FAILED) goes through this, so that of two
+    /// approvers deciding from one state exactly one wins. `new` must keep
+    /// the id, operation, proposer and creation time of `current`;
+    /// otherwise [`StoreError::Corrupt`] and nothing is written.
+    async fn swap_approval(&self, current: &Approval, new: &Approval) -> Result<(), StoreError>;
+
+    /// An approved operation on a key, and its approval's outcome, in one
+    /// atomic write: [`KeyStore::swap_approval`] of `approval` and
+    /// [`KeyStore::compare_and_swap_key`] of `key`, both or neither (with
+    /// their refusals: a stale approval is [`StoreError::ApprovalConflict`],
+    /// a stale key [`StoreError::Conflict`], and nothing is written). The
+    /// approval's operation must name the key; otherwise
+    /// [`StoreError::Corrupt`]. So an approved change runs exactly once,
+    /// and no crash can leave it applied with its approval still open, or
+    /// closed without it.
+    async fn swap_approval_and_key(
+        &self,
+        approval: (&Approval, &Approval),
+        key: (&KeyRecord, &KeyRecord),
+    ) -> Result<(), StoreError>;
+
     /// Installs the MAC key of the records (see [`integrity`]), once, at
-    /// start, before any other call: from then on every key and version
-    /// record is written sealed with `mac` and every one read must verify
+    /// start, before any other call: from then on every key, version and
+    /// approval record is written sealed with `mac` and every one read must verify
     /// under it, its slot included ([`StoreError::IntegrityFailure`]
     /// otherwise). Service secrets are not sealed (the HSM's wrap
     /// authenticates them, bound to their name).

@@ -106,6 +106,9 @@ fn kind<T>(r: Result<T, StoreError>) -> Result<T, Kind> {
         StoreError::Io(m) => panic!("unexpected I/O error: {m}"),
         StoreError::IntegrityFailure(m) => panic!("unexpected integrity failure: {m}"),
         StoreError::RootKeyRetired(r) => panic!("unexpected retired root key {r}"),
+        e @ (StoreError::ApprovalExists(_)
+        | StoreError::NoSuchApproval(_)
+        | StoreError::ApprovalConflict(_)) => panic!("unexpected approval error {e}"),
     })
 }
 

@@ -88,6 +88,7 @@ fn compaction_keeps_blobs_and_every_tree() {
     let expected: Vec<&[u8]> = vec![
         b"__sled__default",
         b"aliases",
+        b"approvals",
         b"due",
         b"keys",
         b"meta",

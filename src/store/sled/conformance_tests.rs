@@ -240,6 +240,39 @@ impl KeyStore for SwapsWithoutComparing {
     async fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
         self.0.list_secrets().await
     }
+    async fn create_approval(
+        &self,
+        approval: &crate::store::approvals::Approval,
+        now: Timestamp,
+    ) -> Result<Option<crate::store::approvals::Approval>, StoreError> {
+        self.0.create_approval(approval, now).await
+    }
+    async fn get_approval(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<Option<crate::store::approvals::Approval>, StoreError> {
+        self.0.get_approval(id).await
+    }
+    async fn list_approvals(&self) -> Result<Vec<crate::store::approvals::Approval>, StoreError> {
+        self.0.list_approvals().await
+    }
+    async fn swap_approval(
+        &self,
+        current: &crate::store::approvals::Approval,
+        new: &crate::store::approvals::Approval,
+    ) -> Result<(), StoreError> {
+        self.0.swap_approval(current, new).await
+    }
+    async fn swap_approval_and_key(
+        &self,
+        approval: (
+            &crate::store::approvals::Approval,
+            &crate::store::approvals::Approval,
+        ),
+        key: (&KeyRecord, &KeyRecord),
+    ) -> Result<(), StoreError> {
+        self.0.swap_approval_and_key(approval, key).await
+    }
 }
 
 struct BrokenFactory;

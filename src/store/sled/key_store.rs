@@ -30,11 +30,12 @@ pub(super) struct Tx<'a> {
     pub(super) versions: &'a TransactionalTree,
     pub(super) aliases: &'a TransactionalTree,
     pub(super) due: &'a TransactionalTree,
+    pub(super) approvals: &'a TransactionalTree,
 }
 
 impl Tx<'_> {
     /// The stored record of `current.id` must equal `current`.
-    fn check_current(
+    pub(super) fn check_current(
         &self,
         codec: Codec<'_>,
         current: &KeyRecord,
@@ -51,7 +52,7 @@ impl Tx<'_> {
 
     /// Writes `new` over `old` (`None`: a new key) in `keys` and moves its
     /// due-index entry.
-    fn put_key(
+    pub(super) fn put_key(
         &self,
         old: Option<&KeyRecord>,
         new: &KeyRecord,
@@ -68,7 +69,7 @@ impl Tx<'_> {
     }
 }
 
-fn abort<T>(e: StoreError) -> ConflictableTransactionResult<T, StoreError> {
+pub(super) fn abort<T>(e: StoreError) -> ConflictableTransactionResult<T, StoreError> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
@@ -88,7 +89,29 @@ fn refuse_retired(h: &Handles, roots: &[u32]) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn refuse<T>(message: String) -> Result<T, StoreError> {
+/// What [`crate::store::KeyStore::compare_and_swap_key`] refuses as
+/// [`StoreError::Corrupt`] before writing anything.
+pub(super) fn check_key_swap(current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
+    if new.id != current.id
+        || new.alias != current.alias
+        || new.primary_version != current.primary_version
+    {
+        return refuse(format!(
+            "a change of the id, alias or primary version of key {} by compare-and-swap",
+            current.id
+        ));
+    }
+    if current.state == KeyState::Destroyed || new.state == KeyState::Destroyed {
+        return refuse(format!(
+            "a compare-and-swap from or to DESTROYED of key {} (destruction goes through \
+             destroy_key and is final)",
+            current.id
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn refuse<T>(message: String) -> Result<T, StoreError> {
     Err(StoreError::Corrupt(format!("refusing to write: {message}")))
 }
 
@@ -493,22 +516,7 @@ impl SledEngine {
         current: &KeyRecord,
         new: &KeyRecord,
     ) -> Result<(), StoreError> {
-        if new.id != current.id
-            || new.alias != current.alias
-            || new.primary_version != current.primary_version
-        {
-            return refuse(format!(
-                "a change of the id, alias or primary version of key {} by compare-and-swap",
-                current.id
-            ));
-        }
-        if current.state == KeyState::Destroyed || new.state == KeyState::Destroyed {
-            return refuse(format!(
-                "a compare-and-swap from or to DESTROYED of key {} (destruction goes through \
-                 destroy_key and is final)",
-                current.id
-            ));
-        }
+        check_key_swap(current, new)?;
         let codec = self.codec()?;
         let key_bytes = codec.encode_key(new)?;
         self.write(|tx| {

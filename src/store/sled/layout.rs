@@ -12,6 +12,7 @@
 //! aliases    alias (UTF-8)                         KeyId (16 bytes)
 //! due        due time (i64 BE, sign bit flipped)   empty
 //!              || KeyId (16 bytes)
+//! approvals  approval id (16 bytes)                sealed JSON Approval
 //! ```
 //!
 //! `due` indexes [`KeyRecord::next_due`]: one entry per key that has a due
@@ -36,8 +37,11 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use uuid::Uuid;
+
 use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
 use crate::store::StoreError;
+use crate::store::approvals::Approval;
 use crate::store::integrity::{RecordMac, Table, is_sealed};
 
 pub(super) const VERSION_KEY_LEN: usize = 16 + 4;
@@ -101,6 +105,24 @@ impl Codec<'_> {
         let json = encode("version record", record)?;
         let slot = version_key(record.key_id, record.version);
         Ok(self.seal(Table::Versions, &slot, json))
+    }
+
+    pub(super) fn encode_approval(&self, record: &Approval) -> Result<Vec<u8>, StoreError> {
+        let json = encode("approval", record)?;
+        Ok(self.seal(Table::Approvals, record.id.as_bytes(), json))
+    }
+
+    /// Opens an approval and checks that it belongs where it was found.
+    pub(super) fn decode_approval(&self, id: Uuid, bytes: &[u8]) -> Result<Approval, StoreError> {
+        let json = self.open(Table::Approvals, id.as_bytes(), bytes)?;
+        let record: Approval = decode(&format!("approval {id}"), json)?;
+        if record.id != id {
+            return Err(StoreError::Corrupt(format!(
+                "approval stored under {id} has id {}",
+                record.id
+            )));
+        }
+        Ok(record)
     }
 
     /// Opens a key record and checks that it belongs where it was found.

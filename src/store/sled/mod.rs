@@ -25,9 +25,9 @@ use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionResult, TransactionError};
 
-use super::StoreError;
 #[cfg(doc)]
 use super::KeyStore;
+use super::StoreError;
 use super::integrity::RecordMac;
 use crate::fsutil::sync_dir;
 use files::{remove_if_present, sync_data_dir};
@@ -38,6 +38,7 @@ use generations::{
 use key_store::Tx;
 use layout::Codec;
 
+mod approvals;
 mod files;
 mod generations;
 mod key_store;
@@ -120,6 +121,7 @@ struct Handles {
     versions: sled::Tree,
     aliases: sled::Tree,
     due: sled::Tree,
+    approvals: sled::Tree,
 }
 
 /// sled's page cache (its default is 1 GiB). The service caches the keys
@@ -164,6 +166,7 @@ impl Handles {
             versions: tree("versions")?,
             aliases: tree("aliases")?,
             due: tree("due")?,
+            approvals: tree("approvals")?,
             db,
         })
     }
@@ -173,7 +176,8 @@ impl Handles {
         !(self.keys.is_empty()
             && self.versions.is_empty()
             && self.aliases.is_empty()
-            && self.due.is_empty())
+            && self.due.is_empty()
+            && self.approvals.is_empty())
     }
 }
 
@@ -360,8 +364,8 @@ impl SledEngine {
         self.failed.store(true, Ordering::Release);
     }
 
-    /// Runs `body` as one transaction over keys, versions, aliases and the
-    /// due index, then makes it durable.
+    /// Runs `body` as one transaction over keys, versions, aliases, the
+    /// due index and approvals, then makes it durable.
     ///
     /// sled seals a transaction's writes as one batch in its log
     /// (`Tree::transaction` → `pin_log` / `seal_batch`), and recovery replays
@@ -387,19 +391,25 @@ impl SledEngine {
         self.check_usable()?;
         let sled = &live.sled;
         let prepared = prepare(sled)?;
-        let result = (&sled.keys, &sled.versions, &sled.aliases, &sled.due).transaction(
-            |(keys, versions, aliases, due)| {
+        let result = (
+            &sled.keys,
+            &sled.versions,
+            &sled.aliases,
+            &sled.due,
+            &sled.approvals,
+        )
+            .transaction(|(keys, versions, aliases, due, approvals)| {
                 body(
                     &Tx {
                         keys,
                         versions,
                         aliases,
                         due,
+                        approvals,
                     },
                     &prepared,
                 )
-            },
-        );
+            });
         let out = match result {
             Ok(out) => out,
             Err(TransactionError::Abort(e)) => return Err(e),
@@ -423,6 +433,27 @@ impl SledEngine {
             .flush()
             .map_err(|e| sled_error("flushing the log", e))?;
         sync_data_dir(&live.path).map_err(|e| io_error("syncing", &live.path, e))
+    }
+
+    /// Test hook: writes `value` under `key` in `tree` of the live
+    /// generation behind the store's back (as someone with the files
+    /// would), bypassing every check.
+    #[cfg(test)]
+    pub(crate) fn write_raw(&self, tree: &str, key: &[u8], value: &[u8]) {
+        let live = self.write_gate();
+        let tree = live.sled.db.open_tree(tree).unwrap_or_else(|e| {
+            unreachable!("opening a tree in a test: {e}");
+        });
+        let _ = tree.insert(key, value);
+        let _ = live.sled.db.flush();
+    }
+
+    /// Test hook: the bytes under `key` in `tree`, read behind the store's back.
+    #[cfg(test)]
+    pub(crate) fn read_raw(&self, tree: &str, key: &[u8]) -> Option<Vec<u8>> {
+        let live = self.write_gate();
+        let tree = live.sled.db.open_tree(tree).ok()?;
+        tree.get(key).ok().flatten().map(|v| v.to_vec())
     }
 
     /// Test hook: makes the compaction step `step` fail once.

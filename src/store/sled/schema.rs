@@ -20,6 +20,7 @@ use super::layout::{Codec, decode, due_key, key_id_from_slice, parse_version_key
 use super::{Live, SledEngine, sled_error};
 use crate::model::{KeyRecord, VersionRecord};
 use crate::store::StoreError;
+use crate::store::approvals::Approval;
 use crate::store::integrity::{IntegrityState, RecordMac, Table, strip_seal_unchecked};
 
 /// The on-disk schema of a store this build serves: 3, sealed records.
@@ -184,16 +185,35 @@ impl SledEngine {
             let sealed = mac.seal(Table::Versions, &k, json);
             versions.push((k, sealed));
         }
-        let result = (&sled.meta, &sled.keys, &sled.versions).transaction(|(meta, k, v)| {
-            for (slot, sealed) in &keys {
-                k.insert(slot, sealed.as_slice())?;
+        let mut approvals = Vec::new();
+        for entry in sled.approvals.iter() {
+            let (k, v) = entry.map_err(|e| sled_error("reading approvals to seal", e))?;
+            let json = strip_seal_unchecked(&v);
+            let record: Approval = decode("an approval", json)?;
+            if record.id.as_bytes().as_slice() != k.as_ref() {
+                return Err(StoreError::Corrupt(format!(
+                    "approval {} is stored under another id",
+                    record.id
+                )));
             }
-            for (slot, sealed) in &versions {
-                v.insert(slot, sealed.as_slice())?;
-            }
-            meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-            Ok::<_, ConflictableTransactionError<StoreError>>(())
-        });
+            let sealed = mac.seal(Table::Approvals, &k, json);
+            approvals.push((k, sealed));
+        }
+        let result = (&sled.meta, &sled.keys, &sled.versions, &sled.approvals).transaction(
+            |(meta, k, v, a)| {
+                for (slot, sealed) in &keys {
+                    k.insert(slot, sealed.as_slice())?;
+                }
+                for (slot, sealed) in &versions {
+                    v.insert(slot, sealed.as_slice())?;
+                }
+                for (slot, sealed) in &approvals {
+                    a.insert(slot, sealed.as_slice())?;
+                }
+                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            },
+        );
         let out = match result {
             Ok(()) => self.make_durable(&live),
             Err(TransactionError::Abort(e)) => Err(e),
@@ -206,7 +226,8 @@ impl SledEngine {
         self.sealed.store(true, Ordering::Release);
         let _ = self.mac.set(Arc::clone(mac));
         Ok(IntegrityState::Migrated {
-            records: u64::try_from(keys.len() + versions.len()).unwrap_or(u64::MAX),
+            records: u64::try_from(keys.len() + versions.len() + approvals.len())
+                .unwrap_or(u64::MAX),
         })
     }
 }

@@ -11,9 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use uuid::Uuid;
 
 use super::SledEngine;
 use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
+use crate::store::approvals::Approval;
 use crate::store::integrity::{IntegrityState, RecordMac};
 use crate::store::{KeyFilter, KeyStore, StoreError, VersionCounts, WrappedSecret};
 
@@ -202,6 +204,38 @@ impl KeyStore for SledStore {
 
     async fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
         self.run(|e| e.list_secrets()).await
+    }
+
+    async fn create_approval(
+        &self,
+        approval: &Approval,
+        now: Timestamp,
+    ) -> Result<Option<Approval>, StoreError> {
+        let approval = approval.clone();
+        self.run(move |e| e.create_approval(&approval, now)).await
+    }
+
+    async fn get_approval(&self, id: Uuid) -> Result<Option<Approval>, StoreError> {
+        self.run(move |e| e.get_approval(id)).await
+    }
+
+    async fn list_approvals(&self) -> Result<Vec<Approval>, StoreError> {
+        self.run(|e| e.list_approvals()).await
+    }
+
+    async fn swap_approval(&self, current: &Approval, new: &Approval) -> Result<(), StoreError> {
+        let (current, new) = (current.clone(), new.clone());
+        self.run(move |e| e.swap_approval(&current, &new)).await
+    }
+
+    async fn swap_approval_and_key(
+        &self,
+        (current, new): (&Approval, &Approval),
+        (key, next): (&KeyRecord, &KeyRecord),
+    ) -> Result<(), StoreError> {
+        let (current, new, key, next) = (current.clone(), new.clone(), key.clone(), next.clone());
+        self.run(move |e| e.swap_approval_and_key((&current, &new), (&key, &next)))
+            .await
     }
 
     async fn install_integrity(
