@@ -8,8 +8,9 @@ use super::*;
 use crate::authz::StaticRoles;
 use crate::hsm::sim::LocalSimHsm;
 use crate::model::{KeyState, ManualClock, Timestamp};
+use crate::store::KeyStore;
 use crate::store::SledStore;
-use crate::store::approvals::{ApprovalStatus, SensitiveOperation};
+use crate::store::approvals::{Approval, ApprovalStatus, SensitiveOperation};
 
 fn caller(name: &str) -> Caller {
     Caller::new(name)
@@ -282,7 +283,13 @@ async fn an_approval_needs_the_digest_of_the_operation_it_approves() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(Timestamp(1_800_000_000_000)));
     let store = SledStore::open(&dir.path().join("store")).unwrap();
-    let kms = open_on(store.clone(), dir.path(), clock, 2, &["op1", "op2", "op3", "op4"]);
+    let kms = open_on(
+        store.clone(),
+        dir.path(),
+        clock,
+        2,
+        &["op1", "op2", "op3", "op4"],
+    );
     let key = new_key(&kms).await;
     let a = pending(
         kms.update_key_policy(&caller("op1"), &key, policy_for("svc-a"))
@@ -573,4 +580,204 @@ async fn the_scheduler_announces_a_destruction_before_it_and_stops_if_it_cannot(
     );
     let k = kms.get_key(&caller("op1"), &key).await.unwrap().key;
     assert_eq!(k.state, KeyState::Destroyed);
+}
+
+/// Two cores on one store and one HSM, as two nodes of a cluster are
+/// (operators op1 to op4, M = `m`).
+fn two_nodes(dir: &std::path::Path, clock: Arc<ManualClock>, m: u32) -> [Arc<Kms>; 2] {
+    let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.join("store")).unwrap());
+    let hsm: Arc<dyn crate::hsm::Hsm> =
+        Arc::new(LocalSimHsm::open(&dir.join("hsm.state"), "quorum-pin").unwrap());
+    let node = || {
+        let roles = StaticRoles::new(
+            ["op1", "op2", "op3", "op4"]
+                .iter()
+                .map(|o| (o.to_string(), Role::Operator)),
+        );
+        Arc::new(Kms::new(
+            Arc::clone(&store),
+            Arc::clone(&hsm),
+            Arc::new(roles),
+            Arc::clone(&clock) as Arc<dyn crate::model::Clock>,
+            KmsOptions {
+                quorum: QuorumOptions::uniform(m),
+                ..KmsOptions::default()
+            },
+        ))
+    };
+    [node(), node()]
+}
+
+/// The approvals of `a` by `who`, each on the node of its index (mod 2),
+/// all at once; how many executed it (the others are refused).
+async fn approve_on_both(nodes: &[Arc<Kms>; 2], a: &Approval, who: &[&'static str]) -> usize {
+    let digest = sha(a);
+    let tasks: Vec<_> = who
+        .iter()
+        .enumerate()
+        .map(|(i, who)| {
+            let kms = Arc::clone(&nodes[i % 2]);
+            let (digest, id, who) = (digest.clone(), a.id, *who);
+            tokio::spawn(async move { kms.approve(&caller(who), id, &digest).await })
+        })
+        .collect();
+    let mut executed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(x) => {
+                assert_eq!(x.status, ApprovalStatus::Executed, "{x:?}");
+                executed += 1;
+            }
+            Err(e) => assert!(
+                matches!(&e, Error::FailedPrecondition(m) if m.contains("no longer be approved")),
+                "{e:?}"
+            ),
+        }
+    }
+    executed
+}
+
+/// Exactly once without any lock of the process: the M-th approvals of
+/// one proposal arrive at once on two cores sharing the store, and the
+/// root key is rotated once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn approvals_racing_on_two_nodes_rotate_the_root_key_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_800_000_000_000)));
+    let nodes = two_nodes(dir.path(), clock, 2);
+    nodes[0]
+        .create_key(&caller("op1"), CreateKeyInput::default())
+        .await
+        .unwrap();
+    let before = nodes[0].hsm_info(&caller("op1")).await.unwrap();
+    let a = pending(
+        nodes[1]
+            .rotate_root_key(&caller("op1"), |_| true)
+            .await
+            .unwrap_err(),
+    );
+    let executed = approve_on_both(&nodes, &a, &["op2", "op3", "op4"]).await;
+    assert_eq!(executed, 1, "exactly one approval completed the quorum");
+    let after = nodes[1].hsm_info(&caller("op1")).await.unwrap();
+    assert_eq!(after.root_key_ids, vec![before.current_root_key_id + 1]);
+    let stored = nodes[0].store.get_approval(a.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, ApprovalStatus::Executed, "{stored:?}");
+    assert_eq!(stored.approved_by.len(), 2, "{stored:?}");
+}
+
+/// An approved key operation and its approval's outcome are one write:
+/// of approvals racing on two nodes, one applies the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn approvals_racing_on_two_nodes_apply_a_key_change_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_800_000_000_000)));
+    let nodes = two_nodes(dir.path(), clock, 2);
+    for round in 0..4 {
+        let key = new_key(&nodes[0]).await;
+        let policy = policy_for(&format!("svc-{round}"));
+        let a = pending(
+            nodes[round % 2]
+                .update_key_policy(&caller("op1"), &key, policy.clone())
+                .await
+                .unwrap_err(),
+        );
+        let executed = approve_on_both(&nodes, &a, &["op2", "op3", "op4", "op2"]).await;
+        assert_eq!(executed, 1, "round {round}");
+        let stored = nodes[1].store.get_approval(a.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, ApprovalStatus::Executed, "{stored:?}");
+        assert_eq!(stored.approved_by.len(), 2, "{stored:?}");
+        for node in &nodes {
+            let k = node.fresh_record(stored.operation.key_id().unwrap()).await;
+            assert_eq!(k.unwrap().policy, policy);
+        }
+    }
+}
+
+/// Identical proposals made at once on two nodes: one is recorded, the
+/// other is refused and names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_proposals_on_two_nodes_open_one_approval() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_800_000_000_000)));
+    let nodes = two_nodes(dir.path(), clock, 2);
+    let key = new_key(&nodes[0]).await;
+    let proposals: Vec<_> = (0..4)
+        .map(|i| {
+            let (kms, key) = (Arc::clone(&nodes[i % 2]), key.clone());
+            tokio::spawn(async move {
+                kms.schedule_key_deletion(&caller("op1"), &key, Some(7))
+                    .await
+            })
+        })
+        .collect();
+    let mut opened = Vec::new();
+    for p in proposals {
+        match p.await.unwrap() {
+            Err(Error::ApprovalPending(a)) => opened.push(a.id),
+            Err(Error::FailedPrecondition(m)) => {
+                assert!(m.contains("identical proposal is already pending"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    let all = nodes[1].list_approvals(&caller("op1"), true).await.unwrap();
+    assert_eq!(all.iter().map(|a| a.id).collect::<Vec<_>>(), opened);
+}
+
+/// An execution a crash interrupted is failed by the next start, never
+/// run again; one this process runs is left alone.
+#[tokio::test]
+async fn an_interrupted_execution_fails_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp(1_800_000_000_000)));
+    let [kms, _] = two_nodes(dir.path(), clock, 2);
+    let a = pending(
+        kms.rotate_root_key(&caller("op1"), |_| true)
+            .await
+            .unwrap_err(),
+    );
+    let mut executing = a.clone();
+    executing.approved_by.push("op2".into());
+    executing.status = ApprovalStatus::Executing;
+    executing.executor = Some(kms.incarnation.to_string());
+    kms.store.swap_approval(&a, &executing).await.unwrap();
+    assert_eq!(
+        kms.fail_interrupted_approvals().await.unwrap(),
+        0,
+        "its own"
+    );
+
+    // The process is gone: a new one (another incarnation) starts.
+    let restarted = open_on_store(&kms);
+    assert_eq!(restarted.fail_interrupted_approvals().await.unwrap(), 1);
+    let failed = restarted.store.get_approval(a.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, ApprovalStatus::Failed);
+    assert!(failed.result.unwrap().contains("interrupted"));
+    let err = restarted
+        .approve(&caller("op3"), a.id, &sha(&a))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("Failed")),
+        "{err:?}"
+    );
+}
+
+/// Another core on `kms`'s store and HSM (a restarted process).
+fn open_on_store(kms: &Kms) -> Kms {
+    Kms::new(
+        Arc::clone(&kms.store),
+        Arc::clone(&kms.hsm),
+        Arc::new(StaticRoles::new(
+            ["op1", "op2", "op3"]
+                .iter()
+                .map(|o| (o.to_string(), Role::Operator)),
+        )),
+        Arc::new(ManualClock::new(Timestamp(1_800_000_000_000))),
+        KmsOptions {
+            quorum: QuorumOptions::uniform(2),
+            ..KmsOptions::default()
+        },
+    )
 }

@@ -13,7 +13,8 @@
 //! The checks are grouped by topic: `creation.rs`, `queries.rs` (paging,
 //! filters, the due index), `changes.rs` (rotation, compare-and-swap,
 //! destruction, re-wrap), `maintenance.rs` (root-rotation work list,
-//! compaction, service secrets, durability), `races.rs` and `integrity.rs`
+//! compaction, service secrets, durability), `approvals.rs` (quorum
+//! approvals and approve-and-apply), `races.rs` and `integrity.rs`
 //! (records bound to their MAC key); `fixtures.rs`
 //! builds their records. They return a [`Failure`] naming the check instead
 //! of panicking, so that the suite can run outside a test harness too.
@@ -35,6 +36,7 @@ macro_rules! refused {
     };
 }
 
+pub mod approvals;
 mod changes;
 mod creation;
 pub mod fixtures;
@@ -144,6 +146,9 @@ pub const CHECKS: &[Check] = &[
     races::DESTROY_AGAINST_CANCEL,
     races::HANDLES_SEE_EACH_OTHER,
     races::SECRET_ONE_WINNER,
+    approvals::APPROVALS,
+    approvals::APPROVAL_AND_KEY,
+    approvals::APPROVAL_ONE_WINNER,
     integrity::SEALED_UNDER_ITS_KEY,
 ];
 

@@ -43,7 +43,7 @@ pub(super) const SECRET_ONE_WINNER: Check = Check {
 };
 
 /// Threads per handle.
-const THREADS: usize = 2;
+pub(super) const THREADS: usize = 2;
 /// Rounds of each race.
 const ROUNDS: usize = 8;
 
@@ -52,7 +52,10 @@ const ROUNDS: usize = 8;
 /// others), and returns their results in task order. The backends run
 /// each call on tasks or threads of their own, so the calls do overlap in
 /// the store.
-async fn race<T, F, Fut>(handles: &[Arc<dyn KeyStore>; 2], body: F) -> Result<Vec<T>, String>
+pub(super) async fn race<T, F, Fut>(
+    handles: &[Arc<dyn KeyStore>; 2],
+    body: F,
+) -> Result<Vec<T>, String>
 where
     F: Fn(Arc<dyn KeyStore>, usize) -> Fut,
     Fut: Future<Output = T>,
@@ -67,9 +70,9 @@ where
 }
 
 /// A store made for one check, and two handles on it.
-type TwoHandles = (Box<dyn OpenStore>, [Arc<dyn KeyStore>; 2]);
+pub(super) type TwoHandles = (Box<dyn OpenStore>, [Arc<dyn KeyStore>; 2]);
 
-async fn two_handles(factory: &dyn StoreFactory) -> Result<TwoHandles, String> {
+pub(super) async fn two_handles(factory: &dyn StoreFactory) -> Result<TwoHandles, String> {
     let (s, first) = open(factory).await?;
     let second = ok("second_handle", s.second_handle().await)?;
     Ok((s, [first, second]))
