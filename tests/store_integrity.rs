@@ -10,7 +10,8 @@ use coffre::grpc::pb;
 use coffre::model::KeyId;
 use coffre::server::DataDir;
 use coffre::server::dev::start as start_dev;
-use coffre::store::integrity::{IntegrityState, RECORD_MAC_KEY_LEN, RecordMac, is_sealed};
+use coffre::store::approvals::{Approval, ApprovalStatus, SensitiveOperation};
+use coffre::store::integrity::{IntegrityState, RECORD_MAC_KEY_LEN, RecordMac, Table, is_sealed};
 use coffre::store::{KeyStore, SledStore, StoreError};
 use tonic::Code;
 
@@ -272,4 +273,105 @@ async fn a_store_from_before_integrity_is_sealed_once_and_not_twice() {
         .await
         .expect_err("a second migration");
     assert!(format!("{err:#}").contains("refusing to start"), "{err:#}");
+}
+
+/// The store's MAC key, unwrapped by the dev HSM (the server stopped).
+async fn store_mac(data_dir: &Path) -> std::sync::Arc<RecordMac> {
+    use coffre::hsm::Hsm;
+    let data = DataDir::new(data_dir);
+    let store = SledStore::open(&data.store()).unwrap();
+    let name = coffre::store::integrity::STORE_INTEGRITY_SECRET_NAME;
+    let sealed = store.get_secret(name).await.unwrap().unwrap();
+    drop(store);
+    let pin = std::fs::read_to_string(data.hsm_pin()).unwrap();
+    let hsm = coffre::hsm::sim::LocalSimHsm::open(&data.hsm_state(), pin.trim()).unwrap();
+    let key = hsm
+        .unwrap(&sealed.wrapped, &coffre::model::secret_wrap_aad(name))
+        .await
+        .unwrap();
+    std::sync::Arc::new(RecordMac::new(key.expose()).unwrap())
+}
+
+/// A pending approval of EnableKey of `key_id`, as an older coffre wrote it.
+fn legacy_approval(key_id: KeyId) -> Approval {
+    let now = coffre::model::Clock::now(&coffre::model::SystemClock);
+    Approval {
+        id: uuid::Uuid::new_v4(),
+        operation: SensitiveOperation::EnableKey { key_id },
+        proposer: "operator".into(),
+        approved_by: vec!["operator".into()],
+        approvals_required: 2,
+        rejected_by: None,
+        status: ApprovalStatus::Pending,
+        created_at: now,
+        expires_at: now.plus(std::time::Duration::from_secs(3600)),
+        result: None,
+        key_fingerprint: None,
+        key_before: None,
+        executor: None,
+    }
+}
+
+/// A data directory from before approvals moved into the key store keeps
+/// them as sealed files in `approvals/`: the next start moves each one
+/// that verifies into the store (listed afterwards, file removed); a file
+/// that fails its MAC stays, refused and never listed; once the directory
+/// is empty, it is removed.
+#[tokio::test]
+async fn legacy_approval_files_move_into_the_store() {
+    let mut server = TestServer::start().await;
+    let id: KeyId = disabled_key(&mut server).await.parse().unwrap();
+    let mac = store_mac(server.data_dir()).await;
+    let dir = DataDir::new(server.data_dir()).approvals();
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = legacy_approval(id);
+    let json = serde_json::to_vec_pretty(&good).unwrap();
+    let file = |a: &Approval| dir.join(format!("{}.json", a.id));
+    std::fs::write(
+        file(&good),
+        mac.seal_text(Table::Approvals, good.id.as_bytes(), &json),
+    )
+    .unwrap();
+    // One sealed under a key of the attacker's: refused.
+    let planted = legacy_approval(id);
+    let own = RecordMac::new(&[7; RECORD_MAC_KEY_LEN]).unwrap();
+    let planted_json = serde_json::to_vec_pretty(&planted).unwrap();
+    std::fs::write(
+        file(&planted),
+        own.seal_text(Table::Approvals, planted.id.as_bytes(), &planted_json),
+    )
+    .unwrap();
+
+    restart(&mut server).await;
+    let mut approvals =
+        pb::approval_service_client::ApprovalServiceClient::new(server.channel("operator").await);
+    let listed = approvals
+        .list_approvals(pb::ListApprovalsRequest {
+            include_closed: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals;
+    let ids: Vec<&str> = listed.iter().map(|a| a.approval_id.as_str()).collect();
+    assert_eq!(ids, vec![good.id.to_string().as_str()], "{listed:?}");
+    assert_eq!(listed[0].status(), pb::ApprovalStatus::ApprovalPending);
+    assert!(!file(&good).exists(), "the moved file is removed");
+    assert!(file(&planted).exists(), "a refused file stays");
+
+    // Without the refused file, the next start removes the directory.
+    std::fs::remove_file(file(&planted)).unwrap();
+    server.restart().await;
+    assert!(!dir.exists(), "{} is left", dir.display());
+    let mut approvals =
+        pb::approval_service_client::ApprovalServiceClient::new(server.channel("operator").await);
+    let listed = approvals
+        .list_approvals(pb::ListApprovalsRequest {
+            include_closed: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals;
+    assert_eq!(listed.len(), 1, "moved once, still there: {listed:?}");
 }
