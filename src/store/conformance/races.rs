@@ -94,10 +94,7 @@ async fn cas_one_winner(f: &dyn StoreFactory) -> Result<(), String> {
             } else {
                 KeyState::Enabled
             };
-            (
-                new.clone(),
-                store.compare_and_swap_key(&current, &new).await,
-            )
+            (new.clone(), store.compare_and_swap_key(current, &new).await)
         })
         .await?;
         let winners: Vec<_> = results.iter().filter(|(_, r)| r.is_ok()).collect();
@@ -134,14 +131,14 @@ async fn secret_one_winner(f: &dyn StoreFactory) -> Result<(), String> {
                 hsm_root_key_id: 1,
                 wrapped: vec![u8::try_from(t + 1).unwrap_or(u8::MAX); 48],
             };
-            store.create_secret(&name, &mine).await
+            store.create_secret(name, &mine).await
         })
         .await?;
         let mut got = Vec::new();
         for r in results {
             got.push(ok("create_secret", r)?);
         }
-        let stored = ok("get_secret", a.get_secret(&name).await)?
+        let stored = ok("get_secret", a.get_secret(name).await)?
             .ok_or_else(|| format!("round {round}: no secret stored"))?;
         for g in &got {
             ensure(*g == stored, || {
@@ -214,7 +211,7 @@ async fn alias_clash(f: &dyn StoreFactory) -> Result<(), String> {
         let alias = &alias;
         // One alias, a different id per thread.
         let results = race(&handles, move |store, _| async move {
-            let k = key(KeyId::new_random(), Some(&alias));
+            let k = key(KeyId::new_random(), Some(alias));
             let outcome = store.create_key(&k, &version(k.id, 1)).await;
             (k.id, outcome)
         })
@@ -245,7 +242,7 @@ async fn alias_clash(f: &dyn StoreFactory) -> Result<(), String> {
         }
         same(
             "the alias",
-            ok("key_id_for_alias", a.key_id_for_alias(&alias).await)?,
+            ok("key_id_for_alias", a.key_id_for_alias(alias).await)?,
             Some(*winner),
         )?;
 
@@ -309,12 +306,9 @@ async fn destroy_against_cancel(f: &dyn StoreFactory) -> Result<(), String> {
         // Even threads destroy, odd ones cancel, on both handles.
         let results = race(&handles, move |store, t| async move {
             if t % 2 == 0 {
-                (true, store.destroy_key(&pending, &tomb).await)
+                (true, store.destroy_key(pending, tomb).await)
             } else {
-                (
-                    false,
-                    store.compare_and_swap_key(&pending, &cancelled).await,
-                )
+                (false, store.compare_and_swap_key(pending, cancelled).await)
             }
         })
         .await?;

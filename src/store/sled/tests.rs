@@ -306,7 +306,7 @@ fn concurrent_rotations_each_land_once() {
                 while won < 5 {
                     let current = store.get_key(id(1)).unwrap().unwrap();
                     let next = version(current.id, current.primary_version + 1);
-                    match rotate(&*store, &current, &next) {
+                    match rotate(&store, &current, &next) {
                         Ok(_) => won += 1,
                         Err(StoreError::Conflict(_)) => {}
                         Err(e) => panic!("{e:?}"),
