@@ -21,6 +21,9 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// The most keys [`Kms::create_keys`] creates in one store write.
 pub const MAX_CREATE_BATCH: usize = 10_000;
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// How many times a new version is wrapped again and written again when
+/// root-key rotations keep retiring the root key it was wrapped under.
+const ROOT_RETIRED_ATTEMPTS: usize = 4;
 
 #[derive(Clone, Debug, Default)]
 pub struct CreateKeyInput {
@@ -52,18 +55,25 @@ impl Kms {
         self.authorize(caller, Operation::CreateKey)?;
         self.check_new_key(&input)?;
         let id = KeyId::new_random();
-        // Wrapped under the write guard, so that an HSM root-key rotation
-        // (which checks the store under the same guard before destroying an
-        // old root key) cannot miss this version.
+        // A root-key rotation (on this node or another) that retires the
+        // root key this version is wrapped under before it is stored gets
+        // it refused by the store's fence: it is wrapped again under the
+        // current root key and written again (`rewrap_retired`).
         let guard = self.begin_write().await;
         let level = input.protection_level.unwrap_or(ProtectionLevel::Software);
-        let (version, material) = self.new_version(id, 1, level).await?;
+        let (mut version, material) = self.new_version(id, 1, level).await?;
         let record = self.new_key_record(caller, id, input, &version);
-        let created = self
-            .store
-            .create_key(&record, &version)
-            .await
-            .map_err(create_error);
+        let mut attempts = 0;
+        let created = loop {
+            match self.store.create_key(&record, &version).await {
+                Err(StoreError::RootKeyRetired(root)) if attempts < ROOT_RETIRED_ATTEMPTS => {
+                    attempts += 1;
+                    self.rewrap_retired(&mut version, material.as_ref(), root)
+                        .await?;
+                }
+                other => break other.map_err(create_error),
+            }
+        };
         if let Err(e) = created {
             self.forget_new_object(&version, &e).await;
             return Err(e);
@@ -123,13 +133,24 @@ impl Kms {
             .filter(|(_, v)| v.hsm_object.is_some())
             .map(|(_, v)| v.clone())
             .collect();
-        let pairs: Vec<_> = created.iter().map(|(k, v)| (k, v)).collect();
-        let stored = self
-            .store
-            .create_keys(&pairs)
-            .await
-            .map_err(create_error)
-            .map(|()| created);
+        let mut attempts = 0;
+        let stored = loop {
+            let pairs: Vec<_> = created.iter().map(|(k, v)| (k, v)).collect();
+            match self.store.create_keys(&pairs).await {
+                Err(StoreError::RootKeyRetired(root)) if attempts < ROOT_RETIRED_ATTEMPTS => {
+                    attempts += 1;
+                    // The batch's material is not kept: new versions, new
+                    // material, under the current root key.
+                    for (key, v) in created.iter_mut() {
+                        if v.hsm_root_key_id == root {
+                            let level = key.protection_level;
+                            *v = self.new_version(key.id, 1, level).await?.0;
+                        }
+                    }
+                }
+                other => break other.map_err(create_error).map(|()| created),
+            }
+        };
         let created = match stored {
             Ok(created) => created,
             Err(e) => {
@@ -261,6 +282,33 @@ impl Kms {
         Ok((record, Some(material)))
     }
 
+    /// After the store refused `version` because a root-key rotation
+    /// retired `root` meanwhile (it wrapped the material under the root key
+    /// that was current then): wraps `material` again, under the HSM's
+    /// current root key, for the write to be tried again. A version held by
+    /// the HSM is wrapped by no root key, so never refused so.
+    async fn rewrap_retired(
+        &self,
+        version: &mut VersionRecord,
+        material: Option<&CmkMaterial>,
+        root: u32,
+    ) -> Result<()> {
+        let Some(material) = material else {
+            return Err(StoreError::RootKeyRetired(root).into());
+        };
+        let wrapped = self
+            .hsm
+            .wrap(
+                material.expose(),
+                &cmk_wrap_aad(version.key_id, version.version),
+            )
+            .await?;
+        tracing::info!(key_id = %version.key_id, version = version.version, retired = root, root_key_id = wrapped.root_key_id, "re-wrapped a new version under the current root key (a rotation retired its root key meanwhile)");
+        version.hsm_root_key_id = wrapped.root_key_id;
+        version.wrapped_material = wrapped.blob;
+        Ok(())
+    }
+
     /// After a store write refused a new version held by the HSM: destroy
     /// its key object, which nothing refers to. Best effort: an object left
     /// behind (the HSM failing now, or a crash before this) holds no data
@@ -372,13 +420,18 @@ impl Kms {
             );
         }
         adjust(&mut updated);
-        let stored = updated.clone();
-        let new = version.clone();
-        let added = self
-            .store
-            .add_version(&current, &stored, &new)
-            .await
-            .map_err(Error::from);
+        let mut version = version;
+        let mut attempts = 0;
+        let added = loop {
+            match self.store.add_version(&current, &updated, &version).await {
+                Err(StoreError::RootKeyRetired(root)) if attempts < ROOT_RETIRED_ATTEMPTS => {
+                    attempts += 1;
+                    self.rewrap_retired(&mut version, material.as_ref(), root)
+                        .await?;
+                }
+                other => break other.map_err(Error::from),
+            }
+        };
         if let Err(e) = added {
             self.forget_new_object(&version, &e).await;
             return Err(e);

@@ -67,6 +67,28 @@ struct CountingStore {
     /// When set, the next `swap_secret` or `put_secret` first stores this
     /// secret, as a writer racing it would.
     put_before_next_swap: std::sync::Mutex<Option<(String, crate::store::WrappedSecret)>>,
+    /// When set, the next `create_keys` or `add_version` first runs this
+    /// (another node's change landing between the core's wrap and its
+    /// write).
+    before_next_write: std::sync::Mutex<Option<Hook>>,
+}
+
+/// A future run inside a store call (see `before_next_write`).
+struct Hook(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
+}
+
+impl CountingStore {
+    async fn run_before_write(&self) {
+        let hook = self.before_next_write.lock().unwrap().take();
+        if let Some(Hook(hook)) = hook {
+            hook.await;
+        }
+    }
 }
 
 impl CountingStore {
@@ -123,6 +145,7 @@ impl KeyStore for CountingStore {
     }
     async fn create_keys(&self, keys: &[(&KeyRecord, &VersionRecord)]) -> Result<(), StoreError> {
         self.count();
+        self.run_before_write().await;
         self.inner.create_keys(keys).await
     }
     async fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -163,6 +186,7 @@ impl KeyStore for CountingStore {
         v: &VersionRecord,
     ) -> Result<(), StoreError> {
         self.count();
+        self.run_before_write().await;
         self.inner.add_version(c, u, v).await
     }
     async fn get_version(&self, id: KeyId, v: u32) -> Result<Option<VersionRecord>, StoreError> {
@@ -265,6 +289,7 @@ fn fixture(mut options: KmsOptions) -> Fixture {
         calls: AtomicUsize::new(0),
         pause_next_get: std::sync::Mutex::new(None),
         put_before_next_swap: std::sync::Mutex::new(None),
+        before_next_write: std::sync::Mutex::new(None),
     });
     let roles = StaticRoles::new([
         ("op".to_string(), Role::Operator),
@@ -791,4 +816,79 @@ async fn a_rotation_never_puts_back_an_older_audit_mark() {
     f.kms.rewrap_secrets(next_root).await.unwrap();
     let mark = f.kms.audit_mark().await.unwrap().unwrap();
     assert_eq!(mark.expose(), b"checkpoint 2", "the older mark came back");
+}
+
+/// A root-key rotation on another node retires the root key a new version
+/// was wrapped under, between the core's wrap and its store write: the
+/// store refuses the version (the fence), and the core wraps it again
+/// under the current root key, for a new key and for a rotation alike.
+/// Nothing is ever stored under the retired root key, and the data keys
+/// open.
+#[tokio::test]
+async fn a_version_wrapped_under_a_root_key_retired_meanwhile_is_wrapped_again() {
+    let f = fixture(KmsOptions::default());
+    let first = f.hsm.info().await.unwrap().current_root_key_id;
+
+    // CreateKey: the other node rotates the HSM and fences the old root.
+    let (hsm, store) = (Arc::clone(&f.hsm), f.store.inner.clone());
+    *f.store.before_next_write.lock().unwrap() = Some(Hook(Box::pin(async move {
+        let next = hsm.rotate_root_key().await.unwrap();
+        assert_eq!(store.fence_root_keys(next, &[first]).await.unwrap(), 0);
+    })));
+    let created = f
+        .kms
+        .create_key(&op(), CreateKeyInput::default())
+        .await
+        .unwrap();
+    let second = f.hsm.info().await.unwrap().current_root_key_id;
+    assert_ne!(second, first);
+    let v1 = created.versions[0].clone();
+    assert_eq!(
+        v1.hsm_root_key_id, second,
+        "wrapped again under the current root"
+    );
+    let key = KeyRef::Id(created.key.id);
+    let sealed = f
+        .kms
+        .generate_data_key(&svc(), &key, &context(), WHY, 32, false)
+        .await
+        .unwrap();
+
+    // RotateKey: again, the other node moves everything to a third root
+    // (re-wrapping version 1) and fences the second.
+    let (hsm, store) = (Arc::clone(&f.hsm), f.store.inner.clone());
+    *f.store.before_next_write.lock().unwrap() = Some(Hook(Box::pin(async move {
+        let third = hsm.rotate_root_key().await.unwrap();
+        let aad = crate::model::cmk_wrap_aad(v1.key_id, v1.version);
+        let clear = hsm.unwrap(&v1.wrapped_material, &aad).await.unwrap();
+        let wrapped = hsm.wrap(clear.expose(), &aad).await.unwrap();
+        let mut moved = v1.clone();
+        moved.hsm_root_key_id = wrapped.root_key_id;
+        moved.wrapped_material = wrapped.blob;
+        store.rewrap_version(&v1, &moved).await.unwrap();
+        assert_eq!(store.fence_root_keys(third, &[second]).await.unwrap(), 0);
+    })));
+    f.kms.rotate_key(&op(), &key).await.unwrap();
+    let third = f.hsm.info().await.unwrap().current_root_key_id;
+    let versions = f.store.inner.list_versions(created.key.id).await.unwrap();
+    assert_eq!(versions.len(), 2);
+    for v in &versions {
+        assert_eq!(v.hsm_root_key_id, third, "{v:?}");
+    }
+    // Both versions open, from the store (caches cleared by a new core).
+    let fresh = Kms::new(
+        Arc::clone(&f.store) as Arc<dyn KeyStore>,
+        Arc::clone(&f.hsm) as Arc<dyn Hsm>,
+        Arc::new(StaticRoles::new([("svc".to_string(), Role::Service)])),
+        Arc::new(SystemClock),
+        KmsOptions::default(),
+    );
+    fresh
+        .decrypt(&svc(), &sealed.ciphertext_blob, &context(), WHY, None)
+        .await
+        .unwrap();
+    fresh
+        .generate_data_key(&svc(), &key, &context(), WHY, 32, false)
+        .await
+        .unwrap();
 }
