@@ -268,6 +268,14 @@ impl KeyStore for CountingStore {
         self.count();
         self.inner.swap_approval_and_key(approval, key).await
     }
+    async fn changes_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<crate::store::ChangePage, StoreError> {
+        self.count();
+        self.inner.changes_since(after, limit).await
+    }
 }
 
 struct Fixture {

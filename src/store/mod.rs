@@ -105,6 +105,25 @@ pub struct VersionCounts {
     pub destroyed: u64,
 }
 
+/// One entry of the change feed ([`KeyStore::changes_since`]): key
+/// `key_id`'s record last changed at `generation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyChange {
+    pub generation: u64,
+    pub key_id: KeyId,
+}
+
+/// A page of the change feed, and the store's newest generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangePage {
+    /// In ascending generation order.
+    pub changes: Vec<KeyChange>,
+    /// The generation of the newest change stored (0: none yet). Every
+    /// change up to it is in this page or a later one, unless the page is
+    /// full (`changes.len() == limit`): then read on from the last one.
+    pub head: u64,
+}
+
 /// A secret of the service itself (not a customer key), e.g. the audit log's
 /// key, stored only wrapped by the HSM root key, like CMK material.
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -391,6 +410,21 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
         approval: (&Approval, &Approval),
         key: (&KeyRecord, &KeyRecord),
     ) -> Result<(), StoreError>;
+
+    /// The change feed, which tells the other nodes sharing a store which
+    /// cached keys to forget: every key whose record changed (created,
+    /// rotated, changed by compare-and-swap, destroyed, changed by an
+    /// approval) after generation `after`, with the generation of its
+    /// *last* change, in ascending generation order, at most `limit`.
+    ///
+    /// Every write of key records takes the next generations (one per
+    /// key) in the same atomic write, and generations become visible in
+    /// order with no gap: once a reader has seen generation `g`, every
+    /// change at or below `g` is visible to it too. A key changed twice
+    /// is listed once, at its later generation, so the feed is bounded by
+    /// the number of keys. Re-wraps of versions (root-key rotation) change
+    /// no record a node caches and take no generation.
+    async fn changes_since(&self, after: u64, limit: usize) -> Result<ChangePage, StoreError>;
 
     /// Installs the MAC key of the records (see [`integrity`]), once, at
     /// start, before any other call: from then on every key, version and

@@ -14,7 +14,8 @@
 //! filters, the due index), `changes.rs` (rotation, compare-and-swap,
 //! destruction, re-wrap), `maintenance.rs` (root-rotation work list,
 //! compaction, service secrets, durability), `approvals.rs` (quorum
-//! approvals and approve-and-apply), `races.rs` and `integrity.rs`
+//! approvals and approve-and-apply), `feed.rs` (the change feed),
+//! `races.rs` and `integrity.rs`
 //! (records bound to their MAC key); `fixtures.rs`
 //! builds their records. They return a [`Failure`] naming the check instead
 //! of panicking, so that the suite can run outside a test harness too.
@@ -39,6 +40,7 @@ macro_rules! refused {
 pub mod approvals;
 mod changes;
 mod creation;
+mod feed;
 pub mod fixtures;
 mod integrity;
 mod maintenance;
@@ -149,6 +151,8 @@ pub const CHECKS: &[Check] = &[
     approvals::APPROVALS,
     approvals::APPROVAL_AND_KEY,
     approvals::APPROVAL_ONE_WINNER,
+    feed::CHANGE_FEED,
+    feed::CHANGE_FEED_NO_GAP,
     integrity::SEALED_UNDER_ITS_KEY,
 ];
 

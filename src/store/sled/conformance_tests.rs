@@ -273,6 +273,13 @@ impl KeyStore for SwapsWithoutComparing {
     ) -> Result<(), StoreError> {
         self.0.swap_approval_and_key(approval, key).await
     }
+    async fn changes_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<crate::store::ChangePage, StoreError> {
+        self.0.changes_since(after, limit).await
+    }
 }
 
 struct BrokenFactory;

@@ -16,13 +16,13 @@ use sled::transaction::{
 use std::sync::Arc;
 
 use super::layout::{
-    Codec, SECRET_PREFIX, decode, due_key, encode, key_id_from_slice, parse_due_key,
-    parse_version_key, retired_root_key, secret_key, version_key,
+    Codec, GENERATION_KEY, SECRET_PREFIX, decode, due_key, encode, key_id_from_slice,
+    parse_due_key, parse_u64, parse_version_key, retired_root_key, secret_key, version_key,
 };
 use super::{Handles, SledEngine, sled_error};
 use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
 use crate::store::integrity::{IntegrityState, RecordMac};
-use crate::store::{KeyFilter, StoreError, VersionCounts, WrappedSecret};
+use crate::store::{ChangePage, KeyChange, KeyFilter, StoreError, VersionCounts, WrappedSecret};
 
 /// The trees of one transaction.
 pub(super) struct Tx<'a> {
@@ -31,6 +31,9 @@ pub(super) struct Tx<'a> {
     pub(super) aliases: &'a TransactionalTree,
     pub(super) due: &'a TransactionalTree,
     pub(super) approvals: &'a TransactionalTree,
+    pub(super) meta: &'a TransactionalTree,
+    pub(super) changes: &'a TransactionalTree,
+    pub(super) key_gens: &'a TransactionalTree,
 }
 
 impl Tx<'_> {
@@ -65,6 +68,28 @@ impl Tx<'_> {
             self.due.insert(&due_key(at, new.id)[..], &[][..])?;
         }
         self.keys.insert(new.id.as_bytes(), new_bytes)?;
+        self.record_change(new.id)
+    }
+
+    /// Gives key `id` the next generation of the change feed.
+    fn record_change(&self, id: KeyId) -> ConflictableTransactionResult<(), StoreError> {
+        let head = match self.meta.get(GENERATION_KEY)? {
+            Some(b) => match parse_u64("the feed's generation", &b) {
+                Ok(g) => g,
+                Err(e) => return abort(e),
+            },
+            None => 0,
+        };
+        let Some(next) = head.checked_add(1) else {
+            return abort(StoreError::Corrupt("the change feed is exhausted".into()));
+        };
+        if let Some(old) = self.key_gens.get(id.as_bytes())? {
+            self.changes.remove(old)?;
+        }
+        let at = next.to_be_bytes();
+        self.changes.insert(&at[..], id.as_bytes())?;
+        self.key_gens.insert(id.as_bytes(), &at[..])?;
+        self.meta.insert(GENERATION_KEY, &at[..])?;
         Ok(())
     }
 }
@@ -503,6 +528,30 @@ impl SledEngine {
         bytes
             .map(|b| codec.decode_version(id, version, &b))
             .transpose()
+    }
+
+    /// [`crate::store::KeyStore::changes_since`], blocking.
+    pub fn changes_since(&self, after: u64, limit: usize) -> Result<ChangePage, StoreError> {
+        let live = self.read_gate()?;
+        let h = &live.sled;
+        let head = match h
+            .meta
+            .get(GENERATION_KEY)
+            .map_err(|e| sled_error("reading the feed's generation", e))?
+        {
+            Some(b) => parse_u64("the feed's generation", &b)?,
+            None => 0,
+        };
+        let mut changes = Vec::new();
+        let start = after.saturating_add(1).to_be_bytes();
+        for entry in h.changes.range(&start[..]..).take(limit) {
+            let (g, id) = entry.map_err(|e| sled_error("reading the change feed", e))?;
+            changes.push(KeyChange {
+                generation: parse_u64("a generation in the change feed", &g)?,
+                key_id: key_id_from_slice("a key id in the change feed", &id)?,
+            });
+        }
+        Ok(ChangePage { changes, head })
     }
 
     pub fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {

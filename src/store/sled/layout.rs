@@ -13,7 +13,15 @@
 //! due        due time (i64 BE, sign bit flipped)   empty
 //!              || KeyId (16 bytes)
 //! approvals  approval id (16 bytes)                sealed JSON Approval
+//! meta       b"generation"                         u64 BE: the newest change
+//! changes    generation (u64 BE)                   KeyId (16 bytes)
+//! key_gens   KeyId (16 bytes)                      its last generation (u64 BE)
 //! ```
+//!
+//! `changes` and `key_gens` are the change feed (`KeyStore::changes_since`):
+//! each write of a key record takes the next generation in the same
+//! transaction, moves the key's one entry in `changes` to it, and records
+//! it in `key_gens` (so a key is listed once, at its last change).
 //!
 //! `due` indexes [`KeyRecord::next_due`]: one entry per key that has a due
 //! time, written in the same transaction as the key record (the old entry
@@ -199,6 +207,16 @@ pub(super) fn parse_version_key(bytes: &[u8]) -> Result<(KeyId, u32), StoreError
 }
 
 pub(super) const SECRET_PREFIX: &[u8] = b"secret/";
+
+/// The newest generation of the change feed, in `meta`.
+pub(super) const GENERATION_KEY: &[u8] = b"generation";
+
+/// A u64 stored big-endian (a generation).
+pub(super) fn parse_u64(what: &str, bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, expected 8", bytes.len())))
+}
 
 /// The marker of a root key fenced off by a rotation, in `meta`.
 pub(super) fn retired_root_key(id: u32) -> Vec<u8> {

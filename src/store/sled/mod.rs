@@ -122,6 +122,8 @@ struct Handles {
     aliases: sled::Tree,
     due: sled::Tree,
     approvals: sled::Tree,
+    changes: sled::Tree,
+    key_gens: sled::Tree,
 }
 
 /// sled's page cache (its default is 1 GiB). The service caches the keys
@@ -167,6 +169,8 @@ impl Handles {
             aliases: tree("aliases")?,
             due: tree("due")?,
             approvals: tree("approvals")?,
+            changes: tree("changes")?,
+            key_gens: tree("key_gens")?,
             db,
         })
     }
@@ -177,7 +181,8 @@ impl Handles {
             && self.versions.is_empty()
             && self.aliases.is_empty()
             && self.due.is_empty()
-            && self.approvals.is_empty())
+            && self.approvals.is_empty()
+            && self.changes.is_empty())
     }
 }
 
@@ -397,19 +402,27 @@ impl SledEngine {
             &sled.aliases,
             &sled.due,
             &sled.approvals,
+            &sled.meta,
+            &sled.changes,
+            &sled.key_gens,
         )
-            .transaction(|(keys, versions, aliases, due, approvals)| {
-                body(
-                    &Tx {
-                        keys,
-                        versions,
-                        aliases,
-                        due,
-                        approvals,
-                    },
-                    &prepared,
-                )
-            });
+            .transaction(
+                |(keys, versions, aliases, due, approvals, meta, changes, key_gens)| {
+                    body(
+                        &Tx {
+                            keys,
+                            versions,
+                            aliases,
+                            due,
+                            approvals,
+                            meta,
+                            changes,
+                            key_gens,
+                        },
+                        &prepared,
+                    )
+                },
+            );
         let out = match result {
             Ok(out) => out,
             Err(TransactionError::Abort(e)) => return Err(e),

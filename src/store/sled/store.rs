@@ -17,7 +17,7 @@ use super::SledEngine;
 use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
 use crate::store::approvals::Approval;
 use crate::store::integrity::{IntegrityState, RecordMac};
-use crate::store::{KeyFilter, KeyStore, StoreError, VersionCounts, WrappedSecret};
+use crate::store::{ChangePage, KeyFilter, KeyStore, StoreError, VersionCounts, WrappedSecret};
 
 /// The sled-backed [`KeyStore`]: a handle on one open [`SledEngine`].
 ///
@@ -236,6 +236,10 @@ impl KeyStore for SledStore {
         let (current, new, key, next) = (current.clone(), new.clone(), key.clone(), next.clone());
         self.run(move |e| e.swap_approval_and_key((&current, &new), (&key, &next)))
             .await
+    }
+
+    async fn changes_since(&self, after: u64, limit: usize) -> Result<ChangePage, StoreError> {
+        self.run(move |e| e.changes_since(after, limit)).await
     }
 
     async fn install_integrity(
