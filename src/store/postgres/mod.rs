@@ -7,7 +7,10 @@
 //!   ([`connect::open_pool`]), one dedicated connection
 //!   ([`connect::PgConnector::connect`]), the primary check, and
 //!   [`connect::redacted`] for every URL that reaches a message.
+//! - [`migrate`]: the in-house migrator behind `coffre store migrate`
 //!   (`sql/0001_init.sql`, one transaction per file under an advisory
+//!   lock, SHA-256 checksums), [`migrate::schema_state`] and
+//!   [`migrate::check_schema_for_serving`] for `coffre serve`.
 //! - [`PgError`]: what can go wrong, in words that name the server (its
 //!   URL redacted) and never the password.
 //!
@@ -17,6 +20,8 @@
 
 pub mod connect;
 mod error;
+pub mod migrate;
 
 pub use connect::{DatabaseUrl, PgConnector, ServerInfo, open_pool, redacted};
 pub use error::PgError;
+pub use migrate::{MigrateReport, SchemaState, check_schema_for_serving, migrate, schema_state};
