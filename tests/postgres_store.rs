@@ -474,6 +474,37 @@ async fn a_standby_is_refused_until_promoted() {
     let err = open_pool(&c).await.unwrap_err();
     assert!(matches!(err, PgError::InRecovery { .. }), "{err}");
 
+    // A primary without a synchronous standby, when one is required.
+    let strict = primary.dir().join("strict.toml");
+    std::fs::write(
+        &strict,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "node_id = \"n1\"",
+            "node_id = \"n1\"\nrequire_synchronous_standby = true",
+        ),
+    )
+    .unwrap();
+    let c = connector(&strict, &primary.url(&db));
+    let err = open_pool(&c).await.unwrap_err();
+    assert!(matches!(err, PgError::NoSynchronousStandby { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("synchronous_standby_names is empty"),
+        "{err}"
+    );
+    primary.require_synchronous_standby("s1");
+    let (_pool, info) = open_pool(&c).await.unwrap();
+    assert_eq!(info.synchronous_standby_names, "ANY 1 (s1)");
+    // Commits wait for s1, which confirms them.
+    primary.psql(&db, "CREATE TABLE replicated (x int)");
+    assert_eq!(
+        primary.psql(
+            "postgres",
+            "SELECT sync_state FROM pg_stat_replication WHERE application_name = 's1'"
+        ),
+        "quorum"
+    );
+
     // Promoted, it is a primary: migrate works there.
     standby.promote();
     let v = store_json("migrate", &config, &url);

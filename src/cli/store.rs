@@ -156,6 +156,7 @@ fn cli_error(e: PgError) -> anyhow::Error {
         PgError::Permission { .. } => Code::PermissionDenied,
         PgError::NoDatabase { .. } => Code::NotFound,
         PgError::InRecovery { .. }
+        | PgError::NoSynchronousStandby { .. }
         | PgError::ServerTooOld { .. }
         | PgError::SchemaMissing { .. }
         | PgError::SchemaOlder { .. }

@@ -12,6 +12,9 @@
 //!   that user: the child's pid is the postmaster's, so `kill()` reaches
 //!   it (`runuser` and `su` fork and would hide it). The directory is
 //!   under `/tmp`, which `postgres` can traverse.
+//! - A test process that dies (killed, aborted) takes its servers with it:
+//!   the postmaster has a parent-death signal (`setpriv --pdeathsig`). Its
+//!   temporary directory stays behind then (`/tmp/coffre-pg-*`).
 //! - Administration (`create_database`, [`PgCluster::psql`]) goes through
 //!   `psql` on the Unix socket in the directory, where the superuser
 //!   `coffre` is trusted even in the password variant.
@@ -79,6 +82,22 @@ fn server_command(bin: &Path, program: &str, cwd: &Path) -> Command {
     } else {
         Command::new(path)
     };
+    cmd.current_dir(cwd).env_remove("PGDATA");
+    cmd
+}
+
+/// The postmaster: as [`server_command`], and SIGKILLed by the kernel if
+/// the thread that started it ends first (`setpriv --pdeathsig`, set
+/// after the change of user), so that a test process killed or aborted
+/// leaves no server behind. Start a cluster on the test's own thread, not
+/// on a pool thread that may end before the test does.
+fn postmaster_command(bin: &Path, cwd: &Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.arg("--pdeathsig=KILL");
+    if is_root() {
+        cmd.args(["--reuid=postgres", "--regid=postgres", "--init-groups"]);
+    }
+    cmd.arg("--").arg(bin.join("postgres"));
     cmd.current_dir(cwd).env_remove("PGDATA");
     cmd
 }
@@ -314,7 +333,7 @@ impl PgCluster {
             .unwrap();
         let logged_before = self.log().len();
         let this_run = |c: &Self| c.log().get(logged_before..).unwrap_or_default().to_string();
-        let mut cmd = server_command(&self.bin, "postgres", self.dir.path());
+        let mut cmd = postmaster_command(&self.bin, self.dir.path());
         cmd.arg("-D")
             .arg(&self.data)
             .stdin(Stdio::null())
@@ -418,13 +437,21 @@ impl PgCluster {
             fsync: self.fsync,
             dir,
         };
-        // Later lines win: the socket directory and the connection to the
-        // primary under the standby's own name.
+        // Later lines win: the standby's own socket directory, and its
+        // connection to the primary under its own name (in the file that
+        // pg_basebackup -R wrote it to, which is read last).
         standby.append_conf(&format!(
-            "unix_socket_directories = '{}'\nprimary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER} application_name={name}'\n",
-            standby.dir.path().display(),
-            self.port
+            "unix_socket_directories = '{}'\n",
+            standby.dir.path().display()
         ));
+        let auto = standby.data.join("postgresql.auto.conf");
+        let mut f = fs::OpenOptions::new().append(true).open(auto).unwrap();
+        writeln!(
+            f,
+            "primary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER} application_name={name}'",
+            self.port
+        )
+        .unwrap();
         standby.start();
         eprintln!(
             "standby {name} on port {} ready in {:?}",

@@ -269,6 +269,7 @@ pub struct PgConnector {
     target: String,
     password: Option<Zeroizing<String>>,
     pool_size: usize,
+    require_synchronous_standby: bool,
 }
 
 impl fmt::Debug for PgConnector {
@@ -446,6 +447,7 @@ impl PgConnector {
             target: shown,
             password,
             pool_size: store.pool_size,
+            require_synchronous_standby: cluster.require_synchronous_standby,
         })
     }
 
@@ -697,13 +699,20 @@ pub fn check_primary(connector: &PgConnector, info: &ServerInfo) -> Result<(), P
 }
 
 /// The pool `coffre serve` works with, after one of its connections showed
-/// that the server is a primary of a supported version: the pool, the
-/// connector (for its error wording) and what the server said.
+/// that the server is a primary of a supported version, with a
+/// synchronous standby if `cluster.require_synchronous_standby`: the pool
+/// and what the server said.
 pub async fn open_pool(connector: &PgConnector) -> Result<(Pool, ServerInfo), PgError> {
     let pool = connector.pool()?;
     let client = connector.get(&pool).await?;
     let info = ServerInfo::read(connector, &client).await?;
     check_primary(connector, &info)?;
+    if connector.require_synchronous_standby && info.synchronous_standby_names.trim().is_empty() {
+        return Err(PgError::NoSynchronousStandby {
+            target: connector.target().to_string(),
+            server: info.server().to_string(),
+        });
+    }
     drop(client);
     Ok((pool, info))
 }

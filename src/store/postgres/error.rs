@@ -45,6 +45,14 @@ pub enum PgError {
          primary (point the URL at it, or list every host with target_session_attrs=read-write)"
     )]
     InRecovery { target: String, server: String },
+    /// `cluster.require_synchronous_standby` is set, and the primary's
+    /// commits wait for no standby (`synchronous_standby_names` is empty).
+    #[error(
+        "PostgreSQL at {target} (server {server}) has no synchronous standby \
+         (synchronous_standby_names is empty) and cluster.require_synchronous_standby is set: \
+         an acknowledged write could be lost in a failover"
+    )]
+    NoSynchronousStandby { target: String, server: String },
     /// The server is older than coffre supports.
     #[error("PostgreSQL at {target} is version {version}; coffre needs 15 or later")]
     ServerTooOld { target: String, version: String },
