@@ -112,7 +112,7 @@ pub const LOOP_MOUNT: Need = Need {
 };
 
 /// A PostgreSQL server's binaries (`initdb`, `pg_ctl`), for the tests of
-/// the PostgreSQL store when they come.
+/// the PostgreSQL store (`tests/postgres_*.rs`, `tests/common/pg.rs`).
 pub const POSTGRES: Need = Need {
     cfg: "coffre_has_postgres",
     require: "COFFRE_REQUIRE_POSTGRES",

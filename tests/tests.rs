@@ -79,6 +79,13 @@ mod observability;
 mod identity;
 // Authorization: the RPC × role matrix, key policies, no existence oracle.
 mod policy;
+// Issue #17, the PostgreSQL store's foundation against private servers
+// (common::pg): `coffre store migrate|status`, connection failures in
+// words, a standby refused, TLS verify-full, the least-privilege roles.
+// Environment-sensitive: needs PostgreSQL 15+, ignored (not run) without
+// it unless COFFRE_REQUIRE_POSTGRES=1.
+mod postgres_roles;
+mod postgres_store;
 // `coffre serve` and `hsm-sim serve` as separate processes, faults
 // included; needs the hsm-sim binary built (`cargo test` at the workspace
 // root builds it).

@@ -55,6 +55,34 @@ pub enum Command {
     /// Load a running server and measure throughput and latency (see
     /// BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// The PostgreSQL store, directly (no server): create or upgrade its
+    /// schema, show the database.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `coffre store ...`: the PostgreSQL database a server configuration
+/// names ([store] backend = "postgres"), reached with its URL.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Create the schema, or upgrade it to this coffre's; what it applied.
+    /// Safe to run on several nodes at once (an advisory lock orders them).
+    /// Connect as the schema's owner (coffre_owner), not coffre_app.
+    Migrate(StoreArgs),
+    /// The database: schema version, primary or standby, server version,
+    /// synchronous standbys.
+    Status(StoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The server configuration whose [store] and [cluster] to use; the
+    /// URL comes from its url_env or url_file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

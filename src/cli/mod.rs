@@ -19,6 +19,7 @@ mod output;
 mod reencrypt;
 mod report;
 mod run;
+mod store;
 
 use std::process::ExitCode;
 
@@ -28,7 +29,8 @@ use crate::server::dev::DevOptions;
 pub use args::{
     ApprovalCommand, AuditCommand, Cli, Command, ConnectArgs, DataArgs, DatakeyCommand,
     DecryptArgs, DevArgs, DevAuditMode, EncryptArgs, HsmCommand, KeyCommand, LocalHsmArgs,
-    OutcomeArg, PolicyCommand, ProtectionArg, ServeArgs, StateFilter, TokenCommand,
+    OutcomeArg, PolicyCommand, ProtectionArg, ServeArgs, StateFilter, StoreArgs, StoreCommand,
+    TokenCommand,
 };
 pub use hsm::RELOGIN_CHECK;
 use run::{init_logging, run_dev, run_serve};
@@ -71,6 +73,7 @@ pub fn main() -> ExitCode {
             Command::Decrypt(args) => datakey::decrypt(args).await,
             Command::Reencrypt(args) => reencrypt::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Store(cmd) => store::run(cmd).await,
         }
     });
     match result {

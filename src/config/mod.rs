@@ -9,6 +9,8 @@
 //!   [`Pin`] it yields.
 //! - `audit.rs`: `[audit]` into [`AuditConfig`], the audit trail's options.
 //! - `tls.rs`: `[tls]` into [`TlsPaths`].
+//! - `store.rs`: `[store]` and `[cluster]` into [`StoreConfig`] and
+//!   [`ClusterConfig`] (sled, or PostgreSQL shared by several nodes).
 //!
 //! ```toml
 //! listen = "0.0.0.0:7443"
@@ -102,6 +104,12 @@
 //! [cache]
 //! keys = 100000
 //! versions = 100000
+//!
+//! [store]                                # optional: sled in DATA_DIR/store by default
+//! backend = "postgres"                   # several nodes on one database (store.rs)
+//! url_env = "COFFRE_DATABASE_URL"
+//! [cluster]
+//! node_id = "n1"
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -117,11 +125,16 @@ use crate::service::{KmsOptions, QuorumOptions};
 mod audit;
 mod hsm;
 mod raw;
+mod store;
 mod tls;
 
 pub use audit::AuditConfig;
 pub use hsm::{DEFAULT_HSM_SESSIONS, HsmConfig, MAX_HSM_SESSIONS, Pin, PinSource, TokenSelector};
 pub use raw::CheckpointKey;
+pub use store::{
+    ClusterConfig, ClusterMode, DEFAULT_POOL_SIZE, MAX_NODE_ID_LEN, MAX_POOL_SIZE, NodeId,
+    PostgresConfig, StoreConfig, UrlSource,
+};
 pub use tls::{ClientCaPaths, MAX_CRL_GRACE, TlsPaths};
 
 use raw::{RawCache, RawConfig, RawLimits, RawQuorum, RawRoles};
@@ -177,6 +190,10 @@ pub struct Config {
     /// configuration whose quorum lets any of them run on one approval is
     /// refused.
     pub allow_single_operator: bool,
+    /// `[store]`: where the records are kept.
+    pub store: StoreConfig,
+    /// `[cluster]`: set exactly when the store is PostgreSQL.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -211,6 +228,7 @@ impl Config {
         }
         let audit = audit::validate(raw.audit, &hsm)?;
         let limits = limits(raw.limits)?;
+        let (store, cluster) = store::validate(raw.store, raw.cluster)?;
         let metrics_listen = raw
             .metrics_listen
             .map(|m| {
@@ -234,6 +252,8 @@ impl Config {
             allow_root: raw.allow_root,
             limits,
             allow_single_operator: raw.allow_single_operator,
+            store,
+            cluster,
         })
     }
 }

@@ -54,6 +54,10 @@ pub(super) struct RawConfig {
     /// refused by default.
     #[serde(default)]
     pub(super) allow_single_operator: bool,
+    /// `[store]`: sled (default) or PostgreSQL (`super::store`).
+    pub(super) store: Option<super::store::RawStore>,
+    /// `[cluster]`: this node in a cluster (PostgreSQL only).
+    pub(super) cluster: Option<super::store::RawCluster>,
 }
 
 /// `[limits]`: every key optional (defaults in `grpc::ServerLimits`).

@@ -5,6 +5,8 @@
 //!   `hsm-sim serve`).
 //! - [`clients`]: the operator's and the service's clients of a server, and
 //!   the key-plus-data-key set-up.
+//! - [`pg`]: private PostgreSQL servers (initdb, a standby, TLS, a
+//!   password) for the PostgreSQL store's tests.
 //! - [`needs`]: what some tests need from the machine (`build/needs.rs`,
 //!   shared with the build script), and [`require`], their check at start.
 
@@ -14,6 +16,7 @@ pub mod binary;
 pub mod clients;
 #[path = "../../build/needs.rs"]
 pub mod needs;
+pub mod pg;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,0 +1,1015 @@
+//! Connecting to PostgreSQL: the URL, TLS, the session settings coffre
+//! forces, the pool, and the checks made before anything is read or
+//! written.
+//!
+//! # The URL
+//!
+//! It comes from the environment variable `store.url_env` or the file
+//! `store.url_file` (see `crate::config`), never from the configuration
+//! file, since it may hold the password. Both forms libpq takes are
+//! accepted: `postgresql://user:password@host:port/db?param=value` and
+//! `host=... user=... dbname=...`. Several hosts (`host=a,b`) are tried in
+//! order; with more than one, coffre asks for `target_session_attrs =
+//! read-write` unless the URL says otherwise, so that it finds the
+//! primary.
+//!
+//! # TLS: `sslmode`
+//!
+//! coffre decides between two modes only, and refuses the others rather
+//! than guess what an operator meant:
+//!
+//! | `sslmode` in the URL | coffre |
+//! |---|---|
+//! | `verify-full` | TLS (rustls, ring), the server's certificate checked against `store.ca_file` and the host name; `ca_file` is required |
+//! | absent, with `store.ca_file` | as `verify-full` |
+//! | `disable` | plain TCP (or a Unix socket); `store.ca_file` must not be set |
+//! | absent, without `store.ca_file` | refused: say `disable` or `verify-full` |
+//! | `allow`, `prefer` | refused: they fall back to plain TCP without telling anyone |
+//! | `require`, `verify-ca` | refused: they do not check the host name |
+//!
+//! libpq's default (`prefer`) would silently send the password in clear
+//! to whoever answers without TLS, hence no default without a CA.
+//! `sslrootcert` and friends in the URL are refused in favour of
+//! `store.ca_file`, so that there is one place for the trust anchor.
+//!
+//! # Sessions
+//!
+//! Every connection, pooled or not, starts with (as startup options, so
+//! that nothing can run before them):
+//!
+//! ```text
+//! -c synchronous_commit=on                      durable (and replicated) before acknowledged
+//! -c statement_timeout=0                        a COMMIT is never cancelled (design §3.3)
+//! -c idle_in_transaction_session_timeout=30s    a stuck client frees its row locks
+//! -c application_name=coffre/<node_id>          pg_stat_activity tells the nodes apart
+//! ```
+//!
+//! and, unless the URL sets them: `connect_timeout = 2 s`, TCP keepalives
+//! after 5 s idle, `tcp_user_timeout = 10 s`. The pool recycles with
+//! [`RecyclingMethod::Verified`] (a test query), since a connection that
+//! a server restart closed hard can still look open.
+//!
+//! # Errors
+//!
+//! Every failure is a [`PgError`] naming the server by [`redacted`] URL;
+//! text from the server or the client library is scrubbed of the password
+//! before it is kept.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use zeroize::Zeroizing;
+
+use super::PgError;
+use crate::config::{ClusterConfig, PostgresConfig};
+
+/// How long a connection attempt may take, unless the URL says otherwise.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// TCP keepalives start after this much idle time.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(5);
+/// Unacknowledged data for this long closes the connection.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The oldest server coffre talks to (`server_version_num`).
+const MIN_SERVER_VERSION: i32 = 150_000;
+
+/// The connection string: secret (it may hold the password). No `Clone`,
+/// a redacted `Debug`, zeroized on drop.
+pub struct DatabaseUrl {
+    url: Zeroizing<String>,
+    /// Where it came from, for messages: `$COFFRE_DATABASE_URL`, a path.
+    source_name: String,
+}
+
+impl DatabaseUrl {
+    /// `url` as read from `source_name` (an environment variable or file,
+    /// as people should read it in a message).
+    pub fn new(url: Zeroizing<String>, source_name: impl Into<String>) -> Self {
+        Self {
+            url,
+            source_name: source_name.into(),
+        }
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL with every password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redacted(&self.url)
+    }
+
+    pub fn source_name(&self) -> &str {
+        &self.source_name
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseUrl")
+            .field("url", &self.redacted())
+            .field("source", &self.source_name)
+            .finish()
+    }
+}
+
+/// `url` with every password replaced by `***`: the one in the user info
+/// of a `postgresql://` URL, a `password=` parameter of its query, or a
+/// `password=` pair of the key/value form. Anything that cannot be told
+/// apart is over-redacted rather than shown; a string that is neither form
+/// is shown as `<unparsable connection string>`.
+pub fn redacted(url: &str) -> String {
+    let Some(spans) = params(url) else {
+        return "<unparsable connection string>".to_string();
+    };
+    let mut out = url.to_string();
+    let mut secrets: Vec<Range<usize>> = spans
+        .iter()
+        .filter(|p| p.key.contains("password"))
+        .map(|p| p.value.clone())
+        .collect();
+    secrets.sort_by_key(|r| std::cmp::Reverse(r.start));
+    for range in secrets {
+        if out.get(range.clone()).is_some() {
+            out.replace_range(range, "***");
+        }
+    }
+    out
+}
+
+/// A parameter of a connection string, and where its value is.
+#[derive(Debug)]
+struct Param {
+    key: String,
+    value: Range<usize>,
+}
+
+/// The parameters of either form of connection string, with the span of
+/// each value (quotes included). For a URL, the user-info password is a
+/// parameter named `password` too. `None` if it is neither form.
+fn params(url: &str) -> Option<Vec<Param>> {
+    let rest = url
+        .strip_prefix("postgresql://")
+        .or_else(|| url.strip_prefix("postgres://"));
+    match rest {
+        Some(rest) => Some(url_params(url, url.len() - rest.len())),
+        None => key_value_params(url),
+    }
+}
+
+fn url_params(url: &str, start: usize) -> Vec<Param> {
+    let mut out = Vec::new();
+    let rest = url.get(start..).unwrap_or_default();
+    let query_at = rest.find('?').map(|i| start + i);
+    let before_query = url
+        .get(start..query_at.unwrap_or(url.len()))
+        .unwrap_or_default();
+    // The user info ends at the last '@' before the query, so that a
+    // password with an unencoded '@' or '/' is still covered.
+    if let Some(at) = before_query.rfind('@') {
+        if let Some(colon) = before_query.get(..at).and_then(|info| info.find(':')) {
+            out.push(Param {
+                key: "password".to_string(),
+                value: start + colon + 1..start + at,
+            });
+        }
+    }
+    if let Some(q) = query_at {
+        let mut pos = q + 1;
+        for pair in url.get(q + 1..).unwrap_or_default().split('&') {
+            if let Some(eq) = pair.find('=') {
+                out.push(Param {
+                    key: pair.get(..eq).unwrap_or_default().to_ascii_lowercase(),
+                    value: pos + eq + 1..pos + pair.len(),
+                });
+            }
+            pos += pair.len() + 1;
+        }
+    }
+    out
+}
+
+/// `key = value` pairs separated by spaces; a value may be single-quoted
+/// with backslash escapes, as libpq reads it.
+fn key_value_params(s: &str) -> Option<Vec<Param>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let skip_spaces = |mut i: usize| {
+        while bytes.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+            i += 1;
+        }
+        i
+    };
+    loop {
+        i = skip_spaces(i);
+        if i >= bytes.len() {
+            return Some(out);
+        }
+        let key_start = i;
+        while bytes
+            .get(i)
+            .is_some_and(|b| !b.is_ascii_whitespace() && *b != b'=')
+        {
+            i += 1;
+        }
+        let key = s.get(key_start..i)?.to_ascii_lowercase();
+        i = skip_spaces(i);
+        if bytes.get(i) != Some(&b'=') || key.is_empty() {
+            return None;
+        }
+        i = skip_spaces(i + 1);
+        let value_start = i;
+        if bytes.get(i) == Some(&b'\'') {
+            i += 1;
+            loop {
+                match bytes.get(i) {
+                    None => return None,
+                    Some(b'\\') => i += 2,
+                    Some(b'\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(_) => i += 1,
+                }
+            }
+        } else {
+            while bytes.get(i).is_some_and(|b| !b.is_ascii_whitespace()) {
+                i += 1;
+            }
+        }
+        out.push(Param {
+            key,
+            value: value_start..i.min(bytes.len()),
+        });
+    }
+}
+
+/// What coffre decided about TLS (see the module docs).
+#[derive(Clone)]
+enum Tls {
+    Disabled,
+    VerifyFull(MakeRustlsConnect),
+}
+
+/// Everything needed to open connections to the database: the parsed
+/// client configuration with coffre's session settings, and TLS.
+pub struct PgConnector {
+    config: tokio_postgres::Config,
+    tls: Tls,
+    target: String,
+    password: Option<Zeroizing<String>>,
+    pool_size: usize,
+    require_synchronous_standby: bool,
+}
+
+impl fmt::Debug for PgConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgConnector")
+            .field("target", &self.target)
+            .field(
+                "tls",
+                &match self.tls {
+                    Tls::Disabled => "disabled",
+                    Tls::VerifyFull(_) => "verify-full",
+                },
+            )
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgConnector {
+    /// Reads the URL from where `[store]` says, then [`Self::new`].
+    pub fn from_config(store: &PostgresConfig, cluster: &ClusterConfig) -> Result<Self, PgError> {
+        let url = store.url.read().map_err(|e| PgError::Url {
+            source_name: store.url.to_string(),
+            why: format!("cannot be read: {e:#}"),
+        })?;
+        Self::new(&url, store, cluster)
+    }
+
+    /// Parses `url` and applies `[store]` and `[cluster]` to it: TLS,
+    /// session options, timeouts. Nothing is connected yet.
+    pub fn new(
+        url: &DatabaseUrl,
+        store: &PostgresConfig,
+        cluster: &ClusterConfig,
+    ) -> Result<Self, PgError> {
+        let url_error = |why: String| PgError::Url {
+            source_name: url.source_name().to_string(),
+            why,
+        };
+        let text = url.expose();
+        let shown = url.redacted();
+        let Some(spans) = params(text) else {
+            return Err(url_error(
+                "is not a PostgreSQL connection string (postgresql://user@host:port/db?... or \
+                 host=... dbname=...)"
+                    .to_string(),
+            ));
+        };
+        for p in &spans {
+            if p.key.starts_with("ssl") && p.key != "sslmode" && p.key != "sslnegotiation" {
+                return Err(url_error(format!(
+                    "sets {}: coffre takes its TLS trust anchors from store.ca_file, not from \
+                     the URL",
+                    p.key
+                )));
+            }
+        }
+        let sslmode = spans.iter().rev().find(|p| p.key == "sslmode");
+        let mode_text = sslmode
+            .and_then(|p| text.get(p.value.clone()))
+            .map(|v| v.trim_matches('\'').to_ascii_lowercase());
+        let verify = match (mode_text.as_deref(), &store.ca_file) {
+            (Some("verify-full"), Some(_)) | (None, Some(_)) => true,
+            (Some("disable"), None) => false,
+            (Some("verify-full"), None) => {
+                return Err(url_error(
+                    "says sslmode=verify-full but store.ca_file is not set: name the PEM file of \
+                     the CA that issued the server's certificate"
+                        .to_string(),
+                ));
+            }
+            (Some("disable"), Some(_)) => {
+                return Err(url_error(
+                    "says sslmode=disable but store.ca_file is set: remove one (disable: plain \
+                     TCP; ca_file: TLS, verified)"
+                        .to_string(),
+                ));
+            }
+            (None, None) => {
+                return Err(url_error(
+                    "sets no sslmode: add sslmode=verify-full (TLS, the server's certificate and \
+                     name checked against store.ca_file) or sslmode=disable (plain TCP: a Unix \
+                     socket or a trusted network only)"
+                        .to_string(),
+                ));
+            }
+            (Some(mode @ ("allow" | "prefer")), _) => {
+                return Err(url_error(format!(
+                    "says sslmode={mode}, which falls back to plain TCP without telling anyone: \
+                     use sslmode=verify-full (with store.ca_file) or sslmode=disable"
+                )));
+            }
+            (Some(mode @ ("require" | "verify-ca")), _) => {
+                return Err(url_error(format!(
+                    "says sslmode={mode}, which does not check the server's host name: use \
+                     sslmode=verify-full (with store.ca_file)"
+                )));
+            }
+            (Some(other), _) => {
+                return Err(url_error(format!(
+                    "has an unknown sslmode {other:?} (coffre takes verify-full or disable)"
+                )));
+            }
+        };
+        // tokio-postgres knows only disable/prefer/require: hand it a value
+        // it parses, then set the mode decided above.
+        let mut parsable = text.to_string();
+        if let Some(p) = sslmode {
+            parsable.replace_range(p.value.clone(), "disable");
+        }
+        let parsable = Zeroizing::new(parsable);
+        let mut config: tokio_postgres::Config = parsable.parse().map_err(|e| {
+            url_error(format!(
+                "is not a valid PostgreSQL connection string ({})",
+                scrub(&chain(&e), None)
+            ))
+        })?;
+        let password = config
+            .get_password()
+            .map(|p| Zeroizing::new(String::from_utf8_lossy(p).into_owned()));
+        if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+            return Err(url_error(
+                "names no host (host=... or postgresql://HOST/...)".to_string(),
+            ));
+        }
+        if config.get_user().is_none() {
+            return Err(url_error(
+                "names no user (user=... or postgresql://USER@host/...)".to_string(),
+            ));
+        }
+        let unix_only = config
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, Host::Unix(_)));
+        if verify && unix_only && config.get_hostaddrs().is_empty() {
+            return Err(url_error(
+                "names only Unix sockets, which carry no TLS: use sslmode=disable without \
+                 store.ca_file"
+                    .to_string(),
+            ));
+        }
+        let tls = if verify {
+            config.ssl_mode(SslMode::Require);
+            Tls::VerifyFull(rustls_connector(store)?)
+        } else {
+            config.ssl_mode(SslMode::Disable);
+            Tls::Disabled
+        };
+        let app = format!("coffre/{}", cluster.node_id);
+        let ours = format!(
+            "-c synchronous_commit=on -c statement_timeout=0 \
+             -c idle_in_transaction_session_timeout=30s -c application_name={app}"
+        );
+        let options = match config.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+            _ => ours,
+        };
+        config.options(options).application_name(app);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+        if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+            config.keepalives_idle(KEEPALIVES_IDLE);
+        }
+        let several_hosts = config.get_hosts().len().max(config.get_hostaddrs().len()) > 1;
+        if several_hosts && !spans.iter().any(|p| p.key == "target_session_attrs") {
+            config.target_session_attrs(TargetSessionAttrs::ReadWrite);
+        }
+        Ok(Self {
+            config,
+            tls,
+            target: shown,
+            password,
+            pool_size: store.pool_size,
+            require_synchronous_standby: cluster.require_synchronous_standby,
+        })
+    }
+
+    /// The server as messages name it: the URL, redacted.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The user the URL logs in as.
+    pub fn user(&self) -> &str {
+        self.config.get_user().unwrap_or_default()
+    }
+
+    /// One connection outside the pool, its driver spawned on the current
+    /// runtime (it ends when the client is dropped): for migrations, and
+    /// for the listener and lease holder, which must not wait behind a
+    /// saturated pool.
+    pub async fn connect(&self) -> Result<Client, PgError> {
+        match &self.tls {
+            Tls::Disabled => {
+                let (client, connection) = self
+                    .config
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| self.connect_error(&e))?;
+                tokio::spawn(drive(connection));
+                Ok(client)
+            }
+            Tls::VerifyFull(tls) => {
+                let (client, connection) = self
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| self.connect_error(&e))?;
+                tokio::spawn(drive(connection));
+                Ok(client)
+            }
+        }
+    }
+
+    /// The pool of `store.pool_size` connections (opened lazily, recycled
+    /// with a test query). [`open_pool`] also checks the server.
+    pub fn pool(&self) -> Result<Pool, PgError> {
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        };
+        let manager = match &self.tls {
+            Tls::Disabled => Manager::from_config(self.config.clone(), NoTls, manager_config),
+            Tls::VerifyFull(tls) => {
+                Manager::from_config(self.config.clone(), tls.clone(), manager_config)
+            }
+        };
+        Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT * 2))
+            .build()
+            .map_err(|e| PgError::Pool {
+                target: self.target.clone(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// A pooled connection, with the pool's failure in the same words as
+    /// [`Self::connect`]'s.
+    pub async fn get(&self, pool: &Pool) -> Result<deadpool_postgres::Object, PgError> {
+        use deadpool_postgres::PoolError;
+        pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => self.connect_error(&e),
+            other => PgError::Pool {
+                target: self.target.clone(),
+                detail: scrub(
+                    &other.to_string(),
+                    self.password.as_ref().map(|p| p.as_str()),
+                ),
+            },
+        })
+    }
+
+    /// The error of opening a connection: as [`Self::error`], and whatever
+    /// is not the server's refusal means no usable server there
+    /// ([`PgError::Unreachable`]): something that answers but does not
+    /// speak PostgreSQL, a connection closed during the handshake.
+    pub fn connect_error(&self, e: &tokio_postgres::Error) -> PgError {
+        match self.error(e) {
+            PgError::Query { target, detail } => PgError::Unreachable { target, detail },
+            other => other,
+        }
+    }
+
+    /// The error of a statement or connection, classified, in words that
+    /// name the server and never the password.
+    pub fn error(&self, e: &tokio_postgres::Error) -> PgError {
+        let target = self.target.clone();
+        let detail = scrub(&describe(e), self.password.as_ref().map(|p| p.as_str()));
+        if let Some(db) = e.as_db_error() {
+            let code = db.code();
+            if *code == SqlState::INVALID_PASSWORD
+                || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            {
+                return PgError::Authentication {
+                    target,
+                    user: self.user().to_string(),
+                    detail,
+                };
+            }
+            if *code == SqlState::INVALID_CATALOG_NAME {
+                return PgError::NoDatabase {
+                    target,
+                    database: self
+                        .config
+                        .get_dbname()
+                        .unwrap_or_else(|| self.user())
+                        .to_string(),
+                };
+            }
+            if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+                return PgError::Permission { target, detail };
+            }
+            return PgError::Query { target, detail };
+        }
+        let text = chain(e);
+        if text.starts_with("error performing TLS handshake") || has_source::<rustls::Error>(e) {
+            return PgError::Tls { target, detail };
+        }
+        if text.contains("password missing") || text.starts_with("authentication error") {
+            return PgError::Authentication {
+                target,
+                user: self.user().to_string(),
+                detail,
+            };
+        }
+        if text.starts_with("error connecting to server") || text.starts_with("timeout") {
+            return PgError::Unreachable { target, detail };
+        }
+        PgError::Query { target, detail }
+    }
+}
+
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio_postgres::tls::TlsStream + Unpin,
+{
+    if let Err(e) = connection.await {
+        // Never the password: the driver's errors carry none (no URL).
+        tracing::debug!(error = %chain(&e), "a PostgreSQL connection ended");
+    }
+}
+
+/// rustls with ring, trusting only `store.ca_file`.
+fn rustls_connector(store: &PostgresConfig) -> Result<MakeRustlsConnect, PgError> {
+    let Some(path) = &store.ca_file else {
+        return Err(PgError::CaFile {
+            path: "(not set)".to_string(),
+            why: "is required for TLS".to_string(),
+        });
+    };
+    let ca_error = |why: String| PgError::CaFile {
+        path: path.display().to_string(),
+        why,
+    };
+    let pem = std::fs::read(path).map_err(|e| ca_error(format!("cannot be read: {e}")))?;
+    let cas = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ca_error(format!("is not valid PEM: {e}")))?;
+    if cas.is_empty() {
+        return Err(ca_error("holds no certificate".to_string()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca).map_err(|e| {
+            ca_error(format!(
+                "holds a certificate unusable as a trust anchor: {e}"
+            ))
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ca_error(format!("leaves no TLS version usable: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// What the server is, from the connection coffre will use.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServerInfo {
+    /// `server_version`, e.g. `15.8 (Debian 15.8-0+deb12u1)`.
+    pub version: String,
+    /// `server_version_num`, e.g. 150008.
+    pub version_num: i32,
+    /// `pg_is_in_recovery()`: a standby.
+    pub in_recovery: bool,
+    /// The server's address and port as it sees them (`None` on a Unix
+    /// socket).
+    pub server_address: Option<String>,
+    /// `synchronous_standby_names`: empty if commits wait for no standby.
+    pub synchronous_standby_names: String,
+}
+
+impl ServerInfo {
+    /// Asks the server (one round trip).
+    pub async fn read(connector: &PgConnector, client: &Client) -> Result<Self, PgError> {
+        let row = client
+            .query_one(
+                "SELECT current_setting('server_version'), \
+                        current_setting('server_version_num')::int, \
+                        pg_is_in_recovery(), \
+                        host(inet_server_addr()) || ':' || inet_server_port(), \
+                        current_setting('synchronous_standby_names')",
+                &[],
+            )
+            .await
+            .map_err(|e| connector.error(&e))?;
+        let get = |e: tokio_postgres::Error| connector.error(&e);
+        Ok(Self {
+            version: row.try_get(0).map_err(get)?,
+            version_num: row.try_get(1).map_err(get)?,
+            in_recovery: row.try_get(2).map_err(get)?,
+            server_address: row.try_get(3).map_err(get)?,
+            synchronous_standby_names: row.try_get(4).map_err(get)?,
+        })
+    }
+
+    /// The server, as a message names it.
+    pub fn server(&self) -> &str {
+        self.server_address.as_deref().unwrap_or("on a Unix socket")
+    }
+}
+
+/// Refuses a server coffre must not write to: a standby (in recovery), or
+/// one older than PostgreSQL 15.
+pub fn check_primary(connector: &PgConnector, info: &ServerInfo) -> Result<(), PgError> {
+    if info.in_recovery {
+        return Err(PgError::InRecovery {
+            target: connector.target().to_string(),
+            server: info.server().to_string(),
+        });
+    }
+    if info.version_num < MIN_SERVER_VERSION {
+        return Err(PgError::ServerTooOld {
+            target: connector.target().to_string(),
+            version: info.version.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The pool `coffre serve` works with, after one of its connections showed
+/// that the server is a primary of a supported version, with a
+/// synchronous standby if `cluster.require_synchronous_standby`: the pool
+/// and what the server said.
+pub async fn open_pool(connector: &PgConnector) -> Result<(Pool, ServerInfo), PgError> {
+    let pool = connector.pool()?;
+    let client = connector.get(&pool).await?;
+    let info = ServerInfo::read(connector, &client).await?;
+    check_primary(connector, &info)?;
+    if connector.require_synchronous_standby && info.synchronous_standby_names.trim().is_empty() {
+        return Err(PgError::NoSynchronousStandby {
+            target: connector.target().to_string(),
+            server: info.server().to_string(),
+        });
+    }
+    drop(client);
+    Ok((pool, info))
+}
+
+/// An error and its sources, joined with `: ` (the client library's
+/// `Display` is only the kind of failure).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// A server error in the server's words (its message, DETAIL and HINT);
+/// anything else as its chain.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => chain(e),
+    }
+}
+
+fn has_source<T: std::error::Error + 'static>(e: &dyn std::error::Error) -> bool {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<T>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// `text` with `password` replaced by `***` (a password shorter than 3
+/// characters would mangle the text and reveal nothing).
+fn scrub(text: &str, password: Option<&str>) -> String {
+    match password {
+        Some(p) if p.len() >= 3 => text.replace(p, "***"),
+        _ => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::config::{ClusterConfig, ClusterMode, NodeId, UrlSource};
+
+    #[test]
+    fn redacted_hides_every_password() {
+        for (url, shown) in [
+            (
+                "postgresql://coffre:s3cret@db.example:5432/coffre?sslmode=verify-full",
+                "postgresql://coffre:***@db.example:5432/coffre?sslmode=verify-full",
+            ),
+            (
+                "postgres://coffre@db/coffre?password=s3cret&sslmode=disable",
+                "postgres://coffre@db/coffre?password=***&sslmode=disable",
+            ),
+            // An unencoded '@' or '/' in the password.
+            (
+                "postgresql://coffre:p@ss/w0rd@db/coffre",
+                "postgresql://coffre:***@db/coffre",
+            ),
+            ("postgresql://db/coffre", "postgresql://db/coffre"),
+            (
+                "postgresql://coffre@db/coffre",
+                "postgresql://coffre@db/coffre",
+            ),
+            (
+                "host=db user=coffre password=s3cret dbname=coffre",
+                "host=db user=coffre password=*** dbname=coffre",
+            ),
+            (
+                "host=db password = 'it\\'s s3cret' user=coffre",
+                "host=db password = *** user=coffre",
+            ),
+            ("host=db PassWord=s3cret", "host=db PassWord=***"),
+            ("not a url at all", "<unparsable connection string>"),
+            (
+                "host=db password='unterminated",
+                "<unparsable connection string>",
+            ),
+        ] {
+            let got = redacted(url);
+            assert_eq!(got, shown, "{url}");
+            assert!(!got.contains("s3cret") && !got.contains("w0rd"), "{got}");
+        }
+    }
+
+    #[test]
+    fn the_url_never_shows_in_debug() {
+        let url = DatabaseUrl::new(
+            Zeroizing::new("postgresql://coffre:s3cret@db/coffre".to_string()),
+            "$X",
+        );
+        let shown = format!("{url:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("coffre:***@db"), "{shown}");
+    }
+
+    fn store(ca_file: Option<&str>) -> PostgresConfig {
+        PostgresConfig {
+            url: UrlSource::Env("X".to_string()),
+            pool_size: 4,
+            ca_file: ca_file.map(Into::into),
+        }
+    }
+
+    fn cluster() -> ClusterConfig {
+        ClusterConfig {
+            node_id: NodeId::new("n1").unwrap(),
+            mode: ClusterMode::Strict,
+            max_staleness: Duration::from_millis(1000),
+            poll_interval: Duration::from_millis(200),
+            lease_ttl: Duration::from_millis(10_000),
+            require_synchronous_standby: false,
+        }
+    }
+
+    fn connector(url: &str, ca_file: Option<&str>) -> Result<PgConnector, PgError> {
+        let url = DatabaseUrl::new(Zeroizing::new(url.to_string()), "$COFFRE_DATABASE_URL");
+        PgConnector::new(&url, &store(ca_file), &cluster())
+    }
+
+    #[test]
+    fn sessions_get_coffres_settings() {
+        let c = connector(
+            "postgresql://coffre:s3cret@127.0.0.1:5432/db?sslmode=disable&options=-c%20work_mem%3D4MB",
+            None,
+        )
+        .unwrap();
+        let options = c.config.get_options().unwrap();
+        assert!(options.starts_with("-c work_mem=4MB "), "{options}");
+        for setting in [
+            "synchronous_commit=on",
+            "statement_timeout=0",
+            "idle_in_transaction_session_timeout=30s",
+            "application_name=coffre/n1",
+        ] {
+            assert!(options.contains(setting), "{options}");
+        }
+        assert_eq!(c.config.get_application_name(), Some("coffre/n1"));
+        assert_eq!(c.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(c.config.get_ssl_mode(), SslMode::Disable);
+        assert_eq!(c.config.get_target_session_attrs(), TargetSessionAttrs::Any);
+        assert_eq!(
+            c.target(),
+            "postgresql://coffre:***@127.0.0.1:5432/db?sslmode=disable&options=-c%20work_mem%3D4MB"
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        // Several hosts: the primary is looked for, unless the URL says.
+        let c = connector(
+            "host=a,b user=coffre sslmode=disable connect_timeout=7",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.config.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(
+            c.config.get_connect_timeout(),
+            Some(&Duration::from_secs(7))
+        );
+        let c = connector(
+            "host=a,b user=coffre sslmode=disable target_session_attrs=any",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.config.get_target_session_attrs(), TargetSessionAttrs::Any);
+    }
+
+    #[test]
+    fn sslmode_is_verify_full_or_disable() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["db".to_string()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let ca = ca.to_str().unwrap();
+
+        let c = connector("postgresql://coffre@db/x?sslmode=verify-full", Some(ca)).unwrap();
+        assert_eq!(c.config.get_ssl_mode(), SslMode::Require);
+        let c = connector("postgresql://coffre@db/x", Some(ca)).unwrap();
+        assert_eq!(c.config.get_ssl_mode(), SslMode::Require);
+        let c = connector("host=db user=coffre sslmode='verify-full'", Some(ca)).unwrap();
+        assert!(matches!(c.tls, Tls::VerifyFull(_)));
+
+        for (url, ca_file, why) in [
+            ("postgresql://coffre@db/x", None, "sets no sslmode"),
+            (
+                "postgresql://coffre@db/x?sslmode=prefer",
+                None,
+                "falls back to plain TCP",
+            ),
+            (
+                "postgresql://coffre@db/x?sslmode=allow",
+                Some(ca),
+                "falls back to plain TCP",
+            ),
+            (
+                "postgresql://coffre@db/x?sslmode=require",
+                Some(ca),
+                "host name",
+            ),
+            (
+                "postgresql://coffre@db/x?sslmode=verify-ca",
+                Some(ca),
+                "host name",
+            ),
+            (
+                "postgresql://coffre@db/x?sslmode=verify-full",
+                None,
+                "store.ca_file is not set",
+            ),
+            (
+                "postgresql://coffre@db/x?sslmode=disable",
+                Some(ca),
+                "ca_file is set",
+            ),
+            (
+                "postgresql://coffre@db/x?sslmode=bogus",
+                None,
+                "unknown sslmode",
+            ),
+            (
+                "postgresql://coffre@db/x?sslmode=verify-full&sslrootcert=/r.pem",
+                Some(ca),
+                "store.ca_file, not from the URL",
+            ),
+            ("host=/run/postgresql user=coffre", Some(ca), "Unix sockets"),
+        ] {
+            let err = connector(url, ca_file).unwrap_err().to_string();
+            assert!(err.contains(why), "{url}: {err}");
+            assert!(err.contains("$COFFRE_DATABASE_URL"), "{err}");
+        }
+        let err = connector("postgresql://coffre@db/x", Some("/nonexistent/ca.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be read"), "{err}");
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+        let empty = dir.path().join("empty.pem");
+        let err = connector("postgresql://coffre@db/x", empty.to_str())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no certificate"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_url_is_refused_without_its_password() {
+        for (url, why) in [
+            (
+                "postgresql://coffre:s3cret@db:notaport/x?sslmode=disable",
+                "not a valid",
+            ),
+            (
+                "host=db user=coffre password=s3cret sslmode=disable bogus=1",
+                "not a valid",
+            ),
+            (
+                "password=s3cret sslmode=disable user=coffre",
+                "names no host",
+            ),
+            ("host=db password=s3cret sslmode=disable", "names no user"),
+            (
+                "mysql://coffre:s3cret@db/x",
+                "not a PostgreSQL connection string",
+            ),
+        ] {
+            let err = connector(url, None).unwrap_err().to_string();
+            assert!(err.contains(why), "{url}: {err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn scrub_replaces_the_password() {
+        assert_eq!(scrub("user x, pw s3cret", Some("s3cret")), "user x, pw ***");
+        assert_eq!(scrub("a b", Some("a")), "a b");
+        assert_eq!(scrub("a b", None), "a b");
+    }
+}
