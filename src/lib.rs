@@ -18,8 +18,8 @@
 //!   data keys, quorum approvals, the caches, the audit log's read side.
 //! - [`authz`]: callers, roles, operations, the `Authorizer` seam.
 //! - [`hsm`], [`store`]: the `Hsm` and `KeyStore` seams, their backends and
-//!   the conformance suites every backend passes; [`postgres`]: the
-//!   PostgreSQL store's connection, schema and migrations.
+//!   the conformance suites every backend passes (the store's backends:
+//!   sled, embedded, and PostgreSQL, shared by several nodes).
 //! - [`audit`]: the tamper-evident audit log (records, hash chain, signed
 //!   checkpoints, the offline verifier).
 //! - [`envelope`], [`crypto`]: the wrapped-key format v1 and its
@@ -55,12 +55,6 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod pki;
-// The PostgreSQL store (issue #17). It lives under store/ and belongs in
-// `store/mod.rs` as `pub mod postgres;`; it is declared here only while the
-// `KeyStore` trait is reworked there, so both can land apart. Moving it
-// is this line plus `crate::postgres` -> `crate::store::postgres`.
-#[path = "store/postgres/mod.rs"]
-pub mod postgres;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -95,7 +95,7 @@ async fn the_app_role_does_dml_only_and_the_owner_migrates() {
     let c = connector(&config, &url_as("coffre_app"));
     let client = c.connect().await.unwrap();
     assert_eq!(
-        coffre::postgres::check_schema_for_serving(&client, &c)
+        coffre::store::postgres::check_schema_for_serving(&client, &c)
             .await
             .unwrap(),
         1

@@ -16,7 +16,7 @@ use crate::common::binary::{COFFRE, free_port};
 use crate::common::pg::PgCluster;
 use crate::common::{needs, require};
 use coffre::config::Config;
-use coffre::postgres::{
+use coffre::store::postgres::{
     DatabaseUrl, PgConnector, PgError, check_schema_for_serving, open_pool, schema_state,
 };
 
@@ -177,7 +177,7 @@ async fn migrate_creates_the_schema_then_finds_it_current() {
     );
     assert_eq!(
         checksum,
-        coffre::postgres::migrate::MIGRATIONS[0].checksum()
+        coffre::store::postgres::migrate::MIGRATIONS[0].checksum()
     );
 
     // Again: nothing to do, in JSON and in words.
@@ -222,7 +222,7 @@ async fn migrate_creates_the_schema_then_finds_it_current() {
     }
     assert!(matches!(
         schema_state(&**session, &c).await.unwrap(),
-        coffre::postgres::SchemaState::Current { version: 1 }
+        coffre::store::postgres::SchemaState::Current { version: 1 }
     ));
 }
 
@@ -296,7 +296,7 @@ async fn a_changed_or_newer_schema_is_refused() {
         matches!(err, PgError::ChecksumMismatch { version: 1, .. }),
         "{err}"
     );
-    let real = coffre::postgres::migrate::MIGRATIONS[0].checksum();
+    let real = coffre::store::postgres::migrate::MIGRATIONS[0].checksum();
     pg.psql(
         &db,
         &format!("UPDATE schema_migrations SET checksum = '{real}' WHERE version = 1"),

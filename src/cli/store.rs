@@ -19,8 +19,8 @@ use super::client::CliError;
 use super::output::print_json;
 use super::{StoreArgs, StoreCommand};
 use crate::config::{ClusterConfig, Config, PostgresConfig, StoreConfig};
-use crate::postgres::connect::{ServerInfo, check_primary};
-use crate::postgres::{PgConnector, PgError, SchemaState, migrate, schema_state};
+use crate::store::postgres::connect::{ServerInfo, check_primary};
+use crate::store::postgres::{PgConnector, PgError, SchemaState, migrate, schema_state};
 
 pub async fn run(cmd: StoreCommand) -> anyhow::Result<()> {
     match cmd {
@@ -114,7 +114,7 @@ async fn run_status(args: &StoreArgs) -> anyhow::Result<()> {
             "schema": {
                 "state": name,
                 "version": version,
-                "latest": crate::postgres::migrate::LATEST_VERSION,
+                "latest": crate::store::postgres::migrate::LATEST_VERSION,
             },
             "server_version": info.version,
             "server_version_num": info.version_num,

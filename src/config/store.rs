@@ -31,7 +31,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::postgres::DatabaseUrl;
+use crate::store::postgres::DatabaseUrl;
 
 /// `[store] pool_size`'s default.
 pub const DEFAULT_POOL_SIZE: usize = 8;
@@ -63,7 +63,7 @@ pub struct PostgresConfig {
     /// Connections in the pool of each node.
     pub pool_size: usize,
     /// PEM file of the CA(s) the server's certificate must chain to; set,
-    /// TLS is on and verified (see `crate::postgres::connect`).
+    /// TLS is on and verified (see `crate::store::postgres::connect`).
     pub ca_file: Option<PathBuf>,
 }
 

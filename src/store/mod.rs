@@ -26,6 +26,7 @@ pub mod approvals;
 mod approvals_integrity_tests;
 pub mod conformance;
 pub mod integrity;
+pub mod postgres;
 pub mod sled;
 pub use sled::SledStore;
 
