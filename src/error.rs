@@ -50,6 +50,19 @@ pub enum Error {
     /// The audit log cannot be read.
     #[error("audit log cannot be read: {0}")]
     AuditUnreadable(crate::audit::AuditError),
+    /// This node shares its store with others and could not confirm, for
+    /// longer than the bound, that its cached keys are current (strict
+    /// mode): it refuses data keys until it can. Another node may serve.
+    #[error(
+        "this node could not confirm the state of its keys with the store within {} ms \
+         (for {} ms now); retry on another node",
+        max_staleness.as_millis(),
+        overdue.as_millis()
+    )]
+    NotFresh {
+        max_staleness: std::time::Duration,
+        overdue: std::time::Duration,
+    },
     /// A bug: an invariant did not hold. Details go to the server log only.
     #[error("internal error: {0}")]
     Internal(String),

@@ -121,6 +121,7 @@ impl From<Error> for Failure {
             Error::KeyNotFound(k) => Self::new(C::NotFound, format!("key not found: {k}")),
             Error::PermissionDenied(m) => Self::new(C::PermissionDenied, m),
             e @ Error::KeyNotEnabled { .. } => Self::new(C::FailedPrecondition, e.to_string()),
+            e @ Error::NotFresh { .. } => Self::new(C::Unavailable, e.to_string()),
             Error::FailedPrecondition(m) => Self::new(C::FailedPrecondition, m),
             Error::AlreadyExists(m) => Self::new(C::AlreadyExists, m),
             Error::ResourceExhausted(m) => Self::new(C::ResourceExhausted, m),

@@ -400,6 +400,9 @@ impl Kms {
         justification: AccessReason,
         context: &EncryptionContext,
     ) -> Result<Arc<KeyRecord>> {
+        // Before any key is looked at: a node that may have missed other
+        // nodes' changes serves none (refuses all alike, leaking nothing).
+        self.check_fresh()?;
         let named = key.to_string();
         let record = match self.resolve(key).await {
             Ok(record) => record,
@@ -522,6 +525,7 @@ impl Kms {
         expected_key: Option<&KeyRef>,
         op: Operation,
     ) -> Result<Openable<'b>> {
+        self.check_fresh()?;
         let parsed = envelope::parse(blob).map_err(|e| {
             tracing::debug!(reason = %e, "ciphertext blob refused");
             Error::InvalidCiphertext

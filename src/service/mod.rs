@@ -28,6 +28,7 @@ mod audit_reads;
 mod cache;
 pub mod canonical;
 mod datakeys;
+pub mod freshness;
 mod keys;
 mod lifecycle;
 mod policy;
@@ -130,6 +131,8 @@ pub struct Kms {
     hsm_counters: Arc<crate::metrics::HsmCounters>,
     /// The audit log, for its read side (`audit_reads.rs`).
     audit_log: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
+    /// Set when other nodes share the store (`freshness.rs`).
+    freshness: Option<freshness::Freshness>,
 }
 
 /// How long "no such key" is believed without asking the store again.
@@ -193,6 +196,7 @@ impl Kms {
             compaction_due: std::sync::atomic::AtomicBool::new(false),
             hsm_counters,
             audit_log: std::sync::OnceLock::new(),
+            freshness: None,
         }
     }
 
@@ -255,7 +259,8 @@ impl Kms {
     /// drops every cached CMK version: see [`Kms::forget_materials_if_tampered`].
     pub async fn check_ready(&self) -> Result<()> {
         self.check_hsm().await?;
-        self.check_store().await
+        self.check_store().await?;
+        self.check_fresh_for_readiness()
     }
 
     /// The HSM half of [`Kms::check_ready`]: a key operation in a session.
@@ -478,6 +483,8 @@ impl Kms {
     }
 }
 
+#[cfg(test)]
+mod freshness_tests;
 #[cfg(test)]
 mod lifecycle_tests;
 #[cfg(test)]

@@ -900,3 +900,72 @@ async fn a_version_wrapped_under_a_root_key_retired_meanwhile_is_wrapped_again()
         .await
         .unwrap();
 }
+
+/// The cluster form of `a_slow_reader_cannot_undo_a_disable`: on node B, a
+/// request that read the key ENABLED from the store before node A disabled
+/// it, and that wants to cache it after B's poll applied the disable, does
+/// not cache it: the poll's apply is a write for B's caches (the epoch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_cannot_undo_a_disable_made_on_another_node() {
+    use super::freshness::{SharedStore, StaleMode};
+    let f = Arc::new(fixture(KmsOptions::default()));
+    let shared = SharedStore {
+        mode: StaleMode::Strict,
+        max_staleness: std::time::Duration::from_secs(60),
+    };
+    let node = |store: Arc<dyn KeyStore>| {
+        Kms::new(
+            store,
+            Arc::clone(&f.hsm) as Arc<dyn Hsm>,
+            Arc::new(StaticRoles::new([
+                ("op".to_string(), Role::Operator),
+                ("svc".to_string(), Role::Service),
+            ])),
+            Arc::new(SystemClock),
+            KmsOptions {
+                default_policy: crate::model::KeyPolicy::granting(["svc".to_string()]),
+                ..KmsOptions::default()
+            },
+        )
+        .with_shared_store(shared)
+    };
+    // A writes to the store directly; B reads through the counting store.
+    let a = node(Arc::new(f.store.inner.clone()));
+    let b = Arc::new(node(Arc::clone(&f.store) as Arc<dyn KeyStore>));
+    let seen = b.poll_changes(0).await.unwrap();
+    let id = a
+        .create_key(&op(), CreateKeyInput::default())
+        .await
+        .unwrap()
+        .key
+        .id;
+    let seen = b.poll_changes(seen).await.unwrap();
+
+    let (paused_tx, paused_rx) = std::sync::mpsc::sync_channel(1);
+    let (resume_tx, resume_rx) = std::sync::mpsc::sync_channel(1);
+    *f.store.pause_next_get.lock().unwrap() = Some((paused_tx, resume_rx));
+    let slow = {
+        let b = Arc::clone(&b);
+        tokio::spawn(async move {
+            b.generate_data_key(&svc(), &KeyRef::Id(id), &context(), WHY, 32, false)
+                .await
+        })
+    };
+    // B's slow request has read ENABLED and is paused; A disables, B polls.
+    tokio::task::spawn_blocking(move || paused_rx.recv().unwrap())
+        .await
+        .unwrap();
+    a.disable_key(&op(), &KeyRef::Id(id)).await.unwrap();
+    b.poll_changes(seen).await.unwrap();
+    resume_tx.send(()).unwrap();
+    // It overlapped the disable, so it may succeed itself...
+    slow.await.unwrap().unwrap();
+    // ...but every request on B after its poll is refused.
+    for _ in 0..3 {
+        let err = b
+            .generate_data_key(&svc(), &KeyRef::Id(id), &context(), WHY, 32, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,211 @@
+//! Several nodes on one store (`freshness.rs`): two cores on one sled
+//! store and one HSM stand for two nodes; each polls the change feed when
+//! the test says so.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::freshness::{SharedStore, StaleMode};
+use super::*;
+use crate::authz::StaticRoles;
+use crate::hsm::sim::LocalSimHsm;
+use crate::model::{AccessReason, EncryptionContext, KeyPolicy, SystemClock};
+use crate::store::SledStore;
+
+const WHY: AccessReason = AccessReason::CustomerInitiatedAccess;
+
+fn context() -> EncryptionContext {
+    EncryptionContext::new([("tenant".to_string(), "t1".to_string())]).unwrap()
+}
+
+fn node(store: &Arc<dyn KeyStore>, hsm: &Arc<dyn Hsm>, shared: SharedStore) -> Kms {
+    let roles = StaticRoles::new([
+        ("op".to_string(), Role::Operator),
+        ("svc".to_string(), Role::Service),
+    ]);
+    Kms::new(
+        Arc::clone(store),
+        Arc::clone(hsm),
+        Arc::new(roles),
+        Arc::new(SystemClock),
+        KmsOptions {
+            default_policy: KeyPolicy::granting(["svc".to_string()]),
+            ..KmsOptions::default()
+        },
+    )
+    .with_shared_store(shared)
+}
+
+fn strict(ms: u64) -> SharedStore {
+    SharedStore {
+        mode: StaleMode::Strict,
+        max_staleness: Duration::from_millis(ms),
+    }
+}
+
+struct Two {
+    _dir: tempfile::TempDir,
+    a: Kms,
+    b: Kms,
+}
+
+fn two_nodes(a: SharedStore, b: SharedStore) -> Two {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+    let hsm: Arc<dyn Hsm> =
+        Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap());
+    Two {
+        a: node(&store, &hsm, a),
+        b: node(&store, &hsm, b),
+        _dir: dir,
+    }
+}
+
+async fn data_key(kms: &Kms, key: &KeyRef) -> Result<DataKeyOutput> {
+    kms.generate_data_key(&Caller::new("svc"), key, &context(), WHY, 32, false)
+        .await
+}
+
+/// A disable acknowledged by one node is refused by the other as soon as
+/// the other has polled the feed, even with the key in its cache; before
+/// its poll, the other still serves from its cache (which is why the
+/// freshness bound exists).
+#[tokio::test]
+async fn a_disable_on_one_node_is_refused_on_the_other_after_its_poll() {
+    let n = two_nodes(strict(60_000), strict(60_000));
+    let mut seen =
+        n.b.poll_changes(n.b.feed_head().await.unwrap())
+            .await
+            .unwrap();
+    n.a.poll_changes(0).await.unwrap();
+    let key = KeyRef::Id(
+        n.a.create_key(&Caller::new("op"), CreateKeyInput::default())
+            .await
+            .unwrap()
+            .key
+            .id,
+    );
+    let sealed = data_key(&n.b, &key).await.unwrap();
+    n.a.disable_key(&Caller::new("op"), &key).await.unwrap();
+    // Cached on B, not yet polled: still served.
+    data_key(&n.b, &key).await.unwrap();
+    seen = n.b.poll_changes(seen).await.unwrap();
+    let err = data_key(&n.b, &key).await.unwrap_err();
+    assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
+    let err =
+        n.b.decrypt(
+            &Caller::new("svc"),
+            &sealed.ciphertext_blob,
+            &context(),
+            WHY,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
+
+    // A re-enable travels the same way; a key created on A is found on B
+    // at once after B's poll, though B had just been told it did not exist.
+    n.a.enable_key(&Caller::new("op"), &key).await.unwrap();
+    n.a.create_key(
+        &Caller::new("op"),
+        CreateKeyInput {
+            alias: Some("made-on-a".into()),
+            ..CreateKeyInput::default()
+        },
+    )
+    .await
+    .unwrap();
+    seen = n.b.poll_changes(seen).await.unwrap();
+    data_key(&n.b, &key).await.unwrap();
+    data_key(&n.b, &KeyRef::Alias("made-on-a".into()))
+        .await
+        .unwrap();
+    // Create, disable, enable, create: four generations applied.
+    assert_eq!(seen, 4);
+}
+
+/// Strict mode: a node whose last successful poll was sent longer ago
+/// than the bound refuses every data key (UNAVAILABLE) and is not ready,
+/// before its first poll too; a successful poll makes it serve again.
+#[tokio::test]
+async fn a_stale_node_refuses_data_keys_until_it_polls_again() {
+    let n = two_nodes(strict(60_000), strict(150));
+    n.a.poll_changes(0).await.unwrap();
+    let key = KeyRef::Id(
+        n.a.create_key(&Caller::new("op"), CreateKeyInput::default())
+            .await
+            .unwrap()
+            .key
+            .id,
+    );
+    let err = data_key(&n.b, &key).await.unwrap_err();
+    assert!(
+        matches!(err, Error::NotFresh { .. }),
+        "before any poll: {err:?}"
+    );
+    let seen = n.b.poll_changes(0).await.unwrap();
+    data_key(&n.b, &key).await.unwrap();
+    n.b.check_ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = data_key(&n.b, &key).await.unwrap_err();
+    assert!(matches!(err, Error::NotFresh { .. }), "{err:?}");
+    assert!(err.to_string().contains("retry on another node"), "{err}");
+    let err = n.b.check_ready().await.unwrap_err();
+    assert!(matches!(err, Error::NotFresh { .. }), "{err:?}");
+    // The refusal names no key: an unknown one gets the same.
+    let err = data_key(&n.b, &KeyRef::Alias("no-such-key".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFresh { .. }), "{err:?}");
+    n.b.poll_changes(seen).await.unwrap();
+    data_key(&n.b, &key).await.unwrap();
+    let (stale, overdue) = n.b.staleness().unwrap();
+    assert_eq!(stale, 3, "the stale requests are counted");
+    assert_eq!(overdue, 0.0);
+}
+
+/// Available mode: a stale node keeps serving from its caches (counted),
+/// and stays ready.
+#[tokio::test]
+async fn available_mode_serves_while_stale() {
+    let available = SharedStore {
+        mode: StaleMode::Available,
+        max_staleness: Duration::from_millis(50),
+    };
+    let n = two_nodes(strict(60_000), available);
+    n.a.poll_changes(0).await.unwrap();
+    let key = KeyRef::Id(
+        n.a.create_key(&Caller::new("op"), CreateKeyInput::default())
+            .await
+            .unwrap()
+            .key
+            .id,
+    );
+    n.b.poll_changes(0).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    data_key(&n.b, &key).await.unwrap();
+    n.b.check_ready().await.unwrap();
+    assert_eq!(n.b.staleness().unwrap().0, 1);
+}
+
+/// A freshness lease is never moved back by a slower, older poll, and a
+/// failed poll does not extend it.
+#[tokio::test]
+async fn a_failed_poll_does_not_extend_freshness() {
+    let n = two_nodes(strict(60_000), strict(100));
+    let seen = n.b.poll_changes(0).await.unwrap();
+    assert!(n.b.is_fresh());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!n.b.is_fresh());
+    // A poll from beyond the feed's end succeeds and applies nothing.
+    assert_eq!(n.b.poll_changes(seen).await.unwrap(), seen);
+    assert!(n.b.is_fresh());
+}
