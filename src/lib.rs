@@ -20,6 +20,8 @@
 //! - [`hsm`], [`store`]: the `Hsm` and `KeyStore` seams, their backends and
 //!   the conformance suites every backend passes (the store's backends:
 //!   sled, embedded, and PostgreSQL, shared by several nodes).
+//! - [`cluster`]: coordination of several nodes sharing one store
+//!   (leases, node registry, the change feed's wake-up).
 //! - [`audit`]: the tamper-evident audit log (records, hash chain, signed
 //!   checkpoints, the offline verifier).
 //! - [`envelope`], [`crypto`]: the wrapped-key format v1 and its
@@ -41,6 +43,7 @@
 pub mod audit;
 pub mod authz;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod envelope;

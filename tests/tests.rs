@@ -81,9 +81,11 @@ mod identity;
 mod policy;
 // Issue #17, the PostgreSQL store's foundation against private servers
 // (common::pg): `coffre store migrate|status`, connection failures in
-// words, a standby refused, TLS verify-full, the least-privilege roles.
+// words, a standby refused, TLS verify-full, the least-privilege roles;
+// leases, the node registry and NOTIFY (`postgres_cluster`).
 // Environment-sensitive: needs PostgreSQL 15+, ignored (not run) without
 // it unless COFFRE_REQUIRE_POSTGRES=1.
+mod postgres_cluster;
 mod postgres_roles;
 mod postgres_store;
 // `coffre serve` and `hsm-sim serve` as separate processes, faults

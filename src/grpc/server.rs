@@ -275,9 +275,10 @@ fn reflection_descriptors() -> tonic_reflection::server::Builder<'static> {
 /// Each failing component gets a fixed sentence; the errors behind them
 /// are returned beside the report, for the log only (they may name an
 /// endpoint, a module or a file).
-///
-/// Issue #17 adds the cluster's freshness here (strict mode: a node that
-/// has not caught up within `max_staleness_ms` is not ready).
+/// On a node sharing its store with others (strict mode), the caches must
+/// also be known fresh: a node that has not read the change feed within
+/// `max_staleness_ms` refuses data keys, and a load balancer should send
+/// it none.
 async fn readiness(
     kms: &crate::service::Kms,
     audit: &crate::audit::AuditTrail,
@@ -299,6 +300,15 @@ async fn readiness(
         problems.push(Problem {
             component: Component::Store,
             reason: "the key store does not answer a read; see the server log".to_string(),
+        });
+    }
+    if let Err(e) = kms.check_fresh_for_readiness() {
+        details.push((Component::ClusterFreshness, e.to_string()));
+        problems.push(Problem {
+            component: Component::ClusterFreshness,
+            reason: "this node could not read the cluster's key changes within \
+                     max_staleness_ms, so it refuses data keys until it can; see the server log"
+                .to_string(),
         });
     }
     if !audit.is_healthy() {

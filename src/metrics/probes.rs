@@ -38,6 +38,9 @@ pub enum Component {
     AuditLog,
     /// The audit log's volume has the free space `[limits]` asks for.
     AuditVolume,
+    /// A node sharing its store has confirmed, within the bound, that its
+    /// caches follow the other nodes' changes (strict mode).
+    ClusterFreshness,
 }
 
 impl Component {
@@ -48,6 +51,7 @@ impl Component {
             Self::Store => "store",
             Self::AuditLog => "audit-log",
             Self::AuditVolume => "audit-volume",
+            Self::ClusterFreshness => "cluster-freshness",
         }
     }
 }

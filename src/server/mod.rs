@@ -36,13 +36,29 @@ pub use data_dir::{AUDIT_LOG_FILE, DataDir, DirLock};
 
 use crate::audit::AuditTrail;
 use crate::authz::Authorizer;
+use crate::cluster::{Coordination, LocalCoordination};
 use crate::grpc;
 use crate::hsm::Hsm;
 use crate::model::{Clock, SystemClock};
 use crate::pipeline::Pipeline;
+use crate::service::freshness::SharedStore;
 use crate::service::{Kms, KmsOptions};
 use crate::store::KeyStore;
 use crate::store::approvals::ApprovalStore;
+
+/// What a node sharing its store with other nodes needs
+/// ([`ServerBuilder::cluster`]).
+#[derive(Debug)]
+pub struct ClusterSetup {
+    /// Leases, the node registry, the change feed's wake-up.
+    pub coordination: Arc<dyn Coordination>,
+    /// Strict or available, and the freshness bound.
+    pub shared: SharedStore,
+    /// How often the change feed is read at least.
+    pub poll_interval: Duration,
+    /// How long a lease lasts unless renewed.
+    pub lease_ttl: Duration,
+}
 
 /// Everything a server is made of; [`ServerBuilder::start`] puts it
 /// together and starts serving.
@@ -55,6 +71,7 @@ pub struct ServerBuilder {
     clock: Arc<dyn Clock>,
     options: KmsOptions,
     legacy_approvals: Option<ApprovalStore>,
+    cluster: Option<ClusterSetup>,
     tls: grpc::ServerTls,
     audit: AuditSetup,
     listen: SocketAddr,
@@ -88,6 +105,7 @@ impl ServerBuilder {
             clock: Arc::new(SystemClock),
             options: KmsOptions::default(),
             legacy_approvals: None,
+            cluster: None,
             tls,
             audit,
             listen,
@@ -147,6 +165,15 @@ impl ServerBuilder {
         self
     }
 
+    /// Makes this server one of several nodes sharing its store: it
+    /// follows the others' key changes (the change feed, within
+    /// `shared.max_staleness`), registers and heartbeats, and runs the
+    /// scheduler only while it holds the scheduler's lease.
+    pub fn cluster(mut self, setup: ClusterSetup) -> Self {
+        self.cluster = Some(setup);
+        self
+    }
+
     /// How often the scheduler looks for due rotations and destructions
     /// (`None`: never, for tests that drive it themselves).
     pub fn scheduler(mut self, every: Option<Duration>) -> Self {
@@ -189,6 +216,9 @@ impl ServerBuilder {
         if let Some(files) = self.legacy_approvals {
             kms = kms.with_legacy_approvals(files);
         }
+        if let Some(cluster) = &self.cluster {
+            kms = kms.with_shared_store(cluster.shared);
+        }
         let kms = Arc::new(kms);
         let (audit, store_mark) = audit::open_trail(&kms, &self.audit).await?;
         // Before anything reads a key record: the store refuses them until
@@ -198,6 +228,17 @@ impl ServerBuilder {
             .await
             .context("checking the integrity of the store (its MAC key is HSM-wrapped)")?;
         kms.attach_audit_log(Arc::clone(&audit));
+        // Fresh before the first request: the first poll of the change
+        // feed is made here, and a node that cannot make it does not start.
+        let coordination: Arc<dyn Coordination> = match &self.cluster {
+            Some(cluster) => Arc::clone(&cluster.coordination),
+            None => Arc::new(LocalCoordination::default()),
+        };
+        let follower = match &self.cluster {
+            Some(cluster) => Some(tasks::start_following(&kms, cluster).await?),
+            None => None,
+        };
+        let lease_ttl = self.cluster.as_ref().map(|c| c.lease_ttl);
         let client_auth = tls.client_auth();
         let listener = match self.listener {
             Some(listener) => listener,
@@ -239,9 +280,15 @@ impl ServerBuilder {
             .crl_path()
             .is_some()
             .then(|| tasks::spawn_crl_watcher(Arc::clone(&client_auth), crl_reload_interval));
-        let scheduler = self
-            .scheduler_interval
-            .map(|every| tasks::spawn_scheduler(Arc::clone(&kms), Arc::clone(&audit), every));
+        let scheduler = self.scheduler_interval.map(|every| {
+            tasks::spawn_scheduler(
+                Arc::clone(&kms),
+                Arc::clone(&audit),
+                every,
+                Arc::clone(&coordination),
+                lease_ttl.unwrap_or(every.saturating_mul(2)),
+            )
+        });
         Ok(RunningServer {
             addr,
             kms,
@@ -250,6 +297,7 @@ impl ServerBuilder {
             shutdown: Some(tx),
             task,
             scheduler,
+            follower,
             client_auth,
             crl_watcher,
             metrics_addr: metrics_server.as_ref().map(|(addr, _)| *addr),
@@ -278,6 +326,8 @@ pub struct RunningServer {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
     scheduler: Option<JoinHandle<()>>,
+    /// Follows the other nodes' changes (cluster only).
+    follower: Option<JoinHandle<()>>,
     client_auth: Arc<grpc::ClientAuth>,
     crl_watcher: Option<JoinHandle<()>>,
     metrics_task: Option<JoinHandle<()>>,
@@ -299,6 +349,7 @@ impl RunningServer {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         for task in [
             self.scheduler.take(),
+            self.follower.take(),
             self.crl_watcher.take(),
             self.metrics_task.take(),
         ]

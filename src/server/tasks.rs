@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditEntry, AuditTrail};
+use crate::cluster::{Coordination, Lease, leases};
 use crate::grpc;
 use crate::service::{Kms, SchedulerReport};
 
@@ -19,10 +20,18 @@ use crate::service::{Kms, SchedulerReport};
 /// "rotating", under the write guard; an action whose record cannot be
 /// written is not taken) and after it. No pass runs while the audit log
 /// cannot be written.
+///
+/// A pass runs only on the node that holds the scheduler's lease
+/// ([`crate::cluster::leases::SCHEDULER`]; alone on a store, always), and
+/// each action is taken only while the lease is still valid by this node's
+/// clock. Each action stays a compare-and-swap in the store, so a lease
+/// held twice (a paused process) never doubles one.
 pub(super) fn spawn_scheduler(
     kms: Arc<Kms>,
     trail: Arc<AuditTrail>,
     every: Duration,
+    coordination: Arc<dyn Coordination>,
+    lease_ttl: Duration,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
@@ -33,7 +42,22 @@ pub(super) fn spawn_scheduler(
                 tracing::warn!("scheduler: the audit log cannot be written; pass skipped");
                 continue;
             }
-            let report = kms.run_scheduler_announcing(&Announcer(&trail)).await;
+            let lease = match coordination.acquire(leases::SCHEDULER, lease_ttl).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    tracing::debug!("scheduler: another node holds the lease; pass skipped");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduler: the lease cannot be taken; pass skipped");
+                    continue;
+                }
+            };
+            let announcer = Announcer {
+                trail: &trail,
+                lease: &lease,
+            };
+            let report = kms.run_scheduler_announcing(&announcer).await;
             if report != SchedulerReport::default() {
                 tracing::info!(
                     rotated = report.rotated.len(),
@@ -47,8 +71,12 @@ pub(super) fn spawn_scheduler(
     })
 }
 
-/// Records a scheduled action before it takes effect; an error stops it.
-struct Announcer<'a>(&'a AuditTrail);
+/// Records a scheduled action before it takes effect, while the lease
+/// holds; an error stops it.
+struct Announcer<'a> {
+    trail: &'a AuditTrail,
+    lease: &'a Lease,
+}
 
 impl crate::service::Announce for Announcer<'_> {
     async fn announce(
@@ -56,9 +84,69 @@ impl crate::service::Announce for Announcer<'_> {
         operation: &'static str,
         id: crate::model::KeyId,
     ) -> crate::error::Result<()> {
-        announce(self.0, operation, id).await
+        if !self.lease.is_valid() {
+            return Err(crate::error::Error::FailedPrecondition(format!(
+                "the {} lease ran out during the pass; the action waits for the next one",
+                self.lease.name
+            )));
+        }
+        announce(self.trail, operation, id).await
     }
 }
+
+/// Joins the other nodes sharing the store: registers this node, reads
+/// the change feed's head and makes the first poll (so that the node is
+/// fresh before it serves; a node that cannot is not started), then
+/// follows the feed: a poll at least every `poll_interval`, sooner when
+/// the store says a key changed, and a heartbeat every second.
+pub(super) async fn start_following(
+    kms: &Arc<Kms>,
+    cluster: &super::ClusterSetup,
+) -> anyhow::Result<JoinHandle<()>> {
+    let coordination = Arc::clone(&cluster.coordination);
+    coordination
+        .heartbeat()
+        .await
+        .context("registering this node in the cluster")?;
+    let head = kms.feed_head().await.context("reading the change feed")?;
+    let mut watermark = kms
+        .poll_changes(head)
+        .await
+        .context("reading the change feed")?;
+    let kms = Arc::clone(kms);
+    let poll_interval = cluster.poll_interval;
+    Ok(tokio::spawn(async move {
+        let mut last_heartbeat = std::time::Instant::now();
+        let mut failing = false;
+        loop {
+            coordination.wait_for_changes(poll_interval).await;
+            match kms.poll_changes(watermark).await {
+                Ok(next) => {
+                    if failing {
+                        tracing::info!("the change feed is read again: key states confirmed");
+                    }
+                    failing = false;
+                    watermark = next;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "the change feed cannot be read; this node stops serving data keys once its freshness runs out (strict mode)");
+                    }
+                    failing = true;
+                }
+            }
+            if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                last_heartbeat = std::time::Instant::now();
+                if let Err(e) = coordination.heartbeat().await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+        }
+    }))
+}
+
+/// How often a node tells the registry it is alive.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 async fn announce(
     trail: &AuditTrail,

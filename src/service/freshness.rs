@@ -126,7 +126,7 @@ impl Kms {
     /// Readiness: NOT_SERVING (this error) while a strict node is stale,
     /// so that load balancers send no traffic to a node cut off from the
     /// store.
-    pub(super) fn check_fresh_for_readiness(&self) -> Result<()> {
+    pub fn check_fresh_for_readiness(&self) -> Result<()> {
         let Some(f) = &self.freshness else {
             return Ok(());
         };

@@ -234,6 +234,23 @@ impl Kms {
             &as_refs(&misses),
         );
         self.hsm_counters.render(out);
+        if let Some((stale_requests, overdue)) = self.staleness() {
+            crate::metrics::render_value(
+                out,
+                "coffre_cluster_staleness_seconds",
+                "gauge",
+                "How long this node's freshness has run out (0 while its caches are known \
+                 current with the other nodes' changes).",
+                &[("", overdue)],
+            );
+            crate::metrics::render_value(
+                out,
+                "coffre_cluster_stale_requests_total",
+                "counter",
+                "Data-key requests that met this node stale (refused in strict mode).",
+                &[("", stale_requests as f64)],
+            );
+        }
     }
 
     /// The approvals directory of a data directory from before approvals

@@ -488,6 +488,45 @@ impl PgConnector {
         }
     }
 
+    /// [`Self::connect`], listening on `channel`: every notification on it
+    /// wakes `wake` (the change feed's hint; a lost one costs nothing but
+    /// the wait for the next poll). The connection ends when the client is
+    /// dropped or the server goes away.
+    pub async fn connect_listening(
+        &self,
+        channel: &str,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Result<Client, PgError> {
+        let client = match &self.tls {
+            Tls::Disabled => {
+                let (client, connection) = self
+                    .config
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| self.connect_error(&e))?;
+                tokio::spawn(drive_listening(connection, wake));
+                client
+            }
+            Tls::VerifyFull(tls) => {
+                let (client, connection) = self
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| self.connect_error(&e))?;
+                tokio::spawn(drive_listening(connection, wake));
+                client
+            }
+        };
+        // A channel name is an identifier: quoted, so that no name can
+        // reach SQL as anything else.
+        let quoted = format!("\"{}\"", channel.replace('"', "\"\""));
+        client
+            .batch_execute(&format!("LISTEN {quoted}"))
+            .await
+            .map_err(|e| self.error(&e))?;
+        Ok(client)
+    }
+
     /// The pool of `store.pool_size` connections (opened lazily, recycled
     /// with a test query). [`open_pool`] also checks the server.
     pub fn pool(&self) -> Result<Pool, PgError> {
@@ -595,6 +634,31 @@ where
     if let Err(e) = connection.await {
         // Never the password: the driver's errors carry none (no URL).
         tracing::debug!(error = %chain(&e), "a PostgreSQL connection ended");
+    }
+}
+
+/// Drives a listening connection, waking `wake` at each notification.
+async fn drive_listening<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio_postgres::tls::TlsStream + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => wake.notify_one(),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %chain(&e), "a listening PostgreSQL connection ended");
+                wake.notify_one();
+                return;
+            }
+            None => {
+                wake.notify_one();
+                return;
+            }
+        }
     }
 }
 

@@ -1,0 +1,67 @@
+//! [`LocalCoordination`]: a node alone on its store.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{Coordination, CoordinationError, Lease, LeaseStatus, NodeStatus};
+
+/// A node alone on its store (sled, whose directory lock admits one
+/// process): every lease is its own, no other node changes keys.
+#[derive(Debug)]
+pub struct LocalCoordination {
+    node_id: String,
+}
+
+impl LocalCoordination {
+    pub fn new(node_id: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+        }
+    }
+}
+
+impl Default for LocalCoordination {
+    fn default() -> Self {
+        Self::new("local")
+    }
+}
+
+#[async_trait]
+impl Coordination for LocalCoordination {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    async fn acquire(&self, name: &str, ttl: Duration) -> Result<Option<Lease>, CoordinationError> {
+        Ok(Some(Lease {
+            name: name.to_owned(),
+            token: 1,
+            valid_until: Instant::now() + ttl,
+        }))
+    }
+
+    async fn release(&self, _lease: &Lease) -> Result<(), CoordinationError> {
+        Ok(())
+    }
+
+    async fn heartbeat(&self) -> Result<(), CoordinationError> {
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeStatus>, CoordinationError> {
+        Ok(vec![NodeStatus {
+            node_id: self.node_id.clone(),
+            incarnation: String::new(),
+            last_seen_ms_ago: 0,
+        }])
+    }
+
+    async fn leases(&self) -> Result<Vec<LeaseStatus>, CoordinationError> {
+        Ok(Vec::new())
+    }
+
+    async fn wait_for_changes(&self, timeout: Duration) {
+        tokio::time::sleep(timeout).await;
+    }
+}

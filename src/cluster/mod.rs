@@ -1,0 +1,108 @@
+//! Coordination between nodes that share one store (issue #17): leases
+//! for the jobs that should run on one node at a time, the node registry
+//! and its heartbeat, and the change feed's wake-up hint.
+//!
+//! This is a seam beside [`crate::store::KeyStore`], not part of it: the
+//! data contract stays the same on every backend, and what only a cluster
+//! needs lives here. [`LocalCoordination`] is a node alone on its store
+//! (sled, `coffre dev`): every lease is its own, nothing to wait for.
+//! [`postgres::PgCoordination`] keeps leases and nodes in the database,
+//! judged by the database's clock.
+//!
+//! A lease is an optimisation, never what keeps data safe: every action a
+//! leased job takes is a compare-and-swap in the store (a scheduled
+//! rotation or destruction, a root-key fence, an approval), so two nodes
+//! that both believe they hold one (a lease that expired under a paused
+//! process) still act once. The lease keeps them from racing for nothing,
+//! and from calling the HSM twice.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+pub mod local;
+pub mod postgres;
+
+pub use local::LocalCoordination;
+
+/// The jobs that run on one node at a time.
+pub mod leases {
+    /// Due rotations and destructions.
+    pub const SCHEDULER: &str = "scheduler";
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoordinationError {
+    /// The coordination backend (the database) cannot be reached or
+    /// refused the call; retried on the next pass.
+    #[error("coordination unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A lease this node holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    /// Grows with every new holder: a fencing token.
+    pub token: u64,
+    /// This node's own deadline (monotonic): the sending time of the call
+    /// that granted or renewed the lease, plus its time to live, minus a
+    /// margin. The holder stops the job's next action once it has passed,
+    /// without waiting to be told.
+    pub valid_until: Instant,
+}
+
+impl Lease {
+    pub fn is_valid(&self) -> bool {
+        Instant::now() < self.valid_until
+    }
+}
+
+/// A node as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeStatus {
+    pub node_id: String,
+    pub incarnation: String,
+    /// Milliseconds since its last heartbeat, by the registry's clock.
+    pub last_seen_ms_ago: u64,
+}
+
+/// A lease as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseStatus {
+    pub name: String,
+    pub holder: String,
+    pub token: u64,
+    /// Milliseconds until it expires (0: expired), by the registry's clock.
+    pub expires_in_ms: u64,
+}
+
+#[async_trait]
+pub trait Coordination: Send + Sync + fmt::Debug {
+    /// This node's id.
+    fn node_id(&self) -> &str;
+
+    /// Takes the lease `name` for `ttl`, or renews it if this node (this
+    /// incarnation) holds it already; `None` if another node holds it and
+    /// it has not expired.
+    async fn acquire(&self, name: &str, ttl: Duration) -> Result<Option<Lease>, CoordinationError>;
+
+    /// Gives the lease up early (at shutdown), if still held.
+    async fn release(&self, lease: &Lease) -> Result<(), CoordinationError>;
+
+    /// Registers this node on the first call, then records that it is
+    /// alive.
+    async fn heartbeat(&self) -> Result<(), CoordinationError>;
+
+    /// Every registered node.
+    async fn nodes(&self) -> Result<Vec<NodeStatus>, CoordinationError>;
+
+    /// Every lease, held or expired.
+    async fn leases(&self) -> Result<Vec<LeaseStatus>, CoordinationError>;
+
+    /// Waits until another node may have changed keys (a hint: a
+    /// notification from the store), or `timeout` has passed.
+    async fn wait_for_changes(&self, timeout: Duration);
+}

@@ -1,0 +1,233 @@
+//! [`PgCoordination`]: leases and the node registry in the PostgreSQL
+//! store's database (tables `leases` and `nodes`), and LISTEN for the
+//! change feed's hint.
+//!
+//! Two connections of its own, outside the store's pool, so that a pool
+//! saturated by requests (or waiting on a restarting database) never
+//! starves the lease renewals and the poller's wake-ups: one for leases
+//! and heartbeats, one that listens. Each is opened again after it fails.
+//! Expiry is judged by the database's `now()`, one clock for every node;
+//! the holder also stops by its own monotonic deadline ([`Lease`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::{Mutex, Notify};
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use super::{Coordination, CoordinationError, Lease, LeaseStatus, NodeStatus};
+use crate::store::postgres::PgConnector;
+use crate::store::postgres::migrate::LATEST_VERSION;
+
+/// The channel the store notifies on at every key change.
+pub const CHANGES_CHANNEL: &str = "coffre_keys";
+
+/// The part of a lease's time to live the holder gives up at its end (a
+/// renewal that arrives late, a paused process): it stops before the
+/// database would give the lease to another node.
+const LEASE_MARGIN_DIVISOR: u32 = 5;
+
+pub struct PgCoordination {
+    connector: Arc<PgConnector>,
+    node_id: String,
+    incarnation: Uuid,
+    client: Mutex<Option<Client>>,
+    listener: Mutex<Option<Client>>,
+    wake: Arc<Notify>,
+    registered: AtomicBool,
+}
+
+impl std::fmt::Debug for PgCoordination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgCoordination")
+            .field("node_id", &self.node_id)
+            .field("incarnation", &self.incarnation)
+            .field("target", &self.connector.target())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> CoordinationError {
+    CoordinationError::Unavailable(e.to_string())
+}
+
+impl PgCoordination {
+    /// A coordination for node `node_id`, this process being its
+    /// incarnation `incarnation`. Connects lazily.
+    pub fn new(connector: Arc<PgConnector>, node_id: impl Into<String>, incarnation: Uuid) -> Self {
+        Self {
+            connector,
+            node_id: node_id.into(),
+            incarnation,
+            client: Mutex::new(None),
+            listener: Mutex::new(None),
+            wake: Arc::new(Notify::new()),
+            registered: AtomicBool::new(false),
+        }
+    }
+
+    pub fn incarnation(&self) -> Uuid {
+        self.incarnation
+    }
+
+    /// Runs one statement on the coordination connection, opening it
+    /// first if needed, dropping it after an error (opened again next
+    /// time).
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, CoordinationError> {
+        let mut slot = self.client.lock().await;
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            *slot = Some(self.connector.connect().await.map_err(unavailable)?);
+        }
+        let Some(client) = slot.as_ref() else {
+            return Err(unavailable("no coordination connection"));
+        };
+        match client.query(sql, params).await {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                let why = self.connector.error(&e);
+                *slot = None;
+                Err(unavailable(why))
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn non_negative(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+#[async_trait]
+impl Coordination for PgCoordination {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    async fn acquire(&self, name: &str, ttl: Duration) -> Result<Option<Lease>, CoordinationError> {
+        let sent = Instant::now();
+        let rows = self
+            .query(
+                "INSERT INTO leases AS l (name, holder, holder_incarnation, token, expires_at)
+                 VALUES ($1, $2, $3, 1, now() + $4::bigint * interval '1 millisecond')
+                 ON CONFLICT (name) DO UPDATE
+                   SET holder = $2, holder_incarnation = $3,
+                       token = CASE WHEN l.holder = $2 AND l.holder_incarnation = $3
+                                    THEN l.token ELSE l.token + 1 END,
+                       expires_at = now() + $4::bigint * interval '1 millisecond'
+                   WHERE l.expires_at < now()
+                      OR (l.holder = $2 AND l.holder_incarnation = $3)
+                 RETURNING token",
+                &[&name, &self.node_id, &self.incarnation, &millis(ttl)],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let token: i64 = row.try_get(0).map_err(unavailable)?;
+        let margin = ttl / LEASE_MARGIN_DIVISOR;
+        Ok(Some(Lease {
+            name: name.to_owned(),
+            token: non_negative(token),
+            valid_until: sent + ttl.saturating_sub(margin),
+        }))
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), CoordinationError> {
+        let token = i64::try_from(lease.token).unwrap_or(i64::MAX);
+        self.query(
+            "UPDATE leases SET expires_at = now()
+             WHERE name = $1 AND holder = $2 AND holder_incarnation = $3 AND token = $4",
+            &[&lease.name, &self.node_id, &self.incarnation, &token],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self) -> Result<(), CoordinationError> {
+        let version = env!("CARGO_PKG_VERSION");
+        self.query(
+            "INSERT INTO nodes AS n (node_id, incarnation, started_at, last_seen, binary_version, max_schema)
+             VALUES ($1, $2, now(), now(), $3, $4)
+             ON CONFLICT (node_id) DO UPDATE
+               SET started_at = CASE WHEN n.incarnation = $2 THEN n.started_at ELSE now() END,
+                   incarnation = $2, last_seen = now(), binary_version = $3, max_schema = $4",
+            &[&self.node_id, &self.incarnation, &version, &LATEST_VERSION],
+        )
+        .await?;
+        if !self.registered.swap(true, Ordering::AcqRel) {
+            tracing::info!(node_id = %self.node_id, incarnation = %self.incarnation, "registered in the cluster's node registry");
+        }
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeStatus>, CoordinationError> {
+        let rows = self
+            .query(
+                "SELECT node_id, incarnation::text,
+                        (extract(epoch FROM now() - last_seen) * 1000)::bigint
+                 FROM nodes ORDER BY node_id",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeStatus {
+                    node_id: r.try_get(0).map_err(unavailable)?,
+                    incarnation: r.try_get(1).map_err(unavailable)?,
+                    last_seen_ms_ago: non_negative(r.try_get(2).map_err(unavailable)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn leases(&self) -> Result<Vec<LeaseStatus>, CoordinationError> {
+        let rows = self
+            .query(
+                "SELECT name, holder, token,
+                        greatest(0, (extract(epoch FROM expires_at - now()) * 1000))::bigint
+                 FROM leases ORDER BY name",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LeaseStatus {
+                    name: r.try_get(0).map_err(unavailable)?,
+                    holder: r.try_get(1).map_err(unavailable)?,
+                    token: non_negative(r.try_get(2).map_err(unavailable)?),
+                    expires_in_ms: non_negative(r.try_get(3).map_err(unavailable)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn wait_for_changes(&self, timeout: Duration) {
+        {
+            let mut listener = self.listener.lock().await;
+            if listener.as_ref().is_none_or(Client::is_closed) {
+                match self
+                    .connector
+                    .connect_listening(CHANGES_CHANNEL, Arc::clone(&self.wake))
+                    .await
+                {
+                    Ok(client) => *listener = Some(client),
+                    Err(e) => {
+                        *listener = None;
+                        tracing::debug!(error = %e, "cannot listen for key changes; polling only");
+                    }
+                }
+            }
+        }
+        let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
+    }
+}

@@ -1,0 +1,147 @@
+//! `PgCoordination` against a real PostgreSQL server (issue #17): leases
+//! held by one node at a time and judged by the database's clock, renewal
+//! by the holder, takeover after expiry with a new token, release; the
+//! node registry; and the change feed's NOTIFY waking a waiting node.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coffre::cluster::Coordination;
+use coffre::cluster::postgres::{CHANGES_CHANNEL, PgCoordination};
+
+use crate::common::pg::PgCluster;
+use crate::common::{needs, require};
+use crate::postgres_store::{connector, store_json, write_config};
+
+/// A migrated database on `pg`, and two coordinations on it (nodes n1, n2).
+fn two_nodes(pg: &PgCluster) -> (PgCoordination, PgCoordination, String) {
+    let db = pg.create_database();
+    let url = pg.url(&db);
+    let config = write_config(pg.dir(), "");
+    store_json("migrate", &config, &url);
+    let c = Arc::new(connector(&config, &url));
+    (
+        PgCoordination::new(Arc::clone(&c), "n1", uuid::Uuid::new_v4()),
+        PgCoordination::new(c, "n2", uuid::Uuid::new_v4()),
+        db,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn a_lease_is_held_by_one_node_at_a_time() {
+    require(&needs::POSTGRES);
+    let pg = PgCluster::primary();
+    let (n1, n2, _) = two_nodes(&pg);
+    let ttl = Duration::from_millis(1_500);
+
+    let first = n1
+        .acquire("scheduler", ttl)
+        .await
+        .unwrap()
+        .expect("n1 takes it");
+    assert!(first.is_valid());
+    assert_eq!(
+        n2.acquire("scheduler", ttl).await.unwrap(),
+        None,
+        "held by n1"
+    );
+    // The holder renews; the token stays.
+    let renewed = n1.acquire("scheduler", ttl).await.unwrap().unwrap();
+    assert_eq!(renewed.token, first.token);
+    // Another lease is independent.
+    assert!(n2.acquire("maintenance", ttl).await.unwrap().is_some());
+
+    // Expired (by the database's clock): n2 takes it, with a new token;
+    // n1 can no longer renew.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(
+        !renewed.is_valid(),
+        "the holder's own deadline has passed too"
+    );
+    let taken = n2
+        .acquire("scheduler", ttl)
+        .await
+        .unwrap()
+        .expect("n2 takes it");
+    assert_eq!(taken.token, first.token + 1);
+    assert_eq!(n1.acquire("scheduler", ttl).await.unwrap(), None);
+
+    // Released: n1 takes it at once.
+    n2.release(&taken).await.unwrap();
+    let back = n1
+        .acquire("scheduler", ttl)
+        .await
+        .unwrap()
+        .expect("released");
+    assert_eq!(back.token, taken.token + 1);
+
+    let leases = n1.leases().await.unwrap();
+    let scheduler = leases.iter().find(|l| l.name == "scheduler").unwrap();
+    assert_eq!(scheduler.holder, "n1");
+    assert!(scheduler.expires_in_ms > 0 && scheduler.expires_in_ms <= 1_500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn racing_nodes_take_a_free_lease_once() {
+    require(&needs::POSTGRES);
+    let pg = PgCluster::primary();
+    let (n1, n2, _) = two_nodes(&pg);
+    let (n1, n2) = (Arc::new(n1), Arc::new(n2));
+    for round in 0..10 {
+        let name = format!("race-{round}");
+        let (a, b) = tokio::join!(
+            n1.acquire(&name, Duration::from_secs(10)),
+            n2.acquire(&name, Duration::from_secs(10))
+        );
+        let winners = [a.unwrap(), b.unwrap()]
+            .into_iter()
+            .filter(Option::is_some)
+            .count();
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn nodes_register_and_a_notification_wakes_a_waiting_node() {
+    require(&needs::POSTGRES);
+    let pg = PgCluster::primary();
+    let (n1, n2, db) = two_nodes(&pg);
+    n1.heartbeat().await.unwrap();
+    n2.heartbeat().await.unwrap();
+    let nodes = n1.nodes().await.unwrap();
+    let ids: Vec<&str> = nodes.iter().map(|n| n.node_id.as_str()).collect();
+    assert_eq!(ids, ["n1", "n2"]);
+    assert_eq!(nodes[1].incarnation, n2.incarnation().to_string());
+    assert!(
+        nodes.iter().all(|n| n.last_seen_ms_ago < 5_000),
+        "{nodes:?}"
+    );
+
+    // Without a notification, the wait lasts its timeout.
+    let started = Instant::now();
+    n2.wait_for_changes(Duration::from_millis(300)).await;
+    assert!(started.elapsed() >= Duration::from_millis(290));
+    // The listener is open now: a notification cuts the next wait short.
+    let notify = format!("NOTIFY {CHANGES_CHANNEL}, '7'");
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        n2.wait_for_changes(Duration::from_secs(20)).await;
+        started.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pg.psql(&db, &notify);
+    let waited = waiting.await.unwrap();
+    assert!(waited < Duration::from_secs(10), "woken after {waited:?}");
+}
