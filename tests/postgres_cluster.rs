@@ -145,3 +145,63 @@ async fn nodes_register_and_a_notification_wakes_a_waiting_node() {
     let waited = waiting.await.unwrap();
     assert!(waited < Duration::from_secs(10), "woken after {waited:?}");
 }
+
+/// `coffre cluster status` reads the registry and the leases from the
+/// database: the nodes with their heartbeats, the lease holder, the feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn cluster_status_shows_nodes_leases_and_the_feed() {
+    require(&needs::POSTGRES);
+    let pg = PgCluster::primary();
+    let db = pg.create_database();
+    let url = pg.url(&db);
+    let config = write_config(pg.dir(), "");
+    store_json("migrate", &config, &url);
+    let c = Arc::new(connector(&config, &url));
+    let n1 = PgCoordination::new(Arc::clone(&c), "n1", uuid::Uuid::new_v4());
+    let n2 = PgCoordination::new(c, "n2", uuid::Uuid::new_v4());
+    n1.heartbeat().await.unwrap();
+    n2.heartbeat().await.unwrap();
+    n2.acquire("scheduler", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(crate::common::binary::COFFRE);
+        cmd.args(["cluster", "status", "--config"])
+            .arg(&config)
+            .env("COFFRE_TEST_DATABASE_URL", &url)
+            .env("RUST_LOG", "warn");
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let status: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+    assert_eq!(status["primary"]["in_recovery"], false);
+    assert_eq!(status["key_generation"], 0);
+    let nodes: Vec<&str> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["n1", "n2"]);
+    assert!(status["nodes"][0]["alive"].as_bool().unwrap(), "{status}");
+    assert_eq!(status["leases"][0]["name"], "scheduler");
+    assert_eq!(status["leases"][0]["holder"], "n2");
+    assert_eq!(status["leases"][0]["held"], true);
+    let text = run(false);
+    assert!(text.contains("scheduler        held by n2"), "{text}");
+    assert!(text.contains("n1") && text.contains("alive"), "{text}");
+}

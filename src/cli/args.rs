@@ -59,6 +59,20 @@ pub enum Command {
     /// schema, show the database.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Several nodes on one PostgreSQL store: who is alive, who holds
+    /// which lease, how far the change feed has gone.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `coffre cluster ...`: the cluster a server configuration's database
+/// holds, read from the database directly (it answers even with every
+/// node down).
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The nodes (last heartbeat), the leases (holder, expiry), the change
+    /// feed's generation and the database's primary.
+    Status(StoreArgs),
 }
 
 /// `coffre store ...`: the PostgreSQL database a server configuration

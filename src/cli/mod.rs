@@ -11,6 +11,7 @@ mod args;
 mod audit;
 mod bench;
 mod client;
+mod cluster;
 mod datakey;
 mod hsm;
 mod key;
@@ -27,10 +28,10 @@ use clap::{CommandFactory, FromArgMatches};
 
 use crate::server::dev::DevOptions;
 pub use args::{
-    ApprovalCommand, AuditCommand, Cli, Command, ConnectArgs, DataArgs, DatakeyCommand,
-    DecryptArgs, DevArgs, DevAuditMode, EncryptArgs, HsmCommand, KeyCommand, LocalHsmArgs,
-    OutcomeArg, PolicyCommand, ProtectionArg, ServeArgs, StateFilter, StoreArgs, StoreCommand,
-    TokenCommand,
+    ApprovalCommand, AuditCommand, Cli, ClusterCommand, Command, ConnectArgs, DataArgs,
+    DatakeyCommand, DecryptArgs, DevArgs, DevAuditMode, EncryptArgs, HsmCommand, KeyCommand,
+    LocalHsmArgs, OutcomeArg, PolicyCommand, ProtectionArg, ServeArgs, StateFilter, StoreArgs,
+    StoreCommand, TokenCommand,
 };
 pub use hsm::RELOGIN_CHECK;
 use run::{init_logging, run_dev, run_serve};
@@ -74,6 +75,7 @@ pub fn main() -> ExitCode {
             Command::Reencrypt(args) => reencrypt::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Store(cmd) => store::run(cmd).await,
+            Command::Cluster(cmd) => cluster::run(cmd).await,
         }
     });
     match result {

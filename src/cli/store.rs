@@ -30,7 +30,7 @@ pub async fn run(cmd: StoreCommand) -> anyhow::Result<()> {
 }
 
 /// The connector of the configuration's PostgreSQL store.
-fn connector(path: &Path) -> anyhow::Result<PgConnector> {
+pub(super) fn connector(path: &Path) -> anyhow::Result<PgConnector> {
     let config = Config::load(path)
         .map_err(|e| CliError::local(tonic::Code::InvalidArgument, format!("{e:#}")))?;
     let (store, cluster) = postgres_settings(&config, path)?;
@@ -145,7 +145,7 @@ async fn run_status(args: &StoreArgs) -> anyhow::Result<()> {
 }
 
 /// A [`PgError`] as the CLI reports it: the code its kind stands for.
-fn cli_error(e: PgError) -> anyhow::Error {
+pub(super) fn cli_error(e: PgError) -> anyhow::Error {
     use tonic::Code;
     let code = match &e {
         PgError::Url { .. } | PgError::CaFile { .. } => Code::InvalidArgument,

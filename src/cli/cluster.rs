@@ -1,0 +1,121 @@
+//! `coffre cluster status`: the cluster as its database records it — the
+//! nodes and their last heartbeat, the leases, the change feed's newest
+//! generation, and whether the server reached is the primary. Read from
+//! the database directly, so it answers with every node down; failures
+//! follow `coffre store`'s codes.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::ClusterCommand;
+use super::StoreArgs;
+use super::output::print_json;
+use super::store::{cli_error, connector};
+use crate::cluster::Coordination;
+use crate::cluster::postgres::PgCoordination;
+use crate::store::postgres::connect::ServerInfo;
+
+/// A node whose last heartbeat is older than this is shown as silent (it
+/// beats every second).
+const SILENT_AFTER_MS: u64 = 5_000;
+
+pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCommand::Status(args) => status(&args).await,
+    }
+}
+
+async fn status(args: &StoreArgs) -> anyhow::Result<()> {
+    let connector = Arc::new(connector(&args.config)?);
+    let client = connector.connect().await.map_err(cli_error)?;
+    let info = ServerInfo::read(&connector, &client)
+        .await
+        .map_err(cli_error)?;
+    let generation: i64 = client
+        .query_one("SELECT key_generation FROM coffre_cluster", &[])
+        .await
+        .map_err(|e| cli_error(connector.error(&e)))?
+        .try_get(0)
+        .map_err(|e| cli_error(connector.error(&e)))?;
+    let reader = PgCoordination::new(Arc::clone(&connector), "coffre-cli", uuid::Uuid::nil());
+    let unavailable = |e: crate::cluster::CoordinationError| {
+        super::client::CliError::local(tonic::Code::Unavailable, e.to_string())
+    };
+    let nodes = reader.nodes().await.map_err(unavailable)?;
+    let leases = reader.leases().await.map_err(unavailable)?;
+    if args.json {
+        return print_json(&json!({
+            "target": connector.target(),
+            "primary": {
+                "server_address": info.server_address,
+                "in_recovery": info.in_recovery,
+                "synchronous_standby_names": info.synchronous_standby_names,
+            },
+            "key_generation": generation,
+            "nodes": nodes.iter().map(|n| json!({
+                "node_id": n.node_id,
+                "incarnation": n.incarnation,
+                "last_seen_ms_ago": n.last_seen_ms_ago,
+                "alive": n.last_seen_ms_ago <= SILENT_AFTER_MS,
+            })).collect::<Vec<_>>(),
+            "leases": leases.iter().map(|l| json!({
+                "name": l.name,
+                "holder": l.holder,
+                "token": l.token,
+                "expires_in_ms": l.expires_in_ms,
+                "held": l.expires_in_ms > 0,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let role = if info.in_recovery {
+        "a standby (in recovery): no node can write"
+    } else {
+        "the primary"
+    };
+    println!(
+        "database: {} ({}, {role})",
+        connector.target(),
+        info.server()
+    );
+    println!("change feed: generation {generation}");
+    if nodes.is_empty() {
+        println!("nodes: none has registered yet");
+    } else {
+        println!("nodes:");
+        for n in &nodes {
+            let state = if n.last_seen_ms_ago <= SILENT_AFTER_MS {
+                "alive"
+            } else {
+                "silent"
+            };
+            println!(
+                "  {:<16} {state:<6} last heartbeat {:.1} s ago",
+                n.node_id,
+                n.last_seen_ms_ago as f64 / 1000.0
+            );
+        }
+    }
+    if leases.is_empty() {
+        println!("leases: none taken yet");
+    } else {
+        println!("leases:");
+        for l in &leases {
+            if l.expires_in_ms > 0 {
+                println!(
+                    "  {:<16} held by {} (token {}), {:.1} s left",
+                    l.name,
+                    l.holder,
+                    l.token,
+                    l.expires_in_ms as f64 / 1000.0
+                );
+            } else {
+                println!(
+                    "  {:<16} free (last held by {}, token {})",
+                    l.name, l.holder, l.token
+                );
+            }
+        }
+    }
+    Ok(())
+}
