@@ -148,6 +148,13 @@ pub struct DevArgs {
     /// `--attribute service:tenant=…` replaces it.
     #[arg(long = "attribute", value_name = "PRINCIPAL_OR_ROLE:KEY=VALUE")]
     pub attributes: Vec<crate::server::dev::DevAttribute>,
+    /// Run N nodes (2 to 9) sharing one store, for high availability on
+    /// one machine: a private PostgreSQL under DIR/postgres, the simulated
+    /// HSM served to every node, N `coffre serve` processes on
+    /// consecutive ports from --listen; writes DIR/cluster.json. Needs
+    /// PostgreSQL 15+ installed (initdb, pg_ctl).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub nodes: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -56,6 +56,10 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Dev(args) => {
                 init_logging(args.log_json);
+                let nodes = args.nodes;
+                if nodes > 1 {
+                    return run::run_dev_cluster(DevOptions::from(args), nodes).await;
+                }
                 run_dev(DevOptions::from(args), std::future::pending()).await
             }
             Command::Serve(args) => {

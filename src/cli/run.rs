@@ -84,6 +84,33 @@ pub async fn run_dev(
         .await
 }
 
+/// `coffre dev --nodes N`: see [`crate::server::dev_cluster`].
+pub async fn run_dev_cluster(opts: dev::DevOptions, nodes: u32) -> anyhow::Result<()> {
+    crate::hardening::disable_core_dumps()?;
+    if opts.preload_keys > 0 || opts.accept_audit_log_loss || opts.crl.is_some() {
+        anyhow::bail!(
+            "--nodes does not take --preload-keys, --accept-audit-log-loss or --crl (use them \
+             with a single node)"
+        );
+    }
+    let cluster = crate::server::dev_cluster::start(&opts, nodes).await?;
+    let root = opts.data_dir.display();
+    println!("coffre dev: {nodes} nodes on one PostgreSQL store (high availability)");
+    for node in &cluster.file.nodes {
+        println!(
+            "  node {:<4} {}   pid {:<8} metrics {}",
+            node.node_id, node.endpoint, node.pid, node.metrics
+        );
+    }
+    println!("  postgres    {root}/postgres   (its URL in {root}/postgres-url)");
+    println!("  cluster     {}", cluster.cluster_json.display());
+    println!("  status      coffre cluster status --config {root}/nodes/n1/coffre.toml");
+    println!("  clients     the dev PKI in {root}/pki, as for one node; any node's endpoint");
+    println!("Ctrl-C stops every node, the HSM and PostgreSQL.");
+    cluster.run_until(termination()).await;
+    Ok(())
+}
+
 /// `coffre serve --config FILE`.
 pub async fn run_serve(
     config_path: &Path,

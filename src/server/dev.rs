@@ -369,7 +369,7 @@ pub async fn preload_keys(server: &RunningServer, count: u64) -> anyhow::Result<
 }
 
 /// The dev HSM's PIN: random on first start, kept in a 0600 file.
-fn dev_pin(dir: &DataDir) -> anyhow::Result<Zeroizing<String>> {
+pub(super) fn dev_pin(dir: &DataDir) -> anyhow::Result<Zeroizing<String>> {
     let path = dir.hsm_pin();
     if path.exists() {
         let mut pin = Zeroizing::new(

@@ -18,6 +18,7 @@
 mod audit;
 mod data_dir;
 pub mod dev;
+pub mod dev_cluster;
 pub mod production;
 mod tasks;
 

@@ -20,6 +20,7 @@
 
 pub mod connect;
 mod error;
+pub mod local;
 pub mod migrate;
 
 pub use connect::{DatabaseUrl, PgConnector, ServerInfo, open_pool, redacted};
