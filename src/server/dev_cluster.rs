@@ -192,6 +192,7 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
             principals: &principals,
             attributes: &attributes,
             quorum: opts.quorum,
+            cluster: Vec::new(),
         })?;
         let config_path = node_dir.join("coffre.toml");
         crate::fsutil::write_atomic(&config_path, config.as_bytes(), false)
@@ -269,21 +270,32 @@ async fn bind_check(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     }
 }
 
-struct NodeConfig<'a> {
-    node_id: &'a str,
-    node_dir: &'a Path,
-    listen: SocketAddr,
-    metrics: SocketAddr,
-    dir: &'a DataDir,
-    hsm_endpoint: &'a str,
-    url_file: &'a Path,
-    principals: &'a [(String, Role)],
-    attributes: &'a std::collections::HashMap<String, std::collections::BTreeMap<String, String>>,
-    quorum: u32,
+/// What a node's configuration is made of ([`node_config`]).
+#[derive(Debug)]
+pub struct NodeConfig<'a> {
+    pub node_id: &'a str,
+    /// Its own data directory (audit log, CRL state).
+    pub node_dir: &'a Path,
+    pub listen: SocketAddr,
+    pub metrics: SocketAddr,
+    /// The directory of the dev PKI and of the simulated HSM's PIN.
+    pub dir: &'a DataDir,
+    pub hsm_endpoint: &'a str,
+    /// The file holding the database URL (0600).
+    pub url_file: &'a Path,
+    pub principals: &'a [(String, Role)],
+    pub attributes:
+        &'a std::collections::HashMap<String, std::collections::BTreeMap<String, String>>,
+    pub quorum: u32,
+    /// More `[cluster]` settings (`max_staleness_ms`, `poll_interval_ms`, …).
+    pub cluster: Vec<(&'a str, i64)>,
 }
 
-/// One node's `coffre serve` configuration, as TOML.
-fn node_config(c: NodeConfig<'_>) -> anyhow::Result<String> {
+/// One node's `coffre serve` configuration, as TOML: the dev PKI with a CA
+/// per role, the simulated HSM at `hsm_endpoint`, the dev principals and
+/// their attributes, keys granted to the dev service by default, the
+/// PostgreSQL store and `[cluster] node_id`.
+pub fn node_config(c: NodeConfig<'_>) -> anyhow::Result<String> {
     use toml::{Table, Value};
     let path = |p: &Path| Value::String(p.display().to_string());
     let paths = c.dir.pki();
@@ -350,6 +362,9 @@ fn node_config(c: NodeConfig<'_>) -> anyhow::Result<String> {
     root.insert("store".into(), Value::Table(store));
     let mut cluster = Table::new();
     cluster.insert("node_id".into(), Value::String(c.node_id.into()));
+    for (name, value) in &c.cluster {
+        cluster.insert((*name).into(), Value::Integer(*value));
+    }
     root.insert("cluster".into(), Value::Table(cluster));
     toml::to_string(&root).context("encoding a node's configuration")
 }

@@ -14,9 +14,11 @@
 
 pub mod binary;
 pub mod clients;
+pub mod cluster;
 #[path = "../../build/needs.rs"]
 pub mod needs;
 pub mod pg;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
