@@ -30,6 +30,8 @@ pub use local::LocalCoordination;
 pub mod leases {
     /// Due rotations and destructions.
     pub const SCHEDULER: &str = "scheduler";
+    /// The HSM root-key rotation.
+    pub const ROOT_ROTATION: &str = "root-rotation";
 }
 
 #[derive(Debug, thiserror::Error)]

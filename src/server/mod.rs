@@ -218,7 +218,9 @@ impl ServerBuilder {
             kms = kms.with_legacy_approvals(files);
         }
         if let Some(cluster) = &self.cluster {
-            kms = kms.with_shared_store(cluster.shared);
+            kms = kms
+                .with_shared_store(cluster.shared)
+                .with_coordination(Arc::clone(&cluster.coordination));
         }
         let kms = Arc::new(kms);
         let (audit, store_mark) = audit::open_trail(&kms, &self.audit).await?;

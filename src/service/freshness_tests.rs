@@ -209,3 +209,124 @@ async fn a_failed_poll_does_not_extend_freshness() {
     assert_eq!(n.b.poll_changes(seen).await.unwrap(), seen);
     assert!(n.b.is_fresh());
 }
+
+/// Leases kept in memory, as a database would keep them for two nodes:
+/// one holder per name until released.
+#[derive(Debug, Default)]
+struct Leases {
+    held: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+#[derive(Debug)]
+struct NodeLeases {
+    node: String,
+    leases: Arc<Leases>,
+}
+
+#[async_trait::async_trait]
+impl crate::cluster::Coordination for NodeLeases {
+    fn node_id(&self) -> &str {
+        &self.node
+    }
+    async fn acquire(
+        &self,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<Option<crate::cluster::Lease>, crate::cluster::CoordinationError> {
+        let mut held = self.leases.held.lock().unwrap();
+        let holder = held
+            .entry(name.to_owned())
+            .or_insert_with(|| self.node.clone());
+        Ok((*holder == self.node).then(|| crate::cluster::Lease {
+            name: name.to_owned(),
+            token: 1,
+            valid_until: std::time::Instant::now() + ttl,
+        }))
+    }
+    async fn release(
+        &self,
+        lease: &crate::cluster::Lease,
+    ) -> Result<(), crate::cluster::CoordinationError> {
+        self.leases.held.lock().unwrap().remove(&lease.name);
+        Ok(())
+    }
+    async fn heartbeat(&self) -> Result<(), crate::cluster::CoordinationError> {
+        Ok(())
+    }
+    async fn nodes(
+        &self,
+    ) -> Result<Vec<crate::cluster::NodeStatus>, crate::cluster::CoordinationError> {
+        Ok(Vec::new())
+    }
+    async fn leases(
+        &self,
+    ) -> Result<Vec<crate::cluster::LeaseStatus>, crate::cluster::CoordinationError> {
+        Ok(Vec::new())
+    }
+    async fn wait_for_changes(&self, timeout: Duration) {
+        tokio::time::sleep(timeout).await;
+    }
+}
+
+/// A root-key rotation runs on one node at a time: while one node holds
+/// the root-rotation lease, the other's rotation is refused and the HSM
+/// gets no second new root key; once released, the other may rotate.
+#[tokio::test]
+async fn a_root_key_rotation_runs_on_one_node_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+    let hsm: Arc<dyn Hsm> =
+        Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap());
+    let leases = Arc::new(Leases::default());
+    let on = |name: &str| {
+        node(&store, &hsm, strict(60_000)).with_coordination(Arc::new(NodeLeases {
+            node: name.into(),
+            leases: Arc::clone(&leases),
+        }))
+    };
+    let (a, b) = (on("a"), on("b"));
+    a.create_key(&Caller::new("op"), CreateKeyInput::default())
+        .await
+        .unwrap();
+    let before = hsm.info().await.unwrap();
+    // A takes the lease (as its rotation would), then B tries.
+    let held = NodeLeases {
+        node: "a".into(),
+        leases: Arc::clone(&leases),
+    };
+    let lease = crate::cluster::Coordination::acquire(
+        &held,
+        crate::cluster::leases::ROOT_ROTATION,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let err = b
+        .rotate_root_key(&Caller::new("op"), |_| true)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("another node is rotating")),
+        "{err:?}"
+    );
+    assert_eq!(hsm.info().await.unwrap(), before, "no new root key");
+    // A, the holder, rotates; then it lets go and B may.
+    let done = a
+        .rotate_root_key(&Caller::new("op"), |_| true)
+        .await
+        .unwrap();
+    assert!(done.done);
+    crate::cluster::Coordination::release(&held, &lease)
+        .await
+        .unwrap();
+    let again = b
+        .rotate_root_key(&Caller::new("op"), |_| true)
+        .await
+        .unwrap();
+    assert!(again.done);
+    assert_eq!(
+        hsm.info().await.unwrap().root_key_ids,
+        vec![again.new_root_key_id]
+    );
+}

@@ -133,6 +133,8 @@ pub struct Kms {
     audit_log: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
     /// Set when other nodes share the store (`freshness.rs`).
     freshness: Option<freshness::Freshness>,
+    /// Leases for the work one node at a time does (root-key rotation).
+    coordination: Arc<dyn crate::cluster::Coordination>,
 }
 
 /// How long "no such key" is believed without asking the store again.
@@ -197,6 +199,7 @@ impl Kms {
             hsm_counters,
             audit_log: std::sync::OnceLock::new(),
             freshness: None,
+            coordination: Arc::new(crate::cluster::LocalCoordination::default()),
         }
     }
 
@@ -251,6 +254,16 @@ impl Kms {
                 &[("", stale_requests as f64)],
             );
         }
+    }
+
+    /// The leases of the cluster this core's node belongs to (alone on
+    /// its store by default: every lease its own).
+    pub fn with_coordination(
+        mut self,
+        coordination: Arc<dyn crate::cluster::Coordination>,
+    ) -> Self {
+        self.coordination = coordination;
+        self
     }
 
     /// The approvals directory of a data directory from before approvals

@@ -43,7 +43,32 @@ pub struct RootRotationProgress {
 
 const BATCH: usize = 32;
 
+/// How long the root-rotation lease lasts between renewals (one per
+/// batch of [`BATCH`] re-wraps).
+const ROOT_ROTATION_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Kms {
+    /// Takes or renews the cluster's root-rotation lease; refused while
+    /// another node holds it.
+    async fn root_rotation_lease(&self) -> Result<crate::cluster::Lease> {
+        match self
+            .coordination
+            .acquire(crate::cluster::leases::ROOT_ROTATION, ROOT_ROTATION_LEASE)
+            .await
+        {
+            Ok(Some(lease)) => Ok(lease),
+            Ok(None) => Err(Error::FailedPrecondition(
+                "another node is rotating the HSM root key; wait for it to finish (coffre cluster \
+                 status shows the root-rotation lease), then run the rotation again if needed"
+                    .into(),
+            )),
+            Err(e) => Err(Error::FailedPrecondition(format!(
+                "the root-rotation lease cannot be taken ({e}); run the rotation again once the \
+                 database answers"
+            ))),
+        }
+    }
+
     pub async fn hsm_info(&self, caller: &Caller) -> Result<HsmInfo> {
         self.authorize(caller, Operation::GetHsmInfo)?;
         Ok(self.hsm.info().await?)
@@ -72,7 +97,12 @@ impl Kms {
         caller: &Caller,
         mut progress: impl FnMut(&RootRotationProgress) -> bool + Send,
     ) -> Result<RootRotationProgress> {
+        // One rotation at a time in this process (the lock) and in the
+        // cluster (the lease, renewed after every batch): two rotations at
+        // once would each ask the HSM for a new root key and undo each
+        // other's work. Neither is what keeps data safe: the fence is.
         let _one_at_a_time = self.root_rotation.lock().await;
+        self.root_rotation_lease().await?;
 
         let info = self.hsm.info().await?;
         let (new_root, resumed) = if info.root_key_ids.len() > 1 {
@@ -148,16 +178,19 @@ impl Kms {
             if !progress(&state) {
                 return Ok(state);
             }
+            self.root_rotation_lease().await?;
         }
 
         // The service's own secrets (the audit key) are re-wrapped too.
         let secrets_left = self.rewrap_secrets(new_root).await?;
 
-        // The root-key fence, in the store: it checks that nothing live is
+        // Still this node's to finish (renewed), then the root-key fence, in
+        // the store: it checks that nothing live is
         // under an old root key and retires the old ones in one step, after
         // which the store refuses anything wrapped under them, whichever
         // process writes it (a version wrapped a moment before the HSM
         // rotated). The write guard keeps this process's writers out too.
+        self.root_rotation_lease().await?;
         let _no_new_versions = self.begin_write().await;
         let retire = state.old_root_key_ids.clone();
         let left = secrets_left + self.store.fence_root_keys(new_root, &retire).await?;
