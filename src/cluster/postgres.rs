@@ -38,6 +38,8 @@ pub struct PgCoordination {
     listener: Mutex<Option<Client>>,
     wake: Arc<Notify>,
     registered: AtomicBool,
+    /// LISTEN for key changes (`[cluster] notify`).
+    listen: bool,
 }
 
 impl std::fmt::Debug for PgCoordination {
@@ -66,7 +68,15 @@ impl PgCoordination {
             listener: Mutex::new(None),
             wake: Arc::new(Notify::new()),
             registered: AtomicBool::new(false),
+            listen: true,
         }
+    }
+
+    /// Waits for the polls only, never for a notification (`[cluster]
+    /// notify = false`): key changes then arrive at the next poll.
+    pub fn without_notifications(mut self) -> Self {
+        self.listen = false;
+        self
     }
 
     pub fn incarnation(&self) -> Uuid {
@@ -212,6 +222,10 @@ impl Coordination for PgCoordination {
     }
 
     async fn wait_for_changes(&self, timeout: Duration) {
+        if !self.listen {
+            tokio::time::sleep(timeout).await;
+            return;
+        }
         {
             let mut listener = self.listener.lock().await;
             if listener.as_ref().is_none_or(Client::is_closed) {

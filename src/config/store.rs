@@ -193,6 +193,11 @@ pub struct ClusterConfig {
     /// default while single-server deployments are common; production
     /// across data centres should turn it on (docs/postgres.md).
     pub require_synchronous_standby: bool,
+    /// LISTEN for the store's key-change notifications, which wake the
+    /// poller at once (default). Off, key changes arrive at the next poll:
+    /// the bound still holds (it rests on the polls, never on a
+    /// notification); for tests and for poolers that break LISTEN.
+    pub notify: bool,
 }
 
 /// `[store]` as TOML gives it.
@@ -220,6 +225,7 @@ pub(super) struct RawCluster {
     pub(super) lease_ttl_ms: Option<u64>,
     #[serde(default)]
     pub(super) require_synchronous_standby: bool,
+    pub(super) notify: Option<bool>,
 }
 
 /// `[store]` and `[cluster]` together: a cluster needs the PostgreSQL
@@ -339,6 +345,7 @@ fn cluster_config(raw: Option<RawCluster>) -> anyhow::Result<ClusterConfig> {
         poll_interval,
         lease_ttl,
         require_synchronous_standby: raw.require_synchronous_standby,
+        notify: raw.notify.unwrap_or(true),
     })
 }
 
@@ -410,6 +417,7 @@ mod tests {
                 poll_interval: Duration::from_millis(200),
                 lease_ttl: Duration::from_millis(10_000),
                 require_synchronous_standby: false,
+                notify: true,
             }
         );
         let text = "[store]\nbackend = \"postgres\"\nurl_file = \"/etc/coffre/db.url\"\n\

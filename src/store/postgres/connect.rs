@@ -911,6 +911,7 @@ mod tests {
             poll_interval: Duration::from_millis(200),
             lease_ttl: Duration::from_millis(10_000),
             require_synchronous_standby: false,
+            notify: true,
         }
     }
 
