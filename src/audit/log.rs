@@ -63,8 +63,22 @@ pub trait HighWaterMark: Send + Sync + fmt::Debug {
     fn remembered(&self) -> Option<u64>;
 }
 
+/// Who is told of each checkpoint once it is durable in the log (a node of
+/// a cluster queues it for publication: `cluster::audit`). Must not block:
+/// it is called by whoever writes the batch, a request's task included.
+pub trait CheckpointObserver: Send + Sync + fmt::Debug {
+    fn checkpointed(&self, checkpoint: &Checkpoint);
+}
+
 #[derive(Clone, Debug)]
 pub struct AuditLogOptions {
+    /// The node this log belongs to, in a cluster: its checkpoints are of
+    /// version 3 and name it ([`super::checkpoint`]). `None`, a single
+    /// node: version 2. A log whose checkpoints name a node opens only with
+    /// that node ([`AuditError::WrongNode`]).
+    pub node: Option<String>,
+    /// Told of each checkpoint once it is durable.
+    pub observer: Option<Arc<dyn CheckpointObserver>>,
     pub durability: Durability,
     pub checkpoints: CheckpointPolicy,
     pub clock: Arc<dyn Clock>,
@@ -82,6 +96,8 @@ pub struct AuditLogOptions {
 impl Default for AuditLogOptions {
     fn default() -> Self {
         Self {
+            node: None,
+            observer: None,
             durability: Durability::default(),
             checkpoints: CheckpointPolicy::default(),
             clock: Arc::new(SystemClock),
@@ -220,6 +236,26 @@ impl AuditLog {
                     report.last_checkpoint.as_ref().map_or(0, |c| c.seq),
                 )));
             }
+        }
+        // A single node's log (v1/v2 checkpoints) may join a cluster; a
+        // node's log stays that node's.
+        match (&report.node, &options.node) {
+            (Some(theirs), Some(ours)) if theirs != ours => {
+                return Err(AuditError::WrongNode(format!(
+                    "the audit log {} is node {theirs}'s (its checkpoints name it), not this \
+                     node's ({ours}): each node keeps its own log file",
+                    path.display()
+                )));
+            }
+            (Some(theirs), None) => {
+                return Err(AuditError::WrongNode(format!(
+                    "the audit log {} is node {theirs}'s, of a cluster (its checkpoints name \
+                     it); a single node cannot continue it: set cluster.node_id = \"{theirs}\" \
+                     or start a new log file",
+                    path.display()
+                )));
+            }
+            _ => {}
         }
         let log_id = match &report.log_id {
             Some(id) => id.clone(),
@@ -386,7 +422,13 @@ impl AuditLog {
             let due =
                 since >= policy.every_records || time.0.saturating_sub(last_time.0) >= every_ms;
             let cp = if due && may_sign && self.signing_retry_at.is_none_or(|t| time >= t) {
-                match self.signer.checkpoint(&self.log_id, seq, &head, time) {
+                match self.signer.checkpoint_of(
+                    self.options.node.as_deref(),
+                    &self.log_id,
+                    seq,
+                    &head,
+                    time,
+                ) {
                     Ok(cp) => {
                         self.signing_retry_at = None;
                         Some(cp)
@@ -429,6 +471,9 @@ impl AuditLog {
             if let Some(mark) = &self.options.mark {
                 mark.remember(&cp);
             }
+            if let Some(observer) = &self.options.observer {
+                observer.checkpointed(&cp);
+            }
             self.last_checkpoint = Some(cp);
         }
         self.index.extend(new_index);
@@ -450,15 +495,22 @@ impl AuditLog {
             return Ok(None);
         }
         let time = self.options.clock.now();
-        let checkpoint = self
-            .signer
-            .checkpoint(&self.log_id, self.seq, &self.head_hash, time)?;
+        let checkpoint = self.signer.checkpoint_of(
+            self.options.node.as_deref(),
+            &self.log_id,
+            self.seq,
+            &self.head_hash,
+            time,
+        )?;
         self.signing_retry_at = None;
         let mut line = checkpoint.to_line()?.into_bytes();
         line.push(b'\n');
         self.write_all(&line, self.options.mark.is_some())?;
         if let Some(mark) = &self.options.mark {
             mark.remember(&checkpoint);
+        }
+        if let Some(observer) = &self.options.observer {
+            observer.checkpointed(&checkpoint);
         }
         self.since_checkpoint = 0;
         self.last_checkpoint_time = time;
