@@ -127,7 +127,8 @@ pub struct PruneReport {
 pub struct AuditLog {
     path: PathBuf,
     file: File,
-    signer: CheckpointSigner,
+    /// Shared with the trail, which signs cluster digests with it.
+    signer: Arc<CheckpointSigner>,
     options: AuditLogOptions,
     /// The log's identity: from its checkpoints, or drawn at random for a
     /// log that has no version 2 checkpoint yet.
@@ -284,7 +285,7 @@ impl AuditLog {
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            signer,
+            signer: Arc::new(signer),
             options,
             log_id,
             seq: report.last_seq,
@@ -316,6 +317,11 @@ impl AuditLog {
 
     pub fn public_key(&self) -> [u8; 32] {
         self.signer.public_key()
+    }
+
+    /// The checkpoint key, for the trail's cluster digests.
+    pub(crate) fn signer(&self) -> Arc<CheckpointSigner> {
+        Arc::clone(&self.signer)
     }
 
     /// The log's identity (checkpoint format version 2).

@@ -339,10 +339,18 @@ pub enum AuditCommand {
     /// Ed25519 signature and log identity. The log must start at seq 1, hold
     /// a record and a signed checkpoint, and end with at most --max-unsigned
     /// unsigned records. Names the first bad line and exits non-zero on
-    /// failure.
+    /// failure. With --cluster, verifies a cluster's export (every node's
+    /// log and the digest chain that ties them) instead.
     Verify {
         /// The log, JSON lines (records and checkpoints).
-        file: PathBuf,
+        #[arg(required_unless_present = "cluster")]
+        file: Option<PathBuf>,
+        /// A cluster's export directory (`coffre audit export --cluster`):
+        /// `node-<id>.jsonl` per node and `digests.jsonl`. Each node's log
+        /// must verify and name its node, the digests must chain and be
+        /// signed, and every head they list must be in its node's log.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["file", "checkpoint"])]
+        cluster: Option<PathBuf>,
         /// The audit public key (PEM), e.g. DIR/audit-public-key.pem.
         #[arg(long)]
         public_key: PathBuf,

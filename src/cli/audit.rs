@@ -11,6 +11,7 @@ use serde_json::json;
 use super::client::{CliError, connect, rpc_error};
 use super::output::{print_json, print_json_line};
 use super::{AuditCommand, OutcomeArg};
+use crate::audit::cluster::{ClusterFailure, DIGESTS_FILE, node_file_name, verify_cluster};
 use crate::audit::{
     Checkpoint, Policy, key_fingerprint, public_key_from_pem, verify, verify_with_checkpoint,
     verify_with_checkpoints,
@@ -108,21 +109,26 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Verify {
             file,
+            cluster,
             public_key,
             allow_anchored,
             max_unsigned,
             checkpoint,
             json,
-        } => verify_command(
-            &file,
-            &public_key,
-            Policy {
+        } => {
+            let policy = Policy {
                 allow_anchored,
                 max_unsigned,
-            },
-            &checkpoint,
-            json,
-        ),
+            };
+            match (cluster, file) {
+                (Some(dir), _) => verify_cluster_command(&dir, &public_key, policy, json),
+                (None, Some(file)) => verify_command(&file, &public_key, policy, &checkpoint, json),
+                (None, None) => bail!(CliError::local(
+                    tonic::Code::InvalidArgument,
+                    "give the log to verify, or --cluster DIR"
+                )),
+            }
+        }
     }
 }
 
@@ -268,6 +274,130 @@ fn verify_command(
         let seqs: Vec<String> = known.iter().map(|k| k.seq.to_string()).collect();
         println!("contains the given checkpoints at seq {}", seqs.join(", "));
     }
+    Ok(())
+}
+
+/// `coffre audit verify --cluster DIR`.
+fn verify_cluster_command(
+    dir: &std::path::Path,
+    public_key: &std::path::Path,
+    policy: Policy,
+    json: bool,
+) -> anyhow::Result<()> {
+    let key = read_public_key(public_key)?;
+    let fingerprint = key_fingerprint(&key);
+    let report = match verify_cluster(dir, &key, policy) {
+        Ok(report) => report,
+        Err(failure) => {
+            if json {
+                let (line, seq) = match &failure {
+                    ClusterFailure::NodeLog { error, .. } => (Some(error.line), error.seq),
+                    _ => (None, None),
+                };
+                print_json(&json!({
+                    "valid": false,
+                    "failure": failure.to_string(),
+                    "node": failure.node(),
+                    "digest": failure.digest(),
+                    "line": line,
+                    "seq": seq,
+                    "key_fingerprint": fingerprint,
+                }))?;
+            }
+            let code = match failure {
+                ClusterFailure::Io { .. } | ClusterFailure::NoDigests => tonic::Code::NotFound,
+                ClusterFailure::NodePolicy { .. } | ClusterFailure::DigestsAnchored { .. } => {
+                    tonic::Code::FailedPrecondition
+                }
+                _ => tonic::Code::DataLoss,
+            };
+            let failure = CliError::local(
+                code,
+                format!(
+                    "the cluster's audit export {} does not verify: {failure} (key fingerprint \
+                     {fingerprint})",
+                    dir.display()
+                ),
+            );
+            return Err(if json { failure.answered() } else { failure }.into());
+        }
+    };
+    let last = report.last_digest.as_ref();
+    if json {
+        let nodes: Vec<serde_json::Value> = report
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "node": n.node,
+                    "file": node_file_name(&n.node),
+                    "log_id": n.report.log_id,
+                    "records": n.report.records,
+                    "checkpoints": n.report.checkpoints,
+                    "first_seq": n.report.first_seq,
+                    "last_seq": n.report.last_seq,
+                    "head_hash": n.report.head_hash,
+                    "anchor_seq": n.report.anchor.as_ref().map(|a| a.seq),
+                    "digested_seq": n.digested_seq,
+                    "records_after_last_digest": n.report.last_seq.saturating_sub(n.digested_seq.unwrap_or(0)),
+                    "heads_checked": n.heads_checked,
+                    "heads_before_anchor": n.heads_before_anchor,
+                    "records_after_last_checkpoint": n.report.uncovered_records,
+                })
+            })
+            .collect();
+        print_json(&json!({
+            "valid": true,
+            "digests": report.digests,
+            "first_digest": report.first_digest,
+            "last_digest": last.map(|d| d.n),
+            "last_digest_time": last.map(|d| d.time.to_rfc3339()),
+            "key_generation": last.map(|d| d.key_generation),
+            "nodes": nodes,
+            "key_fingerprint": fingerprint,
+        }))?;
+        return Ok(());
+    }
+    println!(
+        "OK: {} digests (n {} to {}), {} node logs",
+        report.digests,
+        report.first_digest.unwrap_or(0),
+        last.map_or(0, |d| d.n),
+        report.nodes.len()
+    );
+    if let Some(d) = last {
+        println!(
+            "last digest signed {}, key generation {}",
+            d.time.to_rfc3339(),
+            d.key_generation
+        );
+    }
+    for n in &report.nodes {
+        match n.digested_seq {
+            Some(seq) => println!(
+                "node {}: {} records (seq {} to {}), log {}; digested up to seq {seq}, {} records after it",
+                n.node,
+                n.report.records,
+                n.report.first_seq.unwrap_or(0),
+                n.report.last_seq,
+                n.report.log_id.as_deref().unwrap_or("-"),
+                n.report.last_seq.saturating_sub(seq),
+            ),
+            None => println!(
+                "node {}: {} records (seq {} to {}), log {}; in no digest yet (verified alone)",
+                n.node,
+                n.report.records,
+                n.report.first_seq.unwrap_or(0),
+                n.report.last_seq,
+                n.report.log_id.as_deref().unwrap_or("-"),
+            ),
+        }
+    }
+    println!("audit public key fingerprint (SHA-256) {fingerprint}");
+    println!(
+        "not covered: each node's records after its last digested head, and digests removed \
+         from the end of {DIGESTS_FILE}"
+    );
     Ok(())
 }
 
