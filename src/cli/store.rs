@@ -30,7 +30,7 @@ pub async fn run(cmd: StoreCommand) -> anyhow::Result<()> {
 }
 
 /// The connector of the configuration's PostgreSQL store.
-fn connector(path: &Path) -> anyhow::Result<PgConnector> {
+pub(super) fn connector(path: &Path) -> anyhow::Result<PgConnector> {
     let config = Config::load(path)
         .map_err(|e| CliError::local(tonic::Code::InvalidArgument, format!("{e:#}")))?;
     let (store, cluster) = postgres_settings(&config, path)?;
