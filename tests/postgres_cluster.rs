@@ -205,3 +205,160 @@ async fn cluster_status_shows_nodes_leases_and_the_feed() {
     assert!(text.contains("scheduler        held by n2"), "{text}");
     assert!(text.contains("n1") && text.contains("alive"), "{text}");
 }
+
+/// The audit log across nodes (design/several-nodes.md §6), in process:
+/// two nodes' trails (one audit key, each its own file) publish their
+/// checkpoints to one database; the holder of the `audit-digest` lease
+/// signs digests that list both heads; the export made of the two files
+/// and the stored digests passes `coffre audit verify --cluster`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn two_nodes_publish_checkpoints_and_the_lease_holder_signs_digests() {
+    use coffre::audit::cluster::{DIGESTS_FILE, node_file_name, verify_cluster};
+    use coffre::audit::{
+        AuditKeys, AuditLogOptions, AuditTrail, AuditTrailOptions, CheckpointObserver, Policy,
+    };
+    use coffre::cluster::audit::{
+        CheckpointQueue, DigestOutcome, sign_digest_once, spawn_publisher,
+    };
+    use coffre::cluster::leases::AUDIT_DIGEST;
+    use coffre::model::SystemClock;
+
+    require(&needs::POSTGRES);
+    let pg = PgCluster::primary();
+    let (n1, n2, db) = two_nodes(&pg);
+    let (n1, n2): (Arc<dyn Coordination>, Arc<dyn Coordination>) = (Arc::new(n1), Arc::new(n2));
+    n1.heartbeat().await.unwrap();
+    n2.heartbeat().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open = |node: &str| {
+        let queue = Arc::new(CheckpointQueue::default());
+        let options = AuditTrailOptions {
+            log: AuditLogOptions {
+                node: Some(node.to_string()),
+                observer: Some(Arc::clone(&queue) as Arc<dyn CheckpointObserver>),
+                ..AuditLogOptions::default()
+            },
+            ..AuditTrailOptions::default()
+        };
+        let keys = AuditKeys::from_secret(&[7u8; 64]).unwrap();
+        let trail = AuditTrail::open(&dir.path().join(format!("{node}.log")), keys, options);
+        (Arc::new(trail.unwrap()), queue)
+    };
+    let nodes = [(open("n1"), &n1), (open("n2"), &n2)];
+    let publishers: Vec<_> = nodes
+        .iter()
+        .map(|((_, queue), c)| spawn_publisher(Arc::clone(queue), Arc::clone(c)))
+        .collect();
+    let lease = n2
+        .acquire(AUDIT_DIGEST, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("n2 signs");
+    assert_eq!(
+        n1.acquire(AUDIT_DIGEST, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        None
+    );
+    let mut digests = Vec::new();
+    for round in 0..2u64 {
+        for (i, ((trail, queue), _)) in nodes.iter().enumerate() {
+            for n in 0..(3 + i as u64 + round) {
+                let mut entry = coffre::audit::AuditEntry::empty();
+                entry.request_id = format!("r{round}-{n}");
+                entry.operation = "GetKey".into();
+                entry.status_code = "OK".into();
+                trail.record(entry).await.unwrap();
+            }
+            trail.checkpoint().await.unwrap().unwrap();
+            // Published in the background, within moments.
+            let started = Instant::now();
+            while queue.published() < round + 1 {
+                assert!(started.elapsed() < Duration::from_secs(20), "not published");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let outcome = sign_digest_once(&nodes[1].0.0, n2.as_ref(), &SystemClock, &lease)
+            .await
+            .unwrap();
+        let DigestOutcome::Appended(digest) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(digest.n, round + 1);
+        let listed: Vec<(&str, u64)> = digest
+            .heads
+            .iter()
+            .map(|h| (h.node.as_str(), h.seq))
+            .collect();
+        let expected_n1 = (0..=round).map(|r| 3 + r).sum::<u64>();
+        let expected_n2 = (0..=round).map(|r| 4 + r).sum::<u64>();
+        assert_eq!(listed, [("n1", expected_n1), ("n2", expected_n2)]);
+        digests.push(digest);
+    }
+    // Nothing changed: no new digest. A second signer loses on the key.
+    assert_eq!(
+        sign_digest_once(&nodes[1].0.0, n2.as_ref(), &SystemClock, &lease)
+            .await
+            .unwrap(),
+        DigestOutcome::Unchanged
+    );
+    assert!(!n1.append_digest(&digests[1]).await.unwrap());
+    assert_eq!(pg.psql(&db, "SELECT count(*) FROM audit_checkpoints"), "4");
+    for task in publishers {
+        task.abort();
+    }
+
+    // The export: each node's file as the export RPC streams it, and the
+    // stored digests.
+    let out = tempfile::tempdir().unwrap();
+    for ((trail, _), c) in &nodes {
+        let mut bytes = Vec::new();
+        trail
+            .export(64 * 1024, |chunk| {
+                bytes.extend(chunk);
+                true
+            })
+            .unwrap();
+        std::fs::write(out.path().join(node_file_name(c.node_id())), bytes).unwrap();
+    }
+    let stored = n1.digests_since(0, 100).await.unwrap();
+    assert_eq!(stored, digests);
+    let lines: String = stored
+        .iter()
+        .map(|d| format!("{}\n", d.to_line().unwrap()))
+        .collect();
+    std::fs::write(out.path().join(DIGESTS_FILE), lines).unwrap();
+    let public_key = nodes[0].0.0.public_key();
+    let report = verify_cluster(out.path(), &public_key, Policy::default()).unwrap();
+    assert_eq!(report.digests, 2);
+    assert!(
+        report.nodes.iter().all(|n| n.heads_checked == 2),
+        "{report:?}"
+    );
+    // And with the command an auditor runs.
+    let key_file = out.path().join("audit-public-key.pem");
+    std::fs::write(&key_file, nodes[0].0.0.public_key_pem()).unwrap();
+    let verified = std::process::Command::new(crate::common::binary::COFFRE)
+        .args(["audit", "verify", "--json", "--cluster"])
+        .arg(out.path())
+        .arg("--public-key")
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(
+        (v["valid"].as_bool(), v["digests"].as_u64()),
+        (Some(true), Some(2)),
+        "{v}"
+    );
+}

@@ -86,7 +86,7 @@ async fn the_app_role_does_dml_only_and_the_owner_migrates() {
         "INSERT INTO store_meta (name, value) VALUES ('sealed', '\\x01')",
         "UPDATE store_meta SET value = '\\x02' WHERE name = 'sealed'",
         "UPDATE coffre_cluster SET key_generation = key_generation + 1",
-        "INSERT INTO audit_checkpoints VALUES ('n1', 1, 'h', 0, 's')",
+        "INSERT INTO audit_checkpoints VALUES ('n1', 'l', 1, 'h', 0, 's')",
         "SELECT pg_advisory_xact_lock(1)",
     ] {
         assert_eq!(as_app(&pg, sql), None, "{sql}");

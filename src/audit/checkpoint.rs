@@ -1,5 +1,38 @@
-//! The signed checkpoint: its encodings (v1, v2), the key that signs it, and
-//! the PEM form and fingerprint of that key's public half.
+//! The signed checkpoint: its encodings (v1, v2, v3), the key that signs it,
+//! and the PEM form and fingerprint of that key's public half.
+//!
+//! # Checkpoint encoding, version 3 (a node of a cluster, #17)
+//!
+//! A node that shares its store with others (`[cluster] node_id`) names
+//! itself in every checkpoint, inside what is signed:
+//!
+//! ```text
+//! {"checkpoint":{"version":3,"log_id":L,"key_fingerprint":F,"node":N,"seq":S,"head_hash":H,"time":T,"signature":B}}
+//! ```
+//!
+//! signing `coffre-audit-checkpoint/v3\n{L}\n{F}\n{N}\n{S}\n{H}\n{T}`, the
+//! fields as in version 2 below, `N` the node id ([`is_node_id`]: 1 to 48
+//! ASCII letters, digits, `.`, `_`, `-`, so it cannot hold a `\n`).
+//!
+//! Why a version 3 rather than version 2's `log_id` and a node → log id
+//! mapping kept in the cluster digest: with the node inside the signature,
+//!
+//! - a node's file proves on its own whose it is: a file swapped with
+//!   another node's, or a checkpoint moved between files, is refused by
+//!   the per-file verifier, before and without any digest (the records
+//!   after the last digest included);
+//! - a checkpoint published to the database (`audit_checkpoints`) is
+//!   self-authenticating, node included: the digest signer checks its
+//!   signature before it lists it, so a row copied from one node's rows to
+//!   another's cannot get into a signed digest (with v2, a database writer
+//!   could pair node B with node A's log id, and only the offline check
+//!   would notice);
+//! - `coffre audit export --cluster` learns each endpoint's node from the
+//!   checkpoint the node itself signs.
+//!
+//! `coffre dev` and single-node `coffre serve` keep writing version 2. A log
+//! goes from v1 to v2 to v3 (a single node that joins a cluster), never
+//! back, and all its v3 checkpoints name one node.
 //!
 //! # Checkpoint encoding, version 2 (written since #15)
 //!
@@ -62,8 +95,13 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
-/// The checkpoint format written today.
+/// The checkpoint format a single node writes.
 pub const CHECKPOINT_VERSION: u32 = 2;
+/// The checkpoint format a node of a cluster writes (it names the node).
+pub const CHECKPOINT_VERSION_NODE: u32 = 3;
+
+/// The longest node id (as `cluster.node_id` allows it).
+pub const MAX_NODE_ID_LEN: usize = 48;
 
 /// A signed statement: the chain's head at `seq` was `head_hash` (and, from
 /// version 2, in the log `log_id`, under the key `key_fingerprint`).
@@ -79,6 +117,9 @@ pub struct Checkpoint {
     /// [`key_fingerprint`] of the signing key (version 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_fingerprint: Option<String>,
+    /// The node whose log this is (version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub seq: u64,
     pub head_hash: String,
     pub time: Timestamp,
@@ -103,6 +144,43 @@ pub enum CheckpointIdentity<'a> {
         log_id: &'a str,
         key_fingerprint: &'a str,
     },
+    /// Version 3: the log, the key and the node.
+    V3 {
+        log_id: &'a str,
+        key_fingerprint: &'a str,
+        node: &'a str,
+    },
+}
+
+impl<'a> CheckpointIdentity<'a> {
+    /// The log id (versions 2 and 3).
+    pub fn log_id(&self) -> Option<&'a str> {
+        match self {
+            Self::V1 => None,
+            Self::V2 { log_id, .. } | Self::V3 { log_id, .. } => Some(log_id),
+        }
+    }
+
+    /// The key fingerprint (versions 2 and 3).
+    pub fn key_fingerprint(&self) -> Option<&'a str> {
+        match self {
+            Self::V1 => None,
+            Self::V2 {
+                key_fingerprint, ..
+            }
+            | Self::V3 {
+                key_fingerprint, ..
+            } => Some(key_fingerprint),
+        }
+    }
+
+    /// The node (version 3).
+    pub fn node(&self) -> Option<&'a str> {
+        match self {
+            Self::V3 { node, .. } => Some(node),
+            _ => None,
+        }
+    }
 }
 
 impl Checkpoint {
@@ -125,29 +203,71 @@ impl Checkpoint {
         )
     }
 
+    /// The exact bytes a version 3 checkpoint signs (module docs).
+    pub fn signed_message_v3(
+        log_id: &str,
+        key_fingerprint: &str,
+        node: &str,
+        seq: u64,
+        head_hash: &str,
+        time: Timestamp,
+    ) -> String {
+        format!(
+            "coffre-audit-checkpoint/v3\n{log_id}\n{key_fingerprint}\n{node}\n{seq}\n{head_hash}\n{}",
+            time.0
+        )
+    }
+
     /// The format version and what it names, or why the fields do not form
     /// a known version (a v2 without its log id, a log id that is not a
-    /// UUID, an unknown version).
+    /// UUID, a v3 without a valid node, an unknown version).
     pub fn identity(&self) -> Result<CheckpointIdentity<'_>, String> {
-        match (&self.version, &self.log_id, &self.key_fingerprint) {
-            (None, None, None) => Ok(CheckpointIdentity::V1),
-            (Some(2), Some(log_id), Some(fp)) => {
-                if !is_log_id(log_id) {
-                    return Err(format!("log_id {log_id:?} is not a lowercase UUID"));
-                }
-                if fp.len() != 64 || !fp.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-                    return Err("key_fingerprint is not 64 lowercase hex digits".into());
-                }
+        let check = |log_id: &str, fp: &str| {
+            if !is_log_id(log_id) {
+                return Err(format!("log_id {log_id:?} is not a lowercase UUID"));
+            }
+            if fp.len() != 64 || !fp.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err("key_fingerprint is not 64 lowercase hex digits".to_string());
+            }
+            Ok(())
+        };
+        match (
+            &self.version,
+            &self.log_id,
+            &self.key_fingerprint,
+            &self.node,
+        ) {
+            (None, None, None, None) => Ok(CheckpointIdentity::V1),
+            (Some(2), Some(log_id), Some(fp), None) => {
+                check(log_id, fp)?;
                 Ok(CheckpointIdentity::V2 {
                     log_id,
                     key_fingerprint: fp,
                 })
             }
-            (Some(2), _, _) => {
+            (Some(2), _, _, Some(_)) => Err("a version 2 checkpoint names no node".into()),
+            (Some(2), _, _, _) => {
                 Err("a version 2 checkpoint needs log_id and key_fingerprint".into())
             }
-            (Some(v), _, _) => Err(format!("unknown checkpoint version {v}")),
-            (None, _, _) => Err("log_id and key_fingerprint need \"version\":2".into()),
+            (Some(3), Some(log_id), Some(fp), Some(node)) => {
+                check(log_id, fp)?;
+                if !is_node_id(node) {
+                    return Err(format!(
+                        "node {node:?} is not a node id (1 to {MAX_NODE_ID_LEN} letters, digits, \
+                         '.', '_' or '-')"
+                    ));
+                }
+                Ok(CheckpointIdentity::V3 {
+                    log_id,
+                    key_fingerprint: fp,
+                    node,
+                })
+            }
+            (Some(3), _, _, _) => {
+                Err("a version 3 checkpoint needs log_id, key_fingerprint and node".into())
+            }
+            (Some(v), _, _, _) => Err(format!("unknown checkpoint version {v}")),
+            (None, _, _, _) => Err("log_id, key_fingerprint and node need a \"version\"".into()),
         }
     }
 
@@ -165,11 +285,23 @@ impl Checkpoint {
                 &self.head_hash,
                 self.time,
             ),
+            CheckpointIdentity::V3 {
+                log_id,
+                key_fingerprint,
+                node,
+            } => Self::signed_message_v3(
+                log_id,
+                key_fingerprint,
+                node,
+                self.seq,
+                &self.head_hash,
+                self.time,
+            ),
         })
     }
 
-    /// Whether the signature verifies under `public_key` (for version 2,
-    /// the fingerprint it names must also be `public_key`'s).
+    /// Whether the signature verifies under `public_key` (for versions 2
+    /// and 3, the fingerprint it names must also be `public_key`'s).
     pub fn signature_is_valid(&self, public_key: &[u8; 32]) -> bool {
         let Ok(sig) = BASE64.decode(&self.signature) else {
             return false;
@@ -214,6 +346,15 @@ impl Checkpoint {
             Ok(cp)
         }
     }
+}
+
+/// Whether `s` is a node id: 1 to [`MAX_NODE_ID_LEN`] ASCII letters,
+/// digits, `.`, `_` or `-` (what `cluster.node_id` accepts).
+pub fn is_node_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NODE_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Whether `s` is a log id: a UUID in lowercase hyphenated form.
@@ -327,18 +468,59 @@ impl CheckpointSigner {
         head_hash: &str,
         time: Timestamp,
     ) -> Result<Checkpoint, AuditError> {
+        self.checkpoint_of(None, log_id, seq, head_hash, time)
+    }
+
+    /// Signs the chain head at `seq` of the log `log_id`: of the node `node`
+    /// (a version 3 checkpoint), or of a single node (`None`: version 2).
+    /// Only an external key can fail; a node id that [`is_node_id`] refuses
+    /// is [`AuditError::Encode`].
+    pub fn checkpoint_of(
+        &self,
+        node: Option<&str>,
+        log_id: &str,
+        seq: u64,
+        head_hash: &str,
+        time: Timestamp,
+    ) -> Result<Checkpoint, AuditError> {
         let fingerprint = self.fingerprint();
-        let msg = Checkpoint::signed_message_v2(log_id, &fingerprint, seq, head_hash, time);
+        let (version, msg) = match node {
+            None => (
+                CHECKPOINT_VERSION,
+                Checkpoint::signed_message_v2(log_id, &fingerprint, seq, head_hash, time),
+            ),
+            Some(node) => {
+                if !is_node_id(node) {
+                    return Err(AuditError::Encode(format!("{node:?} is not a node id")));
+                }
+                (
+                    CHECKPOINT_VERSION_NODE,
+                    Checkpoint::signed_message_v3(log_id, &fingerprint, node, seq, head_hash, time),
+                )
+            }
+        };
         let signature = self.sign(&msg)?;
         Ok(Checkpoint {
-            version: Some(CHECKPOINT_VERSION),
+            version: Some(version),
             log_id: Some(log_id.to_string()),
             key_fingerprint: Some(fingerprint),
+            node: node.map(str::to_string),
             seq,
             head_hash: head_hash.to_string(),
             time,
             signature,
         })
+    }
+
+    /// Signs `msg` with the audit key, for the cluster digest
+    /// ([`super::digest`]): its messages start with
+    /// `coffre-audit-digest/`, checkpoints' with `coffre-audit-checkpoint/`,
+    /// so that one can never pass for the other.
+    pub(crate) fn sign_digest_message(&self, msg: &str) -> Result<String, AuditError> {
+        if !msg.starts_with(super::digest::DIGEST_MESSAGE_PREFIX) {
+            return Err(AuditError::Encode("not a digest message".into()));
+        }
+        self.sign(msg)
     }
 
     /// A version 1 checkpoint, as logs before #15 hold: for tests of the
@@ -355,6 +537,7 @@ impl CheckpointSigner {
             version: None,
             log_id: None,
             key_fingerprint: None,
+            node: None,
             seq,
             head_hash: head_hash.to_string(),
             time,
@@ -431,5 +614,54 @@ pub(crate) mod tests {
             .unwrap();
         assert!(cp.signature_is_valid(&pk));
         assert!(!cp.signature_is_valid(&[0u8; 32]));
+    }
+
+    #[test]
+    fn a_version_3_checkpoint_names_its_node_in_the_signature() {
+        let (signer, pk) = test_signer();
+        let fp = key_fingerprint(&pk);
+        assert_eq!(
+            Checkpoint::signed_message_v3(TEST_LOG_ID, &fp, "n1", 7, GENESIS_HASH, Timestamp(5)),
+            format!("coffre-audit-checkpoint/v3\n{TEST_LOG_ID}\n{fp}\nn1\n7\n{GENESIS_HASH}\n5")
+        );
+        let cp = signer
+            .checkpoint_of(Some("n1"), TEST_LOG_ID, 7, GENESIS_HASH, Timestamp(5))
+            .unwrap();
+        let line = cp.to_line().unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "{{\"checkpoint\":{{\"version\":3,\"log_id\":\"{TEST_LOG_ID}\",\"key_fingerprint\":\"{fp}\",\
+                 \"node\":\"n1\",\"seq\":7,\"head_hash\":\"{GENESIS_HASH}\",\"time\":5,\"signature\":\"{}\"}}}}",
+                cp.signature
+            )
+        );
+        assert_eq!(Checkpoint::from_line(&line).unwrap(), cp);
+        assert!(cp.signature_is_valid(&pk));
+        // Another node's name on it: the signature fails.
+        let mut moved = cp.clone();
+        moved.node = Some("n2".into());
+        assert!(!moved.signature_is_valid(&pk));
+        // Malformed identities are refused by name.
+        let mut bad = cp.clone();
+        bad.node = Some("n 1".into());
+        assert!(bad.identity().unwrap_err().contains("not a node id"));
+        let mut bad = cp.clone();
+        bad.version = Some(2);
+        assert!(bad.identity().is_err());
+        let mut bad = cp;
+        bad.node = None;
+        assert!(bad.identity().is_err());
+        assert!(
+            signer
+                .checkpoint_of(Some("a\nb"), TEST_LOG_ID, 1, GENESIS_HASH, Timestamp(0))
+                .is_err()
+        );
+        // Only digest messages are signed by `sign_digest_message`.
+        assert!(
+            signer
+                .sign_digest_message("coffre-audit-checkpoint/v2\n")
+                .is_err()
+        );
     }
 }

@@ -63,8 +63,22 @@ pub trait HighWaterMark: Send + Sync + fmt::Debug {
     fn remembered(&self) -> Option<u64>;
 }
 
+/// Who is told of each checkpoint once it is durable in the log (a node of
+/// a cluster queues it for publication: `cluster::audit`). Must not block:
+/// it is called by whoever writes the batch, a request's task included.
+pub trait CheckpointObserver: Send + Sync + fmt::Debug {
+    fn checkpointed(&self, checkpoint: &Checkpoint);
+}
+
 #[derive(Clone, Debug)]
 pub struct AuditLogOptions {
+    /// The node this log belongs to, in a cluster: its checkpoints are of
+    /// version 3 and name it ([`super::checkpoint`]). `None`, a single
+    /// node: version 2. A log whose checkpoints name a node opens only with
+    /// that node ([`AuditError::WrongNode`]).
+    pub node: Option<String>,
+    /// Told of each checkpoint once it is durable.
+    pub observer: Option<Arc<dyn CheckpointObserver>>,
     pub durability: Durability,
     pub checkpoints: CheckpointPolicy,
     pub clock: Arc<dyn Clock>,
@@ -82,6 +96,8 @@ pub struct AuditLogOptions {
 impl Default for AuditLogOptions {
     fn default() -> Self {
         Self {
+            node: None,
+            observer: None,
             durability: Durability::default(),
             checkpoints: CheckpointPolicy::default(),
             clock: Arc::new(SystemClock),
@@ -111,7 +127,8 @@ pub struct PruneReport {
 pub struct AuditLog {
     path: PathBuf,
     file: File,
-    signer: CheckpointSigner,
+    /// Shared with the trail, which signs cluster digests with it.
+    signer: Arc<CheckpointSigner>,
     options: AuditLogOptions,
     /// The log's identity: from its checkpoints, or drawn at random for a
     /// log that has no version 2 checkpoint yet.
@@ -221,6 +238,26 @@ impl AuditLog {
                 )));
             }
         }
+        // A single node's log (v1/v2 checkpoints) may join a cluster; a
+        // node's log stays that node's.
+        match (&report.node, &options.node) {
+            (Some(theirs), Some(ours)) if theirs != ours => {
+                return Err(AuditError::WrongNode(format!(
+                    "the audit log {} is node {theirs}'s (its checkpoints name it), not this \
+                     node's ({ours}): each node keeps its own log file",
+                    path.display()
+                )));
+            }
+            (Some(theirs), None) => {
+                return Err(AuditError::WrongNode(format!(
+                    "the audit log {} is node {theirs}'s, of a cluster (its checkpoints name \
+                     it); a single node cannot continue it: set cluster.node_id = \"{theirs}\" \
+                     or start a new log file",
+                    path.display()
+                )));
+            }
+            _ => {}
+        }
         let log_id = match &report.log_id {
             Some(id) => id.clone(),
             None => {
@@ -248,7 +285,7 @@ impl AuditLog {
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            signer,
+            signer: Arc::new(signer),
             options,
             log_id,
             seq: report.last_seq,
@@ -280,6 +317,11 @@ impl AuditLog {
 
     pub fn public_key(&self) -> [u8; 32] {
         self.signer.public_key()
+    }
+
+    /// The checkpoint key, for the trail's cluster digests.
+    pub(crate) fn signer(&self) -> Arc<CheckpointSigner> {
+        Arc::clone(&self.signer)
     }
 
     /// The log's identity (checkpoint format version 2).
@@ -386,7 +428,13 @@ impl AuditLog {
             let due =
                 since >= policy.every_records || time.0.saturating_sub(last_time.0) >= every_ms;
             let cp = if due && may_sign && self.signing_retry_at.is_none_or(|t| time >= t) {
-                match self.signer.checkpoint(&self.log_id, seq, &head, time) {
+                match self.signer.checkpoint_of(
+                    self.options.node.as_deref(),
+                    &self.log_id,
+                    seq,
+                    &head,
+                    time,
+                ) {
                     Ok(cp) => {
                         self.signing_retry_at = None;
                         Some(cp)
@@ -429,6 +477,9 @@ impl AuditLog {
             if let Some(mark) = &self.options.mark {
                 mark.remember(&cp);
             }
+            if let Some(observer) = &self.options.observer {
+                observer.checkpointed(&cp);
+            }
             self.last_checkpoint = Some(cp);
         }
         self.index.extend(new_index);
@@ -450,15 +501,22 @@ impl AuditLog {
             return Ok(None);
         }
         let time = self.options.clock.now();
-        let checkpoint = self
-            .signer
-            .checkpoint(&self.log_id, self.seq, &self.head_hash, time)?;
+        let checkpoint = self.signer.checkpoint_of(
+            self.options.node.as_deref(),
+            &self.log_id,
+            self.seq,
+            &self.head_hash,
+            time,
+        )?;
         self.signing_retry_at = None;
         let mut line = checkpoint.to_line()?.into_bytes();
         line.push(b'\n');
         self.write_all(&line, self.options.mark.is_some())?;
         if let Some(mark) = &self.options.mark {
             mark.remember(&checkpoint);
+        }
+        if let Some(observer) = &self.options.observer {
+            observer.checkpointed(&checkpoint);
         }
         self.since_checkpoint = 0;
         self.last_checkpoint_time = time;

@@ -21,6 +21,11 @@
 //!   through, checkpoints on demand, retention, followers.
 //! - [`keys`]: [`AuditKeys`], the checkpoint key and the digest key, from
 //!   one HSM-wrapped service secret.
+//! - [`digest`]: several nodes (#17): a node's checkpoint as published to
+//!   the database, and the signed cluster [`Digest`] chain of every node's
+//!   head.
+//! - [`cluster`]: the offline verifier of a cluster's export (every node's
+//!   log and the digests, together).
 //!
 //! # File format
 //!
@@ -33,7 +38,8 @@
 //! (`GENESIS_HASH`), every other record's `prev_hash` is the previous record's
 //! `hash`. A checkpoint signs (log id, key fingerprint, `seq`, `head_hash`)
 //! of the record just before it (version 2; version 1, before #15, signed
-//! `seq` and `head_hash` only): [`checkpoint`] has both layouts.
+//! `seq` and `head_hash` only; version 3, a node of a cluster, also names
+//! the node): [`checkpoint`] has the layouts.
 //!
 //! A log may instead start with an *anchor* checkpoint (a log whose older
 //! records were archived away): its signature is checked, and the first
@@ -67,6 +73,8 @@
 //! remembered, so a crash leaves the mark at most one checkpoint behind.
 
 pub mod checkpoint;
+pub mod cluster;
+pub mod digest;
 pub mod keys;
 pub mod log;
 pub mod reader;
@@ -81,8 +89,11 @@ pub use checkpoint::{
     Checkpoint, CheckpointSigner, ExternalSigner, key_fingerprint, public_key_from_pem,
     public_key_to_pem,
 };
+pub use digest::{Digest, NodeHead, PublishedCheckpoint, UnsignedDigest};
 pub use keys::AuditKeys;
-pub use log::{AuditLog, AuditLogOptions, CheckpointPolicy, Durability, HighWaterMark};
+pub use log::{
+    AuditLog, AuditLogOptions, CheckpointObserver, CheckpointPolicy, Durability, HighWaterMark,
+};
 pub use reader::{EventFilter, EventPage};
 pub use record::{AuditDigestKey, AuditEntry, AuditItem, AuditRecord, GENESIS_HASH, Outcome};
 pub use trail::{AuditTrail, AuditTrailOptions, ClearContext};
@@ -123,4 +134,7 @@ pub enum AuditError {
     /// The log holds two checkpoints after the one the store remembers.
     #[error("{0}")]
     MarkRolledBack(String),
+    /// The log's checkpoints name another node than the one opening it.
+    #[error("{0}")]
+    WrongNode(String),
 }

@@ -33,7 +33,8 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 use super::AuditError;
-use super::checkpoint::{Checkpoint, public_key_to_pem};
+use super::checkpoint::{Checkpoint, CheckpointSigner, public_key_to_pem};
+use super::digest::{Digest, UnsignedDigest};
 use super::keys::AuditKeys;
 use super::log::{AuditLog, AuditLogOptions, Durability, PruneReport};
 use super::reader::{EventFilter, EventPage, Snapshot};
@@ -152,6 +153,8 @@ pub struct AuditTrail {
     tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
     public_key: [u8; 32],
+    /// The checkpoint key, which also signs cluster digests.
+    signer: Arc<CheckpointSigner>,
     digest: AuditDigestKey,
     clear_context: ClearContext,
     discard: bool,
@@ -175,6 +178,7 @@ impl AuditTrail {
             tracing::warn!("the audit log is OFF: requests leave no record (measurement only)");
         }
         let mut log = AuditLog::open_with(path, keys.signer, options.log.clone())?;
+        let signer = log.signer();
         if let Some(retention) = options.retention {
             prune(&mut log, retention, &options.log);
         }
@@ -203,6 +207,7 @@ impl AuditTrail {
             tx,
             shared,
             public_key,
+            signer,
             digest: keys.digest,
             clear_context,
             discard,
@@ -221,6 +226,13 @@ impl AuditTrail {
 
     pub fn public_key_pem(&self) -> String {
         public_key_to_pem(&self.public_key)
+    }
+
+    /// Signs a cluster digest with the checkpoint key
+    /// ([`super::digest`]). Blocking when the key is in an HSM: call it
+    /// off the async runtime.
+    pub fn sign_digest(&self, unsigned: UnsignedDigest) -> Result<Digest, AuditError> {
+        self.signer.sign_digest(unsigned)
     }
 
     /// Whether the last write succeeded (for health checks).

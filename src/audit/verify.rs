@@ -8,9 +8,10 @@
 //! verified line says); every record's `hash` (the canonical encoding in
 //! [`super::record`]); that `seq` increases by exactly one; that each
 //! `prev_hash` is the previous record's `hash` (64 zeros for seq 1); every
-//! checkpoint's Ed25519 signature, and for a version 2 checkpoint
+//! checkpoint's Ed25519 signature, and for a version 2 or 3 checkpoint
 //! ([`super::checkpoint`]) that it names the key verified with and the same
-//! log as every other checkpoint of the file; and that each checkpoint names
+//! log as every other checkpoint of the file (for version 3, the same node
+//! too, and no checkpoint without a node after it); and that each checkpoint names
 //! the chain head just before it (same `seq`, same `hash`). It stops at the
 //! first failure and names its line (1-based) and, when known, its `seq`.
 //!
@@ -32,7 +33,7 @@
 
 use std::io::BufRead;
 
-use super::checkpoint::{Checkpoint, CheckpointIdentity, CheckpointLine, key_fingerprint};
+use super::checkpoint::{Checkpoint, CheckpointLine, key_fingerprint};
 use super::record::{AuditRecord, GENESIS_HASH};
 
 /// The default of `coffre audit verify --max-unsigned`: the writer
@@ -69,6 +70,9 @@ pub struct VerifyReport {
     pub log_id: Option<String>,
     /// Checkpoints of version 1 (no log identity).
     pub v1_checkpoints: u64,
+    /// The node whose log this is, from its version 3 checkpoints (`None`
+    /// if it has none: a single node's log).
+    pub node: Option<String>,
 }
 
 /// The first failure found.
@@ -113,6 +117,10 @@ pub enum VerifyFailure {
     LogIdMismatch { expected: String, found: String },
     #[error("a version 1 checkpoint (no log identity) after a version 2 one")]
     Downgrade,
+    #[error("checkpoint names node {found}, but this log is node {expected}'s")]
+    NodeMismatch { expected: String, found: String },
+    #[error("a checkpoint that names no node after ones that name node {node}")]
+    NodeDowngrade { node: String },
     #[error("checkpoint covers seq {checkpoint}, but the chain before it ends at {head}")]
     CheckpointSeqMismatch { checkpoint: u64, head: u64 },
     #[error("checkpoint head hash differs from the chain's")]
@@ -131,7 +139,21 @@ pub fn verify(
     public_key: &[u8; 32],
     progress: impl FnMut(u64),
 ) -> Result<VerifyReport, VerifyError> {
-    verify_inner(lines, public_key, &[], progress)
+    verify_inner(lines, public_key, &[], None, progress)
+}
+
+/// As [`verify`], and also returns the `hash` of every record (or anchor)
+/// whose `seq` is in `wanted`, from the same pass: what the cluster
+/// verifier compares a digest's heads with ([`super::cluster`]).
+pub fn verify_collecting(
+    lines: impl BufRead,
+    public_key: &[u8; 32],
+    wanted: &std::collections::BTreeSet<u64>,
+    progress: impl FnMut(u64),
+) -> Result<(VerifyReport, std::collections::BTreeMap<u64, String>), VerifyError> {
+    let mut found = std::collections::BTreeMap::new();
+    let report = verify_inner(lines, public_key, &[], Some((wanted, &mut found)), progress)?;
+    Ok((report, found))
 }
 
 /// As [`verify`], and also requires the log to contain the chain head that
@@ -177,7 +199,7 @@ pub fn verify_with_checkpoints(
             });
         }
     }
-    verify_inner(lines, public_key, known, progress)
+    verify_inner(lines, public_key, known, None, progress)
 }
 
 /// What an auditor requires of a log beyond its structure.
@@ -284,10 +306,17 @@ fn parse_line(bytes: &[u8]) -> Result<Line, VerifyFailure> {
     Ok(line)
 }
 
+/// Seqs whose hash the caller wants, and where they go.
+type Collect<'a> = Option<(
+    &'a std::collections::BTreeSet<u64>,
+    &'a mut std::collections::BTreeMap<u64, String>,
+)>;
+
 fn verify_inner(
     mut input: impl BufRead,
     public_key: &[u8; 32],
     known: &[Checkpoint],
+    mut collect: Collect<'_>,
     mut progress: impl FnMut(u64),
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport {
@@ -302,6 +331,7 @@ fn verify_inner(
         uncovered_records: 0,
         log_id: None,
         v1_checkpoints: 0,
+        node: None,
     };
     let fingerprint = key_fingerprint(public_key);
     let mut known_seen = vec![false; known.len()];
@@ -351,6 +381,11 @@ fn verify_inner(
                         *seen = true;
                     }
                 }
+                if let Some((wanted, found)) = collect.as_mut() {
+                    if wanted.contains(&r.seq) {
+                        found.insert(r.seq, r.hash.clone());
+                    }
+                }
                 report.first_seq.get_or_insert(r.seq);
                 report.records += 1;
                 report.uncovered_records += 1;
@@ -360,43 +395,56 @@ fn verify_inner(
             }
             Line::Checkpoint(cp) => {
                 let seq = Some(cp.seq);
-                match cp
+                let identity = cp
                     .identity()
-                    .map_err(|e| fail(seq, VerifyFailure::Malformed(e)))?
-                {
-                    CheckpointIdentity::V1 => {
-                        if report.log_id.is_some() {
-                            return Err(fail(seq, VerifyFailure::Downgrade));
-                        }
-                        report.v1_checkpoints += 1;
+                    .map_err(|e| fail(seq, VerifyFailure::Malformed(e)))?;
+                if let Some(named) = identity.key_fingerprint() {
+                    if named != fingerprint {
+                        return Err(fail(
+                            seq,
+                            VerifyFailure::WrongKey {
+                                named: named.to_string(),
+                                given: fingerprint.clone(),
+                            },
+                        ));
                     }
-                    CheckpointIdentity::V2 {
-                        log_id,
-                        key_fingerprint: named,
-                    } => {
-                        if named != fingerprint {
-                            return Err(fail(
-                                seq,
-                                VerifyFailure::WrongKey {
-                                    named: named.to_string(),
-                                    given: fingerprint.clone(),
-                                },
-                            ));
-                        }
-                        match &report.log_id {
-                            Some(expected) if expected != log_id => {
-                                return Err(fail(
-                                    seq,
-                                    VerifyFailure::LogIdMismatch {
-                                        expected: expected.clone(),
-                                        found: log_id.to_string(),
-                                    },
-                                ));
-                            }
-                            Some(_) => {}
-                            None => report.log_id = Some(log_id.to_string()),
-                        }
+                }
+                match (identity.node(), &report.node) {
+                    (Some(found), Some(expected)) if expected != found => {
+                        return Err(fail(
+                            seq,
+                            VerifyFailure::NodeMismatch {
+                                expected: expected.clone(),
+                                found: found.to_string(),
+                            },
+                        ));
                     }
+                    (Some(_), Some(_)) => {}
+                    (Some(found), None) => report.node = Some(found.to_string()),
+                    (None, Some(expected)) => {
+                        return Err(fail(
+                            seq,
+                            VerifyFailure::NodeDowngrade {
+                                node: expected.clone(),
+                            },
+                        ));
+                    }
+                    (None, None) => {}
+                }
+                match (identity.log_id(), &report.log_id) {
+                    (None, Some(_)) => return Err(fail(seq, VerifyFailure::Downgrade)),
+                    (None, None) => report.v1_checkpoints += 1,
+                    (Some(found), Some(expected)) if expected != found => {
+                        return Err(fail(
+                            seq,
+                            VerifyFailure::LogIdMismatch {
+                                expected: expected.clone(),
+                                found: found.to_string(),
+                            },
+                        ));
+                    }
+                    (Some(_), Some(_)) => {}
+                    (Some(found), None) => report.log_id = Some(found.to_string()),
                 }
                 if !cp.signature_is_valid(public_key) {
                     return Err(fail(seq, VerifyFailure::BadSignature));
@@ -406,6 +454,11 @@ fn verify_inner(
                     report.last_seq = cp.seq;
                     report.head_hash.clone_from(&cp.head_hash);
                     report.anchor = Some(cp.clone());
+                    if let Some((wanted, found)) = collect.as_mut() {
+                        if wanted.contains(&cp.seq) {
+                            found.insert(cp.seq, cp.head_hash.clone());
+                        }
+                    }
                     for (k, seen) in known.iter().zip(known_seen.iter_mut()) {
                         if k.seq == cp.seq {
                             if k.head_hash != cp.head_hash {

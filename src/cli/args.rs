@@ -189,17 +189,38 @@ pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7443";
 /// `--data-dir`'s default (client commands).
 pub const DEFAULT_DATA_DIR: &str = "./coffre-data";
 
+impl ConnectArgs {
+    /// The server (the last `--endpoint`; [`super::client::connect`]
+    /// refuses more than one).
+    pub fn endpoint(&self) -> &str {
+        self.endpoints
+            .last()
+            .map_or(DEFAULT_ENDPOINT, String::as_str)
+    }
+
+    /// The same, for the server at `endpoint`.
+    pub fn at(&self, endpoint: &str) -> Self {
+        Self {
+            endpoints: vec![endpoint.to_string()],
+            ..self.clone()
+        }
+    }
+}
+
 /// How a client command reaches the server.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
-    /// The server, e.g. https://127.0.0.1:7443.
+    /// The server, e.g. https://127.0.0.1:7443. `audit export --cluster`
+    /// takes it once per node.
     #[arg(
-        long,
+        long = "endpoint",
         global = true,
         env = "COFFRE_ENDPOINT",
-        default_value = "https://127.0.0.1:7443"
+        default_value = "https://127.0.0.1:7443",
+        action = clap::ArgAction::Append,
+        value_name = "URL"
     )]
-    pub endpoint: String,
+    pub endpoints: Vec<String>,
     /// The `coffre dev` data directory whose dev PKI (DIR/pki/) to use.
     #[arg(
         long,
@@ -360,10 +381,18 @@ pub enum AuditCommand {
     /// Ed25519 signature and log identity. The log must start at seq 1, hold
     /// a record and a signed checkpoint, and end with at most --max-unsigned
     /// unsigned records. Names the first bad line and exits non-zero on
-    /// failure.
+    /// failure. With --cluster, verifies a cluster's export (every node's
+    /// log and the digest chain that ties them) instead.
     Verify {
         /// The log, JSON lines (records and checkpoints).
-        file: PathBuf,
+        #[arg(required_unless_present = "cluster")]
+        file: Option<PathBuf>,
+        /// A cluster's export directory (`coffre audit export --cluster`):
+        /// `node-<id>.jsonl` per node and `digests.jsonl`. Each node's log
+        /// must verify and name its node, the digests must chain and be
+        /// signed, and every head they list must be in its node's log.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["file", "checkpoint"])]
+        cluster: Option<PathBuf>,
         /// The audit public key (PEM), e.g. DIR/audit-public-key.pem.
         #[arg(long)]
         public_key: PathBuf,
@@ -386,10 +415,28 @@ pub enum AuditCommand {
     /// Export the server's audit log (records and checkpoints, JSON lines)
     /// for offline verification. Asks for a fresh checkpoint first, so the
     /// export is signed to its end, and checks it before reporting success.
+    ///
+    /// With --cluster, exports a cluster for `coffre audit verify
+    /// --cluster`: the digests first (from the database, with --config),
+    /// then each node's log over its own endpoint (--endpoint once per
+    /// node, or --cluster-file), as DIR/node-<id>.jsonl and
+    /// DIR/digests.jsonl, and verifies them together.
     Export {
-        /// Where to write the log (replaced atomically).
+        /// Where to write the log (replaced atomically); with --cluster, the
+        /// directory (created if needed).
         #[arg(long)]
         out: PathBuf,
+        /// Export every node of a cluster (see above).
+        #[arg(long)]
+        cluster: bool,
+        /// The nodes' endpoints from a cluster file (`coffre dev --nodes`
+        /// writes DIR/cluster.json: {"nodes": [{"node_id", "endpoint"}]}).
+        #[arg(long, value_name = "FILE", requires = "cluster")]
+        cluster_file: Option<PathBuf>,
+        /// A node's configuration (`coffre serve --config`), whose database
+        /// holds the digests (read directly, as `coffre store status` does).
+        #[arg(long, value_name = "FILE", requires = "cluster")]
+        config: Option<PathBuf>,
         /// Also write the server's audit public key (PEM) here.
         #[arg(long)]
         public_key_out: Option<PathBuf>,

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::client::{CliError, connect, rpc_error};
 use super::output::{print_json, print_json_line};
 use super::{AuditCommand, OutcomeArg};
+use crate::audit::cluster::{ClusterFailure, DIGESTS_FILE, node_file_name, verify_cluster};
 use crate::audit::{
     Checkpoint, Policy, key_fingerprint, public_key_from_pem, verify, verify_with_checkpoint,
     verify_with_checkpoints,
@@ -23,9 +24,29 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
     match cmd {
         AuditCommand::Export {
             out,
+            cluster: true,
+            cluster_file,
+            config,
             public_key_out,
             public_key,
             connect: c,
+        } => {
+            export_cluster(
+                &out,
+                cluster_file.as_deref(),
+                config.as_deref(),
+                public_key_out.as_deref(),
+                public_key.as_deref(),
+                &c,
+            )
+            .await
+        }
+        AuditCommand::Export {
+            out,
+            public_key_out,
+            public_key,
+            connect: c,
+            ..
         } => export(&out, public_key_out.as_deref(), public_key.as_deref(), &c).await,
         AuditCommand::Events {
             key,
@@ -108,21 +129,26 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Verify {
             file,
+            cluster,
             public_key,
             allow_anchored,
             max_unsigned,
             checkpoint,
             json,
-        } => verify_command(
-            &file,
-            &public_key,
-            Policy {
+        } => {
+            let policy = Policy {
                 allow_anchored,
                 max_unsigned,
-            },
-            &checkpoint,
-            json,
-        ),
+            };
+            match (cluster, file) {
+                (Some(dir), _) => verify_cluster_command(&dir, &public_key, policy, json),
+                (None, Some(file)) => verify_command(&file, &public_key, policy, &checkpoint, json),
+                (None, None) => bail!(CliError::local(
+                    tonic::Code::InvalidArgument,
+                    "give the log to verify, or --cluster DIR"
+                )),
+            }
+        }
     }
 }
 
@@ -271,6 +297,130 @@ fn verify_command(
     Ok(())
 }
 
+/// `coffre audit verify --cluster DIR`.
+fn verify_cluster_command(
+    dir: &std::path::Path,
+    public_key: &std::path::Path,
+    policy: Policy,
+    json: bool,
+) -> anyhow::Result<()> {
+    let key = read_public_key(public_key)?;
+    let fingerprint = key_fingerprint(&key);
+    let report = match verify_cluster(dir, &key, policy) {
+        Ok(report) => report,
+        Err(failure) => {
+            if json {
+                let (line, seq) = match &failure {
+                    ClusterFailure::NodeLog { error, .. } => (Some(error.line), error.seq),
+                    _ => (None, None),
+                };
+                print_json(&json!({
+                    "valid": false,
+                    "failure": failure.to_string(),
+                    "node": failure.node(),
+                    "digest": failure.digest(),
+                    "line": line,
+                    "seq": seq,
+                    "key_fingerprint": fingerprint,
+                }))?;
+            }
+            let code = match failure {
+                ClusterFailure::Io { .. } | ClusterFailure::NoDigests => tonic::Code::NotFound,
+                ClusterFailure::NodePolicy { .. } | ClusterFailure::DigestsAnchored { .. } => {
+                    tonic::Code::FailedPrecondition
+                }
+                _ => tonic::Code::DataLoss,
+            };
+            let failure = CliError::local(
+                code,
+                format!(
+                    "the cluster's audit export {} does not verify: {failure} (key fingerprint \
+                     {fingerprint})",
+                    dir.display()
+                ),
+            );
+            return Err(if json { failure.answered() } else { failure }.into());
+        }
+    };
+    let last = report.last_digest.as_ref();
+    if json {
+        let nodes: Vec<serde_json::Value> = report
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "node": n.node,
+                    "file": node_file_name(&n.node),
+                    "log_id": n.report.log_id,
+                    "records": n.report.records,
+                    "checkpoints": n.report.checkpoints,
+                    "first_seq": n.report.first_seq,
+                    "last_seq": n.report.last_seq,
+                    "head_hash": n.report.head_hash,
+                    "anchor_seq": n.report.anchor.as_ref().map(|a| a.seq),
+                    "digested_seq": n.digested_seq,
+                    "records_after_last_digest": n.report.last_seq.saturating_sub(n.digested_seq.unwrap_or(0)),
+                    "heads_checked": n.heads_checked,
+                    "heads_before_anchor": n.heads_before_anchor,
+                    "records_after_last_checkpoint": n.report.uncovered_records,
+                })
+            })
+            .collect();
+        print_json(&json!({
+            "valid": true,
+            "digests": report.digests,
+            "first_digest": report.first_digest,
+            "last_digest": last.map(|d| d.n),
+            "last_digest_time": last.map(|d| d.time.to_rfc3339()),
+            "key_generation": last.map(|d| d.key_generation),
+            "nodes": nodes,
+            "key_fingerprint": fingerprint,
+        }))?;
+        return Ok(());
+    }
+    println!(
+        "OK: {} digests (n {} to {}), {} node logs",
+        report.digests,
+        report.first_digest.unwrap_or(0),
+        last.map_or(0, |d| d.n),
+        report.nodes.len()
+    );
+    if let Some(d) = last {
+        println!(
+            "last digest signed {}, key generation {}",
+            d.time.to_rfc3339(),
+            d.key_generation
+        );
+    }
+    for n in &report.nodes {
+        match n.digested_seq {
+            Some(seq) => println!(
+                "node {}: {} records (seq {} to {}), log {}; digested up to seq {seq}, {} records after it",
+                n.node,
+                n.report.records,
+                n.report.first_seq.unwrap_or(0),
+                n.report.last_seq,
+                n.report.log_id.as_deref().unwrap_or("-"),
+                n.report.last_seq.saturating_sub(seq),
+            ),
+            None => println!(
+                "node {}: {} records (seq {} to {}), log {}; in no digest yet (verified alone)",
+                n.node,
+                n.report.records,
+                n.report.first_seq.unwrap_or(0),
+                n.report.last_seq,
+                n.report.log_id.as_deref().unwrap_or("-"),
+            ),
+        }
+    }
+    println!("audit public key fingerprint (SHA-256) {fingerprint}");
+    println!(
+        "not covered: each node's records after its last digested head, and digests removed \
+         from the end of {DIGESTS_FILE}"
+    );
+    Ok(())
+}
+
 fn print_events(r: &pb::ListEventsResponse, json: bool) -> anyhow::Result<()> {
     if json {
         let events: Vec<serde_json::Value> = r
@@ -341,6 +491,15 @@ fn print_events(r: &pb::ListEventsResponse, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One node's log, fetched and verified ([`fetch_log`]).
+struct Exported {
+    report: crate::audit::VerifyReport,
+    known: Option<Checkpoint>,
+    bytes: u64,
+    key: [u8; 32],
+    public_key_pem: String,
+}
+
 /// `coffre audit export`: checkpoint, stream, verify, then rename into place.
 async fn export(
     out: &std::path::Path,
@@ -349,6 +508,226 @@ async fn export(
     c: &super::ConnectArgs,
 ) -> anyhow::Result<()> {
     let pinned = pinned.map(read_public_key).transpose()?;
+    let Exported {
+        report,
+        known,
+        bytes,
+        key,
+        public_key_pem,
+    } = fetch_log(out, pinned, c).await?;
+    let fingerprint = key_fingerprint(&key);
+    if let Some(path) = public_key_out {
+        std::fs::write(path, &public_key_pem)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if c.json {
+        print_json(&json!({
+            "file": out.display().to_string(),
+            "bytes": bytes,
+            "records": report.records,
+            "checkpoints": report.checkpoints,
+            "last_seq": report.last_seq,
+            "checkpoint_seq": known.as_ref().map(|k| k.seq),
+            "first_seq": report.first_seq,
+            "log_id": report.log_id,
+            "key_fingerprint": fingerprint,
+            "key_pinned": pinned.is_some(),
+        }))?;
+    } else {
+        println!(
+            "exported {} records and {} checkpoints ({bytes} bytes) to {}; verified up to the checkpoint at seq {}",
+            report.records,
+            report.checkpoints,
+            out.display(),
+            known.as_ref().map_or(0, |k| k.seq)
+        );
+        println!(
+            "audit public key fingerprint (SHA-256) {fingerprint}{}",
+            if pinned.is_some() {
+                " (the key given with --public-key)"
+            } else {
+                " (as the server sent it: compare it with one obtained out of band, or pass --public-key)"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// The nodes of a cluster file (`DIR/cluster.json` of `coffre dev
+/// --nodes`): (node id, endpoint).
+fn cluster_file_nodes(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
+    #[derive(serde::Deserialize)]
+    struct Node {
+        node_id: String,
+        endpoint: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        nodes: Vec<Node>,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: File = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a cluster file", path.display()))?;
+    Ok(file
+        .nodes
+        .into_iter()
+        .map(|n| (n.node_id, n.endpoint))
+        .collect())
+}
+
+/// Every digest in the database of the node configuration `config`.
+async fn fetch_digests(config: &std::path::Path) -> anyhow::Result<Vec<crate::audit::Digest>> {
+    use crate::cluster::Coordination;
+    let connector = std::sync::Arc::new(super::store::connector(config)?);
+    let db = crate::cluster::postgres::PgCoordination::new(
+        connector,
+        "audit-export",
+        uuid::Uuid::new_v4(),
+    );
+    let mut digests: Vec<crate::audit::Digest> = Vec::new();
+    loop {
+        let after = digests.last().map_or(0, |d| d.n);
+        let page = db.digests_since(after, 1000).await.map_err(|e| {
+            CliError::local(
+                tonic::Code::Unavailable,
+                format!("reading the audit digests: {e}"),
+            )
+        })?;
+        if page.is_empty() {
+            return Ok(digests);
+        }
+        digests.extend(page);
+    }
+}
+
+/// `coffre audit export --cluster`: the digests first, then every node's
+/// log (each export signs its node's head first, so every head a fetched
+/// digest lists is in the file), then the whole export verified.
+async fn export_cluster(
+    dir: &std::path::Path,
+    cluster_file: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    public_key_out: Option<&std::path::Path>,
+    pinned: Option<&std::path::Path>,
+    c: &super::ConnectArgs,
+) -> anyhow::Result<()> {
+    let invalid = |m: String| CliError::local(tonic::Code::InvalidArgument, m);
+    let Some(config) = config else {
+        bail!(invalid(
+            "--cluster needs --config FILE: a node's configuration, whose database holds the \
+             digests"
+                .into()
+        ));
+    };
+    // (expected node id, endpoint)
+    let nodes: Vec<(Option<String>, String)> = match cluster_file {
+        Some(file) => cluster_file_nodes(file)?
+            .into_iter()
+            .map(|(id, e)| (Some(id), e))
+            .collect(),
+        None => c.endpoints.iter().map(|e| (None, e.clone())).collect(),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let digests = fetch_digests(config).await?;
+    let mut text = String::new();
+    for d in &digests {
+        text.push_str(&d.to_line()?);
+        text.push('\n');
+    }
+    let digests_path = dir.join(DIGESTS_FILE);
+    std::fs::write(&digests_path, text)
+        .with_context(|| format!("writing {}", digests_path.display()))?;
+    let mut pinned = pinned.map(read_public_key).transpose()?;
+    let mut public_key_pem = None;
+    let mut exported = Vec::new();
+    for (expected, endpoint) in &nodes {
+        let tmp = dir.join("node.partial.jsonl");
+        let got = fetch_log(&tmp, pinned, &c.at(endpoint)).await?;
+        // Every node must present the same audit key: the first one's, if
+        // none was given.
+        pinned.get_or_insert(got.key);
+        public_key_pem.get_or_insert(got.public_key_pem.clone());
+        let Some(node) = got.report.node.clone() else {
+            bail!(CliError::local(
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "the log of {endpoint} names no node (a single node's log): not a node of a \
+                     cluster; kept in {}",
+                    tmp.display()
+                )
+            ));
+        };
+        if let Some(expected) = expected
+            && *expected != node
+        {
+            bail!(CliError::local(
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "{endpoint} serves node {node}'s log, but the cluster file says it is node \
+                     {expected}'s"
+                )
+            ));
+        }
+        let path = dir.join(node_file_name(&node));
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        exported.push((node, got));
+    }
+    let key =
+        pinned.context("no node to export: give --endpoint once per node, or --cluster-file")?;
+    if let (Some(path), Some(pem)) = (public_key_out, &public_key_pem) {
+        std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let fingerprint = key_fingerprint(&key);
+    let report = verify_cluster(dir, &key, Policy::default()).map_err(|failure| {
+        CliError::local(
+            tonic::Code::DataLoss,
+            format!(
+                "the cluster export {} does not verify: {failure} (key fingerprint {fingerprint})",
+                dir.display()
+            ),
+        )
+    })?;
+    if c.json {
+        print_json(&json!({
+            "dir": dir.display().to_string(),
+            "digests": report.digests,
+            "last_digest": report.last_digest.as_ref().map(|d| d.n),
+            "nodes": exported.iter().map(|(node, e)| json!({
+                "node": node,
+                "file": node_file_name(node),
+                "bytes": e.bytes,
+                "records": e.report.records,
+                "last_seq": e.report.last_seq,
+                "log_id": e.report.log_id,
+            })).collect::<Vec<_>>(),
+            "key_fingerprint": fingerprint,
+        }))?;
+    } else {
+        for (node, e) in &exported {
+            println!(
+                "node {node}: exported {} records ({} bytes) to {}",
+                e.report.records,
+                e.bytes,
+                dir.join(node_file_name(node)).display()
+            );
+        }
+        println!(
+            "{} digests to {}; the export verifies as a whole",
+            report.digests,
+            digests_path.display()
+        );
+        println!("audit public key fingerprint (SHA-256) {fingerprint}");
+    }
+    Ok(())
+}
+
+/// Checkpoint, stream, verify, then rename into place at `out`.
+async fn fetch_log(
+    out: &std::path::Path,
+    pinned: Option<[u8; 32]>,
+    c: &super::ConnectArgs,
+) -> anyhow::Result<Exported> {
     let mut client = AuditServiceClient::new(connect(c, "auditor").await?);
     let mut head = client
         .get_checkpoint(pb::GetCheckpointRequest {})
@@ -377,7 +756,6 @@ async fn export(
         Some(pinned) => pinned,
         None => sent,
     };
-    let fingerprint = key_fingerprint(&key);
     let known: Option<Checkpoint> = head
         .checkpoint
         .as_ref()
@@ -426,39 +804,11 @@ async fn export(
         )
     })?;
     std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
-    if let Some(path) = public_key_out {
-        std::fs::write(path, &head.public_key_pem)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    if c.json {
-        print_json(&json!({
-            "file": out.display().to_string(),
-            "bytes": bytes,
-            "records": report.records,
-            "checkpoints": report.checkpoints,
-            "last_seq": report.last_seq,
-            "checkpoint_seq": known.as_ref().map(|k| k.seq),
-            "first_seq": report.first_seq,
-            "log_id": report.log_id,
-            "key_fingerprint": fingerprint,
-            "key_pinned": pinned.is_some(),
-        }))?;
-    } else {
-        println!(
-            "exported {} records and {} checkpoints ({bytes} bytes) to {}; verified up to the checkpoint at seq {}",
-            report.records,
-            report.checkpoints,
-            out.display(),
-            known.as_ref().map_or(0, |k| k.seq)
-        );
-        println!(
-            "audit public key fingerprint (SHA-256) {fingerprint}{}",
-            if pinned.is_some() {
-                " (the key given with --public-key)"
-            } else {
-                " (as the server sent it: compare it with one obtained out of band, or pass --public-key)"
-            }
-        );
-    }
-    Ok(())
+    Ok(Exported {
+        report,
+        known,
+        bytes,
+        key,
+        public_key_pem: head.public_key_pem,
+    })
 }

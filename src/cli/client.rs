@@ -20,6 +20,16 @@ use crate::pki::PkiPaths;
 
 /// Opens an mTLS channel as `default_identity` unless told otherwise.
 pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Result<Channel> {
+    if args.endpoints.len() > 1 {
+        bail!(CliError::local(
+            tonic::Code::InvalidArgument,
+            format!(
+                "--endpoint is given {} times; only `coffre audit export --cluster` takes one per \
+                 node",
+                args.endpoints.len()
+            ),
+        ));
+    }
     let paths = PkiPaths::new(&args.data_dir);
     let name = args.identity.as_deref().unwrap_or(default_identity);
     let ca_path = args.ca.clone().unwrap_or_else(|| paths.ca_cert());
@@ -37,7 +47,7 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
         })
     };
     remember_peer(Peer {
-        endpoint: args.endpoint.clone(),
+        endpoint: args.endpoint().to_string(),
         data_dir: args.data_dir.clone(),
         ca: ca_path.clone(),
         cert: cert_path.clone(),
@@ -48,10 +58,10 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
     let cert = read(&cert_path, "client certificate")?;
     let key = Zeroizing::new(read(&key_path, "client key")?);
 
-    let uri: tonic::transport::Uri = args.endpoint.parse().map_err(|e| {
+    let uri: tonic::transport::Uri = args.endpoint().parse().map_err(|e| {
         CliError::local(
             tonic::Code::InvalidArgument,
-            format!("invalid endpoint {:?}: {e}", args.endpoint),
+            format!("invalid endpoint {:?}: {e}", args.endpoint()),
         )
     })?;
     if uri.scheme_str() != Some("https") {
@@ -59,7 +69,7 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
             tonic::Code::InvalidArgument,
             format!(
                 "the endpoint {:?} must start with https:// (coffre always uses TLS)",
-                args.endpoint
+                args.endpoint()
             ),
         ));
     }
@@ -83,7 +93,7 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
             Some(explained) => explained.into(),
             None => CliError::local(
                 tonic::Code::Unavailable,
-                format!("cannot connect to {}: {}", args.endpoint, chain_text(&e)),
+                format!("cannot connect to {}: {}", args.endpoint(), chain_text(&e)),
             )
             .into(),
         }),

@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Coordination, CoordinationError, Lease, LeaseStatus, NodeStatus};
+use super::{ClusterHeads, Coordination, CoordinationError, Lease, LeaseStatus, NodeStatus};
+use crate::audit::{Digest, PublishedCheckpoint};
 
 /// A node alone on its store (sled, whose directory lock admits one
 /// process): every lease is its own, no other node changes keys.
@@ -63,5 +64,28 @@ impl Coordination for LocalCoordination {
 
     async fn wait_for_changes(&self, timeout: Duration) {
         tokio::time::sleep(timeout).await;
+    }
+
+    async fn publish_checkpoints(
+        &self,
+        _batch: &[PublishedCheckpoint],
+    ) -> Result<(), CoordinationError> {
+        Ok(())
+    }
+
+    async fn latest_heads(&self) -> Result<ClusterHeads, CoordinationError> {
+        Ok(ClusterHeads::default())
+    }
+
+    async fn append_digest(&self, _digest: &Digest) -> Result<bool, CoordinationError> {
+        Ok(false)
+    }
+
+    async fn digests_since(
+        &self,
+        _after_n: u64,
+        _limit: usize,
+    ) -> Result<Vec<Digest>, CoordinationError> {
+        Ok(Vec::new())
     }
 }

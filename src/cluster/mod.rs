@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::audit::{Digest, PublishedCheckpoint};
+
+pub mod audit;
 pub mod local;
 pub mod postgres;
 
@@ -32,6 +35,8 @@ pub mod leases {
     pub const SCHEDULER: &str = "scheduler";
     /// The HSM root-key rotation.
     pub const ROOT_ROTATION: &str = "root-rotation";
+    /// Signing the cluster audit digest ([`super::audit`]).
+    pub const AUDIT_DIGEST: &str = "audit-digest";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +76,18 @@ pub struct NodeStatus {
     pub last_seen_ms_ago: u64,
 }
 
+/// What the digest signer reads before it signs ([`audit`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterHeads {
+    /// The store's change counter (`coffre_cluster.key_generation`).
+    pub key_generation: u64,
+    /// The latest checkpoint published by each registered node that has
+    /// published one, in node id order.
+    pub heads: Vec<PublishedCheckpoint>,
+    /// The last digest of the chain, if any.
+    pub last_digest: Option<Digest>,
+}
+
 /// A lease as the registry knows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LeaseStatus {
@@ -107,4 +124,28 @@ pub trait Coordination: Send + Sync + fmt::Debug {
     /// Waits until another node may have changed keys (a hint: a
     /// notification from the store), or `timeout` has passed.
     async fn wait_for_changes(&self, timeout: Duration);
+
+    /// Publishes this node's audit checkpoints, oldest first (idempotent:
+    /// one already published is left as it is). Alone on a store: nothing
+    /// to publish to.
+    async fn publish_checkpoints(
+        &self,
+        batch: &[PublishedCheckpoint],
+    ) -> Result<(), CoordinationError>;
+
+    /// Every registered node's latest published checkpoint, the store's
+    /// key generation and the last digest: what the next digest is made
+    /// of. Alone on a store: empty.
+    async fn latest_heads(&self) -> Result<ClusterHeads, CoordinationError>;
+
+    /// Appends `digest` to the chain if no digest has its `n` yet; `false`
+    /// if one has (another signer won: nothing to do). Alone: `false`.
+    async fn append_digest(&self, digest: &Digest) -> Result<bool, CoordinationError>;
+
+    /// The digests after `after_n`, at most `limit`, in order.
+    async fn digests_since(
+        &self,
+        after_n: u64,
+        limit: usize,
+    ) -> Result<Vec<Digest>, CoordinationError>;
 }

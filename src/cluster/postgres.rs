@@ -18,7 +18,9 @@ use tokio::sync::{Mutex, Notify};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use super::{Coordination, CoordinationError, Lease, LeaseStatus, NodeStatus};
+use super::{ClusterHeads, Coordination, CoordinationError, Lease, LeaseStatus, NodeStatus};
+use crate::audit::{Digest, PublishedCheckpoint};
+use crate::model::Timestamp;
 use crate::store::postgres::PgConnector;
 use crate::store::postgres::migrate::LATEST_VERSION;
 
@@ -115,6 +117,17 @@ fn millis(d: Duration) -> i64 {
 
 fn non_negative(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// A u64 into a `bigint` column, or why not.
+fn bigint(v: u64, what: &str) -> Result<i64, CoordinationError> {
+    i64::try_from(v).map_err(|_| unavailable(format!("{what} {v} does not fit a bigint")))
+}
+
+/// A digest from its stored line.
+fn digest_of(line: &str) -> Result<Digest, CoordinationError> {
+    Digest::from_line(line)
+        .map_err(|e| unavailable(format!("a stored audit digest is malformed: {e}")))
 }
 
 #[async_trait]
@@ -243,5 +256,121 @@ impl Coordination for PgCoordination {
             }
         }
         let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
+    }
+
+    async fn publish_checkpoints(
+        &self,
+        batch: &[PublishedCheckpoint],
+    ) -> Result<(), CoordinationError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut nodes = Vec::with_capacity(batch.len());
+        let mut logs = Vec::with_capacity(batch.len());
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut hashes = Vec::with_capacity(batch.len());
+        let mut times = Vec::with_capacity(batch.len());
+        let mut signatures = Vec::with_capacity(batch.len());
+        for cp in batch {
+            nodes.push(cp.node.as_str());
+            logs.push(cp.log_id.as_str());
+            seqs.push(bigint(cp.seq, "seq")?);
+            hashes.push(cp.head_hash.as_str());
+            times.push(cp.time.0);
+            signatures.push(cp.signature.as_str());
+        }
+        self.query(
+            "INSERT INTO audit_checkpoints (node_id, log_id, seq, head_hash, time_ms, signature)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],
+                                  $5::bigint[], $6::text[])
+             ON CONFLICT DO NOTHING",
+            &[&nodes, &logs, &seqs, &hashes, &times, &signatures],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn latest_heads(&self) -> Result<ClusterHeads, CoordinationError> {
+        let rows = self
+            .query(
+                "SELECT (SELECT key_generation FROM coffre_cluster),
+                        (SELECT line FROM audit_digests ORDER BY n DESC LIMIT 1)",
+                &[],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Err(unavailable("no coffre_cluster row"));
+        };
+        let key_generation: Option<i64> = row.try_get(0).map_err(unavailable)?;
+        let last: Option<String> = row.try_get(1).map_err(unavailable)?;
+        let last_digest = last.as_deref().map(digest_of).transpose()?;
+        // One index probe per registered node (audit_checkpoints_latest),
+        // not a scan of every checkpoint ever published.
+        let rows = self
+            .query(
+                "SELECT c.node_id, c.log_id, c.seq, c.head_hash, c.time_ms, c.signature
+                 FROM nodes n CROSS JOIN LATERAL (
+                     SELECT * FROM audit_checkpoints a
+                     WHERE a.node_id = n.node_id
+                     ORDER BY a.time_ms DESC, a.seq DESC LIMIT 1) c
+                 ORDER BY c.node_id",
+                &[],
+            )
+            .await?;
+        let heads = rows
+            .iter()
+            .map(|r| {
+                Ok(PublishedCheckpoint {
+                    node: r.try_get(0).map_err(unavailable)?,
+                    log_id: r.try_get(1).map_err(unavailable)?,
+                    seq: non_negative(r.try_get(2).map_err(unavailable)?),
+                    head_hash: r.try_get(3).map_err(unavailable)?,
+                    time: Timestamp(r.try_get(4).map_err(unavailable)?),
+                    signature: r.try_get(5).map_err(unavailable)?,
+                })
+            })
+            .collect::<Result<Vec<_>, CoordinationError>>()?;
+        Ok(ClusterHeads {
+            key_generation: non_negative(key_generation.unwrap_or(0)),
+            heads,
+            last_digest,
+        })
+    }
+
+    async fn append_digest(&self, digest: &Digest) -> Result<bool, CoordinationError> {
+        let line = digest.to_line().map_err(unavailable)?;
+        let rows = self
+            .query(
+                "INSERT INTO audit_digests (n, time_ms, prev_hash, key_generation, line)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (n) DO NOTHING
+                 RETURNING n",
+                &[
+                    &bigint(digest.n, "digest n")?,
+                    &digest.time.0,
+                    &digest.prev,
+                    &bigint(digest.key_generation, "key generation")?,
+                    &line,
+                ],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn digests_since(
+        &self,
+        after_n: u64,
+        limit: usize,
+    ) -> Result<Vec<Digest>, CoordinationError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT line FROM audit_digests WHERE n > $1 ORDER BY n LIMIT $2",
+                &[&bigint(after_n, "digest n")?, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| digest_of(&r.try_get::<_, String>(0).map_err(unavailable)?))
+            .collect()
     }
 }

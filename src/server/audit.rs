@@ -9,7 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::audit::{AuditTrail, AuditTrailOptions, Checkpoint, ExternalSigner, HighWaterMark};
+use crate::audit::{
+    AuditTrail, AuditTrailOptions, Checkpoint, CheckpointObserver, ExternalSigner, HighWaterMark,
+};
+use crate::cluster::audit::CheckpointQueue;
 use crate::service::Kms;
 
 /// Where the audit log is and how it behaves.
@@ -37,6 +40,16 @@ impl AuditSetup {
             external_signer: None,
             accept_log_loss: false,
         }
+    }
+
+    /// The log of node `node_id` of a cluster: its checkpoints name the
+    /// node (format v3) and go, once durable, to the returned queue, from
+    /// which they are published ([`crate::cluster::audit`]).
+    pub fn join_cluster(&mut self, node_id: &str) -> Arc<CheckpointQueue> {
+        let queue = Arc::new(CheckpointQueue::default());
+        self.options.log.node = Some(node_id.to_string());
+        self.options.log.observer = Some(Arc::clone(&queue) as Arc<dyn CheckpointObserver>);
+        queue
     }
 }
 

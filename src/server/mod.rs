@@ -59,6 +59,9 @@ pub struct ClusterSetup {
     pub poll_interval: Duration,
     /// How long a lease lasts unless renewed.
     pub lease_ttl: Duration,
+    /// How often the holder of the `audit-digest` lease signs the cluster
+    /// audit digest ([`crate::cluster::audit::DEFAULT_DIGEST_INTERVAL`]).
+    pub digest_interval: Duration,
 }
 
 /// Everything a server is made of; [`ServerBuilder::start`] puts it
@@ -206,6 +209,13 @@ impl ServerBuilder {
     /// are checked here: a bad one stops the start with a clear error.
     pub async fn start(self) -> anyhow::Result<RunningServer> {
         let crl_reload_interval = self.tls.crl_reload_interval;
+        let clock = Arc::clone(&self.clock);
+        // A node of a cluster: its checkpoints name it and are published.
+        let mut audit_setup = self.audit;
+        let publication = self
+            .cluster
+            .as_ref()
+            .map(|c| audit_setup.join_cluster(c.coordination.node_id()));
         let tls = grpc::PreparedTls::new(&self.tls).context("configuring TLS")?;
         let mut kms = Kms::new(
             self.store,
@@ -223,7 +233,7 @@ impl ServerBuilder {
                 .with_coordination(Arc::clone(&cluster.coordination));
         }
         let kms = Arc::new(kms);
-        let (audit, store_mark) = audit::open_trail(&kms, &self.audit).await?;
+        let (audit, store_mark) = audit::open_trail(&kms, &audit_setup).await?;
         // Before anything reads a key record: the store refuses them until
         // its MAC key is installed.
         let integrity = kms
@@ -242,6 +252,12 @@ impl ServerBuilder {
             None => None,
         };
         let lease_ttl = self.cluster.as_ref().map(|c| c.lease_ttl);
+        let cluster_audit = match (&self.cluster, publication) {
+            (Some(cluster), Some(queue)) => {
+                Some(tasks::ClusterAudit::start(&audit, cluster, queue, clock))
+            }
+            _ => None,
+        };
         let client_auth = tls.client_auth();
         let listener = match self.listener {
             Some(listener) => listener,
@@ -306,6 +322,7 @@ impl ServerBuilder {
             metrics_addr: metrics_server.as_ref().map(|(addr, _)| *addr),
             metrics_task: metrics_server.map(|(_, task)| task),
             store_mark,
+            cluster_audit,
             _dir_lock: self.dir_lock,
         })
     }
@@ -336,6 +353,8 @@ pub struct RunningServer {
     metrics_task: Option<JoinHandle<()>>,
     /// The audit high-water mark's task, waited for at stop.
     store_mark: Option<Arc<audit::StoreMark>>,
+    /// Checkpoint publication and the digest signer (cluster only).
+    cluster_audit: Option<tasks::ClusterAudit>,
     /// The data directory's lock (`coffre dev`), released with the server.
     _dir_lock: Option<DirLock>,
 }
@@ -362,6 +381,9 @@ impl RunningServer {
             task.abort();
             let _ = task.await;
         }
+        if let Some(cluster_audit) = &mut self.cluster_audit {
+            cluster_audit.stop_signing().await;
+        }
         self.audit.close_followers();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -377,6 +399,10 @@ impl RunningServer {
                 "the audit log's last checkpoint is not yet remembered in the store; the next \
                  start accepts a mark one checkpoint behind"
             );
+        }
+        // The final checkpoint reaches the database if it can, soon.
+        if let Some(cluster_audit) = self.cluster_audit.take() {
+            cluster_audit.finish(MARK_SETTLE).await;
         }
         served?
     }

@@ -1,6 +1,7 @@
 //! The server's background tasks and the audit log's opening: the
 //! scheduler (due rotations and destructions, each audited), the CRL
-//! watcher, the metrics page and the probes beside it.
+//! watcher, the metrics page and the probes beside it, and on a node of a
+//! cluster the publication of its audit checkpoints and the digest signer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditEntry, AuditTrail};
+use crate::cluster::audit::{self as cluster_audit, CheckpointQueue};
 use crate::cluster::{Coordination, Lease, leases};
 use crate::grpc;
 use crate::service::{Kms, SchedulerReport};
@@ -143,6 +145,68 @@ pub(super) async fn start_following(
             }
         }
     }))
+}
+
+/// A node's share of the cluster audit (`crate::cluster::audit`): the
+/// publisher of its checkpoints and the digest signer (which signs only
+/// while it holds the lease).
+#[derive(Debug)]
+pub(super) struct ClusterAudit {
+    queue: Arc<CheckpointQueue>,
+    publisher: JoinHandle<()>,
+    signer: Option<JoinHandle<()>>,
+}
+
+impl ClusterAudit {
+    pub(super) fn start(
+        trail: &Arc<AuditTrail>,
+        cluster: &super::ClusterSetup,
+        queue: Arc<CheckpointQueue>,
+        clock: Arc<dyn crate::model::Clock>,
+    ) -> Self {
+        let coordination = Arc::clone(&cluster.coordination);
+        let publisher =
+            cluster_audit::spawn_publisher(Arc::clone(&queue), Arc::clone(&coordination));
+        let signer = cluster_audit::spawn_digest_signer(
+            Arc::clone(trail),
+            coordination,
+            clock,
+            cluster.digest_interval,
+            cluster.lease_ttl,
+        );
+        Self {
+            queue,
+            publisher,
+            signer: Some(signer),
+        }
+    }
+
+    /// Stops signing digests (first, at stop).
+    pub(super) async fn stop_signing(&mut self) {
+        if let Some(task) = self.signer.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// After the final checkpoint: lets the publisher drain the queue for
+    /// at most `limit`, then stops it.
+    pub(super) async fn finish(mut self, limit: Duration) {
+        self.stop_signing().await;
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.queue.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !self.queue.is_empty() {
+            tracing::warn!(
+                waiting = self.queue.len(),
+                "audit checkpoints not yet published at stop; the next digest lists this \
+                 node's newer head once it publishes again"
+            );
+        }
+        self.publisher.abort();
+        let _ = self.publisher.await;
+    }
 }
 
 /// How often a node tells the registry it is alive.

@@ -266,6 +266,30 @@ impl crate::cluster::Coordination for NodeLeases {
     async fn wait_for_changes(&self, timeout: Duration) {
         tokio::time::sleep(timeout).await;
     }
+    async fn publish_checkpoints(
+        &self,
+        _batch: &[crate::audit::PublishedCheckpoint],
+    ) -> Result<(), crate::cluster::CoordinationError> {
+        Ok(())
+    }
+    async fn latest_heads(
+        &self,
+    ) -> Result<crate::cluster::ClusterHeads, crate::cluster::CoordinationError> {
+        Ok(crate::cluster::ClusterHeads::default())
+    }
+    async fn append_digest(
+        &self,
+        _digest: &crate::audit::Digest,
+    ) -> Result<bool, crate::cluster::CoordinationError> {
+        Ok(false)
+    }
+    async fn digests_since(
+        &self,
+        _after_n: u64,
+        _limit: usize,
+    ) -> Result<Vec<crate::audit::Digest>, crate::cluster::CoordinationError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A root-key rotation runs on one node at a time: while one node holds

@@ -107,22 +107,28 @@ CREATE TABLE nodes (
     max_schema     integer     NOT NULL
 );
 
--- Audit: each node's signed checkpoints, and the cluster digest chain that
--- lists every node's head. Append-only (roles.sql grants no DELETE).
+-- Audit: each node's signed checkpoints (format v3, src/audit/checkpoint.rs:
+-- the signature covers the node and the log; the key fingerprint is the
+-- audit key's), and the cluster digest chain that lists every node's head
+-- (src/audit/digest.rs; `line` is the digest exactly as signed and exported).
+-- Append-only (roles.sql grants no DELETE). A node's log id changes only
+-- when its log is replaced, so its seq restarts under a new log id.
 CREATE TABLE audit_checkpoints (
     node_id   text   NOT NULL,
+    log_id    text   NOT NULL,
     seq       bigint NOT NULL,
     head_hash text   NOT NULL,
     time_ms   bigint NOT NULL,
     signature text   NOT NULL,
-    PRIMARY KEY (node_id, seq)
+    PRIMARY KEY (node_id, log_id, seq)
 );
+CREATE INDEX audit_checkpoints_latest ON audit_checkpoints (node_id, time_ms DESC, seq DESC);
 CREATE TABLE audit_digests (
-    n         bigint PRIMARY KEY,
-    time_ms   bigint NOT NULL,
-    prev_hash text   NOT NULL,
-    body      jsonb  NOT NULL,
-    signature text   NOT NULL
+    n              bigint PRIMARY KEY CHECK (n >= 1),
+    time_ms        bigint NOT NULL,
+    prev_hash      text   NOT NULL,
+    key_generation bigint NOT NULL,
+    line           text   NOT NULL
 );
 
 -- What the sled store keeps in its `meta` tree besides secrets: the
