@@ -13,7 +13,10 @@
 //! knows where its bytes are (a sled value here, a `bytea` column in
 //! PostgreSQL). A backend calls [`RecordMac::seal`] on the bytes it is about
 //! to store and [`RecordMac::open`] on the bytes it read, with the slot's
-//! own id, so that a record moved to another slot fails too. The MAC key
+//! own id, so that a record moved to another slot fails too; a backend that
+//! keeps the tag in a column of its own calls [`RecordMac::tag`] and
+//! [`RecordMac::verify`] instead (the same tag, so records copy between
+//! backends). The MAC key
 //! reaches the backend through [`super::KeyStore::install_integrity`], once,
 //! at start, after the HSM unwrapped it (`Kms::store_integrity`).
 //!
@@ -92,7 +95,8 @@ pub enum IntegrityState {
 const LABEL: &[u8] = b"coffre/v1/store-record-mac";
 const FORMAT: u8 = 1;
 const MAGIC: [u8; 4] = [0x00, b'M', b'A', FORMAT];
-const TAG_LEN: usize = 32;
+/// The length of a tag (HMAC-SHA256).
+pub const TAG_LEN: usize = 32;
 const HEADER_LEN: usize = MAGIC.len() + TAG_LEN;
 const TEXT_PREFIX: &str = "coffre-mac-v1 ";
 
@@ -184,13 +188,28 @@ impl RecordMac {
         input
     }
 
-    fn tag(&self, table: Table, id: &[u8], content: &[u8]) -> hmac::Tag {
+    fn sign(&self, table: Table, id: &[u8], content: &[u8]) -> hmac::Tag {
         hmac::sign(&self.key, &Self::input(table, id, content))
+    }
+
+    /// The tag alone of `content` in the slot (`table`, `id`): what
+    /// [`RecordMac::seal`] puts in front of it, for a backend that keeps
+    /// the tag apart from the record (PostgreSQL's `record_mac` column).
+    /// The same input as the sealed form's, so records copy between
+    /// backends with their tags.
+    pub fn tag(&self, table: Table, id: &[u8], content: &[u8]) -> [u8; TAG_LEN] {
+        let mut out = [0u8; TAG_LEN];
+        let tag = self.sign(table, id, content);
+        // HMAC-SHA256 tags are exactly TAG_LEN bytes.
+        for (o, b) in out.iter_mut().zip(tag.as_ref()) {
+            *o = *b;
+        }
+        out
     }
 
     /// `content` sealed for the slot (`table`, `id`).
     pub fn seal(&self, table: Table, id: &[u8], content: &[u8]) -> Vec<u8> {
-        let tag = self.tag(table, id, content);
+        let tag = self.sign(table, id, content);
         let mut out = Vec::with_capacity(HEADER_LEN + content.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(tag.as_ref());
@@ -218,20 +237,28 @@ impl RecordMac {
         Ok(content)
     }
 
-    fn verify(
+    /// Checks `tag`, kept apart from `content` (see [`RecordMac::tag`]),
+    /// for the slot (`table`, `id`), in constant time (by `ring`); a
+    /// failure is [`StoreError::IntegrityFailure`], logged and counted as
+    /// [`RecordMac::open`]'s. An empty tag (a record written unsealed)
+    /// fails too.
+    pub fn verify(
         &self,
         table: Table,
         id: &[u8],
         content: &[u8],
         tag: &[u8],
     ) -> Result<(), StoreError> {
+        if tag.is_empty() {
+            return Err(self.failure(table, id, "not sealed"));
+        }
         hmac::verify(&self.key, &Self::input(table, id, content), tag)
             .map_err(|_| self.failure(table, id, "wrong MAC"))
     }
 
     /// A text file's content sealed: the tag in hex on a first line.
     pub fn seal_text(&self, table: Table, id: &[u8], content: &[u8]) -> Vec<u8> {
-        let tag = self.tag(table, id, content);
+        let tag = self.sign(table, id, content);
         let mut out = Vec::with_capacity(TEXT_PREFIX.len() + 2 * TAG_LEN + 1 + content.len());
         out.extend_from_slice(TEXT_PREFIX.as_bytes());
         out.extend_from_slice(hex::encode(tag.as_ref()).as_bytes());
@@ -329,6 +356,30 @@ mod tests {
         // Unsealed or truncated bytes are refused, never passed through.
         assert!(m.open(Table::Keys, b"id-1", b"{\"a\":1}").is_err());
         assert!(m.open(Table::Keys, b"id-1", &sealed[..10]).is_err());
+        assert_eq!(m.failures(), 5);
+    }
+
+    #[test]
+    fn a_detached_tag_is_the_sealed_forms_and_verifies_alone() {
+        let m = mac(9);
+        let sealed = m.seal(Table::Versions, b"slot", b"{}");
+        let tag = m.tag(Table::Versions, b"slot", b"{}");
+        assert_eq!(sealed.get(4..36), Some(&tag[..]));
+        m.verify(Table::Versions, b"slot", b"{}", &tag).unwrap();
+        assert_eq!(m.failures(), 0);
+        assert!(m.verify(Table::Versions, b"slot2", b"{}", &tag).is_err());
+        assert!(m.verify(Table::Keys, b"slot", b"{}", &tag).is_err());
+        assert!(m.verify(Table::Versions, b"slot", b"{ }", &tag).is_err());
+        assert!(
+            m.verify(Table::Versions, b"slot", b"{}", &tag[..31])
+                .is_err()
+        );
+        assert!(m.verify(Table::Versions, b"slot", b"{}", b"").is_err());
+        assert!(
+            mac(10)
+                .verify(Table::Versions, b"slot", b"{}", &tag)
+                .is_err()
+        );
         assert_eq!(m.failures(), 5);
     }
 
