@@ -24,6 +24,7 @@ use integrity::{IntegrityState, RecordMac};
 pub mod approvals;
 #[cfg(test)]
 mod approvals_integrity_tests;
+pub(crate) mod checks;
 pub mod conformance;
 pub mod integrity;
 pub mod postgres;

@@ -9,28 +9,14 @@
 
 use uuid::Uuid;
 
-use super::key_store::{Tx, abort, check_key_swap, refuse};
+use super::key_store::{Tx, abort};
 use super::layout::Codec;
 use super::{Handles, SledEngine, sled_error};
 use crate::model::{KeyRecord, Timestamp};
 use crate::store::StoreError;
 use crate::store::approvals::{Approval, ApprovalStatus};
+use crate::store::checks::{check_approval_and_key, check_approval_swap};
 use sled::transaction::ConflictableTransactionResult;
-
-/// The fields a compare-and-swap of an approval may not change.
-fn check_approval_swap(current: &Approval, new: &Approval) -> Result<(), StoreError> {
-    if new.id != current.id
-        || new.operation != current.operation
-        || new.proposer != current.proposer
-        || new.created_at != current.created_at
-    {
-        return refuse(format!(
-            "a change of the id, operation, proposer or creation time of approval {}",
-            current.id
-        ));
-    }
-    Ok(())
-}
 
 fn uuid_from_slice(bytes: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(bytes).map_err(|_| {
@@ -145,14 +131,7 @@ impl SledEngine {
         (current, new): (&Approval, &Approval),
         (key, next): (&KeyRecord, &KeyRecord),
     ) -> Result<(), StoreError> {
-        check_approval_swap(current, new)?;
-        check_key_swap(key, next)?;
-        if current.operation.key_id() != Some(key.id) {
-            return refuse(format!(
-                "approval {} is not about key {}",
-                current.id, key.id
-            ));
-        }
+        check_approval_and_key((current, new), (key, next))?;
         let codec = self.codec()?;
         let approval_bytes = codec.encode_approval(new)?;
         let key_bytes = codec.encode_key(next)?;

@@ -20,7 +20,10 @@ use super::layout::{
     parse_due_key, parse_u64, parse_version_key, retired_root_key, secret_key, version_key,
 };
 use super::{Handles, SledEngine, sled_error};
-use crate::model::{KeyId, KeyRecord, KeyState, Timestamp, VersionRecord};
+use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
+use crate::store::checks::{
+    check_add_version, check_create, check_destroy, check_key_swap, check_rewrap, check_secret,
+};
 use crate::store::integrity::{IntegrityState, RecordMac};
 use crate::store::{ChangePage, KeyChange, KeyFilter, StoreError, VersionCounts, WrappedSecret};
 
@@ -114,32 +117,6 @@ fn refuse_retired(h: &Handles, roots: &[u32]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// What [`crate::store::KeyStore::compare_and_swap_key`] refuses as
-/// [`StoreError::Corrupt`] before writing anything.
-pub(super) fn check_key_swap(current: &KeyRecord, new: &KeyRecord) -> Result<(), StoreError> {
-    if new.id != current.id
-        || new.alias != current.alias
-        || new.primary_version != current.primary_version
-    {
-        return refuse(format!(
-            "a change of the id, alias or primary version of key {} by compare-and-swap",
-            current.id
-        ));
-    }
-    if current.state == KeyState::Destroyed || new.state == KeyState::Destroyed {
-        return refuse(format!(
-            "a compare-and-swap from or to DESTROYED of key {} (destruction goes through \
-             destroy_key and is final)",
-            current.id
-        ));
-    }
-    Ok(())
-}
-
-pub(super) fn refuse<T>(message: String) -> Result<T, StoreError> {
-    Err(StoreError::Corrupt(format!("refusing to write: {message}")))
-}
-
 impl SledEngine {
     pub fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
         let live = self.read_gate()?;
@@ -152,9 +129,7 @@ impl SledEngine {
     }
 
     pub fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
-        if name.is_empty() || secret.wrapped.is_empty() {
-            return refuse(format!("an empty service secret {name:?}"));
-        }
+        check_secret(name, secret)?;
         let value = encode("service secret", secret)?;
         let live = self.write_gate();
         self.check_usable()?;
@@ -175,9 +150,7 @@ impl SledEngine {
         name: &str,
         secret: &WrappedSecret,
     ) -> Result<WrappedSecret, StoreError> {
-        if name.is_empty() || secret.wrapped.is_empty() {
-            return refuse(format!("an empty service secret {name:?}"));
-        }
+        check_secret(name, secret)?;
         let value = encode("service secret", secret)?;
         let live = self.write_gate();
         self.check_usable()?;
@@ -213,9 +186,7 @@ impl SledEngine {
         current: &WrappedSecret,
         new: &WrappedSecret,
     ) -> Result<bool, StoreError> {
-        if name.is_empty() || new.wrapped.is_empty() {
-            return refuse(format!("an empty service secret {name:?}"));
-        }
+        check_secret(name, new)?;
         let old = encode("service secret", current)?;
         let value = encode("service secret", new)?;
         let live = self.write_gate();
@@ -301,15 +272,7 @@ impl SledEngine {
         let codec = self.codec()?;
         let mut encoded = Vec::with_capacity(keys.len());
         for &(key, first_version) in keys {
-            if first_version.key_id != key.id || first_version.version != key.primary_version {
-                return refuse(format!(
-                    "key {} (primary version {}) with version {} of key {}",
-                    key.id, key.primary_version, first_version.version, first_version.key_id
-                ));
-            }
-            if key.state == KeyState::Destroyed || first_version.destroyed_at.is_some() {
-                return refuse(format!("key {} created destroyed", key.id));
-            }
+            check_create(key, first_version)?;
             encoded.push((
                 key,
                 codec.encode_key(key)?,
@@ -467,34 +430,7 @@ impl SledEngine {
         updated: &KeyRecord,
         version: &VersionRecord,
     ) -> Result<(), StoreError> {
-        if version.key_id != current.id {
-            return refuse(format!(
-                "a version of key {} added to key {}",
-                version.key_id, current.id
-            ));
-        }
-        if updated.id != current.id
-            || updated.alias != current.alias
-            || updated.primary_version != version.version
-        {
-            return refuse(format!(
-                "rotation of key {} to an updated record with another id, alias or primary \
-                 version than the new version {}",
-                current.id, version.version
-            ));
-        }
-        if current.state == KeyState::Destroyed
-            || updated.state == KeyState::Destroyed
-            || version.destroyed_at.is_some()
-        {
-            return refuse(format!(
-                "rotation of key {} from, to or with destroyed records",
-                current.id
-            ));
-        }
-        if current.primary_version.checked_add(1) != Some(version.version) {
-            return Err(StoreError::Conflict(current.id));
-        }
+        check_add_version(current, updated, version)?;
         let codec = self.codec()?;
         let key_bytes = codec.encode_key(updated)?;
         let version_bytes = codec.encode_version(version)?;
@@ -579,24 +515,7 @@ impl SledEngine {
         current: &KeyRecord,
         tombstone: &KeyRecord,
     ) -> Result<(), StoreError> {
-        if tombstone.id != current.id
-            || tombstone.alias != current.alias
-            || tombstone.primary_version != current.primary_version
-        {
-            return refuse(format!(
-                "a tombstone with another id, alias or primary version for key {}",
-                current.id
-            ));
-        }
-        if tombstone.state != KeyState::Destroyed || tombstone.destroyed_at.is_none() {
-            return refuse(format!(
-                "a tombstone of key {} that is not DESTROYED with a destruction time",
-                current.id
-            ));
-        }
-        if current.state == KeyState::Destroyed {
-            return refuse(format!("destroying key {} twice", current.id));
-        }
+        check_destroy(current, tombstone)?;
         let codec = self.codec()?;
         let key_bytes = codec.encode_key(tombstone)?;
         let id = current.id;
@@ -629,19 +548,7 @@ impl SledEngine {
         current: &VersionRecord,
         new: &VersionRecord,
     ) -> Result<(), StoreError> {
-        let mut unchanged = new.clone();
-        unchanged.hsm_root_key_id = current.hsm_root_key_id;
-        unchanged.wrapped_material = current.wrapped_material.clone();
-        if unchanged != *current || new.wrapped_material.is_empty() {
-            return refuse(format!(
-                "a re-wrap of version {} of key {} that changes more than its wrapped material \
-                 and root key id, or erases the material",
-                current.version, current.key_id
-            ));
-        }
-        if current.destroyed_at.is_some() {
-            return Err(StoreError::Conflict(current.key_id));
-        }
+        check_rewrap(current, new)?;
         let (id, number) = (current.key_id, current.version);
         let vkey = version_key(id, number);
         let codec = self.codec()?;
