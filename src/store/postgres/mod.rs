@@ -1,6 +1,9 @@
-//! The PostgreSQL store's foundation (issue #17): connecting, the schema and
-//! its migrations. The `KeyStore` methods come on top of it.
+//! The PostgreSQL store (issue #17): connecting, the schema and its
+//! migrations, and [`PgStore`], the [`crate::store::KeyStore`] on top.
 //!
+//! - [`store`]: [`PgStore`], each method one transaction (the locks, the
+//!   change feed's generations, the root-key fence, never a cancelled
+//!   commit); `records.rs`: how records and their MACs sit in rows.
 //! - [`connect`]: the connection settings from `[store]` and `[cluster]`
 //!   (URL from an environment variable or a file, TLS with rustls against
 //!   `ca_file`, the session settings coffre forces), the pool
@@ -18,11 +21,18 @@
 //! migrations, `coffre_app` serves); a DBA applies it, coffre never does.
 //! docs/postgres.md is the operator's side of all this.
 
+#[cfg(test)]
+mod conformance_tests;
 pub mod connect;
 mod error;
 pub mod local;
 pub mod migrate;
+mod records;
+pub mod store;
+#[cfg(test)]
+mod test_support;
 
 pub use connect::{DatabaseUrl, PgConnector, ServerInfo, open_pool, redacted};
 pub use error::PgError;
 pub use migrate::{MigrateReport, SchemaState, check_schema_for_serving, migrate, schema_state};
+pub use store::PgStore;

@@ -10,8 +10,9 @@
 -- the fields a query selects or orders by get columns of their own.
 -- `record_mac` is the HMAC-SHA256 tag of src/store/integrity.rs over the
 -- table's name, the row's id and `record` (the sled store keeps the same
--- tag in front of the JSON instead). Every read checks it, and that the id
--- inside the record is the row's.
+-- tag in front of the JSON instead); empty in a store not sealed yet (see
+-- store_meta `sealed`). Every read checks it, and that the id inside the
+-- record is the row's.
 
 -- One row: the cluster's identity, and the generation counter that every
 -- key-visible change bumps under `SELECT ... FOR UPDATE`, which orders the
@@ -40,19 +41,22 @@ CREATE INDEX keys_due        ON keys (next_due_ms, id) WHERE next_due_ms IS NOT 
 CREATE INDEX keys_generation ON keys (generation);
 CREATE INDEX keys_state      ON keys (state, id);
 
--- CMK versions: HSM-wrapped material only. hsm_root_key_id is 0 for a
--- version held by the HSM itself (protection level HSM).
+-- CMK versions: HSM-wrapped material only. in_hsm: a version held by the
+-- HSM itself (protection level HSM, an `hsm_object`), wrapped by no root
+-- key (its hsm_root_key_id is 0). Root-key ids are u32 in coffre, stored
+-- bit for bit in the signed integer (only ever compared for equality).
 CREATE TABLE key_versions (
     key_id          uuid    NOT NULL REFERENCES keys (id),
     version         integer NOT NULL CHECK (version >= 1),
     hsm_root_key_id integer NOT NULL,
+    in_hsm          boolean NOT NULL DEFAULT false,
     destroyed       boolean NOT NULL DEFAULT false,
     record          bytea   NOT NULL,
     record_mac      bytea   NOT NULL,
     PRIMARY KEY (key_id, version)
 );
 CREATE INDEX key_versions_live_by_root
-    ON key_versions (hsm_root_key_id, key_id, version) WHERE NOT destroyed;
+    ON key_versions (hsm_root_key_id, key_id, version) WHERE NOT destroyed AND NOT in_hsm;
 
 -- The root-key fence: a version or secret is stored under a root key only
 -- while its row is ACTIVE (inserts take it FOR SHARE); a rotation marks
@@ -132,7 +136,8 @@ CREATE TABLE audit_digests (
 );
 
 -- What the sled store keeps in its `meta` tree besides secrets: the
--- integrity "sealed" marker, and the like.
+-- integrity marker (`sealed`: every key, version and approval row carries
+-- its MAC; set by the first start's migration), and the like.
 CREATE TABLE store_meta (
     name  text  PRIMARY KEY,
     value bytea NOT NULL
