@@ -31,6 +31,8 @@ mod records;
 pub mod store;
 #[cfg(test)]
 mod test_support;
+#[cfg(test)]
+mod tests;
 
 pub use connect::{DatabaseUrl, PgConnector, ServerInfo, open_pool, redacted};
 pub use error::PgError;
