@@ -13,7 +13,10 @@ use crate::audit::{
     AuditTrail, AuditTrailOptions, Checkpoint, CheckpointObserver, ExternalSigner, HighWaterMark,
 };
 use crate::cluster::audit::CheckpointQueue;
+use crate::model::secret_wrap_aad;
+use crate::secret::SecretBytes;
 use crate::service::Kms;
+use crate::store::{KeyStore, WrappedSecret};
 
 /// Where the audit log is and how it behaves.
 #[derive(Clone, Debug)]
@@ -29,6 +32,58 @@ pub struct AuditSetup {
     /// cannot be restored): the mark is set aside, the log is opened as it
     /// is, and the loss is the log's next record (`--accept-audit-log-loss`).
     pub accept_log_loss: bool,
+    /// On a store shared by several nodes: this node's own high-water
+    /// mark ([`NodeMark`]). `None`: the store's one mark (a store of one
+    /// server, sled).
+    pub node_mark: Option<NodeMark>,
+}
+
+/// The high-water mark of one node's audit log in a store that several
+/// nodes share (PostgreSQL): each node keeps its own log and chain, so
+/// each needs its own mark, the service secret `audit-high-water-mark/<node
+/// id>` (HSM-wrapped under its own name, like the single server's
+/// `audit-high-water-mark`, and re-wrapped by a root-key rotation like
+/// every service secret). With one mark for all, a node would find
+/// another's checkpoint and refuse its own log as replaced.
+#[derive(Clone, Debug)]
+pub struct NodeMark {
+    store: Arc<dyn KeyStore>,
+    name: String,
+}
+
+impl NodeMark {
+    /// Node `node_id`'s mark in `store`.
+    pub fn new(store: Arc<dyn KeyStore>, node_id: &str) -> Self {
+        Self {
+            store,
+            name: format!("audit-high-water-mark/{node_id}"),
+        }
+    }
+
+    /// The service secret's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn load(&self, kms: &Kms) -> anyhow::Result<Option<SecretBytes>> {
+        let Some(secret) = self.store.get_secret(&self.name).await? else {
+            return Ok(None);
+        };
+        let clear = kms
+            .hsm()
+            .unwrap(&secret.wrapped, &secret_wrap_aad(&self.name))
+            .await?;
+        Ok(Some(clear))
+    }
+
+    async fn put(&self, kms: &Kms, line: &[u8]) -> anyhow::Result<()> {
+        let wrapped = kms.hsm().wrap(line, &secret_wrap_aad(&self.name)).await?;
+        let secret = WrappedSecret {
+            hsm_root_key_id: wrapped.root_key_id,
+            wrapped: wrapped.blob,
+        };
+        Ok(self.store.put_secret(&self.name, &secret).await?)
+    }
 }
 
 impl AuditSetup {
@@ -39,6 +94,7 @@ impl AuditSetup {
             public_key_file: None,
             external_signer: None,
             accept_log_loss: false,
+            node_mark: None,
         }
     }
 
@@ -101,7 +157,7 @@ impl HighWaterMark for StoreMark {
 /// (the HSM or the store unavailable); checkpoints wait meanwhile.
 const MARK_RETRY: Duration = Duration::from_secs(1);
 
-fn start_mark(kms: &Arc<Kms>, stored: Option<u64>) -> Arc<StoreMark> {
+fn start_mark(kms: &Arc<Kms>, stored: Option<u64>, node: Option<NodeMark>) -> Arc<StoreMark> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Checkpoint>();
     let remembered = Arc::new(AtomicU64::new(stored.unwrap_or(0)));
     let done = Arc::clone(&remembered);
@@ -117,12 +173,16 @@ fn start_mark(kms: &Arc<Kms>, stored: Option<u64>) -> Arc<StoreMark> {
                 let Some(core) = kms.upgrade() else {
                     return;
                 };
-                let result = match checkpoint.to_line() {
-                    Ok(line) => core
+                let result = match (checkpoint.to_line(), &node) {
+                    (Ok(line), None) => core
                         .put_audit_mark(line.as_bytes())
                         .await
                         .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
+                    (Ok(line), Some(node)) => node
+                        .put(&core, line.as_bytes())
+                        .await
+                        .map_err(|e| format!("{e:#}")),
+                    (Err(e), _) => Err(e.to_string()),
                 };
                 drop(core);
                 match result {
@@ -150,12 +210,17 @@ fn start_mark(kms: &Arc<Kms>, stored: Option<u64>) -> Arc<StoreMark> {
 }
 
 /// The mark the store holds, if it applies to this signing key.
-async fn stored_mark(kms: &Kms, public_key: &[u8; 32]) -> anyhow::Result<Option<Checkpoint>> {
-    let Some(clear) = kms
-        .audit_mark()
-        .await
-        .context("loading the audit log's high-water mark (HSM-wrapped, in the store)")?
-    else {
+async fn stored_mark(
+    kms: &Kms,
+    node: Option<&NodeMark>,
+    public_key: &[u8; 32],
+) -> anyhow::Result<Option<Checkpoint>> {
+    let what = "loading the audit log's high-water mark (HSM-wrapped, in the store)";
+    let stored = match node {
+        None => kms.audit_mark().await.context(what)?,
+        Some(node) => node.load(kms).await.context(what)?,
+    };
+    let Some(clear) = stored else {
         return Ok(None);
     };
     let text = std::str::from_utf8(clear.expose())
@@ -298,7 +363,7 @@ async fn open_once(
     let mut high_water = None;
     if !options.discard {
         let mark = if honour_mark {
-            stored_mark(kms, &keys.signer.public_key()).await?
+            stored_mark(kms, setup.node_mark.as_ref(), &keys.signer.public_key()).await?
         } else {
             None
         };
@@ -311,7 +376,7 @@ async fn open_once(
             ),
             None => {}
         }
-        let handle = start_mark(kms, mark.as_ref().map(|m| m.seq));
+        let handle = start_mark(kms, mark.as_ref().map(|m| m.seq), setup.node_mark.clone());
         store_mark = Some(Arc::clone(&handle));
         options.log.mark = Some(handle);
         options.log.high_water = mark.clone();
