@@ -595,22 +595,3 @@ fn the_harness_kills_restarts_and_stops_its_server() {
     pg.start();
     assert_eq!(pg.psql(&db, "SELECT count(*) FROM t"), "1");
 }
-
-/// Until the PostgreSQL store serves, `coffre serve` refuses a
-/// configuration naming it rather than quietly keep the records in sled.
-#[test]
-fn serve_refuses_the_postgres_store_until_it_is_wired() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
-    let out = Command::new(COFFRE)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("store.backend = \"postgres\" cannot be served by this build yet"),
-        "{stderr}"
-    );
-}

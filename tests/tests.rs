@@ -87,6 +87,9 @@ mod policy;
 // it unless COFFRE_REQUIRE_POSTGRES=1.
 mod postgres_cluster;
 mod postgres_roles;
+// Issue #17, `coffre serve` on the PostgreSQL store: two nodes, one
+// database, one hsm-sim; a database without the schema refused.
+mod postgres_serve;
 mod postgres_store;
 // `coffre serve` and `hsm-sim serve` as separate processes, faults
 // included; needs the hsm-sim binary built (`cargo test` at the workspace

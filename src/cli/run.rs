@@ -119,14 +119,6 @@ pub async fn run_serve(
 ) -> anyhow::Result<()> {
     crate::hardening::disable_core_dumps()?;
     let config = Config::load(config_path)?;
-    // Until the PostgreSQL KeyStore is wired in (issue #17), serving such a
-    // configuration would quietly keep the records in sled under data_dir.
-    if let crate::config::StoreConfig::Postgres(_) = config.store {
-        anyhow::bail!(
-            "store.backend = \"postgres\" cannot be served by this build yet (only \
-             `coffre store migrate|status` use it); use the sled store"
-        );
-    }
     crate::hardening::refuse_root(allow_root || config.allow_root)?;
     let server = crate::server::production::start_with(&config, once).await?;
     tracing::info!(addr = %server.addr, "coffre serving");

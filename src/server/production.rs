@@ -1,20 +1,24 @@
 //! `coffre serve`: a server assembled from a validated configuration. The
 //! HSM backend it names (the simulator as a separate process, or a PKCS#11
 //! token, checked and self-tested), the refusal of an insecure backend
-//! unless the configuration allows it, the store and approvals in the data
-//! directory, the roles, TLS and the audit log.
+//! unless the configuration allows it, the store (sled in the data
+//! directory, or the shared PostgreSQL database of `[store]`), the roles,
+//! TLS and the audit log.
 
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
+use super::audit::NodeMark;
 use super::{AuditSetup, DataDir, RunningServer, ServerBuilder};
 use crate::audit::ExternalSigner;
 use crate::authz::StaticRoles;
-use crate::config::{CheckpointKey, Config, HsmConfig};
+use crate::config::{CheckpointKey, Config, HsmConfig, StoreConfig};
 use crate::hsm::Hsm;
 use crate::hsm::pkcs11::{Pkcs11Hsm, Pkcs11Settings};
 use crate::hsm::sim::RemoteSimHsm;
+use crate::store::KeyStore;
+use crate::store::postgres::{PgConnector, PgStore, check_schema_for_serving, open_pool};
 
 /// Starts the server a configuration describes.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
@@ -40,6 +44,12 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
         }
         tracing::warn!("the HSM backend is not secure (allowed by the configuration)");
     }
+    // Before anything is written: a database coffre cannot serve from is
+    // refused with nothing created.
+    let shared = match &config.store {
+        StoreConfig::Sled => None,
+        StoreConfig::Postgres(_) => Some(open_postgres(config).await?),
+    };
     let dir = DataDir::new(&config.data_dir);
     // Everything coffre creates from here on is private to its user; what
     // an earlier run or a copy left wider is tightened.
@@ -48,18 +58,30 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
     dir.create()?;
     #[cfg(unix)]
     dir.secure(&[config.audit.path_in(dir.root())])?;
-    let store = dir.open_store().await?;
+    let store: Arc<dyn KeyStore> = match shared {
+        Some(store) => Arc::new(store),
+        None => Arc::new(dir.open_store().await?),
+    };
     if config.roles.is_empty() {
         tracing::warn!("no principal has a role: every request will be refused");
     }
     let legacy_approvals = dir.open_legacy_approvals().await?;
     let roles = StaticRoles::new(config.roles.clone()).with_attributes(config.attributes.clone());
+    // Several nodes share a PostgreSQL store: each keeps its own audit
+    // log, and so its own high-water mark.
+    let node_mark = match (&config.store, &config.cluster) {
+        (StoreConfig::Postgres(_), Some(cluster)) => {
+            Some(NodeMark::new(Arc::clone(&store), cluster.node_id.as_str()))
+        }
+        _ => None,
+    };
     let audit = AuditSetup {
         external_signer,
+        node_mark,
         ..AuditSetup::new(config.audit.path_in(dir.root()), config.audit.trail.clone())
     };
     ServerBuilder::new(
-        Arc::new(store),
+        store,
         hsm,
         Arc::new(roles),
         crate::grpc::ServerTls {
@@ -77,6 +99,33 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
     .accept_audit_log_loss(once.accept_audit_log_loss)
     .start()
     .await
+}
+
+/// The PostgreSQL store of `[store]`: its pool, on a primary of a
+/// supported version (with a synchronous standby if the configuration
+/// requires one), whose schema is the one this binary knows. Each refusal
+/// names the server (its URL redacted) and says what to do; nothing is
+/// written.
+async fn open_postgres(config: &Config) -> anyhow::Result<PgStore> {
+    let (StoreConfig::Postgres(pg), Some(cluster)) = (&config.store, &config.cluster) else {
+        bail!("store.backend = \"postgres\" needs a [cluster] section with node_id");
+    };
+    let connector = PgConnector::from_config(pg, cluster)?;
+    let (pool, server) = open_pool(&connector).await?;
+    let client = connector.get(&pool).await?;
+    let version = check_schema_for_serving(&**client, &connector).await?;
+    drop(client);
+    tracing::info!(
+        target = connector.target(),
+        server = server.server(),
+        server_version = %server.version,
+        schema = version,
+        node = %cluster.node_id,
+        "serving from the PostgreSQL store"
+    );
+    PgStore::open(pool, Arc::new(connector))
+        .await
+        .context("opening the PostgreSQL store")
 }
 
 /// The HSM backend the configuration names, ready to serve, and the audit
