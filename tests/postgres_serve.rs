@@ -193,6 +193,38 @@ async fn two_nodes_serve_one_database() {
             "{node} has no audit log"
         );
     }
+    // A key disabled through n1 is refused by n2 within the freshness
+    // bound (1 s by default), though n2 had it cached.
+    on2.data
+        .generate_data_key(generate_request("shared", &context))
+        .await
+        .unwrap();
+    on1.keys
+        .disable_key(pb::DisableKeyRequest {
+            key_id: "shared".into(),
+        })
+        .await
+        .unwrap();
+    let disabled = Instant::now();
+    loop {
+        match on2
+            .data
+            .generate_data_key(generate_request("shared", &context))
+            .await
+        {
+            Err(e) if e.code() == tonic::Code::FailedPrecondition => break,
+            other => assert!(
+                disabled.elapsed().as_millis() < 1_500,
+                "n2 still serves a key disabled through n1 {:?} ago: {other:?}",
+                disabled.elapsed()
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "n2 refused the disabled key {:?} after n1's OK",
+        disabled.elapsed()
+    );
     // Each node's audit log has its own high-water mark in the store.
     assert_eq!(
         pg.psql(

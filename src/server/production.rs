@@ -10,13 +10,15 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 
 use super::audit::NodeMark;
-use super::{AuditSetup, DataDir, RunningServer, ServerBuilder};
+use super::{AuditSetup, ClusterSetup, DataDir, RunningServer, ServerBuilder};
 use crate::audit::ExternalSigner;
 use crate::authz::StaticRoles;
-use crate::config::{CheckpointKey, Config, HsmConfig, StoreConfig};
+use crate::cluster::postgres::PgCoordination;
+use crate::config::{CheckpointKey, ClusterMode, Config, HsmConfig, StoreConfig};
 use crate::hsm::Hsm;
 use crate::hsm::pkcs11::{Pkcs11Hsm, Pkcs11Settings};
 use crate::hsm::sim::RemoteSimHsm;
+use crate::service::freshness::{SharedStore, StaleMode};
 use crate::store::KeyStore;
 use crate::store::postgres::{PgConnector, PgStore, check_schema_for_serving, open_pool};
 
@@ -50,6 +52,10 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
         StoreConfig::Sled => None,
         StoreConfig::Postgres(_) => Some(open_postgres(config).await?),
     };
+    let (shared, cluster) = match shared {
+        Some((store, cluster)) => (Some(store), Some(cluster)),
+        None => (None, None),
+    };
     let dir = DataDir::new(&config.data_dir);
     // Everything coffre creates from here on is private to its user; what
     // an earlier run or a copy left wider is tightened.
@@ -80,7 +86,7 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
         node_mark,
         ..AuditSetup::new(config.audit.path_in(dir.root()), config.audit.trail.clone())
     };
-    ServerBuilder::new(
+    let mut builder = ServerBuilder::new(
         store,
         hsm,
         Arc::new(roles),
@@ -96,17 +102,20 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
     .scheduler(Some(config.scheduler_interval))
     .metrics(config.metrics_listen)
     .limits(config.limits.clone())
-    .accept_audit_log_loss(once.accept_audit_log_loss)
-    .start()
-    .await
+    .accept_audit_log_loss(once.accept_audit_log_loss);
+    if let Some(cluster) = cluster {
+        builder = builder.cluster(cluster);
+    }
+    builder.start().await
 }
 
 /// The PostgreSQL store of `[store]`: its pool, on a primary of a
 /// supported version (with a synchronous standby if the configuration
-/// requires one), whose schema is the one this binary knows. Each refusal
-/// names the server (its URL redacted) and says what to do; nothing is
-/// written.
-async fn open_postgres(config: &Config) -> anyhow::Result<PgStore> {
+/// requires one), whose schema is the one this binary knows; and this
+/// node's part in the cluster of `[cluster]` (leases, the node registry,
+/// following the change feed). Each refusal names the server (its URL
+/// redacted) and says what to do; nothing is written.
+async fn open_postgres(config: &Config) -> anyhow::Result<(PgStore, ClusterSetup)> {
     let (StoreConfig::Postgres(pg), Some(cluster)) = (&config.store, &config.cluster) else {
         bail!("store.backend = \"postgres\" needs a [cluster] section with node_id");
     };
@@ -123,9 +132,28 @@ async fn open_postgres(config: &Config) -> anyhow::Result<PgStore> {
         node = %cluster.node_id,
         "serving from the PostgreSQL store"
     );
-    PgStore::open(pool, Arc::new(connector))
+    let connector = Arc::new(connector);
+    let store = PgStore::open(pool, Arc::clone(&connector))
         .await
-        .context("opening the PostgreSQL store")
+        .context("opening the PostgreSQL store")?;
+    let mut coordination =
+        PgCoordination::new(connector, cluster.node_id.as_str(), uuid::Uuid::new_v4());
+    if !cluster.notify {
+        coordination = coordination.without_notifications();
+    }
+    let setup = ClusterSetup {
+        coordination: Arc::new(coordination),
+        shared: SharedStore {
+            mode: match cluster.mode {
+                ClusterMode::Strict => StaleMode::Strict,
+                ClusterMode::Available => StaleMode::Available,
+            },
+            max_staleness: cluster.max_staleness,
+        },
+        poll_interval: cluster.poll_interval,
+        lease_ttl: cluster.lease_ttl,
+    };
+    Ok((store, setup))
 }
 
 /// The HSM backend the configuration names, ready to serve, and the audit

@@ -95,6 +95,7 @@ pub fn cluster_config() -> ClusterConfig {
         poll_interval: Duration::from_millis(200),
         lease_ttl: Duration::from_millis(10_000),
         require_synchronous_standby: false,
+        notify: true,
     }
 }
 
