@@ -322,6 +322,12 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// may then refuse further calls until reopened, as after any failed
     /// write. It says nothing of copies outside the store's files (deleted
     /// blocks, SSD spare areas, copy-on-write snapshots, backups).
+    ///
+    /// A backend whose engine cannot promise this (PostgreSQL: old row
+    /// versions, the WAL, standbys) does what it can and documents it on
+    /// its method (`PgStore::compact`: a `VACUUM`); erasure is then
+    /// cryptographic only (SECURITY.md, "Destroyed material and the
+    /// store's files").
     async fn compact(&self) -> Result<(), StoreError>;
 
     /// The service secret `name` (see [`WrappedSecret`]), if stored.
