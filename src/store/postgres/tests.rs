@@ -43,7 +43,8 @@ fn integrity<T: std::fmt::Debug>(what: &str, r: Result<T, StoreError>) {
 fn rows_edited_behind_the_stores_back_are_refused() {
     require_postgres();
     block_on(async {
-        let url = new_database().await;
+        let database = new_database().await;
+        let url = database.url.clone();
         let mac = test_mac();
         let store = open_sealed(&url, &mac, true).await.unwrap();
         let mut one = key(id(1), Some("one"));
@@ -156,7 +157,8 @@ fn rows_edited_behind_the_stores_back_are_refused() {
 fn a_write_runs_to_its_commit_after_its_caller_went_away() {
     require_postgres();
     block_on(async {
-        let url = new_database().await;
+        let database = new_database().await;
+        let url = database.url.clone();
         let store = Arc::new(open_sealed(&url, &test_mac(), true).await.unwrap());
         // Another session holds the feed's counter: every key write waits.
         let mut blocker = raw(&url).await;
@@ -197,7 +199,8 @@ fn a_write_runs_to_its_commit_after_its_caller_went_away() {
 fn the_root_key_fence_and_a_rotation_under_the_old_root_never_both_win() {
     require_postgres();
     block_on(async {
-        let url = new_database().await;
+        let database = new_database().await;
+        let url = database.url.clone();
         let a = Arc::new(open_sealed(&url, &test_mac(), true).await.unwrap());
         let b = Arc::new(open_sealed(&url, &test_mac(), false).await.unwrap());
         let mut under_9 = version(id(1), 1);
@@ -267,7 +270,8 @@ fn the_root_key_fence_and_a_rotation_under_the_old_root_never_both_win() {
 fn key_writes_notify_coffre_keys_with_their_generation() {
     require_postgres();
     block_on(async {
-        let url = new_database().await;
+        let database = new_database().await;
+        let url = database.url.clone();
         let store = open_sealed(&url, &test_mac(), true).await.unwrap();
         let (client, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await

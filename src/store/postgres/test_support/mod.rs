@@ -56,15 +56,22 @@ pub fn require_postgres() {
 
 static SERVER: OnceLock<pg::PgCluster> = OnceLock::new();
 
+/// The file that marks a server directory as a unit-test process's shared
+/// one.
+const MARKER: &str = "coffre-unit-tests";
+
 /// The one PostgreSQL server of this test process, started on first use.
 ///
 /// It is started on a thread of its own that never ends: the postmaster
 /// dies with the thread that started it (the harness's parent-death
 /// signal), so it lives as long as the process and is killed by the
 /// kernel when the process exits. Its temporary directory
-/// (`/tmp/coffre-pg-*`) stays behind then.
+/// (`/tmp/coffre-pg-*`, marked as this one's) stays behind then; the next
+/// test process removes it ([`remove_stale_servers`]), and each test's
+/// database is dropped when its store is ([`OpenPg`]).
 pub fn server() -> &'static pg::PgCluster {
     SERVER.get_or_init(|| {
+        remove_stale_servers();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("postgres".into())
@@ -75,9 +82,61 @@ pub fn server() -> &'static pg::PgCluster {
                 }
             })
             .unwrap();
-        rx.recv()
-            .expect("the thread starting PostgreSQL failed (see its panic above)")
+        let cluster = rx
+            .recv()
+            .expect("the thread starting PostgreSQL failed (see its panic above)");
+        let _ = std::fs::write(cluster.dir().join(MARKER), b"");
+        cluster
     })
+}
+
+/// Removes the directories that earlier unit-test processes' shared
+/// servers left in `/tmp`: marked ones whose postmaster (the pid in
+/// `postmaster.pid`) is gone. Other directories (the integration tests',
+/// another process's live server) are left alone.
+fn remove_stale_servers() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("coffre-pg-"))
+            && path.join(MARKER).is_file();
+        if !ours {
+            continue;
+        }
+        let pid = std::fs::read_to_string(path.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
+        let alive = pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// Drops database `db` of the shared server (its sessions cut).
+fn drop_database(db: &str) {
+    let _ = server().try_psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    );
+}
+
+/// A database of the shared server that is dropped with this value.
+#[derive(Debug)]
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        drop_database(&self.name);
+    }
 }
 
 /// The integrity key of the factory's stores.
@@ -110,15 +169,15 @@ pub fn connector(url: &str) -> Arc<PgConnector> {
     Arc::new(PgConnector::new(&url, &store, &cluster_config()).unwrap())
 }
 
-/// A new database on the shared server, migrated; its URL.
-pub async fn new_database() -> String {
+/// A new database on the shared server, migrated (dropped with the value).
+pub async fn new_database() -> TestDatabase {
     let server = server();
-    let db = server.create_database();
-    let url = server.url(&db);
+    let name = server.create_database();
+    let url = server.url(&name);
     let c = connector(&url);
     let mut client = c.connect().await.unwrap();
     migrate(&mut client, &c).await.unwrap();
-    url
+    TestDatabase { url, name }
 }
 
 /// A new pool and store on `url` (not yet with its integrity key).
@@ -151,20 +210,24 @@ pub async fn open_sealed(
 #[derive(Debug)]
 pub struct PgFactory;
 
-/// One database and its current handle.
+/// One database and its current handle; the database is dropped with it
+/// (after the store: fields drop in order).
 pub struct OpenPg {
-    pub url: String,
     pub store: Option<Arc<PgStore>>,
+    pub url: String,
+    _db: TestDatabase,
 }
 
 #[async_trait::async_trait]
 impl StoreFactory for PgFactory {
     async fn open(&self) -> Result<Box<dyn OpenStore>, StoreError> {
-        let url = new_database().await;
+        let db = new_database().await;
+        let url = db.url.clone();
         let store = open_sealed(&url, &test_mac(), true).await?;
         Ok(Box::new(OpenPg {
-            url,
             store: Some(Arc::new(store)),
+            url,
+            _db: db,
         }))
     }
 }
