@@ -79,6 +79,10 @@ mod observability;
 mod identity;
 // Authorization: the RPC × role matrix, key policies, no existence oracle.
 mod policy;
+// Issue #17: several `coffre serve` nodes on one PostgreSQL database
+// (common::cluster): disable propagation within the bound, a node cut
+// off by a proxy, a node killed. Needs PostgreSQL 15+.
+mod cluster_nodes;
 // Issue #17, the PostgreSQL store's foundation against private servers
 // (common::pg): `coffre store migrate|status`, connection failures in
 // words, a standby refused, TLS verify-full, the least-privilege roles;
