@@ -155,8 +155,7 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
     ensure_database(&postgres).context("creating the coffre database")?;
     let url = postgres.url();
     let url_file = dir.root().join("postgres-url");
-    crate::fsutil::write_atomic(&url_file, url.as_bytes(), false)
-        .with_context(|| format!("writing {}", url_file.display()))?;
+    write_private(&url_file, url.as_bytes())?;
 
     // Each node's configuration.
     let attributes = resolve_attributes(opts.quorum, &opts.attributes)?;
@@ -245,8 +244,8 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
     };
     let cluster_json = dir.root().join("cluster.json");
     let text = serde_json::to_vec_pretty(&file).context("encoding cluster.json")?;
-    crate::fsutil::write_atomic(&cluster_json, &text, false)
-        .with_context(|| format!("writing {}", cluster_json.display()))?;
+    // It holds the database URL, password included.
+    write_private(&cluster_json, &text)?;
     Ok(DevCluster {
         file,
         cluster_json,
@@ -256,6 +255,15 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
         nodes: children,
         _lock: lock,
     })
+}
+
+/// Writes `path` whole, readable by its owner only (it holds a secret).
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::fsutil::write_atomic(path, bytes, false)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", path.display()))
 }
 
 /// Fails if `addr` is in use, saying what to do.
