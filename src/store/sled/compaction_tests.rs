@@ -82,7 +82,7 @@ fn compaction_keeps_blobs_and_every_tree() {
     store.create_key(&k, &v).unwrap();
     store.compact().unwrap();
     drop(store);
-    let db = sled::open(live_path(dir.path())).unwrap();
+    let db = open_raw(&live_path(dir.path()));
     let mut names: Vec<Vec<u8>> = db.tree_names().iter().map(|n| n.to_vec()).collect();
     names.sort();
     let expected: Vec<&[u8]> = vec![
@@ -298,7 +298,7 @@ fn compaction_timing() {
     {
         // Filled behind the store's back: 10,000 durable writes would
         // take minutes.
-        let db = sled::open(live_path(dir.path())).unwrap();
+        let db = open_raw(&live_path(dir.path()));
         let keys = db.open_tree("keys").unwrap();
         let versions = db.open_tree("versions").unwrap();
         let aliases = db.open_tree("aliases").unwrap();

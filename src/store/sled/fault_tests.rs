@@ -217,7 +217,7 @@ fn schema_1_store_is_migrated_with_its_due_index() {
     // What a schema-1 build left: no due tree, and no generations.
     to_legacy_layout(dir.path());
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_raw(dir.path());
         assert!(db.drop_tree("due").unwrap());
         db.open_tree("meta")
             .unwrap()
@@ -229,7 +229,7 @@ fn schema_1_store_is_migrated_with_its_due_index() {
     assert_eq!(store.due_keys(Timestamp(5), 10).unwrap(), vec![k]);
     drop(store);
     assert_eq!(live_path(dir.path()), dir.path().join("gen-000001"));
-    let db = sled::open(live_path(dir.path())).unwrap();
+    let db = open_raw(&live_path(dir.path()));
     let marker = db.open_tree("meta").unwrap().get(SCHEMA_KEY).unwrap();
     assert_eq!(marker.as_deref(), Some(&2u32.to_be_bytes()[..]));
 }

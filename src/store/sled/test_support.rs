@@ -61,7 +61,7 @@ pub(super) fn live_path(dir: &Path) -> PathBuf {
 
 /// Writes raw bytes into one of the store's trees, behind its back.
 pub(super) fn poke(dir: &Path, tree: &str, k: &[u8], v: &[u8]) {
-    let db = sled::open(live_path(dir)).unwrap();
+    let db = open_raw(&live_path(dir));
     db.open_tree(tree).unwrap().insert(k, v).unwrap();
     db.flush().unwrap();
 }
@@ -151,4 +151,23 @@ pub(super) fn populate(store: &SledStore) {
     v.wrapped_material = secret_material();
     store.create_key(&doomed, &v).unwrap();
     destroy(store, doomed.id);
+}
+
+/// sled's database at `path`, once a store just dropped has let go of
+/// it: sled's flusher thread releases the lock a moment after the drop
+/// (as `Handles::open` waits for too).
+pub(super) fn open_raw(path: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("opening {}: {e}", path.display()),
+        }
+    }
 }
