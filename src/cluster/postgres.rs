@@ -25,7 +25,7 @@ use crate::store::postgres::PgConnector;
 use crate::store::postgres::migrate::LATEST_VERSION;
 
 /// The channel the store notifies on at every key change.
-pub const CHANGES_CHANNEL: &str = "coffre_keys";
+pub const CHANGES_CHANNEL: &str = crate::store::postgres::store::KEYS_CHANNEL;
 
 /// The part of a lease's time to live the holder gives up at its end (a
 /// renewal that arrives late, a paused process): it stops before the

@@ -33,12 +33,25 @@ pub const MAX_NODES: u32 = 9;
 /// How long each node has to become ready.
 const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `DIR/cluster.json`.
-#[derive(Debug, Serialize)]
+/// `DIR/cluster.json` (0600: the URL holds the database's password).
+#[derive(Serialize)]
 pub struct ClusterFile {
     pub postgres_url: String,
     pub hsm_endpoint: String,
     pub nodes: Vec<NodeEntry>,
+}
+
+impl std::fmt::Debug for ClusterFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterFile")
+            .field(
+                "postgres_url",
+                &crate::store::postgres::redacted(&self.postgres_url),
+            )
+            .field("hsm_endpoint", &self.hsm_endpoint)
+            .field("nodes", &self.nodes)
+            .finish()
+    }
 }
 
 #[derive(Debug, Serialize)]

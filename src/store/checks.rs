@@ -9,9 +9,36 @@ use super::KeyStore;
 use super::StoreError;
 use super::WrappedSecret;
 use super::approvals::Approval;
-use crate::model::{KeyRecord, KeyState, VersionRecord};
+use crate::model::{KeyId, KeyRecord, KeyState, VersionRecord};
 
 /// [`StoreError::Corrupt`], "refusing to write: `message`".
+/// A key record decoded from the slot of `id` must name `id`: one moved to
+/// another slot is refused (both backends' reads).
+pub(crate) fn key_in_slot(id: KeyId, record: KeyRecord) -> Result<KeyRecord, StoreError> {
+    if record.id != id {
+        return Err(StoreError::Corrupt(format!(
+            "key record stored under {id} has id {}",
+            record.id
+        )));
+    }
+    Ok(record)
+}
+
+/// A version record decoded from the slot (`id`, `version`) must name it.
+pub(crate) fn version_in_slot(
+    id: KeyId,
+    version: u32,
+    record: VersionRecord,
+) -> Result<VersionRecord, StoreError> {
+    if record.key_id != id || record.version != version {
+        return Err(StoreError::Corrupt(format!(
+            "version record stored as {id} v{version} claims {} v{}",
+            record.key_id, record.version
+        )));
+    }
+    Ok(record)
+}
+
 pub(crate) fn refuse<T>(message: String) -> Result<T, StoreError> {
     Err(StoreError::Corrupt(format!("refusing to write: {message}")))
 }

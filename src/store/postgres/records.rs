@@ -147,14 +147,7 @@ impl Codec {
         tag: &[u8],
     ) -> Result<KeyRecord, StoreError> {
         self.check(Table::Keys, id.as_bytes(), json, tag)?;
-        let record: KeyRecord = decode(&format!("key {id}"), json)?;
-        if record.id != id {
-            return Err(StoreError::Corrupt(format!(
-                "key record stored under {id} has id {}",
-                record.id
-            )));
-        }
-        Ok(record)
+        crate::store::checks::key_in_slot(id, decode(&format!("key {id}"), json)?)
     }
 
     /// A version record read from row (`id`, `version`).
@@ -166,14 +159,8 @@ impl Codec {
         tag: &[u8],
     ) -> Result<VersionRecord, StoreError> {
         self.check(Table::Versions, &version_slot(id, version), json, tag)?;
-        let record: VersionRecord = decode(&format!("version {version} of key {id}"), json)?;
-        if record.key_id != id || record.version != version {
-            return Err(StoreError::Corrupt(format!(
-                "version record stored as {id} v{version} claims {} v{}",
-                record.key_id, record.version
-            )));
-        }
-        Ok(record)
+        let record = decode(&format!("version {version} of key {id}"), json)?;
+        crate::store::checks::version_in_slot(id, version, record)
     }
 
     /// An approval read from row `id`.

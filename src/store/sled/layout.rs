@@ -136,14 +136,7 @@ impl Codec<'_> {
     /// Opens a key record and checks that it belongs where it was found.
     pub(super) fn decode_key(&self, id: KeyId, bytes: &[u8]) -> Result<KeyRecord, StoreError> {
         let json = self.open(Table::Keys, id.as_bytes(), bytes)?;
-        let record: KeyRecord = decode(&format!("key {id}"), json)?;
-        if record.id != id {
-            return Err(StoreError::Corrupt(format!(
-                "key record stored under {id} has id {}",
-                record.id
-            )));
-        }
-        Ok(record)
+        crate::store::checks::key_in_slot(id, decode(&format!("key {id}"), json)?)
     }
 
     /// Opens a version record and checks that it belongs where it was found.
@@ -154,14 +147,8 @@ impl Codec<'_> {
         bytes: &[u8],
     ) -> Result<VersionRecord, StoreError> {
         let json = self.open(Table::Versions, &version_key(id, version), bytes)?;
-        let record: VersionRecord = decode(&format!("version {version} of key {id}"), json)?;
-        if record.key_id != id || record.version != version {
-            return Err(StoreError::Corrupt(format!(
-                "version record stored as {id} v{version} claims {} v{}",
-                record.key_id, record.version
-            )));
-        }
-        Ok(record)
+        let record = decode(&format!("version {version} of key {id}"), json)?;
+        crate::store::checks::version_in_slot(id, version, record)
     }
 }
 
