@@ -3,7 +3,10 @@
 //! the repository's root, with `./target/release/coffre` the binary under
 //! test. A block the test cannot run (the commands that build coffre, a
 //! production configuration) says so in the README, on the line before its
-//! fence: `<!-- readme-test: skip: REASON -->`; every other block runs.
+//! fence: `<!-- readme-test: skip: REASON -->`; every other block runs. A
+//! block that needs something from the machine says so the same way,
+//! `<!-- readme-test: needs: PostgreSQL -->`: those blocks run, in order,
+//! as a script of their own in a test that needs it (NOT RUN without it).
 //!
 //! What the script does with the README's lines, and nothing more:
 //! - `cargo run --release -- ARGS` is `coffre ARGS` (the binary is built);
@@ -30,6 +33,9 @@ struct Block {
     lines: Vec<String>,
     /// Why the test does not run it, from the README itself.
     skip: Option<String>,
+    /// What the machine must have for it (`<!-- readme-test: needs: WHAT
+    /// -->`): such blocks run apart, in a test that needs it.
+    needs: Option<String>,
 }
 
 fn blocks(readme: &str) -> Vec<Block> {
@@ -47,16 +53,19 @@ fn blocks(readme: &str) -> Vec<Block> {
                 block.lines.push(raw.get(cut..).unwrap_or(raw).to_string());
             }
         } else if trimmed == "```sh" {
-            let skip = previous
-                .trim()
-                .strip_prefix("<!-- readme-test: skip:")
-                .and_then(|r| r.strip_suffix("-->"))
-                .map(|r| r.trim().to_string());
+            let marker = |name: &str| {
+                previous
+                    .trim()
+                    .strip_prefix(&format!("<!-- readme-test: {name}:"))
+                    .and_then(|r| r.strip_suffix("-->"))
+                    .map(|r| r.trim().to_string())
+            };
             current = Some((
                 Block {
                     line: n + 2,
                     lines: Vec::new(),
-                    skip,
+                    skip: marker("skip"),
+                    needs: marker("needs"),
                 },
                 raw.len() - trimmed.len(),
             ));
@@ -209,8 +218,11 @@ exec {bin} "$@"
     }
 }
 
-#[test]
-fn the_readme_runs_as_written() {
+/// Runs the README's blocks that `needs` selects (those without a `needs`
+/// marker, or those with this one), in order, as one script in a scratch
+/// directory, and checks that it succeeds and cleans up after itself.
+/// Fails if fewer than `at_least` blocks ran.
+fn run_readme(needs: Option<&str>, at_least: usize) {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let blocks = blocks(&readme);
@@ -219,6 +231,15 @@ fn the_readme_runs_as_written() {
     let mut skipped = Vec::new();
     let mut ran = 0;
     for block in &blocks {
+        if block.needs.as_deref() != needs {
+            if let (None, Some(what)) = (needs, &block.needs) {
+                skipped.push(format!(
+                    "README.md:{}: needs {what}: run by its own test",
+                    block.line
+                ));
+            }
+            continue;
+        }
         if let Some(why) = &block.skip {
             skipped.push(format!("README.md:{}: {why}", block.line));
             continue;
@@ -257,8 +278,8 @@ fn the_readme_runs_as_written() {
         );
     }
     assert!(
-        ran >= 10,
-        "only {ran} README blocks ran; is the skip marker overused?"
+        ran >= at_least,
+        "only {ran} README blocks ran (needing {needs:?}); is a marker overused or lost?"
     );
 
     let scratch = tempfile::tempdir().unwrap();
@@ -298,12 +319,34 @@ fn the_readme_runs_as_written() {
 }
 
 #[test]
+fn the_readme_runs_as_written() {
+    run_readme(None, 10);
+}
+
+/// The section on `coffre dev --nodes 3`: a private PostgreSQL server, a
+/// key disabled on one node and refused on another, the cluster's audit
+/// exported and verified, a node killed while the others serve.
+#[test]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+fn the_readme_on_several_nodes_runs_as_written() {
+    crate::common::require(&crate::common::needs::POSTGRES);
+    run_readme(Some("PostgreSQL"), 2);
+}
+
+#[test]
 fn readme_blocks_are_found_with_their_skip_reasons() {
     let text = "intro\n<!-- readme-test: skip: builds coffre -->\n```sh\ncargo test\n```\n\n\
-                - a list\n\n  ```sh\n  coffre key list\n  ```\n";
+                - a list\n\n  ```sh\n  coffre key list\n  ```\n\
+                <!-- readme-test: needs: PostgreSQL -->\n```sh\ncoffre dev --nodes 3 &\n```\n";
     let found = blocks(text);
-    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert_eq!(found[2].needs.as_deref(), Some("PostgreSQL"));
+    assert_eq!(found[2].skip, None);
     assert_eq!(found[0].skip.as_deref(), Some("builds coffre"));
+    assert_eq!(found[0].needs, None);
     assert_eq!(found[0].lines, ["cargo test"]);
     assert_eq!(found[1].skip, None);
     assert_eq!(found[1].lines, ["coffre key list"]);

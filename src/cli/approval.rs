@@ -162,7 +162,9 @@ fn pending_hint(id: &str, approval: Option<&pb::Approval>, c: &ConnectArgs) -> S
     if c.data_dir != std::path::Path::new(super::args::DEFAULT_DATA_DIR) {
         connect.push_str(&format!(" --data-dir {}", c.data_dir.display()));
     }
-    if c.endpoint() != super::args::DEFAULT_ENDPOINT {
+    if let Some(node) = &c.node {
+        connect.push_str(&format!(" --node {node}"));
+    } else if c.endpoint() != super::args::DEFAULT_ENDPOINT {
         connect.push_str(&format!(" --endpoint {}", c.endpoint()));
     }
     let me = c.identity.as_deref().unwrap_or("operator");

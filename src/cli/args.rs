@@ -202,6 +202,7 @@ impl ConnectArgs {
     pub fn at(&self, endpoint: &str) -> Self {
         Self {
             endpoints: vec![endpoint.to_string()],
+            node: None,
             ..self.clone()
         }
     }
@@ -221,6 +222,11 @@ pub struct ConnectArgs {
         value_name = "URL"
     )]
     pub endpoints: Vec<String>,
+    /// A node of `coffre dev --nodes` by name (n1, n2, …): its endpoint is
+    /// read from DATA_DIR/cluster.json, in place of --endpoint and
+    /// COFFRE_ENDPOINT.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub node: Option<String>,
     /// The `coffre dev` data directory whose dev PKI (DIR/pki/) to use.
     #[arg(
         long,

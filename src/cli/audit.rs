@@ -553,29 +553,6 @@ async fn export(
     Ok(())
 }
 
-/// The nodes of a cluster file (`DIR/cluster.json` of `coffre dev
-/// --nodes`): (node id, endpoint).
-fn cluster_file_nodes(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
-    #[derive(serde::Deserialize)]
-    struct Node {
-        node_id: String,
-        endpoint: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct File {
-        nodes: Vec<Node>,
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: File = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a cluster file", path.display()))?;
-    Ok(file
-        .nodes
-        .into_iter()
-        .map(|n| (n.node_id, n.endpoint))
-        .collect())
-}
-
 /// Every digest in the database of the node configuration `config`.
 async fn fetch_digests(config: &std::path::Path) -> anyhow::Result<Vec<crate::audit::Digest>> {
     use crate::cluster::Coordination;
@@ -622,14 +599,22 @@ async fn export_cluster(
     };
     // (expected node id, endpoint)
     let nodes: Vec<(Option<String>, String)> = match cluster_file {
-        Some(file) => cluster_file_nodes(file)?
+        Some(file) => super::cluster::cluster_file_nodes(file)?
             .into_iter()
             .map(|(id, e)| (Some(id), e))
             .collect(),
         None => c.endpoints.iter().map(|e| (None, e.clone())).collect(),
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let digests = fetch_digests(config).await?;
+    if digests.is_empty() {
+        bail!(CliError::local(
+            tonic::Code::FailedPrecondition,
+            "the database holds no cluster digest yet: the node holding the audit-digest lease \
+             signs one every [cluster] digest_interval_ms (60 s by default) once the nodes have \
+             published their checkpoints; export again after that"
+        ));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut text = String::new();
     for d in &digests {
         text.push_str(&d.to_line()?);

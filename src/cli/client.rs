@@ -30,6 +30,11 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
             ),
         ));
     }
+    let endpoint = match &args.node {
+        Some(node) => super::cluster::node_endpoint(&args.data_dir, node)?,
+        None => args.endpoint().to_string(),
+    };
+    let endpoint = endpoint.as_str();
     let paths = PkiPaths::new(&args.data_dir);
     let name = args.identity.as_deref().unwrap_or(default_identity);
     let ca_path = args.ca.clone().unwrap_or_else(|| paths.ca_cert());
@@ -47,7 +52,7 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
         })
     };
     remember_peer(Peer {
-        endpoint: args.endpoint().to_string(),
+        endpoint: endpoint.to_string(),
         data_dir: args.data_dir.clone(),
         ca: ca_path.clone(),
         cert: cert_path.clone(),
@@ -58,19 +63,16 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
     let cert = read(&cert_path, "client certificate")?;
     let key = Zeroizing::new(read(&key_path, "client key")?);
 
-    let uri: tonic::transport::Uri = args.endpoint().parse().map_err(|e| {
+    let uri: tonic::transport::Uri = endpoint.parse().map_err(|e| {
         CliError::local(
             tonic::Code::InvalidArgument,
-            format!("invalid endpoint {:?}: {e}", args.endpoint()),
+            format!("invalid endpoint {endpoint:?}: {e}"),
         )
     })?;
     if uri.scheme_str() != Some("https") {
         bail!(CliError::local(
             tonic::Code::InvalidArgument,
-            format!(
-                "the endpoint {:?} must start with https:// (coffre always uses TLS)",
-                args.endpoint()
-            ),
+            format!("the endpoint {endpoint:?} must start with https:// (coffre always uses TLS)"),
         ));
     }
     let host = uri
@@ -82,18 +84,18 @@ pub async fn connect(args: &ConnectArgs, default_identity: &str) -> anyhow::Resu
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, &*key))
         .domain_name(host);
-    let endpoint = Endpoint::from(uri)
+    let channel = Endpoint::from(uri)
         .tls_config(tls)
         .context("configuring TLS")?
         .timeout(Duration::from_secs(args.timeout.max(1)))
         .connect_timeout(Duration::from_secs(10));
-    match endpoint.connect().await {
+    match channel.connect().await {
         Ok(channel) => Ok(channel),
         Err(e) => Err(match peer().and_then(|p| diagnose(&e, &p)) {
             Some(explained) => explained.into(),
             None => CliError::local(
                 tonic::Code::Unavailable,
-                format!("cannot connect to {}: {}", args.endpoint(), chain_text(&e)),
+                format!("cannot connect to {endpoint}: {}", chain_text(&e)),
             )
             .into(),
         }),

@@ -4,16 +4,20 @@
 //! the database directly, so it answers with every node down; failures
 //! follow `coffre store`'s codes.
 
+use std::path::Path;
 use std::sync::Arc;
 
+use anyhow::Context;
 use serde_json::json;
 
 use super::ClusterCommand;
 use super::StoreArgs;
+use super::client::CliError;
 use super::output::print_json;
 use super::store::{cli_error, connector};
 use crate::cluster::Coordination;
 use crate::cluster::postgres::PgCoordination;
+use crate::server::DataDir;
 use crate::store::postgres::connect::ServerInfo;
 
 /// A node whose last heartbeat is older than this is shown as silent (it
@@ -40,7 +44,7 @@ async fn status(args: &StoreArgs) -> anyhow::Result<()> {
         .map_err(|e| cli_error(connector.error(&e)))?;
     let reader = PgCoordination::new(Arc::clone(&connector), "coffre-cli", uuid::Uuid::nil());
     let unavailable = |e: crate::cluster::CoordinationError| {
-        super::client::CliError::local(tonic::Code::Unavailable, e.to_string())
+        CliError::local(tonic::Code::Unavailable, e.to_string())
     };
     let nodes = reader.nodes().await.map_err(unavailable)?;
     let leases = reader.leases().await.map_err(unavailable)?;
@@ -118,4 +122,54 @@ async fn status(args: &StoreArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The nodes of a cluster file (`DIR/cluster.json` of `coffre dev
+/// --nodes`): (node id, endpoint).
+pub(super) fn cluster_file_nodes(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    #[derive(serde::Deserialize)]
+    struct Node {
+        node_id: String,
+        endpoint: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        nodes: Vec<Node>,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: File = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a cluster file", path.display()))?;
+    Ok(file
+        .nodes
+        .into_iter()
+        .map(|n| (n.node_id, n.endpoint))
+        .collect())
+}
+
+/// `--node NAME`: that node's endpoint in `DATA_DIR/cluster.json`.
+pub(super) fn node_endpoint(data_dir: &Path, node: &str) -> anyhow::Result<String> {
+    let path = DataDir::new(data_dir).cluster_json();
+    let nodes = cluster_file_nodes(&path).map_err(|e| {
+        CliError::local(
+            tonic::Code::InvalidArgument,
+            format!(
+                "--node {node}: {e:#} (is `coffre dev --nodes` running with --data-dir {}?)",
+                data_dir.display()
+            ),
+        )
+    })?;
+    let names: Vec<&str> = nodes.iter().map(|(id, _)| id.as_str()).collect();
+    if let Some((_, endpoint)) = nodes.iter().find(|(id, _)| id == node) {
+        return Ok(endpoint.clone());
+    }
+    Err(CliError::local(
+        tonic::Code::InvalidArgument,
+        format!(
+            "--node {node}: {} has no such node (it has {})",
+            path.display(),
+            names.join(", ")
+        ),
+    )
+    .into())
 }

@@ -95,7 +95,17 @@ pub async fn run_dev_cluster(opts: dev::DevOptions, nodes: u32) -> anyhow::Resul
     }
     let cluster = crate::server::dev_cluster::start(&opts, nodes).await?;
     let root = opts.data_dir.display();
-    println!("coffre dev: {nodes} nodes on one PostgreSQL store (high availability)");
+    let endpoints: Vec<&str> = cluster
+        .file
+        .nodes
+        .iter()
+        .map(|n| n.endpoint.as_str())
+        .collect();
+    println!(
+        "coffre dev is running on {nodes} nodes, {}  (mTLS; one PostgreSQL store; Ctrl-C stops \
+         them all)",
+        endpoints.join(", ")
+    );
     for node in &cluster.file.nodes {
         println!(
             "  node {:<4} {}   pid {:<8} metrics {}",
@@ -105,7 +115,10 @@ pub async fn run_dev_cluster(opts: dev::DevOptions, nodes: u32) -> anyhow::Resul
     println!("  postgres    {root}/postgres   (its URL in {root}/postgres-url)");
     println!("  cluster     {}", cluster.cluster_json.display());
     println!("  status      coffre cluster status --config {root}/nodes/n1/coffre.toml");
-    println!("  clients     the dev PKI in {root}/pki, as for one node; any node's endpoint");
+    println!(
+        "  clients     the dev PKI in {root}/pki, as for one node; --data-dir {root} --node n2 \
+         (or any node's --endpoint)"
+    );
     println!("Ctrl-C stops every node, the HSM and PostgreSQL.");
     cluster.run_until(termination()).await;
     Ok(())

@@ -16,12 +16,12 @@
 //! max_staleness_ms = 1000                # a key change reaches every node within this
 //! poll_interval_ms = 200                 # how often a node polls for changes
 //! lease_ttl_ms = 10000                   # singletons' leases (scheduler, rotation)
+//! digest_interval_ms = 60000             # how often the cluster's audit digest is signed
 //! require_synchronous_standby = false    # refuse a primary without one (default false)
 //! ```
 //!
-//! The modes, the staleness bound and the leases are used by the cluster
-//! work that follows; they are checked here already, so that a
-//! configuration accepted today keeps its meaning.
+//! Each setting is checked here, at load, with the reason when it is
+//! refused; `service::freshness` and `cluster` use them.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -189,6 +189,9 @@ pub struct ClusterConfig {
     pub max_staleness: Duration,
     pub poll_interval: Duration,
     pub lease_ttl: Duration,
+    /// How often the holder of the `audit-digest` lease signs the cluster
+    /// digest of every node's audit head (`cluster::audit`).
+    pub digest_interval: Duration,
     /// Refuse a primary whose `synchronous_standby_names` is empty. Off by
     /// default while single-server deployments are common; production
     /// across data centres should turn it on (docs/postgres.md).
@@ -223,6 +226,7 @@ pub(super) struct RawCluster {
     pub(super) max_staleness_ms: Option<u64>,
     pub(super) poll_interval_ms: Option<u64>,
     pub(super) lease_ttl_ms: Option<u64>,
+    pub(super) digest_interval_ms: Option<u64>,
     #[serde(default)]
     pub(super) require_synchronous_standby: bool,
     pub(super) notify: Option<bool>,
@@ -323,6 +327,13 @@ fn cluster_config(raw: Option<RawCluster>) -> anyhow::Result<ClusterConfig> {
         1000,
         600_000,
     )?;
+    let digest_interval = ms(
+        "digest_interval_ms",
+        raw.digest_interval_ms,
+        crate::cluster::audit::DEFAULT_DIGEST_INTERVAL,
+        1000,
+        3_600_000,
+    )?;
     if poll_interval >= max_staleness {
         bail!(
             "cluster.poll_interval_ms ({}) must be less than cluster.max_staleness_ms ({}): a \
@@ -344,6 +355,7 @@ fn cluster_config(raw: Option<RawCluster>) -> anyhow::Result<ClusterConfig> {
         max_staleness,
         poll_interval,
         lease_ttl,
+        digest_interval,
         require_synchronous_standby: raw.require_synchronous_standby,
         notify: raw.notify.unwrap_or(true),
     })
@@ -416,6 +428,7 @@ mod tests {
                 max_staleness: Duration::from_millis(1000),
                 poll_interval: Duration::from_millis(200),
                 lease_ttl: Duration::from_millis(10_000),
+                digest_interval: Duration::from_secs(60),
                 require_synchronous_standby: false,
                 notify: true,
             }
@@ -423,8 +436,8 @@ mod tests {
         let text = "[store]\nbackend = \"postgres\"\nurl_file = \"/etc/coffre/db.url\"\n\
                     pool_size = 16\nca_file = \"/etc/coffre/ca.pem\"\n[cluster]\nnode_id = \
                     \"dc1-a.coffre_2\"\nmode = \"available\"\nmax_staleness_ms = 2000\n\
-                    poll_interval_ms = 500\nlease_ttl_ms = 5000\nrequire_synchronous_standby = \
-                    true\n";
+                    poll_interval_ms = 500\nlease_ttl_ms = 5000\ndigest_interval_ms = 1000\n\
+                    require_synchronous_standby = true\n";
         let (store, cluster) = parse(text).unwrap();
         let StoreConfig::Postgres(pg) = store else {
             panic!("{store:?}")
@@ -438,6 +451,7 @@ mod tests {
         assert_eq!(cluster.max_staleness, Duration::from_secs(2));
         assert_eq!(cluster.poll_interval, Duration::from_millis(500));
         assert_eq!(cluster.lease_ttl, Duration::from_secs(5));
+        assert_eq!(cluster.digest_interval, Duration::from_secs(1));
         assert!(cluster.require_synchronous_standby);
     }
 
@@ -515,6 +529,10 @@ mod tests {
             (
                 format!("{store}url_env = \"A\"\n{cluster}lease_ttl_ms = 10\n"),
                 "cluster.lease_ttl_ms must be 1000..=600000",
+            ),
+            (
+                format!("{store}url_env = \"A\"\n{cluster}digest_interval_ms = 999\n"),
+                "cluster.digest_interval_ms must be 1000..=3600000",
             ),
             (
                 format!(

@@ -89,6 +89,12 @@ impl DataDir {
         self.root.join("crl-state.json")
     }
 
+    /// `coffre dev --nodes`' list of its nodes (DESIGN.md, "Several
+    /// nodes"); the client commands' `--node NAME` reads it.
+    pub fn cluster_json(&self) -> PathBuf {
+        self.root.join("cluster.json")
+    }
+
     /// `coffre.lock`: held (`flock`) by the `coffre dev` process using the
     /// directory, with its pid in it.
     pub fn lock_file(&self) -> PathBuf {

@@ -107,7 +107,11 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
     for addr in &node_addrs {
         drop(bind_check(*addr).await?);
     }
-    let dir = DataDir::new(&opts.data_dir);
+    // Absolute: PostgreSQL's tools and the nodes run with other working
+    // directories (initdb as the postgres user reads files by these paths).
+    let root = std::path::absolute(&opts.data_dir)
+        .with_context(|| format!("resolving {}", opts.data_dir.display()))?;
+    let dir = DataDir::new(&root);
     dir.create()?;
     let lock = dir.lock()?;
     ensure_dev_dir(&dir)?;
@@ -204,7 +208,7 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
             principals: &principals,
             attributes: &attributes,
             quorum: opts.quorum,
-            cluster: Vec::new(),
+            cluster: vec![("digest_interval_ms", 1_000)],
         })?;
         let config_path = node_dir.join("coffre.toml");
         crate::fsutil::write_atomic(&config_path, config.as_bytes(), false)
@@ -255,7 +259,7 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
         hsm_endpoint,
         nodes: entries,
     };
-    let cluster_json = dir.root().join("cluster.json");
+    let cluster_json = dir.cluster_json();
     let text = serde_json::to_vec_pretty(&file).context("encoding cluster.json")?;
     // It holds the database URL, password included.
     write_private(&cluster_json, &text)?;
@@ -377,6 +381,13 @@ pub fn node_config(c: NodeConfig<'_>) -> anyhow::Result<String> {
         );
         root.insert("quorum".into(), Value::Table(quorum));
     }
+    // A checkpoint each second of activity, published to the database, so
+    // that the cluster digest (signed each second, below) soon lists every
+    // node's head: a walkthrough can export the cluster's audit at once.
+    // Production keeps the defaults (1000 records or 60 s, and 60 s).
+    let mut audit = Table::new();
+    audit.insert("checkpoint_every_secs".into(), Value::Integer(1));
+    root.insert("audit".into(), Value::Table(audit));
     let mut store = Table::new();
     store.insert("backend".into(), Value::String("postgres".into()));
     store.insert("url_file".into(), path(c.url_file));

@@ -152,7 +152,7 @@ async fn open_postgres(config: &Config) -> anyhow::Result<(PgStore, ClusterSetup
         },
         poll_interval: cluster.poll_interval,
         lease_ttl: cluster.lease_ttl,
-        digest_interval: crate::cluster::audit::DEFAULT_DIGEST_INTERVAL,
+        digest_interval: cluster.digest_interval,
     };
     Ok((store, setup))
 }
