@@ -910,6 +910,7 @@ mod tests {
             max_staleness: Duration::from_millis(1000),
             poll_interval: Duration::from_millis(200),
             lease_ttl: Duration::from_millis(10_000),
+            digest_interval: Duration::from_secs(60),
             require_synchronous_standby: false,
             notify: true,
         }
