@@ -13,10 +13,8 @@ use crate::audit::{
     AuditTrail, AuditTrailOptions, Checkpoint, CheckpointObserver, ExternalSigner, HighWaterMark,
 };
 use crate::cluster::audit::CheckpointQueue;
-use crate::model::secret_wrap_aad;
-use crate::secret::SecretBytes;
 use crate::service::Kms;
-use crate::store::{KeyStore, WrappedSecret};
+use crate::service::{AUDIT_MARK_NAME, node_audit_mark_name};
 
 /// Where the audit log is and how it behaves.
 #[derive(Clone, Debug)]
@@ -39,24 +37,19 @@ pub struct AuditSetup {
 }
 
 /// The high-water mark of one node's audit log in a store that several
-/// nodes share (PostgreSQL): each node keeps its own log and chain, so
-/// each needs its own mark, the service secret `audit-high-water-mark/<node
-/// id>` (HSM-wrapped under its own name, like the single server's
-/// `audit-high-water-mark`, and re-wrapped by a root-key rotation like
-/// every service secret). With one mark for all, a node would find
-/// another's checkpoint and refuse its own log as replaced.
+/// nodes share (PostgreSQL): the service secret
+/// [`node_audit_mark_name`]`(node id)`, beside the single server's
+/// [`AUDIT_MARK_NAME`].
 #[derive(Clone, Debug)]
 pub struct NodeMark {
-    store: Arc<dyn KeyStore>,
     name: String,
 }
 
 impl NodeMark {
-    /// Node `node_id`'s mark in `store`.
-    pub fn new(store: Arc<dyn KeyStore>, node_id: &str) -> Self {
+    /// Node `node_id`'s mark.
+    pub fn new(node_id: &str) -> Self {
         Self {
-            store,
-            name: format!("audit-high-water-mark/{node_id}"),
+            name: node_audit_mark_name(node_id),
         }
     }
 
@@ -64,26 +57,11 @@ impl NodeMark {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
 
-    async fn load(&self, kms: &Kms) -> anyhow::Result<Option<SecretBytes>> {
-        let Some(secret) = self.store.get_secret(&self.name).await? else {
-            return Ok(None);
-        };
-        let clear = kms
-            .hsm()
-            .unwrap(&secret.wrapped, &secret_wrap_aad(&self.name))
-            .await?;
-        Ok(Some(clear))
-    }
-
-    async fn put(&self, kms: &Kms, line: &[u8]) -> anyhow::Result<()> {
-        let wrapped = kms.hsm().wrap(line, &secret_wrap_aad(&self.name)).await?;
-        let secret = WrappedSecret {
-            hsm_root_key_id: wrapped.root_key_id,
-            wrapped: wrapped.blob,
-        };
-        Ok(self.store.put_secret(&self.name, &secret).await?)
-    }
+/// The service secret that holds the mark.
+fn mark_name(node: Option<&NodeMark>) -> &str {
+    node.map_or(AUDIT_MARK_NAME, NodeMark::name)
 }
 
 impl AuditSetup {
@@ -173,16 +151,12 @@ fn start_mark(kms: &Arc<Kms>, stored: Option<u64>, node: Option<NodeMark>) -> Ar
                 let Some(core) = kms.upgrade() else {
                     return;
                 };
-                let result = match (checkpoint.to_line(), &node) {
-                    (Ok(line), None) => core
-                        .put_audit_mark(line.as_bytes())
+                let result = match checkpoint.to_line() {
+                    Ok(line) => core
+                        .put_audit_mark(mark_name(node.as_ref()), line.as_bytes())
                         .await
                         .map_err(|e| e.to_string()),
-                    (Ok(line), Some(node)) => node
-                        .put(&core, line.as_bytes())
-                        .await
-                        .map_err(|e| format!("{e:#}")),
-                    (Err(e), _) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
                 };
                 drop(core);
                 match result {
@@ -216,10 +190,7 @@ async fn stored_mark(
     public_key: &[u8; 32],
 ) -> anyhow::Result<Option<Checkpoint>> {
     let what = "loading the audit log's high-water mark (HSM-wrapped, in the store)";
-    let stored = match node {
-        None => kms.audit_mark().await.context(what)?,
-        Some(node) => node.load(kms).await.context(what)?,
-    };
+    let stored = kms.audit_mark(mark_name(node)).await.context(what)?;
     let Some(clear) = stored else {
         return Ok(None);
     };

@@ -76,9 +76,7 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
     // Several nodes share a PostgreSQL store: each keeps its own audit
     // log, and so its own high-water mark.
     let node_mark = match (&config.store, &config.cluster) {
-        (StoreConfig::Postgres(_), Some(cluster)) => {
-            Some(NodeMark::new(Arc::clone(&store), cluster.node_id.as_str()))
-        }
+        (StoreConfig::Postgres(_), Some(cluster)) => Some(NodeMark::new(cluster.node_id.as_str())),
         _ => None,
     };
     let audit = AuditSetup {

@@ -25,6 +25,15 @@ pub const INTEGRITY_OPERATION: &str = "EnableStoreIntegrity";
 /// checkpoint coffre signed and made durable (its JSON line), HSM-wrapped.
 pub const AUDIT_MARK_NAME: &str = "audit-high-water-mark";
 
+/// The high-water mark of node `node_id`'s audit log in a store that several
+/// nodes share: each node keeps its own log and chain, so each needs its
+/// own mark (with one for all, a node would find another's checkpoint and
+/// refuse its own log as replaced). Re-wrapped by a root-key rotation like
+/// every service secret.
+pub fn node_audit_mark_name(node_id: &str) -> String {
+    format!("{AUDIT_MARK_NAME}/{node_id}")
+}
+
 /// How often a root-key rotation tries to re-wrap one service secret that
 /// keeps changing under it before it gives up (and resumes at its next run).
 const REWRAP_ATTEMPTS: u32 = 8;
@@ -65,10 +74,11 @@ impl Kms {
             .map_err(|e| Error::Internal(format!("the stored audit secret is unusable: {e}")))
     }
 
-    /// The audit log's high-water mark (a checkpoint's line, unwrapped), or
-    /// `None` on a data directory that has none yet.
-    pub async fn audit_mark(&self) -> Result<Option<SecretBytes>> {
-        let name = AUDIT_MARK_NAME;
+    /// An audit log's high-water mark (a checkpoint's line, unwrapped), or
+    /// `None` on a data directory that has none yet. `name` is the service
+    /// secret: [`AUDIT_MARK_NAME`] for a store of one node, or
+    /// [`node_audit_mark_name`] for a node of a shared store.
+    pub async fn audit_mark(&self, name: &str) -> Result<Option<SecretBytes>> {
         let stored = self.store.get_secret(name).await?;
         match stored {
             Some(secret) => Ok(Some(
@@ -80,10 +90,9 @@ impl Kms {
         }
     }
 
-    /// Stores the audit log's high-water mark (HSM-wrapped, durable on
-    /// return).
-    pub async fn put_audit_mark(&self, line: &[u8]) -> Result<()> {
-        let name = AUDIT_MARK_NAME;
+    /// Stores an audit log's high-water mark under `name` (HSM-wrapped,
+    /// durable on return).
+    pub async fn put_audit_mark(&self, name: &str, line: &[u8]) -> Result<()> {
         let wrapped = self.hsm.wrap(line, &secret_wrap_aad(name)).await?;
         let secret = WrappedSecret {
             hsm_root_key_id: wrapped.root_key_id,

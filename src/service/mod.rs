@@ -23,7 +23,9 @@
 //! record for its own request (it overlapped the write) without caching it.
 
 mod audit_keys;
-pub use audit_keys::{INTEGRITY_OPERATION, INTEGRITY_PRINCIPAL};
+pub use audit_keys::{
+    AUDIT_MARK_NAME, INTEGRITY_OPERATION, INTEGRITY_PRINCIPAL, node_audit_mark_name,
+};
 mod audit_reads;
 mod cache;
 pub mod canonical;

@@ -807,7 +807,10 @@ async fn two_first_starts_end_with_one_audit_key() {
 #[tokio::test]
 async fn a_rotation_never_puts_back_an_older_audit_mark() {
     let f = fixture(KmsOptions::default());
-    f.kms.put_audit_mark(b"checkpoint 1").await.unwrap();
+    f.kms
+        .put_audit_mark(super::audit_keys::AUDIT_MARK_NAME, b"checkpoint 1")
+        .await
+        .unwrap();
     let next_root = f.hsm.rotate_root_key().await.unwrap();
     // The newer mark, stored (under the new root key, as any write now
     // is) while the rotation re-wraps the older one.
@@ -822,7 +825,12 @@ async fn a_rotation_never_puts_back_an_older_audit_mark() {
         },
     ));
     f.kms.rewrap_secrets(next_root).await.unwrap();
-    let mark = f.kms.audit_mark().await.unwrap().unwrap();
+    let mark = f
+        .kms
+        .audit_mark(super::audit_keys::AUDIT_MARK_NAME)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(mark.expose(), b"checkpoint 2", "the older mark came back");
 }
 
