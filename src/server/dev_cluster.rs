@@ -33,10 +33,11 @@ pub const MAX_NODES: u32 = 9;
 /// How long each node has to become ready.
 const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `DIR/cluster.json` (0600: the URL holds the database's password).
+/// `DIR/cluster.json` (0600: the URL holds the database's password, which
+/// is also why it is zeroized and redacted in `Debug`).
 #[derive(Serialize)]
 pub struct ClusterFile {
-    pub postgres_url: String,
+    pub postgres_url: zeroize::Zeroizing<String>,
     pub hsm_endpoint: String,
     pub nodes: Vec<NodeEntry>,
 }
@@ -255,7 +256,7 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
         wait_ready(entry, child).await?;
     }
     let file = ClusterFile {
-        postgres_url: url.to_string(),
+        postgres_url: zeroize::Zeroizing::new(url.to_string()),
         hsm_endpoint,
         nodes: entries,
     };
