@@ -135,7 +135,8 @@ struct NodeHsm {
     /// Before destroying a key object (the scheduler's destruction).
     destroy_pause_ms: AtomicU64,
     /// After wrapping (a version wrapped under a root key that a
-    /// rotation retires before the version is stored).
+    /// rotation retires before the version is stored): one call in four
+    /// up to this, the others up to a twentieth of it.
     wrap_pause_ms: AtomicU64,
     /// After creating a key object (two rotations of one key overlap).
     create_pause_ms: AtomicU64,
@@ -181,7 +182,17 @@ impl Hsm for NodeHsm {
     async fn wrap(&self, plaintext: &[u8], aad: &[u8]) -> Result<HsmWrapped, HsmError> {
         let wrapped = self.inner.wrap(plaintext, aad).await;
         *self.ledger().wraps.entry(self.node).or_default() += 1;
-        self.pause(&self.wrap_pause_ms).await;
+        // One wrap in four is slow (long enough to span a rotation), the
+        // others quick: a slow one wrapped again is then likely quick.
+        let long = self.wrap_pause_ms.load(Ordering::Relaxed);
+        if long > 0 {
+            let max = if self.random.next() % 4 == 0 {
+                long
+            } else {
+                long / 20
+            };
+            tokio::time::sleep(self.random.upto(max)).await;
+        }
         wrapped
     }
 
@@ -1044,7 +1055,7 @@ fn root_rotation_against_key_creation_leaves_nothing_under_a_retired_root() {
         )
         .await;
         for n in &c.nodes[1..] {
-            n.hsm.wrap_pause_ms.store(25, Ordering::Relaxed);
+            n.hsm.wrap_pause_ms.store(300, Ordering::Relaxed);
         }
         let stop = Arc::new(AtomicBool::new(false));
         let writers: Vec<_> = c.nodes[1..]
@@ -1055,20 +1066,30 @@ fn root_rotation_against_key_creation_leaves_nothing_under_a_retired_root() {
                 tokio::spawn(async move {
                     let mut blobs = Vec::new();
                     let mut mine: Vec<KeyId> = Vec::new();
-                    let mut made = 0u64;
+                    let (mut made, mut refused) = (0u64, 0u64);
                     while !stop.load(Ordering::Relaxed) {
-                        let id = kms
-                            .create_key(&op(), CreateKeyInput::default())
-                            .await
-                            .unwrap()
-                            .key
-                            .id;
-                        made += 1;
-                        mine.push(id);
+                        // A write whose material was wrapped again and
+                        // again under root keys retired before it landed
+                        // is refused, storing nothing (back-to-back
+                        // rotations): allowed, and counted.
+                        match kms.create_key(&op(), CreateKeyInput::default()).await {
+                            Ok(view) => {
+                                made += 1;
+                                mine.push(view.key.id);
+                            }
+                            Err(Error::Store(StoreError::RootKeyRetired(_))) => refused += 1,
+                            Err(e) => panic!("creating a key: {e:?}"),
+                        }
+                        let (Some(&id), Some(&older)) = (mine.last(), mine.get(mine.len() / 2))
+                        else {
+                            continue;
+                        };
                         // And a version on an older key of this node.
-                        let older = mine[mine.len() / 2];
-                        kms.rotate_key(&op(), &KeyRef::Id(older)).await.unwrap();
-                        made += 1;
+                        match kms.rotate_key(&op(), &KeyRef::Id(older)).await {
+                            Ok(_) => made += 1,
+                            Err(Error::Store(StoreError::RootKeyRetired(_))) => refused += 1,
+                            Err(e) => panic!("rotating a key: {e:?}"),
+                        }
                         for key in [id, older] {
                             let out = kms
                                 .generate_data_key(
@@ -1084,22 +1105,23 @@ fn root_rotation_against_key_creation_leaves_nothing_under_a_retired_root() {
                             blobs.push((key, out.key_version, out.ciphertext_blob));
                         }
                     }
-                    (blobs, made)
+                    (blobs, made, refused)
                 })
             })
             .collect();
 
-        const ROTATIONS: usize = 5;
+        const ROTATIONS: usize = 8;
         let rotator = &c.nodes[0];
         let mut old_roots = BTreeSet::new();
+        let mut reruns = 0;
         for _ in 0..ROTATIONS {
-            tokio::time::sleep(c.random.upto(150)).await;
+            tokio::time::sleep(c.random.upto(200)).await;
             let done = loop {
                 match rotator.kms.rotate_root_key(&op(), |_| true).await {
                     Ok(done) => break done,
                     // A version stored under the old root key after the
                     // re-wrap pass: the rotation says so and is run again.
-                    Err(Error::FailedPrecondition(m)) if m.contains("still wrapped") => {}
+                    Err(Error::FailedPrecondition(m)) if m.contains("still wrapped") => reruns += 1,
                     Err(e) => panic!("root rotation: {e:?}"),
                 }
             };
@@ -1109,11 +1131,12 @@ fn root_rotation_against_key_creation_leaves_nothing_under_a_retired_root() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         stop.store(true, Ordering::Relaxed);
         let mut blobs = Vec::new();
-        let mut made = 0;
+        let (mut made, mut refused) = (0, 0);
         for w in writers {
-            let (b, m) = w.await.unwrap();
+            let (b, m, r) = w.await.unwrap();
             blobs.extend(b);
             made += m;
+            refused += r;
         }
 
         let info = c.sim.info().await.unwrap();
@@ -1156,9 +1179,10 @@ fn root_rotation_against_key_creation_leaves_nothing_under_a_retired_root() {
             .map(|(_, n)| n)
             .sum();
         eprintln!(
-            "root rotation against creation: {ROTATIONS} rotations, {made} versions made by \
-             nodes 1 and 2 with {wraps} wraps ({} re-wrapped after the fence refused them), \
-             {} data keys opened",
+            "root rotation against creation: {ROTATIONS} rotations ({reruns} run again: a \
+             version stored under the old root key after the re-wrap pass), {made} versions \
+             made by nodes 1 and 2 with {wraps} wraps ({} wrapped again after the fence \
+             refused them, {refused} writes refused after their last attempt), {} data keys opened",
             wraps.saturating_sub(made),
             blobs.len()
         );
