@@ -1122,6 +1122,8 @@ fn root_rotation_against_key_creation_leaves_nothing_under_a_retired_root() {
                     // A version stored under the old root key after the
                     // re-wrap pass: the rotation says so and is run again.
                     Err(Error::FailedPrecondition(m)) if m.contains("still wrapped") => reruns += 1,
+                    // AuthenticationFailed: a stored version is under a
+                    // root key the HSM destroyed (lost).
                     Err(e) => panic!("root rotation: {e:?}"),
                 }
             };
