@@ -16,6 +16,8 @@
 //! CLI only parses arguments, calls these and prints.
 
 mod audit;
+#[cfg(test)]
+mod cluster_race_tests;
 mod data_dir;
 pub mod dev;
 pub mod dev_cluster;

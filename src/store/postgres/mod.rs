@@ -30,7 +30,7 @@ pub mod migrate;
 mod records;
 pub mod store;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 #[cfg(test)]
 mod tests;
 
