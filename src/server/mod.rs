@@ -22,6 +22,8 @@ pub mod dev_cluster;
 pub mod production;
 mod tasks;
 
+pub(crate) use data_dir::locked;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -496,7 +496,7 @@ async fn lock_approval(tx: &Transaction<'_>, codec: &Codec, current: &Approval) 
 }
 
 /// The derived columns of an approval row.
-fn approval_columns(a: &Approval) -> (&'static str, Option<Uuid>, i64, Option<Uuid>) {
+pub(super) fn approval_columns(a: &Approval) -> (&'static str, Option<Uuid>, i64, Option<Uuid>) {
     let incarnation = a.executor.as_deref().and_then(|e| e.parse::<Uuid>().ok());
     (
         status_col(&a.status),
