@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use coffre::grpc::pb;
 use coffre::grpc::pb::approval_service_client::ApprovalServiceClient;
@@ -210,7 +211,7 @@ async fn pending_approvals(endpoint: &str, pki: &Path) -> Vec<pb::Approval> {
 async fn a_sled_store_copied_serves_on_postgres() {
     require(&needs::POSTGRES);
     let dir = tempfile::tempdir().unwrap();
-    let pg = PgCluster::primary();
+    let mut pg = PgCluster::primary();
     let url = pg.url(&pg.create_database());
     let db = db_name(&url).to_string();
     coffre::pki::ensure_dev_pki(dir.path()).unwrap();
@@ -370,6 +371,50 @@ async fn a_sled_store_copied_serves_on_postgres() {
         generation,
         report["copied"]["generation"].as_u64().unwrap() + 1
     );
+
+    // The node's cluster metrics, over its real metrics listener: it
+    // holds the scheduler's lease (alone, it takes it at its first pass),
+    // its pool, and no database error yet.
+    let page = wait_for_metric(
+        metrics,
+        "coffre_cluster_lease_holder{lease=\"scheduler\"} 1\n",
+    );
+    for line in [
+        "coffre_cluster_lease_holder{lease=\"root-rotation\"} 0\n",
+        "coffre_store_pool_max_connections 4\n",
+        "coffre_store_errors_total{kind=\"unavailable\"} 0\n",
+        "coffre_store_pool_waiters 0\n",
+    ] {
+        assert!(page.contains(line), "{line:?} missing from {page}");
+    }
+    assert!(
+        page.contains("coffre_store_pool_connections{state=\"in_use\"} "),
+        "{page}"
+    );
+    // The database stops: a store call fails, and is counted.
+    pg.stop_fast();
+    let failed = c.create_key("while-down").await;
+    assert!(failed.is_err(), "created a key with the database down");
+    let page = wait_for_metric(metrics, "coffre_store_errors_total{kind=\"unavailable\"} ");
+    let counted = page
+        .lines()
+        .find_map(|l| l.strip_prefix("coffre_store_errors_total{kind=\"unavailable\"} "))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap();
+    assert!(counted >= 1.0, "{page}");
+}
+
+/// The metrics page once it contains `line` (within 10 s).
+fn wait_for_metric(addr: SocketAddr, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, page) = crate::observability::http_get(addr, "/metrics");
+        if page.contains(line) || Instant::now() > deadline {
+            assert!(page.contains(line), "{line:?} not in {page}");
+            return page;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The copy's rate: a sled store of 10,000 keys (`COFFRE_COPY_KEYS` to
