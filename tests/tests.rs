@@ -90,6 +90,10 @@ mod cluster_nodes;
 // Environment-sensitive: needs PostgreSQL 15+, ignored (not run) without
 // it unless COFFRE_REQUIRE_POSTGRES=1.
 mod postgres_cluster;
+// Issue #17, `coffre store copy` from sled into PostgreSQL: keys in every
+// state, an approval, data keys wrapped before the copy served after it;
+// a store in use and a database not empty refused with nothing changed.
+mod postgres_copy;
 mod postgres_roles;
 // Issue #17, `coffre serve` on the PostgreSQL store: two nodes, one
 // database, one hsm-sim; a database without the schema refused.

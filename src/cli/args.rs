@@ -86,6 +86,34 @@ pub enum StoreCommand {
     /// The database: schema version, primary or standby, server version,
     /// synchronous standbys.
     Status(StoreArgs),
+    /// Copy a sled store into a new, migrated PostgreSQL database, offline
+    /// (no coffre may run on either): keys, versions, approvals, service
+    /// secrets and the change feed, in one transaction, counted at the end.
+    Copy(StoreCopyArgs),
+}
+
+/// `coffre store copy --from sled:DIR --config FILE`. The target is the
+/// database of a node's configuration, as for `migrate`: its URL comes
+/// from `url_env` or `url_file`, never from the command line, where a
+/// password would show in `ps` and in the shell's history.
+#[derive(Debug, Args)]
+pub struct StoreCopyArgs {
+    /// The source: `sled:DIR`, DIR a data directory (the one `coffre dev
+    /// --data-dir` or `data_dir` names; its store is DIR/store).
+    #[arg(long, value_name = "sled:DIR", value_parser = parse_sled_source)]
+    pub from: PathBuf,
+    #[command(flatten)]
+    pub target: StoreArgs,
+}
+
+/// `sled:DIR` as the path DIR.
+fn parse_sled_source(s: &str) -> Result<PathBuf, String> {
+    match s.strip_prefix("sled:") {
+        Some(dir) if !dir.is_empty() => Ok(PathBuf::from(dir)),
+        _ => Err(format!(
+            "{s:?}: expected sled:DIR (the data directory of a sled store)"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]

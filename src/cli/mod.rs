@@ -21,6 +21,7 @@ mod reencrypt;
 mod report;
 mod run;
 mod store;
+mod store_copy;
 
 use std::process::ExitCode;
 
@@ -31,7 +32,7 @@ pub use args::{
     ApprovalCommand, AuditCommand, Cli, ClusterCommand, Command, ConnectArgs, DataArgs,
     DatakeyCommand, DecryptArgs, DevArgs, DevAuditMode, EncryptArgs, HsmCommand, KeyCommand,
     LocalHsmArgs, OutcomeArg, PolicyCommand, ProtectionArg, ServeArgs, StateFilter, StoreArgs,
-    StoreCommand, TokenCommand,
+    StoreCommand, StoreCopyArgs, TokenCommand,
 };
 pub use hsm::RELOGIN_CHECK;
 use run::{init_logging, run_dev, run_serve};

@@ -1,4 +1,4 @@
-//! `coffre store migrate|status`: the PostgreSQL database a server
+//! `coffre store migrate|status` (and `copy`, in `store_copy.rs`): the PostgreSQL database a server
 //! configuration names, reached directly with its URL (no server runs).
 //!
 //! `migrate` refuses a standby (it would fail on the first write anyway)
@@ -26,6 +26,7 @@ pub async fn run(cmd: StoreCommand) -> anyhow::Result<()> {
     match cmd {
         StoreCommand::Migrate(args) => run_migrate(&args).await,
         StoreCommand::Status(args) => run_status(&args).await,
+        StoreCommand::Copy(args) => super::store_copy::run(&args).await,
     }
 }
 

@@ -25,6 +25,7 @@ use crate::audit::{Digest, PublishedCheckpoint};
 
 pub mod audit;
 pub mod local;
+pub mod metered;
 pub mod postgres;
 
 pub use local::LocalCoordination;
@@ -37,6 +38,8 @@ pub mod leases {
     pub const ROOT_ROTATION: &str = "root-rotation";
     /// Signing the cluster audit digest ([`super::audit`]).
     pub const AUDIT_DIGEST: &str = "audit-digest";
+    /// Every lease, for the metrics (`coffre_cluster_lease_holder`).
+    pub const ALL: [&str; 3] = [SCHEDULER, ROOT_ROTATION, AUDIT_DIGEST];
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,12 +21,19 @@
 //! - `coffre_tls_handshakes_in_flight`, `coffre_tls_handshakes_dropped_total`,
 //!   `coffre_tls_handshakes_timed_out_total`: the accept loop's bounds;
 //! - `coffre_ready`: 1 while the last readiness check passed (what `/readyz`
-//!   and `grpc.health.v1` say).
+//!   and `grpc.health.v1` say);
+//! - on a node of a shared store (PostgreSQL, [`cluster`]):
+//!   `coffre_cluster_lease_holder{lease}`, `coffre_store_errors_total{kind}`,
+//!   `coffre_store_pool_connections{state}`,
+//!   `coffre_store_pool_max_connections`, `coffre_store_pool_waiters`
+//!   (and, from the core, `coffre_cluster_staleness_seconds`,
+//!   `coffre_cluster_stale_requests_total`).
 //!
 //! Metrics carry no key id, principal or context: labels come from fixed
 //! sets (RPC names, status codes, cache and HSM call names), so the page
 //! cannot leak what the audit log protects, and its size is bounded.
 
+pub mod cluster;
 pub mod http;
 pub mod probes;
 

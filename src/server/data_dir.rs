@@ -274,7 +274,7 @@ impl DataDir {
 
 /// Whether another process holds `path`'s `flock` (the reason an open
 /// failed): a probe that takes it and at once lets it go.
-fn locked(path: &Path) -> bool {
+pub(crate) fn locked(path: &Path) -> bool {
     let Ok(file) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -24,6 +24,8 @@ pub mod dev_cluster;
 pub mod production;
 mod tasks;
 
+pub(crate) use data_dir::locked;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,6 +66,9 @@ pub struct ClusterSetup {
     /// How often the holder of the `audit-digest` lease signs the cluster
     /// audit digest ([`crate::cluster::audit::DEFAULT_DIGEST_INTERVAL`]).
     pub digest_interval: Duration,
+    /// The node's lease, database-error and pool metrics, if its
+    /// backend keeps them (the metrics page renders them).
+    pub metrics: Option<Arc<crate::metrics::cluster::ClusterMetrics>>,
 }
 
 /// Everything a server is made of; [`ServerBuilder::start`] puts it
@@ -280,8 +285,16 @@ impl ServerBuilder {
         };
         let metrics_server = match metrics_listener {
             Some(listener) => Some(
-                tasks::start_metrics(listener, &kms, &audit, &metrics, &client_auth, &integrity)
-                    .await?,
+                tasks::start_metrics(
+                    listener,
+                    &kms,
+                    &audit,
+                    &metrics,
+                    &client_auth,
+                    &integrity,
+                    self.cluster.as_ref().and_then(|c| c.metrics.clone()),
+                )
+                .await?,
             ),
             None => None,
         };

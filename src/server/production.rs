@@ -13,11 +13,13 @@ use super::audit::NodeMark;
 use super::{AuditSetup, ClusterSetup, DataDir, RunningServer, ServerBuilder};
 use crate::audit::ExternalSigner;
 use crate::authz::StaticRoles;
+use crate::cluster::metered::MeteredCoordination;
 use crate::cluster::postgres::PgCoordination;
 use crate::config::{CheckpointKey, ClusterMode, Config, HsmConfig, StoreConfig};
 use crate::hsm::Hsm;
 use crate::hsm::pkcs11::{Pkcs11Hsm, Pkcs11Settings};
 use crate::hsm::sim::RemoteSimHsm;
+use crate::metrics::cluster::{ClusterMetrics, LeaseGauges};
 use crate::service::freshness::{SharedStore, StaleMode};
 use crate::store::KeyStore;
 use crate::store::postgres::{PgConnector, PgStore, check_schema_for_serving, open_pool};
@@ -139,8 +141,17 @@ async fn open_postgres(config: &Config) -> anyhow::Result<(PgStore, ClusterSetup
     if !cluster.notify {
         coordination = coordination.without_notifications();
     }
+    // The metrics page shows the leases this node holds (recorded as the
+    // jobs take them), the store's database errors and its pool.
+    let leases = Arc::new(LeaseGauges::default());
+    let pool_store = store.clone();
+    let metrics = ClusterMetrics {
+        leases: Arc::clone(&leases),
+        store_errors: Arc::clone(store.errors()),
+        pool: Box::new(move || pool_store.pool_use()),
+    };
     let setup = ClusterSetup {
-        coordination: Arc::new(coordination),
+        coordination: Arc::new(MeteredCoordination::new(Arc::new(coordination), leases)),
         shared: SharedStore {
             mode: match cluster.mode {
                 ClusterMode::Strict => StaleMode::Strict,
@@ -151,6 +162,7 @@ async fn open_postgres(config: &Config) -> anyhow::Result<(PgStore, ClusterSetup
         poll_interval: cluster.poll_interval,
         lease_ttl: cluster.lease_ttl,
         digest_interval: cluster.digest_interval,
+        metrics: Some(Arc::new(metrics)),
     };
     Ok((store, setup))
 }

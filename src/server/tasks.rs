@@ -255,6 +255,7 @@ pub(super) async fn start_metrics(
     metrics: &Arc<crate::metrics::Metrics>,
     client_auth: &Arc<grpc::ClientAuth>,
     integrity: &Arc<crate::store::integrity::RecordMac>,
+    cluster: Option<Arc<crate::metrics::cluster::ClusterMetrics>>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let addr = listener.local_addr().context("metrics address")?;
     let ready: crate::metrics::http::Ready = {
@@ -299,6 +300,9 @@ pub(super) async fn start_metrics(
             "Stored records (keys, versions, approvals) refused because they failed their MAC.",
             &[("", integrity.failures() as f64)],
         );
+        if let Some(cluster) = &cluster {
+            cluster.render(&mut out);
+        }
         out
     });
     tracing::info!(

@@ -133,6 +133,16 @@ pub fn strip_seal_unchecked(bytes: &[u8]) -> &[u8] {
     }
 }
 
+/// The tag and the content of sealed `bytes`, *unchecked* (`None`: not
+/// sealed): for `coffre store copy`, which moves a record and its tag to
+/// a backend that keeps the tag apart ([`RecordMac::tag`] is the same
+/// tag), without the MAC key. The target checks it on every read.
+pub fn split_sealed_unchecked(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    bytes
+        .strip_prefix(&MAGIC[..])
+        .and_then(|rest| rest.split_at_checked(TAG_LEN))
+}
+
 /// The content of a text file without its seal line, if sealed,
 /// *unchecked*: only for a migration.
 pub fn strip_text_seal_unchecked(bytes: &[u8]) -> &[u8] {

@@ -26,6 +26,7 @@ pub mod approvals;
 mod approvals_integrity_tests;
 pub(crate) mod checks;
 pub mod conformance;
+pub mod copy;
 pub mod integrity;
 pub mod postgres;
 pub mod sled;

@@ -24,6 +24,7 @@
 #[cfg(test)]
 mod conformance_tests;
 pub mod connect;
+pub mod copy;
 mod error;
 pub mod local;
 pub mod migrate;

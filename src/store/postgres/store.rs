@@ -72,6 +72,7 @@ use super::records::{
     Codec, Sealed, col, decode, encode, key_id_of, root_col, root_of, status_col, uuid_of,
     version_col,
 };
+use crate::metrics::cluster::{PoolUse, StoreErrorCounters, StoreErrorKind};
 use crate::model::{KeyId, KeyRecord, Timestamp, VersionRecord};
 use crate::store::approvals::{Approval, ApprovalStatus};
 use crate::store::checks::{
@@ -112,6 +113,8 @@ struct Inner {
     mac: OnceLock<Arc<RecordMac>>,
     /// `store_meta` said `sealed` when opened (or this store sealed it).
     sealed: AtomicBool,
+    /// Failed database calls, by kind (`coffre_store_errors_total`).
+    errors: Arc<StoreErrorCounters>,
 }
 
 impl fmt::Debug for PgStore {
@@ -180,6 +183,26 @@ async fn execute<C: GenericClient>(
     c.execute(&statement, params).await
 }
 
+/// The metrics' kind of a database error: no server answer, a conflict, a
+/// write on a standby, a missing privilege, or another refusal.
+fn error_kind(e: &tokio_postgres::Error) -> StoreErrorKind {
+    let Some(code) = e.code() else {
+        return StoreErrorKind::Unavailable;
+    };
+    if retryable(e) {
+        StoreErrorKind::Conflict
+    } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+        StoreErrorKind::ReadOnly
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        StoreErrorKind::Permission
+    } else if code.code().starts_with("08") || code.code().starts_with("57P") {
+        // Connection exceptions; the server shutting down or restarting.
+        StoreErrorKind::Unavailable
+    } else {
+        StoreErrorKind::Other
+    }
+}
+
 fn retryable(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
@@ -202,6 +225,7 @@ impl PgStore {
                 connector,
                 mac: OnceLock::new(),
                 sealed: AtomicBool::new(false),
+                errors: Arc::default(),
             }),
         };
         let sealed = store.read_sealed().await?;
@@ -217,6 +241,22 @@ impl PgStore {
     /// The pool (for a caller that checks the server, e.g. readiness).
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// The failed database calls so far, by kind (for the metrics page).
+    pub fn errors(&self) -> &Arc<StoreErrorCounters> {
+        &self.inner.errors
+    }
+
+    /// The pool's use now (for the metrics page).
+    pub fn pool_use(&self) -> PoolUse {
+        let status = self.inner.pool.status();
+        PoolUse {
+            in_use: status.size.saturating_sub(status.available) as u64,
+            idle: status.available as u64,
+            max: status.max_size as u64,
+            waiting: status.waiting as u64,
+        }
     }
 
     fn codec(&self) -> Result<Codec, StoreError> {
@@ -271,15 +311,20 @@ impl PgStore {
 
 impl Inner {
     async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.connector
-            .get(&self.pool)
-            .await
-            .map_err(|e| StoreError::Io(e.to_string()))
+        self.connector.get(&self.pool).await.map_err(|e| {
+            self.errors.count(match e {
+                super::PgError::Pool { .. } => StoreErrorKind::Pool,
+                _ => StoreErrorKind::Unavailable,
+            });
+            StoreError::Io(e.to_string())
+        })
     }
 
     /// A database error as the contract has it: [`StoreError::Io`], in
-    /// words that name the server (redacted) and never the password.
+    /// words that name the server (redacted) and never the password;
+    /// counted by kind.
     fn db_error(&self, what: &str, e: &tokio_postgres::Error) -> StoreError {
+        self.errors.count(error_kind(e));
         StoreError::Io(format!("{what}: {}", self.connector.error(e)))
     }
 
@@ -320,6 +365,7 @@ impl Inner {
                     return Err(e);
                 }
                 Err(Fail::Db(e)) if attempt < ATTEMPTS && retryable(&e) => {
+                    self.errors.count(StoreErrorKind::Conflict);
                     let _ = tx.rollback().await;
                     tracing::debug!(what, error = %self.connector.error(&e), "retrying a transaction");
                 }
@@ -496,7 +542,7 @@ async fn lock_approval(tx: &Transaction<'_>, codec: &Codec, current: &Approval) 
 }
 
 /// The derived columns of an approval row.
-fn approval_columns(a: &Approval) -> (&'static str, Option<Uuid>, i64, Option<Uuid>) {
+pub(super) fn approval_columns(a: &Approval) -> (&'static str, Option<Uuid>, i64, Option<Uuid>) {
     let incarnation = a.executor.as_deref().and_then(|e| e.parse::<Uuid>().ok());
     (
         status_col(&a.status),

@@ -205,9 +205,12 @@ pub(super) fn parse_u64(what: &str, bytes: &[u8]) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, expected 8", bytes.len())))
 }
 
+/// The prefix of the root-key fence's markers, in `meta`.
+pub(super) const RETIRED_PREFIX: &[u8] = b"root/retired/";
+
 /// The marker of a root key fenced off by a rotation, in `meta`.
 pub(super) fn retired_root_key(id: u32) -> Vec<u8> {
-    let mut key = b"root/retired/".to_vec();
+    let mut key = RETIRED_PREFIX.to_vec();
     key.extend_from_slice(&id.to_be_bytes());
     key
 }

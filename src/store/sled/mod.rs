@@ -39,6 +39,7 @@ use key_store::Tx;
 use layout::Codec;
 
 mod approvals;
+mod export;
 mod files;
 mod generations;
 mod key_store;
