@@ -1,0 +1,491 @@
+//! Faults under a cluster of `coffre serve` nodes (issue #17;
+//! design/several-nodes.md §7.4, 2 and 3): PostgreSQL restarted under a
+//! mixed load (a fast shutdown, and a SIGKILL of the postmaster), the
+//! nodes' LISTEN connections killed, a node SIGKILLed under load, and a
+//! request in flight on a node at the instant its database connection is
+//! cut. Each test starts its own cluster (`common::cluster`) and needs
+//! PostgreSQL 15+.
+//!
+//! The load ([`Load`]) runs on every node at once: data keys on keys
+//! every node has cached, and writes (CreateKey, RotateKey, DisableKey)
+//! on keys of its own. Every request carries a deadline ([`DEADLINE`]);
+//! each one's start, duration and outcome is kept, and every write a node
+//! acknowledged is looked for afterwards, through every node.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coffre::grpc::pb;
+use tonic::Code;
+
+use crate::common::clients::{Clients, generate_request};
+use crate::common::cluster::{ClusterOptions, TestCluster};
+use crate::common::{needs, require};
+
+const CONTEXT: &[(&str, &str)] = &[("tenant", "acme")];
+
+/// The client's deadline on every request of the load. A request that
+/// reaches it has hung: none may.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// Keys every node has cached, for the data keys of the load.
+const STABLE_KEYS: usize = 3;
+
+/// The operator's and the service's clients on every node.
+async fn clients(cluster: &TestCluster) -> Vec<Clients> {
+    let mut all = Vec::new();
+    for node in &cluster.nodes {
+        all.push(Clients::connect(&node.endpoint, &cluster.pki()).await);
+    }
+    all
+}
+
+/// A request with the load's deadline.
+fn with_deadline<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(DEADLINE);
+    request
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    DataKey,
+    Create,
+    Rotate,
+    Disable,
+}
+
+/// One request of the load, as the client saw it.
+#[derive(Clone, Debug)]
+struct Event {
+    node: usize,
+    kind: Kind,
+    started: Instant,
+    elapsed: Duration,
+    /// `Code::Ok` for a success.
+    code: Code,
+    message: String,
+}
+
+/// The writes nodes acknowledged, by key id.
+#[derive(Debug, Default)]
+struct Acked {
+    /// Key id → the node that created it.
+    created: BTreeMap<String, usize>,
+    /// Key id → the highest primary version a RotateKey answered.
+    rotated: BTreeMap<String, u32>,
+    /// Key id → the node that disabled it.
+    disabled: BTreeMap<String, usize>,
+    /// Writes refused or of unknown outcome (UNAVAILABLE), for the report.
+    failed: usize,
+}
+
+/// The mixed load: on each node, one task of data keys and one of writes,
+/// until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    events: Arc<Mutex<Vec<Event>>>,
+    acked: Arc<Mutex<Acked>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(c: &[Clients], stable: &[String], nodes: &[usize]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let acked = Arc::new(Mutex::new(Acked::default()));
+        let mut tasks = Vec::new();
+        for &node in nodes {
+            let client = c[node].clone();
+            tasks.push(tokio::spawn(data_keys(
+                node,
+                client.clone(),
+                stable.to_vec(),
+                Arc::clone(&stop),
+                Arc::clone(&events),
+            )));
+            tasks.push(tokio::spawn(writes(
+                node,
+                client,
+                Arc::clone(&stop),
+                Arc::clone(&events),
+                Arc::clone(&acked),
+            )));
+        }
+        Self {
+            stop,
+            events,
+            acked,
+            tasks,
+        }
+    }
+
+    /// Stops the load; every request it made, and what was acknowledged.
+    async fn stop(self) -> (Vec<Event>, Acked) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let events = std::mem::take(&mut *self.events.lock().unwrap());
+        let acked = std::mem::take(&mut *self.acked.lock().unwrap());
+        (events, acked)
+    }
+}
+
+/// Runs `call` with the load's deadline (and a client-side guard past
+/// it): the event, and the answer if it succeeded.
+async fn timed<T>(
+    node: usize,
+    kind: Kind,
+    events: &Mutex<Vec<Event>>,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Option<T> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(DEADLINE + Duration::from_secs(2), call).await;
+    let elapsed = started.elapsed();
+    let (code, message, out) = match result {
+        Ok(Ok(response)) => (Code::Ok, String::new(), Some(response.into_inner())),
+        Ok(Err(status)) => (status.code(), status.message().to_string(), None),
+        Err(_) => (Code::DeadlineExceeded, "no answer at all".to_string(), None),
+    };
+    events.lock().unwrap().push(Event {
+        node,
+        kind,
+        started,
+        elapsed,
+        code,
+        message,
+    });
+    out
+}
+
+async fn data_keys(
+    node: usize,
+    mut client: Clients,
+    stable: Vec<String>,
+    stop: Arc<AtomicBool>,
+    events: Arc<Mutex<Vec<Event>>>,
+) {
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let key = &stable[i % stable.len()];
+        i += 1;
+        timed(
+            node,
+            Kind::DataKey,
+            &events,
+            client
+                .data
+                .generate_data_key(with_deadline(generate_request(key, CONTEXT))),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Creates a key, rotates it, disables it, and again. A write whose
+/// outcome is unknown (UNAVAILABLE) leaves its key: the next one starts.
+async fn writes(
+    node: usize,
+    mut client: Clients,
+    stop: Arc<AtomicBool>,
+    events: Arc<Mutex<Vec<Event>>>,
+    acked: Arc<Mutex<Acked>>,
+) {
+    let mut current: Option<(String, Kind)> = None;
+    let mut n = 0;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let ok = match current.take() {
+            None => {
+                let created = timed(
+                    node,
+                    Kind::Create,
+                    &events,
+                    client.keys.create_key(with_deadline(pb::CreateKeyRequest {
+                        alias: format!("load-n{}-{n}", node + 1),
+                        ..Default::default()
+                    })),
+                )
+                .await;
+                created.and_then(|r| r.key).map(|key| {
+                    acked
+                        .lock()
+                        .unwrap()
+                        .created
+                        .insert(key.key_id.clone(), node);
+                    current = Some((key.key_id, Kind::Rotate));
+                })
+            }
+            Some((id, Kind::Rotate)) => {
+                let rotated = timed(
+                    node,
+                    Kind::Rotate,
+                    &events,
+                    client
+                        .keys
+                        .rotate_key(with_deadline(pb::RotateKeyRequest { key_id: id.clone() })),
+                )
+                .await;
+                rotated.and_then(|r| r.key).map(|key| {
+                    let mut acked = acked.lock().unwrap();
+                    let v = acked.rotated.entry(id.clone()).or_default();
+                    *v = (*v).max(key.primary_version);
+                    current = Some((id, Kind::Disable));
+                })
+            }
+            Some((id, _)) => {
+                let disabled = timed(
+                    node,
+                    Kind::Disable,
+                    &events,
+                    client
+                        .keys
+                        .disable_key(with_deadline(pb::DisableKeyRequest { key_id: id.clone() })),
+                )
+                .await;
+                disabled.map(|_| {
+                    acked.lock().unwrap().disabled.insert(id, node);
+                })
+            }
+        };
+        if ok.is_none() {
+            acked.lock().unwrap().failed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// No request of the load waited out its deadline.
+fn assert_nothing_hung(events: &[Event]) {
+    let worst = events.iter().map(|e| e.elapsed).max().unwrap_or_default();
+    for e in events {
+        assert!(
+            !matches!(e.code, Code::DeadlineExceeded | Code::Cancelled) && e.elapsed < DEADLINE,
+            "a request hung: {e:?}"
+        );
+    }
+    eprintln!(
+        "{} requests, the slowest took {worst:?} (deadline {DEADLINE:?})",
+        events.len()
+    );
+}
+
+/// Every acknowledged write is there, read through node `i` (GetKey reads
+/// the store): each created key exists, each rotated one has at least the
+/// acknowledged version, each disabled one is DISABLED and its data keys
+/// are refused.
+async fn assert_acked_present(client: &mut Clients, i: usize, acked: &Acked) {
+    for (id, by) in &acked.created {
+        let got = client
+            .keys
+            .get_key(pb::GetKeyRequest { key_id: id.clone() })
+            .await
+            .unwrap_or_else(|s| {
+                panic!(
+                    "key {id}, created through n{}, not found through n{}: {s:?}",
+                    by + 1,
+                    i + 1
+                )
+            })
+            .into_inner();
+        let key = got.key.unwrap();
+        if let Some(v) = acked.rotated.get(id) {
+            assert!(
+                key.primary_version >= *v,
+                "key {id}: version {v} acknowledged, n{} reads {}",
+                i + 1,
+                key.primary_version
+            );
+        }
+        if acked.disabled.contains_key(id) {
+            assert_eq!(
+                key.state,
+                pb::KeyState::Disabled as i32,
+                "key {id}: disabled, n{} reads {key:?}",
+                i + 1
+            );
+        }
+    }
+    for id in acked.disabled.keys() {
+        let refused = client.generate_data_key(id, CONTEXT).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    }
+}
+
+/// Creates the keys the data keys use, and caches them on every node.
+async fn stable_keys(c: &mut [Clients]) -> Vec<String> {
+    let mut stable = Vec::new();
+    for _ in 0..STABLE_KEYS {
+        stable.push(c[0].create_key("").await.unwrap().key_id);
+    }
+    for client in c.iter_mut() {
+        for key in &stable {
+            client.generate_data_key(key, CONTEXT).await.unwrap();
+        }
+    }
+    stable
+}
+
+/// How PostgreSQL goes away.
+#[derive(Clone, Copy, Debug)]
+enum Outage {
+    /// `pg_ctl stop -m fast`: sessions are ended, a clean shutdown.
+    Fast,
+    /// SIGKILL to the postmaster: crash recovery at the next start.
+    Kill,
+}
+
+/// How long PostgreSQL stays down: well past the freshness bound.
+const OUTAGE: Duration = Duration::from_secs(3);
+/// How soon after PostgreSQL is back every node serves data keys and
+/// writes again.
+const RECOVERY_BOUND: Duration = Duration::from_secs(5);
+/// How long a poll may take on a loaded machine (its read, then the
+/// write guard it waits for when it has changes to apply): the last
+/// successful poll before an outage may be that much older.
+const POLL_SLACK: Duration = Duration::from_millis(300);
+
+/// The restart test, both ways: see [`Outage`].
+async fn postgres_restarted_mid_load(outage: Outage) {
+    require(&needs::POSTGRES);
+    let options = ClusterOptions {
+        fsync: true,
+        ..ClusterOptions::default()
+    };
+    let max_staleness = Duration::from_millis(options.max_staleness_ms as u64);
+    let poll_interval = Duration::from_millis(options.poll_interval_ms as u64);
+    let mut cluster = TestCluster::start(options).await;
+    let mut c = clients(&cluster).await;
+    let stable = stable_keys(&mut c).await;
+    let nodes: Vec<usize> = (0..cluster.nodes.len()).collect();
+    let load = Load::start(&c, &stable, &nodes);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    let port = cluster.pg.port();
+    let down = Instant::now();
+    match outage {
+        Outage::Fast => cluster.pg.stop_fast(),
+        Outage::Kill => cluster.pg.kill(),
+    }
+    let stopped = Instant::now();
+    tokio::time::sleep(OUTAGE).await;
+    // The test's own thread (the postmaster's parent-death signal).
+    cluster.pg.start();
+    let back = Instant::now();
+    assert_eq!(
+        cluster.pg.port(),
+        port,
+        "PostgreSQL came back on another port"
+    );
+    eprintln!(
+        "{outage:?}: PostgreSQL stopped in {:?}, back {:?} after the stop began",
+        stopped - down,
+        back - down
+    );
+    tokio::time::sleep(RECOVERY_BOUND + Duration::from_secs(1)).await;
+    let (events, acked) = load.stop().await;
+
+    assert_nothing_hung(&events);
+    // Failures are UNAVAILABLE: stale data keys, writes with no database
+    // (or an unknown outcome).
+    for e in events.iter().filter(|e| e.code != Code::Ok) {
+        assert_eq!(e.code, Code::Unavailable, "{}: {e:?}", e.message);
+    }
+    // During the outage: data keys are served until the node is stale,
+    // never refused before (their keys are cached; no store read), and
+    // refused once it is. The last poll that succeeded was sent at most a
+    // poll interval, plus the time the poll before it took (POLL_SLACK),
+    // before PostgreSQL began to stop.
+    let earliest_stale = down + max_staleness.saturating_sub(poll_interval + POLL_SLACK);
+    let latest_fresh = stopped + max_staleness;
+    let mut first_refused = vec![None; nodes.len()];
+    for e in events.iter().filter(|e| e.kind == Kind::DataKey) {
+        if e.code == Code::Unavailable {
+            assert!(
+                e.started + e.elapsed >= earliest_stale,
+                "a data key refused {:?} after the outage began, before n{} can be stale: {e:?}",
+                e.started.saturating_duration_since(down),
+                e.node + 1
+            );
+            if e.started < back && first_refused[e.node].is_none() {
+                first_refused[e.node] = Some(e.started + e.elapsed - down);
+            }
+        }
+        if e.code == Code::Ok && e.started > latest_fresh + Duration::from_millis(10) {
+            assert!(
+                e.started >= back,
+                "n{} served a data key {:?} after PostgreSQL stopped, past the bound",
+                e.node + 1,
+                e.started - stopped
+            );
+        }
+    }
+    for (node, first) in first_refused.iter().enumerate() {
+        let first = first.unwrap_or_else(|| panic!("n{} never refused a data key", node + 1));
+        eprintln!(
+            "{outage:?}: n{} refused data keys from {first:?} after PostgreSQL began to stop \
+             (max_staleness {max_staleness:?})",
+            node + 1
+        );
+    }
+    // Recovery, without restarting coffre: per node, the first data key
+    // and the first write that succeeded among those started after
+    // PostgreSQL was back.
+    for node in &nodes {
+        let first = |kinds: &[Kind]| {
+            events
+                .iter()
+                .filter(|e| e.node == *node && kinds.contains(&e.kind) && e.code == Code::Ok)
+                .filter(|e| e.started >= back)
+                .map(|e| e.started + e.elapsed - back)
+                .min()
+        };
+        let data = first(&[Kind::DataKey]).expect("no data key served after the restart");
+        let write = first(&[Kind::Create, Kind::Rotate, Kind::Disable])
+            .expect("no write acknowledged after the restart");
+        eprintln!(
+            "{outage:?}: n{}: first data key {data:?}, first write {write:?} after PostgreSQL was back",
+            node + 1
+        );
+        assert!(
+            data <= RECOVERY_BOUND && write <= RECOVERY_BOUND,
+            "n{} recovered too slowly: data key {data:?}, write {write:?}",
+            node + 1
+        );
+    }
+    eprintln!(
+        "{outage:?}: acknowledged {} creates, {} rotations, {} disables; {} writes failed",
+        acked.created.len(),
+        acked.rotated.len(),
+        acked.disabled.len(),
+        acked.failed
+    );
+    assert!(
+        !acked.disabled.is_empty(),
+        "the load acknowledged no disable"
+    );
+    for (i, client) in c.iter_mut().enumerate() {
+        assert_acked_present(client, i, &acked).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn postgres_stopped_fast_mid_load_then_served_again() {
+    postgres_restarted_mid_load(Outage::Fast).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn postgres_killed_mid_load_then_served_again() {
+    postgres_restarted_mid_load(Outage::Kill).await;
+}
