@@ -489,3 +489,161 @@ async fn postgres_stopped_fast_mid_load_then_served_again() {
 async fn postgres_killed_mid_load_then_served_again() {
     postgres_restarted_mid_load(Outage::Kill).await;
 }
+
+/// The nodes' listening connections (`application_name` `coffre/<node>/listen`),
+/// as `name pid` lines, sorted.
+fn listeners(cluster: &TestCluster) -> Vec<String> {
+    let out = cluster.pg.psql(
+        &cluster.db,
+        "SELECT application_name || ' ' || pid FROM pg_stat_activity \
+         WHERE application_name LIKE 'coffre/%/listen' ORDER BY 1",
+    );
+    out.lines().map(str::to_string).collect()
+}
+
+/// Waits until every node listens on a connection that is not one of
+/// `old`; the new ones.
+async fn wait_for_listeners(
+    cluster: &TestCluster,
+    old: &[String],
+    within: Duration,
+) -> Vec<String> {
+    let started = Instant::now();
+    loop {
+        let now = listeners(cluster);
+        if now.len() == cluster.nodes.len() && now.iter().all(|l| !old.contains(l)) {
+            return now;
+        }
+        assert!(
+            started.elapsed() < within,
+            "the nodes do not all listen again after {within:?}: {now:?} (before: {old:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Hammers GenerateDataKey on `key` through `client` from `since` until
+/// it is refused; the start of the first refused request, after `since`.
+/// Panics if a request started past `since + bound` is served.
+async fn first_refusal(
+    mut client: Clients,
+    key: String,
+    since: Instant,
+    bound: Duration,
+) -> Duration {
+    loop {
+        let started = Instant::now();
+        match client
+            .data
+            .generate_data_key(generate_request(&key, CONTEXT))
+            .await
+        {
+            Ok(_) => assert!(
+                started <= since + bound,
+                "a data key started {:?} after the disable was served (bound {bound:?})",
+                started - since
+            ),
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), Code::FailedPrecondition | Code::Unavailable),
+                    "{s:?}"
+                );
+                return started.saturating_duration_since(since);
+            }
+        }
+        assert!(since.elapsed() < Duration::from_secs(20), "never refused");
+    }
+}
+
+/// Disables a fresh key through n1 that every node has cached; how long
+/// after the acknowledgement each other node refused it.
+async fn disable_propagation(c: &mut [Clients], bound: Duration) -> Vec<Duration> {
+    let key = c[0].create_key("").await.unwrap().key_id;
+    for client in c.iter_mut() {
+        client.generate_data_key(&key, CONTEXT).await.unwrap();
+    }
+    c[0].keys
+        .disable_key(pb::DisableKeyRequest {
+            key_id: key.clone(),
+        })
+        .await
+        .unwrap();
+    let acknowledged = Instant::now();
+    let hammers: Vec<_> = c
+        .iter()
+        .skip(1)
+        .map(|client| {
+            tokio::spawn(first_refusal(
+                client.clone(),
+                key.clone(),
+                acknowledged,
+                bound,
+            ))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in hammers {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn killed_listeners_leave_the_bound_to_the_polls_and_come_back() {
+    require(&needs::POSTGRES);
+    // Polls far apart (600 ms) against NOTIFY's milliseconds: which of the
+    // two carried a change shows in how soon it arrived.
+    let options = ClusterOptions {
+        poll_interval_ms: 600,
+        ..ClusterOptions::default()
+    };
+    let bound = Duration::from_millis(options.max_staleness_ms as u64);
+    let cluster = TestCluster::start(options).await;
+    let mut c = clients(&cluster).await;
+    let before = wait_for_listeners(&cluster, &[], Duration::from_secs(10)).await;
+    let mut notified = Vec::new();
+    for _ in 0..3 {
+        notified.extend(disable_propagation(&mut c, bound).await);
+    }
+    eprintln!("with NOTIFY: a disable refused after {notified:?}");
+
+    // Every listener killed; a disable made at once is still refused
+    // everywhere within the bound (the polls carry it if NOTIFY is lost).
+    let killed = cluster.pg.psql(
+        &cluster.db,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name LIKE 'coffre/%/listen'",
+    );
+    assert_eq!(killed, cluster.nodes.len().to_string(), "{before:?}");
+    let killed_at = Instant::now();
+    let after_kill = disable_propagation(&mut c, bound).await;
+    eprintln!("listeners killed: a disable made at once refused after {after_kill:?}");
+
+    // They listen again, on new connections, and NOTIFY carries changes
+    // again: milliseconds, where the polls alone would take 300 ms on
+    // average (uniform over the 600 ms interval).
+    let again = wait_for_listeners(&cluster, &before, Duration::from_secs(5)).await;
+    eprintln!(
+        "listening again {:?} after the kill: {again:?}",
+        killed_at.elapsed()
+    );
+    let mut resumed = Vec::new();
+    for _ in 0..4 {
+        resumed.extend(disable_propagation(&mut c, bound).await);
+    }
+    let m = median(resumed.clone());
+    eprintln!("NOTIFY again: a disable refused after {resumed:?} (median {m:?})");
+    assert!(
+        m < Duration::from_millis(100),
+        "changes arrive at poll speed, not NOTIFY's: {resumed:?}"
+    );
+}
