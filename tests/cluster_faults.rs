@@ -82,6 +82,13 @@ struct Acked {
     failed: usize,
 }
 
+impl Acked {
+    fn by_node(&self, node: usize) -> usize {
+        self.created.values().filter(|n| **n == node).count()
+            + self.disabled.values().filter(|n| **n == node).count()
+    }
+}
+
 /// The mixed load: on each node, one task of data keys and one of writes,
 /// until stopped.
 struct Load {
@@ -646,4 +653,51 @@ async fn killed_listeners_leave_the_bound_to_the_polls_and_come_back() {
         m < Duration::from_millis(100),
         "changes arrive at poll speed, not NOTIFY's: {resumed:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn a_node_killed_under_load_loses_no_acknowledged_write() {
+    require(&needs::POSTGRES);
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    let mut c = clients(&cluster).await;
+    let stable = stable_keys(&mut c).await;
+    let nodes: Vec<usize> = (0..cluster.nodes.len()).collect();
+    let load = Load::start(&c, &stable, &nodes);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // SIGKILL, mid-load: n1 may be in the middle of a write.
+    cluster.kill_node(0);
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (events, acked) = load.stop().await;
+
+    // The other nodes served every request throughout.
+    for e in events.iter().filter(|e| e.node != 0) {
+        assert_eq!(e.code, Code::Ok, "{}: {e:?}", e.message);
+    }
+    let after_kill = events
+        .iter()
+        .filter(|e| e.node != 0 && e.started > killed)
+        .count();
+    assert!(after_kill > 0, "the others made no request after the kill");
+    let by_n1 = acked.by_node(0);
+    eprintln!(
+        "acknowledged {} creates, {} rotations, {} disables ({by_n1} creates and disables by n1)",
+        acked.created.len(),
+        acked.rotated.len(),
+        acked.disabled.len()
+    );
+    assert!(by_n1 > 0, "n1 acknowledged no write before it was killed");
+    // Everything acknowledged, n1's included, through n2 and n3.
+    for (i, client) in c.iter_mut().enumerate().skip(1) {
+        assert_acked_present(client, i, &acked).await;
+    }
+    // n1 restarted sees it all.
+    cluster.start_node(0);
+    cluster.wait_ready(0, Duration::from_secs(60));
+    let mut n1 = Clients::connect(&cluster.nodes[0].endpoint, &cluster.pki()).await;
+    assert_acked_present(&mut n1, 0, &acked).await;
 }
