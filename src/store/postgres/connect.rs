@@ -49,7 +49,10 @@
 //! `coffre/<node_id>/listen`, so that an operator (or a test) can find it.
 //! The pool recycles with [`RecyclingMethod::Verified`] (a test query),
 //! since a connection that a server restart closed hard can still look
-//! open.
+//! open; the test query gets [`RECYCLE_TIMEOUT`], and a wait for a free
+//! connection [`POOL_WAIT_TIMEOUT`]: a connection that stopped answering
+//! (a partition, a proxy that holds every byte) is dropped rather than
+//! waited on, and nothing queues without end behind a pool full of them.
 //!
 //! # Errors
 //!
@@ -80,6 +83,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const KEEPALIVES_IDLE: Duration = Duration::from_secs(5);
 /// Unacknowledged data for this long closes the connection.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the pool's test query on a connection it hands out may take
+/// before the connection is dropped (and another one tried or opened).
+pub const RECYCLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a caller waits for a pooled connection when all are in use.
+pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(4);
 /// What the listening connection's `application_name` adds to the node's.
 pub const LISTEN_SUFFIX: &str = "/listen";
 /// The oldest server coffre talks to (`server_version_num`).
@@ -551,7 +559,8 @@ impl PgConnector {
     }
 
     /// The pool of `store.pool_size` connections (opened lazily, recycled
-    /// with a test query). [`open_pool`] also checks the server.
+    /// with a test query, within the timeouts of the module docs).
+    /// [`open_pool`] also checks the server.
     pub fn pool(&self) -> Result<Pool, PgError> {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Verified,
@@ -566,6 +575,8 @@ impl PgConnector {
             .max_size(self.pool_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .create_timeout(Some(CONNECT_TIMEOUT * 2))
+            .recycle_timeout(Some(RECYCLE_TIMEOUT))
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
             .build()
             .map_err(|e| PgError::Pool {
                 target: self.target.clone(),
