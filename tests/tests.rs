@@ -83,6 +83,11 @@ mod policy;
 // (common::cluster): disable propagation within the bound, a node cut
 // off by a proxy, a node killed. Needs PostgreSQL 15+.
 mod cluster_nodes;
+// Issue #17, faults under several nodes: PostgreSQL restarted (fast and
+// SIGKILL) under a mixed load, the LISTEN connections killed, a node
+// SIGKILLed under load, a request in flight when a node's database
+// connection is cut. Needs PostgreSQL 15+.
+mod cluster_faults;
 // Issue #17, the PostgreSQL store's foundation against private servers
 // (common::pg): `coffre store migrate|status`, connection failures in
 // words, a standby refused, TLS verify-full, the least-privilege roles;

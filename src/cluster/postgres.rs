@@ -32,6 +32,14 @@ pub const CHANGES_CHANNEL: &str = crate::store::postgres::store::KEYS_CHANNEL;
 /// database would give the lease to another node.
 const LEASE_MARGIN_DIVISOR: u32 = 5;
 
+/// How long a statement on the coordination connection may take before
+/// the connection is given up (and opened again next time). A connection
+/// cut without a reset (a partition; a proxy that holds every byte) would
+/// otherwise hold the lease renewals and heartbeats until TCP gives up. A
+/// lease statement given up may still have been applied: harmless, the
+/// holder stops by its own deadline and the lease expires.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(4);
+
 pub struct PgCoordination {
     connector: Arc<PgConnector>,
     node_id: String,
@@ -100,12 +108,20 @@ impl PgCoordination {
         let Some(client) = slot.as_ref() else {
             return Err(unavailable("no coordination connection"));
         };
-        match client.query(sql, params).await {
-            Ok(rows) => Ok(rows),
-            Err(e) => {
+        match tokio::time::timeout(STATEMENT_TIMEOUT, client.query(sql, params)).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => {
                 let why = self.connector.error(&e);
                 *slot = None;
                 Err(unavailable(why))
+            }
+            Err(_) => {
+                *slot = None;
+                Err(unavailable(format!(
+                    "{} gave no answer within {} ms on the coordination connection",
+                    self.connector.target(),
+                    STATEMENT_TIMEOUT.as_millis()
+                )))
             }
         }
     }

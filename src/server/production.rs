@@ -22,7 +22,9 @@ use crate::hsm::sim::RemoteSimHsm;
 use crate::metrics::cluster::{ClusterMetrics, LeaseGauges};
 use crate::service::freshness::{SharedStore, StaleMode};
 use crate::store::KeyStore;
-use crate::store::postgres::{PgConnector, PgStore, check_schema_for_serving, open_pool};
+use crate::store::postgres::{
+    PgConnector, PgStore, StoreTimeouts, check_schema_for_serving, open_pool,
+};
 
 /// Starts the server a configuration describes.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
@@ -133,7 +135,10 @@ async fn open_postgres(config: &Config) -> anyhow::Result<(PgStore, ClusterSetup
         "serving from the PostgreSQL store"
     );
     let connector = Arc::new(connector);
-    let store = PgStore::open(pool, Arc::clone(&connector))
+    // Bounded waits on the request path: a node cut off from its database
+    // refuses (UNAVAILABLE) rather than hold requests to their deadline.
+    let timeouts = StoreTimeouts::for_max_staleness(cluster.max_staleness);
+    let store = PgStore::open_with(pool, Arc::clone(&connector), timeouts)
         .await
         .context("opening the PostgreSQL store")?;
     let mut coordination =

@@ -100,7 +100,11 @@ impl crate::service::Announce for Announcer<'_> {
 /// the change feed's head and makes the first poll (so that the node is
 /// fresh before it serves; a node that cannot is not started), then
 /// follows the feed: a poll at least every `poll_interval`, sooner when
-/// the store says a key changed, and a heartbeat every second.
+/// the store says a key changed; and, beside it in the same task, a
+/// heartbeat every second. The heartbeat is a commit on the coordination
+/// connection: on the polls' path, a slow commit (or a connection that
+/// stopped answering) would delay the next poll and let the node go stale
+/// while the store still answers its reads.
 pub(super) async fn start_following(
     kms: &Arc<Kms>,
     cluster: &super::ClusterSetup,
@@ -111,40 +115,59 @@ pub(super) async fn start_following(
         .await
         .context("registering this node in the cluster")?;
     let head = kms.feed_head().await.context("reading the change feed")?;
-    let mut watermark = kms
+    let watermark = kms
         .poll_changes(head)
         .await
         .context("reading the change feed")?;
     let kms = Arc::clone(kms);
     let poll_interval = cluster.poll_interval;
     Ok(tokio::spawn(async move {
-        let mut last_heartbeat = std::time::Instant::now();
-        let mut failing = false;
-        loop {
-            coordination.wait_for_changes(poll_interval).await;
-            match kms.poll_changes(watermark).await {
-                Ok(next) => {
-                    if failing {
-                        tracing::info!("the change feed is read again: key states confirmed");
-                    }
-                    failing = false;
-                    watermark = next;
+        tokio::join!(
+            follow(&kms, &*coordination, watermark, poll_interval),
+            heartbeats(&*coordination)
+        );
+    }))
+}
+
+/// Polls the change feed from `watermark`, for ever.
+async fn follow(
+    kms: &Kms,
+    coordination: &dyn Coordination,
+    mut watermark: u64,
+    poll_interval: Duration,
+) {
+    let mut failing = false;
+    loop {
+        coordination.wait_for_changes(poll_interval).await;
+        match kms.poll_changes(watermark).await {
+            Ok(next) => {
+                if failing {
+                    tracing::info!("the change feed is read again: key states confirmed");
                 }
-                Err(e) => {
-                    if !failing {
-                        tracing::error!(error = %e, "the change feed cannot be read; this node stops serving data keys once its freshness runs out (strict mode)");
-                    }
-                    failing = true;
-                }
+                failing = false;
+                watermark = next;
             }
-            if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
-                last_heartbeat = std::time::Instant::now();
-                if let Err(e) = coordination.heartbeat().await {
-                    tracing::warn!(error = %e, "heartbeat failed");
+            Err(e) => {
+                if !failing {
+                    tracing::error!(error = %e, "the change feed cannot be read; this node stops serving data keys once its freshness runs out (strict mode)");
                 }
+                failing = true;
             }
         }
-    }))
+    }
+}
+
+/// Tells the node registry this node is alive, every [`HEARTBEAT_EVERY`].
+async fn heartbeats(coordination: &dyn Coordination) {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // immediate: the node registered just now
+    loop {
+        tick.tick().await;
+        if let Err(e) = coordination.heartbeat().await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+    }
 }
 
 /// A node's share of the cluster audit (`crate::cluster::audit`): the

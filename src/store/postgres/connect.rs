@@ -45,9 +45,14 @@
 //! ```
 //!
 //! and, unless the URL sets them: `connect_timeout = 2 s`, TCP keepalives
-//! after 5 s idle, `tcp_user_timeout = 10 s`. The pool recycles with
-//! [`RecyclingMethod::Verified`] (a test query), since a connection that
-//! a server restart closed hard can still look open.
+//! after 5 s idle, `tcp_user_timeout = 10 s`. The listening connection is
+//! `coffre/<node_id>/listen`, so that an operator (or a test) can find it.
+//! The pool recycles with [`RecyclingMethod::Verified`] (a test query),
+//! since a connection that a server restart closed hard can still look
+//! open; the test query gets [`RECYCLE_TIMEOUT`], and a wait for a free
+//! connection [`POOL_WAIT_TIMEOUT`]: a connection that stopped answering
+//! (a partition, a proxy that holds every byte) is dropped rather than
+//! waited on, and nothing queues without end behind a pool full of them.
 //!
 //! # Errors
 //!
@@ -78,6 +83,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const KEEPALIVES_IDLE: Duration = Duration::from_secs(5);
 /// Unacknowledged data for this long closes the connection.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the pool's test query on a connection it hands out may take
+/// before the connection is dropped (and another one tried or opened).
+pub const RECYCLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a caller waits for a pooled connection when all are in use.
+pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(4);
+/// What the listening connection's `application_name` adds to the node's.
+pub const LISTEN_SUFFIX: &str = "/listen";
 /// The oldest server coffre talks to (`server_version_num`).
 const MIN_SERVER_VERSION: i32 = 150_000;
 
@@ -265,6 +277,8 @@ enum Tls {
 /// client configuration with coffre's session settings, and TLS.
 pub struct PgConnector {
     config: tokio_postgres::Config,
+    /// `application_name`: `coffre/<node_id>`.
+    app: String,
     tls: Tls,
     target: String,
     password: Option<Zeroizing<String>>,
@@ -427,7 +441,7 @@ impl PgConnector {
             Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
             _ => ours,
         };
-        config.options(options).application_name(app);
+        config.options(options).application_name(&app);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -443,6 +457,7 @@ impl PgConnector {
         }
         Ok(Self {
             config,
+            app,
             tls,
             target: shown,
             password,
@@ -497,10 +512,10 @@ impl PgConnector {
         channel: &str,
         wake: std::sync::Arc<tokio::sync::Notify>,
     ) -> Result<Client, PgError> {
+        let config = self.listening_config();
         let client = match &self.tls {
             Tls::Disabled => {
-                let (client, connection) = self
-                    .config
+                let (client, connection) = config
                     .connect(NoTls)
                     .await
                     .map_err(|e| self.connect_error(&e))?;
@@ -508,8 +523,7 @@ impl PgConnector {
                 client
             }
             Tls::VerifyFull(tls) => {
-                let (client, connection) = self
-                    .config
+                let (client, connection) = config
                     .connect(tls.clone())
                     .await
                     .map_err(|e| self.connect_error(&e))?;
@@ -527,8 +541,26 @@ impl PgConnector {
         Ok(client)
     }
 
+    /// The session settings with the listener's `application_name`
+    /// (`coffre/<node_id>/listen`), in the startup options too, where
+    /// coffre's own setting sits.
+    fn listening_config(&self) -> tokio_postgres::Config {
+        let mut config = self.config.clone();
+        let app = format!("{}{LISTEN_SUFFIX}", self.app);
+        if let Some(options) = config.get_options() {
+            let options = options.replace(
+                &format!("application_name={}", self.app),
+                &format!("application_name={app}"),
+            );
+            config.options(options);
+        }
+        config.application_name(app);
+        config
+    }
+
     /// The pool of `store.pool_size` connections (opened lazily, recycled
-    /// with a test query). [`open_pool`] also checks the server.
+    /// with a test query, within the timeouts of the module docs).
+    /// [`open_pool`] also checks the server.
     pub fn pool(&self) -> Result<Pool, PgError> {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Verified,
@@ -543,6 +575,8 @@ impl PgConnector {
             .max_size(self.pool_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .create_timeout(Some(CONNECT_TIMEOUT * 2))
+            .recycle_timeout(Some(RECYCLE_TIMEOUT))
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
             .build()
             .map_err(|e| PgError::Pool {
                 target: self.target.clone(),
@@ -939,6 +973,14 @@ mod tests {
             assert!(options.contains(setting), "{options}");
         }
         assert_eq!(c.config.get_application_name(), Some("coffre/n1"));
+        let listening = c.listening_config();
+        assert_eq!(listening.get_application_name(), Some("coffre/n1/listen"));
+        let options = listening.get_options().unwrap();
+        assert!(
+            options.contains("application_name=coffre/n1/listen")
+                && options.contains("synchronous_commit=on"),
+            "{options}"
+        );
         assert_eq!(c.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
         assert_eq!(c.config.get_ssl_mode(), SslMode::Disable);
         assert_eq!(c.config.get_target_session_attrs(), TargetSessionAttrs::Any);

@@ -38,4 +38,4 @@ mod tests;
 pub use connect::{DatabaseUrl, PgConnector, ServerInfo, open_pool, redacted};
 pub use error::PgError;
 pub use migrate::{MigrateReport, SchemaState, check_schema_for_serving, migrate, schema_state};
-pub use store::PgStore;
+pub use store::{PgStore, StoreTimeouts};

@@ -33,7 +33,10 @@
 //! standby may not hold yet, and the client would not know (design §3.3).
 //! The sessions run with `statement_timeout = 0` (`connect.rs`). An error
 //! on the way to or during `COMMIT` is [`StoreError::Io`]: outcome
-//! unknown. Reads are plain statements on a pooled connection.
+//! unknown. So is a transaction that has not ended within the write wait
+//! ([`StoreTimeouts`]): its caller stops waiting, the task does not. Reads
+//! are plain statements on a pooled connection, given up after the read
+//! timeout.
 //!
 //! # The root-key fence
 //!
@@ -58,6 +61,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Pool, Transaction};
@@ -98,6 +102,54 @@ pub const KEYS_CHANNEL: &str = "coffre_keys";
 /// runs, in all.
 const ATTEMPTS: u32 = 2;
 
+/// How long [`PgStore`]'s callers wait for the database.
+///
+/// A node cut off from its database without a reset (a partition, or a
+/// proxy that holds every byte) keeps its connections open, and a
+/// statement on one waits until TCP gives up, if ever. A request must not
+/// wait that long: its client would see its own deadline pass instead of a
+/// refusal it can retry elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreTimeouts {
+    /// Reads (their pooled connection included): past it, UNAVAILABLE.
+    pub read: Duration,
+    /// A write's caller, past it, gets UNAVAILABLE (outcome unknown); the
+    /// transaction is never cancelled (see the module docs).
+    pub write_wait: Duration,
+}
+
+/// The shortest read timeout [`StoreTimeouts::for_max_staleness`] gives.
+const MIN_READ_TIMEOUT: Duration = Duration::from_millis(500);
+/// The shortest write wait [`StoreTimeouts::for_max_staleness`] gives.
+const MIN_WRITE_WAIT: Duration = Duration::from_secs(5);
+
+impl StoreTimeouts {
+    /// For a node whose bound is `max_staleness`: a read that outlives it
+    /// is of no use to a strict node, stale by then anyway (at least
+    /// [`MIN_READ_TIMEOUT`], for a loaded server); a write's caller waits
+    /// five times as long (at least [`MIN_WRITE_WAIT`]): a commit, even
+    /// one waiting for a synchronous standby, takes milliseconds, and
+    /// seconds mean an outage.
+    pub fn for_max_staleness(max_staleness: Duration) -> Self {
+        let read = max_staleness.max(MIN_READ_TIMEOUT);
+        Self {
+            read,
+            write_wait: (read * 5).max(MIN_WRITE_WAIT),
+        }
+    }
+}
+
+impl Default for StoreTimeouts {
+    /// Outside `coffre serve` (tools, tests on a loaded machine), which
+    /// uses [`Self::for_max_staleness`]: generous, but bounded.
+    fn default() -> Self {
+        Self {
+            read: Duration::from_secs(10),
+            write_wait: Duration::from_secs(30),
+        }
+    }
+}
+
 /// The PostgreSQL [`KeyStore`]: a pool of connections to one database
 /// that [`super::migrate`] gave the current schema. Cheap to clone (one
 /// `Arc`); every clone and every other node's store share the same rows.
@@ -109,6 +161,7 @@ pub struct PgStore {
 struct Inner {
     pool: Pool,
     connector: Arc<PgConnector>,
+    timeouts: StoreTimeouts,
     /// The records' MAC key, once installed.
     mac: OnceLock<Arc<RecordMac>>,
     /// `store_meta` said `sealed` when opened (or this store sealed it).
@@ -219,10 +272,20 @@ impl PgStore {
     /// caller checked ([`super::check_schema_for_serving`]). Reads whether
     /// the records are sealed.
     pub async fn open(pool: Pool, connector: Arc<PgConnector>) -> Result<PgStore, StoreError> {
+        Self::open_with(pool, connector, StoreTimeouts::default()).await
+    }
+
+    /// [`Self::open`], with `timeouts` (see [`StoreTimeouts`]).
+    pub async fn open_with(
+        pool: Pool,
+        connector: Arc<PgConnector>,
+        timeouts: StoreTimeouts,
+    ) -> Result<PgStore, StoreError> {
         let store = PgStore {
             inner: Arc::new(Inner {
                 pool,
                 connector,
+                timeouts,
                 mac: OnceLock::new(),
                 sealed: AtomicBool::new(false),
                 errors: Arc::default(),
@@ -276,20 +339,44 @@ impl PgStore {
     }
 
     async fn read_sealed(&self) -> Result<bool, StoreError> {
-        let c = self.inner.conn().await?;
-        let row = query_opt(
-            &c,
-            "SELECT value FROM store_meta WHERE name = $1",
-            &[&SEALED],
-        )
+        self.read("reading the integrity marker", async {
+            let c = self.inner.conn().await?;
+            let row = query_opt(
+                &c,
+                "SELECT value FROM store_meta WHERE name = $1",
+                &[&SEALED],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("reading the integrity marker", &e))?;
+            Ok(row.is_some())
+        })
         .await
-        .map_err(|e| self.inner.db_error("reading the integrity marker", &e))?;
-        Ok(row.is_some())
+    }
+
+    /// Runs `read` within the read timeout: one that outlives it is
+    /// [`StoreError::Io`] (UNAVAILABLE), not a wait for the client's
+    /// deadline. Dropping it mid-statement is safe: a read changes nothing,
+    /// and its pooled connection is tested before it is used again.
+    async fn read<T>(
+        &self,
+        what: &str,
+        read: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let limit = self.inner.timeouts.read;
+        tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
+            Err(StoreError::Io(format!(
+                "{what}: {} gave no answer within {} ms",
+                self.inner.connector.target(),
+                limit.as_millis()
+            )))
+        })
     }
 
     /// Runs `body` as one transaction on a task of its own (see the module
     /// docs): committed if `commit` says so of its result, else rolled
-    /// back.
+    /// back. The caller waits for it at most the write wait; past it, the
+    /// answer is [`StoreError::Io`] (outcome unknown) and the task goes on
+    /// to its end, its COMMIT never cut.
     async fn mutate<A, T>(
         &self,
         what: &'static str,
@@ -303,9 +390,22 @@ impl PgStore {
     {
         let codec = self.codec()?;
         let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move { inner.transact(what, &codec, &args, commit, body).await })
-            .await
-            .map_err(|e| StoreError::Io(format!("{what}: the store's task failed: {e}")))?
+        let task =
+            tokio::spawn(async move { inner.transact(what, &codec, &args, commit, body).await });
+        let wait = self.inner.timeouts.write_wait;
+        match tokio::time::timeout(wait, task).await {
+            Ok(done) => {
+                done.map_err(|e| StoreError::Io(format!("{what}: the store's task failed: {e}")))?
+            }
+            // The task is detached, not aborted: it commits or rolls back
+            // on its own, and the change feed tells every node which.
+            Err(_) => Err(StoreError::Io(format!(
+                "{what}: {} gave no answer within {} ms; the outcome is unknown (the \
+                 transaction goes on)",
+                self.inner.connector.target(),
+                wait.as_millis()
+            ))),
+        }
     }
 }
 
@@ -1142,47 +1242,53 @@ impl KeyStore for PgStore {
     }
 
     async fn get_key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        let codec = self.codec()?;
-        let c = self.inner.conn().await?;
-        let row = query_opt(
-            &c,
-            "SELECT id, record, record_mac FROM keys WHERE id = $1",
-            &[&uuid_of(id)],
-        )
+        self.read("reading a key", async {
+            let codec = self.codec()?;
+            let c = self.inner.conn().await?;
+            let row = query_opt(
+                &c,
+                "SELECT id, record, record_mac FROM keys WHERE id = $1",
+                &[&uuid_of(id)],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("reading a key", &e))?;
+            row.map(|r| codec.key_row(&r)).transpose()
+        })
         .await
-        .map_err(|e| self.inner.db_error("reading a key", &e))?;
-        row.map(|r| codec.key_row(&r)).transpose()
     }
 
     /// The `alias` column is an index; the key record it leads to is
     /// sealed and names its alias: a row whose record does not carry it
     /// (the column edited) is refused.
     async fn key_id_for_alias(&self, alias: &str) -> Result<Option<KeyId>, StoreError> {
-        let codec = self.codec()?;
-        let c = self.inner.conn().await?;
-        let row = query_opt(
-            &c,
-            "SELECT id, record, record_mac FROM keys WHERE alias = $1",
-            &[&alias],
-        )
+        self.read("reading an alias", async {
+            let codec = self.codec()?;
+            let c = self.inner.conn().await?;
+            let row = query_opt(
+                &c,
+                "SELECT id, record, record_mac FROM keys WHERE alias = $1",
+                &[&alias],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("reading an alias", &e))?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let record = codec.key_row(&row)?;
+            if record.alias.as_deref() == Some(alias) {
+                return Ok(Some(record.id));
+            }
+            tracing::error!(
+                table = "keys",
+                id = %record.id,
+                "a key row's alias column is not its record's: refused"
+            );
+            Err(StoreError::IntegrityFailure(format!(
+                "the alias column leads to key {}, whose record does not carry that alias",
+                record.id
+            )))
+        })
         .await
-        .map_err(|e| self.inner.db_error("reading an alias", &e))?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let record = codec.key_row(&row)?;
-        if record.alias.as_deref() == Some(alias) {
-            return Ok(Some(record.id));
-        }
-        tracing::error!(
-            table = "keys",
-            id = %record.id,
-            "a key row's alias column is not its record's: refused"
-        );
-        Err(StoreError::IntegrityFailure(format!(
-            "the alias column leads to key {}, whose record does not carry that alias",
-            record.id
-        )))
     }
 
     async fn list_keys(
@@ -1191,63 +1297,69 @@ impl KeyStore for PgStore {
         start_after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let codec = self.codec()?;
-        let c = self.inner.conn().await?;
-        let after = start_after.map(uuid_of);
-        let state = filter.state.map(|s| s.as_str());
-        let rows = query(
-            &c,
-            "SELECT id, record, record_mac FROM keys \
-             WHERE ($1::uuid IS NULL OR id > $1) AND ($2::text IS NULL OR state = $2) \
-               AND ($3::text IS NULL OR starts_with(alias, $3)) \
-             ORDER BY id LIMIT $4",
-            &[&after, &state, &filter.alias_prefix, &limit_of(limit)],
-        )
-        .await
-        .map_err(|e| self.inner.db_error("listing keys", &e))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let record = codec.key_row(row)?;
-            if !filter.matches(&record) {
-                return Err(StoreError::IntegrityFailure(format!(
-                    "the state or alias column of key {} is not its record's",
-                    record.id
-                )));
+        self.read("listing keys", async {
+            if limit == 0 {
+                return Ok(Vec::new());
             }
-            out.push(record);
-        }
-        Ok(out)
+            let codec = self.codec()?;
+            let c = self.inner.conn().await?;
+            let after = start_after.map(uuid_of);
+            let state = filter.state.map(|s| s.as_str());
+            let rows = query(
+                &c,
+                "SELECT id, record, record_mac FROM keys \
+                 WHERE ($1::uuid IS NULL OR id > $1) AND ($2::text IS NULL OR state = $2) \
+                   AND ($3::text IS NULL OR starts_with(alias, $3)) \
+                 ORDER BY id LIMIT $4",
+                &[&after, &state, &filter.alias_prefix, &limit_of(limit)],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("listing keys", &e))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let record = codec.key_row(row)?;
+                if !filter.matches(&record) {
+                    return Err(StoreError::IntegrityFailure(format!(
+                        "the state or alias column of key {} is not its record's",
+                        record.id
+                    )));
+                }
+                out.push(record);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn due_keys(&self, now: Timestamp, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
-        let codec = self.codec()?;
-        let c = self.inner.conn().await?;
-        let rows = query(
-            &c,
-            "SELECT id, record, record_mac, next_due_ms FROM keys \
-             WHERE next_due_ms IS NOT NULL AND next_due_ms <= $1 \
-             ORDER BY next_due_ms, id LIMIT $2",
-            &[&now.as_millis(), &limit_of(limit)],
-        )
-        .await
-        .map_err(|e| self.inner.db_error("reading due keys", &e))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let record = codec.key_row(row)?;
-            let at: i64 = col(row, 3, "a due time")?;
-            if record.next_due() != Some(Timestamp(at)) {
-                return Err(StoreError::Corrupt(format!(
-                    "the due index says key {} is due at {at}, the key says {:?}",
-                    record.id,
-                    record.next_due().map(Timestamp::as_millis)
-                )));
+        self.read("reading due keys", async {
+            let codec = self.codec()?;
+            let c = self.inner.conn().await?;
+            let rows = query(
+                &c,
+                "SELECT id, record, record_mac, next_due_ms FROM keys \
+                 WHERE next_due_ms IS NOT NULL AND next_due_ms <= $1 \
+                 ORDER BY next_due_ms, id LIMIT $2",
+                &[&now.as_millis(), &limit_of(limit)],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("reading due keys", &e))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let record = codec.key_row(row)?;
+                let at: i64 = col(row, 3, "a due time")?;
+                if record.next_due() != Some(Timestamp(at)) {
+                    return Err(StoreError::Corrupt(format!(
+                        "the due index says key {} is due at {at}, the key says {:?}",
+                        record.id,
+                        record.next_due().map(Timestamp::as_millis)
+                    )));
+                }
+                out.push(record);
             }
-            out.push(record);
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
     async fn add_version(
@@ -1275,34 +1387,40 @@ impl KeyStore for PgStore {
         id: KeyId,
         version: u32,
     ) -> Result<Option<VersionRecord>, StoreError> {
-        let Ok(number) = i32::try_from(version) else {
-            return Ok(None);
-        };
-        let codec = self.codec()?;
-        let c = self.inner.conn().await?;
-        let row = query_opt(
-            &c,
-            "SELECT key_id, version, record, record_mac FROM key_versions \
-             WHERE key_id = $1 AND version = $2",
-            &[&uuid_of(id), &number],
-        )
+        self.read("reading a version", async {
+            let Ok(number) = i32::try_from(version) else {
+                return Ok(None);
+            };
+            let codec = self.codec()?;
+            let c = self.inner.conn().await?;
+            let row = query_opt(
+                &c,
+                "SELECT key_id, version, record, record_mac FROM key_versions \
+                 WHERE key_id = $1 AND version = $2",
+                &[&uuid_of(id), &number],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("reading a version", &e))?;
+            row.map(|r| codec.version_row(&r)).transpose()
+        })
         .await
-        .map_err(|e| self.inner.db_error("reading a version", &e))?;
-        row.map(|r| codec.version_row(&r)).transpose()
     }
 
     async fn list_versions(&self, id: KeyId) -> Result<Vec<VersionRecord>, StoreError> {
-        let codec = self.codec()?;
-        let c = self.inner.conn().await?;
-        let rows = query(
-            &c,
-            "SELECT key_id, version, record, record_mac FROM key_versions \
-             WHERE key_id = $1 ORDER BY version",
-            &[&uuid_of(id)],
-        )
+        self.read("listing versions", async {
+            let codec = self.codec()?;
+            let c = self.inner.conn().await?;
+            let rows = query(
+                &c,
+                "SELECT key_id, version, record, record_mac FROM key_versions \
+                 WHERE key_id = $1 ORDER BY version",
+                &[&uuid_of(id)],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("listing versions", &e))?;
+            rows.iter().map(|r| codec.version_row(r)).collect()
+        })
         .await
-        .map_err(|e| self.inner.db_error("listing versions", &e))?;
-        rows.iter().map(|r| codec.version_row(r)).collect()
     }
 
     async fn compare_and_swap_key(
@@ -1362,70 +1480,77 @@ impl KeyStore for PgStore {
         start_after: Option<(KeyId, u32)>,
         limit: usize,
     ) -> Result<Vec<VersionRecord>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let codec = self.codec()?;
-        let c = self.inner.conn().await?;
-        // No stored version is past i32::MAX: "after (id, v)" for a larger
-        // v is "after (id, i32::MAX)".
-        let after_id = start_after.map(|(id, _)| uuid_of(id));
-        let after_version = start_after.map_or(0, |(_, v)| i32::try_from(v).unwrap_or(i32::MAX));
-        let rows = query(
-            &c,
-            "SELECT key_id, version, record, record_mac FROM key_versions \
-             WHERE NOT destroyed AND NOT in_hsm AND hsm_root_key_id <> $1 \
-               AND ($2::uuid IS NULL OR (key_id, version) > ($2, $3)) \
-             ORDER BY key_id, version LIMIT $4",
-            &[
-                &root_col(root_key_id),
-                &after_id,
-                &after_version,
-                &limit_of(limit),
-            ],
-        )
-        .await
-        .map_err(|e| self.inner.db_error("listing versions to re-wrap", &e))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let record = codec.version_row(row)?;
-            if record.destroyed_at.is_some()
-                || record.hsm_object.is_some()
-                || record.hsm_root_key_id == root_key_id
-            {
-                return Err(StoreError::Corrupt(format!(
-                    "the columns of version {} of key {} are not its record's",
-                    record.version, record.key_id
-                )));
+        self.read("listing versions to re-wrap", async {
+            if limit == 0 {
+                return Ok(Vec::new());
             }
-            out.push(record);
-        }
-        Ok(out)
+            let codec = self.codec()?;
+            let c = self.inner.conn().await?;
+            // No stored version is past i32::MAX: "after (id, v)" for a larger
+            // v is "after (id, i32::MAX)".
+            let after_id = start_after.map(|(id, _)| uuid_of(id));
+            let after_version =
+                start_after.map_or(0, |(_, v)| i32::try_from(v).unwrap_or(i32::MAX));
+            let rows = query(
+                &c,
+                "SELECT key_id, version, record, record_mac FROM key_versions \
+                 WHERE NOT destroyed AND NOT in_hsm AND hsm_root_key_id <> $1 \
+                   AND ($2::uuid IS NULL OR (key_id, version) > ($2, $3)) \
+                 ORDER BY key_id, version LIMIT $4",
+                &[
+                    &root_col(root_key_id),
+                    &after_id,
+                    &after_version,
+                    &limit_of(limit),
+                ],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("listing versions to re-wrap", &e))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let record = codec.version_row(row)?;
+                if record.destroyed_at.is_some()
+                    || record.hsm_object.is_some()
+                    || record.hsm_root_key_id == root_key_id
+                {
+                    return Err(StoreError::Corrupt(format!(
+                        "the columns of version {} of key {} are not its record's",
+                        record.version, record.key_id
+                    )));
+                }
+                out.push(record);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn count_versions(&self, root_key_id: u32) -> Result<VersionCounts, StoreError> {
-        let c = self.inner.conn().await?;
-        let row = query_opt(
-            &c,
-            "SELECT count(*) FILTER (WHERE NOT destroyed), \
-                    count(*) FILTER (WHERE NOT destroyed AND NOT in_hsm \
-                                       AND hsm_root_key_id <> $1), \
-                    count(*) FILTER (WHERE destroyed) \
-             FROM key_versions",
-            &[&root_col(root_key_id)],
-        )
-        .await
-        .map_err(|e| self.inner.db_error("counting versions", &e))?
-        .ok_or_else(|| StoreError::Corrupt("counting versions gave no row".into()))?;
-        let count = |i: usize| -> Result<u64, StoreError> {
-            let n: i64 = col(&row, i, "a count")?;
-            Ok(u64::try_from(n).unwrap_or(0))
-        };
-        Ok(VersionCounts {
-            live: count(0)?,
-            not_under_root: count(1)?,
-            destroyed: count(2)?,
+        self.read("counting versions", async {
+            let c = self.inner.conn().await?;
+            let row = query_opt(
+                &c,
+                "SELECT count(*) FILTER (WHERE NOT destroyed), \
+                        count(*) FILTER (WHERE NOT destroyed AND NOT in_hsm \
+                                           AND hsm_root_key_id <> $1), \
+                        count(*) FILTER (WHERE destroyed) \
+                 FROM key_versions",
+                &[&root_col(root_key_id)],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("counting versions", &e))?
+            .ok_or_else(|| StoreError::Corrupt("counting versions gave no row".into()))?;
+            let count = |i: usize| -> Result<u64, StoreError> {
+                let n: i64 = col(&row, i, "a count")?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            };
+            Ok(VersionCounts {
+                live: count(0)?,
+                not_under_root: count(1)?,
+                destroyed: count(2)?,
+            })
         })
+        .await
     }
 
     /// PostgreSQL cannot promise what this method promises of sled's
@@ -1448,15 +1573,18 @@ impl KeyStore for PgStore {
     }
 
     async fn get_secret(&self, name: &str) -> Result<Option<WrappedSecret>, StoreError> {
-        let c = self.inner.conn().await?;
-        let row = query_opt(
-            &c,
-            "SELECT record, hsm_root_key_id FROM service_secrets WHERE name = $1",
-            &[&name],
-        )
+        self.read("reading a service secret", async {
+            let c = self.inner.conn().await?;
+            let row = query_opt(
+                &c,
+                "SELECT record, hsm_root_key_id FROM service_secrets WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("reading a service secret", &e))?;
+            row.map(|r| secret_row(name, &r, 0)).transpose()
+        })
         .await
-        .map_err(|e| self.inner.db_error("reading a service secret", &e))?;
-        row.map(|r| secret_row(name, &r, 0)).transpose()
     }
 
     async fn put_secret(&self, name: &str, secret: &WrappedSecret) -> Result<(), StoreError> {
@@ -1522,21 +1650,24 @@ impl KeyStore for PgStore {
     }
 
     async fn list_secrets(&self) -> Result<Vec<(String, WrappedSecret)>, StoreError> {
-        let c = self.inner.conn().await?;
-        let rows = query(
-            &c,
-            "SELECT name, record, hsm_root_key_id FROM service_secrets ORDER BY name",
-            &[],
-        )
+        self.read("listing service secrets", async {
+            let c = self.inner.conn().await?;
+            let rows = query(
+                &c,
+                "SELECT name, record, hsm_root_key_id FROM service_secrets ORDER BY name",
+                &[],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("listing service secrets", &e))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let name: String = col(row, 0, "a service secret's name")?;
+                let secret = secret_row(&name, row, 1)?;
+                out.push((name, secret));
+            }
+            Ok(out)
+        })
         .await
-        .map_err(|e| self.inner.db_error("listing service secrets", &e))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let name: String = col(row, 0, "a service secret's name")?;
-            let secret = secret_row(&name, row, 1)?;
-            out.push((name, secret));
-        }
-        Ok(out)
     }
 
     async fn create_approval(
@@ -1555,34 +1686,40 @@ impl KeyStore for PgStore {
     }
 
     async fn get_approval(&self, id: Uuid) -> Result<Option<Approval>, StoreError> {
-        let codec = self.codec()?;
-        let c = self.inner.conn().await?;
-        let row = query_opt(
-            &c,
-            "SELECT id, record, record_mac FROM approvals WHERE id = $1",
-            &[&id],
-        )
+        self.read("reading an approval", async {
+            let codec = self.codec()?;
+            let c = self.inner.conn().await?;
+            let row = query_opt(
+                &c,
+                "SELECT id, record, record_mac FROM approvals WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("reading an approval", &e))?;
+            row.map(|r| codec.approval_row(&r)).transpose()
+        })
         .await
-        .map_err(|e| self.inner.db_error("reading an approval", &e))?;
-        row.map(|r| codec.approval_row(&r)).transpose()
     }
 
     async fn list_approvals(&self) -> Result<Vec<Approval>, StoreError> {
-        let codec = self.codec()?;
-        let c = self.inner.conn().await?;
-        let rows = query(&c, "SELECT id, record, record_mac FROM approvals", &[])
-            .await
-            .map_err(|e| self.inner.db_error("listing approvals", &e))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match codec.approval_row(row) {
-                Ok(a) => out.push(a),
-                Err(StoreError::IntegrityFailure(_)) => {}
-                Err(e) => return Err(e),
+        self.read("listing approvals", async {
+            let codec = self.codec()?;
+            let c = self.inner.conn().await?;
+            let rows = query(&c, "SELECT id, record, record_mac FROM approvals", &[])
+                .await
+                .map_err(|e| self.inner.db_error("listing approvals", &e))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                match codec.approval_row(row) {
+                    Ok(a) => out.push(a),
+                    Err(StoreError::IntegrityFailure(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        out.sort_by_key(|a| (a.created_at, a.id));
-        Ok(out)
+            out.sort_by_key(|a| (a.created_at, a.id));
+            Ok(out)
+        })
+        .await
     }
 
     async fn swap_approval(&self, current: &Approval, new: &Approval) -> Result<(), StoreError> {
@@ -1626,33 +1763,36 @@ impl KeyStore for PgStore {
     }
 
     async fn changes_since(&self, after: u64, limit: usize) -> Result<ChangePage, StoreError> {
-        let c = self.inner.conn().await?;
-        let after = i64::try_from(after).unwrap_or(i64::MAX);
-        // One statement, one snapshot: the head and the page agree.
-        let rows = query(
-            &c,
-            "SELECT c.key_generation, k.id, k.generation FROM coffre_cluster c \
-             LEFT JOIN LATERAL (SELECT id, generation FROM keys WHERE generation > $1 \
-                                ORDER BY generation LIMIT $2) k ON true \
-             ORDER BY k.generation",
-            &[&after, &limit_of(limit)],
-        )
-        .await
-        .map_err(|e| self.inner.db_error("reading the change feed", &e))?;
-        let mut page = ChangePage::default();
-        for row in &rows {
-            let head: i64 = col(row, 0, "the feed's generation")?;
-            page.head = u64::try_from(head).unwrap_or(0);
-            let id: Option<Uuid> = col(row, 1, "a key id in the change feed")?;
-            let generation: Option<i64> = col(row, 2, "a generation in the change feed")?;
-            if let (Some(id), Some(generation)) = (id, generation) {
-                page.changes.push(KeyChange {
-                    generation: u64::try_from(generation).unwrap_or(0),
-                    key_id: key_id_of(id),
-                });
+        self.read("reading the change feed", async {
+            let c = self.inner.conn().await?;
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            // One statement, one snapshot: the head and the page agree.
+            let rows = query(
+                &c,
+                "SELECT c.key_generation, k.id, k.generation FROM coffre_cluster c \
+                 LEFT JOIN LATERAL (SELECT id, generation FROM keys WHERE generation > $1 \
+                                    ORDER BY generation LIMIT $2) k ON true \
+                 ORDER BY k.generation",
+                &[&after, &limit_of(limit)],
+            )
+            .await
+            .map_err(|e| self.inner.db_error("reading the change feed", &e))?;
+            let mut page = ChangePage::default();
+            for row in &rows {
+                let head: i64 = col(row, 0, "the feed's generation")?;
+                page.head = u64::try_from(head).unwrap_or(0);
+                let id: Option<Uuid> = col(row, 1, "a key id in the change feed")?;
+                let generation: Option<i64> = col(row, 2, "a generation in the change feed")?;
+                if let (Some(id), Some(generation)) = (id, generation) {
+                    page.changes.push(KeyChange {
+                        generation: u64::try_from(generation).unwrap_or(0),
+                        key_id: key_id_of(id),
+                    });
+                }
             }
-        }
-        Ok(page)
+            Ok(page)
+        })
+        .await
     }
 
     async fn install_integrity(
