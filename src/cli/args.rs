@@ -161,7 +161,8 @@ pub struct DevArgs {
     pub quorum: u32,
     /// Create N more keys (as the dev operator, audited) before printing
     /// the banner (the server already answers meanwhile): to benchmark a
-    /// large store. Each start with this flag adds N more.
+    /// large store. Each start with this flag adds N more. With --nodes,
+    /// node n1 loads them into PostgreSQL before any node serves.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preload_keys: u64,
     /// For this start only: the audit log is behind the high-water mark in
@@ -210,6 +211,12 @@ pub struct ServeArgs {
     /// twice.
     #[arg(long)]
     pub accept_audit_log_loss: bool,
+    /// Benchmarks (`coffre dev --nodes N --preload-keys M` runs it): create
+    /// N keys through the core as the dev operator, audited in this node's
+    /// log, then stop instead of serving on. A bulk load of a shared store
+    /// the way `coffre dev --preload-keys` loads sled.
+    #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+    pub preload_keys: Option<u64>,
 }
 
 /// `--endpoint`'s default.

@@ -9,6 +9,12 @@
 //! start on a fixed schedule (open loop); a request that could not start on
 //! time because the previous one was still waiting has its latency counted
 //! from when it was due, so a stalled server cannot hide its queue.
+//!
+//! The write operations (`create-key`, `rotate-key`, `disable-key`) go as
+//! the operator and measure what an operator's change costs: a durable
+//! store write (on PostgreSQL, a committed transaction) and, for creation
+//! and rotation, an HSM call. They are never sent twice: a retried write
+//! could make a second key or a second version.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +27,9 @@ use tonic_health::pb::health_client::HealthClient;
 
 use super::ConnectArgs;
 use super::client::{connect, rpc_error};
-use crate::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
+use crate::grpc::pb::{
+    self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient,
+};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -97,6 +105,16 @@ pub enum BenchOp {
     BatchGenerate,
     /// BatchDecrypt of --batch-size blobs.
     BatchDecrypt,
+    /// CreateKey (software, no alias, label created-by=coffre-bench), as the
+    /// operator: the keys stay.
+    CreateKey,
+    /// RotateKey of the bench keys (each worker its own key where there are
+    /// enough), as the operator: every request adds a version.
+    RotateKey,
+    /// DisableKey, as the operator: each worker disables a key of its own
+    /// (--keys at least --concurrency), then enables it again untimed;
+    /// ops/s counts the disables.
+    DisableKey,
 }
 
 impl BenchOp {
@@ -109,7 +127,23 @@ impl BenchOp {
             BenchOp::Reencrypt => "reencrypt",
             BenchOp::BatchGenerate => "batch-generate",
             BenchOp::BatchDecrypt => "batch-decrypt",
+            BenchOp::CreateKey => "create-key",
+            BenchOp::RotateKey => "rotate-key",
+            BenchOp::DisableKey => "disable-key",
         }
+    }
+
+    /// A key change, sent as the operator and never retried.
+    fn is_write(self) -> bool {
+        matches!(
+            self,
+            BenchOp::CreateKey | BenchOp::RotateKey | BenchOp::DisableKey
+        )
+    }
+
+    /// Whether it works on the bench keys (created, named or listed).
+    fn needs_keys(self) -> bool {
+        !matches!(self, BenchOp::Null | BenchOp::CreateKey)
     }
 
     fn needs_blobs(self) -> bool {
@@ -149,6 +183,8 @@ struct Workload {
     keys: Vec<String>,
     blobs: Vec<Vec<u8>>,
     batch_size: u32,
+    /// Keys made by `create-key` (warm-up included), for the note at the end.
+    created: std::sync::atomic::AtomicU64,
 }
 
 /// The measurement of one operation.
@@ -187,7 +223,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for _ in 0..args.connections {
         channels.push(connect(&args.connect, "service").await?);
     }
-    let needs_keys = args.ops.iter().any(|op| *op != BenchOp::Null);
+    // The write operations go as the operator, on connections of their own.
+    let mut operator_channels = Vec::new();
+    if args.ops.iter().any(|op| op.is_write()) {
+        for _ in 0..args.connections {
+            operator_channels.push(operator_channel(&args).await?);
+        }
+    }
+    let needs_keys = args.ops.iter().any(|op| op.needs_keys());
     let audit = AuditWatch::start(&args).await;
     let workload = Arc::new(if needs_keys {
         prepare(&args, channels.first().cloned()).await?
@@ -196,8 +239,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             keys: Vec::new(),
             blobs: Vec::new(),
             batch_size: args.batch_size,
+            created: 0.into(),
         }
     });
+    if args.ops.contains(&BenchOp::DisableKey)
+        && workload.keys.len() < usize::from(args.concurrency)
+    {
+        bail!(
+            "disable-key toggles one key per request in flight, so that every DisableKey is a \
+             change: give --keys (or --existing-keys) at least --concurrency ({}), not {}",
+            args.concurrency,
+            workload.keys.len()
+        );
+    }
     // Each operation once per round, in the order given; on a noisy
     // machine, the medians over rounds (and the ratios to `null` taken
     // within each round) are what to quote.
@@ -210,7 +264,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut summaries: Vec<Summary> = Vec::new();
     for round in 1..=args.rounds {
         for (i, op) in ops.iter().enumerate() {
-            let measured = measure(*op, &args, &channels, &workload).await?;
+            let measured = measure(*op, &args, &channels, &operator_channels, &workload).await?;
             if args.rounds > 1 {
                 eprintln!(
                     "round {round}/{}: {:<15} {:>10.0} ops/s",
@@ -266,6 +320,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     audit.finish(&args).await;
+    let made = workload.created.load(std::sync::atomic::Ordering::Relaxed);
+    if made > 0 {
+        eprintln!(
+            "keys: create-key made {made} keys (warm-up included; no alias, label \
+             created-by=coffre-bench); they stay: --cleanup does not remove them, \
+             `coffre key list` finds them"
+        );
+    }
     if args.key.is_none() && args.existing_keys.is_none() && !workload.keys.is_empty() {
         created_keys_note(&args, &workload.keys).await?;
     }
@@ -301,7 +363,6 @@ async fn created_keys_note(args: &BenchArgs, keys: &[String]) -> anyhow::Result<
         );
         return Ok(());
     }
-    use crate::grpc::pb::key_service_client::KeyServiceClient;
     let mut client = KeyServiceClient::new(operator_channel(args).await?);
     let (mut scheduled, mut pending) = (0usize, 0usize);
     for key in keys {
@@ -564,6 +625,7 @@ async fn prepare(args: &BenchArgs, service: Option<Channel>) -> anyhow::Result<W
         keys,
         blobs,
         batch_size: args.batch_size,
+        created: 0.into(),
     })
 }
 
@@ -580,7 +642,6 @@ async fn operator_channel(args: &BenchArgs) -> anyhow::Result<Channel> {
 
 /// The first `n` enabled keys in the server's listing order.
 async fn list_keys(args: &BenchArgs, n: usize) -> anyhow::Result<Vec<String>> {
-    use crate::grpc::pb::key_service_client::KeyServiceClient;
     let mut client = KeyServiceClient::new(operator_channel(args).await?);
     let mut keys = Vec::with_capacity(n);
     let mut page_token = String::new();
@@ -609,7 +670,6 @@ async fn list_keys(args: &BenchArgs, n: usize) -> anyhow::Result<Vec<String>> {
 }
 
 async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
-    use crate::grpc::pb::key_service_client::KeyServiceClient;
     let channel = operator_channel(args).await?;
     let total = args.keys as usize;
     let mut keys = Vec::with_capacity(total);
@@ -664,6 +724,7 @@ async fn measure(
     op: BenchOp,
     args: &BenchArgs,
     channels: &[Channel],
+    operator_channels: &[Channel],
     workload: &Arc<Workload>,
 ) -> anyhow::Result<Measured> {
     if op.needs_blobs() && workload.blobs.is_empty() {
@@ -681,8 +742,13 @@ async fn measure(
     });
     let mut workers = tokio::task::JoinSet::new();
     for i in 0..concurrency {
-        let channel = channels
-            .get(i % channels.len())
+        let pool = if op.is_write() {
+            operator_channels
+        } else {
+            channels
+        };
+        let channel = pool
+            .get(i % pool.len().max(1))
             .cloned()
             .context("no connection")?;
         let workload = Arc::clone(workload);
@@ -754,8 +820,13 @@ async fn worker(
     end: Instant,
     schedule: Option<(Instant, Duration)>,
 ) -> anyhow::Result<Measured> {
-    let mut health = HealthClient::new(channel.clone());
-    let mut data = DataKeyServiceClient::new(channel);
+    let mut clients = RpcClients {
+        health: HealthClient::new(channel.clone()),
+        data: DataKeyServiceClient::new(channel.clone()),
+        keys: KeyServiceClient::new(channel),
+        // Worker i's own key for rotate-key and disable-key.
+        own_key: usize::try_from(seed).unwrap_or_default(),
+    };
     let mut pick = Pick(0x9E37_79B9_7F4A_7C15 ^ (seed.wrapping_add(1) << 17));
     let mut out = Measured {
         op,
@@ -789,17 +860,21 @@ async fn worker(
         if started >= end {
             break;
         }
-        let mut result = call(op, &mut health, &mut data, &workload, &mut pick).await;
+        let mut result = call(op, &mut clients, &workload, &mut pick).await;
         let mut retried = 0;
-        while retried < MAX_RETRIES && matches!(&result, Err(e) if e.retryable) {
+        while !op.is_write() && retried < MAX_RETRIES && matches!(&result, Err(e) if e.retryable) {
             retried += 1;
-            result = call(op, &mut health, &mut data, &workload, &mut pick).await;
+            result = call(op, &mut clients, &workload, &mut pick).await;
+        }
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // Untimed: what puts the key back for the next request.
+        if result.is_ok() {
+            result = restore(op, &mut clients, &workload).await;
         }
         if started < measure_from {
             continue;
         }
         out.retries += retried;
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         out.latency_us.saturating_record(micros.max(1));
         out.requests += 1;
         if let Err(e) = result {
@@ -839,17 +914,83 @@ impl From<tonic::Status> for CallError {
     }
 }
 
+/// A worker's clients, all on one connection (as the service, or as the
+/// operator for the write operations).
+struct RpcClients {
+    health: HealthClient<Channel>,
+    data: DataKeyServiceClient<Channel>,
+    keys: KeyServiceClient<Channel>,
+    own_key: usize,
+}
+
+/// The key worker `own` changes: its own where there are enough keys.
+fn own_key(w: &Workload, own: usize) -> String {
+    w.keys
+        .get(own % w.keys.len().max(1))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// After a timed request of `op` that succeeded, untimed: disable-key
+/// enables its key again.
+async fn restore(op: BenchOp, c: &mut RpcClients, w: &Workload) -> Result<(), CallError> {
+    if op != BenchOp::DisableKey {
+        return Ok(());
+    }
+    c.keys
+        .enable_key(pb::EnableKeyRequest {
+            key_id: own_key(w, c.own_key),
+        })
+        .await
+        .map_err(CallError::from)
+        .and_then(|r| match r.into_inner().pending_approval_id.as_str() {
+            "" => Ok(()),
+            id => Err(CallError {
+                message: format!("EnableKey awaits approvals ({id}): run the bench without quorum"),
+                retryable: false,
+            }),
+        })
+}
+
 /// One request of `op`.
 async fn call(
     op: BenchOp,
-    health: &mut HealthClient<Channel>,
-    data: &mut DataKeyServiceClient<Channel>,
+    c: &mut RpcClients,
     w: &Workload,
     pick: &mut Pick,
 ) -> Result<(), CallError> {
     let reason = REASON as i32;
     let rpc = CallError::from;
+    let own = c.own_key;
+    let RpcClients {
+        health, data, keys, ..
+    } = c;
     match op {
+        BenchOp::CreateKey => {
+            keys.create_key(pb::CreateKeyRequest {
+                description: format!("created by coffre bench (run {}, create-key)", run_id()),
+                labels: [("created-by".to_string(), "coffre-bench".to_string())].into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc)?;
+            w.created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        BenchOp::RotateKey => keys
+            .rotate_key(pb::RotateKeyRequest {
+                key_id: own_key(w, own),
+            })
+            .await
+            .map(drop)
+            .map_err(rpc),
+        BenchOp::DisableKey => keys
+            .disable_key(pb::DisableKeyRequest {
+                key_id: own_key(w, own),
+            })
+            .await
+            .map(drop)
+            .map_err(rpc),
         BenchOp::Null => health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: String::new(),

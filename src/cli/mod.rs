@@ -68,7 +68,7 @@ pub fn main() -> ExitCode {
                 let once = crate::server::production::StartOnce {
                     accept_audit_log_loss: args.accept_audit_log_loss,
                 };
-                run_serve(&args.config, args.allow_root, once).await
+                run_serve(&args.config, args.allow_root, once, args.preload_keys).await
             }
             Command::Key(cmd) => key::run(cmd).await,
             Command::Datakey(cmd) => datakey::generate(cmd).await,

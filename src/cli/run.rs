@@ -87,10 +87,9 @@ pub async fn run_dev(
 /// `coffre dev --nodes N`: see [`crate::server::dev_cluster`].
 pub async fn run_dev_cluster(opts: dev::DevOptions, nodes: u32) -> anyhow::Result<()> {
     crate::hardening::disable_core_dumps()?;
-    if opts.preload_keys > 0 || opts.accept_audit_log_loss || opts.crl.is_some() {
+    if opts.accept_audit_log_loss || opts.crl.is_some() {
         anyhow::bail!(
-            "--nodes does not take --preload-keys, --accept-audit-log-loss or --crl (use them \
-             with a single node)"
+            "--nodes does not take --accept-audit-log-loss or --crl (use them with a single node)"
         );
     }
     let cluster = crate::server::dev_cluster::start(&opts, nodes).await?;
@@ -129,11 +128,19 @@ pub async fn run_serve(
     config_path: &Path,
     allow_root: bool,
     once: crate::server::production::StartOnce,
+    preload_keys: Option<u64>,
 ) -> anyhow::Result<()> {
     crate::hardening::disable_core_dumps()?;
     let config = Config::load(config_path)?;
     crate::hardening::refuse_root(allow_root || config.allow_root)?;
     let server = crate::server::production::start_with(&config, once).await?;
+    if let Some(count) = preload_keys {
+        // A bulk load, then out: the caller (coffre dev --nodes) starts the
+        // nodes once the keys are in.
+        let loaded = dev::preload_keys(&server, count).await;
+        server.stop().await?;
+        return loaded;
+    }
     tracing::info!(addr = %server.addr, "coffre serving");
     println!("coffre listening on {}", server.addr);
     server.run_until(termination()).await

@@ -9,7 +9,8 @@
 //!
 //! A node that exits (killed, say, to watch the others carry on) is
 //! reported and not restarted; the others serve on. Restarting `coffre dev
-//! --nodes N` on the same directory keeps every key.
+//! --nodes N` on the same directory keeps every key. With
+//! `--preload-keys M`, node n1 first loads M keys alone (see [`preload`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -217,9 +218,12 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
         configs.push((node_id, node_dir, config_path, *addr, metrics));
     }
 
-    // The schema, then the nodes.
+    // The schema, the preloaded keys, then the nodes.
     migrate(&configs).await?;
     let binary = coffre_binary()?;
+    if opts.preload_keys > 0 {
+        preload(&binary, &configs, opts.preload_keys).await?;
+    }
     let mut children = Vec::new();
     let mut entries = Vec::new();
     for (node_id, node_dir, config_path, addr, metrics) in &configs {
@@ -416,6 +420,55 @@ async fn migrate(
     let connector = crate::store::postgres::PgConnector::from_config(store, cluster)?;
     let mut client = connector.connect().await?;
     crate::store::postgres::migrate(&mut client, &connector).await?;
+    Ok(())
+}
+
+/// `--preload-keys`: the first node alone, `coffre serve --preload-keys
+/// N`, creates the keys through its core as `coffre dev --preload-keys`
+/// does on sled (batches of [`super::dev::PRELOAD_CHUNK`] keys per store
+/// transaction, one audit record per key in that node's log), then exits;
+/// its progress shows on standard error. Running it before the nodes
+/// start keeps the bulk load off their change feeds.
+async fn preload(
+    binary: &Path,
+    configs: &[(String, PathBuf, PathBuf, SocketAddr, SocketAddr)],
+    count: u64,
+) -> anyhow::Result<()> {
+    let (node_id, node_dir, config_path, _, _) = configs.first().context("no node")?;
+    let log_path = node_dir.join("coffre.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = Command::new(binary);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config_path)
+        .arg("--preload-keys")
+        .arg(count.to_string());
+    if crate::hardening::running_as_root() {
+        cmd.arg("--allow-root");
+    }
+    // Progress lines on this terminal; the server's own log to its file.
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+    )
+    .stdin(std::process::Stdio::null())
+    .stdout(log)
+    .kill_on_drop(true);
+    eprintln!("preloading {count} keys through node {node_id}…");
+    let status = cmd
+        .status()
+        .await
+        .with_context(|| format!("starting node {node_id} to preload keys"))?;
+    if !status.success() {
+        bail!(
+            "preloading keys through node {node_id} failed ({status}); see {}",
+            log_path.display()
+        );
+    }
     Ok(())
 }
 

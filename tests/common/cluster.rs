@@ -32,6 +32,10 @@ pub struct ClusterOptions {
     pub poll_interval_ms: i64,
     /// `fsync = on` in PostgreSQL (durability tests).
     pub fsync: bool,
+    /// `[cluster] notify` (default true): false leaves the nodes to learn
+    /// of changes by their polls alone, as behind a pooler that drops
+    /// LISTEN.
+    pub notify: bool,
 }
 
 impl Default for ClusterOptions {
@@ -42,6 +46,7 @@ impl Default for ClusterOptions {
             max_staleness_ms: 1_000,
             poll_interval_ms: 200,
             fsync: false,
+            notify: true,
         }
     }
 }
@@ -126,6 +131,11 @@ impl TestCluster {
                 ],
             })
             .unwrap();
+            let text = if options.notify {
+                text
+            } else {
+                with_notify_off(&text)
+            };
             let config = node_dir.join("coffre.toml");
             std::fs::write(&config, text).unwrap();
             nodes.push(TestNode {
@@ -232,6 +242,18 @@ impl TestCluster {
     pub async fn channel(&self, i: usize, identity: &str) -> Channel {
         super::channel_as(&self.nodes[i].endpoint, &self.pki(), identity).await
     }
+}
+
+/// `text` (a node's configuration) with `[cluster] notify = false`:
+/// `node_config` takes integer settings only, and this one is a boolean.
+fn with_notify_off(text: &str) -> String {
+    let mut root: toml::Table = text.parse().unwrap();
+    let cluster = root
+        .get_mut("cluster")
+        .and_then(toml::Value::as_table_mut)
+        .expect("a node's configuration has a [cluster] table");
+    cluster.insert("notify".into(), toml::Value::Boolean(false));
+    toml::to_string(&root).unwrap()
 }
 
 /// The status line of `GET path`, if the server answers.
