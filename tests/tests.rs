@@ -90,6 +90,12 @@ mod cluster_nodes;
 // Environment-sensitive: needs PostgreSQL 15+, ignored (not run) without
 // it unless COFFRE_REQUIRE_POSTGRES=1.
 mod postgres_cluster;
+// Issue #17, PostgreSQL failover with `coffre serve` processes and a
+// standby: a promoted synchronous standby holds every acknowledged write
+// (the failover time printed), the asynchronous negative control loses the
+// writes after a replication cut, and a returning old primary is fenced
+// off by its timeline. Needs PostgreSQL 15+.
+mod postgres_failover;
 mod postgres_roles;
 // Issue #17, `coffre serve` on the PostgreSQL store: two nodes, one
 // database, one hsm-sim; a database without the schema refused.

@@ -278,8 +278,16 @@ impl ServerBuilder {
         };
         let metrics_server = match metrics_listener {
             Some(listener) => Some(
-                tasks::start_metrics(listener, &kms, &audit, &metrics, &client_auth, &integrity)
-                    .await?,
+                tasks::start_metrics(
+                    listener,
+                    &kms,
+                    &audit,
+                    &metrics,
+                    &client_auth,
+                    &integrity,
+                    &coordination,
+                )
+                .await?,
             ),
             None => None,
         };

@@ -255,6 +255,7 @@ pub(super) async fn start_metrics(
     metrics: &Arc<crate::metrics::Metrics>,
     client_auth: &Arc<grpc::ClientAuth>,
     integrity: &Arc<crate::store::integrity::RecordMac>,
+    coordination: &Arc<dyn Coordination>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let addr = listener.local_addr().context("metrics address")?;
     let ready: crate::metrics::http::Ready = {
@@ -264,6 +265,7 @@ pub(super) async fn start_metrics(
     let (kms, trail, metrics) = (Arc::clone(kms), Arc::clone(trail), Arc::clone(metrics));
     let client_auth = Arc::clone(client_auth);
     let integrity = Arc::clone(integrity);
+    let coordination = Arc::clone(coordination);
     let render: crate::metrics::http::Render = Arc::new(move || {
         use crate::metrics::render_value;
         let mut out = String::with_capacity(16 * 1024);
@@ -299,6 +301,7 @@ pub(super) async fn start_metrics(
             "Stored records (keys, versions, approvals) refused because they failed their MAC.",
             &[("", integrity.failures() as f64)],
         );
+        coordination.render_metrics(&mut out);
         out
     });
     tracing::info!(
