@@ -232,7 +232,11 @@ mod tests {
                 highest: at(7, 2)
             }
         );
-        assert!(err.to_string().contains("timeline 1, lower than timeline 2"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("timeline 1, lower than timeline 2"),
+            "{err}"
+        );
         let err = fence.admit(at(8, 3)).unwrap_err();
         assert!(matches!(err, Refusal::OtherSystem { .. }), "{err:?}");
         assert!(err.to_string().contains("system 8"), "{err}");
