@@ -118,11 +118,7 @@ pub(super) async fn start_following(
     let kms = Arc::clone(kms);
     let poll_interval = cluster.poll_interval;
     Ok(tokio::spawn(async move {
-        // The heartbeat is a write: a slow commit (a WAL flush behind a
-        // checkpoint on a just-promoted primary, a synchronous standby
-        // that lags) must not hold up the polls that keep this node
-        // fresh, so it runs on a task of its own, stopped with this one.
-        let _heartbeat = AbortOnDrop(tokio::spawn(heartbeat(Arc::clone(&coordination))));
+        let mut last_heartbeat = std::time::Instant::now();
         let mut failing = false;
         loop {
             coordination.wait_for_changes(poll_interval).await;
@@ -141,30 +137,14 @@ pub(super) async fn start_following(
                     failing = true;
                 }
             }
+            if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                last_heartbeat = std::time::Instant::now();
+                if let Err(e) = coordination.heartbeat().await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
         }
     }))
-}
-
-/// Tells the registry this node is alive, every [`HEARTBEAT_EVERY`].
-async fn heartbeat(coordination: Arc<dyn Coordination>) {
-    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // immediate: the node registered before following
-    loop {
-        tick.tick().await;
-        if let Err(e) = coordination.heartbeat().await {
-            tracing::warn!(error = %e, "heartbeat failed");
-        }
-    }
-}
-
-/// Aborts the task when dropped (with the task that holds it).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// A node's share of the cluster audit (`crate::cluster::audit`): the

@@ -470,8 +470,12 @@ impl PgConnector {
     /// another system ([`super::fence`]), as [`PgError::Unreachable`]: no
     /// usable server there. The alarm is logged by [`admit`].
     async fn check_lineage(&self, client: &Client) -> Result<(), PgError> {
-        let lineage = TimelineFence::lineage(client)
+        let lineage = tokio::time::timeout(CONNECT_TIMEOUT, TimelineFence::lineage(client))
             .await
+            .map_err(|_| PgError::Unreachable {
+                target: self.target.clone(),
+                detail: FENCE_CHECK_TIMED_OUT.to_string(),
+            })?
             .map_err(|e| self.error(&e))?;
         admit(&self.fence, &self.target, lineage).map_err(|detail| PgError::Unreachable {
             target: self.target.clone(),
@@ -572,8 +576,11 @@ impl PgConnector {
             let fence = Arc::clone(&fence);
             let target = target.clone();
             Box::pin(async move {
-                let lineage = TimelineFence::lineage(client)
+                let lineage = tokio::time::timeout(CONNECT_TIMEOUT, TimelineFence::lineage(client))
                     .await
+                    .map_err(|_| {
+                        deadpool_postgres::HookError::Message(FENCE_CHECK_TIMED_OUT.into())
+                    })?
                     .map_err(deadpool_postgres::HookError::Backend)?;
                 admit(&fence, &target, lineage)
                     .map_err(|d| deadpool_postgres::HookError::Message(d.into()))
@@ -704,6 +711,12 @@ fn admit(
         refusal.to_string()
     })
 }
+
+/// A new connection that does not answer the timeline check in
+/// [`CONNECT_TIMEOUT`] is given up, as one that does not connect is: the
+/// check must not leave a caller (a poll, a readiness probe) waiting on a
+/// server cut off just after the handshake.
+const FENCE_CHECK_TIMED_OUT: &str = "the server did not answer the timeline check in time";
 
 /// How often a fenced server's refusals are logged at most.
 const FENCE_LOG_EVERY: Duration = Duration::from_secs(10);
