@@ -99,6 +99,13 @@ mod postgres_cluster;
 // state, an approval, data keys wrapped before the copy served after it;
 // a store in use and a database not empty refused with nothing changed.
 mod postgres_copy;
+
+// Issue #17, PostgreSQL failover with `coffre serve` processes and a
+// standby: a promoted synchronous standby holds every acknowledged write
+// (the failover time printed), the asynchronous negative control loses the
+// writes after a replication cut, and a returning old primary is fenced
+// off by its timeline. Needs PostgreSQL 15+.
+mod postgres_failover;
 mod postgres_roles;
 // Issue #17, `coffre serve` on the PostgreSQL store: two nodes, one
 // database, one hsm-sim; a database without the schema refused.

@@ -151,4 +151,8 @@ pub trait Coordination: Send + Sync + fmt::Debug {
         after_n: u64,
         limit: usize,
     ) -> Result<Vec<Digest>, CoordinationError>;
+
+    /// Appends what the backend knows about the shared store's health to
+    /// the metrics page (Prometheus text). Alone on a store: nothing.
+    fn render_metrics(&self, _out: &mut String) {}
 }

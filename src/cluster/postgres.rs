@@ -373,6 +373,29 @@ impl Coordination for PgCoordination {
         Ok(!rows.is_empty())
     }
 
+    fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::render_value;
+        let fence = self.connector.fence();
+        render_value(
+            out,
+            "coffre_cluster_fenced_total",
+            "counter",
+            "PostgreSQL connections refused by the timeline fence (an old primary back after a \
+             failover, or another system); alert on any.",
+            &[("", fence.refused() as f64)],
+        );
+        if let Some(highest) = fence.highest() {
+            render_value(
+                out,
+                "coffre_cluster_timeline",
+                "gauge",
+                "The highest PostgreSQL timeline this process has seen; servers on a lower one \
+                 are refused.",
+                &[("", highest.timeline as f64)],
+            );
+        }
+    }
+
     async fn digests_since(
         &self,
         after_n: u64,

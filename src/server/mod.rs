@@ -293,6 +293,7 @@ impl ServerBuilder {
                     &client_auth,
                     &integrity,
                     self.cluster.as_ref().and_then(|c| c.metrics.clone()),
+                    &coordination,
                 )
                 .await?,
             ),

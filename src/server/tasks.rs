@@ -279,6 +279,7 @@ pub(super) async fn start_metrics(
     client_auth: &Arc<grpc::ClientAuth>,
     integrity: &Arc<crate::store::integrity::RecordMac>,
     cluster: Option<Arc<crate::metrics::cluster::ClusterMetrics>>,
+    coordination: &Arc<dyn Coordination>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let addr = listener.local_addr().context("metrics address")?;
     let ready: crate::metrics::http::Ready = {
@@ -288,6 +289,7 @@ pub(super) async fn start_metrics(
     let (kms, trail, metrics) = (Arc::clone(kms), Arc::clone(trail), Arc::clone(metrics));
     let client_auth = Arc::clone(client_auth);
     let integrity = Arc::clone(integrity);
+    let coordination = Arc::clone(coordination);
     let render: crate::metrics::http::Render = Arc::new(move || {
         use crate::metrics::render_value;
         let mut out = String::with_capacity(16 * 1024);
@@ -326,6 +328,7 @@ pub(super) async fn start_metrics(
         if let Some(cluster) = &cluster {
             cluster.render(&mut out);
         }
+        coordination.render_metrics(&mut out);
         out
     });
     tracing::info!(

@@ -36,6 +36,21 @@ pub struct ClusterOptions {
     /// of changes by their polls alone, as behind a pooler that drops
     /// LISTEN.
     pub notify: bool,
+    /// A streaming standby of `pg` (the failover tests): see
+    /// [`StandbyOptions`].
+    pub standby: Option<StandbyOptions>,
+}
+
+/// A standby `s1` of the primary, which reaches it through a
+/// [`TcpProxy`] the test can cut ([`TestCluster::replication`]); every
+/// node's URL then names both servers, the primary first
+/// (`host=127.0.0.1,127.0.0.1 port=P1,P2`, so coffre asks for
+/// `target_session_attrs=read-write`).
+#[derive(Debug, Clone, Copy)]
+pub struct StandbyOptions {
+    /// Commits wait for the standby (`synchronous_standby_names = 'ANY 1
+    /// (s1)'`); else asynchronous replication.
+    pub synchronous: bool,
 }
 
 impl Default for ClusterOptions {
@@ -47,6 +62,7 @@ impl Default for ClusterOptions {
             poll_interval_ms: 200,
             fsync: false,
             notify: true,
+            standby: None,
         }
     }
 }
@@ -67,6 +83,10 @@ pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     pub pg: PgCluster,
     pub db: String,
+    /// The standby of [`ClusterOptions::standby`].
+    pub standby: Option<PgCluster>,
+    /// The standby's replication connection to `pg` goes through this.
+    pub replication: Option<TcpProxy>,
     _hsm: Guard,
     // Last: removed after every process is gone.
     pub dir: tempfile::TempDir,
@@ -87,6 +107,13 @@ impl TestCluster {
             PgCluster::primary()
         };
         let db = pg.create_database();
+        let (standby, replication) = match options.standby {
+            Some(o) => {
+                let (standby, proxy) = start_standby(&pg, o).await;
+                (Some(standby), Some(proxy))
+            }
+            None => (None, None),
+        };
         let principals = dev_principals(1);
         let attributes = resolve_attributes(1, &[]).unwrap();
         let mut nodes = Vec::new();
@@ -99,11 +126,17 @@ impl TestCluster {
             } else {
                 None
             };
-            let url = match &proxy {
-                Some(p) => pg
+            let url = match (&proxy, &standby) {
+                (_, Some(s)) => format!(
+                    "host=127.0.0.1,127.0.0.1 port={},{} user={} dbname={db} sslmode=disable",
+                    pg.port(),
+                    s.port(),
+                    super::pg::SUPERUSER
+                ),
+                (Some(p), None) => pg
                     .url(&db)
                     .replace(&format!(":{}/", pg.port()), &format!(":{}/", p.addr.port())),
-                None => pg.url(&db),
+                (None, None) => pg.url(&db),
             };
             let url_file = node_dir.join("postgres-url");
             std::fs::write(&url_file, &url).unwrap();
@@ -162,6 +195,8 @@ impl TestCluster {
             nodes,
             pg,
             db,
+            standby,
+            replication,
             _hsm: hsm,
             dir,
         };
@@ -254,6 +289,44 @@ fn with_notify_off(text: &str) -> String {
         .expect("a node's configuration has a [cluster] table");
     cluster.insert("notify".into(), toml::Value::Boolean(false));
     toml::to_string(&root).unwrap()
+}
+
+/// The standby `s1` of `pg`, its replication connection moved onto a
+/// proxy (`primary_conninfo` is reloadable), synchronous if asked; waits
+/// until it streams through the proxy.
+async fn start_standby(pg: &PgCluster, options: StandbyOptions) -> (PgCluster, TcpProxy) {
+    let standby = pg.standby("s1");
+    let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], pg.port()))).await;
+    standby.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={} user={} \
+             application_name=s1'",
+            proxy.addr.port(),
+            super::pg::SUPERUSER
+        ),
+    );
+    standby.psql("postgres", "SELECT pg_reload_conf()");
+    if options.synchronous {
+        pg.require_synchronous_standby("s1");
+    }
+    let wanted = format!("streaming|{}", proxy.addr.port());
+    let started = Instant::now();
+    loop {
+        let seen = standby.psql(
+            "postgres",
+            "SELECT status || '|' || sender_port FROM pg_stat_wal_receiver",
+        );
+        if seen == wanted {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the standby does not stream through the proxy: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (standby, proxy)
 }
 
 /// The status line of `GET path`, if the server answers.

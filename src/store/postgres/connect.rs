@@ -75,6 +75,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
 
 use super::PgError;
+use super::fence::TimelineFence;
 use crate::config::{ClusterConfig, PostgresConfig};
 
 /// How long a connection attempt may take, unless the URL says otherwise.
@@ -284,6 +285,9 @@ pub struct PgConnector {
     password: Option<Zeroizing<String>>,
     pool_size: usize,
     require_synchronous_standby: bool,
+    /// The highest timeline seen, shared by every connection this
+    /// connector opens ([`super::fence`]).
+    fence: Arc<TimelineFence>,
 }
 
 impl fmt::Debug for PgConnector {
@@ -463,12 +467,35 @@ impl PgConnector {
             password,
             pool_size: store.pool_size,
             require_synchronous_standby: cluster.require_synchronous_standby,
+            fence: Arc::new(TimelineFence::new()),
         })
     }
 
     /// The server as messages name it: the URL, redacted.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// The timeline fence every connection passes ([`super::fence`]).
+    pub fn fence(&self) -> &Arc<TimelineFence> {
+        &self.fence
+    }
+
+    /// Refuses a server on a lower timeline than the highest seen, or of
+    /// another system ([`super::fence`]), as [`PgError::Unreachable`]: no
+    /// usable server there. The alarm is logged by [`admit`].
+    async fn check_lineage(&self, client: &Client) -> Result<(), PgError> {
+        let lineage = tokio::time::timeout(CONNECT_TIMEOUT, TimelineFence::lineage(client))
+            .await
+            .map_err(|_| PgError::Unreachable {
+                target: self.target.clone(),
+                detail: FENCE_CHECK_TIMED_OUT.to_string(),
+            })?
+            .map_err(|e| self.error(&e))?;
+        admit(&self.fence, &self.target, lineage).map_err(|detail| PgError::Unreachable {
+            target: self.target.clone(),
+            detail,
+        })
     }
 
     /// The user the URL logs in as.
@@ -479,9 +506,10 @@ impl PgConnector {
     /// One connection outside the pool, its driver spawned on the current
     /// runtime (it ends when the client is dropped): for migrations, and
     /// for the listener and lease holder, which must not wait behind a
-    /// saturated pool.
+    /// saturated pool. It passes the timeline fence before it is returned
+    /// ([`super::fence`]).
     pub async fn connect(&self) -> Result<Client, PgError> {
-        match &self.tls {
+        let client = match &self.tls {
             Tls::Disabled => {
                 let (client, connection) = self
                     .config
@@ -489,7 +517,7 @@ impl PgConnector {
                     .await
                     .map_err(|e| self.connect_error(&e))?;
                 tokio::spawn(drive(connection));
-                Ok(client)
+                client
             }
             Tls::VerifyFull(tls) => {
                 let (client, connection) = self
@@ -498,9 +526,11 @@ impl PgConnector {
                     .await
                     .map_err(|e| self.connect_error(&e))?;
                 tokio::spawn(drive(connection));
-                Ok(client)
+                client
             }
-        }
+        };
+        self.check_lineage(&client).await?;
+        Ok(client)
     }
 
     /// [`Self::connect`], listening on `channel`: every notification on it
@@ -531,6 +561,7 @@ impl PgConnector {
                 client
             }
         };
+        self.check_lineage(&client).await?;
         // A channel name is an identifier: quoted, so that no name can
         // reach SQL as anything else.
         let quoted = format!("\"{}\"", channel.replace('"', "\"\""));
@@ -571,8 +602,36 @@ impl PgConnector {
                 Manager::from_config(self.config.clone(), tls.clone(), manager_config)
             }
         };
+        let fence = Arc::clone(&self.fence);
+        let target = self.target.clone();
+        let on_create = deadpool_postgres::Hook::async_fn(move |client, _| {
+            let fence = Arc::clone(&fence);
+            let target = target.clone();
+            Box::pin(async move {
+                let lineage = tokio::time::timeout(CONNECT_TIMEOUT, TimelineFence::lineage(client))
+                    .await
+                    .map_err(|_| {
+                        deadpool_postgres::HookError::Message(FENCE_CHECK_TIMED_OUT.into())
+                    })?
+                    .map_err(deadpool_postgres::HookError::Backend)?;
+                admit(&fence, &target, lineage)
+                    .map_err(|d| deadpool_postgres::HookError::Message(d.into()))
+            })
+        });
+        let fence = Arc::clone(&self.fence);
+        let on_recycle = deadpool_postgres::Hook::sync_fn(move |_, metrics| {
+            if fence.predates_rise(metrics.created) {
+                // Dropped; the pool opens another, which the fence checks.
+                return Err(deadpool_postgres::HookError::Message(
+                    "opened before PostgreSQL's timeline rose".into(),
+                ));
+            }
+            Ok(())
+        });
         Pool::builder(manager)
             .max_size(self.pool_size)
+            .post_create(on_create)
+            .post_recycle(on_recycle)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .create_timeout(Some(CONNECT_TIMEOUT * 2))
             .recycle_timeout(Some(RECYCLE_TIMEOUT))
@@ -587,9 +646,15 @@ impl PgConnector {
     /// A pooled connection, with the pool's failure in the same words as
     /// [`Self::connect`]'s.
     pub async fn get(&self, pool: &Pool) -> Result<deadpool_postgres::Object, PgError> {
-        use deadpool_postgres::PoolError;
+        use deadpool_postgres::{HookError, PoolError};
         pool.get().await.map_err(|e| match e {
             PoolError::Backend(e) => self.connect_error(&e),
+            PoolError::PostCreateHook(HookError::Backend(e)) => self.connect_error(&e),
+            // The fence refused the server: no usable server there.
+            PoolError::PostCreateHook(HookError::Message(detail)) => PgError::Unreachable {
+                target: self.target.clone(),
+                detail: detail.into_owned(),
+            },
             other => PgError::Pool {
                 target: self.target.clone(),
                 detail: scrub(
@@ -659,6 +724,36 @@ impl PgConnector {
         PgError::Query { target, detail }
     }
 }
+
+/// [`TimelineFence::admit`], with the alarm: an error log line (the first
+/// refusal, then at most one every [`FENCE_LOG_EVERY`]: a node keeps
+/// reconnecting to a fenced server several times a second). The refusal
+/// in words, if refused.
+fn admit(
+    fence: &TimelineFence,
+    target: &str,
+    lineage: super::fence::Lineage,
+) -> Result<(), String> {
+    fence.admit(lineage).map_err(|refusal| {
+        if fence.should_log(FENCE_LOG_EVERY) {
+            tracing::error!(
+                %target,
+                refused_total = fence.refused(),
+                "PostgreSQL timeline fence: {refusal}"
+            );
+        }
+        refusal.to_string()
+    })
+}
+
+/// A new connection that does not answer the timeline check in
+/// [`CONNECT_TIMEOUT`] is given up, as one that does not connect is: the
+/// check must not leave a caller (a poll, a readiness probe) waiting on a
+/// server cut off just after the handshake.
+const FENCE_CHECK_TIMED_OUT: &str = "the server did not answer the timeline check in time";
+
+/// How often a fenced server's refusals are logged at most.
+const FENCE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
 where

@@ -14,6 +14,8 @@
 //!   (`sql/0001_init.sql`, one transaction per file under an advisory
 //!   lock, SHA-256 checksums), [`migrate::schema_state`] and
 //!   [`migrate::check_schema_for_serving`] for `coffre serve`.
+//! - [`fence`]: timeline fencing, so that an old primary that came back
+//!   after a failover is never used.
 //! - [`PgError`]: what can go wrong, in words that name the server (its
 //!   URL redacted) and never the password.
 //!
@@ -26,6 +28,7 @@ mod conformance_tests;
 pub mod connect;
 pub mod copy;
 mod error;
+pub mod fence;
 pub mod local;
 pub mod migrate;
 mod records;

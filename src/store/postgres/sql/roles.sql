@@ -41,3 +41,12 @@ ALTER DEFAULT PRIVILEGES FOR ROLE coffre_owner IN SCHEMA public
     GRANT SELECT, INSERT, UPDATE ON TABLES TO coffre_app;
 ALTER DEFAULT PRIVILEGES FOR ROLE coffre_owner IN SCHEMA public
     GRANT USAGE, SELECT ON SEQUENCES TO coffre_app;
+
+-- The timeline fence (docs/postgres.md, "Failover"): on every new
+-- connection coffre reads where the server stands in the replication
+-- history. These functions are executable by PUBLIC by default; granted
+-- by name so that a hardening that revoked them from PUBLIC keeps coffre
+-- working (a refusal would stop the node: it cannot tell an old primary).
+GRANT EXECUTE ON FUNCTION pg_control_system(), pg_control_checkpoint(),
+    pg_current_wal_lsn(), pg_walfile_name(pg_lsn), pg_is_in_recovery()
+    TO coffre_app;
