@@ -4,9 +4,12 @@
 //! A change acknowledged by another node is in the store's change feed
 //! ([`crate::store::KeyStore::changes_since`]). [`Kms::poll_changes`] reads
 //! the feed from the last generation applied and forgets every cached key
-//! it lists, as a local writer would: under the write guard, with the
-//! write epoch odd, so that a reader that loaded the old record before the
-//! poll cannot put it back afterwards (`cache_if_current`).
+//! it lists. It first bumps the feed epoch, so that neither a reader that
+//! loaded the old record before the poll (`cache_if_current`) nor a local
+//! writer publishing meanwhile (`publish`) can put an older record back
+//! afterwards; it never waits for this node's writers, whose HSM calls and
+//! commits could otherwise hold a poll, and the node's freshness, for a
+//! second (see the `service` module docs).
 //!
 //! The bound holds without synchronized clocks. A successful poll whose
 //! first query was *sent* at `t0` extends this node's freshness to `t0 +
@@ -192,10 +195,10 @@ impl Kms {
     /// records, their unwrapped versions and HSM object names (a destroyed
     /// key's material must go; a few HSM unwraps after a change cost
     /// little), and every "no such key" (a key created elsewhere must be
-    /// found). Under the write guard, so that an overlapping reader does
-    /// not cache what it read before.
+    /// found). The feed epoch is bumped first, so that an overlapping
+    /// reader or local writer does not cache what it had before.
     async fn forget_changed(&self, ids: &[KeyId]) {
-        let _guard = self.begin_write().await;
+        self.feed_epoch.fetch_add(1, Ordering::SeqCst);
         let changed: std::collections::HashSet<KeyId> = ids.iter().copied().collect();
         for id in &changed {
             self.keys.remove(id);

@@ -21,6 +21,15 @@
 //! before its read and is unchanged when it inserts — checked under the
 //! cache's lock, which the writer's publish also takes. Otherwise it uses the
 //! record for its own request (it overlapped the write) without caching it.
+//!
+//! On a shared store, the change feed's poller forgets keys another node
+//! changed (`freshness`). It does not wait for this node's writers (a
+//! write holds its guard through HSM calls and a commit, and a poll that
+//! waited would let the node's freshness lapse): it bumps `feed_epoch`
+//! first, then forgets. A reader caches only if `feed_epoch` too is
+//! unchanged since before its read, and a writer publishes only if it is
+//! unchanged since its guard was taken; otherwise the writer drops its
+//! key from the cache, and the next read loads the store's truth.
 
 mod audit_keys;
 pub use audit_keys::{
@@ -123,6 +132,9 @@ pub struct Kms {
     write_lock: Mutex<()>,
     /// Odd while a key change is in progress; see the module docs.
     write_epoch: AtomicU64,
+    /// Bumped by each pass of the change feed that forgets keys changed
+    /// by another node, before it forgets them; see the module docs.
+    feed_epoch: AtomicU64,
     /// One HSM root-key rotation at a time.
     root_rotation: Mutex<()>,
     /// The scheduler has checked, since start, whether a compaction is owed.
@@ -155,7 +167,18 @@ enum Missing {
 /// write epoch odd until dropped.
 struct WriteGuard<'a> {
     epoch: &'a AtomicU64,
+    /// The feed epoch when the change began: publishing is refused once a
+    /// feed pass has forgotten keys since.
+    feed_epoch: u64,
     _lock: MutexGuard<'a, ()>,
+}
+
+/// What a reader notes before a store read, for [`Kms::cache_if_current`]
+/// and [`Kms::remember_missing`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReadEpoch {
+    write: u64,
+    feed: u64,
 }
 
 impl Drop for WriteGuard<'_> {
@@ -195,6 +218,7 @@ impl Kms {
             missing: BoundedCache::new(NEGATIVE_CAPACITY),
             write_lock: Mutex::new(()),
             write_epoch: AtomicU64::new(0),
+            feed_epoch: AtomicU64::new(0),
             root_rotation: Mutex::new(()),
             started_compaction_check: std::sync::atomic::AtomicBool::new(false),
             compaction_due: std::sync::atomic::AtomicBool::new(false),
@@ -321,24 +345,33 @@ impl Kms {
         self.write_epoch.fetch_add(1, Ordering::SeqCst);
         WriteGuard {
             epoch: &self.write_epoch,
+            feed_epoch: self.feed_epoch.load(Ordering::SeqCst),
             _lock: lock,
         }
     }
 
-    /// The epoch to pass to [`Kms::cache_if_current`] after a store read.
-    fn read_epoch(&self) -> u64 {
-        self.write_epoch.load(Ordering::SeqCst)
+    /// The epochs to pass to [`Kms::cache_if_current`] after a store read.
+    fn read_epoch(&self) -> ReadEpoch {
+        ReadEpoch {
+            write: self.write_epoch.load(Ordering::SeqCst),
+            feed: self.feed_epoch.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Whether no key change, here or from the feed, overlapped a read
+    /// that started at `epoch`.
+    fn still_current(&self, epoch: ReadEpoch) -> bool {
+        epoch.write % 2 == 0 && self.read_epoch() == epoch
     }
 
     /// Caches a record read from the store if no key change overlapped the
     /// read that started at `epoch`.
-    fn cache_if_current(&self, record: &Arc<KeyRecord>, epoch: u64) {
-        if epoch % 2 == 1 {
+    fn cache_if_current(&self, record: &Arc<KeyRecord>, epoch: ReadEpoch) {
+        if epoch.write % 2 == 1 {
             return;
         }
-        self.keys.insert_if(record.id, Arc::clone(record), || {
-            self.write_epoch.load(Ordering::SeqCst) == epoch
-        });
+        self.keys
+            .insert_if(record.id, Arc::clone(record), || self.still_current(epoch));
     }
 
     /// The caller's role on this server, if any (for audit records).
@@ -437,13 +470,13 @@ impl Kms {
 
     /// Caches "no such key" from a read that started at `epoch`, unless a
     /// key change overlapped it.
-    fn remember_missing(&self, missing: Missing, epoch: u64) {
-        if epoch % 2 == 1 {
+    fn remember_missing(&self, missing: Missing, epoch: ReadEpoch) {
+        if epoch.write % 2 == 1 {
             return;
         }
         self.missing
             .insert_if(missing, std::time::Instant::now(), || {
-                self.write_epoch.load(Ordering::SeqCst) == epoch
+                self.still_current(epoch)
             });
     }
 
@@ -457,14 +490,24 @@ impl Kms {
     }
 
     /// Publishes a record that is durable in the store. Only writers call
-    /// this, holding their [`WriteGuard`].
-    fn publish(&self, _writing: &WriteGuard<'_>, record: KeyRecord) -> Arc<KeyRecord> {
+    /// this, holding their [`WriteGuard`]. If the change feed forgot keys
+    /// since the guard was taken, another node may have changed this one
+    /// after this write: the record is returned to the caller but not
+    /// cached (and any older copy is dropped), so the next read loads the
+    /// store's truth.
+    fn publish(&self, writing: &WriteGuard<'_>, record: KeyRecord) -> Arc<KeyRecord> {
         let record = Arc::new(record);
         self.forget_missing(&record);
         if let Some(alias) = &record.alias {
             self.aliases.insert(alias.clone(), record.id);
         }
-        self.keys.insert(record.id, Arc::clone(&record));
+        let unchanged = || self.feed_epoch.load(Ordering::SeqCst) == writing.feed_epoch;
+        if !self
+            .keys
+            .insert_if(record.id, Arc::clone(&record), unchanged)
+        {
+            self.keys.remove(&record.id);
+        }
         record
     }
 

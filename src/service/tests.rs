@@ -977,3 +977,89 @@ async fn a_slow_reader_cannot_undo_a_disable_made_on_another_node() {
         assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
     }
 }
+
+/// A poll of the change feed does not wait for this node's own writers:
+/// a local write held inside its key change (here paused on its store
+/// read; in production an HSM call or a slow commit) must not hold the
+/// poll, or the node's freshness lapses under write load and strict mode
+/// refuses data keys. The change the poll carries is applied meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_does_not_wait_for_a_local_write_in_progress() {
+    use super::freshness::{SharedStore, StaleMode};
+    let f = Arc::new(fixture(KmsOptions::default()));
+    let shared = SharedStore {
+        mode: StaleMode::Strict,
+        max_staleness: std::time::Duration::from_secs(60),
+    };
+    let node = |store: Arc<dyn KeyStore>| {
+        Kms::new(
+            store,
+            Arc::clone(&f.hsm) as Arc<dyn Hsm>,
+            Arc::new(StaticRoles::new([
+                ("op".to_string(), Role::Operator),
+                ("svc".to_string(), Role::Service),
+            ])),
+            Arc::new(SystemClock),
+            KmsOptions {
+                default_policy: crate::model::KeyPolicy::granting(["svc".to_string()]),
+                ..KmsOptions::default()
+            },
+        )
+        .with_shared_store(shared)
+    };
+    let a = node(Arc::new(f.store.inner.clone()));
+    let b = Arc::new(node(Arc::clone(&f.store) as Arc<dyn KeyStore>));
+    let seen = b.poll_changes(0).await.unwrap();
+    let remote = a
+        .create_key(&op(), CreateKeyInput::default())
+        .await
+        .unwrap()
+        .key
+        .id;
+    // B's own key: cached below (the poll forgets it), so that B's write
+    // reads the store only once it holds its write guard.
+    let local = b
+        .create_key(&op(), CreateKeyInput::default())
+        .await
+        .unwrap()
+        .key
+        .id;
+    let seen = b.poll_changes(seen).await.unwrap();
+    for id in [remote, local] {
+        b.generate_data_key(&svc(), &KeyRef::Id(id), &context(), WHY, 32, false)
+            .await
+            .unwrap();
+    }
+
+    let (paused_tx, paused_rx) = std::sync::mpsc::sync_channel(1);
+    let (resume_tx, resume_rx) = std::sync::mpsc::sync_channel(1);
+    *f.store.pause_next_get.lock().unwrap() = Some((paused_tx, resume_rx));
+    let write = {
+        let b = Arc::clone(&b);
+        tokio::spawn(async move { b.disable_key(&op(), &KeyRef::Id(local)).await })
+    };
+    tokio::task::spawn_blocking(move || paused_rx.recv().unwrap())
+        .await
+        .unwrap();
+    // B's write holds its guard; A disables its key; B's poll goes through.
+    a.disable_key(&op(), &KeyRef::Id(remote)).await.unwrap();
+    let polled =
+        tokio::time::timeout(std::time::Duration::from_secs(5), b.poll_changes(seen)).await;
+    resume_tx.send(()).unwrap();
+    assert!(
+        polled.is_ok(),
+        "the poll waited for the local write to finish"
+    );
+    polled.unwrap().unwrap();
+    let err = b
+        .generate_data_key(&svc(), &KeyRef::Id(remote), &context(), WHY, 32, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
+    write.await.unwrap().unwrap();
+    let err = b
+        .generate_data_key(&svc(), &KeyRef::Id(local), &context(), WHY, 32, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
+}
