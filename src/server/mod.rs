@@ -292,8 +292,10 @@ impl ServerBuilder {
                     &metrics,
                     &client_auth,
                     &integrity,
-                    self.cluster.as_ref().and_then(|c| c.metrics.clone()),
-                    &coordination,
+                    tasks::ClusterPage {
+                        metrics: self.cluster.as_ref().and_then(|c| c.metrics.clone()),
+                        coordination: Arc::clone(&coordination),
+                    },
                 )
                 .await?,
             ),

@@ -267,6 +267,14 @@ async fn audit_scheduler(trail: &AuditTrail, report: &SchedulerReport) {
     }
 }
 
+/// What the metrics page shows of the cluster: this node's own counts
+/// (leases held, store errors, pool use; none alone on its store) and what
+/// the coordination backend knows (the timeline fence).
+pub(super) struct ClusterPage {
+    pub metrics: Option<Arc<crate::metrics::cluster::ClusterMetrics>>,
+    pub coordination: Arc<dyn Coordination>,
+}
+
 /// Serves the metrics page on `listener` (plain HTTP): the requests counted
 /// by the gRPC layer, the core's caches and HSM calls, the audit log's
 /// state; and the probes `/healthz` and `/readyz` (the readiness the gRPC
@@ -278,9 +286,12 @@ pub(super) async fn start_metrics(
     metrics: &Arc<crate::metrics::Metrics>,
     client_auth: &Arc<grpc::ClientAuth>,
     integrity: &Arc<crate::store::integrity::RecordMac>,
-    cluster: Option<Arc<crate::metrics::cluster::ClusterMetrics>>,
-    coordination: &Arc<dyn Coordination>,
+    cluster: ClusterPage,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let ClusterPage {
+        metrics: cluster,
+        coordination,
+    } = cluster;
     let addr = listener.local_addr().context("metrics address")?;
     let ready: crate::metrics::http::Ready = {
         let metrics = Arc::clone(metrics);
@@ -289,7 +300,6 @@ pub(super) async fn start_metrics(
     let (kms, trail, metrics) = (Arc::clone(kms), Arc::clone(trail), Arc::clone(metrics));
     let client_auth = Arc::clone(client_auth);
     let integrity = Arc::clone(integrity);
-    let coordination = Arc::clone(coordination);
     let render: crate::metrics::http::Render = Arc::new(move || {
         use crate::metrics::render_value;
         let mut out = String::with_capacity(16 * 1024);
