@@ -34,6 +34,9 @@ impl Coordination for LocalCoordination {
         &self.node_id
     }
 
+    /// Alone on its store: nothing to report.
+    fn render_metrics(&self, _out: &mut String) {}
+
     async fn acquire(&self, name: &str, ttl: Duration) -> Result<Option<Lease>, CoordinationError> {
         Ok(Some(Lease {
             name: name.to_owned(),

@@ -59,6 +59,10 @@ impl Coordination for MeteredCoordination {
         self.inner.leases().await
     }
 
+    fn render_metrics(&self, out: &mut String) {
+        self.inner.render_metrics(out);
+    }
+
     async fn wait_for_changes(&self, timeout: Duration) {
         self.inner.wait_for_changes(timeout).await
     }

@@ -153,6 +153,8 @@ pub trait Coordination: Send + Sync + fmt::Debug {
     ) -> Result<Vec<Digest>, CoordinationError>;
 
     /// Appends what the backend knows about the shared store's health to
-    /// the metrics page (Prometheus text). Alone on a store: nothing.
-    fn render_metrics(&self, _out: &mut String) {}
+    /// the metrics page (Prometheus text). Alone on a store: nothing. No
+    /// default: a decorator that forgot to forward it hid the timeline
+    /// fence's counter.
+    fn render_metrics(&self, out: &mut String);
 }

@@ -228,6 +228,7 @@ impl crate::cluster::Coordination for NodeLeases {
     fn node_id(&self) -> &str {
         &self.node
     }
+    fn render_metrics(&self, _out: &mut String) {}
     async fn acquire(
         &self,
         name: &str,
