@@ -578,6 +578,10 @@ async fn fetch_digests(config: &std::path::Path) -> anyhow::Result<Vec<crate::au
     }
 }
 
+/// How long `coffre audit export --cluster` waits for a cluster's first
+/// digest when the database holds none yet.
+const FIRST_DIGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// `coffre audit export --cluster`: the digests first, then every node's
 /// log (each export signs its node's head first, so every head a fetched
 /// digest lists is in the file), then the whole export verified.
@@ -605,13 +609,21 @@ async fn export_cluster(
             .collect(),
         None => c.endpoints.iter().map(|e| (None, e.clone())).collect(),
     };
-    let digests = fetch_digests(config).await?;
+    // A cluster that has just started has no digest yet: the first comes
+    // within a digest interval of the nodes' first checkpoints. Wait a
+    // little for it rather than fail a first export.
+    let started = std::time::Instant::now();
+    let mut digests = fetch_digests(config).await?;
+    while digests.is_empty() && started.elapsed() < FIRST_DIGEST_WAIT {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        digests = fetch_digests(config).await?;
+    }
     if digests.is_empty() {
         bail!(CliError::local(
             tonic::Code::FailedPrecondition,
             "the database holds no cluster digest yet: the node holding the audit-digest lease \
              signs one every [cluster] digest_interval_ms (60 s by default) once the nodes have \
-             published their checkpoints; export again after that"
+             published their checkpoints, and none came in 15 s; export again after that"
         ));
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
