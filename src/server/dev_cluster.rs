@@ -227,17 +227,7 @@ pub async fn start(opts: &DevOptions, nodes: u32) -> anyhow::Result<DevCluster> 
     let mut children = Vec::new();
     let mut entries = Vec::new();
     for (node_id, node_dir, config_path, addr, metrics) in &configs {
-        let log_path = node_dir.join("coffre.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let mut cmd = Command::new(&binary);
-        cmd.arg("serve").arg("--config").arg(config_path);
-        if crate::hardening::running_as_root() {
-            cmd.arg("--allow-root");
-        }
+        let (mut cmd, log, log_path) = serve_command(&binary, node_dir, config_path)?;
         cmd.stdin(std::process::Stdio::null())
             .stdout(log.try_clone().context("the node's log")?)
             .stderr(log)
@@ -435,21 +425,8 @@ async fn preload(
     count: u64,
 ) -> anyhow::Result<()> {
     let (node_id, node_dir, config_path, _, _) = configs.first().context("no node")?;
-    let log_path = node_dir.join("coffre.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = Command::new(binary);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(config_path)
-        .arg("--preload-keys")
-        .arg(count.to_string());
-    if crate::hardening::running_as_root() {
-        cmd.arg("--allow-root");
-    }
+    let (mut cmd, log, log_path) = serve_command(binary, node_dir, config_path)?;
+    cmd.arg("--preload-keys").arg(count.to_string());
     // Progress lines on this terminal; the server's own log to its file.
     cmd.env(
         "RUST_LOG",
@@ -470,6 +447,28 @@ async fn preload(
         );
     }
     Ok(())
+}
+
+/// `coffre serve --config CONFIG` for a node (with `--allow-root` when this
+/// process runs as root, as `coffre dev` may), and the node's log file
+/// `NODE_DIR/coffre.log`, opened for appending, with its path.
+fn serve_command(
+    binary: &Path,
+    node_dir: &Path,
+    config_path: &Path,
+) -> anyhow::Result<(Command, std::fs::File, PathBuf)> {
+    let log_path = node_dir.join("coffre.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = Command::new(binary);
+    cmd.arg("serve").arg("--config").arg(config_path);
+    if crate::hardening::running_as_root() {
+        cmd.arg("--allow-root");
+    }
+    Ok((cmd, log, log_path))
 }
 
 /// Waits until the node's readiness probe answers 200, or fails naming
