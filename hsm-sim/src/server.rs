@@ -19,9 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
-use tonic::transport::server::Router;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic::{Request, Response, Status};
 
 use crate::proto;
@@ -361,7 +360,10 @@ pub fn router(sim: Arc<Simulator>, options: ServerOptions) -> Router {
 
 /// Serves `sim` on `listener` until `shutdown` completes, then drains
 /// in-flight calls. Fault injection over gRPC is refused unless `options`
-/// allow it.
+/// allow it. Connections run with `TCP_NODELAY`: a reply is written in
+/// pieces (headers, message, trailers), and with Nagle's algorithm the last
+/// piece would wait for the client's delayed ACK — tens of milliseconds per
+/// call, which made every key creation on a remote simulator that slow.
 pub async fn serve(
     listener: TcpListener,
     sim: Arc<Simulator>,
@@ -369,6 +371,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     router(sim, options)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }
