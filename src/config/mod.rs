@@ -73,6 +73,8 @@
 //! [rate_limits.principals."spiffe://provider.example/batch"]
 //! per_second = 100
 //! burst = 200
+//! # or, for development and benchmarks only: [rate_limits] enabled = false
+//! # (every limit off, as in `coffre dev`; nothing else may be set with it)
 //!
 //! [limits]                               # the listener, all optional (defaults shown)
 //! handshake_timeout_ms = 3000            # a TLS handshake not done by then is dropped
@@ -300,12 +302,40 @@ fn check_principal_name(p: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `[rate_limits]`: what is unset gets `coffre serve`'s defaults, unless
+/// `enabled = false` turns every limit off (then none may be set).
+fn rate_limits_of(raw: raw::RawRateLimits) -> anyhow::Result<RateLimits> {
+    if raw.enabled == Some(false) {
+        let set = [
+            raw.default.is_some().then_some("default"),
+            raw.unauthenticated.is_some().then_some("unauthenticated"),
+            raw.batch.is_some().then_some("batch"),
+            (!raw.principals.is_empty()).then_some("principals"),
+        ];
+        let set: Vec<&str> = set.into_iter().flatten().collect();
+        if !set.is_empty() {
+            bail!(
+                "rate_limits: enabled = false turns every limit off, yet {} is set; \
+                 remove one or the other",
+                set.join(", ")
+            );
+        }
+        return Ok(RateLimits::default());
+    }
+    Ok(RateLimits {
+        default: raw.default.or(Some(DEFAULT_RATE_LIMIT)),
+        unauthenticated: raw.unauthenticated.or(Some(DEFAULT_UNAUTHENTICATED_LIMIT)),
+        batch: raw.batch.or(Some(DEFAULT_BATCH_LIMIT)),
+        principals: raw.principals,
+    })
+}
+
 /// `[cache]`, `[default_key_policy]`, `[rate_limits]` and `[quorum]`: the
 /// core's options. A quorum needs as many operators as it requires.
 fn kms_options(
     cache: RawCache,
     default_key_policy: Option<crate::model::KeyPolicy>,
-    rate_limits: crate::service::RateLimits,
+    rate_limits: raw::RawRateLimits,
     quorum: RawQuorum,
     roles: &HashMap<String, Role>,
 ) -> anyhow::Result<KmsOptions> {
@@ -319,14 +349,7 @@ fn kms_options(
             );
         }
     }
-    let rate_limits = RateLimits {
-        default: rate_limits.default.or(Some(DEFAULT_RATE_LIMIT)),
-        unauthenticated: rate_limits
-            .unauthenticated
-            .or(Some(DEFAULT_UNAUTHENTICATED_LIMIT)),
-        batch: rate_limits.batch.or(Some(DEFAULT_BATCH_LIMIT)),
-        principals: rate_limits.principals,
-    };
+    let rate_limits = rate_limits_of(rate_limits)?;
     for (who, limit) in rate_limits.all() {
         limit
             .validate()
@@ -678,6 +701,25 @@ burst = 10
         let bad = text.replace("burst = 10", "burst = 0");
         let err = format!("{:#}", Config::parse(&bad).unwrap_err());
         assert!(err.contains("rate_limits"), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_can_be_turned_off_but_not_half_way() {
+        let off = format!("{GOOD}\n[rate_limits]\nenabled = false\n");
+        let c = Config::parse(&off).unwrap();
+        assert_eq!(c.options.rate_limits, RateLimits::default());
+        assert_eq!(c.options.rate_limits.all().count(), 0);
+        let on = format!("{GOOD}\n[rate_limits]\nenabled = true\n");
+        let c = Config::parse(&on).unwrap();
+        assert_eq!(c.options.rate_limits.default, Some(DEFAULT_RATE_LIMIT));
+        let both = format!(
+            "{GOOD}\n[rate_limits]\nenabled = false\nbatch = {{ per_second = 1, burst = 1 }}\n"
+        );
+        let err = format!("{:#}", Config::parse(&both).unwrap_err());
+        assert!(
+            err.contains("enabled = false") && err.contains("batch"),
+            "{err}"
+        );
     }
 
     #[test]

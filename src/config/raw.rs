@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::model::KeyPolicy;
-use crate::service::RateLimits;
+use crate::service::RateLimit;
 use crate::store::approvals::SensitiveKind;
 
 #[derive(Debug, Deserialize)]
@@ -37,7 +37,7 @@ pub(super) struct RawConfig {
     /// Per-principal rate limits; `coffre serve` fills in what is unset
     /// with its defaults (`super::DEFAULT_RATE_LIMIT` and the others).
     #[serde(default)]
-    pub(super) rate_limits: RateLimits,
+    pub(super) rate_limits: RawRateLimits,
     /// The listener's bounds and the audit volume's free-space alert.
     #[serde(default)]
     pub(super) limits: RawLimits,
@@ -58,6 +58,20 @@ pub(super) struct RawConfig {
     pub(super) store: Option<super::store::RawStore>,
     /// `[cluster]`: this node in a cluster (PostgreSQL only).
     pub(super) cluster: Option<super::store::RawCluster>,
+}
+
+/// `[rate_limits]`: the core's limits ([`crate::service::RateLimits`]),
+/// and `enabled = false`, which turns every one of them off (as `coffre dev`
+/// runs; for development and benchmarks).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimits {
+    pub(super) enabled: Option<bool>,
+    pub(super) default: Option<RateLimit>,
+    #[serde(default)]
+    pub(super) principals: HashMap<String, RateLimit>,
+    pub(super) unauthenticated: Option<RateLimit>,
+    pub(super) batch: Option<RateLimit>,
 }
 
 /// `[limits]`: every key optional (defaults in `grpc::ServerLimits`).

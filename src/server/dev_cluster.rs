@@ -313,8 +313,8 @@ pub struct NodeConfig<'a> {
 
 /// One node's `coffre serve` configuration, as TOML: the dev PKI with a CA
 /// per role, the simulated HSM at `hsm_endpoint`, the dev principals and
-/// their attributes, keys granted to the dev service by default, the
-/// PostgreSQL store and `[cluster] node_id`.
+/// their attributes, keys granted to the dev service by default, no rate
+/// limits, the PostgreSQL store and `[cluster] node_id`.
 pub fn node_config(c: NodeConfig<'_>) -> anyhow::Result<String> {
     use toml::{Table, Value};
     let path = |p: &Path| Value::String(p.display().to_string());
@@ -383,6 +383,11 @@ pub fn node_config(c: NodeConfig<'_>) -> anyhow::Result<String> {
     let mut audit = Table::new();
     audit.insert("checkpoint_every_secs".into(), Value::Integer(1));
     root.insert("audit".into(), Value::Table(audit));
+    // No rate limits, as in a single `coffre dev`: a newcomer's loops and
+    // the benchmarks would otherwise meet `coffre serve`'s defaults.
+    let mut rate_limits = Table::new();
+    rate_limits.insert("enabled".into(), Value::Boolean(false));
+    root.insert("rate_limits".into(), Value::Table(rate_limits));
     let mut store = Table::new();
     store.insert("backend".into(), Value::String("postgres".into()));
     store.insert("url_file".into(), path(c.url_file));
