@@ -321,6 +321,9 @@ async fn a_node_cut_off_from_the_database_stops_serving_then_recovers() {
     c[2].generate_data_key(&key, CONTEXT).await.unwrap();
     assert!(cluster.ready(2));
 
+    // `coffre cluster status` shows n3 fresh (its heartbeat reports it).
+    wait_reported_fresh(&cluster, 2, Some(true));
+
     let proxy = cluster.nodes[2].proxy.as_ref().unwrap();
     proxy.blackhole();
     let cut = Instant::now();
@@ -362,6 +365,14 @@ async fn a_node_cut_off_from_the_database_stops_serving_then_recovers() {
     }
     c[0].generate_data_key(&key, CONTEXT).await.unwrap();
     c[1].generate_data_key(&key, CONTEXT).await.unwrap();
+    // n3 cannot report any more: `coffre cluster status` (through n1)
+    // shows it silent, its freshness unknown.
+    wait_reported_fresh(&cluster, 2, None);
+    assert_eq!(
+        cluster.reported_freshness(0, 0).unwrap()["fresh"],
+        true,
+        "n1 is fresh"
+    );
     // A change made meanwhile is refused by n3 once it is back.
     c[0].keys
         .disable_key(pb::DisableKeyRequest {
@@ -396,6 +407,25 @@ async fn a_node_cut_off_from_the_database_stops_serving_then_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("n3 served again {:?} after the heal", healed.elapsed());
+    wait_reported_fresh(&cluster, 2, Some(true));
+}
+
+/// Waits (up to 10 s) until `coffre cluster status`, read through n1,
+/// reports node `i` fresh, stale, or unknown (silent), as `fresh` says.
+fn wait_reported_fresh(cluster: &TestCluster, i: usize, fresh: Option<bool>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let want = fresh.map_or(serde_json::Value::Null, serde_json::Value::Bool);
+    loop {
+        let reported = cluster.reported_freshness(0, i);
+        if reported.as_ref().is_some_and(|f| f["fresh"] == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i} never reported fresh = {want}: {reported:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coffre::cluster::Coordination;
 use coffre::cluster::postgres::{CHANGES_CHANNEL, PgCoordination};
+use coffre::cluster::{Coordination, FreshnessReport};
 
 use crate::common::pg::PgCluster;
 use crate::common::{needs, require};
@@ -118,8 +118,8 @@ async fn nodes_register_and_a_notification_wakes_a_waiting_node() {
     require(&needs::POSTGRES);
     let pg = PgCluster::primary();
     let (n1, n2, db) = two_nodes(&pg);
-    n1.heartbeat().await.unwrap();
-    n2.heartbeat().await.unwrap();
+    n1.heartbeat(None).await.unwrap();
+    n2.heartbeat(None).await.unwrap();
     let nodes = n1.nodes().await.unwrap();
     let ids: Vec<&str> = nodes.iter().map(|n| n.node_id.as_str()).collect();
     assert_eq!(ids, ["n1", "n2"]);
@@ -147,7 +147,8 @@ async fn nodes_register_and_a_notification_wakes_a_waiting_node() {
 }
 
 /// `coffre cluster status` reads the registry and the leases from the
-/// database: the nodes with their heartbeats, the lease holder, the feed.
+/// database: the nodes with their heartbeats and reported freshness, the
+/// lease holder, the feed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(coffre_has_postgres),
@@ -162,9 +163,27 @@ async fn cluster_status_shows_nodes_leases_and_the_feed() {
     store_json("migrate", &config, &url);
     let c = Arc::new(connector(&config, &url));
     let n1 = PgCoordination::new(Arc::clone(&c), "n1", uuid::Uuid::new_v4());
-    let n2 = PgCoordination::new(c, "n2", uuid::Uuid::new_v4());
-    n1.heartbeat().await.unwrap();
-    n2.heartbeat().await.unwrap();
+    let n2 = PgCoordination::new(Arc::clone(&c), "n2", uuid::Uuid::new_v4());
+    let n3 = PgCoordination::new(c, "n3", uuid::Uuid::new_v4());
+    // n1 confirmed its caches 200 ms ago, well inside a minute's bound;
+    // n2 five seconds ago, past its bound of one; n3 reports nothing.
+    n1.heartbeat(Some(FreshnessReport {
+        feed_generation: 0,
+        confirmed_ago: Some(Duration::from_millis(200)),
+        max_staleness: Duration::from_secs(60),
+        strict: true,
+    }))
+    .await
+    .unwrap();
+    n2.heartbeat(Some(FreshnessReport {
+        feed_generation: 0,
+        confirmed_ago: Some(Duration::from_secs(5)),
+        max_staleness: Duration::from_secs(1),
+        strict: false,
+    }))
+    .await
+    .unwrap();
+    n3.heartbeat(None).await.unwrap();
     n2.acquire("scheduler", Duration::from_secs(30))
         .await
         .unwrap()
@@ -196,14 +215,44 @@ async fn cluster_status_shows_nodes_leases_and_the_feed() {
         .iter()
         .map(|n| n["node_id"].as_str().unwrap())
         .collect();
-    assert_eq!(nodes, ["n1", "n2"]);
+    assert_eq!(nodes, ["n1", "n2", "n3"]);
     assert!(status["nodes"][0]["alive"].as_bool().unwrap(), "{status}");
+    let fresh = &status["nodes"][0]["freshness"];
+    assert_eq!(fresh["fresh"], true, "{status}");
+    assert_eq!(fresh["mode"], "strict", "{status}");
+    assert_eq!(fresh["max_staleness_ms"], 60_000, "{status}");
+    assert_eq!(fresh["feed_generation"], 0, "{status}");
+    // As of the heartbeat, by the database's clock (to the millisecond).
+    let staleness = fresh["staleness_ms"].as_u64().unwrap();
+    assert!((199..=201).contains(&staleness), "{status}");
+    let stale = &status["nodes"][1]["freshness"];
+    assert_eq!(stale["fresh"], false, "{status}");
+    assert_eq!(stale["mode"], "available", "{status}");
+    let staleness = stale["staleness_ms"].as_u64().unwrap();
+    assert!((4_999..=5_001).contains(&staleness), "{status}");
+    assert_eq!(status["nodes"][2]["freshness"], serde_json::Value::Null);
     assert_eq!(status["leases"][0]["name"], "scheduler");
     assert_eq!(status["leases"][0]["holder"], "n2");
     assert_eq!(status["leases"][0]["held"], true);
     let text = run(false);
     assert!(text.contains("scheduler        held by n2"), "{text}");
     assert!(text.contains("n1") && text.contains("alive"), "{text}");
+    let line = |node: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(node))
+            .unwrap_or_else(|| panic!("no line for {node}: {text}"))
+            .to_string()
+    };
+    assert!(
+        line("n1").contains("staleness 0.2 s (fresh, bound 60.0 s, strict)"),
+        "{text}"
+    );
+    assert!(line("n1").contains("feed at generation 0 of 0"), "{text}");
+    assert!(
+        line("n2").contains("staleness 5.0 s (STALE, bound 1.0 s, available)"),
+        "{text}"
+    );
+    assert!(line("n3").contains("freshness not reported"), "{text}");
 }
 
 /// The audit log across nodes (design/several-nodes.md §6), in process:
@@ -231,8 +280,8 @@ async fn two_nodes_publish_checkpoints_and_the_lease_holder_signs_digests() {
     let pg = PgCluster::primary();
     let (n1, n2, db) = two_nodes(&pg);
     let (n1, n2): (Arc<dyn Coordination>, Arc<dyn Coordination>) = (Arc::new(n1), Arc::new(n2));
-    n1.heartbeat().await.unwrap();
-    n2.heartbeat().await.unwrap();
+    n1.heartbeat(None).await.unwrap();
+    n2.heartbeat(None).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let open = |node: &str| {
         let queue = Arc::new(CheckpointQueue::default());

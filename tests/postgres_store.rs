@@ -16,6 +16,7 @@ use crate::common::binary::{COFFRE, free_port};
 use crate::common::pg::PgCluster;
 use crate::common::{needs, require};
 use coffre::config::Config;
+use coffre::store::postgres::migrate::{LATEST_VERSION, MIGRATIONS};
 use coffre::store::postgres::{
     DatabaseUrl, PgConnector, PgError, check_schema_for_serving, open_pool, schema_state,
 };
@@ -141,12 +142,12 @@ async fn migrate_creates_the_schema_then_finds_it_current() {
     let started = Instant::now();
     let first = store_json("migrate", &config, &url);
     eprintln!(
-        "coffre store migrate (version 1) took {:?}",
+        "coffre store migrate (version {LATEST_VERSION}) took {:?}",
         started.elapsed()
     );
     assert_eq!(
         first,
-        serde_json::json!({"applied": [{"version": 1, "name": "init"}], "version": 1})
+        serde_json::json!({"applied": every_migration(), "version": LATEST_VERSION})
     );
     for table in [
         "coffre_cluster",
@@ -171,40 +172,54 @@ async fn migrate_creates_the_schema_then_finds_it_current() {
         ),
         "1|0"
     );
-    let checksum = pg.psql(
-        &db,
-        "SELECT checksum FROM schema_migrations WHERE version = 1",
-    );
-    assert_eq!(
-        checksum,
-        coffre::store::postgres::migrate::MIGRATIONS[0].checksum()
-    );
+    for m in MIGRATIONS {
+        let checksum = pg.psql(
+            &db,
+            &format!(
+                "SELECT checksum FROM schema_migrations WHERE version = {}",
+                m.version
+            ),
+        );
+        assert_eq!(checksum, m.checksum(), "migration {}", m.version);
+    }
 
     // Again: nothing to do, in JSON and in words.
     let again = store_json("migrate", &config, &url);
-    assert_eq!(again, serde_json::json!({"applied": [], "version": 1}));
+    assert_eq!(
+        again,
+        serde_json::json!({"applied": [], "version": LATEST_VERSION})
+    );
     let out = coffre_store("migrate", &config, &url, false);
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "schema is current (version 1)"
+        format!("schema is current (version {LATEST_VERSION})")
     );
-    assert_eq!(pg.psql(&db, "SELECT count(*) FROM schema_migrations"), "1");
+    assert_eq!(
+        pg.psql(&db, "SELECT count(*) FROM schema_migrations"),
+        MIGRATIONS.len().to_string()
+    );
 
     let status = store_json("status", &config, &url);
     assert_eq!(status["schema"]["state"], "current", "{status}");
-    assert_eq!(status["schema"]["version"], 1);
+    assert_eq!(status["schema"]["version"], LATEST_VERSION);
     assert_eq!(status["in_recovery"], false);
     assert!(status["server_version_num"].as_i64().unwrap() >= 150_000);
     assert_eq!(status["synchronous_standby_names"], "");
     assert_eq!(status["server_address"], format!("127.0.0.1:{}", pg.port()));
     let out = coffre_store("status", &config, &url, false);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("schema: version 1 (current)"), "{text}");
+    assert!(
+        text.contains(&format!("schema: version {LATEST_VERSION} (current)")),
+        "{text}"
+    );
     assert!(text.contains("the primary"), "{text}");
 
     // What `coffre serve` will check, and the sessions it will get.
-    assert_eq!(check_schema_for_serving(&client, &c).await.unwrap(), 1);
+    assert_eq!(
+        check_schema_for_serving(&client, &c).await.unwrap(),
+        LATEST_VERSION
+    );
     let (pool, info) = open_pool(&c).await.unwrap();
     assert!(!info.in_recovery);
     let session = c.get(&pool).await.unwrap();
@@ -222,7 +237,7 @@ async fn migrate_creates_the_schema_then_finds_it_current() {
     }
     assert!(matches!(
         schema_state(&**session, &c).await.unwrap(),
-        coffre::store::postgres::SchemaState::Current { version: 1 }
+        coffre::store::postgres::SchemaState::Current { version } if version == LATEST_VERSION
     ));
 }
 
@@ -248,19 +263,101 @@ async fn two_migrations_at_once_apply_the_schema_once() {
                 .unwrap()
         };
         let (a, b) = (spawn(), spawn());
+        // Each migration is its own transaction under the lock, so the
+        // two may share the work; together they apply each one once.
         let mut applied = Vec::new();
         for child in [a, b] {
             let out = child.wait_with_output().unwrap();
             assert!(out.status.success(), "{out:?}");
             let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-            assert_eq!(v["version"], 1, "{v}");
-            applied.push(v["applied"].as_array().unwrap().len());
+            assert_eq!(v["version"], LATEST_VERSION, "{v}");
+            applied.extend(v["applied"].as_array().unwrap().iter().cloned());
         }
-        applied.sort();
-        assert_eq!(applied, [0, 1], "exactly one of them applied it");
-        assert_eq!(pg.psql(&db, "SELECT count(*) FROM schema_migrations"), "1");
+        applied.sort_by_key(|m| m["version"].as_i64());
+        assert_eq!(
+            Value::Array(applied),
+            every_migration(),
+            "each migration applied exactly once"
+        );
+        assert_eq!(
+            pg.psql(&db, "SELECT count(*) FROM schema_migrations"),
+            MIGRATIONS.len().to_string()
+        );
         assert_eq!(pg.psql(&db, "SELECT count(*) FROM coffre_cluster"), "1");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn a_version_1_database_is_migrated_to_the_latest_and_keeps_its_rows() {
+    require(&needs::POSTGRES);
+    let pg = PgCluster::primary();
+    let db = pg.create_database();
+    let url = pg.url(&db);
+    let config = write_config(pg.dir(), "");
+    // A database as coffre's first release with several nodes left it:
+    // migration 1 only, and a node registered by that release.
+    let first = &MIGRATIONS[0];
+    pg.psql(&db, first.sql);
+    pg.psql(
+        &db,
+        &format!(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES (1, 'init', '{}')",
+            first.checksum()
+        ),
+    );
+    pg.psql(
+        &db,
+        "INSERT INTO nodes (node_id, incarnation, started_at, last_seen, binary_version, max_schema) \
+         VALUES ('old', gen_random_uuid(), now(), now(), '0.1.0', 1)",
+    );
+
+    let status = store_json("status", &config, &url);
+    assert_eq!(status["schema"]["state"], "older", "{status}");
+    assert_eq!(status["schema"]["version"], 1, "{status}");
+    let c = connector(&config, &url);
+    let client = c.connect().await.unwrap();
+    let err = check_schema_for_serving(&client, &c).await.unwrap_err();
+    assert!(
+        matches!(err, PgError::SchemaOlder { version: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("coffre store migrate"), "{err}");
+
+    let v = store_json("migrate", &config, &url);
+    let later: Vec<Value> = MIGRATIONS[1..]
+        .iter()
+        .map(|m| serde_json::json!({"version": m.version, "name": m.name}))
+        .collect();
+    assert_eq!(
+        v,
+        serde_json::json!({"applied": later, "version": LATEST_VERSION})
+    );
+    assert_eq!(
+        check_schema_for_serving(&client, &c).await.unwrap(),
+        LATEST_VERSION
+    );
+    // The old node's row is kept; it has reported no freshness.
+    assert_eq!(
+        pg.psql(
+            &db,
+            "SELECT node_id, feed_generation IS NULL, confirmed_at IS NULL FROM nodes"
+        ),
+        "old|t|t"
+    );
+    let out = Command::new(COFFRE)
+        .args(["cluster", "status", "--json", "--config"])
+        .arg(&config)
+        .env(URL_VAR, &url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["nodes"][0]["node_id"], "old", "{v}");
+    assert_eq!(v["nodes"][0]["freshness"], Value::Null, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,7 +393,7 @@ async fn a_changed_or_newer_schema_is_refused() {
         matches!(err, PgError::ChecksumMismatch { version: 1, .. }),
         "{err}"
     );
-    let real = coffre::store::postgres::migrate::MIGRATIONS[0].checksum();
+    let real = MIGRATIONS[0].checksum();
     pg.psql(
         &db,
         &format!("UPDATE schema_migrations SET checksum = '{real}' WHERE version = 1"),
@@ -305,30 +402,40 @@ async fn a_changed_or_newer_schema_is_refused() {
     // A version this binary does not know: a newer coffre migrated it.
     pg.psql(
         &db,
-        "INSERT INTO schema_migrations (version, name, checksum) VALUES (2, 'future', 'x')",
+        &format!(
+            "INSERT INTO schema_migrations (version, name, checksum) \
+             VALUES ({}, 'future', 'x')",
+            LATEST_VERSION + 1
+        ),
     );
     let (code, message, _) = store_failure("migrate", &config, &url);
     assert_eq!(code, "FAILED_PRECONDITION", "{message}");
     assert!(
-        message.contains("schema version 2, newer than this coffre knows (1)"),
+        message.contains(&format!(
+            "schema version {}, newer than this coffre knows ({LATEST_VERSION})",
+            LATEST_VERSION + 1
+        )),
         "{message}"
     );
     let status = store_json("status", &config, &url);
     assert_eq!(status["schema"]["state"], "newer", "{status}");
-    assert_eq!(status["schema"]["version"], 2);
+    assert_eq!(status["schema"]["version"], LATEST_VERSION + 1);
     let err = check_schema_for_serving(&client, &c).await.unwrap_err();
     assert!(
         matches!(
             err,
             PgError::SchemaNewer {
-                version: 2,
-                known: 1,
+                version,
+                known: LATEST_VERSION,
                 ..
-            }
+            } if version == LATEST_VERSION + 1
         ),
         "{err}"
     );
-    assert_eq!(pg.psql(&db, "SELECT count(*) FROM schema_migrations"), "2");
+    assert_eq!(
+        pg.psql(&db, "SELECT count(*) FROM schema_migrations"),
+        (MIGRATIONS.len() + 1).to_string()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,7 +543,7 @@ async fn connection_failures_are_clear_and_never_show_the_password() {
     // With the right password, from the private file, it works.
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let v = store_json("migrate", &file_config, "unused");
-    assert_eq!(v["version"], 1, "{v}");
+    assert_eq!(v["version"], LATEST_VERSION, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,7 +615,7 @@ async fn a_standby_is_refused_until_promoted() {
     // Promoted, it is a primary: migrate works there.
     standby.promote();
     let v = store_json("migrate", &config, &url);
-    assert_eq!(v["version"], 1, "{v}");
+    assert_eq!(v["version"], LATEST_VERSION, "{v}");
     assert!(
         !has_table(&primary, &db, "schema_migrations"),
         "the old primary untouched"
@@ -531,7 +638,7 @@ async fn tls_verify_full_against_the_servers_ca_and_not_another() {
     );
     let config = write_config(pg.dir(), &format!("ca_file = \"{}\"", ca.display()));
     let v = store_json("migrate", &config, &url);
-    assert_eq!(v["version"], 1, "{v}");
+    assert_eq!(v["version"], LATEST_VERSION, "{v}");
     // The sessions are TLS.
     let c = connector(&config, &url);
     let client = c.connect().await.unwrap();
@@ -594,4 +701,13 @@ fn the_harness_kills_restarts_and_stops_its_server() {
     pg.stop_fast();
     pg.start();
     assert_eq!(pg.psql(&db, "SELECT count(*) FROM t"), "1");
+}
+
+/// Every migration of this binary, as `coffre store migrate --json` lists
+/// those it applied.
+fn every_migration() -> Value {
+    MIGRATIONS
+        .iter()
+        .map(|m| serde_json::json!({"version": m.version, "name": m.name}))
+        .collect()
 }

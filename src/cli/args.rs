@@ -70,8 +70,9 @@ pub enum Command {
 /// node down).
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// The nodes (last heartbeat), the leases (holder, expiry), the change
-    /// feed's generation and the database's primary.
+    /// The nodes (last heartbeat, staleness of their caches), the leases
+    /// (holder, expiry), the change feed's generation and the database's
+    /// primary.
     Status(StoreArgs),
 }
 

@@ -1,5 +1,6 @@
 //! `coffre cluster status`: the cluster as its database records it — the
-//! nodes and their last heartbeat, the leases, the change feed's newest
+//! nodes with their last heartbeat and how fresh each one's caches are
+//! (its staleness), the leases, the change feed's newest
 //! generation, and whether the server reached is the primary. Read from
 //! the database directly, so it answers with every node down; failures
 //! follow `coffre store`'s codes.
@@ -15,14 +16,45 @@ use super::StoreArgs;
 use super::client::CliError;
 use super::output::print_json;
 use super::store::{cli_error, connector};
-use crate::cluster::Coordination;
 use crate::cluster::postgres::PgCoordination;
+use crate::cluster::{Coordination, ReportedFreshness};
 use crate::server::DataDir;
 use crate::store::postgres::connect::ServerInfo;
 
 /// A node whose last heartbeat is older than this is shown as silent (it
 /// beats every second).
 const SILENT_AFTER_MS: u64 = 5_000;
+
+/// Whether a node was within its bound at its last heartbeat; `None` for
+/// a silent node, whose last report says nothing of now (cut off from
+/// the database, a strict node stops serving by itself).
+fn is_fresh(f: &ReportedFreshness, last_seen_ms_ago: u64) -> Option<bool> {
+    (last_seen_ms_ago <= SILENT_AFTER_MS)
+        .then(|| f.staleness_ms.is_some_and(|ms| ms <= f.max_staleness_ms))
+}
+
+/// "staleness 0.2 s (fresh, bound 1.0 s, strict), feed at generation 41
+/// of 41", as of the node's last heartbeat.
+fn describe_freshness(f: Option<&ReportedFreshness>, last_seen_ms_ago: u64, head: i64) -> String {
+    let Some(f) = f else {
+        return "freshness not reported".to_string();
+    };
+    let mode = if f.strict { "strict" } else { "available" };
+    let bound = f.max_staleness_ms as f64 / 1000.0;
+    let verdict = match is_fresh(f, last_seen_ms_ago) {
+        Some(true) => "fresh",
+        Some(false) => "STALE",
+        None => "unknown now",
+    };
+    let staleness = match f.staleness_ms {
+        Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
+        None => "never confirmed".to_string(),
+    };
+    format!(
+        "staleness {staleness} ({verdict}, bound {bound:.1} s, {mode}), feed at generation {} of {head}",
+        f.feed_generation
+    )
+}
 
 pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
@@ -62,6 +94,13 @@ async fn status(args: &StoreArgs) -> anyhow::Result<()> {
                 "incarnation": n.incarnation,
                 "last_seen_ms_ago": n.last_seen_ms_ago,
                 "alive": n.last_seen_ms_ago <= SILENT_AFTER_MS,
+                "freshness": n.freshness.as_ref().map(|f| json!({
+                    "feed_generation": f.feed_generation,
+                    "staleness_ms": f.staleness_ms,
+                    "max_staleness_ms": f.max_staleness_ms,
+                    "mode": if f.strict { "strict" } else { "available" },
+                    "fresh": is_fresh(f, n.last_seen_ms_ago),
+                })),
             })).collect::<Vec<_>>(),
             "leases": leases.iter().map(|l| json!({
                 "name": l.name,
@@ -94,9 +133,10 @@ async fn status(args: &StoreArgs) -> anyhow::Result<()> {
                 "silent"
             };
             println!(
-                "  {:<16} {state:<6} last heartbeat {:.1} s ago",
+                "  {:<16} {state:<6} last heartbeat {:.1} s ago, {}",
                 n.node_id,
-                n.last_seen_ms_ago as f64 / 1000.0
+                n.last_seen_ms_ago as f64 / 1000.0,
+                describe_freshness(n.freshness.as_ref(), n.last_seen_ms_ago, generation)
             );
         }
     }

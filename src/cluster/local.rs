@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{ClusterHeads, Coordination, CoordinationError, Lease, LeaseStatus, NodeStatus};
+use super::{
+    ClusterHeads, Coordination, CoordinationError, FreshnessReport, Lease, LeaseStatus, NodeStatus,
+};
 use crate::audit::{Digest, PublishedCheckpoint};
 
 /// A node alone on its store (sled, whose directory lock admits one
@@ -49,7 +51,10 @@ impl Coordination for LocalCoordination {
         Ok(())
     }
 
-    async fn heartbeat(&self) -> Result<(), CoordinationError> {
+    async fn heartbeat(
+        &self,
+        _freshness: Option<FreshnessReport>,
+    ) -> Result<(), CoordinationError> {
         Ok(())
     }
 
@@ -58,6 +63,7 @@ impl Coordination for LocalCoordination {
             node_id: self.node_id.clone(),
             incarnation: String::new(),
             last_seen_ms_ago: 0,
+            freshness: None,
         }])
     }
 

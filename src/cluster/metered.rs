@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{ClusterHeads, Coordination, CoordinationError, Lease, LeaseStatus, NodeStatus};
+use super::{
+    ClusterHeads, Coordination, CoordinationError, FreshnessReport, Lease, LeaseStatus, NodeStatus,
+};
 use crate::audit::{Digest, PublishedCheckpoint};
 use crate::metrics::cluster::LeaseGauges;
 
@@ -47,8 +49,8 @@ impl Coordination for MeteredCoordination {
         self.inner.release(lease).await
     }
 
-    async fn heartbeat(&self) -> Result<(), CoordinationError> {
-        self.inner.heartbeat().await
+    async fn heartbeat(&self, freshness: Option<FreshnessReport>) -> Result<(), CoordinationError> {
+        self.inner.heartbeat(freshness).await
     }
 
     async fn nodes(&self) -> Result<Vec<NodeStatus>, CoordinationError> {

@@ -77,6 +77,39 @@ pub struct NodeStatus {
     pub incarnation: String,
     /// Milliseconds since its last heartbeat, by the registry's clock.
     pub last_seen_ms_ago: u64,
+    /// What its last heartbeat said of its caches (`None`: it has not
+    /// reported yet, or runs a binary that does not).
+    pub freshness: Option<ReportedFreshness>,
+}
+
+/// A node's freshness as the registry knows it: its heartbeat's
+/// [`FreshnessReport`], aged by the registry's clock.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReportedFreshness {
+    /// The last change-feed generation it had applied.
+    pub feed_generation: u64,
+    /// Milliseconds from the sending of its last successful poll to its
+    /// last heartbeat: how old its caches' confirmation was then (`None`:
+    /// never confirmed). A node polls several times between heartbeats,
+    /// so this is not aged further; a silent node's is unknown.
+    pub staleness_ms: Option<u64>,
+    /// Its bound: past it, a strict node refuses data keys.
+    pub max_staleness_ms: u64,
+    /// Strict (refuses when stale) or available mode.
+    pub strict: bool,
+}
+
+/// What a heartbeat tells the registry of this node's caches
+/// ([`crate::service::Kms::freshness_report`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreshnessReport {
+    /// The last change-feed generation applied.
+    pub feed_generation: u64,
+    /// Time since the sending of the last successful poll (`None`: none
+    /// yet).
+    pub confirmed_ago: Option<Duration>,
+    pub max_staleness: Duration,
+    pub strict: bool,
 }
 
 /// What the digest signer reads before it signs ([`audit`]).
@@ -115,8 +148,9 @@ pub trait Coordination: Send + Sync + fmt::Debug {
     async fn release(&self, lease: &Lease) -> Result<(), CoordinationError>;
 
     /// Registers this node on the first call, then records that it is
-    /// alive.
-    async fn heartbeat(&self) -> Result<(), CoordinationError>;
+    /// alive, and how fresh its caches are (`None`: a node alone on its
+    /// store, or a caller that has none to report).
+    async fn heartbeat(&self, freshness: Option<FreshnessReport>) -> Result<(), CoordinationError>;
 
     /// Every registered node.
     async fn nodes(&self) -> Result<Vec<NodeStatus>, CoordinationError>;

@@ -18,7 +18,10 @@ use tokio::sync::{Mutex, Notify};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use super::{ClusterHeads, Coordination, CoordinationError, Lease, LeaseStatus, NodeStatus};
+use super::{
+    ClusterHeads, Coordination, CoordinationError, FreshnessReport, Lease, LeaseStatus, NodeStatus,
+    ReportedFreshness,
+};
 use crate::audit::{Digest, PublishedCheckpoint};
 use crate::model::Timestamp;
 use crate::store::postgres::PgConnector;
@@ -192,15 +195,39 @@ impl Coordination for PgCoordination {
         Ok(())
     }
 
-    async fn heartbeat(&self) -> Result<(), CoordinationError> {
+    async fn heartbeat(&self, freshness: Option<FreshnessReport>) -> Result<(), CoordinationError> {
         let version = env!("CARGO_PKG_VERSION");
+        let generation = freshness
+            .map(|f| bigint(f.feed_generation, "the feed generation"))
+            .transpose()?;
+        // The confirmation's age, placed on the database's clock (the
+        // node's own is monotonic and means nothing to another).
+        let confirmed_ms_ago = freshness
+            .and_then(|f| f.confirmed_ago)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let max_staleness_ms =
+            freshness.map(|f| i64::try_from(f.max_staleness.as_millis()).unwrap_or(i64::MAX));
+        let strict = freshness.map(|f| f.strict);
         self.query(
-            "INSERT INTO nodes AS n (node_id, incarnation, started_at, last_seen, binary_version, max_schema)
-             VALUES ($1, $2, now(), now(), $3, $4)
+            "INSERT INTO nodes AS n (node_id, incarnation, started_at, last_seen, binary_version, max_schema,
+                                     feed_generation, confirmed_at, max_staleness_ms, strict)
+             VALUES ($1, $2, now(), now(), $3, $4,
+                     $5, now() - $6::bigint * interval '1 millisecond', $7, $8)
              ON CONFLICT (node_id) DO UPDATE
                SET started_at = CASE WHEN n.incarnation = $2 THEN n.started_at ELSE now() END,
-                   incarnation = $2, last_seen = now(), binary_version = $3, max_schema = $4",
-            &[&self.node_id, &self.incarnation, &version, &LATEST_VERSION],
+                   incarnation = $2, last_seen = now(), binary_version = $3, max_schema = $4,
+                   feed_generation = $5, confirmed_at = EXCLUDED.confirmed_at,
+                   max_staleness_ms = $7, strict = $8",
+            &[
+                &self.node_id,
+                &self.incarnation,
+                &version,
+                &LATEST_VERSION,
+                &generation,
+                &confirmed_ms_ago,
+                &max_staleness_ms,
+                &strict,
+            ],
         )
         .await?;
         if !self.registered.swap(true, Ordering::AcqRel) {
@@ -213,17 +240,36 @@ impl Coordination for PgCoordination {
         let rows = self
             .query(
                 "SELECT node_id, incarnation::text,
-                        (extract(epoch FROM now() - last_seen) * 1000)::bigint
+                        (extract(epoch FROM now() - last_seen) * 1000)::bigint,
+                        feed_generation,
+                        (extract(epoch FROM last_seen - confirmed_at) * 1000)::bigint,
+                        max_staleness_ms, strict
                  FROM nodes ORDER BY node_id",
                 &[],
             )
             .await?;
         rows.iter()
             .map(|r| {
+                let generation: Option<i64> = r.try_get(3).map_err(unavailable)?;
+                let staleness: Option<i64> = r.try_get(4).map_err(unavailable)?;
+                let max_staleness: Option<i64> = r.try_get(5).map_err(unavailable)?;
+                let strict: Option<bool> = r.try_get(6).map_err(unavailable)?;
+                let freshness = match (generation, max_staleness, strict) {
+                    (Some(generation), Some(max_staleness), Some(strict)) => {
+                        Some(ReportedFreshness {
+                            feed_generation: non_negative(generation),
+                            staleness_ms: staleness.map(non_negative),
+                            max_staleness_ms: non_negative(max_staleness),
+                            strict,
+                        })
+                    }
+                    _ => None,
+                };
                 Ok(NodeStatus {
                     node_id: r.try_get(0).map_err(unavailable)?,
                     incarnation: r.try_get(1).map_err(unavailable)?,
                     last_seen_ms_ago: non_negative(r.try_get(2).map_err(unavailable)?),
+                    freshness,
                 })
             })
             .collect()

@@ -111,7 +111,7 @@ pub(super) async fn start_following(
 ) -> anyhow::Result<JoinHandle<()>> {
     let coordination = Arc::clone(&cluster.coordination);
     coordination
-        .heartbeat()
+        .heartbeat(kms.freshness_report())
         .await
         .context("registering this node in the cluster")?;
     let head = kms.feed_head().await.context("reading the change feed")?;
@@ -124,7 +124,7 @@ pub(super) async fn start_following(
     Ok(tokio::spawn(async move {
         tokio::join!(
             follow(&kms, &*coordination, watermark, poll_interval),
-            heartbeats(&*coordination)
+            heartbeats(&kms, &*coordination)
         );
     }))
 }
@@ -157,14 +157,15 @@ async fn follow(
     }
 }
 
-/// Tells the node registry this node is alive, every [`HEARTBEAT_EVERY`].
-async fn heartbeats(coordination: &dyn Coordination) {
+/// Tells the node registry this node is alive, and how fresh its caches
+/// are, every [`HEARTBEAT_EVERY`].
+async fn heartbeats(kms: &Kms, coordination: &dyn Coordination) {
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // immediate: the node registered just now
     loop {
         tick.tick().await;
-        if let Err(e) = coordination.heartbeat().await {
+        if let Err(e) = coordination.heartbeat(kms.freshness_report()).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
     }

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Kms;
+use crate::cluster::FreshnessReport;
 use crate::error::{Error, Result};
 use crate::model::KeyId;
 
@@ -64,6 +65,8 @@ pub(super) struct Freshness {
     fresh_until_ns: AtomicU64,
     /// Requests served or refused while stale.
     stale_requests: AtomicU64,
+    /// The last change-feed generation a successful poll applied.
+    applied: AtomicU64,
 }
 
 impl Freshness {
@@ -73,6 +76,7 @@ impl Freshness {
             base: Instant::now(),
             fresh_until_ns: AtomicU64::new(0),
             stale_requests: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
         }
     }
 
@@ -186,6 +190,7 @@ impl Kms {
             }
         }
         if let Some(f) = &self.freshness {
+            f.applied.fetch_max(applied, Ordering::AcqRel);
             f.confirm(sent);
         }
         Ok(applied)
@@ -206,6 +211,28 @@ impl Kms {
         self.materials.remove_where(|(id, _)| changed.contains(id));
         self.objects.remove_where(|(id, _)| changed.contains(id));
         self.missing.clear();
+    }
+
+    /// How fresh this node's caches are, for its heartbeat (`coffre
+    /// cluster status` shows it); `None` alone on a store.
+    pub fn freshness_report(&self) -> Option<FreshnessReport> {
+        self.freshness.as_ref().map(|f| {
+            let max_staleness = f.settings.max_staleness;
+            let until = f.fresh_until_ns.load(Ordering::Acquire);
+            // The last poll's sending time is its freshness's end minus
+            // the bound; 0 means no poll has succeeded.
+            let confirmed_ago = (until != 0).then(|| {
+                let sent = Duration::from_nanos(until).saturating_sub(max_staleness);
+                let now = Duration::from_nanos(f.since_base(Instant::now()));
+                now.saturating_sub(sent)
+            });
+            FreshnessReport {
+                feed_generation: f.applied.load(Ordering::Acquire),
+                confirmed_ago,
+                max_staleness,
+                strict: f.settings.mode == StaleMode::Strict,
+            }
+        })
     }
 
     /// Data-key requests that met a stale node (served in available mode,

@@ -251,7 +251,10 @@ impl crate::cluster::Coordination for NodeLeases {
         self.leases.held.lock().unwrap().remove(&lease.name);
         Ok(())
     }
-    async fn heartbeat(&self) -> Result<(), crate::cluster::CoordinationError> {
+    async fn heartbeat(
+        &self,
+        _freshness: Option<crate::cluster::FreshnessReport>,
+    ) -> Result<(), crate::cluster::CoordinationError> {
         Ok(())
     }
     async fn nodes(

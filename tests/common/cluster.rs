@@ -265,6 +265,38 @@ impl TestCluster {
         http_status(self.nodes[i].metrics, "/readyz").is_some_and(|s| s.contains("200"))
     }
 
+    /// `coffre cluster status --json`, through node `via`'s configuration
+    /// (its URL: through its proxy, if it has one).
+    pub fn status(&self, via: usize) -> serde_json::Value {
+        let out = Command::new(super::binary::COFFRE)
+            .args(["cluster", "status", "--json", "--config"])
+            .arg(&self.nodes[via].config)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "coffre cluster status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Node `i`'s freshness as `coffre cluster status` (read through node
+    /// `via`) reports it: `None` while it has reported none.
+    pub fn reported_freshness(&self, via: usize, i: usize) -> Option<serde_json::Value> {
+        let status = self.status(via);
+        let node = status["nodes"]
+            .as_array()
+            .and_then(|nodes| {
+                nodes
+                    .iter()
+                    .find(|n| n["node_id"] == self.nodes[i].node_id.as_str())
+            })
+            .unwrap_or_else(|| panic!("node {} not in {status}", self.nodes[i].node_id));
+        Some(node["freshness"].clone()).filter(|f| !f.is_null())
+    }
+
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }

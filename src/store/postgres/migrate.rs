@@ -41,14 +41,21 @@ impl Migration {
 }
 
 /// Every migration this binary knows, in order, versions 1, 2, ...
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("sql/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("sql/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "node_freshness",
+        sql: include_str!("sql/0002_node_freshness.sql"),
+    },
+];
 
 /// The newest schema version this binary knows (and needs).
-pub const LATEST_VERSION: i32 = 1;
+pub const LATEST_VERSION: i32 = 2;
 
 /// The advisory lock migrators take ("coffre" and 1, as a number), in
 /// PostgreSQL's one 64-bit key space shared with every other application
