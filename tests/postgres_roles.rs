@@ -98,7 +98,7 @@ async fn the_app_role_does_dml_only_and_the_owner_migrates() {
         coffre::store::postgres::check_schema_for_serving(&client, &c)
             .await
             .unwrap(),
-        1
+        coffre::store::postgres::migrate::LATEST_VERSION
     );
 
     // Nothing else.
