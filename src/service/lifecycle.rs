@@ -24,6 +24,7 @@ use super::quorum::Approved;
 use crate::authz::{Caller, Operation};
 use crate::error::{Error, Result};
 use crate::model::{KeyId, KeyRecord, KeyRef, KeyState, ProtectionLevel, Timestamp};
+use crate::store::StoreError;
 use crate::store::approvals::SensitiveOperation;
 
 pub const MIN_DELETION_DAYS: u32 = 7;
@@ -401,6 +402,13 @@ impl Kms {
                             done_list.push(key.id);
                         }
                         progressed |= done;
+                    }
+                    // The key changed between this pass's read and its
+                    // write (a deletion cancelled, another node's scheduler
+                    // first): the store kept the other change, nothing
+                    // failed. A key still due is taken again next pass.
+                    Err(Error::Store(StoreError::Conflict(_))) => {
+                        tracing::info!(key_id = %key.id, "scheduler: the key changed meanwhile; left as it now is");
                     }
                     Err(e) => {
                         tracing::error!(key_id = %key.id, error = %e, "scheduler: action failed; retried next pass");

@@ -751,3 +751,56 @@ async fn an_interrupted_destruction_is_never_cancelled_and_is_resumed() {
         "its object survived"
     );
 }
+
+/// Cancels the deletion of every key the scheduler is about to destroy,
+/// through another core on the same store: the cancel commits between the
+/// scheduler's read and its write, as one on another node can.
+struct CancelledMeanwhile<'a>(&'a Kms);
+
+impl Announce for CancelledMeanwhile<'_> {
+    async fn announce(&self, action: &'static str, key: KeyId) -> Result<()> {
+        if action == "DestroyKey" {
+            self.0.cancel_key_deletion(&op(), &KeyRef::Id(key)).await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_deletion_cancelled_meanwhile_is_not_a_scheduler_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let store: Arc<dyn crate::store::KeyStore> =
+        Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+    let hsm: Arc<dyn crate::hsm::Hsm> =
+        Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "lifecycle-pin").unwrap());
+    let core = || {
+        Kms::new(
+            Arc::clone(&store),
+            Arc::clone(&hsm),
+            Arc::new(StaticRoles::new([("op".to_string(), Role::Operator)])),
+            Arc::clone(&clock) as Arc<dyn crate::model::Clock>,
+            KmsOptions::default(),
+        )
+    };
+    let (scheduler, other) = (core(), core());
+    // A SOFTWARE key: an HSM-level one can no longer be cancelled once its
+    // deletion time has passed (its objects may be going).
+    let k = new_key(&scheduler, None).await;
+    scheduler
+        .schedule_key_deletion(&op(), &k, Some(7))
+        .await
+        .unwrap();
+    clock.advance(DAY * 8);
+    let report = scheduler
+        .run_scheduler_announcing(&CancelledMeanwhile(&other))
+        .await;
+    assert!(report.destroyed.is_empty(), "{report:?}");
+    assert_eq!(report.failed, 0, "a lost race is no failure: {report:?}");
+    let record = other.get_key(&op(), &k).await.unwrap().key;
+    assert_eq!(record.state, KeyState::Disabled, "the cancel stands");
+    assert_eq!(record.deletion_at, None);
+    // Nothing is due any more: the next pass leaves it alone.
+    let again = scheduler.run_scheduler_once().await;
+    assert!(again.destroyed.is_empty() && again.failed == 0, "{again:?}");
+}
