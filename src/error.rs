@@ -63,6 +63,19 @@ pub enum Error {
         max_staleness: std::time::Duration,
         overdue: std::time::Duration,
     },
+    /// The key version a new wrap would use was read from a shared store,
+    /// and the database has not yet shown that it survives a failover
+    /// (the durability barrier, `cluster::barrier`): nothing is wrapped
+    /// under it until it does.
+    #[error(
+        "version {version} of key {key_id} is not yet confirmed replicated by the database \
+         ({reason}); retry"
+    )]
+    NotDurable {
+        key_id: KeyId,
+        version: u32,
+        reason: crate::cluster::BarrierError,
+    },
     /// A bug: an invariant did not hold. Details go to the server log only.
     #[error("internal error: {0}")]
     Internal(String),

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    ClusterHeads, Coordination, CoordinationError, FreshnessReport, Lease, LeaseStatus, NodeStatus,
+    BarrierError, ClusterHeads, Coordination, CoordinationError, Durability, DurableTicket,
+    FreshnessReport, Lease, LeaseStatus, NodeStatus, ReadMark,
 };
 use crate::audit::{Digest, PublishedCheckpoint};
 
@@ -38,6 +39,27 @@ impl Coordination for LocalCoordination {
 
     /// Alone on its store: nothing to report.
     fn render_metrics(&self, _out: &mut String) {}
+
+    fn read_mark(&self) -> ReadMark {
+        ReadMark::default()
+    }
+
+    fn durable_ticket(&self, _mark: ReadMark) -> DurableTicket {
+        DurableTicket::default()
+    }
+
+    /// Alone on its store, whose writes are durable when they return.
+    fn durability(&self, _ticket: DurableTicket) -> Durability {
+        Durability::Durable
+    }
+
+    async fn wait_durable(
+        &self,
+        _ticket: DurableTicket,
+        _timeout: Duration,
+    ) -> Result<(), BarrierError> {
+        Ok(())
+    }
 
     async fn acquire(&self, name: &str, ttl: Duration) -> Result<Option<Lease>, CoordinationError> {
         Ok(Some(Lease {

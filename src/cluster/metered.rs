@@ -10,7 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ClusterHeads, Coordination, CoordinationError, FreshnessReport, Lease, LeaseStatus, NodeStatus,
+    BarrierError, ClusterHeads, Coordination, CoordinationError, Durability, DurableTicket,
+    FreshnessReport, Lease, LeaseStatus, NodeStatus, ReadMark,
 };
 use crate::audit::{Digest, PublishedCheckpoint};
 use crate::metrics::cluster::LeaseGauges;
@@ -51,6 +52,26 @@ impl Coordination for MeteredCoordination {
 
     async fn heartbeat(&self, freshness: Option<FreshnessReport>) -> Result<(), CoordinationError> {
         self.inner.heartbeat(freshness).await
+    }
+
+    fn read_mark(&self) -> ReadMark {
+        self.inner.read_mark()
+    }
+
+    fn durable_ticket(&self, mark: ReadMark) -> DurableTicket {
+        self.inner.durable_ticket(mark)
+    }
+
+    fn durability(&self, ticket: DurableTicket) -> Durability {
+        self.inner.durability(ticket)
+    }
+
+    async fn wait_durable(
+        &self,
+        ticket: DurableTicket,
+        timeout: Duration,
+    ) -> Result<(), BarrierError> {
+        self.inner.wait_durable(ticket, timeout).await
     }
 
     async fn nodes(&self) -> Result<Vec<NodeStatus>, CoordinationError> {

@@ -24,10 +24,12 @@ use async_trait::async_trait;
 use crate::audit::{Digest, PublishedCheckpoint};
 
 pub mod audit;
+pub mod barrier;
 pub mod local;
 pub mod metered;
 pub mod postgres;
 
+pub use barrier::{BarrierError, Durability, DurableTicket, ReadMark};
 pub use local::LocalCoordination;
 
 /// The jobs that run on one node at a time.
@@ -185,6 +187,29 @@ pub trait Coordination: Send + Sync + fmt::Debug {
         after_n: u64,
         limit: usize,
     ) -> Result<Vec<Digest>, CoordinationError>;
+
+    /// Before a store read whose result may be used for new wraps (a key
+    /// version), or before writing one: the durability barrier
+    /// ([`barrier`]) begins here.
+    fn read_mark(&self) -> ReadMark;
+
+    /// After that read (or write) returned: what a barrier must reach.
+    fn durable_ticket(&self, mark: ReadMark) -> DurableTicket;
+
+    /// Whether what was read before `ticket` is known to survive a
+    /// failover. Always, alone on a store: its writes are durable when
+    /// they return.
+    fn durability(&self, ticket: DurableTicket) -> Durability;
+
+    /// Waits until `ticket` is [`Durability::Durable`], forcing a barrier
+    /// (a commit of this node's) if none covers it yet; `timeout` at most.
+    /// No default, like the rest: a decorator that forgot to forward it
+    /// would silently turn the barrier off.
+    async fn wait_durable(
+        &self,
+        ticket: DurableTicket,
+        timeout: Duration,
+    ) -> Result<(), BarrierError>;
 
     /// Appends what the backend knows about the shared store's health to
     /// the metrics page (Prometheus text). Alone on a store: nothing. No

@@ -18,9 +18,10 @@ use tokio::sync::{Mutex, Notify};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
+use super::barrier::Barrier;
 use super::{
-    ClusterHeads, Coordination, CoordinationError, FreshnessReport, Lease, LeaseStatus, NodeStatus,
-    ReportedFreshness,
+    BarrierError, ClusterHeads, Coordination, CoordinationError, Durability, DurableTicket,
+    FreshnessReport, Lease, LeaseStatus, NodeStatus, ReadMark, ReportedFreshness,
 };
 use crate::audit::{Digest, PublishedCheckpoint};
 use crate::model::Timestamp;
@@ -47,7 +48,11 @@ pub struct PgCoordination {
     connector: Arc<PgConnector>,
     node_id: String,
     incarnation: Uuid,
-    client: Mutex<Option<Client>>,
+    /// Leases, heartbeats and barriers.
+    session: Arc<Session>,
+    /// The durability barrier ([`super::barrier`]): the heartbeat is one,
+    /// and a wrap under a version not yet covered forces one.
+    barrier: Arc<Barrier>,
     listener: Mutex<Option<Client>>,
     wake: Arc<Notify>,
     registered: AtomicBool,
@@ -74,10 +79,14 @@ impl PgCoordination {
     /// incarnation `incarnation`. Connects lazily.
     pub fn new(connector: Arc<PgConnector>, node_id: impl Into<String>, incarnation: Uuid) -> Self {
         Self {
-            connector,
+            connector: Arc::clone(&connector),
             node_id: node_id.into(),
             incarnation,
-            client: Mutex::new(None),
+            session: Arc::new(Session {
+                connector: Arc::clone(&connector),
+                client: Mutex::new(None),
+            }),
+            barrier: Arc::new(Barrier::new()),
             listener: Mutex::new(None),
             wake: Arc::new(Notify::new()),
             registered: AtomicBool::new(false),
@@ -96,6 +105,20 @@ impl PgCoordination {
         self.incarnation
     }
 
+    /// The timeline rises this process has seen (the barrier's lineage).
+    fn lineage(&self) -> u64 {
+        self.connector.fence().rises()
+    }
+}
+
+/// The coordination connection: opened on first use, dropped after an
+/// error (opened again next time).
+struct Session {
+    connector: Arc<PgConnector>,
+    client: Mutex<Option<Client>>,
+}
+
+impl Session {
     /// Runs one statement on the coordination connection, opening it
     /// first if needed, dropping it after an error (opened again next
     /// time).
@@ -158,6 +181,7 @@ impl Coordination for PgCoordination {
     async fn acquire(&self, name: &str, ttl: Duration) -> Result<Option<Lease>, CoordinationError> {
         let sent = Instant::now();
         let rows = self
+            .session
             .query(
                 "INSERT INTO leases AS l (name, holder, holder_incarnation, token, expires_at)
                  VALUES ($1, $2, $3, 1, now() + $4::bigint * interval '1 millisecond')
@@ -186,12 +210,13 @@ impl Coordination for PgCoordination {
 
     async fn release(&self, lease: &Lease) -> Result<(), CoordinationError> {
         let token = i64::try_from(lease.token).unwrap_or(i64::MAX);
-        self.query(
-            "UPDATE leases SET expires_at = now()
+        self.session
+            .query(
+                "UPDATE leases SET expires_at = now()
              WHERE name = $1 AND holder = $2 AND holder_incarnation = $3 AND token = $4",
-            &[&lease.name, &self.node_id, &self.incarnation, &token],
-        )
-        .await?;
+                &[&lease.name, &self.node_id, &self.incarnation, &token],
+            )
+            .await?;
         Ok(())
     }
 
@@ -208,7 +233,10 @@ impl Coordination for PgCoordination {
         let max_staleness_ms =
             freshness.map(|f| i64::try_from(f.max_staleness.as_millis()).unwrap_or(i64::MAX));
         let strict = freshness.map(|f| f.strict);
-        self.query(
+        // A write, so a barrier: acknowledged, it shows every commit this
+        // node read before it began replicated.
+        let barrier = self.barrier.begin(self.lineage());
+        let written = self.session.query(
             "INSERT INTO nodes AS n (node_id, incarnation, started_at, last_seen, binary_version, max_schema,
                                      feed_generation, confirmed_at, max_staleness_ms, strict)
              VALUES ($1, $2, now(), now(), $3, $4,
@@ -229,15 +257,74 @@ impl Coordination for PgCoordination {
                 &strict,
             ],
         )
-        .await?;
+        .await;
+        self.barrier.finish(
+            barrier,
+            written.as_ref().map(|_| ()).map_err(ToString::to_string),
+            self.lineage(),
+        );
+        written?;
         if !self.registered.swap(true, Ordering::AcqRel) {
             tracing::info!(node_id = %self.node_id, incarnation = %self.incarnation, "registered in the cluster's node registry");
         }
         Ok(())
     }
 
+    fn read_mark(&self) -> ReadMark {
+        self.barrier.mark(self.lineage())
+    }
+
+    fn durable_ticket(&self, mark: ReadMark) -> DurableTicket {
+        self.barrier.ticket(mark)
+    }
+
+    fn durability(&self, ticket: DurableTicket) -> Durability {
+        self.barrier.durability(ticket, self.lineage())
+    }
+
+    async fn wait_durable(
+        &self,
+        ticket: DurableTicket,
+        timeout: Duration,
+    ) -> Result<(), BarrierError> {
+        let start = || {
+            let (barrier, session) = (Arc::clone(&self.barrier), Arc::clone(&self.session));
+            let (node_id, incarnation) = (self.node_id.clone(), self.incarnation);
+            let started = barrier.begin_forced(self.lineage());
+            // A task of its own: a waiter that gives up does not cut the
+            // commit short, and later waiters share it.
+            tokio::spawn(async move {
+                let outcome = session
+                    .query(
+                        "UPDATE nodes SET last_seen = now()
+                         WHERE node_id = $1 AND incarnation = $2 RETURNING 1",
+                        &[&node_id, &incarnation],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|rows| {
+                        // No row, no write: nothing waited for the standbys.
+                        if rows.is_empty() {
+                            Err(format!(
+                                "node {node_id} (incarnation {incarnation}) is not in the \
+                                 node registry"
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    });
+                let lineage = session.connector.fence().rises();
+                barrier.finish(started, outcome, lineage);
+            });
+        };
+        self.barrier
+            .wait(ticket, timeout, || self.lineage(), start)
+            .await
+    }
+
     async fn nodes(&self) -> Result<Vec<NodeStatus>, CoordinationError> {
         let rows = self
+            .session
             .query(
                 "SELECT node_id, incarnation::text,
                         (extract(epoch FROM now() - last_seen) * 1000)::bigint,
@@ -277,6 +364,7 @@ impl Coordination for PgCoordination {
 
     async fn leases(&self) -> Result<Vec<LeaseStatus>, CoordinationError> {
         let rows = self
+            .session
             .query(
                 "SELECT name, holder, token,
                         greatest(0, (extract(epoch FROM expires_at - now()) * 1000))::bigint
@@ -341,7 +429,7 @@ impl Coordination for PgCoordination {
             times.push(cp.time.0);
             signatures.push(cp.signature.as_str());
         }
-        self.query(
+        self.session.query(
             "INSERT INTO audit_checkpoints (node_id, log_id, seq, head_hash, time_ms, signature)
              SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],
                                   $5::bigint[], $6::text[])
@@ -354,6 +442,7 @@ impl Coordination for PgCoordination {
 
     async fn latest_heads(&self) -> Result<ClusterHeads, CoordinationError> {
         let rows = self
+            .session
             .query(
                 "SELECT (SELECT key_generation FROM coffre_cluster),
                         (SELECT line FROM audit_digests ORDER BY n DESC LIMIT 1)",
@@ -369,6 +458,7 @@ impl Coordination for PgCoordination {
         // One index probe per registered node (audit_checkpoints_latest),
         // not a scan of every checkpoint ever published.
         let rows = self
+            .session
             .query(
                 "SELECT c.node_id, c.log_id, c.seq, c.head_hash, c.time_ms, c.signature
                  FROM nodes n CROSS JOIN LATERAL (
@@ -402,6 +492,7 @@ impl Coordination for PgCoordination {
     async fn append_digest(&self, digest: &Digest) -> Result<bool, CoordinationError> {
         let line = digest.to_line().map_err(unavailable)?;
         let rows = self
+            .session
             .query(
                 "INSERT INTO audit_digests (n, time_ms, prev_hash, key_generation, line)
                  VALUES ($1, $2, $3, $4, $5)
@@ -449,6 +540,7 @@ impl Coordination for PgCoordination {
     ) -> Result<Vec<Digest>, CoordinationError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
+            .session
             .query(
                 "SELECT line FROM audit_digests WHERE n > $1 ORDER BY n LIMIT $2",
                 &[&bigint(after_n, "digest n")?, &limit],

@@ -122,6 +122,19 @@ impl From<Error> for Failure {
             Error::PermissionDenied(m) => Self::new(C::PermissionDenied, m),
             e @ Error::KeyNotEnabled { .. } => Self::new(C::FailedPrecondition, e.to_string()),
             e @ Error::NotFresh { .. } => Self::new(C::Unavailable, e.to_string()),
+            // The reason (a database error) goes to the log only.
+            e @ Error::NotDurable {
+                key_id, version, ..
+            } => {
+                tracing::warn!(error = %e, "a new wrap waits for the database");
+                Self::new(
+                    C::Unavailable,
+                    format!(
+                        "version {version} of key {key_id} is not yet confirmed replicated by \
+                         the database; retry"
+                    ),
+                )
+            }
             Error::FailedPrecondition(m) => Self::new(C::FailedPrecondition, m),
             Error::AlreadyExists(m) => Self::new(C::AlreadyExists, m),
             Error::ResourceExhausted(m) => Self::new(C::ResourceExhausted, m),

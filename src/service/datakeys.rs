@@ -180,6 +180,7 @@ impl Kms {
             });
         }
         let material = self.material(record.id, version).await?;
+        self.ensure_durable(record.id, version).await?;
         let items = (0..count)
             .map(|_| {
                 let mut data_key = SecretBytes::zeroed(number_of_bytes);
@@ -426,6 +427,7 @@ impl Kms {
                 .await;
         }
         let material = self.material(record.id, version).await?;
+        self.ensure_durable(record.id, version).await?;
         crypto::seal(&self.rng, &material, record.id, version, digest, plaintext)
             .map_err(seal_error)
     }
@@ -437,6 +439,7 @@ impl Kms {
         if let Some(name) = self.objects.get(&(id, version)) {
             return Ok(name);
         }
+        let mark = self.version_mark();
         let record =
             self.store.get_version(id, version).await?.ok_or_else(|| {
                 Error::Internal(format!("key {id} has no version {version} stored"))
@@ -449,6 +452,7 @@ impl Kms {
                 ))
             })?
             .into();
+        self.note_version(id, version, mark);
         self.objects.insert((id, version), Arc::clone(&name));
         Ok(name)
     }
@@ -478,6 +482,7 @@ impl Kms {
         let header_bytes = header.to_bytes();
         let aad = crypto::blob_aad(&header_bytes, digest);
         let name = self.object_name(id, version).await?;
+        self.ensure_durable(id, version).await?;
         let sealed = self
             .hsm
             .seal_with_object(

@@ -80,6 +80,11 @@ impl Freshness {
         }
     }
 
+    /// The bound: past it, a strict node refuses data keys.
+    pub(super) fn max_staleness(&self) -> Duration {
+        self.settings.max_staleness
+    }
+
     fn since_base(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
     }
@@ -193,6 +198,7 @@ impl Kms {
             f.applied.fetch_max(applied, Ordering::AcqRel);
             f.confirm(sent);
         }
+        self.sweep_confirmed();
         Ok(applied)
     }
 

@@ -221,6 +221,39 @@ struct Leases {
 struct NodeLeases {
     node: String,
     leases: Arc<Leases>,
+    /// The durability barrier, as a database's acknowledgements would
+    /// drive it: a forced barrier is acknowledged at once, or held until
+    /// [`Acks::release`] while `acks.holding`.
+    barrier: Arc<crate::cluster::barrier::Barrier>,
+    acks: Arc<Acks>,
+}
+
+#[derive(Debug, Default)]
+struct Acks {
+    holding: std::sync::atomic::AtomicBool,
+    held: std::sync::Mutex<Vec<crate::cluster::barrier::Started>>,
+}
+
+impl NodeLeases {
+    fn new(node: &str, leases: &Arc<Leases>) -> Self {
+        Self {
+            node: node.into(),
+            leases: Arc::clone(leases),
+            barrier: Arc::default(),
+            acks: Arc::default(),
+        }
+    }
+}
+
+impl Acks {
+    /// The held commits are acknowledged, and later ones at once.
+    fn release(&self, barrier: &crate::cluster::barrier::Barrier) {
+        self.holding
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        for started in self.held.lock().unwrap().drain(..) {
+            barrier.finish(started, Ok(()), 0);
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -229,6 +262,30 @@ impl crate::cluster::Coordination for NodeLeases {
         &self.node
     }
     fn render_metrics(&self, _out: &mut String) {}
+    fn read_mark(&self) -> crate::cluster::ReadMark {
+        self.barrier.mark(0)
+    }
+    fn durable_ticket(&self, mark: crate::cluster::ReadMark) -> crate::cluster::DurableTicket {
+        self.barrier.ticket(mark)
+    }
+    fn durability(&self, ticket: crate::cluster::DurableTicket) -> crate::cluster::Durability {
+        self.barrier.durability(ticket, 0)
+    }
+    async fn wait_durable(
+        &self,
+        ticket: crate::cluster::DurableTicket,
+        timeout: Duration,
+    ) -> Result<(), crate::cluster::BarrierError> {
+        let start = || {
+            let started = self.barrier.begin_forced(0);
+            if self.acks.holding.load(std::sync::atomic::Ordering::SeqCst) {
+                self.acks.held.lock().unwrap().push(started);
+            } else {
+                self.barrier.finish(started, Ok(()), 0);
+            }
+        };
+        self.barrier.wait(ticket, timeout, || 0, start).await
+    }
     async fn acquire(
         &self,
         name: &str,
@@ -307,10 +364,8 @@ async fn a_root_key_rotation_runs_on_one_node_at_a_time() {
         Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap());
     let leases = Arc::new(Leases::default());
     let on = |name: &str| {
-        node(&store, &hsm, strict(60_000)).with_coordination(Arc::new(NodeLeases {
-            node: name.into(),
-            leases: Arc::clone(&leases),
-        }))
+        node(&store, &hsm, strict(60_000))
+            .with_coordination(Arc::new(NodeLeases::new(name, &leases)))
     };
     let (a, b) = (on("a"), on("b"));
     a.create_key(&Caller::new("op"), CreateKeyInput::default())
@@ -318,10 +373,7 @@ async fn a_root_key_rotation_runs_on_one_node_at_a_time() {
         .unwrap();
     let before = hsm.info().await.unwrap();
     // A takes the lease (as its rotation would), then B tries.
-    let held = NodeLeases {
-        node: "a".into(),
-        leases: Arc::clone(&leases),
-    };
+    let held = NodeLeases::new("a", &leases);
     let lease = crate::cluster::Coordination::acquire(
         &held,
         crate::cluster::leases::ROOT_ROTATION,
@@ -357,4 +409,113 @@ async fn a_root_key_rotation_runs_on_one_node_at_a_time() {
         hsm.info().await.unwrap().root_key_ids,
         vec![again.new_root_key_id]
     );
+}
+
+/// The durability barrier on the wrap path: a version another node wrote
+/// (or this one) is not wrapped under until a commit of this node's begun
+/// after the version was read is acknowledged; unwraps under it need no
+/// barrier. While the database acknowledges nothing (its wait for the
+/// standbys hangs), the wrap is refused UNAVAILABLE after the bound; once
+/// it acknowledges, the same request succeeds, with no second barrier.
+#[tokio::test]
+async fn a_new_version_is_wrapped_under_only_once_a_barrier_covers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+    let hsm: Arc<dyn Hsm> =
+        Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap());
+    let leases = Arc::new(Leases::default());
+    let coordination = Arc::new(NodeLeases::new("b", &leases));
+    let a = node(&store, &hsm, strict(60_000));
+    let b = node(&store, &hsm, strict(300)).with_coordination(coordination.clone());
+    let op = Caller::new("op");
+    let key = KeyRef::Id(
+        a.create_key(&op, CreateKeyInput::default())
+            .await
+            .unwrap()
+            .key
+            .id,
+    );
+    let mut seen = b.poll_changes(0).await.unwrap();
+    let v1 = data_key(&b, &key).await.unwrap();
+    assert_eq!(v1.key_version, 1);
+    assert_eq!(
+        b.unconfirmed.len(),
+        0,
+        "the wrap's barrier covered version 1"
+    );
+
+    // A rotates; B learns of it, and its database stops acknowledging.
+    a.rotate_key(&op, &key).await.unwrap();
+    seen = b.poll_changes(seen).await.unwrap();
+    coordination
+        .acks
+        .holding
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = data_key(&b, &key).await.unwrap_err();
+    match &err {
+        Error::NotDurable {
+            version: 2,
+            reason: crate::cluster::BarrierError::TimedOut(_),
+            ..
+        } => {}
+        other => panic!("expected NotDurable for version 2, got {other:?}"),
+    }
+    assert_eq!(
+        crate::pipeline::Failure::from(err).code(),
+        crate::pipeline::Code::Unavailable
+    );
+    // Unwraps go on, under the old version and the new one alike.
+    seen = b.poll_changes(seen).await.unwrap();
+    let opened = b
+        .decrypt(
+            &Caller::new("svc"),
+            &v1.ciphertext_blob,
+            &context(),
+            WHY,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(opened.key_version, 1);
+    a.poll_changes(0).await.unwrap();
+    let under_v2 = a
+        .generate_data_key(&Caller::new("svc"), &key, &context(), WHY, 32, false)
+        .await
+        .unwrap();
+    assert_eq!(under_v2.key_version, 2);
+    assert_eq!(
+        b.decrypt(
+            &Caller::new("svc"),
+            &under_v2.ciphertext_blob,
+            &context(),
+            WHY,
+            None
+        )
+        .await
+        .unwrap()
+        .key_version,
+        2
+    );
+
+    // The hung commit is acknowledged: the wrap goes through.
+    coordination.acks.release(&coordination.barrier);
+    seen = b.poll_changes(seen).await.unwrap();
+    let v2 = data_key(&b, &key).await.unwrap();
+    assert_eq!(v2.key_version, 2);
+
+    // Its own writes too: a rotation on B waits for a barrier begun after
+    // its commit returned.
+    coordination
+        .acks
+        .holding
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    b.rotate_key(&op, &key).await.unwrap();
+    b.poll_changes(seen).await.unwrap();
+    assert!(matches!(
+        data_key(&b, &key).await.unwrap_err(),
+        Error::NotDurable { version: 3, .. }
+    ));
+    coordination.acks.release(&coordination.barrier);
+    b.poll_changes(seen).await.unwrap();
+    assert_eq!(data_key(&b, &key).await.unwrap().key_version, 3);
 }

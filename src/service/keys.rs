@@ -64,6 +64,7 @@ impl Kms {
         let (mut version, material) = self.new_version(id, 1, level).await?;
         let record = self.new_key_record(caller, id, input, &version);
         let mut attempts = 0;
+        let mark = self.version_mark();
         let created = loop {
             match self.store.create_key(&record, &version).await {
                 Err(StoreError::RootKeyRetired(root)) if attempts < ROOT_RETIRED_ATTEMPTS => {
@@ -78,6 +79,9 @@ impl Kms {
             self.forget_new_object(&version, &e).await;
             return Err(e);
         }
+        // Its own write too: an acknowledgement says the same as a barrier
+        // only while no one cancelled the commit's wait for the standbys.
+        self.note_version(id, 1, mark);
         if let Some(material) = material {
             self.materials.insert((id, 1), Arc::new(material));
         }
@@ -422,6 +426,7 @@ impl Kms {
         adjust(&mut updated);
         let mut version = version;
         let mut attempts = 0;
+        let mark = self.version_mark();
         let added = loop {
             match self.store.add_version(&current, &updated, &version).await {
                 Err(StoreError::RootKeyRetired(root)) if attempts < ROOT_RETIRED_ATTEMPTS => {
@@ -436,6 +441,7 @@ impl Kms {
             self.forget_new_object(&version, &e).await;
             return Err(e);
         }
+        self.note_version(id, next_version, mark);
         if let Some(material) = material {
             self.materials
                 .insert((id, next_version), Arc::new(material));

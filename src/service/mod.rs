@@ -39,6 +39,7 @@ mod audit_reads;
 mod cache;
 pub mod canonical;
 mod datakeys;
+mod durable;
 pub mod freshness;
 mod keys;
 mod lifecycle;
@@ -147,8 +148,11 @@ pub struct Kms {
     audit_log: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
     /// Set when other nodes share the store (`freshness.rs`).
     freshness: Option<freshness::Freshness>,
-    /// Leases for the work one node at a time does (root-key rotation).
+    /// Leases for the work one node at a time does (root-key rotation),
+    /// and the durability barrier.
     coordination: Arc<dyn crate::cluster::Coordination>,
+    /// Versions not yet known to survive a failover (`durable.rs`).
+    unconfirmed: durable::Unconfirmed,
 }
 
 /// How long "no such key" is believed without asking the store again.
@@ -226,6 +230,7 @@ impl Kms {
             audit_log: std::sync::OnceLock::new(),
             freshness: None,
             coordination: Arc::new(crate::cluster::LocalCoordination::default()),
+            unconfirmed: durable::Unconfirmed::default(),
         }
     }
 
@@ -531,6 +536,7 @@ impl Kms {
         if let Some(m) = self.materials.get(&(id, version)) {
             return Ok(m);
         }
+        let mark = self.version_mark();
         let record = self.store.get_version(id, version).await?.ok_or_else(|| {
             Error::Internal(format!(
                 "version {version} of key {id} is missing from the store"
@@ -553,6 +559,7 @@ impl Kms {
             ))
         })?;
         let material = Arc::new(material);
+        self.note_version(id, version, mark);
         self.materials.insert((id, version), Arc::clone(&material));
         Ok(material)
     }

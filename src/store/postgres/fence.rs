@@ -104,6 +104,8 @@ impl std::fmt::Display for Refusal {
 pub struct TimelineFence {
     state: Mutex<State>,
     refused: AtomicU64,
+    /// Times the highest timeline rose (the durability barrier's lineage).
+    rises: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +156,9 @@ impl TimelineFence {
             if seen.timeline > highest.timeline {
                 state.highest = Some(seen);
                 state.raised_at = Some(Instant::now());
+                // Under the lock: a barrier reading it after this admit
+                // sees the rise.
+                self.rises.fetch_add(1, Ordering::SeqCst);
                 drop(state);
                 tracing::warn!(
                     from = highest.timeline,
@@ -193,6 +198,11 @@ impl TimelineFence {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).highest
     }
 
+    /// How many times the highest timeline rose in this process.
+    pub fn rises(&self) -> u64 {
+        self.rises.load(Ordering::SeqCst)
+    }
+
     /// Servers refused so far.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
@@ -221,8 +231,14 @@ mod tests {
         assert_eq!(fence.refused(), 0);
         let before = Instant::now();
         assert!(!fence.predates_rise(before));
+        assert_eq!(fence.rises(), 0);
         fence.admit(at(7, 2)).unwrap();
         assert_eq!(fence.highest(), Some(at(7, 2)));
+        assert_eq!(
+            fence.rises(),
+            1,
+            "the first server sets the mark, a promotion raises it"
+        );
         assert!(fence.predates_rise(before));
         let err = fence.admit(at(7, 1)).unwrap_err();
         assert_eq!(
