@@ -17,6 +17,8 @@
 
 mod audit;
 #[cfg(test)]
+mod barrier_pg_tests;
+#[cfg(test)]
 mod cluster_race_tests;
 mod data_dir;
 pub mod dev;
