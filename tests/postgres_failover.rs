@@ -18,6 +18,9 @@
 //!   the cut are certainly missing on the promoted server (their WAL never
 //!   left the proxy), so the first test can only pass because of
 //!   synchronous replication, not because loopback replication is fast.
+//!   The promoted server then issues the lost change-feed generations
+//!   again; a key disabled there must still be refused by every node
+//!   within the bound (a node follows the new history from its head).
 //!
 //! Then the returning old primary (§4.2): restarted read-write, first in
 //! the URL, it must be refused by every node (timeline fencing), with an
@@ -452,6 +455,48 @@ async fn without_synchronous_replication_acknowledged_writes_are_lost() {
         run.acked.len(),
         after_cut.len()
     );
+
+    // The promoted server issues the lost generations again: the two
+    // keys created after the promotion and this disable take generations
+    // that the nodes had applied before the kill, from the lost history.
+    // Each node must still refuse the key within the bound.
+    assert!(
+        missing.len() >= 3,
+        "fewer lost writes than the changes made after the promotion: {missing:?}"
+    );
+    let mut c = clients(&run.cluster).await;
+    c[0].keys
+        .disable_key(pb::DisableKeyRequest {
+            key_id: run.warm.clone(),
+        })
+        .await
+        .unwrap();
+    let disabled = Instant::now();
+    let bound = Duration::from_millis(1_000);
+    for (i, client) in c.iter_mut().enumerate() {
+        loop {
+            match client.generate_data_key(&run.warm, CONTEXT).await {
+                Err(s) if s.code() == Code::FailedPrecondition => break,
+                outcome => {
+                    // A poll's round trip and the call's own on top.
+                    assert!(
+                        disabled.elapsed() < bound + Duration::from_millis(500),
+                        "node n{} still answers {:?} for a key disabled on the promoted \
+                         server {:?} ago",
+                        i + 1,
+                        outcome.map(|_| "a data key"),
+                        disabled.elapsed()
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        eprintln!(
+            "node n{} refuses the key disabled after the promotion {:?} after the disable",
+            i + 1,
+            disabled.elapsed()
+        );
+    }
 }
 
 /// The counter `name` on node `i`'s metrics page (0 if absent).

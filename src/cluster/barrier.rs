@@ -37,6 +37,14 @@ pub struct ReadMark {
     lineage: u64,
 }
 
+impl ReadMark {
+    /// How many times the database's history was replaced under this
+    /// process (its timeline rose) before the mark was taken.
+    pub fn lineage(self) -> u64 {
+        self.lineage
+    }
+}
+
 /// What a barrier must reach for a read to count as durable: taken when
 /// the read has returned.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -24,16 +24,25 @@ use crate::model::KeyId;
 /// bound (a store shared without one, in tests).
 const DEFAULT_BARRIER_WAIT: Duration = Duration::from_secs(1);
 
+/// A version not yet known durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    ticket: DurableTicket,
+    /// The ticket is lost and the caches' copies of the version were
+    /// dropped (once: the entry stays for the next wrap to refuse).
+    swept: bool,
+}
+
 /// The versions not yet known durable, and their tickets.
 #[derive(Debug, Default)]
 pub(super) struct Unconfirmed {
-    map: std::sync::Mutex<HashMap<(KeyId, u32), DurableTicket>>,
+    map: std::sync::Mutex<HashMap<(KeyId, u32), Entry>>,
     /// The map's length, for the wrap path's check without the lock.
     len: std::sync::atomic::AtomicUsize,
 }
 
 impl Unconfirmed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(KeyId, u32), DurableTicket>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(KeyId, u32), Entry>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -41,7 +50,7 @@ impl Unconfirmed {
         self.len.load(Ordering::Acquire)
     }
 
-    fn update(&self, change: impl FnOnce(&mut HashMap<(KeyId, u32), DurableTicket>)) {
+    fn update(&self, change: impl FnOnce(&mut HashMap<(KeyId, u32), Entry>)) {
         let mut map = self.lock();
         change(&mut map);
         self.len.store(map.len(), Ordering::Release);
@@ -62,7 +71,13 @@ impl Kms {
             return;
         }
         self.unconfirmed.update(|map| {
-            map.insert((id, version), ticket);
+            map.insert(
+                (id, version),
+                Entry {
+                    ticket,
+                    swept: false,
+                },
+            );
         });
     }
 
@@ -72,7 +87,8 @@ impl Kms {
         if self.unconfirmed.len() == 0 {
             return Ok(());
         }
-        let Some(ticket) = self.unconfirmed.lock().get(&(id, version)).copied() else {
+        let Some(Entry { ticket, .. }) = self.unconfirmed.lock().get(&(id, version)).copied()
+        else {
             return Ok(());
         };
         let wait = self
@@ -106,20 +122,43 @@ impl Kms {
     /// newer read may have replaced it).
     fn forget_ticket(&self, id: KeyId, version: u32, ticket: DurableTicket) {
         self.unconfirmed.update(|map| {
-            if map.get(&(id, version)) == Some(&ticket) {
+            if map.get(&(id, version)).map(|e| e.ticket) == Some(ticket) {
                 map.remove(&(id, version));
             }
         });
     }
 
     /// Drops every entry a barrier has covered since (the feed's poller
-    /// calls this on each pass).
+    /// calls this on each pass). An entry whose read the timeline's rise
+    /// may have undone stays, for the next wrap under that version to
+    /// refuse and read again (a request may hold the material between its
+    /// read and its wrap), and what the caches hold of it goes now. Such
+    /// entries are few: versions read within a heartbeat before a failover;
+    /// the next wrap under one refuses once (`UNAVAILABLE`, retry).
     pub(super) fn sweep_confirmed(&self) {
         if self.unconfirmed.len() == 0 {
             return;
         }
+        let mut lost = Vec::new();
         self.unconfirmed.update(|map| {
-            map.retain(|_, ticket| self.coordination.durability(*ticket) == Durability::Pending);
+            map.retain(
+                |&(id, version), entry| match self.coordination.durability(entry.ticket) {
+                    Durability::Durable => false,
+                    Durability::Pending => true,
+                    Durability::Lost => {
+                        if !entry.swept {
+                            entry.swept = true;
+                            lost.push((id, version));
+                        }
+                        true
+                    }
+                },
+            );
         });
+        for (id, version) in lost {
+            self.materials.remove(&(id, version));
+            self.objects.remove(&(id, version));
+            self.keys.remove(&id);
+        }
     }
 }

@@ -67,6 +67,10 @@ pub(super) struct Freshness {
     stale_requests: AtomicU64,
     /// The last change-feed generation a successful poll applied.
     applied: AtomicU64,
+    /// The database's lineage ([`crate::cluster::ReadMark::lineage`]) the
+    /// caches and `applied` were built under: when it rises, commits this
+    /// node read may be gone and their generations issued again.
+    lineage: AtomicU64,
 }
 
 impl Freshness {
@@ -77,6 +81,7 @@ impl Freshness {
             fresh_until_ns: AtomicU64::new(0),
             stale_requests: AtomicU64::new(0),
             applied: AtomicU64::new(0),
+            lineage: AtomicU64::new(0),
         }
     }
 
@@ -177,10 +182,17 @@ impl Kms {
     /// sending time plus `max_staleness`. Returns the new watermark. An
     /// error leaves the caches and the watermark as they were, and the
     /// freshness runs out on its own.
+    ///
+    /// If the database's history changed under the node (its timeline rose:
+    /// a standby was promoted, a backup restored; or the feed's head went
+    /// back), the generations after the failover point may have been
+    /// issued again for other changes, which a poll from `watermark` would
+    /// skip: the node then drops every cache and follows the feed from the
+    /// new history's head ([`Kms::rebase_on_new_history`]).
     pub async fn poll_changes(&self, watermark: u64) -> Result<u64> {
         let sent = Instant::now();
         let mut applied = watermark;
-        loop {
+        let head = loop {
             let page = self.store.changes_since(applied, FEED_PAGE).await?;
             if !page.changes.is_empty() {
                 let ids: Vec<KeyId> = page.changes.iter().map(|c| c.key_id).collect();
@@ -191,15 +203,71 @@ impl Kms {
                 applied = applied.max(last.generation);
             }
             if !full {
-                break;
+                break page.head;
             }
-        }
+        };
         if let Some(f) = &self.freshness {
+            // After the reads: a rise during them may have served a page
+            // of the new history.
+            let lineage = self.coordination.read_mark().lineage();
+            let built_under = f.lineage.load(Ordering::Acquire);
+            if lineage != built_under || head < watermark {
+                return self
+                    .rebase_on_new_history(f, watermark, head, built_under)
+                    .await;
+            }
             f.applied.fetch_max(applied, Ordering::AcqRel);
             f.confirm(sent);
         }
         self.sweep_confirmed();
         Ok(applied)
+    }
+
+    /// The database's history changed: what the caches hold may come from
+    /// commits that are gone, and the feed's generations after the point
+    /// where the histories part may name other changes now. Reads the new
+    /// history's head (on a connection of the current lineage, checked
+    /// before and after), then drops every cache, so that whatever is read
+    /// from now on comes from the new history, and follows the feed from
+    /// that head.
+    async fn rebase_on_new_history(
+        &self,
+        f: &Freshness,
+        watermark: u64,
+        seen_head: u64,
+        built_under: u64,
+    ) -> Result<u64> {
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            let sent = Instant::now();
+            let lineage = self.coordination.read_mark().lineage();
+            let head = self.feed_head().await?;
+            if self.coordination.read_mark().lineage() != lineage {
+                continue;
+            }
+            tracing::warn!(
+                watermark,
+                seen_head,
+                new_head = head,
+                lineage_was = built_under,
+                lineage,
+                "the database's history changed (a promotion or a restore): every cached key \
+                 and version is dropped, and the change feed is followed from the new head"
+            );
+            self.feed_epoch.fetch_add(1, Ordering::SeqCst);
+            self.keys.clear();
+            self.materials.clear();
+            self.objects.clear();
+            self.missing.clear();
+            f.lineage.store(lineage, Ordering::Release);
+            f.applied.store(head, Ordering::Release);
+            f.confirm(sent);
+            self.sweep_confirmed();
+            return Ok(head);
+        }
+        Err(Error::Store(crate::store::StoreError::Io(format!(
+            "the database's timeline rose {ATTEMPTS} times while the change feed's head was read"
+        ))))
     }
 
     /// Forgets what the caches hold of keys another node changed: their

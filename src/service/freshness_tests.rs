@@ -226,6 +226,8 @@ struct NodeLeases {
     /// [`Acks::release`] while `acks.holding`.
     barrier: Arc<crate::cluster::barrier::Barrier>,
     acks: Arc<Acks>,
+    /// The database's lineage: a test bumps it for a promotion.
+    lineage: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -241,7 +243,14 @@ impl NodeLeases {
             leases: Arc::clone(leases),
             barrier: Arc::default(),
             acks: Arc::default(),
+            lineage: Arc::default(),
         }
+    }
+}
+
+impl NodeLeases {
+    fn lineage(&self) -> u64 {
+        self.lineage.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -263,13 +272,13 @@ impl crate::cluster::Coordination for NodeLeases {
     }
     fn render_metrics(&self, _out: &mut String) {}
     fn read_mark(&self) -> crate::cluster::ReadMark {
-        self.barrier.mark(0)
+        self.barrier.mark(self.lineage())
     }
     fn durable_ticket(&self, mark: crate::cluster::ReadMark) -> crate::cluster::DurableTicket {
         self.barrier.ticket(mark)
     }
     fn durability(&self, ticket: crate::cluster::DurableTicket) -> crate::cluster::Durability {
-        self.barrier.durability(ticket, 0)
+        self.barrier.durability(ticket, self.lineage())
     }
     async fn wait_durable(
         &self,
@@ -277,14 +286,16 @@ impl crate::cluster::Coordination for NodeLeases {
         timeout: Duration,
     ) -> Result<(), crate::cluster::BarrierError> {
         let start = || {
-            let started = self.barrier.begin_forced(0);
+            let started = self.barrier.begin_forced(self.lineage());
             if self.acks.holding.load(std::sync::atomic::Ordering::SeqCst) {
                 self.acks.held.lock().unwrap().push(started);
             } else {
-                self.barrier.finish(started, Ok(()), 0);
+                self.barrier.finish(started, Ok(()), self.lineage());
             }
         };
-        self.barrier.wait(ticket, timeout, || 0, start).await
+        self.barrier
+            .wait(ticket, timeout, || self.lineage(), start)
+            .await
     }
     async fn acquire(
         &self,
@@ -518,4 +529,68 @@ async fn a_new_version_is_wrapped_under_only_once_a_barrier_covers_it() {
     coordination.acks.release(&coordination.barrier);
     b.poll_changes(seen).await.unwrap();
     assert_eq!(data_key(&b, &key).await.unwrap().key_version, 3);
+}
+
+/// After a promotion that lost commits (asynchronous replication), the
+/// new primary issues the lost generations again for other changes: a
+/// node whose watermark came from the lost history would skip them, and
+/// keep serving a key disabled on the new primary. A rise of the
+/// database's lineage, or a feed head behind the watermark, makes the
+/// node drop every cache and follow the feed from the new head.
+#[tokio::test]
+async fn a_node_follows_the_new_history_after_a_promotion() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+    let hsm: Arc<dyn Hsm> =
+        Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap());
+    let leases = Arc::new(Leases::default());
+    let coordination = Arc::new(NodeLeases::new("b", &leases));
+    let a = node(&store, &hsm, strict(60_000));
+    let b = node(&store, &hsm, strict(60_000)).with_coordination(coordination.clone());
+    let op = Caller::new("op");
+    let key = KeyRef::Id(
+        a.create_key(&op, CreateKeyInput::default())
+            .await
+            .unwrap()
+            .key
+            .id,
+    );
+    let seen = b.poll_changes(0).await.unwrap();
+    data_key(&b, &key).await.unwrap();
+
+    // The disable takes generation `seen + 1`, which B had already
+    // applied in the old history (a commit lost with the old primary).
+    a.disable_key(&op, &key).await.unwrap();
+    let lost_watermark = seen + 1;
+    assert_eq!(
+        b.poll_changes(lost_watermark).await.unwrap(),
+        lost_watermark
+    );
+    data_key(&b, &key)
+        .await
+        .expect("the premise: from the lost history's watermark, the disable is skipped");
+
+    // B's connections saw the promotion (the timeline rose).
+    coordination
+        .lineage
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        b.poll_changes(lost_watermark).await.unwrap(),
+        seen + 1,
+        "followed from the new history's head"
+    );
+    let err = data_key(&b, &key).await.unwrap_err();
+    assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
+    assert!(b.is_fresh());
+
+    // A head behind the watermark (a restore that kept the timeline) is
+    // a new history too.
+    a.enable_key(&op, &key).await.unwrap();
+    assert_eq!(b.poll_changes(seen + 10).await.unwrap(), seen + 2);
+    data_key(&b, &key).await.unwrap();
+    // And from there on the feed is followed as before.
+    a.disable_key(&op, &key).await.unwrap();
+    assert_eq!(b.poll_changes(seen + 2).await.unwrap(), seen + 3);
+    let err = data_key(&b, &key).await.unwrap_err();
+    assert!(matches!(err, Error::KeyNotEnabled { .. }), "{err:?}");
 }
