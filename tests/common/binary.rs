@@ -50,15 +50,7 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     path
 }
 
-/// A loopback port free at the time of the call, for a process that must
-/// be told its port in advance.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use super::ports::free_port;
 
 /// Starts a process and waits for the line starting with `ready_prefix` on
 /// its stdout; the rest of that line, trimmed. Stdout is drained afterwards

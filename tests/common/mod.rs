@@ -18,6 +18,7 @@ pub mod cluster;
 #[path = "../../build/needs.rs"]
 pub mod needs;
 pub mod pg;
+pub mod ports;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

@@ -28,15 +28,12 @@ pub mod needs;
 #[path = "../../../../tests/common/pg.rs"]
 pub mod pg;
 
+#[path = "../../../../tests/common/ports.rs"]
+pub mod ports;
+
 /// What `pg.rs` takes from the integration tests' `common::binary`.
 pub mod binary {
-    pub fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
+    pub use super::ports::free_port;
 }
 
 /// Fails, saying what to install, unless this machine has PostgreSQL's
