@@ -140,6 +140,10 @@ struct NodeHsm {
     wrap_pause_ms: AtomicU64,
     /// After creating a key object (two rotations of one key overlap).
     create_pause_ms: AtomicU64,
+    /// Key-object destructions this node makes before the next one
+    /// hangs for ever (a node stopped mid-destruction); `u64::MAX`: none.
+    destroy_hang_after: AtomicU64,
+    destroy_calls: AtomicU64,
     /// The database a root key's destruction is checked against.
     database: Option<String>,
 }
@@ -269,6 +273,11 @@ impl Hsm for NodeHsm {
     }
 
     async fn destroy_key_object(&self, name: &str) -> Result<(), HsmError> {
+        if self.destroy_calls.fetch_add(1, Ordering::SeqCst)
+            >= self.destroy_hang_after.load(Ordering::SeqCst)
+        {
+            std::future::pending::<()>().await;
+        }
         self.pause(&self.destroy_pause_ms).await;
         self.inner.destroy_key_object(name).await?;
         let mut ledger = self.ledger();
@@ -369,6 +378,8 @@ impl Cluster {
             destroy_pause_ms: AtomicU64::new(0),
             wrap_pause_ms: AtomicU64::new(0),
             create_pause_ms: AtomicU64::new(0),
+            destroy_hang_after: AtomicU64::new(u64::MAX),
+            destroy_calls: AtomicU64::new(0),
             database: Some(self.url.clone()),
         })
     }
@@ -1196,6 +1207,185 @@ fn root_rotation_against_key_creation_leaves_nothing_under_a_retired_root() {
              refused them, {refused} writes refused after their last attempt), {} data keys opened",
             wraps.saturating_sub(made),
             blobs.len()
+        );
+    });
+}
+
+/// 5. The scheduler's lease passes to another node in the middle of a
+///    destruction: node 1 commits the DESTROYING step and destroys the
+///    first of the key's HSM objects, then stops (its pass cut off, as
+///    by a SIGKILL; its lease left to run out). While node 1's lease
+///    runs, node 2 is refused it; once it has run out, node 2's pass
+///    finishes the destruction: the key is DESTROYED, every object is
+///    gone (one destroyed twice at most, which is harmless), the
+///    cancellation is refused from the DESTROYING step on, and no data
+///    key made under the key opens.
+#[test]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+fn a_destruction_cut_off_with_its_node_is_finished_by_the_next_lease_holder() {
+    require_postgres();
+    block_on(async {
+        let behind = Arc::new(ManualClock::new(T0));
+        let ahead = Arc::new(ManualClock::new(T0.plus(DAY * 8)));
+        let clocks: Vec<Arc<dyn Clock>> = vec![
+            Arc::clone(&behind) as _,
+            Arc::clone(&ahead) as _,
+            Arc::clone(&ahead) as _,
+        ];
+        let c = Cluster::start(
+            "a_destruction_cut_off_with_its_node_is_finished_by_the_next_lease_holder",
+            clocks,
+        )
+        .await;
+        let owner = &c.nodes[0];
+        let id = create(owner, ProtectionLevel::Hsm, None).await;
+        for _ in 0..2 {
+            owner.kms.rotate_key(&op(), &KeyRef::Id(id)).await.unwrap();
+        }
+        let (_, blob) = seal(owner, id).await.unwrap();
+        owner
+            .kms
+            .schedule_key_deletion(&op(), &KeyRef::Id(id), Some(7))
+            .await
+            .unwrap();
+        let objects: BTreeSet<String> = c
+            .store
+            .list_versions(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|v| v.hsm_object)
+            .collect();
+        assert_eq!(objects.len(), 3, "three versions, three objects");
+
+        // Node 1 takes a short lease and starts; its HSM is slow from the
+        // second destruction on, and the pass is cut off while it waits.
+        let (first, second) = (&c.nodes[1], &c.nodes[2]);
+        let short = Duration::from_secs(2);
+        let lease = first
+            .coordination
+            .acquire(leases::SCHEDULER, short)
+            .await
+            .unwrap()
+            .expect("the lease is free");
+        first.hsm.destroy_hang_after.store(1, Ordering::SeqCst);
+        let pass = {
+            let kms = Arc::clone(&first.kms);
+            tokio::spawn(async move { kms.run_scheduler_once().await })
+        };
+        let destroyed_by_first = |c: &Cluster| {
+            c.ledger()
+                .destroyed
+                .iter()
+                .filter(|(node, name)| *node == 1 && objects.contains(name))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while first.hsm.destroy_calls.load(Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node 1 did not reach its second destruction"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pass.abort();
+        assert!(pass.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            destroyed_by_first(&c),
+            1,
+            "node 1 was cut off after its first object"
+        );
+        let key = c.store.get_key(id).await.unwrap().unwrap();
+        assert_eq!(key.state, KeyState::PendingDeletion);
+        assert!(
+            key.destroy_started_at.is_some(),
+            "the DESTROYING step is committed"
+        );
+        // Cancelling is refused from the DESTROYING step on, on any node.
+        let refused = owner
+            .kms
+            .cancel_key_deletion(&op(), &KeyRef::Id(id))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, Error::FailedPrecondition(m) if m.contains("destruction of key")),
+            "{refused:?}"
+        );
+
+        // Node 2 waits for the lease: refused while node 1's runs.
+        assert!(
+            second
+                .coordination
+                .acquire(leases::SCHEDULER, LEASE_TTL)
+                .await
+                .unwrap()
+                .is_none(),
+            "node 2 took the scheduler's lease while node 1 held it"
+        );
+        tokio::time::sleep(
+            lease
+                .valid_until
+                .saturating_duration_since(std::time::Instant::now())
+                + Duration::from_millis(200),
+        )
+        .await;
+        let mut taken = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while taken.is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node 2 never got the lease that node 1 left to run out"
+            );
+            taken = second
+                .coordination
+                .acquire(leases::SCHEDULER, LEASE_TTL)
+                .await
+                .unwrap();
+            if taken.is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let report = second.kms.run_scheduler_once().await;
+        assert_eq!(report.destroyed, vec![id], "{report:?}");
+        assert_eq!(report.failed, 0, "{report:?}");
+
+        let key = c.store.get_key(id).await.unwrap().unwrap();
+        assert_eq!(key.state, KeyState::Destroyed);
+        let (first_count, second_count) = {
+            let ledger = c.ledger();
+            let by_second: BTreeSet<&String> = ledger
+                .destroyed
+                .iter()
+                .filter(|(node, name)| *node == 2 && objects.contains(name))
+                .map(|(_, name)| name)
+                .collect();
+            let by_first: BTreeSet<&String> = ledger
+                .destroyed
+                .iter()
+                .filter(|(node, name)| *node == 1 && objects.contains(name))
+                .map(|(_, name)| name)
+                .collect();
+            let all: BTreeSet<&String> = by_first.union(&by_second).copied().collect();
+            assert_eq!(all, objects.iter().collect(), "every object destroyed");
+            assert!(
+                objects.iter().all(|o| !ledger.live.contains(o)),
+                "no object of the key left in the HSM"
+            );
+            for name in &objects {
+                let times = ledger.destroyed.iter().filter(|(_, n)| n == name).count();
+                assert!(times <= 2, "{name} destroyed {times} times");
+            }
+            (by_first.len(), by_second.len())
+        };
+        assert!(open(&c.verifier(), &blob).await.is_err());
+        c.check_objects().await;
+        eprintln!(
+            "lease hand-over mid-destruction: node 1 destroyed {first_count} of {} objects \
+             before it stopped, node 2 destroyed {second_count}",
+            objects.len()
         );
     });
 }
