@@ -288,6 +288,10 @@ pub struct PgConnector {
     /// The highest timeline seen, shared by every connection this
     /// connector opens ([`super::fence`]).
     fence: Arc<TimelineFence>,
+    /// With several hosts in the URL, each one's settings alone, in the
+    /// URL's order: what a connection falls back to when the host the
+    /// driver picked is fenced off, and what the fence is seeded from.
+    per_host: Arc<[tokio_postgres::Config]>,
 }
 
 impl fmt::Debug for PgConnector {
@@ -455,10 +459,15 @@ impl PgConnector {
         if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
             config.keepalives_idle(KEEPALIVES_IDLE);
         }
-        let several_hosts = config.get_hosts().len().max(config.get_hostaddrs().len()) > 1;
-        if several_hosts && !spans.iter().any(|p| p.key == "target_session_attrs") {
+        let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
+        if hosts > 1 && !spans.iter().any(|p| p.key == "target_session_attrs") {
             config.target_session_attrs(TargetSessionAttrs::ReadWrite);
         }
+        let per_host: Arc<[tokio_postgres::Config]> = if hosts > 1 {
+            (0..hosts).map(|i| single_host(&config, i)).collect()
+        } else {
+            Arc::from([])
+        };
         Ok(Self {
             config,
             app,
@@ -468,7 +477,71 @@ impl PgConnector {
             pool_size: store.pool_size,
             require_synchronous_standby: cluster.require_synchronous_standby,
             fence: Arc::new(TimelineFence::new()),
+            per_host,
         })
+    }
+
+    /// How connections are dialled (see [`Dialer`]).
+    fn dialer(&self) -> Dialer {
+        Dialer {
+            tls: self.tls.clone(),
+            per_host: Arc::clone(&self.per_host),
+            fence: Arc::clone(&self.fence),
+            target: self.target.clone(),
+        }
+    }
+
+    /// With several hosts in the URL: asks each where it stands, and raises
+    /// the fence to the highest timeline among them, so that a process
+    /// started after a failover refuses an old primary that came back
+    /// first in the URL, though it never saw the promotion itself (the new
+    /// primary, or a standby following it, is another host of the list).
+    /// A host that does not answer is skipped. Nothing is read or written
+    /// but the lineage.
+    pub async fn seed_fence(&self) {
+        let dialer = self.dialer();
+        let asked = self.per_host.iter().map(|host| {
+            let mut any = host.clone();
+            // Standbys count too: one following the new primary is on its
+            // timeline.
+            any.target_session_attrs(TargetSessionAttrs::Any);
+            let dialer = &dialer;
+            async move {
+                let (client, _driver) = dialer.open(&any, None).await.ok()?;
+                tokio::time::timeout(CONNECT_TIMEOUT, TimelineFence::lineage(&client))
+                    .await
+                    .ok()?
+                    .ok()
+            }
+        });
+        // At once: a host that does not answer costs one connect timeout.
+        let seen: Vec<_> = futures_util::future::join_all(asked)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        // The system of the first host that answered, at the highest
+        // timeline any of its servers is on.
+        let Some(system) = seen.first().map(|l| l.system_identifier) else {
+            return;
+        };
+        let Some(reference) = seen
+            .iter()
+            .filter(|l| l.system_identifier == system)
+            .max_by_key(|l| l.timeline)
+            .copied()
+        else {
+            return;
+        };
+        if self.fence.seed(reference) {
+            tracing::info!(
+                target = %self.target,
+                %reference,
+                hosts_answered = seen.len(),
+                hosts = self.per_host.len(),
+                "timeline fence seeded from the URL's hosts"
+            );
+        }
     }
 
     /// The server as messages name it: the URL, redacted.
@@ -509,26 +582,11 @@ impl PgConnector {
     /// saturated pool. It passes the timeline fence before it is returned
     /// ([`super::fence`]).
     pub async fn connect(&self) -> Result<Client, PgError> {
-        let client = match &self.tls {
-            Tls::Disabled => {
-                let (client, connection) = self
-                    .config
-                    .connect(NoTls)
-                    .await
-                    .map_err(|e| self.connect_error(&e))?;
-                tokio::spawn(drive(connection));
-                client
-            }
-            Tls::VerifyFull(tls) => {
-                let (client, connection) = self
-                    .config
-                    .connect(tls.clone())
-                    .await
-                    .map_err(|e| self.connect_error(&e))?;
-                tokio::spawn(drive(connection));
-                client
-            }
-        };
+        let (client, _driver) = self
+            .dialer()
+            .dial(&self.config, None, |c| c.clone())
+            .await
+            .map_err(|e| self.connect_error(&e))?;
         self.check_lineage(&client).await?;
         Ok(client)
     }
@@ -542,25 +600,11 @@ impl PgConnector {
         channel: &str,
         wake: std::sync::Arc<tokio::sync::Notify>,
     ) -> Result<Client, PgError> {
-        let config = self.listening_config();
-        let client = match &self.tls {
-            Tls::Disabled => {
-                let (client, connection) = config
-                    .connect(NoTls)
-                    .await
-                    .map_err(|e| self.connect_error(&e))?;
-                tokio::spawn(drive_listening(connection, wake));
-                client
-            }
-            Tls::VerifyFull(tls) => {
-                let (client, connection) = config
-                    .connect(tls.clone())
-                    .await
-                    .map_err(|e| self.connect_error(&e))?;
-                tokio::spawn(drive_listening(connection, wake));
-                client
-            }
-        };
+        let (client, _driver) = self
+            .dialer()
+            .dial(&self.config, Some(wake), |c| self.listening_config(c))
+            .await
+            .map_err(|e| self.connect_error(&e))?;
         self.check_lineage(&client).await?;
         // A channel name is an identifier: quoted, so that no name can
         // reach SQL as anything else.
@@ -575,8 +619,8 @@ impl PgConnector {
     /// The session settings with the listener's `application_name`
     /// (`coffre/<node_id>/listen`), in the startup options too, where
     /// coffre's own setting sits.
-    fn listening_config(&self) -> tokio_postgres::Config {
-        let mut config = self.config.clone();
+    fn listening_config(&self, config: &tokio_postgres::Config) -> tokio_postgres::Config {
+        let mut config = config.clone();
         let app = format!("{}{LISTEN_SUFFIX}", self.app);
         if let Some(options) = config.get_options() {
             let options = options.replace(
@@ -596,12 +640,7 @@ impl PgConnector {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Verified,
         };
-        let manager = match &self.tls {
-            Tls::Disabled => Manager::from_config(self.config.clone(), NoTls, manager_config),
-            Tls::VerifyFull(tls) => {
-                Manager::from_config(self.config.clone(), tls.clone(), manager_config)
-            }
-        };
+        let manager = Manager::from_connect(self.config.clone(), self.dialer(), manager_config);
         let fence = Arc::clone(&self.fence);
         let target = self.target.clone();
         let on_create = deadpool_postgres::Hook::async_fn(move |client, _| {
@@ -755,6 +794,177 @@ const FENCE_CHECK_TIMED_OUT: &str = "the server did not answer the timeline chec
 /// How often a fenced server's refusals are logged at most.
 const FENCE_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Opens connections: to the host the driver picks from the URL (the
+/// first that accepts, read-write with several hosts), and, when the
+/// timeline fence refuses that one (an old primary that came back first
+/// in the URL: refused with the alarm, [`admit`]), to the URL's other
+/// hosts one by one, taking the first the fence would admit. If none
+/// would, the first is returned, for the caller's fence check to refuse.
+#[derive(Clone)]
+struct Dialer {
+    tls: Tls,
+    per_host: Arc<[tokio_postgres::Config]>,
+    fence: Arc<TimelineFence>,
+    /// The redacted URL, for the alarm.
+    target: String,
+}
+
+type Opened = (Client, tokio::task::JoinHandle<()>);
+
+impl Dialer {
+    /// One connection to `config`, its driver spawned (listening, waking
+    /// `wake` at each notification, if given).
+    async fn open(
+        &self,
+        config: &tokio_postgres::Config,
+        wake: Option<Arc<tokio::sync::Notify>>,
+    ) -> Result<Opened, tokio_postgres::Error> {
+        fn spawn<S, T>(
+            connection: tokio_postgres::Connection<S, T>,
+            wake: Option<Arc<tokio::sync::Notify>>,
+        ) -> tokio::task::JoinHandle<()>
+        where
+            S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+            T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+        {
+            match wake {
+                Some(wake) => tokio::spawn(drive_listening(connection, wake)),
+                None => tokio::spawn(drive(connection)),
+            }
+        }
+        match &self.tls {
+            Tls::Disabled => {
+                let (client, connection) = config.connect(NoTls).await?;
+                Ok((client, spawn(connection, wake)))
+            }
+            Tls::VerifyFull(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await?;
+                Ok((client, spawn(connection, wake)))
+            }
+        }
+    }
+
+    /// Where the server behind `client` stands (one round trip), if it
+    /// answers in time.
+    async fn lineage(client: &Client) -> Option<super::fence::Lineage> {
+        tokio::time::timeout(CONNECT_TIMEOUT, TimelineFence::lineage(client))
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// A connection to `config`, or to another host of the URL when the
+    /// fence would refuse the one picked (see the type's docs). `adapt`
+    /// applies to each host's settings what `config` adds to the URL's
+    /// (a listener's `application_name`).
+    async fn dial(
+        &self,
+        config: &tokio_postgres::Config,
+        wake: Option<Arc<tokio::sync::Notify>>,
+        adapt: impl Fn(&tokio_postgres::Config) -> tokio_postgres::Config,
+    ) -> Result<Opened, tokio_postgres::Error> {
+        let first = self.open(&adapt(config), wake.clone()).await?;
+        if self.per_host.is_empty() {
+            return Ok(first);
+        }
+        // Refused here with the alarm (counted, logged); a server that
+        // does not answer is left to the caller's check.
+        match Self::lineage(&first.0).await {
+            Some(lineage) if admit(&self.fence, &self.target, lineage).is_err() => {}
+            _ => return Ok(first),
+        }
+        for (i, host) in self.per_host.iter().enumerate() {
+            let Ok(other) = self.open(&adapt(host), wake.clone()).await else {
+                continue;
+            };
+            if Self::lineage(&other.0)
+                .await
+                .is_some_and(|l| self.fence.would_admit(l))
+            {
+                if self.fence.should_log_fallback(FENCE_LOG_EVERY) {
+                    tracing::warn!(
+                        target = %self.target,
+                        host = i + 1,
+                        "the host the URL led to is fenced off; connected to host {} of the \
+                         URL instead",
+                        i + 1
+                    );
+                }
+                return Ok(other);
+            }
+        }
+        Ok(first)
+    }
+}
+
+impl deadpool_postgres::Connect for Dialer {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> futures_util::future::BoxFuture<'_, Result<Opened, tokio_postgres::Error>> {
+        let pg_config = pg_config.clone();
+        Box::pin(async move { self.dial(&pg_config, None, |c| c.clone()).await })
+    }
+}
+
+/// The settings of `config` for its `i`th host alone (its address and
+/// port; everything else the same).
+fn single_host(config: &tokio_postgres::Config, i: usize) -> tokio_postgres::Config {
+    let mut one = tokio_postgres::Config::new();
+    if let Some(user) = config.get_user() {
+        one.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        one.password(password);
+    }
+    if let Some(dbname) = config.get_dbname() {
+        one.dbname(dbname);
+    }
+    if let Some(options) = config.get_options() {
+        one.options(options);
+    }
+    if let Some(app) = config.get_application_name() {
+        one.application_name(app);
+    }
+    match config.get_hosts().get(i) {
+        Some(Host::Tcp(host)) => {
+            one.host(host);
+        }
+        #[cfg(unix)]
+        Some(Host::Unix(path)) => {
+            one.host_path(path);
+        }
+        None => {}
+    }
+    if let Some(addr) = config.get_hostaddrs().get(i) {
+        one.hostaddr(*addr);
+    }
+    // One port for every host, or one each.
+    let ports = config.get_ports();
+    if let Some(port) = ports.get(i).or_else(|| ports.first()) {
+        one.port(*port);
+    }
+    if let Some(t) = config.get_connect_timeout() {
+        one.connect_timeout(*t);
+    }
+    if let Some(t) = config.get_tcp_user_timeout() {
+        one.tcp_user_timeout(*t);
+    }
+    one.keepalives(config.get_keepalives())
+        .keepalives_idle(config.get_keepalives_idle());
+    if let Some(t) = config.get_keepalives_interval() {
+        one.keepalives_interval(t);
+    }
+    if let Some(n) = config.get_keepalives_retries() {
+        one.keepalives_retries(n);
+    }
+    one.ssl_mode(config.get_ssl_mode())
+        .ssl_negotiation(config.get_ssl_negotiation())
+        .channel_binding(config.get_channel_binding())
+        .target_session_attrs(config.get_target_session_attrs());
+    one
+}
+
 async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -896,6 +1106,7 @@ pub fn check_primary(connector: &PgConnector, info: &ServerInfo) -> Result<(), P
 /// synchronous standby if `cluster.require_synchronous_standby`: the pool
 /// and what the server said.
 pub async fn open_pool(connector: &PgConnector) -> Result<(Pool, ServerInfo), PgError> {
+    connector.seed_fence().await;
     let pool = connector.pool()?;
     let client = connector.get(&pool).await?;
     let info = ServerInfo::read(connector, &client).await?;
@@ -1051,6 +1262,49 @@ mod tests {
     }
 
     #[test]
+    fn each_host_of_a_multi_host_url_gets_the_same_settings_alone() {
+        let c = connector(
+            "host=10.0.0.1,10.0.0.2 port=5432,5433 user=coffre password=s3cret dbname=db \
+             sslmode=disable connect_timeout=3",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.per_host.len(), 2);
+        for (i, (host, port)) in [("10.0.0.1", 5432), ("10.0.0.2", 5433)]
+            .into_iter()
+            .enumerate()
+        {
+            let one = &c.per_host[i];
+            assert_eq!(one.get_hosts(), &[Host::Tcp(host.to_string())]);
+            assert_eq!(one.get_ports(), &[port]);
+            assert_eq!(one.get_user(), c.config.get_user());
+            assert_eq!(one.get_password(), c.config.get_password());
+            assert_eq!(one.get_dbname(), Some("db"));
+            assert_eq!(one.get_options(), c.config.get_options());
+            assert_eq!(one.get_application_name(), Some("coffre/n1"));
+            assert_eq!(one.get_connect_timeout(), Some(&Duration::from_secs(3)));
+            assert_eq!(one.get_tcp_user_timeout(), c.config.get_tcp_user_timeout());
+            assert_eq!(one.get_keepalives_idle(), c.config.get_keepalives_idle());
+            assert_eq!(one.get_ssl_mode(), SslMode::Disable);
+            assert_eq!(
+                one.get_target_session_attrs(),
+                TargetSessionAttrs::ReadWrite
+            );
+        }
+        // One port for every host.
+        let c = connector(
+            "host=a,b port=6000 user=coffre dbname=db sslmode=disable",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.per_host[1].get_hosts(), &[Host::Tcp("b".to_string())]);
+        assert_eq!(c.per_host[1].get_ports(), &[6000]);
+        // A single host needs no list.
+        let c = connector("host=a user=coffre dbname=db sslmode=disable", None).unwrap();
+        assert!(c.per_host.is_empty());
+    }
+
+    #[test]
     fn sessions_get_coffres_settings() {
         let c = connector(
             "postgresql://coffre:s3cret@127.0.0.1:5432/db?sslmode=disable&options=-c%20work_mem%3D4MB",
@@ -1068,7 +1322,7 @@ mod tests {
             assert!(options.contains(setting), "{options}");
         }
         assert_eq!(c.config.get_application_name(), Some("coffre/n1"));
-        let listening = c.listening_config();
+        let listening = c.listening_config(&c.config);
         assert_eq!(listening.get_application_name(), Some("coffre/n1/listen"));
         let options = listening.get_options().unwrap();
         assert!(

@@ -39,10 +39,23 @@
 //!   cannot be read on such a connection, so its freshness runs out and a
 //!   strict node reports NOT_SERVING until it reaches the new primary.
 //!
-//! What it does not cover: a process that never saw the new timeline (one
-//! started after the failover, with the old primary first in its URL)
-//! has nothing to compare with. That is why production puts Patroni (or a
-//! VIP it moves) in front; this fence is the belt to its braces.
+//! - **Carrying on.** With several hosts in the URL, a connection whose
+//!   host the fence would refuse is opened again on the URL's other hosts
+//!   in turn, and the first the fence admits is used
+//!   ([`super::connect`]'s `Dialer`): a node keeps serving from the new
+//!   primary while the old one is up first in the URL, and the alarm says
+//!   so.
+//! - **A process that never saw the promotion** (started after the
+//!   failover) asks every host of its URL where it stands before it
+//!   connects for use (`PgConnector::seed_fence`), and takes the highest
+//!   timeline among them: the new primary, or a standby following it, is
+//!   one of them.
+//!
+//! What it does not cover: a process started after the failover whose URL
+//! reaches no server of the new timeline (only the old primary up, or
+//! listed) has nothing to compare with. That is why production puts
+//! Patroni (or a VIP it moves) in front; this fence is the belt to its
+//! braces.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,6 +128,8 @@ struct State {
     raised_at: Option<Instant>,
     /// When a refusal was last logged.
     logged_at: Option<Instant>,
+    /// When a fallback to another host was last logged.
+    fallback_logged_at: Option<Instant>,
 }
 
 /// The one query: the system, both timelines (the WAL position's only on
@@ -176,6 +191,41 @@ impl TimelineFence {
         Err(refusal)
     }
 
+    /// Whether [`Self::admit`] would admit a server at `seen` (nothing
+    /// counted, nothing raised).
+    pub fn would_admit(&self, seen: Lineage) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.highest.is_none_or(|highest| {
+            seen.system_identifier == highest.system_identifier && seen.timeline >= highest.timeline
+        })
+    }
+
+    /// Before connections are used: takes `seen` as the reference if
+    /// there is none (not a rise: nothing was read before), or raises it
+    /// to `seen`'s higher timeline of the same system (a rise, as in
+    /// [`Self::admit`]). Another system, or a lower timeline, changes
+    /// nothing here: [`Self::admit`] refuses it when a connection reaches
+    /// it. Whether the reference changed.
+    pub fn seed(&self, seen: Lineage) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match state.highest {
+            None => {
+                state.highest = Some(seen);
+                true
+            }
+            Some(highest)
+                if highest.system_identifier == seen.system_identifier
+                    && seen.timeline > highest.timeline =>
+            {
+                state.highest = Some(seen);
+                state.raised_at = Some(Instant::now());
+                self.rises.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
     /// Whether a connection opened at `created` predates the latest rise
     /// of the timeline (and must not be reused).
     pub fn predates_rise(&self, created: Instant) -> bool {
@@ -189,6 +239,19 @@ impl TimelineFence {
         let due = state.logged_at.is_none_or(|at| at.elapsed() >= every);
         if due {
             state.logged_at = Some(Instant::now());
+        }
+        due
+    }
+
+    /// Whether to log a fallback to another host now: the first one, then
+    /// one per `every`.
+    pub fn should_log_fallback(&self, every: std::time::Duration) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let due = state
+            .fallback_logged_at
+            .is_none_or(|at| at.elapsed() >= every);
+        if due {
+            state.fallback_logged_at = Some(Instant::now());
         }
         due
     }
@@ -220,6 +283,26 @@ mod tests {
             system_identifier,
             timeline,
         }
+    }
+
+    #[test]
+    fn seeding_sets_or_raises_the_reference_and_refuses_nothing() {
+        let fence = TimelineFence::new();
+        assert!(fence.would_admit(at(7, 1)), "no reference yet");
+        assert!(fence.seed(at(7, 2)));
+        assert_eq!(fence.rises(), 0, "the first reference is no rise");
+        assert!(!fence.would_admit(at(7, 1)));
+        assert!(!fence.would_admit(at(8, 2)));
+        assert!(fence.would_admit(at(7, 2)) && fence.would_admit(at(7, 3)));
+        assert!(!fence.seed(at(7, 1)), "a lower timeline does not lower it");
+        assert!(!fence.seed(at(8, 9)), "another system does not replace it");
+        assert_eq!(fence.highest(), Some(at(7, 2)));
+        assert!(fence.seed(at(7, 3)));
+        assert_eq!(fence.rises(), 1, "raising a reference is a rise");
+        // Asking counts nothing; the refusal comes with admit.
+        assert_eq!(fence.refused(), 0);
+        fence.admit(at(7, 2)).unwrap_err();
+        assert_eq!(fence.refused(), 1);
     }
 
     #[test]
