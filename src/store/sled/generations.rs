@@ -255,6 +255,9 @@ fn copy_trees(from: &sled::Db, to: &sled::Db) -> Result<(), StoreError> {
     Ok(())
 }
 
+const LOCK_TRIES: u32 = 20;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// Takes `DIR/LOCK` (`flock`, released when the file is closed).
 pub(super) fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK);
@@ -265,13 +268,26 @@ pub(super) fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         .truncate(false)
         .open(&path)
         .map_err(|e| io_error("opening", &path, e))?;
-    fs2::FileExt::try_lock_exclusive(&file).map_err(|e| {
-        StoreError::Io(format!(
-            "locking {} (is the store open in another process?): {e}",
-            path.display()
-        ))
-    })?;
-    Ok(file)
+    // A few tries: a process that forks (to run a program) while this one
+    // closes its lock holds a copy of the descriptor, and so the lock,
+    // until its child execs; a store reopened at that instant is not
+    // held by another process. One that is still locked after this is.
+    let mut tries = LOCK_TRIES;
+    loop {
+        match fs2::FileExt::try_lock_exclusive(&file) {
+            Ok(()) => return Ok(file),
+            Err(_) if tries > 1 => {
+                tries -= 1;
+                std::thread::sleep(LOCK_RETRY);
+            }
+            Err(e) => {
+                return Err(StoreError::Io(format!(
+                    "locking {} (is the store open in another process?): {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
 }
 
 fn current_content(generation: u32) -> String {
