@@ -559,6 +559,126 @@ fn bad_pkcs11_setups_are_refused_at_start() {
     );
 }
 
+/// Two nodes of a cluster on one token and one database, both starting
+/// on a token without an audit signing key: the key pair is generated
+/// under the `cluster-init` lease, once. The lease is held elsewhere first
+/// (another start stuck in its setup): neither node generates anything or
+/// serves until it runs out; then both serve, and the token holds one
+/// pair, which a restart accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(coffre_has_softhsm, coffre_has_postgres)),
+    ignore = "not run: needs SoftHSM2, pkcs11-tool (apt-get install softhsm2 opensc) and \
+              PostgreSQL 15+"
+)]
+async fn nodes_sharing_a_token_make_one_audit_key_pair_under_the_cluster_init_lease() {
+    const URL_VAR: &str = "COFFRE_TEST_DATABASE_URL";
+    let softhsm = SoftHsm::new();
+    require(&needs::POSTGRES);
+    let pg = crate::common::pg::PgCluster::primary();
+    let db = pg.create_database();
+    let url = pg.url(&db);
+    softhsm.init_token("shared");
+    let dir = tempfile::tempdir().unwrap();
+    let configs: Vec<PathBuf> = ["n1", "n2"]
+        .into_iter()
+        .map(|node| {
+            let home = dir.path().join(node);
+            std::fs::create_dir(&home).unwrap();
+            let config = softhsm.config(&home, "shared", "");
+            let text = std::fs::read_to_string(&config).unwrap()
+                + &format!(
+                    "\n[audit]\ncheckpoint_key = \"hsm\"\n\n[store]\nbackend = \"postgres\"\n\
+                     url_env = \"{URL_VAR}\"\npool_size = 4\n\n[cluster]\nnode_id = \"{node}\"\n"
+                );
+            std::fs::write(&config, text).unwrap();
+            config
+        })
+        .collect();
+    let run = |args: &[&str], config: &Path| {
+        let out = softhsm
+            .command(COFFRE)
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .env(URL_VAR, &url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "coffre {args:?}: {}", stderr(&out));
+    };
+    run(&["hsm", "init-root-key"], &configs[0]);
+    run(&["store", "migrate"], &configs[0]);
+    let pairs = || {
+        softhsm
+            .list_objects_of("shared", "privkey")
+            .matches("coffre-audit-signing")
+            .count()
+    };
+    assert_eq!(pairs(), 0);
+
+    // Another start holds the lease, for 4 s by the database's clock.
+    pg.psql(
+        &db,
+        "INSERT INTO leases (name, holder, holder_incarnation, token, expires_at) \
+         VALUES ('cluster-init', 'elsewhere', gen_random_uuid(), 1, now() + interval '4 seconds')",
+    );
+    let held = std::time::Instant::now();
+    let starts: Vec<_> = configs
+        .iter()
+        .map(|config| {
+            let mut cmd = softhsm.command(COFFRE);
+            cmd.args(["serve", "--config"])
+                .arg(config)
+                .env(URL_VAR, &url);
+            std::thread::spawn(move || {
+                let (guard, addr) = spawn_ready(cmd, "coffre listening on ");
+                (guard, addr, std::time::Instant::now())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(
+        pairs(),
+        0,
+        "a key pair was made while the lease was held elsewhere"
+    );
+    let started: Vec<_> = starts.into_iter().map(|s| s.join().unwrap()).collect();
+    for (i, (_, _, ready)) in started.iter().enumerate() {
+        let waited = ready.duration_since(held);
+        assert!(
+            waited >= Duration::from_millis(3_500),
+            "node n{} served {waited:?} after the lease was taken elsewhere, before it ran out",
+            i + 1
+        );
+    }
+    assert_eq!(
+        pairs(),
+        1,
+        "{}",
+        softhsm.list_objects_of("shared", "privkey")
+    );
+    // Both serve, each signing its checkpoints under that one pair.
+    for (_, addr, _) in &started {
+        let endpoint = format!("https://{addr}");
+        let pki = dir
+            .path()
+            .join(if addr == &started[0].1 { "n1" } else { "n2" })
+            .join("pki");
+        let mut keys = KeyServiceClient::new(channel_as(&endpoint, &pki, "operator").await);
+        keys.create_key(pb::CreateKeyRequest::default())
+            .await
+            .unwrap();
+    }
+    // And a restart finds exactly one pair, no ambiguity.
+    drop(started);
+    let mut cmd = softhsm.command(COFFRE);
+    cmd.args(["serve", "--config"])
+        .arg(&configs[1])
+        .env(URL_VAR, &url);
+    let (_again, _) = spawn_ready(cmd, "coffre listening on ");
+    assert_eq!(pairs(), 1);
+}
+
 /// `[audit] checkpoint_key = "hsm"`: checkpoints signed by an Ed25519 key
 /// generated in the token. The exported log verifies under that key, which
 /// an independent client (pkcs11-tool) reads from the token, and the key

@@ -40,8 +40,12 @@ pub mod leases {
     pub const ROOT_ROTATION: &str = "root-rotation";
     /// Signing the cluster audit digest ([`super::audit`]).
     pub const AUDIT_DIGEST: &str = "audit-digest";
+    /// A start's one-time setup that an insert-if-absent cannot cover: the
+    /// audit signing key pair generated in a PKCS#11 token (two starts at
+    /// once would make two pairs under one label).
+    pub const CLUSTER_INIT: &str = "cluster-init";
     /// Every lease, for the metrics (`coffre_cluster_lease_holder`).
-    pub const ALL: [&str; 3] = [SCHEDULER, ROOT_ROTATION, AUDIT_DIGEST];
+    pub const ALL: [&str; 4] = [SCHEDULER, ROOT_ROTATION, AUDIT_DIGEST, CLUSTER_INIT];
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,7 @@
 //! TLS and the audit log.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -15,6 +16,7 @@ use crate::audit::ExternalSigner;
 use crate::authz::StaticRoles;
 use crate::cluster::metered::MeteredCoordination;
 use crate::cluster::postgres::PgCoordination;
+use crate::cluster::{Coordination, Lease, leases};
 use crate::config::{CheckpointKey, ClusterMode, Config, HsmConfig, StoreConfig};
 use crate::hsm::Hsm;
 use crate::hsm::pkcs11::{Pkcs11Hsm, Pkcs11Settings};
@@ -41,7 +43,7 @@ pub struct StartOnce {
 
 /// [`start`], with what the operator allows for this start only.
 pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<RunningServer> {
-    let (hsm, external_signer) = open_hsm(config).await?;
+    let (hsm, signing_token) = open_hsm(config).await?;
     if !hsm.is_secure() {
         if !config.allow_insecure_simulator {
             bail!(
@@ -59,6 +61,12 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
     let (shared, cluster) = match shared {
         Some((store, cluster)) => (Some(store), Some(cluster)),
         None => (None, None),
+    };
+    let external_signer = match signing_token {
+        Some(token) => {
+            Some(audit_signer_in_token(token, cluster.as_ref().map(|c| &c.coordination)).await?)
+        }
+        None => None,
     };
     let dir = DataDir::new(&config.data_dir);
     // Everything coffre creates from here on is private to its user; what
@@ -172,11 +180,73 @@ async fn open_postgres(config: &Config) -> anyhow::Result<(PgStore, ClusterSetup
     Ok((store, setup))
 }
 
-/// The HSM backend the configuration names, ready to serve, and the audit
-/// checkpoint signer it holds if the configuration keeps that key there.
-async fn open_hsm(
-    config: &Config,
-) -> anyhow::Result<(Arc<dyn Hsm>, Option<Arc<dyn ExternalSigner>>)> {
+/// How long a start waits for another node's one-time setup (the
+/// `cluster-init` lease), and how long it may hold it.
+const CLUSTER_INIT_WAIT: Duration = Duration::from_secs(60);
+const CLUSTER_INIT_TTL: Duration = Duration::from_secs(30);
+
+/// The audit checkpoint signer in the token, its key pair generated there
+/// if the token has none. Nodes sharing the token (and a database) do
+/// that one at a time, under the `cluster-init` lease: two first starts at
+/// once would each make a pair under the one label, sign under their own,
+/// and every later start would refuse the ambiguity.
+async fn audit_signer_in_token(
+    token: Pkcs11Hsm,
+    coordination: Option<&Arc<dyn Coordination>>,
+) -> anyhow::Result<Arc<dyn ExternalSigner>> {
+    let lease = match coordination {
+        Some(coordination) => Some(cluster_init_lease(&**coordination).await?),
+        None => None,
+    };
+    let loaded = tokio::task::spawn_blocking(move || token.audit_signer(true))
+        .await
+        .context("the audit signing key task failed");
+    if let (Some(coordination), Some(lease)) = (coordination, &lease)
+        && let Err(e) = coordination.release(lease).await
+    {
+        tracing::warn!(error = %e, "could not release the cluster-init lease; it runs out on its own");
+    }
+    let in_token = loaded?.context("loading the audit signing key from the HSM")?;
+    tracing::info!(signer = ?in_token, "audit checkpoints are signed in the HSM");
+    Ok(Arc::new(in_token))
+}
+
+/// Takes the `cluster-init` lease, waiting while another node holds it.
+async fn cluster_init_lease(coordination: &dyn Coordination) -> anyhow::Result<Lease> {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match coordination
+            .acquire(leases::CLUSTER_INIT, CLUSTER_INIT_TTL)
+            .await
+        {
+            Ok(Some(lease)) => return Ok(lease),
+            Ok(None) if !said => {
+                tracing::info!(
+                    "another node is setting up (the cluster-init lease is held): waiting for it"
+                );
+                said = true;
+            }
+            Ok(None) => {}
+            Err(e) if started.elapsed() >= CLUSTER_INIT_WAIT => {
+                return Err(e).context("taking the cluster-init lease");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot take the cluster-init lease yet"),
+        }
+        if started.elapsed() >= CLUSTER_INIT_WAIT {
+            bail!(
+                "the cluster-init lease was held by another node for {CLUSTER_INIT_WAIT:?}: \
+                 another start is stuck in its setup (see `coffre cluster status`)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The HSM backend the configuration names, ready to serve, and the token
+/// that signs the audit checkpoints if the configuration keeps that key
+/// there.
+async fn open_hsm(config: &Config) -> anyhow::Result<(Arc<dyn Hsm>, Option<Pkcs11Hsm>)> {
     match &config.hsm {
         HsmConfig::Simulator {
             endpoint,
@@ -197,17 +267,8 @@ async fn open_hsm(
                 .await
                 .context("the PKCS#11 self-test (wrap and unwrap a random value) failed")?;
             tracing::info!(hsm = ?hsm, current_root_key = root, "PKCS#11 HSM ready");
-            let mut signer: Option<Arc<dyn ExternalSigner>> = None;
-            if config.audit.checkpoint_key == CheckpointKey::Hsm {
-                let token = hsm.clone();
-                let in_token = tokio::task::spawn_blocking(move || token.audit_signer(true))
-                    .await
-                    .context("the audit signing key task failed")?
-                    .context("loading the audit signing key from the HSM")?;
-                tracing::info!(signer = ?in_token, "audit checkpoints are signed in the HSM");
-                signer = Some(Arc::new(in_token));
-            }
-            Ok((Arc::new(hsm), signer))
+            let signing = (config.audit.checkpoint_key == CheckpointKey::Hsm).then(|| hsm.clone());
+            Ok((Arc::new(hsm), signing))
         }
     }
 }
