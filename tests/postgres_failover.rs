@@ -137,6 +137,39 @@ async fn writer(mut client: Clients, ledger: Ledger, stop: Arc<AtomicBool>, seed
     }
 }
 
+/// Rotates `key` through `client` until `stop` (a rotation after the
+/// replication cut is committed on the primary, and so visible there,
+/// while its commit waits for the standby).
+async fn rotator(mut client: Clients, key: String, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        let call = client.keys.rotate_key(pb::RotateKeyRequest {
+            key_id: key.clone(),
+        });
+        if !matches!(tokio::time::timeout(CALL_TIMEOUT, call).await, Ok(Ok(_))) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Data keys under `key` through `client` until `stop`: every blob
+/// acknowledged, with the version it names.
+async fn generator(mut client: Clients, key: String, stop: Arc<AtomicBool>) -> Vec<(Vec<u8>, u32)> {
+    let mut blobs = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let call = client
+            .data
+            .generate_data_key(generate_request(&key, CONTEXT));
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                blobs.push((r.ciphertext_blob, r.key_version));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    blobs
+}
+
 /// The acknowledged writes that `server` does not hold.
 fn missing_on(server: &PgCluster, db: &str, acked: &[Acked]) -> Vec<(Write, Instant)> {
     let keys: HashMap<String, String> = server
@@ -226,6 +259,7 @@ struct Run {
     /// Failover time per node (None: never interrupted).
     failover: Vec<Option<Duration>>,
     acked: Vec<Acked>,
+
     streamed: Instant,
     cut: Instant,
     kill: Instant,
@@ -260,6 +294,7 @@ async fn failover(synchronous: bool) -> Run {
 
     let ledger: Ledger = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
+
     let writers: Vec<_> = c
         .iter()
         .enumerate()
@@ -324,6 +359,7 @@ async fn failover(synchronous: bool) -> Run {
     for w in writers {
         w.await.unwrap();
     }
+
     // Writes go through too, on the new primary, through every node.
     for client in c.iter_mut() {
         let sent = Instant::now();
@@ -645,4 +681,118 @@ async fn a_returning_old_primary_is_fenced_off() {
         client.generate_data_key(&run.warm, CONTEXT).await.unwrap();
     }
     let _ = http_status;
+}
+
+/// The durability barrier (design/several-nodes.md §3.3) with real
+/// processes. Under synchronous replication a commit becomes visible only
+/// once the standby has it, unless its wait is cancelled: then it is
+/// committed on the primary alone, visible, and lost if the primary is.
+/// Here n1 rotates a key all along and n2 makes data keys under it; the
+/// replication link is cut, and the wait of n1's rotation is cancelled
+/// (as `pg_cancel_backend` does), so n2 reads a version the standby never
+/// received. n2 must not wrap a data key under it: its barrier (a commit
+/// of its own) cannot be acknowledged. After the primary is killed and
+/// the standby promoted, every data key n2 acknowledged opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(coffre_has_postgres),
+    ignore = "not run: needs PostgreSQL 15+ (initdb, pg_ctl)"
+)]
+async fn no_data_key_is_wrapped_under_a_version_the_standby_never_received() {
+    require(&needs::POSTGRES);
+    let mut cluster = TestCluster::start(ClusterOptions {
+        nodes: 2,
+        fsync: true,
+        standby: Some(StandbyOptions { synchronous: true }),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let c = clients(&cluster).await;
+    let key = c[0].clone().create_key("").await.unwrap().key_id;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rotating = tokio::spawn(rotator(c[0].clone(), key.clone(), Arc::clone(&stop)));
+    let generating = tokio::spawn(generator(c[1].clone(), key.clone(), Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    cluster.replication.as_ref().unwrap().blackhole();
+    // n1's next rotation waits for the standby; its wait is cancelled, so
+    // it is committed on the primary alone.
+    let cut = Instant::now();
+    let mut cancelled = 0;
+    while cut.elapsed() < Duration::from_millis(2_500) {
+        let n: u32 = cluster
+            .pg
+            .psql(
+                "postgres",
+                "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity \
+                 WHERE wait_event = 'SyncRep' AND application_name = 'coffre/n1'",
+            )
+            .parse()
+            .unwrap();
+        cancelled += n;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cancelled > 0, "no rotation of n1 waited for the standby");
+    let on_primary: u32 = cluster
+        .pg
+        .psql(
+            &cluster.db,
+            &format!("SELECT max(version) FROM key_versions WHERE key_id = '{key}'"),
+        )
+        .parse()
+        .unwrap();
+    cluster.pg.kill();
+    stop.store(true, Ordering::SeqCst);
+    cluster.standby.as_ref().unwrap().promote();
+    rotating.await.unwrap();
+    let blobs = generating.await.unwrap();
+    let promoted: u32 = cluster
+        .standby
+        .as_ref()
+        .unwrap()
+        .psql(
+            &cluster.db,
+            &format!("SELECT max(version) FROM key_versions WHERE key_id = '{key}'"),
+        )
+        .parse()
+        .unwrap();
+    assert!(
+        on_primary > promoted,
+        "the premise: versions committed on the old primary alone ({on_primary} there, \
+         {promoted} on the promoted standby)"
+    );
+    let newest = blobs.iter().map(|(_, v)| *v).max().unwrap_or(0);
+    assert!(
+        newest <= promoted,
+        "n2 acknowledged a data key under version {newest}, which the promoted server does \
+         not hold (it has up to {promoted})"
+    );
+    // And each opens, on either node, from the promoted server.
+    let mut c = clients(&cluster).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (blob, version) in &blobs {
+        loop {
+            let opened = c[0]
+                .data
+                .decrypt(pb::DecryptRequest {
+                    ciphertext_blob: blob.clone(),
+                    encryption_context: crate::common::ctx(CONTEXT),
+                    justification: crate::common::REASON,
+                    key_id: String::new(),
+                })
+                .await;
+            match opened {
+                Ok(_) => break,
+                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => panic!("a data key under version {version} no longer opens: {s:?}"),
+            }
+        }
+    }
+    eprintln!(
+        "BARRIER: {} data keys acknowledged (newest version {newest}); the old primary had \
+         version {on_primary}, the promoted server {promoted}; {cancelled} commit waits \
+         cancelled; every data key opens",
+        blobs.len()
+    );
 }
