@@ -140,15 +140,19 @@ async fn writer(mut client: Clients, ledger: Ledger, stop: Arc<AtomicBool>, seed
 /// Rotates `key` through `client` until `stop` (a rotation after the
 /// replication cut is committed on the primary, and so visible there,
 /// while its commit waits for the standby).
-async fn rotator(mut client: Clients, key: String, stop: Arc<AtomicBool>) {
+/// The versions acknowledged.
+async fn rotator(mut client: Clients, key: String, stop: Arc<AtomicBool>) -> Vec<u32> {
+    let mut acknowledged = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let call = client.keys.rotate_key(pb::RotateKeyRequest {
             key_id: key.clone(),
         });
-        if !matches!(tokio::time::timeout(CALL_TIMEOUT, call).await, Ok(Ok(_))) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(r)) => acknowledged.push(r.into_inner().key.unwrap().primary_version),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+    acknowledged
 }
 
 /// Data keys under `key` through `client` until `stop`: every blob
@@ -743,7 +747,7 @@ async fn no_data_key_is_wrapped_under_a_version_the_standby_never_received() {
     cluster.pg.kill();
     stop.store(true, Ordering::SeqCst);
     cluster.standby.as_ref().unwrap().promote();
-    rotating.await.unwrap();
+    let rotations = rotating.await.unwrap();
     let blobs = generating.await.unwrap();
     let promoted: u32 = cluster
         .standby
@@ -759,6 +763,15 @@ async fn no_data_key_is_wrapped_under_a_version_the_standby_never_received() {
         on_primary > promoted,
         "the premise: versions committed on the old primary alone ({on_primary} there, \
          {promoted} on the promoted standby)"
+    );
+    // A rotation whose wait was cancelled was committed on the primary
+    // alone, and PostgreSQL reported it done: n1 must not have
+    // acknowledged it.
+    let rotated_to = rotations.iter().copied().max().unwrap_or(0);
+    assert!(
+        rotated_to <= promoted,
+        "n1 acknowledged a rotation to version {rotated_to}, which the promoted server does \
+         not hold (it has up to {promoted})"
     );
     let newest = blobs.iter().map(|(_, v)| *v).max().unwrap_or(0);
     assert!(
@@ -790,9 +803,10 @@ async fn no_data_key_is_wrapped_under_a_version_the_standby_never_received() {
         }
     }
     eprintln!(
-        "BARRIER: {} data keys acknowledged (newest version {newest}); the old primary had \
-         version {on_primary}, the promoted server {promoted}; {cancelled} commit waits \
-         cancelled; every data key opens",
-        blobs.len()
+        "BARRIER: {} data keys acknowledged (newest version {newest}), {} rotations \
+         (newest {rotated_to}); the old primary had version {on_primary}, the promoted server \
+         {promoted}; {cancelled} commit waits cancelled; every data key opens",
+        blobs.len(),
+        rotations.len()
     );
 }

@@ -965,15 +965,53 @@ fn single_host(config: &tokio_postgres::Config, i: usize) -> tokio_postgres::Con
     one
 }
 
-async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+async fn drive<S, T>(mut connection: tokio_postgres::Connection<S, T>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio_postgres::tls::TlsStream + Unpin,
 {
-    if let Err(e) = connection.await {
-        // Never the password: the driver's errors carry none (no URL).
-        tracing::debug!(error = %chain(&e), "a PostgreSQL connection ended");
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notice(notice))) => {
+                if unreplicated_commit(&notice) {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                // Never the password: the driver's errors carry none (no URL).
+                tracing::debug!(error = %chain(&e), "a PostgreSQL connection ended");
+                return;
+            }
+            None => return,
+        }
     }
+}
+
+/// Whether `notice` is PostgreSQL's word that a commit's wait for the
+/// synchronous standbys was cancelled (`pg_cancel_backend` on a backend
+/// waiting on `SyncRep`): the commit is then done on the primary alone,
+/// and the COMMIT that follows reports success. The driver stops reading
+/// there and drops the connection, so that the statement fails as one
+/// whose outcome is unknown, never acknowledged as durable. The warning
+/// is matched by its SQLSTATE (01000, a plain WARNING: coffre's
+/// statements raise no other) and severity, not by its text, which the
+/// server may translate.
+fn unreplicated_commit(notice: &tokio_postgres::error::DbError) -> bool {
+    let cancelled = notice.code() == &SqlState::WARNING
+        && notice.parsed_severity() == Some(tokio_postgres::error::Severity::Warning);
+    if cancelled {
+        tracing::error!(
+            warning = notice.message(),
+            detail = notice.detail().unwrap_or_default(),
+            "PostgreSQL warned about a statement of coffre's (a cancelled wait for the \
+             synchronous standbys): its connection is dropped, so that the statement's outcome \
+             is unknown rather than acknowledged"
+        );
+    } else {
+        tracing::debug!(notice = notice.message(), "PostgreSQL notice");
+    }
+    cancelled
 }
 
 /// Drives a listening connection, waking `wake` at each notification.
@@ -987,6 +1025,12 @@ async fn drive_listening<S, T>(
     loop {
         match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => wake.notify_one(),
+            Some(Ok(tokio_postgres::AsyncMessage::Notice(notice))) => {
+                if unreplicated_commit(&notice) {
+                    wake.notify_one();
+                    return;
+                }
+            }
             Some(Ok(_)) => {}
             Some(Err(e)) => {
                 tracing::debug!(error = %chain(&e), "a listening PostgreSQL connection ended");
