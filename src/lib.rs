@@ -12,6 +12,8 @@
 //! - [`grpc`]: the gRPC front, the only module that knows tonic:
 //!   authentication from the client certificate, wire conversions, one file
 //!   per service.
+//! - [`xks`]: the AWS XKS proxy API front, being built (issue #18): the
+//!   wire layouts so far.
 //! - [`pipeline`]: what happens to every request, whatever its front:
 //!   request id, fail-closed audit record, the core, errors mapped once.
 //! - [`service`]: the core ([`service::Kms`]): authorization, key lifecycle,
@@ -62,5 +64,6 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod xks;
 
 pub use error::{Error, Result};
