@@ -467,6 +467,17 @@ impl Cluster {
         out
     }
 
+    /// The HSM objects `id`'s versions name.
+    async fn objects_of(&self, id: KeyId) -> Vec<String> {
+        self.store
+            .list_versions(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|v| v.hsm_object)
+            .collect()
+    }
+
     /// No key object is orphaned and none is gone while referenced: the
     /// objects alive in the HSM are exactly those a live version names.
     async fn check_objects(&self) {
@@ -801,14 +812,7 @@ fn destruction_against_cancel_ends_one_way_or_the_other() {
                 .schedule_key_deletion(&op(), &KeyRef::Id(id), Some(7))
                 .await
                 .unwrap();
-            let objects: Vec<String> = c
-                .store
-                .list_versions(id)
-                .await
-                .unwrap()
-                .into_iter()
-                .filter_map(|v| v.hsm_object)
-                .collect();
+            let objects = c.objects_of(id).await;
 
             // Both scheduler nodes try (the lease lets one act); the
             // cancellation comes 0 to 30 ms later. A pass commits its
@@ -1251,14 +1255,7 @@ fn a_destruction_cut_off_with_its_node_is_finished_by_the_next_lease_holder() {
             .schedule_key_deletion(&op(), &KeyRef::Id(id), Some(7))
             .await
             .unwrap();
-        let objects: BTreeSet<String> = c
-            .store
-            .list_versions(id)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter_map(|v| v.hsm_object)
-            .collect();
+        let objects: BTreeSet<String> = c.objects_of(id).await.into_iter().collect();
         assert_eq!(objects.len(), 3, "three versions, three objects");
 
         // Node 1 takes a short lease and starts; its HSM is slow from the

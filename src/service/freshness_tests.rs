@@ -429,6 +429,43 @@ async fn a_root_key_rotation_runs_on_one_node_at_a_time() {
     );
 }
 
+/// Two nodes on one store: `a` alone, `b` under a [`NodeLeases`]
+/// coordination whose barrier and lineage the test drives (its bound
+/// `b_bound_ms`), and a key `a` made.
+struct Watched {
+    _dir: tempfile::TempDir,
+    a: Kms,
+    b: Kms,
+    coordination: Arc<NodeLeases>,
+    key: KeyRef,
+    id: KeyId,
+}
+
+async fn watched(b_bound_ms: u64) -> Watched {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+    let hsm: Arc<dyn Hsm> =
+        Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap());
+    let leases = Arc::new(Leases::default());
+    let coordination = Arc::new(NodeLeases::new("b", &leases));
+    let a = node(&store, &hsm, strict(60_000));
+    let b = node(&store, &hsm, strict(b_bound_ms)).with_coordination(coordination.clone());
+    let id = a
+        .create_key(&Caller::new("op"), CreateKeyInput::default())
+        .await
+        .unwrap()
+        .key
+        .id;
+    Watched {
+        _dir: dir,
+        a,
+        b,
+        coordination,
+        key: KeyRef::Id(id),
+        id,
+    }
+}
+
 /// The durability barrier on the wrap path: a version another node wrote
 /// (or this one) is not wrapped under until a commit of this node's begun
 /// after the version was read is acknowledged; unwraps under it need no
@@ -437,22 +474,15 @@ async fn a_root_key_rotation_runs_on_one_node_at_a_time() {
 /// it acknowledges, the same request succeeds, with no second barrier.
 #[tokio::test]
 async fn a_new_version_is_wrapped_under_only_once_a_barrier_covers_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
-    let hsm: Arc<dyn Hsm> =
-        Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap());
-    let leases = Arc::new(Leases::default());
-    let coordination = Arc::new(NodeLeases::new("b", &leases));
-    let a = node(&store, &hsm, strict(60_000));
-    let b = node(&store, &hsm, strict(300)).with_coordination(coordination.clone());
+    let Watched {
+        _dir,
+        a,
+        b,
+        coordination,
+        key,
+        ..
+    } = watched(300).await;
     let op = Caller::new("op");
-    let key = KeyRef::Id(
-        a.create_key(&op, CreateKeyInput::default())
-            .await
-            .unwrap()
-            .key
-            .id,
-    );
     let mut seen = b.poll_changes(0).await.unwrap();
     let v1 = data_key(&b, &key).await.unwrap();
     assert_eq!(v1.key_version, 1);
@@ -546,22 +576,15 @@ async fn a_new_version_is_wrapped_under_only_once_a_barrier_covers_it() {
 /// node drop every cache and follow the feed from the new head.
 #[tokio::test]
 async fn a_node_follows_the_new_history_after_a_promotion() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
-    let hsm: Arc<dyn Hsm> =
-        Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap());
-    let leases = Arc::new(Leases::default());
-    let coordination = Arc::new(NodeLeases::new("b", &leases));
-    let a = node(&store, &hsm, strict(60_000));
-    let b = node(&store, &hsm, strict(60_000)).with_coordination(coordination.clone());
+    let Watched {
+        _dir,
+        a,
+        b,
+        coordination,
+        key,
+        ..
+    } = watched(60_000).await;
     let op = Caller::new("op");
-    let key = KeyRef::Id(
-        a.create_key(&op, CreateKeyInput::default())
-            .await
-            .unwrap()
-            .key
-            .id,
-    );
     let seen = b.poll_changes(0).await.unwrap();
     data_key(&b, &key).await.unwrap();
 
@@ -610,22 +633,15 @@ async fn a_node_follows_the_new_history_after_a_promotion() {
 /// of its own, the version serves.
 #[tokio::test]
 async fn a_version_read_before_a_promotion_is_read_again_before_a_wrap() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
-    let hsm: Arc<dyn Hsm> =
-        Arc::new(LocalSimHsm::open(&dir.path().join("hsm.state"), "test-pin-0000").unwrap());
-    let leases = Arc::new(Leases::default());
-    let coordination = Arc::new(NodeLeases::new("b", &leases));
-    let a = node(&store, &hsm, strict(60_000));
-    let b = node(&store, &hsm, strict(300)).with_coordination(coordination.clone());
+    let Watched {
+        _dir,
+        a,
+        b,
+        coordination,
+        key,
+        id,
+    } = watched(300).await;
     let op = Caller::new("op");
-    let key = KeyRef::Id(
-        a.create_key(&op, CreateKeyInput::default())
-            .await
-            .unwrap()
-            .key
-            .id,
-    );
     a.rotate_key(&op, &key).await.unwrap();
     let seen = b.poll_changes(0).await.unwrap();
     // B reads version 2 while its database acknowledges nothing.
@@ -638,10 +654,6 @@ async fn a_version_read_before_a_promotion_is_read_again_before_a_wrap() {
         Error::NotDurable { version: 2, .. }
     ));
     assert_eq!(b.unconfirmed.len(), 1);
-    let id = match &key {
-        KeyRef::Id(id) => *id,
-        KeyRef::Alias(_) => unreachable!(),
-    };
     assert!(b.materials.get(&(id, 2)).is_some(), "version 2 is cached");
 
     // The promotion: the held commit is acknowledged, but on the new
