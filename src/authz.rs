@@ -82,10 +82,15 @@ pub enum Operation {
     GetAuditCheckpoint,
     ExportAuditLog,
     TailAuditEvents,
+    /// The XKS front (`xks`): AWS KMS asking about, or using, a key.
+    XksGetKeyMetadata,
+    XksEncrypt,
+    XksDecrypt,
+    XksGetHealthStatus,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 27] = [
+    pub const ALL: [Operation; 31] = [
         Operation::CreateKey,
         Operation::GetKey,
         Operation::ListKeys,
@@ -113,6 +118,10 @@ impl Operation {
         Operation::GetAuditCheckpoint,
         Operation::ExportAuditLog,
         Operation::TailAuditEvents,
+        Operation::XksGetKeyMetadata,
+        Operation::XksEncrypt,
+        Operation::XksDecrypt,
+        Operation::XksGetHealthStatus,
     ];
 
     /// The operation's position in [`Operation::ALL`] (for counters).
@@ -149,6 +158,10 @@ impl Operation {
             Operation::GetAuditCheckpoint => "GetCheckpoint",
             Operation::ExportAuditLog => "ExportLog",
             Operation::TailAuditEvents => "TailEvents",
+            Operation::XksGetKeyMetadata => "XksGetKeyMetadata",
+            Operation::XksEncrypt => "XksEncrypt",
+            Operation::XksDecrypt => "XksDecrypt",
+            Operation::XksGetHealthStatus => "XksGetHealthStatus",
         }
     }
 
@@ -177,7 +190,11 @@ impl Operation {
             | Operation::Decrypt
             | Operation::ReEncrypt
             | Operation::BatchGenerateDataKey
-            | Operation::BatchDecrypt => Role::Service,
+            | Operation::BatchDecrypt
+            | Operation::XksGetKeyMetadata
+            | Operation::XksEncrypt
+            | Operation::XksDecrypt
+            | Operation::XksGetHealthStatus => Role::Service,
             Operation::ListAuditEvents
             | Operation::GetAuditCheckpoint
             | Operation::ExportAuditLog

@@ -31,6 +31,11 @@ pub const CONTEXT_DIGEST_LEN: usize = 32;
 pub type ContextDigest = [u8; CONTEXT_DIGEST_LEN];
 
 const WRAP_INFO_LABEL: &[u8] = b"coffre/v1/wrap";
+/// The HKDF label of an XKS encryption's key (`xks_seal`): never the same
+/// derived key as a wrapped data key's, whatever the salt.
+const XKS_INFO_LABEL: &[u8] = b"coffre/xks/v1/encrypt";
+/// Domain separation of the salt an XKS encryption derives its key from.
+const XKS_SALT_LABEL: &[u8] = b"coffre/xks/v1/salt";
 
 /// The one error for any failure to authenticate a blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -109,8 +114,18 @@ fn derive_cipher(
     key_version: u32,
     salt: &[u8; SALT_LEN],
 ) -> Result<Aes256Gcm, AuthenticationFailed> {
+    derive_labelled(WRAP_INFO_LABEL, cmk, key_id, key_version, salt)
+}
+
+fn derive_labelled(
+    label: &[u8],
+    cmk: &CmkMaterial,
+    key_id: KeyId,
+    key_version: u32,
+    salt: &[u8; SALT_LEN],
+) -> Result<Aes256Gcm, AuthenticationFailed> {
     let version = key_version.to_be_bytes();
-    let info: [&[u8]; 3] = [WRAP_INFO_LABEL, key_id.as_bytes(), &version];
+    let info: [&[u8]; 3] = [label, key_id.as_bytes(), &version];
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(cmk.expose());
     let okm = prk
         .expand(&info, DerivedKeyLen)
@@ -258,6 +273,59 @@ pub fn aes256gcm_open(
     tag: &[u8; TAG_LEN],
 ) -> Result<SecretBytes, AuthenticationFailed> {
     let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| AuthenticationFailed)?;
+    let mut out = SecretBytes::new(ciphertext.to_vec());
+    decrypt_in_place(&cipher, iv, aad, out.expose_mut(), tag)?;
+    Ok(out)
+}
+
+/// The 32-byte derivation salt of one XKS encryption, from the short
+/// random nonce its `ciphertextMetadata` carries:
+/// `SHA-256("coffre/xks/v1/salt" ‖ key_id ‖ u32be(version) ‖ nonce)`.
+/// The same salt, in the HSM, for a key of protection level HSM: the label
+/// keeps it apart from any salt of a wrapped data key.
+pub fn xks_salt(key_id: KeyId, key_version: u32, nonce: &[u8]) -> [u8; SALT_LEN] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(XKS_SALT_LABEL);
+    ctx.update(key_id.as_bytes());
+    ctx.update(&key_version.to_be_bytes());
+    ctx.update(nonce);
+    let mut salt = [0u8; SALT_LEN];
+    salt.copy_from_slice(ctx.finish().as_ref());
+    salt
+}
+
+/// AES-256-GCM for the XKS front under a key derived from CMK version
+/// `key_version` and `salt` (label `coffre/xks/v1/encrypt`); returns the
+/// ciphertext and the tag apart, as the XKS API carries them.
+pub fn xks_seal(
+    cmk: &CmkMaterial,
+    key_id: KeyId,
+    key_version: u32,
+    salt: &[u8; SALT_LEN],
+    iv: &[u8; IV_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<(Vec<u8>, [u8; TAG_LEN]), SealError> {
+    let cipher = derive_labelled(XKS_INFO_LABEL, cmk, key_id, key_version, salt)
+        .map_err(|_| SealError::Aead)?;
+    let mut out = Zeroizing::new(plaintext.to_vec());
+    let tag = encrypt_in_place(&cipher, iv, aad, &mut out)?;
+    Ok((std::mem::take(&mut *out), tag))
+}
+
+/// Opens what [`xks_seal`] sealed with the same parameters.
+#[allow(clippy::too_many_arguments)]
+pub fn xks_open(
+    cmk: &CmkMaterial,
+    key_id: KeyId,
+    key_version: u32,
+    salt: &[u8; SALT_LEN],
+    iv: &[u8; IV_LEN],
+    aad: &[u8],
+    ciphertext: &[u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<SecretBytes, AuthenticationFailed> {
+    let cipher = derive_labelled(XKS_INFO_LABEL, cmk, key_id, key_version, salt)?;
     let mut out = SecretBytes::new(ciphertext.to_vec());
     decrypt_in_place(&cipher, iv, aad, out.expose_mut(), tag)?;
     Ok(out)

@@ -27,6 +27,18 @@ pub enum Error {
     KeyNotEnabled { key_id: KeyId, state: KeyState },
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may use the key, but not for this operation (the XKS
+    /// front's `InvalidKeyUsageException`).
+    #[error("{0}")]
+    KeyUsage(String),
+    /// The request did not finish within the front's deadline (the XKS
+    /// front answers AWS KMS within its 250 ms).
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// Valid, but beyond what coffre supports (a plaintext longer than the
+    /// XKS front takes: its `UnsupportedOperationException`).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("{0}")]
     AlreadyExists(String),
     /// Not a failure: the operation needs more approvals and was recorded

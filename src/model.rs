@@ -537,6 +537,8 @@ mod tests {
 pub const MAX_CONTEXT_ENTRIES: usize = 64;
 pub const MAX_CONTEXT_KEY_LEN: usize = 256;
 pub const MAX_CONTEXT_VALUE_LEN: usize = 1024;
+/// The longest value of a context built from XKS request metadata (an ARN).
+pub const MAX_REQUEST_METADATA_VALUE_LEN: usize = 2048;
 
 /// A validated encryption context: string pairs bound to a wrapped key as
 /// AAD. Kept sorted (the canonical order); not stored in blobs.
@@ -547,6 +549,16 @@ pub struct EncryptionContext(BTreeMap<String, String>);
 impl EncryptionContext {
     /// Validates entry count and lengths. Keys must be non-empty.
     pub fn new(entries: impl IntoIterator<Item = (String, String)>) -> Result<Self, ContextError> {
+        Self::with_value_limit(entries, MAX_CONTEXT_VALUE_LEN)
+    }
+
+    /// [`EncryptionContext::new`] with longer values allowed: the XKS
+    /// front's request metadata, whose ARNs may be 2048 characters
+    /// ([`MAX_REQUEST_METADATA_VALUE_LEN`]).
+    pub fn with_value_limit(
+        entries: impl IntoIterator<Item = (String, String)>,
+        max_value_len: usize,
+    ) -> Result<Self, ContextError> {
         let mut map = BTreeMap::new();
         for (k, v) in entries {
             if k.is_empty() {
@@ -555,7 +567,7 @@ impl EncryptionContext {
             if k.len() > MAX_CONTEXT_KEY_LEN {
                 return Err(ContextError::KeyTooLong);
             }
-            if v.len() > MAX_CONTEXT_VALUE_LEN {
+            if v.len() > max_value_len {
                 return Err(ContextError::ValueTooLong);
             }
             map.insert(k, v);

@@ -23,7 +23,7 @@ pub const MAX_SESSIONS: usize = 4096;
 /// Largest `generate_random` request.
 pub const MAX_RANDOM_LEN: usize = 1024;
 /// Largest plaintext of [`Simulator::seal_with_object`].
-pub const MAX_SEAL_LEN: usize = 4096;
+pub const MAX_SEAL_LEN: usize = 4300;
 
 /// Where [`Simulator::seal_with_object`] seals: the object, the derivation
 /// salt, the GCM IV and AAD.
@@ -544,7 +544,7 @@ impl Simulator {
         Aes256Gcm::new_from_slice(&key[..]).map_err(|_| SimError::AuthenticationFailed)
     }
 
-    /// Seals `plaintext` (1..=4096 bytes) under a key derived from the object
+    /// Seals `plaintext` (1..=MAX_SEAL_LEN bytes) under a key derived from the object
     /// and `salt`, AES-256-GCM with `iv` and `aad`: ciphertext ‖ tag.
     pub async fn seal_with_object(
         &self,

@@ -37,7 +37,7 @@ pub const CHECKS: [&str; 15] = [
     "rotation makes a new current root key; older blobs still unwrap",
     "destroying the current or an unknown root key is refused; a destroyed one unwraps nothing",
     "64 concurrent wraps and unwraps all round-trip",
-    "key objects: seal and open 1, 32 and 4096 bytes; a taken name is refused; 0 and 4097 bytes refused",
+    "key objects: seal and open 1, 32 and 4300 bytes; a taken name is refused; 0 and 4301 bytes refused",
     "key objects: another object, salt, IV or AAD, or any flipped bit, fails authentication",
     "key objects: a destroyed object opens nothing, and destroying it again succeeds",
     "key objects: 32 concurrent seals and opens all round-trip",
@@ -376,7 +376,7 @@ async fn key_objects(
             ));
         }
     }
-    for len in [1usize, 32, 4096] {
+    for len in [1usize, 32, super::MAX_SEAL_LEN] {
         let plain = vec![0x5Au8; len];
         let sealed = hsm
             .seal_with_object(seal, &plain)
@@ -393,7 +393,7 @@ async fn key_objects(
             return Err(fail(c, format!("{len} bytes did not round-trip")));
         }
     }
-    for len in [0usize, 4097] {
+    for len in [0usize, super::MAX_SEAL_LEN + 1] {
         match hsm.seal_with_object(seal, &vec![1u8; len]).await {
             Err(HsmError::Rejected(_)) => {}
             r => {

@@ -70,9 +70,9 @@ pub struct ObjectSeal<'a> {
 
 /// Longest key-object name.
 pub const MAX_OBJECT_NAME_LEN: usize = 128;
-/// Largest plaintext [`Hsm::seal_with_object`] takes (a caller secret of
-/// `Encrypt`).
-pub const MAX_SEAL_LEN: usize = 4096;
+/// Largest plaintext [`Hsm::seal_with_object`] takes: a caller secret of
+/// `Encrypt` (4096 bytes), or an XKS plaintext (4300).
+pub const MAX_SEAL_LEN: usize = 4300;
 
 fn no_key_objects() -> HsmError {
     HsmError::Rejected("this HSM backend does not hold CMK versions (protection level HSM)".into())

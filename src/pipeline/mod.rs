@@ -55,7 +55,7 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 pub use ids::RequestIds;
-pub use outcome::{Code, Failure};
+pub use outcome::{Cause, Code, Failure};
 pub use record::{ABANDONED, RequestAudit};
 pub use refusals::coalesced_detail;
 

@@ -70,12 +70,27 @@ impl Code {
     }
 }
 
+/// What a front whose wire format names more cases than the status codes
+/// (the XKS front) tells apart within one code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Cause {
+    #[default]
+    Other,
+    /// `INVALID_ARGUMENT`: the ciphertext (or its context) did not
+    /// authenticate, as opposed to a malformed request.
+    Ciphertext,
+    /// `PERMISSION_DENIED`: the caller may use the key, but not for this
+    /// operation.
+    KeyUsage,
+}
+
 /// Why a request did not succeed, as its caller is told: a code and a
 /// message that is safe to show.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {
     code: Code,
     message: Cow<'static, str>,
+    cause: Cause,
 }
 
 /// What a caller is told while the audit log cannot be written.
@@ -87,7 +102,13 @@ impl Failure {
         Self {
             code,
             message: message.into(),
+            cause: Cause::Other,
         }
+    }
+
+    fn because(mut self, cause: Cause) -> Self {
+        self.cause = cause;
+        self
     }
 
     /// A request without an acceptable identity.
@@ -107,6 +128,10 @@ impl Failure {
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    pub fn cause(&self) -> Cause {
+        self.cause
+    }
 }
 
 impl From<Error> for Failure {
@@ -117,7 +142,14 @@ impl From<Error> for Failure {
             Error::InvalidCiphertext => Self::new(
                 C::InvalidArgument,
                 "invalid ciphertext or encryption context",
-            ),
+            )
+            .because(Cause::Ciphertext),
+            Error::KeyUsage(m) => Self::new(C::PermissionDenied, m).because(Cause::KeyUsage),
+            Error::Unsupported(m) => Self::new(C::Unimplemented, m),
+            Error::DeadlineExceeded(m) => {
+                tracing::warn!(reason = %m, "request past its deadline");
+                Self::new(C::DeadlineExceeded, m)
+            }
             Error::KeyNotFound(k) => Self::new(C::NotFound, format!("key not found: {k}")),
             Error::PermissionDenied(m) => Self::new(C::PermissionDenied, m),
             e @ Error::KeyNotEnabled { .. } => Self::new(C::FailedPrecondition, e.to_string()),

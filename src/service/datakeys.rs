@@ -435,7 +435,7 @@ impl Kms {
     /// The HSM object of a version of protection level HSM, as its record
     /// names it: cached (a version's object never changes), else read from
     /// the store once.
-    async fn object_name(&self, id: KeyId, version: u32) -> Result<Arc<str>> {
+    pub(super) async fn object_name(&self, id: KeyId, version: u32) -> Result<Arc<str>> {
         if let Some(name) = self.objects.get(&(id, version)) {
             return Ok(name);
         }
@@ -625,7 +625,7 @@ struct Openable<'b> {
     record: Arc<KeyRecord>,
 }
 
-fn ensure_enabled(caller: &Caller, record: &KeyRecord, op: Operation) -> Result<()> {
+pub(super) fn ensure_enabled(caller: &Caller, record: &KeyRecord, op: Operation) -> Result<()> {
     if record.state == KeyState::Enabled {
         return Ok(());
     }

@@ -47,6 +47,7 @@ mod policy;
 mod quorum;
 mod ratelimit;
 mod rootkey;
+pub mod xks;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

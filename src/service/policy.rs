@@ -27,8 +27,8 @@ pub(super) fn data_key_operation(op: Operation) -> Option<DataKeyOperation> {
         Operation::GenerateDataKeyWithoutPlaintext => {
             DataKeyOperation::GenerateDataKeyWithoutPlaintext
         }
-        Operation::Encrypt => DataKeyOperation::Encrypt,
-        Operation::Decrypt => DataKeyOperation::Decrypt,
+        Operation::Encrypt | Operation::XksEncrypt => DataKeyOperation::Encrypt,
+        Operation::Decrypt | Operation::XksDecrypt => DataKeyOperation::Decrypt,
         Operation::ReEncrypt => DataKeyOperation::ReEncrypt,
         _ => return None,
     })

@@ -3,4 +3,5 @@
 //! arithmetic every encrypt and decrypt rests on ([`wire`]). The HTTPS
 //! listener, SigV4 and the pipeline come next.
 
+pub mod sigv4;
 pub mod wire;

@@ -70,6 +70,163 @@ pub fn integrity_value(
     out
 }
 
+/// The XKS API's requests and answers, as JSON. Binary fields are standard
+/// base64 (RFC 4648 §4, padded); unknown fields are ignored, as a newer
+/// AWS KMS may send more.
+pub mod json {
+    use serde::{Deserialize, Serialize};
+    use zeroize::Zeroizing;
+
+    /// The longest string of request metadata (an ARN may be 2048).
+    pub const MAX_METADATA_FIELD_LEN: usize = 2048;
+
+    /// `requestMetadata`: who asked AWS KMS for what. Everything but the
+    /// request id and operation is optional here; what an API requires is
+    /// checked by [`RequestMetadata::require`].
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct RequestMetadata {
+        pub kms_request_id: String,
+        pub kms_operation: String,
+        #[serde(default)]
+        pub aws_principal_arn: Option<String>,
+        #[serde(default)]
+        pub kms_key_arn: Option<String>,
+        #[serde(default)]
+        pub kms_via_service: Option<String>,
+        #[serde(default)]
+        pub aws_source_vpc: Option<String>,
+        #[serde(default)]
+        pub aws_source_vpce: Option<String>,
+    }
+
+    impl RequestMetadata {
+        /// Every field within bounds, and `awsPrincipalArn` (and for
+        /// encrypt and decrypt `kmsKeyArn`) present.
+        pub fn require(&self, key_arn: bool) -> Result<(), String> {
+            for (name, value) in [
+                ("kmsRequestId", Some(&self.kms_request_id)),
+                ("kmsOperation", Some(&self.kms_operation)),
+                ("awsPrincipalArn", self.aws_principal_arn.as_ref()),
+                ("kmsKeyArn", self.kms_key_arn.as_ref()),
+                ("kmsViaService", self.kms_via_service.as_ref()),
+                ("awsSourceVpc", self.aws_source_vpc.as_ref()),
+                ("awsSourceVpce", self.aws_source_vpce.as_ref()),
+            ] {
+                if let Some(v) = value {
+                    if v.len() > MAX_METADATA_FIELD_LEN {
+                        return Err(format!(
+                            "requestMetadata.{name} is longer than {MAX_METADATA_FIELD_LEN} characters"
+                        ));
+                    }
+                }
+            }
+            if self.aws_principal_arn.as_deref().is_none_or(str::is_empty) {
+                return Err("requestMetadata.awsPrincipalArn is required".to_string());
+            }
+            if key_arn && self.kms_key_arn.as_deref().is_none_or(str::is_empty) {
+                return Err("requestMetadata.kmsKeyArn is required".to_string());
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct MetadataRequest {
+        pub request_metadata: RequestMetadata,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EncryptRequest {
+        pub request_metadata: RequestMetadata,
+        pub plaintext: Zeroizing<String>,
+        pub encryption_algorithm: String,
+        #[serde(default)]
+        pub additional_authenticated_data: Option<String>,
+        #[serde(default)]
+        pub ciphertext_data_integrity_value_algorithm: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct DecryptRequest {
+        pub request_metadata: RequestMetadata,
+        pub ciphertext: String,
+        pub encryption_algorithm: String,
+        pub initialization_vector: String,
+        pub authentication_tag: String,
+        #[serde(default)]
+        pub additional_authenticated_data: Option<String>,
+        #[serde(default)]
+        pub ciphertext_metadata: Option<String>,
+    }
+
+    /// Health carries only the request id and the operation.
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct HealthRequest {
+        pub request_metadata: HealthMetadata,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct HealthMetadata {
+        pub kms_request_id: String,
+        pub kms_operation: String,
+    }
+
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct MetadataResponse {
+        pub key_spec: &'static str,
+        pub key_usage: Vec<&'static str>,
+        pub key_status: &'static str,
+    }
+
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EncryptResponse {
+        pub ciphertext: String,
+        pub ciphertext_metadata: String,
+        pub initialization_vector: String,
+        pub authentication_tag: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub ciphertext_data_integrity_value: Option<String>,
+    }
+
+    #[derive(Debug, Serialize)]
+    pub struct DecryptResponse {
+        pub plaintext: Zeroizing<String>,
+    }
+
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct HealthResponse {
+        pub xks_proxy_fleet_size: u32,
+        pub xks_proxy_vendor: &'static str,
+        pub xks_proxy_model: String,
+        pub ekm_vendor: &'static str,
+        pub ekm_fleet_details: Vec<EkmDetail>,
+    }
+
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EkmDetail {
+        pub id: String,
+        pub model: String,
+        pub health_status: &'static str,
+    }
+
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ErrorBody<'a> {
+        pub error_name: &'a str,
+        pub error_message: &'a str,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
