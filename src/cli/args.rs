@@ -185,6 +185,12 @@ pub struct DevArgs {
     /// PostgreSQL 15+ installed (initdb, pg_ctl).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
     pub nodes: u32,
+    /// Also serve the AWS KMS External Key Store (XKS) proxy API on this
+    /// address (HTTPS, SigV4), with a dev credential written to
+    /// DIR/xks.json. Its principal (…/aws-kms) sees a key once the key's
+    /// policy grants it.
+    #[arg(long, value_name = "ADDR")]
+    pub xks_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -48,6 +48,7 @@ impl From<DevArgs> for dev::DevOptions {
             preload_keys: args.preload_keys,
             accept_audit_log_loss: args.accept_audit_log_loss,
             attributes: args.attributes,
+            xks_listen: args.xks_listen,
         }
     }
 }

@@ -9,6 +9,7 @@
 //!   [`Pin`] it yields.
 //! - `audit.rs`: `[audit]` into [`AuditConfig`], the audit trail's options.
 //! - `tls.rs`: `[tls]` into [`TlsPaths`].
+//! - `xks.rs`: `[xks]` into [`XksConfig`].
 //! - `store.rs`: `[store]` and `[cluster]` into [`StoreConfig`] and
 //!   [`ClusterConfig`] (sled, or PostgreSQL shared by several nodes).
 //!
@@ -112,6 +113,15 @@
 //! url_env = "COFFRE_DATABASE_URL"
 //! [cluster]
 //! node_id = "n1"
+//!
+//! [xks]                                  # optional: the AWS XKS proxy API (xks.rs)
+//! listen = "0.0.0.0:8443"
+//! cert = "/etc/coffre/xks.pem"
+//! key = "/etc/coffre/xks-key.pem"
+//! [[xks.credentials]]
+//! access_key_id = "…"
+//! secret_access_key_env = "COFFRE_XKS_SECRET"
+//! principal = "aws-kms-eu-west-3"
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -129,6 +139,11 @@ mod hsm;
 mod raw;
 mod store;
 mod tls;
+mod xks;
+/// The API's forms of an XKS access key id and secret.
+pub mod xks_rules {
+    pub use super::xks::{valid_access_key_id, valid_secret};
+}
 
 pub use audit::AuditConfig;
 pub use hsm::{DEFAULT_HSM_SESSIONS, HsmConfig, MAX_HSM_SESSIONS, Pin, PinSource, TokenSelector};
@@ -138,6 +153,7 @@ pub use store::{
     PostgresConfig, StoreConfig, UrlSource,
 };
 pub use tls::{ClientCaPaths, MAX_CRL_GRACE, TlsPaths};
+pub use xks::{SecretSource, XksConfig, XksCredentialConfig};
 
 use raw::{RawCache, RawConfig, RawLimits, RawQuorum, RawRoles};
 
@@ -196,6 +212,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[cluster]`: set exactly when the store is PostgreSQL.
     pub cluster: Option<ClusterConfig>,
+    /// `[xks]`: the AWS XKS proxy API front, if on.
+    pub xks: Option<XksConfig>,
 }
 
 impl Config {
@@ -231,6 +249,7 @@ impl Config {
         let audit = audit::validate(raw.audit, &hsm)?;
         let limits = limits(raw.limits)?;
         let (store, cluster) = store::validate(raw.store, raw.cluster)?;
+        let xks = raw.xks.map(|x| xks::validate(x, &roles)).transpose()?;
         let metrics_listen = raw
             .metrics_listen
             .map(|m| {
@@ -256,6 +275,7 @@ impl Config {
             allow_single_operator: raw.allow_single_operator,
             store,
             cluster,
+            xks,
         })
     }
 }

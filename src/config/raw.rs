@@ -58,6 +58,8 @@ pub(super) struct RawConfig {
     pub(super) store: Option<super::store::RawStore>,
     /// `[cluster]`: this node in a cluster (PostgreSQL only).
     pub(super) cluster: Option<super::store::RawCluster>,
+    /// `[xks]`: the AWS XKS proxy API front (`super::xks`).
+    pub(super) xks: Option<super::xks::RawXks>,
 }
 
 /// `[rate_limits]`: the core's limits ([`crate::service::RateLimits`]),

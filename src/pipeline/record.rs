@@ -132,6 +132,14 @@ impl RequestAudit {
         self.entry.context = self.audit.clear_context(context);
     }
 
+    /// A context that holds nothing secret (the XKS front's request
+    /// metadata: ARNs, AWS's request id), recorded in clear whatever
+    /// `audit.clear_context_keys` says, beside its digest.
+    pub fn context_in_clear(&mut self, context: &EncryptionContext) {
+        self.entry.context_digest = Some(self.audit.context_digest(context));
+        self.entry.context = Some(context.entries().clone());
+    }
+
     /// The justification given: a known reason, or the number of an
     /// unknown one (recorded as `UNKNOWN(n)`).
     pub fn justification(&mut self, reason: Result<AccessReason, i32>) {

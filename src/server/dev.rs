@@ -49,6 +49,9 @@ pub struct DevOptions {
     /// a context value to the caller (`equals_caller_attribute`). The dev
     /// `service` has `tenant=acme` unless one of these sets its `tenant`.
     pub attributes: Vec<DevAttribute>,
+    /// `--xks-listen`: also serve the AWS XKS proxy API there, with a dev
+    /// credential described in `DIR/xks.json` (`dev_xks`).
+    pub xks_listen: Option<SocketAddr>,
 }
 
 /// The attribute every start gives the dev `service` identity unless
@@ -249,6 +252,10 @@ pub async fn start(opts: &DevOptions) -> anyhow::Result<RunningServer> {
         Some(at) => Some(bind(at, "--metrics-listen").await?),
         None => None,
     };
+    let xks_listener = match opts.xks_listen {
+        Some(at) => Some(bind(at, "--xks-listen").await?),
+        None => None,
+    };
     let dir = DataDir::new(&opts.data_dir);
     dir.create()?;
     let lock = dir.lock()?;
@@ -262,9 +269,16 @@ pub async fn start(opts: &DevOptions) -> anyhow::Result<RunningServer> {
             pki::issue_client_cert(&paths, &name)?;
         }
     }
-    let roles = dev_principals(opts.quorum)
+    let mut roles: Vec<(String, Role)> = dev_principals(opts.quorum)
         .into_iter()
-        .map(|(name, role)| (pki::dev_principal(&name), role));
+        .map(|(name, role)| (pki::dev_principal(&name), role))
+        .collect();
+    if xks_listener.is_some() {
+        roles.push((
+            pki::dev_principal(super::dev_xks::PRINCIPAL_NAME),
+            Role::Service,
+        ));
+    }
     let mut options = opts.options.clone();
     if opts.quorum > 1 {
         options.quorum = QuorumOptions::uniform(opts.quorum);
@@ -284,6 +298,10 @@ pub async fn start(opts: &DevOptions) -> anyhow::Result<RunningServer> {
     .accept_audit_log_loss(opts.accept_audit_log_loss);
     let builder = match metrics_listener {
         Some(listener) => builder.bound_metrics_listener(listener),
+        None => builder,
+    };
+    let builder = match xks_listener {
+        Some(listener) => builder.xks(super::dev_xks::setup(&dir, listener)?),
         None => builder,
     };
     builder.hold(lock).start().await

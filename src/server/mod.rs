@@ -23,6 +23,7 @@ mod cluster_race_tests;
 mod data_dir;
 pub mod dev;
 pub mod dev_cluster;
+pub mod dev_xks;
 pub mod production;
 mod tasks;
 
@@ -97,6 +98,8 @@ pub struct ServerBuilder {
     metrics_listener: Option<TcpListener>,
     /// Held for as long as the server runs.
     dir_lock: Option<DirLock>,
+    /// The AWS XKS front, if on.
+    xks: Option<crate::xks::XksSetup>,
 }
 
 impl ServerBuilder {
@@ -129,7 +132,15 @@ impl ServerBuilder {
             listener: None,
             metrics_listener: None,
             dir_lock: None,
+            xks: None,
         }
+    }
+
+    /// Also serves the AWS XKS proxy API (`crate::xks`), through the same
+    /// pipeline as gRPC.
+    pub fn xks(mut self, setup: crate::xks::XksSetup) -> Self {
+        self.xks = Some(setup);
+        self
     }
 
     /// Serves on `listener`, bound already, instead of binding `listen`
@@ -304,6 +315,11 @@ impl ServerBuilder {
             None => None,
         };
         let pipeline = Arc::new(Pipeline::new(Arc::clone(&kms), Arc::clone(&audit), metrics));
+        let xks = self
+            .xks
+            .map(|setup| crate::xks::start(setup, Arc::clone(&pipeline)))
+            .transpose()
+            .context("starting the XKS front")?;
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(grpc::serve(
             pipeline,
@@ -330,6 +346,8 @@ impl ServerBuilder {
         });
         Ok(RunningServer {
             addr,
+            xks_addr: xks.as_ref().map(|x| x.addr),
+            xks,
             kms,
             audit,
             simulator: self.simulator,
@@ -356,6 +374,9 @@ const MARK_SETTLE: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// Where the AWS XKS front listens, if it is on.
+    pub xks_addr: Option<SocketAddr>,
+    xks: Option<crate::xks::RunningXks>,
     pub kms: Arc<Kms>,
     pub audit: Arc<AuditTrail>,
     /// The in-process simulated HSM of `coffre dev` (for fault injection in
@@ -405,6 +426,13 @@ impl RunningServer {
             cluster_audit.stop_signing().await;
         }
         self.audit.close_followers();
+        // The XKS front's in-flight requests are recorded before the log
+        // closes, as gRPC's are.
+        if let Some(xks) = self.xks.take()
+            && let Err(e) = xks.stop().await
+        {
+            tracing::warn!(error = %e, "the XKS front stopped with an error");
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

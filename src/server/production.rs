@@ -116,6 +116,12 @@ pub async fn start_with(config: &Config, once: StartOnce) -> anyhow::Result<Runn
     if let Some(cluster) = cluster {
         builder = builder.cluster(cluster);
     }
+    if let Some(xks) = &config.xks {
+        let listener = tokio::net::TcpListener::bind(xks.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (xks.listen)", xks.listen))?;
+        builder = builder.xks(xks.load(listener).context("[xks]")?);
+    }
     builder.start().await
 }
 

@@ -110,6 +110,10 @@ pub struct XksOpened {
 pub struct XksUse<'a> {
     pub context: &'a EncryptionContext,
     pub justification: AccessReason,
+    /// Encrypt with a `ciphertextDataIntegrityValue`: the ciphertext is
+    /// decrypted again before it is returned (the API's Appendix C), which
+    /// needs the DECRYPT usage too.
+    pub verify: bool,
 }
 
 /// The health of what serves XKS requests.
@@ -205,7 +209,14 @@ impl Kms {
                 plaintext.len()
             )));
         }
-        let record = self.xks_usable(caller, key, op, usage).await?;
+        let (record, allowed) = self.xks_usable(caller, key, op, usage).await?;
+        if usage.verify && !allowed.decrypt {
+            return Err(Error::KeyUsage(format!(
+                "a ciphertextDataIntegrityValue is vouched for by decrypting, and the grant of \
+                 key {} to {} does not allow it to decrypt",
+                record.id, caller.principal
+            )));
+        }
         let (id, version) = (record.id, record.primary_version);
         let hsm = record.protection_level == ProtectionLevel::Hsm;
         let mut random = [0u8; NONCE_LEN + IV_LEN];
@@ -253,14 +264,25 @@ impl Kms {
             crypto::xks_seal(&material, id, version, &salt, &iv, &framed, plaintext)
                 .map_err(sealing_failed)?
         };
-        Ok(XksSealed {
+        let sealed = XksSealed {
             ciphertext,
             iv,
             tag,
             metadata,
             key_id: id,
             key_version: version,
-        })
+        };
+        if usage.verify {
+            let opened = self
+                .xks_open(&record, version, nonce, &sealed.iv, &framed, &sealed.ciphertext, &sealed.tag)
+                .await?;
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(opened.expose(), plaintext)) {
+                return Err(Error::Internal(
+                    "an XKS ciphertext did not decrypt to its plaintext".to_string(),
+                ));
+            }
+        }
+        Ok(sealed)
     }
 
     /// Decrypt: what [`Kms::xks_encrypt`] sealed, if every field and the
@@ -274,7 +296,7 @@ impl Kms {
     ) -> Result<XksOpened> {
         let op = Operation::XksDecrypt;
         self.authorize(caller, op)?;
-        let record = self.xks_usable(caller, key, op, usage).await?;
+        let (record, _) = self.xks_usable(caller, key, op, usage).await?;
         let Some((format, version, nonce)) = parse_metadata(sealed.metadata) else {
             tracing::debug!("XKS ciphertext refused: not coffre's ciphertextMetadata");
             return Err(Error::InvalidCiphertext);
@@ -301,46 +323,9 @@ impl Kms {
         }
         let framed = wire::gcm_aad(sealed.aad, sealed.metadata)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let salt = crypto::xks_salt(id, version, nonce);
-        let plaintext = if hsm {
-            let mut joined = Vec::with_capacity(sealed.ciphertext.len() + TAG_LEN);
-            joined.extend_from_slice(sealed.ciphertext);
-            joined.extend_from_slice(sealed.tag);
-            let name = self.object_name(id, version).await?;
-            match self
-                .hsm
-                .open_with_object(
-                    ObjectSeal {
-                        object: &name,
-                        salt: &salt,
-                        iv: &iv,
-                        aad: &framed,
-                    },
-                    &joined,
-                )
-                .await
-            {
-                Ok(p) => p,
-                Err(HsmError::AuthenticationFailed) => return Err(Error::InvalidCiphertext),
-                Err(e) => {
-                    self.forget_materials_if_tampered(&e);
-                    return Err(e.into());
-                }
-            }
-        } else {
-            let material = self.material(id, version).await?;
-            crypto::xks_open(
-                &material,
-                id,
-                version,
-                &salt,
-                &iv,
-                &framed,
-                sealed.ciphertext,
-                sealed.tag,
-            )
-            .map_err(|_| Error::InvalidCiphertext)?
-        };
+        let plaintext = self
+            .xks_open(&record, version, nonce, &iv, &framed, sealed.ciphertext, sealed.tag)
+            .await?;
         Ok(XksOpened {
             plaintext,
             key_id: id,
@@ -389,6 +374,52 @@ impl Kms {
         })
     }
 
+    /// AES-256-GCM decryption under the version's derived key, in the HSM
+    /// or here; any mismatch is [`Error::InvalidCiphertext`].
+    #[allow(clippy::too_many_arguments)]
+    async fn xks_open(
+        &self,
+        record: &KeyRecord,
+        version: u32,
+        nonce: &[u8],
+        iv: &[u8; IV_LEN],
+        framed: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<SecretBytes> {
+        let id = record.id;
+        let salt = crypto::xks_salt(id, version, nonce);
+        if record.protection_level == ProtectionLevel::Hsm {
+            let mut joined = Vec::with_capacity(ciphertext.len() + TAG_LEN);
+            joined.extend_from_slice(ciphertext);
+            joined.extend_from_slice(tag);
+            let name = self.object_name(id, version).await?;
+            return match self
+                .hsm
+                .open_with_object(
+                    ObjectSeal {
+                        object: &name,
+                        salt: &salt,
+                        iv,
+                        aad: framed,
+                    },
+                    &joined,
+                )
+                .await
+            {
+                Ok(p) => Ok(p),
+                Err(HsmError::AuthenticationFailed) => Err(Error::InvalidCiphertext),
+                Err(e) => {
+                    self.forget_materials_if_tampered(&e);
+                    Err(e.into())
+                }
+            };
+        }
+        let material = self.material(id, version).await?;
+        crypto::xks_open(&material, id, version, &salt, iv, framed, ciphertext, tag)
+            .map_err(|_| Error::InvalidCiphertext)
+    }
+
     /// The key, if a grant names the caller, with the grant's usage.
     async fn xks_visible(&self, caller: &Caller, key: &KeyRef) -> Result<(Arc<KeyRecord>, XksUsage)> {
         // Before any key is looked at, as for gRPC.
@@ -426,7 +457,7 @@ impl Kms {
         key: &KeyRef,
         op: Operation,
         usage: &XksUse<'_>,
-    ) -> Result<Arc<KeyRecord>> {
+    ) -> Result<(Arc<KeyRecord>, XksUsage)> {
         let (record, allowed) = self.xks_visible(caller, key).await?;
         let (permitted, verb) = match op {
             Operation::XksEncrypt => (allowed.encrypt, "encrypt"),
@@ -448,7 +479,7 @@ impl Kms {
             usage.context,
         )?;
         ensure_enabled(caller, &record, op)?;
-        Ok(record)
+        Ok((record, allowed))
     }
 }
 

@@ -98,11 +98,14 @@ pub struct Signed<'a> {
     pub body: &'a [u8],
 }
 
+/// Derived signing keys by (access key id, day, region, credential index).
+type SigningKeys = HashMap<(String, String, String, usize), Zeroizing<[u8; 32]>>;
+
 /// The configured credentials of one URI prefix, and the signing keys
 /// derived from them.
 pub struct Verifier {
     credentials: HashMap<String, Vec<Credential>>,
-    keys: Mutex<HashMap<(String, String, String, usize), Zeroizing<[u8; 32]>>>,
+    keys: Mutex<SigningKeys>,
 }
 
 impl fmt::Debug for Verifier {

@@ -185,6 +185,7 @@ pub fn dev_options(dir: &Path) -> DevOptions {
         preload_keys: 0,
         accept_audit_log_loss: false,
         attributes: Vec::new(),
+        xks_listen: None,
     }
 }
 
