@@ -131,8 +131,32 @@ pub const POSTGRES: Need = Need {
     },
 };
 
+/// Python with botocore, whose SigV4Auth signs the requests of the XKS
+/// tests' independent client (`tests/xks.rs`): `COFFRE_XKS_PYTHON`, else
+/// `python3` on PATH.
+pub const BOTOCORE: Need = Need {
+    cfg: "coffre_has_botocore",
+    require: "COFFRE_REQUIRE_BOTOCORE",
+    what: "Python with botocore",
+    how: "pip install botocore, or point COFFRE_XKS_PYTHON at a python that has it (.ci/run makes a virtual environment)",
+    detect: |env| {
+        let python = match env("COFFRE_XKS_PYTHON").filter(|p| !p.is_empty()) {
+            Some(p) => PathBuf::from(p),
+            None => find_program(env, "python3").ok_or("python3 is not on PATH")?,
+        };
+        match std::process::Command::new(&python)
+            .args(["-c", "import botocore.auth"])
+            .output()
+        {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(_) => Err(format!("{} cannot import botocore", python.display())),
+            Err(e) => Err(format!("{} does not run: {e}", python.display())),
+        }
+    },
+};
+
 /// Every need, in the order the build script reports them.
-pub const ALL: [&Need; 4] = [&SOFTHSM, &CHATTR, &LOOP_MOUNT, &POSTGRES];
+pub const ALL: [&Need; 5] = [&SOFTHSM, &CHATTR, &LOOP_MOUNT, &POSTGRES, &BOTOCORE];
 
 /// Where SoftHSM2's PKCS#11 module usually is (Debian and Ubuntu put it in
 /// the first, with a copy under the multiarch directory; source builds in
@@ -240,7 +264,12 @@ pub const WATCHED_DIRS: [&str; 6] = [
 /// for what is required but missing.
 pub fn build_script_lines(env: Env<'_>) -> Vec<String> {
     let mut lines = Vec::new();
-    let mut vars = vec!["COFFRE_SOFTHSM_MODULE", "USER", "SUDO_UID"];
+    let mut vars = vec![
+        "COFFRE_SOFTHSM_MODULE",
+        "COFFRE_XKS_PYTHON",
+        "USER",
+        "SUDO_UID",
+    ];
     for need in ALL {
         if !vars.contains(&need.require) {
             vars.push(need.require);

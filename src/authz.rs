@@ -312,6 +312,10 @@ mod tests {
             (GetAuditCheckpoint, false, false, true),
             (ExportAuditLog, false, false, true),
             (TailAuditEvents, false, false, true),
+            (XksGetKeyMetadata, false, true, false),
+            (XksEncrypt, false, true, false),
+            (XksDecrypt, false, true, false),
+            (XksGetHealthStatus, false, true, false),
         ];
         assert_eq!(expected.len(), Operation::ALL.len());
         for (i, op) in Operation::ALL.iter().enumerate() {

@@ -133,3 +133,5 @@ mod store_integrity;
 mod storage_faults;
 // Client certificates at the TLS layer: expiry, CRL, reload (SIGHUP too).
 mod tls;
+// Issue #18: the AWS XKS proxy API front, driven by botocore's SigV4Auth.
+mod xks;

@@ -89,7 +89,10 @@ pub struct XksConfig {
 
 /// The API's rule for an access key id: 20 to 30 characters of A-Z, 2-7.
 pub fn valid_access_key_id(id: &str) -> bool {
-    (20..=30).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+    (20..=30).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
 }
 
 /// The API's rule for a secret access key: 43 to 64 characters of base64.
@@ -104,10 +107,12 @@ pub(super) fn validate(
     raw: RawXks,
     roles: &std::collections::HashMap<String, Role>,
 ) -> anyhow::Result<XksConfig> {
-    let listen = raw
-        .listen
-        .parse()
-        .with_context(|| format!("xks.listen must be an address such as 0.0.0.0:8443, got {:?}", raw.listen))?;
+    let listen = raw.listen.parse().with_context(|| {
+        format!(
+            "xks.listen must be an address such as 0.0.0.0:8443, got {:?}",
+            raw.listen
+        )
+    })?;
     let prefix = &raw.uri_prefix;
     if !prefix.is_empty()
         && (!prefix.starts_with('/')
@@ -138,7 +143,9 @@ pub(super) fn validate(
     for c in raw.credentials {
         let id = &c.access_key_id;
         if !valid_access_key_id(id) {
-            bail!("xks.credentials: access_key_id {id:?} must be 20 to 30 characters of A-Z and 2-7");
+            bail!(
+                "xks.credentials: access_key_id {id:?} must be 20 to 30 characters of A-Z and 2-7"
+            );
         }
         if credentials.iter().any(|o| o.access_key_id == *id) {
             bail!("xks.credentials: access_key_id {id:?} appears twice");
@@ -193,7 +200,8 @@ impl SecretSource {
     pub fn read(&self) -> anyhow::Result<Zeroizing<String>> {
         let raw = match self {
             SecretSource::Env(var) => Zeroizing::new(
-                std::env::var(var).with_context(|| format!("the environment variable {var} is not set"))?,
+                std::env::var(var)
+                    .with_context(|| format!("the environment variable {var} is not set"))?,
             ),
             SecretSource::File(path) => {
                 check_private(path)?;
@@ -205,7 +213,9 @@ impl SecretSource {
         };
         let secret = Zeroizing::new(raw.trim().to_string());
         if !valid_secret(&secret) {
-            bail!("the XKS secret access key must be 43 to 64 characters of A-Z, a-z, 0-9, +, /, =");
+            bail!(
+                "the XKS secret access key must be 43 to 64 characters of A-Z, a-z, 0-9, +, /, ="
+            );
         }
         Ok(secret)
     }
@@ -236,10 +246,7 @@ fn check_private(_path: &Path) -> anyhow::Result<()> {
 
 impl XksConfig {
     /// Reads the TLS files and the secrets: what `crate::xks::start` takes.
-    pub fn load(
-        &self,
-        listener: tokio::net::TcpListener,
-    ) -> anyhow::Result<crate::xks::XksSetup> {
+    pub fn load(&self, listener: tokio::net::TcpListener) -> anyhow::Result<crate::xks::XksSetup> {
         let read = |p: &Path, what: &str| {
             std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
         };
@@ -314,15 +321,39 @@ mod tests {
     fn bad_settings_are_refused_with_the_reason() {
         let cred = "[[credentials]]\naccess_key_id = \"AAAAAAAAAAAAAAAAAAAA\"\nsecret_access_key_env = \"S\"\nprincipal = \"aws\"\n";
         for (text, why) in [
-            (format!("{BASE}uri_prefix = \"tenant\"\n{cred}"), "uri_prefix"),
+            (
+                format!("{BASE}uri_prefix = \"tenant\"\n{cred}"),
+                "uri_prefix",
+            ),
             (format!("{BASE}uri_prefix = \"/t/\"\n{cred}"), "uri_prefix"),
             (format!("{BASE}client_cn = \"x\"\n{cred}"), "client_ca"),
             (format!("{BASE}deadline_ms = 300\n{cred}"), "250 ms"),
             (BASE.to_string(), "at least one"),
-            (format!("{BASE}{}", cred.replace("AAAAAAAAAAAAAAAAAAAA", "short")), "20 to 30"),
-            (format!("{BASE}{}", cred.replace("principal = \"aws\"", "principal = \"op\"")), "role operator"),
-            (format!("{BASE}{}", cred.replace("principal = \"aws\"", "principal = \"nobody\"")), "no role"),
-            (format!("{BASE}{}", cred.replace("secret_access_key_env = \"S\"", "secret_access_key = \"x\"")), "never goes"),
+            (
+                format!("{BASE}{}", cred.replace("AAAAAAAAAAAAAAAAAAAA", "short")),
+                "20 to 30",
+            ),
+            (
+                format!(
+                    "{BASE}{}",
+                    cred.replace("principal = \"aws\"", "principal = \"op\"")
+                ),
+                "role operator",
+            ),
+            (
+                format!(
+                    "{BASE}{}",
+                    cred.replace("principal = \"aws\"", "principal = \"nobody\"")
+                ),
+                "no role",
+            ),
+            (
+                format!(
+                    "{BASE}{}",
+                    cred.replace("secret_access_key_env = \"S\"", "secret_access_key = \"x\"")
+                ),
+                "never goes",
+            ),
             (format!("{BASE}{cred}{cred}"), "twice"),
         ] {
             let err = format!("{:#}", parse(&text).unwrap_err());

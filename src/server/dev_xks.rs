@@ -76,7 +76,9 @@ pub fn setup(dir: &DataDir, listener: TcpListener) -> anyhow::Result<XksSetup> {
     let previous: Option<XksJson> = std::fs::read(&path)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .filter(|j: &XksJson| valid_access_key_id(&j.access_key_id) && valid_secret(&j.secret_access_key));
+        .filter(|j: &XksJson| {
+            valid_access_key_id(&j.access_key_id) && valid_secret(&j.secret_access_key)
+        });
     let (access_key_id, secret) = match previous {
         Some(j) => (j.access_key_id, j.secret_access_key),
         None => random_credential()?,

@@ -274,7 +274,15 @@ impl Kms {
         };
         if usage.verify {
             let opened = self
-                .xks_open(&record, version, nonce, &sealed.iv, &framed, &sealed.ciphertext, &sealed.tag)
+                .xks_open(
+                    &record,
+                    version,
+                    nonce,
+                    &sealed.iv,
+                    &framed,
+                    &sealed.ciphertext,
+                    &sealed.tag,
+                )
                 .await?;
             if !bool::from(subtle::ConstantTimeEq::ct_eq(opened.expose(), plaintext)) {
                 return Err(Error::Internal(
@@ -324,7 +332,15 @@ impl Kms {
         let framed = wire::gcm_aad(sealed.aad, sealed.metadata)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let plaintext = self
-            .xks_open(&record, version, nonce, &iv, &framed, sealed.ciphertext, sealed.tag)
+            .xks_open(
+                &record,
+                version,
+                nonce,
+                &iv,
+                &framed,
+                sealed.ciphertext,
+                sealed.tag,
+            )
             .await?;
         Ok(XksOpened {
             plaintext,
@@ -345,9 +361,10 @@ impl Kms {
             self.hsm.unwrap(&wrapped.blob, HEALTH_AAD).await?;
             Ok::<_, HsmError>(info)
         };
-        let probed =
-            tokio::time::timeout(deadline, async { tokio::join!(hsm_probe, self.check_store()) })
-                .await;
+        let probed = tokio::time::timeout(deadline, async {
+            tokio::join!(hsm_probe, self.check_store())
+        })
+        .await;
         let took = started.elapsed();
         let (hsm, store) = match probed {
             Ok((hsm, store)) => (hsm.map_err(|e| e.to_string()), store.is_ok()),
@@ -421,7 +438,11 @@ impl Kms {
     }
 
     /// The key, if a grant names the caller, with the grant's usage.
-    async fn xks_visible(&self, caller: &Caller, key: &KeyRef) -> Result<(Arc<KeyRecord>, XksUsage)> {
+    async fn xks_visible(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+    ) -> Result<(Arc<KeyRecord>, XksUsage)> {
         // Before any key is looked at, as for gRPC.
         self.check_fresh()?;
         let named = key.to_string();

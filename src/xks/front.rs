@@ -115,9 +115,10 @@ pub fn error_name(failure: &Failure) -> (StatusCode, &'static str) {
         (Code::NotFound, _) => (StatusCode::NOT_FOUND, "KeyNotFoundException"),
         (Code::ResourceExhausted, _) => (StatusCode::TOO_MANY_REQUESTS, "ThrottlingException"),
         (Code::Unimplemented, _) => (StatusCode::NOT_IMPLEMENTED, "UnsupportedOperationException"),
-        (Code::Unavailable | Code::DeadlineExceeded, _) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "DependencyTimeoutException")
-        }
+        (Code::Unavailable | Code::DeadlineExceeded, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "DependencyTimeoutException",
+        ),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "InternalException"),
     }
 }
@@ -136,7 +137,11 @@ fn error_message(message: &str) -> String {
     out
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>, request_id: Option<&str>) -> Response<Full<Bytes>> {
+fn json_response(
+    status: StatusCode,
+    body: Vec<u8>,
+    request_id: Option<&str>,
+) -> Response<Full<Bytes>> {
     let mut builder = Response::builder()
         .status(status)
         .header(hyper::header::CONTENT_TYPE, "application/json");
@@ -313,13 +318,15 @@ impl Front {
                 "the XKS API takes POST only",
                 None,
             );
-            response
-                .headers_mut()
-                .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("POST"));
+            response.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static("POST"),
+            );
             return Ok(response);
         }
         let (parts, body) = request.into_parts();
-        let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
+        let collected =
+            tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
         let body = match collected {
             Ok(Ok(collected)) => Zeroizing::new(collected.to_bytes().to_vec()),
             Ok(Err(e)) => {
@@ -536,7 +543,9 @@ impl Front {
             aad: &aad,
         };
         let kms = self.pipeline.kms();
-        let opened = self.in_time(kms.xks_decrypt(caller, &key, &usage, &sealed)).await?;
+        let opened = self
+            .in_time(kms.xks_decrypt(caller, &key, &usage, &sealed))
+            .await?;
         audit.resolved_key(opened.key_id, Some(opened.key_version));
         to_json(&json::DecryptResponse {
             plaintext: Zeroizing::new(B64.encode(opened.plaintext.expose())),
@@ -554,7 +563,9 @@ impl Front {
         if md.kms_request_id.len() > json::MAX_METADATA_FIELD_LEN
             || md.kms_operation.len() > json::MAX_METADATA_FIELD_LEN
         {
-            return Err(invalid("requestMetadata fields are at most 2048 characters"));
+            return Err(invalid(
+                "requestMetadata fields are at most 2048 characters",
+            ));
         }
         let context = EncryptionContext::with_value_limit(
             [
@@ -588,7 +599,10 @@ mod tests {
     #[test]
     fn routes_follow_the_prefix_and_the_api_paths() {
         let p = "/tenant-a";
-        assert_eq!(route(p, "/tenant-a/kms/xks/v1/health"), Some((Api::Health, "")));
+        assert_eq!(
+            route(p, "/tenant-a/kms/xks/v1/health"),
+            Some((Api::Health, ""))
+        );
         assert_eq!(
             route(p, "/tenant-a/kms/xks/v1/keys/my-key_1.x/encrypt"),
             Some((Api::Encrypt, "my-key_1.x"))
@@ -630,7 +644,10 @@ mod tests {
             justification("ec2.amazonaws.com"),
             AccessReason::ProviderInitiatedService
         );
-        assert_eq!(justification("AWS Internal"), AccessReason::ProviderSystemOperation);
+        assert_eq!(
+            justification("AWS Internal"),
+            AccessReason::ProviderSystemOperation
+        );
         assert_eq!(
             arn_parts("arn:aws:kms:eu-west-3:111122223333:key/abc"),
             Some(("111122223333", "eu-west-3"))

@@ -63,7 +63,9 @@ impl fmt::Debug for Credential {
 pub enum Unauthenticated {
     #[error("no Authorization header")]
     Missing,
-    #[error("the Authorization header is not AWS4-HMAC-SHA256 with Credential, SignedHeaders and Signature")]
+    #[error(
+        "the Authorization header is not AWS4-HMAC-SHA256 with Credential, SignedHeaders and Signature"
+    )]
     Malformed,
     #[error("the credential scope is not YYYYMMDD/REGION/kms-xks-proxy/aws4_request")]
     Scope,
@@ -111,7 +113,10 @@ pub struct Verifier {
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Verifier")
-            .field("access_key_ids", &self.credentials.keys().collect::<Vec<_>>())
+            .field(
+                "access_key_ids",
+                &self.credentials.keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -274,7 +279,10 @@ impl Verifier {
                 && n.bytes()
                     .all(|b| !b.is_ascii_uppercase() && b.is_ascii_graphic())
         });
-        if !sorted_unique || !lowercase || !names.contains(&"host") || !names.contains(&"x-amz-date")
+        if !sorted_unique
+            || !lowercase
+            || !names.contains(&"host")
+            || !names.contains(&"x-amz-date")
         {
             return Err(Unauthenticated::SignedHeaders);
         }
@@ -316,7 +324,8 @@ impl Verifier {
         let presented = auth.signature.as_bytes();
         for (index, credential) in candidates.iter().enumerate() {
             let key = self.signing_key(credential, index, auth.date, auth.region, signed_at);
-            let expected = aws_sigv4::sign::v4::calculate_signature(&key[..], string_to_sign.as_bytes());
+            let expected =
+                aws_sigv4::sign::v4::calculate_signature(&key[..], string_to_sign.as_bytes());
             if bool::from(expected.as_bytes().ct_eq(presented)) {
                 return Ok(&credential.principal);
             }
@@ -375,7 +384,13 @@ mod tests {
         .ok()
         .unwrap();
         assert_eq!(
-            (a.access_key_id, a.date, a.region, a.signed_headers, a.signature),
+            (
+                a.access_key_id,
+                a.date,
+                a.region,
+                a.signed_headers,
+                a.signature
+            ),
             ("AKIA", "20221110", "us-east-2", "host;x-amz-date", "abcd")
         );
         for bad in [
