@@ -96,7 +96,7 @@ impl UrlSource {
                     .with_context(|| format!("the environment variable {var} is not set"))?,
             ),
             UrlSource::File(path) => {
-                check_private(path)?;
+                check_private(path, "may hold the database password")?;
                 Zeroizing::new(
                     std::fs::read_to_string(path)
                         .with_context(|| format!("reading {}", path.display()))?,
@@ -111,8 +111,10 @@ impl UrlSource {
     }
 }
 
+/// Refuses a secret's file that its group or others may read or write, as
+/// `ssh` refuses such a key; `holds` says what is at stake.
 #[cfg(unix)]
-fn check_private(path: &std::path::Path) -> anyhow::Result<()> {
+pub(super) fn check_private(path: &std::path::Path, holds: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
@@ -120,8 +122,7 @@ fn check_private(path: &std::path::Path) -> anyhow::Result<()> {
         .mode();
     if mode & 0o077 != 0 {
         bail!(
-            "{} may hold the database password and is accessible to its group or others \
-             (mode {:04o}): chmod 600 it",
+            "{} {holds} and is accessible to its group or others (mode {:04o}): chmod 600 it",
             path.display(),
             mode & 0o7777
         );
@@ -130,7 +131,7 @@ fn check_private(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn check_private(_path: &std::path::Path) -> anyhow::Result<()> {
+pub(super) fn check_private(_path: &std::path::Path, _holds: &str) -> anyhow::Result<()> {
     Ok(())
 }
 

@@ -204,7 +204,7 @@ impl SecretSource {
                     .with_context(|| format!("the environment variable {var} is not set"))?,
             ),
             SecretSource::File(path) => {
-                check_private(path)?;
+                super::store::check_private(path, "holds an XKS secret access key")?;
                 Zeroizing::new(
                     std::fs::read_to_string(path)
                         .with_context(|| format!("reading {}", path.display()))?,
@@ -219,29 +219,6 @@ impl SecretSource {
         }
         Ok(secret)
     }
-}
-
-#[cfg(unix)]
-fn check_private(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        bail!(
-            "{} holds an XKS secret access key and is accessible to its group or others (mode \
-             {:04o}): chmod 600 it",
-            path.display(),
-            mode & 0o7777
-        );
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private(_path: &Path) -> anyhow::Result<()> {
-    Ok(())
 }
 
 impl XksConfig {

@@ -189,6 +189,33 @@ fn decode(field: &str, value: &str) -> Result<Vec<u8>, Error> {
         .map_err(|_| invalid(format!("{field} is not standard base64")))
 }
 
+/// The AAD AWS KMS sent (absent: empty), within the API's 8192 bytes.
+fn decode_aad(field: Option<&str>) -> Result<Vec<u8>, Error> {
+    let aad = match field {
+        Some(a) => decode("additionalAuthenticatedData", a)?,
+        None => Vec::new(),
+    };
+    if aad.len() > wire::MAX_AAD_LEN {
+        return Err(Error::Unsupported(format!(
+            "additionalAuthenticatedData is {} bytes; coffre takes at most {}",
+            aad.len(),
+            wire::MAX_AAD_LEN
+        )));
+    }
+    Ok(aad)
+}
+
+/// Version 1 of the API knows one algorithm.
+fn aes_gcm_only(algorithm: &str) -> Result<(), Error> {
+    if algorithm == "AES_GCM" {
+        Ok(())
+    } else {
+        Err(Error::Unsupported(
+            "encryptionAlgorithm must be AES_GCM".to_string(),
+        ))
+    }
+}
+
 /// The account (5th field) and region (4th) of an ARN, if it is one.
 fn arn_parts(arn: &str) -> Option<(&str, &str)> {
     let mut fields = arn.splitn(6, ':');
@@ -422,11 +449,7 @@ impl Front {
     ) -> Result<Zeroizing<Vec<u8>>, Error> {
         let request: json::EncryptRequest = parse(body)?;
         let (context, justification) = note_metadata(audit, &request.request_metadata, true)?;
-        if request.encryption_algorithm != "AES_GCM" {
-            return Err(Error::Unsupported(
-                "encryptionAlgorithm must be AES_GCM".to_string(),
-            ));
-        }
+        aes_gcm_only(&request.encryption_algorithm)?;
         let integrity = match request.ciphertext_data_integrity_value_algorithm.as_deref() {
             None => false,
             Some("SHA_256") => true,
@@ -437,17 +460,7 @@ impl Front {
             }
         };
         let plaintext = Zeroizing::new(decode("plaintext", &request.plaintext)?);
-        let aad = match &request.additional_authenticated_data {
-            Some(a) => decode("additionalAuthenticatedData", a)?,
-            None => Vec::new(),
-        };
-        if aad.len() > wire::MAX_AAD_LEN {
-            return Err(Error::Unsupported(format!(
-                "additionalAuthenticatedData is {} bytes; coffre takes at most {}",
-                aad.len(),
-                wire::MAX_AAD_LEN
-            )));
-        }
+        let aad = decode_aad(request.additional_authenticated_data.as_deref())?;
         let key = key_ref(key_id)?;
         let usage = XksUse {
             context: &context,
@@ -486,11 +499,7 @@ impl Front {
     ) -> Result<Zeroizing<Vec<u8>>, Error> {
         let request: json::DecryptRequest = parse(body)?;
         let (context, justification) = note_metadata(audit, &request.request_metadata, true)?;
-        if request.encryption_algorithm != "AES_GCM" {
-            return Err(Error::Unsupported(
-                "encryptionAlgorithm must be AES_GCM".to_string(),
-            ));
-        }
+        aes_gcm_only(&request.encryption_algorithm)?;
         let ciphertext = decode("ciphertext", &request.ciphertext)?;
         if ciphertext.len() > core::MAX_PLAINTEXT_LEN {
             return Err(Error::Unsupported(format!(
@@ -508,17 +517,7 @@ impl Front {
             .as_slice()
             .try_into()
             .map_err(|_| invalid("authenticationTag must be 16 bytes"))?;
-        let aad = match &request.additional_authenticated_data {
-            Some(a) => decode("additionalAuthenticatedData", a)?,
-            None => Vec::new(),
-        };
-        if aad.len() > wire::MAX_AAD_LEN {
-            return Err(Error::Unsupported(format!(
-                "additionalAuthenticatedData is {} bytes; coffre takes at most {}",
-                aad.len(),
-                wire::MAX_AAD_LEN
-            )));
-        }
+        let aad = decode_aad(request.additional_authenticated_data.as_deref())?;
         let metadata = match &request.ciphertext_metadata {
             Some(m) => decode("ciphertextMetadata", m)?,
             None => Vec::new(),
