@@ -63,6 +63,10 @@ pub enum Command {
     /// which lease, how far the change feed has gone.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Call an AWS XKS front as AWS KMS does (SigV4), to check it before
+    /// pointing AWS KMS at it: health, key metadata, encrypt, decrypt.
+    #[command(subcommand)]
+    Xks(XksCommand),
 }
 
 /// `coffre cluster ...`: the cluster a server configuration's database
@@ -921,4 +925,88 @@ mod tests {
             .collect();
         assert_eq!(listed, &defined[..]);
     }
+}
+
+/// `coffre xks …`: an XKS front, called as AWS KMS calls it.
+#[derive(Debug, Subcommand)]
+pub enum XksCommand {
+    /// POST health: the proxy and the HSM as AWS KMS sees them (ACTIVE,
+    /// DEGRADED or UNAVAILABLE).
+    Health(XksArgs),
+    /// A key's spec, usage and status, as the credential's principal sees
+    /// them (KeyNotFoundException without a grant naming it).
+    Metadata {
+        /// The external key id: a coffre key id, or an alias without '/'.
+        key: String,
+        #[command(flatten)]
+        xks: XksArgs,
+    },
+    /// Encrypt 1 to 4300 bytes as AWS KMS does; prints the answer's JSON
+    /// (ciphertext, IV, tag, ciphertextMetadata), which `xks decrypt --in`
+    /// reads.
+    Encrypt {
+        /// The external key id: a coffre key id, or an alias without '/'.
+        key: String,
+        /// File holding the plaintext; '-' reads standard input.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// Additional authenticated data (AWS KMS sends its encryption
+        /// context here); the same text is needed to decrypt.
+        #[arg(long, value_name = "TEXT")]
+        aad: Option<String>,
+        /// Ask for the ciphertextDataIntegrityValue (SHA-256 over AAD,
+        /// metadata, IV, ciphertext and tag).
+        #[arg(long)]
+        integrity: bool,
+        #[command(flatten)]
+        xks: XksArgs,
+    },
+    /// Decrypt what `coffre xks encrypt` printed; prints the plaintext in
+    /// base64 (or raw bytes with --out).
+    Decrypt {
+        /// The external key id: a coffre key id, or an alias without '/'.
+        key: String,
+        /// The JSON `coffre xks encrypt` printed; '-' reads standard input.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// The additional authenticated data given to encrypt.
+        #[arg(long, value_name = "TEXT")]
+        aad: Option<String>,
+        /// Write the raw plaintext here ('-': standard output, and nothing
+        /// else is printed there).
+        #[arg(long = "out", value_name = "FILE")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        xks: XksArgs,
+    },
+}
+
+/// Which front, as whom, and what AWS KMS would say about the caller.
+#[derive(Debug, Args)]
+pub struct XksArgs {
+    /// The front and its credential, as `coffre dev --xks-listen` writes
+    /// them (endpoint, uri_prefix, access_key_id, secret_access_key,
+    /// region, ca); default DATA_DIR/xks.json. The file holds a secret:
+    /// keep it private.
+    #[arg(long, value_name = "FILE")]
+    pub xks_file: Option<PathBuf>,
+    /// A client certificate (PEM), for a front with mTLS (`[xks] client_ca`).
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// The awsPrincipalArn sent (its account is the key ARN's): what the
+    /// key's policy may restrict with aws:PrincipalArn and
+    /// aws:PrincipalAccount.
+    #[arg(
+        long,
+        default_value = "arn:aws:iam::111122223333:role/coffre-xks-check"
+    )]
+    pub principal_arn: String,
+    /// The kmsViaService sent (kms:ViaService), e.g. s3 or ebs.
+    #[arg(long, value_name = "SERVICE")]
+    pub via_service: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }

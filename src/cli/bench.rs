@@ -10,6 +10,13 @@
 //! time because the previous one was still waiting has its latency counted
 //! from when it was due, so a stalled server cannot hide its queue.
 //!
+//! The `xks-…` operations go to the AWS XKS front (`--xks-file`, by default
+//! `DATA_DIR/xks.json`), over HTTPS and HTTP/2 with SigV4 as AWS KMS sends
+//! them, on `--connections` connections of their own; `xks-ping` (the
+//! unauthenticated liveness path) is their floor, as `null` is gRPC's. The
+//! keys the bench creates then also grant the front's principal `Encrypt`
+//! and `Decrypt`.
+//!
 //! The write operations (`create-key`, `rotate-key`, `disable-key`) go as
 //! the operator and measure what an operator's change costs: a durable
 //! store write (on PostgreSQL, a committed transaction) and, for creation
@@ -30,6 +37,7 @@ use super::client::{connect, rpc_error};
 use crate::grpc::pb::{
     self, data_key_service_client::DataKeyServiceClient, key_service_client::KeyServiceClient,
 };
+use crate::xks::client::{Target, XksClient};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -89,6 +97,10 @@ pub struct BenchArgs {
     /// `bench/RUN/N` it names.
     #[arg(long, conflicts_with_all = ["key", "existing_keys"])]
     pub cleanup: bool,
+    /// The XKS front for the xks-… operations, as `coffre dev --xks-listen`
+    /// describes it (default DATA_DIR/xks.json).
+    #[arg(long, value_name = "FILE")]
+    pub xks_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -115,6 +127,12 @@ pub enum BenchOp {
     /// (--keys at least --concurrency), then enables it again untimed;
     /// ops/s counts the disables.
     DisableKey,
+    /// GET /ping on the XKS front: the HTTPS round trip alone.
+    XksPing,
+    /// XKS encrypt of 32 bytes with 64 bytes of AAD (SigV4, JSON).
+    XksEncrypt,
+    /// XKS decrypt of what xks-encrypt made before the run.
+    XksDecrypt,
 }
 
 impl BenchOp {
@@ -130,6 +148,9 @@ impl BenchOp {
             BenchOp::CreateKey => "create-key",
             BenchOp::RotateKey => "rotate-key",
             BenchOp::DisableKey => "disable-key",
+            BenchOp::XksPing => "xks-ping",
+            BenchOp::XksEncrypt => "xks-encrypt",
+            BenchOp::XksDecrypt => "xks-decrypt",
         }
     }
 
@@ -143,7 +164,15 @@ impl BenchOp {
 
     /// Whether it works on the bench keys (created, named or listed).
     fn needs_keys(self) -> bool {
-        !matches!(self, BenchOp::Null | BenchOp::CreateKey)
+        !matches!(self, BenchOp::Null | BenchOp::CreateKey | BenchOp::XksPing)
+    }
+
+    /// Sent to the XKS front rather than over gRPC.
+    fn is_xks(self) -> bool {
+        matches!(
+            self,
+            BenchOp::XksPing | BenchOp::XksEncrypt | BenchOp::XksDecrypt
+        )
     }
 
     fn needs_blobs(self) -> bool {
@@ -182,6 +211,8 @@ const REASON: pb::AccessReason = pb::AccessReason::CustomerInitiatedAccess;
 struct Workload {
     keys: Vec<String>,
     blobs: Vec<Vec<u8>>,
+    /// For xks-decrypt: (key id, the fields of an XKS encrypt answer).
+    xks_ciphertexts: Vec<(String, serde_json::Value)>,
     batch_size: u32,
     /// Keys made by `create-key` (warm-up included), for the note at the end.
     created: std::sync::atomic::AtomicU64,
@@ -230,14 +261,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             operator_channels.push(operator_channel(&args).await?);
         }
     }
+    // The XKS operations go to the front, on connections of their own.
+    let mut xks = None;
+    if args.ops.iter().any(|op| op.is_xks()) {
+        let path = args
+            .xks_file
+            .clone()
+            .unwrap_or_else(|| args.connect.data_dir.join(crate::server::dev_xks::XKS_JSON));
+        let target = Target::from_xks_json(&path)?;
+        let mut clients = Vec::with_capacity(usize::from(args.connections));
+        for _ in 0..args.connections {
+            clients.push(XksClient::connect(&target).await?);
+        }
+        xks = Some((target, clients));
+    }
     let needs_keys = args.ops.iter().any(|op| op.needs_keys());
     let audit = AuditWatch::start(&args).await;
     let workload = Arc::new(if needs_keys {
-        prepare(&args, channels.first().cloned()).await?
+        prepare(&args, channels.first().cloned(), xks.as_ref()).await?
     } else {
         Workload {
             keys: Vec::new(),
             blobs: Vec::new(),
+            xks_ciphertexts: Vec::new(),
             batch_size: args.batch_size,
             created: 0.into(),
         }
@@ -264,7 +310,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut summaries: Vec<Summary> = Vec::new();
     for round in 1..=args.rounds {
         for (i, op) in ops.iter().enumerate() {
-            let measured = measure(*op, &args, &channels, &operator_channels, &workload).await?;
+            let xks_clients = xks.as_ref().map_or(&[][..], |(_, c)| c.as_slice());
+            let measured = measure(
+                *op,
+                &args,
+                &channels,
+                &operator_channels,
+                xks_clients,
+                &workload,
+            )
+            .await?;
             if args.rounds > 1 {
                 eprintln!(
                     "round {round}/{}: {:<15} {:>10.0} ops/s",
@@ -279,10 +334,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let null_rates = summaries
-        .iter()
-        .find(|s| s.total.op == BenchOp::Null)
-        .map(|s| s.rates.clone());
+    // Each front against its own floor: gRPC against null, XKS against
+    // xks-ping.
+    let rates_of = |floor: BenchOp| {
+        summaries
+            .iter()
+            .find(|s| s.total.op == floor)
+            .map(|s| s.rates.clone())
+    };
+    let (null_rates, ping_rates) = (rates_of(BenchOp::Null), rates_of(BenchOp::XksPing));
     if !args.connect.json {
         print_header();
     }
@@ -301,9 +361,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 s.total.errors
             );
         }
-        let vs_null = null_rates
+        let floor = if s.total.op.is_xks() {
+            &ping_rates
+        } else {
+            &null_rates
+        };
+        let vs_null = floor
             .as_ref()
-            .filter(|_| s.total.op != BenchOp::Null)
+            .filter(|_| !matches!(s.total.op, BenchOp::Null | BenchOp::XksPing))
             .map(|null| {
                 median(
                     s.rates
@@ -581,11 +646,30 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Creates the keys (unless one was named) and the wrapped data keys the
 /// decrypting operations open, showing progress.
-async fn prepare(args: &BenchArgs, service: Option<Channel>) -> anyhow::Result<Workload> {
+async fn prepare(
+    args: &BenchArgs,
+    service: Option<Channel>,
+    xks: Option<&(Target, Vec<XksClient>)>,
+) -> anyhow::Result<Workload> {
+    // The keys the bench makes grant the front's principal what the XKS
+    // operations need; named or listed keys must grant it already.
+    let xks_principal = match xks {
+        Some((target, _)) => Some(target.principal.clone().context(
+            "the --xks-file names no principal: give --key with a key whose policy grants \
+             the front's principal Encrypt and Decrypt",
+        )?),
+        None => None,
+    };
     let keys = match (&args.key, args.existing_keys) {
         (Some(k), _) => vec![k.clone()],
         (None, Some(n)) => list_keys(args, n as usize).await?,
-        (None, None) => create_keys(args).await?,
+        (None, None) => create_keys(args, xks_principal.as_deref()).await?,
+    };
+    let xks_ciphertexts = match xks {
+        Some((_, clients)) if args.ops.contains(&BenchOp::XksDecrypt) => {
+            xks_ciphertexts(args, &keys, clients).await?
+        }
+        _ => Vec::new(),
     };
     let mut blobs = Vec::new();
     if args.ops.iter().any(|op| op.needs_blobs()) {
@@ -624,6 +708,7 @@ async fn prepare(args: &BenchArgs, service: Option<Channel>) -> anyhow::Result<W
     Ok(Workload {
         keys,
         blobs,
+        xks_ciphertexts,
         batch_size: args.batch_size,
         created: 0.into(),
     })
@@ -669,7 +754,138 @@ async fn list_keys(args: &BenchArgs, n: usize) -> anyhow::Result<Vec<String>> {
     Ok(keys)
 }
 
-async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
+/// What xks-decrypt opens: `--blobs` XKS encrypt answers, spread over the
+/// keys, made 16 at a time.
+async fn xks_ciphertexts(
+    args: &BenchArgs,
+    keys: &[String],
+    clients: &[XksClient],
+) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    let per_key = (args.blobs as usize).div_ceil(keys.len().max(1)).max(1);
+    let total = per_key * keys.len();
+    let mut out = Vec::with_capacity(total);
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut next = 0;
+    let mut last_shown = Instant::now();
+    while out.len() < total {
+        while next < total && in_flight.len() < 16 {
+            let key = keys.get(next / per_key).cloned().unwrap_or_default();
+            let mut client = clients
+                .get(next % clients.len().max(1))
+                .cloned()
+                .context("no XKS connection")?;
+            in_flight.spawn(async move {
+                let answer = client
+                    .post(&format!("keys/{key}/encrypt"), &xks_encrypt_body(&key))
+                    .await;
+                (key, answer)
+            });
+            next += 1;
+        }
+        let Some(done) = in_flight.join_next().await else {
+            break;
+        };
+        let (key, answer) = done.context("XKS encrypt task")?;
+        let answer = answer.context("making the XKS ciphertexts to decrypt")?;
+        if answer.status != 200 {
+            bail!(
+                "making the XKS ciphertexts to decrypt: {} {} (does the key's policy grant \
+                 the front's principal Encrypt and Decrypt?)",
+                answer.status,
+                answer.body
+            );
+        }
+        out.push((key, answer.body));
+        if last_shown.elapsed() > Duration::from_secs(2) {
+            eprintln!("made {} of {total} XKS ciphertexts", out.len());
+            last_shown = Instant::now();
+        }
+    }
+    Ok(out)
+}
+
+/// The AAD of every bench XKS request: 64 bytes, as AWS KMS's framing of
+/// a short encryption context might be.
+/// ("coffre-bench: sixty-four bytes of additional authenticated data.")
+const XKS_AAD: &str =
+    "Y29mZnJlLWJlbmNoOiBzaXh0eS1mb3VyIGJ5dGVzIG9mIGFkZGl0aW9uYWwgYXV0aGVudGljYXRlZCBkYXRhLg==";
+
+fn xks_metadata(operation: &str, key: &str) -> serde_json::Value {
+    crate::xks::client::request_metadata(
+        operation,
+        "arn:aws:iam::111122223333:role/coffre-bench",
+        &format!("arn:aws:kms:eu-west-3:111122223333:key/{key}"),
+    )
+}
+
+/// An XKS encrypt of 32 bytes (a data key's size) under `key`.
+fn xks_encrypt_body(key: &str) -> serde_json::Value {
+    serde_json::json!({
+        "requestMetadata": xks_metadata("Encrypt", key),
+        "plaintext": "WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlo=",
+        "encryptionAlgorithm": "AES_GCM",
+        "additionalAuthenticatedData": XKS_AAD,
+    })
+}
+
+/// An XKS decrypt of `encrypted` (an encrypt answer) under `key`.
+fn xks_decrypt_body(key: &str, encrypted: &serde_json::Value) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "requestMetadata": xks_metadata("Decrypt", key),
+        "encryptionAlgorithm": "AES_GCM",
+        "additionalAuthenticatedData": XKS_AAD,
+    });
+    for field in [
+        "ciphertext",
+        "ciphertextMetadata",
+        "initializationVector",
+        "authenticationTag",
+    ] {
+        body[field] = encrypted[field].clone();
+    }
+    body
+}
+
+/// Adds a grant of `Encrypt` and `Decrypt` to the XKS front's principal to
+/// `key`'s policy (kept as it was otherwise).
+async fn grant_xks(
+    client: &mut KeyServiceClient<Channel>,
+    key: &str,
+    principal: &str,
+) -> Result<(), tonic::Status> {
+    let mut policy = client
+        .get_key(pb::GetKeyRequest {
+            key_id: key.to_string(),
+        })
+        .await?
+        .into_inner()
+        .key
+        .and_then(|k| k.policy)
+        .unwrap_or_default();
+    policy.grants.push(pb::Grant {
+        principal: principal.to_string(),
+        operations: vec![
+            pb::DataKeyOperation::Encrypt as i32,
+            pb::DataKeyOperation::Decrypt as i32,
+        ],
+    });
+    let answer = client
+        .update_key_policy(pb::UpdateKeyPolicyRequest {
+            key_id: key.to_string(),
+            policy: Some(policy),
+        })
+        .await?
+        .into_inner();
+    if !answer.pending_approval_id.is_empty() {
+        return Err(tonic::Status::failed_precondition(format!(
+            "UpdateKeyPolicy awaits approvals ({}): run the XKS bench without quorum",
+            answer.pending_approval_id
+        )));
+    }
+    Ok(())
+}
+
+async fn create_keys(args: &BenchArgs, xks_principal: Option<&str>) -> anyhow::Result<Vec<String>> {
     let channel = operator_channel(args).await?;
     let total = args.keys as usize;
     let mut keys = Vec::with_capacity(total);
@@ -686,8 +902,9 @@ async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
             let mut client = KeyServiceClient::new(channel.clone());
             let alias = format!("bench/{run}/{}", next + 1);
             let description = format!("created by coffre bench (run {run})");
+            let xks_principal = xks_principal.map(str::to_string);
             in_flight.spawn(async move {
-                client
+                let created = client
                     .create_key(pb::CreateKeyRequest {
                         alias,
                         description,
@@ -695,7 +912,11 @@ async fn create_keys(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
                         labels: [("created-by".to_string(), "coffre-bench".to_string())].into(),
                         ..Default::default()
                     })
-                    .await
+                    .await?;
+                if let (Some(principal), Some(key)) = (&xks_principal, &created.get_ref().key) {
+                    grant_xks(&mut client, &key.key_id, principal).await?;
+                }
+                Ok::<_, tonic::Status>(created)
             });
             next += 1;
         }
@@ -725,8 +946,12 @@ async fn measure(
     args: &BenchArgs,
     channels: &[Channel],
     operator_channels: &[Channel],
+    xks_clients: &[XksClient],
     workload: &Arc<Workload>,
 ) -> anyhow::Result<Measured> {
+    if op == BenchOp::XksDecrypt && workload.xks_ciphertexts.is_empty() {
+        bail!("{}: no XKS ciphertexts to open", op.name());
+    }
     if op.needs_blobs() && workload.blobs.is_empty() {
         bail!("{}: no wrapped data keys to open", op.name());
     }
@@ -751,12 +976,17 @@ async fn measure(
             .get(i % pool.len().max(1))
             .cloned()
             .context("no connection")?;
+        let xks = xks_clients.get(i % xks_clients.len().max(1)).cloned();
+        if op.is_xks() && xks.is_none() {
+            bail!("{}: no connection to the XKS front", op.name());
+        }
         let workload = Arc::clone(workload);
         let first_due = schedule.map(|(_, stagger)| start + stagger * (i as u32));
         let interval = schedule.map(|(interval, _)| interval);
         workers.spawn(worker(
             op,
             channel,
+            xks,
             workload,
             i as u64,
             measure_from,
@@ -811,9 +1041,11 @@ impl Pick {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn worker(
     op: BenchOp,
     channel: Channel,
+    xks: Option<XksClient>,
     workload: Arc<Workload>,
     seed: u64,
     measure_from: Instant,
@@ -824,6 +1056,7 @@ async fn worker(
         health: HealthClient::new(channel.clone()),
         data: DataKeyServiceClient::new(channel.clone()),
         keys: KeyServiceClient::new(channel),
+        xks,
         // Worker i's own key for rotate-key and disable-key.
         own_key: usize::try_from(seed).unwrap_or_default(),
     };
@@ -920,6 +1153,7 @@ struct RpcClients {
     health: HealthClient<Channel>,
     data: DataKeyServiceClient<Channel>,
     keys: KeyServiceClient<Channel>,
+    xks: Option<XksClient>,
     own_key: usize,
 }
 
@@ -963,9 +1197,20 @@ async fn call(
     let rpc = CallError::from;
     let own = c.own_key;
     let RpcClients {
-        health, data, keys, ..
+        health,
+        data,
+        keys,
+        xks,
+        ..
     } = c;
     match op {
+        BenchOp::XksPing | BenchOp::XksEncrypt | BenchOp::XksDecrypt => {
+            let xks = xks.as_mut().ok_or_else(|| CallError {
+                message: "no XKS connection".to_string(),
+                retryable: false,
+            })?;
+            xks_call(op, xks, w, pick).await
+        }
         BenchOp::CreateKey => {
             keys.create_key(pb::CreateKeyRequest {
                 description: format!("created by coffre bench (run {}, create-key)", run_id()),
@@ -1091,6 +1336,62 @@ async fn call(
                 None => Ok(()),
             }
         }
+    }
+}
+
+/// One request of an `xks-…` operation; anything but a 200 is an error.
+async fn xks_call(
+    op: BenchOp,
+    xks: &mut XksClient,
+    w: &Workload,
+    pick: &mut Pick,
+) -> Result<(), CallError> {
+    let transport = |e: crate::xks::client::TransportError| CallError {
+        message: e.to_string(),
+        retryable: false,
+    };
+    let answer = match op {
+        BenchOp::XksPing => {
+            let status = xks.ping().await.map_err(transport)?;
+            return match status {
+                200 => Ok(()),
+                other => Err(CallError {
+                    message: format!("/ping answered {other}"),
+                    retryable: false,
+                }),
+            };
+        }
+        BenchOp::XksEncrypt => {
+            let key = pick_key(w, pick);
+            xks.post(&format!("keys/{key}/encrypt"), &xks_encrypt_body(&key))
+                .await
+        }
+        _ => {
+            let (key, encrypted) = w
+                .xks_ciphertexts
+                .get(pick.below(w.xks_ciphertexts.len()))
+                .ok_or_else(|| CallError {
+                    message: "no XKS ciphertexts to decrypt".to_string(),
+                    retryable: false,
+                })?;
+            xks.post(
+                &format!("keys/{key}/decrypt"),
+                &xks_decrypt_body(key, encrypted),
+            )
+            .await
+        }
+    }
+    .map_err(transport)?;
+    match answer.status {
+        200 => Ok(()),
+        status => Err(CallError {
+            message: format!(
+                "{status} {}: {}",
+                answer.error_name().unwrap_or("?"),
+                answer.body["errorMessage"].as_str().unwrap_or("")
+            ),
+            retryable: false,
+        }),
     }
 }
 

@@ -22,6 +22,7 @@ mod report;
 mod run;
 mod store;
 mod store_copy;
+mod xks;
 
 use std::process::ExitCode;
 
@@ -32,7 +33,7 @@ pub use args::{
     ApprovalCommand, AuditCommand, Cli, ClusterCommand, Command, ConnectArgs, DataArgs,
     DatakeyCommand, DecryptArgs, DevArgs, DevAuditMode, EncryptArgs, HsmCommand, KeyCommand,
     LocalHsmArgs, OutcomeArg, PolicyCommand, ProtectionArg, ServeArgs, StateFilter, StoreArgs,
-    StoreCommand, StoreCopyArgs, TokenCommand,
+    StoreCommand, StoreCopyArgs, TokenCommand, XksArgs, XksCommand,
 };
 pub use hsm::RELOGIN_CHECK;
 use run::{init_logging, run_dev, run_serve};
@@ -81,6 +82,7 @@ pub fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Store(cmd) => store::run(cmd).await,
             Command::Cluster(cmd) => cluster::run(cmd).await,
+            Command::Xks(cmd) => xks::run(cmd).await,
         }
     });
     match result {

@@ -71,7 +71,8 @@ impl Api {
     }
 }
 
-fn is_key_id(id: &str) -> bool {
+/// Whether `id` can be an `externalKeyId` in a path.
+pub(crate) fn is_key_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id != "."

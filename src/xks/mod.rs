@@ -11,7 +11,10 @@
 //! - [`sigv4`]: request authentication.
 //! - [`front`]: routing, conversions, the `{errorName, errorMessage}` answers.
 //! - [`listener`]: TLS (optionally mutual, CN pinned) and hyper.
+//! - [`client`]: a client calling a front as AWS KMS does (`coffre xks`,
+//!   `coffre bench --ops xks-…`, the tests).
 
+pub mod client;
 pub mod front;
 pub mod listener;
 pub mod sigv4;
