@@ -9,21 +9,10 @@ use coffre::grpc::pb::{self, data_key_service_client::DataKeyServiceClient};
 use tonic::Code;
 
 use crate::common::binary::{
-    COFFRE, Guard, HSM_PIN, free_port, spawn_ready, start_dev, start_hsm, workspace_binary,
+    COFFRE, Guard, HSM_PIN, free_port, hsm_fault, spawn_ready, start_dev, start_hsm,
 };
 use crate::common::clients::{Clients, generate_request};
 use crate::common::{REASON, channel_as, ctx};
-
-// `hsm_conformance` imports these from here.
-
-fn hsm_fault(port: u16, args: &[&str]) {
-    let status = Command::new(workspace_binary("hsm-sim"))
-        .args(["fault", "--endpoint", &format!("http://127.0.0.1:{port}")])
-        .args(args)
-        .status()
-        .unwrap();
-    assert!(status.success(), "hsm-sim fault {args:?}");
-}
 
 fn start_coffre(config: &Path) -> (Guard, String) {
     let mut cmd = Command::new(COFFRE);

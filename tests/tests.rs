@@ -135,3 +135,5 @@ mod storage_faults;
 mod tls;
 // Issue #18: the AWS XKS proxy API front, driven by botocore's SigV4Auth.
 mod xks;
+// Issue #18 with the real binaries: coffre serve's [xks], mTLS, HSM faults.
+mod xks_serve;

@@ -68,7 +68,12 @@ pub async fn run_dev(
     if opts.preload_keys > 0 {
         dev::preload_keys(&server, opts.preload_keys).await?;
     }
-    print_dev_banner(&DataDir::new(&opts.data_dir), server.addr, &opts)?;
+    print_dev_banner(
+        &DataDir::new(&opts.data_dir),
+        server.addr,
+        server.xks_addr,
+        &opts,
+    )?;
     if let Some(crl) = &opts.crl {
         println!(
             "  client CRL       {}   (re-read on SIGHUP and when it changes)",
@@ -143,6 +148,9 @@ pub async fn run_serve(
         return loaded;
     }
     tracing::info!(addr = %server.addr, "coffre serving");
+    if let Some(xks) = server.xks_addr {
+        println!("coffre XKS front listening on {xks}");
+    }
     println!("coffre listening on {}", server.addr);
     server.run_until(termination()).await
 }
@@ -169,7 +177,12 @@ async fn termination() {
     }
 }
 
-fn print_dev_banner(dir: &DataDir, addr: SocketAddr, opts: &dev::DevOptions) -> anyhow::Result<()> {
+fn print_dev_banner(
+    dir: &DataDir,
+    addr: SocketAddr,
+    xks: Option<SocketAddr>,
+    opts: &dev::DevOptions,
+) -> anyhow::Result<()> {
     let audit_log = dir.audit_log();
     let public_key = dir.audit_public_key();
     let pki = dir.pki().dir;
@@ -198,6 +211,15 @@ coffre dev is running on https://{addr}  (mTLS; Ctrl-C stops it)
         "  attributes       {}   (for equals_caller_attribute; --attribute PRINCIPAL_OR_ROLE:KEY=VALUE)",
         attributes_line(opts)?
     );
+    if let Some(xks) = xks {
+        println!(
+            "  AWS XKS front    https://localhost:{}{}/kms/xks/v1  (SigV4 credential and CA in {root}/xks.json;
+                   principal {}: grant it Encrypt and Decrypt; check it with coffre xks health --data-dir {root})",
+            xks.port(),
+            crate::server::dev_xks::URI_PREFIX,
+            crate::pki::dev_principal(crate::server::dev_xks::PRINCIPAL_NAME),
+        );
+    }
     if opts.quorum > 1 {
         println!(
             "  quorum           {} approvals from distinct operators for sensitive operations:

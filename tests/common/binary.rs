@@ -170,6 +170,17 @@ pub fn export_and_verify(data: &Path, endpoint: &str) {
     );
 }
 
+/// `hsm-sim fault --endpoint http://127.0.0.1:PORT ARGS…` against a
+/// simulator [`start_hsm`] started (e.g. `["set", "--outage"]`, `["clear"]`).
+pub fn hsm_fault(port: u16, args: &[&str]) {
+    let status = Command::new(workspace_binary("hsm-sim"))
+        .args(["fault", "--endpoint", &format!("http://127.0.0.1:{port}")])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "hsm-sim fault {args:?}");
+}
+
 /// Starts `hsm-sim serve` on `port` with its state in `state`, fault
 /// injection allowed (for `hsm-sim fault`) and [`HSM_PIN`].
 pub fn start_hsm(state: &Path, port: u16) -> Guard {
