@@ -15,7 +15,7 @@
 //!   `kill %%` (as the README says to stop it) stops it;
 //! - a line whose comment begins `# refused:` or `# fails:` must exit
 //!   non-zero and print the text after it (up to a `…`);
-//! - the ports of the README (7443, 7444, 7445, 9464) are ports free on this
+//! - the ports of the README (7443 to 7446, 8443, 9464) are ports free on this
 //!   machine, so that the test runs beside others;
 //! - at the end, the scratch directory must hold nothing but `target/`:
 //!   the README cleans up after itself.
@@ -84,7 +84,7 @@ struct Ports(Vec<(&'static str, u16)>);
 impl Ports {
     fn new() -> Self {
         Self(
-            ["7443", "7444", "7445", "9464"]
+            ["7443", "7444", "7445", "7446", "8443", "9464"]
                 .into_iter()
                 .map(|p| (p, free_port()))
                 .collect(),

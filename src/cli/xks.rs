@@ -217,8 +217,9 @@ fn metadata(args: &XksArgs, region: &str, operation: &str, key: &str) -> Value {
 }
 
 /// The body of a 200 answer; any other is an error naming the API's
-/// `errorName` and `errorMessage`, with the gRPC code closest to it and the
-/// `kmsRequestId` sent (the audit record's `context."kms:RequestId"`).
+/// `errorName` and `errorMessage`, with the gRPC code closest to it, the
+/// request id coffre gave it (the audit record's `request_id`) and the
+/// `kmsRequestId` sent (its `context."kms:RequestId"`).
 fn ok(answer: Answer, sent: &Value) -> anyhow::Result<Value> {
     if answer.status == 200 {
         return Ok(answer.body);
@@ -241,9 +242,16 @@ fn ok(answer: Answer, sent: &Value) -> anyhow::Result<Value> {
         .get("errorMessage")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let mut error = CliError::local(code, format!("{name} ({}): {message}", answer.status));
-    error.request_id = sent["requestMetadata"]["kmsRequestId"]
+    let kms_request_id = sent["requestMetadata"]["kmsRequestId"]
         .as_str()
-        .map(str::to_string);
+        .unwrap_or("");
+    let mut error = CliError::local(
+        code,
+        format!(
+            "{name} ({}): {message} (kmsRequestId {kms_request_id})",
+            answer.status
+        ),
+    );
+    error.request_id = answer.request_id;
     Err(error.into())
 }

@@ -96,11 +96,13 @@ impl Target {
     }
 }
 
-/// What the front answered: the status and the JSON body.
+/// What the front answered: the status, the JSON body, and the id coffre
+/// gave the request (`x-request-id`: the audit record's `request_id`).
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
     pub body: Value,
+    pub request_id: Option<String>,
 }
 
 impl Answer {
@@ -252,14 +254,14 @@ impl XksClient {
             .uri(format!("{}/ping", self.origin))
             .body(Full::new(Bytes::new()))
             .map_err(|e| TransportError(format!("request: {e}")))?;
-        let response = self.round_trip(request).await?;
-        Ok(response.0)
+        let (status, _, _) = self.round_trip(request).await?;
+        Ok(status)
     }
 
     async fn round_trip(
         &mut self,
         request: hyper::Request<Full<Bytes>>,
-    ) -> Result<(u16, Bytes), TransportError> {
+    ) -> Result<(u16, Option<String>, Bytes), TransportError> {
         self.send
             .ready()
             .await
@@ -270,27 +272,36 @@ impl XksClient {
             .await
             .map_err(|e| TransportError(format!("request: {e}")))?;
         let status = response.status().as_u16();
+        let request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let limited = http_body_util::Limited::new(response.into_body(), MAX_ANSWER);
         let bytes = limited
             .collect()
             .await
             .map_err(|e| TransportError(format!("reading the answer: {e}")))?
             .to_bytes();
-        Ok((status, bytes))
+        Ok((status, request_id, bytes))
     }
 
     async fn send_request(
         &mut self,
         request: hyper::Request<Full<Bytes>>,
     ) -> Result<Answer, TransportError> {
-        let (status, bytes) = self.round_trip(request).await?;
+        let (status, request_id, bytes) = self.round_trip(request).await?;
         let body = serde_json::from_slice(&bytes).map_err(|_| {
             TransportError(format!(
                 "answer {status} is not JSON: {:?}",
                 String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
             ))
         })?;
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            body,
+            request_id,
+        })
     }
 }
 
