@@ -841,7 +841,9 @@ fn xks_decrypt_body(key: &str, encrypted: &serde_json::Value) -> serde_json::Val
         "initializationVector",
         "authenticationTag",
     ] {
-        body[field] = encrypted[field].clone();
+        if let (Some(map), Some(v)) = (body.as_object_mut(), encrypted.get(field)) {
+            map.insert(field.to_string(), v.clone());
+        }
     }
     body
 }
@@ -1388,7 +1390,11 @@ async fn xks_call(
             message: format!(
                 "{status} {}: {}",
                 answer.error_name().unwrap_or("?"),
-                answer.body["errorMessage"].as_str().unwrap_or("")
+                answer
+                    .body
+                    .get("errorMessage")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
             ),
             retryable: false,
         }),

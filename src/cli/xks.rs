@@ -27,22 +27,23 @@ pub async fn run(cmd: XksCommand) -> anyhow::Result<()> {
             if args.connect.json {
                 return print_json(&answer);
             }
-            let status = |d: &Value| d["healthStatus"].as_str().unwrap_or("?").to_string();
-            let details = answer["ekmFleetDetails"]
-                .as_array()
+            let status = |d: &Value| str_at(d, "healthStatus").unwrap_or("?").to_string();
+            let details = answer
+                .get("ekmFleetDetails")
+                .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
             println!(
                 "proxy             {} {}",
-                answer["xksProxyVendor"].as_str().unwrap_or(""),
-                answer["xksProxyModel"].as_str().unwrap_or("")
+                str_at(&answer, "xksProxyVendor").unwrap_or(""),
+                str_at(&answer, "xksProxyModel").unwrap_or("")
             );
             for d in &details {
                 println!(
                     "{:<17} {} ({})",
-                    d["id"].as_str().unwrap_or("?"),
+                    str_at(d, "id").unwrap_or("?"),
                     status(d),
-                    d["model"].as_str().unwrap_or("")
+                    str_at(d, "model").unwrap_or("")
                 );
             }
             Ok(())
@@ -54,18 +55,19 @@ pub async fn run(cmd: XksCommand) -> anyhow::Result<()> {
             if xks.connect.json {
                 return print_json(&answer);
             }
-            let usage: Vec<&str> = answer["keyUsage"]
-                .as_array()
+            let usage: Vec<&str> = answer
+                .get("keyUsage")
+                .and_then(Value::as_array)
                 .map(|u| u.iter().filter_map(Value::as_str).collect())
                 .unwrap_or_default();
             println!(
                 "key spec          {}",
-                answer["keySpec"].as_str().unwrap_or("")
+                str_at(&answer, "keySpec").unwrap_or("")
             );
             println!("key usage         {}", usage.join(" "));
             println!(
                 "key status        {}",
-                answer["keyStatus"].as_str().unwrap_or("")
+                str_at(&answer, "keyStatus").unwrap_or("")
             );
             Ok(())
         }
@@ -84,10 +86,18 @@ pub async fn run(cmd: XksCommand) -> anyhow::Result<()> {
                 "encryptionAlgorithm": "AES_GCM",
             });
             if let Some(aad) = &aad {
-                body["additionalAuthenticatedData"] = B64.encode(aad).into();
+                set(
+                    &mut body,
+                    "additionalAuthenticatedData",
+                    B64.encode(aad).into(),
+                );
             }
             if integrity {
-                body["ciphertextDataIntegrityValueAlgorithm"] = "SHA_256".into();
+                set(
+                    &mut body,
+                    "ciphertextDataIntegrityValueAlgorithm",
+                    "SHA_256".into(),
+                );
             }
             let answer = ok(c.post(&key_api(&key, "encrypt")?, &body).await?, &body)?;
             // Always JSON: it is what `coffre xks decrypt --in` reads.
@@ -126,12 +136,15 @@ pub async fn run(cmd: XksCommand) -> anyhow::Result<()> {
                 "encryptionAlgorithm": "AES_GCM",
             });
             if let Some(aad) = &aad {
-                body["additionalAuthenticatedData"] = B64.encode(aad).into();
+                set(
+                    &mut body,
+                    "additionalAuthenticatedData",
+                    B64.encode(aad).into(),
+                );
             }
             let answer = ok(c.post(&key_api(&key, "decrypt")?, &body).await?, &body)?;
             let plain64 = Zeroizing::new(
-                answer["plaintext"]
-                    .as_str()
+                str_at(&answer, "plaintext")
                     .context("the answer has no plaintext")?
                     .to_string(),
             );
@@ -148,6 +161,17 @@ pub async fn run(cmd: XksCommand) -> anyhow::Result<()> {
             println!("plaintext         {}", plain64.as_str());
             Ok(())
         }
+    }
+}
+
+fn str_at<'a>(value: &'a Value, name: &str) -> Option<&'a str> {
+    value.get(name).and_then(Value::as_str)
+}
+
+/// Sets `name` in a JSON object (what `json!({…})` made).
+fn set(object: &mut Value, name: &str, value: Value) {
+    if let Some(map) = object.as_object_mut() {
+        map.insert(name.to_string(), value);
     }
 }
 
@@ -211,7 +235,7 @@ fn metadata(args: &XksArgs, region: &str, operation: &str, key: &str) -> Value {
     let key_arn = format!("arn:aws:kms:{region}:{account}:key/{key}");
     let mut md = client::request_metadata(operation, &args.principal_arn, &key_arn);
     if let Some(via) = &args.via_service {
-        md["kmsViaService"] = via.as_str().into();
+        set(&mut md, "kmsViaService", via.as_str().into());
     }
     md
 }
@@ -242,8 +266,9 @@ fn ok(answer: Answer, sent: &Value) -> anyhow::Result<Value> {
         .get("errorMessage")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let kms_request_id = sent["requestMetadata"]["kmsRequestId"]
-        .as_str()
+    let kms_request_id = sent
+        .pointer("/requestMetadata/kmsRequestId")
+        .and_then(Value::as_str)
         .unwrap_or("");
     let mut error = CliError::local(
         code,

@@ -294,7 +294,7 @@ impl XksClient {
         let body = serde_json::from_slice(&bytes).map_err(|_| {
             TransportError(format!(
                 "answer {status} is not JSON: {:?}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                String::from_utf8_lossy(bytes.get(..bytes.len().min(200)).unwrap_or_default())
             ))
         })?;
         Ok(Answer {
