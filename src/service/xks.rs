@@ -116,8 +116,8 @@ pub struct XksUse<'a> {
     pub verify: bool,
 }
 
-/// The health of what serves XKS requests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The health of what serves XKS requests, from best to worst.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum XksHealth {
     /// The HSM answered a wrap and unwrap in time, the store a read.
     Active,

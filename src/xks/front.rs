@@ -27,9 +27,10 @@ use super::sigv4::{Signed, Verifier};
 use super::wire::{self, json};
 use crate::authz::{Caller, Operation};
 use crate::error::Error;
+use crate::metrics::probes::{Component, Report};
 use crate::model::{AccessReason, EncryptionContext, KeyRef, MAX_REQUEST_METADATA_VALUE_LEN};
 use crate::pipeline::{Cause, Code, Failure, Pipeline, RequestAudit, RequestFacts};
-use crate::service::xks::{self as core, XksCiphertext, XksUse};
+use crate::service::xks::{self as core, XksCiphertext, XksHealth, XksUse};
 
 /// The largest request body: a 4300-byte plaintext and an 8192-byte AAD in
 /// base64, with request metadata of 2048-character ARNs, fit well.
@@ -577,7 +578,8 @@ impl Front {
         .map_err(|e| invalid(format!("requestMetadata: {e}")))?;
         audit.context_in_clear(&context);
         let kms = self.pipeline.kms();
-        let report = kms.xks_health(caller, self.deadline).await?;
+        let mut report = kms.xks_health(caller, self.deadline).await?;
+        report.status = with_audit(report.status, &self.pipeline.metrics().readiness.current());
         to_json(&json::HealthResponse {
             xks_proxy_fleet_size: 1,
             xks_proxy_vendor: "coffre",
@@ -592,9 +594,57 @@ impl Front {
     }
 }
 
+/// The health the core found, made worse by the audit log's state as the
+/// last readiness check saw it: a log that cannot be written is
+/// UNAVAILABLE (coffre refuses every request then), a volume short of free
+/// space DEGRADED.
+fn with_audit(status: XksHealth, readiness: &Report) -> XksHealth {
+    let Report::NotReady(problems) = readiness else {
+        return status;
+    };
+    problems
+        .iter()
+        .map(|p| match p.component {
+            Component::AuditLog => XksHealth::Unavailable,
+            Component::AuditVolume => XksHealth::Degraded,
+            _ => XksHealth::Active,
+        })
+        .fold(status, std::cmp::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_audit_log_state_makes_health_worse_never_better() {
+        use crate::metrics::probes::Problem;
+        let problem = |component| Problem {
+            component,
+            reason: String::new(),
+        };
+        let volume = Report::NotReady(vec![problem(Component::AuditVolume)]);
+        let log = Report::NotReady(vec![problem(Component::AuditLog)]);
+        let hsm_only = Report::NotReady(vec![problem(Component::Hsm)]);
+        assert_eq!(
+            with_audit(XksHealth::Active, &Report::Ready),
+            XksHealth::Active
+        );
+        assert_eq!(with_audit(XksHealth::Active, &volume), XksHealth::Degraded);
+        assert_eq!(with_audit(XksHealth::Active, &log), XksHealth::Unavailable);
+        assert_eq!(
+            with_audit(XksHealth::Unavailable, &volume),
+            XksHealth::Unavailable
+        );
+        assert_eq!(
+            with_audit(XksHealth::Degraded, &hsm_only),
+            XksHealth::Degraded
+        );
+        assert_eq!(
+            with_audit(XksHealth::Active, &Report::Starting),
+            XksHealth::Active
+        );
+    }
 
     #[test]
     fn routes_follow_the_prefix_and_the_api_paths() {
