@@ -1,0 +1,22 @@
+//! `coffre-client`: client-side envelope encryption with data keys from
+//! coffre.
+//!
+//! A hosted service seals its data on its own side: coffre gives it a data
+//! key (plaintext and wrapped, bound to an encryption context); the service
+//! encrypts the data with the plaintext key in the sealed message format
+//! and forgets the key; the message carries the wrapped key and the
+//! context. To open it, the service asks coffre to decrypt the wrapped key
+//! (coffre checks the key's state and policy, and records the request),
+//! then opens the frames. The master key never leaves coffre; the data
+//! never reaches it.
+//!
+//! - [`format`]: the message format, version 1 (header, key schedule, key
+//!   commitment, frame keys).
+//! - [`stream`]: [`Sealer`] (`Write`) and [`Opener`] (`Read`), constant
+//!   memory, and [`seal`]/[`open`] over whole streams.
+
+pub mod format;
+pub mod stream;
+
+pub use format::{DataKey, FormatError, Header};
+pub use stream::{Opener, Sealer, open, seal};
