@@ -43,6 +43,27 @@ pub fn blob_parse(data: &[u8]) {
     );
 }
 
+/// The sealed message parser (`coffre-client`): never panics; a header it
+/// accepts re-encodes to the bytes it read (one encoding); the message
+/// does not open under an unrelated data key, and opening fails cleanly.
+pub fn message_parse(data: &[u8]) {
+    let mut input = data;
+    let Ok(header) = coffre_client::Header::read_from(&mut input) else {
+        return;
+    };
+    let consumed = data.len() - input.len();
+    assert_eq!(
+        Some(&header.to_bytes()[..]),
+        data.get(..consumed),
+        "a parsed header re-encodes to other bytes"
+    );
+    let key = coffre_client::DataKey::from_slice(&[0x5a; 32]).unwrap();
+    assert!(
+        coffre_client::open(input, &mut std::io::sink(), &header, &key).is_err(),
+        "an arbitrary message opened"
+    );
+}
+
 /// Context canonicalization: entries from the input (NUL-separated key,
 /// value, key, value…); whatever is accepted has one canonical form and
 /// one digest, whatever the order the entries came in.

@@ -16,11 +16,12 @@ use crate::common::REASON;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 4] = [
+const TARGETS: [(&str, Target); 5] = [
     ("blob_parse", coffre::fuzzing::blob_parse),
     ("context", coffre::fuzzing::context),
     ("audit_verify", coffre::fuzzing::audit_verify),
     ("request_mapping", coffre::fuzzing::request_mapping),
+    ("message_parse", coffre::fuzzing::message_parse),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -91,14 +92,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
 
     #[test]
-    fn random_inputs(which in 0..4usize, data in prop::collection::vec(any::<u8>(), 0..700)) {
+    fn random_inputs(which in 0..TARGETS.len(), data in prop::collection::vec(any::<u8>(), 0..700)) {
         let (_, target) = TARGETS[which];
         target(&data);
     }
 
     #[test]
     fn mutated_seeds(
-        which in 0..4usize,
+        which in 0..TARGETS.len(),
         pick in any::<usize>(),
         edits in prop::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..6),
     ) {
@@ -129,6 +130,17 @@ async fn write_fuzz_seeds() {
         .unwrap(),
     )
     .unwrap();
+    let sealed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sealed-v1.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for (i, v) in sealed["vectors"].as_array().unwrap().iter().enumerate() {
+        let message = hex::decode(v["message"].as_str().unwrap()).unwrap();
+        write("message_parse", &format!("golden-{i}"), &message);
+    }
     let mut blobs = Vec::new();
     for v in golden["vectors"].as_array().unwrap() {
         let name = v["name"].as_str().unwrap();
