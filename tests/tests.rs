@@ -42,6 +42,8 @@ mod cli_data;
 // ids found in the audit log, wrong-PKI and refused connections in words,
 // periods as given, policy warnings and proto names, empty tables.
 mod cli_errors;
+// Issue #19: coffre seal / coffre open with the real binary.
+mod cli_seal;
 // Issue #16, `coffre dev` with the real binary: --attribute and the
 // tenant policy, busy port and data directory in use, quorum hints, bench.
 mod dev_server;

@@ -12,11 +12,15 @@
 //!
 //! - [`format`]: the message format, version 1 (header, key schedule, key
 //!   commitment, frame keys).
+//! - [`rpc`]: [`Client`], coffre's data-key RPCs over mTLS with typed
+//!   errors, and [`Client::sealer`] / [`Client::opener`] on top of them.
 //! - [`stream`]: [`Sealer`] (`Write`) and [`Opener`] (`Read`), constant
 //!   memory, and [`seal`]/[`open`] over whole streams.
 
 pub mod format;
+pub mod rpc;
 pub mod stream;
 
 pub use format::{DataKey, FormatError, Header};
+pub use rpc::{AccessReason, Client, ClientError, Connection, GeneratedKey};
 pub use stream::{Opener, Sealer, open, seal};

@@ -63,6 +63,13 @@ pub enum Command {
     /// which lease, how far the change feed has gone.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Encrypt a file or a stream of any size on this side, under a fresh
+    /// data key of --key bound to --context: the sealed message format
+    /// (DESIGN.md), the data never sent to coffre (service).
+    Seal(SealArgs),
+    /// Open what `coffre seal` made: coffre decrypts its data key if the
+    /// key and its policy allow it now (service).
+    Open(OpenArgs),
     /// Call an AWS XKS front as AWS KMS does (SigV4), to check it before
     /// pointing AWS KMS at it: health, key metadata, encrypt, decrypt.
     #[command(subcommand)]
@@ -1007,6 +1014,44 @@ pub struct XksArgs {
     /// The kmsViaService sent (kms:ViaService), e.g. s3 or ebs.
     #[arg(long, value_name = "SERVICE")]
     pub via_service: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// `coffre seal`.
+#[derive(Debug, Args)]
+pub struct SealArgs {
+    /// The key whose data key seals the data: its id or alias.
+    #[arg(long)]
+    pub key: String,
+    /// The data to seal ('-', the default: standard input).
+    #[arg(long = "in", value_name = "FILE", default_value = "-")]
+    pub input: PathBuf,
+    /// Where the sealed message goes ('-', the default: standard output).
+    /// A file appears only once complete (written beside it, then renamed).
+    #[arg(long = "out", value_name = "FILE", default_value = "-")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// `coffre open`.
+#[derive(Debug, Args)]
+pub struct OpenArgs {
+    /// The sealed message ('-', the default: standard input).
+    #[arg(long = "in", value_name = "FILE", default_value = "-")]
+    pub input: PathBuf,
+    /// Where the plaintext goes ('-', the default: standard output, where
+    /// it is not verified until the command succeeds). A file appears
+    /// only once the whole message verified.
+    #[arg(long = "out", value_name = "FILE", default_value = "-")]
+    pub output: PathBuf,
+    /// With --context: the message's context (in its header) must be
+    /// exactly these entries, or nothing is opened.
+    #[command(flatten)]
+    pub data: DataArgs,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }

@@ -20,6 +20,7 @@ mod output;
 mod reencrypt;
 mod report;
 mod run;
+mod seal;
 mod store;
 mod store_copy;
 mod xks;
@@ -32,8 +33,8 @@ use crate::server::dev::DevOptions;
 pub use args::{
     ApprovalCommand, AuditCommand, Cli, ClusterCommand, Command, ConnectArgs, DataArgs,
     DatakeyCommand, DecryptArgs, DevArgs, DevAuditMode, EncryptArgs, HsmCommand, KeyCommand,
-    LocalHsmArgs, OutcomeArg, PolicyCommand, ProtectionArg, ServeArgs, StateFilter, StoreArgs,
-    StoreCommand, StoreCopyArgs, TokenCommand, XksArgs, XksCommand,
+    LocalHsmArgs, OpenArgs, OutcomeArg, PolicyCommand, ProtectionArg, SealArgs, ServeArgs,
+    StateFilter, StoreArgs, StoreCommand, StoreCopyArgs, TokenCommand, XksArgs, XksCommand,
 };
 pub use hsm::RELOGIN_CHECK;
 use run::{init_logging, run_dev, run_serve};
@@ -83,6 +84,8 @@ pub fn main() -> ExitCode {
             Command::Store(cmd) => store::run(cmd).await,
             Command::Cluster(cmd) => cluster::run(cmd).await,
             Command::Xks(cmd) => xks::run(cmd).await,
+            Command::Seal(args) => seal::seal(args).await,
+            Command::Open(args) => seal::open(args).await,
         }
     });
     match result {
