@@ -14,13 +14,17 @@
 //!   commitment, frame keys).
 //! - [`rpc`]: [`Client`], coffre's data-key RPCs over mTLS with typed
 //!   errors, and [`Client::sealer`] / [`Client::opener`] on top of them.
+//! - [`cache`]: [`CachingClient`], a data-key cache bounded by age,
+//!   messages and bytes, emptied for a key by any refusal of it.
 //! - [`stream`]: [`Sealer`] (`Write`) and [`Opener`] (`Read`), constant
 //!   memory, and [`seal`]/[`open`] over whole streams.
 
+pub mod cache;
 pub mod format;
 pub mod rpc;
 pub mod stream;
 
+pub use cache::{CacheLimits, CacheStats, CachingClient, DataKeySource};
 pub use format::{DataKey, FormatError, Header};
 pub use rpc::{AccessReason, Client, ClientError, Connection, GeneratedKey};
 pub use stream::{Opener, Sealer, open, seal};
