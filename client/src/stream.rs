@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::format::{DataKey, FormatError, FrameKeys, Header, MAX_FRAMES, TAG_LEN};
 
@@ -84,7 +84,8 @@ impl<W: Write> Sealer<W> {
         }
         self.keys.seal_frame(self.index, last, &mut self.buf)?;
         self.output.write_all(&self.buf)?;
-        self.buf.zeroize();
+        // Ciphertext now: the next frame's plaintext overwrites it, and the
+        // buffer is zeroized when dropped.
         self.buf.clear();
         self.index += 1;
         Ok(())
@@ -135,7 +136,8 @@ pub struct Opener<R: Read> {
     input: R,
     keys: FrameKeys,
     frame_len: usize,
-    /// The current frame: ciphertext ‖ tag as read, then its plaintext.
+    /// The current frame (always `frame_len + 16` long): ciphertext ‖ tag
+    /// as read, then its plaintext in front.
     buf: Zeroizing<Vec<u8>>,
     /// Plaintext of `buf` not yet handed out: `buf[pos..plain_len]`.
     pos: usize,
@@ -169,7 +171,7 @@ impl<R: Read> Opener<R> {
             input,
             keys,
             frame_len,
-            buf: Zeroizing::new(Vec::with_capacity(frame_len + TAG_LEN + 1)),
+            buf: Zeroizing::new(vec![0u8; frame_len + TAG_LEN]),
             pos: 0,
             plain_len: 0,
             peeked: None,
@@ -178,38 +180,36 @@ impl<R: Read> Opener<R> {
         })
     }
 
-    /// Reads up to `want` bytes into `buf`, stopping early only at the end
-    /// of the input.
-    fn fill(&mut self, want: usize) -> io::Result<()> {
-        let mut chunk = [0u8; 8192];
-        while self.buf.len() < want {
-            let n = (want - self.buf.len()).min(chunk.len());
-            let got = match self.input.read(chunk.get_mut(..n).unwrap_or_default()) {
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+    /// Reads into `buf[filled..]` until it is full or the input ends; the
+    /// bytes it holds. (`buf` keeps its full length: no zeroing per frame.)
+    fn fill(&mut self, mut filled: usize) -> io::Result<usize> {
+        let want = self.buf.len();
+        while filled < want {
+            match self
+                .input
+                .read(self.buf.get_mut(filled..).unwrap_or_default())
+            {
+                Ok(0) => break,
+                Ok(got) => filled += got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
-            };
-            if got == 0 {
-                break;
             }
-            self.buf
-                .extend_from_slice(chunk.get(..got).unwrap_or_default());
         }
-        chunk.zeroize();
-        Ok(())
+        Ok(filled)
     }
 
-    /// Reads and opens the next frame.
+    /// Reads and opens the next frame: `buf[..plain_len]` is its plaintext
+    /// (overwriting the previous one's; the buffer is zeroized on drop).
     fn next_frame(&mut self) -> io::Result<()> {
-        self.buf.zeroize();
-        self.buf.clear();
-        if let Some(b) = self.peeked.take() {
-            self.buf.push(b);
+        let mut filled = 0;
+        if let (Some(b), Some(first)) = (self.peeked.take(), self.buf.first_mut()) {
+            *first = b;
+            filled = 1;
         }
-        let full = self.frame_len + TAG_LEN;
-        self.fill(full)?;
+        let full = self.buf.len();
+        let filled = self.fill(filled)?;
         // A full frame is the last one only if nothing follows it.
-        let last = if self.buf.len() < full {
+        let last = if filled < full {
             true
         } else {
             let mut one = [0u8; 1];
@@ -225,12 +225,13 @@ impl<R: Read> Opener<R> {
             }
             more == 0
         };
-        if self.buf.len() < TAG_LEN || self.index >= MAX_FRAMES {
+        if filled < TAG_LEN || self.index >= MAX_FRAMES {
             return Err(io_error(FormatError::NotAuthentic));
         }
+        let frame = self.buf.get_mut(..filled).unwrap_or_default();
         let plain_len = self
             .keys
-            .open_frame(self.index, last, &mut self.buf)
+            .open_frame(self.index, last, frame)
             .map_err(io_error)?;
         self.index += 1;
         self.pos = 0;
