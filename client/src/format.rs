@@ -228,7 +228,17 @@ impl Header {
     /// suite, bounds, a canonical context, a blob that looks like coffre's.
     pub fn read_from(input: &mut impl Read) -> Result<Self, FormatError> {
         let mut fixed = [0u8; 2 + 1 + 1 + MESSAGE_ID_LEN + 4 + 4];
-        read_exact_or(input, &mut fixed, FormatError::TruncatedHeader)?;
+        // What the message is, first: a short file that is no sealed
+        // message is said to be that, not a truncated one.
+        let (start, more) = fixed.split_at_mut(4);
+        let got = read_up_to(input, start)?;
+        if !MAGIC.starts_with(start.get(..got.min(2)).unwrap_or_default()) {
+            return Err(FormatError::NotSealed);
+        }
+        if got < 4 {
+            return Err(FormatError::TruncatedHeader);
+        }
+        read_exact_or(input, more, FormatError::TruncatedHeader)?;
         let (magic, rest) = fixed.split_at(2);
         if magic != MAGIC {
             return Err(FormatError::NotSealed);
@@ -448,6 +458,20 @@ fn schedule(
     let unbound =
         UnboundKey::new(&aead::AES_256_GCM, &key[..]).map_err(|_| FormatError::NotAuthentic)?;
     Ok((LessSafeKey::new(unbound), commitment))
+}
+
+/// Reads until `buf` is full or the input ends; the bytes read.
+fn read_up_to(input: &mut impl Read, buf: &mut [u8]) -> Result<usize, FormatError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(buf.get_mut(got..).unwrap_or_default()) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FormatError::Io(e)),
+        }
+    }
+    Ok(got)
 }
 
 /// `read_exact`, with an early end of input reported as `eof`.

@@ -18,13 +18,17 @@
 //!   messages and bytes, emptied for a key by any refusal of it.
 //! - [`stream`]: [`Sealer`] (`Write`) and [`Opener`] (`Read`), constant
 //!   memory, and [`seal`]/[`open`] over whole streams.
+//! - [`stream_async`]: [`seal_async`], [`read_header`] and [`open_async`]
+//!   over tokio's `AsyncRead`/`AsyncWrite`, the same bytes.
 
 pub mod cache;
 pub mod format;
 pub mod rpc;
 pub mod stream;
+pub mod stream_async;
 
 pub use cache::{CacheLimits, CacheStats, CachingClient, DataKeySource};
 pub use format::{DataKey, FormatError, Header};
 pub use rpc::{AccessReason, Client, ClientError, Connection, GeneratedKey};
 pub use stream::{Opener, Sealer, open, seal};
+pub use stream_async::{open_async, read_header, seal_async};
