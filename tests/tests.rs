@@ -71,6 +71,8 @@ mod hsm_conformance;
 // HSM faults (latency, errors, outage, tamper) injected into the
 // in-process simulator.
 mod hsm_faults;
+// Issue #19, end to end: examples/hosted-store on coffre dev.
+mod hosted_store;
 // Deletion, retirement, rotation policy and a root-key rotation killed
 // midway, through the CLI.
 mod lifecycle;
