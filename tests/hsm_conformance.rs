@@ -625,7 +625,14 @@ async fn nodes_sharing_a_token_make_one_audit_key_pair_under_the_cluster_init_le
     let held = std::time::Instant::now();
     let starts: Vec<_> = configs
         .iter()
-        .map(|config| {
+        .enumerate()
+        .map(|(i, config)| {
+            // SoftHSM2's file store can list no token to a process that
+            // scans it while another opens it: start the nodes 300 ms
+            // apart (both still wait for the lease, held 4 s).
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
             let mut cmd = softhsm.command(COFFRE);
             cmd.args(["serve", "--config"])
                 .arg(config)
