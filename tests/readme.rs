@@ -15,7 +15,7 @@
 //!   `kill %%` (as the README says to stop it) stops it;
 //! - a line whose comment begins `# refused:` or `# fails:` must exit
 //!   non-zero and print the text after it (up to a `…`);
-//! - the ports of the README (7443 to 7446, 8443, 9464) are ports free on this
+//! - the ports of the README (7443 to 7447, 8080, 8443, 9464) are ports free on this
 //!   machine, so that the test runs beside others;
 //! - at the end, the scratch directory must hold nothing but `target/`:
 //!   the README cleans up after itself.
@@ -84,10 +84,12 @@ struct Ports(Vec<(&'static str, u16)>);
 impl Ports {
     fn new() -> Self {
         Self(
-            ["7443", "7444", "7445", "7446", "8443", "9464"]
-                .into_iter()
-                .map(|p| (p, free_port()))
-                .collect(),
+            [
+                "7443", "7444", "7445", "7446", "7447", "8080", "8443", "9464",
+            ]
+            .into_iter()
+            .map(|p| (p, free_port()))
+            .collect(),
         )
     }
     fn apply(&self, line: &str) -> String {
@@ -211,10 +213,26 @@ exec {bin} "$@"
     );
     let path = dir.join("coffre");
     std::fs::write(&path, wrapper).unwrap();
+    // The hosted-store example the README builds, as the tests built it.
+    let store = dir.join("hosted-store");
+    std::fs::write(
+        &store,
+        format!(
+            "#!/usr/bin/env bash\nexec {} \"$@\"\n",
+            single_quoted(
+                &crate::common::binary::workspace_binary("hosted-store")
+                    .display()
+                    .to_string()
+            )
+        ),
+    )
+    .unwrap();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for p in [&path, &store] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
     }
 }
 
