@@ -139,24 +139,54 @@ pub const BOTOCORE: Need = Need {
     require: "COFFRE_REQUIRE_BOTOCORE",
     what: "Python with botocore",
     how: "pip install botocore, or point COFFRE_XKS_PYTHON at a python that has it (.ci/run makes a virtual environment)",
+    detect: |env| python_imports(env, "COFFRE_XKS_PYTHON", "botocore.auth", "botocore"),
+};
+
+/// Python with the coffre_client package (`clients/python`) and what it
+/// runs on (grpcio, cryptography), for the interop tests with the real
+/// binary (`tests/python_client.rs`): `COFFRE_CLIENT_PYTHON`, else
+/// `python3` on PATH.
+pub const PYTHON_CLIENT: Need = Need {
+    cfg: "coffre_has_python_client",
+    require: "COFFRE_REQUIRE_PYTHON_CLIENT",
+    what: "Python with the coffre_client package (clients/python)",
+    how: "pip install ./clients/python into a virtual environment and point COFFRE_CLIENT_PYTHON at its python (.ci/run does)",
     detect: |env| {
-        let python = match env("COFFRE_XKS_PYTHON").filter(|p| !p.is_empty()) {
-            Some(p) => PathBuf::from(p),
-            None => find_program(env, "python3").ok_or("python3 is not on PATH")?,
-        };
-        match std::process::Command::new(&python)
-            .args(["-c", "import botocore.auth"])
-            .output()
-        {
-            Ok(out) if out.status.success() => Ok(()),
-            Ok(_) => Err(format!("{} cannot import botocore", python.display())),
-            Err(e) => Err(format!("{} does not run: {e}", python.display())),
-        }
+        python_imports(
+            env,
+            "COFFRE_CLIENT_PYTHON",
+            "coffre_client, grpc, cryptography",
+            "coffre_client, grpc or cryptography",
+        )
     },
 };
 
+/// Whether the python `var` names (else `python3` on PATH) can import
+/// `modules` (a comma-separated list, as `import` takes it).
+fn python_imports(env: Env<'_>, var: &str, modules: &str, what: &str) -> Result<(), String> {
+    let python = match env(var).filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => find_program(env, "python3").ok_or("python3 is not on PATH")?,
+    };
+    match std::process::Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+    {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(_) => Err(format!("{} cannot import {what}", python.display())),
+        Err(e) => Err(format!("{} does not run: {e}", python.display())),
+    }
+}
+
 /// Every need, in the order the build script reports them.
-pub const ALL: [&Need; 5] = [&SOFTHSM, &CHATTR, &LOOP_MOUNT, &POSTGRES, &BOTOCORE];
+pub const ALL: [&Need; 6] = [
+    &SOFTHSM,
+    &CHATTR,
+    &LOOP_MOUNT,
+    &POSTGRES,
+    &BOTOCORE,
+    &PYTHON_CLIENT,
+];
 
 /// Where SoftHSM2's PKCS#11 module usually is (Debian and Ubuntu put it in
 /// the first, with a copy under the multiarch directory; source builds in
@@ -267,6 +297,7 @@ pub fn build_script_lines(env: Env<'_>) -> Vec<String> {
     let mut vars = vec![
         "COFFRE_SOFTHSM_MODULE",
         "COFFRE_XKS_PYTHON",
+        "COFFRE_CLIENT_PYTHON",
         "USER",
         "SUDO_UID",
     ];

@@ -60,7 +60,7 @@ fn a_root_test_without_its_programs_fails_and_says_what_it_needs() {
 /// the directories the build script watches) fails here: `touch build.rs`.
 #[test]
 fn each_test_is_ignored_exactly_where_its_component_is_missing_and_not_required() {
-    let built: [(&Need, bool, Option<&str>); 4] = [
+    let built: [(&Need, bool, Option<&str>); 6] = [
         (
             &needs::SOFTHSM,
             cfg!(coffre_has_softhsm),
@@ -80,6 +80,16 @@ fn each_test_is_ignored_exactly_where_its_component_is_missing_and_not_required(
             &needs::POSTGRES,
             cfg!(coffre_has_postgres),
             option_env!("COFFRE_REQUIRE_POSTGRES"),
+        ),
+        (
+            &needs::BOTOCORE,
+            cfg!(coffre_has_botocore),
+            option_env!("COFFRE_REQUIRE_BOTOCORE"),
+        ),
+        (
+            &needs::PYTHON_CLIENT,
+            cfg!(coffre_has_python_client),
+            option_env!("COFFRE_REQUIRE_PYTHON_CLIENT"),
         ),
     ];
     let env = |var: &str| std::env::var(var).ok();

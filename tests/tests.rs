@@ -121,6 +121,8 @@ mod postgres_store;
 mod processes;
 // Issue #16: /healthz and /readyz on the metrics listener, reflection v1alpha.
 mod probes;
+// Issue #19: the Python client (clients/python) with the real binary (COFFRE_CLIENT_PYTHON).
+mod python_client;
 // Quorum approvals between two operators, through the CLI.
 mod quorum;
 // Tests needing the machine (SoftHSM2, root) are not run where it lacks that, and fail when forced.
