@@ -13,12 +13,15 @@
 //! A refusal is `UNAUTHENTICATED` with a message saying why; the pipeline
 //! audits it like any refused request. What was accepted is cached by a
 //! SHA-256 of the whole presented chain (leaf and intermediates), so the
-//! checks run once per chain, not per request.
+//! checks run once per chain, not per request; and by the connection's own
+//! copy of that chain (the `Arc` tonic hands every request of a connection),
+//! so that a connection's later requests do not hash it again.
 
 use std::sync::Arc;
 
 use ring::digest;
 use tonic::Request;
+use tonic::transport::CertificateDer;
 
 use super::tls::IdentityBinding;
 use crate::authz::{Caller, Role};
@@ -26,12 +29,22 @@ use crate::pipeline::{Code, Failure};
 use crate::pki::client_identity;
 use crate::service::BoundedCache;
 
+/// The chain a connection presented, as tonic gives it to each of its
+/// requests.
+type Chain = Arc<Vec<CertificateDer<'static>>>;
+
 /// Principals already accepted, by SHA-256 of the presented chain: parsing
 /// and verifying X.509 on every request would dominate a cached data-key
-/// request.
+/// request. In front of it, by connection: hashing a chain of a few
+/// kilobytes costs more than the rest of the lookup, and every request of
+/// a connection carries the same `Arc` of it.
 #[derive(Debug)]
 pub struct PrincipalCache {
     accepted: BoundedCache<[u8; 32], Arc<str>>,
+    /// By the address of the connection's chain, holding that `Arc`: while
+    /// an entry lives its allocation cannot be freed, so no other chain can
+    /// take the address. Evicted entries fall back to `accepted`.
+    connections: BoundedCache<usize, (Chain, Arc<str>)>,
     binding: Arc<IdentityBinding>,
 }
 
@@ -39,6 +52,7 @@ impl PrincipalCache {
     pub fn new(binding: Arc<IdentityBinding>) -> Self {
         Self {
             accepted: BoundedCache::new(10_000),
+            connections: BoundedCache::new(1024),
             binding,
         }
     }
@@ -54,6 +68,12 @@ pub fn principal_of<T>(
     let certs = request
         .peer_certs()
         .ok_or_else(|| Failure::unauthenticated("a client certificate is required"))?;
+    let address = Arc::as_ptr(&certs) as usize;
+    if let Some((chain, principal)) = cache.connections.get(&address) {
+        if Arc::ptr_eq(&chain, &certs) {
+            return Ok(Caller::new(principal.as_ref()));
+        }
+    }
     let (leaf, intermediates) = certs
         .split_first()
         .ok_or_else(|| Failure::unauthenticated("a client certificate is required"))?;
@@ -65,6 +85,9 @@ pub fn principal_of<T>(
     let mut fingerprint = [0u8; 32];
     fingerprint.copy_from_slice(chain.finish().as_ref());
     if let Some(p) = cache.accepted.get(&fingerprint) {
+        cache
+            .connections
+            .insert(address, (Arc::clone(&certs), Arc::clone(&p)));
         return Ok(Caller::new(p.as_ref()));
     }
     let principal =
@@ -77,8 +100,10 @@ pub fn principal_of<T>(
             .check(role, leaf, intermediates)
             .map_err(|why| Failure::new(Code::Unauthenticated, why))?;
     }
+    let principal: Arc<str> = caller.principal.as_str().into();
+    cache.accepted.insert(fingerprint, Arc::clone(&principal));
     cache
-        .accepted
-        .insert(fingerprint, caller.principal.as_str().into());
+        .connections
+        .insert(address, (Arc::clone(&certs), principal));
     Ok(caller)
 }
