@@ -460,7 +460,14 @@ fn publish(shared: &Shared, log: &AuditLog) {
             }
         }
         view.last_seq = log.seq();
-        view.last_checkpoint = log.last_checkpoint().cloned();
+        // A new checkpoint comes every few thousand records: clone it then,
+        // not after every batch.
+        let latest = log.last_checkpoint();
+        if view.last_checkpoint.as_ref().map(|c| (c.seq, &c.signature))
+            != latest.map(|c| (c.seq, &c.signature))
+        {
+            view.last_checkpoint = latest.cloned();
+        }
         view.syncs = log.syncs();
     }
     shared.healthy.store(!log.is_poisoned(), Ordering::SeqCst);
