@@ -4,33 +4,24 @@
 //! a wrong context, a truncated or tampered file, a file that is no sealed
 //! message, a disabled key and a justification the policy refuses.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::Value;
 
-use crate::common::binary::{COFFRE, run, run_json, start_dev};
+use crate::common::binary::{COFFRE, run, run_json, run_with_stdin, start_dev};
 
 /// A client command fed `stdin` (from a thread: the output may be large);
 /// (success, stdout, stderr).
 fn piped(dir: &Path, endpoint: &str, args: &[&str], stdin: Vec<u8>) -> (bool, Vec<u8>, String) {
-    let mut child = Command::new(COFFRE)
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--endpoint", endpoint])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&stdin);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = run_with_stdin(
+        Command::new(COFFRE)
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--endpoint", endpoint]),
+        stdin,
+    );
     (
         out.status.success(),
         out.stdout,

@@ -13,13 +13,12 @@
 //! installs it in a virtual environment). The installed package must be
 //! this checkout's `clients/python`, file for file.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use crate::common::binary::{COFFRE, run, run_json, start_dev};
+use crate::common::binary::{COFFRE, run, run_json, run_with_stdin, start_dev};
 use crate::common::{self, needs};
 
 /// The python with coffre_client (`COFFRE_CLIENT_PYTHON`, else `python3`).
@@ -534,18 +533,7 @@ print("opened a message under a disabled key")
 /// Runs `cmd` with `stdin` fed from a thread; its standard output, which
 /// it must succeed with.
 fn pipe(cmd: &mut Command, stdin: Vec<u8>) -> Vec<u8> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&stdin);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = run_with_stdin(cmd, stdin);
     assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
     out.stdout
 }

@@ -34,8 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use coffre_client::format::DEFAULT_FRAME_LEN;
-use coffre_client::{CacheLimits, CachingClient, Client, Connection, Header, Opener, Sealer};
+use coffre_client::{CacheLimits, CachingClient, Client, Connection};
 use zeroize::Zeroizing;
 
 const TENANTS: usize = 10;
@@ -62,19 +61,10 @@ impl Keys {
             Keys::Cached(cache) => cache.seal_bytes(key, context, object).await.unwrap(),
             Keys::Uncached(client, generated, _) => {
                 generated.fetch_add(1, Ordering::Relaxed);
-                let g = client.generate_data_key(key, context).await.unwrap();
-                let mut out = Vec::with_capacity(object.len() + 256);
-                let mut sealer = Sealer::new(
-                    &mut out,
-                    &g.data_key,
-                    context.clone(),
-                    g.blob.clone(),
-                    DEFAULT_FRAME_LEN,
-                )
-                .unwrap();
+                let out = Vec::with_capacity(object.len() + 256);
+                let (mut sealer, _) = client.sealer(key, context.clone(), out).await.unwrap();
                 sealer.write_all(object).unwrap();
-                sealer.finish().unwrap();
-                out
+                sealer.finish().unwrap().0
             }
         }
     }
@@ -84,15 +74,9 @@ impl Keys {
             Keys::Cached(cache) => cache.open_bytes(message, Some(context)).await.unwrap().0,
             Keys::Uncached(client, _, decrypted) => {
                 decrypted.fetch_add(1, Ordering::Relaxed);
-                let mut input = message;
-                let header = Header::read_from(&mut input).unwrap();
-                assert_eq!(&header.context, context);
-                let dk = client.decrypt(&header.blob, &header.context).await.unwrap();
+                let (mut opener, _) = client.opener(message, Some(context)).await.unwrap();
                 let mut plain = Vec::with_capacity(message.len());
-                Opener::new(input, &header, &dk)
-                    .unwrap()
-                    .read_to_end(&mut plain)
-                    .unwrap();
+                opener.read_to_end(&mut plain).unwrap();
                 plain
             }
         }

@@ -4,9 +4,9 @@
 //! `hsm-sim serve`. Every child is held by a [`Guard`] that kills it when
 //! dropped.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -51,6 +51,24 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 }
 
 pub use super::ports::free_port;
+
+/// Runs `cmd` with `stdin` written from a thread (the output may be larger
+/// than a pipe holds while the input is still being written); its output.
+pub fn run_with_stdin(cmd: &mut Command, stdin: Vec<u8>) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
 
 /// Starts a process and waits for the line starting with `ready_prefix` on
 /// its stdout; the rest of that line, trimmed. Stdout is drained afterwards
