@@ -57,7 +57,8 @@ impl Default for CheckpointPolicy {
 /// that is behind it.
 pub trait HighWaterMark: Send + Sync + fmt::Debug {
     /// `checkpoint` is durable in the log: remember it. Must not block (it
-    /// is called by whoever writes the batch, a request's task included).
+    /// is called by whoever syncs the checkpoint: the writer of the batch,
+    /// or the trail's writer thread when syncs are deferred).
     fn remember(&self, checkpoint: &Checkpoint);
     /// `seq` of the last checkpoint durably remembered, if any.
     fn remembered(&self) -> Option<u64>;
@@ -65,7 +66,7 @@ pub trait HighWaterMark: Send + Sync + fmt::Debug {
 
 /// Who is told of each checkpoint once it is durable in the log (a node of
 /// a cluster queues it for publication: `cluster::audit`). Must not block:
-/// it is called by whoever writes the batch, a request's task included.
+/// it is called where [`HighWaterMark::remember`] is.
 pub trait CheckpointObserver: Send + Sync + fmt::Debug {
     fn checkpointed(&self, checkpoint: &Checkpoint);
 }
@@ -104,6 +105,44 @@ impl Default for AuditLogOptions {
             mark: None,
             high_water: None,
         }
+    }
+}
+
+/// A checkpoint written to the log and not yet synced: in `write` mode with
+/// a mark, the `fsync` that must come before the mark remembers it is left
+/// to whoever takes this ([`AuditLog::take_checkpoint_sync`]: the trail's
+/// writer thread), so that the request whose batch carried the checkpoint
+/// does not wait for the disk, and neither does its thread's other work.
+/// Until it is completed, no further checkpoint is signed (the mark is
+/// behind the log's last checkpoint).
+#[derive(Debug)]
+pub struct CheckpointSync {
+    /// The log's file (another descriptor of it): syncing it makes the
+    /// checkpoint's line durable, with everything before it.
+    file: File,
+    checkpoint: Checkpoint,
+    mark: Option<Arc<dyn HighWaterMark>>,
+    observer: Option<Arc<dyn CheckpointObserver>>,
+}
+
+impl CheckpointSync {
+    /// The checkpoint's `seq`.
+    pub fn seq(&self) -> u64 {
+        self.checkpoint.seq
+    }
+
+    /// Syncs the log, then tells the mark and the observer. On `Err` nobody
+    /// is told; the caller keeps it to try again (no other checkpoint is
+    /// signed meanwhile).
+    pub fn complete(&self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        if let Some(mark) = &self.mark {
+            mark.remember(&self.checkpoint);
+        }
+        if let Some(observer) = &self.observer {
+            observer.checkpointed(&self.checkpoint);
+        }
+        Ok(())
     }
 }
 
@@ -153,6 +192,11 @@ pub struct AuditLog {
     /// After an external signer failed: no new attempt in an append before
     /// this time (an HSM outage must not cost a timeout per record).
     signing_retry_at: Option<Timestamp>,
+    /// Appends leave a checkpoint's `fsync` to [`Self::take_checkpoint_sync`]
+    /// (`write` mode with a mark; see [`CheckpointSync`]).
+    defer_checkpoint_sync: bool,
+    /// The checkpoint an append wrote whose sync is deferred, until taken.
+    checkpoint_sync: Option<CheckpointSync>,
 }
 
 /// How long appends wait before asking a failed external signer again.
@@ -298,6 +342,8 @@ impl AuditLog {
             poisoned: false,
             syncs: 0,
             signing_retry_at: None,
+            defer_checkpoint_sync: false,
+            checkpoint_sync: None,
         })
     }
 
@@ -369,6 +415,25 @@ impl AuditLog {
     /// `fsync`s done since the log was opened (`Fsync` mode).
     pub fn syncs(&self) -> u64 {
         self.syncs
+    }
+
+    /// From now on, an append that writes a checkpoint in `write` mode with
+    /// a mark does not sync it: the caller takes it with
+    /// [`Self::take_checkpoint_sync`] after every append and completes it
+    /// (the trail: on its writer thread). Without a mark, or in `fsync`
+    /// mode, nothing changes.
+    pub fn defer_checkpoint_syncs(&mut self) {
+        self.defer_checkpoint_sync = true;
+    }
+
+    /// The checkpoint the last appends wrote without syncing it, if any.
+    pub fn take_checkpoint_sync(&mut self) -> Option<CheckpointSync> {
+        self.checkpoint_sync.take()
+    }
+
+    /// Counts a sync done through a [`CheckpointSync`].
+    pub fn count_sync(&mut self) {
+        self.syncs += 1;
     }
 
     /// Whether a write failed and has not been recovered from yet.
@@ -466,19 +531,46 @@ impl AuditLog {
             }
             records.push(record);
         }
-        // A checkpoint is remembered only once it is durable in the log.
-        let sync = last_cp.is_some() && self.options.mark.is_some();
+        // A checkpoint is remembered only once it is durable in the log:
+        // synced here, or by whoever takes its `CheckpointSync`. Another
+        // descriptor of the file is what lets that sync run without the log.
+        let deferred = match &last_cp {
+            Some(cp)
+                if self.defer_checkpoint_sync
+                    && self.options.mark.is_some()
+                    && self.options.durability == Durability::Write =>
+            {
+                match self.file.try_clone() {
+                    Ok(file) => Some(CheckpointSync {
+                        file,
+                        checkpoint: cp.clone(),
+                        mark: self.options.mark.clone(),
+                        observer: self.options.observer.clone(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit log: no second descriptor; syncing the checkpoint here");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let sync = last_cp.is_some() && self.options.mark.is_some() && deferred.is_none();
         self.write_all(&buf, sync)?;
         self.seq = seq;
         self.head_hash = head;
         self.since_checkpoint = since;
         self.last_checkpoint_time = last_time;
         if let Some(cp) = last_cp {
-            if let Some(mark) = &self.options.mark {
-                mark.remember(&cp);
-            }
-            if let Some(observer) = &self.options.observer {
-                observer.checkpointed(&cp);
+            if deferred.is_some() {
+                self.checkpoint_sync = deferred;
+            } else {
+                if let Some(mark) = &self.options.mark {
+                    mark.remember(&cp);
+                }
+                if let Some(observer) = &self.options.observer {
+                    observer.checkpointed(&cp);
+                }
             }
             self.last_checkpoint = Some(cp);
         }
@@ -1179,6 +1271,79 @@ pub(crate) mod tests {
         assert_eq!(log.last_checkpoint().map(|c| c.seq), Some(8));
         assert_eq!(mark.remembered(), Some(8));
         assert_eq!(log.since_checkpoint(), 0);
+    }
+
+    /// `write` mode with a mark, syncs deferred (as the trail runs it): the
+    /// append that writes a checkpoint leaves its sync and the mark to
+    /// whoever takes it, and no further checkpoint is signed before that.
+    #[test]
+    fn a_deferred_checkpoint_is_remembered_only_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mark = Arc::new(MemoryMark::default());
+        mark.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        let opts = AuditLogOptions {
+            mark: Some(mark.clone()),
+            ..options(2).0
+        };
+        let mut log = AuditLog::open_with(&path, seeded(), opts).unwrap();
+        log.defer_checkpoint_syncs();
+        log.append(entry(1)).unwrap();
+        assert!(log.take_checkpoint_sync().is_none());
+        log.append(entry(2)).unwrap();
+        let sync = log
+            .take_checkpoint_sync()
+            .expect("the checkpoint at 2, unsynced");
+        assert_eq!(sync.seq(), 2);
+        assert_eq!(log.last_checkpoint().map(|c| c.seq), Some(2));
+        assert!(mark.seen.lock().unwrap().is_empty(), "told before the sync");
+        assert_eq!(log.syncs(), 0, "the append did not sync");
+        // Not remembered yet: the next due checkpoint waits.
+        log.append(entry(3)).unwrap();
+        log.append(entry(4)).unwrap();
+        assert!(log.take_checkpoint_sync().is_none());
+        assert_eq!(log.last_checkpoint().map(|c| c.seq), Some(2));
+        // A sync that fails tells nobody: here, a descriptor that cannot
+        // be synced (a pipe).
+        let (_reader, writer) = std::io::pipe().unwrap();
+        let failing = CheckpointSync {
+            file: File::from(std::os::fd::OwnedFd::from(writer)),
+            checkpoint: sync.checkpoint.clone(),
+            mark: sync.mark.clone(),
+            observer: None,
+        };
+        assert!(failing.complete().is_err());
+        assert!(mark.seen.lock().unwrap().is_empty());
+        // The real one does; then the next append signs the head.
+        sync.complete().unwrap();
+        assert_eq!(mark.remembered(), Some(2));
+        log.append(entry(5)).unwrap();
+        let next = log.take_checkpoint_sync().expect("the checkpoint at 5");
+        assert_eq!(next.seq(), 5);
+        next.complete().unwrap();
+        assert_eq!(mark.remembered(), Some(5));
+        drop(log);
+        let text = std::fs::read(&path).unwrap();
+        let report = verify(text.as_slice(), &seeded().public_key(), |_| {}).unwrap();
+        assert_eq!((report.records, report.uncovered_records), (5, 0));
+    }
+
+    /// Without deferral (the log alone, `fsync` mode, or no mark), the
+    /// append syncs the checkpoint and tells the mark itself.
+    #[test]
+    fn an_undeferred_checkpoint_is_synced_by_its_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = Arc::new(MemoryMark::default());
+        mark.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        let opts = AuditLogOptions {
+            mark: Some(mark.clone()),
+            ..options(2).0
+        };
+        let mut log = AuditLog::open_with(&dir.path().join("a.log"), seeded(), opts).unwrap();
+        log.append(entry(1)).unwrap();
+        log.append(entry(2)).unwrap();
+        assert!(log.take_checkpoint_sync().is_none());
+        assert_eq!((mark.remembered(), log.syncs()), (Some(2), 1));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use super::AuditError;
 use super::checkpoint::{Checkpoint, CheckpointSigner, public_key_to_pem};
 use super::digest::{Digest, UnsignedDigest};
 use super::keys::AuditKeys;
-use super::log::{AuditLog, AuditLogOptions, Durability, PruneReport};
+use super::log::{AuditLog, AuditLogOptions, CheckpointSync, Durability, PruneReport};
 use super::reader::{EventFilter, EventPage, Snapshot};
 use super::record::{AuditDigestKey, AuditEntry};
 use crate::model::{EncryptionContext, Timestamp};
@@ -94,6 +94,9 @@ enum Job {
     Append(Box<AuditEntry>, Reply),
     /// Write what the inline queue holds (a leader handed it over).
     Drain,
+    /// Sync a checkpoint a leader's batch wrote, then tell the mark: the
+    /// request that led the batch does not wait for the disk.
+    SyncCheckpoint(CheckpointSync),
     Checkpoint(oneshot::Sender<Result<Option<Checkpoint>, String>>),
     Shutdown,
 }
@@ -178,6 +181,11 @@ impl AuditTrail {
             tracing::warn!("the audit log is OFF: requests leave no record (measurement only)");
         }
         let mut log = AuditLog::open_with(path, keys.signer, options.log.clone())?;
+        let inline = options.log.durability == Durability::Write;
+        if inline {
+            // A checkpoint's sync (for the mark) runs on the writer thread.
+            log.defer_checkpoint_syncs();
+        }
         let signer = log.signer();
         if let Some(retention) = options.retention {
             prune(&mut log, retention, &options.log);
@@ -197,7 +205,6 @@ impl AuditTrail {
         if let Ok(log) = shared.log.lock() {
             publish(&shared, &log);
         }
-        let inline = options.log.durability == Durability::Write;
         let (tx, rx) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -331,7 +338,15 @@ impl AuditTrail {
                 let Some(batch) = take_batch(&self.shared) else {
                     return Ok(());
                 };
-                write_batch(&self.shared, &mut log, batch);
+                if let Some(sync) = write_batch(&self.shared, &mut log, batch) {
+                    drop(log);
+                    if let Err(mpsc::SendError(Job::SyncCheckpoint(sync))) =
+                        self.tx.send(Job::SyncCheckpoint(sync))
+                    {
+                        // The writer is gone (the server stops): sync here.
+                        let _ = complete_sync(&self.shared, &sync);
+                    }
+                }
             }
             // Still leading: the writer thread drains the rest.
             if self.tx.send(Job::Drain).is_err() {
@@ -514,8 +529,13 @@ fn fail_queue(shared: &Shared, message: &str) {
 }
 
 /// Appends a batch with one `write` (and one `fsync` in `fsync` mode),
-/// publishes the log's new state, then answers every record of it.
-fn write_batch(shared: &Shared, log: &mut AuditLog, batch: Vec<(AuditEntry, Reply)>) {
+/// publishes the log's new state, then answers every record of it. Returns
+/// the sync of a checkpoint the batch wrote, for the writer thread.
+fn write_batch(
+    shared: &Shared,
+    log: &mut AuditLog,
+    batch: Vec<(AuditEntry, Reply)>,
+) -> Option<CheckpointSync> {
     let (entries, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     let result = log.append_batch(entries);
     // Publish before answering: a caller that saw its record refused must
@@ -534,6 +554,29 @@ fn write_batch(shared: &Shared, log: &mut AuditLog, batch: Vec<(AuditEntry, Repl
             }
         }
     }
+    log.take_checkpoint_sync()
+}
+
+/// Syncs a checkpoint and tells the mark, without holding the log: records
+/// keep being appended meanwhile. Returns whether it was done.
+fn complete_sync(shared: &Shared, sync: &CheckpointSync) -> bool {
+    match sync.complete() {
+        Ok(()) => {
+            if let Ok(mut log) = shared.log.lock() {
+                log.count_sync();
+            }
+            true
+        }
+        Err(e) => {
+            tracing::error!(
+                seq = sync.seq(),
+                error = %e,
+                "audit log: syncing a checkpoint failed; no new checkpoint until it succeeds \
+                 (retried every housekeeping interval)"
+            );
+            false
+        }
+    }
 }
 
 /// The writer thread: records in `fsync` mode (so that no request thread
@@ -546,6 +589,16 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptio
     let mut last_housekeeping = std::time::Instant::now();
     let mut last_batch = 0usize;
     let every_ms = i64::try_from(options.log.checkpoints.every.as_millis()).unwrap_or(i64::MAX);
+    // A checkpoint whose sync failed, tried again at each housekeeping.
+    let mut unsynced: Option<CheckpointSync> = None;
+    let sync = |unsynced: &mut Option<CheckpointSync>, new: Option<CheckpointSync>| {
+        if let Some(new) = new {
+            *unsynced = Some(new);
+        }
+        if unsynced.as_ref().is_some_and(|s| complete_sync(&shared, s)) {
+            *unsynced = None;
+        }
+    };
     loop {
         let first = match rx.recv_timeout(options.housekeeping_interval) {
             Ok(job) => Some(job),
@@ -570,6 +623,7 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptio
                     Job::Append(entry, reply) => appends.push((*entry, reply)),
                     Job::Drain => drain = true,
                     Job::Shutdown => shutdown = true,
+                    Job::SyncCheckpoint(s) => sync(&mut unsynced, Some(s)),
                     other => others.push(other),
                 }
                 next = if appends.len() < MAX_BATCH && !shutdown {
@@ -581,11 +635,13 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptio
         }
         last_batch = appends.len();
         if !appends.is_empty() {
-            write_batch(&shared, &mut lock(), appends);
+            let written = write_batch(&shared, &mut lock(), appends);
+            sync(&mut unsynced, written);
         }
         if drain || shutdown {
             while let Some(batch) = take_batch(&shared) {
-                write_batch(&shared, &mut lock(), batch);
+                let written = write_batch(&shared, &mut lock(), batch);
+                sync(&mut unsynced, written);
             }
         }
         for job in others {
@@ -606,6 +662,11 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptio
         }
         if last_housekeeping.elapsed() >= options.housekeeping_interval {
             last_housekeeping = std::time::Instant::now();
+            if unsynced.is_some() {
+                drop(log);
+                sync(&mut unsynced, None);
+                log = lock();
+            }
             // Storage back after a failed write: serve again without
             // waiting for a request to try.
             if log.is_poisoned() {
@@ -631,7 +692,7 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::log::CheckpointPolicy;
+    use crate::audit::log::{CheckpointPolicy, HighWaterMark};
     use crate::audit::record::tests::entry;
 
     fn keys() -> AuditKeys {
@@ -746,6 +807,81 @@ mod tests {
         let text = std::fs::read(&path).unwrap();
         let report = crate::audit::verify(text.as_slice(), &auditor.public_key(), |_| {}).unwrap();
         assert_eq!((report.records, report.uncovered_records), (2000, 0));
+    }
+
+    /// A mark that notes the thread each checkpoint reached it on.
+    #[derive(Debug, Default)]
+    struct ThreadMark {
+        told: Mutex<Vec<(u64, Option<String>)>>,
+    }
+
+    impl HighWaterMark for ThreadMark {
+        fn remember(&self, checkpoint: &Checkpoint) {
+            let thread = std::thread::current().name().map(str::to_string);
+            self.told.lock().unwrap().push((checkpoint.seq, thread));
+        }
+        fn remembered(&self) -> Option<u64> {
+            self.told.lock().unwrap().last().map(|(seq, _)| *seq)
+        }
+    }
+
+    /// `write` mode with a mark: a checkpoint a request's batch carries is
+    /// synced, and the mark told, by the writer thread, never by the
+    /// request (whose thread serves other requests and must not wait for
+    /// the disk); every checkpoint still reaches the mark, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_mode_syncs_checkpoints_on_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mark = Arc::new(ThreadMark::default());
+        let options = AuditTrailOptions {
+            log: AuditLogOptions {
+                durability: Durability::Write,
+                checkpoints: CheckpointPolicy {
+                    every_records: 10,
+                    every: Duration::from_secs(3600),
+                },
+                mark: Some(mark.clone()),
+                ..AuditLogOptions::default()
+            },
+            ..AuditTrailOptions::default()
+        };
+        let auditor = Arc::new(AuditTrail::open(&path, keys(), options).unwrap());
+        let tasks: Vec<_> = (0..20)
+            .map(|t| {
+                let a = Arc::clone(&auditor);
+                tokio::spawn(async move {
+                    for n in 0..50 {
+                        a.record(entry(t * 50 + n)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // The last sync may still be on its way to the writer thread.
+        for _ in 0..200 {
+            if auditor.syncs() > 0 && auditor.last_checkpoint().map(|c| c.seq) == mark.remembered()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let told = mark.told.lock().unwrap().clone();
+        assert!(told.len() >= 2, "{told:?}");
+        assert!(
+            told.iter()
+                .all(|(_, thread)| thread.as_deref() == Some("coffre-audit")),
+            "{told:?}"
+        );
+        assert!(told.windows(2).all(|w| w[0].0 < w[1].0), "{told:?}");
+        assert_eq!(auditor.syncs(), told.len() as u64);
+        assert_eq!(auditor.last_checkpoint().map(|c| c.seq), mark.remembered());
+        auditor.shutdown();
+        let text = std::fs::read(&path).unwrap();
+        let report = crate::audit::verify(text.as_slice(), &auditor.public_key(), |_| {}).unwrap();
+        assert_eq!(report.records, 1000);
     }
 
     /// A leader that finds the log held (by the writer thread, say, during
