@@ -197,6 +197,29 @@ pub struct AuditLog {
     defer_checkpoint_sync: bool,
     /// The checkpoint an append wrote whose sync is deferred, until taken.
     checkpoint_sync: Option<CheckpointSync>,
+    /// Set while an append signs a checkpoint (the signer may be an HSM):
+    /// see [`Self::flag_signing`].
+    signing: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// [`AuditLog::signing`] set for as long as this lives.
+struct Signing<'a>(Option<&'a std::sync::atomic::AtomicBool>);
+
+impl<'a> Signing<'a> {
+    fn start(flag: Option<&'a std::sync::atomic::AtomicBool>) -> Self {
+        if let Some(flag) = flag {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Self(flag)
+    }
+}
+
+impl Drop for Signing<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// How long appends wait before asking a failed external signer again.
@@ -344,6 +367,7 @@ impl AuditLog {
             signing_retry_at: None,
             defer_checkpoint_sync: false,
             checkpoint_sync: None,
+            signing: None,
         })
     }
 
@@ -426,6 +450,14 @@ impl AuditLog {
         self.defer_checkpoint_sync = true;
     }
 
+    /// `flag` is set while an append signs a checkpoint: whoever holds the
+    /// log holds it longer then (an external signer is an HSM round trip),
+    /// and the trail's requests, which otherwise wait their turn for the
+    /// log, hand their records to the writer thread instead.
+    pub fn flag_signing(&mut self, flag: Arc<std::sync::atomic::AtomicBool>) {
+        self.signing = Some(flag);
+    }
+
     /// The checkpoint the last appends wrote without syncing it, if any.
     pub fn take_checkpoint_sync(&mut self) -> Option<CheckpointSync> {
         self.checkpoint_sync.take()
@@ -493,13 +525,16 @@ impl AuditLog {
             let due =
                 since >= policy.every_records || time.0.saturating_sub(last_time.0) >= every_ms;
             let cp = if due && may_sign && self.signing_retry_at.is_none_or(|t| time >= t) {
-                match self.signer.checkpoint_of(
+                let signing = Signing::start(self.signing.as_deref());
+                let signed = self.signer.checkpoint_of(
                     self.options.node.as_deref(),
                     &self.log_id,
                     seq,
                     &head,
                     time,
-                ) {
+                );
+                drop(signing);
+                match signed {
                     Ok(cp) => {
                         self.signing_retry_at = None;
                         Some(cp)

@@ -5,9 +5,13 @@
 //! # Group commit
 //!
 //! A request queues its [`AuditEntry`] and waits for the answer. In `write`
-//! mode the first request that finds no batch in progress writes the queue
-//! itself (its own record and every one queued meanwhile) with one `write`,
-//! then answers them all; the others wait. In `fsync` mode the writer thread
+//! mode the request then takes the log (waiting on its lock while another
+//! request writes) and writes what the queue holds, its own record and
+//! every one queued meanwhile, with one `write`, then answers them all; a
+//! request whose record the previous holder wrote finds the queue empty.
+//! When the log is held for longer (the writer thread's checkpoints and
+//! retention, a checkpoint's signing), requests hand the queue to the
+//! writer thread instead of waiting for the lock. In `fsync` mode the writer thread
 //! does it, with one `write` and one `fsync` per batch, so that no request
 //! thread waits for the disk. Either way concurrent requests share the
 //! system calls, and a request is answered only once its record is
@@ -26,7 +30,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -81,10 +85,6 @@ impl Default for AuditTrailOptions {
     }
 }
 
-/// How many batches a leading request writes before it hands the queue to
-/// the writer thread (so that its own response is not held up).
-const LEADER_BATCHES: usize = 4;
-
 /// How long the writer lets a batch fill when requests are coming in.
 const BATCH_WINDOW: Duration = Duration::from_micros(100);
 
@@ -126,26 +126,75 @@ struct Shared {
     /// The log itself: the writer thread and, in `write` mode, the request
     /// that leads a batch take it in turn.
     log: Mutex<AuditLog>,
-    /// `write` mode: records waiting for a leader (see [`AuditTrail::record`]).
-    queue: Mutex<InlineQueue>,
+    /// `write` mode: records waiting to be written (see
+    /// [`AuditTrail::queue_inline`]).
+    queue: Mutex<Pending>,
+    /// The writer thread holds `log`, or is about to: a request that finds
+    /// it held hands its record over rather than waiting for it.
+    writer_holds: AtomicBool,
+    /// Whoever holds `log` is signing a checkpoint (maybe with an HSM): as
+    /// `writer_holds`, requests hand their records over.
+    signing: Arc<AtomicBool>,
     /// Set, with the log held, before the final checkpoint: nothing is
     /// appended after it.
     stopped: AtomicBool,
 }
 
-#[derive(Default)]
-struct InlineQueue {
-    pending: Vec<(AuditEntry, Reply)>,
-    /// A leader (a request, or the writer thread) is writing the queue.
-    leading: bool,
+impl Shared {
+    /// Whether the log's holder may keep it for long: the writer thread
+    /// (a checkpoint on demand, retention), or a checkpoint's signing.
+    fn slow_hold(&self) -> bool {
+        self.writer_holds.load(Ordering::SeqCst) || self.signing.load(Ordering::SeqCst)
+    }
 }
 
-impl std::fmt::Debug for InlineQueue {
+/// Records waiting to be written, in order.
+#[derive(Default)]
+struct Pending(Vec<(AuditEntry, Reply)>);
+
+impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InlineQueue")
-            .field("pending", &self.pending.len())
-            .field("leading", &self.leading)
+        f.debug_struct("Pending")
+            .field("records", &self.0.len())
             .finish()
+    }
+}
+
+/// The log as the writer thread holds it: [`Shared::writer_holds`] is set
+/// from before the lock is taken until after it is let go.
+struct WriterHold<'a> {
+    log: MutexGuard<'a, AuditLog>,
+    flag: &'a AtomicBool,
+}
+
+impl<'a> WriterHold<'a> {
+    fn take(shared: &'a Shared) -> Self {
+        shared.writer_holds.store(true, Ordering::SeqCst);
+        Self {
+            log: shared.log.lock().unwrap_or_else(|e| e.into_inner()),
+            flag: &shared.writer_holds,
+        }
+    }
+}
+
+impl std::ops::Deref for WriterHold<'_> {
+    type Target = AuditLog;
+    fn deref(&self) -> &AuditLog {
+        &self.log
+    }
+}
+
+impl std::ops::DerefMut for WriterHold<'_> {
+    fn deref_mut(&mut self) -> &mut AuditLog {
+        &mut self.log
+    }
+}
+
+impl Drop for WriterHold<'_> {
+    fn drop(&mut self) {
+        // Cleared a moment before the guard lets go: a request that sees it
+        // clear waits for that moment at most.
+        self.flag.store(false, Ordering::SeqCst);
     }
 }
 
@@ -187,6 +236,8 @@ impl AuditTrail {
             log.defer_checkpoint_syncs();
         }
         let signer = log.signer();
+        let signing = Arc::new(AtomicBool::new(false));
+        log.flag_signing(Arc::clone(&signing));
         if let Some(retention) = options.retention {
             prune(&mut log, retention, &options.log);
         }
@@ -199,7 +250,9 @@ impl AuditTrail {
             closing: watch::channel(false).0,
             backlog: std::sync::atomic::AtomicU64::new(0),
             log: Mutex::new(log),
-            queue: Mutex::new(InlineQueue::default()),
+            queue: Mutex::new(Pending::default()),
+            writer_holds: AtomicBool::new(false),
+            signing,
             stopped: AtomicBool::new(false),
         });
         if let Ok(log) = shared.log.lock() {
@@ -311,46 +364,54 @@ impl AuditTrail {
         }
     }
 
-    /// `write` mode: the record joins the queue; the first request to find
-    /// no leader becomes it and writes the queue (its own record and every
-    /// one queued meanwhile) in one `write`, then answers them. Records are
-    /// written by the requests' own threads: no hand-off to the writer
-    /// thread and back, which cost more than the writing itself. The
-    /// leader writes a few batches at most, and never waits for the log: if
-    /// the writer thread holds it (a checkpoint, retention), or more keeps
-    /// coming, the writer thread takes over the queue.
+    /// `write` mode: the record joins the queue, then the request takes
+    /// the log and writes whatever the queue holds in one `write` (its own
+    /// record, unless the request that held the log before took it, and
+    /// every one queued meanwhile), and answers them. Records are written
+    /// by the requests' own threads: no hand-off to the writer thread and
+    /// back. A request that finds the log held by another waits for it on
+    /// the lock, a few microseconds, rather than for the other to wake it:
+    /// a task woken on a busy runtime waits behind every task queued there,
+    /// hundreds of microseconds at half of the peak (issue #20). While the
+    /// holder may keep the log long (the writer thread, for a checkpoint or
+    /// retention; a checkpoint's signing, maybe by an HSM), requests do not
+    /// wait: the writer thread writes the queue once it can. The caller's
+    /// reply comes from whoever wrote its record.
     fn queue_inline(&self, entry: AuditEntry, reply: Reply) -> Result<(), AuditError> {
-        let lead = {
-            let mut q = self.shared.queue.lock().map_err(|_| AuditError::Stopped)?;
-            q.pending.push((entry, reply));
-            !std::mem::replace(&mut q.leading, true)
-        };
-        if lead {
-            for _ in 0..LEADER_BATCHES {
-                let Ok(mut log) = self.shared.log.try_lock() else {
-                    break;
-                };
-                if self.shared.stopped.load(Ordering::SeqCst) {
-                    drop(log);
-                    fail_queue(&self.shared, "the audit log is closed");
-                    return Ok(());
-                }
-                let Some(batch) = take_batch(&self.shared) else {
-                    return Ok(());
-                };
-                if let Some(sync) = write_batch(&self.shared, &mut log, batch) {
-                    drop(log);
-                    if let Err(mpsc::SendError(Job::SyncCheckpoint(sync))) =
-                        self.tx.send(Job::SyncCheckpoint(sync))
-                    {
-                        // The writer is gone (the server stops): sync here.
-                        let _ = complete_sync(&self.shared, &sync);
-                    }
-                }
+        self.shared
+            .queue
+            .lock()
+            .map_err(|_| AuditError::Stopped)?
+            .0
+            .push((entry, reply));
+        let held = match self.shared.log.try_lock() {
+            Ok(log) => Some(log),
+            Err(std::sync::TryLockError::WouldBlock) if !self.shared.slow_hold() => {
+                self.shared.log.lock().ok()
             }
-            // Still leading: the writer thread drains the rest.
+            Err(_) => None,
+        };
+        let Some(mut log) = held else {
             if self.tx.send(Job::Drain).is_err() {
                 fail_queue(&self.shared, "the audit writer has stopped");
+            }
+            return Ok(());
+        };
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            drop(log);
+            fail_queue(&self.shared, "the audit log is closed");
+            return Ok(());
+        }
+        let Some(batch) = take_batch(&self.shared) else {
+            return Ok(());
+        };
+        if let Some(sync) = write_batch(&self.shared, &mut log, batch) {
+            drop(log);
+            if let Err(mpsc::SendError(Job::SyncCheckpoint(sync))) =
+                self.tx.send(Job::SyncCheckpoint(sync))
+            {
+                // The writer is gone (the server stops): sync here.
+                let _ = complete_sync(&self.shared, &sync);
             }
         }
         Ok(())
@@ -507,25 +568,18 @@ fn prune(log: &mut AuditLog, retention: Duration, options: &AuditLogOptions) {
 }
 
 /// The writer thread: see the module docs.
-/// The queued records, or `None` (and no leader any more) if there are
-/// none.
+/// The queued records, or `None` if there are none.
 fn take_batch(shared: &Shared) -> Option<Vec<(AuditEntry, Reply)>> {
     let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-    if q.pending.is_empty() {
-        q.leading = false;
-        None
-    } else {
-        Some(std::mem::take(&mut q.pending))
-    }
+    (!q.0.is_empty()).then(|| std::mem::take(&mut q.0))
 }
 
 /// Refuses every queued record (the writer is gone).
 fn fail_queue(shared: &Shared, message: &str) {
     let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-    for (_, reply) in q.pending.drain(..) {
+    for (_, reply) in q.0.drain(..) {
         let _ = reply.send(Err(message.to_string()));
     }
-    q.leading = false;
 }
 
 /// Appends a batch with one `write` (and one `fsync` in `fsync` mode),
@@ -585,7 +639,7 @@ fn complete_sync(shared: &Shared, sync: &CheckpointSync) -> bool {
 /// after a failed write, retention).
 fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptions) {
     const MAX_BATCH: usize = 4096;
-    let lock = || shared.log.lock().unwrap_or_else(|e| e.into_inner());
+    let lock = || WriterHold::take(&shared);
     let mut last_housekeeping = std::time::Instant::now();
     let mut last_batch = 0usize;
     let every_ms = i64::try_from(options.log.checkpoints.every.as_millis()).unwrap_or(i64::MAX);
@@ -884,47 +938,59 @@ mod tests {
         assert_eq!(report.records, 1000);
     }
 
-    /// A leader that finds the log held (by the writer thread, say, during
-    /// a checkpoint or retention) does not wait: the writer thread writes
-    /// its batch once the log is free.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_busy_log_hands_the_batch_to_the_writer_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let auditor =
-            Arc::new(AuditTrail::open(&path, keys(), AuditTrailOptions::default()).unwrap());
-        // Another thread holds the log until told to let go.
-        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let holder = {
+    /// A request that finds the log held by a holder that may keep it long
+    /// (the writer thread; a checkpoint's signing, maybe by an HSM) does not
+    /// wait for the lock: its thread goes on serving, and the writer thread
+    /// writes the record once the log is free. On a single-threaded runtime
+    /// a request blocked on the lock would stall this test's own timer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_holder_gets_the_queue_handed_to_the_writer_thread() {
+        for signing in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.log");
+            let auditor =
+                Arc::new(AuditTrail::open(&path, keys(), AuditTrailOptions::default()).unwrap());
+            // Another thread holds the log, flagged slow, until told to let
+            // go (or for 5 s at most).
+            let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+            let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+            let holder = {
+                let a = Arc::clone(&auditor);
+                std::thread::spawn(move || {
+                    let flag = if signing {
+                        &a.shared.signing
+                    } else {
+                        &a.shared.writer_holds
+                    };
+                    let held = a.shared.log.lock().unwrap();
+                    flag.store(true, Ordering::SeqCst);
+                    locked_tx.send(()).unwrap();
+                    let _ = release_rx.recv_timeout(Duration::from_secs(5));
+                    flag.store(false, Ordering::SeqCst);
+                    drop(held);
+                })
+            };
+            locked_rx.recv().unwrap();
             let a = Arc::clone(&auditor);
-            std::thread::spawn(move || {
-                let _held = a.shared.log.lock().unwrap();
-                locked_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            })
-        };
-        locked_rx.recv().unwrap();
-        let a = Arc::clone(&auditor);
-        let pending = tokio::spawn(async move { a.record(entry(1)).await });
-        // The record is queued, its leader gone, the writer thread waiting.
-        for _ in 0..200 {
-            if !pending.is_finished() && auditor.backlog() == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            let pending = tokio::spawn(async move { a.record(entry(1)).await });
+            let started = std::time::Instant::now();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "the request waited for the slow holder (signing: {signing})"
+            );
+            assert!(!pending.is_finished(), "written while the log was held");
+            assert_eq!(auditor.backlog(), 1);
+            release_tx.send(()).unwrap();
+            holder.join().unwrap();
+            let seq = tokio::time::timeout(Duration::from_secs(10), pending)
+                .await
+                .expect("the writer thread wrote the handed-over queue")
+                .unwrap()
+                .unwrap();
+            assert_eq!(seq, 1);
+            // The next record is written by its own request again.
+            assert_eq!(auditor.record(entry(2)).await.unwrap(), 2);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!pending.is_finished(), "written while the log was held");
-        release_tx.send(()).unwrap();
-        holder.join().unwrap();
-        let seq = tokio::time::timeout(Duration::from_secs(10), pending)
-            .await
-            .expect("the writer thread wrote the handed-over batch")
-            .unwrap()
-            .unwrap();
-        assert_eq!(seq, 1);
-        // And the queue has no leader left: the next record leads again.
-        assert_eq!(auditor.record(entry(2)).await.unwrap(), 2);
     }
 }
