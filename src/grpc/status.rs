@@ -24,7 +24,15 @@ fn code(code: Code) -> tonic::Code {
 
 /// A reply as a tonic response or status, with its request id.
 pub fn response<T>(reply: Reply<T>) -> Result<Response<T>, Status> {
-    let header = MetadataValue::try_from(reply.request_id.as_str()).ok();
+    let header = MetadataValue::try_from(reply.request_id.as_str())
+        .ok()
+        .map(|mut h| {
+            // Every request id is new: HPACK would add each to both sides'
+            // dynamic tables only to evict it, and the entries worth keeping
+            // with it. Never indexed, it is sent as a literal.
+            h.set_sensitive(true);
+            h
+        });
     match reply.result {
         Ok(body) => {
             let mut response = Response::new(body);

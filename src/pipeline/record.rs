@@ -23,6 +23,10 @@ pub struct RequestAudit {
     span: tracing::Span,
     /// The record went to the log (by `finish`).
     recorded: bool,
+    /// The key `entry.key_id` names, once resolved: a request that
+    /// resolves the same key twice (Decrypt: from the blob's header, then
+    /// from the opened blob) formats its id once.
+    resolved: Option<KeyId>,
 }
 
 /// What a `CANCELLED` record says of the request it records.
@@ -70,6 +74,7 @@ impl RequestAudit {
             started: Instant::now(),
             span,
             recorded: false,
+            resolved: None,
         }
     }
 
@@ -96,6 +101,7 @@ impl RequestAudit {
         if !raw.is_empty() {
             self.entry.key_id = Some(raw.to_string());
             self.entry.key_name = Some(raw.to_string());
+            self.resolved = None;
         }
     }
 
@@ -108,7 +114,10 @@ impl RequestAudit {
 
     /// The key (and version, if one) the request resolved to.
     pub fn resolved_key(&mut self, key_id: KeyId, version: Option<u32>) {
-        self.entry.key_id = Some(key_id.to_string());
+        if self.resolved != Some(key_id) || self.entry.key_id.is_none() {
+            self.entry.key_id = Some(key_id.to_string());
+            self.resolved = Some(key_id);
+        }
         if version.is_some() {
             self.entry.key_version = version;
         }
