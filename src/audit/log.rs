@@ -200,7 +200,13 @@ pub struct AuditLog {
     /// Set while an append signs a checkpoint (the signer may be an HSM):
     /// see [`Self::flag_signing`].
     signing: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The last batch's encoding buffer, reused (audit lines hold nothing
+    /// secret).
+    scratch: Vec<u8>,
 }
+
+/// The largest encoding buffer an append keeps for the next one.
+const SCRATCH_KEPT: usize = 64 * 1024;
 
 /// [`AuditLog::signing`] set for as long as this lives.
 struct Signing<'a>(Option<&'a std::sync::atomic::AtomicBool>);
@@ -368,6 +374,7 @@ impl AuditLog {
             defer_checkpoint_sync: false,
             checkpoint_sync: None,
             signing: None,
+            scratch: Vec::new(),
         })
     }
 
@@ -494,7 +501,9 @@ impl AuditLog {
         entries: Vec<AuditEntry>,
     ) -> Result<Vec<AuditRecord>, AuditError> {
         self.recover()?;
-        let mut buf = Vec::with_capacity(entries.len() * 512);
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        buf.reserve(entries.len() * 512);
         let mut records = Vec::with_capacity(entries.len());
         let mut seq = self.seq;
         let mut head = self.head_hash.clone();
@@ -591,7 +600,12 @@ impl AuditLog {
             _ => None,
         };
         let sync = last_cp.is_some() && self.options.mark.is_some() && deferred.is_none();
-        self.write_all(&buf, sync)?;
+        let written = self.write_all(&buf, sync);
+        // The buffer is kept for the next batch, unless a large one grew it.
+        if buf.capacity() <= SCRATCH_KEPT {
+            self.scratch = buf;
+        }
+        written?;
         self.seq = seq;
         self.head_hash = head;
         self.since_checkpoint = since;

@@ -438,12 +438,24 @@ impl AuditTrail {
 
     /// `seq` of the last acknowledged record.
     pub fn last_seq(&self) -> u64 {
-        *self.shared.head.borrow()
+        self.shared.view.lock().map(|v| v.last_seq).unwrap_or(0)
     }
 
     /// `seq` of the last acknowledged record; changes are signalled.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.shared.head.subscribe()
+        let rx = self.shared.head.subscribe();
+        // `publish` does not signal a head nobody follows: bring it up to
+        // date. A batch published meanwhile either updated the view before
+        // this reads it, or sees this receiver and signals.
+        let last = self.shared.view.lock().map(|v| v.last_seq).unwrap_or(0);
+        self.shared.head.send_if_modified(|seq| {
+            let newer = last > *seq;
+            if newer {
+                *seq = last;
+            }
+            newer
+        });
+        rx
     }
 
     /// Becomes `true` when the server stops; followers end then.
@@ -547,7 +559,11 @@ fn publish(shared: &Shared, log: &AuditLog) {
         view.syncs = log.syncs();
     }
     shared.healthy.store(!log.is_poisoned(), Ordering::SeqCst);
-    shared.head.send_replace(log.seq());
+    // Signalled only when followed (`audit tail`): with nobody to wake it
+    // costs a lock and a notification per batch. `subscribe` catches up.
+    if shared.head.receiver_count() > 0 {
+        shared.head.send_replace(log.seq());
+    }
 }
 
 fn prune(log: &mut AuditLog, retention: Duration, options: &AuditLogOptions) {
@@ -861,6 +877,28 @@ mod tests {
         let text = std::fs::read(&path).unwrap();
         let report = crate::audit::verify(text.as_slice(), &auditor.public_key(), |_| {}).unwrap();
         assert_eq!((report.records, report.uncovered_records), (2000, 0));
+    }
+
+    /// Nobody follows the head while records come: no signal is sent, but
+    /// a follower that subscribes afterwards starts from the true head,
+    /// and is signalled of the records after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_follower_starts_from_the_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let auditor = AuditTrail::open(&path, keys(), AuditTrailOptions::default()).unwrap();
+        for n in 0..5 {
+            auditor.record(entry(n)).await.unwrap();
+        }
+        assert_eq!(auditor.last_seq(), 5);
+        let mut rx = auditor.subscribe();
+        assert_eq!(*rx.borrow_and_update(), 5);
+        auditor.record(entry(5)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("signalled")
+            .unwrap();
+        assert_eq!(*rx.borrow(), 6);
     }
 
     /// A mark that notes the thread each checkpoint reached it on.
