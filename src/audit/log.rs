@@ -136,13 +136,23 @@ impl CheckpointSync {
     /// signed meanwhile).
     pub fn complete(&self) -> std::io::Result<()> {
         self.file.sync_data()?;
-        if let Some(mark) = &self.mark {
-            mark.remember(&self.checkpoint);
-        }
-        if let Some(observer) = &self.observer {
-            observer.checkpointed(&self.checkpoint);
-        }
+        durable(self.mark.as_ref(), self.observer.as_ref(), &self.checkpoint);
         Ok(())
+    }
+}
+
+/// `checkpoint` is durable in the log: the mark remembers it, then the
+/// observer is told.
+fn durable(
+    mark: Option<&Arc<dyn HighWaterMark>>,
+    observer: Option<&Arc<dyn CheckpointObserver>>,
+    checkpoint: &Checkpoint,
+) {
+    if let Some(mark) = mark {
+        mark.remember(checkpoint);
+    }
+    if let Some(observer) = observer {
+        observer.checkpointed(checkpoint);
     }
 }
 
@@ -614,12 +624,11 @@ impl AuditLog {
             if deferred.is_some() {
                 self.checkpoint_sync = deferred;
             } else {
-                if let Some(mark) = &self.options.mark {
-                    mark.remember(&cp);
-                }
-                if let Some(observer) = &self.options.observer {
-                    observer.checkpointed(&cp);
-                }
+                durable(
+                    self.options.mark.as_ref(),
+                    self.options.observer.as_ref(),
+                    &cp,
+                );
             }
             self.last_checkpoint = Some(cp);
         }
@@ -653,12 +662,11 @@ impl AuditLog {
         let mut line = checkpoint.to_line()?.into_bytes();
         line.push(b'\n');
         self.write_all(&line, self.options.mark.is_some())?;
-        if let Some(mark) = &self.options.mark {
-            mark.remember(&checkpoint);
-        }
-        if let Some(observer) = &self.options.observer {
-            observer.checkpointed(&checkpoint);
-        }
+        durable(
+            self.options.mark.as_ref(),
+            self.options.observer.as_ref(),
+            &checkpoint,
+        );
         self.since_checkpoint = 0;
         self.last_checkpoint_time = time;
         self.last_checkpoint = Some(checkpoint.clone());

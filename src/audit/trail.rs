@@ -11,9 +11,9 @@
 //! request whose record the previous holder wrote finds the queue empty.
 //! When the log is held for longer (the writer thread's checkpoints and
 //! retention, a checkpoint's signing), requests hand the queue to the
-//! writer thread instead of waiting for the lock. In `fsync` mode the writer thread
-//! does it, with one `write` and one `fsync` per batch, so that no request
-//! thread waits for the disk. Either way concurrent requests share the
+//! writer thread instead of waiting for the lock. In `fsync` mode the
+//! writer thread does the writing, with one `write` and one `fsync` per
+//! batch, so that no request thread waits for the disk. Either way concurrent requests share the
 //! system calls, and a request is answered only once its record is
 //! written. If the write fails, every request of the batch gets an error
 //! and must be refused (`UNAVAILABLE`): fail closed. The log recovers by
@@ -92,10 +92,11 @@ type Reply = oneshot::Sender<Result<u64, String>>;
 
 enum Job {
     Append(Box<AuditEntry>, Reply),
-    /// Write what the inline queue holds (a leader handed it over).
+    /// Write what the inline queue holds (a request found the log held by
+    /// a slow holder and handed the queue over).
     Drain,
-    /// Sync a checkpoint a leader's batch wrote, then tell the mark: the
-    /// request that led the batch does not wait for the disk.
+    /// Sync a checkpoint a request's batch wrote, then tell the mark: the
+    /// request that wrote the batch does not wait for the disk.
     SyncCheckpoint(CheckpointSync),
     Checkpoint(oneshot::Sender<Result<Option<Checkpoint>, String>>),
     Shutdown,
@@ -123,8 +124,8 @@ struct Shared {
     closing: watch::Sender<bool>,
     /// Records handed to the writer and not yet answered.
     backlog: std::sync::atomic::AtomicU64,
-    /// The log itself: the writer thread and, in `write` mode, the request
-    /// that leads a batch take it in turn.
+    /// The log itself: the writer thread and, in `write` mode, the requests
+    /// take it in turn.
     log: Mutex<AuditLog>,
     /// `write` mode: records waiting to be written (see
     /// [`AuditTrail::queue_inline`]).
@@ -650,7 +651,7 @@ fn complete_sync(shared: &Shared, sync: &CheckpointSync) -> bool {
 }
 
 /// The writer thread: records in `fsync` mode (so that no request thread
-/// waits for the disk), the inline queue when a leader hands it over,
+/// waits for the disk), the inline queue when a request hands it over,
 /// checkpoints on demand, and housekeeping (idle checkpoints, recovery
 /// after a failed write, retention).
 fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptions) {
@@ -821,10 +822,11 @@ mod tests {
         assert_eq!((report.records, report.uncovered_records), (400, 0));
     }
 
-    /// `write` mode: requests lead their batches; every record is written
-    /// once, in one chain, and nothing is appended after the shutdown.
+    /// `write` mode: requests write their own batches; every record is
+    /// written once, in one chain, and nothing is appended after the
+    /// shutdown.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn write_mode_requests_lead_their_batches() {
+    async fn write_mode_requests_write_their_batches() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let options = AuditTrailOptions {
@@ -853,7 +855,7 @@ mod tests {
             })
             .collect();
         // Checkpoints on demand make the writer thread hold the log now and
-        // then: leaders that find it busy hand their queue over.
+        // then: requests that find it busy hand their queue over.
         let checkpoints = {
             let a = Arc::clone(&auditor);
             tokio::spawn(async move {
