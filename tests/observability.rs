@@ -97,6 +97,14 @@ async fn metrics_count_requests_caches_hsm_and_audit() {
     assert_eq!(get("coffre_audit_healthy"), 1.0);
     // Every request left a record: 1 + 1 before the restart, 5 after.
     assert!(get("coffre_audit_records_total") >= 7.0);
+    // At least one write since this start, and never more than one per
+    // record and checkpoint.
+    let writes = get("coffre_audit_writes_total");
+    assert!(writes >= 1.0, "{writes} audit writes");
+    assert!(
+        writes <= get("coffre_audit_records_total") + 2.0,
+        "{writes} audit writes"
+    );
     // Labels come from fixed sets: no key id, alias, principal or context.
     for secretish in [
         key.key_id.as_str(),

@@ -199,6 +199,9 @@ pub struct AuditLog {
     /// `fsync`s done by appends and checkpoints (group commit makes this
     /// smaller than the number of records).
     syncs: u64,
+    /// `write`s of batches and checkpoints: records per `write` is the
+    /// mean batch.
+    writes: u64,
     /// After an external signer failed: no new attempt in an append before
     /// this time (an HSM outage must not cost a timeout per record).
     signing_retry_at: Option<Timestamp>,
@@ -380,6 +383,7 @@ impl AuditLog {
             index,
             poisoned: false,
             syncs: 0,
+            writes: 0,
             signing_retry_at: None,
             defer_checkpoint_sync: false,
             checkpoint_sync: None,
@@ -456,6 +460,11 @@ impl AuditLog {
     /// `fsync`s done since the log was opened (`Fsync` mode).
     pub fn syncs(&self) -> u64 {
         self.syncs
+    }
+
+    /// `write`s (batches of records, checkpoints) since the log was opened.
+    pub fn writes(&self) -> u64 {
+        self.writes
     }
 
     /// From now on, an append that writes a checkpoint in `write` mode with
@@ -694,6 +703,7 @@ impl AuditLog {
 
     /// Writes `bytes`; syncs them in `Fsync` mode, or when `sync` asks.
     fn write_all(&mut self, bytes: &[u8], sync: bool) -> Result<(), AuditError> {
+        self.writes += 1;
         let result = self.file.write_all(bytes).and_then(|()| {
             if sync || self.options.durability == Durability::Fsync {
                 self.syncs += 1;

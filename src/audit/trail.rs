@@ -110,6 +110,7 @@ struct View {
     last_seq: u64,
     last_checkpoint: Option<Checkpoint>,
     syncs: u64,
+    writes: u64,
 }
 
 #[derive(Debug)]
@@ -133,6 +134,10 @@ struct Shared {
     /// The writer thread holds `log`, or is about to: a request that finds
     /// it held hands its record over rather than waiting for it.
     writer_holds: AtomicBool,
+    /// `write` mode: the last request to write did not write alone (it
+    /// waited for the log, or its batch held others' records), so requests
+    /// yield once to write together (`queue_inline`).
+    grouping: AtomicBool,
     /// Whoever holds `log` is signing a checkpoint (maybe with an HSM): as
     /// `writer_holds`, requests hand their records over.
     signing: Arc<AtomicBool>,
@@ -253,6 +258,7 @@ impl AuditTrail {
             log: Mutex::new(log),
             queue: Mutex::new(Pending::default()),
             writer_holds: AtomicBool::new(false),
+            grouping: AtomicBool::new(false),
             signing,
             stopped: AtomicBool::new(false),
         });
@@ -330,21 +336,15 @@ impl AuditTrail {
             return Ok(0);
         }
         let (tx, rx) = oneshot::channel();
-        self.shared.backlog.fetch_add(1, Ordering::Relaxed);
-        let queued = if self.inline {
-            self.queue_inline(entry, tx)
+        let _waiting = Waiting::new(&self.shared);
+        if self.inline {
+            self.queue_inline(entry, tx).await?;
         } else {
             self.tx
                 .send(Job::Append(Box::new(entry), tx))
-                .map_err(|_| AuditError::Stopped)
-        };
-        if let Err(e) = queued {
-            self.shared.backlog.fetch_sub(1, Ordering::Relaxed);
-            return Err(e);
+                .map_err(|_| AuditError::Stopped)?;
         }
-        let answer = rx.await;
-        self.shared.backlog.fetch_sub(1, Ordering::Relaxed);
-        match answer {
+        match rx.await {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(message)) => Err(AuditError::Io(std::io::Error::other(message))),
             Err(_) => Err(AuditError::Stopped),
@@ -367,45 +367,74 @@ impl AuditTrail {
 
     /// `write` mode: the record joins the queue, then the request takes
     /// the log and writes whatever the queue holds in one `write` (its own
-    /// record, unless the request that held the log before took it, and
-    /// every one queued meanwhile), and answers them. Records are written
-    /// by the requests' own threads: no hand-off to the writer thread and
-    /// back. A request that finds the log held by another waits for it on
-    /// the lock, a few microseconds, rather than for the other to wake it:
-    /// a task woken on a busy runtime waits behind every task queued there,
+    /// record, unless a request before it took it, and every one queued
+    /// meanwhile), and answers them. Records are written by the requests'
+    /// own threads: no hand-off to the writer thread and back.
+    ///
+    /// Group commit: while requests come together (another is in
+    /// `record` now, or the last request to write waited for the log or
+    /// wrote others' records with its own), a request yields once between
+    /// queueing its record and taking the log. It goes behind the tasks
+    /// already runnable on its thread, which queue their records first, and
+    /// one `write` carries them all. A request alone (low load) does not
+    /// yield: its record is written at once, and grouping stays off until
+    /// requests overlap again.
+    ///
+    /// A request that finds the log held by another waits for it on the
+    /// lock, a few microseconds, rather than for the other to wake it: a
+    /// task woken on a busy runtime waits behind every task queued there,
     /// hundreds of microseconds at half of the peak (issue #20). While the
     /// holder may keep the log long (the writer thread, for a checkpoint or
     /// retention; a checkpoint's signing, maybe by an HSM), requests do not
     /// wait: the writer thread writes the queue once it can. The caller's
     /// reply comes from whoever wrote its record.
-    fn queue_inline(&self, entry: AuditEntry, reply: Reply) -> Result<(), AuditError> {
+    async fn queue_inline(&self, entry: AuditEntry, reply: Reply) -> Result<(), AuditError> {
         self.shared
             .queue
             .lock()
             .map_err(|_| AuditError::Stopped)?
             .0
             .push((entry, reply));
+        let together = self.shared.grouping.load(Ordering::Relaxed)
+            || self.shared.backlog.load(Ordering::Relaxed) > 1;
+        if together {
+            // Dropped here (the request was cancelled), it hands the queue
+            // to the writer thread: a queued record is never left behind.
+            let queued = Queued(Some(self));
+            YieldOnce(false).await;
+            queued.disarm();
+        }
+        self.write_queue();
+        Ok(())
+    }
+
+    /// Takes the log (or hands the queue to the writer thread, see
+    /// `queue_inline`) and writes every record queued.
+    fn write_queue(&self) {
+        let mut waited = false;
         let held = match self.shared.log.try_lock() {
             Ok(log) => Some(log),
             Err(std::sync::TryLockError::WouldBlock) if !self.shared.slow_hold() => {
+                waited = true;
                 self.shared.log.lock().ok()
             }
             Err(_) => None,
         };
         let Some(mut log) = held else {
-            if self.tx.send(Job::Drain).is_err() {
-                fail_queue(&self.shared, "the audit writer has stopped");
-            }
-            return Ok(());
+            self.hand_queue_over();
+            return;
         };
         if self.shared.stopped.load(Ordering::SeqCst) {
             drop(log);
             fail_queue(&self.shared, "the audit log is closed");
-            return Ok(());
+            return;
         }
         let Some(batch) = take_batch(&self.shared) else {
-            return Ok(());
+            return;
         };
+        self.shared
+            .grouping
+            .store(waited || batch.len() > 1, Ordering::Relaxed);
         if let Some(sync) = write_batch(&self.shared, &mut log, batch) {
             drop(log);
             if let Err(mpsc::SendError(Job::SyncCheckpoint(sync))) =
@@ -415,7 +444,13 @@ impl AuditTrail {
                 let _ = complete_sync(&self.shared, &sync);
             }
         }
-        Ok(())
+    }
+
+    /// Lets the writer thread write the queue.
+    fn hand_queue_over(&self) {
+        if self.tx.send(Job::Drain).is_err() {
+            fail_queue(&self.shared, "the audit writer has stopped");
+        }
     }
 
     /// Signs the current head now (if records came since the last
@@ -497,6 +532,12 @@ impl AuditTrail {
         self.shared.view.lock().map_or(0, |v| v.syncs)
     }
 
+    /// `write`s to the log since start (batches of records, checkpoints):
+    /// records per `write` is the mean batch of the group commit.
+    pub fn writes(&self) -> u64 {
+        self.shared.view.lock().map_or(0, |v| v.writes)
+    }
+
     /// The last checkpoint written, without writing one.
     pub fn last_checkpoint(&self) -> Option<Checkpoint> {
         self.shared
@@ -558,6 +599,7 @@ fn publish(shared: &Shared, log: &AuditLog) {
             view.last_checkpoint = latest.cloned();
         }
         view.syncs = log.syncs();
+        view.writes = log.writes();
     }
     shared.healthy.store(!log.is_poisoned(), Ordering::SeqCst);
     // Signalled only when followed (`audit tail`): with nobody to wake it
@@ -586,6 +628,64 @@ fn prune(log: &mut AuditLog, retention: Duration, options: &AuditLogOptions) {
 
 /// The writer thread: see the module docs.
 /// The queued records, or `None` if there are none.
+/// A record counted in `backlog` from its `record` call to its answer,
+/// or to the call's end if it is cancelled.
+struct Waiting<'a>(&'a Shared);
+
+impl<'a> Waiting<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.backlog.fetch_add(1, Ordering::Relaxed);
+        Self(shared)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.backlog.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A record queued while its request yields (`queue_inline`): if the
+/// request is dropped before it writes the queue, the writer thread does.
+struct Queued<'a>(Option<&'a AuditTrail>);
+
+impl Queued<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(trail) = self.0 {
+            trail.hand_queue_over();
+        }
+    }
+}
+
+/// Returns `Pending` once, having asked to be polled again: the task goes
+/// to the back of its thread's run queue (tokio's treatment of a task that
+/// wakes itself), behind the tasks already runnable there. Unlike
+/// `tokio::task::yield_now`, it does not wait for the runtime to poll its
+/// I/O driver, which would hold the batch back for a round of reads.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 fn take_batch(shared: &Shared) -> Option<Vec<(AuditEntry, Reply)>> {
     let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
     (!q.0.is_empty()).then(|| std::mem::take(&mut q.0))
@@ -1035,5 +1135,101 @@ mod tests {
             // The next record is written by its own request again.
             assert_eq!(auditor.record(entry(2)).await.unwrap(), 2);
         }
+    }
+
+    /// Group commit: a request alone writes its record at once; requests
+    /// that come together share one `write`; grouping ends with the first
+    /// request that writes alone again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn requests_that_come_together_share_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let auditor = Arc::new(
+            AuditTrail::open(
+                &dir.path().join("audit.log"),
+                keys(),
+                AuditTrailOptions::default(),
+            )
+            .unwrap(),
+        );
+        let poll_once = |fut: &mut std::pin::Pin<Box<dyn Future<Output = _> + '_>>| {
+            fut.as_mut()
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        };
+        // Alone: written in the first poll, without yielding.
+        let mut alone: std::pin::Pin<Box<dyn Future<Output = _>>> =
+            Box::pin(auditor.record(entry(0)));
+        assert!(matches!(
+            poll_once(&mut alone),
+            std::task::Poll::Ready(Ok(1))
+        ));
+        drop(alone);
+        assert!(!auditor.shared.grouping.load(Ordering::SeqCst));
+
+        // Overlapping requests (here: as if the last writer had waited for
+        // the log) yield once and share one write.
+        auditor.shared.grouping.store(true, Ordering::SeqCst);
+        let writes = auditor.writes();
+        let tasks: Vec<_> = (1..=50)
+            .map(|n| {
+                let a = Arc::clone(&auditor);
+                tokio::spawn(async move { a.record(entry(n)).await.unwrap() })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (2..=51).collect::<Vec<u64>>());
+        assert_eq!(auditor.writes() - writes, 1, "50 records in one write");
+        assert!(auditor.shared.grouping.load(Ordering::SeqCst));
+
+        // The next request alone yields once, writes alone, and turns
+        // grouping off: the one after it is written in its first poll.
+        let mut first: std::pin::Pin<Box<dyn Future<Output = _>>> =
+            Box::pin(auditor.record(entry(60)));
+        assert!(poll_once(&mut first).is_pending(), "yielded once");
+        assert!(matches!(
+            poll_once(&mut first),
+            std::task::Poll::Ready(Ok(52))
+        ));
+        drop(first);
+        assert!(!auditor.shared.grouping.load(Ordering::SeqCst));
+        let mut next: std::pin::Pin<Box<dyn Future<Output = _>>> =
+            Box::pin(auditor.record(entry(61)));
+        assert!(matches!(
+            poll_once(&mut next),
+            std::task::Poll::Ready(Ok(53))
+        ));
+        drop(next);
+        assert_eq!(auditor.backlog(), 0);
+    }
+
+    /// A request cancelled while it yields, its record queued and not yet
+    /// written: the writer thread writes it, and the backlog forgets it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_record_queued_by_a_cancelled_request_is_still_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let auditor = AuditTrail::open(&path, keys(), AuditTrailOptions::default()).unwrap();
+        auditor.shared.grouping.store(true, Ordering::SeqCst);
+        let mut cancelled: std::pin::Pin<Box<dyn Future<Output = _>>> =
+            Box::pin(auditor.record(entry(7)));
+        let polled = cancelled
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        assert!(polled.is_pending());
+        assert_eq!(auditor.backlog(), 1);
+        drop(cancelled);
+        assert_eq!(auditor.backlog(), 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while auditor.last_seq() < 1 {
+            assert!(std::time::Instant::now() < deadline, "the record was lost");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        auditor.shutdown();
+        let text = std::fs::read(&path).unwrap();
+        let report = crate::audit::verify(text.as_slice(), &auditor.public_key(), |_| {}).unwrap();
+        assert_eq!(report.records, 1);
     }
 }

@@ -323,6 +323,13 @@ pub(super) async fn start_metrics(
         );
         render_value(
             &mut out,
+            "coffre_audit_writes_total",
+            "counter",
+            "Writes to the audit log (batches of records, checkpoints).",
+            &[("", trail.writes() as f64)],
+        );
+        render_value(
+            &mut out,
             "coffre_audit_healthy",
             "gauge",
             "1 while the audit log can be written.",
