@@ -437,7 +437,11 @@ fn push_int(out: &mut Vec<u8>, n: impl Into<i128>) {
 /// A JSON string as `serde_json` escapes it: most need no escape, and are
 /// copied whole.
 fn push_str(out: &mut Vec<u8>, s: &str) {
-    let plain = s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    // A fold rather than `all`: without the early exit the compiler checks
+    // many bytes at once, and fields are short.
+    let plain = s.bytes().fold(true, |plain, b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
     if plain {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
