@@ -8,8 +8,11 @@
 # Per operation: 1 s of warm-up, then 5 s closed loop at 64 in flight over
 # 4 connections (`coffre bench`, the same binary), with the server's utime
 # + stime from /proc/PID/stat read before and after, and the load
-# generator's own CPU (its children's times, from bash's `times`). Prints
-# "op ops/s µs-of-server-CPU-per-request p99-ms µs-of-client-CPU-per-request".
+# generator's own CPU (its children's times, from bash's `times`), and the
+# server's write system calls (`syscw` in /proc/PID/io: one `writev` per
+# response flush, one `write` per audit batch). Prints "op ops/s
+# µs-of-server-CPU-per-request p99-ms µs-of-client-CPU-per-request
+# writes-per-request".
 # Extra arguments after the port go to `coffre dev` (e.g.
 # --audit-durability fsync).
 set -eu
@@ -34,19 +37,23 @@ children_cpu() {
         printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2]
     }' "$dir/times"
 }
-echo "op ops/s cpu_us_per_request p99_ms client_cpu_us_per_request"
+echo "op ops/s cpu_us_per_request p99_ms client_cpu_us_per_request writes_per_request"
+syscw() { awk '$1 == "syscw:" {print $2}' "/proc/$pid/io"; }
 for op in null decrypt generate; do
     bench --ops "$op" --duration 1s > /dev/null
     t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    w0=$(syscw)
     times > "$dir/times"
     c0=$(children_cpu)
     bench --ops "$op" --duration 5s > "$dir/bench.txt"
     times > "$dir/times"
     c1=$(children_cpu)
     t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    w1=$(syscw)
     out=$(cat "$dir/bench.txt")
     rate=$(awk -v op="$op" '$1 == op {print $2}' <<< "$out")
     p99=$(awk -v op="$op" '$1 == op {print $6}' <<< "$out")
     echo "$op $rate $(awk -v t=$((t1 - t0)) -v hz="$hz" -v r="$rate" 'BEGIN {printf "%.1f", t * 1e6 / hz / (r * 5)}') $p99 \
-$(awk -v a="$c0" -v b="$c1" -v r="$rate" 'BEGIN {printf "%.1f", (b - a) * 1e6 / (r * 5)}')"
+$(awk -v a="$c0" -v b="$c1" -v r="$rate" 'BEGIN {printf "%.1f", (b - a) * 1e6 / (r * 5)}') \
+$(awk -v w=$((w1 - w0)) -v r="$rate" 'BEGIN {printf "%.2f", w / (r * 5)}')"
 done
