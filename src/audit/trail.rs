@@ -9,7 +9,10 @@
 //! request writes) and writes what the queue holds, its own record and
 //! every one queued meanwhile, with one `write`, then answers them all; a
 //! request whose record the previous holder wrote finds the queue empty.
-//! When the log is held for longer (the writer thread's checkpoints and
+//! While requests overlap, each yields once between queueing its record
+//! and taking the log, so that the requests runnable behind it on its
+//! thread join the batch; a request alone does not wait (see
+//! `AuditTrail::queue_inline`). When the log is held for longer (the writer thread's checkpoints and
 //! retention, a checkpoint's signing), requests hand the queue to the
 //! writer thread instead of waiting for the lock. In `fsync` mode the
 //! writer thread does the writing, with one `write` and one `fsync` per
@@ -626,8 +629,6 @@ fn prune(log: &mut AuditLog, retention: Duration, options: &AuditLogOptions) {
     }
 }
 
-/// The writer thread: see the module docs.
-/// The queued records, or `None` if there are none.
 /// A record counted in `backlog` from its `record` call to its answer,
 /// or to the call's end if it is cancelled.
 struct Waiting<'a>(&'a Shared);
@@ -686,6 +687,7 @@ impl std::future::Future for YieldOnce {
     }
 }
 
+/// The queued records, or `None` if there are none.
 fn take_batch(shared: &Shared) -> Option<Vec<(AuditEntry, Reply)>> {
     let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
     (!q.0.is_empty()).then(|| std::mem::take(&mut q.0))
