@@ -199,8 +199,7 @@ pub struct AuditLog {
     /// `fsync`s done by appends and checkpoints (group commit makes this
     /// smaller than the number of records).
     syncs: u64,
-    /// `write`s of batches and checkpoints: records per `write` is the
-    /// mean batch.
+    /// `write`s of batches and checkpoints since the log was opened.
     writes: u64,
     /// After an external signer failed: no new attempt in an append before
     /// this time (an HSM outage must not cost a timeout per record).

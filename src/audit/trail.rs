@@ -536,7 +536,7 @@ impl AuditTrail {
     }
 
     /// `write`s to the log since start (batches of records, checkpoints):
-    /// records per `write` is the mean batch of the group commit.
+    /// records appended over `write`s is the group commit's mean batch.
     pub fn writes(&self) -> u64 {
         self.shared.view.lock().map_or(0, |v| v.writes)
     }
@@ -864,6 +864,8 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>, options: AuditTrailOptio
 
 #[cfg(test)]
 mod tests {
+    use std::task::Poll;
+
     use super::*;
     use crate::audit::log::{CheckpointPolicy, HighWaterMark};
     use crate::audit::record::tests::entry;
@@ -1139,6 +1141,16 @@ mod tests {
         }
     }
 
+    /// Polls `fut` once, with a waker that does nothing.
+    fn poll_once<F: Future>(fut: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        fut.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
+    /// What the first poll of a request's `record` of `entry(n)` gives.
+    fn first_poll(auditor: &AuditTrail, n: u64) -> Poll<Result<u64, AuditError>> {
+        poll_once(std::pin::pin!(auditor.record(entry(n))))
+    }
+
     /// Group commit: a request alone writes its record at once; requests
     /// that come together share one `write`; grouping ends with the first
     /// request that writes alone again.
@@ -1153,18 +1165,8 @@ mod tests {
             )
             .unwrap(),
         );
-        let poll_once = |fut: &mut std::pin::Pin<Box<dyn Future<Output = _> + '_>>| {
-            fut.as_mut()
-                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
-        };
         // Alone: written in the first poll, without yielding.
-        let mut alone: std::pin::Pin<Box<dyn Future<Output = _>>> =
-            Box::pin(auditor.record(entry(0)));
-        assert!(matches!(
-            poll_once(&mut alone),
-            std::task::Poll::Ready(Ok(1))
-        ));
-        drop(alone);
+        assert!(matches!(first_poll(&auditor, 0), Poll::Ready(Ok(1))));
         assert!(!auditor.shared.grouping.load(Ordering::SeqCst));
 
         // Overlapping requests (here: as if the last writer had waited for
@@ -1188,22 +1190,11 @@ mod tests {
 
         // The next request alone yields once, writes alone, and turns
         // grouping off: the one after it is written in its first poll.
-        let mut first: std::pin::Pin<Box<dyn Future<Output = _>>> =
-            Box::pin(auditor.record(entry(60)));
-        assert!(poll_once(&mut first).is_pending(), "yielded once");
-        assert!(matches!(
-            poll_once(&mut first),
-            std::task::Poll::Ready(Ok(52))
-        ));
-        drop(first);
+        let mut first = Box::pin(auditor.record(entry(60)));
+        assert!(poll_once(first.as_mut()).is_pending(), "yielded once");
+        assert!(matches!(poll_once(first.as_mut()), Poll::Ready(Ok(52))));
         assert!(!auditor.shared.grouping.load(Ordering::SeqCst));
-        let mut next: std::pin::Pin<Box<dyn Future<Output = _>>> =
-            Box::pin(auditor.record(entry(61)));
-        assert!(matches!(
-            poll_once(&mut next),
-            std::task::Poll::Ready(Ok(53))
-        ));
-        drop(next);
+        assert!(matches!(first_poll(&auditor, 61), Poll::Ready(Ok(53))));
         assert_eq!(auditor.backlog(), 0);
     }
 
@@ -1215,12 +1206,8 @@ mod tests {
         let path = dir.path().join("audit.log");
         let auditor = AuditTrail::open(&path, keys(), AuditTrailOptions::default()).unwrap();
         auditor.shared.grouping.store(true, Ordering::SeqCst);
-        let mut cancelled: std::pin::Pin<Box<dyn Future<Output = _>>> =
-            Box::pin(auditor.record(entry(7)));
-        let polled = cancelled
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
-        assert!(polled.is_pending());
+        let mut cancelled = Box::pin(auditor.record(entry(7)));
+        assert!(poll_once(cancelled.as_mut()).is_pending());
         assert_eq!(auditor.backlog(), 1);
         drop(cancelled);
         assert_eq!(auditor.backlog(), 0);

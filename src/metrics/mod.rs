@@ -13,8 +13,9 @@
 //! - `coffre_hsm_requests_total{call}`, `coffre_hsm_errors_total{call}`,
 //!   `coffre_hsm_duration_seconds{call}`: every call to the HSM;
 //! - `coffre_audit_backlog` (records waiting for the writer),
-//!   `coffre_audit_records_total`, `coffre_audit_writes_total` (records
-//!   per write: the mean batch of the group commit), `coffre_audit_healthy`;
+//!   `coffre_audit_records_total`, `coffre_audit_writes_total` (since
+//!   start; the rate of records over the rate of writes is the group
+//!   commit's mean batch), `coffre_audit_healthy`;
 //! - `coffre_audit_volume_free_bytes`, `coffre_audit_volume_size_bytes`: the
 //!   audit log's volume (measured every 10 s; a warning is logged at most
 //!   once a minute while the free space is below `[limits]`
