@@ -20,6 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Maps (encryption contexts, labels) decode into the sorted maps
+        // the core keeps them in: no hashing of each key on the way in, no
+        // second map built from the first.
+        .btree_map(".coffre.v1")
         // Messages carrying clear data keys or plaintexts, and those that
         // hold them, get a hand-written, redacted Debug (src/grpc/redact.rs,
         // whose test finds every such message in the descriptors).

@@ -55,28 +55,37 @@ pub enum SealError {
 /// Canonical encoding of a context: entries sorted by key, each key and value
 /// as a big-endian u32 length followed by its UTF-8 bytes.
 pub fn canonical_context(context: &EncryptionContext) -> Vec<u8> {
-    let entries = context.entries();
-    let size: usize = entries.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+    let size: usize = context
+        .entries()
+        .iter()
+        .map(|(k, v)| 8 + k.len() + v.len())
+        .sum();
     let mut out = Vec::with_capacity(size);
-    // BTreeMap iterates in key order (byte-wise on UTF-8, which is what
-    // "sorted by key" means here).
-    for (k, v) in entries {
-        push_len_prefixed(&mut out, k.as_bytes());
-        push_len_prefixed(&mut out, v.as_bytes());
-    }
+    feed_canonical_context(context, |piece| out.extend_from_slice(piece));
     out
 }
 
-fn push_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
-    // Context strings are bounded far below u32::MAX by EncryptionContext.
-    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(bytes);
+/// The bytes of [`canonical_context`], piece by piece, for a digest to
+/// take without building them (each request digests its context twice).
+pub fn feed_canonical_context(context: &EncryptionContext, mut feed: impl FnMut(&[u8])) {
+    // BTreeMap iterates in key order (byte-wise on UTF-8, which is what
+    // "sorted by key" means here).
+    for (k, v) in context.entries() {
+        for bytes in [k.as_bytes(), v.as_bytes()] {
+            // Context strings are bounded far below u32::MAX by
+            // EncryptionContext.
+            let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+            feed(&len.to_be_bytes());
+            feed(bytes);
+        }
+    }
 }
 
 /// SHA-256 of the canonical context.
 pub fn context_digest(context: &EncryptionContext) -> ContextDigest {
-    let d = digest::digest(&digest::SHA256, &canonical_context(context));
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    feed_canonical_context(context, |piece| ctx.update(piece));
+    let d = ctx.finish();
     let mut out = [0u8; CONTEXT_DIGEST_LEN];
     out.copy_from_slice(d.as_ref());
     out
@@ -380,6 +389,14 @@ mod tests {
             .concat()
         );
         assert!(canonical_context(&EncryptionContext::default()).is_empty());
+        // Fed piece by piece, the same bytes: the digests take them so.
+        let mut fed = Vec::new();
+        feed_canonical_context(&c, |piece| fed.extend_from_slice(piece));
+        assert_eq!(fed, canonical_context(&c));
+        assert_eq!(
+            context_digest(&c)[..],
+            *digest::digest(&digest::SHA256, &canonical_context(&c)).as_ref()
+        );
     }
 
     #[test]

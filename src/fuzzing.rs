@@ -10,7 +10,7 @@
 // point here. Nothing on a request path calls this module.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use prost::Message;
 
@@ -99,7 +99,7 @@ pub fn context(data: &[u8]) {
         );
     }
     // Through the gRPC mapping (a protobuf map) too.
-    let as_map: HashMap<String, String> = forward.entries().clone().into_iter().collect();
+    let as_map: BTreeMap<String, String> = forward.entries().clone();
     let mapped = convert::context_from_pb(as_map).expect("a valid context refused by the mapping");
     assert_eq!(
         crypto::context_digest(&mapped),
@@ -193,7 +193,7 @@ pub fn request_mapping(data: &[u8]) {
     }
 }
 
-fn check_context(raw: HashMap<String, String>) {
+fn check_context(raw: BTreeMap<String, String>) {
     let entries = raw.len();
     if let Ok(context) = convert::context_from_pb(raw) {
         assert_eq!(

@@ -531,6 +531,45 @@ mod tests {
         assert_eq!(id.to_string().parse::<KeyId>().unwrap(), id);
         assert!("not-a-uuid".parse::<KeyId>().is_err());
     }
+
+    #[test]
+    fn a_sorted_map_is_held_to_the_limits_of_any_context() {
+        let pairs = |n: usize, key_len: usize, value_len: usize| {
+            (0..n)
+                .map(|i| (format!("{i:0>key_len$}"), "v".repeat(value_len)))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let cases = [
+            (pairs(MAX_CONTEXT_ENTRIES, 3, 1), Ok(())),
+            (pairs(1, MAX_CONTEXT_KEY_LEN, MAX_CONTEXT_VALUE_LEN), Ok(())),
+            (pairs(0, 1, 1), Ok(())),
+            (
+                pairs(MAX_CONTEXT_ENTRIES + 1, 3, 1),
+                Err(ContextError::TooManyEntries),
+            ),
+            (
+                pairs(1, MAX_CONTEXT_KEY_LEN + 1, 1),
+                Err(ContextError::KeyTooLong),
+            ),
+            (
+                pairs(1, 1, MAX_CONTEXT_VALUE_LEN + 1),
+                Err(ContextError::ValueTooLong),
+            ),
+            (
+                [(String::new(), "v".to_string())].into(),
+                Err(ContextError::EmptyKey),
+            ),
+        ];
+        for (map, expected) in cases {
+            let rebuilt = EncryptionContext::new(map.clone());
+            let kept = EncryptionContext::from_map(map.clone());
+            assert_eq!(kept.clone().map(drop), expected, "{} entries", map.len());
+            assert_eq!(kept, rebuilt);
+            if let Ok(context) = kept {
+                assert_eq!(context.entries(), &map);
+            }
+        }
+    }
 }
 
 /// Limits on an encryption context, checked once at the edge of the core.
@@ -561,19 +600,23 @@ impl EncryptionContext {
     ) -> Result<Self, ContextError> {
         let mut map = BTreeMap::new();
         for (k, v) in entries {
-            if k.is_empty() {
-                return Err(ContextError::EmptyKey);
-            }
-            if k.len() > MAX_CONTEXT_KEY_LEN {
-                return Err(ContextError::KeyTooLong);
-            }
-            if v.len() > max_value_len {
-                return Err(ContextError::ValueTooLong);
-            }
+            check_context_entry(&k, &v, max_value_len)?;
             map.insert(k, v);
             if map.len() > MAX_CONTEXT_ENTRIES {
                 return Err(ContextError::TooManyEntries);
             }
+        }
+        Ok(Self(map))
+    }
+
+    /// [`EncryptionContext::new`] of a map already sorted (as the gRPC
+    /// front decodes it): validated, and kept rather than rebuilt.
+    pub fn from_map(map: BTreeMap<String, String>) -> Result<Self, ContextError> {
+        for (k, v) in &map {
+            check_context_entry(k, v, MAX_CONTEXT_VALUE_LEN)?;
+        }
+        if map.len() > MAX_CONTEXT_ENTRIES {
+            return Err(ContextError::TooManyEntries);
         }
         Ok(Self(map))
     }
@@ -585,6 +628,19 @@ impl EncryptionContext {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+fn check_context_entry(k: &str, v: &str, max_value_len: usize) -> Result<(), ContextError> {
+    if k.is_empty() {
+        return Err(ContextError::EmptyKey);
+    }
+    if k.len() > MAX_CONTEXT_KEY_LEN {
+        return Err(ContextError::KeyTooLong);
+    }
+    if v.len() > max_value_len {
+        return Err(ContextError::ValueTooLong);
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -3,7 +3,6 @@
 //! when the log's storage refuses writes; a crash mid-append leaves a log
 //! that verifies; export, verify, list and tail as an auditor would.
 
-use std::collections::HashMap;
 use std::process::Command;
 
 use coffre::grpc::REQUEST_ID_HEADER;
@@ -97,13 +96,14 @@ async fn every_request_leaves_exactly_one_record_before_its_response() {
     let plaintext = generated.get_ref().plaintext.clone();
     let blob = generated.get_ref().ciphertext_blob.clone();
 
-    let decrypt =
-        |blob: Vec<u8>, context: HashMap<String, String>, justification: i32| pb::DecryptRequest {
-            ciphertext_blob: blob,
-            encryption_context: context,
-            justification,
-            key_id: String::new(),
-        };
+    let decrypt = |blob: Vec<u8>,
+                   context: std::collections::BTreeMap<String, String>,
+                   justification: i32| pb::DecryptRequest {
+        ciphertext_blob: blob,
+        encryption_context: context,
+        justification,
+        key_id: String::new(),
+    };
     sent.push(outcome(
         data.decrypt(decrypt(blob.clone(), context.clone(), REASON))
             .await,

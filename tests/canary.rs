@@ -112,7 +112,7 @@ async fn no_secret_in_logs_errors_audit_or_metrics() {
         .into_inner()
         .ciphertext_blob;
     let decrypt =
-        |blob: &[u8], context: &std::collections::HashMap<String, String>| pb::DecryptRequest {
+        |blob: &[u8], context: &std::collections::BTreeMap<String, String>| pb::DecryptRequest {
             ciphertext_blob: blob.to_vec(),
             encryption_context: context.clone(),
             justification: REASON,

@@ -19,7 +19,7 @@
 //! default, the CI run); `COFFRE_CRASH_SEED` replays a run (each run prints
 //! its seed). The long form is documented in README.md.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -81,7 +81,7 @@ struct ToggleKey {
 struct Blob {
     blob: Vec<u8>,
     plaintext: Vec<u8>,
-    context: HashMap<String, String>,
+    context: BTreeMap<String, String>,
     survived: bool,
 }
 
@@ -422,7 +422,7 @@ impl Load {
             }
             m.data_keys[self.rng.below(m.data_keys.len())].id.clone()
         };
-        let context = HashMap::from([
+        let context = BTreeMap::from([
             ("cycle".to_string(), self.cycle.to_string()),
             ("n".to_string(), n.to_string()),
         ]);
@@ -557,7 +557,7 @@ async fn check_after_restart(endpoint: &str, pki: &Path, model: &Shared, cycle: 
         let generated = data
             .generate_data_key(pb::GenerateDataKeyRequest {
                 key_id: id.clone(),
-                encryption_context: HashMap::new(),
+                encryption_context: BTreeMap::new(),
                 justification: REASON,
                 number_of_bytes: 32,
             })

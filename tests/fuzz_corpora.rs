@@ -165,7 +165,7 @@ async fn write_fuzz_seeds() {
         "a\0b\0c\0d\0tenant\0acme\0table\0orders".as_bytes(),
     );
 
-    let ctx = |value: &serde_json::Value| -> std::collections::HashMap<String, String> {
+    let ctx = |value: &serde_json::Value| -> std::collections::BTreeMap<String, String> {
         value
             .as_object()
             .unwrap()

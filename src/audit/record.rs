@@ -57,7 +57,7 @@ use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 
 use crate::authz::Role;
-use crate::crypto::canonical_context;
+use crate::crypto::feed_canonical_context;
 use crate::model::{EncryptionContext, KeyId, Timestamp};
 
 /// The `prev_hash` of the first record of a log: 64 zeros.
@@ -207,12 +207,13 @@ pub struct AuditRecord {
 }
 
 /// Lowercase hex of a 32-byte digest, without the per-character iterator
-/// of `hex::encode` (this runs once or twice per request).
+/// of `hex::encode` or the lossy conversion's scan (this runs twice per
+/// request: the context digest, the record's hash).
 fn hex32(bytes: &[u8]) -> String {
-    let mut out = [0u8; 64];
-    match hex::encode_to_slice(bytes, &mut out) {
-        Ok(()) => String::from_utf8_lossy(&out).into_owned(),
-        Err(_) => hex::encode(bytes),
+    let mut out = vec![0u8; 64];
+    match hex::encode_to_slice(bytes, &mut out).map(|()| String::from_utf8(out)) {
+        Ok(Ok(hex)) => hex,
+        _ => hex::encode(bytes),
     }
 }
 
@@ -471,9 +472,12 @@ impl AuditDigestKey {
         (key.len() >= 32).then(|| Self(hmac::Key::new(hmac::HMAC_SHA256, key)))
     }
 
-    /// Lowercase hex HMAC-SHA256 of [`canonical_context`] of `context`.
+    /// Lowercase hex HMAC-SHA256 of [`crate::crypto::canonical_context`]
+    /// of `context`.
     pub fn context_digest(&self, context: &EncryptionContext) -> String {
-        hex32(hmac::sign(&self.0, &canonical_context(context)).as_ref())
+        let mut ctx = hmac::Context::with_key(&self.0);
+        feed_canonical_context(context, |piece| ctx.update(piece));
+        hex32(ctx.sign().as_ref())
     }
 }
 
@@ -519,6 +523,26 @@ pub(crate) mod tests {
         assert_eq!(a.key_version, None);
         assert!(uuid::Uuid::parse_str(&a.request_id).is_ok());
         assert_ne!(a.request_id, b.request_id, "one request id per record");
+    }
+
+    #[test]
+    fn a_context_digest_is_the_hex_hmac_of_the_canonical_context() {
+        let key = [7u8; 32];
+        let digests = AuditDigestKey::new(&key).unwrap();
+        let context = EncryptionContext::new([
+            ("tenant".to_string(), "t-1".to_string()),
+            ("bucket".to_string(), "b".to_string()),
+        ])
+        .unwrap();
+        let expected = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &key),
+            &crate::crypto::canonical_context(&context),
+        );
+        assert_eq!(
+            digests.context_digest(&context),
+            hex::encode(expected.as_ref())
+        );
+        assert_eq!(hex32(&[0xab; 32]), "ab".repeat(32));
     }
 
     #[test]

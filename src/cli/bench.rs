@@ -200,7 +200,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// The context every bench data key is made and opened with.
-fn bench_context() -> std::collections::HashMap<String, String> {
+fn bench_context() -> std::collections::BTreeMap<String, String> {
     [("purpose".to_string(), "coffre-bench".to_string())].into()
 }
 

@@ -3,7 +3,7 @@
 //! the batch forms (`lines.rs`) share with them: reading a blob, writing raw
 //! output, and the hints added to a refused blob.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -95,7 +95,7 @@ pub(super) async fn client(c: &ConnectArgs) -> anyhow::Result<DataKeyServiceClie
     Ok(DataKeyServiceClient::new(connect(c, "service").await?))
 }
 
-pub(super) fn context_map(data: &DataArgs) -> HashMap<String, String> {
+pub(super) fn context_map(data: &DataArgs) -> BTreeMap<String, String> {
     data.context.iter().cloned().collect()
 }
 

@@ -5,7 +5,7 @@
 //! string fields. Raw fields are validated here, once; the core receives only
 //! validated values.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use super::pb;
 use crate::audit::{AuditRecord, Checkpoint, Outcome};
@@ -33,8 +33,8 @@ pub fn optional_key_ref(field: &str, raw: &str) -> Result<Option<KeyRef>> {
     }
 }
 
-pub fn context_from_pb(raw: HashMap<String, String>) -> Result<EncryptionContext> {
-    EncryptionContext::new(raw).map_err(|e| invalid(e.to_string()))
+pub fn context_from_pb(raw: BTreeMap<String, String>) -> Result<EncryptionContext> {
+    EncryptionContext::from_map(raw).map_err(|e| invalid(e.to_string()))
 }
 
 /// Every justification with its wire form: one table, read both ways.
@@ -406,10 +406,7 @@ pub fn event_to_pb(r: AuditRecord) -> pb::AuditEvent {
         key_version: r.key_version,
         context_digest: r.context_digest.unwrap_or_default(),
         justification: r.justification.unwrap_or_default(),
-        context: r
-            .context
-            .map(|c| c.into_iter().collect::<HashMap<_, _>>())
-            .unwrap_or_default(),
+        context: r.context.unwrap_or_default(),
         detail: r.detail.unwrap_or_default(),
         outcome: outcome_to_pb(r.outcome).into(),
         status_code: r.status_code,

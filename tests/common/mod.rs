@@ -227,7 +227,7 @@ pub async fn try_channel(
 }
 
 /// An encryption context as the wire carries it (a map), from pairs.
-pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
