@@ -355,7 +355,7 @@ impl Kms {
             self.check_policy(
                 caller,
                 &openable.record,
-                &source_id.to_string(),
+                &source_id,
                 Operation::Decrypt,
                 justification,
                 source_context,
@@ -404,13 +404,12 @@ impl Kms {
         // Before any key is looked at: a node that may have missed other
         // nodes' changes serves none (refuses all alike, leaking nothing).
         self.check_fresh()?;
-        let named = key.to_string();
         let record = match self.resolve(key).await {
             Ok(record) => record,
-            Err(Error::KeyNotFound(_)) => return Err(no_access(&named)),
+            Err(Error::KeyNotFound(_)) => return Err(no_access(key)),
             Err(e) => return Err(e),
         };
-        self.check_policy(caller, &record, &named, op, justification, context)?;
+        self.check_policy(caller, &record, key, op, justification, context)?;
         Ok(record)
     }
 
@@ -548,9 +547,8 @@ impl Kms {
         }
         // A blob naming a key this server does not know gets the same answer
         // as a key the caller may not use.
-        let named = id.to_string();
-        let record = self.record(id).await?.ok_or_else(|| no_access(&named))?;
-        self.check_policy(caller, &record, &named, op, justification, context)?;
+        let record = self.record(id).await?.ok_or_else(|| no_access(&id))?;
+        self.check_policy(caller, &record, &id, op, justification, context)?;
         ensure_enabled(caller, &record, op)?;
         if version == 0 || version > record.primary_version {
             return Err(Error::InvalidCiphertext);

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::model::{AccessReason, DataKeyOperation, EncryptionContext, KeyPolicy, KeyRecord};
 
 /// The one answer for "no such key" and "not yours": identical messages.
-pub(super) fn no_access(key_named: &str) -> Error {
+pub(super) fn no_access(key_named: &dyn std::fmt::Display) -> Error {
     Error::PermissionDenied(format!(
         "key {key_named} does not exist or you are not allowed to use it"
     ))
@@ -125,7 +125,7 @@ impl Kms {
         &self,
         caller: &Caller,
         record: &KeyRecord,
-        key_named: &str,
+        key_named: &dyn std::fmt::Display,
         op: Operation,
         reason: AccessReason,
         context: &EncryptionContext,
@@ -144,7 +144,7 @@ impl Kms {
         match outcome {
             Ok(()) => Ok(()),
             Err(Refusal::NoGrant) => {
-                tracing::warn!(principal = %caller.principal, key = key_named, operation = op.name(), "refused: no grant (or no such key)");
+                tracing::warn!(principal = %caller.principal, key = %key_named, operation = op.name(), "refused: no grant (or no such key)");
                 Err(no_access(key_named))
             }
             Err(Refusal::Reason) => {

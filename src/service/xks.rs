@@ -491,14 +491,7 @@ impl Kms {
                 record.id, caller.principal
             )));
         }
-        self.check_policy(
-            caller,
-            &record,
-            &key.to_string(),
-            op,
-            usage.justification,
-            usage.context,
-        )?;
+        self.check_policy(caller, &record, key, op, usage.justification, usage.context)?;
         ensure_enabled(caller, &record, op)?;
         Ok((record, allowed))
     }
