@@ -569,6 +569,13 @@ mod tests {
                 assert_eq!(context.entries(), &map);
             }
         }
+        // Too many entries is told before a bad one (the count first).
+        let mut both = pairs(MAX_CONTEXT_ENTRIES + 1, 3, 1);
+        both.insert(String::new(), "v".to_string());
+        assert_eq!(
+            EncryptionContext::from_map(both),
+            Err(ContextError::TooManyEntries)
+        );
     }
 }
 
@@ -611,12 +618,14 @@ impl EncryptionContext {
 
     /// [`EncryptionContext::new`] of a map already sorted (as the gRPC
     /// front decodes it): validated, and kept rather than rebuilt.
+    /// The entry count is checked first, so an oversized map is refused
+    /// without a look at its entries.
     pub fn from_map(map: BTreeMap<String, String>) -> Result<Self, ContextError> {
-        for (k, v) in &map {
-            check_context_entry(k, v, MAX_CONTEXT_VALUE_LEN)?;
-        }
         if map.len() > MAX_CONTEXT_ENTRIES {
             return Err(ContextError::TooManyEntries);
+        }
+        for (k, v) in &map {
+            check_context_entry(k, v, MAX_CONTEXT_VALUE_LEN)?;
         }
         Ok(Self(map))
     }
