@@ -270,7 +270,7 @@ pub fn key_to_pb(k: &KeyRecord) -> pb::KeyMetadata {
         created_by: k.created_by.clone(),
         primary_version: k.primary_version,
         min_decryption_version: k.min_decryption_version,
-        labels: k.labels.clone().into_iter().collect(),
+        labels: k.labels.clone(),
         rotation_period: k.rotation_period_secs.map(|s| prost_types::Duration {
             seconds: i64::try_from(s).unwrap_or(i64::MAX),
             nanos: 0,

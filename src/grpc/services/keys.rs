@@ -65,7 +65,7 @@ impl KeyService for GrpcApi {
                 alias: (!req.alias.is_empty()).then_some(req.alias),
                 description: req.description,
                 protection_level: convert::protection_level_from_pb(req.protection_level)?,
-                labels: req.labels.into_iter().collect(),
+                labels: req.labels,
                 rotation_period: convert::duration_from_pb("rotation_period", req.rotation_period)?,
                 policy: req.policy.map(convert::policy_from_pb).transpose()?,
             };
